@@ -1,0 +1,68 @@
+# Kiri: the two commands a newcomer needs are `make demo` and `make test`.
+# Everything else here is a step they run; each is idempotent and quick when done.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.kiri-installed
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv binaries debs lint typecheck test test-unit test-integration test-e2e demo \
+        crds crds-check cluster-up cluster-down clean
+
+help:
+	@echo "make demo    run the Kiri demo on a local control plane"
+	@echo "make test    install everything, lint, type check and run all tests"
+
+## setup: Python packages into .venv, control-plane binaries from Go modules, Debian packages.
+setup: venv binaries debs
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e '.[all,dev]'
+	@touch $(STAMP)
+
+binaries:
+	@bash hack/build-binaries.sh all
+
+debs:
+	@bash hack/install-debs.sh
+
+lint: venv
+	$(VENV)/bin/ruff check operator runtime tests bench hack
+	$(VENV)/bin/ruff format --check operator runtime tests bench hack
+
+typecheck: venv
+	$(VENV)/bin/mypy operator/kiri_operator runtime/kiri_runtime
+
+test-unit: venv
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest tests/integration -q $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS)
+
+## test: the README's test command.
+test: setup lint typecheck
+	$(PY) -m pytest tests -q $(PYTEST_ARGS)
+
+demo: setup
+	@bash hack/demo.sh
+
+cluster-up: setup
+	@bash hack/cluster up
+
+cluster-down:
+	@bash hack/cluster down
+
+clean: cluster-down
+	rm -rf .kiri

@@ -1,0 +1,15 @@
+"""Runtime-side subcommands: serve, compress, train-edge, aggregate.
+
+Each handler imports its implementation lazily, so that `kiri --help` and the operator image do not
+need onnxruntime or torch. A subcommand is registered with `sub = subparsers.add_parser(...)` and
+`sub.set_defaults(handler=fn)` where fn(args) -> int.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    del subparsers  # Subcommands are added by the runtime and compression work.
