@@ -1,0 +1,190 @@
+"""The compression manifest: what `kiri compress` publishes and the operator gates on.
+
+Versioned by `schemaVersion`. The operator image loads this module, so it imports only pydantic and the
+standard library. Field names are camelCase on the wire (like Kubernetes objects) and snake_case in Python.
+Readers ignore unknown fields so that additive changes within v1 do not break older operators; any
+incompatible change gets a new schemaVersion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+SCHEMA_VERSION: Final = "kiri.dev/compression-manifest/v1"
+MANIFEST_FILE = "manifest.json"
+
+Method = Literal["int8-dynamic", "int8-static", "fp16", "distilled"]
+Metric = Literal["cosine", "top1-agreement", "max-abs-error"]
+Stat = Literal["mean", "min", "p5", "max"]
+Op = Literal[">=", ">", "<=", "<"]
+SourceFormat = Literal["onnx", "torch-export", "torchscript", "factory"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Gate(_Model):
+    """One fidelity condition, e.g. cosine.min >= 0.99.
+
+    `stat` applies to per-sample metrics (cosine); top1-agreement is a single rate and max-abs-error a single
+    maximum, so their stat is ignored when evaluated.
+    """
+
+    metric: Metric
+    stat: Stat = "mean"
+    op: Op
+    threshold: float
+
+    def describe(self) -> str:
+        return f"{self.metric}.{self.stat}{self.op}{self.threshold:g}"
+
+
+class VariantSpec(_Model):
+    """A variant to build: the input to `kiri compress` (same shape as ModelDeployment spec.edge.variants[])."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    method: Method
+    options: dict[str, Any] = Field(default_factory=dict)
+    gate: list[Gate] = Field(default_factory=list)
+
+
+class ModelInfo(_Model):
+    name: str | None = None
+    version: str | None = None
+    source_uri: str
+    source_sha256: str
+    format: SourceFormat
+    uri: str = Field(
+        description="The fp32 ONNX model, relative to the manifest directory or an absolute URI."
+    )
+    onnx_sha256: str
+    size_bytes: int
+    inputs: list[str] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)
+    export_max_abs_error: float | None = Field(
+        default=None, description="ONNX vs eager PyTorch on the eval inputs; None for ONNX sources."
+    )
+
+
+class Baseline(_Model):
+    p50_latency_ms: float
+    size_bytes: int
+
+
+class CosineStats(_Model):
+    mean: float
+    min: float
+    p5: float
+
+
+class Fidelity(_Model):
+    cosine: CosineStats
+    top1_agreement: float | None = None
+    max_abs_error: float
+    samples: int = 0
+
+
+class Latency(_Model):
+    p50_ms: float
+    ratio_vs_fp32: float = Field(
+        description="variant p50 / fp32 p50 measured in the same run; < 1 is faster."
+    )
+
+
+class GateResult(Gate):
+    value: float | None = None
+    passed: bool
+
+
+class Candidate(_Model):
+    """One configuration tried while tuning a variant."""
+
+    options: dict[str, Any]
+    fidelity: Fidelity | None = None
+    latency: Latency | None = None
+    size_bytes: int | None = None
+    passed: bool
+    error: str | None = None
+
+
+class Variant(_Model):
+    name: str
+    method: Method
+    options: dict[str, Any] = Field(default_factory=dict)
+    uri: str | None = Field(default=None, description="None when the variant was rejected and not written.")
+    sha256: str | None = None
+    size_bytes: int | None = None
+    size_ratio_vs_fp32: float | None = None
+    fidelity: Fidelity | None = None
+    latency: Latency | None = None
+    gate: list[GateResult] = Field(default_factory=list)
+    accepted: bool
+    reason: str
+    search: list[Candidate] = Field(default_factory=list)
+    extra: dict[str, Any] = Field(default_factory=dict, description="Method-specific facts (distillation).")
+
+
+class Manifest(_Model):
+    schema_version: Literal["kiri.dev/compression-manifest/v1"] = SCHEMA_VERSION
+    model: ModelInfo
+    baseline: Baseline
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    seed: int
+    device: str = "cpu"
+    variants: list[Variant] = Field(default_factory=list)
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    def accepted(self) -> list[Variant]:
+        return [v for v in self.variants if v.accepted]
+
+
+def load(path: str | os.PathLike[str]) -> Manifest:
+    """Load and validate a manifest file (or a directory holding manifest.json)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_FILE
+    return loads(p.read_text(encoding="utf-8"))
+
+
+def loads(text: str | bytes) -> Manifest:
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("schemaVersion") != SCHEMA_VERSION:
+        found = data.get("schemaVersion") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"unsupported compression manifest schemaVersion {found!r}; expected {SCHEMA_VERSION!r}"
+        )
+    return Manifest.model_validate(data)
+
+
+def dumps(manifest: Manifest) -> str:
+    return manifest.model_dump_json(by_alias=True, indent=2) + "\n"
+
+
+def dump(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
+    """Write atomically: readers see the old file or the complete new one, never a partial manifest."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST_FILE
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(dumps(manifest))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
