@@ -1,0 +1,219 @@
+"""Fixtures for end-to-end tests on the real local control plane (``hack/cluster``).
+
+The control plane is real: etcd, kube-apiserver, kube-controller-manager and kube-scheduler built from
+Go modules by ``hack/build-binaries.sh``, plus kwok simulating the nodes and the pods' kubelet. Nothing is
+mocked; if the cluster cannot start, every test that uses it errors with the reason (never skipped).
+
+Fixtures
+--------
+``cluster`` (session)
+    Runs ``hack/cluster up`` (idempotent: reuses a running cluster, so ``hack/cluster up`` once in a
+    shell makes test runs fast) and returns a :class:`Cluster`:
+
+    - ``cluster.kubeconfig``: path (str) of the admin kubeconfig, ``<repo>/.kiri/kubeconfig``.
+    - ``cluster.env``: ``dict`` for ``subprocess`` calls: ``os.environ`` plus ``KUBECONFIG`` and a ``PATH``
+      that starts with the built binaries (kubectl, helm, kwokctl, ...).
+    - ``cluster.kubectl(*args, check=True, input=None, timeout=60) -> str``: runs kubectl, returns stdout;
+      with ``check=True`` a non-zero exit raises ``KubectlError`` carrying stderr.
+    - ``cluster.apply(obj_or_yaml, namespace=None) -> str``: ``kubectl apply -f -`` of a dict, a list of
+      dicts, or YAML text.
+    - ``cluster.api_client() -> kubernetes.client.ApiClient`` built from the kubeconfig (a new one per
+      call; close it or use it as a context manager).
+    - ``cluster.set_node_ready(name, ready, wait=True, timeout=60)``: takes a simulated node offline
+      (its Ready condition turns False, ``kubectl get node`` shows NotReady) or back online. Same as
+      ``hack/cluster node-offline|node-online NAME``.
+    - ``cluster.node_ready(name) -> bool``.
+    - ``cluster.edge_nodes(site=None) -> list[str]`` and ``cluster.cloud_nodes() -> list[str]``: node names,
+      sorted, from the API (labels ``kiri.dev/tier=edge|cloud``, ``kiri.dev/site=<site>``).
+    - ``cluster.wait_for(predicate, timeout=60, interval=0.5, message="...")``: polls until the predicate
+      returns a truthy value and returns it; raises ``TimeoutError`` with ``message`` otherwise.
+
+``namespace`` (function)
+    Creates a unique namespace for one test (``e2e-<test name>-<random>``), yields its name and deletes it
+    afterwards without waiting.
+
+The simulated fleet (defaults of ``hack/cluster up``; see ``hack/cluster --help``)
+---------------------------------------------------------------------------------
+- cloud: ``kiri-cloud-<i>``; labels ``kiri.dev/tier=cloud``, ``kiri.dev/accelerator=gpu``,
+  ``kubernetes.io/arch=amd64``; allocatable ``nvidia.com/gpu: 4``; taint ``nvidia.com/gpu=present:NoSchedule``.
+- edge: ``kiri-edge-<site>-<i>`` with sites ``site-a``, ``site-b``, ...; labels ``kiri.dev/tier=edge``,
+  ``kiri.dev/site=<site>``, ``topology.kubernetes.io/zone=<site>``, ``kiri.dev/accelerator=none|gpu``,
+  ``kubernetes.io/arch=amd64|arm64``, ``kiri.dev/memory-mb=<n>`` (allocatable memory matches).
+- Pod behaviour by label: ``kiri.dev/sim=never-ready`` (Running, never Ready); ``kiri.dev/sim=crash``
+  (Ready for a moment, then the container exits with code 1 and restarts, over and over).
+  Unlabelled pods become Running and Ready at once; Job pods complete.
+
+Environment
+-----------
+``KIRI_STATE_DIR`` overrides ``<repo>/.kiri``. The cluster is left running after the session so the next
+run reuses it; ``hack/cluster down`` stops it (``.ci/run`` does so at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO_ROOT / "hack" / "cluster"
+OFFLINE_ANNOTATION = "kiri.dev/sim-offline"
+
+T = TypeVar("T")
+
+
+class KubectlError(RuntimeError):
+    def __init__(self, args: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        super().__init__(f"kubectl {' '.join(args)} failed (exit {returncode}): {stderr.strip()}")
+        self.args_ = args
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class Cluster:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.kubeconfig = env["KUBECONFIG"]
+
+    def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 60) -> str:
+        cmd = ["kubectl", *args]
+        proc = subprocess.run(
+            cmd, env=self.env, input=input, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and proc.returncode != 0:
+            raise KubectlError(list(args), proc.returncode, proc.stdout, proc.stderr)
+        return proc.stdout
+
+    def apply(self, obj: str | dict[str, Any] | list[dict[str, Any]], namespace: str | None = None) -> str:
+        if isinstance(obj, str):
+            text = obj
+        elif isinstance(obj, list):
+            text = yaml.safe_dump_all(obj)
+        else:
+            text = yaml.safe_dump(obj)
+        args = ["apply", "-f", "-"]
+        if namespace:
+            args += ["-n", namespace]
+        return self.kubectl(*args, input=text)
+
+    def api_client(self) -> Any:
+        from kubernetes import client, config
+
+        cfg = client.Configuration()
+        config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)  # type: ignore[no-untyped-call]
+        return client.ApiClient(cfg)
+
+    def get_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json"))
+
+    def _nodes(self, selector: str) -> list[str]:
+        out = self.kubectl("get", "nodes", "-l", selector, "-o", "jsonpath={.items[*].metadata.name}")
+        return sorted(out.split())
+
+    def edge_nodes(self, site: str | None = None) -> list[str]:
+        selector = "kiri.dev/tier=edge" + (f",kiri.dev/site={site}" if site else "")
+        return self._nodes(selector)
+
+    def cloud_nodes(self) -> list[str]:
+        return self._nodes("kiri.dev/tier=cloud")
+
+    def node_ready(self, name: str) -> bool:
+        status = self.kubectl(
+            "get", "node", name, "-o", 'jsonpath={.status.conditions[?(@.type=="Ready")].status}'
+        )
+        return status.strip() == "True"
+
+    def set_node_ready(self, name: str, ready: bool, wait: bool = True, timeout: float = 60) -> None:
+        if ready:
+            self.kubectl("annotate", "node", name, f"{OFFLINE_ANNOTATION}-", "--overwrite")
+        else:
+            self.kubectl("annotate", "node", name, f"{OFFLINE_ANNOTATION}=true", "--overwrite")
+        if wait:
+            self.wait_for(
+                lambda: self.node_ready(name) == ready,
+                timeout=timeout,
+                message=f"node {name} did not become {'Ready' if ready else 'NotReady'}",
+            )
+
+    @staticmethod
+    def wait_for(
+        predicate: Callable[[], T], timeout: float = 60, interval: float = 0.5, message: str = "condition"
+    ) -> T:
+        deadline = time.monotonic() + timeout
+        last_error: Exception | None = None
+        while True:
+            try:
+                value = predicate()
+                if value:
+                    return value
+            except (KubectlError, subprocess.TimeoutExpired) as exc:
+                last_error = exc
+            if time.monotonic() > deadline:
+                detail = f" (last error: {last_error})" if last_error else ""
+                raise TimeoutError(f"timed out after {timeout}s: {message}{detail}")
+            time.sleep(interval)
+
+
+def _parse_env(exports: str) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for line in exports.splitlines():
+        parts = shlex.split(line)
+        if len(parts) == 2 and parts[0] == "export" and "=" in parts[1]:
+            key, _, value = parts[1].partition("=")
+            env[key] = value
+    return env
+
+
+def start_cluster() -> Cluster:
+    """Bring the cluster up (or reuse it); raise with hack/cluster's own message when it cannot start."""
+    if not CLUSTER_SCRIPT.exists():
+        raise RuntimeError(f"{CLUSTER_SCRIPT} is missing")
+    up = subprocess.run(
+        [str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=600, check=False, cwd=REPO_ROOT
+    )
+    if up.returncode != 0:
+        raise RuntimeError(
+            f"hack/cluster up failed (exit {up.returncode}):\n{up.stdout[-4000:]}\n{up.stderr[-4000:]}"
+        )
+    exports = subprocess.run(
+        [str(CLUSTER_SCRIPT), "env"], capture_output=True, text=True, timeout=60, check=True, cwd=REPO_ROOT
+    ).stdout
+    env = dict(os.environ)
+    env.update(_parse_env(exports))
+    return Cluster(env)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Cluster:
+    return start_cluster()
+
+
+@pytest.fixture
+def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"e2e-{base}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl("label", "namespace", name, "kiri.dev/e2e=true")
+    try:
+        yield name
+    finally:
+        cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # Every test under tests/e2e needs the control plane; mark them so `-m "not e2e"` deselects them.
+    e2e_dir = Path(__file__).parent
+    for item in items:
+        if e2e_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
