@@ -1,0 +1,16 @@
+"""Identity of the ModelDeployment resource: group, version, kind and the names kubectl knows."""
+
+from __future__ import annotations
+
+from typing import Final
+
+GROUP: Final = "kiri.dev"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+KIND: Final = "ModelDeployment"
+LIST_KIND: Final = "ModelDeploymentList"
+PLURAL: Final = "modeldeployments"
+SINGULAR: Final = "modeldeployment"
+SHORT_NAMES: Final = ("md",)
+CATEGORIES: Final = ("kiri",)
+CRD_NAME: Final = f"{PLURAL}.{GROUP}"

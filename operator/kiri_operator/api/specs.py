@@ -1,0 +1,651 @@
+"""`ModelDeployment.spec`: what the user asks for.
+
+These models are the single source of the CRD schema (see `generating`). Every constraint is written
+once here: ranges and enums become OpenAPI, cross-field rules are CEL in `x-kubernetes-validations` and
+are mirrored by a pydantic validator so unit tests and the operator see the same verdict as the API
+server. List sizes are bounded (`max_length`) because the API server rejects CEL rules whose worst-case
+cost is unbounded.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, model_validator
+
+from kiri_operator.api.bases import ApiModel, cel, cel_rules
+from kiri_operator.api.scalars import DnsLabel, IntOrPercent, LabelKey, Quantity, Sha256, Uri
+
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
+DEFAULT_COMPRESSOR_IMAGE = "ghcr.io/kiri-dev/kiri-compressor:0.1.0"
+TIER_LABEL = "kiri.dev/tier"
+DEFAULT_CACHE_PATH = "/var/lib/kiri/cache"
+
+MAX_VARIANTS = 8
+MAX_GATES = 8
+MAX_STAGES = 20
+MAX_QUERIES = 10
+MAX_TENSORS = 64
+MAX_SELECTOR_TERMS = 16
+
+ModelFormat = Literal["onnx", "torch-export", "torchscript"]
+VariantMethod = Literal["int8-dynamic", "int8-static", "fp16", "distilled"]
+GateMetric = Literal["cosine", "top1-agreement", "max-abs-error"]
+GateStat = Literal["mean", "min", "p5"]
+GateOp = Literal[">=", ">", "<=", "<"]
+OfflinePolicy = Literal["Skip", "Wait", "Fail"]
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+SelectorOperator = Literal["In", "NotIn", "Exists", "DoesNotExist", "Gt", "Lt"]
+# Open Inference Protocol v2 tensor datatypes.
+TensorDatatype = Literal[
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "BF16",
+    "FP32",
+    "FP64",
+    "BYTES",
+]
+Version = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+]
+Name = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
+]
+
+
+def _names_unique(items: list[Any], where: str) -> None:
+    names = [item.name for item in items]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{where}: names must be unique (duplicated: {', '.join(duplicates)})")
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+
+class TensorSpec(ApiModel):
+    """One input or output tensor of the model."""
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+    """Tensor name as the model declares it."""
+    datatype: TensorDatatype
+    """Open Inference Protocol v2 datatype."""
+    shape: Annotated[list[Annotated[int, Field(ge=-1)]], Field(max_length=16)] = []
+    """Dimensions; -1 marks a dynamic one (usually the batch)."""
+
+
+class ModelSignature(ApiModel):
+    """Tensor names, datatypes and shapes. Needed to export torch models and to check ONNX ones."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.inputs.all(t, self.inputs.exists_one(u, u.name == t.name))",
+                "spec.model.signature.inputs: tensor names must be unique",
+                field_path=".inputs",
+            ),
+            cel(
+                "self.outputs.all(t, self.outputs.exists_one(u, u.name == t.name))",
+                "spec.model.signature.outputs: tensor names must be unique",
+                field_path=".outputs",
+            ),
+        )
+    )
+
+    inputs: Annotated[list[TensorSpec], Field(min_length=1, max_length=MAX_TENSORS)]
+    outputs: Annotated[list[TensorSpec], Field(min_length=1, max_length=MAX_TENSORS)]
+
+    @model_validator(mode="after")
+    def _unique(self) -> ModelSignature:
+        _names_unique(self.inputs, "spec.model.signature.inputs")
+        _names_unique(self.outputs, "spec.model.signature.outputs")
+        return self
+
+
+class ModelSource(ApiModel):
+    """Where the full model comes from, and the digest that proves it arrived intact."""
+
+    uri: Uri
+    """`file://`, `http(s)://`, `s3://bucket/key` or `pvc://claim/path`."""
+    format: ModelFormat = "onnx"
+    """`onnx`, `torch-export` (a `torch.export` program) or `torchscript`."""
+    sha256: Sha256
+    """Hex sha256 of the file at `uri`. Fetchers refuse any file that does not match."""
+
+
+class ModelSpec(ApiModel):
+    """The full model that the cloud serves and the variants are built from."""
+
+    name: DnsLabel
+    """Model name served by the runtime (`/v2/models/{name}`) and used in child object names."""
+    version: Version
+    """User-visible version; recorded in the revision history."""
+    source: ModelSource
+    signature: ModelSignature | None = None
+    """Optional for ONNX (read from the graph); torch formats use it to export."""
+    eval_data_uri: Uri | None = None
+    """An `.npz` with one array per model input (batch first), used to calibrate int8-static and to measure
+    fidelity. Without it the compressor draws inputs from the signature."""
+
+
+# --- runtime -----------------------------------------------------------------------------------------
+
+
+class RuntimeSpec(ApiModel):
+    """Images for the model server and the compression Job."""
+
+    image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_RUNTIME_IMAGE
+    """Model server image run on cloud and edge nodes."""
+    image_pull_policy: PullPolicy = "IfNotPresent"
+    compressor_image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_COMPRESSOR_IMAGE
+    """Image of the `kiri compress` Job."""
+
+
+# --- cloud -------------------------------------------------------------------------------------------
+
+
+class Toleration(ApiModel):
+    """A pod toleration (the core/v1 Toleration shape)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "tolerations[].value must be empty when tolerations[].operator is Exists",
+                field_path=".value",
+            ),
+            cel(
+                "has(self.key) || self.operator == 'Exists'",
+                "tolerations[].key may be omitted only when tolerations[].operator is Exists",
+                field_path=".key",
+            ),
+        )
+    )
+
+    key: LabelKey | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: Annotated[str, Field(max_length=63)] | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("tolerations[].value must be empty when tolerations[].operator is Exists")
+        if self.key is None and self.operator != "Exists":
+            raise ValueError("tolerations[].key may be omitted only when tolerations[].operator is Exists")
+        return self
+
+
+class ResourcesSpec(ApiModel):
+    """Requests (and limits, equal to them) of each cloud replica."""
+
+    cpu: Quantity = "1"
+    """CPU, e.g. `500m` or `2`."""
+    memory: Quantity = "2Gi"
+    """Memory, e.g. `4Gi`."""
+    gpu: Annotated[int, Field(ge=0, le=16)] = 1
+    """`nvidia.com/gpu` count; 0 serves on CPU."""
+
+
+class BatchingSpec(ApiModel):
+    """Server-side dynamic batching."""
+
+    enabled: bool = False
+    max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_wait_ms: Annotated[int, Field(ge=0, le=60000)] = 5
+    """How long the first request of a batch waits for company."""
+
+
+class ServingRuntimeSpec(ApiModel):
+    """Model server settings."""
+
+    threads: Annotated[int, Field(ge=1, le=256)] | None = None
+    """ONNX Runtime intra-op threads; unset lets the runtime match the CPU limit."""
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+
+
+def _cloud_tolerations() -> list[Toleration]:
+    return [Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
+
+
+class CloudSpec(ApiModel):
+    """The full model, served by a Deployment and a Service on cloud GPU nodes."""
+
+    replicas: Annotated[int, Field(ge=0, le=1000)] = 1
+    """Deployment replicas; 0 turns the cloud endpoint (and edge fallback) off."""
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    """Service and container port of the inference endpoint."""
+    node_selector: Annotated[dict[str, str], Field(max_length=32)] = {TIER_LABEL: "cloud"}
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=_cloud_tolerations)
+    runtime: ServingRuntimeSpec = Field(default_factory=ServingRuntimeSpec)
+
+
+# --- edge --------------------------------------------------------------------------------------------
+
+
+class SelectorRequirement(ApiModel):
+    """A node label requirement (the core/v1 NodeSelectorRequirement shape)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "!(self.operator in ['In', 'NotIn']) || size(self.values) > 0",
+                "matchExpressions[].values must be non-empty when operator is In or NotIn",
+                field_path=".values",
+            ),
+            cel(
+                "!(self.operator in ['Exists', 'DoesNotExist']) || size(self.values) == 0",
+                "matchExpressions[].values must be empty when operator is Exists or DoesNotExist",
+                field_path=".values",
+            ),
+            cel(
+                "!(self.operator in ['Gt', 'Lt']) || (size(self.values) == 1 && self.values[0].matches('^-?[0-9]+$'))",
+                "matchExpressions[].values must be a single integer when operator is Gt or Lt",
+                field_path=".values",
+            ),
+        )
+    )
+
+    key: LabelKey
+    operator: SelectorOperator
+    values: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=64)] = []
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> SelectorRequirement:
+        if self.operator in ("In", "NotIn") and not self.values:
+            raise ValueError("matchExpressions[].values must be non-empty when operator is In or NotIn")
+        if self.operator in ("Exists", "DoesNotExist") and self.values:
+            raise ValueError(
+                "matchExpressions[].values must be empty when operator is Exists or DoesNotExist"
+            )
+        if self.operator in ("Gt", "Lt") and (
+            len(self.values) != 1 or not self.values[0].lstrip("-").isdigit()
+        ):
+            raise ValueError("matchExpressions[].values must be a single integer when operator is Gt or Lt")
+        return self
+
+
+class NodeRequirements(ApiModel):
+    """Which edge nodes can run a variant. Empty matches every edge node."""
+
+    match_labels: Annotated[dict[str, str], Field(max_length=32)] = {}
+    match_expressions: Annotated[list[SelectorRequirement], Field(max_length=MAX_SELECTOR_TERMS)] = []
+    min_memory_mb: Annotated[int, Field(ge=1)] | None = None
+    """Minimum allocatable node memory, in MiB."""
+
+
+class VariantOptions(ApiModel):
+    """Method options. Unknown keys are kept and passed to the compressor unchanged, so a new compressor
+    option does not need a new CRD."""
+
+    model_config = ConfigDict(extra="allow")
+
+    per_channel: bool | None = None
+    """int8: one scale per output channel instead of per tensor."""
+    reduce_range: bool | None = None
+    """int8: 7-bit weights, for CPUs without VNNI."""
+    calibration_samples: Annotated[int, Field(ge=1, le=100000)] | None = None
+    """int8-static: samples from `spec.model.evalDataUri` used to calibrate activations."""
+    student_width: Annotated[int, Field(ge=1, le=65536)] | None = None
+    """distilled: hidden width of the student."""
+    student_depth: Annotated[int, Field(ge=1, le=256)] | None = None
+    """distilled: number of hidden layers of the student."""
+    quantize: bool | None = None
+    """distilled: also quantize the student to int8 (dynamic)."""
+    keep_io_types: bool | None = None
+    """fp16: keep fp32 inputs and outputs so clients need not change."""
+
+
+class GateCheck(ApiModel):
+    """One fidelity check of a variant against the full model on the evaluation inputs."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.metric != 'cosine' || (self.threshold >= -1.0 && self.threshold <= 1.0)",
+                "gate[].threshold must be between -1 and 1 for metric cosine",
+                field_path=".threshold",
+            ),
+            cel(
+                "self.metric != 'top1-agreement' || (self.threshold >= 0.0 && self.threshold <= 1.0)",
+                "gate[].threshold must be between 0 and 1 for metric top1-agreement",
+                field_path=".threshold",
+            ),
+            cel(
+                "self.metric != 'max-abs-error' || self.threshold >= 0.0",
+                "gate[].threshold must be >= 0 for metric max-abs-error",
+                field_path=".threshold",
+            ),
+        )
+    )
+
+    metric: GateMetric
+    """`cosine` similarity of outputs, `top1-agreement` of argmax, or `max-abs-error`."""
+    stat: GateStat = "mean"
+    """Statistic over the evaluation samples: `mean`, `min` or `p5` (5th percentile)."""
+    op: GateOp
+    threshold: float
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> GateCheck:
+        t = self.threshold
+        if self.metric == "cosine" and not -1.0 <= t <= 1.0:
+            raise ValueError("gate[].threshold must be between -1 and 1 for metric cosine")
+        if self.metric == "top1-agreement" and not 0.0 <= t <= 1.0:
+            raise ValueError("gate[].threshold must be between 0 and 1 for metric top1-agreement")
+        if self.metric == "max-abs-error" and t < 0.0:
+            raise ValueError("gate[].threshold must be >= 0 for metric max-abs-error")
+        return self
+
+    def passes(self, value: float) -> bool:
+        """Whether a measured statistic satisfies this check."""
+        if self.op == ">=":
+            return value >= self.threshold
+        if self.op == ">":
+            return value > self.threshold
+        if self.op == "<=":
+            return value <= self.threshold
+        return value < self.threshold
+
+
+def _default_gate() -> list[GateCheck]:
+    return [GateCheck(metric="cosine", stat="mean", op=">=", threshold=0.99)]
+
+
+_OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "calibrationSamples": ("int8-static",),
+    "studentWidth": ("distilled",),
+    "studentDepth": ("distilled",),
+    "quantize": ("distilled",),
+    "perChannel": ("int8-dynamic", "int8-static", "distilled"),
+    "reduceRange": ("int8-dynamic", "int8-static", "distilled"),
+    "keepIoTypes": ("fp16",),
+}
+
+
+def _option_rule(option: str, methods: tuple[str, ...]) -> dict[str, str]:
+    allowed = " || ".join(f"self.method == '{m}'" for m in methods)
+    return cel(
+        f"!has(self.options) || !has(self.options.{option}) || {allowed}",
+        f"variants[].options.{option} applies only to method {' or '.join(methods)}",
+        field_path=f".options.{option}",
+    )
+
+
+class Variant(ApiModel):
+    """A compressed variant of the model, built and verified by the compression Job."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(*(_option_rule(o, m) for o, m in _OPTION_METHODS.items()))
+    )
+
+    name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+    """Unique within the ModelDeployment; part of child object names."""
+    method: VariantMethod
+    options: VariantOptions = Field(default_factory=VariantOptions)
+    gate: Annotated[list[GateCheck], Field(min_length=1, max_length=MAX_GATES)] = Field(
+        default_factory=_default_gate
+    )
+    """All checks must pass or the variant is rejected and never reaches a node."""
+    requires: NodeRequirements = Field(default_factory=NodeRequirements)
+    """Node capabilities this variant needs. A node gets the first variant, in list order, it satisfies."""
+
+    @model_validator(mode="after")
+    def _options_fit_method(self) -> Variant:
+        given = self.options.model_dump(by_alias=True, exclude_none=True)
+        for option, methods in _OPTION_METHODS.items():
+            if option in given and self.method not in methods:
+                raise ValueError(f"variants[].options.{option} applies only to method {' or '.join(methods)}")
+        return self
+
+
+class FallbackSpec(ApiModel):
+    """Cascade inference: when an edge runtime forwards a request to the cloud endpoint."""
+
+    enabled: bool = True
+    """Forward when the local model is not ready or the queue is full."""
+    confidence_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    """Also forward when the top softmax probability is below this; unset disables the check."""
+    queue_limit: Annotated[int, Field(ge=1, le=100000)] = 32
+    """Requests waiting locally beyond this go to the cloud."""
+
+
+class CacheSpec(ApiModel):
+    """The node-local, content-addressed artifact cache."""
+
+    path: Annotated[str, Field(min_length=2, max_length=255, pattern=r"^/[^\s]*$")] = DEFAULT_CACHE_PATH
+    """Absolute host path."""
+    revisions_kept: Annotated[int, Field(ge=1, le=10)] = 2
+    """Revisions kept on each node; at least the previous one stays so a rollback needs no download."""
+
+
+class EdgeSpec(ApiModel):
+    """Compressed variants rolled onto labeled edge nodes."""
+
+    node_selector: Annotated[dict[str, str], Field(max_length=32)] = {TIER_LABEL: "edge"}
+    """Which nodes form the edge fleet."""
+    tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
+    variants: Annotated[
+        list[Variant],
+        Field(
+            max_length=MAX_VARIANTS,
+            json_schema_extra=cel_rules(
+                cel(
+                    "self.all(v, self.exists_one(w, w.name == v.name))",
+                    "spec.edge.variants: variant names must be unique",
+                )
+            ),
+        ),
+    ] = []
+    """Empty: cloud serving only, nothing goes to edge nodes."""
+    fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+
+    @model_validator(mode="after")
+    def _unique(self) -> EdgeSpec:
+        _names_unique(self.variants, "spec.edge.variants")
+        return self
+
+
+# --- rollout -----------------------------------------------------------------------------------------
+
+
+class RolloutStage(ApiModel):
+    """One wave. `nodes` and `percent` are cumulative: how many edge nodes run the new revision after it."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "has(self.nodes) != has(self.percent)",
+                "stages[]: set exactly one of stages[].nodes or stages[].percent",
+            )
+        )
+    )
+
+    nodes: Annotated[int, Field(ge=1, le=100000)] | None = None
+    """Absolute node count (e.g. 1 for a canary)."""
+    percent: Annotated[int, Field(ge=1, le=100)] | None = None
+    """Share of the target nodes, rounded up."""
+    bake_seconds: Annotated[int, Field(ge=0, le=86400)] = 0
+    """Time the wave must stay healthy before the next one starts."""
+    pause: bool = False
+    """Wait for `kiri promote` after this wave."""
+
+    @model_validator(mode="after")
+    def _one_size(self) -> RolloutStage:
+        if (self.nodes is None) == (self.percent is None):
+            raise ValueError("stages[]: set exactly one of stages[].nodes or stages[].percent")
+        return self
+
+
+def _default_stages() -> list[RolloutStage]:
+    return [RolloutStage(percent=100)]
+
+
+_STAGES_RULES = cel_rules(
+    cel(
+        "self.map(s, has(s.percent), s.percent).isSorted()"
+        " && self.map(s, has(s.percent), s.percent).all(p, self.exists_one(s, has(s.percent) && s.percent == p))",
+        "spec.rollout.stages: stages[].percent must strictly increase from stage to stage",
+    ),
+    cel(
+        "self.map(s, has(s.nodes), s.nodes).isSorted()"
+        " && self.map(s, has(s.nodes), s.nodes).all(n, self.exists_one(s, has(s.nodes) && s.nodes == n))",
+        "spec.rollout.stages: stages[].nodes must strictly increase from stage to stage",
+    ),
+    cel(
+        "self.map(s, has(s.percent) ? 1 : 0).isSorted()",
+        "spec.rollout.stages: stages with nodes must come before stages with percent",
+    ),
+    cel(
+        "has(self[size(self) - 1].percent) && self[size(self) - 1].percent == 100",
+        "spec.rollout.stages: the last stage must be percent: 100 so the rollout reaches every node",
+    ),
+)
+
+
+class PrometheusSpec(ApiModel):
+    address: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s]+$")]
+    """Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`."""
+
+
+class AnalysisQuery(ApiModel):
+    """A PromQL query evaluated every `interval` during a wave's bake time."""
+
+    name: Name
+    query: Annotated[str, Field(min_length=1, max_length=4096)]
+    """PromQL returning one scalar or a one-element vector. `$revision`, `$variant` and `$namespace` are
+    substituted before it runs."""
+    success_condition: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=256,
+            pattern=r"^\s*result\s*(>=|<=|==|!=|>|<)\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$",
+        ),
+    ]
+    """`result <op> <number>`, e.g. `result >= 0.95`. No code is evaluated."""
+    interval: Annotated[int, Field(ge=1, le=3600)] = 30
+    """Seconds between measurements."""
+    failure_limit: Annotated[int, Field(ge=0, le=1000)] = 0
+    """Failed measurements tolerated; one more fails the wave and rolls back."""
+    min_samples: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Measurements with data needed for a verdict. Fewer is inconclusive: the wave holds, no rollback."""
+
+
+class AnalysisSpec(ApiModel):
+    """Metric gates between waves."""
+
+    prometheus: PrometheusSpec
+    queries: Annotated[
+        list[AnalysisQuery],
+        Field(
+            min_length=1,
+            max_length=MAX_QUERIES,
+            json_schema_extra=cel_rules(
+                cel(
+                    "self.all(q, self.exists_one(r, r.name == q.name))",
+                    "spec.rollout.analysis.queries: query names must be unique",
+                )
+            ),
+        ),
+    ]
+
+    @model_validator(mode="after")
+    def _unique(self) -> AnalysisSpec:
+        _names_unique(self.queries, "spec.rollout.analysis.queries")
+        return self
+
+
+class BandwidthSpec(ApiModel):
+    """Limits on artifact downloads, for sites behind thin links."""
+
+    max_concurrent_downloads: Annotated[int, Field(ge=1, le=100000)] | None = None
+    """Nodes fetching at once, fleet-wide; the rest of a wave waits its turn."""
+    max_bytes_per_wave: Annotated[int, Field(ge=1)] | None = None
+    """Artifact bytes a single wave may pull; larger waves are split."""
+
+
+class RolloutSpec(ApiModel):
+    """How a new revision reaches the edge nodes."""
+
+    stages: Annotated[
+        list[RolloutStage], Field(min_length=1, max_length=MAX_STAGES, json_schema_extra=_STAGES_RULES)
+    ] = Field(default_factory=_default_stages)
+    """Waves in order. The last one must be `percent: 100`."""
+    group_by: LabelKey | None = None
+    """Node label (e.g. `kiri.dev/site`): the stages run within one group at a time, site by site."""
+    max_unavailable: IntOrPercent = 1
+    """Nodes (or percent of a wave) switching at the same moment."""
+    offline_nodes: OfflinePolicy = "Skip"
+    """NotReady nodes: `Skip` defers them (they converge when back), `Wait` holds the wave, `Fail` rolls back."""
+    progress_deadline_seconds: Annotated[int, Field(ge=1, le=86400)] = 600
+    """A wave whose nodes are not Ready by then fails its readiness gate."""
+    analysis: AnalysisSpec | None = None
+    bandwidth: BandwidthSpec | None = None
+    paused: bool = False
+    """Hold at the current wave; the cloud keeps serving."""
+    revision_history_limit: Annotated[int, Field(ge=1, le=100)] = 10
+    """Entries kept in `status.history`, and old revisions' objects kept for rollback."""
+
+    @model_validator(mode="after")
+    def _stages_well_ordered(self) -> RolloutSpec:
+        percents = [s.percent for s in self.stages if s.percent is not None]
+        nodes = [s.nodes for s in self.stages if s.nodes is not None]
+        if any(b <= a for a, b in itertools.pairwise(percents)):
+            raise ValueError(
+                "spec.rollout.stages: stages[].percent must strictly increase from stage to stage"
+            )
+        if any(b <= a for a, b in itertools.pairwise(nodes)):
+            raise ValueError("spec.rollout.stages: stages[].nodes must strictly increase from stage to stage")
+        kinds = [s.percent is not None for s in self.stages]
+        if kinds != sorted(kinds):
+            raise ValueError("spec.rollout.stages: stages with nodes must come before stages with percent")
+        if self.stages and self.stages[-1].percent != 100:
+            raise ValueError(
+                "spec.rollout.stages: the last stage must be percent: 100 so the rollout reaches every node"
+            )
+        return self
+
+
+# --- the whole spec ----------------------------------------------------------------------------------
+
+
+class ModelDeploymentSpec(ApiModel):
+    """One model: served in full in the cloud, rolled out compressed to the edge."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "!has(self.edge) || !has(self.edge.variants)"
+                " || !self.edge.variants.exists(v, v.method == 'int8-static') || has(self.model.evalDataUri)",
+                "spec.model.evalDataUri is required when a variant uses method int8-static (calibration data)",
+                field_path=".model.evalDataUri",
+            ),
+        )
+    )
+
+    model: ModelSpec
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    cloud: CloudSpec = Field(default_factory=CloudSpec)
+    edge: EdgeSpec = Field(default_factory=EdgeSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+
+    @model_validator(mode="after")
+    def _calibration_data(self) -> ModelDeploymentSpec:
+        if any(v.method == "int8-static" for v in self.edge.variants) and self.model.eval_data_uri is None:
+            raise ValueError(
+                "spec.model.evalDataUri is required when a variant uses method int8-static (calibration data)"
+            )
+        return self

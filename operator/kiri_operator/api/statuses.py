@@ -1,0 +1,134 @@
+"""`ModelDeployment.status`: what the operator observed and decided.
+
+Only the operator writes it. Unknown keys are ignored when reading, so an older operator can read a newer
+one's status; the CRD lists every field so the API server keeps them (it prunes unknown ones), with
+`x-kubernetes-preserve-unknown-fields` only on the free-form metric maps.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
+
+from kiri_operator.api.bases import StatusModel
+from kiri_operator.api.scalars import Timestamp
+
+Phase = Literal[
+    "Pending", "Compressing", "Progressing", "Paused", "Healthy", "Degraded", "RolledBack", "Failed"
+]
+VariantState = Literal["Pending", "Compressing", "Verified", "Rejected", "Failed"]
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+PHASES: tuple[Phase, ...] = (
+    "Pending",
+    "Compressing",
+    "Progressing",
+    "Paused",
+    "Healthy",
+    "Degraded",
+    "RolledBack",
+    "Failed",
+)
+VARIANT_STATES: tuple[VariantState, ...] = ("Pending", "Compressing", "Verified", "Rejected", "Failed")
+
+# The metav1.Condition grammar.
+CONDITION_TYPE_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+
+class Condition(StatusModel):
+    """The metav1.Condition shape, so `kubectl wait --for=condition=Ready` works."""
+
+    type: Annotated[str, Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)]
+    """CamelCase type: Ready, CloudReady, VariantsVerified, EdgeProgressing, EdgeRolledOut, Degraded, RolledBack."""
+    status: ConditionStatus
+    reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=CONDITION_REASON_PATTERN)]
+    """CamelCase machine-readable reason."""
+    message: Annotated[str, Field(max_length=32768)] = ""
+    last_transition_time: Timestamp
+    """When `status` last changed."""
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The `.metadata.generation` this condition was computed from."""
+
+
+class CloudStatus(StatusModel):
+    replicas: Annotated[int, Field(ge=0)] = 0
+    """Desired replicas."""
+    ready: Annotated[int, Field(ge=0)] = 0
+    """Ready replicas."""
+
+
+class VariantStatus(StatusModel):
+    """One variant of the update revision, as built and measured by the compression Job."""
+
+    name: str
+    state: VariantState = "Pending"
+    reason: str | None = None
+    """Why it was rejected or failed, e.g. which gate check missed and by how much."""
+    fidelity: dict[str, Any] = {}
+    """Measured gate statistics, `{metric: {stat: value}}`, e.g. `{"cosine": {"mean": 0.998, "min": 0.97}}`."""
+    size_bytes: Annotated[int, Field(ge=0)] | None = None
+    sha256: str | None = None
+    uri: str | None = None
+    """Where edge nodes fetch the artifact from."""
+    latency: dict[str, Any] = {}
+    """Measured latency, e.g. `{"p50Ms": 1.2, "p95Ms": 2.0, "speedup": 1.8}`."""
+
+
+class VariantProgress(StatusModel):
+    """Nodes on one variant of the update revision."""
+
+    name: str
+    revision: str | None = None
+    nodes: Annotated[int, Field(ge=0)] = 0
+    """Nodes assigned."""
+    ready: Annotated[int, Field(ge=0)] = 0
+    """Of those, nodes whose pod is Ready."""
+
+
+class EdgeStatus(StatusModel):
+    target_nodes: Annotated[int, Field(ge=0)] = 0
+    """Edge nodes matching `spec.edge.nodeSelector` and some variant's `requires`."""
+    updated_nodes: Annotated[int, Field(ge=0)] = 0
+    """Nodes assigned to the update revision."""
+    ready_nodes: Annotated[int, Field(ge=0)] = 0
+    """Updated nodes whose pod is Ready."""
+    deferred_nodes: Annotated[int, Field(ge=0)] = 0
+    """Offline (NotReady) nodes skipped for now; they converge when they come back."""
+    unmatched_nodes: Annotated[int, Field(ge=0)] = 0
+    """Edge nodes no variant's `requires` matches; they run nothing."""
+    stage_index: Annotated[int, Field(ge=0)] = 0
+    """Index into `spec.rollout.stages` of the wave in progress (or last completed)."""
+    stage: str | None = None
+    """Human-readable wave, e.g. `2/4 (25%)` or `site-b 1/3`; the `Stage` printer column."""
+    stage_started_at: Timestamp | None = None
+    """When the current wave started; bake time counts from when its nodes were all Ready."""
+    per_variant: list[VariantProgress] = []
+
+
+class HistoryEntry(StatusModel):
+    revision: str
+    model_version: str
+    outcome: str
+    """`Promoted`, `RolledBack`, `Aborted`, `Superseded` or `Failed`."""
+    reason: str = ""
+    time: Timestamp
+
+
+class ModelDeploymentStatus(StatusModel):
+    observed_generation: Annotated[int, Field(ge=0)] | None = None
+    phase: Phase = "Pending"
+    conditions: Annotated[
+        list[Condition],
+        Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+    ] = []
+    current_revision: str | None = None
+    """The last revision fully rolled out and promoted (the rollback target)."""
+    update_revision: str | None = None
+    """The revision the spec asks for; equal to `currentRevision` once promoted."""
+    cloud: CloudStatus = Field(default_factory=CloudStatus)
+    variants: list[VariantStatus] = []
+    edge: EdgeStatus = Field(default_factory=EdgeStatus)
+    history: list[HistoryEntry] = []
+    """Newest last, at most `spec.rollout.revisionHistoryLimit` entries."""
