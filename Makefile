@@ -38,6 +38,14 @@ debs:
 lint: venv
 	$(VENV)/bin/ruff check operator runtime tests bench hack
 	$(VENV)/bin/ruff format --check operator runtime tests bench hack
+	$(PY) -m kiri_operator.api.generating --check
+
+## crds: regenerate crds/, helm/kiri/crds/ and docs/api.md from the API models.
+crds: venv
+	$(PY) -m kiri_operator.api.generating
+
+crds-check: venv
+	$(PY) -m kiri_operator.api.generating --check
 
 typecheck: venv
 	$(VENV)/bin/mypy operator/kiri_operator runtime/kiri_runtime

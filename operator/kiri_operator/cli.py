@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # Modules exposing `register(subparsers)`. Order sets the order in `kiri --help`.
 _SUBCOMMAND_MODULES = (
     "kiri_operator.commands",
+    "kiri_operator.api.commands",
     "kiri_runtime.commands",
 )
 
