@@ -29,8 +29,8 @@ Fixtures
       returns a truthy value and returns it; raises ``TimeoutError`` with ``message`` otherwise.
 
 ``namespace`` (function)
-    Creates a unique namespace for one test (``e2e-<test name>-<random>``), yields its name and deletes it
-    afterwards without waiting.
+    Creates a unique namespace for one test (``e2e-<test name>-<random>``), yields its name once its default
+    ServiceAccount exists (pods are refused before that), and deletes it afterwards without waiting.
 
 The simulated fleet (defaults of ``hack/cluster up``; see ``hack/cluster --help``)
 ---------------------------------------------------------------------------------
@@ -40,7 +40,8 @@ The simulated fleet (defaults of ``hack/cluster up``; see ``hack/cluster --help`
   ``kiri.dev/site=<site>``, ``topology.kubernetes.io/zone=<site>``, ``kiri.dev/accelerator=none|gpu``,
   ``kubernetes.io/arch=amd64|arm64``, ``kiri.dev/memory-mb=<n>`` (allocatable memory matches).
 - Pod behaviour by label: ``kiri.dev/sim=never-ready`` (Running, never Ready); ``kiri.dev/sim=crash``
-  (Ready for a moment, then the container exits with code 1 and restarts, over and over).
+  (Running but never Ready: the container exits with code 1 about 2s after each start and restarts about
+  3s later, so ``restartCount`` grows and ``lastState.terminated.exitCode`` is 1).
   Unlabelled pods become Running and Ready at once; Job pods complete.
 
 Environment
@@ -54,7 +55,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import subprocess
 import time
 import uuid
@@ -165,16 +165,6 @@ class Cluster:
             time.sleep(interval)
 
 
-def _parse_env(exports: str) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for line in exports.splitlines():
-        parts = shlex.split(line)
-        if len(parts) == 2 and parts[0] == "export" and "=" in parts[1]:
-            key, _, value = parts[1].partition("=")
-            env[key] = value
-    return env
-
-
 def start_cluster() -> Cluster:
     """Bring the cluster up (or reuse it); raise with hack/cluster's own message when it cannot start."""
     if not CLUSTER_SCRIPT.exists():
@@ -186,11 +176,19 @@ def start_cluster() -> Cluster:
         raise RuntimeError(
             f"hack/cluster up failed (exit {up.returncode}):\n{up.stdout[-4000:]}\n{up.stderr[-4000:]}"
         )
-    exports = subprocess.run(
-        [str(CLUSTER_SCRIPT), "env"], capture_output=True, text=True, timeout=60, check=True, cwd=REPO_ROOT
-    ).stdout
+    exports = json.loads(
+        subprocess.run(
+            [str(CLUSTER_SCRIPT), "env", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+            cwd=REPO_ROOT,
+        ).stdout
+    )
     env = dict(os.environ)
-    env.update(_parse_env(exports))
+    env["KUBECONFIG"] = exports["KUBECONFIG"]
+    env["PATH"] = os.pathsep.join([*exports["bin_dirs"], env.get("PATH", "")])
     return Cluster(env)
 
 
@@ -205,6 +203,12 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
     name = f"e2e-{base}-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", name)
     cluster.kubectl("label", "namespace", name, "kiri.dev/e2e=true")
+    # Pods are refused until the controller manager has created the namespace's default ServiceAccount.
+    cluster.wait_for(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False),
+        timeout=30,
+        message=f"default ServiceAccount in {name}",
+    )
     try:
         yield name
     finally:
