@@ -1,0 +1,96 @@
+{{/* Chart name, overridable. */}}
+{{- define "kiri.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-kiri, or the release name alone when it already contains the chart name. */}}
+{{- define "kiri.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of cluster-scoped objects (ClusterRole, ClusterRoleBinding). Releases are unique per namespace, but
+cluster-scoped names are not, so the namespace is part of the name.
+*/}}
+{{- define "kiri.clusterName" -}}
+{{- printf "%s-%s" (include "kiri.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kiri.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kiri.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kiri.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kiri.labels" -}}
+helm.sh/chart: {{ include "kiri.chart" . }}
+{{ include "kiri.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kiri
+{{- end }}
+
+{{- define "kiri.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kiri.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "kiri.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's namespaced permissions. Rendered into one ClusterRole (all namespaces) or one Role per
+watched namespace. Verbs are the minimum: kopf patches the ModelDeployment (finalizer, progress
+annotations) and its status; the operator server-side-applies its children, which is `patch`, and
+deletes children of old revisions; pods are only read (readiness per node).
+*/}}
+{{- define "kiri.namespacedRules" -}}
+- apiGroups: ["kiri.dev"]
+  resources: ["modeldeployments"]
+  verbs: ["get", "list", "watch", "patch", "update"]
+- apiGroups: ["kiri.dev"]
+  resources: ["modeldeployments/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["kiri.dev"]
+  resources: ["modeldeployments/finalizers"]
+  verbs: ["update"]
+- apiGroups: ["apps"]
+  resources: ["deployments", "daemonsets"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

@@ -1,0 +1,490 @@
+"""The Helm chart (helm/kiri) against the real helm binary, promtool and the real local control plane.
+
+Rendering checks (lint, schema, RBAC, pod security, alerts, dashboard) need only the helm binary that
+hack/build-binaries.sh builds; the rest installs, upgrades and uninstalls the chart on the cluster from
+hack/cluster and asks the API server itself what the operator's ServiceAccount may do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import REPO_ROOT, Cluster
+
+pytestmark = pytest.mark.timeout(300)
+
+CHART = REPO_ROOT / "helm" / "kiri"
+PROMTOOL = "/usr/bin/promtool"
+
+
+def _bin_dirs() -> list[str]:
+    out = subprocess.run(
+        ["bash", str(REPO_ROOT / "hack" / "build-binaries.sh"), "--print-bin-dirs"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return out.split()
+
+
+@pytest.fixture(scope="module")
+def helm_env() -> dict[str, str]:
+    """Environment whose PATH finds the helm built from Go modules (no cluster needed)."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([*_bin_dirs(), env.get("PATH", "")])
+    # Keep helm's caches out of $HOME so runs do not depend on (or pollute) the user's helm setup.
+    state = REPO_ROOT / ".kiri" / "helm"
+    for var, sub in (
+        ("HELM_CACHE_HOME", "cache"),
+        ("HELM_CONFIG_HOME", "config"),
+        ("HELM_DATA_HOME", "data"),
+    ):
+        env[var] = str(state / sub)
+    probe = subprocess.run(
+        ["helm", "version", "--short"], env=env, capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        raise RuntimeError(f"helm is not built; run `make binaries` ({probe.stderr.strip()})")
+    return env
+
+
+def helm(
+    env: dict[str, str], *args: str, check: bool = True, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        ["helm", *args], env=env, capture_output=True, text=True, check=False, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def render(env: dict[str, str], *set_args: str, namespace: str = "kiri-system") -> list[dict[str, Any]]:
+    out = helm(env, "template", "kiri", str(CHART), "--namespace", namespace, *set_args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = by_kind(docs, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container  # type: ignore[no-any-return]
+
+
+MONITORING = ("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true")
+NAMESPACED = ("--set", "operator.watchNamespaces={team-a,team-b}")
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [(), MONITORING, NAMESPACED], ids=["defaults", "monitoring", "namespaced"])
+def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
+    result = helm(helm_env, "lint", "--strict", str(CHART), *values)
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (("--set", "replicaCount=2"), "replicaCount"),
+        (("--set", "securityContext.readOnlyRootFilesystem=false"), "readOnlyRootFilesystem"),
+        (("--set", "podSecurityContext.runAsNonRoot=false"), "runAsNonRoot"),
+        (("--set", "imagePullPolicy=Always"), "imagePullPolicy"),
+        (("--set", "operator.logFormat=xml"), "logFormat"),
+        (
+            ("--set", "metrics.service.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"),
+            "metrics",
+        ),
+    ],
+    ids=["two-replicas", "writable-root", "root", "unknown-key", "bad-enum", "monitor-without-service"],
+)
+def test_bad_values_are_refused_with_the_key(
+    helm_env: dict[str, str], bad: tuple[str, ...], message: str
+) -> None:
+    result = helm(helm_env, "template", "kiri", str(CHART), *bad, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def _rbac_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [rule for d in docs if d["kind"] in ("ClusterRole", "Role") for rule in d["rules"]]
+
+
+@pytest.mark.parametrize("values", [(), NAMESPACED], ids=["cluster", "namespaced"])
+def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
+    docs = render(helm_env, *values)
+    rules = _rbac_rules(docs)
+    assert rules
+    for rule in rules:
+        for field in ("verbs", "resources", "apiGroups"):
+            assert "*" not in rule[field], f"wildcard {field} in {rule}"
+        assert "nonResourceURLs" not in rule
+        assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"])
+        assert not {"secrets", "nodes/proxy", "pods/exec", "serviceaccounts/token"} & set(rule["resources"])
+
+    def verbs(group: str, resource: str) -> set[str]:
+        return {
+            v for r in rules if group in r["apiGroups"] and resource in r["resources"] for v in r["verbs"]
+        }
+
+    assert verbs("", "nodes") == {"get", "list", "watch"}  # Kiri never mutates Node objects.
+    assert verbs("", "pods") == {"get", "list", "watch"}
+    assert {"list", "watch", "patch"} <= verbs("kiri.dev", "modeldeployments")
+    assert "delete" not in verbs("kiri.dev", "modeldeployments")
+    assert "patch" in verbs("kiri.dev", "modeldeployments/status")
+    assert verbs("kiri.dev", "modeldeployments/finalizers") == {"update"}
+    assert "create" in verbs("", "events")
+    # Standalone kopf: no peering objects, so no permission on them.
+    assert not verbs("kopf.dev", "kopfpeerings") and not verbs("kopf.dev", "clusterkopfpeerings")
+    for group, resource in (("apps", "daemonsets"), ("apps", "deployments"), ("batch", "jobs")):
+        assert {"create", "patch", "delete"} <= verbs(group, resource)
+
+    cluster_roles = by_kind(docs, "ClusterRole")
+    roles = by_kind(docs, "Role")
+    if values == NAMESPACED:
+        # Watching some namespaces: the ClusterRole only reads nodes; everything else is per namespace.
+        assert [r["resources"] for r in cluster_roles[0]["rules"]] == [["nodes"]]
+        assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+        assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == [
+            "team-a",
+            "team-b",
+        ]
+    else:
+        assert not roles
+    args = operator_container(docs)["args"]
+    assert "--standalone" in args
+    assert ("--namespace=team-a" in args) == (values == NAMESPACED)
+    assert ("--all-namespaces" in args) == (values != NAMESPACED)
+
+
+def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) -> None:
+    docs = render(helm_env)
+    (deployment,) = by_kind(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = operator_container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in sc["capabilities"]
+    # Read-only root: the only writable path is the /tmp emptyDir.
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert pod["volumes"][0]["emptyDir"]["sizeLimit"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    # The liveness probe hits the port and path kopf's --liveness endpoint listens on.
+    liveness_arg = next(a for a in container["args"] if a.startswith("--liveness="))
+    probe = container["livenessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
+    assert liveness_arg == f"--liveness=http://0.0.0.0:{port}{probe['path']}"
+    metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
+    assert f"--metrics-port={metrics_port}" in container["args"]
+    (service,) = by_kind(docs, "Service")
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+@pytest.fixture(scope="module")
+def alert_rules(helm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    docs = render(helm_env, *MONITORING)
+    (rule,) = by_kind(docs, "PrometheusRule")
+    path = tmp_path_factory.mktemp("rules") / "kiri-rules.yaml"
+    path.write_text(yaml.safe_dump(rule["spec"]))
+    return path
+
+
+def test_alert_rules_pass_promtool_check(alert_rules: Path) -> None:
+    result = subprocess.run([PROMTOOL, "check", "rules", str(alert_rules)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 4 rules found" in result.stdout
+
+
+def test_alerts_fire_on_their_conditions(alert_rules: Path, tmp_path: Path) -> None:
+    """promtool evaluates the rendered alerts over input series: each fires when, and only when, it should."""
+    job = "kiri-metrics"
+    tests = {
+        "rule_files": [str(alert_rules)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # shop/stuck stays Progressing for 40m; shop/quick finishes after 10m.
+                    {
+                        "series": 'kiri_modeldeployment_phase{namespace="shop",name="stuck",phase="Progressing"}',
+                        "values": "1x40",
+                    },
+                    {
+                        "series": 'kiri_modeldeployment_phase{namespace="shop",name="quick",phase="Progressing"}',
+                        "values": "1x10 0x30",
+                    },
+                    {
+                        "series": 'kiri_rollbacks_total{namespace="shop",name="stuck",reason="CanaryNotReady"}',
+                        "values": "0x5 1x35",
+                    },
+                    {
+                        "series": 'kiri_variants{namespace="shop",name="quick",variant="int8",state="Rejected"}',
+                        "values": "1x40",
+                    },
+                    {
+                        "series": 'kiri_variants{namespace="shop",name="quick",variant="fp16",state="Rejected"}',
+                        "values": "0x40",
+                    },
+                    {"series": f'up{{job="{job}"}}', "values": "1x10 0x30"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "20m", "alertname": "KiriRolloutStuck", "exp_alerts": []},
+                    {
+                        "eval_time": "35m",
+                        "alertname": "KiriRolloutStuck",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "warning", "namespace": "shop", "name": "stuck"},
+                                "exp_annotations": {
+                                    "summary": "Rollout of shop/stuck has not finished for 30m",
+                                    "description": "Run `kiri status stuck -n shop` to see the held wave and its gate.",
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "4m", "alertname": "KiriRolledBack", "exp_alerts": []},
+                    {
+                        "eval_time": "10m",
+                        "alertname": "KiriRolledBack",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "warning",
+                                    "namespace": "shop",
+                                    "name": "stuck",
+                                    "reason": "CanaryNotReady",
+                                },
+                                "exp_annotations": {
+                                    "summary": "shop/stuck rolled back (CanaryNotReady)",
+                                    "description": "The new revision failed a health gate. The same spec is not rolled "
+                                    "out again; apply a fixed one.",
+                                },
+                            }
+                        ],
+                    },
+                    # The rollback window (15m) has passed: the alert resolves.
+                    {"eval_time": "35m", "alertname": "KiriRolledBack", "exp_alerts": []},
+                    {
+                        "eval_time": "5m",
+                        "alertname": "KiriVariantRejected",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {
+                                    "severity": "info",
+                                    "namespace": "shop",
+                                    "name": "quick",
+                                    "variant": "int8",
+                                },
+                                "exp_annotations": {
+                                    "summary": "Variant int8 of shop/quick was rejected by its fidelity gate",
+                                    "description": "Nodes that needed it keep the previous revision. See status.variants "
+                                    "for the measured fidelity.",
+                                },
+                            }
+                        ],
+                    },
+                    {"eval_time": "8m", "alertname": "KiriOperatorDown", "exp_alerts": []},
+                    {
+                        "eval_time": "20m",
+                        "alertname": "KiriOperatorDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "critical"},
+                                "exp_annotations": {
+                                    "summary": "The Kiri operator (kiri-metrics) is down or not scraped",
+                                    "description": "Check `kubectl -n kiri-system get pods -l "
+                                    "app.kubernetes.io/component=operator`.",
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    test_file = tmp_path / "alerts-test.yaml"
+    test_file.write_text(yaml.safe_dump(tests))
+    result = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _dashboard(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (cm,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    return json.loads(cm["data"]["kiri.json"])  # type: ignore[no-any-return]
+
+
+def test_dashboard_is_valid_grafana_json(helm_env: dict[str, str]) -> None:
+    dashboard = _dashboard(render(helm_env))
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len(panels) >= 8
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert re.search(r"\bkiri_|\bprocess_", target["expr"]), target["expr"]
+
+
+def _kiri_metric_names(docs: list[dict[str, Any]]) -> set[str]:
+    names: set[str] = set()
+    texts = [t["expr"] for p in _dashboard(docs)["panels"] for t in p.get("targets", [])]
+    for rule_doc in by_kind(docs, "PrometheusRule"):
+        texts += [r["expr"] for g in rule_doc["spec"]["groups"] for r in g["rules"]]
+    for text in texts:
+        names |= {re.sub(r"_(bucket|count|sum)$", "", m) for m in re.findall(r"\bkiri_[a-z_]+", text)}
+    return names
+
+
+# --- on the real control plane ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def release(cluster: Cluster, namespace: str) -> Iterator[tuple[str, dict[str, str]]]:
+    env = dict(cluster.env)
+    state = REPO_ROOT / ".kiri" / "helm"
+    for var, sub in (
+        ("HELM_CACHE_HOME", "cache"),
+        ("HELM_CONFIG_HOME", "config"),
+        ("HELM_DATA_HOME", "data"),
+    ):
+        env[var] = str(state / sub)
+    name = "kiri-" + namespace[-6:]
+    yield name, env
+    helm(env, "uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
+
+
+def test_rendered_chart_passes_server_side_dry_run(
+    cluster: Cluster, namespace: str, helm_env: dict[str, str]
+) -> None:
+    for values in ((), NAMESPACED):
+        text = helm(
+            helm_env, "template", "kiri", str(CHART), "--namespace", namespace, "--include-crds", *values
+        ).stdout
+        if values == NAMESPACED:
+            # Roles go into the watched namespaces; the dry run needs them to exist.
+            text = text.replace("namespace: team-a", f"namespace: {namespace}").replace(
+                "namespace: team-b", f"namespace: {namespace}"
+            )
+            text = text.replace("--namespace=team-a", f"--namespace={namespace}").replace(
+                "--namespace=team-b", f"--namespace={namespace}"
+            )
+        out = cluster.kubectl(
+            "apply", "--server-side", "--dry-run=server", "--field-manager=helm-test", "-f", "-", input=text
+        )
+        for kind in (
+            "serviceaccount",
+            "clusterrole",
+            "clusterrolebinding",
+            "deployment",
+            "service",
+            "configmap",
+        ):
+            assert re.search(rf"^{kind}[./]", out, re.M | re.I), f"{kind} missing from dry run:\n{out}"
+    # A dry run writes nothing.
+    assert not cluster.kubectl("get", "deployments", "-n", namespace, "-o", "name").strip()
+
+
+def _operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[str, Any] | None:
+    pods = cluster.get_json(
+        "pods",
+        "-n",
+        namespace,
+        "-l",
+        f"app.kubernetes.io/instance={release_name},app.kubernetes.io/component=operator",
+    )["items"]
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return live[0] if len(live) == 1 else None
+
+
+def _ready(pod: dict[str, Any] | None) -> bool:
+    if not pod or not pod["spec"].get("nodeName"):
+        return False
+    conditions = pod.get("status", {}).get("conditions", [])
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def test_install_upgrade_uninstall(
+    cluster: Cluster, namespace: str, release: tuple[str, dict[str, str]]
+) -> None:
+    name, env = release
+    helm(env, "install", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
+
+    pod = cluster.wait_for(
+        lambda: (p := _operator_pod(cluster, namespace, name)) and _ready(p) and p,
+        timeout=90,
+        message="operator pod scheduled and Ready",
+    )
+    node = cluster.get_json("node", pod["spec"]["nodeName"])
+    assert node["metadata"]["name"] in cluster.edge_nodes() + cluster.cloud_nodes()
+    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    sa = f"system:serviceaccount:{namespace}:{name}"
+
+    # The API server's own authorizer says what the operator's identity may do.
+    def can_i(*args: str) -> bool:
+        return cluster.kubectl("auth", "can-i", "--as", sa, *args, check=False).strip() == "yes"
+
+    assert can_i("list", "modeldeployments.kiri.dev", "--all-namespaces")
+    assert can_i("patch", "modeldeployments.kiri.dev", "--subresource=status", "-n", "default")
+    assert can_i("watch", "nodes")
+    assert can_i("create", "daemonsets.apps", "-n", "default")
+    assert can_i("create", "jobs.batch", "-n", "default")
+    assert can_i("create", "events", "-n", "default")
+    assert not can_i("patch", "nodes")
+    assert not can_i("get", "secrets", "-n", namespace)
+    assert not can_i("create", "pods", "-n", "default")
+    assert not can_i("delete", "modeldeployments.kiri.dev", "-n", "default")
+    assert not can_i("create", "clusterrolebindings")
+
+    helm(
+        env, "upgrade", name, str(CHART), "--namespace", namespace, "--reuse-values",
+        "--set", "operator.verbose=true", "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    deployment = cluster.get_json("deployment", "-n", namespace, name)
+    assert "--verbose" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    cluster.wait_for(
+        lambda: (
+            (p := _operator_pod(cluster, namespace, name))
+            and "--verbose" in p["spec"]["containers"][0]["args"]
+            and _ready(p)
+        ),
+        timeout=90,
+        message="upgraded operator pod Ready",
+    )
+    history = json.loads(helm(env, "history", name, "--namespace", namespace, "-o", "json").stdout)
+    assert [h["revision"] for h in history] == [1, 2]
+    assert history[-1]["status"] == "deployed"
+
+    helm(env, "uninstall", name, "--namespace", namespace, "--wait", "--timeout", "120s")
+    cluster_role = f"{name}-{namespace}"[:63].rstrip("-")
+    assert not cluster.kubectl("get", "clusterrole", cluster_role, "--ignore-not-found", "-o", "name").strip()
+    assert not cluster.kubectl(
+        "get", "deployment", "-n", namespace, "--ignore-not-found", "-o", "name"
+    ).strip()
+    assert not cluster.kubectl(
+        "get", "serviceaccount", name, "-n", namespace, "--ignore-not-found", "-o", "name"
+    ).strip()
