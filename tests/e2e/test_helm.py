@@ -428,6 +428,11 @@ def _ready(pod: dict[str, Any] | None) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
+def _ready_operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[str, Any] | None:
+    pod = _operator_pod(cluster, namespace, release_name)
+    return pod if _ready(pod) else None
+
+
 def test_install_upgrade_uninstall(
     cluster: Cluster, namespace: str, release: tuple[str, dict[str, str]]
 ) -> None:
@@ -435,10 +440,11 @@ def test_install_upgrade_uninstall(
     helm(env, "install", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
 
     pod = cluster.wait_for(
-        lambda: (p := _operator_pod(cluster, namespace, name)) and _ready(p) and p,
+        lambda: _ready_operator_pod(cluster, namespace, name),
         timeout=90,
         message="operator pod scheduled and Ready",
     )
+    assert pod is not None
     node = cluster.get_json("node", pod["spec"]["nodeName"])
     assert node["metadata"]["name"] in cluster.edge_nodes() + cluster.cloud_nodes()
     assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
