@@ -12,4 +12,6 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    del subparsers  # Subcommands are added by the runtime and compression work.
+    from kiri_runtime.compressing import cli as compress_cli
+
+    compress_cli.register(subparsers)

@@ -183,6 +183,7 @@ def dump(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
             f.write(dumps(manifest))
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the operator and runtimes may run as other users
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

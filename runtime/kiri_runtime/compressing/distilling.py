@@ -1,0 +1,231 @@
+"""Knowledge distillation: a smaller student trained on the full model's outputs.
+
+Teacher outputs come from the verified fp32 ONNX model, so any source format can teach. The student is a given
+factory, or a reduced copy of the teacher when its structure allows: narrower Linear/Conv layers (MLP, CNN) or
+fewer layers of an nn.TransformerEncoder (kept evenly spaced and initialised from the teacher, as DistilBERT does).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kiri_runtime.compressing.errors import CompressionError
+from kiri_runtime.compressing.evaluating import EvalSet
+
+if TYPE_CHECKING:
+    import torch
+
+KNOWN_OPTIONS = {
+    "student",
+    "studentKwargs",
+    "width",
+    "depth",
+    "temperature",
+    "alpha",
+    "labels",
+    "epochs",
+    "patience",
+    "lr",
+    "batchSize",
+    "quantize",
+    "weightDecay",
+}
+
+
+def defaults(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - KNOWN_OPTIONS)
+    if unknown:
+        raise CompressionError(f"distilled: unknown options {unknown}; known: {sorted(KNOWN_OPTIONS)}")
+    merged: dict[str, Any] = {
+        "width": 0.5,
+        "depth": 0.5,
+        "temperature": 2.0,
+        "alpha": 0.0,
+        "epochs": 60,
+        "patience": 8,
+        "lr": 3e-3,
+        "batchSize": 64,
+        "weightDecay": 0.0,
+        "quantize": None,
+    } | options
+    for key in ("width", "depth"):
+        if not 0 < float(merged[key]) <= 1:
+            raise CompressionError(f"distilled: {key} must be in (0, 1], got {merged[key]!r}")
+    if float(merged["temperature"]) <= 0 or not 0 <= float(merged["alpha"]) <= 1:
+        raise CompressionError("distilled: temperature must be > 0 and alpha in [0, 1]")
+    if merged["quantize"] not in (None, "int8-dynamic"):
+        raise CompressionError("distilled: quantize may only be null or 'int8-dynamic'")
+    return merged
+
+
+def _materialize(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> torch.nn.Module:
+    import torch
+
+    try:
+        with torch.no_grad():
+            module.eval()(*example)
+    except Exception as e:
+        raise CompressionError(
+            f"the reduced copy of this architecture does not run ({type(e).__name__}: {e}); give options.student"
+        ) from None
+    return module
+
+
+def reduced_copy(
+    teacher: torch.nn.Module, *, width: float, depth: float, example: tuple[torch.Tensor, ...]
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A smaller module of the same architecture and what was reduced."""
+    from torch import nn
+
+    student = copy.deepcopy(teacher)
+    encoders = [m for m in student.modules() if isinstance(m, nn.TransformerEncoder)]
+    if encoders:
+        kept = []
+        for enc in encoders:
+            n = len(enc.layers)
+            k = max(1, math.ceil(n * depth))
+            idx = sorted({round(i) for i in np.linspace(0, n - 1, k)})
+            enc.layers = nn.ModuleList([enc.layers[i] for i in idx])
+            enc.num_layers = len(idx)
+            kept.append({"layers": n, "kept": idx})
+        return _materialize(student, example), {"reduced": "depth", "encoders": kept}
+    layers = [
+        (name, m)
+        for name, m in student.named_modules()
+        if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d | nn.BatchNorm1d | nn.BatchNorm2d)
+    ]
+    weighted = [(n, m) for n, m in layers if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)]
+    if len(weighted) < 2:
+        raise CompressionError(
+            "cannot reduce a model with fewer than two Linear/Conv layers; give options.student"
+        )
+    if any(isinstance(m, nn.LayerNorm | nn.MultiheadAttention) for m in student.modules()):
+        raise CompressionError(
+            "cannot narrow a model with LayerNorm/attention outside a TransformerEncoder; give options.student"
+        )
+    last = weighted[-1][0]
+    for name, m in layers:
+        new: nn.Module
+        if isinstance(m, nn.Linear):
+            out = m.out_features if name == last else max(1, round(m.out_features * width))
+            new = nn.LazyLinear(out, bias=m.bias is not None)
+        elif isinstance(m, nn.Conv1d | nn.Conv2d):
+            if m.groups != 1:
+                raise CompressionError("cannot narrow grouped convolutions; give options.student")
+            out = m.out_channels if name == last else max(1, round(m.out_channels * width))
+            lazy = nn.LazyConv1d if isinstance(m, nn.Conv1d) else nn.LazyConv2d
+            new = lazy(out, m.kernel_size, m.stride, m.padding, m.dilation, bias=m.bias is not None)  # type: ignore[arg-type]
+        else:
+            lazy_bn = nn.LazyBatchNorm1d if isinstance(m, nn.BatchNorm1d) else nn.LazyBatchNorm2d
+            new = lazy_bn(eps=m.eps, momentum=m.momentum)
+        parent_name, _, attr = name.rpartition(".")
+        parent = student.get_submodule(parent_name) if parent_name else student
+        setattr(parent, attr, new)
+    return _materialize(student, example), {"reduced": "width", "factor": width}
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def train(
+    student: torch.nn.Module,
+    train_set: EvalSet,
+    train_targets: list[np.ndarray[Any, Any]],
+    val_set: EvalSet,
+    val_targets: list[np.ndarray[Any, Any]],
+    *,
+    classifier: bool,
+    options: dict[str, Any],
+    labels: np.ndarray[Any, Any] | None,
+    seed: int,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Train in place; keep the weights of the epoch with the best validation fidelity."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.from_numpy(np.ascontiguousarray(a)) for a in train_set.arrays]
+    ys = [torch.from_numpy(t.astype(np.float32)) for t in train_targets]
+    y_hard = torch.from_numpy(labels.astype(np.int64)) if labels is not None else None
+    vx = [torch.from_numpy(np.ascontiguousarray(a)) for a in val_set.arrays]
+    temperature, alpha = float(options["temperature"]), float(options["alpha"])
+    opt = torch.optim.AdamW(
+        student.parameters(), lr=float(options["lr"]), weight_decay=float(options["weightDecay"])
+    )
+    epochs, patience, bs = int(options["epochs"]), int(options["patience"]), int(options["batchSize"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
+
+    def outputs(module: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torch.utils._pytree import tree_leaves
+
+        return [t for t in tree_leaves(module(*inputs)) if isinstance(t, torch.Tensor)]
+
+    def score() -> float:
+        student.eval()
+        with torch.no_grad():
+            got = outputs(student, vx)
+        if classifier:
+            return float((got[0].argmax(1).numpy() == val_targets[0].argmax(1)).mean())
+        ref = np.concatenate([t.reshape(len(t), -1) for t in val_targets], 1)
+        out = np.concatenate([g.reshape(len(g), -1).numpy() for g in got], 1)
+        cos = (ref * out).sum(1) / np.maximum(
+            np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-12
+        )
+        return float(cos.mean())
+
+    best, best_state, best_epoch, history = -math.inf, copy.deepcopy(student.state_dict()), 0, []
+    n = len(train_set)
+    for epoch in range(1, epochs + 1):
+        student.train()
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, bs):
+            idx = perm[start : start + bs]
+            got = outputs(student, [x[idx] for x in xs])
+            loss = torch.zeros(())
+            for k, (g, y) in enumerate(zip(got, ys, strict=True)):
+                if classifier and k == 0:
+                    kl = F.kl_div(
+                        F.log_softmax(g / temperature, 1),
+                        F.softmax(y[idx] / temperature, 1),
+                        reduction="batchmean",
+                    )
+                    loss = loss + (1 - alpha) * kl * temperature**2
+                    if y_hard is not None and alpha > 0:
+                        loss = loss + alpha * F.cross_entropy(g, y_hard[idx])
+                else:
+                    loss = loss + F.mse_loss(g, y[idx])
+            opt.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        sched.step()
+        s = score()
+        history.append({"epoch": epoch, "loss": round(total / n, 6), "fidelity": round(s, 6)})
+        progress(
+            f"distill epoch {epoch}/{epochs}: loss {total / n:.4f}, validation {'top1' if classifier else 'cosine'} {s:.4f}"
+        )
+        if s > best:
+            best, best_state, best_epoch = s, copy.deepcopy(student.state_dict()), epoch
+        elif epoch - best_epoch >= patience:
+            progress(
+                f"early stop: no improvement for {patience} epochs (best {best:.4f} at epoch {best_epoch})"
+            )
+            break
+        if classifier and s >= 1.0:
+            break
+    student.load_state_dict(best_state)
+    student.eval()
+    return {"epochs": len(history), "bestEpoch": best_epoch, "validationFidelity": best, "history": history}
+
+
+def student_params(module: torch.nn.Module) -> int:
+    return _params(module)
