@@ -12,6 +12,9 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    from kiri_runtime import serving_cli
+
+    serving_cli.register(subparsers)
     from kiri_runtime.compressing import cli as compress_cli
 
     compress_cli.register(subparsers)

@@ -1,0 +1,81 @@
+"""Prometheus metrics of the runtime, served at `/metrics`.
+
+Names are a contract: the progressive-delivery gates query them. Labels stay low-cardinality: `model` is
+a registered model name, or `_unknown` for requests naming a model this server does not have.
+
+| name | type | labels | meaning |
+|---|---|---|---|
+| `kiri_requests_total` | counter | model, code | infer requests answered, by HTTP status code |
+| `kiri_request_duration_seconds` | histogram | model | infer request time in the server, body read to reply |
+| `kiri_inference_duration_seconds` | histogram | model | one ONNX Runtime `session.run` (one batch) |
+| `kiri_batch_size` | histogram | model | rows per `session.run` (1 per request without batching) |
+| `kiri_queue_depth` | gauge | model | infer requests admitted and not yet answered by the local model |
+| `kiri_model_info` | gauge (1) | model, version, variant, sha256 | what is loaded |
+| `kiri_model_ready` | gauge | model | 1 once the verified model is loaded |
+| `kiri_responses_total` | counter | model, tier | successful answers by tier (`edge`, `cloud`) |
+| `kiri_fallback_total` | counter | model, reason | requests sent to the cloud (`not_ready`, `overloaded`, `low_confidence`) |
+| `kiri_fallback_failures_total` | counter | model, reason | cloud forwards that failed |
+| `kiri_artifact_fetch_bytes_total` | counter | scheme | bytes downloaded into the node cache |
+| `kiri_artifact_fetches_total` | counter | result | fetches: `hit`, `downloaded`, `failed` |
+
+Example gates: error ratio `sum(rate(kiri_requests_total{code=~"5.."}[1m])) / sum(rate(kiri_requests_total[1m]))`;
+p99 latency `histogram_quantile(0.99, sum by (le) (rate(kiri_request_duration_seconds_bucket[1m])))`;
+fallback share `sum(rate(kiri_fallback_total[5m])) / sum(rate(kiri_requests_total[5m]))`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+UNKNOWN_MODEL = "_unknown"
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class RuntimeMetrics:
+    """One set of runtime metrics in its own registry, so several servers can live in one test process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "kiri_requests", "Infer requests by status code.", ["model", "code"], registry=r
+        )
+        self.request_duration = Histogram(
+            "kiri_request_duration_seconds",
+            "Infer request time inside the server.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_duration = Histogram(
+            "kiri_inference_duration_seconds",
+            "ONNX Runtime run time per batch.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "kiri_batch_size", "Rows per model run.", ["model"], buckets=_BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge(
+            "kiri_queue_depth", "Infer requests in flight locally.", ["model"], registry=r
+        )
+        self.model_info = Gauge(
+            "kiri_model_info", "The loaded model.", ["model", "version", "variant", "sha256"], registry=r
+        )
+        self.model_ready = Gauge(
+            "kiri_model_ready", "1 when the verified model is loaded.", ["model"], registry=r
+        )
+        self.responses = Counter("kiri_responses", "Answers by serving tier.", ["model", "tier"], registry=r)
+        self.fallbacks = Counter(
+            "kiri_fallback", "Requests forwarded to the cloud.", ["model", "reason"], registry=r
+        )
+        self.fallback_failures = Counter(
+            "kiri_fallback_failures", "Cloud forwards that failed.", ["model", "reason"], registry=r
+        )
+        self.fetch_bytes = Counter(
+            "kiri_artifact_fetch_bytes", "Bytes downloaded into the cache.", ["scheme"], registry=r
+        )
+        self.fetches = Counter("kiri_artifact_fetches", "Artifact fetches by result.", ["result"], registry=r)

@@ -1,0 +1,137 @@
+"""`kiri serve`: wires fetcher, dataplane, cascade and HTTP together and owns the process lifecycle.
+
+Order matters for probes: the HTTP server starts first (live, not ready), then the artifact is fetched,
+verified and loaded in a worker thread, and only then does readiness turn true. A failed fetch keeps the
+server up and not ready (the cloud fallback, if any, answers) and retries with backoff, so a node whose
+link comes back recovers on its own.
+
+On SIGTERM the server stops being ready, stops accepting connections, lets in-flight requests finish
+(up to `shutdown_grace_s`), then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import web
+
+from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel
+from kiri_runtime.fallback import Cascade, CloudClient
+from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, FetchError, RetryPolicy
+from kiri_runtime.metrics import RuntimeMetrics
+from kiri_runtime.rest import DEFAULT_MAX_BODY_BYTES, RestServer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeConfig:
+    model_uri: str
+    name: str
+    sha256: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 8080
+    threads: int | None = None
+    fallback_url: str | None = None
+    fallback_timeout_s: float = 10.0
+    confidence_threshold: float | None = None
+    queue_limit: int = 0
+    cache_dir: Path = Path("/var/cache/kiri")
+    revisions_kept: int = 2
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    fail_ratio: float = 0.0
+    fail_seed: int = 0
+    delay_ms: float = 0.0
+    model_version: str = "1"
+    variant: str = ""
+    shutdown_grace_s: float = 30.0
+    fetch_retry_max_s: float = 60.0
+
+
+class Server:
+    """An in-process server; tests and benchmarks start it on port 0 and read `.port`."""
+
+    def __init__(self, config: ServeConfig, metrics: RuntimeMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or RuntimeMetrics()
+        self.dataplane = DataPlane(
+            self.metrics,
+            queue_limit=config.queue_limit,
+            fail_ratio=config.fail_ratio,
+            fail_seed=config.fail_seed,
+            delay_ms=config.delay_ms,
+            batching=config.batching,
+        )
+        self.dataplane.register(config.name, config.model_version, config.variant, config.sha256 or "")
+        cloud = CloudClient(config.fallback_url, config.fallback_timeout_s) if config.fallback_url else None
+        self.cascade = Cascade(self.dataplane, cloud, config.confidence_threshold)
+        self.rest = RestServer(self.dataplane, self.cascade, max_body_bytes=config.max_body_bytes)
+        self._runner: web.AppRunner | None = None
+        self._loader: asyncio.Task[None] | None = None
+        self.port = config.port
+        self.loaded = asyncio.Event()
+
+    async def start(self, load: bool = True) -> None:
+        self._runner = web.AppRunner(
+            self.rest.app(), access_log=None, shutdown_timeout=self.config.shutdown_grace_s
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        await site.start()
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
+        log.info("listening on %s:%d", self.config.host, self.port)
+        if load:
+            self._loader = asyncio.get_running_loop().create_task(self._load_with_retries())
+
+    async def _load_with_retries(self) -> None:
+        cfg = self.config
+        cache = ArtifactCache(cfg.cache_dir, cfg.revisions_kept)
+        fetcher = ArtifactFetcher(cache, RetryPolicy(), metrics=self.metrics)
+        delay = 1.0
+        try:
+            while True:
+                try:
+                    path = await asyncio.to_thread(fetcher.fetch, cfg.model_uri, cfg.sha256)
+                    sha = path.name
+                    model = await asyncio.to_thread(OnnxModel, path, cfg.threads)
+                    break
+                except (FetchError, OSError, ValueError, RuntimeError) as exc:
+                    # onnxruntime raises its own exception types (subclasses of RuntimeError) on bad files.
+                    log.error("model %s not loaded: %s; retrying in %.0fs", cfg.name, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(cfg.fetch_retry_max_s, delay * 2)
+        finally:
+            fetcher.close()
+        self.dataplane.load(cfg.name, model, sha256=sha)
+        await asyncio.to_thread(cache.pin, sha, cfg.model_uri)
+        self.loaded.set()
+
+    async def stop(self) -> None:
+        self.dataplane.draining = True
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+        if self._runner is not None:
+            await self._runner.cleanup()  # stops listening, then waits for in-flight handlers
+        await self.cascade.close()
+        await self.dataplane.close()
+
+
+async def serve(config: ServeConfig) -> None:
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests")
+    await server.stop()
+    log.info("stopped")

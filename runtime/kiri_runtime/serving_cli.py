@@ -1,0 +1,103 @@
+"""Argument parsing for `kiri serve`. The operator builds pod args from these flag names: keep them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _ratio(raw: str) -> float:
+    value = float(raw)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{raw} is not within [0, 1]")
+    return value
+
+
+def _positive(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw} must be >= 1")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    sub = subparsers.add_parser(
+        "serve",
+        help="serve an ONNX model over the Open Inference Protocol v2",
+        description="Fetch, verify and serve an ONNX model over OIP v2 REST, with metrics and cloud fallback.",
+    )
+    sub.add_argument("--model-uri", required=True, help="file://, http(s):// or s3:// URI of the .onnx file")
+    sub.add_argument("--name", required=True, help="model name in the /v2/models/{name} routes")
+    sub.add_argument("--sha256", help="expected digest; the model is not served unless it matches")
+    sub.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    sub.add_argument("--port", type=int, default=8080)
+    sub.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    sub.add_argument("--model-version", default="1")
+    sub.add_argument(
+        "--variant", default="", help="variant label for kiri_model_info (e.g. int8, fp16, full)"
+    )
+    sub.add_argument(
+        "--cache-dir", type=Path, default=Path(os.environ.get("KIRI_CACHE_DIR", "/var/cache/kiri"))
+    )
+    sub.add_argument(
+        "--revisions-kept", type=_positive, default=2, help="verified revisions kept in the cache"
+    )
+    sub.add_argument("--fallback-url", help="base URL of the cloud OIP v2 runtime")
+    sub.add_argument("--fallback-timeout", type=float, default=10.0, help="seconds per cloud request")
+    sub.add_argument(
+        "--confidence-threshold", type=_ratio, default=None, help="forward if top-1 prob is lower"
+    )
+    sub.add_argument(
+        "--queue-limit", type=int, default=0, help="in-flight requests before overload (0: none)"
+    )
+    sub.add_argument("--batching", action="store_true", help="adaptive micro-batching (dynamic batch models)")
+    sub.add_argument("--max-batch-size", type=_positive, default=32)
+    sub.add_argument("--max-wait-ms", type=float, default=2.0)
+    sub.add_argument("--max-body-bytes", type=_positive, default=64 * 1024 * 1024)
+    sub.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    test_aids = sub.add_argument_group("test aids (never set these in production)")
+    test_aids.add_argument(
+        "--fail-ratio", type=_ratio, default=0.0, help="share of infer requests answered 500"
+    )
+    test_aids.add_argument("--fail-seed", type=int, default=0, help="seed of the --fail-ratio draws")
+    test_aids.add_argument("--delay-ms", type=float, default=0.0, help="added latency per infer request")
+    sub.add_argument("--log-level", default="INFO")
+    sub.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from kiri_runtime.dataplane import BatchingConfig
+    from kiri_runtime.serving import ServeConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = ServeConfig(
+        model_uri=args.model_uri,
+        name=args.name,
+        sha256=args.sha256,
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        fallback_url=args.fallback_url,
+        fallback_timeout_s=args.fallback_timeout,
+        confidence_threshold=args.confidence_threshold,
+        queue_limit=args.queue_limit,
+        cache_dir=args.cache_dir,
+        revisions_kept=args.revisions_kept,
+        batching=BatchingConfig(args.batching, args.max_batch_size, args.max_wait_ms),
+        max_body_bytes=args.max_body_bytes,
+        fail_ratio=args.fail_ratio,
+        fail_seed=args.fail_seed,
+        delay_ms=args.delay_ms,
+        model_version=args.model_version,
+        variant=args.variant,
+        shutdown_grace_s=args.shutdown_grace,
+    )
+    asyncio.run(serve(config))
+    return 0
