@@ -238,7 +238,7 @@ def _decode_tensors(raw_list: Any, rest: memoryview, offset: int, kind: str) -> 
             raise BadRequest(f"{kind}[{i}]: name must be a non-empty string")
         where = f"{kind[:-1]} {name!r}"
         datatype = raw.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise BadRequest(f"{where}: unknown datatype {datatype!r}")
         shape = _shape(raw.get("shape"), where)
         params = _parameters(raw.get("parameters"), where)
