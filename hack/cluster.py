@@ -163,7 +163,7 @@ def is_ours(pid: int, binary: str) -> bool:
         return False
     if stat.rsplit(")", 1)[1].split()[0] == "Z":
         return False
-    return any(str(STATE_DIR) in a for a in args)
+    return any(f"{STATE_DIR}/" in a for a in args[1:])
 
 
 def stop_pids(procs: dict[str, dict[str, Any]], timeout: float = 15) -> None:
@@ -577,6 +577,15 @@ def write_kwok_config(path: Path, stages: list[dict[str, Any]]) -> None:
             # Fallback pool for nodes without spec.podCIDR; every node we create has its own /24.
             "cidr": "10.0.0.1/16",
             "nodeIP": "127.0.0.1",
+            # A config file skips kwok's defaulting: the settings of kwok's own kustomize/kwok/kwok.yaml.
+            "nodeLeaseParallelism": 8,
+            "nodePlayStageParallelism": 8,
+            "podPlayStageParallelism": 8,
+            "podsOnNodeSyncParallelism": 2,
+            "enablePodsOnNodeSyncListPager": False,
+            "enablePodsOnNodeSyncStreamWatch": True,
+            "enableProfilingHandler": False,
+            "enableContentionProfiling": False,
         },
     }
     path.write_text(yaml.safe_dump_all([config, *stages], sort_keys=False))
@@ -700,13 +709,22 @@ def sync_fleet(api: Api, cloud: int, edge: int, sites: int, timeout: float) -> N
 
 @contextlib.contextmanager
 def locked(paths: Paths) -> Iterator[None]:
-    paths.root.mkdir(parents=True, exist_ok=True)
-    with open(paths.lock, "w") as fh:
+    while True:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        fh = open(paths.lock, "a")  # noqa: SIM115 (held across the yield)
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            same = os.fstat(fh.fileno()).st_ino == os.stat(paths.lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        # Someone removed the state dir while we waited: that lock guards nothing any more.
+        fh.close()
+    try:
+        yield
+    finally:
+        fh.close()
 
 
 def read_state(paths: Paths) -> dict[str, Any] | None:
@@ -738,9 +756,26 @@ def healthy(paths: Paths, state: dict[str, Any]) -> tuple[bool, list[str]]:
     return not problems, problems
 
 
+def orphans(known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Our control-plane processes for this state dir that no state.json remembers (a killed `up`)."""
+    try:
+        binaries = {str(d / name) for d in bin_dirs() for name in COMPONENTS}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    known_pids = {p["pid"] for p in known.values()}
+    found: dict[str, dict[str, Any]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in known_pids:
+            continue
+        args = cmdline(int(entry.name))
+        if args and args[0] in binaries and any(f"{STATE_DIR}/" in a for a in args[1:]):
+            found[f"orphaned {Path(args[0]).name} {entry.name}"] = {"pid": int(entry.name), "binary": args[0]}
+    return found
+
+
 def clean(paths: Paths, state: dict[str, Any] | None) -> None:
-    if state:
-        stop_pids(state.get("procs", {}))
+    procs = (state or {}).get("procs", {})
+    stop_pids({**orphans(procs), **procs})
     for p in paths.owned():
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -786,6 +821,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             ok, problems = healthy(paths, state)
             if ok:
                 log(f"already running (kube-apiserver https://127.0.0.1:{state['ports']['apiserver']})")
+                stray = orphans(state["procs"])
+                if stray:
+                    stop_pids(stray)
                 if (args.cloud_nodes, args.edge_nodes, args.sites) != (None, None, None):
                     api = Api(paths.pki, state["ports"]["apiserver"])
                     sync_fleet(api, *fleet_counts(args, state), args.timeout)
@@ -988,6 +1026,7 @@ def _up(args: argparse.Namespace, paths: Paths, bins: dict[str, Path]) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     paths = Paths(STATE_DIR)
     if not paths.root.exists():
+        stop_pids(orphans({}))
         log("not running")
         return 0
     with locked(paths):
@@ -1061,7 +1100,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # A `timeout` or a killed test run must still stop what `up` started (KeyboardInterrupt unwinds it).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGHUP, _interrupt)
     parser = argparse.ArgumentParser(
         prog="hack/cluster", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
