@@ -197,31 +197,53 @@ def export(model: TorchModel, evalset: EvalSet, out: Path, *, output_names: list
     args = _example(evalset)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     dyn = tuple({0: batch} for _ in args)
-    target: Any = model.module
     try:
         with _quiet():
             if isinstance(model.module, torch.jit.ScriptModule):
                 from torch._export.converter import TS2EPConverter
 
-                target = TS2EPConverter(model.module, args).convert().module()
+                program = TS2EPConverter(model.module, args).convert()
             elif model.program is not None:
-                target = model.program.module()
+                program = model.program
+            else:
+                program = torch.export.export(model.module, args, dynamic_shapes=dyn, strict=False)
+            if not _dynamic_batch(program):
+                try:
+                    program = torch.export.export(program.module(), args, dynamic_shapes=dyn, strict=False)
+                except Exception:
+                    raise CompressionError(
+                        "the torch.export program has a static batch axis and cannot be re-exported with a "
+                        "dynamic one; save it with dynamic_shapes={0: torch.export.Dim('batch')} on every input"
+                    ) from None
             with torch.no_grad():
-                program = torch.onnx.export(
-                    target,
+                onnx_program = torch.onnx.export(
+                    program,
                     args,
                     dynamo=True,
                     input_names=evalset.names,
                     output_names=output_names,
-                    dynamic_shapes=dyn,
                     verbose=False,
                     optimize=True,
                 )
-            assert program is not None
-            program.save(out, external_data=False)
+            assert onnx_program is not None
+            onnx_program.save(out, external_data=False)
+    except CompressionError:
+        raise
     except Exception as e:
         first = "\n".join(str(e).strip().splitlines()[:6])
         raise CompressionError(f"cannot export the model to ONNX ({type(e).__name__}): {first}") from None
+
+
+def _dynamic_batch(program: Any) -> bool:
+    import torch
+
+    user_inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user_inputs:
+            val = node.meta.get("val")
+            if val is None or not val.shape or not isinstance(val.shape[0], torch.SymInt):
+                return False
+    return True
 
 
 def verify(

@@ -1,4 +1,4 @@
-"""Tiny real models for the compressor tests. Factories are referenced as `zoo.py:name` by `kiri compress`."""
+"""Tiny real models for the compressor tests. Factories are referenced as `compress_zoo.py:name` by `kiri compress`."""
 
 from __future__ import annotations
 
@@ -52,17 +52,19 @@ def encoder(**kwargs: float) -> nn.Module:
     return Encoder(**kwargs)  # type: ignore[arg-type]
 
 
+_CALLS = [0]
+
+
 class Drifting(nn.Module):
-    """Each call scales differently: a graph traced once cannot match eager, so export verification must fail."""
+    """Scales by a Python-side call counter: the traced graph freezes it, so export verification must fail."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(8, 3)
-        self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.lin(x) * float(self.calls)
+        _CALLS[0] += 1
+        return self.lin(x) * float(_CALLS[0])
 
 
 def drifting() -> nn.Module:

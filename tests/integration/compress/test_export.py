@@ -1,0 +1,186 @@
+"""Sources → verified fp32 ONNX, and the bad inputs that must fail loudly without a manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from compress_helpers import ZOO, load, save_npz
+from compress_zoo import mlp
+
+from kiri_runtime import manifests
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+Run = Callable[..., tuple[int, str]]
+
+
+@pytest.fixture
+def mlp_source(tmp_path: Path) -> tuple[Path, Path, str]:
+    torch.manual_seed(1)
+    state = tmp_path / "mlp.pt"
+    torch.save(mlp().state_dict(), state)
+    data = save_npz(
+        tmp_path / "eval.npz", x=np.random.default_rng(0).standard_normal((48, 16)).astype(np.float32)
+    )
+    return state, data, hashlib.sha256(state.read_bytes()).hexdigest()
+
+
+def test_factory_with_state_dict_exports_a_verified_dynamic_batch_model(
+    tmp_path: Path, run_compress: Run, mlp_source: tuple[Path, Path, str]
+) -> None:
+    state, data, sha = mlp_source
+    out = tmp_path / "out"
+    rc, log = run_compress(
+        "--source", f"{ZOO}:mlp", "--state-dict", str(state), "--sha256", sha, "--eval-data", str(data),
+        "--out", str(out), "--variant", "int8-dynamic", "--latency-rounds", "10", "--model-name", "mlp",
+    )  # fmt: skip
+    assert rc == 0, log
+    m = load(out)
+    assert m.model.format == "factory" and m.model.source_sha256 == sha and m.model.name == "mlp"
+    assert m.model.export_max_abs_error is not None and m.model.export_max_abs_error < 1e-4
+    model_path = out / m.model.uri
+    assert hashlib.sha256(model_path.read_bytes()).hexdigest() == m.model.onnx_sha256
+    dim0 = onnx.load(str(model_path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim0.dim_param and not dim0.dim_value, "batch axis must be dynamic"
+    # The exported model answers for batch sizes it never saw, and matches eager PyTorch.
+    module = mlp()
+    module.load_state_dict(torch.load(state, weights_only=True))
+    x = np.random.default_rng(5).standard_normal((7, 16)).astype(np.float32)
+    got = ort.InferenceSession(str(model_path)).run(None, {m.model.inputs[0]: x})[0]
+    np.testing.assert_allclose(got, module(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    assert "verifying the ONNX model against eager PyTorch" in log
+
+
+@pytest.mark.parametrize("fmt", ["torch-export", "torchscript"])
+def test_torch_export_and_torchscript_sources(tmp_path: Path, run_compress: Run, fmt: str) -> None:
+    torch.manual_seed(2)
+    module = mlp().eval()
+    x = torch.randn(4, 16)
+    if fmt == "torch-export":
+        source = tmp_path / "m.pt2"
+        batch = torch.export.Dim("batch")
+        torch.export.save(torch.export.export(module, (x,), dynamic_shapes=({0: batch},)), source)
+    else:
+        source = tmp_path / "m.ts"
+        torch.jit.save(torch.jit.trace(module, (x,)), source)  # type: ignore[no-untyped-call]
+    data = save_npz(
+        tmp_path / "eval.npz", x=np.random.default_rng(0).standard_normal((32, 16)).astype(np.float32)
+    )
+    out = tmp_path / "out"
+    rc, log = run_compress(
+        "--source", str(source), "--eval-data", str(data), "--out", str(out), "--variant", "fp16",
+        "--latency-rounds", "10",
+    )  # fmt: skip
+    assert rc == 0, log
+    m = load(out)
+    assert m.model.format == fmt
+    assert m.model.source_sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert m.model.export_max_abs_error is not None and m.model.export_max_abs_error < 1e-4
+
+
+def test_onnx_source_without_eval_data_uses_seeded_random_inputs(tmp_path: Path, run_compress: Run) -> None:
+    torch.manual_seed(3)
+    src = tmp_path / "m.onnx"
+    torch.onnx.export(mlp().eval(), (torch.randn(2, 16),), str(src), dynamo=True, input_names=["x"],
+                      dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False).save(src)  # fmt: skip
+    out = tmp_path / "out"
+    rc, log = run_compress("--source", f"file://{src}", "--out", str(out), "--variant", "int8-dynamic",
+                           "--latency-rounds", "10")  # fmt: skip
+    assert rc == 0, log
+    assert "random inputs" in log
+    m = load(out)
+    assert m.model.format == "onnx" and m.model.export_max_abs_error is None
+    assert m.variants[0].fidelity is not None and m.variants[0].fidelity.samples == 64
+
+
+def _assert_failed(out: Path, rc: int, log: str, message: str) -> None:
+    assert rc == 2, log
+    assert message in log, log
+    assert not (out / manifests.MANIFEST_FILE).exists()
+    assert not list(out.glob(".kiri-compress-*")), "scratch files left behind"
+
+
+def test_export_that_disagrees_with_eager_fails_loudly(tmp_path: Path, run_compress: Run) -> None:
+    data = save_npz(tmp_path / "eval.npz", x=np.ones((8, 8), np.float32))
+    out = tmp_path / "out"
+    rc, log = run_compress("--source", f"{ZOO}:drifting", "--eval-data", str(data), "--out", str(out),
+                           "--variant", "int8-dynamic")  # fmt: skip
+    _assert_failed(out, rc, log, "disagrees with eager PyTorch")
+
+
+def test_sha256_mismatch_and_missing_source(
+    tmp_path: Path, run_compress: Run, mlp_source: tuple[Path, Path, str]
+) -> None:
+    state, data, _ = mlp_source
+    out = tmp_path / "out"
+    out.mkdir()
+    # A manifest from an earlier run must not survive a failed one.
+    (out / manifests.MANIFEST_FILE).write_text("{}")
+    rc, log = run_compress("--source", f"{ZOO}:mlp", "--state-dict", str(state), "--sha256", "0" * 64,
+                           "--eval-data", str(data), "--out", str(out), "--variant", "int8-dynamic")  # fmt: skip
+    _assert_failed(out, rc, log, "sha256 mismatch")
+    rc, log = run_compress("--source", str(tmp_path / "nope.onnx"), "--out", str(out), "--variant", "fp16")
+    _assert_failed(out, rc, log, "no such file")
+
+
+def test_corrupt_onnx_and_unsupported_op(tmp_path: Path, run_compress: Run) -> None:
+    out = tmp_path / "out"
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage" * 10)
+    rc, log = run_compress("--source", str(corrupt), "--out", str(out), "--variant", "fp16")
+    _assert_failed(out, rc, log, "not a valid ONNX model")
+
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("FancyOp", ["x"], ["y"], domain="com.example")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
+    custom = tmp_path / "custom.onnx"
+    onnx.save(model, str(custom))
+    rc, log = run_compress("--source", str(custom), "--out", str(out), "--variant", "fp16")
+    _assert_failed(out, rc, log, "unsupported op")
+
+
+def test_eval_data_of_the_wrong_shape(
+    tmp_path: Path, run_compress: Run, mlp_source: tuple[Path, Path, str]
+) -> None:
+    state, _, _ = mlp_source
+    out = tmp_path / "out"
+    bad = save_npz(tmp_path / "bad.npz", x=np.zeros((8, 15), np.float32))
+    rc, log = run_compress("--source", f"{ZOO}:mlp", "--state-dict", str(state), "--eval-data", str(bad),
+                           "--out", str(out), "--variant", "int8-dynamic")  # fmt: skip
+    assert rc == 2 and "eval data" in log and not (out / manifests.MANIFEST_FILE).exists(), log
+
+
+def test_impossible_gate_is_refused_before_any_work(tmp_path: Path, run_compress: Run) -> None:
+    out = tmp_path / "out"
+    rc, log = run_compress("--source", str(tmp_path / "m.onnx"), "--out", str(out), "--variant", "int8-dynamic",
+                           "--gate", "cosine.min>=1.5")  # fmt: skip
+    assert rc == 2 and "impossible" in log, log
+    assert not out.exists()
+
+
+def test_torch_export_program_with_a_static_batch_is_refused_clearly(
+    tmp_path: Path, run_compress: Run
+) -> None:
+    source = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(mlp().eval(), (torch.randn(4, 16),)), source)
+    data = save_npz(tmp_path / "eval.npz", x=np.zeros((8, 16), np.float32))
+    out = tmp_path / "out"
+    rc, log = run_compress(
+        "--source", str(source), "--eval-data", str(data), "--out", str(out), "--variant", "fp16"
+    )
+    _assert_failed(out, rc, log, "static batch axis")
