@@ -37,19 +37,23 @@ def _bin_dirs() -> list[str]:
     return out.split()
 
 
-@pytest.fixture(scope="module")
-def helm_env() -> dict[str, str]:
-    """Environment whose PATH finds the helm built from Go modules (no cluster needed)."""
-    env = dict(os.environ)
+def _with_helm(env: dict[str, str], home: Path) -> dict[str, str]:
+    env = dict(env)
     env["PATH"] = os.pathsep.join([*_bin_dirs(), env.get("PATH", "")])
     # Keep helm's caches out of $HOME so runs do not depend on (or pollute) the user's helm setup.
-    state = REPO_ROOT / ".kiri" / "helm"
     for var, sub in (
         ("HELM_CACHE_HOME", "cache"),
         ("HELM_CONFIG_HOME", "config"),
         ("HELM_DATA_HOME", "data"),
     ):
-        env[var] = str(state / sub)
+        env[var] = str(home / sub)
+    return env
+
+
+@pytest.fixture(scope="module")
+def helm_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment whose PATH finds the helm built from Go modules (no cluster needed)."""
+    env = _with_helm(dict(os.environ), tmp_path_factory.mktemp("helm-home"))
     probe = subprocess.run(
         ["helm", "version", "--short"], env=env, capture_output=True, text=True, check=False
     )
@@ -364,15 +368,10 @@ def _kiri_metric_names(docs: list[dict[str, Any]]) -> set[str]:
 
 
 @pytest.fixture
-def release(cluster: Cluster, namespace: str) -> Iterator[tuple[str, dict[str, str]]]:
-    env = dict(cluster.env)
-    state = REPO_ROOT / ".kiri" / "helm"
-    for var, sub in (
-        ("HELM_CACHE_HOME", "cache"),
-        ("HELM_CONFIG_HOME", "config"),
-        ("HELM_DATA_HOME", "data"),
-    ):
-        env[var] = str(state / sub)
+def release(
+    cluster: Cluster, namespace: str, helm_env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[str, dict[str, str]]]:
+    env = _with_helm(cluster.env, tmp_path / "helm-home")
     name = "kiri-" + namespace[-6:]
     yield name, env
     helm(env, "uninstall", name, "--namespace", namespace, "--ignore-not-found", check=False)
