@@ -86,7 +86,15 @@ Quantity = Annotated[
     str,
     BeforeValidator(_quantity_to_str),
     _check_pattern(QUANTITY_PATTERN, "must be a Kubernetes quantity such as 500m, 2 or 4Gi"),
-    WithJsonSchema({"x-kubernetes-int-or-string": True}),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            **_cel(
+                "type(self) == int ? self >= 0 : isQuantity(self)",
+                "must be a Kubernetes quantity such as 500m, 2 or 4Gi",
+            ),
+        }
+    ),
 ]
 
 

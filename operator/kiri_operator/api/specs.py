@@ -21,6 +21,7 @@ DEFAULT_RUNTIME_IMAGE = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
 DEFAULT_COMPRESSOR_IMAGE = "ghcr.io/kiri-dev/kiri-compressor:0.1.0"
 TIER_LABEL = "kiri.dev/tier"
 DEFAULT_CACHE_PATH = "/var/lib/kiri/cache"
+DEFAULT_ARTIFACTS_URI = "file:///var/lib/kiri/artifacts"
 
 MAX_VARIANTS = 8
 MAX_GATES = 8
@@ -66,7 +67,7 @@ def _names_unique(items: list[Any], where: str) -> None:
     names = [item.name for item in items]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"{where}: names must be unique (duplicated: {', '.join(duplicates)})")
+        raise ValueError(f"{where} must be unique (duplicated: {', '.join(duplicates)})")
 
 
 # --- model -------------------------------------------------------------------------------------------
@@ -90,12 +91,12 @@ class ModelSignature(ApiModel):
         json_schema_extra=cel_rules(
             cel(
                 "self.inputs.all(t, self.inputs.exists_one(u, u.name == t.name))",
-                "spec.model.signature.inputs: tensor names must be unique",
+                "signature.inputs[].name must be unique",
                 field_path=".inputs",
             ),
             cel(
                 "self.outputs.all(t, self.outputs.exists_one(u, u.name == t.name))",
-                "spec.model.signature.outputs: tensor names must be unique",
+                "signature.outputs[].name must be unique",
                 field_path=".outputs",
             ),
         )
@@ -106,8 +107,8 @@ class ModelSignature(ApiModel):
 
     @model_validator(mode="after")
     def _unique(self) -> ModelSignature:
-        _names_unique(self.inputs, "spec.model.signature.inputs")
-        _names_unique(self.outputs, "spec.model.signature.outputs")
+        _names_unique(self.inputs, "signature.inputs[].name")
+        _names_unique(self.outputs, "signature.outputs[].name")
         return self
 
 
@@ -430,6 +431,17 @@ class CacheSpec(ApiModel):
     """Revisions kept on each node; at least the previous one stays so a rollback needs no download."""
 
 
+class ArtifactsSpec(ApiModel):
+    """Where the compression Job writes verified variants, and where edge nodes fetch them from."""
+
+    uri: Uri = DEFAULT_ARTIFACTS_URI
+    """Store the Job writes to: `file:///path` (a host path on the cloud node, shared with the edge nodes,
+    e.g. NFS) or `pvc://claim/path`. Each compression gets its own `<uri>/<namespace>/<name>/<key>/`."""
+    fetch_uri: Uri | None = None
+    """Base URI edge nodes fetch the same files from (e.g. an HTTP server in front of the store); `uri` when
+    unset."""
+
+
 class EdgeSpec(ApiModel):
     """Compressed variants rolled onto labeled edge nodes."""
 
@@ -443,7 +455,7 @@ class EdgeSpec(ApiModel):
             json_schema_extra=cel_rules(
                 cel(
                     "self.all(v, self.exists_one(w, w.name == v.name))",
-                    "spec.edge.variants: variant names must be unique",
+                    "edge.variants[].name must be unique",
                 )
             ),
         ),
@@ -451,10 +463,11 @@ class EdgeSpec(ApiModel):
     """Empty: cloud serving only, nothing goes to edge nodes."""
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
+    artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
 
     @model_validator(mode="after")
     def _unique(self) -> EdgeSpec:
-        _names_unique(self.variants, "spec.edge.variants")
+        _names_unique(self.variants, "edge.variants[].name")
         return self
 
 
@@ -497,20 +510,20 @@ _STAGES_RULES = cel_rules(
     cel(
         "self.map(s, has(s.percent), s.percent).isSorted()"
         " && self.map(s, has(s.percent), s.percent).all(p, self.exists_one(s, has(s.percent) && s.percent == p))",
-        "spec.rollout.stages: stages[].percent must strictly increase from stage to stage",
+        "rollout.stages[].percent must strictly increase from stage to stage",
     ),
     cel(
         "self.map(s, has(s.nodes), s.nodes).isSorted()"
         " && self.map(s, has(s.nodes), s.nodes).all(n, self.exists_one(s, has(s.nodes) && s.nodes == n))",
-        "spec.rollout.stages: stages[].nodes must strictly increase from stage to stage",
+        "rollout.stages[].nodes must strictly increase from stage to stage",
     ),
     cel(
         "self.map(s, has(s.percent) ? 1 : 0).isSorted()",
-        "spec.rollout.stages: stages with nodes must come before stages with percent",
+        "rollout.stages: stages with nodes must come before stages with percent",
     ),
     cel(
         "has(self[size(self) - 1].percent) && self[size(self) - 1].percent == 100",
-        "spec.rollout.stages: the last stage must be percent: 100 so the rollout reaches every node",
+        "rollout.stages: the last stage must be percent: 100 so the rollout reaches every node",
     ),
 )
 
@@ -556,7 +569,7 @@ class AnalysisSpec(ApiModel):
             json_schema_extra=cel_rules(
                 cel(
                     "self.all(q, self.exists_one(r, r.name == q.name))",
-                    "spec.rollout.analysis.queries: query names must be unique",
+                    "analysis.queries[].name must be unique",
                 )
             ),
         ),
@@ -564,7 +577,7 @@ class AnalysisSpec(ApiModel):
 
     @model_validator(mode="after")
     def _unique(self) -> AnalysisSpec:
-        _names_unique(self.queries, "spec.rollout.analysis.queries")
+        _names_unique(self.queries, "analysis.queries[].name")
         return self
 
 
@@ -604,17 +617,15 @@ class RolloutSpec(ApiModel):
         percents = [s.percent for s in self.stages if s.percent is not None]
         nodes = [s.nodes for s in self.stages if s.nodes is not None]
         if any(b <= a for a, b in itertools.pairwise(percents)):
-            raise ValueError(
-                "spec.rollout.stages: stages[].percent must strictly increase from stage to stage"
-            )
+            raise ValueError("rollout.stages[].percent must strictly increase from stage to stage")
         if any(b <= a for a, b in itertools.pairwise(nodes)):
-            raise ValueError("spec.rollout.stages: stages[].nodes must strictly increase from stage to stage")
+            raise ValueError("rollout.stages[].nodes must strictly increase from stage to stage")
         kinds = [s.percent is not None for s in self.stages]
         if kinds != sorted(kinds):
-            raise ValueError("spec.rollout.stages: stages with nodes must come before stages with percent")
+            raise ValueError("rollout.stages: stages with nodes must come before stages with percent")
         if self.stages and self.stages[-1].percent != 100:
             raise ValueError(
-                "spec.rollout.stages: the last stage must be percent: 100 so the rollout reaches every node"
+                "rollout.stages: the last stage must be percent: 100 so the rollout reaches every node"
             )
         return self
 
@@ -630,7 +641,7 @@ class ModelDeploymentSpec(ApiModel):
             cel(
                 "!has(self.edge) || !has(self.edge.variants)"
                 " || !self.edge.variants.exists(v, v.method == 'int8-static') || has(self.model.evalDataUri)",
-                "spec.model.evalDataUri is required when a variant uses method int8-static (calibration data)",
+                "model.evalDataUri is required when a variant uses method int8-static (it calibrates on real inputs)",
                 field_path=".model.evalDataUri",
             ),
         )
@@ -646,6 +657,6 @@ class ModelDeploymentSpec(ApiModel):
     def _calibration_data(self) -> ModelDeploymentSpec:
         if any(v.method == "int8-static" for v in self.edge.variants) and self.model.eval_data_uri is None:
             raise ValueError(
-                "spec.model.evalDataUri is required when a variant uses method int8-static (calibration data)"
+                "model.evalDataUri is required when a variant uses method int8-static (it calibrates on real inputs)"
             )
         return self

@@ -1,0 +1,73 @@
+"""The bad-manifest catalogue against the pydantic models: each case the API server must reject is also
+rejected offline, with an error that names the same field."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from kiri_operator.api import ModelDeployment
+
+pytestmark = pytest.mark.timeout(30)
+
+CATALOGUE = yaml.safe_load((Path(__file__).resolve().parents[2] / "bad_modeldeployments.yaml").read_text())
+_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _path(path: str) -> list[str | int]:
+    return [int(index) if index else name for name, index in _TOKEN.findall(path)]
+
+
+def apply_case(base: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
+    manifest = copy.deepcopy(base)
+    for path, value in case.get("set", {}).items():
+        *parents, last = _path(path)
+        node: Any = manifest
+        for key in parents:
+            node = node[key]
+        node[last] = value
+    for path in case.get("delete", []):
+        *parents, last = _path(path)
+        node = manifest
+        for key in parents:
+            node = node[key]
+        del node[last]
+    return manifest
+
+
+def _names_field(error: dict[str, Any], field: list[str | int]) -> bool:
+    loc = list(error["loc"])
+    if loc[: len(field)] == field:
+        return True  # the error points inside the field
+    if loc != field[: len(loc)]:
+        return False
+    rest = [t for t in field[len(loc) :] if isinstance(t, str)]
+    return all(t in error["msg"] for t in rest)
+
+
+def test_base_is_valid() -> None:
+    ModelDeployment.model_validate(CATALOGUE["base"])
+
+
+def test_catalogue_is_large_and_ids_are_unique() -> None:
+    ids = [case["id"] for case in CATALOGUE["cases"]]
+    assert len(ids) >= 30
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("case", CATALOGUE["cases"], ids=lambda c: c["id"])
+def test_models_reject_case_naming_the_field(case: dict[str, Any]) -> None:
+    manifest = apply_case(CATALOGUE["base"], case)
+    with pytest.raises(ValidationError) as info:
+        ModelDeployment.model_validate(manifest)
+    field = _path(case["field"])
+    errors = info.value.errors()
+    assert any(_names_field(e, field) for e in errors), (
+        f"no error names {case['field']}: {[(e['loc'], e['msg']) for e in errors]}"
+    )
