@@ -380,29 +380,21 @@ def release(
 def test_rendered_chart_passes_server_side_dry_run(
     cluster: Cluster, namespace: str, helm_env: dict[str, str]
 ) -> None:
-    for values in ((), NAMESPACED):
+    # Both RBAC shapes: cluster-wide, and watching only this test's namespace (Roles land there).
+    for values in ((), ("--set", f"operator.watchNamespaces={{{namespace}}}")):
         text = helm(
             helm_env, "template", "kiri", str(CHART), "--namespace", namespace, "--include-crds", *values
         ).stdout
-        if values == NAMESPACED:
-            # Roles go into the watched namespaces; the dry run needs them to exist.
-            text = text.replace("namespace: team-a", f"namespace: {namespace}").replace(
-                "namespace: team-b", f"namespace: {namespace}"
-            )
-            text = text.replace("--namespace=team-a", f"--namespace={namespace}").replace(
-                "--namespace=team-b", f"--namespace={namespace}"
-            )
         out = cluster.kubectl(
-            "apply", "--server-side", "--dry-run=server", "--field-manager=helm-test", "-f", "-", input=text
-        )
-        for kind in (
-            "serviceaccount",
-            "clusterrole",
-            "clusterrolebinding",
-            "deployment",
-            "service",
-            "configmap",
-        ):
+            "apply", "--server-side", "--dry-run=server", "--field-manager=helm-test",
+            # The CRD may already be owned by an earlier install; a dry run writes nothing either way.
+            "--force-conflicts",
+            "-f", "-",
+            input=text,
+        )  # fmt: skip
+        kinds = ["serviceaccount", "clusterrole", "clusterrolebinding", "deployment", "service", "configmap"]
+        kinds += ["customresourcedefinition"] + (["role", "rolebinding"] if values else [])
+        for kind in kinds:
             assert re.search(rf"^{kind}[./]", out, re.M | re.I), f"{kind} missing from dry run:\n{out}"
     # A dry run writes nothing.
     assert not cluster.kubectl("get", "deployments", "-n", namespace, "-o", "name").strip()
