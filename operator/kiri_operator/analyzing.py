@@ -1,0 +1,179 @@
+"""The Prometheus analysis provider: runs a wave's PromQL queries and judges them.
+
+I/O only: HTTP to Prometheus's ``/api/v1/query_range`` (and ``/api/v1/query`` while the window is shorter
+than one interval). The judgement is pure and lives in :mod:`kiri_operator.planning.verdicts`; when to
+measure is decided by :func:`kiri_operator.planning.waves.analysis_due`.
+
+Each measurement is a range query from one interval after the wave became Ready until now, one point per
+``interval``: the query is evaluated by Prometheus at every interval of the wave, so failures and samples
+accumulate without Kiri counting them, and an operator restart loses nothing.
+
+``$revision``, ``$variant`` and ``$namespace`` in a query are replaced before it runs. ``$variant`` becomes
+the update revision's variants joined by ``|``: use it with ``=~``. Edge pods carry the
+``kiri.dev/revision`` and ``kiri.dev/variant`` labels; a Kubernetes service-discovery scrape config
+relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progressive delivery").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import httpx
+
+from kiri_operator.planning import verdicts
+from kiri_operator.planning.waves import Measurement
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class QuerySpec(Protocol):
+    """What a query needs; ``api.specs.AnalysisQuery`` has these attributes."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def query(self) -> str: ...
+    @property
+    def success_condition(self) -> str: ...
+    @property
+    def interval(self) -> int: ...
+    @property
+    def failure_limit(self) -> int: ...
+    @property
+    def min_samples(self) -> int: ...
+
+
+class PrometheusError(RuntimeError):
+    """Prometheus could not answer: unreachable, an HTTP error, or a query it rejected."""
+
+
+@dataclass(frozen=True)
+class Substitutions:
+    revision: str
+    namespace: str
+    variants: Sequence[str] = ()
+
+    def apply(self, query: str) -> str:
+        variant = "|".join(sorted(set(self.variants)))
+        # Longest names first would matter only if one were a prefix of another; none is.
+        return (
+            query.replace("$revision", self.revision)
+            .replace("$namespace", self.namespace)
+            .replace("$variant", variant)
+        )
+
+
+def _float(raw: Any) -> float | None:
+    try:
+        return float(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_points(payload: Mapping[str, Any]) -> list[float | None]:
+    """Values of a Prometheus query answer, oldest first. One series only: several would be ambiguous."""
+    if payload.get("status") != "success":
+        raise PrometheusError(f"{payload.get('errorType', 'error')}: {payload.get('error', 'no detail')}")
+    data = payload.get("data") or {}
+    kind = data.get("resultType")
+    result = data.get("result")
+    if kind == "scalar":
+        return [_float(result[1])] if isinstance(result, list) and len(result) == 2 else []
+    if not isinstance(result, list):
+        raise PrometheusError(f"unexpected answer of type {kind!r}")
+    if len(result) > 1:
+        raise PrometheusError(f"the query returned {len(result)} series; aggregate it to one (sum, max, ...)")
+    if not result:
+        return []
+    series = result[0]
+    if kind == "vector":
+        return [_float(series.get("value", [None, None])[1])]
+    if kind == "matrix":
+        return [_float(v[1]) for v in series.get("values", [])]
+    raise PrometheusError(f"unexpected answer of type {kind!r}")
+
+
+def _unix(t: datetime) -> float:
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t.timestamp()
+
+
+async def fetch_points(
+    client: httpx.AsyncClient, address: str, query: str, start: datetime, end: datetime, step: float
+) -> list[float | None]:
+    """The query evaluated every ``step`` seconds over [start, end]; an instant query if that is empty."""
+    base = address.rstrip("/")
+    try:
+        if end < start:
+            response = await client.get(f"{base}/api/v1/query", params={"query": query, "time": _unix(end)})
+        else:
+            response = await client.get(
+                f"{base}/api/v1/query_range",
+                params={"query": query, "start": _unix(start), "end": _unix(end), "step": step},
+            )
+    except httpx.HTTPError as exc:
+        raise PrometheusError(f"Prometheus at {base} unreachable: {type(exc).__name__}: {exc}") from exc
+    try:
+        payload = response.json()
+    except ValueError:
+        raise PrometheusError(
+            f"Prometheus at {base} answered HTTP {response.status_code}, not JSON"
+        ) from None
+    if response.status_code != 200 and payload.get("status") == "success":
+        raise PrometheusError(f"Prometheus at {base} answered HTTP {response.status_code}")
+    return parse_points(payload)
+
+
+def rule_of(spec: QuerySpec) -> verdicts.QueryRule:
+    return verdicts.QueryRule(
+        name=spec.name,
+        condition=verdicts.parse_condition(spec.success_condition),
+        failure_limit=spec.failure_limit,
+        min_samples=spec.min_samples,
+    )
+
+
+async def judge(
+    client: httpx.AsyncClient,
+    address: str,
+    query: QuerySpec,
+    substitutions: Substitutions,
+    since: datetime,
+    now: datetime,
+) -> verdicts.QueryVerdict:
+    try:
+        rule = rule_of(query)
+        start = since + timedelta(seconds=query.interval)
+        points = await fetch_points(
+            client, address, substitutions.apply(query.query), start, now, query.interval
+        )
+    except (PrometheusError, ValueError) as exc:
+        return verdicts.query_error(query.name, str(exc))
+    return verdicts.judge_query(rule, points)
+
+
+async def measure(
+    address: str,
+    queries: Sequence[QuerySpec],
+    substitutions: Substitutions,
+    since: datetime,
+    now: datetime,
+    *,
+    client: httpx.AsyncClient | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> tuple[Measurement, list[verdicts.QueryVerdict]]:
+    """One measurement of every query over the wave so far (``since``: when the wave became Ready)."""
+    owned = client is None
+    http = client if client is not None else httpx.AsyncClient(timeout=timeout)
+    try:
+        found = await asyncio.gather(*(judge(http, address, q, substitutions, since, now) for q in queries))
+    finally:
+        if owned:
+            await http.aclose()
+    outcome, message = verdicts.combine(found)
+    return Measurement(at=now, outcome=outcome, message=message), list(found)
