@@ -18,3 +18,6 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     from kiri_runtime.compressing import cli as compress_cli
 
     compress_cli.register(subparsers)
+    from kiri_runtime.learning import cli as learning_cli
+
+    learning_cli.register(subparsers)

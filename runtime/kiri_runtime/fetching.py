@@ -328,7 +328,7 @@ class ArtifactFetcher:
                 self._check_space(partial, remaining)
             received = 0
             with partial.open("ab" if offset else "wb") as fh:
-                for chunk in reply.iter_bytes(_CHUNK):
+                for chunk in reply.iter_bytes():  # unbuffered: a cut keeps every byte received
                     self._write(fh, chunk, partial)
                     received += len(chunk)
                     if self.metrics is not None:

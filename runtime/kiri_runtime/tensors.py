@@ -157,7 +157,13 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], where: str
         else:
             # numpy would silently truncate 1.5 to an integer, or read 2 as True.
             loose = np.asarray(data)
-            if loose.dtype.kind not in ("b" if datatype == "BOOL" else "iub"):
+            if datatype == "UINT64" and loose.dtype.kind in "fO":
+                # Python ints above 2**63 make numpy guess float64; check them as ints instead.
+                flat = _flatten(data)
+                if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+                    raise BadRequest(f"{where}: data are not {datatype}")
+                loose = np.array(flat, dtype=np.uint64)
+            if loose.dtype.kind not in ("b" if datatype == "BOOL" else "iu"):
                 raise BadRequest(f"{where}: data are not {datatype}")
             array = loose.astype(DATATYPES[datatype])
     except BadRequest:

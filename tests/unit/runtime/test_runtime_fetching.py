@@ -1,0 +1,313 @@
+"""Fetcher and cache logic with injected failures (respx): retries, resume, integrity, disk full, pins, S3."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import respx
+
+from kiri_runtime import fetching
+from kiri_runtime.fetching import (
+    ArtifactCache,
+    ArtifactFetcher,
+    DiskFullError,
+    FetchError,
+    IntegrityError,
+    RetryPolicy,
+    normalize_sha256,
+)
+from kiri_runtime.signing import sign_v4
+
+pytestmark = pytest.mark.timeout(20)
+
+DATA = os.urandom(200_000)
+SHA = hashlib.sha256(DATA).hexdigest()
+URL = "https://models.example/clf.onnx"
+
+
+class CutStream(httpx.SyncByteStream):
+    """Yields `prefix` and then fails like a dropped link."""
+
+    def __init__(self, prefix: bytes) -> None:
+        self.prefix = prefix
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.prefix
+        raise httpx.ReadError("connection reset by peer")
+
+
+def ranged(request: httpx.Request, data: bytes = DATA) -> httpx.Response:
+    rng = request.headers.get("range")
+    if not rng:
+        return httpx.Response(200, content=data)
+    start = int(rng.removeprefix("bytes=").rstrip("-"))
+    return httpx.Response(
+        206, content=data[start:], headers={"content-range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+    )
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def fetcher(tmp_path: Path, sleeps: list[float]) -> Iterator[ArtifactFetcher]:
+    f = ArtifactFetcher(
+        ArtifactCache(tmp_path / "cache"), RetryPolicy(attempts=4, backoff_s=0.5), sleep=sleeps.append
+    )
+    yield f
+    f.close()
+
+
+def test_retries_with_exponential_backoff_then_succeeds(fetcher, sleeps):
+    with respx.mock:
+        route = respx.get(URL).mock(
+            side_effect=[httpx.Response(503), httpx.Response(429), httpx.ConnectError("refused"), ranged]
+        )
+        path = fetcher.fetch(URL, SHA)
+    assert path.read_bytes() == DATA and route.call_count == 4
+    assert len(sleeps) == 3
+    for attempt, delay in enumerate(sleeps, start=1):
+        full = 0.5 * 2 ** (attempt - 1)
+        assert full / 2 <= delay <= full
+
+
+def test_gives_up_after_the_attempt_budget(fetcher, sleeps):
+    with respx.mock:
+        respx.get(URL).mock(side_effect=httpx.ReadTimeout("slow link"))
+        with pytest.raises(FetchError, match="gave up after 4 attempts"):
+            fetcher.fetch(URL, SHA)
+    assert len(sleeps) == 3
+    assert not any(fetcher.cache.blobs.iterdir())
+
+
+def test_cut_transfer_resumes_with_range(fetcher):
+    seen: list[str | None] = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("range"))
+        if len(seen) == 1:
+            return httpx.Response(
+                200, headers={"content-length": str(len(DATA))}, stream=CutStream(DATA[:70_000])
+            )
+        return ranged(request)
+
+    with respx.mock:
+        respx.get(URL).mock(side_effect=serve)
+        path = fetcher.fetch(URL, SHA)
+    assert seen == [None, "bytes=70000-"]
+    assert path.read_bytes() == DATA
+
+
+def test_short_body_without_error_is_treated_as_a_cut(fetcher):
+    calls = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        calls.append(request.headers.get("range"))
+        if len(calls) == 1:
+            # The proxy claimed the full length and closed early without an error.
+            return httpx.Response(
+                200, headers={"content-length": str(len(DATA))}, stream=httpx.ByteStream(DATA[:1000])
+            )
+        return ranged(request)
+
+    with respx.mock:
+        respx.get(URL).mock(side_effect=serve)
+        assert fetcher.fetch(URL, SHA).read_bytes() == DATA
+    assert calls == [None, "bytes=1000-"]
+
+
+def test_server_ignoring_range_restarts_cleanly(fetcher):
+    partial = fetcher.cache.partial_for(URL, SHA)
+    partial.write_bytes(DATA[:5000])
+    with respx.mock:
+        respx.get(URL).mock(return_value=httpx.Response(200, content=DATA))
+        assert fetcher.fetch(URL, SHA).read_bytes() == DATA
+
+
+def test_digest_mismatch_is_quarantined_never_served(fetcher):
+    with respx.mock:
+        respx.get(URL).mock(return_value=httpx.Response(200, content=DATA[:-1] + b"!"))
+        with pytest.raises(IntegrityError, match="quarantined"):
+            fetcher.fetch(URL, SHA)
+    assert not any(fetcher.cache.blobs.iterdir())
+    assert not any(fetcher.cache.partial.iterdir())
+    (bad,) = fetcher.cache.quarantined.iterdir()
+    assert bad.read_bytes() == DATA[:-1] + b"!"
+
+
+def test_stale_partial_from_another_upload_is_redone_from_scratch(fetcher):
+    fetcher.cache.partial_for(URL, SHA).write_bytes(b"x" * 1000)  # left by an earlier process
+    ranges = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        ranges.append(request.headers.get("range"))
+        return ranged(request)
+
+    with respx.mock:
+        respx.get(URL).mock(side_effect=serve)
+        assert fetcher.fetch(URL, SHA).read_bytes() == DATA
+    assert ranges == ["bytes=1000-", None]
+    assert len(list(fetcher.cache.quarantined.iterdir())) == 1
+
+
+def test_cache_hit_makes_no_request_and_corruption_is_refetched(fetcher):
+    with respx.mock:
+        route = respx.get(URL).mock(side_effect=ranged)
+        path = fetcher.fetch(URL, SHA)
+        assert fetcher.fetch(URL, SHA) == path
+        assert route.call_count == 1
+        path.write_bytes(b"bit rot")
+        assert fetcher.fetch(URL, SHA).read_bytes() == DATA
+        assert route.call_count == 2
+    assert any(fetcher.cache.quarantined.iterdir())
+
+
+def test_without_sha_the_blob_is_stored_under_its_digest(fetcher):
+    with respx.mock:
+        respx.get(URL).mock(side_effect=ranged)
+        assert fetcher.fetch(URL).name == SHA
+
+
+def test_disk_full_before_download(fetcher, monkeypatch):
+    monkeypatch.setattr(fetching.shutil, "disk_usage", lambda p: _Usage(100))
+    with respx.mock:
+        respx.get(URL).mock(side_effect=ranged)
+        with pytest.raises(
+            DiskFullError, match=r"is full: the artifact needs 200000 more bytes, 100 are free"
+        ):
+            fetcher.fetch(URL, SHA)
+
+
+class _Usage:
+    def __init__(self, free: int) -> None:
+        self.free = free
+
+
+def test_enospc_while_writing_is_reported_and_partial_removed(fetcher, monkeypatch):
+    def no_space(fh: object, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetching, "_write", no_space)
+    with respx.mock:
+        respx.get(URL).mock(side_effect=ranged)
+        with pytest.raises(DiskFullError, match="ENOSPC"):
+            fetcher.fetch(URL, SHA)
+    assert not any(fetcher.cache.partial.iterdir())
+
+
+def test_file_scheme_and_errors(fetcher, tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(DATA)
+    assert fetcher.fetch(src.as_uri(), SHA).read_bytes() == DATA
+    assert fetcher.fetch(str(src), SHA).name == SHA
+    with pytest.raises(FetchError, match="does not exist"):
+        fetcher.fetch((tmp_path / "nope").as_uri(), "a" * 64)
+    with pytest.raises(FetchError, match="unsupported artifact scheme"):
+        fetcher.fetch("ftp://host/m.onnx", "a" * 64)
+    with pytest.raises(ValueError, match="64 hex"):
+        fetcher.fetch(src.as_uri(), "abc")
+    assert normalize_sha256("sha256:" + SHA.upper()) == SHA
+
+
+def test_pins_keep_n_revisions_and_evict_older(tmp_path):
+    cache = ArtifactCache(tmp_path, revisions_kept=2)
+    digests = []
+    for i in range(3):
+        data = f"model {i}".encode()
+        digest = hashlib.sha256(data).hexdigest()
+        digests.append(digest)
+        cache.blob(digest).write_bytes(data)
+        cache.pin(digest, f"file:///m{i}")
+    assert [p["sha256"] for p in cache.pins()] == [digests[2], digests[1]]
+    assert not cache.blob(digests[0]).exists()
+    assert cache.blob(digests[1]).exists() and cache.blob(digests[2]).exists()
+    cache.pin(digests[1])  # a rollback to N-1 makes it the newest; nothing is fetched or evicted
+    assert [p["sha256"] for p in cache.pins()] == [digests[1], digests[2]]
+    with pytest.raises(ValueError):
+        ArtifactCache(tmp_path, revisions_kept=0)
+
+
+def test_s3_requests_are_path_style_and_signed(tmp_path):
+    env = {
+        "AWS_ACCESS_KEY_ID": "AKIDKIRI",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+        "AWS_SESSION_TOKEN": "token",
+        "AWS_REGION": "eu-west-1",
+        "AWS_ENDPOINT_URL": "http://minio.local:9000",
+    }
+    fetcher = ArtifactFetcher(
+        ArtifactCache(tmp_path), RetryPolicy(backoff_s=0), sleep=lambda s: None, env=env
+    )
+    seen: list[httpx.Request] = []
+
+    def serve(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if len(seen) == 1:
+            return httpx.Response(
+                200, headers={"content-length": str(len(DATA))}, stream=CutStream(DATA[:10])
+            )
+        return ranged(request)
+
+    with respx.mock:
+        respx.get("http://minio.local:9000/bucket/models/clf%2B1.onnx").mock(side_effect=serve)
+        assert fetcher.fetch("s3://bucket/models/clf+1.onnx", SHA).read_bytes() == DATA
+    for request in seen:
+        auth = request.headers["authorization"]
+        assert auth.startswith("AWS4-HMAC-SHA256 Credential=AKIDKIRI/")
+        assert "/eu-west-1/s3/aws4_request" in auth
+        assert "SignedHeaders=host;x-amz-content-sha256;x-amz-date;x-amz-security-token," in auth
+        assert request.headers["x-amz-security-token"] == "token"
+        assert "secret" not in auth
+    assert seen[1].headers["range"] == "bytes=10-"
+
+
+def test_s3_without_credentials_is_unsigned(tmp_path):
+    env = {"AWS_ENDPOINT_URL_S3": "http://s3.local"}
+    fetcher = ArtifactFetcher(ArtifactCache(tmp_path), env=env)
+    with respx.mock:
+        route = respx.get("http://s3.local/public/m.onnx").mock(side_effect=ranged)
+        fetcher.fetch("s3://public/m.onnx", SHA)
+    assert "authorization" not in route.calls[0].request.headers
+
+
+def test_sigv4_matches_aws_s3_get_object_example():
+    # "GET Object" example of the S3 SigV4 documentation (header-based auth, Range signed).
+    headers = sign_v4(
+        "GET",
+        "https://examplebucket.s3.amazonaws.com/test.txt",
+        {"Range": "bytes=0-9", "x-amz-content-sha256": hashlib.sha256(b"").hexdigest()},
+        access_key="AKIAIOSFODNN7EXAMPLE",
+        secret_key="wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        region="us-east-1",
+        service="s3",
+        amz_date="20130524T000000Z",
+    )
+    assert headers["Authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, "
+        "SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+
+
+def test_sigv4_matches_aws_test_suite_get_vanilla():
+    headers = sign_v4(
+        "GET",
+        "https://example.amazonaws.com/",
+        {},
+        access_key="AKIDEXAMPLE",
+        secret_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        region="us-east-1",
+        service="service",
+        amz_date="20150830T123600Z",
+    )
+    assert headers["Authorization"].endswith(
+        "SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
+    )
