@@ -58,6 +58,7 @@ TensorDatatype = Literal[
 Version = Annotated[
     str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 ]
+LabelValue = Annotated[str, Field(max_length=63)]
 Name = Annotated[
     str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 ]
@@ -227,7 +228,7 @@ class CloudSpec(ApiModel):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """Service and container port of the inference endpoint."""
-    node_selector: Annotated[dict[str, str], Field(max_length=32)] = {TIER_LABEL: "cloud"}
+    node_selector: Annotated[dict[str, LabelValue], Field(max_length=32)] = {TIER_LABEL: "cloud"}
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=_cloud_tolerations)
     runtime: ServingRuntimeSpec = Field(default_factory=ServingRuntimeSpec)
 
@@ -280,7 +281,7 @@ class SelectorRequirement(ApiModel):
 class NodeRequirements(ApiModel):
     """Which edge nodes can run a variant. Empty matches every edge node."""
 
-    match_labels: Annotated[dict[str, str], Field(max_length=32)] = {}
+    match_labels: Annotated[dict[str, LabelValue], Field(max_length=32)] = {}
     match_expressions: Annotated[list[SelectorRequirement], Field(max_length=MAX_SELECTOR_TERMS)] = []
     min_memory_mb: Annotated[int, Field(ge=1)] | None = None
     """Minimum allocatable node memory, in MiB."""
@@ -445,7 +446,7 @@ class ArtifactsSpec(ApiModel):
 class EdgeSpec(ApiModel):
     """Compressed variants rolled onto labeled edge nodes."""
 
-    node_selector: Annotated[dict[str, str], Field(max_length=32)] = {TIER_LABEL: "edge"}
+    node_selector: Annotated[dict[str, LabelValue], Field(max_length=32)] = {TIER_LABEL: "edge"}
     """Which nodes form the edge fleet."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
     variants: Annotated[
