@@ -186,6 +186,7 @@ def test_status_subresource_keeps_what_the_operator_writes(
                     "time": "2026-11-25T10:00:00Z",
                 }
             ],
+            "rollout": {"stableRevision": "7c1e0a9b", "stage": 1, "promoted": False, "history": []},
         }
     )
     objects.patch_namespaced_custom_object_status(

@@ -64,8 +64,13 @@ when a gate fails.
 - **Variant choice is first match**: a node gets the first variant in list order whose `requires` it satisfies
   (labels, expressions including `Gt`/`Lt` on numeric labels, and `minMemoryMb` against allocatable memory). List
   the most demanding variant first (e.g. fp16 for GPU nodes, then int8 for the rest).
-- **Status has no defaults** and ignores unknown keys when read; only the free-form measurement maps
-  (`variants[].fidelity`, `variants[].latency`) preserve unknown fields.
+- **`edge.artifacts`** (added during implementation): the compression Job needs a store to write verified
+  variants to, and edge nodes need a URI to fetch them from (`fetchUri`, e.g. an HTTP server in front of the
+  same store). Both default to a host path so a single-node setup works unchanged.
+- **Status has no defaults** and ignores unknown keys when read. Only three places preserve unknown fields:
+  the free-form measurement maps (`variants[].fidelity`, `variants[].latency`) whose keys are metric names, and
+  `status.rollout`, the wave controller's internal bookkeeping, which must survive an operator restart but is
+  not a user contract.
 - **Printer columns** show `updatedNodes` and `targetNodes` as two columns (`Updated`, `Target`) because a
   column is one JSONPath; `Stage` is a string the operator writes (e.g. `2/4 (25%)`).
 """

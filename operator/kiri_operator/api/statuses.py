@@ -132,3 +132,6 @@ class ModelDeploymentStatus(StatusModel):
     edge: EdgeStatus = Field(default_factory=EdgeStatus)
     history: list[HistoryEntry] = []
     """Newest last, at most `spec.rollout.revisionHistoryLimit` entries."""
+    rollout: dict[str, Any] | None = None
+    """The wave controller's bookkeeping (stable revision, stage, timers, handled promote/abort requests), kept
+    here so a restarted operator resumes where it stopped. Internal: its keys may change between versions."""

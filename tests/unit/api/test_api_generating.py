@@ -90,6 +90,7 @@ def test_preserve_unknown_fields_only_where_free_form() -> None:
     )
     assert preserved == [
         ".spec.edge.variants[].options",
+        ".status.rollout",
         ".status.variants[].fidelity",
         ".status.variants[].latency",
     ]
