@@ -1,0 +1,163 @@
+"""Condition types, reason constants and the set/get helpers (the `metav1.Condition` rules).
+
+A condition's `lastTransitionTime` moves only when its status flips, so re-computing the same status on
+every reconcile writes nothing. Reasons are CamelCase constants so that alerts and tests match on them
+rather than on messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
+
+Status = Literal["True", "False", "Unknown"]
+
+READY: Final = "Ready"
+CLOUD_READY: Final = "CloudReady"
+VARIANTS_VERIFIED: Final = "VariantsVerified"
+EDGE_PROGRESSING: Final = "EdgeProgressing"
+EDGE_ROLLED_OUT: Final = "EdgeRolledOut"
+DEGRADED: Final = "Degraded"
+ROLLED_BACK: Final = "RolledBack"
+
+TYPES: Final = (
+    READY,
+    CLOUD_READY,
+    VARIANTS_VERIFIED,
+    EDGE_PROGRESSING,
+    EDGE_ROLLED_OUT,
+    DEGRADED,
+    ROLLED_BACK,
+)
+
+# For these types True is the bad news, so a True status is a Warning event.
+NEGATIVE_POLARITY: Final = frozenset({DEGRADED, ROLLED_BACK})
+
+
+class Reason:
+    """Reasons, one constant per distinct cause (Argo Rollouts' utils/conditions style)."""
+
+    # Ready / Degraded
+    AVAILABLE: Final = "Available"
+    RECONCILING: Final = "Reconciling"
+    AS_EXPECTED: Final = "AsExpected"
+    INVALID_SPEC: Final = "InvalidSpec"
+    # Cloud
+    DEPLOYMENT_AVAILABLE: Final = "DeploymentAvailable"
+    DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"
+    DEPLOYMENT_UNAVAILABLE: Final = "DeploymentUnavailable"
+    CLOUD_DISABLED: Final = "CloudDisabled"
+    NO_GPU_NODE: Final = "NoGPUNode"
+    NO_CLOUD_NODE: Final = "NoCloudNode"
+    MISSING_PVC: Final = "MissingPVC"
+    # Compression
+    NO_VARIANTS: Final = "NoVariants"
+    COMPRESSING: Final = "Compressing"
+    VERIFIED: Final = "Verified"
+    PARTIALLY_REJECTED: Final = "PartiallyRejected"
+    ALL_REJECTED: Final = "AllRejected"
+    COMPRESSION_FAILED: Final = "CompressionFailed"
+    MANIFEST_INVALID: Final = "ManifestInvalid"
+    # Edge
+    ROLLING_OUT: Final = "RollingOut"
+    WAITING_FOR_VARIANTS: Final = "WaitingForVariants"
+    ROLLED_OUT: Final = "RolledOut"
+    NODES_NOT_READY: Final = "NodesNotReady"
+    NO_EDGE_NODES: Final = "NoEdgeNodes"
+    NO_MATCHING_EDGE_NODE: Final = "NoMatchingEdgeNode"
+    UNMATCHED_NODES: Final = "UnmatchedNodes"
+    NO_EDGE_VARIANTS: Final = "NoEdgeVariants"
+
+
+@dataclass(frozen=True)
+class Condition:
+    type: str
+    status: Status
+    reason: str
+    message: str = ""
+    last_transition_time: datetime | None = None
+    observed_generation: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "type": self.type,
+            "status": self.status,
+            "reason": self.reason,
+            "message": self.message,
+        }
+        if self.last_transition_time is not None:
+            out["lastTransitionTime"] = format_time(self.last_transition_time)
+        if self.observed_generation is not None:
+            out["observedGeneration"] = self.observed_generation
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Condition:
+        status = str(data.get("status", "Unknown"))
+        if status not in ("True", "False", "Unknown"):
+            status = "Unknown"
+        ltt = data.get("lastTransitionTime")
+        generation = data.get("observedGeneration")
+        return cls(
+            type=str(data.get("type", "")),
+            status=status,  # type: ignore[arg-type]
+            reason=str(data.get("reason", "")),
+            message=str(data.get("message", "")),
+            last_transition_time=parse_time(ltt) if isinstance(ltt, str) else None,
+            observed_generation=int(generation) if isinstance(generation, int) else None,
+        )
+
+    @property
+    def is_true(self) -> bool:
+        return self.status == "True"
+
+    @property
+    def is_bad(self) -> bool:
+        """Whether this condition, as it stands, is something an operator should look at."""
+        if self.type in NEGATIVE_POLARITY:
+            return self.status == "True"
+        return self.status == "False"
+
+
+def format_time(value: datetime) -> str:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(value: str) -> datetime:
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def get(conditions: Iterable[Condition], type_: str) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
+
+
+def is_true(conditions: Iterable[Condition], type_: str) -> bool:
+    found = get(conditions, type_)
+    return found is not None and found.is_true
+
+
+def set_condition(conditions: Sequence[Condition], new: Condition, now: datetime) -> list[Condition]:
+    """Insert or replace `new.type`, keeping the old transition time unless the status flipped."""
+    old = get(conditions, new.type)
+    if old is not None and old.status == new.status and old.last_transition_time is not None:
+        stamped = replace(new, last_transition_time=old.last_transition_time)
+    else:
+        stamped = replace(new, last_transition_time=now.replace(microsecond=0))
+    out = [c for c in conditions if c.type != new.type]
+    out.append(stamped)
+    return sort(out)
+
+
+def sort(conditions: Iterable[Condition]) -> list[Condition]:
+    """Stable order (the order of TYPES, unknown types last) so status diffs are content diffs only."""
+    order = {t: i for i, t in enumerate(TYPES)}
+    return sorted(conditions, key=lambda c: (order.get(c.type, len(order)), c.type))
+
+
+def changed(old: Condition | None, new: Condition) -> bool:
+    """Whether the change deserves an event: status or reason moved."""
+    return old is None or old.status != new.status or old.reason != new.reason

@@ -1,0 +1,82 @@
+"""Label and annotation keys Kiri puts on the objects it owns, and the names it gives them."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY_VALUE: Final = "kiri"
+NAME: Final = "app.kubernetes.io/name"
+INSTANCE: Final = "app.kubernetes.io/instance"
+COMPONENT: Final = "app.kubernetes.io/component"
+MODEL_DEPLOYMENT: Final = "kiri.dev/modeldeployment"
+REVISION: Final = "kiri.dev/revision"
+COMPRESSION: Final = "kiri.dev/compression"
+VARIANT: Final = "kiri.dev/variant"
+TIER: Final = "kiri.dev/tier"
+
+# The hash of the desired object as Kiri last applied it: the cheap, normalization-proof way to know
+# whether a child needs a write (the API server rewrites quantities and adds defaults, so comparing
+# bodies would see differences that are not there).
+SPEC_HASH: Final = "kiri.dev/spec-hash"
+# Promote and abort (progressive delivery) come in as annotations so GitOps keeps owning the spec.
+PROMOTE: Final = "kiri.dev/promote"
+ABORT: Final = "kiri.dev/abort"
+
+MANIFEST_KEY: Final = "manifest.json"
+
+COMPONENT_CLOUD: Final = "cloud"
+COMPONENT_EDGE: Final = "edge"
+COMPONENT_COMPRESS: Final = "compress"
+COMPONENT_MANIFEST: Final = "manifest"
+
+FIELD_MANAGER: Final = "kiri"
+MAX_NAME: Final = 63
+
+
+def short_hash(*parts: str, length: int = 10) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:length]
+
+
+def child_name(*parts: str) -> str:
+    """A DNS-1123 label made of parts; too-long names keep a readable prefix and a hash of the whole."""
+    name = "-".join(p for p in parts if p)
+    if len(name) <= MAX_NAME:
+        return name
+    digest = short_hash(name, length=8)
+    return f"{name[: MAX_NAME - 9].rstrip('-')}-{digest}"
+
+
+def cloud_name(md: str) -> str:
+    return child_name(md, "cloud")
+
+
+def compress_name(md: str, compression: str) -> str:
+    return child_name(md, "compress", compression)
+
+
+def compressor_account_name(md: str) -> str:
+    return child_name(md, "compressor")
+
+
+def manifest_name(md: str, compression: str) -> str:
+    return child_name(md, "manifest", compression)
+
+
+def edge_name(md: str, revision: str, variant: str) -> str:
+    return child_name(md, revision, variant)
+
+
+def selector_labels(md: str) -> dict[str, str]:
+    return {MODEL_DEPLOYMENT: md}
+
+
+def common_labels(md: str, component: str) -> dict[str, str]:
+    return {
+        NAME: "kiri",
+        INSTANCE: md,
+        MANAGED_BY: MANAGED_BY_VALUE,
+        COMPONENT: component,
+        MODEL_DEPLOYMENT: md,
+    }

@@ -1,0 +1,124 @@
+"""The observed world for one reconcile: what the planner may look at, read once, then frozen.
+
+Everything here is plain data built by `kube` (the only module that talks to the API). The planner
+never reaches past it, which is what lets the planning tests run without a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from kiri_operator import labels as L
+from kiri_runtime.manifests import Manifest
+
+
+@dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str = ""
+    effect: str = ""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ready: bool = True
+    unschedulable: bool = False
+    allocatable: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Taint, ...] = ()
+
+
+@dataclass(frozen=True)
+class ObjectView:
+    """A child object as the API server returned it (a JSON dict), with shortcuts to what we compare."""
+
+    kind: str
+    name: str
+    body: Mapping[str, Any]
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        meta = self.body.get("metadata") or {}
+        return meta if isinstance(meta, Mapping) else {}
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return self.metadata.get("labels") or {}
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        return self.metadata.get("annotations") or {}
+
+    @property
+    def spec_hash(self) -> str | None:
+        return self.annotations.get(L.SPEC_HASH)
+
+    @property
+    def status(self) -> Mapping[str, Any]:
+        status = self.body.get("status") or {}
+        return status if isinstance(status, Mapping) else {}
+
+    @property
+    def created(self) -> str:
+        return str(self.metadata.get("creationTimestamp") or "")
+
+    @property
+    def deleting(self) -> bool:
+        return bool(self.metadata.get("deletionTimestamp"))
+
+
+@dataclass(frozen=True)
+class PodView:
+    name: str
+    node: str | None
+    ready: bool
+    phase: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    restarts: int = 0
+
+    @property
+    def component(self) -> str | None:
+        return self.labels.get(L.COMPONENT)
+
+    @property
+    def revision(self) -> str | None:
+        return self.labels.get(L.REVISION)
+
+    @property
+    def variant(self) -> str | None:
+        return self.labels.get(L.VARIANT)
+
+
+@dataclass(frozen=True)
+class ManifestView:
+    """A published compression manifest, or why it could not be read."""
+
+    compression: str
+    manifest: Manifest | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    now: datetime
+    status: Mapping[str, Any] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    nodes: tuple[NodeView, ...] = ()
+    children: Mapping[tuple[str, str], ObjectView] = field(default_factory=dict)
+    pods: tuple[PodView, ...] = ()
+    pvcs: frozenset[str] | None = None
+    """Names of the PersistentVolumeClaims in the namespace; None when not looked up."""
+
+    def child(self, kind: str, name: str) -> ObjectView | None:
+        return self.children.get((kind, name))
+
+    def of_kind(self, kind: str) -> list[ObjectView]:
+        return sorted((c for (k, _), c in self.children.items() if k == kind), key=lambda c: c.name)

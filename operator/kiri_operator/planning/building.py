@@ -1,0 +1,553 @@
+"""Builders: one function per child object, each returning the complete object Kiri wants to exist.
+
+Builders are pure and deterministic: the same inputs give byte-identical dicts, so the hash stored on
+the object (`kiri.dev/spec-hash`) tells the check step whether a write is needed without comparing
+against server-defaulted fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from kiri_operator import labels as L
+from kiri_operator.api.names import API_VERSION, KIND
+from kiri_operator.api.specs import ModelDeploymentSpec, Toleration, Variant
+
+RUNTIME_UID = 65532
+MODEL_MOUNT = "/models"
+ARTIFACTS_MOUNT = "/artifacts"
+WORK_MOUNT = "/work"
+NO_NODE = "kiri.dev-no-node"
+"""The affinity value of a DaemonSet kept with no node (`In` needs at least one value; no node has it)."""
+NODE_AFFINITY_PATH = ("spec", "template", "spec", "affinity", "nodeAffinity")
+
+
+@dataclass(frozen=True)
+class Owner:
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+def canonical_hash(obj: Mapping[str, Any]) -> str:
+    return L.short_hash(json.dumps(obj, sort_keys=True, separators=(",", ":")), length=16)
+
+
+def finish(obj: dict[str, Any], owner: Owner) -> dict[str, Any]:
+    """Add namespace, owner reference and the spec hash (computed over everything else)."""
+    meta = obj.setdefault("metadata", {})
+    meta["namespace"] = owner.namespace
+    meta["ownerReferences"] = [owner.reference()]
+    annotations = meta.setdefault("annotations", {})
+    annotations.pop(L.SPEC_HASH, None)
+    annotations[L.SPEC_HASH] = canonical_hash(obj)
+    return obj
+
+
+def _metadata(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    return {"name": name, "labels": dict(labels), "annotations": {}}
+
+
+def _tolerations(tolerations: Sequence[Toleration]) -> list[dict[str, Any]]:
+    return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tolerations]
+
+
+def _pod_security() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUNTIME_UID,
+        "runAsGroup": RUNTIME_UID,
+        "fsGroup": RUNTIME_UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": port},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 2,
+    }
+
+
+@dataclass(frozen=True)
+class Source:
+    """How pods reach the full model: the URI they pass to the runtime, plus a volume for pvc:// sources."""
+
+    uri: str
+    claim: str | None = None
+
+
+def model_source(uri: str) -> Source:
+    """`pvc://claim/path` becomes a read-only PVC mount and a file:// URI; other schemes pass through."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "pvc":
+        path = parsed.path.lstrip("/")
+        return Source(uri=f"file://{MODEL_MOUNT}/{path}", claim=parsed.netloc)
+    return Source(uri=uri)
+
+
+def _source_volumes(source: Source) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    if source.claim is None:
+        return [], []
+    volume = {"name": "model", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}}
+    mount = {"name": "model", "mountPath": MODEL_MOUNT, "readOnly": True}
+    return [volume], [mount]
+
+
+def cloud_service_url(owner: Owner, port: int) -> str:
+    return f"http://{L.cloud_name(owner.name)}.{owner.namespace}.svc:{port}"
+
+
+def cloud_deployment(
+    spec: ModelDeploymentSpec, owner: Owner, pod_labels: Mapping[str, str]
+) -> dict[str, Any]:
+    cloud = spec.cloud
+    source = model_source(spec.model.source.uri)
+    labels = L.common_labels(owner.name, L.COMPONENT_CLOUD)
+    selector = {L.MODEL_DEPLOYMENT: owner.name, L.COMPONENT: L.COMPONENT_CLOUD}
+    args = [
+        "serve",
+        "--model-uri",
+        source.uri,
+        "--name",
+        spec.model.name,
+        "--sha256",
+        spec.model.source.sha256,
+        "--model-version",
+        spec.model.version,
+        "--variant",
+        "full",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(cloud.port),
+        "--cache-dir",
+        "/var/cache/kiri",
+    ]
+    if cloud.runtime.threads is not None:
+        args += ["--threads", str(cloud.runtime.threads)]
+    if cloud.runtime.batching.enabled:
+        args += [
+            "--batching",
+            "--max-batch-size",
+            str(cloud.runtime.batching.max_batch_size),
+            "--max-wait-ms",
+            str(cloud.runtime.batching.max_wait_ms),
+        ]
+    resources: dict[str, Any] = {"cpu": cloud.resources.cpu, "memory": cloud.resources.memory}
+    if cloud.resources.gpu > 0:
+        resources["nvidia.com/gpu"] = str(cloud.resources.gpu)
+    volumes, mounts = _source_volumes(source)
+    volumes += [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
+    mounts += [{"name": "cache", "mountPath": "/var/cache/kiri"}, {"name": "tmp", "mountPath": "/tmp"}]
+    container = {
+        "name": "kiri-serve",
+        "image": spec.runtime.image,
+        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "command": ["kiri"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": cloud.port, "protocol": "TCP"}],
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "readinessProbe": _probe("/v2/health/ready", cloud.port, 5, 3),
+        "livenessProbe": _probe("/v2/health/live", cloud.port, 10, 6),
+        "securityContext": _container_security(),
+        "volumeMounts": mounts,
+    }
+    obj = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(L.cloud_name(owner.name), labels),
+        "spec": {
+            "replicas": cloud.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": {**pod_labels, **labels}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "nodeSelector": dict(cloud.node_selector),
+                    "tolerations": _tolerations(cloud.tolerations),
+                    "securityContext": _pod_security(),
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    return finish(obj, owner)
+
+
+def cloud_service(spec: ModelDeploymentSpec, owner: Owner) -> dict[str, Any]:
+    labels = L.common_labels(owner.name, L.COMPONENT_CLOUD)
+    obj = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(L.cloud_name(owner.name), labels),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {L.MODEL_DEPLOYMENT: owner.name, L.COMPONENT: L.COMPONENT_CLOUD},
+            "ports": [{"name": "http", "port": spec.cloud.port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    return finish(obj, owner)
+
+
+@dataclass(frozen=True)
+class ArtifactDir:
+    """One compression's directory in the artifact store: where the Job writes, and the URI edges fetch."""
+
+    volume: dict[str, Any]
+    mount_path: str
+    """Where the Job sees the store."""
+    out_dir: str
+    """The Job's output directory (under mount_path)."""
+    fetch_base: str
+    """URI of out_dir as edge nodes fetch it (ends with '/')."""
+
+
+def artifact_dir(spec: ModelDeploymentSpec, owner: Owner, compression: str) -> ArtifactDir:
+    store = spec.edge.artifacts
+    rel = f"{owner.namespace}/{owner.name}/{compression}"
+    parsed = urlparse(store.uri)
+    if parsed.scheme == "pvc":
+        sub = parsed.path.strip("/")
+        volume = {"name": "artifacts", "persistentVolumeClaim": {"claimName": parsed.netloc}}
+        out_dir = "/".join(p for p in (ARTIFACTS_MOUNT, sub, rel) if p)
+        mount = ARTIFACTS_MOUNT
+    else:
+        # file:// (and anything else the Job cannot write to directly) is a host path on the cloud node.
+        base = parsed.path.rstrip("/") or "/var/lib/kiri/artifacts"
+        volume = {"name": "artifacts", "hostPath": {"path": base, "type": "DirectoryOrCreate"}}
+        out_dir = f"{base}/{rel}"
+        mount = base
+    fetch = (store.fetch_uri or store.uri).rstrip("/")
+    return ArtifactDir(volume=volume, mount_path=mount, out_dir=out_dir, fetch_base=f"{fetch}/{rel}/")
+
+
+def resolve_uri(base: str, uri: str) -> str:
+    """Manifest URIs may be relative to the manifest's directory; edges need absolute ones."""
+    if "://" in uri:
+        return uri
+    return base + uri.lstrip("./")
+
+
+def compression_variants_json(variants: Sequence[Variant]) -> str:
+    payload = [
+        v.model_dump(
+            mode="json", by_alias=True, exclude_none=True, include={"name", "method", "options", "gate"}
+        )
+        for v in variants
+    ]
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"))
+
+
+def compression_job(
+    spec: ModelDeploymentSpec,
+    owner: Owner,
+    compression: str,
+    pod_labels: Mapping[str, str],
+    deadline_seconds: int,
+) -> dict[str, Any]:
+    source = model_source(spec.model.source.uri)
+    store = artifact_dir(spec, owner, compression)
+    labels = {**L.common_labels(owner.name, L.COMPONENT_COMPRESS), L.COMPRESSION: compression}
+    manifest_path = f"{store.out_dir}/{L.MANIFEST_KEY}"
+    compress_args = [
+        "compress",
+        "--source",
+        source.uri,
+        "--format",
+        spec.model.source.format,
+        "--sha256",
+        spec.model.source.sha256,
+        "--out",
+        store.out_dir,
+        "--variants-json",
+        compression_variants_json(spec.edge.variants),
+        "--model-name",
+        spec.model.name,
+        "--model-version",
+        spec.model.version,
+    ]
+    if spec.model.eval_data_uri:
+        compress_args += ["--eval-data", spec.model.eval_data_uri]
+    publish_args = [
+        "publish-manifest",
+        "--namespace",
+        owner.namespace,
+        "--name",
+        L.manifest_name(owner.name, compression),
+        "--manifest",
+        manifest_path,
+        "--owner-name",
+        owner.name,
+        "--owner-uid",
+        owner.uid,
+        "--compression",
+        compression,
+    ]
+    volumes, mounts = _source_volumes(source)
+    volumes += [store.volume, {"name": "tmp", "emptyDir": {}}]
+    mounts += [{"name": "artifacts", "mountPath": store.mount_path}, {"name": "tmp", "mountPath": "/tmp"}]
+    # Compressing holds the full model in memory, like serving it; GPUs are not needed.
+    resources = {"cpu": spec.cloud.resources.cpu, "memory": spec.cloud.resources.memory}
+
+    def container(name: str, args: list[str]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "image": spec.runtime.compressor_image,
+            "imagePullPolicy": spec.runtime.image_pull_policy,
+            "command": ["kiri"],
+            "args": args,
+            "resources": {"requests": dict(resources), "limits": dict(resources)},
+            "securityContext": _container_security(),
+            "volumeMounts": copy.deepcopy(mounts),
+        }
+
+    obj = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(L.compress_name(owner.name, compression), labels),
+        "spec": {
+            "backoffLimit": 1,
+            "activeDeadlineSeconds": deadline_seconds,
+            "template": {
+                "metadata": {"labels": {**pod_labels, **labels}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "serviceAccountName": L.compressor_account_name(owner.name),
+                    "nodeSelector": dict(spec.cloud.node_selector),
+                    "tolerations": _tolerations(spec.cloud.tolerations),
+                    "securityContext": _pod_security(),
+                    # Compress first, then publish: the manifest only appears once every variant is measured.
+                    "initContainers": [container("compress", compress_args)],
+                    "containers": [container("publish", publish_args)],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+    return finish(obj, owner)
+
+
+def compressor_account(owner: Owner) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding letting the Job publish its manifest ConfigMap, and nothing else."""
+    name = L.compressor_account_name(owner.name)
+    labels = L.common_labels(owner.name, L.COMPONENT_COMPRESS)
+    account = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(name, labels),
+        "automountServiceAccountToken": True,
+    }
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(name, labels),
+        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "patch"]}],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(name, labels),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": owner.namespace}],
+    }
+    return [finish(account, owner), finish(role, owner), finish(binding, owner)]
+
+
+@dataclass(frozen=True)
+class EdgeArtifact:
+    uri: str
+    sha256: str
+
+
+def node_affinity(nodes: Sequence[str]) -> dict[str, Any]:
+    values = sorted(nodes) or [NO_NODE]
+    return {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": values}]}
+            ]
+        }
+    }
+
+
+def affinity_nodes(ds: Mapping[str, Any]) -> list[str]:
+    """The node names a DaemonSet built by `edge_daemonset` is pinned to."""
+    node: Any = ds
+    for key in NODE_AFFINITY_PATH:
+        node = node.get(key) if isinstance(node, Mapping) else None
+    if not isinstance(node, Mapping):
+        return []
+    terms = (node.get("requiredDuringSchedulingIgnoredDuringExecution") or {}).get("nodeSelectorTerms") or []
+    names: list[str] = []
+    for term in terms:
+        for field in term.get("matchFields") or []:
+            if field.get("key") == "metadata.name" and field.get("operator") == "In":
+                names.extend(v for v in field.get("values") or [] if v != NO_NODE)
+    return sorted(set(names))
+
+
+def edge_template_hash(ds: Mapping[str, Any]) -> str:
+    """The spec hash of a DaemonSet, blind to its node list (nodes move between revisions without rebuilds)."""
+    blank = copy.deepcopy(dict(ds))
+    meta = blank.get("metadata", {})
+    meta.get("annotations", {}).pop(L.SPEC_HASH, None)
+    spec = blank["spec"]["template"]["spec"]
+    spec["affinity"] = {"nodeAffinity": node_affinity([])}
+    return canonical_hash(blank)
+
+
+def edge_daemonset(
+    spec: ModelDeploymentSpec,
+    owner: Owner,
+    revision: str,
+    compression: str,
+    variant: str,
+    artifact: EdgeArtifact,
+    nodes: Sequence[str],
+    pod_labels: Mapping[str, str],
+) -> dict[str, Any]:
+    edge = spec.edge
+    port = spec.cloud.port
+    labels = {
+        **L.common_labels(owner.name, L.COMPONENT_EDGE),
+        L.REVISION: revision,
+        L.COMPRESSION: compression,
+        L.VARIANT: variant,
+    }
+    selector = {
+        L.MODEL_DEPLOYMENT: owner.name,
+        L.COMPONENT: L.COMPONENT_EDGE,
+        L.REVISION: revision,
+        L.VARIANT: variant,
+    }
+    args = [
+        "serve",
+        "--model-uri",
+        artifact.uri,
+        "--name",
+        spec.model.name,
+        "--sha256",
+        artifact.sha256,
+        "--model-version",
+        spec.model.version,
+        "--variant",
+        variant,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--cache-dir",
+        edge.cache.path,
+        "--revisions-kept",
+        str(edge.cache.revisions_kept),
+    ]
+    if edge.fallback.enabled and spec.cloud.replicas > 0:
+        args += [
+            "--fallback-url",
+            cloud_service_url(owner, port),
+            "--queue-limit",
+            str(edge.fallback.queue_limit),
+        ]
+        if edge.fallback.confidence_threshold is not None:
+            args += ["--confidence-threshold", str(edge.fallback.confidence_threshold)]
+    container = {
+        "name": "kiri-serve",
+        "image": spec.runtime.image,
+        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "command": ["kiri"],
+        "args": args,
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
+        "readinessProbe": _probe("/v2/health/ready", port, 5, 3),
+        "livenessProbe": _probe("/v2/health/live", port, 10, 6),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "cache", "mountPath": edge.cache.path},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    obj: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": _metadata(L.edge_name(owner.name, revision, variant), labels),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": {**pod_labels, **labels}},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "affinity": {"nodeAffinity": node_affinity(nodes)},
+                    "tolerations": _tolerations(edge.tolerations),
+                    "securityContext": _pod_security(),
+                    "containers": [container],
+                    "volumes": [
+                        # The node cache outlives pods and revisions: a rollback finds its artifact there.
+                        {"name": "cache", "hostPath": {"path": edge.cache.path, "type": "DirectoryOrCreate"}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+    obj["metadata"]["namespace"] = owner.namespace
+    obj["metadata"]["ownerReferences"] = [owner.reference()]
+    obj["metadata"]["annotations"][L.SPEC_HASH] = edge_template_hash(obj)
+    return obj
+
+
+def repin_daemonset(observed: Mapping[str, Any], nodes: Sequence[str]) -> dict[str, Any]:
+    """An existing DaemonSet of another revision, moved to `nodes`: rebuilt from what Kiri applied to it.
+
+    The spec of an older revision is gone, so its DaemonSet is the record of it. Only the fields Kiri sets
+    are carried over (server defaults stay the server's), and the node list is replaced.
+    """
+    meta = observed.get("metadata", {})
+    spec = observed.get("spec", {})
+    template = copy.deepcopy(spec.get("template", {}))
+    template.get("metadata", {}).pop("creationTimestamp", None)
+    template.setdefault("spec", {}).setdefault("affinity", {})["nodeAffinity"] = node_affinity(nodes)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {L.SPEC_HASH: (meta.get("annotations") or {}).get(L.SPEC_HASH, "")},
+            "ownerReferences": copy.deepcopy(meta.get("ownerReferences") or []),
+        },
+        "spec": {
+            "selector": copy.deepcopy(spec.get("selector", {})),
+            "updateStrategy": copy.deepcopy(spec.get("updateStrategy", {})),
+            "template": template,
+        },
+    }

@@ -1,0 +1,59 @@
+"""Revisions: content hashes of what runs.
+
+Two keys, so that a change pays only for what it changes:
+- the *compression key* covers what the compression Job's output depends on (the model, the variants and
+  their gates, the compressor image, where artifacts go). A new key means a new Job and a new manifest.
+- the *revision* covers the compression key plus everything else an edge pod runs with (runtime image,
+  fallback, cache, the cloud endpoint it falls back to). A new revision means new edge DaemonSets; a
+  runtime-only change reuses the verified variants without compressing again.
+Variant placement (`requires`) and rollout settings are in neither: they decide where, not what.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.labels import short_hash
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def compression_inputs(spec: ModelDeploymentSpec, artifacts_uri: str) -> dict[str, Any]:
+    variants = [
+        v.model_dump(
+            mode="json", by_alias=True, exclude_none=True, include={"name", "method", "options", "gate"}
+        )
+        for v in spec.edge.variants
+    ]
+    return {
+        "model": spec.model.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "variants": variants,
+        "compressorImage": spec.runtime.compressor_image,
+        "artifacts": artifacts_uri,
+    }
+
+
+def compression_key(spec: ModelDeploymentSpec, artifacts_uri: str) -> str:
+    return short_hash(_canonical(compression_inputs(spec, artifacts_uri)))
+
+
+def revision_key(spec: ModelDeploymentSpec, artifacts_uri: str, extra: Any = None) -> str:
+    """`extra` carries anything else baked into edge pods (e.g. pod labels), so it changes the revision."""
+    inputs = {
+        "compression": compression_key(spec, artifacts_uri),
+        "image": spec.runtime.image,
+        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "fallback": spec.edge.fallback.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "cache": spec.edge.cache.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "tolerations": [
+            t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.edge.tolerations
+        ],
+        "cloudPort": spec.cloud.port,
+        "cloudEnabled": spec.cloud.replicas > 0,
+        "extra": extra,
+    }
+    return short_hash(_canonical(inputs))

@@ -1,0 +1,286 @@
+"""The pure planner: children, placement, compression gating, faults, status and the steady state."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from operator_worlds import FakeServer, cloud_node, edge_node, manifest, observed, spec
+
+from kiri_operator import conditions as C
+from kiri_operator import labels as L
+from kiri_operator.conditions import Reason
+from kiri_operator.planning import Settings, plan
+from kiri_operator.planning.building import affinity_nodes
+from kiri_operator.planning.revisions import compression_key, revision_key
+from kiri_operator.plans import Check
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _cond(status: dict, type_: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == type_)
+
+
+def _bodies(p, kind):
+    return {a.name: a.body for a in p.actions if a.kind == kind and a.body is not None}
+
+
+def test_first_reconcile_creates_cloud_and_compression_but_no_edge_yet():
+    s = spec()
+    p = plan(s, observed())
+    kinds = sorted((a.kind, a.check) for a in p.actions)
+    assert all(check is Check.CREATE for _, check in kinds)
+    assert {k for k, _ in kinds} == {"Deployment", "Service", "Job", "ServiceAccount", "Role", "RoleBinding"}
+    assert p.status["phase"] == "Compressing"
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["status"] == "Unknown"
+    assert {v["name"]: v["state"] for v in p.status["variants"]} == {
+        "fp16": "Compressing",
+        "int8": "Compressing",
+    }
+    job = next(iter(_bodies(p, "Job").values()))
+    init = job["spec"]["template"]["spec"]["initContainers"][0]
+    assert init["args"][0] == "compress" and "--variants-json" in init["args"]
+    publish = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert publish[0] == "publish-manifest"
+    assert publish[publish.index("--name") + 1] == L.manifest_name(
+        "md", compression_key(s, s.edge.artifacts.uri)
+    )
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {"kiri.dev/tier": "cloud"}
+
+
+def test_cloud_deployment_runs_on_gpu_nodes_with_probes_and_hardening():
+    p = plan(spec(**{"cloud.resources": {"gpu": 2, "cpu": "2", "memory": "4Gi"}}), observed())
+    dep = _bodies(p, "Deployment")["md-cloud"]
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"kiri.dev/tier": "cloud"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["args"][c["args"].index("--sha256") + 1] == "ab" * 32
+    owner = dep["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "ModelDeployment" and owner["uid"] == "uid-1" and owner["controller"] is True
+
+
+def test_verified_variants_roll_onto_matching_nodes_and_unmatched_are_reported():
+    s = spec()
+    server = FakeServer(observed())
+    first = server.step(s)
+    assert any(e.reason == Reason.UNMATCHED_NODES and "edge-arm" in e.message for e in first.events)
+    server.publish(s, manifest({"fp16": True, "int8": True}))
+    p = server.step(s)
+    dss = _bodies(p, "DaemonSet")
+    rev = revision_key(s, s.edge.artifacts.uri)
+    assert set(dss) == {f"md-{rev}-fp16", f"md-{rev}-int8"}
+    assert affinity_nodes(dss[f"md-{rev}-fp16"]) == ["edge-gpu"]
+    assert affinity_nodes(dss[f"md-{rev}-int8"]) == ["edge-cpu-1", "edge-cpu-2"]
+    args = dss[f"md-{rev}-int8"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--sha256") + 1] == "d" * 64
+    assert (
+        args[args.index("--model-uri") + 1]
+        == f"file:///var/lib/kiri/artifacts/ns/md/{compression_key(s, s.edge.artifacts.uri)}/int8.onnx"
+    )
+    assert args[args.index("--fallback-url") + 1] == "http://md-cloud.ns.svc:8080"
+    assert p.status["edge"]["unmatchedNodes"] == 2
+    assert p.status["edge"]["targetNodes"] == 3
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.VERIFIED
+    # Next round the pods are Ready: the revision is promoted and everything is Healthy.
+    p2 = server.step(s)
+    assert p2.status["phase"] == "Healthy", p2.status
+    assert p2.status["currentRevision"] == rev
+    assert p2.status["history"][-1]["outcome"] == "Promoted"
+    assert _cond(p2.status, C.READY)["status"] == "True"
+    assert p2.status["edge"]["readyNodes"] == 3
+
+
+def test_steady_state_makes_no_writes_and_metadata_changes_change_nothing():
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    server.publish(s, manifest({"fp16": True, "int8": True}))
+    for _ in range(3):
+        server.step(s)
+    before = server.writes
+    p = server.step(s)
+    assert p.writes == [] and p.events == []
+    assert server.writes == before
+    server.world = replace(server.world, annotations={"team": "vision"})
+    p = server.step(s)
+    assert p.writes == [] and server.writes == before
+
+
+def test_rejected_variant_is_never_rolled_out_and_nodes_fall_through():
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    server.publish(s, manifest({"fp16": False, "int8": True}))
+    p = server.step(s)
+    dss = _bodies(p, "DaemonSet")
+    assert all(not name.endswith("-fp16") for name in dss)
+    # edge-gpu is amd64 with memory: it falls through to the accepted int8 variant.
+    (int8,) = dss.values()
+    assert affinity_nodes(int8) == ["edge-cpu-1", "edge-cpu-2", "edge-gpu"]
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.PARTIALLY_REJECTED
+    states = {v["name"]: v["state"] for v in p.status["variants"]}
+    assert states == {"fp16": "Rejected", "int8": "Verified"}
+
+
+def test_all_rejected_fails_without_edge_workloads():
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    server.publish(s, manifest({"fp16": False, "int8": False}))
+    p = server.step(s)
+    assert _bodies(p, "DaemonSet") == {}
+    assert p.status["phase"] == "Failed"
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.ALL_REJECTED
+    assert _cond(p.status, C.DEGRADED)["status"] == "True"
+
+
+def test_failed_job_is_reported_once_and_not_retried():
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    server.fail_job(L.compress_name("md", compression_key(s, s.edge.artifacts.uri)), "DeadlineExceeded")
+    p = server.step(s)
+    verified = _cond(p.status, C.VARIANTS_VERIFIED)
+    assert verified["status"] == "False" and verified["reason"] == Reason.COMPRESSION_FAILED
+    assert "DeadlineExceeded" in verified["message"]
+    assert [a for a in p.actions if a.kind == "Job" and a.check is not Check.EXISTED] == []
+    assert any(e.type == "Warning" and e.reason == Reason.COMPRESSION_FAILED for e in p.events)
+    again = server.step(s)
+    assert again.writes == [] and again.events == []
+
+
+def test_completed_job_without_manifest_fails_after_the_grace_period():
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    name = L.compress_name("md", compression_key(s, s.edge.artifacts.uri))
+    job = server.world.children[("Job", name)]
+    body = dict(job.body)
+    body["status"] = {
+        "completionTime": "2026-01-01T12:00:00Z",
+        "conditions": [{"type": "Complete", "status": "True"}],
+    }
+    server.world = replace(
+        server.world, children={**server.world.children, ("Job", name): replace(job, body=body)}
+    )
+    settings = Settings(manifest_grace_seconds=10)
+    p = server.step(s, settings)
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["status"] == "Unknown"
+    assert p.requeue_after is not None and p.requeue_after <= 10
+    server.world = replace(server.world, now=server.world.now.replace(minute=5))
+    p = server.step(s, settings)
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.COMPRESSION_FAILED
+
+
+def test_no_gpu_node_blocks_the_cloud_tier_with_a_reason():
+    s = spec(**{"cloud.resources": {"gpu": 8}})
+    p = plan(s, observed())
+    assert "Deployment" not in {a.kind for a in p.actions}
+    cloud = _cond(p.status, C.CLOUD_READY)
+    assert cloud["reason"] == Reason.NO_GPU_NODE and "8" in cloud["message"]
+    assert p.status["phase"] == "Degraded"
+    assert any(e.type == "Warning" and e.reason == Reason.NO_GPU_NODE for e in p.events)
+
+
+def test_no_cloud_node_at_all_blocks_cloud_and_compression():
+    nodes = (edge_node("e1"),)
+    p = plan(spec(), observed(nodes))
+    assert {a.kind for a in p.actions if a.check is Check.CREATE} == {"ServiceAccount", "Role", "RoleBinding"}
+    assert _cond(p.status, C.CLOUD_READY)["reason"] == Reason.NO_CLOUD_NODE
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.NO_CLOUD_NODE
+
+
+def test_missing_pvc_creates_nothing_that_would_need_it():
+    s = spec(**{"model.source": {"uri": "pvc://models/resnet.onnx", "sha256": "ab" * 32}})
+    p = plan(s, observed())
+    assert not any(a.kind in ("Deployment", "Job") for a in p.actions)
+    assert _cond(p.status, C.CLOUD_READY)["reason"] == Reason.MISSING_PVC
+    assert p.status["phase"] == "Degraded"
+    # Once the claim exists the Deployment mounts it read-only and the runtime reads a file:// URI.
+    p = plan(s, replace(observed(), pvcs=frozenset({"models"})))
+    pod = _bodies(p, "Deployment")["md-cloud"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--model-uri") + 1] == "file:///models/resnet.onnx"
+
+
+def test_no_edge_node_matching_any_variant_is_a_fault():
+    s = spec()
+    nodes = (cloud_node(), edge_node("arm-1", arch="arm64"), edge_node("arm-2", arch="arm64"))
+    server = FakeServer(observed(nodes))
+    server.step(s)
+    server.publish(s, manifest({"fp16": True, "int8": True}))
+    p = server.step(s)
+    assert _bodies(p, "DaemonSet") == {}
+    rolled = _cond(p.status, C.EDGE_ROLLED_OUT)
+    assert rolled["reason"] == Reason.NO_MATCHING_EDGE_NODE
+    assert p.status["phase"] == "Degraded" and p.status["edge"]["unmatchedNodes"] == 2
+
+
+def test_new_revision_moves_nodes_and_drops_the_old_daemonsets():
+    s1 = spec()
+    server = FakeServer(observed())
+    server.step(s1)
+    server.publish(s1, manifest({"fp16": True, "int8": True}))
+    server.step(s1)
+    server.step(s1)
+    rev1 = server.world.status["currentRevision"]
+    s2 = spec(**{"runtime.image": "example/kiri:2"})
+    assert compression_key(s2, s2.edge.artifacts.uri) == compression_key(s1, s1.edge.artifacts.uri)
+    p = server.step(s2)  # runtime-only change: same manifest, new DaemonSets, no new Job
+    rev2 = p.status["updateRevision"]
+    assert rev2 != rev1
+    assert not any(a.kind == "Job" and a.check is Check.CREATE for a in p.actions)
+    created = {a.name for a in p.actions if a.kind == "DaemonSet" and a.check is Check.CREATE}
+    assert created == {f"md-{rev2}-fp16", f"md-{rev2}-int8"}
+    # The stable revision's DaemonSets stay (emptied) until the new one is promoted, then go.
+    repinned = {a.name: a.body for a in p.actions if a.kind == "DaemonSet" and a.check is Check.UPDATE}
+    assert set(repinned) == {f"md-{rev1}-fp16", f"md-{rev1}-int8"}
+    assert all(affinity_nodes(b) == [] for b in repinned.values())
+    p = server.step(s2)
+    assert p.status["currentRevision"] == rev2
+    p = server.step(s2)
+    deleted = {a.name for a in p.actions if a.check is Check.DELETE}
+    assert deleted == {f"md-{rev1}-fp16", f"md-{rev1}-int8"}
+
+
+def test_offline_nodes_are_deferred_not_waited_for():
+    s = spec()
+    nodes = tuple(replace(n, ready=False) if n.name == "edge-cpu-2" else n for n in observed().nodes)
+    server = FakeServer(observed(nodes))
+    server.unready = {"edge-cpu-2"}
+    server.step(s)
+    server.publish(s, manifest({"fp16": True, "int8": True}))
+    server.step(s)
+    p = server.step(s)
+    assert p.status["edge"]["deferredNodes"] == 1
+    assert _cond(p.status, C.EDGE_ROLLED_OUT)["status"] == "True"
+
+
+def test_manifest_for_another_model_is_refused():
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    server.publish(s, manifest({"fp16": True, "int8": True}, source_sha="ef" * 32))
+    p = server.step(s)
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.MANIFEST_INVALID
+    assert _bodies(p, "DaemonSet") == {}
+
+
+def test_cloud_only_deployment_needs_no_compression():
+    s = spec(**{"edge.variants": []})
+    server = FakeServer(observed())
+    p = server.step(s)
+    assert {a.kind for a in p.actions} == {"Deployment", "Service"}
+    p = server.step(s)
+    assert (
+        p.status["phase"] == "Healthy"
+        and _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.NO_VARIANTS
+    )
