@@ -457,6 +457,19 @@ def test_install_upgrade_uninstall(
     assert not can_i("delete", "modeldeployments.kiri.dev", "-n", "default")
     assert not can_i("create", "clusterrolebindings")
 
+    # It may create the compressor's Role, but the API server's escalation check stops it from granting
+    # anything it does not hold itself: publishing a ConfigMap yes, reading secrets no.
+    def create_role_as_operator(verb: str, resource: str) -> str:
+        proc = subprocess.run(
+            ["kubectl", "create", "role", "probe", "-n", namespace, f"--verb={verb}", f"--resource={resource}",
+             "--as", sa, "--dry-run=server", "-o", "name"],
+            env=cluster.env, capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        return proc.stdout + proc.stderr
+
+    assert "role.rbac.authorization.k8s.io/probe" in create_role_as_operator("patch", "configmaps")
+    assert "forbidden" in create_role_as_operator("get", "secrets")
+
     helm(
         env, "upgrade", name, str(CHART), "--namespace", namespace, "--reuse-values",
         "--set", "operator.verbose=true", "--wait", "--timeout", "120s",

@@ -63,7 +63,8 @@ app.kubernetes.io/part-of: kiri
 The operator's namespaced permissions. Rendered into one ClusterRole (all namespaces) or one Role per
 watched namespace. Verbs are the minimum: kopf patches the ModelDeployment (finalizer, progress
 annotations) and its status; the operator server-side-applies its children, which is `patch`, and
-deletes children of old revisions; pods are only read (readiness per node).
+deletes children of old revisions; pods are only read (readiness per node). No secrets, no pod exec, no
+"bind" or "escalate".
 */}}
 {{- define "kiri.namespacedRules" -}}
 - apiGroups: ["kiri.dev"]
@@ -87,6 +88,14 @@ deletes children of old revisions; pods are only read (readiness per node).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# Each compression Job runs under its own ServiceAccount whose Role only lets it publish the manifest
+# ConfigMap. The API server's escalation check means the operator can only grant what it holds itself.
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
