@@ -104,7 +104,9 @@ class ModelSignature(ApiModel):
     )
 
     inputs: Annotated[list[TensorSpec], Field(min_length=1, max_length=MAX_TENSORS)]
+    """Model inputs, in the order the model takes them."""
     outputs: Annotated[list[TensorSpec], Field(min_length=1, max_length=MAX_TENSORS)]
+    """Model outputs; the first is the one fidelity gates compare."""
 
     @model_validator(mode="after")
     def _unique(self) -> ModelSignature:
@@ -148,6 +150,7 @@ class RuntimeSpec(ApiModel):
     image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_RUNTIME_IMAGE
     """Model server image run on cloud and edge nodes."""
     image_pull_policy: PullPolicy = "IfNotPresent"
+    """Pull policy of both images."""
     compressor_image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_COMPRESSOR_IMAGE
     """Image of the `kiri compress` Job."""
 
@@ -174,10 +177,15 @@ class Toleration(ApiModel):
     )
 
     key: LabelKey | None = None
+    """Taint key; empty with `operator: Exists` tolerates every taint."""
     operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches `value`; `Exists` matches any value."""
     value: Annotated[str, Field(max_length=63)] | None = None
+    """Taint value, for `operator: Equal`."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; empty tolerates all effects."""
     toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+    """For `NoExecute`: how long the pod stays bound after the taint appears."""
 
     @model_validator(mode="after")
     def _consistent(self) -> Toleration:
@@ -203,7 +211,9 @@ class BatchingSpec(ApiModel):
     """Server-side dynamic batching."""
 
     enabled: bool = False
+    """Group concurrent requests into one ONNX Runtime call."""
     max_batch_size: Annotated[int, Field(ge=1, le=1024)] = 8
+    """Largest batch the server forms."""
     max_wait_ms: Annotated[int, Field(ge=0, le=60000)] = 5
     """How long the first request of a batch waits for company."""
 
@@ -229,7 +239,9 @@ class CloudSpec(ApiModel):
     port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """Service and container port of the inference endpoint."""
     node_selector: Annotated[dict[str, LabelValue], Field(max_length=32)] = {TIER_LABEL: "cloud"}
+    """Which nodes run the cloud replicas."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=_cloud_tolerations)
+    """Tolerations of the cloud pods; the default tolerates the `nvidia.com/gpu` taint of GPU nodes."""
     runtime: ServingRuntimeSpec = Field(default_factory=ServingRuntimeSpec)
 
 
@@ -260,8 +272,11 @@ class SelectorRequirement(ApiModel):
     )
 
     key: LabelKey
+    """Node label key."""
     operator: SelectorOperator
+    """`In`, `NotIn`, `Exists`, `DoesNotExist`, `Gt` or `Lt`."""
     values: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=64)] = []
+    """Label values: several for `In`/`NotIn`, none for `Exists`/`DoesNotExist`, one integer for `Gt`/`Lt`."""
 
     @model_validator(mode="after")
     def _values_fit_operator(self) -> SelectorRequirement:
@@ -282,7 +297,10 @@ class NodeRequirements(ApiModel):
     """Which edge nodes can run a variant. Empty matches every edge node."""
 
     match_labels: Annotated[dict[str, LabelValue], Field(max_length=32)] = {}
+    """Node labels that must all be present with these values (e.g. `kiri.dev/accelerator: gpu`)."""
     match_expressions: Annotated[list[SelectorRequirement], Field(max_length=MAX_SELECTOR_TERMS)] = []
+    """Node label requirements, all of which must hold; `Gt`/`Lt` compare integer labels such as
+    `kiri.dev/memory-mb`."""
     min_memory_mb: Annotated[int, Field(ge=1)] | None = None
     """Minimum allocatable node memory, in MiB."""
 
@@ -337,7 +355,9 @@ class GateCheck(ApiModel):
     stat: GateStat = "mean"
     """Statistic over the evaluation samples: `mean`, `min` or `p5` (5th percentile)."""
     op: GateOp
+    """How the measured statistic must compare with `threshold`."""
     threshold: float
+    """cosine: -1..1; top1-agreement: 0..1; max-abs-error: >= 0."""
 
     @model_validator(mode="after")
     def _threshold_in_range(self) -> GateCheck:
@@ -395,6 +415,8 @@ class Variant(ApiModel):
     name: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
     """Unique within the ModelDeployment; part of child object names."""
     method: VariantMethod
+    """`int8-dynamic` (weights int8, activations quantized at run time), `int8-static` (calibrated activation
+    scales), `fp16` (half precision, for edge GPUs) or `distilled` (a smaller student trained on the model)."""
     options: VariantOptions = Field(default_factory=VariantOptions)
     gate: Annotated[list[GateCheck], Field(min_length=1, max_length=MAX_GATES)] = Field(
         default_factory=_default_gate
@@ -449,6 +471,7 @@ class EdgeSpec(ApiModel):
     node_selector: Annotated[dict[str, LabelValue], Field(max_length=32)] = {TIER_LABEL: "edge"}
     """Which nodes form the edge fleet."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
+    """Tolerations of the edge pods (e.g. for sites that taint their nodes)."""
     variants: Annotated[
         list[Variant],
         Field(
@@ -538,6 +561,7 @@ class AnalysisQuery(ApiModel):
     """A PromQL query evaluated every `interval` during a wave's bake time."""
 
     name: Name
+    """Unique name, used in events and conditions."""
     query: Annotated[str, Field(min_length=1, max_length=4096)]
     """PromQL returning one scalar or a one-element vector. `$revision`, `$variant` and `$namespace` are
     substituted before it runs."""
@@ -562,6 +586,7 @@ class AnalysisSpec(ApiModel):
     """Metric gates between waves."""
 
     prometheus: PrometheusSpec
+    """The Prometheus that scrapes the edge runtimes."""
     queries: Annotated[
         list[AnalysisQuery],
         Field(
@@ -575,6 +600,7 @@ class AnalysisSpec(ApiModel):
             ),
         ),
     ]
+    """Queries checked during each wave's bake time; all must succeed before the next wave."""
 
     @model_validator(mode="after")
     def _unique(self) -> AnalysisSpec:

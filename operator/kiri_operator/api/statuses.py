@@ -43,9 +43,11 @@ class Condition(StatusModel):
     type: Annotated[str, Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)]
     """CamelCase type: Ready, CloudReady, VariantsVerified, EdgeProgressing, EdgeRolledOut, Degraded, RolledBack."""
     status: ConditionStatus
+    """`True`, `False` or `Unknown`."""
     reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=CONDITION_REASON_PATTERN)]
     """CamelCase machine-readable reason."""
     message: Annotated[str, Field(max_length=32768)] = ""
+    """Human-readable details."""
     last_transition_time: Timestamp
     """When `status` last changed."""
     observed_generation: Annotated[int, Field(ge=0)] | None = None
@@ -53,6 +55,8 @@ class Condition(StatusModel):
 
 
 class CloudStatus(StatusModel):
+    """The cloud Deployment's replicas."""
+
     replicas: Annotated[int, Field(ge=0)] = 0
     """Desired replicas."""
     ready: Annotated[int, Field(ge=0)] = 0
@@ -63,13 +67,17 @@ class VariantStatus(StatusModel):
     """One variant of the update revision, as built and measured by the compression Job."""
 
     name: str
+    """`spec.edge.variants[].name`."""
     state: VariantState = "Pending"
+    """`Pending`, `Compressing`, `Verified` (passed its gate), `Rejected` (missed it) or `Failed` (not built)."""
     reason: str | None = None
     """Why it was rejected or failed, e.g. which gate check missed and by how much."""
     fidelity: dict[str, Any] = {}
     """Measured gate statistics, `{metric: {stat: value}}`, e.g. `{"cosine": {"mean": 0.998, "min": 0.97}}`."""
     size_bytes: Annotated[int, Field(ge=0)] | None = None
+    """Artifact size."""
     sha256: str | None = None
+    """Artifact digest, verified by every node that fetches it."""
     uri: str | None = None
     """Where edge nodes fetch the artifact from."""
     latency: dict[str, Any] = {}
@@ -80,7 +88,9 @@ class VariantProgress(StatusModel):
     """Nodes on one variant of the update revision."""
 
     name: str
+    """Variant name."""
     revision: str | None = None
+    """Revision these nodes run."""
     nodes: Annotated[int, Field(ge=0)] = 0
     """Nodes assigned."""
     ready: Annotated[int, Field(ge=0)] = 0
@@ -88,6 +98,8 @@ class VariantProgress(StatusModel):
 
 
 class EdgeStatus(StatusModel):
+    """Edge rollout progress of the update revision."""
+
     target_nodes: Annotated[int, Field(ge=0)] = 0
     """Edge nodes matching `spec.edge.nodeSelector` and some variant's `requires`."""
     updated_nodes: Annotated[int, Field(ge=0)] = 0
@@ -105,31 +117,47 @@ class EdgeStatus(StatusModel):
     stage_started_at: Timestamp | None = None
     """When the current wave started; bake time counts from when its nodes were all Ready."""
     per_variant: list[VariantProgress] = []
+    """Node counts per variant."""
 
 
 class HistoryEntry(StatusModel):
+    """One revision's fate."""
+
     revision: str
+    """Revision hash."""
     model_version: str
+    """`spec.model.version` of that revision."""
     outcome: str
     """`Promoted`, `RolledBack`, `Aborted`, `Superseded` or `Failed`."""
     reason: str = ""
+    """Why, e.g. which gate failed."""
     time: Timestamp
+    """When the outcome was decided."""
 
 
 class ModelDeploymentStatus(StatusModel):
+    """What the operator observed and decided. Written only by the operator."""
+
     observed_generation: Annotated[int, Field(ge=0)] | None = None
+    """The `.metadata.generation` this status was computed from."""
     phase: Phase = "Pending"
+    """One-word summary: `Pending`, `Compressing`, `Progressing`, `Paused`, `Healthy`, `Degraded`, `RolledBack`
+    or `Failed`. Conditions carry the details."""
     conditions: Annotated[
         list[Condition],
         Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
     ] = []
+    """Ready, CloudReady, VariantsVerified, EdgeProgressing, EdgeRolledOut, Degraded, RolledBack."""
     current_revision: str | None = None
     """The last revision fully rolled out and promoted (the rollback target)."""
     update_revision: str | None = None
     """The revision the spec asks for; equal to `currentRevision` once promoted."""
     cloud: CloudStatus = Field(default_factory=CloudStatus)
+    """The cloud Deployment's replicas."""
     variants: list[VariantStatus] = []
+    """Variants of the update revision and their measurements."""
     edge: EdgeStatus = Field(default_factory=EdgeStatus)
+    """Edge rollout progress."""
     history: list[HistoryEntry] = []
     """Newest last, at most `spec.rollout.revisionHistoryLimit` entries."""
     rollout: dict[str, Any] | None = None

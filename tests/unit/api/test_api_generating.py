@@ -218,3 +218,14 @@ def test_examples_parse_as_models() -> None:
     assert len(EXAMPLES) >= 3
     for example in EXAMPLES:
         ModelDeployment.model_validate(yaml.safe_load(example.read_text()))
+
+
+def test_every_field_is_described_for_kubectl_explain() -> None:
+    undescribed = [
+        path
+        for path, node in _nodes(SCHEMA)
+        if path.startswith((".spec", ".status"))
+        and not path.endswith(("[]", ".*"))
+        and not node.get("description")
+    ]
+    assert undescribed == []
