@@ -603,9 +603,22 @@ def site_name(i: int) -> str:
     return f"site-{letters}"
 
 
-def _node(name: str, index: int, labels: dict[str, str], allocatable: dict[str, str]) -> dict[str, Any]:
-    # Each node gets its own pod /24 and address so kwok never runs out of pod IPs at 1,000 nodes.
-    hi, lo = divmod(index, 256)
+MAX_SITES = 190
+MAX_NODES_PER_SITE = 1024
+
+
+def _node(
+    name: str, group: int, index: int, labels: dict[str, str], allocatable: dict[str, str]
+) -> dict[str, Any]:
+    """One node; `group` is 0 for the cloud, 1 + site number for a site, `index` the node's place in it.
+
+    Addresses derive from the node's own name parts, not its place in the whole fleet, so scaling the fleet
+    never asks to change a node's (immutable) podCIDR. Each node has its own /26 of pod IPs, so kwok never
+    runs out at 1,000 nodes: 10.(63 + group).0.0/16 per group, 1,024 nodes of 64 pod IPs each.
+    """
+    block = index * 64
+    cidr = f"10.{63 + group}.{block // 256}.{block % 256}/26"
+    internal_ip = f"100.{64 + group % 64}.{index // 256}.{index % 256}"
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -614,12 +627,12 @@ def _node(name: str, index: int, labels: dict[str, str], allocatable: dict[str, 
             "labels": {"type": "kwok", "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", **labels},
             "annotations": {KWOK_ANNOTATION: "fake", "node.alpha.kubernetes.io/ttl": "0"},
         },
-        "spec": {"podCIDR": f"10.{64 + hi}.{lo}.0/24", "podCIDRs": [f"10.{64 + hi}.{lo}.0/24"]},
+        "spec": {"podCIDR": cidr, "podCIDRs": [cidr]},
         "status": {
             "allocatable": allocatable,
             "capacity": allocatable,
             "addresses": [
-                {"type": "InternalIP", "address": f"10.{32 + hi}.{lo}.1"},
+                {"type": "InternalIP", "address": internal_ip},
                 {"type": "Hostname", "address": name},
             ],
             "nodeInfo": {"architecture": labels["kubernetes.io/arch"], "operatingSystem": "linux"},
@@ -632,6 +645,7 @@ def fleet(cloud: int, edge: int, sites: int) -> list[dict[str, Any]]:
     for i in range(cloud):
         node = _node(
             f"kiri-cloud-{i}",
+            0,
             i,
             {"kiri.dev/tier": "cloud", "kiri.dev/accelerator": "gpu", "kubernetes.io/arch": "amd64"},
             dict(CLOUD_ALLOCATABLE),
@@ -639,7 +653,10 @@ def fleet(cloud: int, edge: int, sites: int) -> list[dict[str, Any]]:
         node["spec"]["taints"] = [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]
         nodes.append(node)
     per_site = [edge // sites + (1 if s < edge % sites else 0) for s in range(sites)] if sites else []
-    index = cloud
+    if sites > MAX_SITES or cloud > MAX_NODES_PER_SITE or max(per_site, default=0) > MAX_NODES_PER_SITE:
+        raise ClusterError(
+            f"at most {MAX_SITES} sites and {MAX_NODES_PER_SITE} nodes per site (and cloud nodes) are supported"
+        )
     for s, count in enumerate(per_site):
         site = site_name(s)
         for i in range(count):
@@ -652,7 +669,8 @@ def fleet(cloud: int, edge: int, sites: int) -> list[dict[str, Any]]:
             nodes.append(
                 _node(
                     f"kiri-edge-{site}-{i}",
-                    index,
+                    1 + s,
+                    i,
                     {
                         "kiri.dev/tier": "edge",
                         "kiri.dev/site": site,
@@ -664,7 +682,6 @@ def fleet(cloud: int, edge: int, sites: int) -> list[dict[str, Any]]:
                     allocatable,
                 )
             )
-            index += 1
     return nodes
 
 
@@ -676,9 +693,19 @@ def sync_fleet(api: Api, cloud: int, edge: int, sites: int, timeout: float) -> N
     status, body = api.request("GET", "/api/v1/nodes?labelSelector=kiri.dev%2Ftier")
     if status != 200:
         raise ClusterError(f"listing nodes failed ({status}): {body}")
-    existing = {n["metadata"]["name"] for n in body["items"]}
-    extra = sorted(existing - names)
+    existing = {n["metadata"]["name"]: n for n in body["items"]}
+    extra = sorted(set(existing) - names)
     start = time.monotonic()
+    for node in desired:
+        current = existing.get(node["metadata"]["name"])
+        if current:
+            # podCIDR is immutable and status is the kubelet's (kwok's): keep what the node has.
+            node.pop("status")
+            for key in ("podCIDR", "podCIDRs"):
+                if key in current["spec"]:
+                    node["spec"][key] = current["spec"][key]
+                else:
+                    node["spec"].pop(key)
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(lambda n: api.apply(f"/api/v1/nodes/{n['metadata']['name']}", n), desired))
         list(pool.map(lambda n: api.request("DELETE", f"/api/v1/nodes/{n}"), extra))
