@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# `make demo`: Kiri end to end on the local control plane (see docs/quickstart.md).
+#
+#  1. the control plane with 2 cloud GPU nodes and 12 edge nodes in 3 sites (hack/cluster; kwok nodes)
+#  2. the operator, as a local process watching the demo namespace
+#  3. a small classifier trained here (torch, seeded), then `kiri compress`: verified ONNX export,
+#     int8 and fp16 variants, fidelity gates
+#  4. version 1 rolled out in waves, site by site, with the variant each node runs
+#  5. version 2 with a canary that never becomes Ready: the gate fails and Kiri rolls back on its own
+#  6. `kiri serve` of the int8 variant as the "edge" and of the full model as the "cloud": OIP v2 requests,
+#     answered at the edge or, when the edge is not confident, by the cloud
+#  7. a summary table
+#
+# Simulated nodes run no containers, so the compression Job's work runs here, as the same `kiri compress`
+# command with the arguments the operator put in the Job, and its manifest is published the way the Job's
+# second container does. Everything printed comes from real runs. Any failed step stops the demo with a
+# non-zero exit; the processes it started are stopped on exit. The control plane is left running for the
+# next run (`hack/cluster down` stops it).
+#
+# Environment: DEMO_DIR (default .kiri/demo), DEMO_NAMESPACE (kiri-demo), DEMO_CLOUD_NODES (2),
+# DEMO_EDGE_NODES (12), DEMO_SITES (3), KIRI_STATE_DIR (the control plane's state, default .kiri).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="$ROOT/.venv/bin/python"
+KIRI="$ROOT/.venv/bin/kiri"
+export DEMO_DIR="${DEMO_DIR:-$ROOT/.kiri/demo}"
+NS="${DEMO_NAMESPACE:-kiri-demo}"
+MD=sensor
+LOGS="$DEMO_DIR/logs"
+
+STARTED=$SECONDS
+STEP="start"
+PIDS=()
+SKIPPED=()
+
+bold() { if [[ -t 1 ]]; then printf '\033[1m%s\033[0m\n' "$*"; else printf '%s\n' "$*"; fi; }
+step() {
+  STEP="$1"
+  echo
+  bold "==> [$((SECONDS - STARTED))s] $1"
+}
+die() {
+  echo "demo: $*" >&2
+  exit 1
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  if ((rc != 0)); then
+    echo >&2
+    echo "demo FAILED at step: $STEP (exit $rc). Logs: $LOGS" >&2
+    for log in "$LOGS"/*.log; do
+      [[ -s "$log" ]] || continue
+      echo "---- last lines of $log" >&2
+      tail -n 15 "$log" >&2
+    done
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+# wait_http URL SECONDS PID: poll until URL answers 200, failing early if PID died.
+wait_http() {
+  local url="$1" timeout="$2" pid="$3" deadline=$((SECONDS + $2))
+  until curl -fsS -o /dev/null "$url" 2>/dev/null; do
+    kill -0 "$pid" 2>/dev/null || die "process $pid exited before $url answered"
+    ((SECONDS < deadline)) || die "$url did not answer within ${timeout}s"
+    sleep 0.5
+  done
+}
+
+demo() { "$PY" hack/demo.py "$@"; }
+
+rm -rf "$DEMO_DIR"
+mkdir -p "$LOGS"
+
+# ------------------------------------------------------------------------------------------------------
+step "Local control plane: ${DEMO_CLOUD_NODES:-2} cloud GPU nodes, ${DEMO_EDGE_NODES:-12} edge nodes in ${DEMO_SITES:-3} sites"
+bash hack/cluster up --cloud-nodes "${DEMO_CLOUD_NODES:-2}" --edge-nodes "${DEMO_EDGE_NODES:-12}" \
+  --sites "${DEMO_SITES:-3}" 2>&1 | tee "$LOGS/cluster.log"
+eval "$(bash hack/cluster env)"
+kubectl version 2>/dev/null | sed 's/^/  /'
+demo fleet
+
+kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml >/dev/null
+kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl delete modeldeployment --all -n "$NS" --wait=true --timeout=60s >/dev/null
+echo "  CRD modeldeployments.kiri.dev applied; namespace $NS ready"
+
+# ------------------------------------------------------------------------------------------------------
+step "Model v1: a small classifier trained here (torch, seed 1)"
+demo build-model --out "$DEMO_DIR/v1" --version 1.0.0 --seed 1
+
+# ------------------------------------------------------------------------------------------------------
+step "Compression: verified ONNX export, int8 and fp16 variants, fidelity gates (kiri compress)"
+"$KIRI" compress --source "$DEMO_DIR/v1/model.pt2" --eval-data "$DEMO_DIR/v1/eval.npz" \
+  --out "$DEMO_DIR/v1/artifacts" --model-name sensor --model-version 1.0.0 --seed 1 --latency-rounds 50 \
+  --variant name=int8,method=int8-dynamic --variant name=fp16,method=fp16 \
+  --gate 'cosine.mean>=0.995' --gate 'top1-agreement>=0.98' >"$LOGS/compress-v1.log" 2>&1 ||
+  die "kiri compress failed (see $LOGS/compress-v1.log)"
+grep -E 'export verified|variant .*: (ACCEPTED|REJECTED)' "$LOGS/compress-v1.log" | sed 's/^/  /'
+demo variants --manifest "$DEMO_DIR/v1/artifacts" --label v1
+
+# ------------------------------------------------------------------------------------------------------
+OPERATOR_READY=0
+if "$KIRI" operator --help >/dev/null 2>&1; then
+  step "Operator: kiri operator, standalone, watching namespace $NS"
+  HEALTH_PORT="$(free_port)"
+  METRICS_PORT="$(free_port)"
+  "$KIRI" operator --standalone --namespace "$NS" --liveness "http://127.0.0.1:$HEALTH_PORT/healthz" \
+    --metrics-port "$METRICS_PORT" >"$LOGS/operator.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://127.0.0.1:$HEALTH_PORT/healthz" 120 "${PIDS[-1]}"
+  echo "  operator up (pid ${PIDS[-1]}); liveness :$HEALTH_PORT/healthz, metrics :$METRICS_PORT/metrics"
+  OPERATOR_READY=1
+else
+  SKIPPED+=("operator, rollout and rollback: this build has no \`kiri operator\` yet")
+fi
+
+if ((OPERATOR_READY)); then
+  # --------------------------------------------------------------------------------------------------
+  step "Rollout of v1: canary node, then 50%, then 100%, site by site"
+  rollout_v1
+  # --------------------------------------------------------------------------------------------------
+  step "v2 with a failing canary: never Ready, so Kiri rolls back to v1 on its own"
+  demo build-model --out "$DEMO_DIR/v2" --version 2.0.0 --seed 2 --epochs 20
+  rollout_v2_fails
+fi
+
+# ------------------------------------------------------------------------------------------------------
+step "Edge inference with cloud fallback: kiri serve (int8) -> kiri serve (full model), OIP v2"
+manifest_field() { "$PY" -c "import json,sys; m=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" \
+  "$DEMO_DIR/v1/artifacts/manifest.json" "$1"; }
+FULL_URI="file://$DEMO_DIR/v1/artifacts/$(manifest_field "m['model']['uri']")"
+FULL_SHA="$(manifest_field "m['model']['onnxSha256']")"
+INT8_URI="file://$DEMO_DIR/v1/artifacts/$(manifest_field "next(v['uri'] for v in m['variants'] if v['name']=='int8')")"
+INT8_SHA="$(manifest_field "next(v['sha256'] for v in m['variants'] if v['name']=='int8')")"
+CLOUD_PORT="$(free_port)"
+EDGE_PORT="$(free_port)"
+"$KIRI" serve --name sensor --model-uri "$FULL_URI" --sha256 "$FULL_SHA" --variant full --model-version 1.0.0 \
+  --host 127.0.0.1 --port "$CLOUD_PORT" --cache-dir "$DEMO_DIR/cache-cloud" >"$LOGS/serve-cloud.log" 2>&1 &
+PIDS+=($!)
+CLOUD_PID=${PIDS[-1]}
+"$KIRI" serve --name sensor --model-uri "$INT8_URI" --sha256 "$INT8_SHA" --variant int8 --model-version 1.0.0 \
+  --host 127.0.0.1 --port "$EDGE_PORT" --cache-dir "$DEMO_DIR/cache-edge" \
+  --fallback-url "http://127.0.0.1:$CLOUD_PORT" --confidence-threshold 0.9 >"$LOGS/serve-edge.log" 2>&1 &
+PIDS+=($!)
+EDGE_PID=${PIDS[-1]}
+wait_http "http://127.0.0.1:$CLOUD_PORT/v2/health/ready" 120 "$CLOUD_PID"
+wait_http "http://127.0.0.1:$EDGE_PORT/v2/health/ready" 120 "$EDGE_PID"
+echo "  cloud: full fp32 model on :$CLOUD_PORT   edge: int8 variant on :$EDGE_PORT (confidence threshold 0.9)"
+demo infer --url "http://127.0.0.1:$EDGE_PORT" --model sensor --requests "$DEMO_DIR/v1/requests.npz"
+echo "  edge runtime metrics:"
+curl -fsS "http://127.0.0.1:$EDGE_PORT/metrics" | grep -E '^kiri_(responses|fallbacks)_total' | sed 's/^/    /'
+
+# ------------------------------------------------------------------------------------------------------
+step "Summary"
+demo record elapsed "$((SECONDS - STARTED))"
+demo summary
+if ((${#SKIPPED[@]})); then
+  echo
+  for s in "${SKIPPED[@]}"; do echo "demo: SKIPPED $s" >&2; done
+  STEP="incomplete build"
+  exit 2
+fi
+echo
+echo "Demo done in $((SECONDS - STARTED))s. The control plane is still up: eval \"\$(hack/cluster env)\"; kubectl get md -n $NS"
