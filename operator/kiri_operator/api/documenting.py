@@ -30,6 +30,8 @@ when a gate fails.
 - Source of truth: the pydantic models in `operator/kiri_operator/api/` (`specs.py`, `statuses.py`). The CRD and
   this page are generated from them; `make crds-check` (part of `make lint`) fails when either is stale.
 - Examples: [`examples/`](../examples/).
+- Offline check: `kiri validate FILE...` applies the same rules without a cluster (for GitOps CI), and prints
+  each error with the field path the API server would print.
 
 ## Conventions
 
