@@ -116,6 +116,17 @@ def test_catalogue_base_is_accepted(objects: client.CustomObjectsApi) -> None:
     assert created["spec"]["rollout"]["stages"][-1]["percent"] == 100
 
 
+@pytest.mark.parametrize("case", CATALOGUE["good_cases"], ids=lambda c: c["id"])
+def test_boundary_manifest_is_accepted(case: dict[str, Any], objects: client.CustomObjectsApi) -> None:
+    manifest = apply_case(CATALOGUE["base"], case)
+    manifest["metadata"]["name"] = f"good-{case['id']}"[:63]
+    created = objects.create_namespaced_custom_object(
+        GROUP, VERSION, "default", PLURAL, manifest, dry_run="All", field_validation="Strict"
+    )
+    # What the API server stores is what the operator will parse.
+    ModelDeployment.model_validate(created)
+
+
 def test_explicit_nulls_are_pruned_then_defaulted(objects: client.CustomObjectsApi, namespace: str) -> None:
     manifest = yaml.safe_load((REPO_ROOT / "examples" / "minimal.yaml").read_text())
     manifest["metadata"] = {"name": "nulls"}

@@ -71,3 +71,8 @@ def test_models_reject_case_naming_the_field(case: dict[str, Any]) -> None:
     assert any(_names_field(e, field) for e in errors), (
         f"no error names {case['field']}: {[(e['loc'], e['msg']) for e in errors]}"
     )
+
+
+@pytest.mark.parametrize("case", CATALOGUE["good_cases"], ids=lambda c: c["id"])
+def test_models_accept_boundary_case(case: dict[str, Any]) -> None:
+    ModelDeployment.model_validate(apply_case(CATALOGUE["base"], case))
