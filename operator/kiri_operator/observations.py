@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiri_operator import labels as L
 from kiri_runtime.manifests import Manifest
+
+if TYPE_CHECKING:
+    from kiri_operator.planning.waves import Measurement
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ class Observed:
     pods: tuple[PodView, ...] = ()
     pvcs: frozenset[str] | None = None
     """Names of the PersistentVolumeClaims in the namespace; None when not looked up."""
+    measurement: Measurement | None = None
+    """The analysis measurement taken for this reconcile (analyzing.measure_due), when one was due."""
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))

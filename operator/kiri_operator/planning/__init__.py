@@ -27,6 +27,9 @@ from kiri_operator.plans import Check, Event, Plan, Slot
 from kiri_runtime.manifests import Manifest, loads
 
 GPU = "nvidia.com/gpu"
+# Restarts after which a not-Ready edge pod counts as failing (crash loop): roll back without waiting for
+# the progress deadline.
+CRASH_RESTARTS = 3
 FAULT_REASONS = frozenset(
     {
         Reason.MISSING_PVC,
@@ -266,7 +269,8 @@ def edge_pods(observed: Observed) -> dict[str, NodePod]:
     for pod in sorted(observed.pods, key=lambda p: (not p.ready, p.name)):
         if pod.component != L.COMPONENT_EDGE or not pod.node or not pod.revision or not pod.variant:
             continue
-        out.setdefault(pod.node, NodePod(pod.revision, pod.variant, pod.ready))
+        failed = pod.restarts >= CRASH_RESTARTS and not pod.ready
+        out.setdefault(pod.node, NodePod(pod.revision, pod.variant, pod.ready, failed))
     return out
 
 
@@ -280,6 +284,11 @@ class _Edge:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     complete: bool = False
+    rolled_back: Condition | None = None
+    rollout: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    requeue_after: float | None = None
+    stable_revision: str | None = None
 
 
 def _edge(
@@ -318,9 +327,18 @@ def _edge(
             edge_status=status.get("edge") or {},
             annotations=observed.annotations,
             now=observed.now,
+            rollout_state=status.get("rollout") or {},
+            variant_sizes={v.name: v.size_bytes or 0 for v in comp.manifest.variants}
+            if comp.manifest
+            else {},
+            measurement=observed.measurement,
         )
     )
     out.events.extend(result.events)
+    out.rollout = result.rollout
+    out.history = result.history
+    out.requeue_after = result.requeue_after
+    out.stable_revision = result.rollout.get("stableRevision")
 
     groups: dict[Slot, list[str]] = {}
     for node, slot in result.nodes.items():
@@ -403,6 +421,14 @@ def _edge(
     elif result.verdict == "Progressing":
         out.progressing = Condition(C.EDGE_PROGRESSING, "True", Reason.ROLLING_OUT, result.message)
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.NODES_NOT_READY, result.message)
+    elif result.verdict in ("Holding", "Paused"):
+        # The wave's own reason (AnalysisInconclusive, Paused, WaitingForOfflineNodes, ...) is the news.
+        out.progressing = Condition(C.EDGE_PROGRESSING, "True", result.reason, result.message)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", result.reason, result.message)
+    elif result.verdict == "RolledBack":
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", C.ROLLED_BACK, result.message)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", C.ROLLED_BACK, result.message)
+        out.rolled_back = Condition(C.ROLLED_BACK, "True", result.reason, result.message)
     else:
         out.progressing = Condition(C.EDGE_PROGRESSING, "False", Reason.ROLLED_OUT, result.message)
         msg = result.message
@@ -430,6 +456,11 @@ def _phase(conds: list[Condition]) -> str:
         return "Degraded"
     if verified is not None and verified.status == "Unknown":
         return "Compressing"
+    if C.is_true(conds, C.ROLLED_BACK):
+        return "RolledBack"
+    edge = get.get(C.EDGE_PROGRESSING)
+    if edge is not None and edge.reason in ("Paused", "StagePause"):
+        return "Paused"
     if C.is_true(conds, C.READY):
         return "Healthy"
     if cloud is not None or C.is_true(conds, C.EDGE_PROGRESSING):
@@ -534,6 +565,12 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     desired.extend(edge.children)
     assert edge.progressing is not None and edge.rolled_out is not None
     new_conditions += [edge.progressing, edge.rolled_out]
+    if edge.rolled_back is not None:
+        new_conditions.append(edge.rolled_back)
+    elif C.is_true([Condition.from_dict(c) for c in observed.status.get("conditions") or []], C.ROLLED_BACK):
+        new_conditions.append(
+            Condition(C.ROLLED_BACK, "False", "NewRevision", f"rolling out revision {revision}")
+        )
     manifest_keys = {ckey} | {
         ds.labels.get(L.COMPRESSION, "")
         for ds in observed.of_kind("DaemonSet")
@@ -591,7 +628,11 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     events.extend(edge.events)
 
     history = list(observed.status.get("history") or [])
+    for entry in edge.history:
+        history.append({**entry, "modelVersion": spec.model.version})
     current_revision = observed.status.get("currentRevision")
+    if edge.rolled_back is not None and edge.stable_revision:
+        current_revision = edge.stable_revision
     if all_ok and current_revision != revision:
         current_revision = revision
         history.append(
@@ -616,6 +657,8 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         "edge": edge.status,
         "history": history,
     }
+    if edge.rollout:
+        status["rollout"] = edge.rollout
     if current_revision:
         status["currentRevision"] = current_revision
 
@@ -627,6 +670,8 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
             events.append(Event("Normal", "Deleted", f"deleted {action.kind} {action.name}"))
     if comp.condition.status == "Unknown" or not all_ok:
         requeue = min(requeue, 30.0) if requeue is not None else 30.0
+    if edge.requeue_after is not None:
+        requeue = min(requeue, edge.requeue_after) if requeue is not None else edge.requeue_after
     return Plan(
         actions=actions,
         status=normalize_status(status),

@@ -15,9 +15,15 @@ from typing import Any, Literal
 
 from kiri_operator.api.specs import RolloutSpec
 from kiri_operator.observations import NodeView
+from kiri_operator.planning.staging import assign_in_waves
+from kiri_operator.planning.waves import Measurement
 from kiri_operator.plans import Event, Slot
 
-Verdict = Literal["Waiting", "Progressing", "Complete"]
+# Staged waves (spec.rollout); the all-at-once path below is what they replaced, kept as the reference.
+STAGED = True
+
+# Holding, Paused and RolledBack come from staged waves (planning.staging).
+Verdict = Literal["Waiting", "Progressing", "Complete", "Holding", "Paused", "RolledBack"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,8 @@ class NodePod:
     revision: str
     variant: str
     ready: bool
+    failed: bool = False
+    """Crash-looping: the wave rolls back at once instead of waiting for the progress deadline."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,12 @@ class AssignInput:
     edge_status: Mapping[str, Any]
     annotations: Mapping[str, str]
     now: datetime
+    rollout_state: Mapping[str, Any] = field(default_factory=dict)
+    """status.rollout: the wave planner's memory."""
+    variant_sizes: Mapping[str, int] = field(default_factory=dict)
+    """Artifact bytes per variant of the update revision, for the bandwidth caps."""
+    measurement: Measurement | None = None
+    """The analysis measurement taken for this reconcile, when one was due (analyzing.measure_due)."""
 
 
 @dataclass
@@ -59,6 +73,12 @@ class Assignment:
     message: str = ""
     keep_revisions: frozenset[str] = frozenset()
     """Revisions whose DaemonSets stay even with no node, so moving back needs no rebuild."""
+    rollout: dict[str, Any] = field(default_factory=dict)
+    """status.rollout to write."""
+    reason: str = ""
+    requeue_after: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """New status.history entries (rollbacks; promotions are recorded by the caller)."""
 
 
 def assign_nodes(inp: AssignInput) -> Assignment:
@@ -69,7 +89,10 @@ def assign_nodes(inp: AssignInput) -> Assignment:
         out.nodes = {n: s for n, s in inp.current.items() if n in eligible}
         out.verdict = "Waiting"
         out.message = "waiting for the compression Job to verify the variants"
+        out.rollout = dict(inp.rollout_state)
         return out
+    if STAGED:
+        return assign_in_waves(inp, out)
 
     moved = 0
     for node in sorted(eligible):
