@@ -164,7 +164,7 @@ wait_http "http://127.0.0.1:$EDGE_PORT/v2/health/ready" 120 "$EDGE_PID"
 echo "  cloud: full fp32 model on :$CLOUD_PORT   edge: int8 variant on :$EDGE_PORT (confidence threshold 0.9)"
 demo infer --url "http://127.0.0.1:$EDGE_PORT" --model sensor --requests "$DEMO_DIR/v1/requests.npz"
 echo "  edge runtime metrics:"
-curl -fsS "http://127.0.0.1:$EDGE_PORT/metrics" | grep -E '^kiri_(responses|fallbacks)_total' | sed 's/^/    /'
+curl -fsS "http://127.0.0.1:$EDGE_PORT/metrics" | grep -E '^kiri_(responses|fallback)_total' | sed 's/^/    /'
 
 # ------------------------------------------------------------------------------------------------------
 step "Summary"

@@ -222,110 +222,66 @@ def test_alert_rules_pass_promtool_check(alert_rules: Path) -> None:
     assert "SUCCESS: 4 rules found" in result.stdout
 
 
+def _alert(labels: dict[str, str], summary: str, description: str) -> dict[str, Any]:
+    return {"exp_labels": labels, "exp_annotations": {"summary": summary, "description": description}}
+
+
 def test_alerts_fire_on_their_conditions(alert_rules: Path, tmp_path: Path) -> None:
     """promtool evaluates the rendered alerts over input series: each fires when, and only when, it should."""
-    job = "kiri-metrics"
+    phase = 'kiri_modeldeployment_phase{{namespace="shop",modeldeployment="{md}",phase="{phase}"}}'
+    series = [
+        # shop/stuck stays Progressing for 40m; shop/quick finishes after 10m; shop/held is Paused on purpose.
+        (phase.format(md="stuck", phase="Progressing"), "1x40"),
+        (phase.format(md="quick", phase="Progressing"), "1x10 0x30"),
+        (phase.format(md="quick", phase="Healthy"), "0x10 1x30"),
+        (phase.format(md="held", phase="Paused"), "1x40"),
+        # shop/bad rolls back at minute 6 and stays rolled back until a fixed spec comes at minute 30.
+        (phase.format(md="bad", phase="Progressing"), "1x5 0x24 1x10"),
+        (phase.format(md="bad", phase="RolledBack"), "0x5 1x24 0x10"),
+        ('kiri_variants{namespace="shop",modeldeployment="quick",variant="int8",state="Rejected"}', "1x40"),
+        ('kiri_variants{namespace="shop",modeldeployment="quick",variant="fp16",state="Verified"}', "1x40"),
+        ('up{job="kiri-metrics"}', "1x10 0x30"),
+    ]
+    stuck = _alert(
+        {"severity": "warning", "namespace": "shop", "modeldeployment": "stuck"},
+        "Rollout of shop/stuck has not finished for 30m",
+        "Run `kiri status stuck -n shop` to see the held wave and its gate.",
+    )
+    rolled_back = _alert(
+        {"severity": "warning", "namespace": "shop", "modeldeployment": "bad"},
+        "shop/bad rolled back to its last good revision",
+        "The new revision failed a health gate (`kiri status bad -n shop` says which). The same spec is not "
+        "rolled out again; apply a fixed one.",
+    )
+    rejected = _alert(
+        {"severity": "info", "namespace": "shop", "modeldeployment": "quick", "variant": "int8"},
+        "Variant int8 of shop/quick was rejected by its fidelity gate",
+        "Nodes that needed it keep the previous revision. See status.variants for the measured fidelity.",
+    )
+    down = _alert(
+        {"severity": "critical"},
+        "The Kiri operator (kiri-metrics) is down or not scraped",
+        "Check `kubectl -n kiri-system get pods -l app.kubernetes.io/component=operator`.",
+    )
+    expectations = [
+        ("20m", "KiriRolloutStuck", []),
+        ("35m", "KiriRolloutStuck", [stuck]),  # not quick (done), not held (paused on purpose)
+        ("4m", "KiriRolledBack", []),
+        ("10m", "KiriRolledBack", [rolled_back]),
+        ("35m", "KiriRolledBack", []),  # a changed spec is progressing again
+        ("5m", "KiriVariantRejected", [rejected]),
+        ("8m", "KiriOperatorDown", []),
+        ("20m", "KiriOperatorDown", [down]),
+    ]
     tests = {
         "rule_files": [str(alert_rules)],
         "evaluation_interval": "1m",
         "tests": [
             {
                 "interval": "1m",
-                "input_series": [
-                    # shop/stuck stays Progressing for 40m; shop/quick finishes after 10m.
-                    {
-                        "series": 'kiri_modeldeployment_phase{namespace="shop",name="stuck",phase="Progressing"}',
-                        "values": "1x40",
-                    },
-                    {
-                        "series": 'kiri_modeldeployment_phase{namespace="shop",name="quick",phase="Progressing"}',
-                        "values": "1x10 0x30",
-                    },
-                    {
-                        "series": 'kiri_rollbacks_total{namespace="shop",name="stuck",reason="CanaryNotReady"}',
-                        "values": "0x5 1x35",
-                    },
-                    {
-                        "series": 'kiri_variants{namespace="shop",name="quick",variant="int8",state="Rejected"}',
-                        "values": "1x40",
-                    },
-                    {
-                        "series": 'kiri_variants{namespace="shop",name="quick",variant="fp16",state="Rejected"}',
-                        "values": "0x40",
-                    },
-                    {"series": f'up{{job="{job}"}}', "values": "1x10 0x30"},
-                ],
+                "input_series": [{"series": s, "values": v} for s, v in series],
                 "alert_rule_test": [
-                    {"eval_time": "20m", "alertname": "KiriRolloutStuck", "exp_alerts": []},
-                    {
-                        "eval_time": "35m",
-                        "alertname": "KiriRolloutStuck",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "warning", "namespace": "shop", "name": "stuck"},
-                                "exp_annotations": {
-                                    "summary": "Rollout of shop/stuck has not finished for 30m",
-                                    "description": "Run `kiri status stuck -n shop` to see the held wave and its gate.",
-                                },
-                            }
-                        ],
-                    },
-                    {"eval_time": "4m", "alertname": "KiriRolledBack", "exp_alerts": []},
-                    {
-                        "eval_time": "10m",
-                        "alertname": "KiriRolledBack",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {
-                                    "severity": "warning",
-                                    "namespace": "shop",
-                                    "name": "stuck",
-                                    "reason": "CanaryNotReady",
-                                },
-                                "exp_annotations": {
-                                    "summary": "shop/stuck rolled back (CanaryNotReady)",
-                                    "description": "The new revision failed a health gate. The same spec is not rolled "
-                                    "out again; apply a fixed one.",
-                                },
-                            }
-                        ],
-                    },
-                    # The rollback window (15m) has passed: the alert resolves.
-                    {"eval_time": "35m", "alertname": "KiriRolledBack", "exp_alerts": []},
-                    {
-                        "eval_time": "5m",
-                        "alertname": "KiriVariantRejected",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {
-                                    "severity": "info",
-                                    "namespace": "shop",
-                                    "name": "quick",
-                                    "variant": "int8",
-                                },
-                                "exp_annotations": {
-                                    "summary": "Variant int8 of shop/quick was rejected by its fidelity gate",
-                                    "description": "Nodes that needed it keep the previous revision. See status.variants "
-                                    "for the measured fidelity.",
-                                },
-                            }
-                        ],
-                    },
-                    {"eval_time": "8m", "alertname": "KiriOperatorDown", "exp_alerts": []},
-                    {
-                        "eval_time": "20m",
-                        "alertname": "KiriOperatorDown",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "critical"},
-                                "exp_annotations": {
-                                    "summary": "The Kiri operator (kiri-metrics) is down or not scraped",
-                                    "description": "Check `kubectl -n kiri-system get pods -l "
-                                    "app.kubernetes.io/component=operator`.",
-                                },
-                            }
-                        ],
-                    },
+                    {"eval_time": t, "alertname": name, "exp_alerts": exp} for t, name, exp in expectations
                 ],
             }
         ],

@@ -9,9 +9,10 @@ groups:
   - name: kiri.rules
     rules:
       - alert: KiriRolloutStuck
-        # A ModelDeployment has been progressing (waves not finished) for too long: a held wave, an
-        # inconclusive analysis, offline nodes with offlineNodes=Wait, or a paused rollout.
-        expr: max by (namespace, name) (kiri_modeldeployment_phase{phase="Progressing"}) == 1
+        # A ModelDeployment has been compressing or progressing (waves not finished) for too long: a held
+        # wave, an inconclusive analysis, offline nodes with offlineNodes=Wait, a slow compression Job.
+        # A rollout paused on purpose (phase Paused) does not count.
+        expr: max by (namespace, modeldeployment) (kiri_modeldeployment_phase{phase=~"Compressing|Progressing"}) == 1
         for: {{ $r.stuckRolloutFor }}
         labels:
           severity: {{ $r.stuckRolloutSeverity }}
@@ -19,29 +20,30 @@ groups:
           {{- toYaml . | nindent 10 }}
           {{- end }}
         annotations:
-          summary: "Rollout of {{"{{"}} $labels.namespace {{"}}"}}/{{"{{"}} $labels.name {{"}}"}} has not finished for {{ $r.stuckRolloutFor }}"
-          description: "Run `kiri status {{"{{"}} $labels.name {{"}}"}} -n {{"{{"}} $labels.namespace {{"}}"}}` to see the held wave and its gate."
+          summary: "Rollout of {{"{{"}} $labels.namespace {{"}}"}}/{{"{{"}} $labels.modeldeployment {{"}}"}} has not finished for {{ $r.stuckRolloutFor }}"
+          description: "Run `kiri status {{"{{"}} $labels.modeldeployment {{"}}"}} -n {{"{{"}} $labels.namespace {{"}}"}}` to see the held wave and its gate."
       - alert: KiriRolledBack
-        # Kiri rolled edge nodes back to the last good revision after a failed gate.
-        expr: sum by (namespace, name, reason) (increase(kiri_rollbacks_total[{{ $r.rollbackWindow }}])) > 0
+        # Kiri rolled edge nodes back to the last good revision after a failed gate. It stays rolled back
+        # (and the alert stays on) until someone applies a changed spec: the same spec is never retried.
+        expr: max by (namespace, modeldeployment) (kiri_modeldeployment_phase{phase="RolledBack"}) == 1
         labels:
           severity: {{ $r.rollbackSeverity }}
           {{- with $r.alertLabels }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
         annotations:
-          summary: "{{"{{"}} $labels.namespace {{"}}"}}/{{"{{"}} $labels.name {{"}}"}} rolled back ({{"{{"}} $labels.reason {{"}}"}})"
-          description: "The new revision failed a health gate. The same spec is not rolled out again; apply a fixed one."
+          summary: "{{"{{"}} $labels.namespace {{"}}"}}/{{"{{"}} $labels.modeldeployment {{"}}"}} rolled back to its last good revision"
+          description: "The new revision failed a health gate (`kiri status {{"{{"}} $labels.modeldeployment {{"}}"}} -n {{"{{"}} $labels.namespace {{"}}"}}` says which). The same spec is not rolled out again; apply a fixed one."
       - alert: KiriVariantRejected
         # The compression Job measured a variant below its fidelity gate; it is never rolled out.
-        expr: max by (namespace, name, variant) (kiri_variants{state="Rejected"}) > 0
+        expr: max by (namespace, modeldeployment, variant) (kiri_variants{state="Rejected"}) == 1
         labels:
           severity: {{ $r.rejectedVariantSeverity }}
           {{- with $r.alertLabels }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
         annotations:
-          summary: "Variant {{"{{"}} $labels.variant {{"}}"}} of {{"{{"}} $labels.namespace {{"}}"}}/{{"{{"}} $labels.name {{"}}"}} was rejected by its fidelity gate"
+          summary: "Variant {{"{{"}} $labels.variant {{"}}"}} of {{"{{"}} $labels.namespace {{"}}"}}/{{"{{"}} $labels.modeldeployment {{"}}"}} was rejected by its fidelity gate"
           description: "Nodes that needed it keep the previous revision. See status.variants for the measured fidelity."
       - alert: KiriOperatorDown
         # No operator is being scraped: nothing reconciles, rolls out or rolls back.
