@@ -17,15 +17,22 @@ relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progre
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from kiri_operator.planning import verdicts
+from kiri_operator.planning import staging, verdicts
+from kiri_operator.planning import waves as W
 from kiri_operator.planning.waves import Measurement
+
+if TYPE_CHECKING:
+    from kiri_operator.api.specs import ModelDeploymentSpec
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -103,16 +110,16 @@ def _unix(t: datetime) -> float:
     return t.timestamp()
 
 
-async def fetch_points(
-    client: httpx.AsyncClient, address: str, query: str, start: datetime, end: datetime, step: float
+def fetch_points(
+    client: httpx.Client, address: str, query: str, start: datetime, end: datetime, step: float
 ) -> list[float | None]:
     """The query evaluated every ``step`` seconds over [start, end]; an instant query if that is empty."""
     base = address.rstrip("/")
     try:
         if end < start:
-            response = await client.get(f"{base}/api/v1/query", params={"query": query, "time": _unix(end)})
+            response = client.get(f"{base}/api/v1/query", params={"query": query, "time": _unix(end)})
         else:
-            response = await client.get(
+            response = client.get(
                 f"{base}/api/v1/query_range",
                 params={"query": query, "start": _unix(start), "end": _unix(end), "step": step},
             )
@@ -138,8 +145,8 @@ def rule_of(spec: QuerySpec) -> verdicts.QueryRule:
     )
 
 
-async def judge(
-    client: httpx.AsyncClient,
+def judge(
+    client: httpx.Client,
     address: str,
     query: QuerySpec,
     substitutions: Substitutions,
@@ -149,12 +156,26 @@ async def judge(
     try:
         rule = rule_of(query)
         start = since + timedelta(seconds=query.interval)
-        points = await fetch_points(
-            client, address, substitutions.apply(query.query), start, now, query.interval
-        )
+        points = fetch_points(client, address, substitutions.apply(query.query), start, now, query.interval)
     except (PrometheusError, ValueError) as exc:
         return verdicts.query_error(query.name, str(exc))
     return verdicts.judge_query(rule, points)
+
+
+def measure_sync(
+    address: str,
+    queries: Sequence[QuerySpec],
+    substitutions: Substitutions,
+    since: datetime,
+    now: datetime,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> tuple[Measurement, list[verdicts.QueryVerdict]]:
+    """One measurement of every query over the wave so far (``since``: when the wave became Ready)."""
+    with httpx.Client(timeout=timeout) as client:
+        found = [judge(client, address, q, substitutions, since, now) for q in queries]
+    outcome, message = verdicts.combine(found)
+    return Measurement(at=now, outcome=outcome, message=message), found
 
 
 async def measure(
@@ -164,16 +185,33 @@ async def measure(
     since: datetime,
     now: datetime,
     *,
-    client: httpx.AsyncClient | None = None,
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> tuple[Measurement, list[verdicts.QueryVerdict]]:
-    """One measurement of every query over the wave so far (``since``: when the wave became Ready)."""
-    owned = client is None
-    http = client if client is not None else httpx.AsyncClient(timeout=timeout)
-    try:
-        found = await asyncio.gather(*(judge(http, address, q, substitutions, since, now) for q in queries))
-    finally:
-        if owned:
-            await http.aclose()
-    outcome, message = verdicts.combine(found)
-    return Measurement(at=now, outcome=outcome, message=message), list(found)
+    """:func:`measure_sync` off the event loop."""
+    return await asyncio.to_thread(measure_sync, address, queries, substitutions, since, now, timeout=timeout)
+
+
+def measure_due(
+    spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime
+) -> Measurement | None:
+    """The measurement reconcile should hand to the planner now, or None when none is due.
+
+    Called by the observe step (it is I/O); the wave planner decides from status when one is due.
+    """
+    analysis = spec.rollout.analysis
+    if analysis is None:
+        return None
+    policy = staging.policy_of(spec.rollout)
+    state = W.state_from_status(status.get("rollout"))
+    if not W.analysis_due(policy, state, now) or state.ready_at is None or state.update_revision is None:
+        return None
+    substitutions = Substitutions(
+        revision=state.update_revision, namespace=namespace, variants=[v.name for v in spec.edge.variants]
+    )
+    measurement, _ = measure_sync(
+        analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, now
+    )
+    log.info(
+        "analysis of revision %s: %s (%s)", state.update_revision, measurement.outcome, measurement.message
+    )
+    return measurement

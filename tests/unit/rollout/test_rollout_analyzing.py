@@ -3,7 +3,7 @@ the real thing is tests/integration/analysis)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -152,3 +152,59 @@ async def test_one_failing_query_fails_the_analysis() -> None:
     assert [v.outcome for v in found] == ["Successful", "Failed"]
     assert measurement.outcome == "Failed"
     assert measurement.message.startswith("b:")
+
+
+def _spec(**rollout: object) -> object:
+    from kiri_operator.api.specs import ModelDeploymentSpec
+
+    return ModelDeploymentSpec.model_validate(
+        {
+            "model": {
+                "name": "m",
+                "version": "1",
+                "source": {"uri": "https://x.example/m.onnx", "sha256": "a" * 64},
+            },
+            "edge": {"variants": [{"name": "int8", "method": "int8-dynamic"}]},
+            "rollout": {
+                "stages": [{"nodes": 1}, {"percent": 100}],
+                "analysis": {
+                    "prometheus": {"address": PROM},
+                    "queries": [
+                        {
+                            "name": "errors",
+                            "query": 'up{revision="$revision"}',
+                            "successCondition": "result >= 1",
+                            "interval": 10,
+                            "minSamples": 2,
+                        }
+                    ],
+                },
+                **rollout,
+            },
+        }
+    )
+
+
+@respx.mock
+def test_measure_due_asks_prometheus_only_when_the_planner_says_so() -> None:
+    from kiri_operator.planning import waves as w
+
+    route = respx.get(f"{PROM}/api/v1/query_range").mock(
+        return_value=httpx.Response(200, json=matrix("1", "1"))
+    )
+    spec = _spec()
+    ready = NOW - timedelta(seconds=15)
+    state = w.RolloutState(
+        stable_revision="r1", update_revision="r2", step_started_at=ready, progress_at=ready, ready_at=ready
+    )
+    status = {"rollout": w.state_to_status(state)}
+    # warmup = minSamples x interval = 20 s; only 15 s since the wave became Ready.
+    assert analyzing.measure_due(spec, "shop", status, NOW) is None  # type: ignore[arg-type]
+    assert not route.called
+    m = analyzing.measure_due(spec, "shop", status, NOW + timedelta(seconds=5))  # type: ignore[arg-type]
+    assert m is not None and m.outcome == "Successful"
+    assert route.calls.last.request.url.params["query"] == 'up{revision="r2"}'
+    # Measured at that time: the next one is one interval later.
+    measured = {"rollout": w.state_to_status(replace(state, last_measured_at=NOW + timedelta(seconds=5)))}
+    assert analyzing.measure_due(spec, "shop", measured, NOW + timedelta(seconds=10)) is None  # type: ignore[arg-type]
+    assert analyzing.measure_due(spec, "shop", measured, NOW + timedelta(seconds=15)) is not None  # type: ignore[arg-type]
