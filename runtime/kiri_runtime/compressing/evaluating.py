@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -155,11 +156,13 @@ def fidelity(
     cos = np.where(
         norms > 0, dot / np.maximum(norms, 1e-300), np.where(np.abs(ref - got).max(axis=1) == 0, 1.0, 0.0)
     )
-    cos = np.nan_to_num(cos, nan=-1.0)
+    # A sample whose output holds NaN or inf is as wrong as it gets; JSON has no inf, so the error is capped.
+    broken = ~np.isfinite(got).all(axis=1)
+    cos = np.where(broken, -1.0, np.nan_to_num(cos, nan=-1.0))
     top1 = None
     if classifier:
         top1 = float((reference[0].argmax(axis=1) == candidate[0].argmax(axis=1)).mean())
-    err = float(np.abs(ref - got).max()) if np.isfinite(got).all() else math.inf
+    err = float(np.abs(ref - got).max()) if not broken.any() else sys.float_info.max
     return Fidelity(
         cosine=CosineStats(mean=float(cos.mean()), min=float(cos.min()), p5=float(np.percentile(cos, 5))),
         top1_agreement=top1,

@@ -26,7 +26,7 @@ from kiri_runtime.compressing.errors import CompressionError
 from kiri_runtime.manifests import Gate, Method, Metric, Stat, VariantSpec
 
 _GATE_RE = re.compile(
-    r"^\s*(?:(?P<variant>[a-z0-9][-a-z0-9]*)\s*:)?\s*(?P<metric>[a-z0-9-]+)(?:\.(?P<stat>[a-z0-9]+))?"
+    r"^\s*(?:(?P<variant>[a-z0-9][-a-z0-9]*)\s*:)?\s*(?P<metric>[a-z0-9_-]+)(?:\.(?P<stat>[a-z0-9]+))?"
     r"\s*(?P<op>>=|<=|>|<)\s*(?P<threshold>[-+0-9.eE]+)\s*$"
 )
 _METRIC_ALIASES = {
