@@ -210,6 +210,7 @@ def make_pki(pki: Path) -> None:
     if shutil.which("openssl") is None:
         raise ClusterError("openssl is required to create the cluster certificates (apt-get install openssl)")
     pki.mkdir(parents=True, exist_ok=True)
+    pki.chmod(0o700)  # private keys inside
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     openssl(
         "req",
