@@ -1,14 +1,100 @@
-"""Operator-side subcommands: operator, crd, get, status, promote, abort, rollback.
+"""Operator-side subcommands: `kiri operator` and `kiri publish-manifest`.
 
-Each handler imports its implementation lazily. A subcommand is registered here with
-`sub = subparsers.add_parser(...)` and `sub.set_defaults(handler=fn)` where fn(args) -> int.
+Each handler imports its implementation lazily, so `kiri --help` stays fast. (Rollout commands such as
+promote, abort and status live in their own registrar module.)
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import sys
 from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    del subparsers  # Subcommands are added by the operator, API and CLI work.
+    op = subparsers.add_parser(
+        "operator",
+        help="run the Kiri operator against the current KUBECONFIG",
+        description="Reconcile ModelDeployments into cloud Deployments, compression Jobs and edge DaemonSets.",
+    )
+    op.add_argument("--namespace", "-n", default=None, help="watch one namespace (default: all namespaces)")
+    op.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
+    op.add_argument(
+        "--standalone",
+        action="store_true",
+        help="accepted for kopf compatibility; Kiri always runs without peering objects",
+    )
+    op.add_argument("--workers", type=int, default=4, help="ModelDeployments reconciled in parallel")
+    op.add_argument("--resync-seconds", type=float, default=60.0, help="periodic re-reconcile of everything")
+    op.add_argument(
+        "--compression-deadline", type=int, default=3600, help="activeDeadlineSeconds of compression Jobs"
+    )
+    op.add_argument(
+        "--manifest-grace",
+        type=float,
+        default=120.0,
+        help="seconds a completed compression Job may take to have its manifest appear before it counts as failed",
+    )
+    op.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
+    op.add_argument("--log-level", default="INFO")
+    op.set_defaults(handler=_operator)
+
+    pub = subparsers.add_parser(
+        "publish-manifest",
+        help="publish a compression manifest as a ConfigMap (the compression Job's last step)",
+    )
+    pub.add_argument("--namespace", required=True)
+    pub.add_argument("--name", required=True, help="ConfigMap name")
+    pub.add_argument("--manifest", required=True, help="manifest.json written by `kiri compress`")
+    pub.add_argument("--compression", required=True, help="compression key (label kiri.dev/compression)")
+    pub.add_argument("--owner-name", help="ModelDeployment that owns the ConfigMap")
+    pub.add_argument("--owner-uid")
+    pub.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
+    pub.set_defaults(handler=_publish)
+
+
+def _operator(args: argparse.Namespace) -> int:
+    from kiri_operator import handlers
+    from kiri_operator.planning import Settings
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # kopf logs every handled watch event at INFO; with a fleet of nodes that drowns Kiri's own lines.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    config = handlers.Config(
+        namespace=args.namespace,
+        metrics_port=args.metrics_port or None,
+        workers=args.workers,
+        resync_seconds=args.resync_seconds,
+        kubeconfig=args.kubeconfig,
+        settings=Settings(
+            compression_deadline_seconds=args.compression_deadline,
+            manifest_grace_seconds=args.manifest_grace,
+        ),
+    )
+    return handlers.run(config)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from kiri_operator.kube import Kube, KubeError, load_client
+    from kiri_runtime.manifests import dumps, load
+
+    try:
+        manifest = load(args.manifest)  # validate before publishing: the operator gates on it
+    except (OSError, ValueError) as exc:
+        print(f"kiri publish-manifest: cannot read {args.manifest}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        Kube(load_client(args.kubeconfig)).publish_manifest(
+            args.namespace, args.name, dumps(manifest), args.compression, args.owner_name, args.owner_uid
+        )
+    except KubeError as exc:
+        print(f"kiri publish-manifest: {exc}", file=sys.stderr)
+        return 1
+    print(f"published {args.namespace}/{args.name}")
+    return 0

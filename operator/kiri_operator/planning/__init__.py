@@ -609,10 +609,10 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
             new.type, new.status, new.reason, new.message[:4000], observed_generation=observed.generation
         )
         old = C.get(old_conditions, new.type)
-        if C.changed(old, new) and not (old is None and new.status == "Unknown"):
-            etype: Literal["Normal", "Warning"] = (
-                "Warning" if new.is_bad and new.type != C.READY else "Normal"
-            )
+        problem = new.is_bad and new.reason in FAULT_REASONS | FAILURE_REASONS
+        # First appearances are news only when they are problems; after that, every move is.
+        if C.changed(old, new) and (old is not None or problem):
+            etype: Literal["Normal", "Warning"] = "Warning" if problem and new.type != C.READY else "Normal"
             events.append(Event(etype, new.reason, f"{new.type} is {new.status}: {new.message}"[:1000]))
         conds = C.set_condition(conds, new, observed.now)
 

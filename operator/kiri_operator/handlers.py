@@ -1,0 +1,211 @@
+"""Thin kopf wiring: watches feed the caches and the work queue; workers run `Reconciler.reconcile`.
+
+Only event handlers are used (no create/update/delete handlers, no daemons), so kopf never writes to a
+ModelDeployment: no progress annotations, no last-handled-configuration, no finalizer. The reconcile is
+level-based, so "what happened" does not matter, only "which ModelDeployment to look at again":
+- its own events (create, update, resume = the initial listing, deletion);
+- events of its children and of their pods (labelled `kiri.dev/modeldeployment`);
+- Node changes that the planner can see (labels, readiness, capacity), which requeue every
+  ModelDeployment; heartbeats that change none of those are ignored;
+- a periodic resync, and the requeue-after a plan asks for (grace periods, bakes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from kiri_operator import labels as L
+from kiri_operator import metrics
+from kiri_operator.api.names import GROUP, PLURAL, VERSION
+from kiri_operator.caches import CHILD_KINDS, Cache, Key
+from kiri_operator.kube import RESOURCES, Kube, load_client
+from kiri_operator.planning import Settings
+from kiri_operator.queueing import WorkQueue
+from kiri_operator.reconciling import Reconciler
+
+log = logging.getLogger(__name__)
+CHILD_API = {
+    "Deployment": ("apps", "v1", "deployments"),
+    "DaemonSet": ("apps", "v1", "daemonsets"),
+    "Job": ("batch", "v1", "jobs"),
+    "Service": ("", "v1", "services"),
+    "ConfigMap": ("", "v1", "configmaps"),
+    "ServiceAccount": ("", "v1", "serviceaccounts"),
+    "Role": ("rbac.authorization.k8s.io", "v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+}
+
+
+@dataclass
+class Config:
+    namespace: str | None = None
+    metrics_port: int | None = None
+    workers: int = 4
+    resync_seconds: float = 60.0
+    kubeconfig: str | None = None
+    settings: Settings = field(default_factory=Settings)
+
+
+@dataclass
+class Runtime:
+    config: Config = field(default_factory=Config)
+    cache: Cache = field(default_factory=Cache)
+    queue: WorkQueue[Key] | None = None
+    reconciler: Reconciler | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    synced: asyncio.Event | None = None
+
+
+RUNTIME = Runtime()
+
+
+def configure(config: Config) -> None:
+    RUNTIME.config = config
+
+
+def _enqueue(key: Key | None) -> None:
+    if key is not None and RUNTIME.queue is not None and key in RUNTIME.cache.mds:
+        RUNTIME.queue.add(key)
+
+
+def _warm(kube: Kube, cache: Cache, namespace: str | None) -> None:
+    """One LIST per kind before the first reconcile, so no plan is made from a half-filled cache."""
+    for node in kube.list("Node"):
+        cache.put_node(node)
+    for md in kube.list(RESOURCES_KIND, namespace):
+        cache.put_md(md)
+    selector = f"{L.MANAGED_BY}={L.MANAGED_BY_VALUE}"
+    for kind in CHILD_KINDS:
+        for obj in kube.list(kind, namespace, selector):
+            cache.put_child(kind, obj)
+    for pod in kube.list("Pod", namespace, L.MODEL_DEPLOYMENT):
+        cache.put_pod(pod)
+
+
+RESOURCES_KIND = next(k for k, r in RESOURCES.items() if r.plural == PLURAL)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Kiri records its own events; kopf's handler-log events and its state annotations are not wanted.
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.networking.error_backoffs = [1, 2, 5]
+    config = RUNTIME.config
+    kube = Kube(load_client(config.kubeconfig))
+    RUNTIME.cache = Cache()
+    RUNTIME.queue = WorkQueue()
+    RUNTIME.reconciler = Reconciler(kube, RUNTIME.cache, config.settings)
+    await asyncio.get_running_loop().run_in_executor(None, _warm, kube, RUNTIME.cache, config.namespace)
+    if config.metrics_port:
+        metrics.serve(config.metrics_port)
+    for _worker in range(max(1, config.workers)):
+        RUNTIME.tasks.append(asyncio.create_task(RUNTIME.queue.worker(_handle)))
+    RUNTIME.tasks.append(asyncio.create_task(_resync(config.resync_seconds)))
+    for key in RUNTIME.cache.md_keys():
+        RUNTIME.queue.add(key)
+    log.info(
+        "kiri operator started: %d ModelDeployment(s), %d node(s)",
+        len(RUNTIME.cache.mds),
+        len(RUNTIME.cache.nodes),
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(**_: Any) -> None:
+    for task in RUNTIME.tasks:
+        task.cancel()
+    for task in RUNTIME.tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    RUNTIME.tasks.clear()
+    if RUNTIME.queue is not None:
+        RUNTIME.queue.close()
+
+
+async def _handle(key: Key) -> float | None:
+    assert RUNTIME.reconciler is not None
+    outcome = await asyncio.get_running_loop().run_in_executor(None, RUNTIME.reconciler.reconcile, key)
+    return outcome.requeue_after
+
+
+async def _resync(every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        for key in RUNTIME.cache.md_keys():
+            _enqueue(key)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
+    body: dict[str, Any] = dict(event.get("object") or {})
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    if event.get("type") == "DELETED":
+        RUNTIME.cache.remove_md(key)
+        metrics.set_nodes(key[0], key[1], {})
+        return
+    RUNTIME.cache.put_md(body)
+    _enqueue(key)
+
+
+def _child_handler(kind: str) -> Any:
+    async def handler(event: kopf.RawEvent, **_: Any) -> None:
+        body: dict[str, Any] = dict(event.get("object") or {})
+        if event.get("type") == "DELETED":
+            _enqueue(RUNTIME.cache.remove_child(kind, body))
+        else:
+            _enqueue(RUNTIME.cache.put_child(kind, body))
+
+    handler.__name__ = f"{kind.lower()}_event"
+    return handler
+
+
+for _kind, (_group, _version, _plural) in CHILD_API.items():
+    kopf.on.event(
+        _group, _version, _plural, labels={L.MANAGED_BY: L.MANAGED_BY_VALUE}, id=f"{_plural}-event"
+    )(_child_handler(_kind))
+
+
+@kopf.on.event("", "v1", "pods", labels={L.MODEL_DEPLOYMENT: kopf.PRESENT})
+async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
+    body: dict[str, Any] = dict(event.get("object") or {})
+    if event.get("type") == "DELETED":
+        _enqueue(RUNTIME.cache.remove_pod(body))
+        return
+    key, changed = RUNTIME.cache.put_pod(body)
+    if changed:
+        _enqueue(key)
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_event(event: kopf.RawEvent, **_: Any) -> None:
+    body: dict[str, Any] = dict(event.get("object") or {})
+    if event.get("type") == "DELETED":
+        changed = RUNTIME.cache.remove_node(str((body.get("metadata") or {}).get("name")))
+    else:
+        changed = RUNTIME.cache.put_node(body)
+    if changed:
+        for key in RUNTIME.cache.md_keys():
+            _enqueue(key)
+
+
+def run(config: Config) -> int:
+    """Run the operator until interrupted; `--standalone` semantics: no peering objects needed."""
+    configure(config)
+    namespaces = [config.namespace] if config.namespace else []
+    asyncio.run(
+        kopf.operator(
+            standalone=True,
+            clusterwide=not namespaces,
+            namespaces=namespaces,
+        )
+    )
+    return 0

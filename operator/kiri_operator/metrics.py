@@ -1,0 +1,59 @@
+"""Operator metrics (Prometheus): reconcile duration, API requests by verb and resource, nodes per phase.
+
+One registry per process, served by `serve(port)`; tests read the same counters to count writes.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+REGISTRY: Final = CollectorRegistry()
+WRITE_VERBS: Final = frozenset({"create", "update", "patch", "apply", "delete"})
+
+RECONCILE_SECONDS: Final = Histogram(
+    "kiri_reconcile_duration_seconds",
+    "Time for one reconcile of one ModelDeployment (observe, plan, apply).",
+    ["result"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+API_REQUESTS: Final = Counter(
+    "kiri_api_requests",
+    "Kubernetes API requests made by the operator (watches excluded), by verb, resource and status code.",
+    ["verb", "resource", "code"],
+    registry=REGISTRY,
+)
+NODES: Final = Gauge(
+    "kiri_edge_nodes",
+    "Edge nodes per ModelDeployment, variant and phase (ready, updating, deferred, unmatched).",
+    ["namespace", "modeldeployment", "variant", "phase"],
+    registry=REGISTRY,
+)
+RECONCILE_WRITES: Final = Counter(
+    "kiri_reconcile_writes",
+    "Writes decided by reconciles, by kind of object and check result (Create, Update, Delete, Status, Event).",
+    ["kind", "check"],
+    registry=REGISTRY,
+)
+QUEUE_DEPTH: Final = Gauge(
+    "kiri_workqueue_depth", "ModelDeployments waiting for a reconcile.", registry=REGISTRY
+)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+def set_nodes(namespace: str, name: str, counts: dict[tuple[str, str], int]) -> None:
+    """Replace the node gauges of one ModelDeployment (stale label sets are removed, not left at old values)."""
+    for metric in list(NODES.collect()):
+        for sample in metric.samples:
+            labels = sample.labels
+            if labels.get("namespace") == namespace and labels.get("modeldeployment") == name:
+                key = (labels["variant"], labels["phase"])
+                if key not in counts:
+                    NODES.remove(namespace, name, *key)
+    for (variant, phase), n in counts.items():
+        NODES.labels(namespace, name, variant, phase).set(n)

@@ -1,0 +1,165 @@
+"""One reconcile of one ModelDeployment: observe (caches), plan (pure), apply (kube), report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlparse
+
+from pydantic import ValidationError
+
+from kiri_operator import metrics
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.caches import Cache, Key
+from kiri_operator.kube import Kube, KubeError
+from kiri_operator.planning import Settings, invalid_spec_status, normalize_status, plan
+from kiri_operator.plans import Action, Check, Event, Plan
+
+log = logging.getLogger(__name__)
+
+# Dependencies first: the Job's account before the Job, the Service before the pods that fall back to it.
+APPLY_ORDER = (
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "Service",
+    "Deployment",
+    "Job",
+    "DaemonSet",
+    "ConfigMap",
+)
+
+
+@dataclass
+class Outcome:
+    writes: int = 0
+    requeue_after: float | None = None
+    error: str | None = None
+
+
+def _order(actions: Iterable[Action]) -> list[Action]:
+    rank = {k: i for i, k in enumerate(APPLY_ORDER)}
+    writes = [a for a in actions if a.check in (Check.CREATE, Check.UPDATE)]
+    deletes = [a for a in actions if a.check is Check.DELETE]
+    return sorted(writes, key=lambda a: rank.get(a.kind, 99)) + deletes
+
+
+def _pvcs_needed(spec: ModelDeploymentSpec) -> list[str]:
+    claims = []
+    for uri in (spec.model.source.uri, spec.edge.artifacts.uri):
+        parsed = urlparse(uri)
+        if parsed.scheme == "pvc" and parsed.netloc:
+            claims.append(parsed.netloc)
+    return claims
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, cache: Cache, settings: Settings | None = None) -> None:
+        self.kube = kube
+        self.cache = cache
+        self.settings = settings or Settings()
+
+    def reconcile(self, key: Key) -> Outcome:
+        started = time.perf_counter()
+        try:
+            outcome = self._reconcile(key)
+        except Exception as exc:
+            log.exception("reconcile of %s/%s failed", *key)
+            metrics.RECONCILE_SECONDS.labels("error").observe(time.perf_counter() - started)
+            return Outcome(error=str(exc), requeue_after=5.0)
+        result = "error" if outcome.error else ("changed" if outcome.writes else "unchanged")
+        metrics.RECONCILE_SECONDS.labels(result).observe(time.perf_counter() - started)
+        return outcome
+
+    def _reconcile(self, key: Key) -> Outcome:
+        md = self.cache.md(key)
+        if md is None or (md.get("metadata") or {}).get("deletionTimestamp"):
+            # Children carry owner references: the garbage collector removes them with their owner.
+            metrics.set_nodes(key[0], key[1], {})
+            return Outcome()
+        now = datetime.now(UTC)
+        try:
+            spec: ModelDeploymentSpec | None = ModelDeploymentSpec.model_validate(md.get("spec") or {})
+            error = None
+        except ValidationError as exc:
+            spec, error = (
+                None,
+                "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()),
+            )
+        pvcs: frozenset[str] | None = None
+        if spec is not None and (claims := _pvcs_needed(spec)):
+            pvcs = frozenset(
+                c for c in claims if self.kube.get("PersistentVolumeClaim", key[0], c) is not None
+            )
+        observed = self.cache.observe(key, now, pvcs)
+        if observed is None:
+            return Outcome()
+        p: Plan = (
+            invalid_spec_status(observed, error or "")
+            if spec is None
+            else plan(spec, observed, self.settings)
+        )
+        return self._apply(key, md, observed.status, p)
+
+    def _apply(self, key: Key, md: dict[str, Any], old_status: Any, p: Plan) -> Outcome:
+        outcome = Outcome(requeue_after=p.requeue_after)
+        events = list(p.events)
+        for action in _order(p.actions):
+            try:
+                if action.check is Check.DELETE:
+                    self.kube.delete(action.kind, key[0], action.name)
+                    self.cache.remove_child(
+                        action.kind,
+                        {
+                            "metadata": {
+                                "namespace": key[0],
+                                "name": action.name,
+                                "labels": {"kiri.dev/modeldeployment": key[1]},
+                            }
+                        },
+                    )
+                else:
+                    assert action.body is not None
+                    self.cache.put_child(action.kind, self.kube.apply(action.body))
+                metrics.RECONCILE_WRITES.labels(action.kind, action.check.value).inc()
+                outcome.writes += 1
+            except KubeError as exc:
+                # One refused child does not stop the others; the next reconcile retries it.
+                outcome.error = str(exc)
+                outcome.requeue_after = 5.0
+                events.append(
+                    Event(
+                        "Warning",
+                        "ApplyFailed",
+                        f"{action.check.value} {action.kind} {action.name}: {exc.message}"[:1000],
+                    )
+                )
+        if p.status != normalize_status(old_status or {}):
+            try:
+                self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status))
+                metrics.RECONCILE_WRITES.labels("ModelDeployment", "Status").inc()
+                outcome.writes += 1
+            except KubeError as exc:
+                if exc.status != 404:  # deleted meanwhile: nothing left to report on
+                    outcome.error = str(exc)
+                    outcome.requeue_after = 5.0
+        for event in events:
+            self.kube.event(md, event)
+            metrics.RECONCILE_WRITES.labels("Event", event.reason).inc()
+        self._node_metrics(key, p.status)
+        return outcome
+
+    @staticmethod
+    def _node_metrics(key: Key, status: dict[str, Any]) -> None:
+        edge = status.get("edge") or {}
+        counts: dict[tuple[str, str], int] = {}
+        for v in edge.get("perVariant") or []:
+            counts[(v["name"], "ready")] = int(v.get("ready", 0))
+            counts[(v["name"], "updating")] = int(v.get("nodes", 0)) - int(v.get("ready", 0))
+        counts[("", "deferred")] = int(edge.get("deferredNodes", 0))
+        counts[("", "unmatched")] = int(edge.get("unmatchedNodes", 0))
+        metrics.set_nodes(key[0], key[1], counts)
