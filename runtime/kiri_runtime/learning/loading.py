@@ -1,0 +1,109 @@
+"""Models and data for the learning loop.
+
+A model is a module factory (`pkg.module:function` or `path/file.py:function`, the compressor's `factory`
+format) plus a torch state dict file (`torch.save(model.state_dict())`, loaded with `weights_only=True`, so a
+weights file cannot run code). Site data and the held-out set are `.npz` files with arrays `x` (inputs) and
+`y` (int class labels, or float targets for regression); loaded with `allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kiri_runtime.learning.errors import LearningError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def local_path(uri: str) -> Path:
+    """Weights come from a local path or file:// URI: the fetcher or the Job's init container put them there."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri)
+    raise LearningError(f"weights {uri!r}: use a local path or file:// URI (fetch remote artifacts first)")
+
+
+def build_module(factory: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
+    import torch
+
+    from kiri_runtime.compressing.errors import CompressionError
+    from kiri_runtime.compressing.exporting import load_factory
+
+    torch.manual_seed(seed)
+    try:
+        module = load_factory(factory)(**kwargs)
+    except CompressionError as e:
+        raise LearningError(str(e)) from None
+    except Exception as e:
+        raise LearningError(f"factory {factory!r} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(module, torch.nn.Module):
+        raise LearningError(f"factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def load_model(factory: str, kwargs: dict[str, Any], weights: Path | None, seed: int = 0) -> torch.nn.Module:
+    import torch
+
+    module = build_module(factory, kwargs, seed)
+    if weights is not None:
+        if not weights.is_file():
+            raise LearningError(f"weights file {weights} does not exist")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LearningError(
+                f"weights {weights}: not a torch state dict: {type(e).__name__}: {e}"
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        try:
+            module.load_state_dict(state)
+        except Exception as e:
+            raise LearningError(f"weights {weights} do not fit {factory}: {e}") from None
+    return module
+
+
+def float_params(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {n: p.detach().cpu().numpy().astype(np.float32) for n, p in module.named_parameters()}
+
+
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(module.state_dict(), tmp)
+    tmp.replace(path)
+
+
+def load_arrays(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_file():
+        raise LearningError(f"{what} {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "x" not in data or "y" not in data:
+                raise LearningError(f"{what} {path}: needs arrays 'x' and 'y', has {sorted(data.files)}")
+            x, y = np.asarray(data["x"]), np.asarray(data["y"])
+    except LearningError:
+        raise
+    except Exception as e:
+        raise LearningError(f"{what} {path}: not a readable .npz: {type(e).__name__}: {e}") from None
+    if len(x) == 0 or len(x) != len(y):
+        raise LearningError(f"{what} {path}: x has {len(x)} rows and y {len(y)}; need the same, at least one")
+    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x.astype(np.float64)).all():
+        raise LearningError(f"{what} {path}: x must be finite numbers")
+    return x.astype(np.float32), y
