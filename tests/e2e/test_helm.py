@@ -91,7 +91,7 @@ def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MONITORING = ("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true")
-NAMESPACED = ("--set", "operator.watchNamespaces={team-a,team-b}")
+NAMESPACED = ("--set", "operator.watchNamespaces={team-a}")
 
 
 # --- rendering -------------------------------------------------------------------------------------
@@ -110,13 +110,22 @@ def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
         (("--set", "securityContext.readOnlyRootFilesystem=false"), "readOnlyRootFilesystem"),
         (("--set", "podSecurityContext.runAsNonRoot=false"), "runAsNonRoot"),
         (("--set", "imagePullPolicy=Always"), "imagePullPolicy"),
-        (("--set", "operator.logFormat=xml"), "logFormat"),
+        (("--set", "operator.logLevel=LOUD"), "logLevel"),
+        (("--set", "operator.watchNamespaces={a,b}"), "watchNamespaces"),
         (
             ("--set", "metrics.service.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"),
             "metrics",
         ),
     ],
-    ids=["two-replicas", "writable-root", "root", "unknown-key", "bad-enum", "monitor-without-service"],
+    ids=[
+        "two-replicas",
+        "writable-root",
+        "root",
+        "unknown-key",
+        "bad-enum",
+        "two-namespaces",
+        "monitor-without-service",
+    ],
 )
 def test_bad_values_are_refused_with_the_key(
     helm_env: dict[str, str], bad: tuple[str, ...], message: str
@@ -149,8 +158,8 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
 
     assert verbs("", "nodes") == {"get", "list", "watch"}  # Kiri never mutates Node objects.
     assert verbs("", "pods") == {"get", "list", "watch"}
-    assert {"list", "watch", "patch"} <= verbs("kiri.dev", "modeldeployments")
-    assert "delete" not in verbs("kiri.dev", "modeldeployments")
+    # kopf runs event handlers only: the operator reads ModelDeployments and writes nothing but their status.
+    assert verbs("kiri.dev", "modeldeployments") == {"get", "list", "watch"}
     assert "patch" in verbs("kiri.dev", "modeldeployments/status")
     assert verbs("kiri.dev", "modeldeployments/finalizers") == {"update"}
     assert "create" in verbs("", "events")
@@ -162,19 +171,15 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
     cluster_roles = by_kind(docs, "ClusterRole")
     roles = by_kind(docs, "Role")
     if values == NAMESPACED:
-        # Watching some namespaces: the ClusterRole only reads nodes; everything else is per namespace.
+        # Watching one namespace: the ClusterRole only reads nodes; everything else is in that namespace.
         assert [r["resources"] for r in cluster_roles[0]["rules"]] == [["nodes"]]
-        assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-        assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == [
-            "team-a",
-            "team-b",
-        ]
+        assert [r["metadata"]["namespace"] for r in roles] == ["team-a"]
+        assert [b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")] == ["team-a"]
     else:
         assert not roles
     args = operator_container(docs)["args"]
     assert "--standalone" in args
-    assert ("--namespace=team-a" in args) == (values == NAMESPACED)
-    assert ("--all-namespaces" in args) == (values != NAMESPACED)
+    assert [a for a in args if a.startswith("--namespace")] == (["--namespace=team-a"] if values else [])
 
 
 def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) -> None:
@@ -428,14 +433,14 @@ def test_install_upgrade_uninstall(
 
     helm(
         env, "upgrade", name, str(CHART), "--namespace", namespace, "--reuse-values",
-        "--set", "operator.verbose=true", "--wait", "--timeout", "120s",
+        "--set", "operator.logLevel=DEBUG", "--wait", "--timeout", "120s",
     )  # fmt: skip
     deployment = cluster.get_json("deployment", "-n", namespace, name)
-    assert "--verbose" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--log-level=DEBUG" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     cluster.wait_for(
         lambda: (
             (p := _operator_pod(cluster, namespace, name))
-            and "--verbose" in p["spec"]["containers"][0]["args"]
+            and "--log-level=DEBUG" in p["spec"]["containers"][0]["args"]
             and _ready(p)
         ),
         timeout=90,

@@ -61,18 +61,21 @@ app.kubernetes.io/part-of: kiri
 
 {{/*
 The operator's namespaced permissions. Rendered into one ClusterRole (all namespaces) or one Role per
-watched namespace. Verbs are the minimum: kopf patches the ModelDeployment (finalizer, progress
-annotations) and its status; the operator server-side-applies its children, which is `patch`, and
-deletes children of old revisions; pods are only read (readiness per node). No secrets, no pod exec, no
+watched namespace. Verbs are the minimum: the operator only reads ModelDeployments (kopf runs event
+handlers only, so it writes no annotations or finalizers) and applies their status; it
+server-side-applies its children, which is `patch`, and deletes children of old revisions; pods are only read (readiness per node). No secrets, no pod exec, no
 "bind" or "escalate".
 */}}
 {{- define "kiri.namespacedRules" -}}
 - apiGroups: ["kiri.dev"]
   resources: ["modeldeployments"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["kiri.dev"]
   resources: ["modeldeployments/status"]
   verbs: ["get", "patch", "update"]
+# Children carry owner references with blockOwnerDeletion, which clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin only allow to whoever may update the owner's
+# finalizers.
 - apiGroups: ["kiri.dev"]
   resources: ["modeldeployments/finalizers"]
   verbs: ["update"]
