@@ -15,6 +15,7 @@ from collections.abc import Sequence
 _SUBCOMMAND_MODULES = (
     "kiri_operator.commands",
     "kiri_operator.api.commands",
+    "kiri_operator.rollout_commands",
     "kiri_runtime.commands",
 )
 

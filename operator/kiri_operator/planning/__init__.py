@@ -419,8 +419,17 @@ def _edge(
             )
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.WAITING_FOR_VARIANTS, result.message)
     elif result.verdict == "Progressing":
-        out.progressing = Condition(C.EDGE_PROGRESSING, "True", Reason.ROLLING_OUT, result.message)
-        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.NODES_NOT_READY, result.message)
+        # The wave's reason says which gate it is at: WaitingForReady, AnalysisRunning, Baking.
+        out.progressing = Condition(
+            C.EDGE_PROGRESSING, "True", result.reason or Reason.ROLLING_OUT, result.message
+        )
+        waiting = result.reason in ("", "WaitingForReady")
+        out.rolled_out = Condition(
+            C.EDGE_ROLLED_OUT,
+            "False",
+            Reason.NODES_NOT_READY if waiting else Reason.ROLLING_OUT,
+            result.message,
+        )
     elif result.verdict in ("Holding", "Paused"):
         # The wave's own reason (AnalysisInconclusive, Paused, WaitingForOfflineNodes, ...) is the news.
         out.progressing = Condition(C.EDGE_PROGRESSING, "True", result.reason, result.message)
