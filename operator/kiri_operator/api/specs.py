@@ -472,6 +472,9 @@ class EdgeSpec(ApiModel):
     """Which nodes form the edge fleet."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
     """Tolerations of the edge pods (e.g. for sites that taint their nodes)."""
+    pod_labels: Annotated[dict[str, LabelValue], Field(max_length=32)] = {}
+    """Extra labels on edge pods (e.g. for a Prometheus scrape selector). Part of the revision: changing
+    them rolls out in waves like any other change."""
     variants: Annotated[
         list[Variant],
         Field(

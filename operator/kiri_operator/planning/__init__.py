@@ -359,7 +359,14 @@ def _edge(
             artifact = B.EdgeArtifact(uri=B.resolve_uri(fetch_base, got.uri), sha256=got.sha256)
             out.children.append(
                 B.edge_daemonset(
-                    spec, owner, revision, comp.key, slot.variant, artifact, nodes, settings.pod_labels
+                    spec,
+                    owner,
+                    revision,
+                    comp.key,
+                    slot.variant,
+                    artifact,
+                    nodes,
+                    {**settings.pod_labels, **spec.edge.pod_labels},
                 )
             )
         else:

@@ -56,4 +56,6 @@ def revision_key(spec: ModelDeploymentSpec, artifacts_uri: str, extra: Any = Non
         "cloudEnabled": spec.cloud.replicas > 0,
         "extra": extra,
     }
+    if spec.edge.pod_labels:  # only when set, so existing revisions keep their hashes
+        inputs["podLabels"] = dict(spec.edge.pod_labels)
     return short_hash(_canonical(inputs))
