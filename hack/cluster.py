@@ -37,6 +37,7 @@ HACK_DIR = REPO_ROOT / "hack"
 STATE_DIR = Path(os.environ.get("KIRI_STATE_DIR") or REPO_ROOT / ".kiri").resolve()
 FIELD_MANAGER = "kiri-cluster"
 OFFLINE_ANNOTATION = "kiri.dev/sim-offline"
+OFFLINE_LEASE_HOLDER = "kiri-sim-offline"
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 SIM_LABEL = "kiri.dev/sim"
 # A lease renewed every 15s keeps node objects still (no status heartbeats for watchers to chew on) while
@@ -1108,23 +1109,76 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ready_status(api: Api, name: str) -> str | None:
+    status, body = api.request("GET", f"/api/v1/nodes/{name}")
+    if status != 200:
+        msg = body.get("message") if isinstance(body, dict) else body
+        raise ClusterError(f"node {name}: {msg}")
+    for cond in body.get("status", {}).get("conditions", []):
+        if cond["type"] == "Ready":
+            return str(cond["status"])
+    return None
+
+
+def _patch(api: Api, path: str, patch: dict[str, Any]) -> tuple[int, Any]:
+    return api.request("PATCH", path, patch, content_type="application/merge-patch+json")
+
+
 def cmd_node(args: argparse.Namespace) -> int:
+    """Take a node offline the way an edge node is lost: its kubelet reports NotReady, then goes silent.
+
+    1. The offline annotation makes kwok's kiri-node-offline stage post Ready=False (NotReady at once).
+    2. The node's Lease is handed to another holder that never renews it. kwok treats a node whose lease it
+       does not hold as someone else's and stops acting for it and its pods (new pods there stay Pending,
+       deleted ones stay Terminating), and the real node lifecycle controller sees the lease go stale
+       (Ready=Unknown after its grace period), exactly as for a kubelet that lost its network.
+    Online reverses both; kwok takes the lease back at its next renewal (within NODE_LEASE_SECONDS / 4).
+    """
     paths = Paths(STATE_DIR)
     state = read_state(paths)
     if state is None:
         raise ClusterError("the cluster is not running (hack/cluster up)")
     api = Api(paths.pki, state["ports"]["apiserver"])
-    value = "true" if args.command == "node-offline" else None
-    status, body = api.request(
-        "PATCH",
-        f"/api/v1/nodes/{args.name}",
-        {"metadata": {"annotations": {OFFLINE_ANNOTATION: value}}},
-        content_type="application/merge-patch+json",
+    name = args.name
+    offline = args.command == "node-offline"
+    _ready_status(api, name)  # a clear error for an unknown node
+    status, body = _patch(
+        api,
+        f"/api/v1/nodes/{name}",
+        {"metadata": {"annotations": {OFFLINE_ANNOTATION: "true" if offline else None}}},
     )
     if status != 200:
-        msg = body.get("message") if isinstance(body, dict) else body
-        raise ClusterError(f"node {args.name}: {msg}")
-    log(f"{args.name}: {'offline (NotReady shortly)' if value else 'online (Ready shortly)'}")
+        raise ClusterError(f"node {name}: {body.get('message') if isinstance(body, dict) else body}")
+    lease_path = f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{name}"
+    if offline:
+        deadline = time.monotonic() + 30
+        while _ready_status(api, name) == "True":
+            if time.monotonic() > deadline:
+                raise ClusterError(f"node {name} still Ready 30s after the offline annotation; see kwok.log")
+            time.sleep(0.2)
+        # renewTime stays as kwok last wrote it: the lease is silent from that moment on.
+        status, body = _patch(
+            api, lease_path, {"spec": {"holderIdentity": OFFLINE_LEASE_HOLDER, "leaseDurationSeconds": 10**9}}
+        )
+        if status == 404:
+            lease = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": name, "namespace": "kube-node-lease"},
+                "spec": {"holderIdentity": OFFLINE_LEASE_HOLDER, "leaseDurationSeconds": 10**9},
+            }
+            status, body = api.request("POST", lease_path.rsplit("/", 1)[0], lease)
+    else:
+        status, body = _patch(
+            api, lease_path, {"spec": {"holderIdentity": None, "leaseDurationSeconds": NODE_LEASE_SECONDS}}
+        )
+        if status == 404:
+            status = 200  # kwok creates it
+    if status >= 300:
+        raise ClusterError(f"lease of node {name}: {body.get('message') if isinstance(body, dict) else body}")
+    log(
+        f"{name}: {'offline (NotReady)' if offline else 'online (Ready within ' + str(NODE_LEASE_SECONDS // 4) + 's)'}"
+    )
     return 0
 
 

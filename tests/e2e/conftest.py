@@ -19,9 +19,11 @@ Fixtures
       dicts, or YAML text.
     - ``cluster.api_client() -> kubernetes.client.ApiClient`` built from the kubeconfig (a new one per
       call; close it or use it as a context manager).
-    - ``cluster.set_node_ready(name, ready, wait=True, timeout=60)``: takes a simulated node offline
-      (its Ready condition turns False, ``kubectl get node`` shows NotReady) or back online. Same as
-      ``hack/cluster node-offline|node-online NAME``.
+    - ``cluster.set_node_ready(name, ready, wait=True, timeout=60)``: takes a simulated node offline or
+      back online, as ``hack/cluster node-offline|node-online NAME`` (see hack/README.md). Offline: Ready
+      turns False at once (``kubectl get node`` shows NotReady) and the node goes silent: kwok stops acting
+      for it, so pods placed there stay Pending and deleted ones stay Terminating, and after ~80s the
+      node lifecycle controller marks it Unknown. Online: Ready again within ~15s and its pods start.
     - ``cluster.node_ready(name) -> bool``.
     - ``cluster.edge_nodes(site=None) -> list[str]`` and ``cluster.cloud_nodes() -> list[str]``: node names,
       sorted, from the API (labels ``kiri.dev/tier=edge|cloud``, ``kiri.dev/site=<site>``).
@@ -67,7 +69,6 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SCRIPT = REPO_ROOT / "hack" / "cluster"
-OFFLINE_ANNOTATION = "kiri.dev/sim-offline"
 
 T = TypeVar("T")
 
@@ -135,10 +136,12 @@ class Cluster:
         return status.strip() == "True"
 
     def set_node_ready(self, name: str, ready: bool, wait: bool = True, timeout: float = 60) -> None:
-        if ready:
-            self.kubectl("annotate", "node", name, f"{OFFLINE_ANNOTATION}-", "--overwrite")
-        else:
-            self.kubectl("annotate", "node", name, f"{OFFLINE_ANNOTATION}=true", "--overwrite")
+        command = "node-online" if ready else "node-offline"
+        proc = subprocess.run(
+            [str(CLUSTER_SCRIPT), command, name], capture_output=True, text=True, timeout=60, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"hack/cluster {command} {name} failed: {proc.stderr.strip()}")
         if wait:
             self.wait_for(
                 lambda: self.node_ready(name) == ready,

@@ -167,12 +167,19 @@ def test_crash_pod_restarts_with_exit_code_1_and_is_never_ready(cluster: Cluster
     assert _condition(pod, "Ready") == "False"
 
 
-def test_node_taken_offline_turns_not_ready_then_ready_again(cluster: Cluster) -> None:
+def test_node_taken_offline_turns_not_ready_then_ready_again(cluster: Cluster, namespace: str) -> None:
     node = cluster.edge_nodes()[-1]
     assert cluster.node_ready(node)
+    pinned = _pod("pinned", {"app": "pinned"})
+    pinned["spec"]["nodeName"] = node
     try:
         cluster.set_node_ready(node, False, timeout=30)
         assert cluster.kubectl("get", "node", node, "--no-headers").split()[1].startswith("NotReady")
+
+        # Nobody answers for an offline node: a pod bound to it is not started.
+        cluster.apply(pinned, namespace=namespace)
+        time.sleep(3)
+        assert cluster.get_json("pod", "pinned", "-n", namespace)["status"]["phase"] == "Pending"
 
         # The real node lifecycle controller reacts to it, as it would to a lost edge site.
         def tainted() -> bool:
@@ -184,6 +191,10 @@ def test_node_taken_offline_turns_not_ready_then_ready_again(cluster: Cluster) -
         cluster.set_node_ready(node, True, timeout=30)
     assert cluster.kubectl("get", "node", node, "--no-headers").split()[1] == "Ready"
     cluster.wait_for(lambda: not tainted(), timeout=60, message=f"not-ready taint removed from {node}")
+    # Back online, the node runs what was bound to it while it was away.
+    cluster.kubectl(
+        "wait", "pod/pinned", "-n", namespace, "--for=condition=Ready", "--timeout=30s", timeout=40
+    )
 
 
 def test_crd_cel_rule_rejects_a_bad_object_with_the_api_servers_message(
