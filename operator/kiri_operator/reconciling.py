@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlparse
@@ -98,6 +98,13 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
+        if spec is not None and spec.rollout.analysis is not None:
+            # Metric analysis is I/O, so it belongs to observe; the planner said (in status) whether it is due.
+            from kiri_operator import analyzing
+
+            measurement = analyzing.measure_due(spec, observed.namespace, observed.status, now)
+            if measurement is not None:
+                observed = replace(observed, measurement=measurement)
         p: Plan = (
             invalid_spec_status(observed, error or "")
             if spec is None

@@ -58,25 +58,25 @@ def detect_format(source: str, given: str | None) -> str:
 
 
 def fetch(uri: str, work_dir: Path, *, expected_sha256: str | None, what: str = "source") -> tuple[Path, str]:
-    """A local path for `uri` (a path, file:// or http(s)://) and its sha256, verified when one is expected."""
+    """A local path for `uri` (a path, file://, http(s):// or s3://) and its sha256, verified when expected."""
     parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        import httpx
+    if parsed.scheme in ("http", "https", "s3"):
+        # The runtime's fetcher: retries with backoff, resumes with Range, verifies the digest, signs S3.
+        from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, FetchError, IntegrityError
 
-        local = work_dir / (Path(parsed.path).name or "download")
+        fetcher = ArtifactFetcher(ArtifactCache(work_dir / "fetch-cache"))
         try:
-            with httpx.stream("GET", uri, follow_redirects=True, timeout=60.0) as r:
-                r.raise_for_status()
-                with local.open("wb") as f:
-                    for chunk in r.iter_bytes():
-                        f.write(chunk)
-        except httpx.HTTPError as e:
-            raise CompressionError(f"{what} {uri}: download failed: {e}") from None
+            local = fetcher.fetch(uri, expected_sha256)
+        except FetchError as e:
+            kind = "sha256 mismatch" if isinstance(e, IntegrityError) else "download failed"
+            raise CompressionError(f"{what} {uri}: {kind}: {e}") from None
+        finally:
+            fetcher.close()
     elif parsed.scheme in ("", "file"):
         local = Path(urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else uri)
     else:
         raise CompressionError(
-            f"{what} {uri}: unsupported URI scheme {parsed.scheme!r} (use a path, file:// or http(s)://)"
+            f"{what} {uri}: unsupported URI scheme {parsed.scheme!r} (use a path, file://, http(s):// or s3://)"
         )
     if not local.is_file():
         raise CompressionError(f"{what} {uri}: no such file")

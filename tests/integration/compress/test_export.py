@@ -184,3 +184,32 @@ def test_torch_export_program_with_a_static_batch_is_refused_clearly(
         "--source", str(source), "--eval-data", str(data), "--out", str(out), "--variant", "fp16"
     )
     _assert_failed(out, rc, log, "static batch axis")
+
+
+def test_sources_over_http_are_fetched_and_verified(
+    tmp_path: Path, run_compress: Run, mlp_source: tuple[Path, Path, str]
+) -> None:
+    import functools
+    import http.server
+    import threading
+
+    state, data, sha = mlp_source
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        out = tmp_path / "out"
+        rc, log = run_compress("--source", f"{ZOO}:mlp", "--state-dict", f"{base}/{state.name}", "--sha256", sha,
+                               "--eval-data", f"{base}/{data.name}", "--out", str(out), "--variant", "fp16",
+                               "--latency-rounds", "5")  # fmt: skip
+        assert rc == 0, log
+        assert load(out).model.source_sha256 == sha
+        rc, log = run_compress("--source", f"{ZOO}:mlp", "--state-dict", f"{base}/{state.name}", "--sha256",
+                               "f" * 64, "--eval-data", str(data), "--out", str(out), "--variant", "fp16")  # fmt: skip
+        _assert_failed(out, rc, log, "sha256 mismatch")
+        rc, log = run_compress("--source", f"{base}/missing.onnx", "--out", str(out), "--variant", "fp16")
+        _assert_failed(out, rc, log, "download failed")
+    finally:
+        server.shutdown()
+        server.server_close()
