@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -77,6 +78,16 @@ class OnnxModel:
         return dict(zip(self._output_names, results, strict=True))
 
 
+def run_slots(threads_per_run: int | None = None) -> int:
+    """Concurrent `session.run` calls that keep the cores busy without oversubscribing them.
+
+    ONNX Runtime uses all cores per run when its thread count is unset, so then one run at a time is
+    best; with N threads per run, cores // N runs. More slots than that only adds cache thrash.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // threads_per_run) if threads_per_run else 1
+
+
 def has_dynamic_batch(model: Model) -> bool:
     specs = [*model.inputs, *model.outputs]
     return bool(specs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
@@ -117,7 +128,7 @@ class DataPlane:
         fail_seed: int = 0,
         delay_ms: float = 0.0,
         batching: BatchingConfig | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         inline_below_ms: float = 0.2,
     ) -> None:
         self.metrics = metrics if metrics is not None else RuntimeMetrics()
@@ -127,7 +138,8 @@ class DataPlane:
         self.inline_below_s = inline_below_ms / 1000.0
         self._rng = random.Random(fail_seed)
         self.batching = batching or BatchingConfig()
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kiri-infer")
+        self.workers = workers or run_slots()
+        self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kiri-infer")
         self._models: dict[str, ModelEntry] = {}
         self.draining = False
 
@@ -150,6 +162,7 @@ class DataPlane:
                     self.executor,
                     max_batch_size=self.batching.max_batch_size,
                     max_wait_s=self.batching.max_wait_ms / 1000.0,
+                    concurrency=self.workers,
                     on_batch=self.metrics.batch_size.labels(name).observe,
                 )
             else:

@@ -9,7 +9,7 @@ Cache layout under the cache dir (a hostPath on edge nodes, shared by the revisi
     blobs/sha256/<hex>      verified artifacts, only ever created by an atomic rename
     partial/<key>.part      downloads in progress; resumed with Range, never served
     quarantine/<hex>.<ts>   files whose digest did not match, kept for a post-mortem
-    pins.json               the last N verified revisions (N-1 stays for a fast rollback)
+    pins.json               per model, the last N verified revisions (N-1 stays for a fast rollback)
 
 Edge links drop: an HTTP transfer resumes from the bytes already on disk after a cut, retries with
 exponential backoff on transport errors, 429 and 5xx, and gives up at once on other 4xx. The digest is
@@ -99,11 +99,12 @@ def _write(fh: IO[bytes], chunk: bytes) -> None:
 
 
 class ArtifactCache:
-    def __init__(self, root: Path | str, revisions_kept: int = 2) -> None:
+    def __init__(self, root: Path | str, revisions_kept: int = 2, eviction_grace_s: float = 600.0) -> None:
         if revisions_kept < 1:
             raise ValueError("revisions_kept must be >= 1")
         self.root = Path(root)
         self.revisions_kept = revisions_kept
+        self.eviction_grace_s = eviction_grace_s
         self.blobs = self.root / "blobs" / "sha256"
         self.partial = self.root / "partial"
         self.quarantined = self.root / "quarantine"
@@ -141,29 +142,42 @@ class ArtifactCache:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def pins(self) -> list[dict[str, Any]]:
+    def _read_pins(self) -> dict[str, list[dict[str, Any]]]:
         try:
             data = json.loads(self._pins.read_text())
         except (FileNotFoundError, ValueError):
-            return []
-        revisions = data.get("revisions", []) if isinstance(data, dict) else []
-        return [r for r in revisions if isinstance(r, dict) and isinstance(r.get("sha256"), str)]
+            return {}
+        models = data.get("models", {}) if isinstance(data, dict) else {}
+        if not isinstance(models, dict):
+            return {}
+        return {
+            str(name): [r for r in revs if isinstance(r, dict) and isinstance(r.get("sha256"), str)]
+            for name, revs in models.items()
+            if isinstance(revs, list)
+        }
 
-    def pin(self, sha256: str, uri: str = "") -> list[str]:
-        """Records a verified, loaded revision; keeps the newest `revisions_kept` and deletes older blobs."""
+    def pins(self, model: str = "default") -> list[dict[str, Any]]:
+        return self._read_pins().get(model, [])
+
+    def pin(self, sha256: str, uri: str = "", model: str = "default") -> list[str]:
+        """Records a verified, loaded revision of `model`; keeps its newest `revisions_kept`, and deletes
+        blobs no model on this node still pins (several models may share a node's cache dir)."""
         with self._locked():
-            revisions = [r for r in self.pins() if r["sha256"] != sha256]
+            models = self._read_pins()
+            revisions = [r for r in models.get(model, []) if r["sha256"] != sha256]
             revisions.insert(0, {"sha256": sha256, "uri": uri, "pinned_at": datetime.now(UTC).isoformat()})
-            revisions = revisions[: self.revisions_kept]
+            models[model] = revisions[: self.revisions_kept]
             tmp = self._pins.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"revisions": revisions}, indent=2))
+            tmp.write_text(json.dumps({"models": models}, indent=2))
             os.replace(tmp, self._pins)
-            kept = {r["sha256"] for r in revisions}
+            kept = {r["sha256"] for revs in models.values() for r in revs}
+            now = time.time()
             for blob in self.blobs.iterdir():
-                if blob.name not in kept:
+                # A fresh blob may be another process's download that is not loaded and pinned yet.
+                if blob.name not in kept and now - blob.stat().st_mtime > self.eviction_grace_s:
                     log.info("evicting unpinned artifact %s", blob.name)
                     blob.unlink(missing_ok=True)
-            return [r["sha256"] for r in revisions]
+            return [r["sha256"] for r in models[model]]
 
 
 class ArtifactFetcher:

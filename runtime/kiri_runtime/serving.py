@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel
+from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
 from kiri_runtime.fallback import Cascade, CloudClient
 from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, FetchError, RetryPolicy
 from kiri_runtime.metrics import RuntimeMetrics
@@ -66,6 +66,7 @@ class Server:
             fail_seed=config.fail_seed,
             delay_ms=config.delay_ms,
             batching=config.batching,
+            workers=run_slots(config.threads),
         )
         self.dataplane.register(config.name, config.model_version, config.variant, config.sha256 or "")
         cloud = CloudClient(config.fallback_url, config.fallback_timeout_s) if config.fallback_url else None
@@ -110,7 +111,7 @@ class Server:
         finally:
             fetcher.close()
         self.dataplane.load(cfg.name, model, sha256=sha)
-        await asyncio.to_thread(cache.pin, sha, cfg.model_uri)
+        await asyncio.to_thread(cache.pin, sha, cfg.model_uri, cfg.name)
         self.loaded.set()
 
     async def stop(self) -> None:

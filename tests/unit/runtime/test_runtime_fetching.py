@@ -217,22 +217,34 @@ def test_file_scheme_and_errors(fetcher, tmp_path):
     assert normalize_sha256("sha256:" + SHA.upper()) == SHA
 
 
-def test_pins_keep_n_revisions_and_evict_older(tmp_path):
-    cache = ArtifactCache(tmp_path, revisions_kept=2)
+def test_pins_keep_n_revisions_per_model_and_evict_older(tmp_path):
+    cache = ArtifactCache(tmp_path, revisions_kept=2, eviction_grace_s=0)
     digests = []
     for i in range(3):
         data = f"model {i}".encode()
         digest = hashlib.sha256(data).hexdigest()
         digests.append(digest)
         cache.blob(digest).write_bytes(data)
-        cache.pin(digest, f"file:///m{i}")
-    assert [p["sha256"] for p in cache.pins()] == [digests[2], digests[1]]
+        cache.pin(digest, f"file:///m{i}", model="clf")
+    assert [p["sha256"] for p in cache.pins("clf")] == [digests[2], digests[1]]
     assert not cache.blob(digests[0]).exists()
     assert cache.blob(digests[1]).exists() and cache.blob(digests[2]).exists()
-    cache.pin(digests[1])  # a rollback to N-1 makes it the newest; nothing is fetched or evicted
-    assert [p["sha256"] for p in cache.pins()] == [digests[1], digests[2]]
+    cache.pin(digests[1], model="clf")  # a rollback to N-1 makes it the newest; nothing is fetched or evicted
+    assert [p["sha256"] for p in cache.pins("clf")] == [digests[1], digests[2]]
+    other = hashlib.sha256(b"other").hexdigest()
+    cache.blob(other).write_bytes(b"other")
+    cache.pin(other, model="detector")  # another model on the node keeps clf's revisions
+    assert cache.blob(digests[1]).exists() and cache.blob(digests[2]).exists()
     with pytest.raises(ValueError):
         ArtifactCache(tmp_path, revisions_kept=0)
+
+
+def test_fresh_unpinned_blobs_survive_eviction(tmp_path):
+    cache = ArtifactCache(tmp_path, revisions_kept=1)  # default grace: minutes
+    in_progress = hashlib.sha256(b"being loaded by another process").hexdigest()
+    cache.blob(in_progress).write_bytes(b"x")
+    cache.pin("a" * 64, model="clf")
+    assert cache.blob(in_progress).exists()
 
 
 def test_s3_requests_are_path_style_and_signed(tmp_path):
