@@ -34,16 +34,24 @@ KNOWN_OPTIONS = {
     "batchSize",
     "quantize",
     "weightDecay",
+    # The ModelDeployment API's names: absolute student size, and how to quantize the student.
+    "studentWidth",
+    "studentDepth",
+    "perChannel",
+    "reduceRange",
 }
 
 
 def defaults(options: dict[str, Any]) -> dict[str, Any]:
+    options = {k: v for k, v in options.items() if v is not None}
     unknown = sorted(set(options) - KNOWN_OPTIONS)
     if unknown:
         raise CompressionError(f"distilled: unknown options {unknown}; known: {sorted(KNOWN_OPTIONS)}")
+    # An absolute student size names the axis to reduce; the other axis then stays as it is unless given.
+    absolute = "studentWidth" in options or "studentDepth" in options
     merged: dict[str, Any] = {
-        "width": 0.5,
-        "depth": 0.5,
+        "width": 1.0 if absolute else 0.5,
+        "depth": 1.0 if absolute else 0.5,
         "temperature": 2.0,
         "alpha": 0.0,
         "epochs": 60,
@@ -52,14 +60,23 @@ def defaults(options: dict[str, Any]) -> dict[str, Any]:
         "batchSize": 64,
         "weightDecay": 0.0,
         "quantize": None,
+        "perChannel": True,
+        "reduceRange": False,
     } | options
+    if merged["quantize"] is True:
+        merged["quantize"] = "int8-dynamic"
+    elif merged["quantize"] is False:
+        merged["quantize"] = None
     for key in ("width", "depth"):
         if not 0 < float(merged[key]) <= 1:
             raise CompressionError(f"distilled: {key} must be in (0, 1], got {merged[key]!r}")
+    for key in ("studentWidth", "studentDepth"):
+        if key in merged and (not isinstance(merged[key], int) or merged[key] < 1):
+            raise CompressionError(f"distilled: {key} must be a positive integer, got {merged[key]!r}")
     if float(merged["temperature"]) <= 0 or not 0 <= float(merged["alpha"]) <= 1:
         raise CompressionError("distilled: temperature must be > 0 and alpha in [0, 1]")
     if merged["quantize"] not in (None, "int8-dynamic"):
-        raise CompressionError("distilled: quantize may only be null or 'int8-dynamic'")
+        raise CompressionError("distilled: quantize may only be true, false, null or 'int8-dynamic'")
     return merged
 
 
@@ -76,10 +93,46 @@ def _materialize(module: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> 
     return module
 
 
+def _prune_hidden_layers(student: torch.nn.Module, keep: int) -> int:
+    """Keep the first `keep` hidden Linear blocks of a Sequential MLP, and its output layer."""
+    from torch import nn
+
+    if not isinstance(student, nn.Sequential) or not all(
+        isinstance(m, nn.Linear | nn.ReLU | nn.GELU | nn.Tanh | nn.SiLU | nn.Dropout | nn.Flatten)
+        for m in student
+    ):
+        raise CompressionError(
+            "studentDepth applies to transformer encoders and Sequential MLPs; give options.student"
+        )
+    groups: list[list[nn.Module]] = [[]]
+    for m in student:
+        if isinstance(m, nn.Linear) and any(isinstance(g, nn.Linear) for g in groups[-1]):
+            groups.append([])
+        groups[-1].append(m)
+    hidden, last = groups[:-1], groups[-1]
+    kept = hidden[: max(1, keep)]
+    modules = [m for g in [*kept, last] for m in g]
+    for name in list(student._modules):
+        del student._modules[name]
+    for i, m in enumerate(modules):
+        student.add_module(str(i), m)
+    return len(kept)
+
+
 def reduced_copy(
-    teacher: torch.nn.Module, *, width: float, depth: float, example: tuple[torch.Tensor, ...]
+    teacher: torch.nn.Module,
+    *,
+    width: float,
+    depth: float,
+    example: tuple[torch.Tensor, ...],
+    student_width: int | None = None,
+    student_depth: int | None = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A smaller module of the same architecture and what was reduced."""
+    """A smaller module of the same architecture and what was reduced.
+
+    `width`/`depth` are fractions of the teacher; `student_width` (the widest hidden layer) and `student_depth`
+    (hidden layers, or encoder layers) are absolute sizes, as the ModelDeployment API states them.
+    """
     from torch import nn
 
     student = copy.deepcopy(teacher)
@@ -88,12 +141,15 @@ def reduced_copy(
         kept = []
         for enc in encoders:
             n = len(enc.layers)
-            k = max(1, math.ceil(n * depth))
+            k = min(n, student_depth) if student_depth else max(1, math.ceil(n * depth))
             idx = sorted({round(i) for i in np.linspace(0, n - 1, k)})
             enc.layers = nn.ModuleList([enc.layers[i] for i in idx])
             enc.num_layers = len(idx)
             kept.append({"layers": n, "kept": idx})
         return _materialize(student, example), {"reduced": "depth", "encoders": kept}
+    info: dict[str, Any] = {"reduced": "width"}
+    if student_depth:
+        info["keptHiddenLayers"] = _prune_hidden_layers(student, student_depth)
     layers = [
         (name, m)
         for name, m in student.named_modules()
@@ -109,6 +165,12 @@ def reduced_copy(
             "cannot narrow a model with LayerNorm/attention outside a TransformerEncoder; give options.student"
         )
     last = weighted[-1][0]
+    if student_width:
+        widest = max(
+            (m.out_features if isinstance(m, nn.Linear) else m.out_channels) for n, m in weighted if n != last
+        )
+        width = min(1.0, student_width / widest)
+    info["factor"] = round(width, 6)
     for name, m in layers:
         new: nn.Module
         if isinstance(m, nn.Linear):
@@ -126,7 +188,7 @@ def reduced_copy(
         parent_name, _, attr = name.rpartition(".")
         parent = student.get_submodule(parent_name) if parent_name else student
         setattr(parent, attr, new)
-    return _materialize(student, example), {"reduced": "width", "factor": width}
+    return _materialize(student, example), info
 
 
 def _params(module: torch.nn.Module) -> int:

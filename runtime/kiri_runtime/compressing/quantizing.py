@@ -37,6 +37,7 @@ KNOWN_OPTIONS = {
 
 def defaults(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """The full option set a build uses, so the manifest records every choice, not just those given."""
+    options = {k: v for k, v in options.items() if v is not None}  # the API sends unset options as null
     known = KNOWN_OPTIONS[method]
     unknown = sorted(set(options) - known)
     if unknown:

@@ -343,7 +343,12 @@ def _distilled_variant(
                 "distilled: this source cannot be copied; give options.student (a factory)"
             )
         student, info = distilling.reduced_copy(
-            ctx.torch_model.module, width=float(opts["width"]), depth=float(opts["depth"]), example=example
+            ctx.torch_model.module,
+            width=float(opts["width"]),
+            depth=float(opts["depth"]),
+            example=example,
+            student_width=opts.get("studentWidth"),
+            student_depth=opts.get("studentDepth"),
         )
     ctx.log(
         f"  training student ({distilling.student_params(student)} parameters) on {len(train_set)} samples"
@@ -371,7 +376,9 @@ def _distilled_variant(
         mm = ctx.work / f"{spec.name}-student-mm.onnx"
         quantizing.gemm_to_matmul(fp32_student, mm)
         q = ctx.work / f"{spec.name}-student-int8.onnx"
-        q_opts = quantizing.defaults("int8-dynamic", {"perChannel": True})
+        q_opts = quantizing.defaults(
+            "int8-dynamic", {"perChannel": opts["perChannel"], "reduceRange": opts["reduceRange"]}
+        )
         quantizing.build("int8-dynamic", q_opts, mm, q)
         paths.append((opts | {"quantize": "int8-dynamic"}, q))
     paths.append((opts | {"quantize": None}, fp32_student))
