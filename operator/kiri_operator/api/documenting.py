@@ -75,6 +75,12 @@ when a gate fails.
   not a user contract.
 - **Printer columns** show `updatedNodes` and `targetNodes` as two columns (`Updated`, `Target`) because a
   column is one JSONPath; `Stage` is a string the operator writes (e.g. `2/4 (25%)`).
+- **`spec.learning` lives in the ModelDeployment, not in a separate CRD** (added for federated learning, see
+  [learning.md](learning.md)). An accepted round must become a new revision of *this* deployment and go through
+  its compression, gates, waves and `rollout.updatePolicy`; a second CRD would need a cross-object reference,
+  ownership rules and a second status to keep consistent, for no field that is not about this one model. The
+  price is a larger spec, and it is optional: without `learning` nothing changes. `learning.dp.delta` has no
+  schema default because `1e-05` in JSON reads back as a string in YAML 1.1 tools; the operator uses 1e-5.
 """
 
 

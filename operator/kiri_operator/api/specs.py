@@ -641,6 +641,8 @@ class RolloutSpec(ApiModel):
     """Hold at the current wave; the cloud keeps serving."""
     revision_history_limit: Annotated[int, Field(ge=1, le=100)] = 10
     """Entries kept in `status.history`, and old revisions' objects kept for rollback."""
+    update_policy: UpdatePolicy | None = None
+    """Rate limits on new revisions: deferred ones, and why, show in `status.learning.update`."""
 
     @model_validator(mode="after")
     def _stages_well_ordered(self) -> RolloutSpec:
@@ -658,6 +660,142 @@ class RolloutSpec(ApiModel):
                 "rollout.stages: the last stage must be percent: 100 so the rollout reaches every node"
             )
         return self
+
+
+# --- learning ----------------------------------------------------------------------------------------
+
+TrainedPartKind = Literal["whole", "layers", "lora"]
+Aggregation = Literal["fedavg", "trimmed-mean"]
+FACTORY_PATTERN = r"^([A-Za-z_][A-Za-z0-9_.]*|[^:\s]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
+ABSOLUTE_PATH_PATTERN = r"^/[^\s]*$"
+
+
+class TrainableModel(ApiModel):
+    """The full-precision PyTorch model that edge sites fine-tune (an ONNX graph cannot be trained)."""
+
+    factory: Annotated[str, Field(min_length=3, max_length=256, pattern=FACTORY_PATTERN)]
+    """`pkg.module:function` returning a `torch.nn.Module`, importable in the runtime image."""
+    weights_uri: Uri
+    """A `torch.save(model.state_dict())` file: the weights of the first round. Later rounds start from the
+    last accepted round's published weights."""
+    weights_sha256: Sha256
+    """Hex sha256 of the file at `weightsUri`."""
+
+
+class TrainedPart(ApiModel):
+    """Which parameters sites train; the smaller the part, the smaller each upload."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.kind != 'layers' || (has(self.layers) && size(self.layers) > 0)",
+                "learning.trained.layers must name at least one layer when kind is layers",
+                field_path=".layers",
+            )
+        )
+    )
+
+    kind: TrainedPartKind = "lora"
+    """`whole` (every parameter), `layers` (parameters under the named prefixes) or `lora` (a rank-`rank`
+    adapter on Linear layers, with a frozen random A, so only B is uploaded)."""
+    layers: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=64)] = []
+    """For `layers`: parameter name prefixes (e.g. `head`). For `lora`: Linear module names (empty: all)."""
+    rank: Annotated[int, Field(ge=1, le=256)] = 4
+    """LoRA rank."""
+
+    @model_validator(mode="after")
+    def _layers_named(self) -> TrainedPart:
+        if self.kind == "layers" and not self.layers:
+            raise ValueError("learning.trained.layers must name at least one layer when kind is layers")
+        return self
+
+
+class DifferentialPrivacySpec(ApiModel):
+    """Client-level differential privacy (DP-FedAvg): each site clips its update and adds Gaussian noise."""
+
+    clip_norm: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+    """L2 bound on one site's update in one round."""
+    noise_multiplier: Annotated[float, Field(ge=0, le=1e4)] = 1.0
+    """Noise standard deviation as a multiple of `clipNorm`."""
+    delta: Annotated[float, Field(gt=0, lt=1)] | None = None
+    """The delta of (epsilon, delta)-DP, well below 1 / the number of sites; 1e-5 when unset. (No schema
+    default: 1e-05 in JSON reads back as a string in YAML 1.1 tools.)"""
+    target_epsilon: Annotated[float, Field(gt=0, le=1000)] = 8.0
+    """Privacy budget per site. A round that would take any site past it is refused."""
+
+
+class LearningSchedule(ApiModel):
+    """When rounds run and how long one may take."""
+
+    interval_seconds: Annotated[int, Field(ge=60, le=31536000)] = 86400
+    """Seconds from the start of one round to the start of the next."""
+    deadline_seconds: Annotated[int, Field(ge=10, le=86400)] = 1800
+    """A round closes at the latest this long after it opens."""
+    grace_seconds: Annotated[int, Field(ge=0, le=86400)] = 120
+    """Once `minClients` updates arrived, wait this long for the rest, then close: stragglers do not stall it."""
+
+
+class LearningSpec(ApiModel):
+    """Federated fine-tuning at the edge: sites train on local data and send only privatized updates."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "!has(self.clientsPerRound) || self.minClients <= self.clientsPerRound",
+                "learning.minClients must not exceed learning.clientsPerRound",
+                field_path=".minClients",
+            )
+        )
+    )
+
+    mode: Literal["federated"] = "federated"
+    """Only `federated`: raw site data never leaves the site."""
+    trainable: TrainableModel
+    trained: TrainedPart = Field(default_factory=TrainedPart)
+    rounds: Annotated[int, Field(ge=1, le=10000)] = 10
+    """Rounds to run in total; fewer when the privacy budget runs out."""
+    clients_per_round: Annotated[int, Field(ge=1, le=100000)] | None = None
+    """Sites asked per round (default: every site)."""
+    min_clients: Annotated[int, Field(ge=1, le=100000)] = 2
+    """Updates needed for a round to count; with fewer by the deadline it is skipped, with the reason."""
+    local_epochs: Annotated[int, Field(ge=1, le=1000)] = 1
+    """Passes over the site's data per round."""
+    learning_rate: Annotated[float, Field(gt=0, le=10)] = 0.05
+    """Local SGD learning rate."""
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 32
+    """Local minibatch size."""
+    aggregation: Aggregation = "fedavg"
+    """`fedavg` (weighted by sample count) or `trimmed-mean` (coordinate-wise, robust to outlier sites)."""
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    """For `trimmed-mean`: fraction of values dropped at each end."""
+    dp: DifferentialPrivacySpec = Field(default_factory=DifferentialPrivacySpec)
+    schedule: LearningSchedule = Field(default_factory=LearningSchedule)
+    site_data_path: Annotated[str, Field(min_length=2, max_length=255, pattern=ABSOLUTE_PATH_PATTERN)] = (
+        "/var/lib/kiri/site-data/train.npz"
+    )
+    """Host path on each edge node of the `.npz` (arrays `x`, `y`) the site trains on. It is mounted read-only
+    into the trainer and never sent anywhere."""
+    eval_data_uri: Uri
+    """Held-out `.npz` (arrays `x`, `y`) in the cloud: every round's loss and accuracy are measured on it."""
+    site_label: LabelKey = "kiri.dev/site"
+    """Node label that names a site: one trainer Job per site, pinned to that site's nodes."""
+
+    @model_validator(mode="after")
+    def _clients(self) -> LearningSpec:
+        if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
+            raise ValueError("learning.minClients must not exceed learning.clientsPerRound")
+        return self
+
+
+class UpdatePolicy(ApiModel):
+    """When a new revision (e.g. from a learning round) is worth the bandwidth of a rollout."""
+
+    min_interval_seconds: Annotated[int, Field(ge=0, le=31536000)] = 0
+    """Seconds that must pass since the last rollout started before another starts."""
+    max_bytes_per_day: Annotated[int, Field(ge=1)] | None = None
+    """Artifact bytes one site may download in 24 hours, computed from the manifest's variant sizes."""
+    min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Held-out accuracy gain (loss decrease for regression) a learned revision needs over the current one."""
 
 
 # --- the whole spec ----------------------------------------------------------------------------------
@@ -682,6 +820,8 @@ class ModelDeploymentSpec(ApiModel):
     cloud: CloudSpec = Field(default_factory=CloudSpec)
     edge: EdgeSpec = Field(default_factory=EdgeSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    learning: LearningSpec | None = None
+    """Federated fine-tuning at the edge; see docs/learning.md."""
 
     @model_validator(mode="after")
     def _calibration_data(self) -> ModelDeploymentSpec:

@@ -135,6 +135,72 @@ class HistoryEntry(StatusModel):
     """When the outcome was decided."""
 
 
+class SkippedSite(StatusModel):
+    """A site that did not count in a learning round."""
+
+    site: str
+    """The site (value of `spec.learning.siteLabel`)."""
+    reason: str
+    """Why: offline or straggler, update rejected, or over its privacy budget."""
+
+
+class LearningRound(StatusModel):
+    """One federated round, as recorded by the aggregator."""
+
+    round: Annotated[int, Field(ge=1)]
+    """Round number, from 1."""
+    outcome: str
+    """`Accepted`, `Skipped` (too few updates by the deadline) or `Refused` (privacy budget)."""
+    reason: str = ""
+    """Why it was skipped or refused."""
+    participants: list[str] = []
+    """Sites whose update counted."""
+    skipped: list[SkippedSite] = []
+    """Sites that did not count, and why."""
+    loss: float | None = None
+    """Held-out loss of the round's global model."""
+    accuracy: float | None = None
+    """Held-out accuracy of the round's global model."""
+    improvement: float | None = None
+    """Accuracy gain over the model the round started from (loss decrease for regression)."""
+    epsilon: float = 0.0
+    """Largest per-site epsilon after this round."""
+    model_sha256: str | None = None
+    """Digest of the published weights of an accepted round."""
+    time: Timestamp | None = None
+    """When the round closed."""
+
+
+class UpdateDecision(StatusModel):
+    """The update policy's verdict on the newest learned revision."""
+
+    allowed: bool
+    """True: it rolls out. False: deferred."""
+    reason: str = ""
+    """Why it was deferred, e.g. `minIntervalSeconds: 1800s left`."""
+    round: Annotated[int, Field(ge=1)] | None = None
+    """The learning round that produced it."""
+    retry_after_seconds: Annotated[int, Field(ge=0)] | None = None
+    """When a deferral on time or bandwidth lifts, if it does on its own."""
+    time: Timestamp | None = None
+    """When the decision was made."""
+
+
+class LearningStatus(StatusModel):
+    """Federated learning progress."""
+
+    rounds_completed: Annotated[int, Field(ge=0)] = 0
+    """Rounds that closed, whatever their outcome."""
+    epsilon_spent: float = 0.0
+    """Largest per-site epsilon so far."""
+    rounds: list[LearningRound] = []
+    """The most recent rounds, newest last."""
+    update: UpdateDecision | None = None
+    """The update policy's verdict on the newest accepted round."""
+    next_round_at: Timestamp | None = None
+    """When the next round starts."""
+
+
 class ModelDeploymentStatus(StatusModel):
     """What the operator observed and decided. Written only by the operator."""
 
@@ -160,6 +226,8 @@ class ModelDeploymentStatus(StatusModel):
     """Edge rollout progress."""
     history: list[HistoryEntry] = []
     """Newest last, at most `spec.rollout.revisionHistoryLimit` entries."""
+    learning: LearningStatus | None = None
+    """Federated learning rounds, privacy spent and update policy decisions (with `spec.learning`)."""
     rollout: dict[str, Any] | None = None
     """The wave controller's bookkeeping (stable revision, stage, timers, handled promote/abort requests), kept
     here so a restarted operator resumes where it stopped. Internal: its keys may change between versions."""
