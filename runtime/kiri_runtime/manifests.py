@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 SCHEMA_VERSION: Final = "kiri.dev/compression-manifest/v1"
@@ -43,6 +43,14 @@ class Gate(_Model):
     stat: Stat = "mean"
     op: Op
     threshold: float
+
+    @model_validator(mode="before")
+    @classmethod
+    def _error_stat_is_max(cls, data: Any) -> Any:
+        # max-abs-error is one number over the whole eval set; "max" says so when no stat was given.
+        if isinstance(data, dict) and data.get("metric") == "max-abs-error" and data.get("stat") is None:
+            return {**data, "stat": "max"}
+        return data
 
     def describe(self) -> str:
         return f"{self.metric}.{self.stat}{self.op}{self.threshold:g}"
@@ -73,6 +81,13 @@ class ModelInfo(_Model):
     export_max_abs_error: float | None = Field(
         default=None, description="ONNX vs eager PyTorch on the eval inputs; None for ONNX sources."
     )
+
+
+class EvalData(_Model):
+    uri: str | None = Field(default=None, description="None when the inputs were synthesized.")
+    sha256: str | None = None
+    samples: int
+    synthetic: bool = False
 
 
 class Baseline(_Model):
@@ -140,6 +155,7 @@ class Manifest(_Model):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     seed: int
     device: str = "cpu"
+    eval_data: EvalData | None = None
     variants: list[Variant] = Field(default_factory=list)
 
     def variant(self, name: str) -> Variant | None:

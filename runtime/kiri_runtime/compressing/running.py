@@ -27,6 +27,7 @@ from kiri_runtime.compressing.evaluating import EvalSet
 from kiri_runtime.manifests import (
     Baseline,
     Candidate,
+    EvalData,
     Latency,
     Manifest,
     ModelInfo,
@@ -474,8 +475,11 @@ def _run(req: Request, fmt: str, work: Path, log: Callable[[str], None]) -> Mani
     else:
         local, digest = exporting.fetch(req.source, work, expected_sha256=req.sha256)
     raw_eval = raw_train = None
+    eval_sha = None
     if req.eval_data:
-        data_path, _ = exporting.fetch(req.eval_data, work, expected_sha256=req.eval_sha256, what="eval data")
+        data_path, eval_sha = exporting.fetch(
+            req.eval_data, work, expected_sha256=req.eval_sha256, what="eval data"
+        )
         raw_eval = evaluating.load_npz(data_path)
         log(f"eval data: {len(raw_eval)} samples, arrays {raw_eval.names}")
     if req.train_data:
@@ -562,6 +566,9 @@ def _run(req: Request, fmt: str, work: Path, log: Callable[[str], None]) -> Mani
         ),
         baseline=Baseline(p50_latency_ms=round(base_ms, 4), size_bytes=_size(req.out / MODEL_FILE)),
         seed=req.seed,
+        eval_data=EvalData(
+            uri=req.eval_data, sha256=eval_sha, samples=len(evalset), synthetic=evalset.synthetic
+        ),
         variants=built,
     )
     manifests.dump(manifest, req.out)

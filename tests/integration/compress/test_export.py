@@ -56,6 +56,8 @@ def test_factory_with_state_dict_exports_a_verified_dynamic_batch_model(
     got = ort.InferenceSession(str(model_path)).run(None, {m.model.inputs[0]: x})[0]
     np.testing.assert_allclose(got, module(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
     assert "verifying the ONNX model against eager PyTorch" in log
+    assert m.eval_data is not None and m.eval_data.samples == 48 and not m.eval_data.synthetic
+    assert m.eval_data.sha256 == hashlib.sha256(data.read_bytes()).hexdigest()
 
 
 @pytest.mark.parametrize("fmt", ["torch-export", "torchscript"])
@@ -98,6 +100,7 @@ def test_onnx_source_without_eval_data_uses_seeded_random_inputs(tmp_path: Path,
     m = load(out)
     assert m.model.format == "onnx" and m.model.export_max_abs_error is None
     assert m.variants[0].fidelity is not None and m.variants[0].fidelity.samples == 64
+    assert m.eval_data is not None and m.eval_data.synthetic and m.eval_data.uri is None
 
 
 def _assert_failed(out: Path, rc: int, log: str, message: str) -> None:

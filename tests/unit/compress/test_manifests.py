@@ -97,6 +97,10 @@ def test_variant_spec_accepts_the_deployment_shape() -> None:
     )
     assert spec.gate == [Gate(metric="cosine", stat="min", op=">=", threshold=0.99)]
     assert spec.gate[0].describe() == "cosine.min>=0.99"
+    err = VariantSpec.model_validate(
+        {"name": "e", "method": "fp16", "gate": [{"metric": "max-abs-error", "op": "<", "threshold": 0.1}]}
+    )
+    assert err.gate[0].stat == "max"
     with pytest.raises(ValidationError):
         VariantSpec.model_validate({"name": "Bad_Name", "method": "int8-dynamic"})
     with pytest.raises(ValidationError):
