@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     op.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     op.add_argument("--log-level", default="INFO")
+    op.add_argument(
+        "--liveness",
+        default=None,
+        metavar="URL",
+        help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
     op.set_defaults(handler=_operator)
 
     pub = subparsers.add_parser(
@@ -72,6 +78,7 @@ def _operator(args: argparse.Namespace) -> int:
         workers=args.workers,
         resync_seconds=args.resync_seconds,
         kubeconfig=args.kubeconfig,
+        liveness=args.liveness,
         settings=Settings(
             compression_deadline_seconds=args.compression_deadline,
             manifest_grace_seconds=args.manifest_grace,

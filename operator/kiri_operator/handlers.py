@@ -21,7 +21,7 @@ from typing import Any
 import kopf
 
 from kiri_operator import labels as L
-from kiri_operator import metrics
+from kiri_operator import metering, metrics
 from kiri_operator.api.names import GROUP, PLURAL, VERSION
 from kiri_operator.caches import CHILD_KINDS, Cache, Key
 from kiri_operator.kube import RESOURCES, Kube, load_client
@@ -50,6 +50,7 @@ class Config:
     resync_seconds: float = 60.0
     kubeconfig: str | None = None
     settings: Settings = field(default_factory=Settings)
+    liveness: str | None = None  # kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz
 
 
 @dataclass
@@ -151,6 +152,7 @@ async def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
     if event.get("type") == "DELETED":
         RUNTIME.cache.remove_md(key)
         metrics.set_nodes(key[0], key[1], {})
+        metering.forget(key[0], key[1])
         return
     RUNTIME.cache.put_md(body)
     _enqueue(key)
@@ -206,6 +208,7 @@ def run(config: Config) -> int:
             standalone=True,
             clusterwide=not namespaces,
             namespaces=namespaces,
+            liveness_endpoint=config.liveness,
         )
     )
     return 0

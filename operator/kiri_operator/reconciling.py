@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
-from kiri_operator import metrics
+from kiri_operator import metering, metrics
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.caches import Cache, Key
 from kiri_operator.kube import Kube, KubeError
@@ -158,6 +158,7 @@ class Reconciler:
             self.kube.event(md, event)
             metrics.RECONCILE_WRITES.labels("Event", event.reason).inc()
         self._node_metrics(key, p.status)
+        metering.meter(key[0], key[1], p.status)
         return outcome
 
     @staticmethod

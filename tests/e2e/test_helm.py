@@ -325,6 +325,37 @@ def _kiri_metric_names(docs: list[dict[str, Any]]) -> set[str]:
     return names
 
 
+def test_dashboard_and_alerts_only_use_series_the_operator_exports(helm_env: dict[str, str]) -> None:
+    """Every kiri_* series a panel or an alert queries is registered by the operator, with its labels."""
+    from prometheus_client import generate_latest
+
+    from kiri_operator import metering
+    from kiri_operator.metrics import REGISTRY
+
+    # One status through the real metering code, so labelled series show up in the exposition.
+    metering.meter(
+        "shop", "probe", {"phase": "RolledBack", "variants": [{"name": "int8", "state": "Rejected"}]}
+    )
+    try:
+        exported: dict[str, set[str]] = {}
+        for family in REGISTRY.collect():
+            for sample in family.samples:
+                exported.setdefault(sample.name, set()).update(sample.labels)
+            exported.setdefault(family.name, set())
+        text = generate_latest(REGISTRY).decode()
+    finally:
+        metering.forget("shop", "probe")
+    used = _kiri_metric_names(render(helm_env, *MONITORING))
+    assert used
+    names = set(exported) | {n.removesuffix("_total") for n in exported}
+    missing = sorted(n for n in used if n not in names and n.removesuffix("_total") not in names)
+    assert not missing, f"dashboard/alerts query series the operator does not export: {missing}"
+    assert (
+        'kiri_modeldeployment_phase{modeldeployment="probe",namespace="shop",phase="RolledBack"} 1.0' in text
+    )
+    assert "process_resident_memory_bytes" in text
+
+
 # --- on the real control plane ---------------------------------------------------------------------
 
 
