@@ -388,14 +388,11 @@ class EdgeArtifact:
 
 
 def node_affinity(nodes: Sequence[str]) -> dict[str, Any]:
-    values = sorted(nodes) or [NO_NODE]
-    return {
-        "requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [
-                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": values}]}
-            ]
-        }
-    }
+    # The API server allows one value per metadata.name field selector, so one term (ORed) per node,
+    # as the DaemonSet controller itself does when it pins a pod.
+    values = sorted(set(nodes)) or [NO_NODE]
+    terms = [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": [v]}]} for v in values]
+    return {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}}
 
 
 def affinity_nodes(ds: Mapping[str, Any]) -> list[str]:
