@@ -145,6 +145,10 @@ def pick_ports(names: list[str], fixed: dict[str, int]) -> dict[str, int]:
 # ---------------------------------------------------------------------------------------------- processes
 
 
+# Processes this invocation started: poll() is the truth about them, and reaps them.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -155,7 +159,15 @@ def cmdline(pid: int) -> list[str]:
 
 def is_ours(pid: int, binary: str) -> bool:
     """The pid is alive and still runs our binary with our state dir (pids get reused)."""
+    child = _children.get(pid)
+    if child is not None and child.poll() is not None:
+        return False
     args = cmdline(pid)
+    deadline = time.monotonic() + 1
+    while not args and Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        # Just after exec the kernel shows an empty cmdline for a moment.
+        time.sleep(0.02)
+        args = cmdline(pid)
     if not args or args[0] != binary:
         return False
     try:
@@ -167,22 +179,30 @@ def is_ours(pid: int, binary: str) -> bool:
     return any(f"{STATE_DIR}/" in a for a in args[1:])
 
 
-def stop_pids(procs: dict[str, dict[str, Any]], timeout: float = 15) -> None:
-    """Stop in reverse start order, SIGTERM then SIGKILL, only pids that are still ours."""
-    live = [(n, p) for n, p in reversed(list(procs.items())) if is_ours(p["pid"], p["binary"])]
-    for name, p in live:
-        log(f"stopping {name} (pid {p['pid']})")
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    for _name, p in live:
-        while is_ours(p["pid"], p["binary"]) and time.monotonic() < deadline:
-            _reap(p["pid"])
-            time.sleep(0.1)
-        if is_ours(p["pid"], p["binary"]):
+def stop_pids(procs: dict[str, dict[str, Any]], timeout: float = 10) -> None:
+    """Stop clients first, then kube-apiserver, then etcd (an apiserver without etcd hangs on SIGTERM).
+
+    Each group gets SIGTERM, then SIGKILL after `timeout`; only pids that are still ours are signalled.
+    """
+
+    def rank(name: str) -> int:
+        return 2 if "etcd" in name else 1 if "kube-apiserver" in name else 0
+
+    for group in (0, 1, 2):
+        live = [(n, p) for n, p in procs.items() if rank(n) == group and is_ours(p["pid"], p["binary"])]
+        for name, p in live:
+            log(f"stopping {name} (pid {p['pid']})")
             with contextlib.suppress(ProcessLookupError):
-                os.kill(p["pid"], signal.SIGKILL)
-        _reap(p["pid"])
+                os.kill(p["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _name, p in live:
+            while is_ours(p["pid"], p["binary"]) and time.monotonic() < deadline:
+                _reap(p["pid"])
+                time.sleep(0.05)
+            if is_ours(p["pid"], p["binary"]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p["pid"], signal.SIGKILL)
+            _reap(p["pid"])
 
 
 def _reap(pid: int) -> None:
@@ -830,6 +850,7 @@ def start(
             start_new_session=True,  # survives the shell that ran `up`; `down` stops it by pid
             cwd=paths.root,
         )
+    _children[proc.pid] = proc
     procs[name] = {"pid": proc.pid, "binary": str(binary), "log": str(logfile)}
     write_state(paths, state)  # record the pid at once so a failed `up` or a later `down` can stop it
 
