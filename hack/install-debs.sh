@@ -3,8 +3,10 @@
 set -euo pipefail
 missing=()
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+# hack/cluster makes the control plane's certificates with it.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if ((${#missing[@]} == 0)); then
-  echo "[debs] prometheus: installed"
+  echo "[debs] prometheus, openssl: installed"
   exit 0
 fi
 SUDO=""
