@@ -25,6 +25,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -310,6 +311,8 @@ class Api:
         self.port = port
         self.ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
         self.ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        # One kept-alive connection per thread: a TLS handshake per node write would cost more than the write.
+        self.local = threading.local()
 
     def request(
         self,
@@ -319,15 +322,24 @@ class Api:
         content_type: str = "application/json",
         timeout: float = 30,
     ) -> tuple[int, Any]:
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=timeout)
-        try:
-            data = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": content_type, "Accept": "application/json"}
-            conn.request(method, path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        finally:
-            conn.close()
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        for attempt in (0, 1):
+            conn: http.client.HTTPSConnection | None = getattr(self.local, "conn", None)
+            if conn is None:
+                conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=timeout)
+                self.local.conn = conn
+            conn.timeout = timeout
+            try:
+                conn.request(method, path, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                break
+            except (http.client.HTTPException, OSError):
+                conn.close()
+                self.local.conn = None
+                if attempt:  # a second failure is real, not a stale kept-alive connection
+                    raise
         try:
             return resp.status, json.loads(raw) if raw else None
         except ValueError:
@@ -336,7 +348,7 @@ class Api:
     def ok(self, path: str) -> bool:
         try:
             status, _ = self.request("GET", path, timeout=5)
-        except OSError:
+        except (OSError, http.client.HTTPException):
             return False
         return status == 200
 
@@ -1059,7 +1071,7 @@ def _up(args: argparse.Namespace, paths: Paths, bins: dict[str, Path]) -> int:
     # also proves the controller manager works.
     wait_until(
         "kube-controller-manager (default ServiceAccount)",
-        lambda: api.request("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
+        lambda: api.ok("/api/v1/namespaces/default/serviceaccounts/default"),
         60,
         procs,
         paths,
