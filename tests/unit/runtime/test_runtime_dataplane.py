@@ -93,11 +93,11 @@ async def test_queue_limit_and_queue_depth_gauge():
     dp.load("m", Doubler(delay=0.2))
     first = [asyncio.create_task(dp.infer("m", request())) for _ in range(2)]
     await asyncio.sleep(0.05)
-    assert dp.metrics.queue_depth.labels("m")._value.get() == 2
+    assert dp.metrics.registry.get_sample_value("kiri_queue_depth", {"model": "m"}) == 2
     with pytest.raises(Overloaded, match="limit 2"):
         await dp.infer("m", request())
     await asyncio.gather(*first)
-    assert dp.metrics.queue_depth.labels("m")._value.get() == 0
+    assert dp.metrics.registry.get_sample_value("kiri_queue_depth", {"model": "m"}) == 0
     await dp.close()
 
 
@@ -251,5 +251,10 @@ async def test_cascade_cloud_failure():
     assert (
         out.parameters["kiri_tier"] == "edge" and out.parameters["kiri_fallback_reason"] == "low_confidence"
     )
-    assert dp.metrics.fallback_failures.labels("m", "low_confidence")._value.get() == 1
+    assert (
+        dp.metrics.registry.get_sample_value(
+            "kiri_fallback_failures_total", {"model": "m", "reason": "low_confidence"}
+        )
+        == 1
+    )
     await dp.close()
