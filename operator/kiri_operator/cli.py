@@ -16,6 +16,7 @@ _SUBCOMMAND_MODULES = (
     "kiri_operator.commands",
     "kiri_operator.api.commands",
     "kiri_operator.rollout_commands",
+    "kiri_operator.learning_commands",
     "kiri_runtime.commands",
 )
 

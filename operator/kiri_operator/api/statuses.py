@@ -186,6 +186,30 @@ class UpdateDecision(StatusModel):
     """When the decision was made."""
 
 
+class LearnedModel(StatusModel):
+    """The learned weights the edge is built from, once the update policy allowed them."""
+
+    round: Annotated[int, Field(ge=1)]
+    """The learning round that produced them."""
+    uri: str
+    """Where the weights are (in the artifact store)."""
+    sha256: str
+    """Their digest."""
+    adopted_at: Timestamp
+    """When the update policy allowed them; `minIntervalSeconds` counts from here."""
+
+
+class SiteDownload(StatusModel):
+    """Bytes a site's nodes fetch for one adopted learned revision, for `maxBytesPerDay`."""
+
+    site: str
+    """The site."""
+    bytes: Annotated[int, Field(ge=0)]
+    """Bytes charged (nodes at the site times the largest accepted variant)."""
+    time: Timestamp
+    """When the revision was adopted."""
+
+
 class LearningStatus(StatusModel):
     """Federated learning progress."""
 
@@ -199,6 +223,12 @@ class LearningStatus(StatusModel):
     """The update policy's verdict on the newest accepted round."""
     next_round_at: Timestamp | None = None
     """When the next round starts."""
+    active_round: Annotated[int, Field(ge=1)] | None = None
+    """The round whose Jobs are running."""
+    model: LearnedModel | None = None
+    """The adopted learned weights: the edge's model source while set."""
+    downloads: list[SiteDownload] = []
+    """Adoptions in the last 24 hours, per site."""
 
 
 class ModelDeploymentStatus(StatusModel):

@@ -19,6 +19,7 @@ from kiri_operator.api.statuses import ModelDeploymentStatus
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import ManifestView, ObjectView, Observed
 from kiri_operator.planning import building as B
+from kiri_operator.planning import learning
 from kiri_operator.planning.assigning import AssignInput, Assignment, NodePod, assign_nodes
 from kiri_operator.planning.checking import check
 from kiri_operator.planning.placing import Placement, parse_quantity, place, selects
@@ -513,8 +514,10 @@ def normalize_status(status: Mapping[str, Any]) -> dict[str, Any]:
 def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | None = None) -> Plan:
     settings = settings or Settings()
     owner = B.Owner(observed.name, observed.namespace, observed.uid)
-    ckey = compression_key(spec, spec.edge.artifacts.uri)
-    revision = revision_key(spec, spec.edge.artifacts.uri, dict(settings.pod_labels) or None)
+    # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
+    espec = learning.effective_spec(spec, observed.status.get("learning"))
+    ckey = compression_key(espec, spec.edge.artifacts.uri)
+    revision = revision_key(espec, spec.edge.artifacts.uri, dict(settings.pod_labels) or None)
     desired: list[dict[str, Any]] = []
     keep: set[tuple[str, str]] = set()
     new_conditions: list[Condition] = []
@@ -551,7 +554,7 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         comp = _Compression(ckey, Condition(C.VARIANTS_VERIFIED, "False", Reason.MISSING_PVC, source_fault))
         hold("Job", L.compress_name(owner.name, ckey))
     else:
-        comp = _compression(spec, observed, owner, ckey, settings)
+        comp = _compression(espec, observed, owner, ckey, settings)
         if (
             no_cloud_node
             and comp.manifest is None
@@ -568,7 +571,7 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         if comp.manifest is None and comp.condition.status == "Unknown":
             desired.append(
                 B.compression_job(
-                    spec, owner, ckey, settings.pod_labels, settings.compression_deadline_seconds
+                    espec, owner, ckey, settings.pod_labels, settings.compression_deadline_seconds
                 )
             )
         elif observed.child("Job", job_name) is not None:
@@ -577,7 +580,7 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     new_conditions.append(comp.condition)
 
     # -- edge ----------------------------------------------------------------------------------------
-    edge = _edge(spec, observed, owner, revision, comp, settings)
+    edge = _edge(espec, observed, owner, revision, comp, settings)
     desired.extend(edge.children)
     assert edge.progressing is not None and edge.rolled_out is not None
     new_conditions += [edge.progressing, edge.rolled_out]
@@ -678,6 +681,19 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     if current_revision:
         status["currentRevision"] = current_revision
 
+    if spec.learning is not None:
+        sizes = (
+            {v.name: v.size_bytes for v in comp.manifest.accepted() if v.size_bytes} if comp.manifest else {}
+        )
+        lp = learning.plan_learning(spec, observed, owner, variant_sizes=sizes)
+        names = {(d["kind"], d["metadata"]["name"]) for d in desired}
+        desired += [d for d in lp.children if (d["kind"], d["metadata"]["name"]) not in names]
+        keep |= lp.keep
+        if lp.status is not None:
+            status["learning"] = lp.status
+        events.extend(lp.events)
+        if lp.requeue_after is not None:
+            requeue = min(requeue, lp.requeue_after) if requeue is not None else lp.requeue_after
     actions = check(desired, observed, keep)
     for action in actions:
         if action.check is Check.CREATE:

@@ -277,12 +277,21 @@ def compression_job(
     store = artifact_dir(spec, owner, compression)
     labels = {**L.common_labels(owner.name, L.COMPONENT_COMPRESS), L.COMPRESSION: compression}
     manifest_path = f"{store.out_dir}/{L.MANIFEST_KEY}"
+    source_args = ["--source", source.uri, "--format", spec.model.source.format]
+    fmt: str = spec.model.source.format  # "factory" only in learning.effective_spec's copy
+    if fmt == "factory" and spec.learning is not None:
+        # A learned revision (planning/learning.py): the trainable factory with the adopted round's weights.
+        source_args = [
+            "--source",
+            spec.learning.trainable.factory,
+            "--format",
+            "factory",
+            "--state-dict",
+            source.uri,
+        ]
     compress_args = [
         "compress",
-        "--source",
-        source.uri,
-        "--format",
-        spec.model.source.format,
+        *source_args,
         "--sha256",
         spec.model.source.sha256,
         "--out",

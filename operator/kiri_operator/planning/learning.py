@@ -1,0 +1,482 @@
+"""Federated learning rounds as Jobs, their records as status, and learned models as revisions. Pure.
+
+Per round N (due `schedule.intervalSeconds` after the previous round closed):
+- an aggregator Job on a cloud node (`kiri aggregate`, one round, its ledger in the artifact store) and a
+  Service in front of it, then `kiri publish-round` writes the round record to a ConfigMap;
+- one trainer Job per edge site (`kiri train-edge`), pinned to that site's nodes by `siteLabel`, with the site
+  data mounted read-only from the host and the site's token from the Secret `<md>-learning-tokens`.
+Round N's Jobs stop being desired once its record exists, so they are garbage-collected; records are kept.
+
+The newest accepted round is a candidate for the update policy (planning/updating.py). Once allowed, it is
+*adopted* (kept in `status.learning.model`, so the choice is sticky) and `effective_spec` swaps the edge's
+model source for the learned weights: a new compression key and revision that goes through compression, gates
+and waves like any other. The cloud keeps serving `spec.model` (it serves ONNX; the learned weights are a
+torch state dict the compressor exports).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from kiri_operator import conditions as C
+from kiri_operator import labels as L
+from kiri_operator.api.specs import LearningSpec, ModelDeploymentSpec, ModelSource
+from kiri_operator.observations import Observed
+from kiri_operator.planning import building as B
+from kiri_operator.planning.updating import Candidate, Download, decide
+from kiri_operator.plans import Event
+from kiri_runtime.learning.rounds import RECORD_FILE, RoundRecord
+
+COMPONENT_LEARNING = "learning"
+COMPONENT_ROUND = "learning-round"
+ROUND_LABEL = "kiri.dev/learning-round"
+ROLE_LABEL = "kiri.dev/learning-role"
+SITE_LABEL = "kiri.dev/site-name"
+AGGREGATOR_PORT = 8470
+TOKENS_MOUNT = "/var/run/kiri/tokens"
+DATA_MOUNT = "/var/lib/kiri/site-data.npz"
+DEFAULT_DELTA = 1e-5
+ROUNDS_KEPT = 10
+_SLUG = re.compile(r"[^a-z0-9-]+")
+
+
+def tokens_secret(md: str) -> str:
+    return L.child_name(md, "learning-tokens")
+
+
+def aggregator_name(md: str, n: int) -> str:
+    return L.child_name(md, f"learn-r{n}", "agg")
+
+
+def trainer_name(md: str, n: int, site: str) -> str:
+    slug = _SLUG.sub("-", site.lower()).strip("-")[:20] or "site"
+    return L.child_name(md, f"learn-r{n}", f"{slug}-{L.short_hash(site, length=6)}")
+
+
+def record_name(md: str, n: int) -> str:
+    return L.child_name(md, f"learn-r{n}", "record")
+
+
+def store_rel(owner: B.Owner) -> str:
+    return f"{owner.namespace}/{owner.name}/learning"
+
+
+def weights_uri(spec: ModelDeploymentSpec, owner: B.Owner, n: int) -> str:
+    return f"{spec.edge.artifacts.uri.rstrip('/')}/{store_rel(owner)}/rounds/{n:04d}/weights.pt"
+
+
+def read_records(observed: Observed) -> list[RoundRecord]:
+    records = {}
+    for cm in observed.of_kind("ConfigMap"):
+        if cm.labels.get(L.COMPONENT) != COMPONENT_ROUND:
+            continue
+        text = (cm.body.get("data") or {}).get(RECORD_FILE)
+        try:
+            record = RoundRecord.model_validate_json(text or "")
+        except ValidationError:
+            continue  # a record we cannot read counts as no record: the round is retried
+        records[record.round] = record
+    return [records[k] for k in sorted(records)]
+
+
+def site_nodes(spec: ModelDeploymentSpec, observed: Observed) -> dict[str, int]:
+    """Edge nodes per site (value of `learning.siteLabel`)."""
+    assert spec.learning is not None
+    found: dict[str, int] = {}
+    for node in observed.nodes:
+        if all(node.labels.get(k) == v for k, v in spec.edge.node_selector.items()):
+            site = node.labels.get(spec.learning.site_label)
+            if site:
+                found[site] = found.get(site, 0) + 1
+    return found
+
+
+def sites(spec: ModelDeploymentSpec, observed: Observed) -> list[str]:
+    return sorted(site_nodes(spec, observed))
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _local(uri: str, mount: str, name: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """An in-pod path for a file:// or pvc:// URI, and the volume that makes it so."""
+    source = B.model_source(uri)
+    if source.claim is None:
+        return source.uri.removeprefix("file://"), [], []
+    path = source.uri.removeprefix(f"file://{B.MODEL_MOUNT}")
+    volume = {"name": name, "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}}
+    return f"{mount}{path}", [volume], [{"name": name, "mountPath": mount, "readOnly": True}]
+
+
+def _common_args(learning: LearningSpec) -> list[str]:
+    part = learning.trained
+    args = ["--factory", learning.trainable.factory, "--part", part.kind]
+    if part.layers:
+        args += ["--layers", ",".join(part.layers)]
+    args += ["--lora-rank", str(part.rank)]
+    args += [
+        "--clip-norm",
+        repr(learning.dp.clip_norm),
+        "--noise-multiplier",
+        repr(learning.dp.noise_multiplier),
+    ]
+    return args
+
+
+def _container(
+    spec: ModelDeploymentSpec, name: str, args: list[str], mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    resources = {"cpu": spec.cloud.resources.cpu, "memory": spec.cloud.resources.memory}
+    return {
+        "name": name,
+        "image": spec.runtime.compressor_image,
+        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "command": ["kiri"],
+        "args": args,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": B._container_security(),
+        "volumeMounts": mounts,
+    }
+
+
+def _job(name: str, labels: dict[str, str], pod: dict[str, Any], deadline: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": B._metadata(name, labels),
+        "spec": {
+            # A failed round is a skipped round; retrying a trainer would release a second noised update.
+            "backoffLimit": 0,
+            "activeDeadlineSeconds": deadline,
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {"restartPolicy": "Never", "securityContext": B._pod_security(), **pod},
+            },
+        },
+    }
+
+
+def round_objects(
+    spec: ModelDeploymentSpec, owner: B.Owner, n: int, site_names: Sequence[str], base_weights: str
+) -> list[dict[str, Any]]:
+    learning = spec.learning
+    assert learning is not None
+    store = B.artifact_dir(spec, owner, "learning")
+    out_dir = store.out_dir
+    sched = learning.schedule
+    deadline = sched.deadline_seconds + 600
+    base_labels = {**L.common_labels(owner.name, COMPONENT_LEARNING), ROUND_LABEL: str(n)}
+    agg_labels = {**base_labels, ROLE_LABEL: "aggregator"}
+    weights_path, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
+    eval_path, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
+    chosen = (
+        list(site_names)[: learning.clients_per_round] if learning.clients_per_round else list(site_names)
+    )
+    agg_args = [
+        "aggregate",
+        *_common_args(learning),
+        "--weights", weights_path,
+        "--eval", eval_path,
+        "--out", out_dir,
+        "--tokens", TOKENS_MOUNT,
+        "--sites", ",".join(chosen),
+        "--min-clients", str(learning.min_clients),
+        "--deadline-seconds", str(sched.deadline_seconds),
+        "--grace-seconds", str(sched.grace_seconds),
+        "--aggregation", learning.aggregation,
+        "--trim-fraction", repr(learning.trim_fraction),
+        "--dp-delta", repr(learning.dp.delta or DEFAULT_DELTA),
+        "--target-epsilon", repr(learning.dp.target_epsilon),
+        "--rounds", "1",
+        "--port", str(AGGREGATOR_PORT),
+    ]  # fmt: skip
+    publish_args = [
+        "publish-round",
+        "--namespace", owner.namespace,
+        "--name", record_name(owner.name, n),
+        "--record", f"{out_dir}/rounds/{n:04d}/{RECORD_FILE}",
+        "--round", str(n),
+        "--owner-name", owner.name,
+        "--owner-uid", owner.uid,
+    ]  # fmt: skip
+    store_mount: dict[str, Any] = {"name": "artifacts", "mountPath": store.mount_path}
+    token_mount: dict[str, Any] = {"name": "tokens", "mountPath": TOKENS_MOUNT, "readOnly": True}
+    tmp_mount: dict[str, Any] = {"name": "tmp", "mountPath": "/tmp"}
+    mounts: list[dict[str, Any]] = [store_mount, token_mount, tmp_mount, *w_mounts, *e_mounts]
+    aggregator = _job(
+        aggregator_name(owner.name, n),
+        agg_labels,
+        {
+            "serviceAccountName": L.compressor_account_name(owner.name),
+            "nodeSelector": dict(spec.cloud.node_selector),
+            "tolerations": B._tolerations(spec.cloud.tolerations),
+            # Aggregate, then publish: the record only appears once the round has closed.
+            "initContainers": [_container(spec, "aggregate", agg_args, mounts)],
+            "containers": [_container(spec, "publish", publish_args, [store_mount, tmp_mount])],
+            "volumes": [
+                store.volume,
+                {"name": "tokens", "secret": {"secretName": tokens_secret(owner.name)}},
+                {"name": "tmp", "emptyDir": {}},
+                *w_vols,
+                *e_vols,
+            ],
+        },
+        deadline,
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": B._metadata(aggregator_name(owner.name, n), agg_labels),
+        "spec": {
+            "selector": {**L.selector_labels(owner.name), ROUND_LABEL: str(n), ROLE_LABEL: "aggregator"},
+            "ports": [{"name": "http", "port": AGGREGATOR_PORT, "targetPort": AGGREGATOR_PORT}],
+        },
+    }
+    url = f"http://{aggregator_name(owner.name, n)}.{owner.namespace}.svc:{AGGREGATOR_PORT}"
+    objects = [B.finish(aggregator, owner), B.finish(service, owner)]
+    for site in chosen:
+        labels = {**base_labels, ROLE_LABEL: "trainer", SITE_LABEL: L.short_hash(site, length=16)}
+        args = [
+            "train-edge",
+            *_common_args(learning),
+            "--aggregator", url,
+            "--site", site,
+            "--token-file", f"{TOKENS_MOUNT}/token",
+            "--data", DATA_MOUNT,
+            "--work-dir", "/tmp/kiri-learning",
+            "--epochs", str(learning.local_epochs),
+            "--learning-rate", repr(learning.learning_rate),
+            "--batch-size", str(learning.batch_size),
+            "--connect-timeout", str(sched.deadline_seconds),
+        ]  # fmt: skip
+        mounts = [
+            {"name": "site-data", "mountPath": DATA_MOUNT, "readOnly": True},
+            token_mount,
+            tmp_mount,
+        ]
+        pod = {
+            "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
+            "tolerations": B._tolerations(spec.edge.tolerations),
+            "automountServiceAccountToken": False,
+            "containers": [_container(spec, "train", args, mounts)],
+            "volumes": [
+                {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
+                # Only this site's token: a trainer cannot speak for another site.
+                {
+                    "name": "tokens",
+                    "secret": {
+                        "secretName": tokens_secret(owner.name),
+                        "items": [{"key": site, "path": "token"}],
+                    },
+                },
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        }
+        objects.append(B.finish(_job(trainer_name(owner.name, n, site), labels, pod, deadline), owner))
+    return objects
+
+
+def _round_status(record: RoundRecord) -> dict[str, Any]:
+    after = record.eval_after or record.eval_before
+    out: dict[str, Any] = {
+        "round": record.round,
+        "outcome": record.status.capitalize(),
+        "reason": record.reason,
+        "participants": [p.site for p in record.participants],
+        "skipped": [{"site": s.site, "reason": s.reason} for s in record.skipped],
+        "epsilon": round(record.privacy.epsilon, 6),
+        "time": record.closed_at,
+    }
+    if after is not None:
+        out["loss"] = round(after.loss, 6)
+        if after.accuracy is not None:
+            out["accuracy"] = round(after.accuracy, 6)
+    gain = record.improvement()
+    if gain is not None:
+        out["improvement"] = round(gain, 6)
+    if record.model is not None:
+        out["modelSha256"] = record.model.sha256
+    return out
+
+
+def _metric(record: RoundRecord, after: bool) -> float | None:
+    e = record.eval_after if after else record.eval_before
+    if e is None:
+        return None
+    return e.accuracy if e.accuracy is not None else -e.loss
+
+
+@dataclass
+class LearningPlan:
+    children: list[dict[str, Any]] = field(default_factory=list)
+    keep: set[tuple[str, str]] = field(default_factory=set)
+    status: dict[str, Any] | None = None
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+
+def plan_learning(
+    spec: ModelDeploymentSpec,
+    observed: Observed,
+    owner: B.Owner,
+    *,
+    variant_sizes: Mapping[str, int],
+) -> LearningPlan:
+    """Round Jobs to run, status.learning, and the update policy's verdict on the newest accepted round.
+
+    `variant_sizes` are the accepted variants' sizes in the current manifest; a site is charged its edge nodes
+    times the largest of them (an upper bound: which variant a node gets is decided later, by placement).
+    """
+    learning = spec.learning
+    if learning is None:
+        return LearningPlan()
+    largest = max(variant_sizes.values(), default=0)
+    bytes_per_site = {site: largest * count for site, count in site_nodes(spec, observed).items()}
+    out = LearningPlan()
+    now = observed.now
+    old = dict(observed.status.get("learning") or {})
+    records = read_records(observed)
+    for r in records:
+        out.keep.add(("ConfigMap", record_name(owner.name, r.round)))
+    accepted = [r for r in records if r.status == "accepted" and r.model is not None]
+    refused = any(r.status == "refused" for r in records)
+    done = records[-1].round if records else 0
+    status: dict[str, Any] = {
+        "roundsCompleted": len(records),
+        "epsilonSpent": round(max((r.privacy.epsilon for r in records), default=0.0), 6),
+        "rounds": [_round_status(r) for r in records[-ROUNDS_KEPT:]],
+    }
+
+    # -- the next round ----------------------------------------------------------------------------
+    n = done + 1
+    if n <= learning.rounds and not refused:
+        last_closed = _parse_time(records[-1].closed_at) if records else None
+        due = (
+            now
+            if last_closed is None
+            else last_closed + timedelta(seconds=learning.schedule.interval_seconds)
+        )
+        if due <= now:
+            site_names = sites(spec, observed)
+            base = (
+                weights_uri(spec, owner, accepted[-1].round) if accepted else learning.trainable.weights_uri
+            )
+            if site_names:
+                # The compressor's account may create ConfigMaps only: enough to publish the round record.
+                out.children = B.compressor_account(owner) + round_objects(spec, owner, n, site_names, base)
+                if old.get("activeRound") != n:
+                    out.events.append(
+                        Event("Normal", "LearningRound", f"round {n} started: {', '.join(site_names)}")
+                    )
+                status["activeRound"] = n
+            else:
+                out.events.append(
+                    Event("Warning", "NoLearningSites", f"no edge node has label {learning.site_label}")
+                )
+            out.requeue_after = 30.0
+        else:
+            status["nextRoundAt"] = C.format_time(due)
+            out.requeue_after = max(1.0, (due - now).total_seconds())
+
+    # -- update policy on the newest accepted round -----------------------------------------------------
+    adopted = dict(old.get("model") or {})
+    downloads = [
+        Download(d["site"], int(d["bytes"]), t)
+        for d in old.get("downloads") or []
+        if (t := _parse_time(d.get("time"))) is not None and now - t < timedelta(days=1)
+    ]
+    candidate = accepted[-1] if accepted else None
+    if candidate is not None and candidate.round > int(adopted.get("round") or 0):
+        current = next((r for r in accepted if r.round == adopted.get("round")), None)
+        baseline = _metric(current, True) if current else _metric(records[0], False)
+        new = _metric(candidate, True)
+        gain = None if new is None or baseline is None else new - baseline
+        last = _parse_time(adopted.get("adoptedAt"))
+        verdict = decide(
+            spec.rollout.update_policy,
+            Candidate(
+                f"round-{candidate.round}",
+                bytes_per_site,
+                learned=True,
+                improvement=gain,
+                round=candidate.round,
+            ),
+            now=now,
+            last_rollout_at=last,
+            downloads=downloads,
+        )
+        update: dict[str, Any] = {
+            "allowed": verdict.allowed,
+            "reason": verdict.reason,
+            "round": candidate.round,
+        }
+        if verdict.retry_after_seconds is not None:
+            update["retryAfterSeconds"] = verdict.retry_after_seconds
+            retry = float(max(1, verdict.retry_after_seconds))
+            out.requeue_after = min(out.requeue_after or retry, retry)
+        old_update = old.get("update") or {}
+        if verdict.allowed:
+            assert candidate.model is not None
+            adopted = {
+                "round": candidate.round,
+                "uri": weights_uri(spec, owner, candidate.round),
+                "sha256": candidate.model.sha256,
+                "adoptedAt": C.format_time(now),
+            }
+            downloads += [Download(site, b, now) for site, b in bytes_per_site.items() if b > 0]
+            out.events.append(
+                Event("Normal", "LearnedModelAdopted", f"round {candidate.round}: {verdict.reason}")
+            )
+            update["time"] = C.format_time(now)
+        else:
+            update["time"] = (
+                old_update.get("time")
+                if old_update.get("round") == candidate.round and old_update.get("reason") == verdict.reason
+                else C.format_time(now)
+            )
+            if old_update.get("reason") != verdict.reason or old_update.get("round") != candidate.round:
+                out.events.append(
+                    Event("Normal", "LearnedModelDeferred", f"round {candidate.round}: {verdict.reason}")
+                )
+        status["update"] = update
+    elif old.get("update"):
+        status["update"] = old["update"]
+    if adopted:
+        status["model"] = adopted
+    if downloads:
+        status["downloads"] = [
+            {"site": d.site, "bytes": d.bytes, "time": C.format_time(d.time)} for d in downloads
+        ]
+    out.status = status
+    return out
+
+
+def effective_spec(
+    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None
+) -> ModelDeploymentSpec:
+    """The spec the edge is built from: `spec.model` with the adopted learned weights as its source."""
+    model = (learning_status or {}).get("model") or {}
+    if spec.learning is None or not model.get("uri") or not model.get("sha256"):
+        return spec
+    source = ModelSource.model_construct(uri=model["uri"], format="factory", sha256=model["sha256"])  # type: ignore[arg-type]
+    learned = spec.model.model_copy(
+        update={"version": f"{spec.model.version}-fl{model['round']}", "source": source}
+    )
+    return spec.model_copy(update={"model": learned})
+
+
+def record_json(record: RoundRecord) -> str:
+    return json.dumps(record.model_dump(mode="json", by_alias=True), sort_keys=True)

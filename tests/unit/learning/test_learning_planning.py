@@ -1,0 +1,218 @@
+"""planning/learning.py: round Jobs on the right nodes, round records into status, learned revisions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kiri_operator import labels as L
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.learning_commands import configmap
+from kiri_operator.observations import NodeView, ObjectView, Observed
+from kiri_operator.planning import learning, plan
+from kiri_operator.planning.building import Owner
+from kiri_operator.planning.revisions import compression_key
+from kiri_operator.plans import Check
+from kiri_runtime.learning import rounds
+
+SHA = "ab" * 32
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+OWNER = Owner("md", "ns", "uid-1")
+
+
+def _spec(**learning_extra: Any) -> ModelDeploymentSpec:
+    rollout = learning_extra.pop("rollout", {})
+    return ModelDeploymentSpec.model_validate(
+        {
+            "model": {"name": "m", "version": "1", "source": {"uri": "file:///models/m.onnx", "sha256": SHA}},
+            "edge": {
+                "variants": [{"name": "int8", "method": "int8-dynamic"}],
+                "artifacts": {"uri": "file:///store"},
+            },
+            "rollout": rollout,
+            "learning": {
+                "trainable": {
+                    "factory": "models.net:make",
+                    "weightsUri": "file:///models/v1.pt",
+                    "weightsSha256": SHA,
+                },
+                "evalDataUri": "file:///data/held-out.npz",
+                "rounds": 3,
+                "minClients": 2,
+                "schedule": {"intervalSeconds": 3600},
+                **learning_extra,
+            },
+        }
+    )
+
+
+NODES = (
+    NodeView("cloud-0", {"kiri.dev/tier": "cloud"}, allocatable={"nvidia.com/gpu": "1", "memory": "64Gi"}),
+    NodeView("a-0", {"kiri.dev/tier": "edge", "kiri.dev/site": "site-a"}),
+    NodeView("a-1", {"kiri.dev/tier": "edge", "kiri.dev/site": "site-a"}),
+    NodeView("b-0", {"kiri.dev/tier": "edge", "kiri.dev/site": "site-b"}),
+    NodeView("x-0", {"kiri.dev/tier": "edge"}),  # no site label: takes no part
+)
+
+
+def _record(
+    n: int, status: str = "accepted", before: float = 0.5, after: float = 0.7, minutes_ago: int = 120
+) -> rounds.RoundRecord:
+    closed = (NOW - timedelta(minutes=minutes_ago)).isoformat()
+    return rounds.RoundRecord(
+        round=n,
+        status=status,
+        reason="" if status == "accepted" else "why",
+        base_sha256=SHA,
+        participants=[rounds.Participant(site="site-a", samples=10, upload_bytes=500)],
+        skipped=[
+            rounds.SkippedSite(
+                site="site-b", reason="no update by the close of the round (offline or straggler)"
+            )
+        ],
+        eval_before=rounds.Evaluation(loss=1.0, accuracy=before, samples=100),
+        eval_after=rounds.Evaluation(loss=0.8, accuracy=after, samples=100) if status == "accepted" else None,
+        privacy=rounds.Privacy(
+            noise_multiplier=1.0, clip_norm=1.0, delta=1e-5, epsilon=4.7 * n, per_site={"site-a": 4.7 * n}
+        ),
+        model=rounds.Artifact(
+            path=f"/store/ns/md/learning/rounds/{n:04d}/weights.pt", sha256="cd" * 32, bytes=100
+        )
+        if status == "accepted"
+        else None,
+        opened_at=closed,
+        closed_at=closed,
+    )
+
+
+def _observed(*records: rounds.RoundRecord, status: dict[str, Any] | None = None) -> Observed:
+    children = {}
+    for r in records:
+        cm = configmap(
+            "ns", learning.record_name("md", r.round), learning.record_json(r), r.round, "md", "uid-1"
+        )
+        children[("ConfigMap", cm["metadata"]["name"])] = ObjectView("ConfigMap", cm["metadata"]["name"], cm)
+    return Observed("md", "ns", "uid-1", 1, NOW, status=status or {}, nodes=NODES, children=children)
+
+
+def _by_name(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == "Job"}
+
+
+def test_first_round_runs_an_aggregator_in_the_cloud_and_one_pinned_trainer_per_site() -> None:
+    lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
+    objs = _by_name(lp.children)
+    agg = objs[learning.aggregator_name("md", 1)]
+    pod = agg["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"kiri.dev/tier": "cloud"}
+    args = pod["initContainers"][0]["args"]
+    assert args[0] == "aggregate" and args[args.index("--sites") + 1] == "site-a,site-b"
+    assert args[args.index("--weights") + 1] == "/models/v1.pt"
+    assert pod["containers"][0]["args"][0] == "publish-round"
+    assert ("Service", learning.aggregator_name("md", 1)) in {
+        (o["kind"], o["metadata"]["name"]) for o in lp.children
+    }
+    for site in ("site-a", "site-b"):
+        job = objs[learning.trainer_name("md", 1, site)]
+        tpod = job["spec"]["template"]["spec"]
+        assert tpod["nodeSelector"] == {"kiri.dev/tier": "edge", "kiri.dev/site": site}
+        assert job["spec"]["backoffLimit"] == 0  # a retry would release a second noised update
+        data = next(v for v in tpod["volumes"] if v["name"] == "site-data")
+        assert data["hostPath"] == {"path": "/var/lib/kiri/site-data/train.npz", "type": "File"}
+        mount = next(m for m in tpod["containers"][0]["volumeMounts"] if m["name"] == "site-data")
+        assert mount["readOnly"] is True
+        tokens = next(v for v in tpod["volumes"] if v["name"] == "tokens")
+        assert tokens["secret"]["items"] == [{"key": site, "path": "token"}]
+        targs = tpod["containers"][0]["args"]
+        assert targs[targs.index("--aggregator") + 1] == "http://md-learn-r1-agg.ns.svc:8470"
+        assert tpod["securityContext"]["runAsNonRoot"] is True
+    assert lp.status is not None and lp.status["activeRound"] == 1 and lp.status["roundsCompleted"] == 0
+
+
+def test_a_recorded_round_goes_to_status_and_the_next_waits_for_the_interval() -> None:
+    lp = learning.plan_learning(_spec(), _observed(_record(1, minutes_ago=10)), OWNER, variant_sizes={})
+    assert not [o for o in lp.children if o["kind"] == "Job"]
+    assert ("ConfigMap", learning.record_name("md", 1)) in lp.keep
+    assert lp.status is not None
+    (r,) = lp.status["rounds"]
+    assert r["outcome"] == "Accepted" and r["participants"] == ["site-a"] and r["accuracy"] == 0.7
+    assert r["skipped"] == [
+        {"site": "site-b", "reason": "no update by the close of the round (offline or straggler)"}
+    ]
+    assert lp.status["nextRoundAt"] == "2026-01-01T12:50:00Z"
+    assert lp.requeue_after == 3000
+    # Round 2 starts from round 1's published weights once the interval has passed.
+    lp = learning.plan_learning(_spec(), _observed(_record(1, minutes_ago=61)), OWNER, variant_sizes={})
+    agg = _by_name(lp.children)[learning.aggregator_name("md", 2)]
+    args = agg["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert args[args.index("--weights") + 1] == "/store/ns/md/learning/rounds/0001/weights.pt"
+
+
+def test_no_rounds_after_a_refusal_or_the_last_round() -> None:
+    refused = learning.plan_learning(
+        _spec(), _observed(_record(1), _record(2, "refused", minutes_ago=90)), OWNER, variant_sizes={}
+    )
+    assert not refused.children
+    done = learning.plan_learning(
+        _spec(), _observed(_record(1), _record(2), _record(3, minutes_ago=90)), OWNER, variant_sizes={}
+    )
+    assert not done.children and done.status is not None and done.status["roundsCompleted"] == 3
+
+
+def test_the_update_policy_defers_a_round_that_does_not_improve_enough() -> None:
+    spec = _spec(rollout={"updatePolicy": {"minImprovement": 0.5}})
+    lp = learning.plan_learning(
+        spec, _observed(_record(1, minutes_ago=10)), OWNER, variant_sizes={"int8": 1000}
+    )
+    assert lp.status is not None
+    assert lp.status["update"]["allowed"] is False
+    assert lp.status["update"]["reason"] == "minImprovement: held-out gain +0.2000 is below 0.5"
+    assert "model" not in lp.status
+    assert any(e.reason == "LearnedModelDeferred" for e in lp.events)
+
+
+def test_an_allowed_round_becomes_a_new_revision_built_from_the_learned_weights() -> None:
+    spec = _spec(rollout={"updatePolicy": {"minImprovement": 0.1, "maxBytesPerDay": 10_000}})
+    lp = learning.plan_learning(
+        spec, _observed(_record(1, minutes_ago=10)), OWNER, variant_sizes={"int8": 1000}
+    )
+    assert lp.status is not None and lp.status["update"]["allowed"] is True
+    model = lp.status["model"]
+    assert model["round"] == 1 and model["uri"] == "file:///store/ns/md/learning/rounds/0001/weights.pt"
+    assert {d["site"]: d["bytes"] for d in lp.status["downloads"]} == {"site-a": 2000, "site-b": 1000}
+
+    learned = learning.effective_spec(spec, lp.status)
+    assert learned.model.version == "1-fl1" and learned.model.source.sha256 == "cd" * 32
+    assert compression_key(learned, "file:///store") != compression_key(spec, "file:///store")
+    # Through the whole planner: a compression Job for the learned weights, the cloud still on spec.model.
+    p = plan(spec, _observed(_record(1, minutes_ago=10), status={"learning": lp.status}))
+    jobs = [a.body for a in p.actions if a.check is Check.CREATE and a.kind == "Job" and a.body]
+    compress = next(j for j in jobs if j["metadata"]["labels"].get(L.COMPONENT) == L.COMPONENT_COMPRESS)
+    cargs = compress["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert cargs[cargs.index("--source") + 1] == "models.net:make"
+    assert cargs[cargs.index("--state-dict") + 1] == "file:///store/ns/md/learning/rounds/0001/weights.pt"
+    assert cargs[cargs.index("--model-version") + 1] == "1-fl1"
+    assert p.status["learning"]["model"]["round"] == 1
+    cloud = next(a.body for a in p.actions if a.kind == "Deployment" and a.body)
+    assert "file:///models/m.onnx" in str(cloud)
+
+
+def test_a_second_round_within_the_bandwidth_window_is_deferred() -> None:
+    spec = _spec(rollout={"updatePolicy": {"maxBytesPerDay": 2500}})
+    first = learning.plan_learning(
+        spec, _observed(_record(1, minutes_ago=90)), OWNER, variant_sizes={"int8": 1000}
+    )
+    assert first.status is not None and first.status["update"]["allowed"]
+    later = NOW + timedelta(hours=1)
+    obs = _observed(_record(1, minutes_ago=90), _record(2, minutes_ago=5), status={"learning": first.status})
+    obs = Observed(
+        obs.name, obs.namespace, obs.uid, 1, later, status=obs.status, nodes=NODES, children=obs.children
+    )
+    lp = learning.plan_learning(spec, obs, OWNER, variant_sizes={"int8": 1000})
+    assert lp.status is not None
+    assert lp.status["update"]["allowed"] is False
+    assert lp.status["update"]["reason"].startswith(
+        "maxBytesPerDay: site site-a downloaded 2000 bytes in 24h"
+    )
+    assert lp.status["update"]["retryAfterSeconds"] == 23 * 3600
+    assert lp.status["model"]["round"] == 1  # the adopted model stays until a new one is allowed
