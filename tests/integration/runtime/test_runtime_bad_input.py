@@ -8,7 +8,7 @@ import random
 import httpx
 import numpy as np
 import pytest
-from conftest import FEATURES
+from runtime_helpers import FEATURES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

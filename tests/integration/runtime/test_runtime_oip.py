@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import CLASSES, FEATURES, _save, multi_type_model, reference_probs
 from onnx import TensorProto, helper, numpy_helper
+from runtime_helpers import CLASSES, FEATURES, _save, multi_type_model, reference_probs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import FEATURES, sha256_of
+from runtime_helpers import FEATURES, sha256_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

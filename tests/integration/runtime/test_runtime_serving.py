@@ -9,8 +9,8 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import CLASSES, FEATURES, classifier_model, reference_probs, sha256_of
 from prometheus_client.parser import text_string_to_metric_families
+from runtime_helpers import CLASSES, FEATURES, classifier_model, reference_probs, sha256_of
 
 from kiri_runtime.dataplane import BatchingConfig
 
