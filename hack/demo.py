@@ -4,6 +4,7 @@ inference calls and the summary table.
     python hack/demo.py fleet
     python hack/demo.py build-model --out DIR --version V --seed S
     python hack/demo.py variants --manifest DIR [--label v1]
+    python hack/demo.py run-job --namespace NS --name MD [--label v1]
     python hack/demo.py watch --namespace NS --name MD --until Healthy[,RolledBack] [--timeout S]
     python hack/demo.py infer --url URL --model NAME --requests FILE
     python hack/demo.py summary
@@ -223,6 +224,61 @@ def cmd_variants(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- the compression Job ------------------------------------------------------------------------------
+
+
+def cmd_run_job(args: argparse.Namespace) -> int:
+    """Play the kubelet for the operator's compression Job: run its containers' `kiri` commands here.
+
+    The simulated cloud node runs no containers, so the Job's init container (`kiri compress ...`) and main
+    container (`kiri publish-manifest ...`) run as local processes with exactly the arguments the operator
+    wrote into the Job; the manifest lands where the Job would have written it.
+    """
+    done_file = DEMO_DIR / "jobs-run.json"
+    done: list[str] = json.loads(done_file.read_text()) if done_file.exists() else []
+    deadline = time.monotonic() + args.timeout
+    selector = f"kiri.dev/modeldeployment={args.name},app.kubernetes.io/component=compress"
+    while True:
+        jobs = [
+            j
+            for j in kubectl_json("get", "jobs", "-n", args.namespace, "-l", selector)["items"]
+            if j["metadata"]["name"] not in done
+        ]
+        if jobs:
+            break
+        if time.monotonic() > deadline:
+            print(f"  no new compression Job for {args.name} after {args.timeout}s", file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    job = max(jobs, key=lambda j: j["metadata"]["creationTimestamp"])
+    name = job["metadata"]["name"]
+    pod = job["spec"]["template"]["spec"]
+    print(f"  Job {name} (node selector {pod.get('nodeSelector')}); running its containers here:")
+    out_dir = None
+    log_path = DEMO_DIR / "logs" / f"job-{args.label}.log"
+    with log_path.open("w") as log:
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            cmd = [str(Path(sys.executable).parent / "kiri"), *container["args"]]
+            if container["args"][0] == "compress":
+                out_dir = container["args"][container["args"].index("--out") + 1]
+            shown = " ".join(a if len(a) < 60 else a[:57] + "..." for a in container["args"][:8])
+            print(f"    [{container['name']}] kiri {shown} ...", flush=True)
+            started = time.monotonic()
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=600, check=False)
+            print(f"    [{container['name']}] exit {proc.returncode} in {time.monotonic() - started:.1f}s")
+            if proc.returncode != 0:
+                print(f"  container {container['name']} failed; see {log_path}", file=sys.stderr)
+                return 1
+    done_file.write_text(json.dumps([*done, name]))
+    for line in log_path.read_text().splitlines():
+        if "export verified" in line or ": ACCEPTED" in line or ": REJECTED" in line:
+            print(f"    {line}")
+    if out_dir is None:
+        print("  the Job has no `kiri compress` container", file=sys.stderr)
+        return 1
+    return cmd_variants(argparse.Namespace(manifest=out_dir, label=args.label))
+
+
 # ---- the rollout ------------------------------------------------------------------------------------
 
 
@@ -263,7 +319,11 @@ def cmd_watch(args: argparse.Namespace) -> int:
     fail_on = set(args.fail_on.split(",")) if args.fail_on else set()
     deadline = time.monotonic() + args.timeout
     start = time.monotonic()
-    labels = json.loads(args.revision_labels) if args.revision_labels else {}
+    labels: dict[str, str] = {}
+    if SUMMARY.exists():  # earlier rollouts name their revisions (v1, ...) in the node view
+        for key, r in json.loads(SUMMARY.read_text()).items():
+            if key.startswith("rollout-") and r.get("updateRevision"):
+                labels[r["updateRevision"]] = key.removeprefix("rollout-")
     last = None
     last_nodes = None
     phase = "?"
@@ -271,10 +331,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
     while True:
         md = kubectl_json("get", "modeldeployment", args.name, "-n", args.namespace)
         status = md.get("status", {})
-        phase = status.get("phase", "Pending")
+        # Until the operator has seen the spec just applied, the status describes the previous one.
+        current = status.get("observedGeneration") == md["metadata"].get("generation")
+        phase = status.get("phase", "Pending") if current else "(applying)"
         edge = status.get("edge", {})
         update = status.get("updateRevision") or "-"
-        if update != "-" and update not in labels:
+        if current and update != "-" and update not in labels:
             labels[update] = args.label
         per_variant = ", ".join(
             f"{v['name']} {v.get('ready', 0)}/{v.get('nodes', 0)}" for v in edge.get("perVariant", [])
@@ -453,10 +515,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--until", required=True, help="phases that end the watch, comma-separated")
     p.add_argument("--fail-on", default="", help="phases that fail the watch, comma-separated")
     p.add_argument("--label", default="v1", help="short name of the update revision in the node view")
-    p.add_argument("--revision-labels", default="", help='JSON {"<revision>": "v1"} for older revisions')
     p.add_argument("--timeout", type=float, default=180)
     p.add_argument("--interval", type=float, default=1.0)
     p.set_defaults(fn=cmd_watch)
+    p = sub.add_parser("run-job")
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--label", default="v1")
+    p.add_argument("--timeout", type=float, default=120)
+    p.set_defaults(fn=cmd_run_job)
     p = sub.add_parser("infer")
     p.add_argument("--url", required=True)
     p.add_argument("--model", required=True)

@@ -33,7 +33,6 @@ LOGS="$DEMO_DIR/logs"
 STARTED=$SECONDS
 STEP="start"
 PIDS=()
-SKIPPED=()
 
 bold() { if [[ -t 1 ]]; then printf '\033[1m%s\033[0m\n' "$*"; else printf '%s\n' "$*"; fi; }
 step() {
@@ -101,52 +100,111 @@ kubectl delete modeldeployment --all -n "$NS" --wait=true --timeout=60s >/dev/nu
 echo "  CRD modeldeployments.kiri.dev applied; namespace $NS ready"
 
 # ------------------------------------------------------------------------------------------------------
-step "Model v1: a small classifier trained here (torch, seed 1)"
+step "Operator: kiri operator, standalone, watching namespace $NS"
+HEALTH_PORT="$(free_port)"
+METRICS_PORT="$(free_port)"
+"$KIRI" operator --standalone --namespace "$NS" --liveness "http://127.0.0.1:$HEALTH_PORT/healthz" \
+  --metrics-port "$METRICS_PORT" --resync-seconds 10 >"$LOGS/operator.log" 2>&1 &
+PIDS+=($!)
+OPERATOR_PID=${PIDS[-1]}
+wait_http "http://127.0.0.1:$HEALTH_PORT/healthz" 120 "$OPERATOR_PID"
+echo "  operator up (pid $OPERATOR_PID); liveness :$HEALTH_PORT/healthz, metrics :$METRICS_PORT/metrics"
+
+# model_deployment VERSION DIR THRESHOLD [EXTRA_EDGE_YAML]: the demo's ModelDeployment.
+model_deployment() {
+  local version="$1" dir="$2" threshold="$3" extra="${4:-}"
+  local sha
+  sha="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$dir/model.json")"
+  cat <<YAML
+apiVersion: kiri.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: $MD
+  namespace: $NS
+spec:
+  model:
+    name: sensor
+    version: "$version"
+    source:
+      uri: file://$dir/model.pt2
+      format: torch-export
+      sha256: $sha
+    evalDataUri: file://$dir/eval.npz
+  cloud:
+    replicas: 1
+    resources: {cpu: "1", memory: 1Gi, gpu: 1}
+  edge:
+    artifacts:
+      uri: file://$DEMO_DIR/store
+    variants:
+      - name: fp16
+        method: fp16
+        gate:
+          - {metric: cosine, stat: min, op: ">=", threshold: 0.999}
+        requires:
+          matchLabels: {kiri.dev/accelerator: gpu}
+      - name: int8
+        method: int8-dynamic
+        gate:
+          - {metric: cosine, stat: mean, op: ">=", threshold: 0.995}
+          - {metric: top1-agreement, op: ">=", threshold: 0.98}
+    fallback:
+      enabled: true
+      confidenceThreshold: $threshold
+$extra
+  rollout:
+    groupBy: topology.kubernetes.io/zone
+    stages:
+      - {nodes: 1, bakeSeconds: 2}
+      - {percent: 50, bakeSeconds: 2}
+      - {percent: 100}
+    progressDeadlineSeconds: 15
+YAML
+}
+
+# ------------------------------------------------------------------------------------------------------
+step "Model v1: a small classifier trained here (torch, seed 1), applied as ModelDeployment $NS/$MD"
 demo build-model --out "$DEMO_DIR/v1" --version 1.0.0 --seed 1
+model_deployment 1.0.0 "$DEMO_DIR/v1" 0.8 >"$DEMO_DIR/v1/modeldeployment.yaml"
+kubectl apply -f "$DEMO_DIR/v1/modeldeployment.yaml" | sed 's/^/  /'
 
 # ------------------------------------------------------------------------------------------------------
-step "Compression: verified ONNX export, int8 and fp16 variants, fidelity gates (kiri compress)"
-"$KIRI" compress --source "$DEMO_DIR/v1/model.pt2" --eval-data "$DEMO_DIR/v1/eval.npz" \
-  --out "$DEMO_DIR/v1/artifacts" --model-name sensor --model-version 1.0.0 --seed 1 --latency-rounds 50 \
-  --variant name=int8,method=int8-dynamic --variant name=fp16,method=fp16 \
-  --gate 'cosine.mean>=0.995' --gate 'top1-agreement>=0.98' >"$LOGS/compress-v1.log" 2>&1 ||
-  die "kiri compress failed (see $LOGS/compress-v1.log)"
-grep -E 'export verified|variant .*: (ACCEPTED|REJECTED)' "$LOGS/compress-v1.log" | sed 's/^/  /'
-demo variants --manifest "$DEMO_DIR/v1/artifacts" --label v1
+step "Compression Job for v1: verified ONNX export, int8 and fp16 variants, fidelity gates"
+demo run-job --namespace "$NS" --name "$MD" --label v1
 
 # ------------------------------------------------------------------------------------------------------
-OPERATOR_READY=0
-if "$KIRI" operator --help >/dev/null 2>&1; then
-  step "Operator: kiri operator, standalone, watching namespace $NS"
-  HEALTH_PORT="$(free_port)"
-  METRICS_PORT="$(free_port)"
-  "$KIRI" operator --standalone --namespace "$NS" --liveness "http://127.0.0.1:$HEALTH_PORT/healthz" \
-    --metrics-port "$METRICS_PORT" >"$LOGS/operator.log" 2>&1 &
-  PIDS+=($!)
-  wait_http "http://127.0.0.1:$HEALTH_PORT/healthz" 120 "${PIDS[-1]}"
-  echo "  operator up (pid ${PIDS[-1]}); liveness :$HEALTH_PORT/healthz, metrics :$METRICS_PORT/metrics"
-  OPERATOR_READY=1
-else
-  SKIPPED+=("operator, rollout and rollback: this build has no \`kiri operator\` yet")
-fi
+step "First rollout of v1: nothing runs yet, so every node gets its variant at once (node:revision/variant)"
+demo watch --namespace "$NS" --name "$MD" --label v1 --until Healthy --fail-on RolledBack,Failed --timeout 240
 
-if ((OPERATOR_READY)); then
-  # --------------------------------------------------------------------------------------------------
-  step "Rollout of v1: canary node, then 50%, then 100%, site by site"
-  rollout_v1
-  # --------------------------------------------------------------------------------------------------
-  step "v2 with a failing canary: never Ready, so Kiri rolls back to v1 on its own"
-  demo build-model --out "$DEMO_DIR/v2" --version 2.0.0 --seed 2 --epochs 20
-  rollout_v2_fails
-fi
+# ------------------------------------------------------------------------------------------------------
+step "v1.1 (edge falls back to the cloud below confidence 0.9, was 0.8): waves, site by site"
+echo "  stages per site: one canary node (bake 2s), then 50% (bake 2s), then 100%; ok = pod Ready"
+model_deployment 1.0.0 "$DEMO_DIR/v1" 0.9 >"$DEMO_DIR/v1/modeldeployment-1.1.yaml"
+kubectl apply -f "$DEMO_DIR/v1/modeldeployment-1.1.yaml" | sed 's/^/  /'
+demo watch --namespace "$NS" --name "$MD" --label v1.1 --until Healthy --fail-on RolledBack,Failed --timeout 300
+kubectl get md -n "$NS" | sed 's/^/  /'
+
+# ------------------------------------------------------------------------------------------------------
+step "v2, a retrained model whose canary never becomes Ready: Kiri rolls back to v1.1 on its own"
+demo build-model --out "$DEMO_DIR/v2" --version 2.0.0 --seed 2 --epochs 20
+model_deployment 2.0.0 "$DEMO_DIR/v2" 0.9 "    podLabels: {kiri.dev/sim: never-ready}" >"$DEMO_DIR/v2/modeldeployment.yaml"
+kubectl apply -f "$DEMO_DIR/v2/modeldeployment.yaml" | sed 's/^/  /'
+demo run-job --namespace "$NS" --name "$MD" --label v2
+demo watch --namespace "$NS" --name "$MD" --label v2 --until RolledBack --fail-on Healthy,Failed --timeout 240
+kubectl get md -n "$NS" | sed 's/^/  /'
+echo "  events:"
+kubectl get events -n "$NS" --field-selector involvedObject.kind=ModelDeployment --sort-by=.lastTimestamp \
+  -o custom-columns=REASON:.reason,MESSAGE:.message --no-headers | tail -n 8 | cut -c1-150 | sed 's/^/    /'
 
 # ------------------------------------------------------------------------------------------------------
 step "Edge inference with cloud fallback: kiri serve (int8) -> kiri serve (full model), OIP v2"
+# The v1 manifest the compression Job wrote (recorded by `demo run-job`).
+V1_DIR="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["variants-v1"]["manifest"])' "$DEMO_DIR/summary.json")"
 manifest_field() { "$PY" -c "import json,sys; m=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" \
-  "$DEMO_DIR/v1/artifacts/manifest.json" "$1"; }
-FULL_URI="file://$DEMO_DIR/v1/artifacts/$(manifest_field "m['model']['uri']")"
+  "$V1_DIR/manifest.json" "$1"; }
+FULL_URI="file://$V1_DIR/$(manifest_field "m['model']['uri']")"
 FULL_SHA="$(manifest_field "m['model']['onnxSha256']")"
-INT8_URI="file://$DEMO_DIR/v1/artifacts/$(manifest_field "next(v['uri'] for v in m['variants'] if v['name']=='int8')")"
+INT8_URI="file://$V1_DIR/$(manifest_field "next(v['uri'] for v in m['variants'] if v['name']=='int8')")"
 INT8_SHA="$(manifest_field "next(v['sha256'] for v in m['variants'] if v['name']=='int8')")"
 CLOUD_PORT="$(free_port)"
 EDGE_PORT="$(free_port)"
@@ -170,11 +228,5 @@ curl -fsS "http://127.0.0.1:$EDGE_PORT/metrics" | grep -E '^kiri_(responses|fall
 step "Summary"
 demo record elapsed "$((SECONDS - STARTED))"
 demo summary
-if ((${#SKIPPED[@]})); then
-  echo
-  for s in "${SKIPPED[@]}"; do echo "demo: SKIPPED $s" >&2; done
-  STEP="incomplete build"
-  exit 2
-fi
 echo
 echo "Demo done in $((SECONDS - STARTED))s. The control plane is still up: eval \"\$(hack/cluster env)\"; kubectl get md -n $NS"
