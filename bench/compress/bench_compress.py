@@ -25,6 +25,7 @@ from kiri_runtime.compressing.errors import CompressionError
 from kiri_runtime.manifests import Manifest
 
 MODELS = str(Path(__file__).with_name("bench_models.py"))
+TEACHER_ACCURACY: list[float] = []
 
 
 def _train_cnn_teacher(path: Path, quick: bool) -> None:
@@ -48,6 +49,7 @@ def _train_cnn_teacher(path: Path, quick: bool) -> None:
     with torch.no_grad():
         acc = (model(torch.from_numpy(xe)).argmax(1).numpy() == ye).mean()
     print(f"  teacher accuracy on fresh data: {acc:.3f}", file=sys.stderr)
+    TEACHER_ACCURACY.append(float(acc))
     torch.save(model.state_dict(), path)
 
 
@@ -70,23 +72,21 @@ def transformer(work: Path, quick: bool) -> tuple[Manifest, float]:
 def cnn(work: Path, quick: bool) -> tuple[Manifest, float]:
     state = work / "cnn.pt"
     _train_cnn_teacher(state, quick)
-    x_train, _ = bench_models.blobs_images(2000 if quick else 4000, seed=12)
+    x_train, _ = bench_models.blobs_images(2000 if quick else 6000, seed=12)
     x_eval, _ = bench_models.blobs_images(500, seed=13)
     train, data = work / "cnn-train.npz", work / "cnn-eval.npz"
     np.savez(train, x=x_train)
     np.savez(data, x=x_eval)
+    epochs = 8 if quick else 30
     variants = [
-        specs.parse_variant(v)
-        for v in (
-            f"name=student,method=distilled,width=0.5,epochs={8 if quick else 20},patience=4,batchSize=64",
-            'name=student-int8,method=distilled,width=0.5,quantize="int8-dynamic",epochs='
-            + str(8 if quick else 20),
-            "name=int8-static,method=int8-static,perChannel=true",
-        )
+        specs.parse_variant(
+            f"name=student,method=distilled,width=0.5,quantize=true,epochs={epochs},patience=6"
+        ),
+        specs.parse_variant("name=int8-static,method=int8-static,perChannel=true"),
     ]
     return _run(
         work / "cnn", f"{MODELS}:cnn", variants, data, state=state, train=train, task="classifier",
-        gates=["student:top1-agreement>=0.97", "student-int8:top1-agreement>=0.97", "int8-static:top1-agreement>=0.97"],
+        gates=["top1-agreement>=0.97"],
         quick=quick,
     )  # fmt: skip
 
@@ -158,6 +158,10 @@ def report(name: str, m: Manifest, seconds: float) -> None:
         if v.method == "distilled":
             print(f"{'':<14} student {v.extra.get('studentParameters')} params vs teacher "
                   f"{v.extra.get('teacherParameters')}; epochs {v.extra['training']['epochs']}")  # fmt: skip
+            for c in v.search:
+                if c.fidelity and c.latency:
+                    print(f"{'':<14} candidate quantize={c.options['quantize']}: latency x{c.latency.ratio_vs_fp32:.3f}, "
+                          f"top1 {c.fidelity.top1_agreement}, size {c.size_bytes}")  # fmt: skip
         if not v.accepted or len(v.search) > 1:
             print(f"{'':<14} {v.reason}")
 
@@ -184,6 +188,8 @@ def main() -> int:
     )
     for name, m, seconds in results:
         report(name, m, seconds)
+    if TEACHER_ACCURACY:
+        print(f"\ncnn teacher accuracy on its own task (fresh samples): {TEACHER_ACCURACY[0]:.3f}")
     return 0
 
 

@@ -66,13 +66,13 @@ def blobs_images(n: int, seed: int, classes: int = 8) -> tuple[np.ndarray, np.nd
     y = rng.integers(0, classes, n)
     yy, xx = np.mgrid[0:32, 0:32]
     pos = [(8, 8), (8, 24), (24, 8), (24, 24)]
-    imgs = rng.normal(0, 0.6, (n, 1, 32, 32))
+    imgs = rng.normal(0, 0.8, (n, 1, 32, 32))
     for i, c in enumerate(y):
         cy, cx = pos[c % 4]
         cy += rng.integers(-3, 4)
         cx += rng.integers(-3, 4)
         sigma = 2.0 if c < 4 else 4.5
-        imgs[i, 0] += rng.uniform(1.5, 2.5) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+        imgs[i, 0] += rng.uniform(0.8, 1.8) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
         oy, ox = rng.integers(0, 32, 2)  # a distractor bump
-        imgs[i, 0] += 0.8 * np.exp(-((yy - oy) ** 2 + (xx - ox) ** 2) / 8.0)
+        imgs[i, 0] += 1.2 * np.exp(-((yy - oy) ** 2 + (xx - ox) ** 2) / (2 * rng.choice([2.0, 4.5]) ** 2))
     return imgs.astype(np.float32), y
