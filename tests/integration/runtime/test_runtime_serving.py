@@ -128,8 +128,8 @@ async def _concurrent(url: str, bodies: list[dict]) -> list[httpx.Response]:
 def test_queue_limit_overflows_to_cloud_or_503(serve, tmp_path):
     path, *_ = classifier_model(tmp_path / "m.onnx")
     cloud = serve(path)
-    edge = serve(path, fallback_url=cloud.url, queue_limit=1, delay_ms=400)
-    alone = serve(path, queue_limit=1, delay_ms=400)
+    edge = serve(path, fallback_url=cloud.url, queue_limit=1, delay_ms=800)
+    alone = serve(path, queue_limit=1, delay_ms=800)
     replies = asyncio.run(_concurrent(f"{edge.url}/v2/models/clf/infer", [x_body(X)] * 3))
     tiers = sorted(r.json()["parameters"]["kiri_tier"] for r in replies)
     assert tiers == ["cloud", "cloud", "edge"]
