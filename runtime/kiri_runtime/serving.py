@@ -21,7 +21,7 @@ from aiohttp import web
 
 from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
 from kiri_runtime.fallback import Cascade, CloudClient
-from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, FetchError, RetryPolicy
+from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, RetryPolicy
 from kiri_runtime.metrics import RuntimeMetrics
 from kiri_runtime.rest import DEFAULT_MAX_BODY_BYTES, RestServer
 
@@ -103,8 +103,9 @@ class Server:
                     sha = path.name
                     model = await asyncio.to_thread(OnnxModel, path, cfg.threads)
                     break
-                except (FetchError, OSError, ValueError, RuntimeError) as exc:
-                    # onnxruntime raises its own exception types (subclasses of RuntimeError) on bad files.
+                except Exception as exc:
+                    # Fetch errors, a full disk, or a file ONNX Runtime rejects (its pybind exceptions derive
+                    # from Exception only): the server stays live and not ready, and tries again later.
                     log.error("model %s not loaded: %s; retrying in %.0fs", cfg.name, exc, delay)
                     await asyncio.sleep(delay)
                     delay = min(cfg.fetch_retry_max_s, delay * 2)

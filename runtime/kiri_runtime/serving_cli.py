@@ -15,6 +15,18 @@ def _ratio(raw: str) -> float:
     return value
 
 
+def _sha256(raw: str) -> str:
+    from kiri_runtime.fetching import normalize_sha256
+
+    try:
+        value = normalize_sha256(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value is None:
+        raise argparse.ArgumentTypeError("empty sha256")
+    return value
+
+
 def _positive(raw: str) -> int:
     value = int(raw)
     if value < 1:
@@ -30,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     sub.add_argument("--model-uri", required=True, help="file://, http(s):// or s3:// URI of the .onnx file")
     sub.add_argument("--name", required=True, help="model name in the /v2/models/{name} routes")
-    sub.add_argument("--sha256", help="expected digest; the model is not served unless it matches")
+    sub.add_argument(
+        "--sha256", type=_sha256, help="expected digest; the model is not served unless it matches"
+    )
     sub.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     sub.add_argument("--port", type=int, default=8080)
     sub.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")

@@ -81,6 +81,23 @@ def test_wrong_sha256_is_never_served(serve, classifier, tmp_path):
     assert not any((tmp_path / "cache0" / "blobs" / "sha256").iterdir())
 
 
+def test_corrupt_model_with_matching_sha_stays_not_ready(serve, tmp_path, caplog):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx model")
+    edge = serve(garbage, wait=False, sha256=sha256_of(garbage))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("not loaded" in r.getMessage() for r in caplog.records):
+        time.sleep(0.05)
+    assert any("model clf not loaded" in r.getMessage() for r in caplog.records), (
+        "ONNX Runtime did not reject it"
+    )
+    assert httpx.get(f"{edge.url}/v2/health/live").status_code == 200
+    assert httpx.get(f"{edge.url}/v2/health/ready").status_code == 503
+    reply = httpx.post(f"{edge.url}/v2/models/clf/infer", json=x_body(X))
+    assert reply.status_code == 503 and "not loaded" in reply.json()["error"]
+    assert not edge.call(lambda server: server._loader.done()), "the loader must keep retrying, not die"
+
+
 def test_low_confidence_goes_to_cloud(serve, tmp_path):
     cloud_path, w, b = classifier_model(tmp_path / "cloud.onnx", scale=3.0)
     unsure_path, *_ = classifier_model(tmp_path / "unsure.onnx", scale=0.001)  # near-uniform probabilities
