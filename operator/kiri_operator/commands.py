@@ -19,7 +19,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="run the Kiri operator against the current KUBECONFIG",
         description="Reconcile ModelDeployments into cloud Deployments, compression Jobs and edge DaemonSets.",
     )
-    op.add_argument("--namespace", "-n", default=None, help="watch one namespace (default: all namespaces)")
+    op.add_argument(
+        "--namespace",
+        "-n",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; default: all namespaces)",
+    )
     op.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     op.add_argument(
         "--standalone",
@@ -73,7 +79,7 @@ def _operator(args: argparse.Namespace) -> int:
     # kopf logs every handled watch event at INFO; with a fleet of nodes that drowns Kiri's own lines.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = handlers.Config(
-        namespace=args.namespace,
+        namespaces=list(args.namespace),
         metrics_port=args.metrics_port or None,
         workers=args.workers,
         resync_seconds=args.resync_seconds,

@@ -44,7 +44,8 @@ CHILD_API = {
 
 @dataclass
 class Config:
-    namespace: str | None = None
+    namespaces: list[str] = field(default_factory=list)
+    """Empty: every namespace."""
     metrics_port: int | None = None
     workers: int = 4
     resync_seconds: float = 60.0
@@ -77,8 +78,9 @@ def _enqueue(key: Key | None) -> None:
 
 def _warm(kube: Kube, cache: Cache, namespace: str | None) -> None:
     """One LIST per kind before the first reconcile, so no plan is made from a half-filled cache."""
-    for node in kube.list("Node"):
-        cache.put_node(node)
+    if not cache.nodes:
+        for node in kube.list("Node"):
+            cache.put_node(node)
     for md in kube.list(RESOURCES_KIND, namespace):
         cache.put_md(md)
     selector = f"{L.MANAGED_BY}={L.MANAGED_BY_VALUE}"
@@ -104,7 +106,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     RUNTIME.cache = Cache()
     RUNTIME.queue = WorkQueue()
     RUNTIME.reconciler = Reconciler(kube, RUNTIME.cache, config.settings)
-    await asyncio.get_running_loop().run_in_executor(None, _warm, kube, RUNTIME.cache, config.namespace)
+    scopes: list[str | None] = list(config.namespaces) or [None]
+    for namespace in scopes:
+        await asyncio.get_running_loop().run_in_executor(None, _warm, kube, RUNTIME.cache, namespace)
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     for _worker in range(max(1, config.workers)):
@@ -202,7 +206,7 @@ async def node_event(event: kopf.RawEvent, **_: Any) -> None:
 def run(config: Config) -> int:
     """Run the operator until interrupted; `--standalone` semantics: no peering objects needed."""
     configure(config)
-    namespaces = [config.namespace] if config.namespace else []
+    namespaces = config.namespaces
     asyncio.run(
         kopf.operator(
             standalone=True,

@@ -111,6 +111,15 @@ class Operator:
     def writes(self) -> float:
         return sum(self.counter("kiri_api_requests_total", verb=v) for v in WRITE_VERBS)
 
+    def write_breakdown(self) -> dict[tuple[str, str], float]:
+        out: dict[tuple[str, str], float] = {}
+        for family in self.scrape():
+            for s in family.samples:
+                if s.name == "kiri_api_requests_total" and s.labels.get("verb") in WRITE_VERBS:
+                    key = (s.labels["verb"], s.labels["resource"])
+                    out[key] = out.get(key, 0.0) + s.value
+        return out
+
     def reconciles(self) -> float:
         return self.counter("kiri_reconcile_duration_seconds_count")
 

@@ -179,26 +179,38 @@ def test_steady_state_and_metadata_changes_make_no_writes_and_deletion_removes_e
                 out[f"{kind}/{obj['metadata']['name']}"] = obj["metadata"]["resourceVersion"]
         return out
 
-    # Quiet first: the last status write and its echo reconcile have to be done.
-    cluster.wait_for(lambda: _quiet(operator), timeout=30, message="operator to go quiet")
-    before_writes, before_versions = operator.writes(), versions()
-    md_version = get_md(cluster, namespace, "tiny")["metadata"]["resourceVersion"]
-    reconciles = operator.reconciles()
-
     # A label and an annotation on the ModelDeployment: each triggers a reconcile, neither makes a write.
-    cluster.kubectl("label", "md", "tiny", "-n", namespace, "team=vision")
-    cluster.wait_for(lambda: operator.reconciles() > reconciles, timeout=30, message="reconcile after label")
-    reconciles = operator.reconciles()
-    cluster.kubectl("annotate", "md", "tiny", "-n", namespace, "note=hello")
-    cluster.wait_for(
-        lambda: operator.reconciles() > reconciles, timeout=30, message="reconcile after annotation"
-    )
-    assert operator.writes() == before_writes
-    assert versions() == before_versions
+    # On a loaded machine a node can miss a heartbeat and go NotReady for a moment; that is a real change
+    # the status must report, so an attempt during which the observed world moved is retried.
+    clean = 0
+    for attempt in range(4):
+        cluster.wait_for(lambda: _quiet(operator), timeout=30, message="operator to go quiet")
+        before_writes, before_versions = operator.write_breakdown(), versions()
+        before_status = get_md(cluster, namespace, "tiny")["status"]
+        reconciles = operator.reconciles()
+        cluster.kubectl("label", "md", "tiny", "-n", namespace, f"team=vision-{attempt}", "--overwrite")
+        cluster.wait_for(
+            lambda r=reconciles: operator.reconciles() > r, timeout=30, message="reconcile after label"
+        )
+        reconciles = operator.reconciles()
+        cluster.kubectl("annotate", "md", "tiny", "-n", namespace, f"note=hello-{attempt}", "--overwrite")
+        cluster.wait_for(
+            lambda r=reconciles: operator.reconciles() > r, timeout=30, message="reconcile after annotation"
+        )
+        child_writes = {
+            k: v for k, v in operator.write_breakdown().items() if k[1] not in ("modeldeployments", "events")
+        }
+        assert child_writes == {
+            k: v for k, v in before_writes.items() if k[1] not in ("modeldeployments", "events")
+        }
+        assert versions() == before_versions
+        if get_md(cluster, namespace, "tiny")["status"] != before_status:
+            continue
+        assert operator.write_breakdown() == before_writes, operator.tail()
+        clean += 1
+        break
+    assert clean, "the status kept changing: no quiet attempt to count writes on"
     md = get_md(cluster, namespace, "tiny")
-    assert (
-        md["metadata"]["resourceVersion"] != md_version
-    )  # our own label/annotation writes, not the operator's
     assert "kopf.zalando.org/last-handled-configuration" not in md["metadata"].get("annotations", {})
     assert not md["metadata"].get("finalizers")
 
