@@ -368,6 +368,17 @@ def cmd_watch(args: argparse.Namespace) -> int:
             return 1
         time.sleep(args.interval)
     elapsed = time.monotonic() - start
+    # Let pods being replaced (a rollback moves nodes back) settle, so the tally below is the end state.
+    settle = time.monotonic() + 30
+    while time.monotonic() < settle:
+        view, by_node = _node_view(args.namespace, args.name, labels)
+        if len(by_node) >= int(edge.get("targetNodes") or 0) and all(
+            c.endswith(" ok") for c in by_node.values()
+        ):
+            break
+        time.sleep(args.interval)
+    if by_node != last_nodes:
+        print(view, flush=True)
     _print_conditions(status)
     variants_on_nodes: dict[str, int] = {}
     for cell in by_node.values():
@@ -468,7 +479,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for key in sorted(k for k in data if k.startswith("variants-")):
         for v in data[key]["variants"]:
             size = f"{v['size_ratio']:.2f}x fp32 size" if v.get("size_ratio") else "-"
-            cos = f"cosine {v['cosine_mean']:.4f}" if v.get("cosine_mean") is not None else "no fidelity"
+            cos = f"cosine {v['cosine_mean']:.5f}" if v.get("cosine_mean") is not None else "no fidelity"
             rows.append(
                 [
                     f"{key}/{v['name']}",
@@ -479,12 +490,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
         r = data[key]
         nodes = ", ".join(f"{k}: {n}" for k, n in sorted(r["nodes"].items()))
         reason = f" ({r['reason']})" if r.get("reason") else ""
-        rows.append(
-            [
-                key,
-                f"{r['phase']}{reason} after {r['seconds']}s; waves {' -> '.join(r['waves']) or '-'}; nodes {nodes}",
-            ]
+        waves = r["waves"]
+        walked = (
+            f"{len(waves)} wave(s): {waves[0]} ... {waves[-1]}" if len(waves) > 1 else (waves or ["-"])[0]
         )
+        rows.append([key, f"{r['phase']}{reason} after {r['seconds']}s; {walked}; nodes {nodes}"])
     inf = data.get("inference")
     if inf:
         tiers = ", ".join(f"{t}: {n}" for t, n in sorted(inf["tiers"].items()))

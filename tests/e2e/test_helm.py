@@ -157,6 +157,8 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
         }
 
     assert verbs("", "nodes") == {"get", "list", "watch"}  # Kiri never mutates Node objects.
+    assert verbs("apiextensions.k8s.io", "customresourcedefinitions") == {"list", "watch"}  # kopf discovery
+    assert verbs("", "namespaces") == {"list", "watch"}
     assert verbs("", "pods") == {"get", "list", "watch"}
     # kopf runs event handlers only: the operator reads ModelDeployments and writes nothing but their status.
     assert verbs("kiri.dev", "modeldeployments") == {"get", "list", "watch"}
@@ -171,8 +173,13 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
     cluster_roles = by_kind(docs, "ClusterRole")
     roles = by_kind(docs, "Role")
     if values == NAMESPACED:
-        # Watching one namespace: the ClusterRole only reads nodes; everything else is in that namespace.
-        assert [r["resources"] for r in cluster_roles[0]["rules"]] == [["nodes"]]
+        # Watching one namespace: the ClusterRole only reads nodes (and what kopf observes); the rest is
+        # in that namespace.
+        assert [r["resources"] for r in cluster_roles[0]["rules"]] == [
+            ["nodes"],
+            ["customresourcedefinitions"],
+            ["namespaces"],
+        ]
         assert [r["metadata"]["namespace"] for r in roles] == ["team-a"]
         assert [b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")] == ["team-a"]
     else:
@@ -490,3 +497,119 @@ def test_install_upgrade_uninstall(
     assert not cluster.kubectl(
         "get", "serviceaccount", name, "-n", namespace, "--ignore-not-found", "-o", "name"
     ).strip()
+
+
+def _token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as a ServiceAccount (a real token from the TokenRequest API)."""
+    admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration", "30m").strip()
+    cluster_entry = admin["clusters"][0]
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kiri", "cluster": cluster_entry["cluster"]}],
+                "users": [{"name": account, "user": {"token": token}}],
+                "contexts": [{"name": "sa", "context": {"cluster": "kiri", "user": account}}],
+                "current-context": "sa",
+            }
+        )
+    )
+    return path
+
+
+def test_operator_reconciles_under_the_charts_rbac_alone(
+    cluster: Cluster, namespace: str, release: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """The real operator, authenticated as the chart's ServiceAccount, takes a ModelDeployment to Healthy.
+
+    The chart is installed watching this namespace only (the tightest RBAC: a Role here, a ClusterRole that
+    only reads Nodes). The operator process runs here with a token of that ServiceAccount, and the
+    compression Job's publish step with a token of the ServiceAccount the operator made for it. Any
+    missing permission shows up as a 403 in the operator's own request counter or as a stuck rollout.
+    """
+    from .operator_harness import KIRI, build_model, free_port, model_deployment
+
+    name, env = release
+    helm(
+        env, "install", name, str(CHART), "--namespace", namespace,
+        "--set", f"operator.watchNamespaces={{{namespace}}}", "--wait", "--timeout", "120s",
+    )  # fmt: skip
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    kubeconfig = _token_kubeconfig(cluster, namespace, name, tmp_path / "operator.kubeconfig")
+    op_env = {**cluster.env, "KUBECONFIG": str(kubeconfig)}
+    metrics_port, health_port = free_port(), free_port()
+    log_path = tmp_path / "operator.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [*KIRI, "operator", "--standalone", "--namespace", namespace, "--metrics-port", str(metrics_port),
+             "--liveness", f"http://127.0.0.1:{health_port}/healthz"],
+            env=op_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+        )  # fmt: skip
+    try:
+        import urllib.request
+
+        def healthy() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"operator exited {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        cluster.wait_for(healthy, timeout=60, message="operator liveness endpoint")
+
+        model, sha = build_model(tmp_path)
+        variants = [{"name": "int8", "method": "int8-dynamic"}]
+        cluster.apply(model_deployment("rbac", namespace, model, sha, tmp_path / "store", variants))
+        job = cluster.wait_for(
+            lambda: cluster.get_json("jobs", "-n", namespace, "-l", "kiri.dev/modeldeployment=rbac")["items"],
+            timeout=60,
+            message=f"compression Job\n{log_path.read_text()[-3000:]}",
+        )[0]
+        # The Job's containers, run here (simulated nodes run none), each with the Job's ServiceAccount
+        # token: `kiri compress` needs no API access, `kiri publish-manifest` writes the manifest ConfigMap.
+        pod = job["spec"]["template"]["spec"]
+        job_env = {
+            **cluster.env,
+            "KUBECONFIG": str(
+                _token_kubeconfig(cluster, namespace, pod["serviceAccountName"], tmp_path / "job.kubeconfig")
+            ),
+        }
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            step = subprocess.run(
+                [*KIRI, *container["args"]],
+                env=job_env,
+                capture_output=True,
+                text=True,
+                timeout=180,
+                check=False,
+            )
+            assert step.returncode == 0, f"{container['name']}: {step.stderr[-3000:]}"
+
+        def phase() -> str | None:
+            md = cluster.get_json("modeldeployment", "rbac", "-n", namespace)
+            value = md.get("status", {}).get("phase")
+            return value if value in ("Healthy", "Failed", "Degraded") else None
+
+        final = cluster.wait_for(phase, timeout=120, message=f"Healthy\n{log_path.read_text()[-3000:]}")
+        assert final == "Healthy", log_path.read_text()[-3000:]
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+            exposition = r.read().decode()
+        requests = [line for line in exposition.splitlines() if line.startswith("kiri_api_requests_total{")]
+        assert requests, exposition[:2000]
+        refused = [line for line in requests if re.search(r'code="(401|403)"', line)]
+        assert not refused, refused
+        forbidden = [
+            line for line in log_path.read_text().splitlines() if "Forbidden" in line or "403" in line
+        ]
+        assert not forbidden, "\n".join(forbidden)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
