@@ -1,0 +1,234 @@
+"""Federated learning on the real control plane: the operator schedules a round's Jobs onto the right nodes,
+their own command lines run here as local processes (the simulated nodes run no containers), the round record
+comes back through `kiri publish-round`, and the operator records it, asks the update policy, and turns the
+allowed round into a new revision; the next round is deferred by `minIntervalSeconds`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import REPO_ROOT, Cluster
+from .operator_harness import KIRI, Operator, build_model, crd, get_md, model_deployment, operator_fixture
+
+pytestmark = [pytest.mark.timeout(480), pytest.mark.usefixtures("crd")]
+__all__ = ["crd"]
+
+sys.path.insert(0, str(REPO_ROOT / "tests" / "integration" / "learning"))
+from learning_tiny import make_model, write_sites  # noqa: E402
+
+FACTORY = f"{REPO_ROOT / 'tests' / 'integration' / 'learning' / 'learning_tiny.py'}:make_model"
+SITES = ("site-a", "site-b", "site-c")
+TOKENS = {s: f"e2e-token-{s}-{'y' * 16}" for s in SITES}
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
+    yield from operator_fixture(cluster, namespace)
+
+
+def _jobs(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]]:
+    return list(cluster.get_json("jobs", "-n", namespace, "-l", selector).get("items") or [])
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _swap(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+def _run_round(
+    cluster: Cluster, namespace: str, n: int, tmp: Path, site_files: dict[str, Path]
+) -> dict[str, Any]:
+    """Play the kubelet for round n: the aggregator Job's containers and each trainer Job's, here."""
+    agg_job = _wait(
+        lambda: _jobs(cluster, namespace, f"kiri.dev/learning-role=aggregator,kiri.dev/learning-round={n}"),
+        90,
+        f"round {n} aggregator Job",
+    )[0]
+    pod = agg_job["spec"]["template"]["spec"]
+    agg_args = pod["initContainers"][0]["args"]
+    # In the pod the Secret is mounted at --tokens and the port is fixed; here both are local.
+    tokens_dir = tmp / "tokens"
+    tokens_dir.mkdir(exist_ok=True)
+    for site, token in TOKENS.items():
+        (tokens_dir / site).write_text(token)
+    port_file = tmp / f"port-{n}"
+    local = _swap(_swap(agg_args, "--tokens", str(tokens_dir)), "--port", "0")
+    local += ["--host", "127.0.0.1", "--port-file", str(port_file)]
+    log = (tmp / f"aggregator-{n}.log").open("wb")
+    agg = subprocess.Popen([*KIRI, *local], stdout=log, stderr=subprocess.STDOUT, env=cluster.env)
+    port = int(_wait(lambda: port_file.exists() and port_file.read_text(), 60, "aggregator port"))
+    trainers = []
+    for site in SITES:
+        job = next(
+            j
+            for j in _jobs(cluster, namespace, f"kiri.dev/learning-round={n}")
+            if f"--site {site} " in " ".join(j["spec"]["template"]["spec"]["containers"][0]["args"]) + " "
+        )
+        args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+        token_file = tmp / f"token-{site}"
+        token_file.write_text(TOKENS[site])
+        args = _swap(args, "--aggregator", f"http://127.0.0.1:{port}")
+        args = _swap(_swap(args, "--token-file", str(token_file)), "--data", str(site_files[site]))
+        args = _swap(args, "--work-dir", str(tmp / f"work-{site}-{n}"))
+        out = (tmp / f"trainer-{site}-{n}.log").open("wb")
+        trainers.append(
+            subprocess.Popen([*KIRI, *args], stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
+        )
+    codes = [t.wait(timeout=240) for t in trainers]
+    logs = [(tmp / f"trainer-{site}-{n}.log").read_text()[-2000:] for site in SITES]
+    assert codes == [0, 0, 0], logs
+    assert agg.wait(timeout=120) in (0, 3), (tmp / f"aggregator-{n}.log").read_text()
+    publish = subprocess.run(
+        [*KIRI, *pod["containers"][0]["args"]],
+        capture_output=True,
+        text=True,
+        env=cluster.env,
+        timeout=60,
+        check=False,
+    )
+    assert publish.returncode == 0, publish.stderr
+    return dict(agg_job)
+
+
+def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_update_policy(
+    cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
+) -> None:
+    import torch
+
+    onnx_path, onnx_sha = build_model(tmp_path)
+    paths, held_out = write_sites(tmp_path, len(SITES), seed=3)
+    site_files = dict(zip(SITES, paths, strict=True))
+    torch.manual_seed(0)
+    weights = tmp_path / "v1.pt"
+    torch.save(make_model().state_dict(), weights)  # type: ignore[attr-defined]
+    cluster.kubectl(
+        "create", "secret", "generic", "lm-learning-tokens", "-n", namespace,
+        *[f"--from-literal={s}={t}" for s, t in TOKENS.items()],
+    )  # fmt: skip
+    body = model_deployment(
+        "lm",
+        namespace,
+        onnx_path,
+        onnx_sha,
+        tmp_path / "store",
+        [{"name": "int8", "method": "int8-dynamic"}],
+        rollout={"updatePolicy": {"minIntervalSeconds": 3600, "minImprovement": 0.0}},
+        learning={
+            "trainable": {
+                "factory": FACTORY,
+                "weightsUri": f"file://{weights}",
+                "weightsSha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            },
+            "evalDataUri": f"file://{held_out}",
+            "trained": {"kind": "layers", "layers": ["2"]},
+            "rounds": 2,
+            "minClients": 2,
+            "localEpochs": 2,
+            "learningRate": 0.1,
+            "batchSize": 16,
+            "dp": {"clipNorm": 1.0, "noiseMultiplier": 0.3, "targetEpsilon": 100},
+            "schedule": {"intervalSeconds": 60, "deadlineSeconds": 120, "graceSeconds": 30},
+        },
+    )
+    cluster.apply(body, namespace)
+
+    # Round 1: an aggregator Job on a cloud node, one trainer per site on that site's nodes.
+    trainers = _wait(
+        lambda: (j := _jobs(cluster, namespace, "kiri.dev/learning-role=trainer")) and len(j) == 3 and j,
+        90,
+        "trainer Jobs",
+    )
+    nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in cluster.get_json("nodes")["items"]}
+    for job in trainers:
+        selector = job["spec"]["template"]["spec"]["nodeSelector"]
+        assert selector["kiri.dev/tier"] == "edge" and selector["kiri.dev/site"] in SITES
+
+    def scheduled() -> list[dict[str, Any]] | None:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "kiri.dev/learning-round=1")["items"]
+        bound = [p for p in pods if p["spec"].get("nodeName")]
+        return bound if len(bound) == 4 else None
+
+    for p in _wait(scheduled, 90, "round 1 pods bound to nodes"):
+        labels = nodes[p["spec"]["nodeName"]]
+        role = p["metadata"]["labels"]["kiri.dev/learning-role"]
+        if role == "aggregator":
+            assert labels["kiri.dev/tier"] == "cloud"
+        else:
+            site = p["spec"]["nodeSelector"]["kiri.dev/site"]
+            assert labels["kiri.dev/tier"] == "edge" and labels["kiri.dev/site"] == site
+    revision_before = _wait(
+        lambda: get_md(cluster, namespace, "lm").get("status", {}).get("updateRevision"), 60, "revision"
+    )
+
+    _run_round(cluster, namespace, 1, tmp_path, site_files)
+
+    def recorded(n: int) -> dict[str, Any] | None:
+        learning = get_md(cluster, namespace, "lm").get("status", {}).get("learning") or {}
+        return (
+            learning
+            if learning.get("roundsCompleted", 0) >= n and learning.get("update", {}).get("round") == n
+            else None
+        )
+
+    learning = _wait(lambda: recorded(1), 60, "round 1 in status")
+    (r1,) = learning["rounds"]
+    assert r1["outcome"] == "Accepted" and sorted(r1["participants"]) == list(SITES)
+    assert r1["epsilon"] > 0 and "accuracy" in r1 and r1["modelSha256"]
+    assert learning["update"]["allowed"] is True
+    assert learning["model"]["round"] == 1 and learning["model"]["sha256"] == r1["modelSha256"]
+
+    # The allowed round is a new revision: the edge is rebuilt from the learned weights.
+    md = _wait(
+        lambda: (
+            (m := get_md(cluster, namespace, "lm"))["status"].get("updateRevision") != revision_before and m
+        ),
+        60,
+        "new revision",
+    )
+    compress = [
+        j
+        for j in _jobs(cluster, namespace, "app.kubernetes.io/component=compress")
+        if "--state-dict" in j["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    ]
+    assert compress, "no compression Job for the learned weights"
+    cargs = compress[0]["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert cargs[cargs.index("--source") + 1] == FACTORY
+    assert cargs[cargs.index("--state-dict") + 1].endswith("/learning/rounds/0001/weights.pt")
+    assert cargs[cargs.index("--model-version") + 1] == "1-fl1"
+    # Round 1's Jobs are gone once its record is in; the record stays.
+    _wait(lambda: not _jobs(cluster, namespace, "kiri.dev/learning-round=1"), 60, "round 1 Jobs removed")
+    assert cluster.get_json("configmap", "lm-learn-r1-record", "-n", namespace)["data"]["round.json"]
+
+    # Round 2 starts intervalSeconds after round 1 closed; its model is deferred by minIntervalSeconds.
+    _run_round(cluster, namespace, 2, tmp_path, site_files)
+    learning = _wait(lambda: recorded(2), 60, "round 2 in status")
+    assert learning["update"]["allowed"] is False
+    assert learning["update"]["reason"].startswith("minIntervalSeconds: last rollout")
+    assert 0 < learning["update"]["retryAfterSeconds"] <= 3600
+    assert learning["model"]["round"] == 1  # the edge stays on round 1's model
+    assert get_md(cluster, namespace, "lm")["status"]["updateRevision"] == md["status"]["updateRevision"]
+    events = cluster.get_json("events", "-n", namespace)["items"]
+    assert any(e["reason"] == "LearnedModelDeferred" for e in events), json.dumps(
+        [e["reason"] for e in events]
+    )
