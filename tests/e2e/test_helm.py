@@ -91,7 +91,7 @@ def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MONITORING = ("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true")
-NAMESPACED = ("--set", "operator.watchNamespaces={team-a}")
+NAMESPACED = ("--set", "operator.watchNamespaces={team-a,team-b}")
 
 
 # --- rendering -------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
         (("--set", "podSecurityContext.runAsNonRoot=false"), "runAsNonRoot"),
         (("--set", "imagePullPolicy=Always"), "imagePullPolicy"),
         (("--set", "operator.logLevel=LOUD"), "logLevel"),
-        (("--set", "operator.watchNamespaces={a,b}"), "watchNamespaces"),
+        (("--set", "operator.watchNamespaces={a,a}"), "watchNamespaces"),
         (
             ("--set", "metrics.service.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"),
             "metrics",
@@ -123,7 +123,7 @@ def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
         "root",
         "unknown-key",
         "bad-enum",
-        "two-namespaces",
+        "repeated-namespace",
         "monitor-without-service",
     ],
 )
@@ -173,20 +173,22 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
     cluster_roles = by_kind(docs, "ClusterRole")
     roles = by_kind(docs, "Role")
     if values == NAMESPACED:
-        # Watching one namespace: the ClusterRole only reads nodes (and what kopf observes); the rest is
-        # in that namespace.
+        # Watching some namespaces: the ClusterRole only reads nodes (and what kopf observes); the rest
+        # is granted per namespace.
         assert [r["resources"] for r in cluster_roles[0]["rules"]] == [
             ["nodes"],
             ["customresourcedefinitions"],
             ["namespaces"],
         ]
-        assert [r["metadata"]["namespace"] for r in roles] == ["team-a"]
-        assert [b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")] == ["team-a"]
+        assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
+        assert [b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")] == ["team-a", "team-b"]
     else:
         assert not roles
     args = operator_container(docs)["args"]
     assert "--standalone" in args
-    assert [a for a in args if a.startswith("--namespace")] == (["--namespace=team-a"] if values else [])
+    assert [a for a in args if a.startswith("--namespace")] == (
+        ["--namespace=team-a", "--namespace=team-b"] if values else []
+    )
 
 
 def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) -> None:
