@@ -182,7 +182,7 @@ echo "  stages per site: one canary node (bake 2s), then 50% (bake 2s), then 100
 model_deployment 1.0.0 "$DEMO_DIR/v1" 0.9 >"$DEMO_DIR/v1/modeldeployment-1.1.yaml"
 kubectl apply -f "$DEMO_DIR/v1/modeldeployment-1.1.yaml" | sed 's/^/  /'
 demo watch --namespace "$NS" --name "$MD" --label v1.1 --until Healthy --fail-on RolledBack,Failed --timeout 300
-kubectl get md -n "$NS" | sed 's/^/  /'
+"$KIRI" get -n "$NS" | sed 's/^/  /'
 
 # ------------------------------------------------------------------------------------------------------
 step "v2, a retrained model whose canary never becomes Ready: Kiri rolls back to v1.1 on its own"
@@ -191,7 +191,8 @@ model_deployment 2.0.0 "$DEMO_DIR/v2" 0.9 "    podLabels: {kiri.dev/sim: never-r
 kubectl apply -f "$DEMO_DIR/v2/modeldeployment.yaml" | sed 's/^/  /'
 demo run-job --namespace "$NS" --name "$MD" --label v2
 demo watch --namespace "$NS" --name "$MD" --label v2 --until RolledBack --fail-on Healthy,Failed --timeout 240
-kubectl get md -n "$NS" | sed 's/^/  /'
+echo "  kiri status $MD -n $NS:"
+"$KIRI" status "$MD" -n "$NS" | sed 's/^/    /'
 echo "  events:"
 kubectl get events -n "$NS" --field-selector involvedObject.kind=ModelDeployment --sort-by=.lastTimestamp \
   -o custom-columns=REASON:.reason,MESSAGE:.message --no-headers | tail -n 8 | cut -c1-150 | sed 's/^/    /'
