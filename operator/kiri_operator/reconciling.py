@@ -34,6 +34,9 @@ APPLY_ORDER = (
 )
 
 
+EVENT_REPEAT_SECONDS = 300.0
+
+
 @dataclass
 class Outcome:
     writes: int = 0
@@ -62,6 +65,7 @@ class Reconciler:
         self.kube = kube
         self.cache = cache
         self.settings = settings or Settings()
+        self._recent_events: dict[tuple[Key, str, str, str], float] = {}
 
     def reconcile(self, key: Key) -> Outcome:
         started = time.perf_counter()
@@ -155,6 +159,16 @@ class Reconciler:
                     outcome.error = str(exc)
                     outcome.requeue_after = 5.0
         for event in events:
+            # A retried failure repeats its event each time: one per five minutes is enough to see it.
+            seen = (key, event.type, event.reason, event.message)
+            now = time.monotonic()
+            if now - self._recent_events.get(seen, -1e9) < EVENT_REPEAT_SECONDS:
+                continue
+            self._recent_events[seen] = now
+            if len(self._recent_events) > 10000:
+                self._recent_events = {
+                    k: t for k, t in self._recent_events.items() if now - t < EVENT_REPEAT_SECONDS
+                }
             self.kube.event(md, event)
             metrics.RECONCILE_WRITES.labels("Event", event.reason).inc()
         self._node_metrics(key, p.status)

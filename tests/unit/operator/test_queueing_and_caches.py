@@ -1,0 +1,99 @@
+"""The work queue coalesces and serializes; the caches keep the newest object and the planner's view."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+
+from kiri_operator import labels as L
+from kiri_operator.caches import Cache
+from kiri_operator.queueing import WorkQueue
+
+pytestmark = pytest.mark.timeout(10)
+
+
+async def test_events_for_one_key_coalesce_and_a_key_never_runs_twice_at_once():
+    queue: WorkQueue[str] = WorkQueue()
+    runs: list[str] = []
+    active: set[str] = set()
+    overlap = False
+
+    async def handle(key: str) -> float | None:
+        nonlocal overlap
+        overlap |= key in active
+        active.add(key)
+        runs.append(key)
+        await asyncio.sleep(0.05)
+        active.discard(key)
+        return None
+
+    for _ in range(10):
+        queue.add("a")
+    queue.add("b")
+    workers = [asyncio.create_task(queue.worker(handle)) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    queue.add("a")  # while "a" runs: it must run once more afterwards, not concurrently
+    await asyncio.sleep(0.3)
+    for w in workers:
+        w.cancel()
+    assert sorted(runs) == ["a", "a", "b"] and not overlap
+
+
+async def test_requeue_after_wakes_the_key_once():
+    queue: WorkQueue[str] = WorkQueue()
+    runs: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handle(key: str) -> float | None:
+        runs.append(loop.time())
+        return 0.1 if len(runs) == 1 else None
+
+    queue.add("a")
+    worker = asyncio.create_task(queue.worker(handle))
+    await asyncio.sleep(0.4)
+    worker.cancel()
+    assert len(runs) == 2 and runs[1] - runs[0] >= 0.09
+
+
+def _child(name: str, rv: str, replicas: int) -> dict:
+    return {
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "resourceVersion": rv,
+            "labels": {L.MODEL_DEPLOYMENT: "md"},
+            "managedFields": [{"manager": "kiri"}],
+        },
+        "spec": {"replicas": replicas},
+    }
+
+
+def test_cache_keeps_the_newest_child_and_drops_managed_fields():
+    cache = Cache()
+    cache.put_md({"metadata": {"name": "md", "namespace": "ns", "uid": "u", "generation": 2}, "spec": {}})
+    assert cache.put_child("Deployment", _child("md-cloud", "10", 2)) == ("ns", "md")
+    cache.put_child("Deployment", _child("md-cloud", "9", 1))  # a late event from before our write
+    observed = cache.observe(("ns", "md"), datetime.now(UTC), None)
+    assert observed is not None and observed.generation == 2
+    child = observed.child("Deployment", "md-cloud")
+    assert child is not None and child.body["spec"]["replicas"] == 2
+    assert "managedFields" not in child.body["metadata"]
+
+
+def test_node_heartbeats_are_not_changes_but_readiness_is():
+    cache = Cache()
+    node = {
+        "metadata": {"name": "n1", "labels": {"kiri.dev/tier": "edge"}, "resourceVersion": "1"},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "t1"}]},
+    }
+    assert cache.put_node(node)
+    beat = {
+        **node,
+        "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "t2"}]},
+    }
+    assert not cache.put_node(beat)
+    down = {**node, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}
+    assert cache.put_node(down)
