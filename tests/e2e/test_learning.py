@@ -224,7 +224,7 @@ def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_up
     _run_round(cluster, namespace, 2, tmp_path, site_files)
     learning = _wait(lambda: recorded(2), 60, "round 2 in status")
     assert learning["update"]["allowed"] is False
-    assert learning["update"]["reason"].startswith("minIntervalSeconds: last rollout")
+    assert learning["update"]["reason"].startswith("minIntervalSeconds: last rollout started")
     assert 0 < learning["update"]["retryAfterSeconds"] <= 3600
     assert learning["model"]["round"] == 1  # the edge stays on round 1's model
     assert get_md(cluster, namespace, "lm")["status"]["updateRevision"] == md["status"]["updateRevision"]

@@ -382,10 +382,6 @@ def plan_learning(
                         Event("Normal", "LearningRound", f"round {n} started: {', '.join(site_names)}")
                     )
                 status["activeRound"] = n
-            else:
-                out.events.append(
-                    Event("Warning", "NoLearningSites", f"no edge node has label {learning.site_label}")
-                )
             out.requeue_after = 30.0
         else:
             status["nextRoundAt"] = C.format_time(due)
@@ -441,16 +437,15 @@ def plan_learning(
                 Event("Normal", "LearnedModelAdopted", f"round {candidate.round}: {verdict.reason}")
             )
             update["time"] = C.format_time(now)
+        elif old_update.get("round") == candidate.round and old_update.get("reason") == verdict.reason:
+            update = dict(
+                old_update
+            )  # the same verdict keeps its time and retry: steady state writes nothing
         else:
-            update["time"] = (
-                old_update.get("time")
-                if old_update.get("round") == candidate.round and old_update.get("reason") == verdict.reason
-                else C.format_time(now)
+            update["time"] = C.format_time(now)
+            out.events.append(
+                Event("Normal", "LearnedModelDeferred", f"round {candidate.round}: {verdict.reason}")
             )
-            if old_update.get("reason") != verdict.reason or old_update.get("round") != candidate.round:
-                out.events.append(
-                    Event("Normal", "LearnedModelDeferred", f"round {candidate.round}: {verdict.reason}")
-                )
         status["update"] = update
     elif old.get("update"):
         status["update"] = old["update"]

@@ -99,9 +99,12 @@ def decide(
         elapsed = (now - last_rollout_at).total_seconds()
         if elapsed < policy.min_interval_seconds:
             left = math.ceil(policy.min_interval_seconds - elapsed)
+            until = last_rollout_at + timedelta(seconds=policy.min_interval_seconds)
+            # Absolute times, not "N s left": the reason lands in status and must not change every reconcile.
             return UpdateVerdict(
                 False,
-                f"minIntervalSeconds: last rollout {int(elapsed)}s ago, {left}s left",
+                f"minIntervalSeconds: last rollout started {last_rollout_at:%Y-%m-%dT%H:%M:%SZ}, "
+                f"the next may start at {until:%Y-%m-%dT%H:%M:%SZ}",
                 retry_after_seconds=left,
             )
     limit = policy.max_bytes_per_day

@@ -216,3 +216,23 @@ def test_a_second_round_within_the_bandwidth_window_is_deferred() -> None:
     )
     assert lp.status["update"]["retryAfterSeconds"] == 23 * 3600
     assert lp.status["model"]["round"] == 1  # the adopted model stays until a new one is allowed
+
+
+def test_a_deferral_is_steady_later_reconciles_change_nothing_and_say_nothing() -> None:
+    spec = _spec(rollout={"updatePolicy": {"minImprovement": 0.5}})
+    first = learning.plan_learning(spec, _observed(_record(1, minutes_ago=10)), OWNER, variant_sizes={})
+    assert first.status is not None and [e.reason for e in first.events] == ["LearnedModelDeferred"]
+    obs = _observed(_record(1, minutes_ago=10), status={"learning": first.status})
+    later = Observed(
+        obs.name,
+        obs.namespace,
+        obs.uid,
+        1,
+        NOW + timedelta(minutes=7),
+        status=obs.status,
+        nodes=NODES,
+        children=obs.children,
+    )
+    again = learning.plan_learning(spec, later, OWNER, variant_sizes={})
+    assert again.status is not None and again.status["update"] == first.status["update"]
+    assert again.events == []

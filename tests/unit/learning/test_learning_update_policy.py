@@ -51,7 +51,11 @@ def test_user_revisions_skip_the_improvement_check_but_not_the_interval() -> Non
 
 def test_min_interval_defers_with_the_time_left_and_then_allows() -> None:
     verdict = decide(POLICY, _learned(0.1), now=NOW, last_rollout_at=NOW - timedelta(seconds=3599))
-    assert verdict == type(verdict)(False, "minIntervalSeconds: last rollout 3599s ago, 1s left", 1)
+    assert verdict == type(verdict)(
+        False,
+        "minIntervalSeconds: last rollout started 2026-01-02T11:00:01Z, the next may start at 2026-01-02T12:00:01Z",
+        1,
+    )
     assert decide(POLICY, _learned(0.1), now=NOW, last_rollout_at=NOW - timedelta(seconds=3600)).allowed
 
 
