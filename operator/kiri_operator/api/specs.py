@@ -812,6 +812,11 @@ class ModelDeploymentSpec(ApiModel):
                 "model.evalDataUri is required when a variant uses method int8-static (it calibrates on real inputs)",
                 field_path=".model.evalDataUri",
             ),
+            cel(
+                "!has(self.learning) || has(self.model.evalDataUri)",
+                "model.evalDataUri is required with learning (learned weights are exported and checked on it)",
+                field_path=".model.evalDataUri",
+            ),
         )
     )
 
@@ -828,5 +833,9 @@ class ModelDeploymentSpec(ApiModel):
         if any(v.method == "int8-static" for v in self.edge.variants) and self.model.eval_data_uri is None:
             raise ValueError(
                 "model.evalDataUri is required when a variant uses method int8-static (it calibrates on real inputs)"
+            )
+        if self.learning is not None and self.model.eval_data_uri is None:
+            raise ValueError(
+                "model.evalDataUri is required with learning (learned weights are exported and checked on it)"
             )
         return self

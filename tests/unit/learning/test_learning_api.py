@@ -59,7 +59,12 @@ def test_bad_learning_specs_are_refused(changes: dict[str, Any], message: str) -
 def test_update_policy_and_learning_sit_in_the_model_deployment() -> None:
     spec = ModelDeploymentSpec.model_validate(
         {
-            "model": {"name": "m", "version": "1", "source": {"uri": "s3://m/m.onnx", "sha256": SHA}},
+            "model": {
+                "name": "m",
+                "version": "1",
+                "source": {"uri": "s3://m/m.onnx", "sha256": SHA},
+                "evalDataUri": "s3://data/inputs.npz",
+            },
             "rollout": {
                 "updatePolicy": {
                     "minIntervalSeconds": 3600,
@@ -85,3 +90,19 @@ def test_crd_schema_carries_the_fields_and_cel_rules() -> None:
     assert any("clientsPerRound" in r for r in rules)
     assert "updatePolicy" in root["spec"]["properties"]["rollout"]["properties"]
     assert "rounds" in root["status"]["properties"]["learning"]["properties"]
+
+
+def test_learning_needs_model_eval_data_to_export_the_learned_weights() -> None:
+    body = {
+        "model": {"name": "m", "version": "1", "source": {"uri": "s3://m/m.onnx", "sha256": SHA}},
+        "learning": _learning(),
+    }
+    with pytest.raises(ValidationError, match=r"model\.evalDataUri is required with learning"):
+        ModelDeploymentSpec.model_validate(body)
+    rules = [
+        r["rule"]
+        for r in generating.crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+            "x-kubernetes-validations"
+        ]
+    ]
+    assert "!has(self.learning) || has(self.model.evalDataUri)" in rules

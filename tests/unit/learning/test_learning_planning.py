@@ -24,7 +24,12 @@ def _spec(**learning_extra: Any) -> ModelDeploymentSpec:
     rollout = learning_extra.pop("rollout", {})
     return ModelDeploymentSpec.model_validate(
         {
-            "model": {"name": "m", "version": "1", "source": {"uri": "file:///models/m.onnx", "sha256": SHA}},
+            "model": {
+                "name": "m",
+                "version": "1",
+                "source": {"uri": "file:///models/m.onnx", "sha256": SHA},
+                "evalDataUri": "file:///data/inputs.npz",
+            },
             "edge": {
                 "variants": [{"name": "int8", "method": "int8-dynamic"}],
                 "artifacts": {"uri": "file:///store"},
