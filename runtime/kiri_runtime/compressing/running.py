@@ -231,10 +231,12 @@ def _sensitivity(
                 spec.method, options, ctx.int8_src, path, calibration=calib, nodes_to_quantize=[node]
             )
             got = evaluating.run(evaluating.session(path, threads=ctx.req.threads), subset)
+        except CompressionError as e:
+            ctx.log(f"  sensitivity of {node}: not measurable ({e}); left quantized")
+            continue
         finally:
-            pass
+            path.unlink(missing_ok=True)
         fid = evaluating.fidelity(ref, got, classifier=ctx.classifier)
-        path.unlink(missing_ok=True)
         out.append({"node": node, "cosineLoss": 1.0 - fid.cosine.mean, "maxAbsError": fid.max_abs_error})
         if i % 10 == 0:
             ctx.log(f"  sensitivity {i}/{len(nodes)}")
@@ -427,6 +429,9 @@ def _distilled_variant(
 
 def run(req: Request, log: Callable[[str], None] | None = None) -> Manifest:
     log = log or Progress()
+    stale = req.out / manifests.MANIFEST_FILE
+    if stale.exists():
+        stale.unlink()  # a manifest from an earlier run must not outlive a run that fails, even on bad input
     _seed_everything(req.seed)
     fmt = exporting.detect_format(req.source, req.format)
     if not req.variants:
@@ -449,9 +454,6 @@ def run(req: Request, log: Callable[[str], None] | None = None) -> Manifest:
             f"a {fmt} source needs --eval-data: the export is checked against eager PyTorch on it"
         )
     req.out.mkdir(parents=True, exist_ok=True)
-    stale = req.out / manifests.MANIFEST_FILE
-    if stale.exists():
-        stale.unlink()  # a manifest from an earlier run must not survive a run that fails
     work = Path(tempfile.mkdtemp(prefix=".kiri-compress-", dir=req.out))
     try:
         return _run(req, fmt, work, log)
