@@ -218,3 +218,22 @@ def test_sources_over_http_are_fetched_and_verified(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_kiri_command_line_runs_compress(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kiri_operator.cli", "compress", "--source", str(tmp_path / "nope.onnx"),
+         "--out", str(out), "--variant", "int8-dynamic"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("kiri compress: error:") and "no such file" in proc.stderr
+    help_text = subprocess.run(
+        [sys.executable, "-m", "kiri_operator.cli", "compress", "--help"],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "--variants-json" in help_text and "top1-agreement" in help_text
