@@ -86,6 +86,10 @@ def _container_security() -> dict[str, Any]:
     }
 
 
+# The root filesystem is read-only: libraries that cache under $HOME (torch, onnxruntime) use the /tmp emptyDir.
+_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]
+
+
 def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
     return {
         "httpGet": {"path": path, "port": port},
@@ -177,6 +181,7 @@ def cloud_deployment(
         "readinessProbe": _probe("/v2/health/ready", cloud.port, 5, 3),
         "livenessProbe": _probe("/v2/health/live", cloud.port, 10, 6),
         "securityContext": _container_security(),
+        "env": [dict(e) for e in _ENV],
         "volumeMounts": mounts,
     }
     obj = {
@@ -335,6 +340,7 @@ def compression_job(
             "args": args,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),
+            "env": [dict(e) for e in _ENV],
             "volumeMounts": copy.deepcopy(mounts),
         }
 
@@ -495,6 +501,7 @@ def edge_daemonset(
         "readinessProbe": _probe("/v2/health/ready", port, 5, 3),
         "livenessProbe": _probe("/v2/health/live", port, 10, 6),
         "securityContext": _container_security(),
+        "env": [dict(e) for e in _ENV],
         "volumeMounts": [
             {"name": "cache", "mountPath": edge.cache.path},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -511,7 +518,7 @@ def edge_daemonset(
                 "metadata": {"labels": {**pod_labels, **labels}},
                 "spec": {
                     "automountServiceAccountToken": False,
-                    "affinity": {"nodeAffinity": node_affinity(nodes)},
+                    "affinity": {"nodeAffinity": node_affinity([])},
                     "tolerations": _tolerations(edge.tolerations),
                     "securityContext": _pod_security(),
                     "containers": [container],
@@ -526,7 +533,9 @@ def edge_daemonset(
     }
     obj["metadata"]["namespace"] = owner.namespace
     obj["metadata"]["ownerReferences"] = [owner.reference()]
-    obj["metadata"]["annotations"][L.SPEC_HASH] = edge_template_hash(obj)
+    # Hash with the empty node list first (no copy of a thousand-term affinity), then pin the nodes.
+    obj["metadata"]["annotations"][L.SPEC_HASH] = canonical_hash(obj)
+    obj["spec"]["template"]["spec"]["affinity"] = {"nodeAffinity": node_affinity(nodes)}
     return obj
 
 

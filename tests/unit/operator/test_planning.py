@@ -287,3 +287,20 @@ def test_cloud_only_deployment_needs_no_compression():
         p.status["phase"] == "Healthy"
         and _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.NO_VARIANTS
     )
+
+
+def test_daemonset_hash_ignores_the_node_list_and_matches_a_recomputation():
+    from kiri_operator.planning import building as B
+
+    s = spec()
+    owner = B.Owner("md", "ns", "uid-1")
+    art = B.EdgeArtifact("file:///a/int8.onnx", "d" * 64)
+    one = B.edge_daemonset(s, owner, "r1", "c1", "int8", art, ["n1"], {})
+    many = B.edge_daemonset(s, owner, "r1", "c1", "int8", art, ["n1", "n2", "n3"], {})
+    assert one["metadata"]["annotations"][L.SPEC_HASH] == many["metadata"]["annotations"][L.SPEC_HASH]
+    assert B.edge_template_hash(many) == many["metadata"]["annotations"][L.SPEC_HASH]
+    assert affinity_nodes(B.repin_daemonset(many, ["n9"])) == ["n9"]
+    other = B.edge_daemonset(
+        s, owner, "r1", "c1", "int8", B.EdgeArtifact("file:///b.onnx", "e" * 64), ["n1"], {}
+    )
+    assert other["metadata"]["annotations"][L.SPEC_HASH] != one["metadata"]["annotations"][L.SPEC_HASH]
