@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import time
@@ -91,7 +92,9 @@ def test_gpu_deployment_is_scheduled_on_cloud_nodes_only_and_gets_ready(
     )
     assert all(not p["spec"].get("nodeName") for p in unschedulable)
     messages = " ".join(c.get("message", "") for p in unschedulable for c in p["status"]["conditions"])
-    assert f"{len(cloud)} node(s) had untolerated taint" in messages
+    # At least the cloud nodes (a node held offline by a parallel run adds its not-ready taint).
+    tainted = re.search(r"(\d+) node\(s\) had untolerated taint", messages)
+    assert tainted and int(tainted.group(1)) >= len(cloud), messages
 
 
 def test_edge_daemonset_gets_exactly_one_ready_pod_per_edge_node(cluster: Cluster, namespace: str) -> None:
