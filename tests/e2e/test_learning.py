@@ -15,10 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from .conftest import REPO_ROOT, Cluster
-from .operator_harness import KIRI, Operator, build_model, crd, get_md, model_deployment, operator_fixture
+from .operator_harness import (
+    KIRI,
+    Operator,
+    crd,
+    get_md,
+    model_deployment,
+    operator_fixture,
+    run_compression_job,
+    wait_condition,
+)
 
 pytestmark = [pytest.mark.timeout(480), pytest.mark.usefixtures("crd")]
 __all__ = ["crd"]
@@ -116,12 +126,21 @@ def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_up
 ) -> None:
     import torch
 
-    onnx_path, onnx_sha = build_model(tmp_path)
     paths, held_out = write_sites(tmp_path, len(SITES), seed=3)
     site_files = dict(zip(SITES, paths, strict=True))
     torch.manual_seed(0)
+    start: Any = make_model()
     weights = tmp_path / "v1.pt"
-    torch.save(make_model().state_dict(), weights)  # type: ignore[attr-defined]
+    torch.save(start.state_dict(), weights)
+    # The cloud serves the same model as ONNX; its inputs (no labels) are the compressor's eval data.
+    onnx_path = tmp_path / "model.onnx"
+    torch.onnx.export(
+        start.eval(), (torch.randn(1, 8),), str(onnx_path), input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    onnx_sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.load(held_out)["x"][:64])
     cluster.kubectl(
         "create", "secret", "generic", "lm-learning-tokens", "-n", namespace,
         *[f"--from-literal={s}={t}" for s, t in TOKENS.items()],
@@ -151,6 +170,7 @@ def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_up
             "schedule": {"intervalSeconds": 60, "deadlineSeconds": 120, "graceSeconds": 30},
         },
     )
+    body["spec"]["model"]["evalDataUri"] = f"file://{inputs}"
     cluster.apply(body, namespace)
 
     # Round 1: an aggregator Job on a cloud node, one trainer per site on that site's nodes.
@@ -216,6 +236,10 @@ def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_up
     assert cargs[cargs.index("--source") + 1] == FACTORY
     assert cargs[cargs.index("--state-dict") + 1].endswith("/learning/rounds/0001/weights.pt")
     assert cargs[cargs.index("--model-version") + 1] == "1-fl1"
+    # The real compressor exports the learned weights and verifies the variant: the revision's gate passes.
+    run_compression_job(cluster, namespace, compress[0]["metadata"]["name"])
+    md = wait_condition(cluster, namespace, "lm", "VariantsVerified", "True", timeout=120)
+    assert [v["state"] for v in md["status"]["variants"]] == ["Verified"]
     # Round 1's Jobs are gone once its record is in; the record stays.
     _wait(lambda: not _jobs(cluster, namespace, "kiri.dev/learning-round=1"), 60, "round 1 Jobs removed")
     assert cluster.get_json("configmap", "lm-learn-r1-record", "-n", namespace)["data"]["round.json"]
