@@ -32,6 +32,8 @@ def clip(tensors: Mapping[str, np.ndarray], clip_norm: float) -> tuple[dict[str,
     if not clip_norm > 0:
         raise LearningError(f"clipNorm must be > 0, got {clip_norm}")
     norm = global_norm(tensors)
+    if not np.isfinite(norm):
+        raise LearningError("the local update is not finite (training diverged): lower the learning rate")
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {n: (t * scale).astype(np.float32) for n, t in tensors.items()}, norm
 

@@ -77,3 +77,8 @@ def test_epsilon_grows_with_rounds_and_the_budget_counts_rounds() -> None:
     assert n == 3
     with pytest.raises(LearningError):
         accounting.epsilon(1.0, 1, 1.5)
+
+
+def test_a_diverged_update_is_refused_before_anything_is_sent() -> None:
+    with pytest.raises(LearningError, match="training diverged"):
+        privatizing.privatize({"w": np.array([np.nan, 1.0], np.float32)}, 1.0, 0.5, privatizing.noise_rng(0))
