@@ -459,7 +459,9 @@ class Aggregator:
         for name, u in dense.items():
             new_state[name] = new_state[name] + s.server_lr * torch.as_tensor(u, dtype=new_state[name].dtype)
         if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
-            reason = "the aggregated model has non-finite weights: lower learningRate or --server-learning-rate"
+            reason = (
+                "the aggregated model has non-finite weights: lower learningRate or --server-learning-rate"
+            )
             return self._finish(st, counts, "skipped", reason, before=before)
         module = copy.deepcopy(self.module)
         module.load_state_dict(new_state)
