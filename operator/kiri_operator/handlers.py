@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,8 @@ class Runtime:
     reconciler: Reconciler | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     synced: asyncio.Event | None = None
+    event_at: dict[Key, float] = field(default_factory=dict)
+    """When the oldest watch event not yet reconciled queued each key (for the event-to-status latency)."""
 
 
 RUNTIME = Runtime()
@@ -71,8 +74,10 @@ def configure(config: Config) -> None:
     RUNTIME.config = config
 
 
-def _enqueue(key: Key | None) -> None:
+def _enqueue(key: Key | None, watched: bool = True) -> None:
     if key is not None and RUNTIME.queue is not None and key in RUNTIME.cache.mds:
+        if watched:
+            RUNTIME.event_at.setdefault(key, time.monotonic())
         RUNTIME.queue.add(key)
 
 
@@ -137,7 +142,11 @@ async def cleanup(**_: Any) -> None:
 
 async def _handle(key: Key) -> float | None:
     assert RUNTIME.reconciler is not None
+    # Events arriving during this reconcile belong to the next one, which runs because the queue marks it dirty.
+    since = RUNTIME.event_at.pop(key, None)
     outcome = await asyncio.get_running_loop().run_in_executor(None, RUNTIME.reconciler.reconcile, key)
+    if since is not None and outcome.status_written:
+        metrics.EVENT_TO_STATUS_SECONDS.observe(time.monotonic() - since)
     return outcome.requeue_after
 
 
@@ -145,7 +154,7 @@ async def _resync(every: float) -> None:
     while True:
         await asyncio.sleep(every)
         for key in RUNTIME.cache.md_keys():
-            _enqueue(key)
+            _enqueue(key, watched=False)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

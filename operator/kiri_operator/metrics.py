@@ -37,6 +37,12 @@ RECONCILE_WRITES: Final = Counter(
     ["kind", "check"],
     registry=REGISTRY,
 )
+EVENT_TO_STATUS_SECONDS: Final = Histogram(
+    "kiri_event_to_status_seconds",
+    "From the first watch event that queued a ModelDeployment to the status patch of the reconcile it caused.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+    registry=REGISTRY,
+)
 QUEUE_DEPTH: Final = Gauge(
     "kiri_workqueue_depth", "ModelDeployments waiting for a reconcile.", registry=REGISTRY
 )

@@ -42,6 +42,7 @@ class Outcome:
     writes: int = 0
     requeue_after: float | None = None
     error: str | None = None
+    status_written: bool = False
 
 
 def _order(actions: Iterable[Action]) -> list[Action]:
@@ -154,6 +155,7 @@ class Reconciler:
                 self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status))
                 metrics.RECONCILE_WRITES.labels("ModelDeployment", "Status").inc()
                 outcome.writes += 1
+                outcome.status_written = True
             except KubeError as exc:
                 if exc.status != 404:  # deleted meanwhile: nothing left to report on
                     outcome.error = str(exc)
