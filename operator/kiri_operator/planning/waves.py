@@ -357,7 +357,10 @@ def _age(now: datetime, then: datetime | None) -> float:
 class _Builder:
     """Accumulates the plan's assignment, events and requeue while the planner walks the rules."""
 
-    def __init__(self, observed: Observed) -> None:
+    def __init__(self, observed: Observed, late: float = 0.0) -> None:
+        # Timers are computed from `now` cut to the second; `late` is the cut-off part, taken off each
+        # requeue so a bake ends when it ends, not up to a second later.
+        self.late = late
         self.assignment = dict(observed.assignment)
         self.events: list[RolloutEvent] = []
         self.requeue: float | None = None
@@ -367,14 +370,15 @@ class _Builder:
         self.events.append(RolloutEvent(type_, reason, message))
 
     def requeue_in(self, seconds: float) -> None:
-        seconds = max(1.0, seconds)
+        seconds = max(0.2, seconds - self.late)
         self.requeue = seconds if self.requeue is None else min(self.requeue, seconds)
 
 
 def plan_waves(policy: RolloutPolicy, observed: Observed, state: RolloutState, now: datetime) -> WavePlan:
     """Decide the next assignment of nodes to revisions and the rollout's verdict."""
+    exact = now if now.tzinfo is not None else now.replace(tzinfo=UTC)
     now = _second(now)
-    b = _Builder(observed)
+    b = _Builder(observed, late=(exact - now).total_seconds())
     nodes = {n.name: n for n in observed.nodes}
     # Nodes that are no longer eligible are the operator's business (their DaemonSets drop them).
     b.assignment = {n: r for n, r in b.assignment.items() if n in nodes}

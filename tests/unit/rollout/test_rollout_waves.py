@@ -615,3 +615,19 @@ def test_no_eligible_nodes_completes_at_once() -> None:
     sim = Sim(RolloutPolicy(), [])
     sim.update = "r2"
     assert sim.step().verdict.kind == "Completed"
+
+
+def test_timers_count_the_part_of_a_second_that_status_cannot_hold() -> None:
+    sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, bake_seconds=10), Stage(percent=100))), fleet(3))
+    sim.update = "r2"
+    plan = sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    assert plan.requeue_after is not None
+    # The same plan 0.7 s into a second: the wake-up comes 0.7 s sooner, not a second late.
+    late = w.plan_waves(
+        sim.policy,
+        sim.observed(),
+        sim.plans[-2].state,
+        sim.now - timedelta(seconds=1) + timedelta(milliseconds=700),
+    )
+    assert late.requeue_after is not None
+    assert late.requeue_after == pytest.approx(plan.requeue_after - 0.7, abs=0.01)
