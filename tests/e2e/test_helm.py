@@ -24,6 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 
 CHART = REPO_ROOT / "helm" / "kiri"
 PROMTOOL = "/usr/bin/promtool"
+PROMETHEUS = "/usr/bin/prometheus"
 
 
 def _bin_dirs() -> list[str]:
@@ -90,7 +91,10 @@ def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     return container  # type: ignore[no-any-return]
 
 
-MONITORING = ("--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true")
+MONITORING = (
+    "--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.prometheusRule.enabled=true",
+    "--set", "metrics.podMonitor.enabled=true",
+)  # fmt: skip
 NAMESPACED = ("--set", "operator.watchNamespaces={team-a,team-b}")
 
 
@@ -334,31 +338,36 @@ def _kiri_metric_names(docs: list[dict[str, Any]]) -> set[str]:
     return names
 
 
-def test_dashboard_and_alerts_only_use_series_the_operator_exports(helm_env: dict[str, str]) -> None:
-    """Every kiri_* series a panel or an alert queries is registered by the operator, with its labels."""
+def _exported(registry: Any) -> set[str]:
+    names: set[str] = set()
+    for family in registry.collect():
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+    return names
+
+
+def test_dashboard_and_alerts_only_use_series_kiri_exports(helm_env: dict[str, str]) -> None:
+    """Every kiri_* series a panel or an alert queries is registered by the operator or the runtime."""
     from prometheus_client import generate_latest
 
     from kiri_operator import metering
     from kiri_operator.metrics import REGISTRY
+    from kiri_runtime.metrics import RuntimeMetrics
 
     # One status through the real metering code, so labelled series show up in the exposition.
     metering.meter(
         "shop", "probe", {"phase": "RolledBack", "variants": [{"name": "int8", "state": "Rejected"}]}
     )
     try:
-        exported: dict[str, set[str]] = {}
-        for family in REGISTRY.collect():
-            for sample in family.samples:
-                exported.setdefault(sample.name, set()).update(sample.labels)
-            exported.setdefault(family.name, set())
+        exported = _exported(REGISTRY) | _exported(RuntimeMetrics().registry)
         text = generate_latest(REGISTRY).decode()
     finally:
         metering.forget("shop", "probe")
     used = _kiri_metric_names(render(helm_env, *MONITORING))
-    assert used
-    names = set(exported) | {n.removesuffix("_total") for n in exported}
+    assert {"kiri_modeldeployment_phase", "kiri_responses_total", "kiri_reconcile_duration_seconds"} <= used
+    names = exported | {n.removesuffix("_total") for n in exported}
     missing = sorted(n for n in used if n not in names and n.removesuffix("_total") not in names)
-    assert not missing, f"dashboard/alerts query series the operator does not export: {missing}"
+    assert not missing, f"dashboard/alerts query series Kiri does not export: {missing}"
     assert (
         'kiri_modeldeployment_phase{modeldeployment="probe",namespace="shop",phase="RolledBack"} 1.0' in text
     )
@@ -615,3 +624,133 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def _snake(obj: Any) -> Any:
+    """PodMonitor relabelings (camelCase) as Prometheus relabel_configs (snake_case)."""
+    if isinstance(obj, list):
+        return [_snake(o) for o in obj]
+    if isinstance(obj, dict):
+        return {re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), k): _snake(v) for k, v in obj.items()}
+    return obj
+
+
+def test_serving_relabelings_give_analysis_its_labels(
+    cluster: Cluster, namespace: str, helm_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A real Prometheus applies the chart's relabelings to the real pods' discovery labels.
+
+    Analysis queries select the new revision's series (`revision="$revision"`); those labels come from the
+    pods Kiri labels, through these relabelings. Debian's Prometheus is built without Kubernetes service
+    discovery, so the pods are read from the API server here and handed to Prometheus through file_sd with
+    the `__meta_kubernetes_*` labels its pod role defines. The PodMonitor's selector becomes `keep` rules,
+    as the Prometheus Operator generates them.
+    """
+    import urllib.request
+
+    from .operator_harness import free_port
+
+    docs = render(helm_env, "--set", "metrics.podMonitor.enabled=true", namespace=namespace)
+    (monitor,) = by_kind(docs, "PodMonitor")
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+
+    def pod(name: str, labels: dict[str, str]) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "containers": [{"name": "serve", "image": "kiri-runtime", "ports": [{"name": "http", "containerPort": 8080}]}],
+            },
+        }  # fmt: skip
+
+    kiri = {"app.kubernetes.io/managed-by": "kiri", "kiri.dev/modeldeployment": "probe"}
+    cluster.apply(
+        [
+            pod("edge-pod", {**kiri, "app.kubernetes.io/component": "edge", "kiri.dev/revision": "abc123"}),
+            pod("job-pod", {**kiri, "app.kubernetes.io/component": "compress"}),
+            pod("other-pod", {"app": "unrelated"}),
+        ]
+    )
+    node = cluster.wait_for(
+        lambda: cluster.get_json("pod", "edge-pod", "-n", namespace)["spec"].get("nodeName"),
+        message="edge-pod scheduled",
+    )
+
+    def sanitize(name: str) -> str:
+        return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+    groups = []
+    for p in cluster.get_json("pods", "-n", namespace)["items"]:
+        for container in p["spec"]["containers"]:
+            for cport in container.get("ports", []):
+                meta = {
+                    "__meta_kubernetes_namespace": p["metadata"]["namespace"],
+                    "__meta_kubernetes_pod_name": p["metadata"]["name"],
+                    "__meta_kubernetes_pod_node_name": p["spec"].get("nodeName", ""),
+                    "__meta_kubernetes_pod_container_name": container["name"],
+                    "__meta_kubernetes_pod_container_port_name": cport.get("name", ""),
+                    **{
+                        f"__meta_kubernetes_pod_label_{sanitize(k)}": v
+                        for k, v in p["metadata"]["labels"].items()
+                    },
+                }
+                address = f"{p.get('status', {}).get('podIP') or '127.0.0.1'}:{cport['containerPort']}"
+                groups.append({"targets": [address], "labels": meta})
+    (tmp_path / "pods.json").write_text(json.dumps(groups))
+    selector = monitor["spec"]["selector"]
+    keep = [
+        {"source_labels": [f"__meta_kubernetes_pod_label_{sanitize(k)}"], "regex": v, "action": "keep"}
+        for k, v in selector["matchLabels"].items()
+    ] + [
+        {"source_labels": [f"__meta_kubernetes_pod_label_{sanitize(e['key'])}"],
+         "regex": "|".join(e["values"]), "action": "keep"}
+        for e in selector["matchExpressions"]
+    ] + [{"source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": endpoint["port"], "action": "keep"}]  # fmt: skip
+    config = {
+        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+        "scrape_configs": [
+            {
+                "job_name": "kiri-serving",
+                "metrics_path": endpoint["path"],
+                "file_sd_configs": [{"files": [str(tmp_path / "pods.json")]}],
+                "relabel_configs": keep + _snake(endpoint["relabelings"]),
+            }
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    with (tmp_path / "prometheus.log").open("wb") as log:
+        prom = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+
+        def discovered() -> list[dict[str, Any]] | None:
+            if prom.poll() is not None:
+                raise RuntimeError((tmp_path / "prometheus.log").read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/v1/targets?state=any", timeout=2
+                ) as r:
+                    data = json.loads(r.read())["data"]
+            except OSError:
+                return None
+            active: list[dict[str, Any]] = data["activeTargets"]
+            return active if active and len(data["droppedTargets"]) >= 2 else None
+
+        active = cluster.wait_for(discovered, timeout=60, message="Prometheus discovered the pods")
+        assert active is not None
+        assert len(active) == 1, active
+        labels = active[0]["labels"]
+        assert labels["modeldeployment"] == "probe"
+        assert labels["revision"] == "abc123"
+        assert labels["component"] == "edge"
+        assert labels["node"] == node
+        assert labels["namespace"] == namespace
+    finally:
+        prom.terminate()
+        prom.wait(timeout=30)

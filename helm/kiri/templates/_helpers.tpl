@@ -108,3 +108,21 @@ server-side-applies its children, which is `patch`, and deletes children of old 
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
+
+{{/*
+Relabelings of the serving pods' series: Kiri's pod labels become target labels. `component`, not
+`tier`, because the runtime's own kiri_responses_total already has a `tier` label (who answered).
+*/}}
+{{- define "kiri.servingRelabelings" -}}
+relabelings:
+  - sourceLabels: [__meta_kubernetes_namespace]
+    targetLabel: namespace
+  - sourceLabels: [__meta_kubernetes_pod_label_kiri_dev_modeldeployment]
+    targetLabel: modeldeployment
+  - sourceLabels: [__meta_kubernetes_pod_label_kiri_dev_revision]
+    targetLabel: revision
+  - sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
+    targetLabel: component
+  - sourceLabels: [__meta_kubernetes_pod_node_name]
+    targetLabel: node
+{{- end }}
