@@ -3,13 +3,14 @@
 #
 #  1. the control plane with 2 cloud GPU nodes and 12 edge nodes in 3 sites (hack/cluster; kwok nodes)
 #  2. the operator, as a local process watching the demo namespace
-#  3. a small classifier trained here (torch, seeded), then `kiri compress`: verified ONNX export,
-#     int8 and fp16 variants, fidelity gates
-#  4. version 1 rolled out in waves, site by site, with the variant each node runs
-#  5. version 2 with a canary that never becomes Ready: the gate fails and Kiri rolls back on its own
-#  6. `kiri serve` of the int8 variant as the "edge" and of the full model as the "cloud": OIP v2 requests,
+#  3. a small classifier trained here (torch, seeded) and a ModelDeployment for it
+#  4. the operator's compression Job, run here: verified ONNX export, int8 and fp16 variants, fidelity gates
+#  5. the first rollout (every node at once: nothing runs yet), then v1.1 in waves, site by site, with the
+#     variant each node runs
+#  6. v2 with a canary that never becomes Ready: the gate fails and Kiri rolls back on its own
+#  7. `kiri serve` of the int8 variant as the "edge" and of the full model as the "cloud": OIP v2 requests,
 #     answered at the edge or, when the edge is not confident, by the cloud
-#  7. a summary table
+#  8. a summary table
 #
 # Simulated nodes run no containers, so the compression Job's work runs here, as the same `kiri compress`
 # command with the arguments the operator put in the Job, and its manifest is published the way the Job's
