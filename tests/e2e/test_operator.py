@@ -270,3 +270,95 @@ def test_rejected_variant_is_never_rolled_out(
     assert sorted(_affinity(dss[0])) == cluster.edge_nodes()
     assert "max-abs-error" in json.dumps(md["status"]["variants"][0])
     assert condition(md, "Degraded")["status"] == "False"
+
+
+def test_node_label_changes_and_spec_updates_are_reconciled(
+    cluster: Cluster, namespace: str, operator: Operator, tiny_model: tuple[Path, str], tmp_path: Path
+) -> None:
+    model, sha = tiny_model
+    # A label key only this test's ModelDeployment looks at, so other tests sharing the fleet are unaffected.
+    key = f"e2e.kiri.dev/{namespace[-6:]}"
+    variants = [
+        {"name": "special", "method": "fp16", "gate": GATE, "requires": {"matchLabels": {key: "yes"}}},
+        {"name": "int8", "method": "int8-dynamic", "gate": GATE},
+    ]
+    md = model_deployment("tiny", namespace, model, sha, tmp_path / "store", variants)
+    cluster.apply(md)
+    cluster.wait_for(
+        lambda: children(cluster, namespace, "tiny", "jobs"), timeout=30, message="compression Job"
+    )
+    (job,) = children(cluster, namespace, "tiny", "jobs")
+    run_compression_job(cluster, namespace, job["metadata"]["name"])
+    first = wait_condition(cluster, namespace, "tiny", "Ready", "True", timeout=90)["status"]
+    node = cluster.edge_nodes()[0]
+
+    def pinned() -> dict[str, list[str]]:
+        return {
+            ds["metadata"]["labels"]["kiri.dev/variant"]: _affinity(ds)
+            for ds in children(cluster, namespace, "tiny", "daemonsets")
+        }
+
+    assert set(pinned()) == {"int8"}
+    try:
+        # A Node watch event: the node now meets `special`'s requires and moves to it.
+        cluster.kubectl("label", "node", node, f"{key}=yes")
+        cluster.wait_for(
+            lambda: pinned().get("special") == [node], timeout=30, message="node moved to special"
+        )
+        assert node not in pinned()["int8"]
+        wait_condition(cluster, namespace, "tiny", "Ready", "True", timeout=60)
+    finally:
+        cluster.kubectl("label", "node", node, f"{key}-")
+    cluster.wait_for(lambda: set(pinned()) == {"int8"}, timeout=30, message="node back on int8")
+
+    # A spec update that changes what runs (the runtime image) but not the variants: a new revision, new
+    # DaemonSets from the same verified manifest, no second compression Job; the old revision goes.
+    md["spec"]["runtime"] = {"image": "example.com/kiri-runtime:2"}
+    cluster.apply(md)
+
+    def promoted() -> dict | None:
+        status = get_md(cluster, namespace, "tiny").get("status") or {}
+        if (
+            status.get("currentRevision") not in (None, first["currentRevision"])
+            and status.get("phase") == "Healthy"
+        ):
+            return status
+        return None
+
+    status = cluster.wait_for(promoted, timeout=90, message="new revision promoted")
+    assert status["updateRevision"] == status["currentRevision"] != first["currentRevision"]
+    assert len(children(cluster, namespace, "tiny", "jobs")) == 1
+    new = status["currentRevision"]
+
+    def moved() -> bool:
+        pinned: dict[str, list[str]] = {}
+        for d in children(cluster, namespace, "tiny", "daemonsets"):
+            nodes = [n for n in _affinity(d) if n != "kiri.dev-no-node"]
+            pinned.setdefault(d["metadata"]["labels"]["kiri.dev/revision"], []).extend(nodes)
+        # The previous revision's DaemonSets may stay, emptied, as the rollback path; no node is left on them.
+        return sorted(pinned.get(new, [])) == cluster.edge_nodes() and all(
+            not nodes for rev, nodes in pinned.items() if rev != new
+        )
+
+    cluster.wait_for(moved, timeout=30, message="every node on the new revision")
+
+    def revisions_running() -> set[str]:
+        pods = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/component=edge")["items"]
+        return {
+            p["metadata"]["labels"]["kiri.dev/revision"]
+            for p in pods
+            if not p["metadata"].get("deletionTimestamp")
+        }
+
+    cluster.wait_for(lambda: revisions_running() == {new}, timeout=30, message="old revision's pods gone")
+    (ds,) = [
+        d
+        for d in children(cluster, namespace, "tiny", "daemonsets")
+        if d["metadata"]["labels"]["kiri.dev/revision"] == new
+    ]
+    image = ds["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "example.com/kiri-runtime:2"
+    assert [h["revision"] for h in status["history"] if h["outcome"] == "Promoted"][-2:] == [
+        first["currentRevision"],
+        status["currentRevision"],
+    ]

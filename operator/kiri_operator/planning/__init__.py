@@ -349,7 +349,8 @@ def _edge(
     }
     for rev, variant in existing:
         slot = Slot(rev or "", variant or "")
-        if slot not in groups and rev in result.keep_revisions:
+        # Empty DaemonSets of the update revision go: the spec rebuilds them; older ones are the rollback path.
+        if slot not in groups and rev in result.keep_revisions and rev != revision:
             groups[slot] = []
     for slot, nodes in sorted(groups.items(), key=lambda kv: (kv[0].revision, kv[0].variant)):
         if slot.revision == revision and comp.manifest is not None:

@@ -110,10 +110,11 @@ def assign_in_waves(inp: AssignInput, out: Assignment) -> Assignment:
     slots: dict[str, Slot] = {}
     for name, revision in plan.assignment.items():
         current = inp.current.get(name)
-        if current is not None and current.revision == revision:
-            slots[name] = current
-        elif revision == inp.update_revision:
+        if revision == inp.update_revision:
+            # Within the update revision a node follows its capabilities: a relabelled node changes variant.
             slots[name] = Slot(revision, inp.desired[name])
+        elif current is not None and current.revision == revision:
+            slots[name] = current
         else:
             slots[name] = Slot(revision, remembered.get(name) or inp.desired[name])
     # Nodes with no accepted variant in the update revision keep what they run.

@@ -304,3 +304,24 @@ def test_daemonset_hash_ignores_the_node_list_and_matches_a_recomputation():
         s, owner, "r1", "c1", "int8", B.EdgeArtifact("file:///b.onnx", "e" * 64), ["n1"], {}
     )
     assert other["metadata"]["annotations"][L.SPEC_HASH] != one["metadata"]["annotations"][L.SPEC_HASH]
+
+
+def test_a_relabelled_node_changes_variant_within_the_revision():
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    server.publish(s, manifest({"fp16": True, "int8": True}))
+    for _ in range(3):
+        server.step(s)
+    nodes = tuple(
+        replace(n, labels={**n.labels, "kiri.dev/accelerator": "gpu"}) if n.name == "edge-cpu-1" else n
+        for n in server.world.nodes
+    )
+    server.world = replace(server.world, nodes=nodes)
+    server.step(s)
+    pinned = {
+        k[1].rsplit("-", 1)[1]: affinity_nodes(v.body)
+        for k, v in server.world.children.items()
+        if k[0] == "DaemonSet"
+    }
+    assert pinned == {"fp16": ["edge-cpu-1", "edge-gpu"], "int8": ["edge-cpu-2"]}
