@@ -220,6 +220,13 @@ def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) 
     assert liveness_arg == f"--liveness=http://0.0.0.0:{port}{probe['path']}"
     metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
     assert f"--metrics-port={metrics_port}" in container["args"]
+    # The real `kiri` parser accepts the container's arguments (the image's entrypoint is `kiri`).
+    from kiri_operator.cli import build_parser
+
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.command == "operator" and parsed.standalone
+    assert parsed.liveness == liveness_arg.removeprefix("--liveness=")
+    assert parsed.metrics_port == metrics_port
     (service,) = by_kind(docs, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
