@@ -80,7 +80,7 @@ def cnn(work: Path, quick: bool) -> tuple[Manifest, float]:
     epochs = 8 if quick else 30
     variants = [
         specs.parse_variant(
-            f"name=student,method=distilled,width=0.5,quantize=true,epochs={epochs},patience=6"
+            f"name=student,method=distilled,width=0.5,quantize=true,mixup=0.4,epochs={epochs},patience=6"
         ),
         specs.parse_variant("name=int8-static,method=int8-static,perChannel=true"),
     ]

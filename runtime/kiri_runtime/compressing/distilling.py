@@ -34,6 +34,7 @@ KNOWN_OPTIONS = {
     "batchSize",
     "quantize",
     "weightDecay",
+    "mixup",
     # The ModelDeployment API's names: absolute student size, and how to quantize the student.
     "studentWidth",
     "studentDepth",
@@ -59,6 +60,7 @@ def defaults(options: dict[str, Any]) -> dict[str, Any]:
         "lr": 3e-3,
         "batchSize": 64,
         "weightDecay": 0.0,
+        "mixup": 0.0,
         "quantize": None,
         "perChannel": True,
         "reduceRange": False,
@@ -73,6 +75,8 @@ def defaults(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("studentWidth", "studentDepth"):
         if key in merged and (not isinstance(merged[key], int) or merged[key] < 1):
             raise CompressionError(f"distilled: {key} must be a positive integer, got {merged[key]!r}")
+    if float(merged["mixup"]) < 0:
+        raise CompressionError("distilled: mixup (the Beta distribution's parameter) must be >= 0")
     if float(merged["temperature"]) <= 0 or not 0 <= float(merged["alpha"]) <= 1:
         raise CompressionError("distilled: temperature must be > 0 and alpha in [0, 1]")
     if merged["quantize"] not in (None, "int8-dynamic"):
@@ -207,10 +211,17 @@ def train(
     labels: np.ndarray[Any, Any] | None,
     seed: int,
     progress: Callable[[str], None],
+    teacher: Callable[[list[np.ndarray[Any, Any]]], list[np.ndarray[Any, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Train in place; keep the weights of the epoch with the best validation fidelity."""
+    """Train in place; keep the weights of the epoch with the best validation fidelity.
+
+    With `mixup > 0` and a `teacher`, every batch also carries mixed pairs of its inputs labelled by the
+    teacher on the spot: the student sees the regions between samples, where it most often disagrees.
+    """
     import torch
-    import torch.nn.functional as F
+
+    mixup = float(options.get("mixup", 0.0))
+    rng = np.random.default_rng(seed)
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -257,20 +268,20 @@ def train(
         total = 0.0
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
-            got = outputs(student, [x[idx] for x in xs])
-            loss = torch.zeros(())
-            for k, (g, y) in enumerate(zip(got, ys, strict=True)):
-                if classifier and k == 0:
-                    kl = F.kl_div(
-                        F.log_softmax(g / temperature, 1),
-                        F.softmax(y[idx] / temperature, 1),
-                        reduction="batchmean",
-                    )
-                    loss = loss + (1 - alpha) * kl * temperature**2
-                    if y_hard is not None and alpha > 0:
-                        loss = loss + alpha * F.cross_entropy(g, y_hard[idx])
-                else:
-                    loss = loss + F.mse_loss(g, y[idx])
+            inputs = [x[idx] for x in xs]
+            targets = [y[idx] for y in ys]
+            hard = y_hard[idx] if y_hard is not None else None
+            got = outputs(student, inputs)
+            loss = _loss(got, targets, hard, classifier=classifier, temperature=temperature, alpha=alpha)
+            if mixup > 0 and teacher is not None:
+                lam = rng.beta(mixup, mixup, size=len(idx)).astype(np.float32)
+                other = rng.permutation(len(idx))
+                mixed = [_mix(a.numpy(), lam, other) for a in inputs]
+                mixed_targets = [torch.from_numpy(t.astype(np.float32)) for t in teacher(mixed)]
+                got_mixed = outputs(student, [torch.from_numpy(m) for m in mixed])
+                loss = loss + _loss(
+                    got_mixed, mixed_targets, None, classifier=classifier, temperature=temperature, alpha=0.0
+                )
             opt.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
@@ -295,6 +306,43 @@ def train(
         "validationFidelity": best[0],
         "history": history,
     }
+
+
+def _mix(
+    a: np.ndarray[Any, Any], lam: np.ndarray[Any, Any], other: np.ndarray[Any, Any]
+) -> np.ndarray[Any, Any]:
+    if not np.issubdtype(a.dtype, np.floating):
+        return a  # token ids and masks cannot be interpolated
+    w = lam.reshape(-1, *([1] * (a.ndim - 1)))
+    mixed: np.ndarray[Any, Any] = (w * a + (1 - w) * a[other]).astype(a.dtype)
+    return mixed
+
+
+def _loss(
+    got: list[torch.Tensor],
+    targets: list[torch.Tensor],
+    hard: torch.Tensor | None,
+    *,
+    classifier: bool,
+    temperature: float,
+    alpha: float,
+) -> torch.Tensor:
+    """Temperature-scaled KL to the teacher (plus optional hard-label CE) for logits, MSE for other outputs."""
+    import torch
+    import torch.nn.functional as F
+
+    loss = torch.zeros(())
+    for k, (g, y) in enumerate(zip(got, targets, strict=True)):
+        if classifier and k == 0:
+            kl = F.kl_div(
+                F.log_softmax(g / temperature, 1), F.softmax(y / temperature, 1), reduction="batchmean"
+            )
+            loss = loss + (1 - alpha) * kl * temperature**2
+            if hard is not None and alpha > 0:
+                loss = loss + alpha * F.cross_entropy(g, hard)
+        else:
+            loss = loss + F.mse_loss(g, y)
+    return loss
 
 
 def student_params(module: torch.nn.Module) -> int:

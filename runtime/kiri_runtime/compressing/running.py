@@ -367,6 +367,7 @@ def _distilled_variant(
         labels=labels,
         seed=ctx.req.seed,
         progress=ctx.log,
+        teacher=lambda arrays: evaluating.run(teacher, EvalSet(train_set.names, arrays)),
     )
     ctx.log("  exporting student")
     student_model = exporting.TorchModel(student, None, rebuildable=True)

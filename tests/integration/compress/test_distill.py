@@ -11,7 +11,7 @@ import torch
 from compress_helpers import ZOO, load, save_npz
 from compress_zoo import Encoder, mlp
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 Run = Callable[..., tuple[int, str]]
 
@@ -55,7 +55,7 @@ def test_reduced_width_student_matches_the_teacher_and_can_be_quantized(
         "--source", f"{ZOO}:mlp", "--factory-kwargs", '{"hidden": 128}', "--state-dict", str(state),
         "--eval-data", str(data), "--train-data", str(train), "--out", str(out), "--seed", "3",
         "--variant", "name=student,method=distilled,width=0.25,epochs=25,patience=5,quantize=\"int8-dynamic\"",
-        "--variant", "name=hard,method=distilled,width=0.25,epochs=10,alpha=0.3,labels=labels",
+        "--variant", "name=hard,method=distilled,width=0.25,epochs=3,alpha=0.3,labels=labels,mixup=0.4",
         "--gate", "top1-agreement>=0.95", "--latency-rounds", "20",
     )  # fmt: skip
     assert rc == 0, log
@@ -73,7 +73,8 @@ def test_reduced_width_student_matches_the_teacher_and_can_be_quantized(
     assert v.size_bytes is not None and v.size_bytes < m.model.size_bytes / 4
     assert "distill epoch 1/25" in log
     hard = m.variant("hard")
-    assert hard is not None and hard.options["alpha"] == 0.3 and hard.fidelity is not None
+    assert hard is not None and hard.options["alpha"] == 0.3 and hard.options["mixup"] == 0.4
+    assert hard.fidelity is not None and hard.fidelity.top1_agreement is not None
 
 
 def test_transformer_student_keeps_every_other_layer(tmp_path: Path, run_compress: Run) -> None:

@@ -15,7 +15,7 @@ from compress_zoo import Encoder, cnn, mlp
 
 from kiri_runtime.compressing.exporting import sha256_file
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 Run = Callable[..., tuple[int, str]]
 

@@ -97,3 +97,18 @@ def test_option_defaults_accept_the_api_shape() -> None:
     )
     with pytest.raises(CompressionError, match="true or false"):
         quantizing.defaults("int8-dynamic", {"perChannel": "yes"})
+
+
+def test_mixup_interpolates_float_inputs_and_leaves_ids_alone() -> None:
+    import numpy as np
+
+    a = np.arange(6, dtype=np.float32).reshape(3, 2)
+    other = np.array([1, 2, 0])
+    assert np.array_equal(distilling._mix(a, np.ones(3, np.float32), other), a)
+    half = distilling._mix(a, np.full(3, 0.5, np.float32), other)
+    assert np.allclose(half, (a + a[other]) / 2) and half.dtype == np.float32
+    ids = np.arange(6).reshape(3, 2)
+    assert distilling._mix(ids, np.full(3, 0.5, np.float32), other) is ids
+    assert distilling.defaults({"mixup": 0.4})["mixup"] == 0.4
+    with pytest.raises(CompressionError, match="mixup"):
+        distilling.defaults({"mixup": -1})
