@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 OfflinePolicy = Literal["Skip", "Wait", "Fail"]
@@ -843,7 +843,10 @@ def _progress(
                 Verdict(
                     "Progressing",
                     REASON_BAKING,
-                    f"step {step.index + 1}/{len(steps)}: baking, {math.ceil(left)}s left",
+                    # An end time, not a countdown: the message must not change between reconciles, or
+                    # each status patch's own watch event causes another patch (one a second per bake).
+                    f"step {step.index + 1}/{len(steps)}: baking until "
+                    f"{_ts((baked_from or now) + timedelta(seconds=step.stage.bake_seconds))}",
                 ),
                 steps,
                 step,

@@ -254,6 +254,16 @@ def test_baking_asks_to_be_woken_when_the_bake_ends() -> None:
     assert 40 <= plan.requeue_after <= 45
 
 
+def test_bake_message_is_stable_across_reconciles() -> None:
+    # Each status patch comes back as a watch event and a reconcile: a changing message would patch again.
+    sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, bake_seconds=45), Stage(percent=100))), fleet(3))
+    sim.update = "r2"
+    first = sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    later = [sim.step(seconds=3) for _ in range(5)]
+    assert all(p.verdict == first.verdict for p in later)
+    assert "baking until 2026-01-01T12:00:" in first.verdict.message
+
+
 def test_group_by_finishes_one_site_before_touching_the_next() -> None:
     policy = RolloutPolicy(
         stages=(Stage(nodes=1), Stage(percent=100)), group_by="kiri.dev/site", max_unavailable="100%"
