@@ -2,7 +2,8 @@
 latency after a failed gate.
 
 Run: `.venv/bin/python bench/rollout/bench_rollout.py` (starts or reuses `hack/cluster`). It adds 100
-simulated edge nodes (4 sites, label `kiri.dev/tier=bench-edge`, so no other ModelDeployment selects them)
+simulated edge nodes (4 sites, label `kiri.dev/bench=edge` and no `kiri.dev/tier`, so no other
+ModelDeployment selects them and `hack/cluster up` does not prune them as strays)
 and removes them at the end, runs `kiri operator` as a process scoped to its own namespace, and the real
 compressor for the variant.
 
@@ -44,7 +45,7 @@ from tests.e2e.conftest import Cluster, start_cluster  # noqa: E402
 from tests.e2e.operator_harness import KIRI, Operator, build_model, children, free_port, model_deployment  # noqa: E402
 
 SITES = 4
-BENCH_TIER = "bench-edge"
+BENCH_LABEL = ("kiri.dev/bench", "edge")
 PROMETHEUS = "/usr/bin/prometheus"
 
 
@@ -63,7 +64,7 @@ def bench_nodes(count: int) -> list[dict[str, Any]]:
     for i in range(count):
         site = f"bench-{chr(97 + i % SITES)}"
         labels = {
-            "kiri.dev/tier": BENCH_TIER,
+            BENCH_LABEL[0]: BENCH_LABEL[1],
             "kiri.dev/site": site,
             "kubernetes.io/arch": "amd64",
             "kiri.dev/accelerator": "none",
@@ -92,7 +93,7 @@ class Bench:
             rollout={"stages": [{"percent": 100}], "maxUnavailable": "100%"},
         )
         self.body["spec"]["cloud"] = {"replicas": 0}
-        self.body["spec"]["edge"]["nodeSelector"] = {"kiri.dev/tier": BENCH_TIER}
+        self.body["spec"]["edge"]["nodeSelector"] = {BENCH_LABEL[0]: BENCH_LABEL[1]}
 
     def apply(self) -> None:
         self.cluster.apply(self.body)
@@ -328,7 +329,9 @@ def main() -> int:
         if op is not None:
             op.stop()
         cluster.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
-        cluster.kubectl("delete", "nodes", "-l", f"kiri.dev/tier={BENCH_TIER}", "--wait=false", check=False)
+        cluster.kubectl(
+            "delete", "nodes", "-l", f"{BENCH_LABEL[0]}={BENCH_LABEL[1]}", "--wait=false", check=False
+        )
 
 
 if __name__ == "__main__":
