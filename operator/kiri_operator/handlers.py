@@ -106,6 +106,10 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.networking.error_backoffs = [1, 2, 5]
+    # Filter on the server: only Kiri's children and their pods travel, not every pod of the cluster.
+    for _group, _version, plural in CHILD_API.values():
+        settings.watching.label_selectors[plural] = f"{L.MANAGED_BY}={L.MANAGED_BY_VALUE}"
+    settings.watching.label_selectors["pods"] = L.MODEL_DEPLOYMENT
     config = RUNTIME.config
     kube = Kube(load_client(config.kubeconfig))
     RUNTIME.cache = Cache()
