@@ -180,6 +180,10 @@ demo watch --namespace "$NS" --name "$MD" --label v1 --until Healthy --fail-on R
 # ------------------------------------------------------------------------------------------------------
 step "v1.1 (edge falls back to the cloud below confidence 0.9, was 0.8): waves, site by site"
 echo "  stages per site: one canary node (bake 2s), then 50% (bake 2s), then 100%; ok = pod Ready"
+# Train v2 meanwhile (it is needed in the next step; training is CPU-bound and the waves mostly wait).
+demo build-model --out "$DEMO_DIR/v2" --version 2.0.0 --seed 2 --epochs 20 >"$LOGS/build-v2.log" 2>&1 &
+PIDS+=($!)
+BUILD_V2_PID=${PIDS[-1]}
 model_deployment 1.0.0 "$DEMO_DIR/v1" 0.9 >"$DEMO_DIR/v1/modeldeployment-1.1.yaml"
 kubectl apply -f "$DEMO_DIR/v1/modeldeployment-1.1.yaml" | sed 's/^/  /'
 demo watch --namespace "$NS" --name "$MD" --label v1.1 --until Healthy --fail-on RolledBack,Failed --timeout 300
@@ -187,13 +191,17 @@ demo watch --namespace "$NS" --name "$MD" --label v1.1 --until Healthy --fail-on
 
 # ------------------------------------------------------------------------------------------------------
 step "v2, a retrained model whose canary never becomes Ready: Kiri rolls back to v1.1 on its own"
-demo build-model --out "$DEMO_DIR/v2" --version 2.0.0 --seed 2 --epochs 20
+wait "$BUILD_V2_PID" || die "training v2 failed (see $LOGS/build-v2.log)"
+cat "$LOGS/build-v2.log"
 model_deployment 2.0.0 "$DEMO_DIR/v2" 0.9 "    podLabels: {kiri.dev/sim: never-ready}" >"$DEMO_DIR/v2/modeldeployment.yaml"
 kubectl apply -f "$DEMO_DIR/v2/modeldeployment.yaml" | sed 's/^/  /'
 demo run-job --namespace "$NS" --name "$MD" --label v2
 demo watch --namespace "$NS" --name "$MD" --label v2 --until RolledBack --fail-on Healthy,Failed --timeout 240
 echo "  kiri status $MD -n $NS:"
 "$KIRI" status "$MD" -n "$NS" | sed 's/^/    /'
+echo "  operator metrics behind the chart's KiriRolledBack alert and the dashboard:"
+curl -fsS "http://127.0.0.1:$METRICS_PORT/metrics" |
+  grep -E '^kiri_(modeldeployment_phase|rollbacks_total)\{' | grep -v ' 0.0$' | sed 's/^/    /'
 echo "  events:"
 kubectl get events -n "$NS" --field-selector involvedObject.kind=ModelDeployment --sort-by=.lastTimestamp \
   -o custom-columns=REASON:.reason,MESSAGE:.message --no-headers | tail -n 8 | cut -c1-150 | sed 's/^/    /'
