@@ -26,6 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal
 
 OfflinePolicy = Literal["Skip", "Wait", "Fail"]
@@ -165,6 +166,11 @@ class Observed:
     variant_sizes: Mapping[str, int] = field(default_factory=dict)
     measurement: Measurement | None = None
     commands: Commands = field(default_factory=Commands)
+
+    @cached_property
+    def online(self) -> frozenset[str]:
+        # Looked up once per node per rule: a set keeps a 1,000-node plan linear.
+        return frozenset(n.name for n in self.nodes if n.online)
 
 
 # --- persisted state ----------------------------------------------------------------------------------
@@ -429,8 +435,7 @@ def _accept_new_revision(state: RolloutState, observed: Observed, now: datetime,
 
 
 def _online(observed: Observed, name: str) -> bool:
-    node = next((n for n in observed.nodes if n.name == name), None)
-    return node is not None and node.online
+    return name in observed.online
 
 
 def _pod_ready(observed: Observed, name: str, revision: str) -> bool:
