@@ -513,7 +513,11 @@ def edge_daemonset(
         "metadata": _metadata(L.edge_name(owner.name, revision, variant), labels),
         "spec": {
             "selector": {"matchLabels": selector},
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}},
+            # OnDelete: the template of one revision changes only by its node list, and that must not
+            # restart the pods of nodes already on it (RollingUpdate did, one by one, at every wave). Pods
+            # still come and go with the node list: the controller removes a daemon pod from a node the
+            # affinity no longer allows, whatever the strategy.
+            "updateStrategy": {"type": "OnDelete"},
             "template": {
                 "metadata": {"labels": {**pod_labels, **labels}},
                 "spec": {
