@@ -423,6 +423,17 @@ def test_pause_promote_and_abort_through_the_cli(
     # The spec was never touched: GitOps still owns it.
     assert r.md()["spec"]["edge"]["podLabels"] == {"build": "3"}
 
+    # rollback, with nothing in progress: back to the stable revision before this one, at once.
+    out = r.kiri("rollback")
+    assert out.returncode == 0, out.stderr
+    status = r.wait(
+        lambda s: condition({"status": s}, "RolledBack").get("reason") == "ManualRollback", what="rollback"
+    )
+    assert status["currentRevision"] == rev1
+    cluster.wait_for(
+        lambda: set(r.placement().values()) == {rev1}, timeout=30, message="every node on revision 1"
+    )
+
 
 def ready_pod(cluster: Cluster, namespace: str, node: str, revision: str) -> bool:
     for pod in children(cluster, namespace, NAME, "pods"):

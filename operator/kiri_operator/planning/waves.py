@@ -621,7 +621,7 @@ def _steady(
     if cmd.rollback is not None and cmd.rollback != state.handled_rollback:
         state = replace(state, handled_rollback=cmd.rollback)
         previous = state.previous_stable_revision
-        if previous is not None and state.update_revision not in state.rolled_back_revisions:
+        if previous is not None:
             return _rollback(
                 observed,
                 replace(state, stable_revision=previous, previous_stable_revision=None),

@@ -641,3 +641,19 @@ def test_timers_count_the_part_of_a_second_that_status_cannot_hold() -> None:
     )
     assert late.requeue_after is not None
     assert late.requeue_after == pytest.approx(plan.requeue_after - 0.7, abs=0.01)
+
+
+def test_manual_rollback_after_an_abort_goes_one_stable_revision_further_back() -> None:
+    sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, bake_seconds=600), Stage(percent=100))), fleet(3))
+    sim.update = "r2"
+    sim.run_until(verdict_is("Completed"), limit=5000)
+    sim.update = "r3"
+    sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    sim.commands = Commands(abort="a1")
+    assert sim.step().verdict.reason == w.REASON_ROLLED_BACK_ABORT
+    assert sim.on("r2") == set(sim.nodes)
+    sim.commands = Commands(abort="a1", rollback="b1")
+    plan = sim.step()
+    assert plan.verdict.reason == w.REASON_ROLLED_BACK_MANUAL
+    assert sim.on("r1") == set(sim.nodes)
+    assert set(plan.state.rolled_back_revisions) == {"r2", "r3"}
