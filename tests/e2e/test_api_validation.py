@@ -72,7 +72,12 @@ def test_crd_is_established_structural_and_explained(crd_installed: Cluster) -> 
     # The API server flags non-structural schemas with this condition; a structural one never has it.
     assert "NonStructuralSchema" not in conditions
     assert crd["status"]["acceptedNames"]["shortNames"] == ["md"]
-    explained = crd_installed.kubectl("explain", "modeldeployments.spec.rollout.stages")
+    # The API server publishes a new CRD's OpenAPI a few seconds after Established; explain reads that.
+    explained = crd_installed.wait_for(
+        lambda: crd_installed.kubectl("explain", "modeldeployments.spec.rollout.stages"),
+        timeout=60,
+        message="kubectl explain to find the new CRD's OpenAPI schema",
+    )
     assert "percent" in explained and "bakeSeconds" in explained
 
 

@@ -182,7 +182,9 @@ def test_node_taken_offline_turns_not_ready_then_ready_again(cluster: Cluster, n
         cluster.set_node_ready(node, False, timeout=30)
         assert cluster.kubectl("get", "node", node, "--no-headers").split()[1].startswith("NotReady")
 
-        # Nobody answers for an offline node: a pod bound to it is not started.
+        # Nobody answers for an offline node: a pod bound to it is not started. kwok learns that it lost the
+        # node's lease through its lease informer, which lags a few seconds on a loaded machine.
+        time.sleep(8)
         cluster.apply(pinned, namespace=namespace)
         time.sleep(3)
         assert cluster.get_json("pod", "pinned", "-n", namespace)["status"]["phase"] == "Pending"
