@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,6 +27,8 @@ from kiri_runtime.manifests import Manifest
 
 MODELS = str(Path(__file__).with_name("bench_models.py"))
 TEACHER_ACCURACY: list[float] = []
+# The distilled CNN student: unlabeled training samples and the variant's options (overridable from the CLI).
+CNN: dict[str, Any] = {"train": 12000, "student": "width=0.5,temperature=1,patience=8"}
 
 
 def _train_cnn_teacher(path: Path, quick: bool) -> None:
@@ -72,16 +75,14 @@ def transformer(work: Path, quick: bool) -> tuple[Manifest, float]:
 def cnn(work: Path, quick: bool) -> tuple[Manifest, float]:
     state = work / "cnn.pt"
     _train_cnn_teacher(state, quick)
-    x_train, _ = bench_models.blobs_images(2000 if quick else 6000, seed=12)
+    x_train, _ = bench_models.blobs_images(2000 if quick else CNN["train"], seed=12)
     x_eval, _ = bench_models.blobs_images(500, seed=13)
     train, data = work / "cnn-train.npz", work / "cnn-eval.npz"
     np.savez(train, x=x_train)
     np.savez(data, x=x_eval)
     epochs = 8 if quick else 30
     variants = [
-        specs.parse_variant(
-            f"name=student,method=distilled,width=0.5,quantize=true,mixup=0.4,epochs={epochs},patience=6"
-        ),
+        specs.parse_variant(f"name=student,method=distilled,quantize=true,epochs={epochs},{CNN['student']}"),
         specs.parse_variant("name=int8-static,method=int8-static,perChannel=true"),
     ]
     return _run(
@@ -171,7 +172,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="smaller eval sets and fewer epochs")
     parser.add_argument("--only", default="transformer,cnn,mlp")
     parser.add_argument("--keep", type=Path, help="keep outputs here instead of a temporary directory")
+    parser.add_argument(
+        "--cnn-train", type=int, default=CNN["train"], help="unlabeled samples for distillation"
+    )
+    parser.add_argument(
+        "--cnn-student", default=CNN["student"], help="student variant options (key=value,...)"
+    )
     args = parser.parse_args()
+    CNN.update(train=args.cnn_train, student=args.cnn_student)
     work = args.keep or Path(tempfile.mkdtemp(prefix="kiri-bench-compress-"))
     work.mkdir(parents=True, exist_ok=True)
     benches = {"transformer": transformer, "cnn": cnn, "mlp": mlp}
