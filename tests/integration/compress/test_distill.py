@@ -28,7 +28,7 @@ def _trained_teacher(path: Path) -> None:
     teacher = mlp(hidden=128)
     x, y = _blobs(2000, seed=1)
     opt = torch.optim.Adam(teacher.parameters(), lr=1e-2)
-    for _ in range(150):
+    for _ in range(60):
         loss = torch.nn.functional.cross_entropy(teacher(torch.from_numpy(x)), torch.from_numpy(y))
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
@@ -36,8 +36,10 @@ def _trained_teacher(path: Path) -> None:
     torch.save(teacher.state_dict(), path)
 
 
-@pytest.fixture
-def classifier(tmp_path: Path) -> tuple[Path, Path, Path]:
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A trained teacher (trained once per module: it is the slowest step) and its unlabeled data."""
+    tmp_path = tmp_path_factory.mktemp("teacher")
     state = tmp_path / "teacher.pt"
     _trained_teacher(state)
     x_train, y_train = _blobs(1500, seed=2)
