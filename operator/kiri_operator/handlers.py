@@ -24,7 +24,7 @@ import kopf
 from kiri_operator import labels as L
 from kiri_operator import metering, metrics
 from kiri_operator.api.names import GROUP, PLURAL, VERSION
-from kiri_operator.caches import CHILD_KINDS, Cache, Key
+from kiri_operator.caches import CHILD_KINDS, Cache, Key, owner_key
 from kiri_operator.kube import RESOURCES, Kube, load_client
 from kiri_operator.planning import Settings
 from kiri_operator.queueing import WorkQueue
@@ -175,13 +175,32 @@ async def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
     _enqueue(key)
 
 
+# The planner reads no DaemonSet status (each pod's own events carry its readiness), and the DaemonSet
+# controller rewrites that status at nearly every pod change: reconciling on those repeats the pod events.
+STATUS_UNREAD = frozenset({"DaemonSet"})
+
+
+def _status_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """True when only status (and bookkeeping such as resourceVersion) differs between two versions."""
+    a, b = old.get("metadata") or {}, new.get("metadata") or {}
+    meta = ("generation", "labels", "annotations", "deletionTimestamp", "ownerReferences")
+    return old.get("spec") == new.get("spec") and all(a.get(f) == b.get(f) for f in meta)
+
+
 def _child_handler(kind: str) -> Any:
     async def handler(event: kopf.RawEvent, **_: Any) -> None:
         body: dict[str, Any] = dict(event.get("object") or {})
         if event.get("type") == "DELETED":
             _enqueue(RUNTIME.cache.remove_child(kind, body))
-        else:
-            _enqueue(RUNTIME.cache.put_child(kind, body))
+            return
+        old = None
+        if kind in STATUS_UNREAD and (owner := owner_key(body)) is not None:
+            name = str((body.get("metadata") or {}).get("name"))
+            old = RUNTIME.cache.children.get(owner, {}).get((kind, name))
+        key = RUNTIME.cache.put_child(kind, body)
+        if old is not None and _status_only(old, body):
+            return
+        _enqueue(key)
 
     handler.__name__ = f"{kind.lower()}_event"
     return handler
