@@ -11,7 +11,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.kiri-installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv binaries debs lint typecheck test test-unit test-integration test-e2e demo \
+.PHONY: help setup venv binaries debs test-servers lint typecheck test test-unit test-integration test-e2e demo \
         crds crds-check cluster-up cluster-down clean
 
 help:
@@ -19,7 +19,7 @@ help:
 	@echo "make test    install everything, lint, type check and run all tests"
 
 ## setup: Python packages into .venv, control-plane binaries from Go modules, Debian packages.
-setup: venv binaries debs
+setup: venv binaries debs test-servers
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ binaries:
 
 debs:
 	@bash hack/install-debs.sh
+
+test-servers:
+	@bash hack/install-test-servers.sh
 
 lint: venv
 	$(VENV)/bin/ruff check operator runtime tests bench hack
