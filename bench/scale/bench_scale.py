@@ -1,6 +1,6 @@
 """Scale: one operator, 50 ModelDeployments sharing 1,000 simulated edge nodes, 4 baked waves each.
 
-Run: `.venv/bin/python bench/scale/bench_scale.py [--quick]` (about 12 minutes; `--quick`: 200 nodes,
+Run: `.venv/bin/python bench/scale/bench_scale.py [--quick]` (about 14 minutes; `--quick`: 200 nodes,
 5 ModelDeployments, short bakes, about 4 minutes). It starts (or resizes) its OWN control plane with
 `hack/cluster up --edge-nodes N --sites S` in `$KIRI_STATE_DIR` (default /tmp/kiri-scale, never the
 shared `.kiri/`), and leaves it running; `KIRI_STATE_DIR=/tmp/kiri-scale hack/cluster down` stops it.
