@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -170,6 +170,28 @@ class Cache:
             changed = pods.get(view.name) != view
             pods[view.name] = view
         return key, changed
+
+    def replace_pods(self, namespace: str | None, bodies: Iterable[Mapping[str, Any]]) -> set[Key]:
+        """Swap in a fresh LIST of the pods in ``namespace`` (all when None); the keys whose pods changed.
+
+        The resync's safety net: readiness arrives only through pod events, so a pod watch that went quiet
+        would otherwise hold a wave forever on a stale cache.
+        """
+        fresh: dict[Key, dict[str, PodView]] = {}
+        for body in bodies:
+            key = owner_key(body)
+            if key is not None:
+                view = pod_view(body)
+                fresh.setdefault(key, {})[view.name] = view
+        with self._lock:
+            scope = {k for k in self.pods if namespace is None or k[0] == namespace} | set(fresh)
+            changed = {k for k in scope if self.pods.get(k, {}) != fresh.get(k, {})}
+            for key in scope:
+                if key in fresh:
+                    self.pods[key] = fresh[key]
+                else:
+                    self.pods.pop(key, None)
+        return changed
 
     def remove_pod(self, body: Mapping[str, Any]) -> Key | None:
         key = owner_key(body)

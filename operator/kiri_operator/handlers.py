@@ -61,6 +61,7 @@ class Runtime:
     cache: Cache = field(default_factory=Cache)
     queue: WorkQueue[Key] | None = None
     reconciler: Reconciler | None = None
+    kube: Kube | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     synced: asyncio.Event | None = None
     event_at: dict[Key, float] = field(default_factory=dict)
@@ -112,6 +113,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.label_selectors["pods"] = L.MODEL_DEPLOYMENT
     config = RUNTIME.config
     kube = Kube(load_client(config.kubeconfig))
+    RUNTIME.kube = kube
     RUNTIME.cache = Cache()
     RUNTIME.queue = WorkQueue()
     RUNTIME.reconciler = Reconciler(kube, RUNTIME.cache, config.settings)
@@ -155,8 +157,24 @@ async def _handle(key: Key) -> float | None:
 
 
 async def _resync(every: float) -> None:
+    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(every)
+        # One pod LIST per watched namespace per resync: if the pod watch went quiet (seen after a restart
+        # on a loaded machine), waves still see readiness within one resync instead of holding forever.
+        if RUNTIME.kube is not None:
+            scopes: list[str | None] = list(RUNTIME.config.namespaces) or [None]
+            for namespace in scopes:
+                try:
+                    pods = await loop.run_in_executor(
+                        None, RUNTIME.kube.list, "Pod", namespace, L.MODEL_DEPLOYMENT
+                    )
+                except Exception as exc:  # the watches still feed the cache; retry next resync
+                    log.warning("resync: listing pods in %s failed: %s", namespace or "all namespaces", exc)
+                    continue
+                stale = RUNTIME.cache.replace_pods(namespace, pods)
+                if stale:
+                    log.info("resync: pod cache was stale for %d ModelDeployment(s)", len(stale))
         for key in RUNTIME.cache.md_keys():
             _enqueue(key, watched=False)
 

@@ -493,7 +493,8 @@ def test_operator_killed_mid_wave_resumes_without_repeating_or_skipping(
         assert frozen["edge"]["stage"].startswith("2/3")
         moved = {n for n, v in r.placement().items() if v == frozen["updateRevision"]}
         time.sleep(3)
-        op = Operator(cluster, namespace).start()
+        # A short resync bounds how long a pod watch that starts quiet after the restart can hold the wave.
+        op = Operator(cluster, namespace, "--resync-seconds", "15").start()
         status = r.wait(
             lambda s: (
                 (record(s) or True)

@@ -97,3 +97,27 @@ def test_node_heartbeats_are_not_changes_but_readiness_is():
     assert not cache.put_node(beat)
     down = {**node, "status": {"conditions": [{"type": "Ready", "status": "False"}]}}
     assert cache.put_node(down)
+
+
+def _pod(name: str, ns: str, md: str, ready: bool) -> dict:
+    return {
+        "metadata": {"name": name, "namespace": ns, "labels": {L.MODEL_DEPLOYMENT: md}},
+        "spec": {"nodeName": f"node-{name}"},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}]},
+    }
+
+
+def test_resync_list_replaces_a_stale_pod_cache_in_its_namespace_only():
+    cache = Cache()
+    cache.put_pod(_pod("a", "ns", "md", ready=False))
+    cache.put_pod(_pod("gone", "ns", "md", ready=True))
+    cache.put_pod(_pod("x", "other", "md2", ready=False))
+    # The watch missed a's readiness and gone's deletion; the LIST has both.
+    stale = cache.replace_pods("ns", [_pod("a", "ns", "md", ready=True)])
+    assert stale == {("ns", "md")}
+    assert {p.name: p.ready for p in cache.pods[("ns", "md")].values()} == {"a": True}
+    assert cache.pods[("other", "md2")]["x"].ready is False  # another namespace is left alone
+    # A LIST that matches the cache changes nothing.
+    assert cache.replace_pods("ns", [_pod("a", "ns", "md", ready=True)]) == set()
+    # A ModelDeployment whose pods are all gone is dropped from the pod cache.
+    assert cache.replace_pods("ns", []) == {("ns", "md")} and ("ns", "md") not in cache.pods
