@@ -4,9 +4,7 @@ are the models' defaults, and the status subresource keeps everything the operat
 
 from __future__ import annotations
 
-import copy
 import json
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import yaml
 from kubernetes import client
 
 from kiri_operator.api import CRD_NAME, GROUP, PLURAL, VERSION, ModelDeployment, ModelDeploymentStatus
+from manifest_catalogue import CATALOGUE, apply_case
 
 from .conftest import REPO_ROOT, Cluster
 
@@ -23,29 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 
 CRD_FILE = REPO_ROOT / "crds" / "modeldeployment.yaml"
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml"))
-CATALOGUE = yaml.safe_load((REPO_ROOT / "tests" / "bad_modeldeployments.yaml").read_text())
-_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _path(path: str) -> list[str | int]:
-    return [int(index) if index else name for name, index in _TOKEN.findall(path)]
-
-
-def apply_case(base: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
-    manifest = copy.deepcopy(base)
-    for path, value in case.get("set", {}).items():
-        *parents, last = _path(path)
-        node: Any = manifest
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    for path in case.get("delete", []):
-        *parents, last = _path(path)
-        node = manifest
-        for key in parents:
-            node = node[key]
-        del node[last]
-    return manifest
 
 
 @pytest.fixture(scope="module")

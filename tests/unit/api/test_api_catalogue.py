@@ -3,42 +3,15 @@ rejected offline, with an error that names the same field."""
 
 from __future__ import annotations
 
-import copy
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from kiri_operator.api import ModelDeployment
+from manifest_catalogue import CATALOGUE, apply_case, field_path
 
 pytestmark = pytest.mark.timeout(30)
-
-CATALOGUE = yaml.safe_load((Path(__file__).resolve().parents[2] / "bad_modeldeployments.yaml").read_text())
-_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
-
-
-def _path(path: str) -> list[str | int]:
-    return [int(index) if index else name for name, index in _TOKEN.findall(path)]
-
-
-def apply_case(base: dict[str, Any], case: dict[str, Any]) -> dict[str, Any]:
-    manifest = copy.deepcopy(base)
-    for path, value in case.get("set", {}).items():
-        *parents, last = _path(path)
-        node: Any = manifest
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    for path in case.get("delete", []):
-        *parents, last = _path(path)
-        node = manifest
-        for key in parents:
-            node = node[key]
-        del node[last]
-    return manifest
 
 
 def _names_field(error: dict[str, Any], field: list[str | int]) -> bool:
@@ -66,7 +39,7 @@ def test_models_reject_case_naming_the_field(case: dict[str, Any]) -> None:
     manifest = apply_case(CATALOGUE["base"], case)
     with pytest.raises(ValidationError) as info:
         ModelDeployment.model_validate(manifest)
-    field = _path(case["field"])
+    field = field_path(case["field"])
     errors = info.value.errors()
     assert any(_names_field(e, field) for e in errors), (
         f"no error names {case['field']}: {[(e['loc'], e['msg']) for e in errors]}"
