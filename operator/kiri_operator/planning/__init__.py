@@ -20,6 +20,7 @@ from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import ManifestView, ObjectView, Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning import learning
+from kiri_operator.planning import waves as W
 from kiri_operator.planning.assigning import AssignInput, Assignment, NodePod, assign_nodes
 from kiri_operator.planning.checking import check
 from kiri_operator.planning.placing import Placement, parse_quantity, place, selects
@@ -41,6 +42,21 @@ FAULT_REASONS = frozenset(
     }
 )
 FAILURE_REASONS = frozenset({Reason.COMPRESSION_FAILED, Reason.ALL_REJECTED, Reason.MANIFEST_INVALID})
+# The gates a wave passes through. Moves between them are told by the rollout's own Events (StepStarted,
+# RolloutCompleted, Promoted), so the conditions that mirror them add none: about ten Events per wave
+# were most of the operator's API writes at fleet scale. A move into or out of any other reason (a
+# pause, a hold, a fault, a rollback) is still an Event.
+WAVE_GATE_REASONS = frozenset(
+    {
+        Reason.ROLLING_OUT,
+        Reason.NODES_NOT_READY,
+        Reason.ROLLED_OUT,
+        W.REASON_STEP_PROGRESSING,
+        W.REASON_WAITING_READY,
+        W.REASON_ANALYSIS_RUNNING,
+        W.REASON_BAKING,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -630,8 +646,14 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         )
         old = C.get(old_conditions, new.type)
         problem = new.is_bad and new.reason in FAULT_REASONS | FAILURE_REASONS
-        # First appearances are news only when they are problems; after that, every move is.
-        if C.changed(old, new) and (old is not None or problem):
+        # First appearances are news only when they are problems; after that, every move is, except one
+        # from gate to gate of a wave (or from Available into the first gate: that is RolloutStarted).
+        gate_to_gate = (
+            old is not None
+            and new.reason in WAVE_GATE_REASONS
+            and old.reason in WAVE_GATE_REASONS | {Reason.AVAILABLE}
+        )
+        if C.changed(old, new) and (old is not None or problem) and not gate_to_gate:
             etype: Literal["Normal", "Warning"] = "Warning" if problem and new.type != C.READY else "Normal"
             events.append(Event(etype, new.reason, f"{new.type} is {new.status}: {new.message}"[:1000]))
         conds = C.set_condition(conds, new, observed.now)

@@ -869,19 +869,21 @@ def _progress(
                 step,
             )
 
-    # Step done: the next one starts in this same reconcile so no interval is lost between waves.
-    b.event("Normal", "StepCompleted", f"step {step.index + 1}/{len(steps)} of revision {update} completed")
+    # Step done: the next one starts in this same reconcile so no interval is lost between waves. One
+    # Event says both (the completed step and the started one): Events are API writes, and at fleet
+    # scale they were most of the operator's writes.
+    done = f"step {step.index + 1}/{len(steps)} completed"
     following = next((s for s in steps if s.index == step.index + 1), None)
     if following is None:
         b.event(
             "Normal",
             REASON_COMPLETED,
-            f"revision {update} rolled out to all {len(observed.nodes)} edge nodes",
+            f"{done}; revision {update} rolled out to all {len(observed.nodes)} edge nodes",
         )
         state = _complete(state, update, now)
         return _steady(policy, observed, state, now, b, steps)
     state = _enter_step(state, following, now)
-    b.event("Normal", "StepStarted", _step_text(following, steps, update))
+    b.event("Normal", "StepStarted", f"{_step_text(following, steps, update)} ({done})")
     return _progress(policy, observed, state, now, b, steps)
 
 

@@ -10,7 +10,7 @@ from operator_worlds import FakeServer, cloud_node, edge_node, manifest, observe
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.conditions import Reason
-from kiri_operator.planning import Settings, plan
+from kiri_operator.planning import WAVE_GATE_REASONS, Settings, plan
 from kiri_operator.planning.building import affinity_nodes
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.plans import Check
@@ -325,3 +325,53 @@ def test_a_relabelled_node_changes_variant_within_the_revision():
         if k[0] == "DaemonSet"
     }
     assert pinned == {"fp16": ["edge-cpu-1", "edge-gpu"], "int8": ["edge-cpu-2"]}
+
+
+def test_a_staged_rollout_tells_its_waves_in_rollout_events_not_condition_churn():
+    # Events are API writes: a wave's gates (WaitingForReady -> Baking -> next step) are one StepStarted,
+    # not an Event per condition that mirrors the gate. Leaving a pause is still an Event.
+    s1 = spec(**{"rollout.stages": [{"nodes": 1, "bakeSeconds": 3}, {"percent": 100}]})
+    server = FakeServer(observed())
+    server.step(s1)
+    server.publish(s1, manifest({"fp16": True, "int8": True}))
+    for _ in range(3):
+        server.step(s1)
+    assert server.world.status["phase"] == "Healthy"
+    s2 = spec(
+        **{
+            "runtime.image": "example/kiri:2",
+            "rollout.stages": [{"nodes": 1, "bakeSeconds": 3}, {"percent": 100}],
+        }
+    )
+    server.unready = {"edge-gpu", "edge-cpu-1", "edge-cpu-2"}  # the canary waits for readiness first
+    reasons: list[str] = []
+    for _ in range(2):
+        reasons += [e.reason for e in server.step(s2).events]
+    assert _cond(server.world.status, C.EDGE_PROGRESSING)["reason"] == "WaitingForReady"
+    server.unready = set()
+    for _ in range(10):
+        reasons += [e.reason for e in server.step(s2).events]
+    assert server.world.status["currentRevision"] == server.world.status["updateRevision"]
+    assert not set(reasons) & WAVE_GATE_REASONS, reasons
+    assert reasons.count("StepStarted") == 2 and reasons.count("RolloutCompleted") == 1
+    assert "Promoted" in reasons
+    # Before this change a rollout of two steps wrote about ten more Events than these.
+    assert len(reasons) <= 10, reasons
+
+    s3 = spec(
+        **{
+            "runtime.image": "example/kiri:3",
+            "rollout.stages": [{"nodes": 1, "bakeSeconds": 3}, {"percent": 100}],
+            "rollout.paused": True,
+        }
+    )
+    paused = [e.reason for _ in range(2) for e in server.step(s3).events]
+    assert "Paused" in paused
+    resumed = spec(
+        **{
+            "runtime.image": "example/kiri:3",
+            "rollout.stages": [{"nodes": 1, "bakeSeconds": 3}, {"percent": 100}],
+        }
+    )
+    reasons = [e.reason for e in server.step(resumed).events]
+    assert set(reasons) & WAVE_GATE_REASONS, reasons  # out of a pause into a gate is news

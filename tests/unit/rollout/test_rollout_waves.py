@@ -241,7 +241,11 @@ def test_stages_progress_with_readiness_and_bake() -> None:
     assert sim.on("r2") == set(sim.nodes)
     assert done.state.stable_revision == "r2"
     assert done.state.previous_stable_revision == "r1"
-    assert len(sim.events("StepCompleted")) == 3
+    # One Event per step boundary: each StepStarted names the step it follows, the last is RolloutCompleted.
+    started = [e.message for e in sim.events("StepStarted")]
+    assert [m.endswith(f"(step {i}/3 completed)") for i, m in enumerate(started)] == [False, True, True]
+    assert [e.message.split(";")[0] for e in sim.events(w.REASON_COMPLETED)] == ["step 3/3 completed"]
+    assert not sim.events("StepCompleted")
     # 3 bakes of 30 s plus 3 readiness waits of 2 s each: the planner itself adds nothing measurable.
     assert (sim.now - T0).total_seconds() <= 3 * 30 + 3 * 2 + 6
 
