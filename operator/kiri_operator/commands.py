@@ -35,6 +35,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     op.add_argument("--workers", type=int, default=4, help="ModelDeployments reconciled in parallel")
     op.add_argument("--resync-seconds", type=float, default=60.0, help="periodic re-reconcile of everything")
     op.add_argument(
+        "--status-progress-seconds",
+        type=float,
+        default=10.0,
+        help="write a status change of progress figures alone (counts, messages) at most this often "
+        "per ModelDeployment; phase, conditions, revisions and steps are written at once (0: always at once)",
+    )
+    op.add_argument(
         "--compression-deadline", type=int, default=3600, help="activeDeadlineSeconds of compression Jobs"
     )
     op.add_argument(
@@ -83,6 +90,7 @@ def _operator(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port or None,
         workers=args.workers,
         resync_seconds=args.resync_seconds,
+        status_progress_seconds=args.status_progress_seconds,
         kubeconfig=args.kubeconfig,
         liveness=args.liveness,
         settings=Settings(

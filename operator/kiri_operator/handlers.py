@@ -50,6 +50,8 @@ class Config:
     metrics_port: int | None = None
     workers: int = 4
     resync_seconds: float = 60.0
+    status_progress_seconds: float = 10.0
+    """How often a status change of progress figures alone (counts, messages) may be written."""
     kubeconfig: str | None = None
     settings: Settings = field(default_factory=Settings)
     liveness: str | None = None  # kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz
@@ -116,7 +118,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     RUNTIME.kube = kube
     RUNTIME.cache = Cache()
     RUNTIME.queue = WorkQueue()
-    RUNTIME.reconciler = Reconciler(kube, RUNTIME.cache, config.settings)
+    RUNTIME.reconciler = Reconciler(kube, RUNTIME.cache, config.settings, config.status_progress_seconds)
     scopes: list[str | None] = list(config.namespaces) or [None]
     for namespace in scopes:
         await asyncio.get_running_loop().run_in_executor(None, _warm, kube, RUNTIME.cache, namespace)
@@ -153,6 +155,9 @@ async def _handle(key: Key) -> float | None:
     outcome = await asyncio.get_running_loop().run_in_executor(None, RUNTIME.reconciler.reconcile, key)
     if since is not None and outcome.status_written:
         metrics.EVENT_TO_STATUS_SECONDS.observe(time.monotonic() - since)
+    elif since is not None and outcome.status_deferred:
+        # The event is reported when its status is written, so deferred writes count in the latency.
+        RUNTIME.event_at[key] = min(since, RUNTIME.event_at.get(key, since))
     return outcome.requeue_after
 
 

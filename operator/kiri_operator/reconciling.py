@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +35,34 @@ APPLY_ORDER = (
 
 
 EVENT_REPEAT_SECONDS = 300.0
+# Status fields that only say how far a step has come. A change to them alone is written at most once per
+# `progress_interval` per ModelDeployment; anything else in the status (phase, a condition's status or
+# reason, a revision, a step, a bake's start, history) is written at once.
+PROGRESS_FIELDS = {
+    "cloud": ("ready",),
+    "edge": ("updatedNodes", "readyNodes"),
+    "rollout": ("readyNodes", "progressAt", "message"),
+}
+
+
+def without_progress(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The status minus its progress figures: counts, messages and the progress clock."""
+    out = dict(status)
+    for section, keys in PROGRESS_FIELDS.items():
+        if isinstance(out.get(section), Mapping):
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    edge = out.get("edge")
+    if isinstance(edge, dict) and isinstance(edge.get("perVariant"), list):
+        edge["perVariant"] = [
+            {k: v for k, v in pv.items() if k not in ("nodes", "ready")} for pv in edge["perVariant"]
+        ]
+    out["conditions"] = [{k: v for k, v in c.items() if k != "message"} for c in out.get("conditions") or []]
+    return out
+
+
+def progress_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """Whether two statuses differ in progress figures alone (and so may wait to be written)."""
+    return without_progress(old) == without_progress(new)
 
 
 @dataclass
@@ -43,6 +71,7 @@ class Outcome:
     requeue_after: float | None = None
     error: str | None = None
     status_written: bool = False
+    status_deferred: bool = False
 
 
 def _order(actions: Iterable[Action]) -> list[Action]:
@@ -62,11 +91,19 @@ def _pvcs_needed(spec: ModelDeploymentSpec) -> list[str]:
 
 
 class Reconciler:
-    def __init__(self, kube: Kube, cache: Cache, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        cache: Cache,
+        settings: Settings | None = None,
+        progress_interval: float = 10.0,
+    ) -> None:
         self.kube = kube
         self.cache = cache
         self.settings = settings or Settings()
+        self.progress_interval = progress_interval
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
+        self._status_written_at: dict[Key, float] = {}
 
     def reconcile(self, key: Key) -> Outcome:
         started = time.perf_counter()
@@ -85,6 +122,7 @@ class Reconciler:
         if md is None or (md.get("metadata") or {}).get("deletionTimestamp"):
             # Children carry owner references: the garbage collector removes them with their owner.
             metrics.set_nodes(key[0], key[1], {})
+            self._status_written_at.pop(key, None)
             return Outcome()
         now = datetime.now(UTC)
         try:
@@ -150,9 +188,21 @@ class Reconciler:
                         f"{action.check.value} {action.kind} {action.name}: {exc.message}"[:1000],
                     )
                 )
-        if p.status != normalize_status(old_status or {}):
+        stored = normalize_status(old_status or {})
+        since_write = time.monotonic() - self._status_written_at.get(key, -1e9)
+        if p.status == stored:
+            pass
+        elif since_write < self.progress_interval and progress_only(stored, p.status):
+            # A wave's pods turn Ready one by one: one patch per pod would be most of the operator's
+            # writes at fleet scale. The figures catch up by the end of the interval, or sooner with
+            # the next change that matters (the wave's last pod Ready is one: it starts the bake).
+            wait = self.progress_interval - since_write
+            outcome.requeue_after = min(outcome.requeue_after or wait, wait)
+            outcome.status_deferred = True
+        else:
             try:
                 self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status))
+                self._status_written_at[key] = time.monotonic()
                 metrics.RECONCILE_WRITES.labels("ModelDeployment", "Status").inc()
                 outcome.writes += 1
                 outcome.status_written = True

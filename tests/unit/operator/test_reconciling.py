@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from operator_worlds import SHA, fleet
 
+from kiri_operator import reconciling
 from kiri_operator.caches import Cache
 from kiri_operator.kube import KubeError
-from kiri_operator.reconciling import Reconciler
+from kiri_operator.reconciling import Reconciler, progress_only
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -96,7 +97,7 @@ def test_apply_order_then_quiet_second_reconcile():
     assert ("status", "ModelDeployment", "md") in kube.calls
     assert out.writes == len(applied) + 1 and out.error is None
     # The second pass sees its own children (CloudReady's message moves from "creating" to "0/1 ready"):
-    # a status write, no child write. The third finds nothing to do.
+    # a progress-only status change, which waits (test below), and no child write. The third finds nothing.
     kube.calls.clear()
     r.reconcile(("ns", "md"))
     assert [c for c in kube.calls if c[0] in ("apply", "delete")] == []
@@ -144,3 +145,70 @@ def test_an_invalid_stored_spec_gets_a_condition_and_touches_no_child():
     assert (
         ready["reason"] == "InvalidSpec" and "spec.model" in ready["message"] and status["phase"] == "Failed"
     )
+
+
+def _status(**edge: Any) -> dict[str, Any]:
+    return {
+        "phase": "Progressing",
+        "conditions": [
+            {"type": "Ready", "status": "False", "reason": "NodesNotReady", "message": "1/5 Ready"},
+            {"type": "EdgeProgressing", "status": "True", "reason": "WaitingForReady", "message": "1/5"},
+        ],
+        "edge": {"targetNodes": 5, "updatedNodes": 5, "readyNodes": 1, "stageIndex": 0, **edge},
+        "rollout": {"stage": 0, "readyNodes": 1, "progressAt": "2026-01-01T00:00:00Z", "message": "1/5"},
+    }
+
+
+def test_progress_only_tells_counts_and_messages_from_changes_that_matter():
+    old = _status(perVariant=[{"name": "int8", "revision": "r2", "nodes": 5, "ready": 1}])
+    new = copy.deepcopy(old)
+    new["edge"]["readyNodes"] = 3
+    new["edge"]["perVariant"][0]["ready"] = 3
+    new["rollout"].update(readyNodes=3, progressAt="2026-01-01T00:00:04Z", message="3/5")
+    for c in new["conditions"]:
+        c["message"] = "3/5 Ready"
+    assert progress_only(old, new)
+    baking = copy.deepcopy(new)
+    baking["conditions"][1]["reason"] = "Baking"
+    assert not progress_only(old, baking)
+    next_step = copy.deepcopy(new)
+    next_step["rollout"]["stage"] = 1
+    assert not progress_only(old, next_step)
+    other_revision = copy.deepcopy(new)
+    other_revision["edge"]["perVariant"][0]["revision"] = "r3"
+    assert not progress_only(old, other_revision)
+    assert not progress_only(old, {**new, "phase": "Healthy"})
+
+
+def test_a_progress_only_status_change_waits_for_the_interval_then_is_written(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(reconciling.time, "monotonic", lambda: clock[0])
+    kube, cache = RecordingKube(), _cache()
+    r = Reconciler(kube, cache, progress_interval=10.0)  # type: ignore[arg-type]
+    r.reconcile(("ns", "md"))
+    assert ("status", "ModelDeployment", "md") in kube.calls
+    written = cache.md(("ns", "md"))["status"]  # type: ignore[index]
+    # The children now exist: CloudReady's message changes, nothing else in the status does.
+    kube.calls.clear()
+    clock[0] += 3
+    out = r.reconcile(("ns", "md"))
+    assert not [c for c in kube.calls if c[0] == "status"]
+    assert out.status_deferred and not out.status_written
+    assert out.requeue_after is not None and out.requeue_after <= 7.0
+    assert cache.md(("ns", "md"))["status"] == written  # type: ignore[index]
+    clock[0] += 7
+    out = r.reconcile(("ns", "md"))
+    assert [c for c in kube.calls if c[0] == "status"] == [("status", "ModelDeployment", "md")]
+    assert out.status_written
+    cloud = next(c for c in cache.md(("ns", "md"))["status"]["conditions"] if c["type"] == "CloudReady")  # type: ignore[index]
+    assert cloud["message"] != next(c for c in written["conditions"] if c["type"] == "CloudReady")["message"]
+
+
+def test_with_no_interval_every_status_change_is_written_at_once():
+    kube, cache = RecordingKube(), _cache()
+    r = Reconciler(kube, cache, progress_interval=0.0)  # type: ignore[arg-type]
+    r.reconcile(("ns", "md"))
+    kube.calls.clear()
+    out = r.reconcile(("ns", "md"))
+    assert [c for c in kube.calls if c[0] == "status"] == [("status", "ModelDeployment", "md")]
+    assert out.status_written and not out.status_deferred
