@@ -5,12 +5,13 @@ Run: `.venv/bin/python bench/scale/bench_scale.py [--quick]` (about 14 minutes; 
 `hack/cluster up --edge-nodes N --sites S` in `$KIRI_STATE_DIR` (default /tmp/kiri-scale, never the
 shared `.kiri/`), and leaves it running; `KIRI_STATE_DIR=/tmp/kiri-scale hack/cluster down` stops it.
 
-Setup. The fleet is cut into one shard per ModelDeployment (node label `kiri.dev/scale-shard`, one node
+Setup. The fleet is cut into one shard per ModelDeployment (node label `kiri.dev/scale-shard-0`, one node
 of each site per shard in turn, so every shard spans every site and has GPU and CPU-only nodes). Each
 ModelDeployment has two variants chosen by node capability (fp16 on `kiri.dev/accelerator=gpu`, int8
-elsewhere) and 4 stages of 25% each, baking BAKE seconds. Why shards and not 50 ModelDeployments on every
-node: that is 50,000 simulated pods, which this 2-core machine cannot churn in minutes; shards keep the
-total at one pod per node, so the fleet moves as many nodes as the baseline does.
+elsewhere) and 4 stages of 25% each, baking BAKE seconds. `--models-per-node K` cuts the fleet K times
+(labels `kiri.dev/scale-shard-<k>`, a different cut each time), so the ModelDeployments share nodes and
+each node serves K of them; the baseline then rolls K DaemonSets. Why not 50 ModelDeployments on every
+node: that is 50,000 simulated pods, which this 2-core machine cannot churn in minutes.
 
 The variants come from ONE real `kiri compress` run (the first ModelDeployment's Job, run locally as the
 e2e tests do); the others get a copy of that output, published by their Job's own `kiri publish-manifest`
@@ -35,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -203,18 +205,33 @@ def cluster_up(nodes: int, sites: int) -> Cluster:
     return start_cluster()
 
 
-def shard_fleet(cluster: Cluster, shards: int) -> dict[int, list[str]]:
+def shard_fleet(cluster: Cluster, mds: int, per_node: int) -> dict[int, list[str]]:
+    """ModelDeployment i -> its nodes. `per_node` slots each cut the fleet into shards (label
+    `kiri.dev/scale-shard-<slot>`), with a different cut per slot, so every node serves `per_node`
+    ModelDeployments and two ModelDeployments share some nodes but not all."""
     nodes = cluster.get_json("nodes", "-l", "kiri.dev/tier=edge")["items"]
     by_site: dict[str, list[str]] = {}
     for n in nodes:
         by_site.setdefault(n["metadata"]["labels"]["kiri.dev/site"], []).append(n["metadata"]["name"])
-    out: dict[int, list[str]] = {i: [] for i in range(shards)}
-    for j, site in enumerate(sorted(by_site)):
-        for i, name in enumerate(sorted(by_site[site], key=lambda s: int(s.rsplit("-", 1)[1]))):
-            out[(i + j) % shards].append(name)
-    for shard, names in out.items():
-        cluster.kubectl("label", "--overwrite", "nodes", *names, f"{SHARD}={shard}")
+    out: dict[int, list[str]] = {}
+    for slot in range(per_node):
+        members = [i for i in range(mds) if i % per_node == slot]
+        shards = len(members)
+        cut: dict[int, list[str]] = {k: [] for k in range(shards)}
+        for j, site in enumerate(sorted(by_site)):
+            names = sorted(by_site[site], key=lambda s: int(s.rsplit("-", 1)[1]))
+            if slot:
+                random.Random(1000 * slot + j).shuffle(names)
+            for r, name in enumerate(names):
+                cut[(r + j) % shards].append(name)
+        for k, names in cut.items():
+            cluster.kubectl("label", "--overwrite", "nodes", *names, f"{SHARD}-{slot}={k}")
+            out[members[k]] = names
     return out
+
+
+def shard_selector(i: int, per_node: int) -> dict[str, str]:
+    return {f"{SHARD}-{i % per_node}": str(i // per_node)}
 
 
 def wait_pods(cluster: Cluster, namespace: str, selector: str, count: int, timeout: float) -> None:
@@ -235,72 +252,80 @@ def pod_count(cluster: Cluster, namespace: str, selector: str) -> int:
 
 
 # -- 1. the baseline -----------------------------------------------------------------------------------
-def baseline(cluster: Cluster, namespace: str, nodes: int, bake: int) -> dict[str, Any]:
+def baseline(cluster: Cluster, namespace: str, nodes: int, bake: int, per_node: int) -> dict[str, Any]:
+    """`per_node` DaemonSets on every edge node (as many pods as Kiri moves), rolled at the same time."""
     wave = math.ceil(nodes / WAVES)
-    ds: dict[str, Any] = {
-        "apiVersion": "apps/v1",
-        "kind": "DaemonSet",
-        "metadata": {"name": "baseline", "namespace": namespace},
-        "spec": {
-            "selector": {"matchLabels": {"app": "baseline"}},
-            "minReadySeconds": bake,
-            "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": wave}},
-            "template": {
-                "metadata": {"labels": {"app": "baseline", "build": "v1"}},
-                "spec": {
-                    "nodeSelector": {"kiri.dev/tier": "edge"},
-                    "containers": [{"name": "serve", "image": "ghcr.io/kiri-dev/kiri-runtime:bench"}],
+    names = [f"baseline-{k}" for k in range(per_node)]
+
+    def daemonset(name: str, build: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "selector": {"matchLabels": {"app": "baseline", "slot": name}},
+                "minReadySeconds": bake,
+                "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": wave}},
+                "template": {
+                    "metadata": {"labels": {"app": "baseline", "slot": name, "build": build}},
+                    "spec": {
+                        "nodeSelector": {"kiri.dev/tier": "edge"},
+                        "containers": [{"name": "serve", "image": "ghcr.io/kiri-dev/kiri-runtime:bench"}],
+                    },
                 },
             },
-        },
-    }
-    cluster.apply(ds)
-    wait_pods(cluster, namespace, "app=baseline", nodes, 300)
+        }
+
+    def statuses() -> list[dict[str, Any]]:
+        items = cluster.get_json("daemonsets", "-n", namespace, "-l", "app=baseline")["items"]
+        return [d.get("status") or {} for d in items if d["metadata"]["name"] in names]
+
+    cluster.apply([daemonset(n, "v1") for n in names])
+    wait_pods(cluster, namespace, "app=baseline", nodes * per_node, 300)
     # Available (minReadySeconds) too, or the update would start from a partly unavailable set.
     cluster.wait_for(
-        lambda: (
-            cluster.get_json("daemonset", "baseline", "-n", namespace)["status"].get("numberAvailable")
-            == nodes
-        ),
+        lambda: sum(int(st.get("numberAvailable") or 0) for st in statuses()) == nodes * per_node,
         bake + 120,
         1,
         "baseline available",
     )
-    ds["spec"]["template"]["metadata"]["labels"]["build"] = "v2"
     log(
-        f"baseline: DaemonSet on {nodes} nodes ready; rolling (maxUnavailable {wave}, minReadySeconds {bake})"
+        f"baseline: {per_node} DaemonSet(s) on {nodes} nodes ready; rolling "
+        f"(maxUnavailable {wave}, minReadySeconds {bake})"
     )
     started = time.monotonic()
-    cluster.apply(ds)
+    cluster.apply([daemonset(n, "v2") for n in names])
     marks: list[float] = []
     while True:
-        st = cluster.get_json("daemonset", "baseline", "-n", namespace)["status"]
-        updated = int(st.get("updatedNumberScheduled") or 0)
-        # Batch k is over when the controller starts batch k+1 (more than k waves' nodes updated).
-        current = st.get("observedGeneration") == 2  # before that, "updated" means the old template
+        sts = statuses()
+        # Before observedGeneration 2, "updated" means the old template.
+        current = len(sts) == per_node and all(st.get("observedGeneration") == 2 for st in sts)
+        updated = min(int(st.get("updatedNumberScheduled") or 0) for st in sts) if current else 0
+        # Batch k is over when the controller starts batch k+1 (more than k waves' nodes updated), in
+        # the slowest DaemonSet.
         while current and len(marks) < WAVES - 1 and updated > wave * (len(marks) + 1):
             marks.append(time.monotonic() - started)
-        if (
-            st.get("observedGeneration") == 2
-            and updated == nodes
-            and st.get("numberAvailable") == nodes
-            and st.get("updatedNumberScheduled") == nodes
+        if current and all(
+            st.get("numberAvailable") == nodes and st.get("updatedNumberScheduled") == nodes for st in sts
         ):
             break
-        if time.monotonic() - started > 60 * WAVES + 4 * bake:
-            raise TimeoutError(f"baseline rollout stuck: {st}")
+        if time.monotonic() - started > 60 * WAVES * per_node + 4 * bake:
+            raise TimeoutError(f"baseline rollout stuck: {sts}")
         time.sleep(1)
     total = time.monotonic() - started
     marks.append(total)
-    cluster.kubectl("delete", "daemonset", "baseline", "-n", namespace, "--wait=false")
+    cluster.kubectl("delete", "daemonsets", *names, "-n", namespace, "--wait=false")
     cluster.wait_for(lambda: pod_count(cluster, namespace, "app=baseline") == 0, 300, 2, "baseline pods gone")
-    return {"total_s": total, "wave_marks_s": marks}
+    return {"total_s": total, "wave_marks_s": marks, "daemonsets": per_node}
 
 
 # -- 2. Kiri ---------------------------------------------------------------------------------------------
 class Fleet:
-    def __init__(self, cluster: Cluster, namespace: str, mds: int, bake: int, workdir: Path) -> None:
+    def __init__(
+        self, cluster: Cluster, namespace: str, mds: int, per_node: int, bake: int, workdir: Path
+    ) -> None:
         self.cluster = cluster
+        self.per_node = per_node
         self.namespace = namespace
         self.mds = mds
         self.bake = bake
@@ -323,7 +348,7 @@ class Fleet:
             rollout={"stages": stages, "maxUnavailable": "100%"},
         )
         body["spec"]["cloud"] = {"replicas": 0}
-        body["spec"]["edge"]["nodeSelector"] = {"kiri.dev/tier": "edge", SHARD: str(i)}
+        body["spec"]["edge"]["nodeSelector"] = {"kiri.dev/tier": "edge", **shard_selector(i, self.per_node)}
         body["spec"]["edge"]["podLabels"] = {"build": build}
         return body
 
@@ -457,6 +482,13 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--sites", type=int, default=20)
     parser.add_argument("--mds", type=int, default=50)
+    parser.add_argument(
+        "--models-per-node",
+        type=int,
+        default=1,
+        help="ModelDeployments served by each node (the fleet is cut once per model slot); the "
+        "baseline rolls as many DaemonSets",
+    )
     parser.add_argument("--bake", type=int, default=45, help="bakeSeconds of each of the 4 stages")
     parser.add_argument("--steady", type=float, default=40, help="steady-state window (s); >= one resync")
     parser.add_argument("--resync", type=float, default=30, help="the operator's --resync-seconds")
@@ -472,7 +504,7 @@ def main() -> int:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "modeldeployment.yaml")
     )
-    shards = shard_fleet(cluster, args.mds)
+    shards = shard_fleet(cluster, args.mds, args.models_per_node)
     namespace = f"kiri-scale-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)
     cluster.wait_for(
@@ -488,6 +520,7 @@ def main() -> int:
         "nodes": args.nodes,
         "sites": args.sites,
         "modeldeployments": args.mds,
+        "models_per_node": args.models_per_node,
         "nodes_per_md": statistics.median(len(v) for v in shards.values()),
         "waves": WAVES,
         "bake_s": args.bake,
@@ -495,10 +528,10 @@ def main() -> int:
     }
     try:
         if not args.skip_baseline:
-            base = baseline(cluster, namespace, args.nodes, args.bake)
+            base = baseline(cluster, namespace, args.nodes, args.bake, args.models_per_node)
             result["baseline"] = base
             log(f"baseline: {base['total_s']:.1f}s")
-        fleet = Fleet(cluster, namespace, args.mds, args.bake, workdir)
+        fleet = Fleet(cluster, namespace, args.mds, args.models_per_node, args.bake, workdir)
         op = Operator(
             cluster, namespace, "--resync-seconds", str(args.resync), "--log-level", "WARNING"
         ).start()
@@ -579,7 +612,8 @@ def report(r: dict[str, Any]) -> None:
     print()
     print(
         f"{r['nodes']} edge nodes, {r['sites']} sites, {r['modeldeployments']} ModelDeployments "
-        f"(~{r['nodes_per_md']:.0f} nodes each), {r['waves']} waves x {r['bake_s']}s bake"
+        f"(~{r['nodes_per_md']:.0f} nodes each, {r['models_per_node']} per node), "
+        f"{r['waves']} waves x {r['bake_s']}s bake"
     )
     print(f"{'':34} {'Kiri':>8} {'DaemonSet':>10}")
     base = r.get("baseline") or {}

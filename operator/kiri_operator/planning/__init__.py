@@ -686,6 +686,8 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
                 "time": C.format_time(observed.now),
             }
         )
+        # Promoted says what Ready turning True would: one Event, not two.
+        events = [e for e in events if e.reason != Reason.AVAILABLE]
         events.append(Event("Normal", "Promoted", f"revision {revision} is serving everywhere"))
     history = history[-spec.rollout.revision_history_limit :]
 
