@@ -277,7 +277,7 @@ def baseline(cluster: Cluster, namespace: str, nodes: int, bake: int, per_node: 
         }
 
     def statuses() -> list[dict[str, Any]]:
-        items = cluster.get_json("daemonsets", "-n", namespace, "-l", "app=baseline")["items"]
+        items = cluster.get_json("daemonsets", "-n", namespace)["items"]
         return [d.get("status") or {} for d in items if d["metadata"]["name"] in names]
 
     cluster.apply([daemonset(n, "v1") for n in names])
