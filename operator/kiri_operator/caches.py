@@ -87,6 +87,20 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
     )
 
 
+PodIndex = dict[Key, dict[str, tuple[PodView, int | None]]]
+
+
+def index_pods(bodies: Iterable[Mapping[str, Any]], into: PodIndex | None = None) -> PodIndex:
+    """Pods of a LIST (page by page) as slim views with their resourceVersions, by ModelDeployment."""
+    out: PodIndex = {} if into is None else into
+    for body in bodies:
+        key = owner_key(body)
+        if key is not None:
+            view = pod_view(body)
+            out.setdefault(key, {})[view.name] = (view, _rv(body))
+    return out
+
+
 def owner_key(body: Mapping[str, Any]) -> Key | None:
     meta = body.get("metadata") or {}
     md = (meta.get("labels") or {}).get(L.MODEL_DEPLOYMENT)
@@ -101,6 +115,10 @@ class Cache:
     children: dict[Key, dict[tuple[str, str], dict[str, Any]]] = field(default_factory=dict)
     pods: dict[Key, dict[str, PodView]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # (namespace, pod) -> resourceVersion of the cached pod, and of a pod's deletion: a resync LIST is a
+    # snapshot, and watch events newer than it must survive it.
+    _pod_versions: dict[tuple[str, str], int] = field(default_factory=dict)
+    _pod_deleted: dict[tuple[str, str], int] = field(default_factory=dict)
 
     # -- ModelDeployments ---------------------------------------------------------------------------
     def put_md(self, body: Mapping[str, Any]) -> Key:
@@ -115,7 +133,8 @@ class Cache:
         with self._lock:
             self.mds.pop(key, None)
             self.children.pop(key, None)
-            self.pods.pop(key, None)
+            for name in self.pods.pop(key, {}):
+                self._pod_versions.pop((key[0], name), None)
 
     def md(self, key: Key) -> dict[str, Any] | None:
         with self._lock:
@@ -165,32 +184,70 @@ class Cache:
         if key is None:
             return None, False
         view = pod_view(body)
+        rv = _rv(body)
         with self._lock:
+            known = self._pod_versions.get((key[0], view.name))
+            if rv is not None and known is not None and rv < known:
+                return key, False  # older than what the cache holds (a late event)
             pods = self.pods.setdefault(key, {})
             changed = pods.get(view.name) != view
             pods[view.name] = view
+            self._remember(key[0], view.name, rv)
         return key, changed
 
-    def replace_pods(self, namespace: str | None, bodies: Iterable[Mapping[str, Any]]) -> set[Key]:
-        """Swap in a fresh LIST of the pods in ``namespace`` (all when None); the keys whose pods changed.
+    def _remember(self, namespace: str, name: str, rv: int | None) -> None:
+        if rv is None:
+            self._pod_versions.pop((namespace, name), None)
+        else:
+            self._pod_versions[(namespace, name)] = rv
+
+    def replace_pods(self, namespace: str | None, fresh: PodIndex, list_version: int | None) -> set[Key]:
+        """Merge a resync LIST of the pods in ``namespace`` (all when None), taken at ``list_version``;
+        return the keys whose pods changed.
 
         The resync's safety net: readiness arrives only through pod events, so a pod watch that went quiet
-        would otherwise hold a wave forever on a stale cache.
+        would otherwise hold a wave forever on a stale cache. The LIST is a snapshot, and watch events may
+        have arrived after it: a cached pod newer than its LIST copy stays, a pod the cache got after the
+        snapshot stays, and a pod deleted after the snapshot does not come back.
         """
-        fresh: dict[Key, dict[str, PodView]] = {}
-        for body in bodies:
-            key = owner_key(body)
-            if key is not None:
-                view = pod_view(body)
-                fresh.setdefault(key, {})[view.name] = view
         with self._lock:
             scope = {k for k in self.pods if namespace is None or k[0] == namespace} | set(fresh)
-            changed = {k for k in scope if self.pods.get(k, {}) != fresh.get(k, {})}
+            changed: set[Key] = set()
             for key in scope:
-                if key in fresh:
-                    self.pods[key] = fresh[key]
+                ns = key[0]
+                cached = self.pods.get(key, {})
+                merged: dict[str, PodView] = {}
+                for name, (view, rv) in fresh.get(key, {}).items():
+                    deleted = self._pod_deleted.get((ns, name))
+                    if deleted is not None and (rv is None or deleted >= rv):
+                        continue
+                    known = self._pod_versions.get((ns, name))
+                    if name in cached and known is not None and rv is not None and known > rv:
+                        merged[name] = cached[name]
+                    else:
+                        merged[name] = view
+                        self._remember(ns, name, rv)
+                for name, view in cached.items():
+                    if name in merged:
+                        continue
+                    known = self._pod_versions.get((ns, name))
+                    if list_version is not None and known is not None and known > list_version:
+                        merged[name] = view  # created after the snapshot
+                    else:
+                        self._pod_versions.pop((ns, name), None)
+                if merged != cached:
+                    changed.add(key)
+                if merged:
+                    self.pods[key] = merged
                 else:
                     self.pods.pop(key, None)
+            if list_version is not None:
+                # Deletions the snapshot already shows cannot be undone by it or by a later one.
+                self._pod_deleted = {
+                    k: v
+                    for k, v in self._pod_deleted.items()
+                    if v > list_version or (namespace is not None and k[0] != namespace)
+                }
         return changed
 
     def remove_pod(self, body: Mapping[str, Any]) -> Key | None:
@@ -200,6 +257,10 @@ class Cache:
         name = str((body.get("metadata") or {}).get("name"))
         with self._lock:
             self.pods.get(key, {}).pop(name, None)
+            self._pod_versions.pop((key[0], name), None)
+            rv = _rv(body)
+            if rv is not None:
+                self._pod_deleted[(key[0], name)] = rv
         return key
 
     # -- one consistent view -------------------------------------------------------------------------------

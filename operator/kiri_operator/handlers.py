@@ -24,7 +24,7 @@ import kopf
 from kiri_operator import labels as L
 from kiri_operator import metering, metrics
 from kiri_operator.api.names import GROUP, PLURAL, VERSION
-from kiri_operator.caches import CHILD_KINDS, Cache, Key, owner_key
+from kiri_operator.caches import CHILD_KINDS, Cache, Key, PodIndex, index_pods, owner_key
 from kiri_operator.kube import RESOURCES, Kube, load_client
 from kiri_operator.planning import Settings
 from kiri_operator.queueing import WorkQueue
@@ -161,6 +161,15 @@ async def _handle(key: Key) -> float | None:
     return outcome.requeue_after
 
 
+def _relist_pods(kube: Kube, cache: Cache, namespace: str | None) -> set[Key]:
+    fresh: PodIndex = {}
+    version: int | None = None
+    for page_version, page in kube.list_pages("Pod", namespace, L.MODEL_DEPLOYMENT):
+        version = page_version
+        index_pods(page, fresh)
+    return cache.replace_pods(namespace, fresh, version)
+
+
 async def _resync(every: float) -> None:
     loop = asyncio.get_running_loop()
     while True:
@@ -171,13 +180,12 @@ async def _resync(every: float) -> None:
             scopes: list[str | None] = list(RUNTIME.config.namespaces) or [None]
             for namespace in scopes:
                 try:
-                    pods = await loop.run_in_executor(
-                        None, RUNTIME.kube.list, "Pod", namespace, L.MODEL_DEPLOYMENT
+                    stale = await loop.run_in_executor(
+                        None, _relist_pods, RUNTIME.kube, RUNTIME.cache, namespace
                     )
                 except Exception as exc:  # the watches still feed the cache; retry next resync
                     log.warning("resync: listing pods in %s failed: %s", namespace or "all namespaces", exc)
                     continue
-                stale = RUNTIME.cache.replace_pods(namespace, pods)
                 if stale:
                     log.info("resync: pod cache was stale for %d ModelDeployment(s)", len(stale))
         for key in RUNTIME.cache.md_keys():

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +60,8 @@ RESOURCES: dict[str, Resource] = {
     KIND: Resource(f"/apis/{API_VERSION}", PLURAL),
 }
 APPLY = "application/apply-patch+yaml"
+LIST_PAGE = 500
+Page = list[dict[str, Any]]
 
 
 class KubeError(RuntimeError):
@@ -146,15 +148,36 @@ class Kube:
     def list(
         self, kind: str, namespace: str | None = None, selector: str | None = None
     ) -> list[dict[str, Any]]:
-        query = {"labelSelector": selector} if selector else None
-        result = self.request("list", "GET", kind, RESOURCES[kind].path(namespace), query=query) or {}
-        items = result.get("items") or []
-        version = result.get("apiVersion", "")
-        item_kind = str(result.get("kind", "")).removesuffix("List")
-        for item in items:  # list items carry neither; the caches want them
-            item.setdefault("apiVersion", version)
-            item.setdefault("kind", item_kind)
-        return [i for i in items if isinstance(i, dict)]
+        return [item for _, page in self.list_pages(kind, namespace, selector) for item in page]
+
+    def list_pages(
+        self, kind: str, namespace: str | None = None, selector: str | None = None
+    ) -> Iterator[tuple[int | None, Page]]:
+        """A LIST in pages of LIST_PAGE objects, each with the list's resourceVersion (the snapshot all
+        pages show): one page is decoded at a time, so a fleet's pods do not need one huge response."""
+        version: int | None = None
+        token: str | None = None
+        while True:
+            query = {"limit": str(LIST_PAGE)}
+            if selector:
+                query["labelSelector"] = selector
+            if token:
+                query["continue"] = token
+            result = self.request("list", "GET", kind, RESOURCES[kind].path(namespace), query=query) or {}
+            meta = result.get("metadata") or {}
+            if version is None:
+                raw = str(meta.get("resourceVersion") or "")
+                version = int(raw) if raw.isdigit() else None
+            items = result.get("items") or []
+            api_version = result.get("apiVersion", "")
+            item_kind = str(result.get("kind", "")).removesuffix("List")
+            for item in items:  # list items carry neither; the caches want them
+                item.setdefault("apiVersion", api_version)
+                item.setdefault("kind", item_kind)
+            yield version, [i for i in items if isinstance(i, dict)]
+            token = meta.get("continue") or None
+            if not token:
+                return
 
     # -- writes ------------------------------------------------------------------------------------
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from kiri_operator import labels as L
-from kiri_operator.caches import Cache
+from kiri_operator.caches import Cache, index_pods
 from kiri_operator.queueing import WorkQueue
 
 pytestmark = pytest.mark.timeout(10)
@@ -99,9 +99,12 @@ def test_node_heartbeats_are_not_changes_but_readiness_is():
     assert cache.put_node(down)
 
 
-def _pod(name: str, ns: str, md: str, ready: bool) -> dict:
+def _pod(name: str, ns: str, md: str, ready: bool, rv: int | None = None) -> dict:
+    meta: dict = {"name": name, "namespace": ns, "labels": {L.MODEL_DEPLOYMENT: md}}
+    if rv is not None:
+        meta["resourceVersion"] = str(rv)
     return {
-        "metadata": {"name": name, "namespace": ns, "labels": {L.MODEL_DEPLOYMENT: md}},
+        "metadata": meta,
         "spec": {"nodeName": f"node-{name}"},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}]},
     }
@@ -109,15 +112,54 @@ def _pod(name: str, ns: str, md: str, ready: bool) -> dict:
 
 def test_resync_list_replaces_a_stale_pod_cache_in_its_namespace_only():
     cache = Cache()
-    cache.put_pod(_pod("a", "ns", "md", ready=False))
-    cache.put_pod(_pod("gone", "ns", "md", ready=True))
-    cache.put_pod(_pod("x", "other", "md2", ready=False))
-    # The watch missed a's readiness and gone's deletion; the LIST has both.
-    stale = cache.replace_pods("ns", [_pod("a", "ns", "md", ready=True)])
+    cache.put_pod(_pod("a", "ns", "md", ready=False, rv=10))
+    cache.put_pod(_pod("gone", "ns", "md", ready=True, rv=11))
+    cache.put_pod(_pod("x", "other", "md2", ready=False, rv=12))
+    # The watch missed a's readiness and gone's deletion; the LIST (at 20) has both.
+    stale = cache.replace_pods("ns", index_pods([_pod("a", "ns", "md", ready=True, rv=15)]), 20)
     assert stale == {("ns", "md")}
     assert {p.name: p.ready for p in cache.pods[("ns", "md")].values()} == {"a": True}
     assert cache.pods[("other", "md2")]["x"].ready is False  # another namespace is left alone
     # A LIST that matches the cache changes nothing.
-    assert cache.replace_pods("ns", [_pod("a", "ns", "md", ready=True)]) == set()
+    assert cache.replace_pods("ns", index_pods([_pod("a", "ns", "md", ready=True, rv=15)]), 21) == set()
     # A ModelDeployment whose pods are all gone is dropped from the pod cache.
-    assert cache.replace_pods("ns", []) == {("ns", "md")} and ("ns", "md") not in cache.pods
+    assert cache.replace_pods("ns", {}, 22) == {("ns", "md")} and ("ns", "md") not in cache.pods
+
+
+def test_resync_list_never_undoes_watch_events_newer_than_its_snapshot():
+    # Seen at scale: a LIST taken at 100, merged after the watch had delivered newer events, put pods
+    # back to not-Ready (and dropped new ones) until the next resync, holding their waves 30 s longer.
+    cache = Cache()
+    cache.put_pod(_pod("ready-later", "ns", "md", ready=False, rv=90))
+    cache.put_pod(_pod("ready-later", "ns", "md", ready=True, rv=105))  # watch, after the snapshot
+    cache.put_pod(_pod("created-later", "ns", "md", ready=True, rv=106))  # watch, after the snapshot
+    cache.put_pod(_pod("deleted-later", "ns", "md", ready=True, rv=95))
+    cache.remove_pod(_pod("deleted-later", "ns", "md", ready=True, rv=107))  # watch DELETED
+    cache.put_pod(_pod("missed", "ns", "md", ready=False, rv=80))  # its readiness event never came
+    snapshot = index_pods(
+        [
+            _pod("ready-later", "ns", "md", ready=False, rv=90),
+            _pod("deleted-later", "ns", "md", ready=True, rv=95),
+            _pod("missed", "ns", "md", ready=True, rv=98),
+        ]
+    )
+    stale = cache.replace_pods("ns", snapshot, 100)
+    assert {p.name: p.ready for p in cache.pods[("ns", "md")].values()} == {
+        "ready-later": True,
+        "created-later": True,
+        "missed": True,
+    }
+    assert stale == {("ns", "md")}  # only "missed" changed, and that is what the resync is for
+    # A late watch event older than what the LIST brought is ignored too.
+    cache.put_pod(_pod("missed", "ns", "md", ready=False, rv=97))
+    assert cache.pods[("ns", "md")]["missed"].ready is True
+    # The next LIST (after the deletion) no longer has the deleted pod, and its tombstone is dropped.
+    later = index_pods(
+        [
+            _pod("ready-later", "ns", "md", ready=True, rv=105),
+            _pod("created-later", "ns", "md", ready=True, rv=106),
+            _pod("missed", "ns", "md", ready=True, rv=98),
+        ]
+    )
+    assert cache.replace_pods("ns", later, 110) == set()
+    assert not cache._pod_deleted
