@@ -85,18 +85,22 @@ def _enqueue(key: Key | None, watched: bool = True) -> None:
 
 
 def _warm(kube: Kube, cache: Cache, namespace: str | None) -> None:
-    """One LIST per kind before the first reconcile, so no plan is made from a half-filled cache."""
+    """One LIST per kind before the first reconcile, so no plan is made from a half-filled cache.
+
+    Page by page: the cache keeps slim views of nodes and pods, so a fleet never sits in memory whole."""
     if not cache.nodes:
-        for node in kube.list("Node"):
-            cache.put_node(node)
+        for _, nodes in kube.list_pages("Node"):
+            for node in nodes:
+                cache.put_node(node)
     for md in kube.list(RESOURCES_KIND, namespace):
         cache.put_md(md)
     selector = f"{L.MANAGED_BY}={L.MANAGED_BY_VALUE}"
     for kind in CHILD_KINDS:
         for obj in kube.list(kind, namespace, selector):
             cache.put_child(kind, obj)
-    for pod in kube.list("Pod", namespace, L.MODEL_DEPLOYMENT):
-        cache.put_pod(pod)
+    for _, pods in kube.list_pages("Pod", namespace, L.MODEL_DEPLOYMENT):
+        for pod in pods:
+            cache.put_pod(pod)
 
 
 RESOURCES_KIND = next(k for k, r in RESOURCES.items() if r.plural == PLURAL)

@@ -163,3 +163,34 @@ def test_resync_list_never_undoes_watch_events_newer_than_its_snapshot():
     )
     assert cache.replace_pods("ns", later, 110) == set()
     assert not cache._pod_deleted
+
+
+def test_lists_are_read_in_pages_that_share_the_first_page_s_resource_version():
+    from kiri_operator.kube import LIST_PAGE, Kube
+
+    pages = {
+        None: {
+            "metadata": {"resourceVersion": "500", "continue": "t1"},
+            "items": [_pod("a", "ns", "m", True)],
+        },
+        "t1": {
+            "metadata": {"resourceVersion": "500", "continue": "t2"},
+            "items": [_pod("b", "ns", "m", True)],
+        },
+        "t2": {"metadata": {"resourceVersion": "500"}, "items": [_pod("c", "ns", "m", False)]},
+    }
+    queries: list[dict] = []
+
+    class PagedKube(Kube):
+        def request(self, verb, method, kind, path, *, query=None, **_):  # type: ignore[override]
+            queries.append(dict(query or {}))
+            return {"apiVersion": "v1", "kind": "PodList", **pages[(query or {}).get("continue")]}
+
+    kube = PagedKube(api_client=None)
+    got = list(kube.list_pages("Pod", "ns", L.MODEL_DEPLOYMENT))
+    assert [v for v, _ in got] == [500, 500, 500]
+    assert [[p["metadata"]["name"] for p in page] for _, page in got] == [["a"], ["b"], ["c"]]
+    assert all(q["limit"] == str(LIST_PAGE) and q["labelSelector"] == L.MODEL_DEPLOYMENT for q in queries)
+    assert [q.get("continue") for q in queries] == [None, "t1", "t2"]
+    flat = kube.list("Pod", "ns", L.MODEL_DEPLOYMENT)
+    assert [(p["kind"], p["metadata"]["name"]) for p in flat] == [("Pod", "a"), ("Pod", "b"), ("Pod", "c")]
