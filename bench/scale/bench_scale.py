@@ -51,6 +51,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KIRI_STATE_DIR", "/tmp/kiri-scale")
+# As the Helm chart runs the operator (helm/kiri/templates/deployment.yaml).
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 
 from tests.e2e.conftest import Cluster, start_cluster  # noqa: E402
 from tests.e2e.operator_harness import (  # noqa: E402
