@@ -113,6 +113,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.networking.error_backoffs = [1, 2, 5]
+    # kopf keeps one worker per object alive this long after its last event, holding that event's body:
+    # with a fleet's pods and nodes churning, 5 s (the default) kept thousands of bodies in memory.
+    settings.queueing.idle_timeout = 1.0
     # Filter on the server: only Kiri's children and their pods travel, not every pod of the cluster.
     for _group, _version, plural in CHILD_API.values():
         settings.watching.label_selectors[plural] = f"{L.MANAGED_BY}={L.MANAGED_BY_VALUE}"
