@@ -189,15 +189,15 @@ class Reconciler:
                     )
                 )
         stored = normalize_status(old_status or {})
-        since_write = time.monotonic() - self._status_written_at.get(key, -1e9)
+        wait = self.progress_interval - (time.monotonic() - self._status_written_at.get(key, -1e9))
         if p.status == stored:
-            pass
-        elif since_write < self.progress_interval and progress_only(stored, p.status):
+            pass  # nothing to write
+        elif wait > 0 and progress_only(stored, p.status):
             # A wave's pods turn Ready one by one: one patch per pod would be most of the operator's
             # writes at fleet scale. The figures catch up by the end of the interval, or sooner with
             # the next change that matters (the wave's last pod Ready is one: it starts the bake).
-            wait = self.progress_interval - since_write
-            outcome.requeue_after = min(outcome.requeue_after or wait, wait)
+            asked = outcome.requeue_after
+            outcome.requeue_after = wait if asked is None else min(asked, wait)
             outcome.status_deferred = True
         else:
             try:
