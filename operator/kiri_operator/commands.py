@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 
 def _operator(args: argparse.Namespace) -> int:
+    # kopf imports the kubernetes client only to recognise its types, Kiri talks httpx: ~10 MiB less RSS.
+    sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
     from kiri_operator import handlers
     from kiri_operator.planning import Settings
 
@@ -102,7 +104,8 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from kiri_operator.kube import Kube, KubeError, load_client
+    from kiri_operator.credentials import CredentialsError
+    from kiri_operator.kube import Kube, KubeError
     from kiri_runtime.manifests import dumps, load
 
     try:
@@ -111,10 +114,11 @@ def _publish(args: argparse.Namespace) -> int:
         print(f"kiri publish-manifest: cannot read {args.manifest}: {exc}", file=sys.stderr)
         return 2
     try:
-        Kube(load_client(args.kubeconfig)).publish_manifest(
-            args.namespace, args.name, dumps(manifest), args.compression, args.owner_name, args.owner_uid
-        )
-    except KubeError as exc:
+        with Kube.connect(args.kubeconfig) as kube:
+            kube.publish_manifest(
+                args.namespace, args.name, dumps(manifest), args.compression, args.owner_name, args.owner_uid
+            )
+    except (CredentialsError, KubeError) as exc:
         print(f"kiri publish-manifest: {exc}", file=sys.stderr)
         return 1
     print(f"published {args.namespace}/{args.name}")

@@ -44,7 +44,8 @@ def configmap(
 def _publish(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from kiri_operator.kube import Kube, KubeError, load_client
+    from kiri_operator.credentials import CredentialsError
+    from kiri_operator.kube import Kube, KubeError
     from kiri_runtime.learning.rounds import RoundRecord
 
     try:
@@ -58,10 +59,11 @@ def _publish(args: argparse.Namespace) -> int:
         print(f"kiri publish-round: {args.record} is round {record.round}, not {args.round}", file=sys.stderr)
         return 2
     try:
-        Kube(load_client(args.kubeconfig)).apply(
-            configmap(args.namespace, args.name, text, record.round, args.owner_name, args.owner_uid)
-        )
-    except KubeError as exc:
+        with Kube.connect(args.kubeconfig) as kube:
+            kube.apply(
+                configmap(args.namespace, args.name, text, record.round, args.owner_name, args.owner_uid)
+            )
+    except (CredentialsError, KubeError) as exc:
         print(f"kiri publish-round: {exc}", file=sys.stderr)
         return 1
     print(f"published {args.namespace}/{args.name} (round {record.round}: {record.status})")

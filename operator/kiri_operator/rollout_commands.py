@@ -9,12 +9,16 @@ which GitOps owns, is never touched. `status` renders the rollout as a tree, in 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kiri_operator.credentials import Credentials
 
 ICONS = {
     "Healthy": "✔",
@@ -246,21 +250,29 @@ def _pod_state(pod: Mapping[str, Any] | None) -> str:
 # --- handlers (I/O) -----------------------------------------------------------------------------------
 
 
-def _kube(args: argparse.Namespace) -> Any:
-    from kiri_operator.kube import Kube, load_client
+@functools.cache
+def _credentials(kubeconfig: str | None) -> Credentials:
+    """Loaded once per process: the namespace and the connection both need them, and an exec plugin
+    should run once."""
+    from kiri_operator import credentials
 
-    return Kube(load_client(args.kubeconfig))
+    return credentials.load(kubeconfig)
+
+
+def _kube(args: argparse.Namespace) -> Any:
+    from kiri_operator.kube import Kube, http_client
+
+    return Kube(http_client(_credentials(args.kubeconfig)))
 
 
 def _namespace(args: argparse.Namespace) -> str:
     if args.namespace:
         return str(args.namespace)
-    try:
-        from kubernetes import config
+    from kiri_operator.credentials import CredentialsError
 
-        _, active = config.list_kube_config_contexts(config_file=args.kubeconfig)  # type: ignore[no-untyped-call]
-        return str((active or {}).get("context", {}).get("namespace") or "default")
-    except Exception:  # no kubeconfig: the error comes, clearer, from the client below
+    try:
+        return str(_credentials(args.kubeconfig).default_namespace or "default")
+    except CredentialsError:  # the same error comes again, reported, from _kube
         return "default"
 
 
@@ -271,12 +283,13 @@ def _fail(message: str) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     from kiri_operator.api.names import KIND
+    from kiri_operator.credentials import CredentialsError
     from kiri_operator.kube import KubeError
 
     try:
         kube = _kube(args)
         items = kube.list(KIND, None if args.all_namespaces else _namespace(args))
-    except KubeError as exc:
+    except (CredentialsError, KubeError) as exc:
         return _fail(str(exc))
     print(render_list(items, datetime.now(UTC), namespaces=args.all_namespaces))
     return 0
@@ -284,10 +297,14 @@ def _get(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from kiri_operator.api.names import KIND
+    from kiri_operator.credentials import CredentialsError
     from kiri_operator.kube import KubeError
 
     namespace = _namespace(args)
-    kube = _kube(args)
+    try:
+        kube = _kube(args)
+    except CredentialsError as exc:
+        return _fail(str(exc))
     while True:
         try:
             md = kube.get(KIND, namespace, args.name)
@@ -311,10 +328,14 @@ def _status(args: argparse.Namespace) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     from kiri_operator.api.names import KIND
+    from kiri_operator.credentials import CredentialsError
     from kiri_operator.kube import RESOURCES, KubeError
 
     namespace = _namespace(args)
-    kube = _kube(args)
+    try:
+        kube = _kube(args)
+    except CredentialsError as exc:
+        return _fail(str(exc))
     try:
         md = kube.get(KIND, namespace, args.name)
         if md is None:

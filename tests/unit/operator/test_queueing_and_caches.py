@@ -186,7 +186,7 @@ def test_lists_are_read_in_pages_that_share_the_first_page_s_resource_version():
             queries.append(dict(query or {}))
             return {"apiVersion": "v1", "kind": "PodList", **pages[(query or {}).get("continue")]}
 
-    kube = PagedKube(api_client=None)
+    kube = PagedKube()
     got = list(kube.list_pages("Pod", "ns", L.MODEL_DEPLOYMENT))
     assert [v for v, _ in got] == [500, 500, 500]
     assert [[p["metadata"]["name"] for p in page] for _, page in got] == [["a"], ["b"], ["c"]]

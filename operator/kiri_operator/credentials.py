@@ -1,0 +1,545 @@
+"""Where Kiri's API credentials come from: the pod's service account, or a kubeconfig as kubectl reads it.
+
+Why not the official client's loader: importing `kubernetes` costs the operator about 10 MiB of resident
+memory for what is a few hundred lines of parsing. This module reads what kubectl reads (KUBECONFIG files
+merged, the current context, token files, client certificates, exec credential plugins) and the result
+feeds both kopf's login (the watches) and `kube.Kube` (the writes), so both talk to the same server as the
+same user.
+
+No message or repr here contains a token, password or key: these errors end up in logs and terminals.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import ssl
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DEFAULT_KUBECONFIG = "~/.kube/config"
+# Projected service-account tokens rotate (kubelet rewrites the file well before expiry); re-reading once
+# a minute is what client-go does.
+TOKEN_REREAD_SECONDS = 60.0
+# An exec credential is renewed this long before it expires, so a request sent just before the expiry
+# does not reach the server just after it.
+EXPIRY_MARGIN = timedelta(seconds=10)
+EXEC_TIMEOUT_SECONDS = 60.0
+EXEC_API_VERSION = "client.authentication.k8s.io/v1"
+
+
+class CredentialsError(ValueError):
+    """A service account or kubeconfig Kiri cannot use; the message names the file and the context."""
+
+
+@dataclass(frozen=True)
+class ExecPlugin:
+    """A kubeconfig user's `exec` credential plugin: a command that prints an ExecCredential."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    # Plugins are often given secrets through their environment.
+    env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    api_version: str = EXEC_API_VERSION
+    cluster_json: str | None = field(default=None, repr=False)
+    """The cluster as `spec.cluster` of KUBERNETES_EXEC_INFO, when the user asks for provideClusterInfo."""
+    install_hint: str | None = None
+    where: str = ""
+    """Which user of which kubeconfig, for messages."""
+
+    def run(self) -> Issued:
+        spec: dict[str, Any] = {"interactive": False}
+        if self.cluster_json is not None:
+            spec["cluster"] = json.loads(self.cluster_json)
+        info = {"apiVersion": self.api_version, "kind": "ExecCredential", "spec": spec}
+        env = {**os.environ, **dict(self.env), "KUBERNETES_EXEC_INFO": json.dumps(info)}
+        name = f"exec plugin {self.command!r} of {self.where}"
+        try:
+            # stderr is left to the operator's own: plugins explain their failures there, as with kubectl.
+            done = subprocess.run(
+                [self.command, *self.args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                timeout=EXEC_TIMEOUT_SECONDS,
+                check=False,
+            )
+        except FileNotFoundError as exc:
+            hint = f" ({self.install_hint.strip()})" if self.install_hint else ""
+            raise CredentialsError(f"{name} is not installed or not on PATH{hint}") from exc
+        except OSError as exc:
+            raise CredentialsError(f"{name} cannot be run: {exc.strerror or exc}") from exc
+        except subprocess.TimeoutExpired as exc:
+            raise CredentialsError(f"{name} did not finish in {EXEC_TIMEOUT_SECONDS:.0f} s") from exc
+        if done.returncode != 0:
+            raise CredentialsError(f"{name} exited with status {done.returncode}")
+        try:
+            doc = json.loads(done.stdout)
+        except ValueError as exc:
+            raise CredentialsError(f"{name} did not print an ExecCredential as JSON") from exc
+        status = doc.get("status") if isinstance(doc, dict) else None
+        if not isinstance(doc, dict) or doc.get("kind") != "ExecCredential" or not isinstance(status, dict):
+            raise CredentialsError(f"{name} did not print an ExecCredential with a status")
+        token = status.get("token")
+        cert = status.get("clientCertificateData")
+        key = status.get("clientKeyData")
+        if not (isinstance(token, str) and token) and not (isinstance(cert, str) and isinstance(key, str)):
+            raise CredentialsError(f"{name} gave neither a token nor a client certificate and key")
+        expires = status.get("expirationTimestamp")
+        expiration: datetime | None = None
+        if expires:
+            try:
+                expiration = datetime.fromisoformat(str(expires))
+            except ValueError as exc:
+                raise CredentialsError(f"{name} gave an expirationTimestamp that is not RFC 3339") from exc
+            if expiration.tzinfo is None:
+                expiration = expiration.replace(tzinfo=UTC)
+        return Issued(
+            token=token if isinstance(token, str) and token else None,
+            certificate_data=cert.encode() if isinstance(cert, str) and isinstance(key, str) else None,
+            private_key_data=key.encode() if isinstance(cert, str) and isinstance(key, str) else None,
+            expiration=expiration,
+        )
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What one run of an exec plugin gave."""
+
+    token: str | None = field(default=None, repr=False)
+    certificate_data: bytes | None = field(default=None, repr=False)
+    private_key_data: bytes | None = field(default=None, repr=False)
+    expiration: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How to reach one API server as one user. PEM data is kept as bytes, as read or decoded."""
+
+    server: str
+    ca_data: bytes | None = field(default=None, repr=False)
+    ca_path: str | None = None
+    insecure: bool = False
+    token: str | None = field(default=None, repr=False)
+    token_path: str | None = None
+    """Where `token` was read from; re-read at most once a minute, and after a 401."""
+    certificate_data: bytes | None = field(default=None, repr=False)
+    private_key_data: bytes | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    default_namespace: str | None = None
+    proxy_url: str | None = None
+    exec_plugin: ExecPlugin | None = None
+    expiration: datetime | None = None
+    """When the exec plugin's credential expires (None: until the server refuses it)."""
+    origin: str = ""
+    """Where these came from, for messages: the service account, or a context of a kubeconfig."""
+    read_at: float = field(default=0.0, compare=False)
+    """time.monotonic() when the token file was last read or the exec plugin last run."""
+
+    @property
+    def refreshable(self) -> bool:
+        return self.token_path is not None or self.exec_plugin is not None
+
+    def stale(self, now: float | None = None) -> bool:
+        if self.exec_plugin is not None:
+            return self.expiration is not None and datetime.now(UTC) >= self.expiration - EXPIRY_MARGIN
+        if self.token_path is not None:
+            return (time.monotonic() if now is None else now) - self.read_at >= TOKEN_REREAD_SECONDS
+        return False
+
+    def refreshed(self) -> Credentials:
+        """The same credentials with the exec plugin run again, or the token file read again."""
+        if self.exec_plugin is not None:
+            issued = self.exec_plugin.run()
+            return replace(
+                self,
+                token=issued.token,
+                certificate_data=issued.certificate_data or self.certificate_data,
+                private_key_data=issued.private_key_data or self.private_key_data,
+                expiration=issued.expiration,
+                read_at=time.monotonic(),
+            )
+        if self.token_path is not None:
+            return replace(
+                self, token=_read_token(Path(self.token_path), self.origin), read_at=time.monotonic()
+            )
+        return self
+
+    def current(self) -> Credentials:
+        return self.refreshed() if self.stale() else self
+
+    def authorization(self) -> str | None:
+        """The Authorization header's value: the bearer token, else basic auth, else none."""
+        if self.token:
+            return f"Bearer {self.token}"
+        if self.username is not None and self.password is not None:
+            pair = f"{self.username}:{self.password}".encode()
+            return "Basic " + base64.b64encode(pair).decode("ascii")
+        return None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Server verification from the CA (or the system's), and the client certificate if there is one."""
+        try:
+            context = ssl.create_default_context(
+                cafile=self.ca_path,
+                # `cadata` as str is PEM; as bytes it would be taken for DER.
+                cadata=self.ca_data.decode("ascii") if self.ca_data else None,
+            )
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise CredentialsError(
+                f"the certificate authority of {self.origin} does not load: {exc}"
+            ) from exc
+        if self.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        self.load_client_certificate(context)
+        return context
+
+    def load_client_certificate(self, context: ssl.SSLContext) -> None:
+        """Loads (or replaces, when an exec plugin issued a new one) the client certificate of `context`."""
+        if not (self.certificate_data and self.private_key_data):
+            return
+        try:
+            with _pem_file(self.certificate_data) as cert, _pem_file(self.private_key_data) as key:
+                context.load_cert_chain(cert, key)
+        except (OSError, ValueError) as exc:
+            # ssl's reason ("PEM lib", "KEY_VALUES_MISMATCH") says what is wrong without quoting the key.
+            reason = getattr(exc, "reason", None) or type(exc).__name__
+            raise CredentialsError(
+                f"the client certificate and key of {self.origin} do not load: {reason}"
+            ) from exc
+
+
+@contextlib.contextmanager
+def _pem_file(data: bytes) -> Iterator[str]:
+    """A path ssl can read `data` from, for as long as the block runs.
+
+    ssl loads certificate chains from files only. An anonymous in-memory file (Linux) keeps the key off
+    any disk and works on a read-only root filesystem; elsewhere, a file in a private temporary directory
+    that is removed once loaded."""
+    memfd: int | None = None
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # e.g. refused by a seccomp profile
+            memfd = os.memfd_create("kiri-pem", getattr(os, "MFD_CLOEXEC", 0))
+    if memfd is not None:
+        try:
+            with os.fdopen(os.dup(memfd), "wb") as f:
+                f.write(data)
+            yield f"/proc/self/fd/{memfd}"
+        finally:
+            os.close(memfd)
+        return
+    with tempfile.TemporaryDirectory(prefix="kiri-") as directory:  # created 0700
+        path = os.path.join(directory, "pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        yield path
+
+
+# --- loaders ---------------------------------------------------------------------------------------------
+
+
+def load(kubeconfig: str | None = None) -> Credentials:
+    """The pod's service account when running in a cluster and no kubeconfig is named, else the kubeconfig
+    (`kubeconfig`, else KUBECONFIG, else ~/.kube/config)."""
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return in_cluster()
+    return from_kubeconfig(kubeconfig)
+
+
+def in_cluster(
+    directory: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Credentials:
+    """The pod's service account (`directory`, else SERVICE_ACCOUNT_DIR) and the API server's service."""
+    env = os.environ if environ is None else environ
+    host, port = env.get("KUBERNETES_SERVICE_HOST"), env.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        raise CredentialsError(
+            "not running in a cluster: KUBERNETES_SERVICE_HOST and KUBERNETES_SERVICE_PORT are not both set"
+        )
+    if ":" in host and not host.startswith("["):  # an IPv6 address
+        host = f"[{host}]"
+    base = Path(SERVICE_ACCOUNT_DIR if directory is None else directory)
+    origin = f"the service account in {base}"
+    token_path = base / "token"
+    token = _read_token(token_path, origin)
+    ca = base / "ca.crt"
+    if not ca.is_file():
+        raise CredentialsError(f"{origin} has no CA certificate: {ca} is missing")
+    namespace: str | None = None
+    with contextlib.suppress(OSError):
+        namespace = (base / "namespace").read_text(encoding="utf-8").strip() or None
+    return Credentials(
+        server=f"https://{host}:{port}",
+        ca_path=str(ca),
+        token=token,
+        token_path=str(token_path),
+        default_namespace=namespace,
+        origin=origin,
+        read_at=time.monotonic(),
+    )
+
+
+def _read_token(path: Path, origin: str) -> str:
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise CredentialsError(f"{origin}: cannot read the token file {path}: {exc.strerror or exc}") from exc
+    if not token:
+        raise CredentialsError(f"{origin}: the token file {path} is empty")
+    return token
+
+
+@dataclass
+class _Entry:
+    """A named context, cluster or user, with the file it came from (relative paths are resolved there)."""
+
+    body: dict[str, Any]
+    file: Path
+
+
+@dataclass
+class _Merged:
+    files: list[Path]
+    current_context: str | None = None
+    contexts: dict[str, _Entry] = field(default_factory=dict)
+    clusters: dict[str, _Entry] = field(default_factory=dict)
+    users: dict[str, _Entry] = field(default_factory=dict)
+
+    @property
+    def named(self) -> str:
+        return "kubeconfig " + os.pathsep.join(str(f) for f in self.files)
+
+
+def from_kubeconfig(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Credentials:
+    """The current context of a kubeconfig. `path` (else KUBECONFIG, else ~/.kube/config) may list several
+    files separated by os.pathsep: they are merged as kubectl does, the first file to set a value wins."""
+    env = os.environ if environ is None else environ
+    merged = _merge(_kubeconfig_files(path, env))
+    current = merged.current_context
+    if not current:
+        raise CredentialsError(
+            f"{merged.named} has no current-context: choose one with `kubectl config use-context NAME`"
+        )
+    if current not in merged.contexts:
+        raise CredentialsError(f"{merged.named}: the current-context {current!r} is not among its contexts")
+    context = merged.contexts[current]
+    where = f"context {current!r} of {context.file}"
+    cluster_name, user_name = context.body.get("cluster"), context.body.get("user")
+    if not isinstance(cluster_name, str) or cluster_name not in merged.clusters:
+        raise CredentialsError(f"{merged.named}: the cluster {cluster_name!r} of {where} is not defined")
+    user = _Entry({}, context.file)
+    if user_name:
+        if not isinstance(user_name, str) or user_name not in merged.users:
+            raise CredentialsError(f"{merged.named}: the user {user_name!r} of {where} is not defined")
+        user = merged.users[user_name]
+    namespace = context.body.get("namespace")
+    return _credentials(
+        merged.clusters[cluster_name],
+        cluster_name,
+        user,
+        str(user_name or ""),
+        where,
+        namespace if isinstance(namespace, str) and namespace else None,
+    )
+
+
+def _kubeconfig_files(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> list[Path]:
+    spec = os.fspath(path) if path is not None else env.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    named = [Path(p.strip()).expanduser() for p in spec.split(os.pathsep) if p.strip()]
+    if not named:
+        named = [Path(DEFAULT_KUBECONFIG).expanduser()]
+    # As kubectl: files of a list that do not exist are skipped, but one of them must.
+    present = [p for p in named if p.exists()]
+    if not present:
+        which = " nor ".join(str(p) for p in named)
+        raise CredentialsError(f"kubeconfig {which} does not exist")
+    return present
+
+
+def _merge(files: list[Path]) -> _Merged:
+    merged = _Merged(files)
+    for file in files:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise CredentialsError(f"kubeconfig {file} cannot be read: {exc.strerror or exc}") from exc
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            # Only the problem and its place: the YAML error's own text quotes the offending line.
+            mark = getattr(exc, "problem_mark", None)
+            place = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "malformed"
+            raise CredentialsError(f"kubeconfig {file} is not valid YAML: {problem}{place}") from exc
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise CredentialsError(f"kubeconfig {file} is not a mapping")
+        current = doc.get("current-context")
+        if merged.current_context is None and isinstance(current, str) and current:
+            merged.current_context = current
+        for section, item_key, into in (
+            ("contexts", "context", merged.contexts),
+            ("clusters", "cluster", merged.clusters),
+            ("users", "user", merged.users),
+        ):
+            items = doc.get(section) or []
+            if not isinstance(items, list):
+                raise CredentialsError(f"kubeconfig {file}: {section} is not a list")
+            for item in items:
+                name = item.get("name") if isinstance(item, dict) else None
+                body = item.get(item_key) if isinstance(item, dict) else None
+                if not isinstance(name, str) or not name:
+                    raise CredentialsError(f"kubeconfig {file}: an entry of {section} has no name")
+                if body is not None and not isinstance(body, dict):
+                    raise CredentialsError(f"kubeconfig {file}: {item_key} {name!r} is not a mapping")
+                into.setdefault(name, _Entry(body or {}, file))
+    return merged
+
+
+def _credentials(
+    cluster: _Entry, cluster_name: str, user: _Entry, user_name: str, where: str, namespace: str | None
+) -> Credentials:
+    c, u = cluster.body, user.body
+    cluster_where = f"cluster {cluster_name!r} in {cluster.file}"
+    user_where = f"user {user_name!r} in {user.file}"
+    server = c.get("server")
+    if not isinstance(server, str) or not server:
+        raise CredentialsError(f"{cluster_where} has no server")
+    if "auth-provider" in u:
+        provider = u["auth-provider"].get("name") if isinstance(u["auth-provider"], dict) else None
+        raise CredentialsError(
+            f"{user_where} (of {where}) uses the legacy auth-provider {provider!r}, which Kiri does not "
+            "support: switch the user to an exec credential plugin (for example gke-gcloud-auth-plugin, "
+            "kubelogin or `aws eks get-token`)"
+        )
+    ca_data = _b64(c.get("certificate-authority-data"), "certificate-authority-data", cluster_where)
+    ca_path = None if ca_data else _path(c.get("certificate-authority"), cluster.file, cluster_where)
+    cert = _b64(u.get("client-certificate-data"), "client-certificate-data", user_where) or _file(
+        u.get("client-certificate"), user.file, user_where
+    )
+    key = _b64(u.get("client-key-data"), "client-key-data", user_where) or _file(
+        u.get("client-key"), user.file, user_where
+    )
+    if bool(cert) != bool(key):
+        raise CredentialsError(f"{user_where} has a client certificate without its key, or a key without one")
+    token = u.get("token") if isinstance(u.get("token"), str) and u.get("token") else None
+    token_path = None
+    if token is None and u.get("tokenFile"):
+        token_path = _path(u.get("tokenFile"), user.file, user_where)
+        assert token_path is not None
+        token = _read_token(Path(token_path), user_where)
+    username, password = u.get("username"), u.get("password")
+    proxy = c.get("proxy-url")
+    credentials = Credentials(
+        server=server,
+        ca_data=ca_data,
+        ca_path=ca_path,
+        insecure=bool(c.get("insecure-skip-tls-verify", False)),
+        token=token,
+        token_path=token_path,
+        certificate_data=cert,
+        private_key_data=key,
+        username=str(username) if username is not None else None,
+        password=str(password) if password is not None else None,
+        default_namespace=namespace,
+        proxy_url=proxy if isinstance(proxy, str) and proxy else None,
+        exec_plugin=_exec_plugin(u.get("exec"), user.file, user_where, c, ca_data, ca_path),
+        origin=where,
+        read_at=time.monotonic(),
+    )
+    return credentials.refreshed() if credentials.exec_plugin is not None else credentials
+
+
+def _exec_plugin(
+    spec: Any, file: Path, where: str, cluster: Mapping[str, Any], ca_data: bytes | None, ca_path: str | None
+) -> ExecPlugin | None:
+    if not spec:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("command"), str) or not spec["command"]:
+        raise CredentialsError(f"{where}: exec has no command")
+    command: str = spec["command"]
+    # As kubectl: a relative command with a directory part is relative to the kubeconfig, not the cwd.
+    if os.sep in command and not os.path.isabs(command):
+        command = str(file.parent / command)
+    env: list[tuple[str, str]] = []
+    for item in spec.get("env") or []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise CredentialsError(f"{where}: an exec env entry has no name")
+        env.append((item["name"], str(item.get("value", ""))))
+    cluster_json = None
+    if spec.get("provideClusterInfo"):
+        ca = ca_data or _file(ca_path, file, where)
+        cluster_json = json.dumps(_exec_cluster_info(cluster, ca))
+    hint = spec.get("installHint")
+    return ExecPlugin(
+        command=command,
+        args=tuple(str(a) for a in spec.get("args") or []),
+        env=tuple(env),
+        api_version=str(spec.get("apiVersion") or EXEC_API_VERSION),
+        cluster_json=cluster_json,
+        install_hint=hint if isinstance(hint, str) else None,
+        where=where,
+    )
+
+
+def _exec_cluster_info(cluster: Mapping[str, Any], ca_data: bytes | None) -> dict[str, Any]:
+    """`spec.cluster` of KUBERNETES_EXEC_INFO (client.authentication.k8s.io Cluster)."""
+    info: dict[str, Any] = {"server": cluster.get("server")}
+    if ca_data:
+        info["certificate-authority-data"] = base64.b64encode(ca_data).decode("ascii")
+    for key in ("tls-server-name", "insecure-skip-tls-verify", "proxy-url", "disable-compression"):
+        if cluster.get(key):
+            info[key] = cluster[key]
+    for extension in cluster.get("extensions") or []:
+        # The one extension meant for exec plugins travels as `config`.
+        if isinstance(extension, dict) and extension.get("name") == "client.authentication.k8s.io/exec":
+            info["config"] = extension.get("extension")
+    return info
+
+
+def _b64(value: Any, what: str, where: str) -> bytes | None:
+    if not value:
+        return None
+    try:
+        return base64.b64decode(str(value))
+    except (binascii.Error, ValueError) as exc:
+        raise CredentialsError(f"{what} of {where} is not base64") from exc
+
+
+def _path(value: Any, base: Path, where: str) -> str | None:
+    """A path from a kubeconfig: relative paths are relative to the kubeconfig file that holds them."""
+    if not value:
+        return None
+    path = Path(str(value)).expanduser()
+    resolved = path if path.is_absolute() else base.parent / path
+    if not resolved.is_file():
+        raise CredentialsError(f"{where}: {resolved} does not exist")
+    return str(resolved)
+
+
+def _file(value: Any, base: Path, where: str) -> bytes | None:
+    path = _path(value, base, where)
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CredentialsError(f"{where}: cannot read {path}: {exc.strerror or exc}") from exc
