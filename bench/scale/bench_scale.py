@@ -87,7 +87,7 @@ def proc_mem(pid: int) -> dict[str, float]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0]) / 1024  # kB -> MiB
     return out
 
@@ -544,6 +544,7 @@ def main() -> int:
         fleet.compress_and_publish()
         first = fleet.wait_healthy(None, 600)
         s1 = Snapshot(op)
+        first_mem = proc_mem(op.proc.pid)
         log(f"first rollout (everywhere at once): {s1.t - s0.t:.1f}s from operator start")
         time.sleep(3)  # the last status echoes and pod events settle
         s2 = Snapshot(op)
@@ -585,6 +586,10 @@ def main() -> int:
                 "setup": s1.minus(s0),
                 "operator_rss_mib": mem.get("VmRSS"),
                 "operator_peak_rss_mib": mem.get("VmHWM"),
+                # Anon is the heap Kiri can shrink; File is the interpreter's and libraries' mapped code.
+                "operator_rss_anon_mib": mem.get("RssAnon"),
+                "operator_rss_file_mib": mem.get("RssFile"),
+                "operator_rss_after_first_rollout_mib": first_mem.get("VmRSS"),
                 "operator_cpu_s_total": proc_cpu(op.proc.pid),
                 "bench_wall_s": time.monotonic() - began,
             }
@@ -647,6 +652,8 @@ def report(r: dict[str, Any]) -> None:
     )
     print(
         f"operator RSS / peak (MiB)          {fmt(r['operator_rss_mib'])} / {fmt(r['operator_peak_rss_mib'])}"
+        f" (anon {fmt(r['operator_rss_anon_mib'])}, file {fmt(r['operator_rss_file_mib'])};"
+        f" {fmt(r['operator_rss_after_first_rollout_mib'])} after the first rollout)"
     )
     print(
         f"operator CPU s: setup {r['setup']['cpu_s']:.1f}, steady {st['cpu_s']:.1f}, rollout {ro['cpu_s']:.1f}, total {r['operator_cpu_s_total']:.1f}"

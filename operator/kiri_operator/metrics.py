@@ -5,6 +5,7 @@ One registry per process, served by `serve(port)`; tests read the same counters 
 
 from __future__ import annotations
 
+import threading
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -52,14 +53,19 @@ def serve(port: int, addr: str = "0.0.0.0") -> None:
     start_http_server(port, addr=addr, registry=REGISTRY)
 
 
+# The (variant, phase) label sets each ModelDeployment has in NODES: collecting the gauge to find them cost
+# 8% of the operator's CPU at 50 ModelDeployments, since every reconcile sets its counts.
+_NODE_LABELS: dict[tuple[str, str], set[tuple[str, str]]] = {}
+_NODE_LABELS_LOCK = threading.Lock()
+
+
 def set_nodes(namespace: str, name: str, counts: dict[tuple[str, str], int]) -> None:
     """Replace the node gauges of one ModelDeployment (stale label sets are removed, not left at old values)."""
-    for metric in list(NODES.collect()):
-        for sample in metric.samples:
-            labels = sample.labels
-            if labels.get("namespace") == namespace and labels.get("modeldeployment") == name:
-                key = (labels["variant"], labels["phase"])
-                if key not in counts:
-                    NODES.remove(namespace, name, *key)
-    for (variant, phase), n in counts.items():
-        NODES.labels(namespace, name, variant, phase).set(n)
+    with _NODE_LABELS_LOCK:
+        known = _NODE_LABELS.pop((namespace, name), set())
+        for key in known - counts.keys():
+            NODES.remove(namespace, name, *key)
+        for (variant, phase), n in counts.items():
+            NODES.labels(namespace, name, variant, phase).set(n)
+        if counts:
+            _NODE_LABELS[(namespace, name)] = set(counts)
