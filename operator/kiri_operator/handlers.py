@@ -13,7 +13,6 @@ level-based, so "what happened" does not matter, only "which ModelDeployment to 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ctypes
 import ctypes.util
