@@ -174,6 +174,11 @@ class Cache:
                 objs[(kind, name)] = _slim(body)
         return key
 
+    def child(self, key: Key, kind: str, name: str) -> dict[str, Any] | None:
+        """The cached body (shared, not a copy: read it, do not change it)."""
+        with self._lock:
+            return self.children.get(key, {}).get((kind, name))
+
     def remove_child(self, kind: str, body: Mapping[str, Any]) -> Key | None:
         key = owner_key(body)
         if key is None:

@@ -305,7 +305,7 @@ def _child_handler(kind: str) -> Any:
         old = None
         if kind in STATUS_UNREAD and (owner := owner_key(body)) is not None:
             name = str((body.get("metadata") or {}).get("name"))
-            old = RUNTIME.cache.children.get(owner, {}).get((kind, name))
+            old = RUNTIME.cache.child(owner, kind, name)
         key = RUNTIME.cache.put_child(kind, body)
         if old is not None and _status_only(old, body):
             return
