@@ -89,16 +89,14 @@ main() {
   fi
   if [[ "$which" == all || "$which" == kwok ]]; then
     local kwl="-s -w -X sigs.k8s.io/kwok/pkg/consts.Version=$KWOK_VERSION"
-    local kwok_dir; kwok_dir="$(bin_dir_for kwok "$KWOK_BUILD")"
+    # The patched copy is made only when something is to be built; cached binaries need none.
+    local kwok_dir wrapper=""; kwok_dir="$(bin_dir_for kwok "$KWOK_BUILD")"
     if [[ ! -x "$kwok_dir/kwok" || ! -x "$kwok_dir/kwokctl" ]]; then
-      local wrapper; wrapper="$(kwok_patched_wrapper)"
-      BUILD_DIR="$wrapper" build kwok kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_BUILD" "$kwl"
-      BUILD_DIR="$wrapper" build kwok kwokctl sigs.k8s.io/kwok/cmd/kwokctl "$KWOK_BUILD" "$kwl"
-      rm -rf "$(dirname "$wrapper")"
-    else
-      build kwok kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_BUILD" "$kwl"
-      build kwok kwokctl sigs.k8s.io/kwok/cmd/kwokctl "$KWOK_BUILD" "$kwl"
+      wrapper="$(kwok_patched_wrapper)"
     fi
+    BUILD_DIR="$wrapper" build kwok kwok sigs.k8s.io/kwok/cmd/kwok "$KWOK_BUILD" "$kwl"
+    BUILD_DIR="$wrapper" build kwok kwokctl sigs.k8s.io/kwok/cmd/kwokctl "$KWOK_BUILD" "$kwl"
+    [[ -z "$wrapper" ]] || rm -rf "$(dirname "$wrapper")"
   fi
   if [[ "$which" == all || "$which" == helm ]]; then
     build helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
