@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from kiri_operator.conditions import Condition
+
 
 class Check(StrEnum):
     """The outcome of comparing one desired child with what is there (KServe's CheckResult)."""
@@ -41,11 +43,38 @@ class Slot:
 
 
 @dataclass
+class TierPlan:
+    """What one tier (cloud, compression, edge, learning) contributes to a plan."""
+
+    children: list[dict[str, Any]] = field(default_factory=list)
+    """Desired child objects."""
+    keep: set[tuple[str, str]] = field(default_factory=set)
+    """(kind, name) of existing children that stay as they are although not desired."""
+    conditions: list[Condition] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def add(self, other: TierPlan) -> None:
+        """Fold another tier's children, keeps, events and requeue into this one (conditions stay apart)."""
+        names = {(c["kind"], c["metadata"]["name"]) for c in self.children}
+        self.children += [c for c in other.children if (c["kind"], c["metadata"]["name"]) not in names]
+        self.keep |= other.keep
+        self.events += other.events
+        self.requeue_after = sooner(self.requeue_after, other.requeue_after)
+
+
+def sooner(a: float | None, b: float | None) -> float | None:
+    """The earlier of two requeue delays, None meaning no requeue."""
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
+
+
+@dataclass
 class Plan:
     actions: list[Action] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
-    assignment: dict[str, Slot] = field(default_factory=dict)
     requeue_after: float | None = None
     """Seconds until something time-based (a grace period, a bake) needs another look."""
 

@@ -10,9 +10,10 @@ from operator_worlds import FakeServer, cloud_node, edge_node, manifest, observe
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.conditions import Reason
-from kiri_operator.planning import WAVE_GATE_REASONS, Settings, plan
+from kiri_operator.planning import Settings, plan
 from kiri_operator.planning.building import affinity_nodes
 from kiri_operator.planning.revisions import compression_key, revision_key
+from kiri_operator.planning.status import WAVE_GATE_REASONS
 from kiri_operator.plans import Check
 
 pytestmark = pytest.mark.timeout(30)

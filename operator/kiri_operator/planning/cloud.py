@@ -1,0 +1,114 @@
+"""The cloud tier: the full model's Deployment and Service, and why it cannot run when it cannot.
+
+Also the model source check (a `pvc://` claim that is not there), because the cloud tier is the first to
+load the source and a missing claim holds every tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from kiri_operator import conditions as C
+from kiri_operator import labels as L
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.conditions import Condition, Reason
+from kiri_operator.observations import ObjectView, Observed
+from kiri_operator.planning import building as B
+from kiri_operator.planning.placing import parse_quantity, selects
+from kiri_operator.planning.settings import Settings
+from kiri_operator.plans import TierPlan
+
+GPU = "nvidia.com/gpu"
+
+
+# Each path through the planner sets the condition; this default is never stored.
+_UNDECIDED = Condition(C.CLOUD_READY, "Unknown", "", "")
+
+
+@dataclass
+class CloudPlan(TierPlan):
+    condition: Condition = _UNDECIDED
+    ready_replicas: int = 0
+    source_fault: str | None = None
+    """Why the model source cannot be read (a missing claim); it holds compression too."""
+    no_node: Condition | None = None
+    """Set when no node matches the cloud nodeSelector: the compression Job cannot run either."""
+
+
+def plan_cloud(
+    spec: ModelDeploymentSpec, observed: Observed, owner: B.Owner, settings: Settings
+) -> CloudPlan:
+    name = L.cloud_name(owner.name)
+    out = CloudPlan(source_fault=source_fault(spec, observed))
+    fault = cloud_fault(spec, observed)
+    if fault is not None and fault.reason == Reason.NO_CLOUD_NODE:
+        out.no_node = fault
+    if out.source_fault is not None or fault is not None:
+        # A child we cannot build right now stays as it is: no half-made replacement, no deletion.
+        out.keep |= {(kind, name) for kind in ("Deployment", "Service") if observed.child(kind, name)}
+        if out.source_fault is not None:
+            out.condition = Condition(C.CLOUD_READY, "False", Reason.MISSING_PVC, out.source_fault)
+        elif fault is not None:
+            out.condition = fault
+    else:
+        out.children += [B.cloud_deployment(spec, owner, settings.pod_labels), B.cloud_service(spec, owner)]
+        out.condition, out.ready_replicas = cloud_condition(spec, observed.child("Deployment", name))
+    out.conditions.append(out.condition)
+    return out
+
+
+def cloud_fault(spec: ModelDeploymentSpec, observed: Observed) -> Condition | None:
+    """Why the cloud tier cannot be scheduled at all, if it cannot."""
+    candidates = [n for n in observed.nodes if selects(spec.cloud.node_selector, n)]
+    if not candidates:
+        sel = ",".join(f"{k}={v}" for k, v in sorted(spec.cloud.node_selector.items()))
+        return Condition(
+            C.CLOUD_READY, "False", Reason.NO_CLOUD_NODE, f"no node matches the cloud nodeSelector {sel}"
+        )
+    need = spec.cloud.resources.gpu
+    if need > 0 and spec.cloud.replicas > 0:
+        fits = [n for n in candidates if (parse_quantity(n.allocatable.get(GPU, "0")) or 0) >= need]
+        if not fits:
+            most = max((parse_quantity(n.allocatable.get(GPU, "0")) or 0) for n in candidates)
+            return Condition(
+                C.CLOUD_READY,
+                "False",
+                Reason.NO_GPU_NODE,
+                f"no cloud node has {need} allocatable {GPU} (at most {most:g} among {len(candidates)} node(s))",
+            )
+    return None
+
+
+def source_fault(spec: ModelDeploymentSpec, observed: Observed) -> str | None:
+    for uri in (spec.model.source.uri, spec.edge.artifacts.uri):
+        parsed = urlparse(uri)
+        if parsed.scheme != "pvc" or observed.pvcs is None:
+            continue
+        if parsed.netloc not in observed.pvcs:
+            return f"PersistentVolumeClaim {parsed.netloc!r} (from {uri}) not found in namespace {observed.namespace}"
+    return None
+
+
+def cloud_condition(spec: ModelDeploymentSpec, deployment: ObjectView | None) -> tuple[Condition, int]:
+    if spec.cloud.replicas == 0:
+        return Condition(C.CLOUD_READY, "True", Reason.CLOUD_DISABLED, "spec.cloud.replicas is 0"), 0
+    if deployment is None:
+        return Condition(C.CLOUD_READY, "False", Reason.DEPLOYMENT_PROGRESSING, "creating the Deployment"), 0
+    status = deployment.status
+    ready = int(status.get("readyReplicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    updated = int(status.get("updatedReplicas") or 0)
+    fresh = int(status.get("observedGeneration") or 0) >= int(deployment.metadata.get("generation") or 0)
+    want = spec.cloud.replicas
+    if fresh and available >= want and updated >= want and ready >= want:
+        return Condition(
+            C.CLOUD_READY, "True", Reason.DEPLOYMENT_AVAILABLE, f"{ready}/{want} replicas ready"
+        ), ready
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("status") == "False":
+            msg = f"{ready}/{want} replicas ready: {cond.get('message', '')}"
+            return Condition(C.CLOUD_READY, "False", Reason.DEPLOYMENT_UNAVAILABLE, msg), ready
+    return Condition(
+        C.CLOUD_READY, "False", Reason.DEPLOYMENT_PROGRESSING, f"{ready}/{want} replicas ready"
+    ), ready

@@ -1,0 +1,252 @@
+"""The edge tier: which edge node runs which (revision, variant), as DaemonSets pinned to node names.
+
+Vocabulary: a *slot* is one (revision, variant) DaemonSet; the *assignment* maps node names to slots and
+is read back from the DaemonSets' node affinity; the waves behind `assign_nodes` decide how it moves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kiri_operator import conditions as C
+from kiri_operator import labels as L
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.conditions import Condition, Reason
+from kiri_operator.observations import Observed
+from kiri_operator.planning import building as B
+from kiri_operator.planning.assigning import AssignInput, Assignment, NodePod, assign_nodes
+from kiri_operator.planning.compression import CompressionPlan, manifests_to_keep
+from kiri_operator.planning.placing import Placement, place, selects
+from kiri_operator.planning.settings import Settings
+from kiri_operator.plans import Event, Slot, TierPlan
+
+# Restarts after which a not-Ready edge pod counts as failing (crash loop): roll back without waiting for
+# the progress deadline.
+CRASH_RESTARTS = 3
+
+
+def plan_edge(
+    spec: ModelDeploymentSpec,
+    observed: Observed,
+    owner: B.Owner,
+    revision: str,
+    comp: CompressionPlan,
+    settings: Settings,
+) -> EdgePlan:
+    out = _edge_rollout(spec, observed, owner, revision, comp, settings)
+    assert out.progressing is not None and out.rolled_out is not None
+    out.conditions += [out.progressing, out.rolled_out]
+    if out.rolled_back is not None:
+        out.conditions.append(out.rolled_back)
+    elif C.is_true([Condition.from_dict(c) for c in observed.status.get("conditions") or []], C.ROLLED_BACK):
+        out.conditions.append(
+            Condition(C.ROLLED_BACK, "False", "NewRevision", f"rolling out revision {revision}")
+        )
+    # Manifests stay while a DaemonSet was built from them (the rollback path) and for the history limit.
+    keys = {comp.key} | {
+        ds.labels.get(L.COMPRESSION, "")
+        for ds in observed.of_kind("DaemonSet")
+        if ds.labels.get(L.COMPRESSION)
+    }
+    out.keep |= manifests_to_keep(observed, keys, spec.rollout.revision_history_limit)
+    return out
+
+
+def current_assignment(observed: Observed) -> dict[str, Slot]:
+    out: dict[str, Slot] = {}
+    for ds in observed.of_kind("DaemonSet"):
+        revision, variant = ds.labels.get(L.REVISION), ds.labels.get(L.VARIANT)
+        if not revision or not variant or ds.deleting:
+            continue
+        for node in B.affinity_nodes(ds.body):
+            out.setdefault(node, Slot(revision, variant))
+    return out
+
+
+def edge_pods(observed: Observed) -> dict[str, NodePod]:
+    out: dict[str, NodePod] = {}
+    for pod in sorted(observed.pods, key=lambda p: (not p.ready, p.name)):
+        if pod.component != L.COMPONENT_EDGE or not pod.node or not pod.revision or not pod.variant:
+            continue
+        failed = pod.restarts >= CRASH_RESTARTS and not pod.ready
+        out.setdefault(pod.node, NodePod(pod.revision, pod.variant, pod.ready, failed))
+    return out
+
+
+@dataclass
+class EdgePlan(TierPlan):
+    progressing: Condition | None = None
+    rolled_out: Condition | None = None
+    fault: Condition | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
+    rolled_back: Condition | None = None
+    rollout: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stable_revision: str | None = None
+
+
+def _edge_rollout(
+    spec: ModelDeploymentSpec,
+    observed: Observed,
+    owner: B.Owner,
+    revision: str,
+    comp: CompressionPlan,
+    settings: Settings,
+) -> EdgePlan:
+    out = EdgePlan()
+    if not spec.edge.variants:
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", Reason.NO_EDGE_VARIANTS, "no edge variants")
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "True", Reason.NO_EDGE_VARIANTS, "no edge variants")
+        out.complete = True
+        return out
+    eligible = [n for n in observed.nodes if selects(spec.edge.node_selector, n)]
+    matching: Placement = place(spec.edge.variants, eligible)
+    verified = comp.manifest is not None and bool(comp.accepted)
+    placement = place(spec.edge.variants, eligible, comp.accepted) if verified else matching
+    current = current_assignment(observed)
+    pods = edge_pods(observed)
+    status = observed.status
+    result: Assignment = assign_nodes(
+        AssignInput(
+            rollout=spec.rollout,
+            nodes=eligible,
+            desired=placement.variants if verified else {},
+            update_revision=revision,
+            stable_revision=status.get("currentRevision")
+            if isinstance(status.get("currentRevision"), str)
+            else None,
+            verified=verified,
+            current=current,
+            pods=pods,
+            edge_status=status.get("edge") or {},
+            annotations=observed.annotations,
+            now=observed.now,
+            rollout_state=status.get("rollout") or {},
+            variant_sizes={v.name: v.size_bytes or 0 for v in comp.manifest.variants}
+            if comp.manifest
+            else {},
+            measurement=observed.measurement,
+        )
+    )
+    out.events.extend(result.events)
+    out.rollout = result.rollout
+    out.history = result.history
+    out.requeue_after = result.requeue_after
+    out.stable_revision = result.rollout.get("stableRevision")
+
+    groups: dict[Slot, list[str]] = {}
+    for node, slot in result.nodes.items():
+        groups.setdefault(slot, []).append(node)
+    existing = {
+        (ds.labels.get(L.REVISION), ds.labels.get(L.VARIANT)): ds for ds in observed.of_kind("DaemonSet")
+    }
+    for rev, variant in existing:
+        slot = Slot(rev or "", variant or "")
+        # Empty DaemonSets of the update revision go: the spec rebuilds them; older ones are the rollback path.
+        if slot not in groups and rev in result.keep_revisions and rev != revision:
+            groups[slot] = []
+    for slot, nodes in sorted(groups.items(), key=lambda kv: (kv[0].revision, kv[0].variant)):
+        if slot.revision == revision and comp.manifest is not None:
+            got = comp.manifest.variant(slot.variant)
+            if got is None or not got.uri or not got.sha256 or slot.variant not in comp.accepted:
+                continue
+            fetch_base = B.artifact_dir(spec, owner, comp.key).fetch_base
+            artifact = B.EdgeArtifact(uri=B.resolve_uri(fetch_base, got.uri), sha256=got.sha256)
+            out.children.append(
+                B.edge_daemonset(
+                    spec,
+                    owner,
+                    revision,
+                    comp.key,
+                    slot.variant,
+                    artifact,
+                    nodes,
+                    {**settings.pod_labels, **spec.edge.pod_labels},
+                )
+            )
+        else:
+            ds = existing.get((slot.revision, slot.variant))
+            if ds is not None:
+                out.children.append(B.repin_daemonset(ds.body, nodes))
+
+    n_unmatched = len(matching.unmatched)
+    target = len(eligible) - n_unmatched
+    updated = [n for n, s in result.nodes.items() if s.revision == revision]
+    ready = [n for n in updated if (p := pods.get(n)) is not None and p.ready and p.revision == revision]
+    per_variant = []
+    for v in spec.edge.variants:
+        on = [n for n in updated if result.nodes[n].variant == v.name]
+        if on:
+            rdy = [n for n in on if n in ready and pods[n].variant == v.name]
+            per_variant.append({"name": v.name, "revision": revision, "nodes": len(on), "ready": len(rdy)})
+    out.status = {
+        "targetNodes": target,
+        "updatedNodes": len(updated),
+        "readyNodes": len(ready),
+        "deferredNodes": len(result.state.get("deferredNodes", [])),
+        "unmatchedNodes": n_unmatched,
+        "stageIndex": int(result.state.get("stageIndex", 0)),
+        "perVariant": per_variant,
+    }
+    if result.state.get("stage"):
+        out.status["stage"] = result.state["stage"]
+    if result.state.get("stageStartedAt"):
+        out.status["stageStartedAt"] = result.state["stageStartedAt"]
+
+    if not eligible:
+        sel = ",".join(f"{k}={v}" for k, v in sorted(spec.edge.node_selector.items()))
+        out.fault = Condition(
+            C.EDGE_ROLLED_OUT, "False", Reason.NO_EDGE_NODES, f"no node matches the edge nodeSelector {sel}"
+        )
+    elif target == 0:
+        msg = f"no edge node matches any variant's requires ({n_unmatched} node(s) checked)"
+        out.fault = Condition(C.EDGE_ROLLED_OUT, "False", Reason.NO_MATCHING_EDGE_NODE, msg)
+    old_unmatched = (status.get("edge") or {}).get("unmatchedNodes")
+    if matching.unmatched and old_unmatched != n_unmatched:
+        names = ", ".join(matching.unmatched[:20]) + (" ..." if n_unmatched > 20 else "")
+        out.events.append(
+            Event("Warning", Reason.UNMATCHED_NODES, f"{n_unmatched} edge node(s) match no variant: {names}")
+        )
+
+    if out.fault is not None:
+        out.rolled_out = out.fault
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", out.fault.reason, out.fault.message)
+    elif result.verdict == "Waiting":
+        if comp.condition.status == "False":
+            reason, msg = comp.condition.reason, "no verified variant to roll out"
+            out.progressing = Condition(C.EDGE_PROGRESSING, "False", reason, msg)
+        else:
+            out.progressing = Condition(
+                C.EDGE_PROGRESSING, "True", Reason.WAITING_FOR_VARIANTS, result.message
+            )
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.WAITING_FOR_VARIANTS, result.message)
+    elif result.verdict == "Progressing":
+        # The wave's reason says which gate it is at: WaitingForReady, AnalysisRunning, Baking.
+        out.progressing = Condition(
+            C.EDGE_PROGRESSING, "True", result.reason or Reason.ROLLING_OUT, result.message
+        )
+        waiting = result.reason in ("", "WaitingForReady")
+        out.rolled_out = Condition(
+            C.EDGE_ROLLED_OUT,
+            "False",
+            Reason.NODES_NOT_READY if waiting else Reason.ROLLING_OUT,
+            result.message,
+        )
+    elif result.verdict in ("Holding", "Paused"):
+        # The wave's own reason (AnalysisInconclusive, Paused, WaitingForOfflineNodes, ...) is the news.
+        out.progressing = Condition(C.EDGE_PROGRESSING, "True", result.reason, result.message)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", result.reason, result.message)
+    elif result.verdict == "RolledBack":
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", C.ROLLED_BACK, result.message)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", C.ROLLED_BACK, result.message)
+        out.rolled_back = Condition(C.ROLLED_BACK, "True", result.reason, result.message)
+    else:
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", Reason.ROLLED_OUT, result.message)
+        msg = result.message
+        if n_unmatched:
+            msg += f"; {n_unmatched} node(s) match no variant"
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "True", Reason.ROLLED_OUT, msg)
+        out.complete = True
+    return out

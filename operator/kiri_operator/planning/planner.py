@@ -1,0 +1,66 @@
+"""The planner: `plan(spec, observed) -> Plan`, the tiers in the order of their dependencies.
+
+The model source and the cloud tier come first (a missing claim or cloud node holds compression), then
+compression (which gates the edge), the edge, status from all of them, and the learning loop's children.
+Pure: no Kubernetes client, no kopf, no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.observations import Observed
+from kiri_operator.planning import building as B
+from kiri_operator.planning import learning
+from kiri_operator.planning.checking import check
+from kiri_operator.planning.cloud import plan_cloud
+from kiri_operator.planning.compression import plan_compression
+from kiri_operator.planning.edge import plan_edge
+from kiri_operator.planning.revisions import compression_key, revision_key
+from kiri_operator.planning.settings import Settings
+from kiri_operator.planning.status import normalize_status, plan_status
+from kiri_operator.plans import Check, Event, Plan, TierPlan, sooner
+
+# While anything is unfinished (compressing, a wave in flight), look again at least this often.
+UNFINISHED_REQUEUE_SECONDS = 30.0
+
+
+def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | None = None) -> Plan:
+    settings = settings or Settings()
+    owner = B.Owner(observed.name, observed.namespace, observed.uid)
+    # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
+    espec = learning.effective_spec(spec, observed.status.get("learning"))
+    ckey = compression_key(espec, spec.edge.artifacts.uri)
+    revision = revision_key(espec, spec.edge.artifacts.uri, dict(settings.pod_labels) or None)
+
+    cloud = plan_cloud(spec, observed, owner, settings)
+    comp = plan_compression(espec, observed, owner, ckey, cloud, settings)
+    edge = plan_edge(espec, observed, owner, revision, comp, settings)
+    status = plan_status(spec, observed, revision, cloud, comp, edge)
+
+    whole = TierPlan()
+    for tier in (cloud, comp, edge):
+        whole.add(tier)
+    whole.events = status.events
+    if spec.learning is not None:
+        sizes = (
+            {v.name: v.size_bytes for v in comp.manifest.accepted() if v.size_bytes} if comp.manifest else {}
+        )
+        lp = learning.plan_learning(spec, observed, owner, variant_sizes=sizes)
+        if lp.status is not None:
+            status.status["learning"] = lp.status
+        whole.add(
+            TierPlan(children=lp.children, keep=lp.keep, events=lp.events, requeue_after=lp.requeue_after)
+        )
+
+    actions = check(whole.children, observed, whole.keep)
+    for action in actions:
+        if action.check is Check.CREATE:
+            whole.events.append(Event("Normal", "Created", f"created {action.kind} {action.name}"))
+        elif action.check is Check.DELETE:
+            whole.events.append(Event("Normal", "Deleted", f"deleted {action.kind} {action.name}"))
+    requeue = whole.requeue_after
+    if comp.unknown or not status.ready:
+        requeue = sooner(requeue, UNFINISHED_REQUEUE_SECONDS)
+    return Plan(
+        actions=actions, status=normalize_status(status.status), events=whole.events, requeue_after=requeue
+    )
