@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final, Literal
+
+from kiri_operator.api.scalars import format_time, parse_time
 
 Status = Literal["True", "False", "Unknown"]
 
@@ -119,16 +121,6 @@ class Condition:
         if self.type in NEGATIVE_POLARITY:
             return self.status == "True"
         return self.status == "False"
-
-
-def format_time(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(value: str) -> datetime:
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def get(conditions: Iterable[Condition], type_: str) -> Condition | None:

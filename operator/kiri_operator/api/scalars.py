@@ -121,15 +121,25 @@ IntOrPercent = Annotated[
 ]
 
 
-def _format_time(value: datetime) -> str:
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+"""metav1.Time on the wire: RFC 3339 in UTC, second precision. Kiri's one time codec is the two functions below."""
+
+
+def format_time(value: datetime) -> str:
+    """A time as the API stores it; a naive time is taken as UTC."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return value.astimezone(UTC).strftime(TIME_FORMAT)
+
+
+def parse_time(value: str) -> datetime:
+    """The inverse of `format_time` (ValueError on anything else)."""
+    return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=UTC)
 
 
 Timestamp = Annotated[
     datetime,
-    PlainSerializer(_format_time, return_type=str),
+    PlainSerializer(format_time, return_type=str),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 """RFC 3339 in UTC with second precision, the metav1.Time wire format."""

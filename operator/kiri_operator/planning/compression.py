@@ -13,6 +13,7 @@ from typing import Any
 
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
+from kiri_operator.api.scalars import parse_time
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import ManifestView, ObjectView, Observed
@@ -115,7 +116,7 @@ def _seconds_since(stamp: str | None, now: datetime) -> float:
     if not stamp:
         return 0.0
     try:
-        return (now - C.parse_time(stamp)).total_seconds()
+        return (now - parse_time(stamp)).total_seconds()
     except ValueError:
         return 0.0
 

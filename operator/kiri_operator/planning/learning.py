@@ -25,8 +25,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from kiri_operator import conditions as C
 from kiri_operator import labels as L
+from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import LearningSpec, ModelDeploymentSpec, ModelSource
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
@@ -384,7 +384,7 @@ def plan_learning(
                 status["activeRound"] = n
             out.requeue_after = 30.0
         else:
-            status["nextRoundAt"] = C.format_time(due)
+            status["nextRoundAt"] = format_time(due)
             out.requeue_after = max(1.0, (due - now).total_seconds())
 
     # -- update policy on the newest accepted round -----------------------------------------------------
@@ -430,19 +430,19 @@ def plan_learning(
                 "round": candidate.round,
                 "uri": weights_uri(spec, owner, candidate.round),
                 "sha256": candidate.model.sha256,
-                "adoptedAt": C.format_time(now),
+                "adoptedAt": format_time(now),
             }
             downloads += [Download(site, b, now) for site, b in bytes_per_site.items() if b > 0]
             out.events.append(
                 Event("Normal", "LearnedModelAdopted", f"round {candidate.round}: {verdict.reason}")
             )
-            update["time"] = C.format_time(now)
+            update["time"] = format_time(now)
         elif old_update.get("round") == candidate.round and old_update.get("reason") == verdict.reason:
             update = dict(
                 old_update
             )  # the same verdict keeps its time and retry: steady state writes nothing
         else:
-            update["time"] = C.format_time(now)
+            update["time"] = format_time(now)
             out.events.append(
                 Event("Normal", "LearnedModelDeferred", f"round {candidate.round}: {verdict.reason}")
             )
@@ -453,7 +453,7 @@ def plan_learning(
         status["model"] = adopted
     if downloads:
         status["downloads"] = [
-            {"site": d.site, "bytes": d.bytes, "time": C.format_time(d.time)} for d in downloads
+            {"site": d.site, "bytes": d.bytes, "time": format_time(d.time)} for d in downloads
         ]
     out.status = status
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kiri_operator import conditions as C
+from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.api.statuses import ModelDeploymentStatus
 from kiri_operator.conditions import Condition, Reason
@@ -93,7 +94,7 @@ def plan_status(
                 "modelVersion": spec.model.version,
                 "outcome": "Promoted",
                 "reason": Reason.ROLLED_OUT,
-                "time": C.format_time(observed.now),
+                "time": format_time(observed.now),
             }
         )
         # Promoted says what Ready turning True would: one Event, not two.
