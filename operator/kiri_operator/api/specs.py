@@ -5,6 +5,10 @@ once here: ranges and enums become OpenAPI, cross-field rules are CEL in `x-kube
 are mirrored by a pydantic validator so unit tests and the operator see the same verdict as the API
 server. List sizes are bounded (`max_length`) because the API server rejects CEL rules whose worst-case
 cost is unbounded.
+
+Why one module: it is the spec's schema, read top to bottom as the CRD is (model, cloud, edge, rollout,
+learning, then the root with its cross-field rules); the tiers' models refer to shared pieces and to each
+other's limits, and the root's CEL rules name fields of every tier.
 """
 
 from __future__ import annotations
