@@ -99,6 +99,7 @@ def sites(spec: ModelDeploymentSpec, observed: Observed) -> list[str]:
 
 
 def _parse_time(text: str | None) -> datetime | None:
+    # Not `api.scalars.parse_time`: a round record's times are the aggregator's (`isoformat`, "+00:00").
     if not text:
         return None
     try:
