@@ -19,16 +19,6 @@ from kiri_operator import labels as L
 from kiri_operator.observations import NodeView, ObjectView, Observed, PodView, Taint
 
 Key = tuple[str, str]  # (namespace, modeldeployment name)
-CHILD_KINDS = (
-    "Deployment",
-    "Service",
-    "Job",
-    "DaemonSet",
-    "ConfigMap",
-    "ServiceAccount",
-    "Role",
-    "RoleBinding",
-)
 
 
 def _rv(body: Mapping[str, Any]) -> int | None:
@@ -258,6 +248,11 @@ class Cache:
                     if v > list_version or (namespace is not None and k[0] != namespace)
                 }
         return changed
+
+    def tombstones(self) -> dict[tuple[str, str], int]:
+        """(namespace, pod) -> resourceVersion of the pod deletions a resync LIST must not undo."""
+        with self._lock:
+            return dict(self._pod_deleted)
 
     def remove_pod(self, body: Mapping[str, Any]) -> Key | None:
         key = owner_key(body)

@@ -78,6 +78,7 @@ def _operator(args: argparse.Namespace) -> int:
     # kopf imports the kubernetes client only to recognise its types, Kiri talks httpx: ~10 MiB less RSS.
     sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
     from kiri_operator import handlers
+    from kiri_operator.memos import Config
     from kiri_operator.planning import Settings
 
     logging.basicConfig(
@@ -87,7 +88,7 @@ def _operator(args: argparse.Namespace) -> int:
     )
     # kopf logs every handled watch event at INFO; with a fleet of nodes that drowns Kiri's own lines.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    config = handlers.Config(
+    config = Config(
         namespaces=list(args.namespace),
         metrics_port=args.metrics_port or None,
         workers=args.workers,
@@ -104,8 +105,7 @@ def _operator(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from kiri_operator.credentials import CredentialsError
-    from kiri_operator.kube import Kube, KubeError
+    from kiri_operator.kube import CredentialsError, Kube, KubeError
     from kiri_runtime.manifests import dumps, load
 
     try:
@@ -115,11 +115,34 @@ def _publish(args: argparse.Namespace) -> int:
         return 2
     try:
         with Kube.connect(args.kubeconfig) as kube:
-            kube.publish_manifest(
-                args.namespace, args.name, dumps(manifest), args.compression, args.owner_name, args.owner_uid
+            kube.apply(
+                manifest_configmap(
+                    args.namespace,
+                    args.name,
+                    dumps(manifest),
+                    args.compression,
+                    args.owner_name,
+                    args.owner_uid,
+                )
             )
     except (CredentialsError, KubeError) as exc:
         print(f"kiri publish-manifest: {exc}", file=sys.stderr)
         return 1
     print(f"published {args.namespace}/{args.name}")
     return 0
+
+
+def manifest_configmap(
+    namespace: str, name: str, text: str, compression: str, owner_name: str | None, owner_uid: str | None
+) -> dict[str, Any]:
+    """The compression Job's last step: the manifest as a ConfigMap owned by its ModelDeployment."""
+    from kiri_operator import labels as L
+
+    md = owner_name or ""
+    cm_labels = {**L.common_labels(md, L.COMPONENT_MANIFEST), L.COMPRESSION: compression} if md else {}
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": cm_labels}
+    if owner_name and owner_uid:
+        # blockOwnerDeletion True would need update on the owner's finalizers
+        # (OwnerReferencesPermissionEnforcement), which the compressor's Role does not grant.
+        meta["ownerReferences"] = [L.owner_reference(owner_name, owner_uid, block_owner_deletion=False)]
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {L.MANIFEST_KEY: text}}

@@ -46,6 +46,15 @@ class Reason:
     RECONCILING: Final = "Reconciling"
     AS_EXPECTED: Final = "AsExpected"
     INVALID_SPEC: Final = "InvalidSpec"
+    # Events no condition carries: revisions, children, writes, learning rounds
+    NEW_REVISION: Final = "NewRevision"
+    PROMOTED: Final = "Promoted"
+    CREATED: Final = "Created"
+    DELETED: Final = "Deleted"
+    APPLY_FAILED: Final = "ApplyFailed"
+    LEARNING_ROUND: Final = "LearningRound"
+    LEARNED_MODEL_ADOPTED: Final = "LearnedModelAdopted"
+    LEARNED_MODEL_DEFERRED: Final = "LearnedModelDeferred"
     # Cloud
     DEPLOYMENT_AVAILABLE: Final = "DeploymentAvailable"
     DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"

@@ -7,105 +7,35 @@ level-based, so "what happened" does not matter, only "which ModelDeployment to 
 - events of its children and of their pods (labelled `kiri.dev/modeldeployment`);
 - Node changes that the planner can see (labels, readiness, capacity), which requeue every
   ModelDeployment; heartbeats that change none of those are ignored;
-- a periodic resync, and the requeue-after a plan asks for (grace periods, bakes).
+- a periodic resync (`syncing`), and the requeue-after a plan asks for (grace periods, bakes).
+
+The handlers are registered in `REGISTRY`, a plain `kopf.OperatorRegistry`: kopf's default registry also
+holds its fallback logins (through the official client, or a kubeconfig reader without exec plugins),
+and Kiri logs in only with its own credentials. Runtime state lives in kopf's memo (`memos.Runtime`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
+import functools
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
 
-from kiri_operator import credentials, metering, metrics
 from kiri_operator import labels as L
-from kiri_operator.api.names import GROUP, PLURAL, VERSION
-from kiri_operator.caches import CHILD_KINDS, Cache, Key, PodIndex, index_pods, owner_key
-from kiri_operator.kube import RESOURCES, Kube
-from kiri_operator.planning import Settings
+from kiri_operator import memos, metering, metrics, syncing
+from kiri_operator.caches import Cache, Key, owner_key
+from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
+from kiri_operator.kube import CredentialsError, Kube, load_credentials
+from kiri_operator.memos import Config, Runtime
 from kiri_operator.queueing import WorkQueue
 from kiri_operator.reconciling import Reconciler
 
 log = logging.getLogger(__name__)
-CHILD_API = {
-    "Deployment": ("apps", "v1", "deployments"),
-    "DaemonSet": ("apps", "v1", "daemonsets"),
-    "Job": ("batch", "v1", "jobs"),
-    "Service": ("", "v1", "services"),
-    "ConfigMap": ("", "v1", "configmaps"),
-    "ServiceAccount": ("", "v1", "serviceaccounts"),
-    "Role": ("rbac.authorization.k8s.io", "v1", "roles"),
-    "RoleBinding": ("rbac.authorization.k8s.io", "v1", "rolebindings"),
-}
-
-
-@dataclass
-class Config:
-    namespaces: list[str] = field(default_factory=list)
-    """Empty: every namespace."""
-    metrics_port: int | None = None
-    workers: int = 4
-    resync_seconds: float = 60.0
-    status_progress_seconds: float = 10.0
-    """How often a status change of progress figures alone (counts, messages) may be written."""
-    kubeconfig: str | None = None
-    settings: Settings = field(default_factory=Settings)
-    liveness: str | None = None  # kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz
-
-
-@dataclass
-class Runtime:
-    config: Config = field(default_factory=Config)
-    cache: Cache = field(default_factory=Cache)
-    queue: WorkQueue[Key] | None = None
-    reconciler: Reconciler | None = None
-    kube: Kube | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    synced: asyncio.Event | None = None
-    event_at: dict[Key, float] = field(default_factory=dict)
-    """When the oldest watch event not yet reconciled queued each key (for the event-to-status latency)."""
-
-
-RUNTIME = Runtime()
-
-
-def configure(config: Config) -> None:
-    RUNTIME.config = config
-
-
-def _enqueue(key: Key | None, watched: bool = True) -> None:
-    if key is not None and RUNTIME.queue is not None and key in RUNTIME.cache.mds:
-        if watched:
-            RUNTIME.event_at.setdefault(key, time.monotonic())
-        RUNTIME.queue.add(key)
-
-
-def _warm(kube: Kube, cache: Cache, namespace: str | None) -> None:
-    """One LIST per kind before the first reconcile, so no plan is made from a half-filled cache.
-
-    Page by page: the cache keeps slim views of nodes and pods, so a fleet never sits in memory whole."""
-    if not cache.nodes:
-        for _, nodes in kube.list_pages("Node"):
-            for node in nodes:
-                cache.put_node(node)
-    for md in kube.list(RESOURCES_KIND, namespace):
-        cache.put_md(md)
-    selector = f"{L.MANAGED_BY}={L.MANAGED_BY_VALUE}"
-    for kind in CHILD_KINDS:
-        for obj in kube.list(kind, namespace, selector):
-            cache.put_child(kind, obj)
-    for _, pods in kube.list_pages("Pod", namespace, L.MODEL_DEPLOYMENT):
-        for pod in pods:
-            cache.put_pod(pod)
-
-
-RESOURCES_KIND = next(k for k, r in RESOURCES.items() if r.plural == PLURAL)
+REGISTRY = kopf.OperatorRegistry()
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
@@ -123,27 +53,8 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
-def _libc_trim() -> Any:
-    """glibc's malloc_trim, or None (musl, macOS): it hands free heap pages back to the kernel."""
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        return None
-
-
-MALLOC_TRIM = _libc_trim()
-
-
-def release_memory() -> None:
-    # glibc returns freed memory to the kernel only from the top of its heaps: after a burst of watch
-    # events (a fleet's pods created at once) most of the resident peak stays, unused, without this.
-    if MALLOC_TRIM is not None:
-        MALLOC_TRIM(0)
-
-
-@kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
+@kopf.on.startup(registry=REGISTRY)
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Kiri records its own events; kopf's handler-log events and its state annotations are not wanted.
     settings.posting.enabled = False
     settings.watching.server_timeout = 120
@@ -154,46 +65,46 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.queueing.idle_timeout = 1.0
     settings.persistence.diffbase_storage = NoDiffBase()
     # Filter on the server: only Kiri's children and their pods travel, not every pod of the cluster.
-    for _group, _version, plural in CHILD_API.values():
-        settings.watching.label_selectors[plural] = f"{L.MANAGED_BY}={L.MANAGED_BY_VALUE}"
-    settings.watching.label_selectors["pods"] = L.MODEL_DEPLOYMENT
-    config = RUNTIME.config
+    for child in CHILDREN:
+        settings.watching.label_selectors[child.plural] = L.managed_selector()
+    settings.watching.label_selectors[POD.plural] = L.MODEL_DEPLOYMENT
+    runtime = memos.runtime(memo)
+    config = runtime.config
     try:
         # A connection per worker, and one for the resync and the executor's other calls.
         kube = Kube.connect(config.kubeconfig, connections=max(1, config.workers) + 1)
-    except credentials.CredentialsError as exc:  # retrying cannot fix a kubeconfig: stop with the reason
+    except CredentialsError as exc:  # retrying cannot fix a kubeconfig: stop with the reason
         raise kopf.PermanentError(str(exc)) from exc
-    RUNTIME.kube = kube
-    RUNTIME.cache = Cache()
-    RUNTIME.queue = WorkQueue()
-    RUNTIME.reconciler = Reconciler(kube, RUNTIME.cache, config.settings, config.status_progress_seconds)
-    scopes: list[str | None] = list(config.namespaces) or [None]
-    for namespace in scopes:
-        await asyncio.get_running_loop().run_in_executor(None, _warm, kube, RUNTIME.cache, namespace)
+    runtime.kube = kube
+    runtime.cache = Cache()
+    runtime.queue = WorkQueue()
+    runtime.reconciler = Reconciler(kube, runtime.cache, config.settings, config.status_progress_seconds)
+    for namespace in config.scopes:
+        await asyncio.get_running_loop().run_in_executor(None, syncing.warm, kube, runtime.cache, namespace)
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     for _worker in range(max(1, config.workers)):
-        RUNTIME.tasks.append(asyncio.create_task(RUNTIME.queue.worker(_handle)))
-    RUNTIME.tasks.append(asyncio.create_task(_resync(config.resync_seconds)))
-    for key in RUNTIME.cache.md_keys():
-        RUNTIME.queue.add(key)
+        runtime.tasks.append(asyncio.create_task(runtime.queue.worker(functools.partial(_handle, runtime))))
+    runtime.tasks.append(asyncio.create_task(syncing.resync(runtime)))
+    for key in runtime.cache.md_keys():
+        runtime.queue.add(key)
     log.info(
         "kiri operator started: %d ModelDeployment(s), %d node(s)",
-        len(RUNTIME.cache.mds),
-        len(RUNTIME.cache.nodes),
+        len(runtime.cache.mds),
+        len(runtime.cache.nodes),
     )
 
 
-@kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
+@kopf.on.login(registry=REGISTRY)
+def login(memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
     """kopf's watches log in with the same credentials as Kiri's own requests.
 
     Without this handler kopf would log in through the official client (the import Kiri avoids) or, with
     that absent, through a kubeconfig reader that runs no exec plugins. kopf calls it again when the
     credential expires or the server answers 401, so a rotated token file is read again then."""
     try:
-        info = credentials.load(RUNTIME.config.kubeconfig)
-    except credentials.CredentialsError as exc:
+        info = load_credentials(memos.runtime(memo).config.kubeconfig)
+    except CredentialsError as exc:
         raise kopf.PermanentError(str(exc)) from exc
     return kopf.ConnectionInfo(
         server=info.server,
@@ -211,77 +122,47 @@ def login(**_: Any) -> kopf.ConnectionInfo:
     )
 
 
-@kopf.on.cleanup()
-async def cleanup(**_: Any) -> None:
-    for task in RUNTIME.tasks:
+@kopf.on.cleanup(registry=REGISTRY)
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    runtime = memos.runtime(memo)
+    for task in runtime.tasks:
         task.cancel()
-    for task in RUNTIME.tasks:
+    for task in runtime.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
-    RUNTIME.tasks.clear()
-    if RUNTIME.queue is not None:
-        RUNTIME.queue.close()
-    if RUNTIME.kube is not None:
-        RUNTIME.kube.close()
+    runtime.tasks.clear()
+    if runtime.queue is not None:
+        runtime.queue.close()
+    if runtime.kube is not None:
+        runtime.kube.close()
 
 
-async def _handle(key: Key) -> float | None:
-    assert RUNTIME.reconciler is not None
+async def _handle(runtime: Runtime, key: Key) -> float | None:
+    assert runtime.reconciler is not None
     # Events arriving during this reconcile belong to the next one, which runs because the queue marks it dirty.
-    since = RUNTIME.event_at.pop(key, None)
-    outcome = await asyncio.get_running_loop().run_in_executor(None, RUNTIME.reconciler.reconcile, key)
+    since = runtime.event_at.pop(key, None)
+    outcome = await asyncio.get_running_loop().run_in_executor(None, runtime.reconciler.reconcile, key)
     if since is not None and outcome.status_written:
         metrics.EVENT_TO_STATUS_SECONDS.observe(time.monotonic() - since)
     elif since is not None and outcome.status_deferred:
         # The event is reported when its status is written, so deferred writes count in the latency.
-        RUNTIME.event_at[key] = min(since, RUNTIME.event_at.get(key, since))
+        runtime.event_at[key] = min(since, runtime.event_at.get(key, since))
     return outcome.requeue_after
 
 
-def _relist_pods(kube: Kube, cache: Cache, namespace: str | None) -> set[Key]:
-    fresh: PodIndex = {}
-    version: int | None = None
-    for page_version, page in kube.list_pages("Pod", namespace, L.MODEL_DEPLOYMENT):
-        version = page_version
-        index_pods(page, fresh)
-    return cache.replace_pods(namespace, fresh, version)
-
-
-async def _resync(every: float) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(every)
-        # One pod LIST per watched namespace per resync: if the pod watch went quiet (seen after a restart
-        # on a loaded machine), waves still see readiness within one resync instead of holding forever.
-        if RUNTIME.kube is not None:
-            scopes: list[str | None] = list(RUNTIME.config.namespaces) or [None]
-            for namespace in scopes:
-                try:
-                    stale = await loop.run_in_executor(
-                        None, _relist_pods, RUNTIME.kube, RUNTIME.cache, namespace
-                    )
-                except Exception as exc:  # the watches still feed the cache; retry next resync
-                    log.warning("resync: listing pods in %s failed: %s", namespace or "all namespaces", exc)
-                    continue
-                if stale:
-                    log.info("resync: pod cache was stale for %d ModelDeployment(s)", len(stale))
-        await loop.run_in_executor(None, release_memory)
-        for key in RUNTIME.cache.md_keys():
-            _enqueue(key, watched=False)
-
-
-@kopf.on.event(GROUP, VERSION, PLURAL)
-async def modeldeployment_event(event: kopf.RawEvent, **_: Any) -> None:
+@kopf.on.event(MODEL_DEPLOYMENT.group, MODEL_DEPLOYMENT.version, MODEL_DEPLOYMENT.plural, registry=REGISTRY)
+async def modeldeployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
     meta = body.get("metadata") or {}
     key = (str(meta.get("namespace")), str(meta.get("name")))
     if event.get("type") == "DELETED":
-        RUNTIME.cache.remove_md(key)
+        runtime.cache.remove_md(key)
         metrics.set_nodes(key[0], key[1], {})
         metering.forget(key[0], key[1])
         return
-    RUNTIME.cache.put_md(body)
-    _enqueue(key)
+    runtime.cache.put_md(body)
+    runtime.enqueue(key)
 
 
 # The planner reads no DaemonSet status (each pod's own events carry its readiness), and the DaemonSet
@@ -296,60 +177,72 @@ def _status_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return old.get("spec") == new.get("spec") and all(a.get(f) == b.get(f) for f in meta)
 
 
-def _child_handler(kind: str) -> Any:
-    async def handler(event: kopf.RawEvent, **_: Any) -> None:
-        body: dict[str, Any] = dict(event.get("object") or {})
-        if event.get("type") == "DELETED":
-            _enqueue(RUNTIME.cache.remove_child(kind, body))
-            return
-        old = None
-        if kind in STATUS_UNREAD and (owner := owner_key(body)) is not None:
-            name = str((body.get("metadata") or {}).get("name"))
-            old = RUNTIME.cache.child(owner, kind, name)
-        key = RUNTIME.cache.put_child(kind, body)
-        if old is not None and _status_only(old, body):
-            return
-        _enqueue(key)
-
-    handler.__name__ = f"{kind.lower()}_event"
-    return handler
+_CHILD_BY_PLURAL = {child.plural: child.kind for child in CHILDREN}
 
 
-for _kind, (_group, _version, _plural) in CHILD_API.items():
-    kopf.on.event(
-        _group, _version, _plural, labels={L.MANAGED_BY: L.MANAGED_BY_VALUE}, id=f"{_plural}-event"
-    )(_child_handler(_kind))
-
-
-@kopf.on.event("", "v1", "pods", labels={L.MODEL_DEPLOYMENT: kopf.PRESENT})
-async def pod_event(event: kopf.RawEvent, **_: Any) -> None:
+async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
+    """An event of one of Kiri's children (every kind of `kinds.CHILDREN`, told apart by `resource`)."""
+    runtime = memos.runtime(memo)
+    kind = _CHILD_BY_PLURAL[resource.plural]
     body: dict[str, Any] = dict(event.get("object") or {})
     if event.get("type") == "DELETED":
-        _enqueue(RUNTIME.cache.remove_pod(body))
+        runtime.enqueue(runtime.cache.remove_child(kind, body))
         return
-    key, changed = RUNTIME.cache.put_pod(body)
-    if changed:
-        _enqueue(key)
+    old = None
+    if kind in STATUS_UNREAD and (owner := owner_key(body)) is not None:
+        name = str((body.get("metadata") or {}).get("name"))
+        old = runtime.cache.child(owner, kind, name)
+    key = runtime.cache.put_child(kind, body)
+    if old is not None and _status_only(old, body):
+        return
+    runtime.enqueue(key)
 
 
-@kopf.on.event("", "v1", "nodes")
-async def node_event(event: kopf.RawEvent, **_: Any) -> None:
+for _child in CHILDREN:
+    kopf.on.event(
+        _child.group,
+        _child.version,
+        _child.plural,
+        labels={L.MANAGED_BY: L.MANAGED_BY_VALUE},
+        id=f"{_child.plural}-event",
+        registry=REGISTRY,
+    )(child_event)
+
+
+@kopf.on.event(
+    POD.group, POD.version, POD.plural, labels={L.MODEL_DEPLOYMENT: kopf.PRESENT}, registry=REGISTRY
+)
+async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
     if event.get("type") == "DELETED":
-        changed = RUNTIME.cache.remove_node(str((body.get("metadata") or {}).get("name")))
-    else:
-        changed = RUNTIME.cache.put_node(body)
+        runtime.enqueue(runtime.cache.remove_pod(body))
+        return
+    key, changed = runtime.cache.put_pod(body)
     if changed:
-        for key in RUNTIME.cache.md_keys():
-            _enqueue(key)
+        runtime.enqueue(key)
+
+
+@kopf.on.event(NODE.group, NODE.version, NODE.plural, registry=REGISTRY)
+async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    runtime = memos.runtime(memo)
+    body: dict[str, Any] = dict(event.get("object") or {})
+    if event.get("type") == "DELETED":
+        changed = runtime.cache.remove_node(str((body.get("metadata") or {}).get("name")))
+    else:
+        changed = runtime.cache.put_node(body)
+    if changed:
+        for key in runtime.cache.md_keys():
+            runtime.enqueue(key)
 
 
 def run(config: Config) -> int:
     """Run the operator until interrupted; `--standalone` semantics: no peering objects needed."""
-    configure(config)
     namespaces = config.namespaces
     asyncio.run(
         kopf.operator(
+            registry=REGISTRY,
+            memo=kopf.Memo(memos.memo(config)),
             standalone=True,
             clusterwide=not namespaces,
             namespaces=namespaces,

@@ -1,9 +1,12 @@
-"""Label and annotation keys Kiri puts on the objects it owns, and the names it gives them."""
+"""Label and annotation keys Kiri puts on (or reads from) objects, the names it gives its children, and the
+owner reference that ties them to their ModelDeployment."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Final
+from typing import Any, Final
+
+from kiri_operator.api.names import API_VERSION, KIND
 
 MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE: Final = "kiri"
@@ -15,6 +18,12 @@ REVISION: Final = "kiri.dev/revision"
 COMPRESSION: Final = "kiri.dev/compression"
 VARIANT: Final = "kiri.dev/variant"
 TIER: Final = "kiri.dev/tier"
+# A node's memory in MiB, for nodes that do not report allocatable memory.
+MEMORY_MB: Final = "kiri.dev/memory-mb"
+# Federated learning: the round a Job or record belongs to, the Job's role, the (hashed) site it trains on.
+LEARNING_ROUND: Final = "kiri.dev/learning-round"
+LEARNING_ROLE: Final = "kiri.dev/learning-role"
+SITE_NAME: Final = "kiri.dev/site-name"
 
 # The hash of the desired object as Kiri last applied it: the cheap, normalization-proof way to know
 # whether a child needs a write (the API server rewrites quantities and adds defaults, so comparing
@@ -23,6 +32,7 @@ SPEC_HASH: Final = "kiri.dev/spec-hash"
 # Promote and abort (progressive delivery) come in as annotations so GitOps keeps owning the spec.
 PROMOTE: Final = "kiri.dev/promote"
 ABORT: Final = "kiri.dev/abort"
+ROLLBACK: Final = "kiri.dev/rollback"
 
 MANIFEST_KEY: Final = "manifest.json"
 
@@ -30,6 +40,12 @@ COMPONENT_CLOUD: Final = "cloud"
 COMPONENT_EDGE: Final = "edge"
 COMPONENT_COMPRESS: Final = "compress"
 COMPONENT_MANIFEST: Final = "manifest"
+COMPONENT_LEARNING: Final = "learning"
+COMPONENT_ROUND: Final = "learning-round"
+
+# Who records Kiri's Events (`source.component` and `reportingComponent`).
+EVENT_SOURCE: Final = "kiri-operator"
+REPORTING_COMPONENT: Final = "kiri.dev/operator"
 
 FIELD_MANAGER: Final = "kiri"
 MAX_NAME: Final = 63
@@ -80,3 +96,26 @@ def common_labels(md: str, component: str) -> dict[str, str]:
         COMPONENT: component,
         MODEL_DEPLOYMENT: md,
     }
+
+
+def managed_selector() -> str:
+    """The label selector of everything Kiri manages (its children; their pods carry MODEL_DEPLOYMENT)."""
+    return f"{MANAGED_BY}={MANAGED_BY_VALUE}"
+
+
+def md_selector(md: str) -> str:
+    """The label selector of a ModelDeployment's children and their pods."""
+    return f"{MODEL_DEPLOYMENT}={md}"
+
+
+def owner_reference(
+    name: str, uid: str, *, controller: bool | None = True, block_owner_deletion: bool | None = True
+) -> dict[str, Any]:
+    """The ownerReference to the ModelDeployment `name` (`uid`): its garbage collection takes the object
+    with it. `controller` or `block_owner_deletion` None leaves that field out."""
+    reference: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid}
+    if controller is not None:
+        reference["controller"] = controller
+    if block_owner_deletion is not None:
+        reference["blockOwnerDeletion"] = block_owner_deletion
+    return reference

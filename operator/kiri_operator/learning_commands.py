@@ -27,25 +27,23 @@ def configmap(
     namespace: str, name: str, text: str, number: int, owner: str, uid: str | None
 ) -> dict[str, Any]:
     from kiri_operator import labels as L
-    from kiri_operator.api.names import API_VERSION, KIND
-    from kiri_operator.planning.learning import COMPONENT_ROUND, ROUND_LABEL
     from kiri_runtime.learning.rounds import RECORD_FILE
 
     meta: dict[str, Any] = {
         "name": name,
         "namespace": namespace,
-        "labels": {**L.common_labels(owner, COMPONENT_ROUND), ROUND_LABEL: str(number)},
+        "labels": {**L.common_labels(owner, L.COMPONENT_ROUND), L.LEARNING_ROUND: str(number)},
     }
     if uid:
-        meta["ownerReferences"] = [{"apiVersion": API_VERSION, "kind": KIND, "name": owner, "uid": uid}]
+        # Neither controller nor blockOwnerDeletion: the record only goes with its ModelDeployment.
+        meta["ownerReferences"] = [L.owner_reference(owner, uid, controller=None, block_owner_deletion=None)]
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {RECORD_FILE: text}}
 
 
 def _publish(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from kiri_operator.credentials import CredentialsError
-    from kiri_operator.kube import Kube, KubeError
+    from kiri_operator.kube import CredentialsError, Kube, KubeError
     from kiri_runtime.learning.rounds import RoundRecord
 
     try:

@@ -24,6 +24,14 @@ class WorkQueue(Generic[K]):
         self._dirty: set[K] = set()
         self._timers: dict[K, asyncio.TimerHandle] = {}
 
+    def __len__(self) -> int:
+        """Keys waiting for a worker."""
+        return len(self._queued)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` waits for a worker (one being reconciled waits only once it is added again)."""
+        return key in self._queued
+
     def add(self, key: K) -> None:
         if key in self._active:
             self._dirty.add(key)

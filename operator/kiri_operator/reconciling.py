@@ -12,27 +12,17 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
+from kiri_operator import labels as L
 from kiri_operator import metering, metrics
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.caches import Cache, Key
+from kiri_operator.conditions import Reason
+from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
 from kiri_operator.planning import Settings, invalid_spec_status, normalize_status, plan
 from kiri_operator.plans import Action, Check, Event, Plan
 
 log = logging.getLogger(__name__)
-
-# Dependencies first: the Job's account before the Job, the Service before the pods that fall back to it.
-APPLY_ORDER = (
-    "ServiceAccount",
-    "Role",
-    "RoleBinding",
-    "Service",
-    "Deployment",
-    "Job",
-    "DaemonSet",
-    "ConfigMap",
-)
-
 
 EVENT_REPEAT_SECONDS = 300.0
 # Status fields that only say how far a step has come. A change to them alone is written at most once per
@@ -75,10 +65,9 @@ class Outcome:
 
 
 def _order(actions: Iterable[Action]) -> list[Action]:
-    rank = {k: i for i, k in enumerate(APPLY_ORDER)}
     writes = [a for a in actions if a.check in (Check.CREATE, Check.UPDATE)]
     deletes = [a for a in actions if a.check is Check.DELETE]
-    return sorted(writes, key=lambda a: rank.get(a.kind, 99)) + deletes
+    return sorted(writes, key=lambda a: apply_rank(a.kind)) + deletes
 
 
 def _pvcs_needed(spec: ModelDeploymentSpec) -> list[str]:
@@ -135,9 +124,7 @@ class Reconciler:
             )
         pvcs: frozenset[str] | None = None
         if spec is not None and (claims := _pvcs_needed(spec)):
-            pvcs = frozenset(
-                c for c in claims if self.kube.get("PersistentVolumeClaim", key[0], c) is not None
-            )
+            pvcs = frozenset(c for c in claims if self.kube.get(PVC.kind, key[0], c) is not None)
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
@@ -168,7 +155,7 @@ class Reconciler:
                             "metadata": {
                                 "namespace": key[0],
                                 "name": action.name,
-                                "labels": {"kiri.dev/modeldeployment": key[1]},
+                                "labels": L.selector_labels(key[1]),
                             }
                         },
                     )
@@ -184,7 +171,7 @@ class Reconciler:
                 events.append(
                     Event(
                         "Warning",
-                        "ApplyFailed",
+                        Reason.APPLY_FAILED,
                         f"{action.check.value} {action.kind} {action.name}: {exc.message}"[:1000],
                     )
                 )
@@ -203,7 +190,7 @@ class Reconciler:
             try:
                 self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status))
                 self._status_written_at[key] = time.monotonic()
-                metrics.RECONCILE_WRITES.labels("ModelDeployment", "Status").inc()
+                metrics.RECONCILE_WRITES.labels(MODEL_DEPLOYMENT.kind, "Status").inc()
                 outcome.writes += 1
                 outcome.status_written = True
             except KubeError as exc:

@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from kiri_operator import labels as L
+
 if TYPE_CHECKING:
-    from kiri_operator.credentials import Credentials
+    from kiri_operator.kube import Credentials, Kube
 
 ICONS = {
     "Healthy": "✔",
@@ -30,7 +32,7 @@ ICONS = {
     "Compressing": "◌",
     "Pending": "…",
 }
-ANNOTATIONS = {"promote": "kiri.dev/promote", "abort": "kiri.dev/abort", "rollback": "kiri.dev/rollback"}
+ANNOTATIONS = {"promote": L.PROMOTE, "abort": L.ABORT, "rollback": L.ROLLBACK}
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -65,6 +67,8 @@ def _common(sub: argparse.ArgumentParser, name: bool = True) -> None:
 
 
 def _parse(ts: str | None) -> datetime | None:
+    # Any RFC 3339 time, not only `api.scalars.parse_time`'s second-precision one: the annotations of
+    # promote, abort and rollback carry microseconds.
     if not ts:
         return None
     try:
@@ -177,11 +181,11 @@ def render_status(
         labels = (pod.get("metadata") or {}).get("labels") or {}
         node = (pod.get("spec") or {}).get("nodeName")
         if node:
-            pods_by_node[(labels.get("kiri.dev/revision", ""), node)] = pod
+            pods_by_node[(labels.get(L.REVISION, ""), node)] = pod
     by_revision: dict[str, list[tuple[str, list[str]]]] = {}
     for ds in sorted(daemonsets, key=lambda d: str((d.get("metadata") or {}).get("name"))):
         labels = (ds.get("metadata") or {}).get("labels") or {}
-        revision, variant = labels.get("kiri.dev/revision", "?"), labels.get("kiri.dev/variant", "?")
+        revision, variant = labels.get(L.REVISION, "?"), labels.get(L.VARIANT, "?")
         by_revision.setdefault(revision, []).append((variant, _affinity_nodes(ds)))
     lines += ["", "REVISION / VARIANT / NODE                        POD"]
     order = sorted(by_revision, key=lambda r: (r != update, r != stable, r))
@@ -254,21 +258,21 @@ def _pod_state(pod: Mapping[str, Any] | None) -> str:
 def _credentials(kubeconfig: str | None) -> Credentials:
     """Loaded once per process: the namespace and the connection both need them, and an exec plugin
     should run once."""
-    from kiri_operator import credentials
+    from kiri_operator.kube import load_credentials
 
-    return credentials.load(kubeconfig)
+    return load_credentials(kubeconfig)
 
 
-def _kube(args: argparse.Namespace) -> Any:
-    from kiri_operator.kube import Kube, http_client
+def _kube(args: argparse.Namespace) -> Kube:
+    from kiri_operator.kube import Kube
 
-    return Kube(http_client(_credentials(args.kubeconfig)))
+    return Kube.from_credentials(_credentials(args.kubeconfig))
 
 
 def _namespace(args: argparse.Namespace) -> str:
     if args.namespace:
         return str(args.namespace)
-    from kiri_operator.credentials import CredentialsError
+    from kiri_operator.kube import CredentialsError
 
     try:
         return str(_credentials(args.kubeconfig).default_namespace or "default")
@@ -283,8 +287,7 @@ def _fail(message: str) -> int:
 
 def _get(args: argparse.Namespace) -> int:
     from kiri_operator.api.names import KIND
-    from kiri_operator.credentials import CredentialsError
-    from kiri_operator.kube import KubeError
+    from kiri_operator.kube import CredentialsError, KubeError
 
     try:
         kube = _kube(args)
@@ -297,8 +300,7 @@ def _get(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     from kiri_operator.api.names import KIND
-    from kiri_operator.credentials import CredentialsError
-    from kiri_operator.kube import KubeError
+    from kiri_operator.kube import CredentialsError, KubeError
 
     namespace = _namespace(args)
     try:
@@ -310,7 +312,7 @@ def _status(args: argparse.Namespace) -> int:
             md = kube.get(KIND, namespace, args.name)
             if md is None:
                 return _fail(f"ModelDeployment {namespace}/{args.name} not found")
-            selector = f"kiri.dev/modeldeployment={args.name}"
+            selector = L.md_selector(args.name)
             daemonsets = kube.list("DaemonSet", namespace, selector)
             pods = kube.list("Pod", namespace, selector)
         except KubeError as exc:
@@ -328,8 +330,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _command(args: argparse.Namespace) -> int:
     from kiri_operator.api.names import KIND
-    from kiri_operator.credentials import CredentialsError
-    from kiri_operator.kube import RESOURCES, KubeError
+    from kiri_operator.kube import CredentialsError, KubeError
 
     namespace = _namespace(args)
     try:
@@ -349,16 +350,10 @@ def _command(args: argparse.Namespace) -> int:
                 f"no rollout in progress for {namespace}/{args.name} (phase {phase}); nothing to {args.verb}"
             )
         # A fresh value every time: the operator acts once per value, so the same command twice acts twice.
+        # Hence not `api.scalars.format_time`: its second precision would make two commands in one second
+        # one value, and the second would do nothing.
         nonce = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        patch = {"metadata": {"annotations": {ANNOTATIONS[args.verb]: nonce}}}
-        kube.request(
-            "patch",
-            "PATCH",
-            KIND,
-            RESOURCES[KIND].path(namespace, args.name),
-            body=patch,
-            content_type="application/merge-patch+json",
-        )
+        kube.annotate(KIND, namespace, args.name, {ANNOTATIONS[args.verb]: nonce})
     except KubeError as exc:
         return _fail(str(exc))
     stage = (status.get("edge") or {}).get("stage") or "-"

@@ -6,12 +6,10 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 from kiri_operator import labels as L
+from kiri_operator.kinds import immutable
 from kiri_operator.observations import ObjectView, Observed
 from kiri_operator.planning.building import affinity_nodes
 from kiri_operator.plans import Action, Check
-
-# Objects whose spec the API server refuses to change: a difference waits for a new name instead.
-IMMUTABLE_KINDS = frozenset({"Job"})
 
 
 def _same(desired: dict[str, Any], observed: ObjectView) -> bool:
@@ -36,7 +34,7 @@ def check(
         current = observed.child(*key)
         if current is None:
             actions.append(Action(Check.CREATE, key[0], key[1], obj))
-        elif current.deleting or _same(obj, current) or key[0] in IMMUTABLE_KINDS:
+        elif current.deleting or _same(obj, current) or immutable(key[0]):
             actions.append(Action(Check.EXISTED, key[0], key[1]))
         else:
             actions.append(Action(Check.UPDATE, key[0], key[1], obj))

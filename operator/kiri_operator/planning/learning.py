@@ -28,17 +28,13 @@ from pydantic import ValidationError
 from kiri_operator import labels as L
 from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import LearningSpec, ModelDeploymentSpec, ModelSource
+from kiri_operator.conditions import Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning.updating import Candidate, Download, decide
 from kiri_operator.plans import Event
 from kiri_runtime.learning.rounds import RECORD_FILE, RoundRecord
 
-COMPONENT_LEARNING = "learning"
-COMPONENT_ROUND = "learning-round"
-ROUND_LABEL = "kiri.dev/learning-round"
-ROLE_LABEL = "kiri.dev/learning-role"
-SITE_LABEL = "kiri.dev/site-name"
 AGGREGATOR_PORT = 8470
 TOKENS_MOUNT = "/var/run/kiri/tokens"
 DATA_MOUNT = "/var/lib/kiri/site-data.npz"
@@ -75,7 +71,7 @@ def weights_uri(spec: ModelDeploymentSpec, owner: B.Owner, n: int) -> str:
 def read_records(observed: Observed) -> list[RoundRecord]:
     records = {}
     for cm in observed.of_kind("ConfigMap"):
-        if cm.labels.get(L.COMPONENT) != COMPONENT_ROUND:
+        if cm.labels.get(L.COMPONENT) != L.COMPONENT_ROUND:
             continue
         text = (cm.body.get("data") or {}).get(RECORD_FILE)
         try:
@@ -103,6 +99,7 @@ def sites(spec: ModelDeploymentSpec, observed: Observed) -> list[str]:
 
 
 def _parse_time(text: str | None) -> datetime | None:
+    # Not `api.scalars.parse_time`: a round record's times are the aggregator's (`isoformat`, "+00:00").
     if not text:
         return None
     try:
@@ -178,8 +175,8 @@ def round_objects(
     out_dir = store.out_dir
     sched = learning.schedule
     deadline = sched.deadline_seconds + 600
-    base_labels = {**L.common_labels(owner.name, COMPONENT_LEARNING), ROUND_LABEL: str(n)}
-    agg_labels = {**base_labels, ROLE_LABEL: "aggregator"}
+    base_labels = {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROUND: str(n)}
+    agg_labels = {**base_labels, L.LEARNING_ROLE: "aggregator"}
     weights_path, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
     eval_path, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
     chosen = (
@@ -241,14 +238,18 @@ def round_objects(
         "kind": "Service",
         "metadata": B._metadata(aggregator_name(owner.name, n), agg_labels),
         "spec": {
-            "selector": {**L.selector_labels(owner.name), ROUND_LABEL: str(n), ROLE_LABEL: "aggregator"},
+            "selector": {
+                **L.selector_labels(owner.name),
+                L.LEARNING_ROUND: str(n),
+                L.LEARNING_ROLE: "aggregator",
+            },
             "ports": [{"name": "http", "port": AGGREGATOR_PORT, "targetPort": AGGREGATOR_PORT}],
         },
     }
     url = f"http://{aggregator_name(owner.name, n)}.{owner.namespace}.svc:{AGGREGATOR_PORT}"
     objects = [B.finish(aggregator, owner), B.finish(service, owner)]
     for site in chosen:
-        labels = {**base_labels, ROLE_LABEL: "trainer", SITE_LABEL: L.short_hash(site, length=16)}
+        labels = {**base_labels, L.LEARNING_ROLE: "trainer", L.SITE_NAME: L.short_hash(site, length=16)}
         args = [
             "train-edge",
             *_common_args(learning),
@@ -379,7 +380,7 @@ def plan_learning(
                 out.children = B.compressor_account(owner) + round_objects(spec, owner, n, site_names, base)
                 if old.get("activeRound") != n:
                     out.events.append(
-                        Event("Normal", "LearningRound", f"round {n} started: {', '.join(site_names)}")
+                        Event("Normal", Reason.LEARNING_ROUND, f"round {n} started: {', '.join(site_names)}")
                     )
                 status["activeRound"] = n
             out.requeue_after = 30.0
@@ -434,7 +435,7 @@ def plan_learning(
             }
             downloads += [Download(site, b, now) for site, b in bytes_per_site.items() if b > 0]
             out.events.append(
-                Event("Normal", "LearnedModelAdopted", f"round {candidate.round}: {verdict.reason}")
+                Event("Normal", Reason.LEARNED_MODEL_ADOPTED, f"round {candidate.round}: {verdict.reason}")
             )
             update["time"] = format_time(now)
         elif old_update.get("round") == candidate.round and old_update.get("reason") == verdict.reason:
@@ -444,7 +445,7 @@ def plan_learning(
         else:
             update["time"] = format_time(now)
             out.events.append(
-                Event("Normal", "LearnedModelDeferred", f"round {candidate.round}: {verdict.reason}")
+                Event("Normal", Reason.LEARNED_MODEL_DEFERRED, f"round {candidate.round}: {verdict.reason}")
             )
         status["update"] = update
     elif old.get("update"):

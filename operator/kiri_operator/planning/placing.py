@@ -6,10 +6,10 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kiri_operator import labels as L
 from kiri_operator.api.specs import NodeRequirements, SelectorRequirement, Variant
 from kiri_operator.observations import NodeView
 
-MEMORY_LABEL = "kiri.dev/memory-mb"
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTPE]i?|[mk]|)$")
 _FACTORS = {
     "": 1,
@@ -44,7 +44,7 @@ def node_memory_mb(node: NodeView) -> float | None:
         parsed = parse_quantity(raw)
         if parsed is not None:
             return parsed / 1024**2
-    label = node.labels.get(MEMORY_LABEL)
+    label = node.labels.get(L.MEMORY_MB)
     if label is not None and label.isdigit():
         return float(label)
     return None

@@ -8,6 +8,7 @@ Pure: no Kubernetes client, no kopf, no clock, no I/O.
 from __future__ import annotations
 
 from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.conditions import Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning import learning
@@ -55,9 +56,9 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     actions = check(whole.children, observed, whole.keep)
     for action in actions:
         if action.check is Check.CREATE:
-            whole.events.append(Event("Normal", "Created", f"created {action.kind} {action.name}"))
+            whole.events.append(Event("Normal", Reason.CREATED, f"created {action.kind} {action.name}"))
         elif action.check is Check.DELETE:
-            whole.events.append(Event("Normal", "Deleted", f"deleted {action.kind} {action.name}"))
+            whole.events.append(Event("Normal", Reason.DELETED, f"deleted {action.kind} {action.name}"))
     requeue = whole.requeue_after
     if comp.unknown or not status.ready:
         requeue = sooner(requeue, UNFINISHED_REQUEUE_SECONDS)

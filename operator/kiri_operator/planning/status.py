@@ -77,7 +77,7 @@ def plan_status(
 
     if observed.status.get("updateRevision") != revision:
         msg = f"revision {revision} (model {spec.model.version}, compression {comp.key})"
-        out.events.append(Event("Normal", "NewRevision", msg))
+        out.events.append(Event("Normal", Reason.NEW_REVISION, msg))
     out.events.extend(edge.events)
 
     history = list(observed.status.get("history") or [])
@@ -99,7 +99,7 @@ def plan_status(
         )
         # Promoted says what Ready turning True would: one Event, not two.
         out.events = [e for e in out.events if e.reason != Reason.AVAILABLE]
-        out.events.append(Event("Normal", "Promoted", f"revision {revision} is serving everywhere"))
+        out.events.append(Event("Normal", Reason.PROMOTED, f"revision {revision} is serving everywhere"))
     history = history[-spec.rollout.revision_history_limit :]
 
     out.status = {

@@ -1,4 +1,4 @@
-"""kiri_operator.credentials: kubeconfigs read as kubectl reads them, the service account, exec plugins."""
+"""kiri_operator.kube.loading and .credentials: kubeconfigs read as kubectl reads them, the service account, exec plugins."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kiri_operator import credentials
-from kiri_operator.credentials import Credentials, CredentialsError
+from kiri_operator.kube import Credentials, CredentialsError, credentials, loading
 
 TOKEN = "s3cr3t-t0ken-value"
 
@@ -75,7 +74,7 @@ def test_token_and_ca_data(tmp_path: Path, pem: dict[str, bytes]) -> None:
         {"server": "https://10.0.0.1:6443", "certificate-authority-data": b64(pem["cert"])},
         namespace="shop",
     )
-    got = credentials.from_kubeconfig(write(tmp_path / "config", cfg))
+    got = loading.from_kubeconfig(write(tmp_path / "config", cfg))
     assert got.server == "https://10.0.0.1:6443"
     assert got.ca_data == pem["cert"] and got.ca_path is None
     assert got.token == TOKEN and got.authorization() == f"Bearer {TOKEN}"
@@ -91,7 +90,7 @@ def test_insecure_and_basic_auth(tmp_path: Path) -> None:
         {"username": "admin", "password": "pw"},
         {"server": "https://h:6443", "insecure-skip-tls-verify": True},
     )
-    got = credentials.from_kubeconfig(write(tmp_path / "config", cfg))
+    got = loading.from_kubeconfig(write(tmp_path / "config", cfg))
     assert got.insecure and got.default_namespace is None
     assert got.authorization() == "Basic " + b64(b"admin:pw")
     assert got.ssl_context().verify_mode == ssl.CERT_NONE
@@ -103,7 +102,7 @@ def test_client_certificate_data(
     tmp_path: Path, pem: dict[str, bytes], memfd: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = simple({"client-certificate-data": b64(pem["cert"]), "client-key-data": b64(pem["key"])})
-    got = credentials.from_kubeconfig(write(tmp_path / "config", cfg))
+    got = loading.from_kubeconfig(write(tmp_path / "config", cfg))
     assert got.certificate_data == pem["cert"] and got.private_key_data == pem["key"]
     assert got.authorization() is None
     modes: list[int] = []
@@ -127,7 +126,7 @@ def test_client_certificate_data(
 
 def test_client_certificate_that_does_not_load(tmp_path: Path, pem: dict[str, bytes]) -> None:
     cfg = simple({"client-certificate-data": b64(pem["cert"]), "client-key-data": b64(b"not a key")})
-    got = credentials.from_kubeconfig(write(tmp_path / "config", cfg))
+    got = loading.from_kubeconfig(write(tmp_path / "config", cfg))
     with pytest.raises(CredentialsError, match="client certificate and key of context 'dev'") as err:
         got.ssl_context()
     assert "not a key" not in str(err.value)
@@ -150,7 +149,7 @@ def test_relative_paths_are_relative_to_the_kubeconfig(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    got = credentials.from_kubeconfig(path)
+    got = loading.from_kubeconfig(path)
     assert got.ca_path == str(home / "pki" / "ca.crt")
     assert got.certificate_data == pem["cert"] and got.private_key_data == pem["key"]
     assert got.token == TOKEN and got.token_path == str(home / "token")
@@ -164,7 +163,7 @@ def test_relative_paths_are_relative_to_the_kubeconfig(
 def test_missing_referenced_file_names_it(tmp_path: Path) -> None:
     cfg = simple({"token": TOKEN}, {"server": "https://h", "certificate-authority": "nope/ca.crt"})
     with pytest.raises(CredentialsError, match=r"cluster 'c' in .*config: .*nope/ca.crt does not exist"):
-        credentials.from_kubeconfig(write(tmp_path / "config", cfg))
+        loading.from_kubeconfig(write(tmp_path / "config", cfg))
 
 
 def test_kubeconfig_list_is_merged_first_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,12 +186,12 @@ def test_kubeconfig_list_is_merged_first_wins(tmp_path: Path, monkeypatch: pytes
     )
     missing = tmp_path / "missing" / "config"
     monkeypatch.setenv("KUBECONFIG", os.pathsep.join([str(first), str(missing), str(second)]))
-    got = credentials.from_kubeconfig()
+    got = loading.from_kubeconfig()
     assert got.server == "https://from-b:6443"
     assert got.token == TOKEN
     assert got.default_namespace == "from-a"
     # An explicit --kubeconfig may be the same list (the CLI's default is $KUBECONFIG).
-    assert credentials.from_kubeconfig(os.environ["KUBECONFIG"]) == got
+    assert loading.from_kubeconfig(os.environ["KUBECONFIG"]) == got
 
 
 def test_default_kubeconfig_is_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,7 +199,7 @@ def test_default_kubeconfig_is_home(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     write(tmp_path / ".kube" / "config", simple({"token": TOKEN}, namespace="ns"))
-    got = credentials.load(None)
+    got = loading.load(None)
     assert got.default_namespace == "ns" and got.token == TOKEN
 
 
@@ -250,7 +249,7 @@ def test_exec_plugin_token(tmp_path: Path) -> None:
     exec_plugin(tmp_path, [None])
     # A relative command with a directory part is relative to the kubeconfig, as with kubectl.
     path = write(tmp_path / "config", exec_config("./bin/plugin.py", provideClusterInfo=True))
-    got = credentials.from_kubeconfig(path)
+    got = loading.from_kubeconfig(path)
     assert got.token == "token-1" and got.expiration is None and not got.stale()
     seen = json.loads((tmp_path / "seen.json").read_text())
     assert seen["argv"] == ["get-token", "--cluster", "dev"] and seen["env"] == "given"
@@ -263,7 +262,7 @@ def test_exec_plugin_token(tmp_path: Path) -> None:
 def test_expired_exec_credential_is_fetched_again(tmp_path: Path) -> None:
     later = "2999-01-01T00:00:00Z"
     script = exec_plugin(tmp_path, ["2000-01-01T00:00:00Z", later])
-    got = credentials.from_kubeconfig(write(tmp_path / "config", exec_config(str(script))))
+    got = loading.from_kubeconfig(write(tmp_path / "config", exec_config(str(script))))
     assert got.token == "token-1" and got.expiration is not None and got.stale()
     again = got.current()
     assert again.token == "token-2" and not again.stale()
@@ -275,32 +274,32 @@ def test_expired_exec_credential_is_fetched_again(tmp_path: Path) -> None:
 def test_exec_plugin_failures_are_clear(tmp_path: Path) -> None:
     cfg = exec_config("kiri-no-such-plugin", installHint="install it from example.org")
     with pytest.raises(CredentialsError, match=r"not installed.*install it from example\.org"):
-        credentials.from_kubeconfig(write(tmp_path / "config", cfg))
+        loading.from_kubeconfig(write(tmp_path / "config", cfg))
     bad = tmp_path / "bad.py"
     bad.write_text(f"#!{sys.executable}\nprint('{TOKEN}')\n")
     bad.chmod(0o755)
     with pytest.raises(CredentialsError, match="did not print an ExecCredential") as err:
-        credentials.from_kubeconfig(write(tmp_path / "config", exec_config(str(bad))))
+        loading.from_kubeconfig(write(tmp_path / "config", exec_config(str(bad))))
     assert TOKEN not in str(err.value)
     failing = tmp_path / "failing.py"
     failing.write_text(f"#!{sys.executable}\nimport sys\nsys.exit(3)\n")
     failing.chmod(0o755)
     with pytest.raises(CredentialsError, match="exited with status 3"):
-        credentials.from_kubeconfig(write(tmp_path / "config", exec_config(str(failing))))
+        loading.from_kubeconfig(write(tmp_path / "config", exec_config(str(failing))))
 
 
 def test_auth_provider_asks_for_an_exec_plugin(tmp_path: Path) -> None:
     cfg = simple({"auth-provider": {"name": "gcp", "config": {"access-token": TOKEN}}})
     path = write(tmp_path / "config", cfg)
     with pytest.raises(CredentialsError, match=r"legacy auth-provider 'gcp'.*exec credential plugin") as err:
-        credentials.from_kubeconfig(path)
+        loading.from_kubeconfig(path)
     assert str(path) in str(err.value) and TOKEN not in str(err.value)
 
 
 def test_missing_current_context_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path / "config", kubeconfig(current=None, contexts={"dev": {"cluster": "c"}}))
     with pytest.raises(CredentialsError, match="has no current-context") as err:
-        credentials.from_kubeconfig(path)
+        loading.from_kubeconfig(path)
     assert str(path) in str(err.value)
 
 
@@ -326,21 +325,21 @@ def test_bad_kubeconfigs(tmp_path: Path, cfg: dict[str, Any] | str, message: str
         cfg.setdefault("users", []).append({"name": "other", "user": {"token": TOKEN}})
     path = write(tmp_path / "config", cfg)
     with pytest.raises(CredentialsError, match=message) as err:
-        credentials.from_kubeconfig(path)
+        loading.from_kubeconfig(path)
     assert str(path) in str(err.value) and TOKEN not in str(err.value)
 
 
 def test_malformed_yaml_does_not_quote_the_file(tmp_path: Path) -> None:
     path = write(tmp_path / "config", f'users:\n- name: u\n  user:\n    token: "{TOKEN}\n  bad: [\n')
     with pytest.raises(CredentialsError, match=r"is not valid YAML: .*line \d+") as err:
-        credentials.from_kubeconfig(path)
+        loading.from_kubeconfig(path)
     assert str(path) in str(err.value) and TOKEN not in str(err.value)
 
 
 def test_missing_kubeconfig(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(CredentialsError, match=f"kubeconfig {missing} does not exist"):
-        credentials.from_kubeconfig(missing)
+        loading.from_kubeconfig(missing)
 
 
 def service_account(tmp_path: Path, token: str = TOKEN, namespace: str | None = "kiri-system") -> Path:
@@ -356,28 +355,26 @@ def service_account(tmp_path: Path, token: str = TOKEN, namespace: str | None = 
 def test_in_cluster(tmp_path: Path) -> None:
     base = service_account(tmp_path)
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    got = credentials.in_cluster(base, env)
+    got = loading.in_cluster(base, env)
     assert got.server == "https://10.96.0.1:443"
     assert got.ca_path == str(base / "ca.crt") and got.ca_data is None
     assert got.token == TOKEN and got.token_path == str(base / "token") and got.refreshable
     assert got.default_namespace == "kiri-system"
     assert got.read_at <= time.monotonic() and not got.stale()
-    v6 = credentials.in_cluster(
-        base, {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"}
-    )
+    v6 = loading.in_cluster(base, {"KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "443"})
     assert v6.server == "https://[fd00::1]:443"
 
 
 def test_in_cluster_errors(tmp_path: Path) -> None:
     with pytest.raises(CredentialsError, match="KUBERNETES_SERVICE_HOST"):
-        credentials.in_cluster(tmp_path, {})
+        loading.in_cluster(tmp_path, {})
     env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
     with pytest.raises(CredentialsError, match="cannot read the token file"):
-        credentials.in_cluster(tmp_path / "absent", env)
+        loading.in_cluster(tmp_path / "absent", env)
     base = service_account(tmp_path, namespace=None)
     (base / "ca.crt").unlink()
     with pytest.raises(CredentialsError, match=r"ca\.crt is missing") as err:
-        credentials.in_cluster(base, env)
+        loading.in_cluster(base, env)
     assert TOKEN not in str(err.value)
 
 
@@ -385,13 +382,13 @@ def test_load_prefers_the_service_account_in_a_cluster(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = service_account(tmp_path)
-    monkeypatch.setattr(credentials, "SERVICE_ACCOUNT_DIR", str(base))
+    monkeypatch.setattr(loading, "SERVICE_ACCOUNT_DIR", str(base))
     monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
     monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
-    assert credentials.load(None).origin == f"the service account in {base}"
+    assert loading.load(None).origin == f"the service account in {base}"
     # A kubeconfig named explicitly wins, even in a cluster.
     path = write(tmp_path / "config", simple({"token": "other"}))
-    assert credentials.load(str(path)).token == "other"
+    assert loading.load(str(path)).token == "other"
 
 
 def test_credentials_without_auth_have_no_header() -> None:

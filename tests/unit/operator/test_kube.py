@@ -1,4 +1,4 @@
-"""kiri_operator.kube.Kube.request over httpx: status handling, metrics, authorization, token rotation.
+"""kiri_operator.kube.Kube over httpx: status handling, metrics, authorization, token rotation.
 
 The API server is an httpx.MockTransport: these tests inject failures (404, 409, 401, a dropped
 connection) that a healthy local server would not produce on demand."""
@@ -14,8 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from kiri_operator.credentials import Credentials
-from kiri_operator.kube import Kube, KubeError, http_client
+from kiri_operator.kube import Credentials, Kube, KubeError, http_client
 from kiri_operator.metrics import REGISTRY
 
 Handler = Callable[[httpx.Request], httpx.Response]
@@ -55,9 +54,12 @@ def test_missing_object_is_none_when_missing_is_ok() -> None:
     before = count("get", "deployments", "404")
     assert kube(handler).get("Deployment", "ns", "gone") is None
     assert count("get", "deployments", "404") == before + 1
+    # Only a read may find nothing: a write to a missing object is an error.
+    before = count("patch", "deployments", "404")
     with pytest.raises(KubeError) as err:
-        kube(handler).request("get", "GET", "Deployment", "/apis/apps/v1/namespaces/ns/deployments/gone")
+        kube(handler).annotate("Deployment", "ns", "gone", {"a": "b"})
     assert err.value.status == 404
+    assert count("patch", "deployments", "404") == before + 1
 
 
 def test_conflict_carries_the_api_message() -> None:
@@ -92,11 +94,32 @@ def test_transport_error_is_status_0() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
-    before = count("create", "events", "error")
+    before = count("apply", "configmaps", "error")
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "ns"}}
     with pytest.raises(KubeError) as err:
-        kube(handler).request("create", "POST", "Event", "/api/v1/namespaces/ns/events", body={})
+        kube(handler).apply(cm)
     assert err.value.status == 0 and "connection refused" in err.value.message
-    assert count("create", "events", "error") == before + 1
+    assert count("apply", "configmaps", "error") == before + 1
+
+
+def test_annotate_is_one_merge_patch_of_the_annotations() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"kind": "ModelDeployment"})
+
+    before = count("patch", "modeldeployments", "200")
+    assert kube(handler).annotate("ModelDeployment", "ns", "md", {"kiri.dev/promote": "t"}) == {
+        "kind": "ModelDeployment"
+    }
+    (request,) = seen
+    assert request.method == "PATCH"
+    assert request.headers["Content-Type"] == "application/merge-patch+json"
+    assert request.url.path == "/prefix/apis/kiri.dev/v1alpha1/namespaces/ns/modeldeployments/md"
+    assert not request.url.params
+    assert json.loads(request.content) == {"metadata": {"annotations": {"kiri.dev/promote": "t"}}}
+    assert count("patch", "modeldeployments", "200") == before + 1
 
 
 def test_unconnected_kube_fails_like_a_transport_error() -> None:
@@ -139,26 +162,32 @@ def test_static_token_is_not_retried_after_a_401() -> None:
 
 def test_operator_never_imports_the_official_client() -> None:
     # In a fresh interpreter: the guard in `kiri operator` must run before kopf is first imported.
+    # The operator runs with its own registry, a plain kopf.OperatorRegistry: kopf adds its fallback logins
+    # (through the official client, or a kubeconfig reader) only to its default registry, so the only
+    # login handler there is Kiri's.
     code = (
         "import asyncio, sys\n"
-        "asyncio.run = lambda main: main.close()\n"  # stop short of running kopf
+        "runs = []\n"
+        "asyncio.run = lambda main: runs.append(main.cr_frame.f_locals) or main.close()\n"  # stop short of running kopf
         "from kiri_operator import cli\n"
         "assert cli.main(['operator', '--metrics-port', '0']) == 0\n"
         "assert sys.modules.get('kubernetes') is None, sys.modules['kubernetes']\n"
-        "from kopf._core.intents import causes, registries\n"
-        "activity = causes.Activity.AUTHENTICATION\n"
-        "handlers = registries.get_default_registry()._activities.get_handlers(activity=activity)\n"
-        "assert [h.id for h in handlers] == ['login'], handlers\n"
+        "import kopf\n"
+        "from kiri_operator import handlers\n"
+        "(arguments,) = runs\n"
+        "assert arguments['registry'] is handlers.REGISTRY\n"
+        "assert type(handlers.REGISTRY) is kopf.OperatorRegistry, type(handlers.REGISTRY)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 
 
-def test_kopf_logs_in_with_the_same_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kopf_logs_in_with_the_same_credentials(tmp_path: Path) -> None:
     import kopf
     import yaml
 
     from kiri_operator import handlers
+    from kiri_operator.memos import Config, memo
 
     cfg = {
         "current-context": "dev",
@@ -170,8 +199,7 @@ def test_kopf_logs_in_with_the_same_credentials(tmp_path: Path, monkeypatch: pyt
     }
     path = tmp_path / "config"
     path.write_text(yaml.safe_dump(cfg))
-    monkeypatch.setattr(handlers.RUNTIME, "config", handlers.Config(kubeconfig=str(path)))
-    info = handlers.login()
+    info = handlers.login(memo=kopf.Memo(memo(Config(kubeconfig=str(path)))))
     assert isinstance(info, kopf.ConnectionInfo)
     assert (info.server, info.token, info.insecure, info.default_namespace) == (
         "https://h:6443",
@@ -181,6 +209,5 @@ def test_kopf_logs_in_with_the_same_credentials(tmp_path: Path, monkeypatch: pyt
     )
     assert info.as_http_headers() == {"Authorization": "Bearer tok"}
     # A kubeconfig that cannot work stops the operator with the reason instead of retrying forever.
-    monkeypatch.setattr(handlers.RUNTIME, "config", handlers.Config(kubeconfig=str(tmp_path / "nope")))
     with pytest.raises(kopf.PermanentError, match="does not exist"):
-        handlers.login()
+        handlers.login(memo=kopf.Memo(memo(Config(kubeconfig=str(tmp_path / "nope")))))

@@ -162,11 +162,14 @@ def test_resync_list_never_undoes_watch_events_newer_than_its_snapshot():
         ]
     )
     assert cache.replace_pods("ns", later, 110) == set()
-    assert not cache._pod_deleted
+    assert cache.tombstones() == {}
 
 
 def test_lists_are_read_in_pages_that_share_the_first_page_s_resource_version():
-    from kiri_operator.kube import LIST_PAGE, Kube
+    import httpx
+
+    from kiri_operator.kube import Credentials, Kube, http_client
+    from kiri_operator.kube.client import LIST_PAGE
 
     pages = {
         None: {
@@ -181,12 +184,16 @@ def test_lists_are_read_in_pages_that_share_the_first_page_s_resource_version():
     }
     queries: list[dict] = []
 
-    class PagedKube(Kube):
-        def request(self, verb, method, kind, path, *, query=None, **_):  # type: ignore[override]
-            queries.append(dict(query or {}))
-            return {"apiVersion": "v1", "kind": "PodList", **pages[(query or {}).get("continue")]}
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.method == "GET" and request.url.path == "/api/v1/namespaces/ns/pods"
+        query = dict(request.url.params)
+        queries.append(query)
+        return httpx.Response(
+            200, json={"apiVersion": "v1", "kind": "PodList", **pages[query.get("continue")]}
+        )
 
-    kube = PagedKube()
+    credentials = Credentials(server="https://api.test", token="t")
+    kube = Kube(http_client(credentials, transport=httpx.MockTransport(handler)))
     got = list(kube.list_pages("Pod", "ns", L.MODEL_DEPLOYMENT))
     assert [v for v, _ in got] == [500, 500, 500]
     assert [[p["metadata"]["name"] for p in page] for _, page in got] == [["a"], ["b"], ["c"]]

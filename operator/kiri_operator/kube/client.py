@@ -1,12 +1,12 @@
-"""The only module that talks to the Kubernetes API.
+"""The Kubernetes API client: the only code that talks to the API server.
 
 Why plain REST over one shared `httpx.Client` rather than the official client's typed APIs (or its
 `ApiClient`): Kiri's children are plain dicts built by the planner, server-side apply takes plain dicts,
-one generic `request()` is the single place that counts requests by verb and resource for the metrics,
+one private `_request()` is the single place that counts requests by verb and resource for the metrics,
 and importing the official client costs the operator about 10 MiB of resident memory. Credentials come
-from `kiri_operator.credentials`, the same ones kopf logs in with.
+from `kube.loading`, the same ones kopf logs in with; paths from the kind registry (`kiri_operator.kinds`).
 kopf still runs the watches (reconnects, bookmarks, namespace scoping); this module does the writes and
-the few reads that the watch caches do not cover.
+the few reads that the watch caches do not cover, for the operator and the command line alike.
 """
 
 from __future__ import annotations
@@ -17,56 +17,26 @@ import socket
 import ssl
 import threading
 from collections.abc import Generator, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from types import TracebackType
 from typing import Any
 
 import httpx
 
-from kiri_operator import credentials as creds
 from kiri_operator import labels as L
 from kiri_operator import metrics
-from kiri_operator.api.names import API_VERSION, KIND, PLURAL
+from kiri_operator.api.scalars import format_time
+from kiri_operator.kinds import EVENT, KINDS, MODEL_DEPLOYMENT
+from kiri_operator.kube.credentials import Credentials
+from kiri_operator.kube.errors import CredentialsError, KubeError
+from kiri_operator.kube.loading import load as load_credentials
 from kiri_operator.plans import Event
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Resource:
-    prefix: str
-    plural: str
-    namespaced: bool = True
-
-    def path(self, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
-        parts = [self.prefix]
-        if self.namespaced and namespace:
-            parts += ["namespaces", namespace]
-        parts.append(self.plural)
-        if name:
-            parts.append(name)
-        if sub:
-            parts.append(sub)
-        return "/".join(parts)
-
-
-RESOURCES: dict[str, Resource] = {
-    "Deployment": Resource("/apis/apps/v1", "deployments"),
-    "DaemonSet": Resource("/apis/apps/v1", "daemonsets"),
-    "Job": Resource("/apis/batch/v1", "jobs"),
-    "Service": Resource("/api/v1", "services"),
-    "ConfigMap": Resource("/api/v1", "configmaps"),
-    "ServiceAccount": Resource("/api/v1", "serviceaccounts"),
-    "Pod": Resource("/api/v1", "pods"),
-    "PersistentVolumeClaim": Resource("/api/v1", "persistentvolumeclaims"),
-    "Event": Resource("/api/v1", "events"),
-    "Node": Resource("/api/v1", "nodes", namespaced=False),
-    "Role": Resource("/apis/rbac.authorization.k8s.io/v1", "roles"),
-    "RoleBinding": Resource("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
-    KIND: Resource(f"/apis/{API_VERSION}", PLURAL),
-}
 APPLY = "application/apply-patch+yaml"
+MERGE_PATCH = "application/merge-patch+json"
 # A page of 500 pods decoded to ~15 MB of Python objects at once, every resync: the operator's resident
 # memory keeps its largest transient, so pages stay small (a resync of 2,000 pods is 20 short requests).
 LIST_PAGE = 100
@@ -74,13 +44,6 @@ Page = list[dict[str, Any]]
 # Idle keep-alive connections live this long: reconciles come in bursts (events, resyncs), and each new
 # connection is a TLS handshake.
 KEEPALIVE_SECONDS = 30.0
-
-
-class KubeError(RuntimeError):
-    def __init__(self, status: int, verb: str, path: str, message: str) -> None:
-        super().__init__(f"{verb} {path}: HTTP {status}: {message}")
-        self.status = status
-        self.message = message
 
 
 class _Auth(httpx.Auth):
@@ -91,12 +54,12 @@ class _Auth(httpx.Auth):
     One instance serves every reconcile thread, hence the lock: one thread renews, the others wait for it.
     """
 
-    def __init__(self, credentials: creds.Credentials, context: ssl.SSLContext) -> None:
+    def __init__(self, credentials: Credentials, context: ssl.SSLContext) -> None:
         self._credentials = credentials
         self._context = context
         self._lock = threading.Lock()
 
-    def _fresh(self, rejected: creds.Credentials | None = None) -> creds.Credentials:
+    def _fresh(self, rejected: Credentials | None = None) -> Credentials:
         with self._lock:
             current = self._credentials
             # After a 401, renew only if no other thread did since the rejected credentials were handed out.
@@ -118,7 +81,7 @@ class _Auth(httpx.Auth):
             yield request
 
 
-def _authorize(request: httpx.Request, credentials: creds.Credentials) -> None:
+def _authorize(request: httpx.Request, credentials: Credentials) -> None:
     header = credentials.authorization()
     if header:
         request.headers["Authorization"] = header
@@ -127,7 +90,7 @@ def _authorize(request: httpx.Request, credentials: creds.Credentials) -> None:
 
 
 def http_client(
-    credentials: creds.Credentials,
+    credentials: Credentials,
     *,
     connections: int = 4,
     timeout: float = 30.0,
@@ -161,7 +124,7 @@ def _json_default(value: Any) -> Any:
 
 class Kube:
     def __init__(self, http: httpx.Client | None = None, timeout: float = 30.0) -> None:
-        """`http` None: no connection at all, for tests that override `request`."""
+        """`http` None: no connection at all (every request fails as a transport error would)."""
         self.http = http
         self.timeout = timeout
         self.instance = socket.gethostname()
@@ -170,8 +133,13 @@ class Kube:
     def connect(cls, kubeconfig: str | None = None, *, connections: int = 4, timeout: float = 30.0) -> Kube:
         """From the in-cluster service account, else `kubeconfig` / KUBECONFIG / ~/.kube/config.
 
-        Raises credentials.CredentialsError when those cannot be used."""
-        credentials = creds.load(kubeconfig)
+        Raises CredentialsError when those cannot be used."""
+        return cls.from_credentials(load_credentials(kubeconfig), connections=connections, timeout=timeout)
+
+    @classmethod
+    def from_credentials(
+        cls, credentials: Credentials, *, connections: int = 4, timeout: float = 30.0
+    ) -> Kube:
         return cls(http_client(credentials, connections=connections, timeout=timeout), timeout)
 
     def close(self) -> None:
@@ -186,7 +154,7 @@ class Kube:
     ) -> None:
         self.close()
 
-    def request(
+    def _request(
         self,
         verb: str,
         method: str,
@@ -205,14 +173,14 @@ class Kube:
             headers["Content-Type"] = "application/json"
         # JSON is YAML too, so an apply patch (application/apply-patch+yaml) is sent as JSON as well.
         content = None if body is None else json.dumps(body, default=_json_default).encode()
-        resource = RESOURCES[kind].plural
+        resource = KINDS[kind].plural
         try:
             if self.http is None:
                 raise httpx.TransportError("not connected to an API server")
             response = self.http.request(
                 method, path, params=query, headers=headers, content=content, timeout=self.timeout
             )
-        except (httpx.HTTPError, creds.CredentialsError, OSError) as exc:
+        except (httpx.HTTPError, CredentialsError, OSError) as exc:
             metrics.API_REQUESTS.labels(verb, resource, "error").inc()
             raise KubeError(0, verb, path, str(exc) or type(exc).__name__) from exc
         status = response.status_code
@@ -232,7 +200,8 @@ class Kube:
 
     # -- reads -------------------------------------------------------------------------------------
     def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
-        return self.request("get", "GET", kind, RESOURCES[kind].path(namespace, name), missing_ok=True)
+        """The object, or None when there is none."""
+        return self._request("get", "GET", kind, KINDS[kind].path(namespace, name), missing_ok=True)
 
     def list(
         self, kind: str, namespace: str | None = None, selector: str | None = None
@@ -252,7 +221,7 @@ class Kube:
                 query["labelSelector"] = selector
             if token:
                 query["continue"] = token
-            result = self.request("list", "GET", kind, RESOURCES[kind].path(namespace), query=query) or {}
+            result = self._request("list", "GET", kind, KINDS[kind].path(namespace), query=query) or {}
             meta = result.get("metadata") or {}
             if version is None:
                 raw = str(meta.get("resourceVersion") or "")
@@ -273,44 +242,55 @@ class Kube:
         """Server-side apply with field manager `kiri`; `force` takes over fields another manager set."""
         kind = str(obj["kind"])
         meta = obj["metadata"]
-        path = RESOURCES[kind].path(meta.get("namespace"), meta["name"])
+        path = KINDS[kind].path(meta.get("namespace"), meta["name"])
         query = {"fieldManager": L.FIELD_MANAGER, "force": "true"}
-        result = self.request("apply", "PATCH", kind, path, query=query, body=dict(obj), content_type=APPLY)
+        result = self._request("apply", "PATCH", kind, path, query=query, body=dict(obj), content_type=APPLY)
         assert result is not None
         return result
+
+    def patch(self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch (RFC 7386): only the fields named change, no field manager takes them over."""
+        path = KINDS[kind].path(namespace, name)
+        result = self._request("patch", "PATCH", kind, path, body=dict(patch), content_type=MERGE_PATCH)
+        return result or {}
+
+    def annotate(
+        self, kind: str, namespace: str | None, name: str, annotations: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """Set annotations (a merge patch of metadata.annotations alone)."""
+        return self.patch(kind, namespace, name, {"metadata": {"annotations": dict(annotations)}})
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         # Background: the garbage collector removes the Job's or DaemonSet's pods after the owner is gone.
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
-        self.request(
-            "delete", "DELETE", kind, RESOURCES[kind].path(namespace, name), body=body, missing_ok=True
-        )
+        self._request("delete", "DELETE", kind, KINDS[kind].path(namespace, name), body=body, missing_ok=True)
 
     def apply_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
         """Status via server-side apply too: fields Kiri stops setting are removed, not left behind."""
+        md = MODEL_DEPLOYMENT
         body = {
-            "apiVersion": API_VERSION,
-            "kind": KIND,
+            "apiVersion": md.api_version,
+            "kind": md.kind,
             "metadata": {"name": name, "namespace": namespace},
             "status": dict(status),
         }
-        path = RESOURCES[KIND].path(namespace, name, "status")
+        path = md.path(namespace, name, "status")
         query = {"fieldManager": L.FIELD_MANAGER, "force": "true"}
-        result = self.request("apply", "PATCH", KIND, path, query=query, body=body, content_type=APPLY)
+        result = self._request("apply", "PATCH", md.kind, path, query=query, body=body, content_type=APPLY)
         assert result is not None
         return result
 
     def event(self, md: Mapping[str, Any], event: Event) -> None:
         meta = md.get("metadata") or {}
         namespace = str(meta.get("namespace"))
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = format_time(datetime.now(UTC))
         body = {
-            "apiVersion": "v1",
-            "kind": "Event",
+            "apiVersion": EVENT.api_version,
+            "kind": EVENT.kind,
             "metadata": {"generateName": f"{meta.get('name')}.", "namespace": namespace},
             "involvedObject": {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
+                "apiVersion": MODEL_DEPLOYMENT.api_version,
+                "kind": MODEL_DEPLOYMENT.kind,
                 "name": meta.get("name"),
                 "namespace": namespace,
                 "uid": meta.get("uid"),
@@ -319,8 +299,8 @@ class Kube:
             "reason": event.reason,
             "message": event.message[:1024],
             "type": event.type,
-            "source": {"component": "kiri-operator", "host": self.instance},
-            "reportingComponent": "kiri.dev/operator",
+            "source": {"component": L.EVENT_SOURCE, "host": self.instance},
+            "reportingComponent": L.REPORTING_COMPONENT,
             "reportingInstance": self.instance[:128],
             "action": event.reason,
             "firstTimestamp": now,
@@ -328,35 +308,6 @@ class Kube:
             "count": 1,
         }
         try:
-            self.request("create", "POST", "Event", RESOURCES["Event"].path(namespace), body=body)
+            self._request("create", "POST", EVENT.kind, EVENT.path(namespace), body=body)
         except KubeError as exc:  # an event is worth a log line, never a failed reconcile
             log.warning("could not record event %s: %s", event.reason, exc)
-
-    def publish_manifest(
-        self,
-        namespace: str,
-        name: str,
-        text: str,
-        compression: str,
-        owner_name: str | None,
-        owner_uid: str | None,
-    ) -> dict[str, Any]:
-        """The compression Job's last step: the manifest as a ConfigMap owned by its ModelDeployment."""
-        md = owner_name or ""
-        cm_labels = {**L.common_labels(md, L.COMPONENT_MANIFEST), L.COMPRESSION: compression} if md else {}
-        meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": cm_labels}
-        if owner_name and owner_uid:
-            meta["ownerReferences"] = [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": owner_name,
-                    "uid": owner_uid,
-                    "controller": True,
-                    # True would need update on the owner's finalizers (OwnerReferencesPermissionEnforcement).
-                    "blockOwnerDeletion": False,
-                }
-            ]
-        return self.apply(
-            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {L.MANIFEST_KEY: text}}
-        )

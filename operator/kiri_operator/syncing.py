@@ -1,0 +1,90 @@
+"""Keeping the caches in step with the cluster outside the watches: the warm-up LISTs before the first
+reconcile, and the periodic resync (a pod LIST, a memory trim, every ModelDeployment queued again)."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import logging
+from typing import Any
+
+from kiri_operator import labels as L
+from kiri_operator.caches import Cache, Key, PodIndex, index_pods
+from kiri_operator.kinds import CHILD_KINDS, MODEL_DEPLOYMENT, NODE, POD
+from kiri_operator.kube import Kube
+from kiri_operator.memos import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def warm(kube: Kube, cache: Cache, namespace: str | None) -> None:
+    """One LIST per kind before the first reconcile, so no plan is made from a half-filled cache.
+
+    Page by page: the cache keeps slim views of nodes and pods, so a fleet never sits in memory whole."""
+    if not cache.nodes:
+        for _, nodes in kube.list_pages(NODE.kind):
+            for node in nodes:
+                cache.put_node(node)
+    for md in kube.list(MODEL_DEPLOYMENT.kind, namespace):
+        cache.put_md(md)
+    selector = L.managed_selector()
+    for kind in CHILD_KINDS:
+        for obj in kube.list(kind, namespace, selector):
+            cache.put_child(kind, obj)
+    for _, pods in kube.list_pages(POD.kind, namespace, L.MODEL_DEPLOYMENT):
+        for pod in pods:
+            cache.put_pod(pod)
+
+
+def _libc_trim() -> Any:
+    """glibc's malloc_trim, or None (musl, macOS): it hands free heap pages back to the kernel."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+MALLOC_TRIM = _libc_trim()
+
+
+def release_memory() -> None:
+    # glibc returns freed memory to the kernel only from the top of its heaps: after a burst of watch
+    # events (a fleet's pods created at once) most of the resident peak stays, unused, without this.
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
+
+
+def relist_pods(kube: Kube, cache: Cache, namespace: str | None) -> set[Key]:
+    """The pods of `namespace` (all when None) LISTed again and merged into the cache; the keys whose
+    pods changed."""
+    fresh: PodIndex = {}
+    version: int | None = None
+    for page_version, page in kube.list_pages(POD.kind, namespace, L.MODEL_DEPLOYMENT):
+        version = page_version
+        index_pods(page, fresh)
+    return cache.replace_pods(namespace, fresh, version)
+
+
+async def resync(runtime: Runtime) -> None:
+    """Every `resync_seconds`, until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(runtime.config.resync_seconds)
+        # One pod LIST per watched namespace per resync: if the pod watch went quiet (seen after a restart
+        # on a loaded machine), waves still see readiness within one resync instead of holding forever.
+        if runtime.kube is not None:
+            for namespace in runtime.config.scopes:
+                try:
+                    stale = await loop.run_in_executor(
+                        None, relist_pods, runtime.kube, runtime.cache, namespace
+                    )
+                except Exception as exc:  # the watches still feed the cache; retry next resync
+                    log.warning("resync: listing pods in %s failed: %s", namespace or "all namespaces", exc)
+                    continue
+                if stale:
+                    log.info("resync: pod cache was stale for %d ModelDeployment(s)", len(stale))
+        await loop.run_in_executor(None, release_memory)
+        for key in runtime.cache.md_keys():
+            runtime.enqueue(key, watched=False)
