@@ -4,7 +4,7 @@ Builders are pure and deterministic: the same inputs give byte-identical dicts, 
 the object (`kiri.dev/spec-hash`) tells the check step whether a write is needed without comparing
 against server-defaulted fields.
 
-One module of about 570 lines, on purpose: every child body Kiri builds shares the same security contexts,
+Why one module: every child body Kiri builds shares the same security contexts,
 probes, volumes, metadata and hash, and the builders read best next to each other; split by tier, each
 tier module would import the others' private helpers (as `planning.learning` already does).
 """
