@@ -588,6 +588,44 @@ def test_state_survives_the_status_round_trip() -> None:
     assert RolloutStatus.model_validate({}) == RolloutStatus()
 
 
+def test_a_stored_status_rollout_reads_back_to_the_same_dict() -> None:
+    # As the operator wrote it before status.rollout was typed: the steady state must compare equal.
+    stored = {
+        "stableRevision": "r2",
+        "updateRevision": "r3",
+        "previousStableRevision": "r1",
+        "group": "site-a",
+        "stage": 1,
+        "stepStartedAt": "2026-01-01T12:00:05Z",
+        "progressAt": "2026-01-01T12:00:07Z",
+        "readyNodes": 2,
+        "readyAt": "2026-01-01T12:00:09Z",
+        "promoted": False,
+        "handledPromote": "p1",
+        "rolledBackRevisions": ["r0"],
+        "history": [
+            {
+                "revision": "r0",
+                "outcome": "RolledBack",
+                "reason": "PodsFailed",
+                "at": "2026-01-01T11:00:00Z",
+                "message": "x",
+            },
+            {
+                "revision": "r2",
+                "outcome": "Promoted",
+                "reason": "RolloutCompleted",
+                "at": "2026-01-01T11:30:00Z",
+            },
+        ],
+        "verdict": "Progressing",
+        "reason": "Baking",
+        "message": "step 2/4: baking until 2026-01-01T12:00:39Z",
+        "stableVariants": {"n001": "fp16"},
+    }
+    assert RolloutStatus.model_validate(stored).dump() == stored
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_restart_mid_wave_neither_repeats_nor_skips_a_wave(seed: int) -> None:
     """A restarted operator only has status and the cluster: the run through status matches the direct run."""
