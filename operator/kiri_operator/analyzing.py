@@ -25,9 +25,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 
-from kiri_operator.planning import staging, verdicts
-from kiri_operator.planning import waves as W
-from kiri_operator.planning.waves import Measurement
+from kiri_operator.api.statuses import RolloutStatus
+from kiri_operator.observations import Measurement
+from kiri_operator.planning import verdicts
+from kiri_operator.planning.stepping import policy_of
+from kiri_operator.planning.waves import analysis_due
 
 if TYPE_CHECKING:
     from kiri_operator.api.specs import ModelDeploymentSpec
@@ -201,9 +203,9 @@ def measure_due(
     analysis = spec.rollout.analysis
     if analysis is None:
         return None
-    policy = staging.policy_of(spec.rollout)
-    state = W.state_from_status(status.get("rollout"))
-    if not W.analysis_due(policy, state, now) or state.ready_at is None or state.update_revision is None:
+    policy = policy_of(spec.rollout)
+    state = RolloutStatus.model_validate(status.get("rollout") or {})
+    if not analysis_due(policy, state, now) or state.ready_at is None or state.update_revision is None:
         return None
     substitutions = Substitutions(
         revision=state.update_revision, namespace=namespace, variants=[v.name for v in spec.edge.variants]

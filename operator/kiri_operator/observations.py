@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
 
 from kiri_operator import labels as L
 from kiri_runtime.manifests import Manifest
 
-if TYPE_CHECKING:
-    from kiri_operator.planning.waves import Measurement
+Outcome = Literal["Successful", "Failed", "Inconclusive", "Error"]
+"""What analysis found: of one query (`planning.verdicts.judge_query`) or of a whole measurement."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,16 @@ class ManifestView:
     compression: str
     manifest: Manifest | None = None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One analysis measurement of the update revision, taken by `analyzing` when the wave planner said it
+    was due (`planning.waves.analysis_due`)."""
+
+    at: datetime
+    outcome: Outcome
+    message: str = ""
 
 
 @dataclass(frozen=True)

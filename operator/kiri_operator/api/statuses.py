@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from kiri_operator.api.bases import StatusModel
 from kiri_operator.api.scalars import Timestamp
@@ -18,6 +18,12 @@ Phase = Literal[
     "Pending", "Compressing", "Progressing", "Paused", "Healthy", "Degraded", "RolledBack", "Failed"
 ]
 VariantState = Literal["Pending", "Compressing", "Verified", "Rejected", "Failed"]
+RolloutVerdict = Literal[
+    "Waiting", "Progressing", "Holding", "Inconclusive", "Paused", "RolledBack", "Completed"
+]
+"""The edge rollout's verdict, the one enum from the wave planner to `status.rollout.verdict`. `Waiting` is the
+edge tier's own (variants not verified yet: the wave planner has not run); `Inconclusive` is a `Holding` that
+says analysis could not decide, kept apart so it goes on holding until a measurement decides."""
 ConditionStatus = Literal["True", "False", "Unknown"]
 
 PHASES: tuple[Phase, ...] = (
@@ -231,6 +237,82 @@ class LearningStatus(StatusModel):
     """Adoptions in the last 24 hours, per site."""
 
 
+class RolloutHistoryEntry(StatusModel):
+    """One rollout's end, as the wave planner remembers it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    revision: str
+    """Revision hash."""
+    outcome: Literal["Promoted", "RolledBack"]
+    """`Promoted` (reached every step) or `RolledBack`."""
+    reason: str = ""
+    """Why, e.g. `RolloutCompleted` or the failed gate."""
+    at: Timestamp
+    """When."""
+    message: str | None = None
+    """What a rollback said."""
+
+
+class RolloutStatus(StatusModel):
+    """The wave planner's memory (`planning.waves`): position, timers, handled commands, failed revisions.
+    Everything else is recomputed from the cluster on every reconcile. Times are whole seconds, as
+    `metav1.Time` holds them, so a state read back equals the state that was written."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stable_revision: str | None = None
+    """The last revision that reached every step; what a rollback goes back to."""
+    update_revision: str | None = None
+    """The revision being (or last) rolled out."""
+    previous_stable_revision: str | None = None
+    """The stable revision before this one: where a manual rollback goes."""
+    group: str | None = None
+    """The `groupBy` value of the step in progress (none without `groupBy`)."""
+    stage: int = 0
+    """Index of the step in progress in `spec.rollout.stages`, within its group."""
+    step_started_at: Timestamp | None = None
+    """When the step in progress started."""
+    progress_at: Timestamp | None = None
+    """Last progress (a node moved or became Ready), for `progressDeadlineSeconds`."""
+    ready_nodes: int = 0
+    """Nodes Ready on the update revision at the last progress."""
+    ready_at: Timestamp | None = None
+    """When every online node of the step became Ready: analysis and bake count from here."""
+    last_measured_at: Timestamp | None = None
+    """The last analysis measurement of this step."""
+    analysis_passed_at: Timestamp | None = None
+    """When this step's analysis passed."""
+    promoted: bool = False
+    """This step was promoted by hand: bake and analysis skipped."""
+    handled_promote: str | None = None
+    """The last `kiri.dev/promote` annotation value acted on."""
+    handled_abort: str | None = None
+    """The last `kiri.dev/abort` annotation value acted on."""
+    handled_rollback: str | None = None
+    """The last `kiri.dev/rollback` annotation value acted on."""
+    rolled_back_revisions: tuple[str, ...] = ()
+    """Revisions rolled back, newest last: the same spec applied again is not rolled out again."""
+    history: tuple[RolloutHistoryEntry, ...] = ()
+    """The last rollouts' ends, newest last."""
+    verdict: RolloutVerdict | None = None
+    """The last plan's verdict."""
+    reason: str = ""
+    """Its reason."""
+    message: str = ""
+    """Its message."""
+    stable_variants: dict[str, str] | None = None
+    """node -> the variant it ran on the stable revision, for the nodes off stable (so they go back to it)."""
+
+    @property
+    def in_progress(self) -> bool:
+        return (
+            self.update_revision is not None
+            and self.update_revision != self.stable_revision
+            and self.update_revision not in self.rolled_back_revisions
+        )
+
+
 class ModelDeploymentStatus(StatusModel):
     """What the operator observed and decided. Written only by the operator."""
 
@@ -258,6 +340,8 @@ class ModelDeploymentStatus(StatusModel):
     """Newest last, at most `spec.rollout.revisionHistoryLimit` entries."""
     learning: LearningStatus | None = None
     """Federated learning rounds, privacy spent and update policy decisions (with `spec.learning`)."""
-    rollout: dict[str, Any] | None = None
+    rollout: Annotated[
+        RolloutStatus | None, Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    ] = None
     """The wave controller's bookkeeping (stable revision, stage, timers, handled promote/abort requests), kept
     here so a restarted operator resumes where it stopped. Internal: its keys may change between versions."""

@@ -1,9 +1,14 @@
 """Node-to-revision assignment: the one place that decides which edge node runs which (revision, variant).
 
-Everything a rollout strategy could need comes in (`AssignInput`), and the decision goes out explicitly
-(`Assignment`): where every node belongs, the rollout state to record in status, the events, and a
-verdict. This module moves every eligible node to the update revision at once, as soon as that
-revision's variants are verified; staged waves replace `assign_nodes`'s internals, not its signature.
+Pure. Everything the decision needs comes in (`AssignInput`), and it goes out explicitly (`Assignment`):
+where every node belongs, the rollout status to record, the events, and the verdict. Until the update
+revision's variants are verified nothing moves (verdict `Waiting`); after that the wave planner
+(`planning.waves`) decides node -> revision, and this module turns its plan into slots.
+
+Variants are this module's concern, not the wave planner's: a node moved to the update revision gets its
+placed variant; a node going back to the stable revision gets the variant it ran there, remembered in
+``status.rollout.stableVariants`` for the nodes that are off stable (and only those, so the map stays as
+small as the wave). A pod of another variant than its node's slot is not Ready for the wave planner.
 """
 
 from __future__ import annotations
@@ -11,19 +16,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
 
+from kiri_operator import labels as L
 from kiri_operator.api.specs import RolloutSpec
-from kiri_operator.observations import NodeView
-from kiri_operator.planning.staging import assign_in_waves
-from kiri_operator.planning.waves import Measurement
+from kiri_operator.api.statuses import RolloutHistoryEntry, RolloutStatus
+from kiri_operator.conditions import Reason
+from kiri_operator.observations import Measurement, NodeView
+from kiri_operator.planning import waves as W
+from kiri_operator.planning.stepping import EdgeNode, policy_of
 from kiri_operator.plans import Event, Slot
 
-# Staged waves (spec.rollout); the all-at-once path below is what they replaced, kept as the reference.
-STAGED = True
-
-# Holding, Paused and RolledBack come from staged waves (planning.staging).
-Verdict = Literal["Waiting", "Progressing", "Complete", "Holding", "Paused", "RolledBack"]
+ROLLBACK_ANNOTATION = "kiri.dev/rollback"
 
 
 @dataclass(frozen=True)
@@ -52,11 +55,10 @@ class AssignInput:
     current: Mapping[str, Slot]
     """Where nodes are now, read from the existing DaemonSets' node affinity."""
     pods: Mapping[str, NodePod]
-    edge_status: Mapping[str, Any]
     annotations: Mapping[str, str]
     now: datetime
-    rollout_state: Mapping[str, Any] = field(default_factory=dict)
-    """status.rollout: the wave planner's memory."""
+    rollout_status: RolloutStatus | None = None
+    """status.rollout as stored: the wave planner's memory (None when there is none)."""
     variant_sizes: Mapping[str, int] = field(default_factory=dict)
     """Artifact bytes per variant of the update revision, for the bandwidth caps."""
     measurement: Measurement | None = None
@@ -65,69 +67,133 @@ class AssignInput:
 
 @dataclass
 class Assignment:
+    verdict: W.Verdict
     nodes: dict[str, Slot] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)
-    """Rollout fields for status.edge (stage, stageIndex, stageStartedAt, ...)."""
     events: list[Event] = field(default_factory=list)
-    verdict: Verdict = "Waiting"
-    message: str = ""
     keep_revisions: frozenset[str] = frozenset()
     """Revisions whose DaemonSets stay even with no node, so moving back needs no rebuild."""
-    rollout: dict[str, Any] = field(default_factory=dict)
+    rollout: RolloutStatus | None = None
     """status.rollout to write."""
-    reason: str = ""
     requeue_after: float | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """New status.history entries (rollbacks; promotions are recorded by the caller)."""
+    rolled_back: tuple[RolloutHistoryEntry, ...] = ()
+    """Rollbacks decided by this plan (promotions are recorded by the caller, in status.history)."""
+    stage_index: int = 0
+    """Index into spec.rollout.stages of the step in progress (or the last one)."""
+    stage: str = ""
+    """The step in words, e.g. ``site-a 2/4 (25%)``; ``100%`` once complete."""
+    stage_started_at: datetime | None = None
+    deferred: tuple[str, ...] = ()
+    """Offline nodes, sorted: their slot is set and they converge when back."""
+
+
+def commands_of(annotations: Mapping[str, str]) -> W.Commands:
+    return W.Commands(
+        promote=annotations.get(L.PROMOTE) or None,
+        abort=annotations.get(L.ABORT) or None,
+        rollback=annotations.get(ROLLBACK_ANNOTATION) or None,
+    )
+
+
+def stage_label(plan: W.WavePlan) -> str:
+    step = plan.step
+    if step is None:
+        return ""
+    stage = step.stage
+    size = f"{stage.percent:g}%" if stage.percent is not None else f"{stage.nodes} nodes"
+    where = f"{step.group} " if step.group is not None else ""
+    return f"{where}{step.index + 1}/{len(plan.steps)} ({size})"
 
 
 def assign_nodes(inp: AssignInput) -> Assignment:
-    eligible = {n.name for n in inp.nodes}
-    out = Assignment(keep_revisions=frozenset(r for r in (inp.stable_revision, inp.update_revision) if r))
+    keep = frozenset(r for r in (inp.stable_revision, inp.update_revision) if r)
     if not inp.verified:
         # Until the variants are verified nothing moves: nodes keep what they run.
-        out.nodes = {n: s for n, s in inp.current.items() if n in eligible}
-        out.verdict = "Waiting"
-        out.message = "waiting for the compression Job to verify the variants"
-        out.rollout = dict(inp.rollout_state)
-        return out
-    if STAGED:
-        return assign_in_waves(inp, out)
-
-    moved = 0
-    for node in sorted(eligible):
-        variant = inp.desired.get(node)
-        if variant is None:
-            # No accepted variant for this node in the update revision: it keeps its old one, if any.
-            if node in inp.current:
-                out.nodes[node] = inp.current[node]
-            continue
-        slot = Slot(inp.update_revision, variant)
-        if inp.current.get(node) != slot:
-            moved += 1
-        out.nodes[node] = slot
-    if moved:
-        out.events.append(
-            Event("Normal", "NodesMoved", f"moved {moved} edge node(s) to revision {inp.update_revision}")
+        eligible = {n.name for n in inp.nodes}
+        message = "waiting for the compression Job to verify the variants"
+        return Assignment(
+            verdict=W.Verdict("Waiting", Reason.WAITING_FOR_VARIANTS, message),
+            nodes={n: s for n, s in inp.current.items() if n in eligible},
+            keep_revisions=keep,
+            rollout=inp.rollout_status,
         )
+    return _assign_in_waves(inp, keep)
+
+
+def _state_of(stored: RolloutStatus | None, stable_revision: str | None) -> RolloutStatus:
+    """The wave planner's state; an operator that ran without waves (or a status from before them) starts
+    from ``status.currentRevision`` as the stable revision."""
+    if stored is None or not stored.model_fields_set - {"stable_variants"}:
+        if stable_revision:
+            return RolloutStatus(stable_revision=stable_revision, update_revision=stable_revision)
+        return RolloutStatus()
+    return stored.model_copy(update={"stable_variants": None})
+
+
+def _assign_in_waves(inp: AssignInput, keep: frozenset[str]) -> Assignment:
+    stored = inp.rollout_status
+    remembered: dict[str, str] = dict(stored.stable_variants or {}) if stored is not None else {}
+    state = _state_of(stored, inp.stable_revision)
+    placed = [n for n in inp.nodes if n.name in inp.desired]
+    observed = W.Observed(
+        update_revision=inp.update_revision,
+        nodes=[EdgeNode(n.name, dict(n.labels), n.ready, inp.desired[n.name]) for n in placed],
+        assignment={n: s.revision for n, s in inp.current.items() if n in inp.desired},
+        pods={
+            n: W.NodePod(p.revision, p.ready and p.variant == _variant_on(inp, n, p.revision), p.failed)
+            for n, p in inp.pods.items()
+        },
+        variant_sizes=inp.variant_sizes,
+        measurement=inp.measurement,
+        commands=commands_of(inp.annotations),
+    )
+    plan = W.plan_waves(policy_of(inp.rollout), observed, state, inp.now)
+
+    stable = plan.state.stable_revision
+    slots: dict[str, Slot] = {}
+    for name, revision in plan.assignment.items():
+        current = inp.current.get(name)
+        if revision == inp.update_revision:
+            # Within the update revision a node follows its capabilities: a relabelled node changes variant.
+            slots[name] = Slot(revision, inp.desired[name])
+        elif current is not None and current.revision == revision:
+            slots[name] = current
+        else:
+            slots[name] = Slot(revision, remembered.get(name) or inp.desired[name])
+    # Nodes with no accepted variant in the update revision keep what they run.
+    eligible = {n.name for n in inp.nodes}
+    for name, slot in inp.current.items():
+        if name not in inp.desired and name in eligible:
+            slots[name] = slot
+    # Remember the stable variant of every node that is now off stable; forget the others.
+    for name, slot in inp.current.items():
+        if slot.revision == stable and slots.get(name, slot).revision != stable:
+            remembered[name] = slot.variant
+    remembered = {n: v for n, v in remembered.items() if n in slots and slots[n].revision != stable}
+
+    step = plan.step
     online = {n.name for n in inp.nodes if n.ready}
-    # Offline nodes are deferred, not waited for: their DaemonSet slot is set and they converge when back.
-    target = [n for n in out.nodes if out.nodes[n].revision == inp.update_revision and n in online]
-    ready = [n for n in target if _ready_on(inp.pods.get(n), out.nodes[n])]
-    total = len(target)
-    out.state = {
-        "stageIndex": len(inp.rollout.stages) - 1 if inp.rollout.stages else 0,
-        "stage": "100%",
-        "deferredNodes": sorted(n for n in out.nodes if n not in online),
-    }
-    if len(ready) == total:
-        out.verdict = "Complete"
-        out.message = f"{total} edge node(s) run revision {inp.update_revision}"
-    else:
-        out.verdict = "Progressing"
-        out.message = f"{len(ready)}/{total} edge node(s) ready on revision {inp.update_revision}"
-    return out
+    return Assignment(
+        verdict=plan.verdict,
+        nodes=slots,
+        events=list(plan.events),
+        keep_revisions=frozenset(r for r in (*keep, stable, plan.state.previous_stable_revision) if r),
+        rollout=plan.state.model_copy(update={"stable_variants": dict(sorted(remembered.items())) or None}),
+        requeue_after=plan.requeue_after,
+        rolled_back=tuple(
+            h for h in plan.state.history if h.outcome == "RolledBack" and h not in state.history
+        ),
+        stage_index=step.stage_index if step is not None else max(0, len(inp.rollout.stages) - 1),
+        stage=stage_label(plan) or ("100%" if plan.verdict.kind == "Completed" else ""),
+        stage_started_at=plan.state.step_started_at if step is not None else None,
+        deferred=tuple(sorted(n for n in slots if n not in online)),
+    )
 
 
-def _ready_on(pod: NodePod | None, slot: Slot) -> bool:
-    return pod is not None and pod.ready and pod.revision == slot.revision and pod.variant == slot.variant
+def _variant_on(inp: AssignInput, node: str, revision: str) -> str | None:
+    """The variant a node's pod should run on ``revision``: a pod of another variant is not Ready for it."""
+    current = inp.current.get(node)
+    if current is not None and current.revision == revision:
+        return current.variant
+    if revision == inp.update_revision:
+        return inp.desired.get(node)
+    return None

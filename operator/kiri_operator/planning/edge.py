@@ -11,7 +11,9 @@ from typing import Any
 
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
+from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.api.statuses import RolloutStatus
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
@@ -82,7 +84,7 @@ class EdgePlan(TierPlan):
     status: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
     rolled_back: Condition | None = None
-    rollout: dict[str, Any] = field(default_factory=dict)
+    rollout: RolloutStatus | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     stable_revision: str | None = None
 
@@ -108,6 +110,7 @@ def _edge_rollout(
     current = current_assignment(observed)
     pods = edge_pods(observed)
     status = observed.status
+    stored = status.get("rollout")
     result: Assignment = assign_nodes(
         AssignInput(
             rollout=spec.rollout,
@@ -120,10 +123,9 @@ def _edge_rollout(
             verified=verified,
             current=current,
             pods=pods,
-            edge_status=status.get("edge") or {},
             annotations=observed.annotations,
             now=observed.now,
-            rollout_state=status.get("rollout") or {},
+            rollout_status=RolloutStatus.model_validate(stored) if stored else None,
             variant_sizes={v.name: v.size_bytes or 0 for v in comp.manifest.variants}
             if comp.manifest
             else {},
@@ -132,9 +134,18 @@ def _edge_rollout(
     )
     out.events.extend(result.events)
     out.rollout = result.rollout
-    out.history = result.history
+    out.history = [
+        {
+            "revision": h.revision,
+            "outcome": h.outcome,
+            "reason": h.reason,
+            "time": format_time(h.at),
+            "message": h.message or "",
+        }
+        for h in result.rolled_back
+    ]
     out.requeue_after = result.requeue_after
-    out.stable_revision = result.rollout.get("stableRevision")
+    out.stable_revision = result.rollout.stable_revision if result.rollout is not None else None
 
     groups: dict[Slot, list[str]] = {}
     for node, slot in result.nodes.items():
@@ -185,15 +196,15 @@ def _edge_rollout(
         "targetNodes": target,
         "updatedNodes": len(updated),
         "readyNodes": len(ready),
-        "deferredNodes": len(result.state.get("deferredNodes", [])),
+        "deferredNodes": len(result.deferred),
         "unmatchedNodes": n_unmatched,
-        "stageIndex": int(result.state.get("stageIndex", 0)),
+        "stageIndex": result.stage_index,
         "perVariant": per_variant,
     }
-    if result.state.get("stage"):
-        out.status["stage"] = result.state["stage"]
-    if result.state.get("stageStartedAt"):
-        out.status["stageStartedAt"] = result.state["stageStartedAt"]
+    if result.stage:
+        out.status["stage"] = result.stage
+    if result.stage_started_at is not None:
+        out.status["stageStartedAt"] = format_time(result.stage_started_at)
 
     if not eligible:
         sel = ",".join(f"{k}={v}" for k, v in sorted(spec.edge.node_selector.items()))
@@ -210,41 +221,40 @@ def _edge_rollout(
             Event("Warning", Reason.UNMATCHED_NODES, f"{n_unmatched} edge node(s) match no variant: {names}")
         )
 
+    verdict = result.verdict
     if out.fault is not None:
         out.rolled_out = out.fault
         out.progressing = Condition(C.EDGE_PROGRESSING, "False", out.fault.reason, out.fault.message)
-    elif result.verdict == "Waiting":
+    elif verdict.kind == "Waiting":
         if comp.condition.status == "False":
             reason, msg = comp.condition.reason, "no verified variant to roll out"
             out.progressing = Condition(C.EDGE_PROGRESSING, "False", reason, msg)
         else:
             out.progressing = Condition(
-                C.EDGE_PROGRESSING, "True", Reason.WAITING_FOR_VARIANTS, result.message
+                C.EDGE_PROGRESSING, "True", Reason.WAITING_FOR_VARIANTS, verdict.message
             )
-        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.WAITING_FOR_VARIANTS, result.message)
-    elif result.verdict == "Progressing":
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.WAITING_FOR_VARIANTS, verdict.message)
+    elif verdict.kind == "Progressing":
         # The wave's reason says which gate it is at: WaitingForReady, AnalysisRunning, Baking.
-        out.progressing = Condition(
-            C.EDGE_PROGRESSING, "True", result.reason or Reason.ROLLING_OUT, result.message
-        )
-        waiting = result.reason in ("", "WaitingForReady")
+        out.progressing = Condition(C.EDGE_PROGRESSING, "True", verdict.reason, verdict.message)
+        waiting = verdict.reason == Reason.WAITING_READY
         out.rolled_out = Condition(
             C.EDGE_ROLLED_OUT,
             "False",
             Reason.NODES_NOT_READY if waiting else Reason.ROLLING_OUT,
-            result.message,
+            verdict.message,
         )
-    elif result.verdict in ("Holding", "Paused"):
+    elif verdict.kind in ("Holding", "Inconclusive", "Paused"):
         # The wave's own reason (AnalysisInconclusive, Paused, WaitingForOfflineNodes, ...) is the news.
-        out.progressing = Condition(C.EDGE_PROGRESSING, "True", result.reason, result.message)
-        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", result.reason, result.message)
-    elif result.verdict == "RolledBack":
-        out.progressing = Condition(C.EDGE_PROGRESSING, "False", C.ROLLED_BACK, result.message)
-        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", C.ROLLED_BACK, result.message)
-        out.rolled_back = Condition(C.ROLLED_BACK, "True", result.reason, result.message)
+        out.progressing = Condition(C.EDGE_PROGRESSING, "True", verdict.reason, verdict.message)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", verdict.reason, verdict.message)
+    elif verdict.kind == "RolledBack":
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", C.ROLLED_BACK, verdict.message)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", C.ROLLED_BACK, verdict.message)
+        out.rolled_back = Condition(C.ROLLED_BACK, "True", verdict.reason, verdict.message)
     else:
-        out.progressing = Condition(C.EDGE_PROGRESSING, "False", Reason.ROLLED_OUT, result.message)
-        msg = result.message
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", Reason.ROLLED_OUT, verdict.message)
+        msg = verdict.message
         if n_unmatched:
             msg += f"; {n_unmatched} node(s) match no variant"
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "True", Reason.ROLLED_OUT, msg)

@@ -18,7 +18,6 @@ from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.api.statuses import ModelDeploymentStatus
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import Observed
-from kiri_operator.planning import waves as W
 from kiri_operator.planning.cloud import CloudPlan
 from kiri_operator.planning.compression import CompressionPlan
 from kiri_operator.planning.edge import EdgePlan
@@ -43,10 +42,10 @@ WAVE_GATE_REASONS = frozenset(
         Reason.ROLLING_OUT,
         Reason.NODES_NOT_READY,
         Reason.ROLLED_OUT,
-        W.REASON_STEP_PROGRESSING,
-        W.REASON_WAITING_READY,
-        W.REASON_ANALYSIS_RUNNING,
-        W.REASON_BAKING,
+        Reason.STEP_PROGRESSING,
+        Reason.WAITING_READY,
+        Reason.ANALYSIS_RUNNING,
+        Reason.BAKING,
     }
 )
 

@@ -1,6 +1,6 @@
 """The update policy: is a new revision worth a rollout now, later, or not at all?
 
-Pure: `(policy, candidate, history, now) -> UpdateVerdict`, no clock, no I/O. Three checks, cheapest
+Pure: `(policy, candidate, history, now) -> UpdateDecision`, no clock, no I/O. Three checks, cheapest
 verdict first:
 
 1. `minImprovement` (learned revisions only): the held-out gain the round measured. A revision that does not
@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import UpdatePolicy
 
 DAY = timedelta(days=1)
@@ -46,7 +47,10 @@ class Download:
 
 
 @dataclass(frozen=True)
-class UpdateVerdict:
+class UpdateDecision:
+    """Whether a new revision may start rolling out at all (`status.learning.update`). Not a rollout verdict
+    (`planning.waves.Verdict`): it is decided before a rollout exists, and a deferral is not a failure."""
+
     allowed: bool
     reason: str
     retry_after_seconds: int | None = None
@@ -84,15 +88,15 @@ def decide(
     now: datetime,
     last_rollout_at: datetime | None,
     downloads: Sequence[Download] = (),
-) -> UpdateVerdict:
+) -> UpdateDecision:
     if policy is None:
-        return UpdateVerdict(True, "no updatePolicy")
+        return UpdateDecision(True, "no updatePolicy")
     if candidate.learned and policy.min_improvement > 0:
         gain = candidate.improvement
         if gain is None:
-            return UpdateVerdict(False, "minImprovement: the round measured no held-out improvement")
+            return UpdateDecision(False, "minImprovement: the round measured no held-out improvement")
         if gain < policy.min_improvement:
-            return UpdateVerdict(
+            return UpdateDecision(
                 False, f"minImprovement: held-out gain {gain:+.4f} is below {policy.min_improvement:g}"
             )
     if last_rollout_at is not None and policy.min_interval_seconds > 0:
@@ -101,10 +105,10 @@ def decide(
             left = math.ceil(policy.min_interval_seconds - elapsed)
             until = last_rollout_at + timedelta(seconds=policy.min_interval_seconds)
             # Absolute times, not "N s left": the reason lands in status and must not change every reconcile.
-            return UpdateVerdict(
+            return UpdateDecision(
                 False,
-                f"minIntervalSeconds: last rollout started {last_rollout_at:%Y-%m-%dT%H:%M:%SZ}, "
-                f"the next may start at {until:%Y-%m-%dT%H:%M:%SZ}",
+                f"minIntervalSeconds: last rollout started {format_time(last_rollout_at)}, "
+                f"the next may start at {format_time(until)}",
                 retry_after_seconds=left,
             )
     limit = policy.max_bytes_per_day
@@ -114,7 +118,7 @@ def decide(
             if needed <= 0:
                 continue
             if needed > limit:
-                return UpdateVerdict(
+                return UpdateDecision(
                     False, f"maxBytesPerDay: site {site} needs {needed} bytes, more than its {limit} a day"
                 )
             mine = [d for d in downloads if d.site == site]
@@ -123,9 +127,9 @@ def decide(
                 waits.append((_wait_for_room(mine, now, needed, limit), site, used, needed))
         if waits:
             wait, site, used, needed = max(waits)
-            return UpdateVerdict(
+            return UpdateDecision(
                 False,
                 f"maxBytesPerDay: site {site} downloaded {used} bytes in 24h, {needed} more exceeds {limit}",
                 retry_after_seconds=wait,
             )
-    return UpdateVerdict(True, "within updatePolicy")
+    return UpdateDecision(True, "within updatePolicy")

@@ -17,9 +17,8 @@ import operator
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-Outcome = Literal["Successful", "Failed", "Inconclusive", "Error"]
+from kiri_operator.observations import Outcome
 
 _CONDITION = re.compile(
     r"^\s*result\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<num>[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?)\s*$"
@@ -35,8 +34,8 @@ _OPS: dict[str, Callable[[float, float], bool]] = {
 
 
 @dataclass(frozen=True)
-class Condition:
-    """``result <op> <number>``: a comparison, never evaluated code."""
+class SuccessCondition:
+    """A query's ``successCondition``, ``result <op> <number>``: a comparison, never evaluated code."""
 
     op: str
     threshold: float
@@ -48,25 +47,29 @@ class Condition:
         return f"result {self.op} {self.threshold:g}"
 
 
-def parse_condition(text: str) -> Condition:
+def parse_condition(text: str) -> SuccessCondition:
     match = _CONDITION.match(text)
     if match is None:
         raise ValueError(
             f"successCondition must be 'result <op> <number>' with op one of >= <= == != > < (got {text!r})"
         )
-    return Condition(match["op"], float(match["num"]))
+    return SuccessCondition(match["op"], float(match["num"]))
 
 
 @dataclass(frozen=True)
 class QueryRule:
     name: str
-    condition: Condition
+    condition: SuccessCondition
     failure_limit: int = 0
     min_samples: int = 1
 
 
 @dataclass(frozen=True)
 class QueryVerdict:
+    """One query's judgement, with the counts behind it. Not a rollout verdict (`waves.Verdict`): its
+    outcome is evidence the wave planner weighs (Failed rolls back, Inconclusive and Error hold), one level
+    below the rollout's own Progressing/Holding/RolledBack."""
+
     name: str
     outcome: Outcome
     samples: int

@@ -15,6 +15,9 @@ import pytest
 
 from kiri_operator import analyzing
 from kiri_operator.analyzing import Substitutions
+from kiri_operator.api.statuses import RolloutStatus
+from kiri_operator.observations import Measurement
+from kiri_operator.planning import stepping
 from kiri_operator.planning import waves as w
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -37,7 +40,7 @@ class Query:
     min_samples: int = 3
 
 
-def measure(lab, revision: str, query: Query = Query()) -> tuple[w.Measurement, list]:  # type: ignore[no-untyped-def]
+def measure(lab, revision: str, query: Query = Query()) -> tuple[Measurement, list]:  # type: ignore[no-untyped-def]
     # The wave "became Ready" when the load started; wait for three intervals of data after it.
     warmup = 3 * query.interval + 1
     since = datetime.fromtimestamp(lab.started, UTC)
@@ -85,16 +88,16 @@ def test_the_planner_rolls_back_on_the_real_failed_gate_and_holds_on_the_inconcl
     analysis_lab,
 ) -> None:  # type: ignore[no-untyped-def]
     """The measurement from Prometheus drives the pure planner: faulty rolls back, idle holds."""
-    policy = w.RolloutPolicy(
-        stages=(w.Stage(nodes=1), w.Stage(percent=100)),
-        analysis=w.AnalysisPolicy(interval_seconds=INTERVAL, warmup_seconds=3 * INTERVAL),
+    policy = stepping.RolloutPolicy(
+        stages=(stepping.Stage(nodes=1), stepping.Stage(percent=100)),
+        analysis=stepping.AnalysisPolicy(interval_seconds=INTERVAL, warmup_seconds=3 * INTERVAL),
     )
-    nodes = [w.EdgeNode(f"n{i}", {}, True, "int8") for i in range(3)]
+    nodes = [stepping.EdgeNode(f"n{i}", {}, True, "int8") for i in range(3)]
     for revision, expected in (("faulty", "RolledBack"), ("idle", "Inconclusive")):
         ready_at = datetime.fromtimestamp(analysis_lab.started, UTC).replace(microsecond=0) + timedelta(
             seconds=1
         )
-        state = w.RolloutState(
+        state = RolloutStatus(
             stable_revision="stable",
             update_revision=revision,
             group=None,

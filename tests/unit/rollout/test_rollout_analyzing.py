@@ -3,7 +3,7 @@ the real thing is tests/integration/analysis)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -187,17 +187,17 @@ def _spec(**rollout: object) -> object:
 
 @respx.mock
 def test_measure_due_asks_prometheus_only_when_the_planner_says_so() -> None:
-    from kiri_operator.planning import waves as w
+    from kiri_operator.api.statuses import RolloutStatus
 
     route = respx.get(f"{PROM}/api/v1/query_range").mock(
         return_value=httpx.Response(200, json=matrix("1", "1"))
     )
     spec = _spec()
     ready = NOW - timedelta(seconds=15)
-    state = w.RolloutState(
+    state = RolloutStatus(
         stable_revision="r1", update_revision="r2", step_started_at=ready, progress_at=ready, ready_at=ready
     )
-    status = {"rollout": w.state_to_status(state)}
+    status = {"rollout": state.dump()}
     # warmup = minSamples x interval = 20 s; only 15 s since the wave became Ready.
     assert analyzing.measure_due(spec, "shop", status, NOW) is None  # type: ignore[arg-type]
     assert not route.called
@@ -205,6 +205,6 @@ def test_measure_due_asks_prometheus_only_when_the_planner_says_so() -> None:
     assert m is not None and m.outcome == "Successful"
     assert route.calls.last.request.url.params["query"] == 'up{revision="r2"}'
     # Measured at that time: the next one is one interval later.
-    measured = {"rollout": w.state_to_status(replace(state, last_measured_at=NOW + timedelta(seconds=5)))}
+    measured = {"rollout": state.model_copy(update={"last_measured_at": NOW + timedelta(seconds=5)}).dump()}
     assert analyzing.measure_due(spec, "shop", measured, NOW + timedelta(seconds=10)) is None  # type: ignore[arg-type]
     assert analyzing.measure_due(spec, "shop", measured, NOW + timedelta(seconds=15)) is not None  # type: ignore[arg-type]

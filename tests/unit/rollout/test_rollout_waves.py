@@ -14,18 +14,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from kiri_operator.api.statuses import RolloutStatus
+from kiri_operator.conditions import Reason
+from kiri_operator.observations import Measurement
+from kiri_operator.planning import stepping
 from kiri_operator.planning import waves as w
-from kiri_operator.planning.waves import (
-    AnalysisPolicy,
-    Commands,
-    EdgeNode,
-    Measurement,
-    NodePod,
-    Observed,
-    RolloutPolicy,
-    RolloutState,
-    Stage,
-)
+from kiri_operator.planning.stepping import AnalysisPolicy, EdgeNode, RolloutPolicy, Stage
+from kiri_operator.planning.waves import Commands, NodePod, Observed
+from kiri_operator.plans import Event
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -61,7 +57,7 @@ class Sim:
         self.bad = set(bad)
         self.failing = set(failing)
         self.through_status = through_status
-        self.state = RolloutState(stable_revision=stable, update_revision=stable)
+        self.state = RolloutStatus(stable_revision=stable, update_revision=stable)
         self.update = stable
         self.commands = Commands()
         self.measure: Callable[[Sim], Measurement | None] = lambda sim: None
@@ -97,7 +93,7 @@ class Sim:
         )
 
     def step(self, seconds: float = 1) -> w.WavePlan:
-        state = w.state_from_status(w.state_to_status(self.state)) if self.through_status else self.state
+        state = RolloutStatus.model_validate(self.state.dump()) if self.through_status else self.state
         plan = w.plan_waves(self.policy, self.observed(), state, self.now)
         for name, rev in plan.assignment.items():
             if self.assignment.get(name) != rev:
@@ -125,7 +121,7 @@ class Sim:
     def on(self, revision: str) -> set[str]:
         return {n for n, r in self.assignment.items() if r == revision}
 
-    def events(self, reason: str) -> list[w.RolloutEvent]:
+    def events(self, reason: str) -> list[Event]:
         return [e for p in self.plans for e in p.events if e.reason == reason]
 
 
@@ -155,7 +151,7 @@ def test_stage_needs_exactly_one_size() -> None:
 
 def test_steps_are_cumulative_and_end_at_everyone() -> None:
     policy = RolloutPolicy(stages=(Stage(nodes=1), Stage(percent=50)))
-    steps = w.expand_steps(policy, fleet(10))
+    steps = stepping.expand_steps(policy, fleet(10))
     assert [len(s.nodes) for s in steps] == [1, 5, 10]
     assert [len(s.added) for s in steps] == [1, 4, 5]
     # The implicit last stage reaches every node even when the spec stops short.
@@ -167,7 +163,7 @@ def test_steps_that_add_nothing_are_dropped_unless_they_pause() -> None:
     policy = RolloutPolicy(
         stages=(Stage(nodes=1), Stage(percent=10), Stage(percent=20, pause=True), Stage(percent=100))
     )
-    steps = w.expand_steps(policy, fleet(3))
+    steps = stepping.expand_steps(policy, fleet(3))
     # 10% and 20% of 3 nodes are both one node: the 10% step adds nothing and goes, the pause stays.
     assert [(s.stage_index, len(s.nodes)) for s in steps] == [(0, 1), (2, 1), (3, 3)]
 
@@ -175,7 +171,7 @@ def test_steps_that_add_nothing_are_dropped_unless_they_pause() -> None:
 def test_group_by_walks_site_by_site_through_every_stage() -> None:
     nodes = [*fleet(6, sites=2), EdgeNode("lonely", {}, True, "int8")]
     policy = RolloutPolicy(stages=(Stage(nodes=1), Stage(percent=100)), group_by="kiri.dev/site")
-    steps = w.expand_steps(policy, nodes)
+    steps = stepping.expand_steps(policy, nodes)
     assert [(s.group, len(s.added)) for s in steps] == [
         ("site-a", 1),
         ("site-a", 2),
@@ -193,12 +189,12 @@ def test_group_by_walks_site_by_site_through_every_stage() -> None:
     [(1, 10, 1), (3, 10, 3), ("25%", 10, 2), ("10%", 5, 1), ("0%", 5, 1), (0, 5, 1)],
 )
 def test_max_unavailable(value: int | str, size: int, expected: int) -> None:
-    assert w.max_unavailable_count(value, size) == expected
+    assert stepping.max_unavailable_count(value, size) == expected
 
 
 def test_max_unavailable_rejects_garbage() -> None:
     with pytest.raises(ValueError, match="maxUnavailable"):
-        w.max_unavailable_count("lots", 10)
+        stepping.max_unavailable_count("lots", 10)
 
 
 # --- whole rollouts -----------------------------------------------------------------------------------
@@ -207,7 +203,7 @@ def test_max_unavailable_rejects_garbage() -> None:
 def test_first_rollout_moves_everyone_and_becomes_stable() -> None:
     nodes = fleet(5)
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=1), Stage(percent=100, bake_seconds=60))), nodes)
-    sim.state = RolloutState()
+    sim.state = RolloutStatus()
     sim.assignment = {}
     sim.update = "r1"
     first = sim.step()
@@ -230,9 +226,9 @@ def test_stages_progress_with_readiness_and_bake() -> None:
     sim.update = "r2"
     plan = sim.step()
     assert plan.moved == ("n000",)
-    assert plan.verdict.reason == w.REASON_WAITING_READY
+    assert plan.verdict.reason == Reason.WAITING_READY
     # Nothing more moves until the canary is Ready and has baked 30 s.
-    sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     started = sim.now
     sim.run_until(lambda p: bool(p.moved))
     assert sim.on("r2") == {f"n{i:03d}" for i in range(5)}
@@ -244,7 +240,7 @@ def test_stages_progress_with_readiness_and_bake() -> None:
     # One Event per step boundary: each StepStarted names the step it follows, the last is RolloutCompleted.
     started = [e.message for e in sim.events("StepStarted")]
     assert [m.endswith(f"(step {i}/3 completed)") for i, m in enumerate(started)] == [False, True, True]
-    assert [e.message.split(";")[0] for e in sim.events(w.REASON_COMPLETED)] == ["step 3/3 completed"]
+    assert [e.message.split(";")[0] for e in sim.events(Reason.COMPLETED)] == ["step 3/3 completed"]
     assert not sim.events("StepCompleted")
     # 3 bakes of 30 s plus 3 readiness waits of 2 s each: the planner itself adds nothing measurable.
     assert (sim.now - T0).total_seconds() <= 3 * 30 + 3 * 2 + 6
@@ -253,7 +249,7 @@ def test_stages_progress_with_readiness_and_bake() -> None:
 def test_baking_asks_to_be_woken_when_the_bake_ends() -> None:
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, bake_seconds=45), Stage(percent=100))), fleet(3))
     sim.update = "r2"
-    plan = sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    plan = sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     assert plan.requeue_after is not None
     assert 40 <= plan.requeue_after <= 45
 
@@ -262,7 +258,7 @@ def test_bake_message_is_stable_across_reconciles() -> None:
     # Each status patch comes back as a watch event and a reconcile: a changing message would patch again.
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, bake_seconds=45), Stage(percent=100))), fleet(3))
     sim.update = "r2"
-    first = sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    first = sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     later = [sim.step(seconds=3) for _ in range(5)]
     assert all(p.verdict == first.verdict for p in later)
     assert "baking until 2026-01-01T12:00:" in first.verdict.message
@@ -333,7 +329,7 @@ def test_a_variant_bigger_than_the_byte_cap_moves_alone_and_says_so() -> None:
     sim.update = "r2"
     sim.run_until(verdict_is("Completed"))
     assert sim.max_in_flight == 1
-    assert sim.events(w.REASON_BANDWIDTH)
+    assert sim.events(Reason.BANDWIDTH)
 
 
 # --- rollbacks ----------------------------------------------------------------------------------------
@@ -344,7 +340,7 @@ def test_never_ready_canary_rolls_back_at_the_progress_deadline() -> None:
     sim = Sim(policy, fleet(5), bad=frozenset({"r2"}))
     sim.update = "r2"
     plan = sim.run_until(verdict_is("RolledBack"))
-    assert plan.verdict.reason == w.REASON_ROLLED_BACK_DEADLINE
+    assert plan.verdict.reason == Reason.ROLLED_BACK_DEADLINE
     assert 20 <= (sim.now - T0).total_seconds() <= 23
     assert sim.on("r1") == set(sim.nodes)
     assert plan.state.rolled_back_revisions == ("r2",)
@@ -356,7 +352,7 @@ def test_failing_pods_roll_back_at_once() -> None:
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=2), Stage(percent=100))), fleet(5), failing=frozenset({"r2"}))
     sim.update = "r2"
     plan = sim.run_until(verdict_is("RolledBack"))
-    assert plan.verdict.reason == w.REASON_ROLLED_BACK_PODS
+    assert plan.verdict.reason == Reason.ROLLED_BACK_PODS
     assert (sim.now - T0).total_seconds() <= 4
 
 
@@ -381,7 +377,7 @@ def test_the_same_spec_applied_again_does_not_roll_out_again_but_a_new_one_does(
     sim.update = "r2"
     sim.run_until(lambda p: True, limit=5)
     assert sim.on("r3") == set(sim.nodes)
-    assert len(sim.events(w.REASON_KNOWN_BAD)) == 1
+    assert len(sim.events(Reason.KNOWN_BAD)) == 1
 
 
 def test_failed_analysis_rolls_back_and_inconclusive_holds() -> None:
@@ -398,13 +394,13 @@ def test_failed_analysis_rolls_back_and_inconclusive_holds() -> None:
 
     sim.measure = measure
     plan = sim.run_until(lambda p: p.verdict.kind == "Inconclusive")
-    assert plan.verdict.reason == w.REASON_INCONCLUSIVE
+    assert plan.verdict.reason == Reason.INCONCLUSIVE
     ready_at = plan.state.ready_at
     assert ready_at is not None
     assert (taken[0] - ready_at).total_seconds() == 10
     # Held, not rolled back, and no further nodes move while inconclusive.
     plan = sim.run_until(verdict_is("RolledBack"))
-    assert plan.verdict.reason == w.REASON_ROLLED_BACK_ANALYSIS
+    assert plan.verdict.reason == Reason.ROLLED_BACK_ANALYSIS
     assert [(b - a).total_seconds() for a, b in itertools.pairwise(taken)] == [10, 10]
     assert all(not p.moved for p in sim.plans[1:-1])
     assert sim.on("r1") == set(sim.nodes)
@@ -418,7 +414,7 @@ def test_analysis_success_leads_to_bake_then_next_step() -> None:
     sim = Sim(policy, fleet(4))
     sim.update = "r2"
     sim.measure = lambda s: Measurement(s.now, "Successful", "ok")
-    sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     passed = sim.state.analysis_passed_at
     assert passed is not None and sim.state.ready_at is not None
     assert (passed - sim.state.ready_at).total_seconds() == 15
@@ -440,7 +436,7 @@ def test_offline_fail_rolls_back() -> None:
     sim.set_online("n002", False)
     sim.update = "r2"
     plan = sim.run_until(verdict_is("RolledBack"))
-    assert plan.verdict.reason == w.REASON_ROLLED_BACK_OFFLINE
+    assert plan.verdict.reason == Reason.ROLLED_BACK_OFFLINE
     assert "n002" in plan.verdict.message
 
 
@@ -451,7 +447,7 @@ def test_offline_wait_holds_until_the_node_is_back() -> None:
     sim = Sim(policy, fleet(4))
     sim.set_online("n002", False)
     sim.update = "r2"
-    plan = sim.run_until(lambda p: p.verdict.reason == w.REASON_OFFLINE_WAIT)
+    plan = sim.run_until(lambda p: p.verdict.reason == Reason.OFFLINE_WAIT)
     for _ in range(100):  # far beyond any deadline: waiting is not a failure
         plan = sim.step()
     assert plan.verdict.kind == "Holding"
@@ -492,7 +488,7 @@ def test_a_node_offline_during_a_rollback_comes_back_to_the_stable_revision() ->
 def test_a_new_spec_supersedes_a_rollout_in_progress() -> None:
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=2, bake_seconds=60), Stage(percent=100))), fleet(5))
     sim.update = "r2"
-    sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     sim.update = "r3"
     plan = sim.step()
     assert not sim.on("r2")
@@ -521,7 +517,7 @@ def test_paused_spec_moves_nothing_and_resumes() -> None:
 def test_stage_pause_waits_for_promote() -> None:
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, pause=True), Stage(percent=100))), fleet(4))
     sim.update = "r2"
-    sim.run_until(lambda p: p.verdict.reason == w.REASON_STAGE_PAUSE)
+    sim.run_until(lambda p: p.verdict.reason == Reason.STAGE_PAUSE)
     for _ in range(50):
         assert sim.step().verdict.kind == "Paused"
     assert sim.on("r2") == {"n000"}
@@ -536,7 +532,7 @@ def test_promote_skips_bake_and_analysis_of_this_wave_only() -> None:
     )
     sim = Sim(policy, fleet(4))
     sim.update = "r2"
-    sim.run_until(lambda p: p.verdict.reason == w.REASON_ANALYSIS_RUNNING)
+    sim.run_until(lambda p: p.verdict.reason == Reason.ANALYSIS_RUNNING)
     sim.commands = Commands(promote="nonce-1")
     sim.run_until(lambda p: len(sim.on("r2")) == 2, limit=5)
     assert sim.events("Promoted")
@@ -550,11 +546,11 @@ def test_promote_skips_bake_and_analysis_of_this_wave_only() -> None:
 def test_abort_rolls_back_now_and_only_once() -> None:
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, bake_seconds=600), Stage(percent=100))), fleet(4))
     sim.update = "r2"
-    sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     sim.commands = Commands(abort="nonce-1")
     plan = sim.step()
     assert plan.verdict.kind == "RolledBack"
-    assert plan.verdict.reason == w.REASON_ROLLED_BACK_ABORT
+    assert plan.verdict.reason == Reason.ROLLED_BACK_ABORT
     assert sim.on("r1") == set(sim.nodes)
     # A later rollout is not aborted by the same, already handled annotation.
     sim.update = "r3"
@@ -588,8 +584,46 @@ def test_state_survives_the_status_round_trip() -> None:
     sim.measure = lambda s: Measurement(s.now, "Successful", "ok")
     for _ in range(12):
         sim.step()
-        assert w.state_from_status(w.state_to_status(sim.state)) == sim.state
-    assert w.state_from_status(None) == RolloutState()
+        assert RolloutStatus.model_validate(sim.state.dump()) == sim.state
+    assert RolloutStatus.model_validate({}) == RolloutStatus()
+
+
+def test_a_stored_status_rollout_reads_back_to_the_same_dict() -> None:
+    # As the operator wrote it before status.rollout was typed: the steady state must compare equal.
+    stored = {
+        "stableRevision": "r2",
+        "updateRevision": "r3",
+        "previousStableRevision": "r1",
+        "group": "site-a",
+        "stage": 1,
+        "stepStartedAt": "2026-01-01T12:00:05Z",
+        "progressAt": "2026-01-01T12:00:07Z",
+        "readyNodes": 2,
+        "readyAt": "2026-01-01T12:00:09Z",
+        "promoted": False,
+        "handledPromote": "p1",
+        "rolledBackRevisions": ["r0"],
+        "history": [
+            {
+                "revision": "r0",
+                "outcome": "RolledBack",
+                "reason": "PodsFailed",
+                "at": "2026-01-01T11:00:00Z",
+                "message": "x",
+            },
+            {
+                "revision": "r2",
+                "outcome": "Promoted",
+                "reason": "RolloutCompleted",
+                "at": "2026-01-01T11:30:00Z",
+            },
+        ],
+        "verdict": "Progressing",
+        "reason": "Baking",
+        "message": "step 2/4: baking until 2026-01-01T12:00:39Z",
+        "stableVariants": {"n001": "fp16"},
+    }
+    assert RolloutStatus.model_validate(stored).dump() == stored
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -634,7 +668,7 @@ def test_no_eligible_nodes_completes_at_once() -> None:
 def test_timers_count_the_part_of_a_second_that_status_cannot_hold() -> None:
     sim = Sim(RolloutPolicy(stages=(Stage(nodes=1, bake_seconds=10), Stage(percent=100))), fleet(3))
     sim.update = "r2"
-    plan = sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    plan = sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     assert plan.requeue_after is not None
     # The same plan 0.7 s into a second: the wake-up comes 0.7 s sooner, not a second late.
     late = w.plan_waves(
@@ -652,12 +686,12 @@ def test_manual_rollback_after_an_abort_goes_one_stable_revision_further_back() 
     sim.update = "r2"
     sim.run_until(verdict_is("Completed"), limit=5000)
     sim.update = "r3"
-    sim.run_until(lambda p: p.verdict.reason == w.REASON_BAKING)
+    sim.run_until(lambda p: p.verdict.reason == Reason.BAKING)
     sim.commands = Commands(abort="a1")
-    assert sim.step().verdict.reason == w.REASON_ROLLED_BACK_ABORT
+    assert sim.step().verdict.reason == Reason.ROLLED_BACK_ABORT
     assert sim.on("r2") == set(sim.nodes)
     sim.commands = Commands(abort="a1", rollback="b1")
     plan = sim.step()
-    assert plan.verdict.reason == w.REASON_ROLLED_BACK_MANUAL
+    assert plan.verdict.reason == Reason.ROLLED_BACK_MANUAL
     assert sim.on("r1") == set(sim.nodes)
     assert set(plan.state.rolled_back_revisions) == {"r2", "r3"}
