@@ -104,7 +104,6 @@ class Reason:
     ROLLOUT_STARTED: Final = "RolloutStarted"
     ROLLOUT_SUPERSEDED: Final = "RolloutSuperseded"
     STEP_STARTED: Final = "StepStarted"
-    PROMOTED: Final = "Promoted"
     ANALYSIS_PASSED: Final = "AnalysisPassed"
     ROLLED_BACK: Final = "RolledBack"
 

@@ -43,7 +43,7 @@ def plan_edge(
         out.conditions.append(out.rolled_back)
     elif C.is_true([Condition.from_dict(c) for c in observed.status.get("conditions") or []], C.ROLLED_BACK):
         out.conditions.append(
-            Condition(C.ROLLED_BACK, "False", "NewRevision", f"rolling out revision {revision}")
+            Condition(C.ROLLED_BACK, "False", Reason.NEW_REVISION, f"rolling out revision {revision}")
         )
     # Manifests stay while a DaemonSet was built from them (the rollback path) and for the history limit.
     keys = {comp.key} | {

@@ -173,7 +173,7 @@ def _phase(conds: list[Condition]) -> str:
     if C.is_true(conds, C.ROLLED_BACK):
         return "RolledBack"
     edge = get.get(C.EDGE_PROGRESSING)
-    if edge is not None and edge.reason in ("Paused", "StagePause"):
+    if edge is not None and edge.reason in (Reason.PAUSED, Reason.STAGE_PAUSE):
         return "Paused"
     if C.is_true(conds, C.READY):
         return "Healthy"

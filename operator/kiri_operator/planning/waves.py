@@ -25,7 +25,7 @@ node set is recomputed from the node list each time and nodes are taken in a fix
 restarted mid-wave neither repeats nor skips a step. Timestamps are kept at second precision, the
 precision of ``metav1.Time``, so a state read back from the API equals the state that was written.
 
-Why this module is over 500 lines: nearly all of it is :class:`_Rollout`, one class whose gate methods
+Why one module: nearly all of it is :class:`_Rollout`, one class whose gate methods
 share one accumulator and one state; the policy and step arithmetic already live in ``stepping``, and
 cutting the class in two would make each half reach into the other's state.
 """
