@@ -10,12 +10,16 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiri_runtime.compressing import evaluating, exporting, quantizing
 from kiri_runtime.compressing.errors import CompressionError
 from kiri_runtime.compressing.evaluating import EvalSet
+from kiri_runtime.compressing.searching import Context, Search, fidelity
+from kiri_runtime.manifests import Variant, VariantSpec
 
 if TYPE_CHECKING:
     import torch
@@ -347,3 +351,109 @@ def _loss(
 
 def student_params(module: torch.nn.Module) -> int:
     return _params(module)
+
+
+# ---- the student pipeline: teacher outputs, a student, training, export, the search ----------------------
+
+
+def distilled_variant(
+    ctx: Context, spec: VariantSpec, raw_eval: EvalSet | None, raw_train: EvalSet | None
+) -> tuple[Variant, Path | None]:
+    import torch
+
+    opts = defaults(spec.options)
+    ctx.log(f"variant {spec.name}: distilled")
+    torch.manual_seed(ctx.seed)
+    torch.set_num_threads(max(1, ctx.threads))
+    if raw_train is not None:
+        train_all = evaluating.bind(raw_train, evaluating.session(ctx.fp32))
+        train_set, val_set = train_all.split(0.9)
+        report_set, report_ref = ctx.evalset, ctx.reference
+        label_src, held_out = raw_train, False
+    else:
+        train_set, val_set = ctx.evalset.split(0.8)
+        cut = len(train_set)
+        report_set, report_ref = val_set, [r[cut:] for r in ctx.reference]
+        label_src, held_out = raw_eval, True  # type: ignore[assignment]
+    labels = None
+    if opts.get("labels"):
+        if label_src is None or opts["labels"] not in label_src.names:
+            raise CompressionError(
+                f"distilled: labels array {opts['labels']!r} not found in the training data"
+            )
+        labels = label_src.arrays[label_src.names.index(opts["labels"])][: len(train_set)]
+    teacher = evaluating.session(ctx.fp32, threads=ctx.threads)
+    t_train = evaluating.run(teacher, train_set)
+    t_val = evaluating.run(teacher, val_set)
+    example = tuple(torch.from_numpy(np.ascontiguousarray(a[:2])) for a in train_set.arrays)
+    info: dict[str, Any]
+    if opts.get("student"):
+        torch.manual_seed(ctx.seed)
+        student = exporting.load_factory(str(opts["student"]))(**dict(opts.get("studentKwargs") or {}))
+        if not isinstance(student, torch.nn.Module):
+            raise CompressionError(
+                f"distilled: student factory returned {type(student).__name__}, not a Module"
+            )
+        info = {"student": opts["student"]}
+    else:
+        if ctx.torch_model is None or not ctx.torch_model.rebuildable:
+            raise CompressionError(
+                "distilled: this source cannot be copied; give options.student (a factory)"
+            )
+        student, info = reduced_copy(
+            ctx.torch_model.module,
+            width=float(opts["width"]),
+            depth=float(opts["depth"]),
+            example=example,
+            student_width=opts.get("studentWidth"),
+            student_depth=opts.get("studentDepth"),
+        )
+    ctx.log(f"  training student ({student_params(student)} parameters) on {len(train_set)} samples")
+    training = train(
+        student,
+        train_set,
+        t_train,
+        val_set,
+        t_val,
+        classifier=ctx.classifier,
+        options=opts,
+        labels=labels,
+        seed=ctx.seed,
+        progress=ctx.log,
+        teacher=lambda arrays: evaluating.run(teacher, EvalSet(train_set.names, arrays)),
+    )
+    ctx.log("  exporting student")
+    student_model = exporting.TorchModel(student, None, rebuildable=True)
+    fp32_student = ctx.work / f"{spec.name}-student-fp32.onnx"
+    exporting.export(student_model, train_set, fp32_student, output_names=ctx.output_names)
+    exported = evaluating.run(evaluating.session(fp32_student), report_set)
+    exporting.verify(student_model, report_set, exported, atol=ctx.atol, rtol=ctx.rtol)
+    paths: list[tuple[dict[str, Any], Path]] = []
+    if opts["quantize"] == "int8-dynamic":
+        mm = ctx.work / f"{spec.name}-student-mm.onnx"
+        quantizing.gemm_to_matmul(fp32_student, mm)
+        q = ctx.work / f"{spec.name}-student-int8.onnx"
+        q_opts = quantizing.defaults(
+            "int8-dynamic", {"perChannel": opts["perChannel"], "reduceRange": opts["reduceRange"]}
+        )
+        quantizing.build("int8-dynamic", q_opts, mm, q)
+        paths.append((opts | {"quantize": "int8-dynamic"}, q))
+    paths.append((opts | {"quantize": None}, fp32_student))
+    search = Search(ctx, spec)
+    for options, path in paths:
+        fid = fidelity(ctx, path, report_set, report_ref)
+        cand, lat = search.judge(options, path, fid)
+        ctx.log(
+            f"  student {'int8' if options['quantize'] else 'fp32'}: fidelity {fid.top1_agreement if ctx.classifier else fid.cosine.mean}, latency x{lat.ratio_vs_fp32:.2f}, {'PASS' if cand.passed else 'miss'}"
+        )
+    teacher_params = student_params(ctx.torch_model.module) if ctx.torch_model is not None else None
+    extra = {
+        "studentParameters": student_params(student),
+        "teacherParameters": teacher_params,
+        "architecture": info,
+        "training": {k: v for k, v in training.items() if k != "history"} | {"trainSamples": len(train_set)},
+        "fidelitySet": "held-out 20% of the eval data"
+        if held_out
+        else "the eval data (training used --train-data)",
+    }
+    return search.finish(extra)

@@ -1,17 +1,25 @@
-"""int8 (dynamic, static QDQ) and fp16 builds of an fp32 ONNX model, one candidate configuration at a time."""
+"""int8 (dynamic, static QDQ) and fp16 builds of an fp32 ONNX model, and the tuner that searches their options.
+
+`build` makes one candidate configuration; `tuned_variant` tries the given options, then (when they miss the
+gates) per-channel and reduced-range weights, then keeping the most output-sensitive nodes unquantized, and
+keeps the fastest candidate that passes (searching.py).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kiri_runtime.compressing import evaluating
 from kiri_runtime.compressing.errors import CompressionError
 from kiri_runtime.compressing.evaluating import EvalSet
+from kiri_runtime.compressing.searching import Context, Search
+from kiri_runtime.manifests import Candidate, Variant, VariantSpec
 
 DYNAMIC_OPS = ("MatMul", "Conv", "Gather", "Attention", "LSTM")
 STATIC_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
@@ -219,3 +227,86 @@ def build(
         raise CompressionError(
             f"{method} build failed ({type(e).__name__}): {str(e).strip()[:500]}"
         ) from None
+
+
+# ---- tuning: the search over a method's options --------------------------------------------------------
+
+
+def tuned_variant(ctx: Context, spec: VariantSpec) -> tuple[Variant, Path | None]:
+    method = spec.method
+    tune = bool(spec.options.get("tune", True))
+    max_exclude = int(spec.options.get("maxExclude", 8))
+    base = defaults(method, spec.options)
+    src = ctx.fp32 if method == "fp16" else ctx.int8_src
+    calib = ctx.evalset if method == "int8-static" else None
+    search = Search(ctx, spec)
+
+    def builder(opts: dict[str, Any]) -> Callable[[Path], None]:
+        return lambda dst: build(method, opts, src, dst, calibration=calib)
+
+    def attempt(opts: dict[str, Any]) -> Candidate:
+        known = search.known(opts)
+        if known is not None:
+            return known
+        if method == "int8-static":
+            ctx.log(
+                f"  calibrating {spec.name} on {min(len(ctx.evalset), int(opts['calibrationSamples']))} samples"
+            )
+        return search.attempt(opts, builder(opts))
+
+    ctx.log(f"variant {spec.name}: {method}")
+    first = attempt(base)
+    extra: dict[str, Any] = {}
+    if not first.passed and tune:
+        ctx.log(f"variant {spec.name}: missed {', '.join(g.describe() for g in spec.gate)}; auto-tuning")
+        if method == "fp16":
+            attempt(base | {"opBlockList": sorted(set(base["opBlockList"]) | set(FP16_SENSITIVE_OPS))})
+        else:
+            for change in (
+                {"perChannel": True},
+                {"reduceRange": True},
+                {"perChannel": True, "reduceRange": True},
+            ):
+                attempt(base | change)
+            if not search.passed():
+                best = search.best()
+                ranked = _sensitivity(ctx, spec, best.options, calib)
+                extra["sensitivity"] = ranked[:10]
+                names = [r["node"] for r in ranked]
+                k = 1
+                while k <= min(max_exclude, len(names) - 1):
+                    cand = attempt(
+                        best.options
+                        | {"excludeNodes": sorted(set(best.options["excludeNodes"]) | set(names[:k]))}
+                    )
+                    if cand.passed:
+                        break
+                    k *= 2
+    return search.finish(extra)
+
+
+def _sensitivity(
+    ctx: Context, spec: VariantSpec, options: dict[str, Any], calib: EvalSet | None
+) -> list[dict[str, Any]]:
+    """Quantize one node at a time and measure how far the output moves: the most damaging nodes come first."""
+    nodes = [n for n in quantizable_nodes(ctx.int8_src, spec.method) if n not in options["excludeNodes"]]
+    ctx.log(f"  measuring sensitivity of {len(nodes)} nodes, one at a time")
+    subset = EvalSet(ctx.evalset.names, [a[:64] for a in ctx.evalset.arrays])
+    ref = [r[:64] for r in ctx.reference]
+    out: list[dict[str, Any]] = []
+    for i, node in enumerate(nodes, 1):
+        path = ctx.scratch(f"{spec.name}-sens")
+        try:
+            build(spec.method, options, ctx.int8_src, path, calibration=calib, nodes_to_quantize=[node])
+            got = evaluating.run(evaluating.session(path, threads=ctx.threads), subset)
+        except CompressionError as e:
+            ctx.log(f"  sensitivity of {node}: not measurable ({e}); left quantized")
+            continue
+        finally:
+            path.unlink(missing_ok=True)
+        fid = evaluating.fidelity(ref, got, classifier=ctx.classifier)
+        out.append({"node": node, "cosineLoss": 1.0 - fid.cosine.mean, "maxAbsError": fid.max_abs_error})
+        if i % 10 == 0:
+            ctx.log(f"  sensitivity {i}/{len(nodes)}")
+    out.sort(key=lambda r: (-r["cosineLoss"], -r["maxAbsError"], r["node"]))
+    return out

@@ -1,12 +1,13 @@
 """One `kiri compress` run: source → verified fp32 ONNX → variants (tuned until they pass their gates) → manifest.
 
+This is the orchestration; the variants are built by `quantizing.tuned_variant` and
+`distilling.distilled_variant`, both of which keep the fastest candidate that passes (searching.py).
 Everything is built in a scratch directory inside the output directory and moved into place at the end; the
 manifest is written last and atomically, so a failed run never leaves a manifest that claims success.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import shutil
@@ -24,16 +25,8 @@ from kiri_runtime import manifests
 from kiri_runtime.compressing import distilling, evaluating, exporting, quantizing, specs
 from kiri_runtime.compressing.errors import CompressionError
 from kiri_runtime.compressing.evaluating import EvalSet
-from kiri_runtime.manifests import (
-    Baseline,
-    Candidate,
-    EvalData,
-    Latency,
-    Manifest,
-    ModelInfo,
-    Variant,
-    VariantSpec,
-)
+from kiri_runtime.compressing.searching import Context, size
+from kiri_runtime.manifests import Baseline, EvalData, Manifest, ModelInfo, Variant, VariantSpec
 
 MODEL_FILE = "model.onnx"
 
@@ -71,26 +64,6 @@ class Progress:
         print(f"[kiri compress {time.monotonic() - self._t0:7.1f}s] {msg}", file=self._stream, flush=True)
 
 
-@dataclass
-class _Context:
-    req: Request
-    work: Path
-    fp32: Path
-    int8_src: Path  # the fp32 model with Gemm rewritten as MatMul, what the int8 builds start from
-    evalset: EvalSet
-    reference: list[np.ndarray[Any, Any]]
-    classifier: bool
-    log: Callable[[str], None]
-    torch_model: exporting.TorchModel | None
-    input_names: list[str]
-    output_names: list[str]
-    counter: int = 0
-
-    def scratch(self, stem: str) -> Path:
-        self.counter += 1
-        return self.work / f"{stem}-{self.counter}.onnx"
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -98,334 +71,6 @@ def _seed_everything(seed: int) -> None:
         import torch
 
         torch.manual_seed(seed)
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size
-
-
-def _measure(ctx: _Context, path: Path, rounds: int) -> Latency:
-    base, var = evaluating.latencies([ctx.fp32, path], ctx.evalset, threads=ctx.req.threads, rounds=rounds)
-    return Latency(p50_ms=round(var, 4), ratio_vs_fp32=round(var / base, 4))
-
-
-def _try(
-    ctx: _Context, spec: VariantSpec, options: dict[str, Any], build: Callable[[Path], None]
-) -> tuple[Candidate, Path | None]:
-    path = ctx.scratch(spec.name)
-    try:
-        build(path)
-        sess = evaluating.session(path, threads=ctx.req.threads)
-        fid = evaluating.fidelity(ctx.reference, evaluating.run(sess, ctx.evalset), classifier=ctx.classifier)
-    except CompressionError as e:
-        ctx.log(f"  {spec.name} {options}: failed: {e}")
-        return Candidate(options=options, passed=False, error=str(e)), None
-    results = evaluating.check_gates(spec.gate, fid)
-    passed = all(r.passed for r in results)
-    lat = _measure(ctx, path, max(20, ctx.req.latency_rounds // 2))
-    ctx.log(
-        f"  {spec.name} {_short(options)}: cosine min {fid.cosine.min:.5f} mean {fid.cosine.mean:.5f}, "
-        f"latency x{lat.ratio_vs_fp32:.2f} vs fp32, {'PASS' if passed else 'miss'}"
-    )
-    return Candidate(options=options, fidelity=fid, latency=lat, size_bytes=_size(path), passed=passed), path
-
-
-def _short(options: dict[str, Any]) -> str:
-    shown = {
-        k: (f"[{len(v)} nodes]" if k == "excludeNodes" and len(v) > 3 else v) for k, v in options.items()
-    }
-    return str(shown)
-
-
-def _score(ctx: _Context, spec: VariantSpec, cand: Candidate) -> float:
-    if cand.fidelity is None:
-        return -math.inf
-    return evaluating.margin(evaluating.check_gates(spec.gate, cand.fidelity))
-
-
-def _quantized_variant(ctx: _Context, spec: VariantSpec) -> tuple[Variant, Path | None]:
-    method = spec.method
-    tune = bool(spec.options.get("tune", True))
-    max_exclude = int(spec.options.get("maxExclude", 8))
-    base = quantizing.defaults(method, spec.options)
-    src = ctx.fp32 if method == "fp16" else ctx.int8_src
-    calib = ctx.evalset if method == "int8-static" else None
-
-    def builder(opts: dict[str, Any]) -> Callable[[Path], None]:
-        return lambda dst: quantizing.build(method, opts, src, dst, calibration=calib)
-
-    tried: list[tuple[Candidate, Path | None]] = []
-    seen: list[dict[str, Any]] = []
-
-    def attempt(opts: dict[str, Any]) -> Candidate:
-        if opts in seen:
-            return next(c for c, _ in tried if c.options == opts)
-        seen.append(opts)
-        if method == "int8-static":
-            ctx.log(
-                f"  calibrating {spec.name} on {min(len(ctx.evalset), int(opts['calibrationSamples']))} samples"
-            )
-        cand, path = _try(ctx, spec, opts, builder(opts))
-        tried.append((cand, path))
-        return cand
-
-    ctx.log(f"variant {spec.name}: {method}")
-    first = attempt(base)
-    extra: dict[str, Any] = {}
-    if not first.passed and tune:
-        ctx.log(f"variant {spec.name}: missed {', '.join(g.describe() for g in spec.gate)}; auto-tuning")
-        if method == "fp16":
-            attempt(
-                base | {"opBlockList": sorted(set(base["opBlockList"]) | set(quantizing.FP16_SENSITIVE_OPS))}
-            )
-        else:
-            for change in (
-                {"perChannel": True},
-                {"reduceRange": True},
-                {"perChannel": True, "reduceRange": True},
-            ):
-                attempt(base | change)
-            if not any(c.passed for c, _ in tried):
-                best = max((c for c, _ in tried), key=lambda c: _score(ctx, spec, c))
-                ranked = _sensitivity(ctx, spec, best.options, calib)
-                extra["sensitivity"] = ranked[:10]
-                names = [r["node"] for r in ranked]
-                k = 1
-                while k <= min(max_exclude, len(names) - 1):
-                    cand = attempt(
-                        best.options
-                        | {"excludeNodes": sorted(set(best.options["excludeNodes"]) | set(names[:k]))}
-                    )
-                    if cand.passed:
-                        break
-                    k *= 2
-    passing = [(c, p) for c, p in tried if c.passed and p is not None]
-    path: Path | None
-    if passing:
-        chosen, path = min(passing, key=lambda cp: cp[0].latency.ratio_vs_fp32 if cp[0].latency else math.inf)
-    else:
-        chosen, path = max(tried, key=lambda cp: _score(ctx, spec, cp[0]))
-    for _, p in tried:
-        if p is not None and p != path:
-            p.unlink(missing_ok=True)
-    return _finish(
-        ctx, spec, chosen, path if passing else None, tried=[c for c, _ in tried], extra=extra
-    ), path if passing else None
-
-
-def _sensitivity(
-    ctx: _Context, spec: VariantSpec, options: dict[str, Any], calib: EvalSet | None
-) -> list[dict[str, Any]]:
-    """Quantize one node at a time and measure how far the output moves: the most damaging nodes come first."""
-    nodes = [
-        n for n in quantizing.quantizable_nodes(ctx.int8_src, spec.method) if n not in options["excludeNodes"]
-    ]
-    ctx.log(f"  measuring sensitivity of {len(nodes)} nodes, one at a time")
-    subset = EvalSet(ctx.evalset.names, [a[:64] for a in ctx.evalset.arrays])
-    ref = [r[:64] for r in ctx.reference]
-    out: list[dict[str, Any]] = []
-    for i, node in enumerate(nodes, 1):
-        path = ctx.scratch(f"{spec.name}-sens")
-        try:
-            quantizing.build(
-                spec.method, options, ctx.int8_src, path, calibration=calib, nodes_to_quantize=[node]
-            )
-            got = evaluating.run(evaluating.session(path, threads=ctx.req.threads), subset)
-        except CompressionError as e:
-            ctx.log(f"  sensitivity of {node}: not measurable ({e}); left quantized")
-            continue
-        finally:
-            path.unlink(missing_ok=True)
-        fid = evaluating.fidelity(ref, got, classifier=ctx.classifier)
-        out.append({"node": node, "cosineLoss": 1.0 - fid.cosine.mean, "maxAbsError": fid.max_abs_error})
-        if i % 10 == 0:
-            ctx.log(f"  sensitivity {i}/{len(nodes)}")
-    out.sort(key=lambda r: (-r["cosineLoss"], -r["maxAbsError"], r["node"]))
-    return out
-
-
-def _finish(
-    ctx: _Context,
-    spec: VariantSpec,
-    chosen: Candidate,
-    path: Path | None,
-    *,
-    tried: list[Candidate],
-    extra: dict[str, Any],
-) -> Variant:
-    gates = evaluating.check_gates(spec.gate, chosen.fidelity) if chosen.fidelity else []
-    described = ", ".join(
-        f"{g.describe()} ({g.value:.5g})" if g.value is not None else g.describe() for g in gates
-    )
-    if path is not None:
-        latency = _measure(ctx, path, ctx.req.latency_rounds)
-        how = (
-            "as given"
-            if chosen is tried[0]
-            else f"after auto-tune ({len(tried)} candidates, fastest passing chosen)"
-        )
-        reason = f"passed {described} {how}"
-        fp32_size = _size(ctx.fp32)
-        return Variant(
-            name=spec.name,
-            method=spec.method,
-            options=chosen.options,
-            uri=f"{spec.name}.onnx",
-            sha256=exporting.sha256_file(path),
-            size_bytes=_size(path),
-            size_ratio_vs_fp32=round(_size(path) / fp32_size, 4),
-            fidelity=chosen.fidelity,
-            latency=latency,
-            gate=gates,
-            accepted=True,
-            reason=reason,
-            search=tried,
-            extra=extra,
-        )
-    if chosen.fidelity is None:
-        reason = f"rejected: no candidate could be built ({chosen.error})"
-    else:
-        reason = f"rejected: no candidate passed; best seen {described} with options {_short(chosen.options)}"
-    return Variant(
-        name=spec.name,
-        method=spec.method,
-        options=chosen.options,
-        size_bytes=chosen.size_bytes,
-        fidelity=chosen.fidelity,
-        latency=chosen.latency,
-        gate=gates,
-        accepted=False,
-        reason=reason,
-        search=tried,
-        extra=extra,
-    )
-
-
-def _distilled_variant(
-    ctx: _Context, spec: VariantSpec, raw_eval: EvalSet | None, raw_train: EvalSet | None
-) -> tuple[Variant, Path | None]:
-    import torch
-
-    opts = distilling.defaults(spec.options)
-    ctx.log(f"variant {spec.name}: distilled")
-    torch.manual_seed(ctx.req.seed)
-    torch.set_num_threads(max(1, ctx.req.threads))
-    if raw_train is not None:
-        train_all = evaluating.bind(raw_train, evaluating.session(ctx.fp32))
-        train_set, val_set = train_all.split(0.9)
-        report_set, report_ref = ctx.evalset, ctx.reference
-        label_src, held_out = raw_train, False
-    else:
-        train_set, val_set = ctx.evalset.split(0.8)
-        cut = len(train_set)
-        report_set, report_ref = val_set, [r[cut:] for r in ctx.reference]
-        label_src, held_out = raw_eval, True  # type: ignore[assignment]
-    labels = None
-    if opts.get("labels"):
-        if label_src is None or opts["labels"] not in label_src.names:
-            raise CompressionError(
-                f"distilled: labels array {opts['labels']!r} not found in the training data"
-            )
-        labels = label_src.arrays[label_src.names.index(opts["labels"])][: len(train_set)]
-    teacher = evaluating.session(ctx.fp32, threads=ctx.req.threads)
-    t_train = evaluating.run(teacher, train_set)
-    t_val = evaluating.run(teacher, val_set)
-    example = tuple(torch.from_numpy(np.ascontiguousarray(a[:2])) for a in train_set.arrays)
-    info: dict[str, Any]
-    if opts.get("student"):
-        torch.manual_seed(ctx.req.seed)
-        student = exporting.load_factory(str(opts["student"]))(**dict(opts.get("studentKwargs") or {}))
-        if not isinstance(student, torch.nn.Module):
-            raise CompressionError(
-                f"distilled: student factory returned {type(student).__name__}, not a Module"
-            )
-        info = {"student": opts["student"]}
-    else:
-        if ctx.torch_model is None or not ctx.torch_model.rebuildable:
-            raise CompressionError(
-                "distilled: this source cannot be copied; give options.student (a factory)"
-            )
-        student, info = distilling.reduced_copy(
-            ctx.torch_model.module,
-            width=float(opts["width"]),
-            depth=float(opts["depth"]),
-            example=example,
-            student_width=opts.get("studentWidth"),
-            student_depth=opts.get("studentDepth"),
-        )
-    ctx.log(
-        f"  training student ({distilling.student_params(student)} parameters) on {len(train_set)} samples"
-    )
-    training = distilling.train(
-        student,
-        train_set,
-        t_train,
-        val_set,
-        t_val,
-        classifier=ctx.classifier,
-        options=opts,
-        labels=labels,
-        seed=ctx.req.seed,
-        progress=ctx.log,
-        teacher=lambda arrays: evaluating.run(teacher, EvalSet(train_set.names, arrays)),
-    )
-    ctx.log("  exporting student")
-    student_model = exporting.TorchModel(student, None, rebuildable=True)
-    fp32_student = ctx.work / f"{spec.name}-student-fp32.onnx"
-    exporting.export(student_model, train_set, fp32_student, output_names=ctx.output_names)
-    exported = evaluating.run(evaluating.session(fp32_student), report_set)
-    exporting.verify(student_model, report_set, exported, atol=ctx.req.atol, rtol=ctx.req.rtol)
-    paths: list[tuple[dict[str, Any], Path]] = []
-    if opts["quantize"] == "int8-dynamic":
-        mm = ctx.work / f"{spec.name}-student-mm.onnx"
-        quantizing.gemm_to_matmul(fp32_student, mm)
-        q = ctx.work / f"{spec.name}-student-int8.onnx"
-        q_opts = quantizing.defaults(
-            "int8-dynamic", {"perChannel": opts["perChannel"], "reduceRange": opts["reduceRange"]}
-        )
-        quantizing.build("int8-dynamic", q_opts, mm, q)
-        paths.append((opts | {"quantize": "int8-dynamic"}, q))
-    paths.append((opts | {"quantize": None}, fp32_student))
-    tried: list[tuple[Candidate, Path]] = []
-    for options, path in paths:
-        fid = evaluating.fidelity(
-            report_ref,
-            evaluating.run(evaluating.session(path, threads=ctx.req.threads), report_set),
-            classifier=ctx.classifier,
-        )
-        passed = all(r.passed for r in evaluating.check_gates(spec.gate, fid))
-        lat = _measure(ctx, path, max(20, ctx.req.latency_rounds // 2))
-        tried.append(
-            (
-                Candidate(options=options, fidelity=fid, latency=lat, size_bytes=_size(path), passed=passed),
-                path,
-            )
-        )
-        ctx.log(
-            f"  student {'int8' if options['quantize'] else 'fp32'}: fidelity {fid.top1_agreement if ctx.classifier else fid.cosine.mean}, latency x{lat.ratio_vs_fp32:.2f}, {'PASS' if passed else 'miss'}"
-        )
-    passing = [cp for cp in tried if cp[0].passed]
-    chosen, path = (
-        min(passing, key=lambda cp: cp[0].latency.ratio_vs_fp32 if cp[0].latency else math.inf)
-        if passing
-        else max(tried, key=lambda cp: _score(ctx, spec, cp[0]))
-    )
-    final = ctx.work / f"{spec.name}-chosen.onnx"
-    shutil.copyfile(path, final)
-    teacher_params = (
-        distilling.student_params(ctx.torch_model.module) if ctx.torch_model is not None else None
-    )
-    extra = {
-        "studentParameters": distilling.student_params(student),
-        "teacherParameters": teacher_params,
-        "architecture": info,
-        "training": {k: v for k, v in training.items() if k != "history"} | {"trainSamples": len(train_set)},
-        "fidelitySet": "held-out 20% of the eval data"
-        if held_out
-        else "the eval data (training used --train-data)",
-    }
-    variant = _finish(ctx, spec, chosen, final if passing else None, tried=[c for c, _ in tried], extra=extra)
-    return variant, final if passing else None
 
 
 def run(req: Request, log: Callable[[str], None] | None = None) -> Manifest:
@@ -533,19 +178,32 @@ def _run(req: Request, fmt: str, work: Path, log: Callable[[str], None]) -> Mani
     input_names, output_names = exporting.onnx_io(fp32)
     int8_src = work / "model-matmul.onnx"
     quantizing.gemm_to_matmul(fp32, int8_src)
-    ctx = _Context(
-        req, work, fp32, int8_src, evalset, reference, classifier, log, torch_model, input_names, output_names
+    ctx = Context(
+        work=work,
+        fp32=fp32,
+        int8_src=int8_src,
+        evalset=evalset,
+        reference=reference,
+        classifier=classifier,
+        log=log,
+        torch_model=torch_model,
+        output_names=output_names,
+        threads=req.threads,
+        latency_rounds=req.latency_rounds,
+        seed=req.seed,
+        atol=req.atol,
+        rtol=req.rtol,
     )
     (base_ms,) = evaluating.latencies([fp32], evalset, threads=req.threads, rounds=req.latency_rounds)
-    log(f"fp32 baseline: {_size(fp32)} bytes, p50 {base_ms:.3f} ms (batch 1, {req.threads} thread(s))")
+    log(f"fp32 baseline: {size(fp32)} bytes, p50 {base_ms:.3f} ms (batch 1, {req.threads} thread(s))")
     built: list[Variant] = []
     files: dict[str, Path] = {}
     path: Path | None
     for spec in variants:
         if spec.method == "distilled":
-            variant, path = _distilled_variant(ctx, spec, raw_eval, raw_train)
+            variant, path = distilling.distilled_variant(ctx, spec, raw_eval, raw_train)
         else:
-            variant, path = _quantized_variant(ctx, spec)
+            variant, path = quantizing.tuned_variant(ctx, spec)
         log(f"variant {variant.name}: {'ACCEPTED' if variant.accepted else 'REJECTED'} ({variant.reason})")
         built.append(variant)
         if path is not None:
@@ -562,12 +220,12 @@ def _run(req: Request, fmt: str, work: Path, log: Callable[[str], None]) -> Mani
             format=fmt,
             uri=MODEL_FILE,
             onnx_sha256=exporting.sha256_file(req.out / MODEL_FILE),
-            size_bytes=_size(req.out / MODEL_FILE),
+            size_bytes=size(req.out / MODEL_FILE),
             inputs=input_names,
             outputs=output_names,
             export_max_abs_error=export_err,
         ),
-        baseline=Baseline(p50_latency_ms=round(base_ms, 4), size_bytes=_size(req.out / MODEL_FILE)),
+        baseline=Baseline(p50_latency_ms=round(base_ms, 4), size_bytes=size(req.out / MODEL_FILE)),
         seed=req.seed,
         eval_data=EvalData(
             uri=req.eval_data, sha256=eval_sha, samples=len(evalset), synthetic=evalset.synthetic

@@ -183,9 +183,16 @@ def _aggregate(args: argparse.Namespace) -> int:
 def _aggregate_impl(args: argparse.Namespace) -> int:
     import asyncio
 
+    from kiri_runtime.learning.collecting import Aggregator, Settings, load_tokens
     from kiri_runtime.learning.errors import LearningError
-    from kiri_runtime.learning.loading import load_arrays, load_model, local_path, save_weights
-    from kiri_runtime.learning.serving import Aggregator, Settings, load_tokens, serve
+    from kiri_runtime.learning.loading import (
+        TorchGlobalModel,
+        load_arrays,
+        load_model,
+        local_path,
+        save_weights,
+    )
+    from kiri_runtime.learning.serving import serve
 
     settings = Settings(
         part=_part(args),
@@ -214,9 +221,8 @@ def _aggregate_impl(args: argparse.Namespace) -> int:
         raise LearningError("--rounds must be >= 1")
     aggregator = Aggregator(
         settings,
-        module,
+        TorchGlobalModel(module, load_arrays(Path(args.eval), "held-out set")),
         weights,
-        load_arrays(Path(args.eval), "held-out set"),
         out,
         load_tokens(Path(args.tokens)),
     )

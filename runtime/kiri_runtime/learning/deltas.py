@@ -1,28 +1,30 @@
 """The wire format of one site's update: what a trainer sends, the only thing that leaves a site.
 
-    b"KIRIDELTA1\\n" | u32 little-endian header length | header JSON (UTF-8) | float32 little-endian tensors
-
-The header names the round, site, base model, sample count, trained part and DP parameters, and lists each
-tensor's name, shape and byte offset. No pickle, no npz: decoding untrusted bytes must never run code, and
-every length is checked against the body before a byte is read.
+The body is a safetensors file (https://huggingface.co/docs/safetensors): a u64 little-endian header length,
+a JSON header naming each tensor's dtype, shape and byte range, then the tensors. Every tensor is float32
+(`F32`). The header's `__metadata__` holds one entry, `kiri.delta`: a JSON object naming the round, site,
+base model, sample count, trained part and DP parameters. Decoding untrusted bytes never runs code
+(safetensors holds no pickle), the header is bounded and parsed before any tensor is read, and the
+safetensors library checks that the byte ranges tile the body exactly. Tensors come back sorted by name.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 from kiri_runtime.learning.errors import BadDelta, WrongShape
 
-MAGIC = b"KIRIDELTA1\n"
+HEADER_LENGTH_BYTES = 8  # safetensors: the header's length, u64 little-endian, comes first
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
+METADATA_KEY = "kiri.delta"
+TENSOR_DTYPE = "F32"
 MEDIA_TYPE = "application/x-kiri-delta"
 
 
@@ -41,15 +43,13 @@ class Delta:
         return sum(int(t.nbytes) for t in self.tensors.values())
 
 
+def max_body_bytes(shapes: Mapping[str, tuple[int, ...]]) -> int:
+    """The largest body a round with these update shapes accepts: the float32 payload and a bounded header."""
+    payload = sum(4 * int(np.prod(s)) for s in shapes.values())
+    return payload + HEADER_LENGTH_BYTES + MAX_HEADER_BYTES
+
+
 def encode(delta: Delta) -> bytes:
-    entries = []
-    offset = 0
-    blobs = []
-    for name, tensor in delta.tensors.items():
-        arr = np.ascontiguousarray(tensor, dtype="<f4")
-        entries.append({"name": name, "shape": list(arr.shape), "offset": offset, "nbytes": arr.nbytes})
-        blobs.append(arr.tobytes())
-        offset += arr.nbytes
     header = {
         "round": delta.round,
         "site": delta.site,
@@ -58,10 +58,11 @@ def encode(delta: Delta) -> bytes:
         "part": delta.part,
         "clipNorm": delta.clip_norm,
         "noiseMultiplier": delta.noise_multiplier,
-        "tensors": entries,
     }
-    head = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    return MAGIC + struct.pack("<I", len(head)) + head + b"".join(blobs)
+    tensors = {name: np.ascontiguousarray(t, dtype="<f4") for name, t in delta.tensors.items()}
+    metadata = {METADATA_KEY: json.dumps(header, separators=(",", ":"), sort_keys=True)}
+    body: bytes = safetensors.numpy.save(tensors, metadata=metadata)
+    return body
 
 
 def _field(header: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -71,61 +72,61 @@ def _field(header: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> A
     return value
 
 
-def decode(body: bytes) -> Delta:
-    if not body.startswith(MAGIC):
-        raise BadDelta("not a Kiri delta (bad magic); send the body `kiri train-edge` builds")
-    start = len(MAGIC) + 4
-    if len(body) < start:
-        raise BadDelta("delta truncated before its header length")
-    (head_len,) = struct.unpack("<I", body[len(MAGIC) : start])
-    if head_len > MAX_HEADER_BYTES or start + head_len > len(body):
-        raise BadDelta(f"delta header length {head_len} does not fit a body of {len(body)} bytes")
+def _json_object(text: bytes | str, what: str) -> dict[str, Any]:
     try:
-        header = json.loads(body[start : start + head_len])
+        value = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadDelta(f"delta header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise BadDelta("delta header is not a JSON object")
-    payload = memoryview(body)[start + head_len :]
-    entries = _field(header, "tensors", list)
-    if len(entries) > MAX_TENSORS:
-        raise BadDelta(f"delta lists {len(entries)} tensors, more than {MAX_TENSORS}")
-    tensors: dict[str, np.ndarray] = {}
-    expected_offset = 0
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise BadDelta("delta tensor entry is not an object")
-        name = _field(entry, "name", str)
-        shape = _field(entry, "shape", list)
-        offset = _field(entry, "offset", int)
-        nbytes = _field(entry, "nbytes", int)
-        if name in tensors:
-            raise BadDelta(f"delta lists tensor {name!r} twice")
-        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape):
-            raise BadDelta(f"tensor {name!r}: shape {shape} is not a list of non-negative integers")
-        count = math.prod(shape)
-        if nbytes != 4 * count or offset != expected_offset or offset + nbytes > len(payload):
+        raise BadDelta(f"{what} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BadDelta(f"{what} is not a JSON object")
+    return value
+
+
+def _safetensors_header(body: bytes) -> dict[str, Any]:
+    """The safetensors header, checked before the library reads a byte of the tensors."""
+    if len(body) < HEADER_LENGTH_BYTES:
+        raise BadDelta("delta truncated before its header length")
+    head_len = int.from_bytes(body[:HEADER_LENGTH_BYTES], "little")
+    if head_len > MAX_HEADER_BYTES or HEADER_LENGTH_BYTES + head_len > len(body):
+        raise BadDelta(f"delta header length {head_len} does not fit a body of {len(body)} bytes")
+    return _json_object(body[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + head_len], "delta header")
+
+
+def decode(body: bytes) -> Delta:
+    header = _safetensors_header(body)
+    metadata = header.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get(METADATA_KEY), str):
+        raise BadDelta(
+            f"not a Kiri delta (safetensors without {METADATA_KEY!r} metadata); send the body `kiri train-edge` builds"
+        )
+    if len(header) > MAX_TENSORS:
+        raise BadDelta(f"delta lists {len(header)} tensors, more than {MAX_TENSORS}")
+    for name, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype != TENSOR_DTYPE:
             raise BadDelta(
-                f"tensor {name!r}: {nbytes} bytes at {offset} do not match shape {shape} and the body"
+                f"tensor {name!r} has dtype {dtype!r}; a delta holds {TENSOR_DTYPE} (float32) tensors"
             )
-        tensors[name] = np.frombuffer(payload[offset : offset + nbytes], dtype="<f4").reshape(shape).copy()
-        expected_offset += nbytes
-    if expected_offset != len(payload):
-        raise BadDelta(f"delta has {len(payload) - expected_offset} trailing bytes after its tensors")
+    try:
+        loaded = safetensors.numpy.load(body)
+    except Exception as e:  # the library's SafetensorError names what does not fit: offsets, lengths, shapes
+        raise BadDelta(f"delta is not valid safetensors: {e}") from None
+    tensors = {name: np.asarray(loaded[name], dtype=np.float32) for name in sorted(loaded)}
     for name, t in tensors.items():
         if not np.isfinite(t).all():
             raise BadDelta(f"tensor {name!r} holds NaN or infinite values")
-    samples = _field(header, "samples", int)
+    info = _json_object(metadata[METADATA_KEY], f"delta metadata {METADATA_KEY!r}")
+    samples = _field(info, "samples", int)
     if samples < 1:
         raise BadDelta(f"delta reports {samples} samples; at least 1 is needed to weight it")
     return Delta(
-        round=_field(header, "round", int),
-        site=_field(header, "site", str),
+        round=_field(info, "round", int),
+        site=_field(info, "site", str),
         samples=samples,
-        base_sha256=_field(header, "baseSha256", str),
-        part=_field(header, "part", dict),
-        clip_norm=float(_field(header, "clipNorm", (int, float))),
-        noise_multiplier=float(_field(header, "noiseMultiplier", (int, float))),
+        base_sha256=_field(info, "baseSha256", str),
+        part=_field(info, "part", dict),
+        clip_norm=float(_field(info, "clipNorm", (int, float))),
+        noise_multiplier=float(_field(info, "noiseMultiplier", (int, float))),
         tensors=tensors,
     )
 

@@ -3,19 +3,24 @@
 A model is a module factory (`pkg.module:function` or `path/file.py:function`, the compressor's `factory`
 format) plus a torch state dict file (`torch.save(model.state_dict())`, loaded with `weights_only=True`, so a
 weights file cannot run code). Site data and the held-out set are `.npz` files with arrays `x` (inputs) and
-`y` (int class labels, or float targets for regression); loaded with `allow_pickle=False`.
+`y` (int class labels, or float targets for regression); loaded with `allow_pickle=False`. `TorchGlobalModel`
+is the torch side of the aggregator's rounds (collecting.py knows only its protocol).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiri_runtime.learning import rounds
 from kiri_runtime.learning.errors import LearningError
+from kiri_runtime.learning.training import evaluate
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +93,37 @@ def save_weights(module: torch.nn.Module, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(module.state_dict(), tmp)
     tmp.replace(path)
+
+
+class TorchGlobalModel:
+    """The aggregator's model (`collecting.GlobalModel`) as a torch module and the held-out set it is judged on."""
+
+    def __init__(self, module: torch.nn.Module, eval_set: tuple[np.ndarray, np.ndarray]) -> None:
+        self.module = module
+        self.eval_set = eval_set
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.module.named_parameters()}
+
+    def evaluate(self) -> rounds.Evaluation:
+        e = evaluate(self.module, *self.eval_set)
+        return rounds.Evaluation(loss=e.loss, accuracy=e.accuracy, samples=e.samples)
+
+    def updated(self, update: Mapping[str, np.ndarray], server_lr: float) -> TorchGlobalModel | None:
+        import torch
+
+        state = self.module.state_dict()
+        new_state = {k: v.detach().clone() for k, v in state.items()}
+        for name, u in update.items():
+            new_state[name] = new_state[name] + server_lr * torch.as_tensor(u, dtype=new_state[name].dtype)
+        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
+            return None
+        module = copy.deepcopy(self.module)
+        module.load_state_dict(new_state)
+        return TorchGlobalModel(module, self.eval_set)
+
+    def save(self, path: Path) -> None:
+        save_weights(self.module, path)
 
 
 def load_arrays(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:

@@ -1,176 +1,41 @@
-"""The aggregator: an aiohttp server that runs one or more rounds and publishes each accepted global model.
+"""The aggregator's HTTP face: thin aiohttp routes over `collecting.Aggregator`, and the process that serves it.
 
 HTTP (every call but /healthz needs `Authorization: Bearer <the site's token>`):
 
 * `GET /v1/round?site=S`: the open round (number, base model sha256, trained part, LoRA seed, DP parameters)
   and whether S may take part.
 * `GET /v1/model?site=S`: the current global weights (a torch state dict), sha256 in `X-Kiri-Sha256`.
-* `POST /v1/rounds/{round}/sites/{site}/delta`: one update in the deltas.py format. 202 accepted; 400
-  malformed; 401 bad token; 403 site not expected or over its privacy budget; 409 wrong round, stale base,
-  other DP parameters or a second upload; 410 round closed; 413 too large; 422 wrong names or shapes.
+* `POST /v1/rounds/{round}/sites/{site}/delta`: one update in the deltas.py format (safetensors). 202
+  accepted; 400 malformed; 401 bad token; 403 site not expected or over its privacy budget; 409 wrong round,
+  stale base, other DP parameters or a second upload; 410 round closed; 413 too large; 422 wrong names or
+  shapes.
 
-A round closes when every expected site has uploaded, when minClients have uploaded and `grace` seconds
-passed (a straggler or offline site does not stall it), or at the deadline. It is accepted with at least
-minClients updates, else skipped with the reason. Before it opens, sites whose epsilon would exceed the
-target after this round are refused; with fewer than minClients left, the whole round is refused.
-
-Tokens never reach the log: requests are logged by site and round only, and the access log is off.
+Every error is `{"error": "<why>"}` with the status its `LearningError` names. Tokens never reach the log:
+requests are logged by site and round only, and the access log is off.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import hmac
 import logging
 import socket
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 from aiohttp import web
 
-from kiri_runtime.learning import accounting, aggregating, deltas, rounds
-from kiri_runtime.learning.errors import (
-    BadDelta,
-    Conflict,
-    Forbidden,
-    LearningError,
-    RoundClosed,
-    TooLarge,
-    Unauthorized,
-)
-from kiri_runtime.learning.loading import sha256_file
-from kiri_runtime.learning.parts import TrainedPart, dense_update, upload_shapes
-from kiri_runtime.learning.training import evaluate
-
-if TYPE_CHECKING:
-    import torch
+from kiri_runtime.learning.collecting import Aggregator
+from kiri_runtime.learning.errors import BadDelta, LearningError
 
 log = logging.getLogger("kiri.learning.aggregator")
-SHARED_TOKEN_KEY = "*"
 
 
-@dataclass
-class Settings:
-    part: TrainedPart
-    clip_norm: float
-    noise_multiplier: float
-    dp_delta: float
-    target_epsilon: float | None = None
-    sites: tuple[str, ...] = ()  # expected sites; empty: any site holding a token
-    clients_per_round: int | None = None
-    min_clients: int = 1
-    deadline_seconds: float = 600.0
-    grace_seconds: float = 30.0
-    aggregation: str = "fedavg"
-    trim_fraction: float = 0.1
-    server_lr: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.min_clients < 1:
-            raise LearningError(f"minClients must be >= 1, got {self.min_clients}")
-        if self.sites and self.min_clients > len(self.sites):
-            raise LearningError(f"minClients {self.min_clients} exceeds the {len(self.sites)} expected sites")
-        if self.aggregation not in aggregating.AGGREGATIONS:
-            raise LearningError(f"aggregation {self.aggregation!r}: use one of {aggregating.AGGREGATIONS}")
-        if self.deadline_seconds <= 0 or self.grace_seconds < 0:
-            raise LearningError("the deadline must be > 0 and the grace >= 0 seconds")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise LearningError(f"targetEpsilon must be > 0, got {self.target_epsilon}")
-        accounting.epsilon(self.noise_multiplier, 1, self.dp_delta)  # validates delta
-
-
-@dataclass
-class RoundState:
-    number: int
-    base_sha256: str
-    lora_seed: int
-    opened: float
-    opened_at: str
-    refused: dict[str, str]  # site -> why it may not take part
-    deltas: dict[str, deltas.Delta] = field(default_factory=dict)
-    upload_bytes: dict[str, int] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    quorum_at: float | None = None
-    open: bool = True
-
-
-def load_tokens(path: Path) -> dict[str, str]:
-    """A directory with one file per site (a mounted Secret) or a file of `site=token` lines; `*` is shared."""
-    tokens: dict[str, str] = {}
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                tokens[f.name] = f.read_text(encoding="utf-8").strip()
-    elif path.is_file():
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            site, sep, token = line.partition("=")
-            if not sep or not site.strip() or not token.strip():
-                raise LearningError(f"{path}:{i}: expected 'site=token'")
-            tokens[site.strip()] = token.strip()
-    else:
-        raise LearningError(f"tokens {path}: no such file or directory")
-    if not tokens or any(len(t) < 16 for t in tokens.values()):
-        raise LearningError(f"tokens {path}: need at least one token, each at least 16 characters")
-    return tokens
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _lora_seed(number: int, base_sha256: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{number}:{base_sha256}".encode()).digest()[:8], "little") >> 1
-
-
-class Aggregator:
-    def __init__(
-        self,
-        settings: Settings,
-        module: torch.nn.Module,
-        weights: Path,
-        eval_set: tuple[np.ndarray, np.ndarray],
-        out_dir: Path,
-        tokens: Mapping[str, str],
-    ) -> None:
-        self.settings = settings
-        self.module = module
-        self.weights = weights
-        self.base_sha256 = sha256_file(weights)
-        self.eval_set = eval_set
-        self.out_dir = out_dir
-        self.tokens = dict(tokens)
-        self.shapes = {n: tuple(p.shape) for n, p in module.named_parameters()}
-        self.expected = upload_shapes(settings.part, self.shapes)
-        payload = sum(4 * int(np.prod(s)) for s in self.expected.values())
-        self.max_body_bytes = payload + deltas.MAX_HEADER_BYTES
-        self.state: RoundState | None = None
-        self.finished = False
-        self.changed = asyncio.Event()
-
-    # ---- auth and HTTP -------------------------------------------------------------------------------
-
-    def _authorize(self, request: web.Request, site: str) -> None:
-        header = request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            raise Unauthorized("missing bearer token")
-        expected = self.tokens.get(site) or self.tokens.get(SHARED_TOKEN_KEY)
-        # Compare against a dummy when the site is unknown, so timing does not reveal which sites exist.
-        ok = hmac.compare_digest(given.encode(), (expected or "\0" * 32).encode())
-        if not ok or expected is None:
-            raise Unauthorized(f"bad token for site {site!r}")
+class Routes:
+    def __init__(self, aggregator: Aggregator) -> None:
+        self.aggregator = aggregator
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors])
+        app = web.Application(client_max_size=self.aggregator.max_body_bytes, middlewares=[self._errors])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/v1/round", self._round)
         app.router.add_get("/v1/model", self._model)
@@ -186,7 +51,9 @@ class Aggregator:
             log.warning("%s %s: %d %s", request.method, request.path, e.status, e)
             return web.json_response({"error": str(e)}, status=e.status)
         except web.HTTPRequestEntityTooLarge:
-            return web.json_response({"error": f"body over {self.max_body_bytes} bytes"}, status=413)
+            return web.json_response(
+                {"error": f"body over {self.aggregator.max_body_bytes} bytes"}, status=413
+            )
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -195,292 +62,33 @@ class Aggregator:
         site = request.query.get("site", "")
         if not site:
             raise BadDelta("query parameter site= is required")
-        self._authorize(request, site)
+        self.aggregator.authorize(site, request.headers.get("Authorization", ""))
         return site
 
     async def _round(self, request: web.Request) -> web.Response:
-        site = self._site(request)
-        s, st = self.settings, self.state
-        body: dict[str, Any] = {"finished": self.finished, "open": bool(st and st.open)}
-        if st is not None:
-            reason = self._not_allowed(st, site)
-            body.update(
-                round=st.number,
-                baseSha256=st.base_sha256,
-                part=s.part.describe(),
-                loraSeed=st.lora_seed,
-                clipNorm=s.clip_norm,
-                noiseMultiplier=s.noise_multiplier,
-                closesAt=st.opened + s.deadline_seconds,
-                submitted=site in st.deltas,
-                eligible=reason is None,
-                reason=reason or "",
-            )
-        return web.json_response(body)
+        return web.json_response(self.aggregator.round_info(self._site(request)))
 
     async def _model(self, request: web.Request) -> web.Response:
         self._site(request)
-        data = self.weights.read_bytes()
-        headers = {"X-Kiri-Sha256": hashlib.sha256(data).hexdigest()}
+        data, sha256 = self.aggregator.global_weights()
+        headers = {"X-Kiri-Sha256": sha256}
         return web.Response(body=data, headers=headers, content_type="application/octet-stream")
-
-    def _not_allowed(self, st: RoundState, site: str) -> str | None:
-        if self.settings.sites and site not in self.settings.sites:
-            return f"site {site!r} is not expected in this round"
-        return st.refused.get(site)
 
     async def _delta(self, request: web.Request) -> web.Response:
         site = request.match_info["site"]
-        self._authorize(request, site)
-        st = self.state
-        try:
-            number = int(request.match_info["round"])
-        except ValueError:
-            raise BadDelta(f"round {request.match_info['round']!r} is not a number") from None
-        if st is None or number != st.number:
-            raise Conflict(f"round {number} is not the open round {st.number if st else None}")
-        if not st.open:
-            raise RoundClosed(f"round {number} is closed")
-        reason = self._not_allowed(st, site)
-        if reason is not None:
-            raise Forbidden(reason)
-        if site in st.deltas:
-            raise Conflict(f"site {site!r} already uploaded to round {number}")
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise TooLarge(
-                f"body of {request.content_length} bytes; this round takes at most {self.max_body_bytes}"
-            )
+        self.aggregator.authorize(site, request.headers.get("Authorization", ""))
+        st = self.aggregator.admit(request.match_info["round"], site, request.content_length)
         body = await request.read()
-        try:
-            delta = self._check(st, site, body)
-        except BadDelta as e:
-            st.rejected[site] = str(e)
-            raise
-        if not st.open:  # closed while the body was arriving
-            raise RoundClosed(f"round {number} closed while the upload arrived")
-        st.deltas[site] = delta
-        st.upload_bytes[site] = len(body)
-        st.rejected.pop(site, None)
-        if st.quorum_at is None and len(st.deltas) >= self.settings.min_clients:
-            st.quorum_at = time.monotonic()
-        log.info(
-            "round %d: delta from %s accepted (%d samples, %d bytes)", number, site, delta.samples, len(body)
-        )
-        self.changed.set()
-        return web.json_response({"accepted": True, "round": number}, status=202)
+        return web.json_response(self.aggregator.take(st, site, body), status=202)
 
-    def _check(self, st: RoundState, site: str, body: bytes) -> deltas.Delta:
-        s = self.settings
-        delta = deltas.decode(body)
-        if delta.round != st.number or delta.site != site:
-            raise Conflict(
-                f"delta is for round {delta.round} site {delta.site!r}, posted as {st.number} {site!r}"
-            )
-        if delta.base_sha256 != st.base_sha256:
-            raise Conflict(
-                f"delta was trained from base {delta.base_sha256[:12]}, the round's is {st.base_sha256[:12]}"
-            )
-        if delta.part != s.part.describe():
-            raise Conflict(f"delta trains {delta.part}, the round trains {s.part.describe()}")
-        if not np.isclose(delta.clip_norm, s.clip_norm) or not np.isclose(
-            delta.noise_multiplier, s.noise_multiplier
-        ):
-            raise Conflict(
-                f"delta used clipNorm {delta.clip_norm} noiseMultiplier {delta.noise_multiplier}; the round's are "
-                f"{s.clip_norm} and {s.noise_multiplier}, and the accountant is only right for those"
-            )
-        deltas.check_shapes(delta.tensors, self.expected)
-        return delta
 
-    # ---- rounds ---------------------------------------------------------------------------------------
-
-    def _refusals(self, counts: Mapping[str, int]) -> dict[str, str]:
-        s = self.settings
-        if s.target_epsilon is None:
-            return {}
-        candidates = set(s.sites) | set(counts) | ({k for k in self.tokens if k != SHARED_TOKEN_KEY})
-        refused = {}
-        for site in sorted(candidates):
-            eps = accounting.epsilon(s.noise_multiplier, counts.get(site, 0) + 1, s.dp_delta)
-            if eps > s.target_epsilon:
-                refused[site] = (
-                    f"privacy budget: epsilon would reach {eps:.3f} > targetEpsilon {s.target_epsilon:g} "
-                    f"after {counts.get(site, 0) + 1} rounds"
-                )
-        return refused
-
-    def _privacy(self, counts: Mapping[str, int]) -> rounds.Privacy:
-        s = self.settings
-        per_site = {
-            site: accounting.epsilon(s.noise_multiplier, n, s.dp_delta) for site, n in sorted(counts.items())
-        }
-        return rounds.Privacy(
-            noise_multiplier=s.noise_multiplier,
-            clip_norm=s.clip_norm,
-            delta=s.dp_delta,
-            target_epsilon=s.target_epsilon,
-            epsilon=max(per_site.values(), default=0.0),
-            per_site=per_site,
-        )
-
-    def _evaluation(self, module: torch.nn.Module) -> rounds.Evaluation:
-        e = evaluate(module, *self.eval_set)
-        return rounds.Evaluation(loss=e.loss, accuracy=e.accuracy, samples=e.samples)
-
-    def next_round(self) -> int:
-        done = rounds.history(self.out_dir)
-        return done[-1].round + 1 if done else 1
-
-    async def run(self, count: int) -> list[rounds.RoundRecord]:
-        records = []
-        try:
-            for _ in range(count):
-                record = await self.run_round(self.next_round())
-                records.append(record)
-                if record.status == "refused":
-                    break
-        finally:
-            self.finished = True
-        return records
-
-    async def run_round(self, number: int) -> rounds.RoundRecord:
-        s = self.settings
-        history = rounds.history(self.out_dir)
-        counts = rounds.participation(history, number)
-        refused = self._refusals(counts)
-        st = RoundState(
-            number=number,
-            base_sha256=self.base_sha256,
-            lora_seed=_lora_seed(number, self.base_sha256),
-            opened=time.monotonic(),
-            opened_at=_now(),
-            refused=refused,
-        )
-        eligible = [x for x in s.sites if x not in refused] if s.sites else None
-        if eligible is not None and len(eligible) < s.min_clients:
-            st.open = False
-            reason = f"only {len(eligible)} sites within the privacy budget, minClients is {s.min_clients}"
-            return self._finish(st, counts, "refused", reason)
-        self.state = st
-        log.info("round %d open (base %s, deadline %gs)", number, st.base_sha256[:12], s.deadline_seconds)
-        wanted = len(eligible) if eligible is not None else (s.clients_per_round or 0)
-        if s.clients_per_round:
-            wanted = min(wanted, s.clients_per_round) if wanted else s.clients_per_round
-        while True:
-            now = time.monotonic()
-            if wanted and len(st.deltas) >= wanted:
-                break
-            ends = [st.opened + s.deadline_seconds]
-            if st.quorum_at is not None:
-                ends.append(st.quorum_at + s.grace_seconds)
-            if now >= min(ends):
-                break
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=min(ends) - now)
-        st.open = False
-        for site in st.deltas:  # every upload spent privacy, whether or not the round is accepted
-            counts[site] = counts.get(site, 0) + 1
-        if len(st.deltas) < s.min_clients:
-            reason = f"{len(st.deltas)} of minClients {s.min_clients} updates arrived by the deadline"
-            return self._finish(st, counts, "skipped", reason)
-        return await asyncio.to_thread(self._accept, st, counts)
-
-    def _skipped(self, st: RoundState) -> list[rounds.SkippedSite]:
-        known = set(self.settings.sites) | set(st.rejected) | set(st.refused)
-        out = []
-        for site in sorted(known - set(st.deltas)):
-            if site in st.refused:
-                reason = st.refused[site]
-            elif site in st.rejected:
-                reason = f"update rejected: {st.rejected[site]}"
-            else:
-                reason = "no update by the close of the round (offline or straggler)"
-            out.append(rounds.SkippedSite(site=site, reason=reason))
-        return out
-
-    def _finish(
-        self,
-        st: RoundState,
-        counts: Mapping[str, int],
-        status: rounds.RoundStatus,
-        reason: str,
-        *,
-        before: rounds.Evaluation | None = None,
-        after: rounds.Evaluation | None = None,
-        model: rounds.Artifact | None = None,
-    ) -> rounds.RoundRecord:
-        record = rounds.RoundRecord(
-            round=st.number,
-            status=status,
-            reason=reason,
-            base_sha256=st.base_sha256,
-            part=self.settings.part.describe(),
-            aggregation=self.settings.aggregation,
-            participants=[
-                rounds.Participant(site=k, samples=d.samples, upload_bytes=st.upload_bytes[k])
-                for k, d in sorted(st.deltas.items())
-            ],
-            skipped=self._skipped(st),
-            eval_before=before if before is not None else self._evaluation(self.module),
-            eval_after=after,
-            privacy=self._privacy(counts),
-            model=model,
-            opened_at=st.opened_at,
-            closed_at=_now(),
-        )
-        rounds.dump(record, rounds.round_dir(self.out_dir, st.number))
-        log.info(
-            "round %d %s: %d participants, %d skipped, epsilon %.3f%s",
-            st.number,
-            status,
-            len(record.participants),
-            len(record.skipped),
-            record.privacy.epsilon,
-            f" ({reason})" if reason else "",
-        )
-        return record
-
-    def _accept(self, st: RoundState, counts: Mapping[str, int]) -> rounds.RoundRecord:
-        import copy
-
-        import torch
-
-        s = self.settings
-        sites = sorted(st.deltas)
-        updates = [st.deltas[k].tensors for k in sites]
-        combined = aggregating.aggregate(
-            s.aggregation, updates, [st.deltas[k].samples for k in sites], s.trim_fraction
-        )
-        dense = dense_update(s.part, combined, self.shapes, st.lora_seed)
-        before = self._evaluation(self.module)
-        state = self.module.state_dict()
-        new_state = {k: v.detach().clone() for k, v in state.items()}
-        for name, u in dense.items():
-            new_state[name] = new_state[name] + s.server_lr * torch.as_tensor(u, dtype=new_state[name].dtype)
-        if not all(bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()):
-            reason = (
-                "the aggregated model has non-finite weights: lower learningRate or --server-learning-rate"
-            )
-            return self._finish(st, counts, "skipped", reason, before=before)
-        module = copy.deepcopy(self.module)
-        module.load_state_dict(new_state)
-        after = self._evaluation(module)
-        directory = rounds.round_dir(self.out_dir, st.number)
-        path = directory / rounds.WEIGHTS_FILE
-        from kiri_runtime.learning.loading import save_weights
-
-        save_weights(module, path)
-        sha = sha256_file(path)
-        artifact = rounds.Artifact(path=str(path), sha256=sha, bytes=path.stat().st_size)
-        record = self._finish(st, counts, "accepted", "", before=before, after=after, model=artifact)
-        self.module, self.weights, self.base_sha256 = module, path, sha
-        return record
+def app(aggregator: Aggregator) -> web.Application:
+    return Routes(aggregator).app()
 
 
 async def serve(aggregator: Aggregator, host: str, port: int, count: int, port_file: Path | None) -> int:
     """Serve until `count` rounds ran (or one was refused); 0 when the last round was accepted, else 3."""
-    runner = web.AppRunner(aggregator.app(), access_log=None)
+    runner = web.AppRunner(app(aggregator), access_log=None)
     await runner.setup()
     # Bind first, so that port 0 yields a free port we can report before serving.
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

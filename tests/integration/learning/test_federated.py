@@ -141,10 +141,8 @@ def test_rounds_improve_accuracy_account_privacy_and_send_no_samples(
     for post in posts:
         decoded = deltas.decode(post.body)
         deltas.check_shapes(decoded.tensors, expected)
-        head_end = (
-            len(deltas.MAGIC)
-            + 4
-            + int.from_bytes(post.body[len(deltas.MAGIC) : len(deltas.MAGIC) + 4], "little")
+        head_end = deltas.HEADER_LENGTH_BYTES + int.from_bytes(
+            post.body[: deltas.HEADER_LENGTH_BYTES], "little"
         )
         assert len(post.body) - head_end == sum(4 * int(np.prod(s)) for s in expected.values())
         assert not any(row in post.body for row in rows)
