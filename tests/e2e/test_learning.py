@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from learning_tiny_model import make_model, write_sites
 
 from .conftest import REPO_ROOT, Cluster
 from .operator_harness import (
@@ -33,10 +34,7 @@ from .operator_harness import (
 pytestmark = [pytest.mark.timeout(480), pytest.mark.usefixtures("crd")]
 __all__ = ["crd"]
 
-sys.path.insert(0, str(REPO_ROOT / "tests" / "integration" / "learning"))
-from learning_tiny import make_model, write_sites  # noqa: E402
-
-FACTORY = f"{REPO_ROOT / 'tests' / 'integration' / 'learning' / 'learning_tiny.py'}:make_model"
+FACTORY = f"{REPO_ROOT / 'tests' / 'learning_tiny_model.py'}:make_model"
 SITES = ("site-a", "site-b", "site-c")
 TOKENS = {s: f"e2e-token-{s}-{'y' * 16}" for s in SITES}
 

@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).parent
-FACTORY = f"{HERE / 'learning_tiny.py'}:make_model"
+import learning_tiny_model
+
+FACTORY = f"{Path(learning_tiny_model.__file__).resolve()}:make_model"
 TOKENS = {f"site-{i}": f"token-for-site-{i}-{'x' * 16}" for i in range(5)}
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 from dp_accounting import rdp
 from learning_harness import FACTORY, TOKENS, kiri, wait_port, write_tokens
-from learning_tiny import make_model, write_sites
 
 from kiri_runtime.learning import deltas, rounds
 from kiri_runtime.learning.parts import TrainedPart, upload_shapes
+from learning_tiny_model import make_model, write_sites
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from operator_worlds import observed, spec
-
 from kiri_operator import kinds
 from kiri_operator.planning import plan
 from kiri_operator.planning.building import Owner, compressor_account
+from planning_worlds import observed, spec
 
 
 def test_children_apply_dependencies_first() -> None:

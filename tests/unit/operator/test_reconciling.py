@@ -6,12 +6,12 @@ import copy
 from typing import Any
 
 import pytest
-from operator_worlds import SHA, fleet
 
 from kiri_operator import reconciling
 from kiri_operator.caches import Cache
 from kiri_operator.kube import KubeError
 from kiri_operator.reconciling import Reconciler, progress_only
+from planning_worlds import SHA, fleet
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -16,7 +16,7 @@ from kiri_operator.api import ModelDeployment, ModelDeploymentSpec, generating
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
 CRD = generating.crd()
 VERSION = CRD["spec"]["versions"][0]

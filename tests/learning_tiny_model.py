@@ -1,6 +1,6 @@
 """A tiny classifier and seeded non-IID site data for the learning tests (seconds on two shared cores).
 
-Loaded by trainer and aggregator processes as the factory `tests/integration/learning/tiny.py:make_model`.
+Loaded by trainer and aggregator processes as the factory `tests/learning_tiny_model.py:make_model`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from kiri_operator import cli
 
 pytestmark = pytest.mark.timeout(30)
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def test_examples_validate(capsys: pytest.CaptureFixture[str]) -> None:

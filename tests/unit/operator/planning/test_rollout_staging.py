@@ -1,27 +1,22 @@
 """Staged waves through the operator's whole `plan()`: DaemonSets, status, conditions, history, events.
 
-Uses the operator's simulated API server (tests/unit/operator/operator_worlds.py) with one twist: pods
+Uses the operator's simulated API server (tests/planning_worlds.py) with one twist: pods
 of the revisions in `never_ready` never become Ready, like the `kiri.dev/sim=never-ready` kwok stage.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-
-from operator_worlds import FakeServer, manifest, observed, spec
 
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.observations import PodView
 from kiri_operator.planning.building import affinity_nodes
 from kiri_operator.plans import Check, Plan
+from planning_worlds import FakeServer, manifest, observed, spec
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from operator_worlds import FakeServer, cloud_node, edge_node, manifest, observed, spec
 
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
@@ -15,6 +14,7 @@ from kiri_operator.planning.building import affinity_nodes
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.status import WAVE_GATE_REASONS
 from kiri_operator.plans import Check
+from planning_worlds import FakeServer, cloud_node, edge_node, manifest, observed, spec
 
 pytestmark = pytest.mark.timeout(30)
 

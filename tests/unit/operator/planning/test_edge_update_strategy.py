@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from operator_worlds import spec
-
 from kiri_operator.planning import building as B
 from kiri_operator.planning.building import affinity_nodes
+from planning_worlds import spec
 
 
 def test_edge_daemonsets_leave_pod_replacement_to_the_node_list() -> None:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-
-from operator_worlds import NOW, FakeServer, manifest, observed, spec
-
 from kiri_operator.cli import build_parser
 from kiri_operator.rollout_commands import age, render_list, render_status
+from planning_worlds import NOW, FakeServer, manifest, observed, spec
 
 pytestmark = pytest.mark.timeout(30)
 
