@@ -122,14 +122,15 @@ def _run_round(
 def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_update_policy(
     cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
 ) -> None:
+    import safetensors.torch
     import torch
 
     paths, held_out = write_sites(tmp_path, len(SITES), seed=3)
     site_files = dict(zip(SITES, paths, strict=True))
     torch.manual_seed(0)
     start: Any = make_model()
-    weights = tmp_path / "v1.pt"
-    torch.save(start.state_dict(), weights)
+    weights = tmp_path / "v1.safetensors"
+    safetensors.torch.save_file(start.state_dict(), weights)
     # The cloud serves the same model as ONNX; its inputs (no labels) are the compressor's eval data.
     onnx_path = tmp_path / "model.onnx"
     torch.onnx.export(
@@ -232,7 +233,7 @@ def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_up
     assert compress, "no compression Job for the learned weights"
     cargs = compress[0]["spec"]["template"]["spec"]["initContainers"][0]["args"]
     assert cargs[cargs.index("--source") + 1] == FACTORY
-    assert cargs[cargs.index("--state-dict") + 1].endswith("/learning/rounds/0001/weights.pt")
+    assert cargs[cargs.index("--state-dict") + 1].endswith("/learning/rounds/0001/weights.safetensors")
     assert cargs[cargs.index("--model-version") + 1] == "1-fl1"
     # The real compressor exports the learned weights and verifies the variant: the revision's gate passes.
     run_compression_job(cluster, namespace, compress[0]["metadata"]["name"])

@@ -680,8 +680,9 @@ class TrainableModel(ApiModel):
     factory: Annotated[str, Field(min_length=3, max_length=256, pattern=FACTORY_PATTERN)]
     """`pkg.module:function` returning a `torch.nn.Module`, importable in the runtime image."""
     weights_uri: Uri
-    """A `torch.save(model.state_dict())` file: the weights of the first round. Later rounds start from the
-    last accepted round's published weights."""
+    """The weights of the first round: a safetensors file (`.safetensors`) or a
+    `torch.save(model.state_dict())` file (`.pt`, loaded with `weights_only=True`). Later rounds start from the
+    last accepted round's published weights (safetensors)."""
     weights_sha256: Sha256
     """Hex sha256 of the file at `weightsUri`."""
 

@@ -11,7 +11,7 @@ The newest accepted round is a candidate for the update policy (planning/updatin
 *adopted* (kept in `status.learning.model`, so the choice is sticky) and `effective_spec` swaps the edge's
 model source for the learned weights: a new compression key and revision that goes through compression, gates
 and waves like any other. The cloud keeps serving `spec.model` (it serves ONNX; the learned weights are a
-torch state dict the compressor exports).
+safetensors state dict, `rounds/<NNNN>/weights.safetensors`, that the compressor exports).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import PurePosixPath
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,7 +34,7 @@ from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning.updating import Candidate, Download, decide
 from kiri_operator.plans import Event
-from kiri_runtime.learning.rounds import RECORD_FILE, RoundRecord
+from kiri_runtime.learning.rounds import RECORD_FILE, WEIGHTS_FILE, RoundRecord
 
 AGGREGATOR_PORT = 8470
 TOKENS_MOUNT = "/var/run/kiri/tokens"
@@ -64,8 +65,16 @@ def store_rel(owner: B.Owner) -> str:
     return f"{owner.namespace}/{owner.name}/learning"
 
 
-def weights_uri(spec: ModelDeploymentSpec, owner: B.Owner, n: int) -> str:
-    return f"{spec.edge.artifacts.uri.rstrip('/')}/{store_rel(owner)}/rounds/{n:04d}/weights.pt"
+# Rounds published before the weights became safetensors keep their torch file; the trainers and the
+# compressor read either.
+_WEIGHTS_NAMES = (WEIGHTS_FILE, "weights.pt")
+
+
+def weights_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) -> str:
+    """Where an accepted round's weights are in the artifact store (the file its record names)."""
+    name = PurePosixPath(record.model.path).name if record.model is not None else ""
+    name = name if name in _WEIGHTS_NAMES else WEIGHTS_FILE
+    return f"{spec.edge.artifacts.uri.rstrip('/')}/{store_rel(owner)}/rounds/{record.round:04d}/{name}"
 
 
 def read_records(observed: Observed) -> list[RoundRecord]:
@@ -372,9 +381,7 @@ def plan_learning(
         )
         if due <= now:
             site_names = sites(spec, observed)
-            base = (
-                weights_uri(spec, owner, accepted[-1].round) if accepted else learning.trainable.weights_uri
-            )
+            base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
             if site_names:
                 # The compressor's account may create ConfigMaps only: enough to publish the round record.
                 out.children = B.compressor_account(owner) + round_objects(spec, owner, n, site_names, base)
@@ -429,7 +436,7 @@ def plan_learning(
             assert candidate.model is not None
             adopted = {
                 "round": candidate.round,
-                "uri": weights_uri(spec, owner, candidate.round),
+                "uri": weights_uri(spec, owner, candidate),
                 "sha256": candidate.model.sha256,
                 "adoptedAt": format_time(now),
             }

@@ -130,6 +130,17 @@ def load_factory(spec: str) -> Callable[..., Any]:
     return fn  # type: ignore[no-any-return]
 
 
+def load_state_dict(local: Path) -> dict[str, torch.Tensor]:
+    """A factory's `--state-dict`: safetensors (what the learning loop publishes; by suffix or header) or a
+    torch state dict (a user's own `torch.save(model.state_dict())`, loaded with `weights_only=True`)."""
+    from kiri_runtime import weights as weights_files
+
+    try:
+        return weights_files.load(local)
+    except weights_files.WeightsError as e:
+        raise CompressionError(f"--state-dict: {e}") from None
+
+
 @dataclass
 class TorchModel:
     """What the exporter and the distiller need from a PyTorch source."""
@@ -154,17 +165,13 @@ def load_torch(
                     f"factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module"
                 )
             if local is not None:
-                state = torch.load(local, map_location="cpu", weights_only=True)
-                if (
-                    isinstance(state, dict)
-                    and "state_dict" in state
-                    and isinstance(state["state_dict"], dict)
-                ):
-                    state = state["state_dict"]
+                state = load_state_dict(local)
                 try:
                     module.load_state_dict(state)
                 except Exception as e:
-                    raise CompressionError(f"state dict {local.name} does not fit {factory}: {e}") from None
+                    raise CompressionError(
+                        f"state dict {local.name} does not fit {factory}: {' '.join(str(e).split())}"
+                    ) from None
             return TorchModel(module.eval(), None, rebuildable=True)
         assert local is not None
         if fmt == "torchscript":

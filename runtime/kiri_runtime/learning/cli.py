@@ -19,7 +19,8 @@ def _part_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
     p.add_argument(
-        "--weights", help="torch state dict (.pt) of the current revision's full-precision weights"
+        "--weights",
+        help="the current revision's full-precision weights: safetensors, or a torch state dict (.pt)",
     )
     p.add_argument("--part", choices=("whole", "layers", "lora"), default="whole", help="what is trained")
     p.add_argument(
@@ -66,7 +67,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     _part_args(a)
     a.add_argument("--eval", required=True, help="held-out .npz (x, y) the new model is evaluated on")
     a.add_argument(
-        "--out", required=True, help="directory for rounds/<NNNN>/{round.json,weights.pt}; also the ledger"
+        "--out",
+        required=True,
+        help="directory for rounds/<NNNN>/{round.json,weights.safetensors}; also the ledger",
     )
     a.add_argument(
         "--tokens",
@@ -215,7 +218,7 @@ def _aggregate_impl(args: argparse.Namespace) -> int:
     module = load_model(args.factory, _kwargs(args.factory_kwargs), weights)
     if weights is None:
         # A factory alone is a seeded fresh model: pin it as a file so every site trains from the same bytes.
-        weights = out / "initial-weights.pt"
+        weights = out / "initial-weights.safetensors"
         save_weights(module, weights)
     if args.rounds < 1:
         raise LearningError("--rounds must be >= 1")

@@ -58,7 +58,8 @@ class GlobalModel(Protocol):
         ...
 
     def save(self, path: Path) -> None:
-        """Write the weights file that sites download and the next round names by its sha256."""
+        """Write the weights file (safetensors, atomically) that sites download and the next round names by its
+        sha256."""
         ...
 
 

@@ -1,8 +1,9 @@
 """Models and data for the learning loop.
 
 A model is a module factory (`pkg.module:function` or `path/file.py:function`, the compressor's `factory`
-format) plus a torch state dict file (`torch.save(model.state_dict())`, loaded with `weights_only=True`, so a
-weights file cannot run code). Site data and the held-out set are `.npz` files with arrays `x` (inputs) and
+format) plus a weights file (kiri_runtime/weights.py): safetensors, which the aggregator writes for every
+round, or the user's own `torch.save(model.state_dict())` file (loaded with `weights_only=True`); neither can
+run code. Site data and the held-out set are `.npz` files with arrays `x` (inputs) and
 `y` (int class labels, or float targets for regression); loaded with `allow_pickle=False`. `TorchGlobalModel`
 is the torch side of the aggregator's rounds (collecting.py knows only its protocol).
 """
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiri_runtime import weights as weights_files
 from kiri_runtime.learning import rounds
 from kiri_runtime.learning.errors import LearningError
 from kiri_runtime.learning.training import evaluate
@@ -61,24 +63,18 @@ def build_module(factory: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Mo
 
 
 def load_model(factory: str, kwargs: dict[str, Any], weights: Path | None, seed: int = 0) -> torch.nn.Module:
-    import torch
-
     module = build_module(factory, kwargs, seed)
     if weights is not None:
-        if not weights.is_file():
-            raise LearningError(f"weights file {weights} does not exist")
         try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LearningError(
-                f"weights {weights}: not a torch state dict: {type(e).__name__}: {e}"
-            ) from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
+            state = weights_files.load(weights)
+        except weights_files.WeightsError as e:
+            raise LearningError(str(e)) from None
         try:
             module.load_state_dict(state)
         except Exception as e:
-            raise LearningError(f"weights {weights} do not fit {factory}: {e}") from None
+            raise LearningError(
+                f"weights {weights} do not fit {factory}: {' '.join(str(e).split())}"
+            ) from None
     return module
 
 
@@ -87,12 +83,11 @@ def float_params(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(module.state_dict(), tmp)
-    tmp.replace(path)
+    """The module's state dict as safetensors, written atomically (readers see the old file or the new one)."""
+    try:
+        weights_files.save(module.state_dict(), path)
+    except weights_files.WeightsError as e:
+        raise LearningError(str(e)) from None
 
 
 class TorchGlobalModel:

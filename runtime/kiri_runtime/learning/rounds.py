@@ -1,7 +1,7 @@
 """The round record: what `kiri aggregate` writes for each round, and the privacy ledger built from them.
 
 One directory per round under the aggregator's output directory: `rounds/<NNNN>/round.json`, plus
-`weights.pt` when the round was accepted. The records are the ledger: a site's epsilon is computed from the
+`weights.safetensors` when the round was accepted. The records are the ledger: a site's epsilon is computed from the
 rounds it took part in, so the budget survives aggregator restarts (each round is a fresh Job). Imports only
 pydantic and the standard library, so the operator can read records.
 """
@@ -20,7 +20,7 @@ from pydantic.alias_generators import to_camel
 
 SCHEMA_VERSION: Final = "kiri.dev/learning-round/v1"
 RECORD_FILE = "round.json"
-WEIGHTS_FILE = "weights.pt"
+WEIGHTS_FILE = "weights.safetensors"  # the round's global weights (safetensors), when accepted
 
 RoundStatus = Literal["accepted", "skipped", "refused"]
 

@@ -4,7 +4,8 @@ HTTP (every call but /healthz needs `Authorization: Bearer <the site's token>`):
 
 * `GET /v1/round?site=S`: the open round (number, base model sha256, trained part, LoRA seed, DP parameters)
   and whether S may take part.
-* `GET /v1/model?site=S`: the current global weights (a torch state dict), sha256 in `X-Kiri-Sha256`.
+* `GET /v1/model?site=S`: the current global weights file, sha256 in `X-Kiri-Sha256`: safetensors (the first
+  round's may be the user's own torch state dict).
 * `POST /v1/rounds/{round}/sites/{site}/delta`: one update in the deltas.py format (safetensors). 202
   accepted; 400 malformed; 401 bad token; 403 site not expected or over its privacy budget; 409 wrong round,
   stale base, other DP parameters or a second upload; 410 round closed; 413 too large; 422 wrong names or

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from kiri_runtime import weights as weights_files
 from kiri_runtime.learning import deltas
 from kiri_runtime.learning.errors import LearningError
 from kiri_runtime.learning.loading import load_arrays, load_model, sha256_file
@@ -132,7 +133,8 @@ class Trainer:
                 f"global model from the aggregator has sha256 {actual[:12]}, the round's is {sha[:12]}"
             )
         self.cfg.work_dir.mkdir(parents=True, exist_ok=True)
-        path = self.cfg.work_dir / f"global-{sha[:16]}.pt"
+        # Round weights are safetensors; the first round's are the user's file, which may be a torch .pt.
+        path = self.cfg.work_dir / f"global-{sha[:16]}{weights_files.suffix_for(response.content)}"
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_bytes(response.content)
         tmp.replace(path)

@@ -220,6 +220,60 @@ def test_sources_over_http_are_fetched_and_verified(
         server.server_close()
 
 
+def test_a_safetensors_state_dict_exports_the_same_model_as_its_torch_file_from_disk_and_over_http(
+    tmp_path: Path, run_compress: Run, mlp_source: tuple[Path, Path, str]
+) -> None:
+    import functools
+    import http.server
+    import threading
+
+    import safetensors.torch
+
+    state, data, _ = mlp_source
+    # What the learning loop publishes for a round (rounds/<NNNN>/weights.safetensors).
+    st = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(torch.load(state, weights_only=True), st)
+    st_sha = hashlib.sha256(st.read_bytes()).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    onnx_digests = []
+    try:
+        # The fetch cache names the download by its digest: the format is told by the header, not a suffix.
+        for name, source, sha in (("pt", str(state), None), ("file", str(st), st_sha),
+                                  ("http", f"{base}/{st.name}", st_sha)):  # fmt: skip
+            out = tmp_path / f"out-{name}"
+            rc, log = run_compress("--source", f"{ZOO}:mlp", "--state-dict", source, *(["--sha256", sha] if sha else []),
+                                   "--eval-data", str(data), "--out", str(out), "--variant", "fp16",
+                                   "--latency-rounds", "5")  # fmt: skip
+            assert rc == 0, log
+            m = load(out)
+            assert m.model.source_sha256 == (sha or hashlib.sha256(state.read_bytes()).hexdigest())
+            onnx_digests.append(m.model.onnx_sha256)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(set(onnx_digests)) == 1, onnx_digests
+
+
+def test_a_truncated_safetensors_state_dict_fails_with_one_error_line_and_no_manifest(
+    tmp_path: Path, run_compress: Run, mlp_source: tuple[Path, Path, str]
+) -> None:
+    import safetensors.torch
+
+    state, data, _ = mlp_source
+    st = tmp_path / "weights.safetensors"
+    st.write_bytes(safetensors.torch.save(torch.load(state, weights_only=True))[:-10])
+    out = tmp_path / "out"
+    rc, log = run_compress("--source", f"{ZOO}:mlp", "--state-dict", str(st), "--eval-data", str(data),
+                           "--out", str(out), "--variant", "fp16")  # fmt: skip
+    _assert_failed(out, rc, log, f"--state-dict: weights {st}: not a valid safetensors file: ")
+    assert "Traceback" not in log
+    (line,) = [x for x in log.splitlines() if "--state-dict" in x]
+    assert line.endswith("Error while deserializing header: incomplete metadata, file not fully covered")
+
+
 def test_the_kiri_command_line_runs_compress(tmp_path: Path) -> None:
     import subprocess
     import sys

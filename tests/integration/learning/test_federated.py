@@ -13,6 +13,7 @@ import dp_accounting
 import httpx
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from dp_accounting import rdp
 from learning_harness import FACTORY, TOKENS, kiri, wait_port, write_tokens
@@ -72,7 +73,7 @@ def accountant_epsilon(noise: float, rounds_: int, delta: float) -> float:
 
 def held_out_accuracy(weights: Path, held_out: Path) -> float:
     model: Any = make_model()
-    model.load_state_dict(torch.load(weights, weights_only=True))
+    model.load_state_dict(safetensors.torch.load_file(weights))
     data = np.load(held_out)
     with torch.no_grad():
         pred = model(torch.as_tensor(data["x"])).argmax(dim=1).numpy()
@@ -116,12 +117,23 @@ def test_rounds_improve_accuracy_account_privacy_and_send_no_samples(
     last = records[-1]
     assert last.model is not None
     weights = Path(last.model.path)
+    assert weights == tmp_path / "out" / "rounds" / "0003" / "weights.safetensors"
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == last.model.sha256
     measured = held_out_accuracy(weights, held_out)
     assert measured == pytest.approx(last.eval_after.accuracy if last.eval_after else -1, abs=1e-6)
     start = records[0].eval_before
     assert start is not None and start.accuracy is not None
     assert measured >= start.accuracy + 0.1, (start.accuracy, measured)
+
+    # Every global model is safetensors: the pinned initial weights (round 1's base) and each round's, and
+    # that is what each site downloaded (by sha256, named by the format it sniffed).
+    initial = tmp_path / "out" / "initial-weights.safetensors"
+    bases = [initial, *(Path(r.model.path) for r in records[:-1] if r.model is not None)]
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in bases]
+    assert [r.base_sha256 for r in records] == shas
+    for site in sites:
+        got = sorted(p.name for p in (tmp_path / f"work-{site}").iterdir())
+        assert got == sorted(f"global-{sha[:16]}.safetensors" for sha in shas)
 
     # Epsilon: each site took part in 3 rounds; the accountant, run here, must agree.
     for n, record in enumerate(records, 1):
@@ -155,11 +167,18 @@ def test_rounds_improve_accuracy_account_privacy_and_send_no_samples(
 def test_site_killed_mid_round_does_not_stall_it(tmp_path: Path, processes: list[Any]) -> None:
     sites = [f"site-{i}" for i in range(3)]
     paths, held_out = write_sites(tmp_path, len(sites), seed=1)
+    # The user's initial weights as a torch state dict: the aggregator serves that file as round 1's base.
+    torch.manual_seed(5)
+    user_weights = tmp_path / "v1.pt"
+    start: Any = make_model()
+    torch.save(start.state_dict(), user_weights)
+    user_sha = hashlib.sha256(user_weights.read_bytes()).hexdigest()
     agg_log = tmp_path / "aggregator.log"
     deadline = 300
     agg = kiri(
         *aggregator_args(tmp_path, held_out, sites, "--part", "layers", "--layers", "2", "--min-clients", "2",
-                         "--deadline-seconds", str(deadline), "--grace-seconds", "5"),
+                         "--deadline-seconds", str(deadline), "--grace-seconds", "5",
+                         "--weights", str(user_weights)),
         log=agg_log,
     )  # fmt: skip
     processes.append(agg)
@@ -193,6 +212,12 @@ def test_site_killed_mid_round_does_not_stall_it(tmp_path: Path, processes: list
     ]
     # Only the two uploads were spent; the killed site never released anything.
     assert set(record.privacy.per_site) == set(sites[:2])
+    # Round 1 started from the user's torch file, which the sites downloaded as such; it published safetensors.
+    assert record.base_sha256 == user_sha
+    for site in sites[:2]:
+        assert [p.name for p in (tmp_path / f"work-{site}").iterdir()] == [f"global-{user_sha[:16]}.pt"]
+    assert record.model is not None and Path(record.model.path).name == "weights.safetensors"
+    assert sorted(safetensors.torch.load_file(record.model.path)) == sorted(start.state_dict())
 
 
 def _zero_delta(info: dict[str, Any], site: str, shapes: dict[str, tuple[int, ...]]) -> deltas.Delta:

@@ -61,7 +61,12 @@ NODES = (
 
 
 def _record(
-    n: int, status: str = "accepted", before: float = 0.5, after: float = 0.7, minutes_ago: int = 120
+    n: int,
+    status: str = "accepted",
+    before: float = 0.5,
+    after: float = 0.7,
+    minutes_ago: int = 120,
+    weights_file: str = rounds.WEIGHTS_FILE,
 ) -> rounds.RoundRecord:
     closed = (NOW - timedelta(minutes=minutes_ago)).isoformat()
     return rounds.RoundRecord(
@@ -81,7 +86,7 @@ def _record(
             noise_multiplier=1.0, clip_norm=1.0, delta=1e-5, epsilon=4.7 * n, per_site={"site-a": 4.7 * n}
         ),
         model=rounds.Artifact(
-            path=f"/store/ns/md/learning/rounds/{n:04d}/weights.pt", sha256="cd" * 32, bytes=100
+            path=f"/store/ns/md/learning/rounds/{n:04d}/{weights_file}", sha256="cd" * 32, bytes=100
         )
         if status == "accepted"
         else None,
@@ -150,7 +155,26 @@ def test_a_recorded_round_goes_to_status_and_the_next_waits_for_the_interval() -
     lp = learning.plan_learning(_spec(), _observed(_record(1, minutes_ago=61)), OWNER, variant_sizes={})
     agg = _by_name(lp.children)[learning.aggregator_name("md", 2)]
     args = agg["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    assert args[args.index("--weights") + 1] == "/store/ns/md/learning/rounds/0001/weights.safetensors"
+
+
+def test_a_round_published_as_a_torch_file_by_an_older_aggregator_keeps_its_name() -> None:
+    spec = _spec(rollout={"updatePolicy": {"minImprovement": 0.1}})
+    old = _record(1, minutes_ago=61, weights_file="weights.pt")
+    lp = learning.plan_learning(spec, _observed(old), OWNER, variant_sizes={"int8": 1000})
+    agg = _by_name(lp.children)[learning.aggregator_name("md", 2)]
+    args = agg["spec"]["template"]["spec"]["initContainers"][0]["args"]
     assert args[args.index("--weights") + 1] == "/store/ns/md/learning/rounds/0001/weights.pt"
+    assert lp.status is not None
+    assert lp.status["model"]["uri"] == "file:///store/ns/md/learning/rounds/0001/weights.pt"
+
+
+def test_a_round_record_naming_another_file_still_points_at_the_round_weights() -> None:
+    odd = _record(1, minutes_ago=61, weights_file="../../elsewhere.bin")
+    assert (
+        learning.weights_uri(_spec(), OWNER, odd)
+        == "file:///store/ns/md/learning/rounds/0001/weights.safetensors"
+    )
 
 
 def test_no_rounds_after_a_refusal_or_the_last_round() -> None:
@@ -183,7 +207,9 @@ def test_an_allowed_round_becomes_a_new_revision_built_from_the_learned_weights(
     )
     assert lp.status is not None and lp.status["update"]["allowed"] is True
     model = lp.status["model"]
-    assert model["round"] == 1 and model["uri"] == "file:///store/ns/md/learning/rounds/0001/weights.pt"
+    assert (
+        model["round"] == 1 and model["uri"] == "file:///store/ns/md/learning/rounds/0001/weights.safetensors"
+    )
     assert {d["site"]: d["bytes"] for d in lp.status["downloads"]} == {"site-a": 2000, "site-b": 1000}
 
     learned = learning.effective_spec(spec, lp.status)
@@ -195,7 +221,10 @@ def test_an_allowed_round_becomes_a_new_revision_built_from_the_learned_weights(
     compress = next(j for j in jobs if j["metadata"]["labels"].get(L.COMPONENT) == L.COMPONENT_COMPRESS)
     cargs = compress["spec"]["template"]["spec"]["initContainers"][0]["args"]
     assert cargs[cargs.index("--source") + 1] == "models.net:make"
-    assert cargs[cargs.index("--state-dict") + 1] == "file:///store/ns/md/learning/rounds/0001/weights.pt"
+    assert (
+        cargs[cargs.index("--state-dict") + 1]
+        == "file:///store/ns/md/learning/rounds/0001/weights.safetensors"
+    )
     assert cargs[cargs.index("--model-version") + 1] == "1-fl1"
     assert p.status["learning"]["model"]["round"] == 1
     cloud = next(a.body for a in p.actions if a.kind == "Deployment" and a.body)

@@ -1,14 +1,21 @@
-"""The aggregator's torch model: shapes, evaluation, a server step that never touches the old model, saving."""
+"""The aggregator's torch model: shapes, evaluation, a server step that never touches the old model, saving
+(safetensors), and loading the weights a round starts from (safetensors or a user's torch state dict)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
+import safetensors.torch
 import torch
 
+from kiri_operator.cli import main
 from kiri_runtime.learning import rounds
-from kiri_runtime.learning.loading import TorchGlobalModel, load_model
+from kiri_runtime.learning.errors import LearningError
+from kiri_runtime.learning.loading import TorchGlobalModel, load_model, save_weights
+
+LINEAR = ("torch.nn:Linear", {"in_features": 4, "out_features": 2})
 
 
 def _model() -> TorchGlobalModel:
@@ -39,9 +46,86 @@ def test_an_update_to_non_finite_weights_gives_no_model() -> None:
     assert _model().updated({"bias": np.array([np.inf, 0.0], np.float32)}, server_lr=1.0) is None
 
 
-def test_saved_weights_load_back_into_the_factory_model(tmp_path: Path) -> None:
+def test_round_weights_are_written_as_safetensors_and_load_back_into_the_factory_model(
+    tmp_path: Path,
+) -> None:
     model = _model()
     path = tmp_path / "rounds" / "0001" / rounds.WEIGHTS_FILE
     model.save(path)
-    back = load_model("torch.nn:Linear", {"in_features": 4, "out_features": 2}, path, seed=1)
+    assert path.name == "weights.safetensors"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["weights.safetensors"]  # no temporary left
+    torch.testing.assert_close(safetensors.torch.load_file(path), model.module.state_dict())
+    back = load_model(*LINEAR, path, seed=1)
     torch.testing.assert_close(back.state_dict(), model.module.state_dict())
+
+
+def test_a_users_torch_state_dict_still_loads_as_the_first_rounds_weights(tmp_path: Path) -> None:
+    model = _model()
+    path = tmp_path / "v1.pt"
+    torch.save(model.module.state_dict(), path)
+    back = load_model(*LINEAR, path, seed=1)
+    torch.testing.assert_close(back.state_dict(), model.module.state_dict())
+
+
+def test_a_truncated_weights_file_is_one_learning_error_line(tmp_path: Path) -> None:
+    path = tmp_path / rounds.WEIGHTS_FILE
+    save_weights(_model().module, path)
+    path.write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(LearningError) as info:
+        load_model(*LINEAR, path)
+    assert str(info.value) == (
+        f"weights {path}: not a valid safetensors file: "
+        "Error while deserializing header: incomplete metadata, file not fully covered"
+    )
+
+
+def test_weights_of_another_model_are_one_line_naming_the_factory(tmp_path: Path) -> None:
+    path = tmp_path / rounds.WEIGHTS_FILE
+    save_weights(torch.nn.Linear(3, 2), path)
+    with pytest.raises(LearningError) as info:
+        load_model(*LINEAR, path)
+    assert str(info.value) == (
+        f"weights {path} do not fit torch.nn:Linear: Error(s) in loading state_dict for Linear: "
+        "size mismatch for weight: copying a param with shape torch.Size([2, 3]) from checkpoint, "
+        "the shape in current model is torch.Size([2, 4])."
+    )
+
+
+def test_kiri_aggregate_given_garbage_weights_prints_one_error_line_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "v1.safetensors"
+    garbage.write_bytes(b"\x00" * 3)
+    rc = main(
+        ["aggregate", "--factory", "torch.nn:Linear", "--factory-kwargs", '{"in_features": 4, "out_features": 2}',
+         "--weights", str(garbage), "--eval", str(tmp_path / "held-out.npz"), "--out", str(tmp_path / "out"),
+         "--tokens", str(tmp_path / "tokens"), "--clip-norm", "1", "--noise-multiplier", "1"]
+    )  # fmt: skip
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"kiri aggregate: error: weights {garbage}: not a valid safetensors file: "
+        "Error while deserializing header: header too small\n"
+    )
+
+
+def test_kiri_aggregate_without_weights_pins_the_seeded_factory_model_as_safetensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The held-out set is missing, so the command stops right after pinning the initial weights.
+    rc = main(
+        ["aggregate", "--factory", "torch.nn:Linear", "--factory-kwargs", '{"in_features": 4, "out_features": 2}',
+         "--eval", str(tmp_path / "held-out.npz"), "--out", str(tmp_path / "out"),
+         "--tokens", str(tmp_path / "tokens"), "--clip-norm", "1", "--noise-multiplier", "1"]
+    )  # fmt: skip
+    assert rc == 1
+    assert (
+        capsys.readouterr().err
+        == f"kiri aggregate: error: held-out set {tmp_path / 'held-out.npz'} does not exist\n"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["initial-weights.safetensors"]
+    torch.manual_seed(0)
+    seeded = torch.nn.Linear(4, 2).state_dict()
+    torch.testing.assert_close(
+        safetensors.torch.load_file(tmp_path / "out" / "initial-weights.safetensors"), seeded
+    )
