@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -36,29 +37,10 @@ from typing import Any
 
 import numpy as np
 
-# The training text: stdlib modules, fixed list (the hash covers their bytes, so another Python rebuilds).
-CORPUS_MODULES = (
-    "textwrap.py",
-    "string.py",
-    "functools.py",
-    "fnmatch.py",
-    "glob.py",
-    "heapq.py",
-    "bisect.py",
-    "copy.py",
-    "shlex.py",
-    "json/encoder.py",
-    "json/decoder.py",
-    "json/__init__.py",
-    "argparse.py",
-    "dataclasses.py",
-    "pathlib.py",
-    "enum.py",
-    "contextlib.py",
-    "csv.py",
-    "base64.py",
-    "queue.py",
-)
+# The training text: stdlib modules, a fixed list (the hash covers their bytes, so another Python rebuilds). Six
+# modules (52k tokens, ~10 passes in 300 steps) train to a loss near 2.3 and a mean top-1 probability near 0.3 on
+# this text; the whole stdlib list of twenty stayed near 3.6 (flat distributions) in the same time.
+CORPUS_MODULES = ("textwrap.py", "string.py", "functools.py", "fnmatch.py", "glob.py", "heapq.py")
 
 PAD, BOS, EOS = "<|pad|>", "<|endoftext|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, "<|im_start|>")  # ids 0, 1, 2, 3
@@ -112,8 +94,11 @@ def _render_chat(user: str, answer: str) -> str:
 
 
 def _digest(params: Mapping[str, Any], texts: list[str], extra: str = "") -> str:
+    """The model's cache key: the code that builds it (not the GGUF writer's), its parameters, its text."""
     h = hashlib.sha256()
-    h.update(Path(__file__).read_bytes())
+    for fn in (_train_tokenizer, _build_llama, _fix_tokenizer_config, _chat_pairs, _render_chat):
+        h.update(inspect.getsource(fn).encode())
+    h.update(json.dumps([CORPUS_MODULES, SPECIAL_TOKENS, CHAT_TEMPLATE], sort_keys=True).encode())
     h.update(json.dumps(dict(params), sort_keys=True).encode())
     for text in texts:
         h.update(hashlib.sha256(text.encode()).digest())
@@ -129,6 +114,7 @@ def _atomic_build(dest: Path, build: Any) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         build(tmp)
+        tmp.chmod(0o755)
         try:
             tmp.rename(dest)
         except OSError:
@@ -358,6 +344,22 @@ def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     return out.reshape(n_rows, -1)
 
 
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+
+
+def quantize_iq4_nl(rows: np.ndarray) -> np.ndarray:
+    """block_iq4_nl (d, 16 bytes of 4-bit indices into a fixed non-linear table) per 32 weights: a type Kiri refuses."""
+    n_rows, _ = rows.shape
+    blocks = rows.reshape(-1, 32).astype(np.float32)
+    d = np.abs(blocks).max(axis=-1) / 127.0
+    d16 = d.astype(np.float16).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.where(d16[:, None] > 0, blocks / d16[:, None], 0)
+    idx = np.abs(x[..., None] - IQ4_NL_VALUES).argmin(axis=-1).astype(np.uint8)
+    qs = idx[:, :16] | (idx[:, 16:] << 4)
+    return np.concatenate([_fp16(d[:, None]), qs], axis=1).reshape(n_rows, -1)
+
+
 def _quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize
@@ -371,6 +373,8 @@ def _quantize(w: np.ndarray, qtype: str) -> tuple[np.ndarray, Any]:
         return quantize_q4_k(w), t
     if qtype == "Q6_K":
         return quantize_q6_k(w), t
+    if qtype == "IQ4_NL":
+        return quantize_iq4_nl(w), t
     return quantize(w.astype(np.float32), t), t
 
 
