@@ -30,6 +30,7 @@ import os
 import shutil
 import sysconfig
 import tempfile
+import textwrap
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,7 +98,7 @@ def _digest(params: Mapping[str, Any], texts: list[str], extra: str = "") -> str
     """The model's cache key: the code that builds it (not the GGUF writer's), its parameters, its text."""
     h = hashlib.sha256()
     for fn in (_train_tokenizer, _build_llama, _fix_tokenizer_config, _chat_pairs, _render_chat):
-        h.update(inspect.getsource(fn).encode())
+        h.update(ast.dump(ast.parse(textwrap.dedent(inspect.getsource(fn)))).encode())  # not its formatting
     h.update(json.dumps([CORPUS_MODULES, SPECIAL_TOKENS, CHAT_TEMPLATE], sort_keys=True).encode())
     h.update(json.dumps(dict(params), sort_keys=True).encode())
     for text in texts:
@@ -154,7 +155,12 @@ def _build_llama(out: Path, params: Mapping[str, Any], tied: bool, texts: list[s
     assert [ids[t] for t in SPECIAL_TOKENS] == [0, 1, 2, 3], ids
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=None, model_max_length=512
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=None,
+        model_max_length=512,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
@@ -163,7 +169,7 @@ def _build_llama(out: Path, params: Mapping[str, Any], tied: bool, texts: list[s
     # The training stream: each stdlib file ends with <|endoftext|>; chat turns end with <|im_end|>.
     stream: list[int] = []
     for text in texts:
-        stream += tok.encode(text).ids + [ids[BOS]]
+        stream += [*tok.encode(text).ids, ids[BOS]]
     rng = np.random.default_rng(params["seed"])
     for i in rng.permutation(len(chats)):
         stream += tok.encode(chats[i]).ids
@@ -212,7 +218,9 @@ def _build_llama(out: Path, params: Mapping[str, Any], tied: bool, texts: list[s
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     GenerationConfig(bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]).save_pretrained(out)
-    (out / "fixture.json").write_text(json.dumps({"final_loss": sum(losses[-20:]) / 20, **dict(params)}, indent=1) + "\n")
+    (out / "fixture.json").write_text(
+        json.dumps({"final_loss": sum(losses[-20:]) / 20, **dict(params)}, indent=1) + "\n"
+    )
 
 
 def _fix_tokenizer_config(out: Path) -> None:
@@ -291,7 +299,7 @@ def _fp16(x: np.ndarray) -> np.ndarray:
 
 def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
     """block_q4_K (d, dmin, 12 bytes of 6-bit scales/mins, 128 bytes of nibbles) per 256 weights: w = d*sc*q - dmin*m."""
-    n_rows, k = rows.shape
+    n_rows, _k = rows.shape
     blocks = rows.reshape(-1, 8, 32).astype(np.float32)  # [nb, sub, 32]
     lo = np.minimum(blocks.min(axis=-1), 0.0)  # the sub-block's offset (<= 0), stored as min m >= 0
     hi = blocks.max(axis=-1)
@@ -322,7 +330,7 @@ def quantize_q4_k(rows: np.ndarray) -> np.ndarray:
 
 def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     """block_q6_K (128 bytes low nibbles, 64 bytes high 2 bits, 16 int8 scales, d) per 256 weights: w = d*sc*(q-32)."""
-    n_rows, k = rows.shape
+    n_rows, _k = rows.shape
     blocks = rows.reshape(-1, 16, 16).astype(np.float32)
     amax = np.abs(blocks).max(axis=-1)
     scale = amax / 31.0
@@ -337,14 +345,19 @@ def quantize_q6_k(rows: np.ndarray) -> np.ndarray:
     qh = np.zeros((q.shape[0], 2, 32), dtype=np.uint8)
     ql[:, :, 0:32] = (q[:, :, 0] & 0xF) | ((q[:, :, 2] & 0xF) << 4)
     ql[:, :, 32:64] = (q[:, :, 1] & 0xF) | ((q[:, :, 3] & 0xF) << 4)
-    qh[:, :, :] = (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    qh[:, :, :] = (
+        (q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)
+    )
     out = np.concatenate(
-        [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8).reshape(-1, 16), _fp16(d[:, None])], axis=1
+        [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.view(np.uint8).reshape(-1, 16), _fp16(d[:, None])],
+        axis=1,
     )
     return out.reshape(n_rows, -1)
 
 
-IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+IQ4_NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
+)
 
 
 def quantize_iq4_nl(rows: np.ndarray) -> np.ndarray:

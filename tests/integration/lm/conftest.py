@@ -6,6 +6,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
+
 from lm_fixture import tiny_gguf, tiny_llama
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from lm_fixture import GGUF_QTYPES, tiny_llama
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -44,7 +45,9 @@ def test_the_checkpoint_is_a_llama_with_a_chat_template_and_im_end_as_eos(tiny_l
     )
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     assert (tok.eos_token, tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == ("<|im_end|>", 2, 1, 0)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -56,8 +59,21 @@ def test_the_model_builder_makes_an_int4_model_that_generates_in_onnxruntime_gen
 
     out = tmp_path / "int4"
     run = subprocess.run(
-        [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny_llama_dir), "-o", str(out)]
-        + ["-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")],
+        [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(tiny_llama_dir),
+            "-o",
+            str(out),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(tmp_path / "cache"),
+        ],
         capture_output=True,
         text=True,
         timeout=240,
@@ -106,8 +122,9 @@ def test_each_quantized_gguf_stores_its_type_and_stays_close_to_the_model(
     tiny_llama_dir: Path, tiny_llama_gguf: Callable[..., Path], qtype: str
 ) -> None:
     from gguf import GGUFReader
-    from lm_fixture import K_QUANT_FALLBACK
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_fixture import K_QUANT_FALLBACK
 
     path = tiny_llama_gguf(qtype)
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
@@ -126,6 +143,7 @@ def test_each_quantized_gguf_stores_its_type_and_stays_close_to_the_model(
 def test_the_k_quant_blocks_decode_to_the_weights_within_their_rounding() -> None:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
+
     from lm_fixture import quantize_q4_k, quantize_q6_k
 
     w = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)

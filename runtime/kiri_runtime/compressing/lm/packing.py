@@ -78,13 +78,16 @@ def _check_member(tar_path: Path, member: tarfile.TarInfo) -> PurePosixPath:
     return name
 
 
-def unpack(tar_path: Path, dest: Path) -> Path:
-    """Extract `tar_path` (any tar, compressed or not) into `dest`, refusing unsafe members; return `dest`."""
+def _open_tar(tar_path: Path) -> tarfile.TarFile:
     try:
-        tar = tarfile.open(tar_path, "r:*")
+        return tarfile.open(tar_path, "r:*")
     except (tarfile.TarError, OSError) as e:
         raise CompressionError(f"cannot read tar {tar_path.name}: {e}") from None
-    with tar:
+
+
+def unpack(tar_path: Path, dest: Path) -> Path:
+    """Extract `tar_path` (any tar, compressed or not) into `dest`, refusing unsafe members; return `dest`."""
+    with _open_tar(tar_path) as tar:
         try:
             members = tar.getmembers()
         except (tarfile.TarError, OSError, EOFError) as e:
@@ -97,7 +100,9 @@ def unpack(tar_path: Path, dest: Path) -> Path:
                 continue
             target = root.joinpath(*name.parts)
             if root not in target.resolve().parents:
-                raise CompressionError(f"unsafe tar {tar_path.name}: member {member.name!r} escapes the directory")
+                raise CompressionError(
+                    f"unsafe tar {tar_path.name}: member {member.name!r} escapes the directory"
+                )
             target.parent.mkdir(parents=True, exist_ok=True)
             src = tar.extractfile(member)
             if src is None:  # pragma: no cover - isfile() members always have data

@@ -78,10 +78,14 @@ class LmSource:
     hf_dir: Path  # HF checkpoint dir: config.json, *.safetensors, tokenizer.json(+config), chat template
     format: Literal["hf", "gguf"]
     architecture: str  # e.g. "LlamaForCausalLM"
-    sha256: str  # of the source as fetched: the tar, the gguf, or a directory's file listing (directory_sha256)
+    sha256: (
+        str  # of the source as fetched: the tar, the gguf, or a directory's file listing (directory_sha256)
+    )
     size_bytes: int  # bytes of the source as given: the gguf file; the checkpoint's weight files
     gguf_path: Path | None = None
-    gguf_tensor_types: Mapping[str, str] = field(default_factory=dict)  # GGUF tensor name -> "Q4_1", "F32", ...
+    gguf_tensor_types: Mapping[str, str] = field(
+        default_factory=dict
+    )  # GGUF tensor name -> "Q4_1", "F32", ...
 
 
 def load_source(uri: str, fmt: str, work: Path, sha256: str | None = None) -> LmSource:
@@ -171,7 +175,7 @@ def check_hf_dir(hf_dir: Path, uri: str | None = None) -> tuple[str, int]:
         raise CompressionError(f"{where}: config.json is not valid JSON ({e})") from None
     archs = config.get("architectures") if isinstance(config, dict) else None
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
-        raise CompressionError(f"{where}: config.json names no architecture (\"architectures\": [...])")
+        raise CompressionError(f'{where}: config.json names no architecture ("architectures": [...])')
     architecture = archs[0]
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise CompressionError(
@@ -196,7 +200,9 @@ def _weight_files(hf_dir: Path, where: str) -> list[Path]:
             raise CompressionError(f"{where}: model.safetensors.index.json is malformed ({e})") from None
         absent = [n for n in names if not (hf_dir / n).is_file()]
         if absent:
-            raise CompressionError(f"{where}: weight shard {absent[0]} is missing (listed in model.safetensors.index.json)")
+            raise CompressionError(
+                f"{where}: weight shard {absent[0]} is missing (listed in model.safetensors.index.json)"
+            )
         return [hf_dir / n for n in names]
     found = sorted(hf_dir.glob("*.safetensors"))
     if found:
@@ -334,17 +340,23 @@ def gguf_extent(path: Path, where: str = "source") -> int:
                 try:
                     block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
                 except (ValueError, KeyError):
-                    raise CompressionError(f"{where}: GGUF tensor {name} has unknown type id {type_id}") from None
+                    raise CompressionError(
+                        f"{where}: GGUF tensor {name} has unknown type id {type_id}"
+                    ) from None
                 count = 1
                 for d in dims:
                     count *= d
                 end = max(end, offset + count // block * type_size)
             header = pos[0]
         except _Short:
-            raise CompressionError(f"{where}: GGUF is truncated: its header ends early (the file has {size} bytes)") from None
+            raise CompressionError(
+                f"{where}: GGUF is truncated: its header ends early (the file has {size} bytes)"
+            ) from None
     need = header + (-header % alignment) + end
     if need > size:
-        raise CompressionError(f"{where}: GGUF is truncated: its header says {need} bytes, the file has {size}")
+        raise CompressionError(
+            f"{where}: GGUF is truncated: its header says {need} bytes, the file has {size}"
+        )
     return need
 
 
@@ -402,11 +414,9 @@ def read_gguf(path: Path, where: str = "source") -> GgufMeta:
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """transformers prints progress bars and notices while it reads a GGUF; keep `kiri compress` output readable."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     try:
         with (
             warnings.catch_warnings(),
@@ -416,9 +426,7 @@ def _quiet() -> Iterator[None]:
             warnings.simplefilter("ignore")
             yield
     finally:
-        hf_logging.set_verbosity(level)
-        hf_logging.enable_progress_bar()
-        logging.getLogger("transformers").setLevel(logging.NOTSET)
+        logger.setLevel(level)
 
 
 def _dequantise(gguf_path: Path, hf_dir: Path, meta: GgufMeta, where: str) -> None:
@@ -464,7 +472,7 @@ def _dequantise(gguf_path: Path, hf_dir: Path, meta: GgufMeta, where: str) -> No
         tokenizer.chat_template = meta.chat_template
     with _quiet():
         model.save_pretrained(hf_dir, safe_serialization=True)
-        GenerationConfig(
+        GenerationConfig(  # type: ignore[no-untyped-call]
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
             pad_token_id=getattr(config, "pad_token_id", None),

@@ -40,11 +40,18 @@ def test_two_packs_of_the_same_files_have_the_same_bytes_and_sha256_despite_othe
     assert size1 == (tmp_path / "a.tar").stat().st_size
 
 
-def test_pack_writes_regular_files_only_sorted_with_zero_mtime_and_owner_and_mode_0644(tmp_path: Path) -> None:
+def test_pack_writes_regular_files_only_sorted_with_zero_mtime_and_owner_and_mode_0644(
+    tmp_path: Path,
+) -> None:
     _, _ = pack(_model_dir(tmp_path), tmp_path / "m.tar")
     with tarfile.open(tmp_path / "m.tar") as tar:
         members = tar.getmembers()
-    assert [m.name for m in members] == ["genai_config.json", "model.onnx", "model.onnx.data", "sub/tokenizer.json"]
+    assert [m.name for m in members] == [
+        "genai_config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "sub/tokenizer.json",
+    ]
     assert {(m.type, m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == {
         (tarfile.REGTYPE, 0, 0o644, 0, 0, "", "")
     }

@@ -154,7 +154,9 @@ def test_a_missing_file_is_refused(tmp_path: Path) -> None:
     assert _error(uri, "gguf", tmp_path / "w") == f"source {uri}: no such file"
 
 
-def _gguf(path: Path, arch: str = "llama", raw: tuple[np.ndarray, gguf.GGMLQuantizationType] | None = None) -> Path:
+def _gguf(
+    path: Path, arch: str = "llama", raw: tuple[np.ndarray, gguf.GGMLQuantizationType] | None = None
+) -> Path:
     w = gguf.GGUFWriter(str(path), arch)
     w.add_token_list(["a", "b"])
     w.add_tensor("blk.0.attn_norm.weight", np.ones(64, np.float32))
