@@ -162,3 +162,22 @@ def test_a_type_that_cannot_be_carried_is_reported_and_keeps_the_builders_blocks
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     up = next(n for n in graph.node if n.name.startswith("/model/layers.1/mlp/up_proj/MatMul"))
     assert len(up.input) == 3  # the builder's symmetric int4: no zero points
+
+
+def test_a_tied_gguf_shares_one_block_table_between_embedding_and_lm_head(
+    samples: list[list[int]], tmp_path: Path
+) -> None:
+    from lm_fixture import tiny_llama
+
+    _, out, result = transcoded(tiny_llama(tied=True), tmp_path, "Q4_1", {})
+    assert (
+        dict(result.by_type) == {"Q4_1": 16} and result.requantized == ()
+    )  # token_embd counted for both uses
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    tables = [i.name for i in graph.initializer if "embed_tokens.weight" in i.name or "lm_head" in i.name]
+    assert tables == [
+        "lm_head.MatMul.weight_Q4",
+        "lm_head.MatMul.weight_scales",
+        "lm_head.MatMul.weight_zero_points",
+    ]
+    assert kl_mean(tmp_path / "reference", out, samples) <= 0.005
