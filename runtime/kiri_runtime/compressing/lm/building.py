@@ -36,9 +36,13 @@ positions against the HF fp32 model; sizes of the whole directory):
   - int8: the builder's default for a tied model asks for Gather at 8 bits, which onnxruntime's quantizer refuses
     ("Gather only supports 4 bits quantization", logged, the Gather left float); `build` limits int8 to MatMul and
     turns sharing off, so the result is the same and says so. KL 0.00007, 777 241 bytes (fp32: 1 809 681).
-  - fp16 with -e cpu: the builder writes it (fp16 weights and fp16 inputs/outputs, logits fp16) and onnxruntime-genai
-    runs it on CPU (KL 0.0000, 976 694 bytes), but onnxruntime's CPU provider has no fp16 kernels for most of the
-    graph and inserts casts around them, so it is half the size and not faster than fp32; fp16 is for GPU nodes.
+  - fp16 with -e cpu: the builder writes it (fp16 weights, fp16 logits, MultiHeadAttention instead of
+    GroupQueryAttention) and onnxruntime-genai loads it; one teacher-forced pass runs (KL 0.0000 vs fp32,
+    976 694 bytes), but decoding fails at the second token: "Shape mismatch attempting to re-use buffer.
+    {1,1,128} != {1,5,128}" in a Cast that onnxruntime's CPU provider inserts (it has no fp16 kernels for most of the
+    graph). So an fp16 variant is not servable on a CPU node. `-p fp16 -e cuda` exports fine on a machine without a
+    GPU, but the result needs onnxruntime-genai's CUDA build to load (not installed here, so not verified): fp16 is
+    for GPU nodes only.
 """
 
 from __future__ import annotations
