@@ -14,6 +14,7 @@ manifest is written last and atomically: a failed run leaves no manifest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -206,7 +207,8 @@ def _variant(
         fid = scoring.fidelity(ref, out, samples, n_greedy, threads=req.threads)
         return tuning.Outcome(path=out, fidelity=fid, size_bytes=dir_size(out), extra=extra)
 
-    result = tuning.search(spec, tuning.rungs(spec, _transcode_first(spec, src)), attempt, log=log)
+    candidates = tuning.rungs(spec, _transcode_first(spec, src), tied_embeddings=_tied(src.hf_dir))
+    result = tuning.search(spec, candidates, attempt, log=log)
     for t in result.tried:
         if t.outcome.path is not None and t.outcome.path != result.path:
             shutil.rmtree(t.outcome.path, ignore_errors=True)
@@ -256,6 +258,15 @@ def _variant(
         ),
         tar,
     )
+
+
+def _tied(hf_dir: Path) -> bool:
+    """Whether the checkpoint ties embeddings and lm_head (unknown counts as tied: no rung is skipped)."""
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return bool(cfg.get("tie_word_embeddings", True)) if isinstance(cfg, dict) else True
 
 
 def _type_counts(types: Any) -> dict[str, int]:
