@@ -45,6 +45,7 @@ MAX_EVAL_TOKENS = 1024
 # The full model must reproduce the reference: an fp32 build that does not is a wrong graph, not a variant.
 FULL_MAX_KL = 1e-4
 FULL_MIN_TOP1 = 0.99
+_FP16_ON_CPU = " (the builder's fp16 models do not decode on onnxruntime-genai 0.18's CPU provider: fp16 is for GPU nodes)"
 
 
 def dir_size(path: Path) -> int:
@@ -95,12 +96,14 @@ def _run(
     data_path, eval_sha = exporting.fetch(
         req.eval_data or "", work, expected_sha256=req.eval_sha256, what="eval data"
     )
+    max_tokens = min(_max_positions(src.hf_dir), MAX_EVAL_TOKENS)
+    samples = evaldata.read_eval(data_path, src.hf_dir, max_tokens)
+    log(f"eval data: {len(samples)} samples, {sum(len(s) - 1 for s in samples)} predicted positions")
     cache = work / "builder-cache"
     log("building the full model (onnxruntime-genai model builder, fp32)")
     full_dir = building.build(src.hf_dir, work / "model", "fp32", {}, cache=cache)
-    max_tokens = min(scoring.context_length(full_dir), MAX_EVAL_TOKENS)
-    samples = evaldata.read_eval(data_path, src.hf_dir, max_tokens)
-    log(f"eval data: {len(samples)} samples, {sum(len(s) - 1 for s in samples)} predicted positions")
+    max_tokens = min(scoring.context_length(full_dir), max_tokens)
+    samples = [s[:max_tokens] for s in samples]
     ref = scoring.Reference(src.hf_dir, threads=req.threads)
     full = scoring.fidelity(ref, full_dir, samples, threads=req.threads)
     if full.kl_mean > FULL_MAX_KL or full.top1_agreement < FULL_MIN_TOP1:
@@ -204,7 +207,10 @@ def _variant(
                 "requantized": list(t.requantized),
                 "ggufTypes": _type_counts(src.gguf_tensor_types),
             }
-        fid = scoring.fidelity(ref, out, samples, n_greedy, threads=req.threads)
+        try:
+            fid = scoring.fidelity(ref, out, samples, n_greedy, threads=req.threads)
+        except CompressionError as e:
+            raise CompressionError(f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}") from None
         return tuning.Outcome(path=out, fidelity=fid, size_bytes=dir_size(out), extra=extra)
 
     candidates = tuning.rungs(spec, _transcode_first(spec, src), tied_embeddings=_tied(src.hf_dir))
@@ -230,7 +236,26 @@ def _variant(
             ),
             None,
         )
-    speed = scoring.decode_speed(result.path, prompt, req.decode_tokens, threads=req.threads)
+    try:
+        speed = scoring.decode_speed(result.path, prompt, req.decode_tokens, threads=req.threads)
+    except CompressionError as e:
+        shutil.rmtree(result.path, ignore_errors=True)
+        why = f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}"
+        return (
+            Variant(
+                name=spec.name,
+                method=spec.method,
+                options=chosen.candidate.options,
+                size_bytes=chosen.candidate.size_bytes,
+                gate=chosen.gates,
+                accepted=False,
+                reason=f"rejected: passed its gates but cannot decode: {why}",
+                search=result.search(),
+                extra=extra,
+                generative=chosen.candidate.generative,
+            ),
+            None,
+        )
     tar = work / f"{spec.name}.tar"
     sha, size = packing.pack(result.path, tar)
     shutil.rmtree(result.path, ignore_errors=True)
@@ -258,6 +283,14 @@ def _variant(
         ),
         tar,
     )
+
+
+def _max_positions(hf_dir: Path) -> int:
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        return int(cfg.get("max_position_embeddings") or MAX_EVAL_TOKENS)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return MAX_EVAL_TOKENS
 
 
 def _tied(hf_dir: Path) -> bool:

@@ -20,12 +20,13 @@ tokens/s counts the other new tokens over their wall time. The median of a few r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,24 +204,36 @@ def _generator(model: Any, max_length: int, min_length: int = 0) -> Any:
     return og.Generator(model, params)
 
 
+@contextlib.contextmanager
+def _genai(what: str) -> Iterator[None]:
+    """onnxruntime-genai's failures (RuntimeError with a multi-line ORT message) as one CompressionError line."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompressionError(f"onnxruntime-genai failed {what}: {first[:300]}") from None
+
+
 def variant_logits(model: Any, ids: Sequence[int]) -> FloatArray:
     """[len(ids), vocab]: one teacher-forced pass."""
-    g = _generator(model, len(ids))
-    g.append_tokens(list(ids))
-    out: FloatArray = np.asarray(g.get_output("logits"), dtype=np.float32)[0]
+    with _genai("scoring the eval data"):
+        g = _generator(model, len(ids))
+        g.append_tokens(list(ids))
+        out: FloatArray = np.asarray(g.get_output("logits"), dtype=np.float32)[0]
     return out
 
 
 def variant_greedy(model: Any, ids: Sequence[int], n: int) -> list[int]:
-    g = _generator(model, len(ids) + n)
-    g.append_tokens(list(ids))
     out: list[int] = []
-    for i in range(n):
-        logits = np.asarray(g.get_logits())
-        tok = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-        out.append(tok)
-        if i + 1 < n:
-            g.append_tokens([tok])
+    with _genai("decoding greedily"):
+        g = _generator(model, len(ids) + n)
+        g.append_tokens(list(ids))
+        for i in range(n):
+            logits = np.asarray(g.get_logits())
+            tok = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+            out.append(tok)
+            if i + 1 < n:
+                g.append_tokens([tok])
     return out
 
 
@@ -273,18 +286,8 @@ def decode_speed(
     ttfts: list[float] = []
     rates: list[float] = []
     for r in range(rounds + 1):  # round 0 warms up
-        g = _generator(model, total, total)
-        t0 = time.perf_counter()
-        g.append_tokens(prompt)
-        g.generate_next_token()
-        _ = g.get_next_tokens()
-        t1 = time.perf_counter()
-        steps = 1
-        while not g.is_done() and steps < n_new:
-            g.generate_next_token()
-            _ = g.get_next_tokens()
-            steps += 1
-        t2 = time.perf_counter()
+        with _genai("measuring decode speed"):
+            t0, t1, t2, steps = _timed_decode(model, prompt, total, n_new)
         if r:
             ttfts.append((t1 - t0) * 1000)
             rates.append((steps - 1) / max(t2 - t1, 1e-9))
@@ -295,3 +298,18 @@ def decode_speed(
         prompt_tokens=len(prompt),
         threads=threads,
     )
+
+
+def _timed_decode(model: Any, prompt: list[int], total: int, n_new: int) -> tuple[float, float, float, int]:
+    g = _generator(model, total, total)
+    t0 = time.perf_counter()
+    g.append_tokens(prompt)
+    g.generate_next_token()
+    _ = g.get_next_tokens()
+    t1 = time.perf_counter()
+    steps = 1
+    while not g.is_done() and steps < n_new:
+        g.generate_next_token()
+        _ = g.get_next_tokens()
+        steps += 1
+    return t0, t1, time.perf_counter(), steps
