@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from kiri_runtime import manifests
 from kiri_runtime.compressing import exporting, specs
@@ -37,8 +37,23 @@ from kiri_runtime.manifests import (
     VariantSpec,
 )
 
-if TYPE_CHECKING:
-    from kiri_runtime.compressing.running import Request
+
+class Request(Protocol):
+    """What this pipeline reads of `compressing.running.Request` (which dispatches here; no import back)."""
+
+    source: str
+    out: Path
+    variants: list[VariantSpec]
+    gates: list[str]
+    eval_data: str | None
+    eval_sha256: str | None
+    sha256: str | None
+    seed: int
+    threads: int
+    model_name: str | None
+    model_version: str | None
+    decode_tokens: int
+
 
 MODEL_TAR = "model.tar"
 MAX_EVAL_TOKENS = 1024
@@ -158,19 +173,23 @@ def _run(
     return manifest
 
 
-def _transcode_first(spec: VariantSpec, src: Any) -> list[dict[str, Any]]:
-    """A GGUF whose blocks fit this method is carried over before anything is re-quantized."""
-    if src.format != "gguf" or src.gguf_path is None:
-        return []
+FOUR_BIT_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+EIGHT_BIT_TYPES = frozenset({"Q8_0", "Q6_K"})  # Q6_K is carried as 8-bit blocks of 16
+
+
+def transcode_plan(spec: VariantSpec, src: Any) -> tuple[str, dict[str, Any]] | None:
+    """A GGUF whose quantized blocks fit this method is carried over before anything is re-quantized: int4 when
+    it has 4-bit projections, int8 when all its carried projections are 8-bit. (precision to build, options)."""
+    if src.format != "gguf" or src.gguf_path is None or spec.method not in ("int4", "int8"):
+        return None
     from kiri_runtime.compressing.lm import transcoding
 
-    plan = transcoding.plan_for(src.gguf_tensor_types)
-    if plan is None:
-        return []
-    precision, options = plan
-    if precision != spec.method:
-        return []
-    return [{**dict(options), "transcode": True}]
+    types = set(transcoding.carried(src.gguf_tensor_types).values())
+    fits = bool(types & FOUR_BIT_TYPES) if spec.method == "int4" else bool(types) and types <= EIGHT_BIT_TYPES
+    if not fits:
+        return None
+    precision, options = transcoding.plan_for(src.gguf_tensor_types)
+    return precision, {**dict(options), "transcode": True}
 
 
 def _variant(
@@ -189,6 +208,7 @@ def _variant(
     from kiri_runtime.compressing.lm import building, packing
 
     n_greedy = specs.greedy_tokens(spec)
+    plan = transcode_plan(spec, src)
     counter = [0]
 
     def attempt(options: dict[str, Any]) -> tuning.Outcome:
@@ -196,7 +216,8 @@ def _variant(
         out = work / f"{spec.name}-{counter[0]}"
         extra: dict[str, Any] = {}
         opts = {k: v for k, v in options.items() if k != "transcode"}
-        building.build(src.hf_dir, out, spec.method, opts, cache=cache)  # type: ignore[arg-type]
+        precision = plan[0] if plan is not None and options.get("transcode") else spec.method
+        building.build(src.hf_dir, out, precision, opts, cache=cache)  # type: ignore[arg-type]
         if options.get("transcode"):
             from kiri_runtime.compressing.lm import transcoding
 
@@ -213,7 +234,8 @@ def _variant(
             raise CompressionError(f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}") from None
         return tuning.Outcome(path=out, fidelity=fid, size_bytes=dir_size(out), extra=extra)
 
-    candidates = tuning.rungs(spec, _transcode_first(spec, src), tied_embeddings=_tied(src.hf_dir))
+    first = [plan[1]] if plan is not None else []
+    candidates = tuning.rungs(spec, first, tied_embeddings=_tied(src.hf_dir))
     result = tuning.search(spec, candidates, attempt, log=log)
     for t in result.tried:
         if t.outcome.path is not None and t.outcome.path != result.path:

@@ -116,9 +116,10 @@ def rungs(
     tune = spec.options.get("tune", True) is not False
     ladder = LADDERS.get(spec.method, ({},)) if tune else ({},)
     out: list[dict[str, Any]] = []
-    for opts in [*first, *({**base, **r} for r in ladder)]:
-        if not tied_embeddings and "int8Embeddings" not in base:
-            opts = {k: v for k, v in opts.items() if k != "int8Embeddings"}
+    laid = [{**base, **r} for r in ladder]
+    if not tied_embeddings and "int8Embeddings" not in base:
+        laid = [{k: v for k, v in opts.items() if k != "int8Embeddings"} for opts in laid]
+    for opts in [*first, *laid]:
         if opts not in out:
             out.append(opts)
     return out

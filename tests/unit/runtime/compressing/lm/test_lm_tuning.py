@@ -69,6 +69,8 @@ def test_untied_embeddings_skip_the_embeddings_rung() -> None:
     assert len(got) == 8
     assert not any("int8Embeddings" in r for r in got)
     assert got[-1] == {"algorithm": "hqq", "blockSize": 16, "int8LmHead": True, "int8Layers": "first-last"}
+    transcode = {"transcode": True, "int8Embeddings": True}
+    assert tuning.rungs(_spec(), first=[transcode], tied_embeddings=False)[0] == transcode  # kept as planned
 
 
 def test_the_variant_options_are_the_base_of_every_rung_and_duplicates_are_dropped() -> None:
