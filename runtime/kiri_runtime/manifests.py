@@ -21,11 +21,17 @@ from pydantic.alias_generators import to_camel
 SCHEMA_VERSION: Final = "kiri.dev/compression-manifest/v1"
 MANIFEST_FILE = "manifest.json"
 
-Method = Literal["int8-dynamic", "int8-static", "fp16", "distilled"]
-Metric = Literal["cosine", "top1-agreement", "max-abs-error"]
-Stat = Literal["mean", "min", "p5", "max"]
+Method = Literal["int8-dynamic", "int8-static", "fp16", "distilled", "int4", "int8"]
+Metric = Literal["cosine", "top1-agreement", "max-abs-error", "kl", "perplexity", "greedy-match"]
+Stat = Literal["mean", "min", "p5", "max", "ratio"]
 Op = Literal[">=", ">", "<=", "<"]
-SourceFormat = Literal["onnx", "torch-export", "torchscript", "factory"]
+SourceFormat = Literal["onnx", "torch-export", "torchscript", "factory", "hf", "gguf"]
+ModelKind = Literal["tensor", "causal-lm"]
+LM_METHODS: Final = ("int4", "int8")
+"""Methods only a causal language model has (fp16 serves both kinds)."""
+LM_METRICS: Final = ("kl", "perplexity", "greedy-match")
+"""Gate metrics of causal language models; top1-agreement serves both kinds (per position for an LM)."""
+TENSOR_METRICS: Final = ("cosine", "max-abs-error")
 
 
 class _Model(BaseModel):
@@ -47,7 +53,15 @@ class Gate(_Model):
     @model_validator(mode="before")
     @classmethod
     def _error_stat_is_max(cls, data: Any) -> Any:
-        # max-abs-error is one number over the whole eval set; "max" says so when no stat was given.
+        # max-abs-error is one number over the whole eval set; "max" says so when no stat was given, as
+        # "ratio" does for perplexity (variant perplexity / full model perplexity).
+        # The ModelDeployment API defaults every stat to "mean", which for perplexity reads as the ratio.
+        if (
+            isinstance(data, dict)
+            and data.get("metric") == "perplexity"
+            and data.get("stat") in (None, "mean")
+        ):
+            return {**data, "stat": "ratio"}
         if isinstance(data, dict) and data.get("metric") == "max-abs-error" and data.get("stat") is None:
             return {**data, "stat": "max"}
         return data
@@ -81,6 +95,11 @@ class ModelInfo(_Model):
     export_max_abs_error: float | None = Field(
         default=None, description="ONNX vs eager PyTorch on the eval inputs; None for ONNX sources."
     )
+    kind: ModelKind = Field(
+        default="tensor",
+        description="causal-lm: `uri` is an uncompressed tar of an onnxruntime-genai model directory.",
+    )
+    architecture: str | None = Field(default=None, description="causal-lm: the HF architecture.")
 
 
 class EvalData(_Model):
@@ -90,9 +109,38 @@ class EvalData(_Model):
     synthetic: bool = False
 
 
+class LmFidelity(_Model):
+    """A causal LM variant against the full model, teacher-forced on the eval texts (docs/manifest.md)."""
+
+    kl_mean: float = Field(description="mean KL(full || variant) of the next-token distributions, nats")
+    top1_agreement: float = Field(description="share of positions whose most likely next token agrees")
+    perplexity_ratio: float = Field(
+        description="variant perplexity / full model perplexity on the eval texts"
+    )
+    greedy_match: float | None = Field(
+        default=None, description="share of the first greedyTokens greedy tokens equal to the full model's"
+    )
+    positions: int = Field(description="predicted positions scored (over all samples)")
+    samples: int = 0
+    greedy_tokens: int = 0
+
+
+class Decode(_Model):
+    """Greedy decoding speed of a causal LM variant under onnxruntime-genai on the CPU."""
+
+    decode_tokens_per_s: float = Field(description="tokens after the first / their wall time")
+    ttft_ms: float = Field(description="time from the prompt to the first generated token")
+    new_tokens: int
+    prompt_tokens: int = 0
+    threads: int = 1
+
+
 class Baseline(_Model):
-    p50_latency_ms: float
+    p50_latency_ms: float = Field(
+        description="causal-lm: ms per decoded token of the fp32 model (1000 / tok/s)"
+    )
     size_bytes: int
+    decode: Decode | None = Field(default=None, description="causal-lm: the fp32 model's decode speed.")
 
 
 class CosineStats(_Model):
@@ -129,6 +177,7 @@ class Candidate(_Model):
     size_bytes: int | None = None
     passed: bool
     error: str | None = None
+    generative: LmFidelity | None = None
 
 
 class Variant(_Model):
@@ -145,7 +194,11 @@ class Variant(_Model):
     accepted: bool
     reason: str
     search: list[Candidate] = Field(default_factory=list)
-    extra: dict[str, Any] = Field(default_factory=dict, description="Method-specific facts (distillation).")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Method-specific facts (distillation, GGUF transcoding)."
+    )
+    generative: LmFidelity | None = Field(default=None, description="causal-lm variants: their fidelity.")
+    decode: Decode | None = Field(default=None, description="causal-lm variants: decode speed.")
 
 
 class Manifest(_Model):

@@ -34,10 +34,16 @@ MAX_QUERIES = 10
 MAX_TENSORS = 64
 MAX_SELECTOR_TERMS = 16
 
-ModelFormat = Literal["onnx", "torch-export", "torchscript"]
-VariantMethod = Literal["int8-dynamic", "int8-static", "fp16", "distilled"]
-GateMetric = Literal["cosine", "top1-agreement", "max-abs-error"]
-GateStat = Literal["mean", "min", "p5"]
+ModelFormat = Literal["onnx", "torch-export", "torchscript", "hf", "gguf"]
+VariantMethod = Literal["int8-dynamic", "int8-static", "fp16", "distilled", "int4", "int8"]
+GateMetric = Literal["cosine", "top1-agreement", "max-abs-error", "kl", "perplexity", "greedy-match"]
+GateStat = Literal["mean", "min", "p5", "ratio"]
+# Causal language models (docs/manifest.md "Language models"): their formats, methods and gate metrics.
+LM_FORMATS = ("hf", "gguf")
+LM_METHODS = ("int4", "int8")
+TENSOR_METHODS = ("int8-dynamic", "int8-static", "distilled")
+LM_METRICS = ("kl", "perplexity", "greedy-match")
+TENSOR_METRICS = ("cosine", "max-abs-error")
 GateOp = Literal[">=", ">", "<=", "<"]
 OfflinePolicy = Literal["Skip", "Wait", "Fail"]
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
@@ -125,7 +131,8 @@ class ModelSource(ApiModel):
     uri: Uri
     """`file://`, `http(s)://`, `s3://bucket/key` or `pvc://claim/path`."""
     format: ModelFormat = "onnx"
-    """`onnx`, `torch-export` (a `torch.export` program) or `torchscript`."""
+    """`onnx`, `torch-export` (a `torch.export` program), `torchscript`, or a causal language model: `hf` (a
+    tar of a Hugging Face checkpoint directory) or `gguf` (a GGUF file)."""
     sha256: Sha256
     """Hex sha256 of the file at `uri`. Fetchers refuse any file that does not match."""
 
@@ -142,7 +149,8 @@ class ModelSpec(ApiModel):
     """Optional for ONNX (read from the graph); torch formats use it to export."""
     eval_data_uri: Uri | None = None
     """An `.npz` with one array per model input (batch first), used to calibrate int8-static and to measure
-    fidelity. Without it the compressor draws inputs from the signature."""
+    fidelity. Without it the compressor draws inputs from the signature. Language models (`hf`, `gguf`): JSON
+    Lines of `{"text": ...}` or `{"messages": [...]}`, required when there are variants."""
 
 
 # --- runtime -----------------------------------------------------------------------------------------
@@ -329,6 +337,10 @@ class VariantOptions(ApiModel):
     """distilled: also quantize the student to int8 (dynamic)."""
     keep_io_types: bool | None = None
     """fp16: keep fp32 inputs and outputs so clients need not change."""
+    block_size: Literal[16, 32, 64, 128, 256] | None = None
+    """int4, int8 (language models): weights per quantization block (default 32)."""
+    greedy_tokens: Annotated[int, Field(ge=0, le=4096)] | None = None
+    """Language models: N of the `greedy-match` gate, the greedy tokens compared per eval sample (default 16)."""
 
 
 class GateCheck(ApiModel):
@@ -351,17 +363,49 @@ class GateCheck(ApiModel):
                 "gate[].threshold must be >= 0 for metric max-abs-error",
                 field_path=".threshold",
             ),
+            cel(
+                "self.metric != 'kl' || self.threshold >= 0.0",
+                "gate[].threshold must be >= 0 for metric kl",
+                field_path=".threshold",
+            ),
+            cel(
+                "self.metric != 'perplexity' || self.threshold > 0.0",
+                "gate[].threshold must be > 0 for metric perplexity (a ratio)",
+                field_path=".threshold",
+            ),
+            cel(
+                "self.metric != 'greedy-match' || (self.threshold >= 0.0 && self.threshold <= 1.0)",
+                "gate[].threshold must be between 0 and 1 for metric greedy-match",
+                field_path=".threshold",
+            ),
+            cel(
+                "!(self.metric in ['kl', 'greedy-match']) || self.stat == 'mean'",
+                "gate[].stat must be mean for metrics kl and greedy-match",
+                field_path=".stat",
+            ),
+            cel(
+                "self.stat != 'ratio' || self.metric == 'perplexity'",
+                "gate[].stat ratio applies only to metric perplexity",
+                field_path=".stat",
+            ),
+            cel(
+                "self.metric != 'perplexity' || self.stat in ['mean', 'ratio']",
+                "gate[].stat must be ratio (or the default mean, read as ratio) for metric perplexity",
+                field_path=".stat",
+            ),
         )
     )
 
     metric: GateMetric
-    """`cosine` similarity of outputs, `top1-agreement` of argmax, or `max-abs-error`."""
+    """`cosine` similarity of outputs, `top1-agreement` of argmax, or `max-abs-error`. Language models:
+    `kl` (mean KL of next-token distributions, full model as reference), `top1-agreement` (per position),
+    `perplexity` (variant / full) or `greedy-match` (share of the first `greedyTokens` greedy tokens equal)."""
     stat: GateStat = "mean"
-    """Statistic over the evaluation samples: `mean`, `min` or `p5` (5th percentile)."""
+    """Statistic over the evaluation samples: `mean`, `min` or `p5` (5th percentile); `ratio` for perplexity."""
     op: GateOp
     """How the measured statistic must compare with `threshold`."""
     threshold: float
-    """cosine: -1..1; top1-agreement: 0..1; max-abs-error: >= 0."""
+    """cosine: -1..1; top1-agreement, greedy-match: 0..1; max-abs-error, kl: >= 0; perplexity: > 0."""
 
     @model_validator(mode="after")
     def _threshold_in_range(self) -> GateCheck:
@@ -372,6 +416,20 @@ class GateCheck(ApiModel):
             raise ValueError("gate[].threshold must be between 0 and 1 for metric top1-agreement")
         if self.metric == "max-abs-error" and t < 0.0:
             raise ValueError("gate[].threshold must be >= 0 for metric max-abs-error")
+        if self.metric == "kl" and t < 0.0:
+            raise ValueError("gate[].threshold must be >= 0 for metric kl")
+        if self.metric == "perplexity" and t <= 0.0:
+            raise ValueError("gate[].threshold must be > 0 for metric perplexity (a ratio)")
+        if self.metric == "greedy-match" and not 0.0 <= t <= 1.0:
+            raise ValueError("gate[].threshold must be between 0 and 1 for metric greedy-match")
+        if self.metric in ("kl", "greedy-match") and self.stat != "mean":
+            raise ValueError("gate[].stat must be mean for metrics kl and greedy-match")
+        if self.stat == "ratio" and self.metric != "perplexity":
+            raise ValueError("gate[].stat ratio applies only to metric perplexity")
+        if self.metric == "perplexity" and self.stat not in ("mean", "ratio"):
+            raise ValueError(
+                "gate[].stat must be ratio (or the default mean, read as ratio) for metric perplexity"
+            )
         return self
 
     def passes(self, value: float) -> bool:
@@ -397,6 +455,8 @@ _OPTION_METHODS: dict[str, tuple[str, ...]] = {
     "perChannel": ("int8-dynamic", "int8-static", "distilled"),
     "reduceRange": ("int8-dynamic", "int8-static", "distilled"),
     "keepIoTypes": ("fp16",),
+    "blockSize": ("int4", "int8"),
+    "greedyTokens": ("int4", "int8", "fp16"),
 }
 
 
@@ -420,12 +480,17 @@ class Variant(ApiModel):
     """Unique within the ModelDeployment; part of child object names."""
     method: VariantMethod
     """`int8-dynamic` (weights int8, activations quantized at run time), `int8-static` (calibrated activation
-    scales), `fp16` (half precision, for edge GPUs) or `distilled` (a smaller student trained on the model)."""
+    scales), `fp16` (half precision, for edge GPUs) or `distilled` (a smaller student trained on the model).
+    Language models (`hf`, `gguf`): `int4` or `int8` (weight-only, auto-tuned to the smallest that passes) and
+    `fp16`."""
     options: VariantOptions = Field(default_factory=VariantOptions)
     gate: Annotated[list[GateCheck], Field(min_length=1, max_length=MAX_GATES)] = Field(
         default_factory=_default_gate
     )
-    """All checks must pass or the variant is rejected and never reaches a node."""
+    """All checks must pass or the variant is rejected and never reaches a node. For a language model the
+    default (`cosine mean >= 0.99`) stands for the method's language-model default (int8: kl mean <= 0.01 and
+    top1-agreement >= 0.97; int4: kl mean <= 0.1 and top1-agreement >= 0.88; fp16: kl mean <= 0.001 and
+    top1-agreement >= 0.99)."""
     requires: NodeRequirements = Field(default_factory=NodeRequirements)
     """Node capabilities this variant needs. A node gets the first variant, in list order, it satisfies."""
 
@@ -805,6 +870,26 @@ class UpdatePolicy(ApiModel):
 
 # --- the whole spec ----------------------------------------------------------------------------------
 
+_IS_LM = "(self.model.source.format in ['hf', 'gguf'])"
+_IS_DEFAULT_GATE = "v.gate.size() == 1 && g.stat == 'mean' && g.op == '>=' && g.threshold == 0.99"
+_NEEDS_LM = (
+    "variants[].method int4/int8 and gate metrics kl, perplexity and greedy-match need a causal language "
+    "model: model.source.format hf or gguf"
+)
+_NEEDS_TENSOR_METHOD = (
+    "a language model (model.source.format hf or gguf) takes edge.variants[].method int4, int8 or fp16"
+)
+_NEEDS_LM_METRIC = (
+    "a language model (model.source.format hf or gguf) is gated (edge.variants[].gate) on kl, top1-agreement, "
+    "perplexity or greedy-match, not cosine or max-abs-error"
+)
+_NEEDS_LM_EVAL = "model.evalDataUri is required for a language model with variants (JSON Lines of texts or chats to gate on)"
+
+
+def is_default_gate(gate: list[GateCheck]) -> bool:
+    """The API default (`cosine mean >= 0.99`): for a language model it stands for the method's LM default."""
+    return gate == _default_gate()
+
 
 class ModelDeploymentSpec(ApiModel):
     """One model: served in full in the cloud, rolled out compressed to the edge."""
@@ -820,6 +905,32 @@ class ModelDeploymentSpec(ApiModel):
             cel(
                 "!has(self.learning) || has(self.model.evalDataUri)",
                 "model.evalDataUri is required with learning (learned weights are exported and checked on it)",
+                field_path=".model.evalDataUri",
+            ),
+            cel(
+                f"!has(self.edge) || !has(self.edge.variants) || {_IS_LM}"
+                " || !self.edge.variants.exists(v, v.method in ['int4', 'int8'])"
+                " && !self.edge.variants.exists(v, v.gate.exists(g, g.metric in ['kl', 'perplexity', 'greedy-match']))",
+                _NEEDS_LM,
+                field_path=".model.source.format",
+            ),
+            cel(
+                f"!has(self.edge) || !has(self.edge.variants) || !{_IS_LM}"
+                " || !self.edge.variants.exists(v, v.method in ['int8-dynamic', 'int8-static', 'distilled'])",
+                _NEEDS_TENSOR_METHOD,
+                field_path=".edge.variants",
+            ),
+            cel(
+                f"!has(self.edge) || !has(self.edge.variants) || !{_IS_LM} || self.edge.variants.all(v,"
+                " !v.gate.exists(g, g.metric == 'max-abs-error' || g.metric == 'cosine' && !("
+                f"{_IS_DEFAULT_GATE})))",
+                _NEEDS_LM_METRIC,
+                field_path=".edge.variants",
+            ),
+            cel(
+                f"!has(self.edge) || !has(self.edge.variants) || self.edge.variants.size() == 0 || !{_IS_LM}"
+                " || has(self.model.evalDataUri)",
+                _NEEDS_LM_EVAL,
                 field_path=".model.evalDataUri",
             ),
         )
@@ -843,4 +954,17 @@ class ModelDeploymentSpec(ApiModel):
             raise ValueError(
                 "model.evalDataUri is required with learning (learned weights are exported and checked on it)"
             )
+        variants = self.edge.variants
+        if self.model.source.format not in LM_FORMATS:
+            if any(v.method in LM_METHODS or any(g.metric in LM_METRICS for g in v.gate) for v in variants):
+                raise ValueError(_NEEDS_LM)
+            return self
+        if any(v.method in TENSOR_METHODS for v in variants):
+            raise ValueError(_NEEDS_TENSOR_METHOD)
+        if any(
+            not is_default_gate(v.gate) and any(g.metric in TENSOR_METRICS for g in v.gate) for v in variants
+        ):
+            raise ValueError(_NEEDS_LM_METRIC)
+        if variants and self.model.eval_data_uri is None:
+            raise ValueError(_NEEDS_LM_EVAL)
         return self

@@ -79,7 +79,9 @@ class VariantStatus(StatusModel):
     reason: str | None = None
     """Why it was rejected or failed, e.g. which gate check missed and by how much."""
     fidelity: dict[str, Any] = {}
-    """Measured gate statistics, `{metric: {stat: value}}`, e.g. `{"cosine": {"mean": 0.998, "min": 0.97}}`."""
+    """Measured gate statistics, `{metric: {stat: value}}`, e.g. `{"cosine": {"mean": 0.998, "min": 0.97}}`;
+    language models: `{"kl": {"mean": 0.02}, "top1Agreement": 0.93, "perplexity": {"ratio": 1.01},
+    "greedyMatch": {"mean": 0.9, "tokens": 16}, "positions": 1500}`."""
     size_bytes: Annotated[int, Field(ge=0)] | None = None
     """Artifact size."""
     sha256: str | None = None
@@ -87,7 +89,8 @@ class VariantStatus(StatusModel):
     uri: str | None = None
     """Where edge nodes fetch the artifact from."""
     latency: dict[str, Any] = {}
-    """Measured latency, e.g. `{"p50Ms": 1.2, "p95Ms": 2.0, "speedup": 1.8}`."""
+    """Measured latency, e.g. `{"p50Ms": 1.2, "p95Ms": 2.0, "speedup": 1.8}`; language models add
+    `decodeTokensPerS` and `ttftMs` (p50Ms is then ms per decoded token)."""
 
 
 class VariantProgress(StatusModel):

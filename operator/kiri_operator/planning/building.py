@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kiri_operator import labels as L
-from kiri_operator.api.specs import ModelDeploymentSpec, Toleration, Variant
+from kiri_operator.api.specs import LM_FORMATS, ModelDeploymentSpec, Toleration, Variant, is_default_gate
 
 RUNTIME_UID = 65532
 MODEL_MOUNT = "/models"
@@ -254,13 +254,17 @@ def resolve_uri(base: str, uri: str) -> str:
     return base + uri.lstrip("./")
 
 
-def compression_variants_json(variants: Sequence[Variant]) -> str:
-    payload = [
-        v.model_dump(
+def compression_variants_json(variants: Sequence[Variant], *, language_model: bool = False) -> str:
+    """The Job's `--variants-json`. For a language model the API's default gate (cosine) is left out, so the
+    compressor applies the method's language-model default (kl and top1-agreement)."""
+    payload = []
+    for v in variants:
+        item = v.model_dump(
             mode="json", by_alias=True, exclude_none=True, include={"name", "method", "options", "gate"}
         )
-        for v in variants
-    ]
+        if language_model and is_default_gate(v.gate):
+            del item["gate"]
+        payload.append(item)
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
@@ -295,7 +299,7 @@ def compression_job(
         "--out",
         store.out_dir,
         "--variants-json",
-        compression_variants_json(spec.edge.variants),
+        compression_variants_json(spec.edge.variants, language_model=fmt in LM_FORMATS),
         "--model-name",
         spec.model.name,
         "--model-version",

@@ -22,6 +22,7 @@ from kiri_operator.planning.cloud import CloudPlan
 from kiri_operator.planning.settings import Settings
 from kiri_operator.plans import TierPlan
 from kiri_runtime.manifests import Manifest, loads
+from kiri_runtime.manifests import Variant as ManifestVariant
 
 # Each path through the planner sets the condition; this default is never stored.
 _UNDECIDED = Condition(C.VARIANTS_VERIFIED, "Unknown", "", "")
@@ -121,6 +122,21 @@ def _seconds_since(stamp: str | None, now: datetime) -> float:
         return 0.0
 
 
+def _generative_fidelity(got: ManifestVariant) -> dict[str, Any]:
+    """A language model's gate statistics in the `{metric: {stat: value}}` shape of status.variants[].fidelity."""
+    g = got.generative
+    assert g is not None
+    fid: dict[str, Any] = {
+        "kl": {"mean": g.kl_mean},
+        "top1Agreement": g.top1_agreement,
+        "perplexity": {"ratio": g.perplexity_ratio},
+        "positions": g.positions,
+    }
+    if g.greedy_match is not None:
+        fid["greedyMatch"] = {"mean": g.greedy_match, "tokens": g.greedy_tokens}
+    return fid
+
+
 def _variant_status(spec: ModelDeploymentSpec, manifest: Manifest, fetch_base: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for wanted in spec.edge.variants:
@@ -142,8 +158,14 @@ def _variant_status(spec: ModelDeploymentSpec, manifest: Manifest, fetch_base: s
             if got.fidelity.top1_agreement is not None:
                 fid["top1Agreement"] = got.fidelity.top1_agreement
             entry["fidelity"] = fid
+        if got.generative is not None:
+            entry["fidelity"] = _generative_fidelity(got)
         if got.latency is not None:
             entry["latency"] = {"p50Ms": got.latency.p50_ms, "ratioVsFp32": got.latency.ratio_vs_fp32}
+        if got.decode is not None:
+            entry.setdefault("latency", {}).update(
+                {"decodeTokensPerS": got.decode.decode_tokens_per_s, "ttftMs": got.decode.ttft_ms}
+            )
         if got.size_bytes is not None:
             entry["sizeBytes"] = got.size_bytes
         if got.sha256:

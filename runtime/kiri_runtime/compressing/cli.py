@@ -13,10 +13,15 @@ variants:
   --variant name=int8pc,method=int8-dynamic,perChannel=true
   --variants-json FILE|JSON                           [{name, method, options, gate: [{metric, stat, op, threshold}]}]
 methods: int8-dynamic, int8-static, fp16, distilled (see docs/manifest.md for options)
+  causal language models (--format hf|gguf): int4, int8, fp16
+    --variant int4  --variant name=q4,method=int4,blockSize=16,greedyTokens=32,tuneAll=true
 gates:
   --gate 'cosine.min>=0.99'                           every variant without its own gate
   --gate 'int8pc:top1-agreement>=0.97'                one variant
   metrics: cosine (stat mean|min|p5), top1-agreement, max-abs-error
+  language models: kl.mean, top1-agreement.mean, perplexity.ratio, greedy-match.mean (N = option greedyTokens,
+    default 16), e.g. 'kl.mean<=0.1' 'q4:greedy-match.mean>=0.9'. Defaults: int8 kl.mean<=0.01,top1-agreement.mean>=0.97;
+    int4 kl.mean<=0.1,top1-agreement.mean>=0.88; fp16 kl.mean<=0.001,top1-agreement.mean>=0.99
 exit status: 0 done (read `accepted` per variant), 2 bad input or failed check, 3 with --strict when a variant
 is rejected.
 """
@@ -35,7 +40,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--source", required=True, help="model URI (path, file://, http(s)://) or pkg.mod:fn factory"
     )
     sub.add_argument(
-        "--format", choices=["onnx", "torch-export", "torchscript", "factory"], help="default: by suffix"
+        "--format",
+        choices=["onnx", "torch-export", "torchscript", "factory", "hf", "gguf"],
+        help="default: by suffix (.gguf: gguf); hf: a Hugging Face checkpoint directory or a tar of one",
     )
     sub.add_argument("--out", required=True, type=Path, help="output directory")
     sub.add_argument("--variant", action="append", default=[], metavar="SPEC", help="a variant (repeatable)")
@@ -43,7 +50,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--variants-json", action="append", default=[], metavar="FILE|JSON", help="a list of variants"
     )
     sub.add_argument("--gate", action="append", default=[], metavar="[VARIANT:]METRIC[.STAT]OPVALUE")
-    sub.add_argument("--eval-data", help=".npz with one array per model input (sample axis first)")
+    sub.add_argument(
+        "--eval-data",
+        help=".npz with one array per model input (sample axis first); language models: .jsonl of "
+        '{"text": ...} or {"messages": [...]} per line',
+    )
     sub.add_argument("--eval-sha256", help="expected sha256 of the eval data")
     sub.add_argument("--train-data", help="unlabeled .npz for distillation (default: 80%% of the eval data)")
     sub.add_argument("--sha256", help="expected sha256 of the source (of --state-dict for a factory)")
@@ -59,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub.add_argument("--task", choices=["auto", "classifier", "other"], default="auto")
     sub.add_argument("--model-name")
     sub.add_argument("--model-version")
+    sub.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=64,
+        help="language models: new tokens when measuring decode speed",
+    )
     sub.add_argument("--strict", action="store_true", help="exit 3 when any variant is rejected")
     sub.set_defaults(handler=handle)
 
@@ -91,6 +108,7 @@ def handle(args: argparse.Namespace) -> int:
             model_version=args.model_version,
             latency_rounds=args.latency_rounds,
             task=args.task,
+            decode_tokens=args.decode_tokens,
         )
         manifest = running.run(req)
     except CompressionError as e:

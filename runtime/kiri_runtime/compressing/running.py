@@ -1,6 +1,7 @@
 """One `kiri compress` run: source → verified fp32 ONNX → variants (tuned until they pass their gates) → manifest.
 
-This is the orchestration; the variants are built by `quantizing.tuned_variant` and
+This is the orchestration of tensor models (`--format hf|gguf`, causal language models, go to
+`lm/running.py`); the variants are built by `quantizing.tuned_variant` and
 `distilling.distilled_variant`, both of which keep the fastest candidate that passes (searching.py).
 Everything is built in a scratch directory inside the output directory and moved into place at the end; the
 manifest is written last and atomically, so a failed run never leaves a manifest that claims success.
@@ -29,6 +30,7 @@ from kiri_runtime.compressing.searching import Context, size
 from kiri_runtime.manifests import Baseline, EvalData, Manifest, ModelInfo, Variant, VariantSpec
 
 MODEL_FILE = "model.onnx"
+LM_FORMATS = ("hf", "gguf")  # causal language models: compressing/lm/running.py
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Request:
     synthetic_samples: int = 64
     latency_rounds: int = 60
     task: str = "auto"  # auto | classifier | other
+    decode_tokens: int = 64  # causal LMs: new tokens of the decode-speed measurement
 
 
 class Progress:
@@ -79,6 +82,10 @@ def run(req: Request, log: Callable[[str], None] | None = None) -> Manifest:
     if stale.exists():
         stale.unlink()  # a manifest from an earlier run must not outlive a run that fails, even on bad input
     _seed_everything(req.seed)
+    if req.format in LM_FORMATS or (req.format is None and req.source.lower().endswith(".gguf")):
+        from kiri_runtime.compressing.lm.running import run_lm
+
+        return run_lm(req, req.format or "gguf", log)
     fmt = exporting.detect_format(req.source, req.format)
     if not req.variants:
         raise CompressionError("no variants requested: give --variant or --variants-json")

@@ -9,10 +9,10 @@ when none does, the best-scoring one is reported and nothing ships), and so is t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -79,6 +79,26 @@ def fidelity(ctx: Context, path: Path, evalset: EvalSet, reference: list[np.ndar
     return evaluating.fidelity(reference, got, classifier=ctx.classifier)
 
 
+C = TypeVar("C")
+P = TypeVar("P")
+
+
+def pick(
+    tried: Sequence[tuple[C, P | None]],
+    *,
+    passed: Callable[[C], bool],
+    key: Callable[[C], float],
+    score: Callable[[C], float],
+) -> tuple[C, P | None]:
+    """The choice every search makes: among the candidates that passed (and built a file), the one with the
+    lowest `key` (the fastest for tensor models, the smallest for language models; the first of equals); when
+    none passed, the best-`score` one with no file, so nothing ships."""
+    passing = [(c, p) for c, p in tried if passed(c) and p is not None]
+    if passing:
+        return min(passing, key=lambda cp: key(cp[0]))
+    return max(tried, key=lambda cp: score(cp[0]))[0], None
+
+
 class Search:
     """The candidates one variant tried, in order, each with the file it built (None: the build failed)."""
 
@@ -129,14 +149,12 @@ class Search:
 
         Every other candidate's file is deleted.
         """
-        passing = [(c, p) for c, p in self.tried if c.passed and p is not None]
-        path: Path | None
-        if passing:
-            chosen, path = min(
-                passing, key=lambda cp: cp[0].latency.ratio_vs_fp32 if cp[0].latency else math.inf
-            )
-        else:
-            chosen, path = max(self.tried, key=lambda cp: score(self.spec, cp[0]))[0], None
+        chosen, path = pick(
+            self.tried,
+            passed=lambda c: c.passed,
+            key=lambda c: c.latency.ratio_vs_fp32 if c.latency else math.inf,
+            score=lambda c: score(self.spec, c),
+        )
         for _, p in self.tried:
             if p is not None and p != path:
                 p.unlink(missing_ok=True)

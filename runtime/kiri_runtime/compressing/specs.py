@@ -9,7 +9,9 @@ Three ways to say what to build, which may be mixed:
   ModelDeployment's spec.edge.variants[] (or an object holding such a list under "variants").
 
 Gates: `--gate cosine.min>=0.99` applies to every variant without its own gate; `--gate int8:cosine.min>=0.99`
-applies to the variant named int8 only.
+applies to the variant named int8 only. Causal language models (`--format hf|gguf`) have their own metrics
+(`kl.mean<=0.1`, `top1-agreement.mean>=0.88`, `perplexity.ratio<=1.05`, `greedy-match.mean>=0.9`); a tensor
+metric on a language model, or a language-model metric on a tensor model, is an error.
 """
 
 from __future__ import annotations
@@ -23,7 +25,16 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from kiri_runtime.compressing.errors import CompressionError
-from kiri_runtime.manifests import Gate, Method, Metric, Stat, VariantSpec
+from kiri_runtime.manifests import (
+    LM_METHODS,
+    LM_METRICS,
+    TENSOR_METRICS,
+    Gate,
+    Method,
+    Metric,
+    Stat,
+    VariantSpec,
+)
 
 _GATE_RE = re.compile(
     r"^\s*(?:(?P<variant>[a-z0-9][-a-z0-9]*)\s*:)?\s*(?P<metric>[a-z0-9_-]+)(?:\.(?P<stat>[a-z0-9]+))?"
@@ -33,7 +44,19 @@ _METRIC_ALIASES = {
     "top1": "top1-agreement",
     "top1agreement": "top1-agreement",
     "maxabserror": "max-abs-error",
+    "greedymatch": "greedy-match",
+    "greedy": "greedy-match",
+    "ppl": "perplexity",
 }
+# The statistics a language-model metric has (the first is its default): one number over all positions.
+LM_STATS: dict[str, tuple[str, ...]] = {
+    "kl": ("mean",),
+    "top1-agreement": ("mean",),
+    "perplexity": ("ratio",),
+    "greedy-match": ("mean",),
+}
+TENSOR_ONLY_METHODS = ("int8-dynamic", "int8-static", "distilled")
+DEFAULT_GREEDY_TOKENS = 16
 
 
 def _value(text: str) -> Any:
@@ -108,9 +131,13 @@ def parse_gate(text: str) -> tuple[str | None, Gate]:
     metric = _METRIC_ALIASES.get(m["metric"].replace("_", ""), m["metric"])
     if metric not in get_args(Metric):
         raise CompressionError(f"--gate {text!r}: unknown metric {metric!r}; use one of {get_args(Metric)}")
-    stat = m["stat"] or ("max" if metric == "max-abs-error" else "mean")
+    stat = m["stat"] or {"max-abs-error": "max", "perplexity": "ratio"}.get(metric, "mean")
+    if metric == "perplexity" and stat == "mean":
+        stat = "ratio"  # the API's default stat; a perplexity gate is on the ratio
     if stat not in get_args(Stat):
         raise CompressionError(f"--gate {text!r}: unknown stat {stat!r}; use one of {get_args(Stat)}")
+    if metric in LM_METRICS and stat not in LM_STATS[metric]:
+        raise CompressionError(f"--gate {text!r}: {metric} has the stat {LM_STATS[metric][0]} only")
     try:
         threshold = float(m["threshold"])
     except ValueError:
@@ -119,11 +146,32 @@ def parse_gate(text: str) -> tuple[str | None, Gate]:
     return m["variant"], gate
 
 
-def check_gate_possible(gate: Gate, *, classifier: bool | None) -> None:
-    """Refuse gates no model can meet, before spending minutes building variants."""
+def check_gate_possible(gate: Gate, *, classifier: bool | None, lm: bool | None = False) -> None:
+    """Refuse gates no model can meet, before spending minutes building variants.
+
+    `lm`: True for a causal language model, False for a tensor model, None when not known yet.
+    """
     t, op, what = gate.threshold, gate.op, gate.describe()
     if not math.isfinite(t):
         raise CompressionError(f"gate {what}: threshold must be a finite number")
+    if lm is True and gate.metric in TENSOR_METRICS:
+        raise CompressionError(
+            f"gate {what} is a tensor-model metric; a language model is gated on kl, top1-agreement, "
+            "perplexity or greedy-match (e.g. 'kl.mean<=0.1')"
+        )
+    if lm is False and gate.metric in LM_METRICS:
+        raise CompressionError(
+            f"gate {what} is a language-model metric; it needs --format hf or gguf (a causal LM)"
+        )
+    if lm is True and gate.stat not in LM_STATS[gate.metric]:
+        raise CompressionError(f"gate {what}: {gate.metric} has the stat {LM_STATS[gate.metric][0]} only")
+    lo_hi = {"kl": "kl is never negative", "perplexity": "a perplexity ratio is positive"}
+    if gate.metric in lo_hi and ((op == "<" and t <= 0) or (op == "<=" and t < 0)):
+        raise CompressionError(f"gate {what} is impossible: {lo_hi[gate.metric]}")
+    if gate.metric == "greedy-match" and (
+        (op == ">=" and t > 1) or (op == ">" and t >= 1) or (op == "<=" and t < 0) or (op == "<" and t <= 0)
+    ):
+        raise CompressionError(f"gate {what} is impossible: greedy-match lies in [0, 1]")
     if gate.metric in ("cosine", "top1-agreement"):
         lo = -1.0 if gate.metric == "cosine" else 0.0
         if (
@@ -135,12 +183,29 @@ def check_gate_possible(gate: Gate, *, classifier: bool | None) -> None:
             raise CompressionError(f"gate {what} is impossible: {gate.metric} lies in [{lo:g}, 1]")
     if gate.metric == "max-abs-error" and ((op == "<" and t <= 0) or (op == "<=" and t < 0)):
         raise CompressionError(f"gate {what} is impossible: max-abs-error is never negative")
-    if gate.metric == "top1-agreement" and classifier is False:
+    if gate.metric == "top1-agreement" and classifier is False and not lm:
         raise CompressionError(f"gate {what} needs a classifier (an output of shape [batch, classes])")
 
 
-def default_gates(method: str, *, classifier: bool) -> list[Gate]:
+def _lm_gate(kl: float, top1: float) -> list[Gate]:
+    return [
+        Gate(metric="kl", stat="mean", op="<=", threshold=kl),
+        Gate(metric="top1-agreement", stat="mean", op=">=", threshold=top1),
+    ]
+
+
+# Causal language models: measured on the tiny test model and on a 135M chat model (docs/manifest.md).
+LM_DEFAULT_GATES: dict[str, tuple[float, float]] = {
+    "int8": (0.01, 0.97),
+    "int4": (0.1, 0.88),
+    "fp16": (0.001, 0.99),
+}
+
+
+def default_gates(method: str, *, classifier: bool, lm: bool = False) -> list[Gate]:
     """Used when neither the variant nor the command line gives a gate: no variant ships unverified."""
+    if lm:
+        return _lm_gate(*LM_DEFAULT_GATES[method])
     if method == "distilled":
         if classifier:
             return [Gate(metric="top1-agreement", stat="mean", op=">=", threshold=0.97)]
@@ -148,14 +213,46 @@ def default_gates(method: str, *, classifier: bool) -> list[Gate]:
     return [Gate(metric="cosine", stat="min", op=">=", threshold=0.99)]
 
 
+def greedy_tokens(spec: VariantSpec) -> int:
+    """N of greedy-match: the variant's `greedyTokens` option (default 16; 0 turns the measurement off)."""
+    n = spec.options.get("greedyTokens")
+    if n is None:
+        return DEFAULT_GREEDY_TOKENS
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 4096:
+        raise CompressionError(
+            f"variant {spec.name}: greedyTokens must be an integer in [0, 4096], got {n!r}"
+        )
+    return n
+
+
+def check_methods(variants: list[VariantSpec], *, lm: bool) -> None:
+    """A language-model method on a tensor model, or a tensor method on a language model, is an error."""
+    for v in variants:
+        if lm and v.method in TENSOR_ONLY_METHODS:
+            raise CompressionError(
+                f"variant {v.name}: method {v.method} is for tensor models; a language model "
+                f"(--format hf|gguf) takes {', '.join((*LM_METHODS, 'fp16'))}"
+            )
+        if not lm and v.method in LM_METHODS:
+            raise CompressionError(
+                f"variant {v.name}: method {v.method} is for causal language models (--format hf or gguf)"
+            )
+
+
 def resolve(
-    variants: list[VariantSpec], gate_args: list[str], *, classifier: bool | None
+    variants: list[VariantSpec], gate_args: list[str], *, classifier: bool | None, lm: bool | None = False
 ) -> list[VariantSpec]:
-    """Attach command-line gates to variants and check every gate is attainable."""
+    """Attach command-line gates to variants and check every gate is attainable.
+
+    `lm`: True for a causal language model (default gates per method, LM metrics only), False for a tensor
+    model, None when not yet known (syntax only).
+    """
     names = [v.name for v in variants]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise CompressionError(f"duplicate variant names: {', '.join(dupes)}")
+    if lm is not None:
+        check_methods(variants, lm=lm)
     global_gates: list[Gate] = []
     per_variant: dict[str, list[Gate]] = {}
     for text in gate_args:
@@ -171,9 +268,13 @@ def resolve(
         gates = list(v.gate) + per_variant.get(v.name, [])
         if not gates:
             gates = list(global_gates)
-        if not gates and classifier is not None:
+        if not gates and lm:
+            gates = default_gates(v.method, classifier=False, lm=True)
+        elif not gates and classifier is not None:
             gates = default_gates(v.method, classifier=classifier)
         for g in gates:
-            check_gate_possible(g, classifier=classifier)
+            check_gate_possible(g, classifier=classifier, lm=lm)
+        if lm and any(g.metric == "greedy-match" for g in gates) and greedy_tokens(v) == 0:
+            raise CompressionError(f"variant {v.name}: a greedy-match gate needs greedyTokens > 0")
         out.append(v.model_copy(update={"gate": gates}))
     return out

@@ -104,4 +104,4 @@ def test_variant_spec_accepts_the_deployment_shape() -> None:
     with pytest.raises(ValidationError):
         VariantSpec.model_validate({"name": "Bad_Name", "method": "int8-dynamic"})
     with pytest.raises(ValidationError):
-        VariantSpec.model_validate({"name": "x", "method": "int4"})
+        VariantSpec.model_validate({"name": "x", "method": "int3"})

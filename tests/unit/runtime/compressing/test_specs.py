@@ -28,7 +28,7 @@ def test_key_value_pairs_carry_options_parsed_as_json_where_possible() -> None:
     ("text", "message"),
     [
         ("name=x", "method= is required"),
-        ("method=int4", "invalid"),
+        ("method=int3", "invalid"),
         ("name=Bad_Name,method=fp16", "invalid"),
         ("method=fp16,perChannel", "key=value"),
     ],

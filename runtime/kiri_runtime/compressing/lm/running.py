@@ -1,0 +1,331 @@
+"""One `kiri compress --format hf|gguf` run: source -> full model -> variants (tuned until they pass) -> manifest.
+
+The reference is the source checkpoint under HF transformers (fp32, eager). The full model is the
+onnxruntime-genai fp32 build of the same checkpoint, checked against the reference before anything else (an
+export that disagrees with PyTorch stops the run), packed as `DIR/model.tar`: the manifest's `model.uri`, what
+the cloud tier serves. Each variant is built and tuned (tuning.py), gated against the reference, packed as
+`DIR/<name>.tar` (one artifact, one sha256) and measured for decode speed. A GGUF source whose quantized
+blocks can be carried over is transcoded first, and that candidate is gated like any other.
+
+As in the tensor pipeline, everything is built in `DIR/.kiri-compress-*`, moved into place at the end, and the
+manifest is written last and atomically: a failed run leaves no manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from kiri_runtime import manifests
+from kiri_runtime.compressing import exporting, specs
+from kiri_runtime.compressing.errors import CompressionError
+from kiri_runtime.compressing.lm import evaldata, scoring, tuning
+from kiri_runtime.manifests import (
+    Baseline,
+    Decode,
+    EvalData,
+    Latency,
+    Manifest,
+    ModelInfo,
+    Variant,
+    VariantSpec,
+)
+
+
+class Request(Protocol):
+    """What this pipeline reads of `compressing.running.Request` (which dispatches here; no import back)."""
+
+    source: str
+    out: Path
+    variants: list[VariantSpec]
+    gates: list[str]
+    eval_data: str | None
+    eval_sha256: str | None
+    sha256: str | None
+    seed: int
+    threads: int
+    model_name: str | None
+    model_version: str | None
+    decode_tokens: int
+
+
+MODEL_TAR = "model.tar"
+MAX_EVAL_TOKENS = 1024
+# The full model must reproduce the reference: an fp32 build that does not is a wrong graph, not a variant.
+FULL_MAX_KL = 1e-4
+FULL_MIN_TOP1 = 0.99
+_FP16_ON_CPU = " (the builder's fp16 models do not decode on onnxruntime-genai 0.18's CPU provider: fp16 is for GPU nodes)"
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def check_request(req: Request, fmt: str) -> list[VariantSpec]:
+    """Everything that can be refused before any work: methods, options, gates, eval data."""
+    if not req.variants:
+        raise CompressionError("no variants requested: give --variant or --variants-json")
+    variants = specs.resolve(req.variants, req.gates, classifier=None, lm=True)
+    for v in variants:
+        if v.name == Path(MODEL_TAR).stem:
+            raise CompressionError(f"variant name {v.name!r} is reserved for the full model")
+        for key in ("tune", "tuneAll"):
+            if v.options.get(key) is not None and not isinstance(v.options[key], bool):
+                raise CompressionError(f"variant {v.name}: option {key} must be true or false")
+        specs.greedy_tokens(v)
+    if not req.eval_data:
+        raise CompressionError(
+            f'a {fmt} source needs --eval-data: JSON Lines of {{"text": ...}} or {{"messages": [...]}} '
+            "to measure the variants' fidelity on"
+        )
+    if req.decode_tokens < 2:
+        raise CompressionError("--decode-tokens must be at least 2")
+    return variants
+
+
+def run_lm(req: Request, fmt: str, log: Callable[[str], None]) -> Manifest:
+    """The pipeline for causal LMs (the caller has removed any stale manifest)."""
+    variants = check_request(req, fmt)
+    req.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".kiri-compress-", dir=req.out))
+    try:
+        return _run(req, fmt, variants, work, log)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(
+    req: Request, fmt: str, variants: list[VariantSpec], work: Path, log: Callable[[str], None]
+) -> Manifest:
+    from kiri_runtime.compressing.lm import building, packing, sources
+
+    log(f"loading {fmt} source")
+    src = sources.load_source(req.source, fmt, work / "source", sha256=req.sha256)
+    log(f"source: {src.architecture}, {src.size_bytes} bytes, sha256 {src.sha256[:12]}")
+    data_path, eval_sha = exporting.fetch(
+        req.eval_data or "", work, expected_sha256=req.eval_sha256, what="eval data"
+    )
+    max_tokens = min(_max_positions(src.hf_dir), MAX_EVAL_TOKENS)
+    samples = evaldata.read_eval(data_path, src.hf_dir, max_tokens)
+    log(f"eval data: {len(samples)} samples, {sum(len(s) - 1 for s in samples)} predicted positions")
+    cache = work / "builder-cache"
+    log("building the full model (onnxruntime-genai model builder, fp32)")
+    full_dir = building.build(src.hf_dir, work / "model", "fp32", {}, cache=cache)
+    max_tokens = min(scoring.context_length(full_dir), max_tokens)
+    samples = [s[:max_tokens] for s in samples]
+    ref = scoring.Reference(src.hf_dir, threads=req.threads)
+    full = scoring.fidelity(ref, full_dir, samples, threads=req.threads)
+    if full.kl_mean > FULL_MAX_KL or full.top1_agreement < FULL_MIN_TOP1:
+        raise CompressionError(
+            f"the fp32 ONNX model disagrees with HF transformers on the eval data (kl.mean {full.kl_mean:.3g}, "
+            f"top1-agreement {full.top1_agreement:.4f}): the export is wrong"
+        )
+    log(f"full model verified: kl.mean {full.kl_mean:.2e}, top1-agreement {full.top1_agreement:.4f}")
+    prompt = samples[0][: scoring.greedy_prefix(len(samples[0]), req.decode_tokens, max_tokens)]
+    base = scoring.decode_speed(full_dir, prompt, req.decode_tokens, threads=req.threads)
+    log(f"fp32: {base.decode_tokens_per_s:.1f} tok/s, TTFT {base.ttft_ms:.2f} ms")
+    full_tar = work / MODEL_TAR
+    full_sha, full_size = packing.pack(full_dir, full_tar)
+    shutil.rmtree(full_dir, ignore_errors=True)
+
+    built: list[Variant] = []
+    tars: dict[str, Path] = {}
+    for spec in variants:
+        variant, tar = _variant(req, spec, src, ref, samples, prompt, base, full_size, work, cache, log)
+        log(f"variant {variant.name}: {'ACCEPTED' if variant.accepted else 'REJECTED'} ({variant.reason})")
+        built.append(variant)
+        if tar is not None:
+            tars[variant.name] = tar
+    for name, tar in tars.items():
+        os.replace(tar, req.out / f"{name}.tar")
+    os.replace(full_tar, req.out / MODEL_TAR)
+    manifest = Manifest(
+        model=ModelInfo(
+            name=req.model_name,
+            version=req.model_version,
+            source_uri=req.source,
+            source_sha256=src.sha256,
+            format="gguf" if fmt == "gguf" else "hf",
+            uri=MODEL_TAR,
+            onnx_sha256=full_sha,
+            size_bytes=full_size,
+            kind="causal-lm",
+            architecture=src.architecture,
+            export_max_abs_error=None,
+        ),
+        baseline=Baseline(
+            p50_latency_ms=round(1000.0 / base.decode_tokens_per_s, 4),
+            size_bytes=full_size,
+            decode=Decode(**dataclasses.asdict(base)),
+        ),
+        seed=req.seed,
+        eval_data=EvalData(uri=req.eval_data, sha256=eval_sha, samples=len(samples)),
+        variants=built,
+    )
+    manifests.dump(manifest, req.out)
+    log(f"wrote {req.out / manifests.MANIFEST_FILE}")
+    return manifest
+
+
+FOUR_BIT_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+EIGHT_BIT_TYPES = frozenset({"Q8_0", "Q6_K"})  # Q6_K is carried as 8-bit blocks of 16
+
+
+def transcode_plan(spec: VariantSpec, src: Any) -> tuple[str, dict[str, Any]] | None:
+    """A GGUF whose quantized blocks fit this method is carried over before anything is re-quantized: int4 when
+    it has 4-bit projections, int8 when all its carried projections are 8-bit. (precision to build, options)."""
+    if src.format != "gguf" or src.gguf_path is None or spec.method not in ("int4", "int8"):
+        return None
+    from kiri_runtime.compressing.lm import transcoding
+
+    types = set(transcoding.carried(src.gguf_tensor_types).values())
+    fits = bool(types & FOUR_BIT_TYPES) if spec.method == "int4" else bool(types) and types <= EIGHT_BIT_TYPES
+    if not fits:
+        return None
+    precision, options = transcoding.plan_for(src.gguf_tensor_types)
+    return precision, {**dict(options), "transcode": True}
+
+
+def _variant(
+    req: Request,
+    spec: VariantSpec,
+    src: Any,
+    ref: scoring.Reference,
+    samples: Sequence[Sequence[int]],
+    prompt: Sequence[int],
+    base: scoring.DecodeSpeed,
+    full_size: int,
+    work: Path,
+    cache: Path,
+    log: Callable[[str], None],
+) -> tuple[Variant, Path | None]:
+    from kiri_runtime.compressing.lm import building, packing
+
+    n_greedy = specs.greedy_tokens(spec)
+    plan = transcode_plan(spec, src)
+    counter = [0]
+
+    def attempt(options: dict[str, Any]) -> tuning.Outcome:
+        counter[0] += 1
+        out = work / f"{spec.name}-{counter[0]}"
+        extra: dict[str, Any] = {}
+        opts = {k: v for k, v in options.items() if k != "transcode"}
+        precision = plan[0] if plan is not None and options.get("transcode") else spec.method
+        building.build(src.hf_dir, out, precision, opts, cache=cache)  # type: ignore[arg-type]
+        if options.get("transcode"):
+            from kiri_runtime.compressing.lm import transcoding
+
+            t = transcoding.transcode(src.gguf_path, out)
+            extra["transcoded"] = {
+                "tensors": t.tensors,
+                "byType": dict(t.by_type),
+                "requantized": list(t.requantized),
+                "ggufTypes": _type_counts(src.gguf_tensor_types),
+            }
+        try:
+            fid = scoring.fidelity(ref, out, samples, n_greedy, threads=req.threads)
+        except CompressionError as e:
+            raise CompressionError(f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}") from None
+        return tuning.Outcome(path=out, fidelity=fid, size_bytes=dir_size(out), extra=extra)
+
+    first = [plan[1]] if plan is not None else []
+    candidates = tuning.rungs(spec, first, tied_embeddings=_tied(src.hf_dir))
+    result = tuning.search(spec, candidates, attempt, log=log)
+    for t in result.tried:
+        if t.outcome.path is not None and t.outcome.path != result.path:
+            shutil.rmtree(t.outcome.path, ignore_errors=True)
+    chosen = result.chosen
+    extra = dict(chosen.outcome.extra)
+    if result.path is None:
+        return (
+            Variant(
+                name=spec.name,
+                method=spec.method,
+                options=chosen.candidate.options,
+                size_bytes=chosen.candidate.size_bytes,
+                gate=chosen.gates,
+                accepted=False,
+                reason=tuning.reason(result),
+                search=result.search(),
+                extra=extra,
+                generative=chosen.candidate.generative,
+            ),
+            None,
+        )
+    try:
+        speed = scoring.decode_speed(result.path, prompt, req.decode_tokens, threads=req.threads)
+    except CompressionError as e:
+        shutil.rmtree(result.path, ignore_errors=True)
+        why = f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}"
+        return (
+            Variant(
+                name=spec.name,
+                method=spec.method,
+                options=chosen.candidate.options,
+                size_bytes=chosen.candidate.size_bytes,
+                gate=chosen.gates,
+                accepted=False,
+                reason=f"rejected: passed its gates but cannot decode: {why}",
+                search=result.search(),
+                extra=extra,
+                generative=chosen.candidate.generative,
+            ),
+            None,
+        )
+    tar = work / f"{spec.name}.tar"
+    sha, size = packing.pack(result.path, tar)
+    shutil.rmtree(result.path, ignore_errors=True)
+    ms = 1000.0 / speed.decode_tokens_per_s
+    return (
+        Variant(
+            name=spec.name,
+            method=spec.method,
+            options=chosen.candidate.options,
+            uri=tar.name,
+            sha256=sha,
+            size_bytes=size,
+            size_ratio_vs_fp32=round(size / full_size, 4),
+            latency=Latency(
+                p50_ms=round(ms, 4),
+                ratio_vs_fp32=round(base.decode_tokens_per_s / speed.decode_tokens_per_s, 4),
+            ),
+            gate=chosen.gates,
+            accepted=True,
+            reason=tuning.reason(result),
+            search=result.search(),
+            extra=extra,
+            generative=chosen.candidate.generative,
+            decode=Decode(**dataclasses.asdict(speed)),
+        ),
+        tar,
+    )
+
+
+def _max_positions(hf_dir: Path) -> int:
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+        return int(cfg.get("max_position_embeddings") or MAX_EVAL_TOKENS)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return MAX_EVAL_TOKENS
+
+
+def _tied(hf_dir: Path) -> bool:
+    """Whether the checkpoint ties embeddings and lm_head (unknown counts as tied: no rung is skipped)."""
+    try:
+        cfg = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return bool(cfg.get("tie_word_embeddings", True)) if isinstance(cfg, dict) else True
+
+
+def _type_counts(types: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in dict(types).values():
+        counts[str(t)] = counts.get(str(t), 0) + 1
+    return dict(sorted(counts.items()))
