@@ -242,42 +242,30 @@ def _variant(
             shutil.rmtree(t.outcome.path, ignore_errors=True)
     chosen = result.chosen
     extra = dict(chosen.outcome.extra)
-    if result.path is None:
-        return (
-            Variant(
-                name=spec.name,
-                method=spec.method,
-                options=chosen.candidate.options,
-                size_bytes=chosen.candidate.size_bytes,
-                gate=chosen.gates,
-                accepted=False,
-                reason=tuning.reason(result),
-                search=result.search(),
-                extra=extra,
-                generative=chosen.candidate.generative,
-            ),
-            None,
+
+    def rejected(reason: str) -> tuple[Variant, None]:
+        variant = Variant(
+            name=spec.name,
+            method=spec.method,
+            options=chosen.candidate.options,
+            size_bytes=chosen.candidate.size_bytes,
+            gate=chosen.gates,
+            accepted=False,
+            reason=reason,
+            search=result.search(),
+            extra=extra,
+            generative=chosen.candidate.generative,
         )
+        return variant, None
+
+    if result.path is None:
+        return rejected(tuning.reason(result))
     try:
         speed = scoring.decode_speed(result.path, prompt, req.decode_tokens, threads=req.threads)
     except CompressionError as e:
         shutil.rmtree(result.path, ignore_errors=True)
         why = f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}"
-        return (
-            Variant(
-                name=spec.name,
-                method=spec.method,
-                options=chosen.candidate.options,
-                size_bytes=chosen.candidate.size_bytes,
-                gate=chosen.gates,
-                accepted=False,
-                reason=f"rejected: passed its gates but cannot decode: {why}",
-                search=result.search(),
-                extra=extra,
-                generative=chosen.candidate.generative,
-            ),
-            None,
-        )
+        return rejected(f"rejected: passed its gates but cannot decode: {why}")
     tar = work / f"{spec.name}.tar"
     sha, size = packing.pack(result.path, tar)
     shutil.rmtree(result.path, ignore_errors=True)
