@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kiri_runtime import redaction
+
+    # Every subcommand may log a URL (httpx logs each request's); none may log the credentials in one.
+    redaction.install()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)

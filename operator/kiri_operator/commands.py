@@ -86,6 +86,9 @@ def _operator(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from kiri_runtime import redaction
+
+    redaction.install()  # httpx logs full URLs (Prometheus, the API server); no credential may reach a log
     # kopf logs every handled watch event at INFO; with a fleet of nodes that drowns Kiri's own lines.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = Config(

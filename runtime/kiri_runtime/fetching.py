@@ -4,12 +4,7 @@ Schemes: `file://` (or a bare path), `http(s)://`, and `s3://bucket/key` (path-s
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, region from `AWS_REGION` or
 `AWS_DEFAULT_REGION`, endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; unsigned when no key is set).
 
-Cache layout under the cache dir (a hostPath on edge nodes, shared by the revisions on a node):
-
-    blobs/sha256/<hex>      verified artifacts, only ever created by an atomic rename
-    partial/<key>.part      downloads in progress; resumed with Range, never served
-    quarantine/<hex>.<ts>   files whose digest did not match, kept for a post-mortem
-    pins.json               per model, the last N verified revisions (N-1 stays for a fast rollback)
+The cache itself (layout, locks, quarantine, pins) is `kiri_runtime.artifacts`.
 
 Edge links drop: an HTTP transfer resumes from the bytes already on disk after a cut, retries with
 exponential backoff on transport errors, 429 and 5xx, and gives up at once on other 4xx. The digest is
@@ -19,30 +14,41 @@ A full disk raises `DiskFullError` naming the directory and the sizes.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
-import json
 import logging
 import os
 import random
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 
+from kiri_runtime.artifacts import ArtifactCache, VerifiedArtifact, fd_sha256
 from kiri_runtime.metrics import RuntimeMetrics
+from kiri_runtime.redaction import strip_url
 from kiri_runtime.signing import EMPTY_SHA256, sign_v4
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "ArtifactCache",
+    "ArtifactFetcher",
+    "DiskFullError",
+    "FetchError",
+    "IntegrityError",
+    "RetryPolicy",
+    "VerifiedArtifact",
+    "file_sha256",
+    "normalize_sha256",
+]
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
@@ -98,88 +104,6 @@ def _write(fh: IO[bytes], chunk: bytes) -> None:
     fh.write(chunk)
 
 
-class ArtifactCache:
-    def __init__(self, root: Path | str, revisions_kept: int = 2, eviction_grace_s: float = 600.0) -> None:
-        if revisions_kept < 1:
-            raise ValueError("revisions_kept must be >= 1")
-        self.root = Path(root)
-        self.revisions_kept = revisions_kept
-        self.eviction_grace_s = eviction_grace_s
-        self.blobs = self.root / "blobs" / "sha256"
-        self.partial = self.root / "partial"
-        self.quarantined = self.root / "quarantine"
-        for d in (self.blobs, self.partial, self.quarantined):
-            d.mkdir(parents=True, exist_ok=True)
-        self._pins = self.root / "pins.json"
-
-    def blob(self, sha256: str) -> Path:
-        return self.blobs / sha256
-
-    def partial_for(self, uri: str, sha256: str | None) -> Path:
-        key = hashlib.sha256(f"{uri}\n{sha256 or ''}".encode()).hexdigest()[:32]
-        return self.partial / f"{key}.part"
-
-    def quarantine(self, path: Path, label: str) -> Path:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%f")
-        target = self.quarantined / f"{label}.{stamp}"
-        os.replace(path, target)
-        log.warning("quarantined %s as %s", path.name, target)
-        return target
-
-    def commit(self, partial: Path, sha256: str) -> Path:
-        with partial.open("rb") as fh:
-            os.fsync(fh.fileno())
-        target = self.blob(sha256)
-        os.replace(partial, target)  # atomic: readers see no file or the whole verified file
-        return target
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with (self.root / ".lock").open("a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def _read_pins(self) -> dict[str, list[dict[str, Any]]]:
-        try:
-            data = json.loads(self._pins.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        models = data.get("models", {}) if isinstance(data, dict) else {}
-        if not isinstance(models, dict):
-            return {}
-        return {
-            str(name): [r for r in revs if isinstance(r, dict) and isinstance(r.get("sha256"), str)]
-            for name, revs in models.items()
-            if isinstance(revs, list)
-        }
-
-    def pins(self, model: str = "default") -> list[dict[str, Any]]:
-        return self._read_pins().get(model, [])
-
-    def pin(self, sha256: str, uri: str = "", model: str = "default") -> list[str]:
-        """Records a verified, loaded revision of `model`; keeps its newest `revisions_kept`, and deletes
-        blobs no model on this node still pins (several models may share a node's cache dir)."""
-        with self._locked():
-            models = self._read_pins()
-            revisions = [r for r in models.get(model, []) if r["sha256"] != sha256]
-            revisions.insert(0, {"sha256": sha256, "uri": uri, "pinned_at": datetime.now(UTC).isoformat()})
-            models[model] = revisions[: self.revisions_kept]
-            tmp = self._pins.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"models": models}, indent=2))
-            os.replace(tmp, self._pins)
-            kept = {r["sha256"] for revs in models.values() for r in revs}
-            now = time.time()
-            for blob in self.blobs.iterdir():
-                # A fresh blob may be another process's download that is not loaded and pinned yet.
-                if blob.name not in kept and now - blob.stat().st_mtime > self.eviction_grace_s:
-                    log.info("evicting unpinned artifact %s", blob.name)
-                    blob.unlink(missing_ok=True)
-            return [r["sha256"] for r in models[model]]
-
-
 class ArtifactFetcher:
     def __init__(
         self,
@@ -207,29 +131,47 @@ class ArtifactFetcher:
         self._client.close()
 
     def fetch(self, uri: str, sha256: str | None = None) -> Path:
-        """Returns the path of a verified copy of `uri` in the cache."""
-        expected = normalize_sha256(sha256)
-        if expected is not None:
-            hit = self.cache.blob(expected)
-            if hit.exists():
-                if file_sha256(hit) == expected:
-                    self._count("hit")
-                    return hit
-                self.cache.quarantine(hit, expected)
-        else:
-            log.warning("no sha256 given for %s: trusting the first download", _redact(uri))
-        try:
-            return self._fetch_and_verify(uri, expected, fresh_retry=True)
-        except FetchError:
-            self._count("failed")
-            raise
+        """Returns the path of a verified copy of `uri` in the cache (to load it race-free: `open`)."""
+        with self.open(uri, sha256) as artifact:
+            return artifact.path
 
-    def _fetch_and_verify(self, uri: str, expected: str | None, fresh_retry: bool) -> Path:
+    def open(self, uri: str, sha256: str | None = None) -> VerifiedArtifact:
+        """A verified copy of `uri` in the cache, as an open descriptor whose bytes were the ones hashed.
+        The caller closes it (it is a context manager) once the model is loaded from `load_path`."""
+        expected = normalize_sha256(sha256)
+        with self.cache.fetch_lock(uri, expected):
+            if expected is not None:
+                hit = self.cache.blob(expected)
+                try:
+                    fd = os.open(hit, os.O_RDONLY)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if fd_sha256(fd) == expected:
+                        self._count("hit")
+                        return VerifiedArtifact(hit, expected, fd)
+                    os.close(fd)
+                    self.cache.quarantine(hit, expected)
+            else:
+                log.warning("no sha256 given for %s: trusting the first download", _redact(uri))
+            try:
+                return self._fetch_and_verify(uri, expected, fresh_retry=True)
+            except FetchError:
+                self._count("failed")
+                raise
+
+    def _fetch_and_verify(self, uri: str, expected: str | None, fresh_retry: bool) -> VerifiedArtifact:
         partial = self.cache.partial_for(uri, expected)
         resumed = partial.exists() and partial.stat().st_size > 0
         self._download(uri, partial)
-        actual = file_sha256(partial)
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            actual = fd_sha256(fd)
+        except BaseException:
+            os.close(fd)
+            raise
         if expected is not None and actual != expected:
+            os.close(fd)
             self.cache.quarantine(partial, actual)
             if resumed and fresh_retry:
                 # The bytes kept from an earlier attempt may belong to a different upload: start over once.
@@ -238,9 +180,13 @@ class ArtifactFetcher:
                 )
                 return self._fetch_and_verify(uri, expected, fresh_retry=False)
             raise IntegrityError(f"{_redact(uri)}: sha256 is {actual}, expected {expected}; file quarantined")
-        path = self.cache.commit(partial, actual)
+        try:
+            path = self.cache.commit(partial, actual, fd)
+        except BaseException:
+            os.close(fd)
+            raise
         self._count("downloaded")
-        return path
+        return VerifiedArtifact(path, actual, fd)
 
     def _count(self, result: str) -> None:
         if self.metrics is not None:
@@ -372,9 +318,5 @@ class ArtifactFetcher:
 
 
 def _redact(uri: str) -> str:
-    """Drops query strings (presigned URLs carry credentials in them) and userinfo from log lines."""
-    parts = urlsplit(uri)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else uri
+    """Drops query strings (presigned URLs carry credentials in them) and userinfo from Kiri's log lines."""
+    return strip_url(uri)

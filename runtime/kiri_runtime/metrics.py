@@ -5,8 +5,10 @@ a registered model name, or `_unknown` for requests naming a model this server d
 
 | name | type | labels | meaning |
 |---|---|---|---|
-| `kiri_requests_total` | counter | model, code | infer requests answered, by HTTP status code |
-| `kiri_request_duration_seconds` | histogram | model | infer request time in the server, body read to reply |
+| `kiri_requests_total` | counter | model, code | infer requests the server took on, by HTTP status (2xx, 5xx) |
+| `kiri_rejected_requests_total` | counter | model, code | infer requests refused as the client's doing (any 4xx) |
+| `kiri_request_duration_seconds` | histogram | model | time of a taken-on request, body in hand to reply |
+| `kiri_inflight_body_bytes` | gauge | | request body bytes held by requests in flight |
 | `kiri_inference_duration_seconds` | histogram | model | one ONNX Runtime `session.run` (one batch) |
 | `kiri_batch_size` | histogram | model | rows per `session.run` (1 per request without batching) |
 | `kiri_queue_depth` | gauge | model | infer requests admitted and not yet answered by the local model |
@@ -18,6 +20,10 @@ a registered model name, or `_unknown` for requests naming a model this server d
 | `kiri_artifact_fetch_bytes_total` | counter | scheme | bytes downloaded into the node cache |
 | `kiri_artifact_fetches_total` | counter | result | fetches: `hit`, `downloaded`, `failed` |
 
+A 4xx (malformed body, unknown model, 413, 429 over the body budget) lands only in
+`kiri_rejected_requests_total`, never in `kiri_requests_total` nor in the duration histogram: a client that
+sends junk can neither raise a revision's error ratio nor dilute it, and a slow upload is not model latency.
+
 Example gates: error ratio `sum(rate(kiri_requests_total{code=~"5.."}[1m])) / sum(rate(kiri_requests_total[1m]))`;
 p99 latency `histogram_quantile(0.99, sum by (le) (rate(kiri_request_duration_seconds_bucket[1m])))`;
 fallback share `sum(rate(kiri_fallback_total[5m])) / sum(rate(kiri_requests_total[5m]))`.
@@ -26,6 +32,8 @@ fallback share `sum(rate(kiri_fallback_total[5m])) / sum(rate(kiri_requests_tota
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from kiri_runtime.errors import is_client_error
 
 UNKNOWN_MODEL = "_unknown"
 
@@ -41,6 +49,15 @@ class RuntimeMetrics:
         r = self.registry
         self.requests = Counter(
             "kiri_requests", "Infer requests by status code.", ["model", "code"], registry=r
+        )
+        self.rejected = Counter(
+            "kiri_rejected_requests",
+            "Infer requests refused as the client's doing (4xx).",
+            ["model", "code"],
+            registry=r,
+        )
+        self.inflight_body_bytes = Gauge(
+            "kiri_inflight_body_bytes", "Request body bytes held by requests in flight.", registry=r
         )
         self.request_duration = Histogram(
             "kiri_request_duration_seconds",
@@ -79,3 +96,11 @@ class RuntimeMetrics:
             "kiri_artifact_fetch_bytes", "Bytes downloaded into the cache.", ["scheme"], registry=r
         )
         self.fetches = Counter("kiri_artifact_fetches", "Artifact fetches by result.", ["result"], registry=r)
+
+    def observe_infer(self, model: str, status: int, seconds: float) -> None:
+        """Counts one answered infer request where the gates expect it (see the module docstring)."""
+        if is_client_error(status):
+            self.rejected.labels(model, str(status)).inc()
+            return
+        self.requests.labels(model, str(status)).inc()
+        self.request_duration.labels(model).observe(seconds)

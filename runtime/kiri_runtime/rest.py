@@ -17,21 +17,26 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kiri_runtime.dataplane import DataPlane
-from kiri_runtime.errors import BadRequest, InferenceError, ModelNotFound, PayloadTooLarge
+from kiri_runtime.errors import BadRequest, InferenceError, ModelNotFound
 from kiri_runtime.fallback import Cascade
+from kiri_runtime.intake import BODY_READ_SECONDS, DEFAULT_MAX_BODY_BYTES, Intake, IntakeConfig
 from kiri_runtime.metrics import UNKNOWN_MODEL
-from kiri_runtime.tensors import HEADER_LENGTH, binary_outputs, decode_request, encode_response
+from kiri_runtime.tensors import HEADER_LENGTH, binary_outputs, encode_response
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "RestServer", "error_response", "make_app"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(status: int, message: str) -> web.Response:
+def error_response(status: int, message: str, retry_after: int | None = None) -> web.Response:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return web.Response(
-        body=json.dumps({"error": message}).encode(), status=status, content_type="application/json"
+        body=json.dumps({"error": message}).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
     )
 
 
@@ -49,12 +54,21 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 class RestServer:
     def __init__(
-        self, dataplane: DataPlane, cascade: Cascade | None = None, *, max_body_bytes: int = 0
+        self,
+        dataplane: DataPlane,
+        cascade: Cascade | None = None,
+        *,
+        max_body_bytes: int = 0,
+        intake: IntakeConfig | None = None,
     ) -> None:
         self.dataplane = dataplane
         self.cascade = cascade if cascade is not None else Cascade(dataplane)
         self.metrics = dataplane.metrics
-        self.max_body_bytes = max_body_bytes or DEFAULT_MAX_BODY_BYTES
+        if intake is None:
+            body = max_body_bytes or DEFAULT_MAX_BODY_BYTES
+            intake = IntakeConfig(body, max(body, IntakeConfig.max_inflight_body_bytes))
+        self.max_body_bytes = intake.max_body_bytes
+        self.intake = Intake(intake, self.metrics.inflight_body_bytes)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors], client_max_size=self.max_body_bytes)
@@ -106,28 +120,24 @@ class RestServer:
         try:
             response = await self._infer(request, name, version)
         except InferenceError as exc:
-            response = error_response(exc.status, exc.message)
+            response = error_response(exc.status, exc.message, exc.retry_after)
         except Exception:
             log.exception("infer on %s failed", name)
             response = error_response(500, "internal error; see the server log")
-        self.metrics.requests.labels(label, str(response.status)).inc()
-        self.metrics.request_duration.labels(label).observe(time.perf_counter() - start)
+        if not request.content.at_eof():
+            response.force_close()  # refused unread: close rather than linger reading a body we will drop
+        seconds = time.perf_counter() - start - request.get(BODY_READ_SECONDS, 0.0)
+        self.metrics.observe_infer(label, response.status, seconds)
         return response
 
     async def _infer(self, request: web.Request, name: str, version: str | None) -> web.Response:
         if not self.dataplane.has_model(name):
             raise ModelNotFound(f"model {name!r} is not served here")
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise PayloadTooLarge(f"body of {length} bytes is over the {self.max_body_bytes}-byte limit")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(f"body is over the {self.max_body_bytes}-byte limit") from None
         header_length = _header_length(request.headers.get(HEADER_LENGTH))
-        decoded = decode_request(body, header_length)
-        answer = await self.cascade.infer(name, decoded, version)
-        out, out_header_length = encode_response(answer, binary_outputs(decoded))
+        async with self.intake.body(request) as body:
+            decoded = await self.intake.decode(body, header_length)
+            answer = await self.cascade.infer(name, decoded, version)
+            out, out_header_length = encode_response(answer, binary_outputs(decoded))
         if out_header_length is None:
             return web.Response(body=out, content_type="application/json")
         return web.Response(

@@ -22,8 +22,15 @@ from aiohttp import web
 from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
 from kiri_runtime.fallback import Cascade, CloudClient
 from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, RetryPolicy
+from kiri_runtime.intake import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_DECODE_OFFLOAD_BYTES,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_INFLIGHT_BODY_BYTES,
+    IntakeConfig,
+)
 from kiri_runtime.metrics import RuntimeMetrics
-from kiri_runtime.rest import DEFAULT_MAX_BODY_BYTES, RestServer
+from kiri_runtime.rest import RestServer
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,11 @@ class ServeConfig:
     revisions_kept: int = 2
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_inflight_body_bytes: int = DEFAULT_MAX_INFLIGHT_BODY_BYTES
+    decode_offload_bytes: int = DEFAULT_DECODE_OFFLOAD_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    # Pins in the node cache are per namespace and model (`kiri_runtime.artifacts`).
+    namespace: str = ""
     fail_ratio: float = 0.0
     fail_seed: int = 0
     delay_ms: float = 0.0
@@ -71,7 +83,13 @@ class Server:
         self.dataplane.register(config.name, config.model_version, config.variant, config.sha256 or "")
         cloud = CloudClient(config.fallback_url, config.fallback_timeout_s) if config.fallback_url else None
         self.cascade = Cascade(self.dataplane, cloud, config.confidence_threshold)
-        self.rest = RestServer(self.dataplane, self.cascade, max_body_bytes=config.max_body_bytes)
+        intake = IntakeConfig(
+            config.max_body_bytes,
+            max(config.max_inflight_body_bytes, config.max_body_bytes),
+            config.decode_offload_bytes,
+            config.body_timeout_s,
+        )
+        self.rest = RestServer(self.dataplane, self.cascade, intake=intake)
         self._runner: web.AppRunner | None = None
         self._loader: asyncio.Task[None] | None = None
         self.port = config.port
@@ -99,9 +117,11 @@ class Server:
         try:
             while True:
                 try:
-                    path = await asyncio.to_thread(fetcher.fetch, cfg.model_uri, cfg.sha256)
-                    sha = path.name
-                    model = await asyncio.to_thread(OnnxModel, path, cfg.threads)
+                    artifact = await asyncio.to_thread(fetcher.open, cfg.model_uri, cfg.sha256)
+                    with artifact:
+                        # From the verified descriptor, not the path: the blob may be swapped meanwhile.
+                        sha = artifact.sha256
+                        model = await asyncio.to_thread(OnnxModel, artifact.load_path, cfg.threads)
                     break
                 except Exception as exc:
                     # Fetch errors, a full disk, or a file ONNX Runtime rejects (its pybind exceptions derive
@@ -112,7 +132,7 @@ class Server:
         finally:
             fetcher.close()
         self.dataplane.load(cfg.name, model, sha256=sha)
-        await asyncio.to_thread(cache.pin, sha, cfg.model_uri, cfg.name)
+        await asyncio.to_thread(cache.pin, sha, cfg.model_uri, cfg.name, cfg.namespace)
         self.loaded.set()
 
     async def stop(self) -> None:
@@ -124,6 +144,7 @@ class Server:
             await self._runner.cleanup()  # stops listening, then waits for in-flight handlers
         await self.cascade.close()
         await self.dataplane.close()
+        await asyncio.to_thread(self.rest.intake.close)
 
 
 async def serve(config: ServeConfig) -> None:

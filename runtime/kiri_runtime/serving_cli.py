@@ -69,7 +69,29 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub.add_argument("--batching", action="store_true", help="adaptive micro-batching (dynamic batch models)")
     sub.add_argument("--max-batch-size", type=_positive, default=32)
     sub.add_argument("--max-wait-ms", type=float, default=2.0)
-    sub.add_argument("--max-body-bytes", type=_positive, default=64 * 1024 * 1024)
+    sub.add_argument("--max-body-bytes", type=_positive, default=64 * 1024 * 1024, help="413 above this")
+    sub.add_argument(
+        "--max-inflight-body-bytes",
+        type=_positive,
+        default=256 * 1024 * 1024,
+        help="request body bytes held at once by all requests; over it a request answers 429 with "
+        "Retry-After (raised to --max-body-bytes if lower)",
+    )
+    sub.add_argument(
+        "--decode-offload-bytes",
+        type=_positive,
+        default=256 * 1024,
+        help="bodies from this size decode off the event loop (JSON in a worker process)",
+    )
+    sub.add_argument(
+        "--body-timeout", type=float, default=60.0, help="seconds for a request body to arrive (else 408)"
+    )
+    sub.add_argument(
+        "--namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="namespace of the ModelDeployment, keys its pins in the shared node cache "
+        "(default: $POD_NAMESPACE)",
+    )
     sub.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     test_aids = sub.add_argument_group("test aids (never set these in production)")
     test_aids.add_argument(
@@ -85,12 +107,14 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from kiri_runtime import redaction
     from kiri_runtime.dataplane import BatchingConfig
     from kiri_runtime.serving import ServeConfig, serve
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    redaction.install()  # httpx logs full URLs; presigned ones carry credentials
     config = ServeConfig(
         model_uri=args.model_uri,
         name=args.name,
@@ -106,6 +130,10 @@ def run(args: argparse.Namespace) -> int:
         revisions_kept=args.revisions_kept,
         batching=BatchingConfig(args.batching, args.max_batch_size, args.max_wait_ms),
         max_body_bytes=args.max_body_bytes,
+        max_inflight_body_bytes=args.max_inflight_body_bytes,
+        decode_offload_bytes=args.decode_offload_bytes,
+        body_timeout_s=args.body_timeout,
+        namespace=args.namespace,
         fail_ratio=args.fail_ratio,
         fail_seed=args.fail_seed,
         delay_ms=args.delay_ms,

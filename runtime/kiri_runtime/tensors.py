@@ -7,6 +7,14 @@ prefixed by a 4-byte little-endian length. Outputs are binary when the request a
 (`outputs[i].parameters.binary_data`) or for all (`parameters.binary_data_output`).
 
 Every decoding problem raises `BadRequest` with a message naming the tensor, so a client learns what to fix.
+That includes hostile shapes of input: JSON nested past the parser's recursion limit, more than `MAX_DIMS`
+dimensions, and non-finite floats.
+
+Non-finite policy (the same on both codecs): a request whose FP16/FP32/FP64 input holds NaN or +-Inf, as
+JSON numbers (`1e999`, strings like `"nan"`) or as raw binary bits, is refused with 400, and JSON tokens
+`NaN`/`Infinity` anywhere in a request header are refused too (they are not JSON). A model can still
+produce non-finite outputs from finite inputs: binary outputs carry their IEEE bits as they are, JSON
+outputs carry `null` in their place, so a JSON answer never holds a non-standard `NaN` token.
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ import numpy.typing as npt
 from kiri_runtime.errors import BadRequest
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+
+# numpy 1.x allows 32 dimensions and numpy 2.x 64; the lower bound keeps the error a 400 on either.
+MAX_DIMS = 32
+_FLOAT_TYPES = ("FP16", "FP32", "FP64")
 
 DATATYPES: dict[str, npt.DTypeLike] = {
     "BOOL": np.bool_,
@@ -107,7 +119,13 @@ def datatype_of(array: Array) -> str:
 # ---------------------------------------------------------------- decoding
 
 
-def _parse_header(body: bytes, header_length: int | None) -> tuple[dict[str, Any], memoryview]:
+def _refuse_constant(token: str) -> Any:
+    raise BadRequest(f"{token} is not JSON; non-finite numbers are refused")
+
+
+def _parse_header(
+    body: bytes, header_length: int | None, strict: bool = True
+) -> tuple[dict[str, Any], memoryview]:
     if header_length is None:
         header_bytes, rest = body, memoryview(b"")
     else:
@@ -117,9 +135,15 @@ def _parse_header(body: bytes, header_length: int | None) -> tuple[dict[str, Any
             )
         header_bytes, rest = body[:header_length], memoryview(body)[header_length:]
     try:
-        header = json.loads(header_bytes)
+        header = (
+            json.loads(header_bytes, parse_constant=_refuse_constant) if strict else json.loads(header_bytes)
+        )
+    except BadRequest:
+        raise
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested deeper than the parser allows") from None
     if not isinstance(header, dict):
         raise BadRequest("the request body must be a JSON object")
     return header, rest
@@ -128,6 +152,8 @@ def _parse_header(body: bytes, header_length: int | None) -> tuple[dict[str, Any
 def _shape(raw: Any, where: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in raw):
         raise BadRequest(f"{where}: shape must be a list of integers")
+    if len(raw) > MAX_DIMS:
+        raise BadRequest(f"{where}: shape has {len(raw)} dimensions, at most {MAX_DIMS} are allowed")
     if any(d < 0 for d in raw):
         raise BadRequest(f"{where}: shape {raw} has a negative dimension")
     return tuple(raw)
@@ -141,7 +167,7 @@ def _parameters(raw: Any, where: str) -> Parameters:
     return raw
 
 
-def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], where: str) -> Array:
+def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], where: str, finite: bool) -> Array:
     if not isinstance(data, list):
         data = [data]
     count = math.prod(shape)
@@ -152,8 +178,15 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], where: str
                 raise BadRequest(f"{where}: BYTES data must be strings")
             array = np.empty(len(flat), dtype=np.object_)
             array[:] = [v.encode() for v in flat]
-        elif datatype.startswith("FP"):
-            array = np.asarray(data, dtype=DATATYPES[datatype])
+        elif datatype in _FLOAT_TYPES:
+            # Numbers only: numpy would read the string "nan" or the bool true as a float.
+            loose = np.asarray(data)
+            if loose.dtype.kind not in "iuf":
+                raise BadRequest(f"{where}: data are not {datatype}")
+            with np.errstate(over="ignore"):  # an FP16 overflow becomes inf, refused just below
+                array = loose.astype(DATATYPES[datatype])
+            if finite:
+                _check_finite(array, where)
         else:
             # numpy would silently truncate 1.5 to an integer, or read 2 as True.
             loose = np.asarray(data)
@@ -170,9 +203,16 @@ def _from_json_data(data: Any, datatype: str, shape: tuple[int, ...], where: str
         raise
     except (ValueError, TypeError, OverflowError) as exc:
         raise BadRequest(f"{where}: data do not convert to {datatype}: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"{where}: data are nested too deeply") from None
     if array.size != count:
         raise BadRequest(f"{where}: shape {list(shape)} needs {count} elements, data have {array.size}")
     return array.reshape(shape)
+
+
+def _check_finite(array: Array, where: str) -> None:
+    if array.size and not np.isfinite(array).all():
+        raise BadRequest(f"{where}: data hold NaN or Inf (or values out of the datatype's range)")
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -189,7 +229,7 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _from_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str) -> Array:
+def _from_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], where: str, finite: bool) -> Array:
     count = math.prod(shape)
     if datatype == "BYTES":
         elements = _unpack_bytes(raw, where)
@@ -206,7 +246,10 @@ def _from_binary(raw: memoryview, datatype: str, shape: tuple[int, ...], where: 
             f"{where}: binary_data_size is {len(raw)} bytes but shape {list(shape)} of {datatype} "
             f"needs {count * dtype.itemsize}",
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    array = np.frombuffer(raw, dtype=dtype)
+    if finite and datatype in _FLOAT_TYPES:
+        _check_finite(array, where)
+    return array.reshape(shape)
 
 
 def _unpack_bytes(raw: memoryview, where: str) -> list[bytes]:
@@ -232,7 +275,9 @@ def _pack_bytes(array: Array) -> bytes:
     return b"".join(parts)
 
 
-def _decode_tensors(raw_list: Any, rest: memoryview, offset: int, kind: str) -> tuple[list[Tensor], int]:
+def _decode_tensors(
+    raw_list: Any, rest: memoryview, offset: int, kind: str, finite: bool = True
+) -> tuple[list[Tensor], int]:
     if not isinstance(raw_list, list):
         raise BadRequest(f"{kind} must be a list")
     tensors = []
@@ -258,12 +303,12 @@ def _decode_tensors(raw_list: Any, rest: memoryview, offset: int, kind: str) -> 
                 raise BadRequest(
                     f"{where}: binary_data_size {size} runs past the {len(rest)} binary bytes in the body",
                 )
-            array = _from_binary(rest[offset : offset + size], datatype, shape, where)
+            array = _from_binary(rest[offset : offset + size], datatype, shape, where, finite)
             offset += size
         else:
             if "data" not in raw:
                 raise BadRequest(f"{where}: has neither data nor binary_data_size")
-            array = _from_json_data(raw["data"], datatype, shape, where)
+            array = _from_json_data(raw["data"], datatype, shape, where, finite)
         tensors.append(Tensor(name, datatype, shape, array, params))
     return tensors, offset
 
@@ -290,8 +335,9 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferenceRe
 
 
 def decode_response(body: bytes, header_length: int | None = None) -> InferenceResponse:
-    header, rest = _parse_header(body, header_length)
-    outputs, _ = _decode_tensors(header.get("outputs"), rest, 0, "outputs")
+    # Lenient: an answer (from the cloud runtime) may carry non-finite outputs, and older servers wrote NaN.
+    header, rest = _parse_header(body, header_length, strict=False)
+    outputs, _ = _decode_tensors(header.get("outputs"), rest, 0, "outputs", finite=False)
     name = header.get("model_name")
     if not isinstance(name, str):
         raise BadRequest("response has no model_name")
@@ -311,6 +357,9 @@ def _json_data(array: Array, datatype: str) -> list[Any]:
     if datatype == "BYTES":
         return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in array.ravel()]
     values: list[Any] = array.ravel().tolist()
+    if datatype in _FLOAT_TYPES and not np.isfinite(array).all():
+        # JSON has no NaN or Inf; null is standard, and numpy reads it back as NaN in a float array.
+        values = [v if math.isfinite(v) else None for v in values]
     return values
 
 
@@ -337,7 +386,8 @@ def _encode_tensors(
 
 
 def _assemble(header: dict[str, Any], blobs: list[bytes]) -> tuple[bytes, int | None]:
-    head = json.dumps(header, separators=(",", ":")).encode()
+    # allow_nan=False: a non-finite float that got this far is a bug to raise, not a token to send.
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)

@@ -103,6 +103,9 @@ def _setup(args: argparse.Namespace) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from kiri_runtime import redaction
+
+    redaction.install()  # httpx logs full URLs; presigned ones carry credentials
     for noisy in ("httpx", "httpcore", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -8,7 +8,7 @@ import random
 import httpx
 import numpy as np
 import pytest
-from runtime_helpers import FEATURES
+from runtime_helpers import FEATURES, metric_samples, sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -144,5 +144,10 @@ def test_fuzz_then_a_good_request_succeeds(serve, classifier):
         final = client.post(url, json=good)
     assert final.status_code == 200
     assert sum(v for k, v in statuses.items() if 400 <= k < 500) > 300
-    metrics = httpx.get(f"{server.url}/metrics").text
-    assert 'kiri_requests_total{code="400",model="clf"}' in metrics
+    samples = metric_samples(server.url)
+    # Junk is the client's doing: counted apart, never in the series the error-ratio gates read.
+    assert sample(samples, "kiri_rejected_requests_total", model="clf", code="400") == statuses[400]
+    assert sample(samples, "kiri_requests_total", model="clf", code="200") == 1 + statuses.get(200, 0)
+    assert [labels for name, labels in samples if name == "kiri_requests_total"] == [
+        frozenset({("model", "clf"), ("code", "200")})
+    ]
