@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.server
 import os
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -323,3 +328,121 @@ def test_sigv4_matches_aws_test_suite_get_vanilla():
     assert headers["Authorization"].endswith(
         "SignedHeaders=host;x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"
     )
+
+
+# ---------------------------------------------------------------- hardening (issue 19)
+
+
+def test_a_digest_that_never_matches_keeps_only_the_newest_quarantined_files(tmp_path):
+    cache = ArtifactCache(tmp_path, quarantine_max_files=2, quarantine_max_bytes=10**9)
+    fetcher = ArtifactFetcher(cache, RetryPolicy(attempts=1), sleep=lambda s: None)
+    with respx.mock:
+        for attempt in range(6):  # the serving loop retries a bad upload about once a minute, forever
+            respx.get(URL).mock(return_value=httpx.Response(200, content=DATA + str(attempt).encode()))
+            with pytest.raises(IntegrityError):
+                fetcher.fetch(URL, SHA)
+    kept = sorted(p.read_bytes()[-1:] for p in cache.quarantined.iterdir())
+    assert kept == [b"4", b"5"]
+
+
+def test_the_quarantine_byte_cap_deletes_what_does_not_fit(tmp_path):
+    cache = ArtifactCache(tmp_path, quarantine_max_files=10, quarantine_max_bytes=250_000)
+    for size in (100_000, 100_000, 100_000):
+        bad = tmp_path / "bad"
+        bad.write_bytes(os.urandom(size))
+        cache.quarantine(bad, "f" * 64)
+    assert sorted(p.stat().st_size for p in cache.quarantined.iterdir()) == [100_000, 100_000]
+
+
+def test_the_loaded_bytes_are_the_verified_ones_even_if_the_blob_is_swapped(fetcher):
+    with respx.mock:
+        respx.get(URL).mock(side_effect=ranged)
+        artifact = fetcher.open(URL, SHA)
+    with artifact:
+        assert artifact.path == fetcher.cache.blob(SHA)
+        assert artifact.path.stat().st_mode & 0o777 == 0o444
+        swapped = artifact.path.with_name("swap")
+        swapped.write_bytes(b"a different model")
+        os.replace(swapped, artifact.path)  # another process (or a hand) replaces the blob after the check
+        with open(artifact.load_path, "rb") as loaded:
+            assert loaded.read() == DATA
+    assert artifact.fd == -1
+
+
+def test_a_cache_hit_is_verified_from_the_descriptor_it_hands_on(fetcher):
+    with respx.mock:
+        respx.get(URL).mock(side_effect=ranged)
+        fetcher.fetch(URL, SHA)
+        with fetcher.open(URL, SHA) as hit:
+            os.unlink(hit.path)  # eviction by another pod between verify and load
+            with open(hit.load_path, "rb") as loaded:
+                assert loaded.read() == DATA
+
+
+def test_pins_are_per_namespace_and_model(tmp_path):
+    cache = ArtifactCache(tmp_path, revisions_kept=1, eviction_grace_s=0)
+    digests = {}
+    for label in ("a1", "a2", "b1"):
+        digests[label] = hashlib.sha256(label.encode()).hexdigest()
+        cache.blob(digests[label]).write_bytes(label.encode())
+    cache.pin(digests["b1"], model="clf", namespace="team-b")
+    cache.pin(digests["a1"], model="clf", namespace="team-a")
+    cache.pin(digests["a2"], model="clf", namespace="team-a")
+    assert [p["sha256"] for p in cache.pins("clf", "team-a")] == [digests["a2"]]
+    assert [p["sha256"] for p in cache.pins("clf", "team-b")] == [digests["b1"]]
+    assert cache.blob(digests["b1"]).exists()  # team-a's rollout does not evict team-b's model
+    assert not cache.blob(digests["a1"]).exists()
+
+
+def test_a_namespaced_pin_replaces_the_bare_name_an_older_runtime_wrote(tmp_path):
+    cache = ArtifactCache(tmp_path, revisions_kept=2, eviction_grace_s=0)
+    old, new = hashlib.sha256(b"old").hexdigest(), hashlib.sha256(b"new").hexdigest()
+    cache.blob(old).write_bytes(b"old")
+    cache.blob(new).write_bytes(b"new")
+    cache.pin(old, model="clf")
+    cache.pin(new, model="clf", namespace="team-a")
+    assert cache.pins("clf") == []
+    assert [p["sha256"] for p in cache.pins("clf", "team-a")] == [new]
+    assert not cache.blob(old).exists()
+
+
+_FETCH_IN_A_PROCESS = """
+import sys
+from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher
+print(ArtifactFetcher(ArtifactCache(sys.argv[1])).fetch(sys.argv[2], sys.argv[3]))
+"""
+
+
+def test_two_processes_on_a_node_download_one_artifact_once(tmp_path):
+    gets: list[str] = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            gets.append(self.path)
+            time.sleep(1.5)  # long enough for the second process to arrive while the first downloads
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(DATA)))
+            self.end_headers()
+            self.wfile.write(DATA)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/m.onnx"
+    try:
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _FETCH_IN_A_PROCESS, str(tmp_path / "cache"), url, SHA],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    finally:
+        server.shutdown()
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outputs == [str(tmp_path / "cache" / "blobs" / "sha256" / SHA)] * 2
+    assert gets == ["/m.onnx"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 
 from kiri_runtime.errors import BadRequest
 from kiri_runtime.tensors import (
+    DATATYPES,
     InferenceRequest,
     InferenceResponse,
     RequestedOutput,
@@ -146,3 +148,102 @@ def test_binary_size_checks():
     head = json.dumps(bad).encode()
     with pytest.raises(BadRequest, match="runs past the tensor"):
         decode_request(head + struct.pack("<I", 9) + b"ab", len(head))
+
+
+# ---------------------------------------------------------------- hostile input (issue 19)
+
+
+def _fp32(data: object, shape: list[int] | None = None) -> bytes:
+    tensor = {"name": "a", "datatype": "FP32", "shape": shape or [1], "data": data}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def test_json_nested_past_the_parsers_recursion_limit_is_a_bad_request():
+    body = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(BadRequest, match="nested deeper than the parser allows"):
+        decode_request(body)
+
+
+def test_data_nested_deeper_than_numpy_allows_is_a_bad_request():
+    data: object = [0.5]
+    for _ in range(200):
+        data = [data]
+    with pytest.raises(BadRequest, match="data do not convert to FP32"):
+        decode_request(_fp32(data, [1] * 30))
+
+
+@pytest.mark.parametrize("dims", [33, 65, 1000])
+def test_a_shape_with_more_dimensions_than_numpy_allows_is_a_bad_request(dims):
+    with pytest.raises(BadRequest, match=f"shape has {dims} dimensions, at most 32 are allowed"):
+        decode_request(_fp32([0.5], [1] * dims))
+
+
+def test_thirty_two_dimensions_still_decode():
+    assert decode_request(_fp32([0.5], [1] * 32)).inputs[0].data.shape == (1,) * 32
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [NaN]}]}', "NaN is not JSON"),
+        (b'{"inputs": [], "parameters": {"t": -Infinity}}', "-Infinity is not JSON"),
+        # json reads an overflowing literal as inf
+        (
+            b'{"inputs": [{"name": "a", "datatype": "FP64", "shape": [1], "data": [1e999]}]}',
+            "hold NaN or Inf",
+        ),
+        (_fp32(["nan"]), "data are not FP32"),  # numpy would read the string as NaN
+        (_fp32([True]), "data are not FP32"),
+        (
+            b'{"inputs": [{"name": "a", "datatype": "FP16", "shape": [1], "data": [70000.0]}]}',
+            "out of the datatype's range",
+        ),
+    ],
+)
+def test_non_finite_json_inputs_are_refused(body, message):
+    with pytest.raises(BadRequest, match=re.escape(message)):
+        decode_request(body)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_binary_inputs_are_refused(datatype, value):
+    raw = np.array([1.0, value], dtype=DATATYPES[datatype]).astype(
+        "<" + np.dtype(DATATYPES[datatype]).str[1:]
+    )
+    header = {
+        "inputs": [
+            {"name": "a", "datatype": datatype, "shape": [2], "parameters": {"binary_data_size": raw.nbytes}}
+        ]
+    }
+    head = json.dumps(header).encode()
+    with pytest.raises(BadRequest, match="input 'a': data hold NaN or Inf"):
+        decode_request(head + raw.tobytes(), len(head))
+
+
+def test_non_finite_outputs_are_null_in_json_and_raw_bits_in_binary():
+    values = np.array([0.25, np.nan, np.inf, -np.inf], dtype=np.float32)
+    response = InferenceResponse("m", [Tensor("y", "FP32", (4,), values)])
+    body, header_length = encode_response(response)
+    assert header_length is None
+    assert b"NaN" not in body and b"Infinity" not in body
+    assert json.loads(body)["outputs"][0]["data"] == [0.25, None, None, None]
+    body, header_length = encode_response(response, binary=True)
+    assert header_length is not None
+    raw = np.frombuffer(body[header_length:], dtype="<f4")
+    assert raw[0] == 0.25 and np.isnan(raw[1]) and raw[2] == np.inf and raw[3] == -np.inf
+
+
+def test_a_cloud_answer_with_non_finite_outputs_still_decodes():
+    body = (
+        b'{"model_name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [2], "data": [NaN, 1]}]}'
+    )
+    data = decode_response(body).outputs[0].data
+    assert np.isnan(data[0]) and data[1] == 1.0
+
+
+def test_an_error_message_quoting_a_huge_field_is_cut_short():
+    body = json.dumps({"inputs": [{"name": "a", "datatype": "X" * 100_000, "shape": [1], "data": [1]}]})
+    with pytest.raises(BadRequest) as caught:
+        decode_request(body.encode())
+    assert len(caught.value.message) == 1003 and caught.value.message.endswith("...")
