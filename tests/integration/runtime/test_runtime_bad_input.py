@@ -81,6 +81,22 @@ case("binary size vs shape", "clf", body, 400, "needs 16", headers)
 body, headers = _binary(good_bin, b"\x00" * 16, declared=5)
 case("header length mid-json", "clf", body, 400, "malformed JSON", headers)
 case("oversized body", "clf", b"{" + b" " * 300_000 + b"}", 413, "limit")
+# Hostile shapes of input that once answered 500 (issue 19).
+case(
+    "json nested 50k deep", "clf", b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, "nested deeper"
+)
+case("33 dimensions", "clf", x_input(shape=[1] * 33, data=[0.5]), 400, "at most 32")
+case(
+    "NaN token",
+    "clf",
+    json.dumps(x_input(data=[0.1, float("nan"), 0.3, 0.4])).encode(),
+    400,
+    "NaN is not JSON",
+)
+case("overflowing literal", "clf", json.dumps(GOOD).replace("0.4", "1e999").encode(), 400, "NaN or Inf")
+case("nan as a string", "clf", x_input(data=[0.1, "nan", 0.3, 0.4]), 400, "not FP32")
+body, headers = _binary(good_bin, np.array([0.1, np.inf, 0.3, 0.4], dtype="<f4").tobytes())
+case("binary Inf", "clf", body, 400, "NaN or Inf", headers)
 
 
 @pytest.mark.parametrize(
