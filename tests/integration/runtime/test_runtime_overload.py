@@ -4,7 +4,10 @@ bodies decoded off the event loop, against a real server. None of it may count a
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import threading
 import time
 
 import httpx
@@ -109,3 +112,35 @@ def test_large_json_and_binary_bodies_decoded_off_the_loop_give_the_same_answer(
     reply = httpx.post(f"{offloaded.url}/v2/models/clf/infer", content=bad, timeout=60)
     assert reply.status_code == 400  # an error raised in the worker process comes back as the same 400
     assert "input 'x'" in reply.json()["error"]
+
+
+def test_a_body_that_takes_the_decode_worker_down_answers_413_and_the_next_one_decodes(serve, classifier):
+    server = serve(classifier[0], decode_offload_bytes=1024, max_body_bytes=64 << 20)
+    rows = 400_000  # ~35 MiB of JSON: the worker spends about a second on it
+    x = np.random.default_rng(3).standard_normal((rows, FEATURES)).astype(np.float32)
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [rows, FEATURES], "datatype": "FP32", "data": x.tolist()}]}
+    ).encode()
+    intake = server.server.rest.intake
+    replies: list[httpx.Response] = []
+    sender = threading.Thread(
+        target=lambda: replies.append(
+            httpx.post(f"{server.url}/v2/models/clf/infer", content=body, timeout=120)
+        )
+    )
+    sender.start()
+    _wait_for(lambda: intake._pool is not None and bool(intake._pool._processes), timeout=60)
+    time.sleep(0.3)
+    # What the kernel's OOM killer does to the worker on a body too big for the pod's memory.
+    for pid in list(intake._pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    sender.join(120)
+    assert replies[0].status_code == 413
+    assert "took the decoder down" in replies[0].json()["error"]
+    small = {
+        "inputs": [{"name": "x", "shape": [300, FEATURES], "datatype": "FP32", "data": x[:300].tolist()}]
+    }
+    assert httpx.post(f"{server.url}/v2/models/clf/infer", json=small, timeout=60).status_code == 200
+    samples = metric_samples(server.url)
+    assert sample(samples, "kiri_rejected_requests_total", model="clf", code="413") == 1
+    assert sample(samples, "kiri_requests_total", model="clf", code="200") == 1
