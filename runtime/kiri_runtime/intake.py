@@ -50,6 +50,27 @@ DEFAULT_BODY_TIMEOUT_S = 60.0
 BODY_READ_SECONDS = web.RequestKey("kiri_body_read_s", float)
 
 
+class _Short(Exception):
+    def __init__(self, received: int) -> None:
+        self.received = received
+
+
+async def _read_exactly(request: web.Request, length: int) -> bytearray:
+    """Into one buffer of the declared size: aiohttp's `readexactly` joins its chunks at the end, which holds
+    the body twice for a moment (measured in bench/runtime/bench_body_flood.py)."""
+    buf = bytearray(length)
+    view = memoryview(buf)
+    pos = 0
+    while pos < length:
+        chunk = await request.content.readany()
+        if not chunk:
+            raise _Short(pos)
+        n = min(len(chunk), length - pos)
+        view[pos : pos + n] = chunk[:n]
+        pos += n
+    return buf
+
+
 class RequestTimeout(InferenceError):
     status = 408
 
@@ -100,7 +121,7 @@ class Intake:
         self._pool: ProcessPoolExecutor | None = None
 
     @contextlib.asynccontextmanager
-    async def body(self, request: web.Request) -> AsyncIterator[bytes]:
+    async def body(self, request: web.Request) -> AsyncIterator[bytes | bytearray]:
         """The whole body, held against the budget until the block ends."""
         held = 0
         start = time.perf_counter()
@@ -118,7 +139,7 @@ class Intake:
         finally:
             self.budget.release(held)
 
-    async def _read(self, request: web.Request) -> tuple[bytes, int]:
+    async def _read(self, request: web.Request) -> tuple[bytes | bytearray, int]:
         limit = self.config.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
@@ -128,7 +149,7 @@ class Intake:
             if length is not None and not request.headers.get("Content-Encoding"):
                 self.budget.acquire(length)
                 held = length
-                return await request.content.readexactly(length), held
+                return await _read_exactly(request, length), held
             # Chunked or compressed (aiohttp inflates it): the size is known only as it comes, so reserve
             # chunk by chunk and stop at the limit, which then applies to the inflated bytes.
             chunks: list[bytes] = []
@@ -139,9 +160,9 @@ class Intake:
                 held += len(chunk)
                 chunks.append(chunk)
             return b"".join(chunks), held
-        except asyncio.IncompleteReadError as exc:
+        except _Short as exc:
             self.budget.release(held)
-            raise BadRequest(f"the body ended after {len(exc.partial)} of {length} bytes") from None
+            raise BadRequest(f"the body ended after {exc.received} of {length} bytes") from None
         except (HttpProcessingError, ConnectionError) as exc:
             # The client hung up mid-body or sent a broken chunked/compressed stream: its doing, not ours.
             self.budget.release(held)
@@ -150,7 +171,7 @@ class Intake:
             self.budget.release(held)
             raise
 
-    async def decode(self, body: bytes, header_length: int | None) -> InferenceRequest:
+    async def decode(self, body: bytes | bytearray, header_length: int | None) -> InferenceRequest:
         threshold = self.config.decode_offload_bytes
         json_part = len(body) if header_length is None else max(0, min(header_length, len(body)))
         if json_part >= threshold:
@@ -159,7 +180,9 @@ class Intake:
             return await asyncio.to_thread(decode_request, body, header_length)
         return decode_request(body, header_length)
 
-    async def _decode_in_process(self, body: bytes, header_length: int | None) -> InferenceRequest:
+    async def _decode_in_process(
+        self, body: bytes | bytearray, header_length: int | None
+    ) -> InferenceRequest:
         if self._pool is None:
             # forkserver, not fork: the server process has ONNX Runtime and executor threads to not copy.
             context = multiprocessing.get_context("forkserver")

@@ -124,7 +124,7 @@ def _refuse_constant(token: str) -> Any:
 
 
 def _parse_header(
-    body: bytes, header_length: int | None, strict: bool = True
+    body: bytes | bytearray, header_length: int | None, strict: bool = True
 ) -> tuple[dict[str, Any], memoryview]:
     if header_length is None:
         header_bytes, rest = body, memoryview(b"")
@@ -313,7 +313,7 @@ def _decode_tensors(
     return tensors, offset
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferenceRequest:
+def decode_request(body: bytes | bytearray, header_length: int | None = None) -> InferenceRequest:
     header, rest = _parse_header(body, header_length)
     inputs, used = _decode_tensors(header.get("inputs"), rest, 0, "inputs")
     if used != len(rest):
