@@ -37,10 +37,16 @@ def _positive(raw: str) -> int:
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub = subparsers.add_parser(
         "serve",
-        help="serve an ONNX model over the Open Inference Protocol v2",
-        description="Fetch, verify and serve an ONNX model over OIP v2 REST, with metrics and cloud fallback.",
+        help="serve an ONNX model over the Open Inference Protocol v2, or a language model (OpenAI API)",
+        description="Fetch, verify and serve an ONNX model over OIP v2 REST, with metrics and cloud fallback; "
+        "a language model (onnxruntime-genai) also over the OpenAI API and KServe's generate extension.",
     )
-    sub.add_argument("--model-uri", required=True, help="file://, http(s):// or s3:// URI of the .onnx file")
+    sub.add_argument(
+        "--model-uri",
+        required=True,
+        help="file://, http(s):// or s3:// URI of the .onnx file or of a packed language model (.tar); "
+        "or a local onnxruntime-genai model directory",
+    )
     sub.add_argument("--name", required=True, help="model name in the /v2/models/{name} routes")
     sub.add_argument(
         "--sha256", type=_sha256, help="expected digest; the model is not served unless it matches"
@@ -69,6 +75,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub.add_argument("--batching", action="store_true", help="adaptive micro-batching (dynamic batch models)")
     sub.add_argument("--max-batch-size", type=_positive, default=32)
     sub.add_argument("--max-wait-ms", type=float, default=2.0)
+    sub.add_argument(
+        "--max-num-seqs", type=_positive, default=16, help="language models: requests decoded at once"
+    )
+    sub.add_argument(
+        "--lm-batching",
+        choices=["cohort", "none"],
+        default="cohort",
+        help="language models: batch arrivals with equal sampling options into one generator (default), or not",
+    )
     sub.add_argument("--max-body-bytes", type=_positive, default=64 * 1024 * 1024)
     sub.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     test_aids = sub.add_argument_group("test aids (never set these in production)")
@@ -112,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         model_version=args.model_version,
         variant=args.variant,
         shutdown_grace_s=args.shutdown_grace,
+        max_num_seqs=args.max_num_seqs,
+        lm_batching=args.lm_batching,
     )
     asyncio.run(serve(config))
     return 0
