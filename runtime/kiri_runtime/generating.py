@@ -1,19 +1,19 @@
-"""The transport-free core of language-model serving: the onnxruntime-genai model, its tokenizer, and the decode
-scheduler that many concurrent requests share.
+"""The transport-free core of language-model serving: the decode scheduler that many concurrent requests share
+over one `generative_model.GenerativeModel`.
 
-`GenerativeModel` wraps an onnxruntime-genai model directory (genai_config.json, model.onnx, tokenizer files):
-prompt rendering (the tokenizer's chat template, or `FALLBACK_TEMPLATE` when it has none), tokenization and the
-context length. `Scheduler` owns one decode thread; `submit` returns a `GenerationHandle` that the HTTP adapter
+`Scheduler` owns one decode thread; `submit` returns a `GenerationHandle` that the HTTP adapter
 reads `Delta`s from and can `cancel` (client gone: its admission slot is freed at once, its row is dropped at
 the next step).
 
 Scheduling (measured in bench/runtime/bench_generate.py, argued in docs/architecture.md): onnxruntime-genai 0.18
-batches a `Generator` only when all its prompts are appended at once (left-padded), and then samples every row
-with the same search options; a row cannot join later. So requests are grouped into *cohorts*: those waiting
-when a decode step begins and sharing their sampling options become one batched generator, and the decode
-thread steps every live cohort once per iteration (iteration-level scheduling across generators). A request
-that arrives mid-generation starts at the next iteration instead of waiting for the others to finish. A request
-with a `seed` decodes alone, so its tokens do not depend on who else is being served.
+batches a `Generator` only when all its prompts are appended at once, and then samples every row with the same
+search options; a row cannot join later. Left-padding prompts of different lengths into one batch gave wrong
+logits on the padded rows (off by up to 10 on the tiny LLaMA, CPU GroupQueryAttention), so only prompts of equal
+length share a batch. Requests are grouped into *cohorts*: those waiting when a decode iteration begins with the
+same prompt length and sampling options become one batched generator, and the decode thread steps every live
+cohort once per iteration (iteration-level scheduling across generators). A request that arrives
+mid-generation starts at the next iteration instead of waiting for the others to finish. A request with a
+`seed` decodes alone, so its tokens do not depend on who else is being served.
 
 Sampling is onnxruntime-genai's own (greedy argmax, or temperature / top-k / top-p with its seeded RNG), so a
 greedy answer is token for token what a plain onnxruntime-genai greedy loop gives. Stop tokens, stop strings,
@@ -24,59 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from kiri_runtime.dataplane import TensorSpec
-from kiri_runtime.errors import BadRequest, InferenceError, Overloaded
+from kiri_runtime.errors import InferenceError, Overloaded
+from kiri_runtime.generative_model import GenerativeModel, SamplingParams, first_line
 from kiri_runtime.metrics import RuntimeMetrics
 
 log = logging.getLogger(__name__)
-
-GENAI_CONFIG = "genai_config.json"
-PLATFORM = "onnxruntime_genai"
-# Used when the tokenizer ships no chat template: one "role: content" line per message, then "assistant:".
-FALLBACK_TEMPLATE = "{role}: {content}\n"
-FALLBACK_GENERATION_PROMPT = "assistant:"
-MAX_TOP_LOGPROBS = 20
-
-
-def is_generative_dir(path: Path) -> bool:
-    return path.is_dir() and (path / GENAI_CONFIG).is_file()
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's decoding options, already validated (`openai_api` checks ranges and says which is wrong)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k cut
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    logprobs: int | None = None  # None: none; n: the chosen token's log-probability and the n most likely
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
-
-    def cohort_key(self) -> tuple[Any, ...] | None:
-        """Requests with equal keys may share one batched generator; None: decode alone (seeded)."""
-        if self.greedy:
-            return ("greedy",)
-        if self.seed is not None:
-            return None
-        return ("sample", self.temperature, self.top_p, self.top_k)
 
 
 @dataclass(frozen=True)
@@ -107,105 +68,6 @@ class GenerationFailed(InferenceError):
     status = 500
 
 
-class GenerativeModel:
-    """An onnxruntime-genai model directory, loaded: model, tokenizer, chat template, context length."""
-
-    platform = PLATFORM
-    generative = True
-    # What /v2/models/{name} reports: KServe's generate shape (text in, text out), not a tensor signature.
-    inputs = [TensorSpec("text_input", "BYTES", (1,))]
-    outputs = [TensorSpec("text_output", "BYTES", (1,))]
-
-    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
-        import onnxruntime_genai as og
-
-        self.dir = model_dir
-        cfg = og.Config(str(model_dir))
-        if threads:
-            session = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
-            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
-        self.og = og
-        self.model = og.Model(cfg)
-        self.tokenizer = og.Tokenizer(self.model)
-        genai = json.loads((model_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]
-        self.context_length = int(genai["context_length"])
-        self.vocab_size = int(genai["vocab_size"])
-        self.eos_token_ids = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
-        pad = genai.get("pad_token_id")
-        self.pad_token_id: int | None = (
-            int(pad[0] if isinstance(pad, list) else pad) if pad is not None else None
-        )
-        self.has_chat_template = _has_chat_template(model_dir)
-        self._vocab_text: dict[int, str] = {}
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        if not self.has_chat_template:
-            lines = [FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages]
-            return "".join(lines) + FALLBACK_GENERATION_PROMPT
-        try:
-            return str(
-                self.tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
-            )
-        except RuntimeError as e:
-            raise BadRequest(
-                f"the model's chat template cannot render these messages: {_first_line(e)}"
-            ) from None
-
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(text)]
-
-    def token_text(self, token_id: int) -> str:
-        text = self._vocab_text.get(token_id)
-        if text is None:
-            text = str(self.tokenizer.decode(np.array([token_id], dtype=np.int32)))
-            self._vocab_text[token_id] = text
-        return text
-
-    def generator(self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_length: int) -> Any:
-        """A generator over `prompts` (left-padded to one length when there are several), prefilled."""
-        og = self.og
-        gp = og.GeneratorParams(self.model)
-        options: dict[str, Any] = {"max_length": max_length, "do_sample": not params.greedy}
-        if len(prompts) > 1:
-            options["batch_size"] = len(prompts)
-        if not params.greedy:
-            options["temperature"] = params.temperature
-            options["top_p"] = params.top_p
-            options["top_k"] = params.top_k or self.vocab_size
-            if params.seed is not None:
-                options["random_seed"] = params.seed
-        gp.set_search_options(**options)
-        generator = og.Generator(self.model, gp)
-        if len(prompts) == 1:
-            generator.append_tokens(np.asarray(prompts[0], dtype=np.int32))
-        else:
-            assert self.pad_token_id is not None
-            width = max(len(p) for p in prompts)
-            batch = np.full((len(prompts), width), self.pad_token_id, dtype=np.int32)
-            for row, prompt in enumerate(prompts):
-                batch[row, width - len(prompt) :] = prompt
-            generator.append_tokens(batch)
-        return generator
-
-    def predict(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise BadRequest("a language model answers /generate and /v1/chat/completions, not tensor requests")
-
-
-def _has_chat_template(model_dir: Path) -> bool:
-    if (model_dir / "chat_template.jinja").is_file():
-        return True
-    try:
-        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and bool(config.get("chat_template"))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:300]
-
-
 # --------------------------------------------------------------------------------------------- handles
 
 
@@ -220,6 +82,7 @@ class GenerationHandle:
         self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.cancelled = False
         self.finished = False
+        self.checked_at = time.monotonic()  # when the adapter last checked that the client is still there
         self._release = release
 
     def _close(self) -> None:
@@ -287,13 +150,15 @@ class Scheduler:
         max_num_seqs: int = 16,
         queue_limit: int = 0,
         batching: bool = True,
+        step_delay_s: float = 0.0,
     ) -> None:
         self.model = model
         self.name = name
         self.metrics = metrics
         self.max_num_seqs = max(1, max_num_seqs)
         self.queue_limit = queue_limit
-        self.batching = batching and model.pad_token_id is not None
+        self.batching = batching
+        self.step_delay_s = step_delay_s  # test aid (`--delay-ms`): slows every decode iteration
         self.in_flight = 0  # admitted and not yet finished or cancelled (event-loop side)
         self._waiting: collections.deque[_Row] = collections.deque()
         self._cohorts: list[_Cohort] = []
@@ -355,6 +220,8 @@ class Scheduler:
         posts: list[tuple[GenerationHandle, Delta]] = []
         for cohort_rows in self._group(arrivals):
             self._start(cohort_rows, posts)
+        if self.step_delay_s and self._cohorts:
+            time.sleep(self.step_delay_s)
         for cohort in self._cohorts:
             self._step(cohort, posts)
         self._cohorts = [c for c in self._cohorts if c.live]
@@ -364,25 +231,20 @@ class Scheduler:
             loop.call_soon_threadsafe(_deliver_all, posts)
 
     def _group(self, arrivals: list[_Row]) -> list[list[_Row]]:
-        """Arrivals with equal cohort keys batched together, as long as padded prompt + max_tokens fits."""
+        """Arrivals with equal prompt lengths and sampling options batched together (no padding: see above)."""
         if not self.batching:
             return [[r] for r in arrivals]
         groups: list[list[_Row]] = []
-        open_by_key: dict[tuple[Any, ...], list[_Row]] = {}
-        ctx = self.model.context_length
+        by_key: dict[tuple[Any, ...], list[_Row]] = {}
         for row in arrivals:
             key = row.params.cohort_key()
-            group = open_by_key.get(key) if key is not None else None
-            if group is not None:
-                width = max(len(row.prompt), *(len(r.prompt) for r in group))
-                longest = max(row.params.max_tokens, *(r.params.max_tokens for r in group))
-                if width + longest <= ctx:
-                    group.append(row)
-                    continue
-            group = [row]
-            groups.append(group)
-            if key is not None:
-                open_by_key[key] = group
+            if key is None:
+                groups.append([row])
+                continue
+            group = by_key.setdefault((*key, len(row.prompt)), [])
+            if not group:
+                groups.append(group)
+            group.append(row)
         return groups
 
     def _start(self, rows: list[_Row], posts: list[tuple[GenerationHandle, Delta]]) -> None:
@@ -395,7 +257,7 @@ class Scheduler:
         try:
             generator = self.model.generator([r.prompt for r in live], live[0].params, max_length)
         except RuntimeError as e:
-            error = GenerationFailed(f"onnxruntime-genai failed to start generation: {_first_line(e)}")
+            error = GenerationFailed(f"onnxruntime-genai failed to start generation: {first_line(e)}")
             for r in live:
                 r.done = True
                 posts.append((r.handle, Delta(error=error)))

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kiri_runtime.errors import InferenceError
-from kiri_runtime.generating import MAX_TOP_LOGPROBS, Delta, SamplingParams, TokenLogprob
+from kiri_runtime.generating import Delta, TokenLogprob
+from kiri_runtime.generative_model import MAX_TOP_LOGPROBS, SamplingParams
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_STOP_STRINGS = 16

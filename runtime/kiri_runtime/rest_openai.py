@@ -24,7 +24,7 @@ from aiohttp import web
 
 from kiri_runtime.dataplane import DataPlane
 from kiri_runtime.errors import InferenceError, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge
-from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle, GenerativeModel, Scheduler
+from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle, Scheduler
 from kiri_runtime.generation_api import (
     ApiError,
     Job,
@@ -47,6 +47,7 @@ from kiri_runtime.generation_api import (
     resolve_max_tokens,
     usage_chunk,
 )
+from kiri_runtime.generative_model import GenerativeModel
 from kiri_runtime.metrics import UNKNOWN_MODEL
 
 log = logging.getLogger(__name__)
@@ -346,22 +347,27 @@ def _sse(body: dict[str, Any]) -> bytes:
 
 
 def _client_gone(request: web.Request) -> bool:
+    """aiohttp keeps reading the socket while a handler runs: a closed connection drops the transport."""
     transport = request.transport
     return transport is None or transport.is_closing()
 
 
 async def _drain(request: web.Request, handle: GenerationHandle) -> list[Delta] | None:
-    """Every delta queued now (waiting for at least one), or None when the client went away (request cancelled)."""
+    """Every delta queued now (waiting for at least one), or None when the client went away (request cancelled).
+    The connection is checked at most every DISCONNECT_POLL_S, whether tokens are flowing or not."""
     while True:
         first = await handle.next(DISCONNECT_POLL_S)
+        clock = time.monotonic()
+        if clock - handle.checked_at >= DISCONNECT_POLL_S:
+            handle.checked_at = clock
+            if _client_gone(request):
+                handle.cancel()
+                return None
         if first is not None:
             deltas = [first]
             while not handle.queue.empty():
                 deltas.append(handle.queue.get_nowait())
             return deltas
-        if _client_gone(request):
-            handle.cancel()
-            return None
 
 
 async def _collect(request: web.Request, handle: GenerationHandle) -> tuple[list[Delta], int]:

@@ -33,7 +33,8 @@ from aiohttp import web
 from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
 from kiri_runtime.fallback import Cascade, CloudClient
 from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, RetryPolicy
-from kiri_runtime.generating import GenerativeModel, Scheduler, is_generative_dir
+from kiri_runtime.generating import Scheduler
+from kiri_runtime.generative_model import GenerativeModel, is_generative_dir
 from kiri_runtime.metrics import RuntimeMetrics
 from kiri_runtime.rest import DEFAULT_MAX_BODY_BYTES, RestServer
 
@@ -140,6 +141,7 @@ class Server:
                 max_num_seqs=cfg.max_num_seqs,
                 queue_limit=cfg.queue_limit,
                 batching=cfg.lm_batching == "cohort",
+                step_delay_s=cfg.delay_ms / 1000.0,
             )
         self.dataplane.load(cfg.name, model, sha256=sha)
         if sha:

@@ -91,7 +91,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--fail-ratio", type=_ratio, default=0.0, help="share of infer requests answered 500"
     )
     test_aids.add_argument("--fail-seed", type=int, default=0, help="seed of the --fail-ratio draws")
-    test_aids.add_argument("--delay-ms", type=float, default=0.0, help="added latency per infer request")
+    test_aids.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="added latency per infer request (language models: per decode step)",
+    )
     sub.add_argument("--log-level", default="INFO")
     sub.set_defaults(handler=run)
 
