@@ -118,6 +118,8 @@ class _Row:
     prompt: list[int]
     params: SamplingParams
     submitted: float
+    streaming: bool = True
+    merged: Delta | None = None  # a non-streaming request's deltas so far
     stream: Any = None  # the tokenizer's incremental detokenizer
     pending: str = ""  # decoded text held back: it may be the start of a stop string
     generated: int = 0
@@ -159,6 +161,17 @@ class Scheduler:
         self.queue_limit = queue_limit
         self.batching = batching
         self.step_delay_s = step_delay_s  # test aid (`--delay-ms`): slows every decode iteration
+        # Children looked up once: `labels()` costs microseconds, paid per token it would match a decode step.
+        m = metrics
+        self._ttft, self._itl = m.lm_ttft.labels(name), m.lm_itl.labels(name)
+        self._e2e, self._queue_time = m.lm_e2e.labels(name), m.lm_queue_time.labels(name)
+        self._prompt_tokens, self._generation_tokens = (
+            m.lm_prompt_tokens.labels(name),
+            m.lm_generation_tokens.labels(name),
+        )
+        self._running, self._waiting_gauge = m.lm_running.labels(name), m.lm_waiting.labels(name)
+        self._kv_usage = m.lm_kv_usage.labels(name)
+        self._gauges: tuple[int, int, int] | None = None
         self.in_flight = 0  # admitted and not yet finished or cancelled (event-loop side)
         self._waiting: collections.deque[_Row] = collections.deque()
         self._cohorts: list[_Cohort] = []
@@ -169,13 +182,15 @@ class Scheduler:
 
     # ------------------------------------------------------------ event-loop side
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> GenerationHandle:
-        """Admit a request (Overloaded past the queue limit); raises before any work is queued."""
+    def submit(self, prompt: list[int], params: SamplingParams, stream: bool = True) -> GenerationHandle:
+        """Admit a request (Overloaded past the queue limit); raises before any work is queued. With `stream`
+        False the request gets one merged `Delta` at the end instead of one per step: a thread hop per token
+        costs more than a decode step of a small model."""
         if self.queue_limit and self.in_flight >= self.queue_limit:
             raise Overloaded(f"{self.in_flight} requests in flight (limit {self.queue_limit}); retry later")
         self.in_flight += 1
         handle = GenerationHandle(asyncio.get_running_loop(), len(prompt), self._release)
-        row = _Row(handle, prompt, params, time.perf_counter())
+        row = _Row(handle, prompt, params, time.perf_counter(), stream)
         with self._wake:
             self._waiting.append(row)
             self._wake.notify()
@@ -265,8 +280,8 @@ class Scheduler:
         for r in live:
             r.started = now
             r.stream = self.model.tokenizer.create_stream()
-            self.metrics.lm_queue_time.labels(self.name).observe(now - r.submitted)
-            self.metrics.lm_prompt_tokens.labels(self.name).inc(len(r.prompt))
+            self._queue_time.observe(now - r.submitted)
+            self._prompt_tokens.inc(len(r.prompt))
         wants_logits = any(r.params.logprobs is not None for r in live)
         self._cohorts.append(_Cohort(generator, live, max_length, wants_logits))
 
@@ -285,23 +300,29 @@ class Scheduler:
         tokens = g.get_next_tokens()
         now = time.perf_counter()
         exhausted = g.is_done()
+        generated = 0
         for i, r in enumerate(cohort.rows):
             if r.done:
                 continue
+            generated += 1
             delta = self._advance(r, int(tokens[i]), None if logits is None else logits[i], now)
             if exhausted and delta.finish_reason is None:
                 self._finish(r, delta, "length", "length", now)
+            if not r.streaming:
+                delta = _merge(r.merged, delta)
+                if delta.finish_reason is None:
+                    r.merged = delta
+                    continue
             posts.append((r.handle, delta))
+        self._generation_tokens.inc(generated)
 
     def _advance(self, r: _Row, token: int, logits: np.ndarray | None, now: float) -> Delta:
-        name = self.name
         if r.generated == 0:
-            self.metrics.lm_ttft.labels(name).observe(now - r.submitted)
+            self._ttft.observe(now - r.submitted)
         else:
-            self.metrics.lm_itl.labels(name).observe(now - r.last_token)
+            self._itl.observe(now - r.last_token)
         r.last_token = now
         r.generated += 1
-        self.metrics.lm_generation_tokens.labels(name).inc()
         delta = Delta()
         if r.params.logprobs is not None and logits is not None:
             delta.logprobs.append(self._logprob(token, logits, r.params.logprobs))
@@ -326,7 +347,7 @@ class Scheduler:
         r.done = True
         delta.finish_reason, delta.stop_reason = finish, why
         delta.prompt_tokens, delta.completion_tokens = len(r.prompt), r.generated
-        self.metrics.lm_e2e.labels(self.name).observe(now - r.submitted)
+        self._e2e.observe(now - r.submitted)
         self.metrics.lm_finished.labels(self.name, finish).inc()
         return delta
 
@@ -341,13 +362,16 @@ class Scheduler:
         return TokenLogprob(token, self.model.token_text(token), float(logp[token]), top)
 
     def _publish_gauges(self) -> None:
-        m, name = self.metrics, self.name
-        m.lm_running.labels(name).set(sum(1 for c in self._cohorts for r in c.rows if not r.done))
-        m.lm_waiting.labels(name).set(len(self._waiting))
+        running = sum(1 for c in self._cohorts for r in c.rows if not r.done)
         # Each generator holds max_length KV positions per row (onnxruntime-genai shares one buffer for past
         # and present), so usage is the positions held over what max_num_seqs full contexts would need.
         held = sum(c.max_length * len(c.rows) for c in self._cohorts)
-        m.lm_kv_usage.labels(name).set(held / (self.max_num_seqs * self.model.context_length))
+        gauges = (running, len(self._waiting), held)
+        if gauges != self._gauges:  # set only on change: most iterations change nothing
+            self._gauges = gauges
+            self._running.set(running)
+            self._waiting_gauge.set(len(self._waiting))
+            self._kv_usage.set(held / (self.max_num_seqs * self.model.context_length))
 
     def _fail_all(self) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
@@ -360,6 +384,17 @@ class Scheduler:
         self._cohorts = []
         if posts:
             posts[0][0].loop.call_soon_threadsafe(_deliver_all, posts)
+
+
+def _merge(before: Delta | None, after: Delta) -> Delta:
+    if before is None:
+        return after
+    before.text += after.text
+    before.token_ids += after.token_ids
+    before.logprobs += after.logprobs
+    before.finish_reason, before.stop_reason = after.finish_reason, after.stop_reason
+    before.prompt_tokens, before.completion_tokens = after.prompt_tokens, after.completion_tokens
+    return before
 
 
 def _deliver_all(posts: list[tuple[GenerationHandle, Delta]]) -> None:

@@ -109,12 +109,12 @@ class GenerationRoutes:
             raise PayloadTooLarge(f"body is over the {self.max_body_bytes}-byte limit") from None
         return parse_body(raw)
 
-    def _submit(self, job: Job, prompt_text: str) -> GenerationHandle:
+    def _submit(self, job: Job, prompt_text: str, stream: bool) -> GenerationHandle:
         scheduler = self._scheduler(job.model)
         model: GenerativeModel = scheduler.model
         ids = model.encode(prompt_text)
         max_tokens = resolve_max_tokens(job, len(ids), model.context_length)
-        return scheduler.submit(ids, job.params(max_tokens))
+        return scheduler.submit(ids, job.params(max_tokens), stream)
 
     def _count(self, label: str, status: int, start: float) -> None:
         self.metrics.requests.labels(label, str(status)).inc()
@@ -179,7 +179,7 @@ class GenerationRoutes:
                 prompt = scheduler.model.render_chat(job.messages)
             else:
                 prompt = job.prompt or ""
-            handle = self._submit(job, prompt)
+            handle = self._submit(job, prompt, job.stream)
         except InferenceError as exc:
             response = self._openai_error(exc)
             self._count(self._label(name), response.status, start)
@@ -276,7 +276,7 @@ class GenerationRoutes:
                 self.dataplane.model_metadata(name, version)  # ModelNotFound for a version not served
             data = await self._body(request)
             job, details = parse_generate(name, data)
-            handle = self._submit(job, job.prompt or "")
+            handle = self._submit(job, job.prompt or "", stream)
         except InferenceError as exc:
             response = self._kserve_error(exc)
             self._count(label, response.status, start)
