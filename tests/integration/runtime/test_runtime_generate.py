@@ -261,7 +261,7 @@ def test_v1_models_lists_the_language_model_with_its_context(server: ThreadedSer
 
 
 CHAT = "/v1/chat/completions"
-GOOD_CHAT: dict[str, Any] = {"model": "tiny", "messages": QUESTION, "max_tokens": 4}
+GOOD_CHAT: dict[str, Any] = {"model": "tiny", "messages": QUESTION, "max_tokens": 4, "temperature": 0}
 BAD: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
     ("malformed json", CHAT, b'{"model": "tiny", ', 400, None),
     (
