@@ -250,6 +250,10 @@ class DataPlane:
         entry = self.check_admission(name, version)
         model = entry.model
         assert model is not None
+        if getattr(model, "generative", False):
+            raise BadRequest(
+                f"model {name!r} is a language model: use /v2/models/{name}/generate or /v1/chat/completions"
+            )
         if self.fail_ratio and self._rng.random() < self.fail_ratio:
             raise InjectedFault("injected failure (--fail-ratio)")
         feeds = self._feeds(model, request)

@@ -24,6 +24,26 @@ A 4xx (malformed body, unknown model, 413, 429 over the body budget) lands only 
 `kiri_rejected_requests_total`, never in `kiri_requests_total` nor in the duration histogram: a client that
 sends junk can neither raise a revision's error ratio nor dilute it, and a slow upload is not model latency.
 
+Language models (`kiri serve` on an onnxruntime-genai model) add these, named after vLLM's (`vllm:` -> `kiri:`,
+label `model` instead of `model_name`); docs/operations.md has the mapping:
+
+| name | type | labels | meaning |
+|---|---|---|---|
+| `kiri:time_to_first_token_seconds` | histogram | model | request admitted to its first generated token |
+| `kiri:inter_token_latency_seconds` | histogram | model | between two tokens of one request |
+| `kiri:e2e_request_latency_seconds` | histogram | model | request admitted to its last token |
+| `kiri:request_queue_time_seconds` | histogram | model | admitted to its prefill starting |
+| `kiri:prompt_tokens_total` | counter | model | prompt tokens prefilled |
+| `kiri:generation_tokens_total` | counter | model | tokens generated |
+| `kiri:request_success_total` | counter | model, finished_reason | finished requests: `stop`, `length`, `abort` (client gone) |
+| `kiri:num_requests_running` | gauge | model | requests in a decode batch |
+| `kiri:num_requests_waiting` | gauge | model | requests admitted and not yet prefilled |
+| `kiri:kv_cache_usage_perc` | gauge | model | KV positions allocated over `max_num_seqs` full contexts (0..1) |
+
+Generation requests also count where infer requests do (`kiri_requests_total{model, code}` and
+`kiri_request_duration_seconds`, for a stream until its last event; a 4xx, or 499 for a client that went away, in
+`kiri_rejected_requests_total`), so the rollout gates read language models the same way.
+
 Example gates: error ratio `sum(rate(kiri_requests_total{code=~"5.."}[1m])) / sum(rate(kiri_requests_total[1m]))`;
 p99 latency `histogram_quantile(0.99, sum by (le) (rate(kiri_request_duration_seconds_bucket[1m])))`;
 fallback share `sum(rate(kiri_fallback_total[5m])) / sum(rate(kiri_requests_total[5m]))`.
@@ -39,6 +59,24 @@ UNKNOWN_MODEL = "_unknown"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKEN_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    1.0,
+    2.5,
+)
+_REQUEST_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0)
 
 
 class RuntimeMetrics:
@@ -96,6 +134,52 @@ class RuntimeMetrics:
             "kiri_artifact_fetch_bytes", "Bytes downloaded into the cache.", ["scheme"], registry=r
         )
         self.fetches = Counter("kiri_artifact_fetches", "Artifact fetches by result.", ["result"], registry=r)
+        # Language models (vLLM's names with a kiri: prefix).
+        self.lm_ttft = Histogram(
+            "kiri:time_to_first_token_seconds",
+            "Time to first token.",
+            ["model"],
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lm_itl = Histogram(
+            "kiri:inter_token_latency_seconds",
+            "Time between two tokens of a request.",
+            ["model"],
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lm_e2e = Histogram(
+            "kiri:e2e_request_latency_seconds",
+            "Request latency, admitted to last token.",
+            ["model"],
+            buckets=_REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lm_queue_time = Histogram(
+            "kiri:request_queue_time_seconds",
+            "Time waiting before prefill.",
+            ["model"],
+            buckets=_REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.lm_prompt_tokens = Counter(
+            "kiri:prompt_tokens", "Prompt tokens prefilled.", ["model"], registry=r
+        )
+        self.lm_generation_tokens = Counter(
+            "kiri:generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
+        self.lm_finished = Counter(
+            "kiri:request_success",
+            "Finished requests by reason.",
+            ["model", "finished_reason"],
+            registry=r,
+        )
+        self.lm_running = Gauge("kiri:num_requests_running", "Requests decoding.", ["model"], registry=r)
+        self.lm_waiting = Gauge("kiri:num_requests_waiting", "Requests waiting.", ["model"], registry=r)
+        self.lm_kv_usage = Gauge(
+            "kiri:kv_cache_usage_perc", "KV cache positions allocated (0..1).", ["model"], registry=r
+        )
 
     def observe_infer(self, model: str, status: int, seconds: float) -> None:
         """Counts one answered infer request where the gates expect it (see the module docstring)."""

@@ -1,4 +1,5 @@
-"""The HTTP adapter (aiohttp): OIP v2 REST routes and `/metrics` over the transport-free dataplane.
+"""The HTTP adapter (aiohttp): OIP v2 REST routes and `/metrics` over the transport-free dataplane; the
+language-model routes (OpenAI, KServe generate) live in `rest_openai` and are added to the same app.
 
 Why aiohttp and not starlette+uvicorn is measured in bench/runtime/bench_http_stack.py and argued in
 docs/architecture.md ("Runtime HTTP stack"). Errors are OIP error JSON `{"error": "..."}` with a 4xx
@@ -21,6 +22,7 @@ from kiri_runtime.errors import BadRequest, InferenceError, ModelNotFound
 from kiri_runtime.fallback import Cascade
 from kiri_runtime.intake import BODY_READ_SECONDS, DEFAULT_MAX_BODY_BYTES, Intake, IntakeConfig
 from kiri_runtime.metrics import UNKNOWN_MODEL
+from kiri_runtime.rest_openai import GenerationRoutes
 from kiri_runtime.tensors import HEADER_LENGTH, binary_outputs, encode_response
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class RestServer:
             intake = IntakeConfig(body, max(body, IntakeConfig.max_inflight_body_bytes))
         self.max_body_bytes = intake.max_body_bytes
         self.intake = Intake(intake, self.metrics.inflight_body_bytes)
+        self.generation = GenerationRoutes(dataplane, self.max_body_bytes)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors], client_max_size=self.max_body_bytes)
@@ -87,6 +90,7 @@ class RestServer:
                 get("/metrics", self.scrape),
             ]
         )
+        self.generation.add_routes(app)
         return app
 
     # Probes answer 503 when not ready so a kubelet httpGet probe reads them without parsing JSON.

@@ -5,6 +5,11 @@ verified and loaded in a worker thread, and only then does readiness turn true. 
 server up and not ready (the cloud fallback, if any, answers) and retries with backoff, so a node whose
 link comes back recovers on its own.
 
+The model's kind is detected at load: an onnxruntime-genai model directory (genai_config.json), given as a local
+directory or as the single packed tar of `kiri compress` (compressing/lm/packing.py; fetched, verified, unpacked
+under the cache dir's `unpacked/<sha256>/`), is a language model served by `generating.Scheduler` behind the
+OpenAI and KServe generate routes; anything else is an ONNX file served over OIP v2 tensors.
+
 On SIGTERM the server stops being ready, stops accepting connections, lets in-flight requests finish
 (up to `shutdown_grace_s`), then exits 0.
 """
@@ -13,15 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
+import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
 from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
 from kiri_runtime.fallback import Cascade, CloudClient
 from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, RetryPolicy
+from kiri_runtime.generating import Scheduler
+from kiri_runtime.generative_model import GenerativeModel, is_generative_dir
 from kiri_runtime.intake import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_DECODE_OFFLOAD_BYTES,
@@ -63,6 +76,10 @@ class ServeConfig:
     variant: str = ""
     shutdown_grace_s: float = 30.0
     fetch_retry_max_s: float = 60.0
+    # Language models: requests decoded at once, and whether arrivals with equal sampling options share one
+    # batched generator ("cohort") or each decode alone ("none"); see generating.py.
+    max_num_seqs: int = 16
+    lm_batching: str = "cohort"
 
 
 class Server:
@@ -114,14 +131,19 @@ class Server:
         cache = ArtifactCache(cfg.cache_dir, cfg.revisions_kept)
         fetcher = ArtifactFetcher(cache, RetryPolicy(), metrics=self.metrics)
         delay = 1.0
+        local_dir = _local_dir(cfg.model_uri)
         try:
             while True:
                 try:
-                    artifact = await asyncio.to_thread(fetcher.open, cfg.model_uri, cfg.sha256)
-                    with artifact:
-                        # From the verified descriptor, not the path: the blob may be swapped meanwhile.
-                        sha = artifact.sha256
-                        model = await asyncio.to_thread(OnnxModel, artifact.load_path, cfg.threads)
+                    sha = ""
+                    if local_dir is not None:
+                        model: Any = await asyncio.to_thread(GenerativeModel, local_dir, cfg.threads)
+                    else:
+                        artifact = await asyncio.to_thread(fetcher.open, cfg.model_uri, cfg.sha256)
+                        with artifact:
+                            # From the verified descriptor, not the path: the blob may be swapped meanwhile.
+                            sha = artifact.sha256
+                            model = await asyncio.to_thread(self._open, artifact.load_path, sha, cache)
                     break
                 except Exception as exc:
                     # Fetch errors, a full disk, or a file ONNX Runtime rejects (its pybind exceptions derive
@@ -131,9 +153,28 @@ class Server:
                     delay = min(cfg.fetch_retry_max_s, delay * 2)
         finally:
             fetcher.close()
+        if isinstance(model, GenerativeModel):
+            self.rest.generation.schedulers[cfg.name] = Scheduler(
+                model,
+                cfg.name,
+                self.metrics,
+                max_num_seqs=cfg.max_num_seqs,
+                queue_limit=cfg.queue_limit,
+                batching=cfg.lm_batching == "cohort",
+                step_delay_s=cfg.delay_ms / 1000.0,
+            )
         self.dataplane.load(cfg.name, model, sha256=sha)
-        await asyncio.to_thread(cache.pin, sha, cfg.model_uri, cfg.name, cfg.namespace)
+        if sha:
+            await asyncio.to_thread(cache.pin, sha, cfg.model_uri, cfg.name, cfg.namespace)
         self.loaded.set()
+
+    def _open(self, load_path: str, sha: str, cache: ArtifactCache) -> OnnxModel | GenerativeModel:
+        """The verified blob as a model: a tar holding genai_config.json is a language model, else ONNX."""
+        if tarfile.is_tarfile(load_path):
+            return GenerativeModel(
+                _unpacked(Path(load_path), sha, cache.root / "unpacked"), self.config.threads
+            )
+        return OnnxModel(load_path, self.config.threads)
 
     async def stop(self) -> None:
         self.dataplane.draining = True
@@ -143,8 +184,40 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight handlers
         await self.cascade.close()
+        await asyncio.to_thread(self.rest.generation.close)
         await self.dataplane.close()
         await asyncio.to_thread(self.rest.intake.close)
+
+
+def _local_dir(uri: str) -> Path | None:
+    """A local onnxruntime-genai model directory named by a bare path or file:// URI (served as is, no digest)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("", "file"):
+        return None
+    path = Path(unquote(parts.path) if parts.scheme else uri)
+    return path if is_generative_dir(path) else None
+
+
+def _unpacked(tar_path: Path, sha: str, root: Path) -> Path:
+    """The packed model directory of a verified blob, unpacked once under `root/<sha256>` (atomic rename).
+
+    `tar_path` is the verified descriptor's path (/proc/self/fd/N), so the bytes unpacked are the ones checked."""
+    from kiri_runtime.compressing.lm.packing import unpack
+
+    dest = root / sha
+    if is_generative_dir(dest):
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:16]}.", dir=root))
+    try:
+        unpack(tar_path, tmp)
+        if not is_generative_dir(tmp):
+            raise ValueError(f"artifact {sha[:12]} is a tar without genai_config.json")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
 
 
 async def serve(config: ServeConfig) -> None:

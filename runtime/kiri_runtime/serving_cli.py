@@ -37,10 +37,16 @@ def _positive(raw: str) -> int:
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub = subparsers.add_parser(
         "serve",
-        help="serve an ONNX model over the Open Inference Protocol v2",
-        description="Fetch, verify and serve an ONNX model over OIP v2 REST, with metrics and cloud fallback.",
+        help="serve an ONNX model over the Open Inference Protocol v2, or a language model (OpenAI API)",
+        description="Fetch, verify and serve an ONNX model over OIP v2 REST, with metrics and cloud fallback; "
+        "a language model (onnxruntime-genai) also over the OpenAI API and KServe's generate extension.",
     )
-    sub.add_argument("--model-uri", required=True, help="file://, http(s):// or s3:// URI of the .onnx file")
+    sub.add_argument(
+        "--model-uri",
+        required=True,
+        help="file://, http(s):// or s3:// URI of the .onnx file or of a packed language model (.tar); "
+        "or a local onnxruntime-genai model directory",
+    )
     sub.add_argument("--name", required=True, help="model name in the /v2/models/{name} routes")
     sub.add_argument(
         "--sha256", type=_sha256, help="expected digest; the model is not served unless it matches"
@@ -92,13 +98,27 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="namespace of the ModelDeployment, keys its pins in the shared node cache "
         "(default: $POD_NAMESPACE)",
     )
+    sub.add_argument(
+        "--max-num-seqs", type=_positive, default=16, help="language models: requests decoded at once"
+    )
+    sub.add_argument(
+        "--lm-batching",
+        choices=["cohort", "none"],
+        default="cohort",
+        help="language models: batch arrivals with equal sampling options into one generator (default), or not",
+    )
     sub.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     test_aids = sub.add_argument_group("test aids (never set these in production)")
     test_aids.add_argument(
         "--fail-ratio", type=_ratio, default=0.0, help="share of infer requests answered 500"
     )
     test_aids.add_argument("--fail-seed", type=int, default=0, help="seed of the --fail-ratio draws")
-    test_aids.add_argument("--delay-ms", type=float, default=0.0, help="added latency per infer request")
+    test_aids.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="added latency per infer request (language models: per decode step)",
+    )
     sub.add_argument("--log-level", default="INFO")
     sub.set_defaults(handler=run)
 
@@ -140,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
         model_version=args.model_version,
         variant=args.variant,
         shutdown_grace_s=args.shutdown_grace,
+        max_num_seqs=args.max_num_seqs,
+        lm_batching=args.lm_batching,
     )
     asyncio.run(serve(config))
     return 0

@@ -1,0 +1,147 @@
+"""An onnxruntime-genai model directory, loaded for serving: model, tokenizer, chat template, context length, and
+how one request's sampling options become a prefilled `Generator` (generating.py schedules them).
+
+Chat prompts are rendered with the tokenizer's own chat template (chat_template.jinja or tokenizer_config.json's
+`chat_template`, through onnxruntime-genai's `apply_chat_template`). A tokenizer without one gets
+`FALLBACK_TEMPLATE`: one `role: content` line per message, then `assistant:`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiri_runtime.dataplane import TensorSpec
+from kiri_runtime.errors import BadRequest
+
+GENAI_CONFIG = "genai_config.json"
+PLATFORM = "onnxruntime_genai"
+# Used when the tokenizer ships no chat template: one "role: content" line per message, then "assistant:".
+FALLBACK_TEMPLATE = "{role}: {content}\n"
+FALLBACK_GENERATION_PROMPT = "assistant:"
+MAX_TOP_LOGPROBS = 20
+
+
+def is_generative_dir(path: Path) -> bool:
+    return path.is_dir() and (path / GENAI_CONFIG).is_file()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding options, already validated (`openai_api` checks ranges and says which is wrong)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # None: none; n: the chosen token's log-probability and the n most likely
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def cohort_key(self) -> tuple[Any, ...] | None:
+        """Requests with equal keys may share one batched generator; None: decode alone (seeded)."""
+        if self.greedy:
+            return ("greedy",)
+        if self.seed is not None:
+            return None
+        return ("sample", self.temperature, self.top_p, self.top_k)
+
+
+class GenerativeModel:
+    """An onnxruntime-genai model directory, loaded: model, tokenizer, chat template, context length."""
+
+    platform = PLATFORM
+    generative = True
+    # What /v2/models/{name} reports: KServe's generate shape (text in, text out), not a tensor signature.
+    inputs = [TensorSpec("text_input", "BYTES", (1,))]
+    outputs = [TensorSpec("text_output", "BYTES", (1,))]
+
+    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+        import onnxruntime_genai as og
+
+        self.dir = model_dir
+        cfg = og.Config(str(model_dir))
+        if threads:
+            session = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+            cfg.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
+        self.og = og
+        self.model = og.Model(cfg)
+        self.tokenizer = og.Tokenizer(self.model)
+        genai = json.loads((model_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]
+        self.context_length = int(genai["context_length"])
+        self.vocab_size = int(genai["vocab_size"])
+        self.eos_token_ids = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
+        self.has_chat_template = _has_chat_template(model_dir)
+        self._vocab_text: dict[int, str] = {}
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        if not self.has_chat_template:
+            lines = [FALLBACK_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages]
+            return "".join(lines) + FALLBACK_GENERATION_PROMPT
+        try:
+            return str(
+                self.tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
+            )
+        except RuntimeError as e:
+            raise BadRequest(
+                f"the model's chat template cannot render these messages: {first_line(e)}"
+            ) from None
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def token_text(self, token_id: int) -> str:
+        text = self._vocab_text.get(token_id)
+        if text is None:
+            text = str(self.tokenizer.decode(np.array([token_id], dtype=np.int32)))
+            self._vocab_text[token_id] = text
+        return text
+
+    def generator(self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_length: int) -> Any:
+        """A generator over `prompts` (all of one length: one batch row each), prefilled."""
+        og = self.og
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("a batch needs prompts of one length (onnxruntime-genai 0.18 pads them wrongly)")
+        gp = og.GeneratorParams(self.model)
+        options: dict[str, Any] = {"max_length": max_length, "do_sample": not params.greedy}
+        if len(prompts) > 1:
+            options["batch_size"] = len(prompts)
+        if not params.greedy:
+            options["temperature"] = params.temperature
+            options["top_p"] = params.top_p
+            options["top_k"] = params.top_k or self.vocab_size
+            if params.seed is not None:
+                options["random_seed"] = params.seed
+        gp.set_search_options(**options)
+        generator = og.Generator(self.model, gp)
+        batch = np.asarray(prompts, dtype=np.int32)
+        generator.append_tokens(batch[0] if len(prompts) == 1 else batch)
+        return generator
+
+    def predict(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise BadRequest("a language model answers /generate and /v1/chat/completions, not tensor requests")
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        config = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]

@@ -1,0 +1,458 @@
+"""`kiri serve` on a language model (the tiny trained LLaMA as an onnxruntime-genai fp32 directory): the OpenAI API
+through the official `openai` client, KServe's generate extension, bad input, queue limit, disconnects, metrics."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from runtime_helpers import ThreadedServer, sha256_of
+
+from kiri_runtime.serving import ServeConfig
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+QUESTION = [{"role": "user", "content": "What does def dedent do?"}]
+# What the tiny model answers greedily to QUESTION (checked against a raw loop below, not assumed).
+GREEDY_ANSWER = "What does def _glob0_function do?"
+
+
+@pytest.fixture(scope="module")
+def genai_dir() -> Path:
+    from lm_fixture import tiny_genai
+
+    return tiny_genai()
+
+
+def _start(genai_dir: Path | str, tmp: Path, wait: bool = True, **over: Any) -> ThreadedServer:
+    uri = genai_dir if isinstance(genai_dir, str) else str(genai_dir)
+    config = ServeConfig(
+        model_uri=uri, name="tiny", host="127.0.0.1", port=0, cache_dir=tmp, threads=1, shutdown_grace_s=5.0
+    )
+    for key, value in over.items():
+        setattr(config, key, value)
+    server = ThreadedServer(config).start()
+    if wait:
+        server.wait_ready(60)
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(genai_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    s = _start(genai_dir, tmp_path_factory.mktemp("lm-cache"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def start(genai_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ThreadedServer]]:
+    servers: list[ThreadedServer] = []
+
+    def make(**over: Any) -> ThreadedServer:
+        servers.append(_start(genai_dir, tmp_path / f"c{len(servers)}", **over))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+def client(server: ThreadedServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def raw_greedy(genai_dir: Path, prompt_ids: list[int], n: int) -> list[int]:
+    """A plain onnxruntime-genai greedy loop, the reference the server must match token for token."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(genai_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
+    g = og.Generator(model, params)
+    g.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+    out: list[int] = []
+    while not g.is_done():
+        g.generate_next_token()
+        out.append(int(g.get_next_tokens()[0]))
+    return out
+
+
+def metric(server: ThreadedServer, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    total = 0.0
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, value = line.rsplit(" ", 1)
+            got = head[len(name) :].strip("{}")
+            if all(part in got.split(",") for part in want.split(",") if part):
+                total += float(value)
+    return total
+
+
+def test_greedy_generate_equals_a_raw_onnxruntime_genai_greedy_loop_token_for_token(
+    server: ThreadedServer, genai_dir: Path
+) -> None:
+    import onnxruntime_genai as og
+
+    prompt = "def dedent(text):\n"
+    ids = [int(t) for t in og.Tokenizer(og.Model(str(genai_dir))).encode(prompt)]
+    reference = raw_greedy(genai_dir, ids, 40)
+    body = {"text_input": prompt, "parameters": {"max_tokens": 40, "temperature": 0, "details": True}}
+    answer = httpx.post(f"{server.url}/v2/models/tiny/generate", json=body).json()
+    served = [t["id"] for t in answer["details"]["logprobs"]]
+    assert served == reference[: len(served)]
+    assert len(served) == 40 or served[-1] == 2  # all 40, or stopped at <|im_end|>
+    assert answer["model_name"] == "tiny" and answer["model_version"] == "1"
+
+
+def test_a_greedy_chat_answer_through_the_openai_client_is_the_raw_loops_text(
+    server: ThreadedServer, genai_dir: Path
+) -> None:
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(og.Model(str(genai_dir)))
+    ids = [
+        int(t) for t in tok.encode(tok.apply_chat_template(json.dumps(QUESTION), add_generation_prompt=True))
+    ]
+    reference = raw_greedy(genai_dir, ids, 30)
+    assert reference[-1] == 2  # the tiny model ends its answer with <|im_end|>
+    answer = client(server).chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=0, max_tokens=30
+    )
+    assert answer.choices[0].message.content == tok.decode(np.asarray(reference[:-1], dtype=np.int32))
+    assert answer.choices[0].message.content == GREEDY_ANSWER
+    assert answer.choices[0].finish_reason == "stop"
+    assert answer.usage is not None
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(ids), len(reference))
+
+
+def test_the_openai_client_streams_chat_chunks_that_join_to_the_answer_then_a_usage_chunk(
+    server: ThreadedServer,
+) -> None:
+    stream = client(server).chat.completions.create(
+        model="tiny",
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == GREEDY_ANSWER
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 14 and chunks[-1].usage.prompt_tokens == 16
+
+
+def test_the_openai_client_streams_a_text_completion_with_logprobs(server: ThreadedServer) -> None:
+    plain = client(server).completions.create(
+        model="tiny", prompt="def ", max_tokens=12, temperature=0, logprobs=2
+    )
+    stream = client(server).completions.create(
+        model="tiny", prompt="def ", max_tokens=12, temperature=0, logprobs=2, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
+    assert plain.choices[0].finish_reason == "length"
+    logprobs = plain.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens is not None and logprobs.top_logprobs is not None
+    assert "".join(logprobs.tokens) == plain.choices[0].text
+    assert len(logprobs.tokens) == 12 and all(len(top) == 2 for top in logprobs.top_logprobs)
+    assert logprobs.token_logprobs is not None and all(lp <= 0 for lp in logprobs.token_logprobs)
+
+
+def test_chat_logprobs_give_the_chosen_token_as_the_most_likely_when_greedy(server: ThreadedServer) -> None:
+    answer = client(server).chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
+    content = answer.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 5
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+
+
+def test_a_seed_reproduces_a_sampled_completion_even_under_concurrent_load(server: ThreadedServer) -> None:
+    def sample(seed: int) -> str:
+        r = client(server).completions.create(
+            model="tiny", prompt="def ", max_tokens=24, temperature=1.0, seed=seed
+        )
+        return r.choices[0].text
+
+    first = sample(7)
+    noise = [threading.Thread(target=sample, args=(i,)) for i in range(3)]
+    for t in noise:
+        t.start()
+    again = sample(7)
+    for t in noise:
+        t.join()
+    assert again == first
+    assert {sample(s) for s in (8, 9, 10)} != {first}
+
+
+def test_a_stop_string_ends_the_answer_before_it(server: ThreadedServer) -> None:
+    answer = client(server).chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=0, max_tokens=30, stop=[" def"]
+    )
+    assert answer.choices[0].message.content == "What does"
+    assert answer.choices[0].finish_reason == "stop"
+    streamed = client(server).chat.completions.create(
+        model="tiny", messages=QUESTION, temperature=0, max_tokens=30, stop=["_func"], stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "What does def _glob0"
+
+
+def test_a_stop_token_id_ends_the_answer_without_its_text(server: ThreadedServer) -> None:
+    body = {"text_input": "def ", "parameters": {"max_tokens": 30, "temperature": 0, "details": True}}
+    full = httpx.post(f"{server.url}/v2/models/tiny/generate", json=body).json()
+    third = full["details"]["logprobs"][2]
+    body["parameters"]["stop_token_ids"] = [third["id"]]
+    cut = httpx.post(f"{server.url}/v2/models/tiny/generate", json=body).json()
+    assert cut["text_output"] == "".join(t["text"] for t in full["details"]["logprobs"][:2])
+    assert cut["details"]["finish_reason"] == "eos_token"
+
+
+def test_concurrent_greedy_requests_batched_together_answer_as_they_do_alone(server: ThreadedServer) -> None:
+    prompts = ["def ", "    return", "def ", "class Template"]  # two of two tokens: they share a batch
+
+    def complete(prompt: str) -> str:
+        r = client(server).completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
+        return r.choices[0].text
+
+    alone = [complete(p) for p in prompts]
+    results: dict[int, str] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, complete(prompts[i]))) for i in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(4)] == alone
+
+
+def test_kserve_generate_stream_sends_text_events_and_a_final_finish_reason(server: ThreadedServer) -> None:
+    body = {"text_input": "def ", "parameters": {"max_tokens": 6, "temperature": 0}}
+    plain = httpx.post(f"{server.url}/v2/models/tiny/generate", json=body).json()
+    with httpx.stream("POST", f"{server.url}/v2/models/tiny/generate_stream", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["text_output"] for e in events) == plain["text_output"]
+    assert [e.get("details", {}).get("finish_reason") for e in events][-1] == "length"
+    assert all("details" not in e for e in events[:-1])
+
+
+def test_v1_models_lists_the_language_model_with_its_context(server: ThreadedServer) -> None:
+    models = client(server).models.list().data
+    assert [(m.id, m.owned_by) for m in models] == [("tiny", "kiri")]
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"] == 512
+
+
+CHAT = "/v1/chat/completions"
+GOOD_CHAT: dict[str, Any] = {"model": "tiny", "messages": QUESTION, "max_tokens": 4, "temperature": 0}
+BAD: list[tuple[str, str, bytes | dict[str, Any], int, str | None]] = [
+    ("malformed json", CHAT, b'{"model": "tiny", ', 400, None),
+    (
+        "invalid utf-8",
+        CHAT,
+        b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}',
+        400,
+        None,
+    ),
+    ("unknown model", CHAT, {**GOOD_CHAT, "model": "nope"}, 404, "model"),
+    ("empty messages", CHAT, {**GOOD_CHAT, "messages": []}, 400, "messages"),
+    ("negative max_tokens", CHAT, {**GOOD_CHAT, "max_tokens": -5}, 400, "max_tokens"),
+    ("huge max_tokens", CHAT, {**GOOD_CHAT, "max_tokens": 10**9}, 400, "max_tokens"),
+    (
+        "prompt over the context",
+        CHAT,
+        {**GOOD_CHAT, "messages": [{"role": "user", "content": "word " * 600}]},
+        400,
+        "messages",
+    ),
+    ("negative temperature", CHAT, {**GOOD_CHAT, "temperature": -0.5}, 400, "temperature"),
+    ("top_p of zero", CHAT, {**GOOD_CHAT, "top_p": 0}, 400, "top_p"),
+    ("top_p over one", CHAT, {**GOOD_CHAT, "top_p": 1.01}, 400, "top_p"),
+    ("negative top_k", CHAT, {**GOOD_CHAT, "top_k": -3}, 400, "top_k"),
+    ("completion without prompt", "/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    (
+        "completion prompt over the context",
+        "/v1/completions",
+        {"model": "tiny", "prompt": "x " * 600},
+        400,
+        "prompt",
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "path", "body", "status", "param"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_4xx_with_an_openai_error_body_and_the_server_keeps_serving(
+    server: ThreadedServer,
+    label: str,
+    path: str,
+    body: bytes | dict[str, Any],
+    status: int,
+    param: str | None,
+) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server.url}{path}", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    good = httpx.post(f"{server.url}{CHAT}", json=GOOD_CHAT)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v2/models/tiny/generate", {"parameters": {}}, 422),
+        ("/v2/models/tiny/generate", {"text_input": "x", "parameters": {"temperature": -1}}, 422),
+        ("/v2/models/tiny/generate_stream", {"text_input": "x", "parameters": {"max_tokens": 10**6}}, 422),
+        ("/v2/models/nope/generate", {"text_input": "x"}, 404),
+    ],
+)
+def test_kserve_generate_refuses_bad_input_with_its_spec_codes(
+    server: ThreadedServer, path: str, body: dict[str, Any], status: int
+) -> None:
+    r = httpx.post(f"{server.url}{path}", json=body)
+    assert r.status_code == status
+    assert isinstance(r.json()["error"], str)
+
+
+def test_client_errors_are_counted_as_rejected_and_never_reach_the_gates_counter(
+    start: Callable[..., ThreadedServer],
+) -> None:
+    server = start()
+    assert httpx.post(f"{server.url}{CHAT}", content=b"{").status_code == 400
+    assert httpx.post(f"{server.url}{CHAT}", json={**GOOD_CHAT, "top_p": 2}).status_code == 400
+    assert metric(server, "kiri_rejected_requests_total", code="400") == 2
+    assert metric(server, "kiri_requests_total") == 0
+
+
+def test_generation_metrics_count_what_the_answers_report(start: Callable[..., ThreadedServer]) -> None:
+    server = start()
+    usages = []
+    for prompt in ("def ", "class "):
+        r = client(server).completions.create(model="tiny", prompt=prompt, max_tokens=9, temperature=0)
+        assert r.usage is not None
+        usages.append(r.usage)
+    assert metric(server, "kiri:prompt_tokens_total", model="tiny") == sum(u.prompt_tokens for u in usages)
+    assert metric(server, "kiri:generation_tokens_total", model="tiny") == sum(
+        u.completion_tokens for u in usages
+    )
+    assert metric(server, "kiri:time_to_first_token_seconds_count", model="tiny") == 2
+    assert metric(server, "kiri:e2e_request_latency_seconds_count", model="tiny") == 2
+    assert metric(server, "kiri:request_queue_time_seconds_count", model="tiny") == 2
+    assert metric(server, "kiri:inter_token_latency_seconds_count", model="tiny") == 2 * 8
+    assert metric(server, "kiri:request_success_total", model="tiny", finished_reason="length") == 2
+    assert metric(server, "kiri:num_requests_running", model="tiny") == 0
+    assert metric(server, "kiri:num_requests_waiting", model="tiny") == 0
+    assert metric(server, "kiri:kv_cache_usage_perc", model="tiny") == 0
+    assert metric(server, "kiri_requests_total", model="tiny", code="200") == 2
+
+
+# Greedy "def " never reaches <|im_end|> within the context on the tiny model: it runs all its max_tokens.
+LONG = {"model": "tiny", "prompt": "def ", "max_tokens": 400, "temperature": 0}
+
+
+def _send(server: ThreadedServer, body: dict[str, Any]) -> socket.socket:
+    """A raw HTTP request on its own socket, so the test can drop the connection mid-answer."""
+    raw = json.dumps(body)
+    assert server.server is not None
+    sock = socket.create_connection(("127.0.0.1", server.server.port))
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}"
+    sock.sendall(f"{head}\r\n\r\n{raw}".encode())
+    return sock
+
+
+def _wait_running(server: ThreadedServer, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while metric(server, "kiri:num_requests_running", model="tiny") != n:
+        assert time.monotonic() < deadline, f"never {n} running"
+        time.sleep(0.02)
+
+
+def test_the_queue_limit_answers_429_with_retry_after_and_an_openai_error(
+    start: Callable[..., ThreadedServer],
+) -> None:
+    server = start(queue_limit=1, delay_ms=20.0)  # 20 ms per decode step: the first request stays in flight
+    sock = _send(server, {**LONG, "stream": True})
+    try:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        r = httpx.post(f"{server.url}{CHAT}", json=GOOD_CHAT)
+        assert r.status_code == 429
+        assert r.headers["Retry-After"] == "1"
+        assert r.json()["error"]["type"] == "rate_limit_error"
+        g = httpx.post(f"{server.url}/v2/models/tiny/generate", json={"text_input": "x"})
+        assert g.status_code == 429 and g.headers["Retry-After"] == "1"
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streaming", "plain"])
+def test_a_client_that_disconnects_frees_its_slot_at_once(
+    start: Callable[..., ThreadedServer], stream: bool
+) -> None:
+    server = start(queue_limit=1, delay_ms=20.0)  # 400 tokens would take 8 s
+    sock = _send(server, {**LONG, "stream": stream})
+    if stream:
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    _wait_running(server, 1)
+    assert httpx.post(f"{server.url}{CHAT}", json=GOOD_CHAT).status_code == 429
+    closed = time.monotonic()
+    sock.close()
+    deadline = closed + 2.0
+    while (r := httpx.post(f"{server.url}{CHAT}", json=GOOD_CHAT)).status_code == 429:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.02)
+    assert r.status_code == 200
+    assert time.monotonic() - closed < 1.0  # one poll interval (0.2 s) plus a 4-token answer at 20 ms a step
+    assert metric(server, "kiri:request_success_total", model="tiny", finished_reason="abort") == 1
+    assert metric(server, "kiri_rejected_requests_total", model="tiny", code="499") == 1
+    assert metric(server, "kiri:num_requests_running", model="tiny") == 0
+    assert metric(server, "kiri:generation_tokens_total", model="tiny") < 400
+
+
+def test_a_packed_model_is_served_only_once_its_digest_is_verified(genai_dir: Path, tmp_path: Path) -> None:
+    from kiri_runtime.compressing.lm.packing import pack
+
+    tar = tmp_path / "tiny.tar"
+    sha, _ = pack(genai_dir, tar)
+    wrong = _start(tar.as_uri(), tmp_path / "wrong", wait=False, sha256="0" * 64, fetch_retry_max_s=1.0)
+    try:
+        time.sleep(1.0)
+        assert httpx.get(f"{wrong.url}/v2/health/ready").status_code == 503
+        r = httpx.post(f"{wrong.url}{CHAT}", json=GOOD_CHAT)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable_error"
+    finally:
+        wrong.stop()
+    right = _start(tar.as_uri(), tmp_path / "right", sha256=sha_of(tar, sha))
+    try:
+        assert (tmp_path / "right" / "unpacked" / sha / "genai_config.json").is_file()
+        meta = httpx.get(f"{right.url}/v2/models/tiny").json()
+        assert meta["platform"] == "onnxruntime_genai" and meta["parameters"]["kiri_sha256"] == sha
+        answer = client(right).chat.completions.create(
+            model="tiny", messages=QUESTION, temperature=0, max_tokens=30
+        )
+        assert answer.choices[0].message.content == GREEDY_ANSWER
+    finally:
+        right.stop()
+
+
+def sha_of(tar: Path, expected: str) -> str:
+    assert sha256_of(tar) == expected
+    return expected
