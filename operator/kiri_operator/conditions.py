@@ -234,7 +234,7 @@ def progress_conditions(conditions: Sequence[Condition], phase: str) -> tuple[Co
     if cause is not None:
         return (
             Condition(RECONCILING, "False", Reason.STALLED, f"stalled: {cause.reason}"),
-            Condition(STALLED, "True", cause.reason, f"{cause.type}: {cause.message}"),
+            Condition(STALLED, "True", cause.reason, cause.message),
         )
     stalled = Condition(STALLED, "False", Reason.AS_EXPECTED, "")
     if phase == "Healthy":
@@ -246,4 +246,4 @@ def progress_conditions(conditions: Sequence[Condition], phase: str) -> tuple[Co
         source = edge
     else:
         source = by_type.get(READY) or Condition(READY, "Unknown", Reason.RECONCILING, "")
-    return Condition(RECONCILING, "True", source.reason, f"{source.type}: {source.message}"), stalled
+    return Condition(RECONCILING, "True", source.reason, source.message), stalled

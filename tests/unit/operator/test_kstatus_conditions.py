@@ -43,7 +43,7 @@ def test_a_moving_wave_is_reconciling_with_the_gate_as_reason() -> None:
     ]
     assert progress(conds, "Progressing") == (("True", "Baking"), ("False", "AsExpected"))
     rec, _ = C.progress_conditions(conds, "Progressing")
-    assert rec.message == "EdgeProgressing: step 1/2 baking"
+    assert rec.message == "step 1/2 baking"
 
 
 def test_compression_and_a_stage_pause_are_reconciling() -> None:
@@ -67,7 +67,7 @@ def test_a_rollback_stalls_with_the_rollbacks_reason() -> None:
     assert (stalled.status, stalled.reason, stalled.message) == (
         "True",
         "ProgressDeadlineExceeded",
-        "RolledBack: no progress for 10s",
+        "no progress for 10s",
     )
 
 
