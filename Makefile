@@ -44,7 +44,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check operator runtime tests bench hack
 	$(PY) -m kiri_operator.api.generating --check
 
-## crds: regenerate crds/, helm/kiri/crds/ and docs/api.md from the API models.
+## crds: regenerate crds/, helm/kiri/templates/crds/ and docs/api.md from the API models.
 crds: venv
 	$(PY) -m kiri_operator.api.generating
 
