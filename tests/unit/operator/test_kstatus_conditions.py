@@ -12,6 +12,7 @@ import pytest
 from kiri_operator import conditions as C
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.planning.status import invalid_spec_status
+from kiri_operator.plans import Check
 from planning_worlds import FakeServer, manifest, observed, spec
 
 pytestmark = pytest.mark.timeout(30)
@@ -175,3 +176,24 @@ def test_an_invalid_spec_stalls_and_a_fixed_spec_is_not_held_by_the_stored_stall
     p = server.step(spec(**STAGED))
     assert p.status["phase"] == "Compressing"
     assert _pair(p.status) == (("True", "Compressing"), ("False", "AsExpected"))
+
+
+def test_reverting_git_to_the_stable_spec_after_a_rollback_is_healthy_without_moving_a_node() -> None:
+    s1 = spec(**STAGED)
+    server = Server(observed())
+    server.step(s1)
+    server.publish(s1, manifest({"fp16": True, "int8": True}))
+    for _ in range(3):
+        server.step(s1)
+    stable = server.world.status["currentRevision"]
+    s2 = spec(**{**STAGED, "runtime.image": "example/kiri:bad"})
+    p = server.step(s2)
+    server.never_ready = {p.status["updateRevision"]}
+    for _ in range(15):
+        p = server.step(s2)
+    assert p.status["phase"] == "RolledBack"
+    p = server.step(s1)
+    assert p.status["updateRevision"] == stable
+    assert not [a for a in p.actions if a.kind == "DaemonSet" and a.check in (Check.CREATE, Check.UPDATE)]
+    assert p.status["phase"] == "Healthy"
+    assert _pair(p.status) == (("False", "Available"), ("False", "AsExpected"))
