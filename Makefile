@@ -43,10 +43,12 @@ lint: venv
 	$(VENV)/bin/ruff check operator runtime tests bench hack
 	$(VENV)/bin/ruff format --check operator runtime tests bench hack
 	$(PY) -m kiri_operator.api.generating --check
+	$(PY) hack/helm_values_doc.py --check
 
-## crds: regenerate crds/, helm/kiri/crds/ and docs/api.md from the API models.
+## crds: regenerate crds/, helm/kiri/templates/crds/ and docs/api.md from the API models.
 crds: venv
 	$(PY) -m kiri_operator.api.generating
+	$(PY) hack/helm_values_doc.py
 
 crds-check: venv
 	$(PY) -m kiri_operator.api.generating --check

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, kwokctl, helm) from pinned Go modules.
+# kube-scheduler, kubectl, kwok, kwokctl, helm) and test tools (kstatus) from pinned Go modules.
 #
 # Binaries are cached under $KIRI_CACHE/bin/<component>-<version>-<go version>/ so a
 # warm run only checks that the files exist. Versions come from the wrapper go.mod
@@ -23,6 +23,9 @@ K8S_VERSION="$(module_version kubernetes k8s.io/kubernetes)"
 ETCD_VERSION="$(module_version etcd go.etcd.io/etcd/server/v3)"
 KWOK_VERSION="$(module_version kwok sigs.k8s.io/kwok)"
 HELM_VERSION="$(module_version helm helm.sh/helm/v3)"
+# kstatus is Kiri's own few lines around sigs.k8s.io/cli-utils: the key holds both the library's version and
+# the source's hash, so an edit of main.go builds again.
+KSTATUS_BUILD="$(module_version kstatus sigs.k8s.io/cli-utils)-$(cat "$TOOLS_DIR/kstatus/main.go" "$TOOLS_DIR/kstatus/go.sum" | sha256sum | cut -c1-8)"
 
 bin_dir_for() { echo "$KIRI_CACHE/bin/$1-$2-$go_version"; }
 
@@ -101,11 +104,14 @@ main() {
   if [[ "$which" == all || "$which" == helm ]]; then
     build helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   fi
+  if [[ "$which" == all || "$which" == kstatus ]]; then
+    build kstatus kstatus kiri.dev/hack/tools/kstatus "$KSTATUS_BUILD" "-s -w"
+  fi
 }
 
 if [[ "${1:-}" == "--print-bin-dirs" ]]; then
   bin_dir_for etcd "$ETCD_VERSION"; bin_dir_for kubernetes "$K8S_VERSION"
-  bin_dir_for kwok "$KWOK_BUILD"; bin_dir_for helm "$HELM_VERSION"
+  bin_dir_for kwok "$KWOK_BUILD"; bin_dir_for helm "$HELM_VERSION"; bin_dir_for kstatus "$KSTATUS_BUILD"
   exit 0
 fi
 main "$@"

@@ -239,4 +239,4 @@ step "Summary"
 demo record elapsed "$((SECONDS - STARTED))"
 demo summary
 echo
-echo "Demo done in $((SECONDS - STARTED))s. The control plane is still up: eval \"\$(hack/cluster env)\"; kubectl get md -n $NS"
+echo "Demo done in $((SECONDS - STARTED))s. The control plane is still up: eval \"\$(hack/cluster env)\"; kubectl get mdep -n $NS"

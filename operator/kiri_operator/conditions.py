@@ -3,6 +3,11 @@
 A condition's `lastTransitionTime` moves only when its status flips, so re-computing the same status on
 every reconcile writes nothing. Reasons are CamelCase constants so that alerts and tests match on them
 rather than on messages.
+
+`Reconciling` and `Stalled` are kstatus's two standard conditions (sigs.k8s.io/cli-utils, what Flux,
+kpt and Config Sync read): `Reconciling=True` is kstatus `InProgress`, `Stalled=True` is `Failed`, and with
+neither True, `Ready=True` is `Current`. They summarize the others and are never both True
+(`progress_conditions`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from kiri_operator.api.scalars import format_time, parse_time
 Status = Literal["True", "False", "Unknown"]
 
 READY: Final = "Ready"
+RECONCILING: Final = "Reconciling"
+STALLED: Final = "Stalled"
 CLOUD_READY: Final = "CloudReady"
 VARIANTS_VERIFIED: Final = "VariantsVerified"
 EDGE_PROGRESSING: Final = "EdgeProgressing"
@@ -26,6 +33,8 @@ ROLLED_BACK: Final = "RolledBack"
 
 TYPES: Final = (
     READY,
+    RECONCILING,
+    STALLED,
     CLOUD_READY,
     VARIANTS_VERIFIED,
     EDGE_PROGRESSING,
@@ -35,7 +44,9 @@ TYPES: Final = (
 )
 
 # For these types True is the bad news, so a True status is a Warning event.
-NEGATIVE_POLARITY: Final = frozenset({DEGRADED, ROLLED_BACK})
+NEGATIVE_POLARITY: Final = frozenset({DEGRADED, ROLLED_BACK, STALLED})
+# Summaries of the other conditions: their moves are told by the Events of the conditions they summarize.
+SUMMARY_TYPES: Final = frozenset({RECONCILING, STALLED})
 
 
 class Reason:
@@ -46,6 +57,8 @@ class Reason:
     RECONCILING: Final = "Reconciling"
     AS_EXPECTED: Final = "AsExpected"
     INVALID_SPEC: Final = "InvalidSpec"
+    # Reconciling=False while Stalled=True
+    STALLED: Final = "Stalled"
     # Events no condition carries: revisions, children, writes, learning rounds
     NEW_REVISION: Final = "NewRevision"
     PROMOTED: Final = "Promoted"
@@ -153,6 +166,8 @@ class Condition:
     @property
     def is_bad(self) -> bool:
         """Whether this condition, as it stands, is something an operator should look at."""
+        if self.type == RECONCILING:  # work under way is neither good nor bad news
+            return False
         if self.type in NEGATIVE_POLARITY:
             return self.status == "True"
         return self.status == "False"
@@ -188,3 +203,47 @@ def sort(conditions: Iterable[Condition]) -> list[Condition]:
 def changed(old: Condition | None, new: Condition) -> bool:
     """Whether the change deserves an event: status or reason moved."""
     return old is None or old.status != new.status or old.reason != new.reason
+
+
+# Phases (`status.phase`) in which the operator cannot move on by itself: the spec's own work failed, the
+# world lacks what the spec needs, or the rollout was rolled back (the same spec stays rolled back).
+STALLED_PHASES: Final = frozenset({"Failed", "Degraded", "RolledBack"})
+# Wave holds that need a person rather than time: the first rollout's pods fail (no stable revision to
+# roll back to), or analysis cannot be evaluated (Prometheus unreachable or a query it rejects). Other holds
+# (inconclusive analysis, offline nodes with `Wait`, a pause) are a rollout still under way.
+STALLING_GATE_REASONS: Final = frozenset({Reason.INITIAL_FAILING, Reason.ANALYSIS_ERROR})
+
+
+def progress_conditions(conditions: Sequence[Condition], phase: str) -> tuple[Condition, Condition]:
+    """kstatus's `Reconciling` and `Stalled` from the other conditions and the phase.
+
+    Stalled=True (kstatus `Failed`): phase Failed or Degraded (reason and message of `Degraded`), phase
+    RolledBack (those of `RolledBack`), or a wave held by a gate in `STALLING_GATE_REASONS`. Otherwise
+    Reconciling=True (kstatus `InProgress`) unless the phase is Healthy, with the reason of the condition
+    that says what moves: `VariantsVerified` while compressing, else `EdgeProgressing` when True (the
+    wave's gate: WaitingForReady, Baking, StagePause, ...), else `Ready`'s. Never both True: kstatus reads the first
+    True one in list order, so both would make the answer depend on order.
+    """
+    by_type = {c.type: c for c in conditions}
+    edge = by_type.get(EDGE_PROGRESSING)
+    cause: Condition | None = None
+    if phase in STALLED_PHASES:
+        cause = by_type.get(ROLLED_BACK if phase == "RolledBack" else DEGRADED)
+    elif edge is not None and edge.is_true and edge.reason in STALLING_GATE_REASONS:
+        cause = edge
+    if cause is not None:
+        return (
+            Condition(RECONCILING, "False", Reason.STALLED, f"stalled: {cause.reason}"),
+            Condition(STALLED, "True", cause.reason, cause.message),
+        )
+    stalled = Condition(STALLED, "False", Reason.AS_EXPECTED, "")
+    if phase == "Healthy":
+        return Condition(RECONCILING, "False", Reason.AVAILABLE, ""), stalled
+    verified = by_type.get(VARIANTS_VERIFIED)
+    if verified is not None and verified.status == "Unknown":
+        source = verified
+    elif edge is not None and edge.is_true:
+        source = edge
+    else:
+        source = by_type.get(READY) or Condition(READY, "Unknown", Reason.RECONCILING, "")
+    return Condition(RECONCILING, "True", source.reason, source.message), stalled

@@ -1,5 +1,13 @@
 """Label and annotation keys Kiri puts on (or reads from) objects, the names it gives its children, and the
-owner reference that ties them to their ModelDeployment."""
+owner reference that ties them to their ModelDeployment.
+
+Children carry the recommended `app.kubernetes.io/` name, component, part-of and managed-by labels but
+never `app.kubernetes.io/instance`: that is Argo CD's default tracking label, and an Application named like
+the ModelDeployment would take Kiri's children for its own and prune them. Kiri finds its children by
+`kiri.dev/modeldeployment` alone. An operator older than this applied the instance label; the new labels
+change every child's spec hash, so the next reconcile re-applies each child, and server-side apply drops
+the field Kiri's field manager owned and no longer sends.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +19,9 @@ from kiri_operator.api.names import API_VERSION, KIND
 MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY_VALUE: Final = "kiri"
 NAME: Final = "app.kubernetes.io/name"
-INSTANCE: Final = "app.kubernetes.io/instance"
 COMPONENT: Final = "app.kubernetes.io/component"
+PART_OF: Final = "app.kubernetes.io/part-of"
+PART_OF_VALUE: Final = "kiri"
 MODEL_DEPLOYMENT: Final = "kiri.dev/modeldeployment"
 REVISION: Final = "kiri.dev/revision"
 COMPRESSION: Final = "kiri.dev/compression"
@@ -91,7 +100,7 @@ def selector_labels(md: str) -> dict[str, str]:
 def common_labels(md: str, component: str) -> dict[str, str]:
     return {
         NAME: "kiri",
-        INSTANCE: md,
+        PART_OF: PART_OF_VALUE,
         MANAGED_BY: MANAGED_BY_VALUE,
         COMPONENT: component,
         MODEL_DEPLOYMENT: md,

@@ -47,7 +47,7 @@ def test_crd_is_established_structural_and_explained(crd_installed: Cluster) -> 
     assert conditions["NamesAccepted"]["status"] == "True"
     # The API server flags non-structural schemas with this condition; a structural one never has it.
     assert "NonStructuralSchema" not in conditions
-    assert crd["status"]["acceptedNames"]["shortNames"] == ["md"]
+    assert crd["status"]["acceptedNames"]["shortNames"] == ["mdep"]
     # The API server publishes a new CRD's OpenAPI a few seconds after Established; explain reads that.
     explained = crd_installed.wait_for(
         lambda: crd_installed.kubectl("explain", "modeldeployments.spec.rollout.stages"),
@@ -188,7 +188,7 @@ def test_status_subresource_keeps_what_the_operator_writes(
     assert stored["status"] == status.dump()
     assert ModelDeploymentStatus.model_validate(stored["status"]) == status
 
-    table = crd_installed.kubectl("get", "md", name, "-n", namespace, "-o", "wide")
+    table = crd_installed.kubectl("get", "mdep", name, "-n", namespace, "-o", "wide")
     header, row = table.strip().splitlines()
     assert header.split() == [
         "NAME", "PHASE", "CLOUD", "UPDATED", "TARGET", "STAGE", "REVISION", "UPDATE", "MODEL", "AGE"

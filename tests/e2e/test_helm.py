@@ -445,7 +445,11 @@ def test_install_upgrade_uninstall(
     cluster: Cluster, namespace: str, release: tuple[str, dict[str, str]]
 ) -> None:
     name, env = release
-    helm(env, "install", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
+    # The CRD is the other e2e tests' (applied with kubectl): this release leaves it alone.
+    helm(
+        env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false",
+        "--wait", "--timeout", "120s",
+    )  # fmt: skip
 
     pod = cluster.wait_for(
         lambda: _ready_operator_pod(cluster, namespace, name),
@@ -519,6 +523,84 @@ def test_install_upgrade_uninstall(
     ).strip()
 
 
+# The chart version before the CRD moved into templates/ (it sat in crds/, which Helm never upgrades).
+PREVIOUS_CHART = ("0.1.0", "d99f8ac")
+CRD_NAME = "modeldeployments.kiri.dev"
+
+
+def _previous_chart(tmp_path: Path) -> Path:
+    archive = subprocess.run(
+        ["git", "-C", str(REPO_ROOT), "archive", PREVIOUS_CHART[1], "helm/kiri"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True, timeout=60)
+    chart = tmp_path / "helm" / "kiri"
+    assert yaml.safe_load((chart / "Chart.yaml").read_text())["version"] == PREVIOUS_CHART[0]
+    return chart
+
+
+def test_helm_upgrade_from_the_previous_chart_version_updates_the_crd_and_uninstall_keeps_it(
+    cluster: Cluster, namespace: str, release: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    name, env = release
+    old_chart = _previous_chart(tmp_path)
+    # The cluster as chart 0.1.0 leaves it: its CRD (from its crds/, which `helm install` skips when the
+    # CRD exists), with the short name `md` the new CRD drops.
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(old_chart / "crds"))
+    helm(env, "install", name, str(old_chart), "--namespace", namespace, "--wait", "--timeout", "120s")
+    before = cluster.get_json("crd", CRD_NAME)
+    assert before["spec"]["names"]["shortNames"] == ["md"]
+    try:
+        # The one-time adoption docs/operations.md gives for upgrades from 0.1.0.
+        cluster.kubectl("label", "crd", CRD_NAME, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+        cluster.kubectl(
+            "annotate", "crd", CRD_NAME, "--overwrite",
+            f"meta.helm.sh/release-name={name}", f"meta.helm.sh/release-namespace={namespace}",
+        )  # fmt: skip
+        helm(env, "upgrade", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
+        after = cluster.get_json("crd", CRD_NAME)
+        assert after["spec"]["names"]["shortNames"] == ["mdep"]
+        assert after["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        conditions = after["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+        assert "Reconciling" in conditions["properties"]["conditions"]["description"]
+        cluster.wait_for(
+            lambda: any(
+                c["type"] == "Established" and c["status"] == "True"
+                for c in cluster.get_json("crd", CRD_NAME)["status"]["conditions"]
+            ),
+            timeout=30,
+            message="CRD established",
+        )
+        manifest = helm(env, "get", "manifest", name, "--namespace", namespace).stdout
+        assert f"name: {CRD_NAME}" in manifest  # now part of the release, so the next upgrade updates it too
+
+        helm(env, "uninstall", name, "--namespace", namespace, "--wait", "--timeout", "120s")
+        kept = cluster.get_json("crd", CRD_NAME)  # resource-policy keep: no ModelDeployment was deleted
+        assert kept["metadata"]["uid"] == before["metadata"]["uid"]
+    finally:
+        # Leave the CRD as the other e2e tests expect it: current, and owned by no release.
+        cluster.kubectl("label", "crd", CRD_NAME, "app.kubernetes.io/managed-by-", check=False)
+        cluster.kubectl(
+            "annotate", "crd", CRD_NAME, "meta.helm.sh/release-name-", "meta.helm.sh/release-namespace-",
+            "helm.sh/resource-policy-", check=False,
+        )  # fmt: skip
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
+
+
+def test_crds_install_false_renders_no_crd_and_true_renders_it_kept(helm_env: dict[str, str]) -> None:
+    def crds(*set_args: str) -> list[dict[str, Any]]:
+        return [d for d in render(helm_env, *set_args) if d["kind"] == "CustomResourceDefinition"]
+
+    (crd,) = crds()
+    assert crd["metadata"]["name"] == CRD_NAME
+    assert crd["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert crds("--set", "crds.install=false") == []
+    (unkept,) = crds("--set", "crds.keep=false")
+    assert not (unkept["metadata"].get("annotations") or {})
+
+
 def _token_kubeconfig(cluster: Cluster, namespace: str, account: str, path: Path) -> Path:
     """A kubeconfig that authenticates as a ServiceAccount (a real token from the TokenRequest API)."""
     admin = yaml.safe_load(Path(cluster.kubeconfig).read_text())
@@ -553,10 +635,10 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
 
     name, env = release
     helm(
-        env, "install", name, str(CHART), "--namespace", namespace,
+        env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false",
         "--set", f"operator.watchNamespaces={{{namespace}}}", "--wait", "--timeout", "120s",
     )  # fmt: skip
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
     kubeconfig = _token_kubeconfig(cluster, namespace, name, tmp_path / "operator.kubeconfig")
     op_env = {**cluster.env, "KUBECONFIG": str(kubeconfig)}
     metrics_port, health_port = free_port(), free_port()
@@ -622,8 +704,11 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
         assert requests, exposition[:2000]
         refused = [line for line in requests if re.search(r'code="(401|403)"', line)]
         assert not refused, refused
+        # A 403 as httpx logs it ("HTTP/1.1 403 Forbidden"), not any "403" (a timestamp's ",403" ms matched).
         forbidden = [
-            line for line in log_path.read_text().splitlines() if "Forbidden" in line or "403" in line
+            line
+            for line in log_path.read_text().splitlines()
+            if "Forbidden" in line or re.search(r"HTTP/[\d.]+ 403\b", line)
         ]
         assert not forbidden, "\n".join(forbidden)
     finally:

@@ -142,7 +142,7 @@ def test_model_deployment_reconciles_into_cloud_compression_and_edge(
     assert {"Created", "Verified", "Promoted"} <= reasons
     if unmatched:
         assert "UnmatchedNodes" in reasons
-    row = cluster.kubectl("get", "md", "tiny", "-n", namespace, "--no-headers").split()
+    row = cluster.kubectl("get", "mdep", "tiny", "-n", namespace, "--no-headers").split()
     assert row[:5] == ["tiny", "Healthy", "1", str(len(placed)), str(len(placed))], row
 
     # Operator metrics: reconcile histogram, API requests by verb and resource, nodes per variant.
@@ -188,7 +188,7 @@ def test_steady_state_and_metadata_changes_make_no_writes_and_deletion_removes_e
         before_writes, before_versions = operator.write_breakdown(), versions()
         before_status = get_md(cluster, namespace, "tiny")["status"]
         reconciles = operator.reconciles()
-        cluster.kubectl("label", "md", "tiny", "-n", namespace, f"team=vision-{attempt}", "--overwrite")
+        cluster.kubectl("label", "mdep", "tiny", "-n", namespace, f"team=vision-{attempt}", "--overwrite")
         cluster.wait_for(
             lambda r=reconciles: operator.reconciles() > r, timeout=30, message="reconcile after label"
         )
@@ -215,7 +215,7 @@ def test_steady_state_and_metadata_changes_make_no_writes_and_deletion_removes_e
     assert not md["metadata"].get("finalizers")
 
     # Deleting the ModelDeployment removes every child (owner references, garbage collector).
-    cluster.kubectl("delete", "md", "tiny", "-n", namespace, "--wait=true", timeout=60)
+    cluster.kubectl("delete", "mdep", "tiny", "-n", namespace, "--wait=true", timeout=60)
 
     def gone() -> bool:
         left = []

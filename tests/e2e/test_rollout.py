@@ -11,14 +11,19 @@ output and publish it with the Job's own `kiri publish-manifest` step.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gitops_health import argocd_health, kstatus, kstatus_binary, record
 
 from .conftest import Cluster
 from .operator_harness import (
@@ -53,12 +58,40 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The model, the artifact store, and (once built) the compressor's output directory to copy."""
     root = tmp_path_factory.mktemp("rollout")
     model, sha = build_model(root)
-    return {"model": model, "sha": sha, "store": root / "store", "built": None}
+    return {
+        "model": model,
+        "sha": sha,
+        "store": root / "store",
+        "built": None,
+        "kstatus": kstatus_binary(),
+    }
 
 
 @pytest.fixture
 def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
     yield from operator_fixture(cluster, namespace)
+
+
+@pytest.fixture(scope="module")
+def plugin_env(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """cluster.env with `kubectl-kiri` on the PATH (what the `kubectl-kiri` entry point installs), so the
+    tests run `kubectl kiri ...` through kubectl's own plugin lookup."""
+    bin_dir = tmp_path_factory.mktemp("plugin")
+    shim = bin_dir / "kubectl-kiri"
+    shim.write_text(
+        f"#!/bin/sh\nexec {sys.executable} -c "
+        "'import sys; from kiri_operator.cli import kubectl_main; sys.exit(kubectl_main())' \"$@\"\n"
+    )
+    shim.chmod(0o755)
+    env = dict(cluster.env)
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    return env
+
+
+def kubectl_kiri(env: dict[str, str], *args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", "kiri", *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
 
 
 class Rollout:
@@ -101,6 +134,16 @@ class Rollout:
 
     def status(self) -> dict[str, Any]:
         return dict(self.md().get("status") or {})
+
+    def health(self, name: str, flux: str, argocd: str) -> dict[str, Any]:
+        """What Flux (kstatus) and Argo CD (deploy/argocd's Lua) read from the object as it is now; the
+        object is recorded as testdata NAME when KIRI_RECORD_HEALTH_TESTDATA is set."""
+        md = self.md()
+        record(md, name)
+        seen = {"kstatus": kstatus(md, self.store["kstatus"]), "argocd": argocd_health(md)}
+        got = (seen["kstatus"]["status"], seen["argocd"]["status"])
+        assert got == (flux, argocd), (name, seen, md.get("status", {}).get("conditions"))
+        return seen
 
     def placement(self) -> dict[str, str]:
         """node -> revision, from the DaemonSets' node affinity (what the operator decided)."""
@@ -255,7 +298,7 @@ def test_waves_walk_site_by_site_with_status_and_cli(
 
 
 def test_a_never_ready_canary_rolls_back_and_the_same_spec_is_not_rolled_out_again(
-    cluster: Cluster, namespace: str, operator: Operator, store: dict[str, Any]
+    cluster: Cluster, namespace: str, operator: Operator, store: dict[str, Any], plugin_env: dict[str, str]
 ) -> None:
     r = Rollout(
         cluster,
@@ -264,7 +307,16 @@ def test_a_never_ready_canary_rolls_back_and_the_same_spec_is_not_rolled_out_aga
         {"stages": [{"nodes": 1, "bakeSeconds": 1}, {"percent": 100}], "progressDeadlineSeconds": 6},
     )
     rev1 = r.deploy_first()
+    r.health("healthy", "Current", "Healthy")
     r.set(pod_labels=NEVER_READY)
+    # What a pipeline runs after `kubectl apply`: it blocks through the waves and fails on the rollback.
+    waiting = subprocess.Popen(
+        ["kubectl", "kiri", "wait", NAME, "-n", namespace, "--for=healthy", "--timeout=2m"],
+        env=plugin_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     status = r.wait(lambda s: s.get("updateRevision") not in (None, rev1), what="revision 2")
     rev2 = status["updateRevision"]
     canary = cluster.wait_for(
@@ -272,6 +324,9 @@ def test_a_never_ready_canary_rolls_back_and_the_same_spec_is_not_rolled_out_aga
     )
     assert len(canary) == 1
     started = time.monotonic()
+    if r.status().get("phase") == "Progressing":  # the 6 s deadline may already have passed on a slow run
+        seen = r.health("progressing-waiting-for-ready", "InProgress", "Progressing")
+        assert seen["kstatus"]["message"].startswith("step 1/2: "), seen
     status = r.wait_phase("RolledBack", timeout=60)
     latency = time.monotonic() - started
     rolled = condition({"status": status}, "RolledBack")
@@ -280,6 +335,13 @@ def test_a_never_ready_canary_rolls_back_and_the_same_spec_is_not_rolled_out_aga
     assert status["currentRevision"] == rev1
     assert status["history"][-1]["outcome"] == "RolledBack" and status["history"][-1]["revision"] == rev2
     assert r.events("RolledBack")
+    _, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 1, err
+    assert f"will not be healthy: rolled back to {rev1}" in err
+    out = kubectl_kiri(plugin_env, "wait", NAME, "-n", namespace, "--for=rolledback", "--timeout=30s")
+    assert out.returncode == 0, out.stderr
+    seen = r.health("rolled-back", "Failed", "Degraded")
+    assert seen["argocd"]["message"].startswith(f"Rolled back to {rev1}: ProgressDeadlineExceeded"), seen
     assert set(r.placement().values()) == {rev1}
     cluster.wait_for(
         lambda: (
@@ -295,14 +357,17 @@ def test_a_never_ready_canary_rolls_back_and_the_same_spec_is_not_rolled_out_aga
 
     # GitOps re-applies the same spec (and touches the object): no node moves to revision 2 again.
     r.apply()
-    cluster.kubectl("annotate", "md", NAME, "-n", namespace, "sync=again", "--overwrite")
+    cluster.kubectl("annotate", "mdep", NAME, "-n", namespace, "sync=again", "--overwrite")
     for _ in range(12):
         assert rev2 not in r.placement().values()
         assert r.status()["phase"] == "RolledBack"
         time.sleep(0.5)
+    r.health("rolled-back-same-spec-reapplied", "Failed", "Degraded")
 
     # A changed spec rolls out again, and completes.
     r.set(pod_labels={"build": "3"})
+    out = kubectl_kiri(plugin_env, "wait", NAME, "-n", namespace, "--for=healthy", "--timeout=90s")
+    assert out.returncode == 0, out.stderr
     status = r.wait(
         lambda s: s.get("phase") == "Healthy" and s.get("currentRevision") not in (rev1, rev2),
         timeout=90,
@@ -310,6 +375,7 @@ def test_a_never_ready_canary_rolls_back_and_the_same_spec_is_not_rolled_out_aga
     )
     assert condition({"status": status}, "RolledBack")["status"] == "False"
     assert set(r.placement().values()) == {status["currentRevision"]}
+    r.health("healthy-after-rolling-forward", "Current", "Healthy")
 
 
 # --- offline nodes ------------------------------------------------------------------------------------
@@ -383,7 +449,7 @@ def test_offline_nodes_skip_wait_and_fail(
 
 
 def test_pause_promote_and_abort_through_the_cli(
-    cluster: Cluster, namespace: str, operator: Operator, store: dict[str, Any]
+    cluster: Cluster, namespace: str, operator: Operator, store: dict[str, Any], plugin_env: dict[str, str]
 ) -> None:
     r = Rollout(
         cluster,
@@ -397,12 +463,18 @@ def test_pause_promote_and_abort_through_the_cli(
     # paused in the spec: nothing moves.
     r.set(pod_labels={"build": "2"}, paused=True)
     status = r.wait_phase("Paused")
+    r.health("paused", "InProgress", "Suspended")
+    out = kubectl_kiri(plugin_env, "wait", NAME, "-n", namespace, "--timeout=2s")
+    assert out.returncode == 2 and "timed out after 2s" in out.stderr, out
+    shown = kubectl_kiri(plugin_env, "status", NAME, "-n", namespace, "-o", "json")
+    assert json.loads(shown.stdout)["status"]["phase"] == "Paused", shown.stderr
     time.sleep(1.5)
     assert set(r.placement().values()) == {rev1}
     r.set(paused=False)
     status = r.wait(lambda s: (s.get("edge") or {}).get("updatedNodes") == 1, what="canary moved")
     r.wait(lambda s: condition({"status": s}, "EdgeProgressing").get("reason") == "Baking", what="baking")
     rev2 = status["updateRevision"]
+    r.health("progressing-baking", "InProgress", "Progressing")
 
     # promote skips the hour-long bake.
     out = r.kiri("promote")
@@ -424,6 +496,7 @@ def test_pause_promote_and_abort_through_the_cli(
     assert out.returncode == 0, out.stderr
     status = r.wait_phase("RolledBack", timeout=30)
     assert condition({"status": status}, "RolledBack")["reason"] == "Aborted"
+    r.health("rolled-back-aborted", "Failed", "Degraded")
     assert set(r.placement().values()) == {rev2}
     # The spec was never touched: GitOps still owns it.
     assert r.md()["spec"]["edge"]["podLabels"] == {"build": "3"}

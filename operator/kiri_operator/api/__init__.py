@@ -2,7 +2,7 @@
 
 Read a spec with `ModelDeploymentSpec.model_validate(body["spec"])` (camelCase keys) and write a status
 with `status.dump()` (camelCase, no nulls, RFC 3339 times). `python -m kiri_operator.api.generating`
-regenerates crds/, helm/kiri/crds/ and docs/api.md from these models.
+regenerates crds/, helm/kiri/templates/crds/ and docs/api.md from these models.
 """
 
 from kiri_operator.api.bases import ApiModel, StatusModel

@@ -25,8 +25,8 @@ serve one model in full on cloud GPU nodes, build compressed variants of it, ver
 against the full model, and roll the variants that pass onto edge nodes in staged waves, rolling back on its own
 when a gate fails.
 
-- CRD: [`crds/modeldeployment.yaml`](../crds/modeldeployment.yaml) (the Helm chart ships the same file in
-  `helm/kiri/crds/`). Print it with `kiri crd`.
+- CRD: [`crds/modeldeployment.yaml`](../crds/modeldeployment.yaml) (the Helm chart installs and upgrades the
+  same CRD from `helm/kiri/templates/crds/`, switch `crds.install`). Print it with `kiri crd`.
 - Source of truth: the pydantic models in `operator/kiri_operator/api/` (`specs.py`, `statuses.py`). The CRD and
   this page are generated from them; `make crds-check` (part of `make lint`) fails when either is stale.
 - Examples: [`examples/`](../examples/).
@@ -193,7 +193,7 @@ def _anchor(path: str) -> str:
 def api_reference(crd: JsonDict) -> str:
     version = crd["spec"]["versions"][0]
     schema = version["schema"]["openAPIV3Schema"]
-    lines = [INTRO, "## Printer columns", "", "`kubectl get md` shows:", ""]
+    lines = [INTRO, "## Printer columns", "", "`kubectl get mdep` shows:", ""]
     lines += ["| Column | JSONPath | Shown | Description |", "|---|---|---|---|"]
     for column in version["additionalPrinterColumns"]:
         shown = "with `-o wide`" if column.get("priority", 0) > 0 else "always"

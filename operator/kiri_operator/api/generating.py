@@ -1,6 +1,6 @@
 """Generates the CRD and the API reference from the pydantic models, and checks them for drift.
 
-    python -m kiri_operator.api.generating            # write crds/, helm/kiri/crds/, docs/api.md
+    python -m kiri_operator.api.generating            # write crds/, the chart's CRD template, docs/api.md
     python -m kiri_operator.api.generating --check    # exit 1 if any committed file differs
 
 Pydantic's JSON Schema is close to what the API server wants but not structural: it uses `$ref`, wraps
@@ -32,7 +32,10 @@ JsonDict = dict[str, Any]
 GENERATED_HEADER = (
     "# Generated from operator/kiri_operator/api by `python -m kiri_operator.api.generating`. Do not edit.\n"
 )
-CRD_PATHS = (Path("crds/modeldeployment.yaml"), Path("helm/kiri/crds/modeldeployment.yaml"))
+CRD_PATHS = (Path("crds/modeldeployment.yaml"),)
+# The chart installs and upgrades the CRD as a template (Helm never upgrades what sits in crds/), behind
+# `crds.install`, kept on uninstall with `crds.keep` (deleting a CRD deletes every ModelDeployment).
+HELM_CRD_PATH = Path("helm/kiri/templates/crds/modeldeployment.yaml")
 DOCS_PATH = Path("docs/api.md")
 
 PRINTER_COLUMNS: list[JsonDict] = [
@@ -310,8 +313,28 @@ def rendered() -> dict[Path, str]:
 
     text = crd_yaml()
     files = dict.fromkeys(CRD_PATHS, text)
+    files[HELM_CRD_PATH] = helm_crd_template(text)
     files[DOCS_PATH] = api_reference(crd())
     return files
+
+
+def helm_crd_template(text: str) -> str:
+    """The CRD as a chart template: rendered only with `crds.install`, annotated `helm.sh/resource-policy:
+    keep` with `crds.keep`. The CRD's own YAML is left as generated, so it holds no template syntax."""
+    assert "{{" not in text, "the CRD text must not look like a Helm template"
+    body = text.removeprefix(GENERATED_HEADER)
+    anchor = "metadata:\n  name: " + names.CRD_NAME + "\n"
+    assert anchor in body
+    annotated = body.replace(
+        anchor,
+        anchor
+        + "  annotations:\n"
+        + "    {{- if .Values.crds.keep }}\n"
+        + "    helm.sh/resource-policy: keep\n"
+        + "    {{- end }}\n",
+        1,
+    )
+    return GENERATED_HEADER + "{{- if .Values.crds.install }}\n" + annotated + "{{- end }}\n"
 
 
 def default_root() -> Path:

@@ -11,6 +11,8 @@ KIND: Final = "ModelDeployment"
 LIST_KIND: Final = "ModelDeploymentList"
 PLURAL: Final = "modeldeployments"
 SINGULAR: Final = "modeldeployment"
-SHORT_NAMES: Final = ("md",)
+# `md` is Cluster API's MachineDeployment (and kubectl would pick one of the two): `mdep` collides with
+# no common CRD.
+SHORT_NAMES: Final = ("mdep",)
 CATEGORIES: Final = ("kiri",)
 CRD_NAME: Final = f"{PLURAL}.{GROUP}"

@@ -47,7 +47,8 @@ class Condition(StatusModel):
     """The metav1.Condition shape, so `kubectl wait --for=condition=Ready` works."""
 
     type: Annotated[str, Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)]
-    """CamelCase type: Ready, CloudReady, VariantsVerified, EdgeProgressing, EdgeRolledOut, Degraded, RolledBack."""
+    """CamelCase type: Ready, Reconciling, Stalled, CloudReady, VariantsVerified, EdgeProgressing, EdgeRolledOut,
+    Degraded, RolledBack."""
     status: ConditionStatus
     """`True`, `False` or `Unknown`."""
     reason: Annotated[str, Field(min_length=1, max_length=1024, pattern=CONDITION_REASON_PATTERN)]
@@ -328,7 +329,9 @@ class ModelDeploymentStatus(StatusModel):
         list[Condition],
         Field(json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
     ] = []
-    """Ready, CloudReady, VariantsVerified, EdgeProgressing, EdgeRolledOut, Degraded, RolledBack."""
+    """Ready, Reconciling, Stalled, CloudReady, VariantsVerified, EdgeProgressing, EdgeRolledOut, Degraded,
+    RolledBack. `Reconciling` and `Stalled` are kstatus's (what Flux reads): Reconciling=True while a rollout
+    moves, Stalled=True when it cannot (rolled back, a gate that needs a person, a fault, an invalid spec)."""
     current_revision: str | None = None
     """The last revision fully rolled out and promoted (the rollback target)."""
     update_revision: str | None = None

@@ -28,12 +28,13 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 DEFAULT_KUBECONFIG = "~/.kube/config"
 
 
-def load(kubeconfig: str | None = None) -> Credentials:
-    """The pod's service account when running in a cluster and no kubeconfig is named, else the kubeconfig
-    (`kubeconfig`, else KUBECONFIG, else ~/.kube/config)."""
-    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+def load(kubeconfig: str | None = None, context: str | None = None) -> Credentials:
+    """The pod's service account when running in a cluster and neither a kubeconfig nor a context is named,
+    else the kubeconfig (`kubeconfig`, else KUBECONFIG, else ~/.kube/config) at `context` (else its current
+    context), as kubectl's `--kubeconfig` and `--context` do."""
+    if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
         return in_cluster()
-    return from_kubeconfig(kubeconfig)
+    return from_kubeconfig(kubeconfig, context=context)
 
 
 def in_cluster(
@@ -91,30 +92,36 @@ class _Merged:
 
 
 def from_kubeconfig(
-    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    context: str | None = None,
 ) -> Credentials:
-    """The current context of a kubeconfig. `path` (else KUBECONFIG, else ~/.kube/config) may list several
-    files separated by os.pathsep: they are merged as kubectl does, the first file to set a value wins."""
+    """The current context of a kubeconfig, or `context`. `path` (else KUBECONFIG, else ~/.kube/config) may
+    list several files separated by os.pathsep: they are merged as kubectl does, the first file to set a
+    value wins."""
     env = os.environ if environ is None else environ
     merged = _merge(_kubeconfig_files(path, env))
-    current = merged.current_context
+    if context is not None and context not in merged.contexts:
+        raise CredentialsError(f"{merged.named}: no context named {context!r}")
+    current = context or merged.current_context
     if not current:
         raise CredentialsError(
             f"{merged.named} has no current-context: choose one with `kubectl config use-context NAME`"
         )
     if current not in merged.contexts:
         raise CredentialsError(f"{merged.named}: the current-context {current!r} is not among its contexts")
-    context = merged.contexts[current]
-    where = f"context {current!r} of {context.file}"
-    cluster_name, user_name = context.body.get("cluster"), context.body.get("user")
+    entry = merged.contexts[current]
+    where = f"context {current!r} of {entry.file}"
+    cluster_name, user_name = entry.body.get("cluster"), entry.body.get("user")
     if not isinstance(cluster_name, str) or cluster_name not in merged.clusters:
         raise CredentialsError(f"{merged.named}: the cluster {cluster_name!r} of {where} is not defined")
-    user = _Entry({}, context.file)
+    user = _Entry({}, entry.file)
     if user_name:
         if not isinstance(user_name, str) or user_name not in merged.users:
             raise CredentialsError(f"{merged.named}: the user {user_name!r} of {where} is not defined")
         user = merged.users[user_name]
-    namespace = context.body.get("namespace")
+    namespace = entry.body.get("namespace")
     return _credentials(
         merged.clusters[cluster_name],
         cluster_name,

@@ -9,7 +9,7 @@ rollout passes through on every wave, whose moves the rollout's own Events alrea
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from kiri_operator import conditions as C
@@ -73,6 +73,9 @@ def plan_status(
     new_conditions = cloud.conditions + comp.conditions + edge.conditions
     new_conditions += [_ready(tiers, out.ready), _degraded(tiers)]
     conds, out.events = _merge_conditions(observed, new_conditions)
+    # The phase from the conditions it summarizes, not from the stored Reconciling/Stalled it decides.
+    phase = _phase([c for c in conds if c.type not in C.SUMMARY_TYPES])
+    conds = _set_progress(observed, conds, phase)
 
     if observed.status.get("updateRevision") != revision:
         msg = f"revision {revision} (model {spec.model.version}, compression {comp.key})"
@@ -103,7 +106,7 @@ def plan_status(
 
     out.status = {
         "observedGeneration": observed.generation,
-        "phase": _phase(conds),
+        "phase": phase,
         "conditions": [c.to_dict() for c in conds],
         "updateRevision": revision,
         "cloud": {"replicas": spec.cloud.replicas, "ready": cloud.ready_replicas},
@@ -161,6 +164,14 @@ def _merge_conditions(
     return conds, events
 
 
+def _set_progress(observed: Observed, conds: list[Condition], phase: str) -> list[Condition]:
+    """kstatus's Reconciling and Stalled set on `conds` (no Event: the conditions they summarize tell)."""
+    for new in C.progress_conditions(conds, phase):
+        new = replace(new, message=new.message[:4000], observed_generation=observed.generation)
+        conds = C.set_condition(conds, new, observed.now)
+    return conds
+
+
 def _phase(conds: list[Condition]) -> str:
     get = {c.type: c for c in conds}
     verified, cloud = get.get(C.VARIANTS_VERIFIED), get.get(C.CLOUD_READY)
@@ -192,6 +203,7 @@ def invalid_spec_status(observed: Observed, message: str) -> Plan:
         conds = C.set_condition(
             conds, Condition(**{**new.__dict__, "observed_generation": observed.generation}), observed.now
         )
+    conds = _set_progress(observed, conds, "Failed")
     status = dict(observed.status)
     status.update(
         observedGeneration=observed.generation, phase="Failed", conditions=[c.to_dict() for c in conds]

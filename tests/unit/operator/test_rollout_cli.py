@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kiri_operator.cli import build_parser
-from kiri_operator.rollout_commands import age, render_list, render_status
+from kiri_operator.rollout_views import age, render_list, render_status
 from planning_worlds import NOW, FakeServer, manifest, observed, spec
 
 pytestmark = pytest.mark.timeout(30)

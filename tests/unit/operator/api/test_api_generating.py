@@ -59,7 +59,7 @@ def test_crd_identity() -> None:
     assert spec["scope"] == "Namespaced"
     assert spec["names"]["kind"] == "ModelDeployment"
     assert spec["names"]["plural"] == "modeldeployments"
-    assert spec["names"]["shortNames"] == ["md"]
+    assert spec["names"]["shortNames"] == ["mdep"]
     assert VERSION["name"] == "v1alpha1"
     assert VERSION["served"] and VERSION["storage"]
     assert VERSION["subresources"] == {"status": {}}
@@ -183,10 +183,19 @@ def test_drift_check_catches_a_stale_file(tmp_path: Path, capsys: pytest.Capture
     assert set(generating.drift(tmp_path)) == {Path("crds/modeldeployment.yaml"), Path("docs/api.md")}
 
 
-def test_generated_files_are_identical_for_crds_and_helm() -> None:
+def test_the_charts_crd_template_is_the_crd_behind_its_switches() -> None:
     files = generating.rendered()
-    assert files[Path("crds/modeldeployment.yaml")] == files[Path("helm/kiri/crds/modeldeployment.yaml")]
     assert yaml.safe_load(files[Path("crds/modeldeployment.yaml")]) == CRD
+    template = files[Path("helm/kiri/templates/crds/modeldeployment.yaml")]
+    lines = template.splitlines()
+    assert lines[1] == "{{- if .Values.crds.install }}" and lines[-1] == "{{- end }}"
+    # Without the template lines it is the CRD, plus the keep annotation.
+    plain = "\n".join(line for line in lines if "{{" not in line)
+    assert yaml.safe_load(plain) == {
+        **CRD,
+        "metadata": {**CRD["metadata"], "annotations": {"helm.sh/resource-policy": "keep"}},
+    }
+    assert not (REPO / "helm" / "kiri" / "crds").exists()  # Helm would install it twice, and never upgrade it
 
 
 def test_kiri_crd_prints_the_committed_crd(capsys: pytest.CaptureFixture[str]) -> None:
@@ -227,3 +236,22 @@ def test_every_field_is_described_for_kubectl_explain() -> None:
         and not node.get("description")
     ]
     assert undescribed == []
+
+
+# Short names kubectl already resolves elsewhere: built-in kinds, Cluster API (MachineDeployment is `md`),
+# Argo CD / Argo Rollouts, Flux, cert-manager, KServe, Knative, Crossplane. A clash makes `kubectl get NAME`
+# pick one kind of the two.
+COMMON_SHORT_NAMES = {
+    *("po", "svc", "cm", "ns", "no", "pv", "pvc", "sa", "ep", "ev", "rc", "limits", "quota", "netpol"),
+    *("deploy", "ds", "sts", "rs", "cj", "hpa", "pdb", "ing", "sc", "crd", "crds", "csr", "pc", "psp"),
+    *("md", "ms", "mp", "mhc", "kcp", "cc", "cl"),
+    *("app", "apps", "appproj", "appprojs", "appset", "appsets", "ro", "rollout", "at", "cat"),
+    *("ks", "hr", "gitrepo", "helmrepo", "hc", "ocirepo", "bucket"),
+    *("cert", "certs", "cr", "crs", "isvc", "ksvc", "kservice", "rev", "route", "cfg", "xrd", "comp"),
+}
+
+
+def test_short_names_collide_with_no_common_kind() -> None:
+    assert CRD["spec"]["names"]["shortNames"] == ["mdep"]
+    assert not set(CRD["spec"]["names"]["shortNames"]) & COMMON_SHORT_NAMES
+    assert CRD["spec"]["names"]["categories"] == ["kiri"]

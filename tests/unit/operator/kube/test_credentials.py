@@ -393,3 +393,25 @@ def test_load_prefers_the_service_account_in_a_cluster(
 
 def test_credentials_without_auth_have_no_header() -> None:
     assert Credentials(server="https://h").authorization() is None
+
+
+def test_context_picks_another_context_as_kubectls_context_flag_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")  # a named context wins over in-cluster too
+    cfg = write(
+        tmp_path / "config",
+        kubeconfig(
+            current="dev",
+            contexts={
+                "dev": {"cluster": "a", "namespace": "dev-ns"},
+                "prod": {"cluster": "b", "namespace": "prod-ns"},
+            },
+            clusters={"a": {"server": "https://a:6443"}, "b": {"server": "https://b:6443"}},
+        ),
+    )
+    assert loading.from_kubeconfig(cfg).server == "https://a:6443"
+    prod = loading.load(str(cfg), context="prod")
+    assert (prod.server, prod.default_namespace) == ("https://b:6443", "prod-ns")
+    with pytest.raises(CredentialsError, match=r"no context named 'staging'"):
+        loading.load(str(cfg), context="staging")
