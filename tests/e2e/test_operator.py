@@ -193,7 +193,7 @@ def test_steady_state_and_metadata_changes_make_no_writes_and_deletion_removes_e
             lambda r=reconciles: operator.reconciles() > r, timeout=30, message="reconcile after label"
         )
         reconciles = operator.reconciles()
-        cluster.kubectl("annotate", "md", "tiny", "-n", namespace, f"note=hello-{attempt}", "--overwrite")
+        cluster.kubectl("annotate", "mdep", "tiny", "-n", namespace, f"note=hello-{attempt}", "--overwrite")
         cluster.wait_for(
             lambda r=reconciles: operator.reconciles() > r, timeout=30, message="reconcile after annotation"
         )
