@@ -824,6 +824,8 @@ def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, t
         log("host: a negative oom_score_adj is forbidden even to root, so containerd restricts it")
     # The kubelet rewrites these VM-wide sysctls when it starts; `down` puts back what was there first.
     real.setdefault("kernel_tunables", realnodes.read_tunables())
+    # ... and adds iptables chains (KUBE-FIREWALL and canaries); `down` removes them if they were not there.
+    real.setdefault("kubelet_chains_before", realnodes.kubelet_chains_present())
     pause = subprocess.run(
         [sys.executable, str(HACK_DIR / "images.py"), "build", "pause"],
         capture_output=True,
@@ -1109,6 +1111,9 @@ def _up(args: argparse.Namespace, paths: Paths, bins: dict[str, Path]) -> int:
             # How it authenticates to real kubelets (logs, exec): the admin identity, system:masters.
             f"--kubelet-client-certificate={pki / 'admin.crt'}",
             f"--kubelet-client-key={pki / 'admin.key'}",
+            # Dial kubelets at their InternalIP: the default tries the node name first, a DNS lookup that
+            # would leave the machine.
+            "--kubelet-preferred-address-types=InternalIP",
             "--v=0",
         ],
         paths,

@@ -40,8 +40,9 @@ STATE_DIR = Path(os.environ.get("KIRI_STATE_DIR") or REPO_ROOT / ".kiri").resolv
 PAUSE_REF = "kiri.dev/pause:3.10-k8s"
 RUNTIME_REF = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
 # bookworm's python3 is 3.11, the Dockerfile's Python; python3-venv brings ensurepip (pip in the venv).
-# libgomp1: onnxruntime's wheel links it. ca-certificates: https:// and s3:// model URIs.
-RUNTIME_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libgomp1")
+# libstdc++6 and libgomp1: the onnxruntime and numpy wheels link them (python3 does not pull them in).
+# ca-certificates: https:// and s3:// model URIs.
+RUNTIME_PACKAGES = ("python3", "python3-venv", "ca-certificates", "libstdc++6", "libgomp1")
 # What a slim image drops: docs, man pages, locales, apt's lists (dpkg options of mmdebstrap).
 RUNTIME_EXCLUDES = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 KIRI_UID = 65532

@@ -232,6 +232,9 @@ def write_cni(lay: Layout, i: int, conf_dir: Path) -> None:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": subnet, "gateway": subnet.replace(".0/24", ".1")}]],
+                    # Pods answer the host (kubelet probes, tests) through the bridge; the node's own
+                    # namespace has no default route, so nothing goes further.
+                    "routes": [{"dst": "0.0.0.0/0"}],
                     # Leases with the node, not in the machine-wide /var/lib/cni.
                     "dataDir": str(lay.dir(i) / "cni-ipam"),
                 },
@@ -606,11 +609,42 @@ def teardown(lay: Layout, state: dict[str, Any] | None) -> None:
         teardown_node_files(lay, i)
     with contextlib.suppress(OSError):
         lay.root.rmdir()
-    tunables = real.get("kernel_tunables") or {}
-    if tunables and not any_kubelet_running():
-        for t, v in tunables.items():
-            with contextlib.suppress(OSError):
-                Path("/proc/sys", t).write_text(v)
+    if not real.get("kernel_tunables") or any_kubelet_running():
+        return  # no real node was started here, or another kubelet still relies on the host as it is
+    for t, v in real["kernel_tunables"].items():
+        with contextlib.suppress(OSError):
+            Path("/proc/sys", t).write_text(v)
+    if real.get("kubelet_chains_before") is False:
+        remove_kubelet_chains()
+
+
+# What the kubelet adds to the host's iptables at start (1.36 still does): a canary chain per table, a hint
+# chain, and KUBE-FIREWALL, which drops packets to 127.0.0.0/8 from other sources, hooked into INPUT and OUTPUT.
+KUBELET_CHAINS = (
+    ("filter", "KUBE-FIREWALL"),
+    ("filter", "KUBE-KUBELET-CANARY"),
+    ("nat", "KUBE-KUBELET-CANARY"),
+    ("mangle", "KUBE-KUBELET-CANARY"),
+    ("mangle", "KUBE-IPTABLES-HINT"),
+)
+
+
+def kubelet_chains_present() -> bool:
+    if shutil.which("iptables") is None:
+        return False
+    return _run("iptables", "-t", "filter", "-S", "KUBE-KUBELET-CANARY", check=False).returncode == 0
+
+
+def remove_kubelet_chains() -> None:
+    for tool in ("iptables", "ip6tables"):
+        if shutil.which(tool) is None:
+            continue
+        for hook in ("INPUT", "OUTPUT"):
+            while _run(tool, "-t", "filter", "-D", hook, "-j", "KUBE-FIREWALL", check=False).returncode == 0:
+                pass
+        for table, chain in KUBELET_CHAINS:
+            _run(tool, "-t", table, "-F", chain, check=False)
+            _run(tool, "-t", table, "-X", chain, check=False)
 
 
 def any_kubelet_running() -> bool:
