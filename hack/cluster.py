@@ -806,6 +806,8 @@ def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, t
             del procs[k]
         del nodes[name]
         api.request("DELETE", f"/api/v1/nodes/{name}")
+        if not nodes:
+            realnodes.restore_host(real)
         write_state(paths, state)
         log(f"{name}: removed")
     wanted = [i for i in range(count) if lay.name(i) not in nodes]

@@ -11,9 +11,10 @@
   host's pip (its TLS settings reach PyPI) and installed offline into the image's venv.
 
 Each image is one OCI layer (a tar) made by mmdebstrap or tar, assembled with umoci (`raw add-layer`,
-`config`) and written by skopeo as an oci-archive under $KIRI_CACHE/images/<name>-<key>.tar. The key is a
-hash of everything the image is made from (this script, the Dockerfile, the package list, pyproject.toml
-and the Python sources, or pause.c), so a warm run rebuilds nothing; the Debian packages themselves are what
+`config`) and written by skopeo as an oci-archive under $KIRI_CACHE/images/<name>-<key>.tar. The key
+is a hash of everything the image is made from (this script's recipe for it, the Dockerfile, the package
+list, pyproject.toml and the Python sources, or pause.c), so a warm run rebuilds nothing; the Debian
+packages themselves are what
 the mirror serves at the first build (the apt sources name a dated snapshot). `load` also imports the
 archives into the containerd of every real node of the cluster in $KIRI_STATE_DIR (`ctr images import`).
 """
@@ -22,14 +23,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HACK_DIR = REPO_ROOT / "hack"
@@ -96,9 +100,26 @@ def k8s_module_dir() -> Path:
     return Path(json.loads(out)["Dir"])
 
 
+def recipe(name: str) -> str:
+    """The parts of this script that make the image (not how it is loaded): edits elsewhere rebuild nothing."""
+    if name == "pause":
+        parts: list[Any] = [build_pause, oci_assemble, PAUSE_REF]
+    else:
+        parts = [
+            build_runtime,
+            wheelhouse,
+            oci_assemble,
+            RUNTIME_REF,
+            RUNTIME_PACKAGES,
+            RUNTIME_EXCLUDES,
+            KIRI_UID,
+        ]
+    return "\n".join(inspect.getsource(p) if callable(p) else repr(p) for p in parts)
+
+
 def image_key(name: str) -> str:
     h = hashlib.sha256()
-    digest(h, Path(__file__), "images.py")
+    h.update(recipe(name).encode())
     if name == "pause":
         digest(h, k8s_module_dir() / "build" / "pause" / "linux" / "pause.c", "pause.c")
         h.update(run("gcc", "--version").splitlines()[0].encode())
@@ -266,8 +287,24 @@ def real_node_sockets() -> list[tuple[str, str, str]]:
     return [(n, v["ctr"], v["containerd_socket"]) for n, v in sorted(nodes.items())]
 
 
-def import_archive(ctr: str, socket: str, archive: Path) -> None:
-    run(ctr, "--address", socket, "--namespace", "k8s.io", "images", "import", archive)
+def archive_digest(archive: Path) -> tuple[str, str]:
+    """(image name, manifest digest) recorded in an oci-archive's index.json."""
+    with tarfile.open(archive) as tar:
+        member = tar.extractfile("index.json")
+        assert member is not None
+        manifest = json.load(member)["manifests"][0]
+    return manifest["annotations"]["org.opencontainers.image.ref.name"], manifest["digest"]
+
+
+def import_archive(ctr: str, socket: str, archive: Path) -> bool:
+    """Import unless the node already has this image at this digest (a warm `load` imports nothing)."""
+    base = [ctr, "--address", socket, "--namespace", "k8s.io", "images"]
+    ref, want = archive_digest(archive)
+    listed = run(*base, "ls", f"name=={ref}")
+    if any(want in line.split() for line in listed.splitlines()[1:]):
+        return False
+    run(*base, "import", archive)
+    return True
 
 
 def load(names: list[str], force: bool = False) -> None:
@@ -275,8 +312,10 @@ def load(names: list[str], force: bool = False) -> None:
     for node, ctr, socket in real_node_sockets():
         for archive in archives:
             t0 = time.monotonic()
-            import_archive(ctr, socket, archive)
-            log(f"{archive.name}: imported into {node} in {time.monotonic() - t0:.1f}s")
+            if import_archive(ctr, socket, archive):
+                log(f"{archive.name}: imported into {node} in {time.monotonic() - t0:.1f}s")
+            else:
+                log(f"{archive.name}: already in {node}")
 
 
 def main(argv: list[str] | None = None) -> int:

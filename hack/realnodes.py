@@ -609,12 +609,17 @@ def teardown(lay: Layout, state: dict[str, Any] | None) -> None:
         teardown_node_files(lay, i)
     with contextlib.suppress(OSError):
         lay.root.rmdir()
+    restore_host(real)
+
+
+def restore_host(real: dict[str, Any]) -> None:
+    """Undo what the kubelets did to the machine (sysctls, iptables chains) once none runs any more."""
     if not real.get("kernel_tunables") or any_kubelet_running():
         return  # no real node was started here, or another kubelet still relies on the host as it is
-    for t, v in real["kernel_tunables"].items():
+    for t, v in real.pop("kernel_tunables").items():
         with contextlib.suppress(OSError):
             Path("/proc/sys", t).write_text(v)
-    if real.get("kubelet_chains_before") is False:
+    if real.pop("kubelet_chains_before", None) is False:
         remove_kubelet_chains()
 
 

@@ -14,6 +14,7 @@ import hashlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -38,13 +39,23 @@ def _run(*cmd: str, timeout: float) -> str:
     return proc.stdout
 
 
-@pytest.fixture(scope="session")
-def real_node(cluster: Cluster) -> str:
-    """One real node with the runtime image in its containerd (each step is cached when already done)."""
+@pytest.fixture(scope="module")
+def real_node(cluster: Cluster) -> Iterator[str]:
+    """One real node with the runtime image in its containerd (each step is cached when already done).
+
+    Real nodes carry edge labels (site `site-real`), and the rest of the suite expects the kwok edge fleet
+    alone (e.g. the operator's edge DaemonSets span every edge node): a node this fixture added is removed
+    when the module ends, so the shared cluster is left as it was found.
+    """
+    before = len(cluster.kubectl("get", "nodes", "-l", "kiri.dev/node-kind=real", "-o", "name").split())
     _run("bash", str(REPO_ROOT / "hack" / "build-binaries.sh"), "real-nodes", timeout=1800)
-    _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", "1", timeout=600)
-    _run(sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", timeout=1800)
-    return REAL_NODE
+    _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", str(max(before, 1)), timeout=600)
+    try:
+        _run(sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", timeout=1800)
+        yield REAL_NODE
+    finally:
+        if before == 0:
+            _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", "0", timeout=600)
 
 
 def classifier_onnx() -> tuple[bytes, np.ndarray, np.ndarray]:
