@@ -1219,6 +1219,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     paths = Paths(STATE_DIR)
     if not paths.root.exists():
         stop_pids(orphans({}))
+        realnodes.teardown(realnodes.Layout(STATE_DIR), None)  # namespaces and veths are found by name
         log("not running")
         return 0
     with locked(paths):

@@ -10,13 +10,15 @@
   instead of the python:3.11-slim-bookworm image (no registry access here); the wheels are fetched by the
   host's pip (its TLS settings reach PyPI) and installed offline into the image's venv.
 
-Each image is one OCI layer (a tar) made by mmdebstrap or tar, assembled with umoci (`raw add-layer`,
-`config`) and written by skopeo as an oci-archive under $KIRI_CACHE/images/<name>-<key>.tar. The key
-is a hash of everything the image is made from (this script's recipe for it, the Dockerfile, the package
-list, pyproject.toml and the Python sources, or pause.c), so a warm run rebuilds nothing; the Debian
-packages themselves are what
-the mirror serves at the first build (the apt sources name a dated snapshot). `load` also imports the
-archives into the containerd of every real node of the cluster in $KIRI_STATE_DIR (`ctr images import`).
+The runtime image has two layers: the Debian base from mmdebstrap (cached on its own, so a change to
+Kiri's sources rebuilds only /opt/kiri and nodes import only that layer) and the venv; the pause image
+one. They are assembled with umoci (`raw add-layer`, `config`) and written by skopeo as an oci-archive
+under $KIRI_CACHE/images/<name>-<key>.tar. The key is a hash of everything the image is made from (this
+script's recipe for it, the Dockerfile, the package list, pyproject.toml and the Python sources, or
+pause.c), so a warm run rebuilds nothing; the Debian packages themselves are what the mirror serves at
+the first build (the apt sources name a dated snapshot). `load` also imports the archives into the
+containerd of every real node of the cluster in $KIRI_STATE_DIR (`ctr images import`), unless the node
+already has that image.
 """
 
 from __future__ import annotations
@@ -134,12 +136,13 @@ def archive_path(name: str, key: str) -> Path:
     return IMAGES_DIR / f"{name}-{key}.tar"
 
 
-def oci_assemble(layer: Path, ref: str, out: Path, config: list[str], work: Path) -> None:
-    """One layer tar -> an OCI image with `config` (umoci flags) -> an oci-archive named `ref`."""
+def oci_assemble(layers: list[Path], ref: str, out: Path, config: list[str], work: Path) -> None:
+    """Layer tars -> an OCI image with `config` (umoci flags) -> an oci-archive named `ref`."""
     layout = work / "oci"
     run("umoci", "init", "--layout", layout)
     run("umoci", "new", "--image", f"{layout}:img")
-    run("umoci", "raw", "add-layer", "--image", f"{layout}:img", layer)
+    for layer in layers:
+        run("umoci", "raw", "add-layer", "--image", f"{layout}:img", layer)
     run("umoci", "config", "--image", f"{layout}:img", "--os", "linux", "--architecture", "amd64", *config)
     tmp = out.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
@@ -158,7 +161,7 @@ def build_pause(work: Path, out: Path) -> None:
     layer = work / "layer.tar"
     run("tar", "--numeric-owner", "--owner=0", "--group=0", "--mtime=@0", "-C", root, "-cf", layer, "pause")
     oci_assemble(
-        layer,
+        [layer],
         PAUSE_REF,
         out,
         ["--config.entrypoint", "/pause", "--config.user", "65535:65535"],
@@ -199,35 +202,63 @@ def wheelhouse(work: Path) -> Path:
     return house
 
 
-def build_runtime(work: Path, out: Path) -> None:
-    need("mmdebstrap", "umoci", "skopeo")
-    if os.geteuid() != 0:
-        raise ImageError("building the runtime image needs root (mmdebstrap --mode=root, chroot)")
-    house = wheelhouse(work)
-    layer = work / "layer.tar"
+def base_layer() -> Path:
+    """Layer 1: a minimal bookworm with python3 and the `kiri` user (cached apart: sources change more often)."""
+    h = hashlib.sha256()
+    for part in (inspect.getsource(base_layer), RUNTIME_PACKAGES, RUNTIME_EXCLUDES, KIRI_UID, mirror()):
+        h.update(repr(part).encode())
+    out = IMAGES_DIR / f"base-bookworm-{h.hexdigest()[:16]}.tar"
+    if out.is_file():
+        log(f"base layer: cached ({out.name})")
+        return out
     hooks = [
-        # The Dockerfile's `python -m venv /opt/kiri && pip install '.[runtime]'`, offline from the wheels.
-        f'mkdir -p "$1/wheels" && cp {house}/*.whl "$1/wheels/"',
-        'chroot "$1" python3 -m venv /opt/kiri',
-        'chroot "$1" /opt/kiri/bin/pip install --quiet --no-cache-dir --no-index --find-links /wheels "kiri[runtime]"',
-        'rm -rf "$1/wheels" "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/* "$1/var/log"/*',
+        'rm -rf "$1/var/lib/apt/lists"/* "$1/var/cache/apt"/* "$1/var/log"/*',
         # The Dockerfile's `groupadd/useradd kiri` (a named user: some libraries ask for a home directory).
         f'echo "kiri:x:{KIRI_UID}:" >> "$1/etc/group"',
         f'echo "kiri:x:{KIRI_UID}:{KIRI_UID}::/tmp:/usr/sbin/nologin" >> "$1/etc/passwd"',
     ]
+    tmp = out.with_suffix(".tmp")
     cmd = [
         "mmdebstrap", "--quiet", "--mode=root", "--variant=essential", "--format=tar",
         f"--include={','.join(RUNTIME_PACKAGES)}",
         *[f"--dpkgopt=path-exclude={p}" for p in RUNTIME_EXCLUDES],
         *[f"--customize-hook={h}" for h in hooks],
-        "bookworm", str(layer), mirror(),
+        "bookworm", str(tmp), mirror(),
     ]  # fmt: skip
-    log("mmdebstrap: a minimal bookworm with python3 (cold: a few minutes) ...")
+    log("mmdebstrap: a minimal bookworm with python3 (cold: a minute or two) ...")
+    t0 = time.monotonic()
+    # SOURCE_DATE_EPOCH: file times are fixed, so the same packages give the same layer digest.
     run(*cmd, env={**os.environ, "SOURCE_DATE_EPOCH": "0"})
+    tmp.replace(out)
+    for old in IMAGES_DIR.glob("base-bookworm-*.tar"):
+        if old != out:
+            old.unlink()
+    log(f"base layer: built in {time.monotonic() - t0:.0f}s ({out.name})")
+    return out
+
+
+def build_runtime(work: Path, out: Path) -> None:
+    """Two layers: the Debian base (cached) and /opt/kiri, the Dockerfile's venv with kiri[runtime]."""
+    need("mmdebstrap", "umoci", "skopeo")
+    if os.geteuid() != 0:
+        raise ImageError("building the runtime image needs root (mmdebstrap --mode=root, chroot)")
+    base = base_layer()
+    house = wheelhouse(work)
+    root = work / "rootfs"
+    root.mkdir()
+    run("tar", "-C", root, "-xf", base)  # as root: owners and /dev nodes as mmdebstrap made them
+    shutil.copytree(house, root / "wheels")
+    # The Dockerfile's `python -m venv /opt/kiri && pip install '.[runtime]'`, offline from the wheels.
+    run("chroot", root, "python3", "-m", "venv", "/opt/kiri")
+    run("chroot", root, "/opt/kiri/bin/pip", "install", "--quiet", "--no-cache-dir", "--no-index",
+        "--find-links", "/wheels", "kiri[runtime]")  # fmt: skip
+    app = work / "kiri.tar"
+    run("tar", "--numeric-owner", "--owner=0", "--group=0", "--mtime=@0", "--sort=name", "-C", root,
+        "-cf", app, "opt/kiri")  # fmt: skip
     env = ["PATH=/opt/kiri/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/tmp",
            "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"]  # fmt: skip
     oci_assemble(
-        layer,
+        [base, app],
         RUNTIME_REF,
         out,
         [
