@@ -621,6 +621,15 @@ def restore_host(real: dict[str, Any]) -> None:
             Path("/proc/sys", t).write_text(v)
     if real.pop("kubelet_chains_before", None) is False:
         remove_kubelet_chains()
+    # The device-plugin socket is the one path every kubelet shares whatever its root dir (hard-coded in
+    # k8s.io/kubelet's deviceplugin API). No kubelet runs now: remove it, and the directories if empty.
+    plugins = Path("/var/lib/kubelet/device-plugins")
+    for f in ("kubelet.sock", "kubelet_internal_checkpoint"):
+        with contextlib.suppress(OSError):
+            (plugins / f).unlink()
+    for d in (plugins, plugins.parent):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 # What the kubelet adds to the host's iptables at start (1.36 still does): a canary chain per table, a hint
