@@ -1013,7 +1013,14 @@ def cmd_up(args: argparse.Namespace) -> int:
                     write_state(paths, state)
                 if args.real_nodes is not None:
                     api = Api(paths.pki, state["ports"]["apiserver"])
-                    sync_real_nodes(api, paths, state, args.real_nodes, args.timeout)
+                    before = len(state.get("real_nodes", {}).get("nodes", {}))
+                    try:
+                        sync_real_nodes(api, paths, state, args.real_nodes, args.timeout)
+                    except BaseException:
+                        # Leave the running cluster as it was, not with a half-started node in it.
+                        log("adding real nodes failed; removing the ones this attempt started")
+                        sync_real_nodes(api, paths, state, min(before, args.real_nodes), args.timeout)
+                        raise
                 return 0
             log(
                 "stale state from an earlier run: "

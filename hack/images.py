@@ -107,15 +107,8 @@ def recipe(name: str) -> str:
     if name == "pause":
         parts: list[Any] = [build_pause, oci_assemble, PAUSE_REF]
     else:
-        parts = [
-            build_runtime,
-            wheelhouse,
-            oci_assemble,
-            RUNTIME_REF,
-            RUNTIME_PACKAGES,
-            RUNTIME_EXCLUDES,
-            KIRI_UID,
-        ]
+        # The base layer has a key of its own (its file name); the image is rebuilt when it changes.
+        parts = [build_runtime, wheelhouse, oci_assemble, RUNTIME_REF, base_layer_path().name]
     return "\n".join(inspect.getsource(p) if callable(p) else repr(p) for p in parts)
 
 
@@ -202,12 +195,16 @@ def wheelhouse(work: Path) -> Path:
     return house
 
 
-def base_layer() -> Path:
-    """Layer 1: a minimal bookworm with python3 and the `kiri` user (cached apart: sources change more often)."""
+def base_layer_path() -> Path:
     h = hashlib.sha256()
     for part in (inspect.getsource(base_layer), RUNTIME_PACKAGES, RUNTIME_EXCLUDES, KIRI_UID, mirror()):
         h.update(repr(part).encode())
-    out = IMAGES_DIR / f"base-bookworm-{h.hexdigest()[:16]}.tar"
+    return IMAGES_DIR / f"base-bookworm-{h.hexdigest()[:16]}.tar"
+
+
+def base_layer() -> Path:
+    """Layer 1: a minimal bookworm with python3 and the `kiri` user (cached apart: sources change more often)."""
+    out = base_layer_path()
     if out.is_file():
         log(f"base layer: cached ({out.name})")
         return out
@@ -221,6 +218,9 @@ def base_layer() -> Path:
     cmd = [
         "mmdebstrap", "--quiet", "--mode=root", "--variant=essential", "--format=tar",
         f"--include={','.join(RUNTIME_PACKAGES)}",
+        # Merged /usr as debootstrap makes it (directory links), instead of the usrmerge package, which
+        # pulls perl and its modules (25 MB) into the image.
+        "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",
         *[f"--dpkgopt=path-exclude={p}" for p in RUNTIME_EXCLUDES],
         *[f"--customize-hook={h}" for h in hooks],
         "bookworm", str(tmp), mirror(),

@@ -46,6 +46,15 @@ The simulated fleet (defaults of ``hack/cluster up``; see ``hack/cluster --help`
   3s later, so ``restartCount`` grows and ``lastState.terminated.exitCode`` is 1).
   Unlabelled pods become Running and Ready at once; Job pods complete.
 
+Real nodes
+----------
+Tests marked ``real_nodes`` (tests/e2e/test_real_nodes.py) run real pods on a real kubelet + containerd
+(``hack/cluster up --real-nodes N``, hack/README.md). They need root and, the first time, minutes of
+builds, so they are skipped unless selected: ``-m real_nodes`` or ``KIRI_REAL_NODES=1``
+(``make test-real-nodes``). Their module fixture adds one real node (``kiri-real-0``, tainted
+``kiri.dev/node-kind=real:NoSchedule``) and removes it afterwards if it added it: real nodes carry edge
+labels, and the other tests expect the kwok edge fleet alone.
+
 Environment
 -----------
 ``KIRI_STATE_DIR`` overrides ``<repo>/.kiri``. The cluster is left running after the session so the next
