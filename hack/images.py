@@ -186,6 +186,9 @@ def wheelhouse(work: Path) -> Path:
         for w in tmp.glob("kiri-*"):
             w.unlink()  # Kiri itself is built below, from the sources of this checkout
         tmp.replace(deps)
+        for old in IMAGES_DIR.glob("wheels-py311-*"):
+            if old != deps:
+                shutil.rmtree(old, ignore_errors=True)  # one wheelhouse: the last pyproject.toml's
     kiri = work / "kiri-wheel"
     run(*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", kiri, src)
     house = work / "wheels"
