@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok, kwokctl, helm) and test tools (kstatus) from pinned Go modules.
+# kube-scheduler, kubectl, kwok, kwokctl, helm) and test tools (kstatus) from pinned Go modules, and with
+# `real-nodes` what a real node runs (kubelet, containerd, containerd-shim-runc-v2, ctr, runc).
+#
+# Usage: build-binaries.sh [all|etcd|kubernetes|kwok|helm|kstatus|real-nodes|kubelet|containerd|runc]
+#        build-binaries.sh --print-bin-dirs | --print-real-node-bin-dirs
+# `all` is the control plane only: the real-node binaries add ~5 min to a cold build and only
+# `hack/cluster up --real-nodes N` needs them.
 #
 # Binaries are cached under $KIRI_CACHE/bin/<component>-<version>-<go version>/ so a
 # warm run only checks that the files exist. Versions come from the wrapper go.mod
@@ -10,7 +16,7 @@ set -euo pipefail
 HACK_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 TOOLS_DIR="$HACK_DIR/tools"
 KIRI_CACHE="${KIRI_CACHE:-$HOME/.cache/kiri}"
-export CGO_ENABLED=0
+# Static binaries by default; runc sets BUILD_CGO=1 (libseccomp).
 export GOFLAGS="${GOFLAGS:-} -mod=mod"
 
 go_version="$(go env GOVERSION)"
@@ -26,6 +32,11 @@ HELM_VERSION="$(module_version helm helm.sh/helm/v3)"
 # kstatus is Kiri's own few lines around sigs.k8s.io/cli-utils: the key holds both the library's version and
 # the source's hash, so an edit of main.go builds again.
 KSTATUS_BUILD="$(module_version kstatus sigs.k8s.io/cli-utils)-$(cat "$TOOLS_DIR/kstatus/main.go" "$TOOLS_DIR/kstatus/go.sum" | sha256sum | cut -c1-8)"
+CONTAINERD_VERSION="$(module_version containerd github.com/containerd/containerd/v2)"
+RUNC_VERSION="$(module_version runc github.com/opencontainers/runc)"
+# runc is linked against the host's libseccomp (cgo, `seccomp` tag: without it runc cannot apply the
+# RuntimeDefault seccomp profile the kubelet asks for); the cache key says so.
+RUNC_BUILD="$RUNC_VERSION-seccomp"
 
 bin_dir_for() { echo "$KIRI_CACHE/bin/$1-$2-$go_version"; }
 
@@ -64,7 +75,8 @@ build() { # <wrapper dir> <name> <package> <version> <ldflags>
   mkdir -p "$out"
   echo "[build] $name $version: building from $pkg (cold builds take minutes) ..."
   local start=$SECONDS
-  (cd "${BUILD_DIR:-$TOOLS_DIR/$wrapper}" && go build -trimpath -ldflags "$ldflags" -o "$out/$name.tmp" "$pkg")
+  (cd "${BUILD_DIR:-$TOOLS_DIR/$wrapper}" &&
+    CGO_ENABLED="${BUILD_CGO:-0}" go build -trimpath -tags "${BUILD_TAGS:-}" -ldflags "$ldflags" -o "$out/$name.tmp" "$pkg")
   mv "$out/$name.tmp" "$out/$name"
   echo "[build] $name $version: done in $((SECONDS - start))s"
 }
@@ -101,6 +113,24 @@ main() {
     BUILD_DIR="$wrapper" build kwok kwokctl sigs.k8s.io/kwok/cmd/kwokctl "$KWOK_BUILD" "$kwl"
     [[ -z "$wrapper" ]] || rm -rf "$(dirname "$wrapper")"
   fi
+  if [[ "$which" == real-nodes || "$which" == kubelet ]]; then
+    build kubernetes kubelet k8s.io/kubernetes/cmd/kubelet "$K8S_VERSION" "$kl"
+  fi
+  if [[ "$which" == real-nodes || "$which" == containerd ]]; then
+    local cl="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
+    local c
+    for c in containerd containerd-shim-runc-v2 ctr; do
+      build containerd "$c" "github.com/containerd/containerd/v2/cmd/$c" "$CONTAINERD_VERSION" "$cl"
+    done
+  fi
+  if [[ "$which" == real-nodes || "$which" == runc ]]; then
+    if [[ ! -e /usr/include/seccomp.h ]]; then
+      echo "[build] runc: libseccomp-dev is missing (hack/install-debs.sh --real-nodes installs it)" >&2
+      return 1
+    fi
+    BUILD_CGO=1 BUILD_TAGS=seccomp build runc runc github.com/opencontainers/runc "$RUNC_BUILD" \
+      "-s -w -X main.version=${RUNC_VERSION#v}"
+  fi
   if [[ "$which" == all || "$which" == helm ]]; then
     build helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   fi
@@ -112,6 +142,11 @@ main() {
 if [[ "${1:-}" == "--print-bin-dirs" ]]; then
   bin_dir_for etcd "$ETCD_VERSION"; bin_dir_for kubernetes "$K8S_VERSION"
   bin_dir_for kwok "$KWOK_BUILD"; bin_dir_for helm "$HELM_VERSION"; bin_dir_for kstatus "$KSTATUS_BUILD"
+  exit 0
+fi
+if [[ "${1:-}" == "--print-real-node-bin-dirs" ]]; then
+  # The kubelet sits with the other Kubernetes binaries.
+  bin_dir_for kubernetes "$K8S_VERSION"; bin_dir_for containerd "$CONTAINERD_VERSION"; bin_dir_for runc "$RUNC_BUILD"
   exit 0
 fi
 main "$@"

@@ -6,7 +6,12 @@ kubelet of every simulated node. Processes are started by hand rather than throu
 flag, port and pid is ours: `down` stops exactly what `up` started, and nothing is downloaded.
 
 State lives in $KIRI_STATE_DIR (default <repo>/.kiri): the kubeconfig, certificates, etcd data, logs and
-state.json with the pids and ports.
+state.json with the pids and ports. `up --real-nodes N` adds real kubelets beside the kwok fleet; their
+network, containerd and kubelet set-up is in hack/realnodes.py.
+
+Why one module: the control plane's lifecycle (ports, pids, state, lock, clean-up) is one piece that every
+command shares; the kwok stages, the fleet and the real nodes are the parts that could live apart, and the
+real nodes (the largest) do, in hack/realnodes.py.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import images as kiri_images
+import realnodes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HACK_DIR = REPO_ROOT / "hack"
 STATE_DIR = Path(os.environ.get("KIRI_STATE_DIR") or REPO_ROOT / ".kiri").resolve()
@@ -51,6 +60,8 @@ BINARIES = (*COMPONENTS, "kubectl")
 CLOUD_ALLOCATABLE = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "4"}
 EDGE_MEMORY_MB = (2048, 4096, 8192, 16384)
 DEFAULT_FLEET = (2, 12, 3)  # cloud nodes, edge nodes, sites
+# The simulated fleet: real nodes carry kiri.dev/tier too, and are not the fleet's to delete.
+KWOK_FLEET = "kiri.dev%2Ftier%2Ctype%3Dkwok"
 
 
 class ClusterError(Exception):
@@ -74,15 +85,26 @@ class Paths:
         self.etcd_data = root / "etcd-data"
         self.logs = root / "logs"
         self.config = root / "config"
+        self.nodes = root / "nodes"
 
     def owned(self) -> list[Path]:
         # Only what `up` creates: the state dir may hold other tools' files.
-        return [self.state, self.kubeconfig, self.pki, self.etcd_data, self.config]
+        return [self.state, self.kubeconfig, self.pki, self.etcd_data, self.config, self.nodes]
 
 
 def bin_dirs() -> list[Path]:
     out = subprocess.run(
         ["bash", str(HACK_DIR / "build-binaries.sh"), "--print-bin-dirs"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [Path(line) for line in out.split()]
+
+
+def real_node_bin_dirs() -> list[Path]:
+    out = subprocess.run(
+        ["bash", str(HACK_DIR / "build-binaries.sh"), "--print-real-node-bin-dirs"],
         capture_output=True,
         text=True,
         check=True,
@@ -725,7 +747,7 @@ def sync_fleet(api: Api, cloud: int, edge: int, sites: int, timeout: float) -> N
         raise ClusterError("--sites must be at least 1 when there are edge nodes")
     desired = fleet(cloud, edge, sites)
     names = {n["metadata"]["name"] for n in desired}
-    status, body = api.request("GET", "/api/v1/nodes?labelSelector=kiri.dev%2Ftier")
+    status, body = api.request("GET", f"/api/v1/nodes?labelSelector={KWOK_FLEET}")
     if status != 200:
         raise ClusterError(f"listing nodes failed ({status}): {body}")
     existing = {n["metadata"]["name"]: n for n in body["items"]}
@@ -748,7 +770,7 @@ def sync_fleet(api: Api, cloud: int, edge: int, sites: int, timeout: float) -> N
         + (f", {len(extra)} removed" if extra else ""))  # fmt: skip
 
     def all_ready() -> bool:
-        status, body = api.request("GET", "/api/v1/nodes?labelSelector=kiri.dev%2Ftier", timeout=60)
+        status, body = api.request("GET", f"/api/v1/nodes?labelSelector={KWOK_FLEET}", timeout=60)
         if status != 200:
             return False
         ready = 0
@@ -764,6 +786,98 @@ def sync_fleet(api: Api, cloud: int, edge: int, sites: int, timeout: float) -> N
             raise ClusterError(f"nodes not Ready after {timeout:.0f}s; see {STATE_DIR / 'logs' / 'kwok.log'}")
         time.sleep(0.5)
     log(f"nodes Ready after {time.monotonic() - start:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------- real nodes
+
+
+def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, timeout: float) -> None:
+    """Make the cluster have `count` real nodes (kiri-real-0..count-1); see hack/realnodes.py."""
+    lay = realnodes.Layout(STATE_DIR)
+    real = state.setdefault("real_nodes", {"nodes": {}})
+    nodes: dict[str, Any] = real["nodes"]
+    if count > realnodes.MAX_REAL_NODES:
+        raise ClusterError(f"at most {realnodes.MAX_REAL_NODES} real nodes are supported")
+    procs = state["procs"]
+    for name in sorted(set(nodes) - {lay.name(i) for i in range(count)}):
+        stop_pids({k: v for k, v in procs.items() if k.startswith(f"{name}/")})
+        realnodes.teardown_node_files(lay, nodes[name]["index"])
+        for k in [k for k in procs if k.startswith(f"{name}/")]:
+            del procs[k]
+        del nodes[name]
+        api.request("DELETE", f"/api/v1/nodes/{name}")
+        if not nodes:
+            realnodes.restore_host(real)
+        write_state(paths, state)
+        log(f"{name}: removed")
+    wanted = [i for i in range(count) if lay.name(i) not in nodes]
+    if not wanted:
+        return
+    t0 = time.monotonic()
+    try:
+        host = realnodes.check_host()
+        bins = realnodes.find_binaries(real_node_bin_dirs())
+        realnodes.cni_bin_dir()
+    except realnodes.RealNodeError as exc:
+        raise ClusterError(str(exc)) from None
+    if host["cgroup_v1"]:
+        log("host: cgroup v1, so the kubelets run with failCgroupV1: false and the cgroupfs driver")
+    if not host["negative_oom_score_adj"]:
+        log("host: a negative oom_score_adj is forbidden even to root, so containerd restricts it")
+    # The kubelet rewrites these VM-wide sysctls when it starts; `down` puts back what was there first.
+    real.setdefault("kernel_tunables", realnodes.read_tunables())
+    # ... and adds iptables chains (KUBE-FIREWALL and canaries); `down` removes them if they were not there.
+    real.setdefault("kubelet_chains_before", realnodes.kubelet_chains_present())
+    pause = subprocess.run(
+        [sys.executable, str(HACK_DIR / "images.py"), "build", "pause"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if pause.returncode != 0:
+        raise ClusterError(f"building the pause image failed: {pause.stderr.strip()}")
+    pause_archive = Path(pause.stdout.split()[-1])
+
+    def start_proc(name: str, binary: Path, args: list[str], prefix: list[str]) -> None:
+        start(name, binary, args, paths, procs, state, prefix)
+
+    started = {}
+    try:
+        for i in wanted:
+            nodes[lay.name(i)] = realnodes.start_node(
+                lay, i, bins=bins, host=host, pki=paths.pki, api_port=state["ports"]["apiserver"],
+                pause_archive=pause_archive, pause_ref=kiri_images.PAUSE_REF, start=start_proc,
+                openssl=openssl, log=log,
+            )  # fmt: skip
+            started[lay.name(i)] = time.monotonic()
+            write_state(paths, state)
+    except realnodes.RealNodeError as exc:
+        raise ClusterError(str(exc)) from None
+    deadline = time.monotonic() + timeout
+    waiting = set(started)
+    while waiting:
+        for name in sorted(waiting):
+            for comp in ("kubelet", "containerd"):
+                p = procs[f"{name}/{comp}"]
+                if not is_ours(p["pid"], p["binary"]):
+                    raise ClusterError(
+                        f"{name}: {comp} exited; last lines of {p['log']}:\n{log_tail(Path(p['log']))}"
+                    )
+            status, body = api.request("GET", f"/api/v1/nodes/{name}")
+            conds = (
+                {c["type"]: c["status"] for c in (body or {}).get("status", {}).get("conditions", [])}
+                if status == 200
+                else {}
+            )
+            if conds.get("Ready") == "True":
+                waiting.discard(name)
+                log(f"{name}: Ready {time.monotonic() - started[name]:.1f}s after its kubelet started")
+        if waiting and time.monotonic() > deadline:
+            raise ClusterError(
+                f"real nodes not Ready after {timeout:.0f}s: {', '.join(sorted(waiting))}; see {paths.logs}"
+            )
+        time.sleep(0.5)
+    log(f"real nodes: {count} Ready ({len(wanted)} joined in {time.monotonic() - t0:.1f}s)")
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -822,6 +936,7 @@ def orphans(known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Our control-plane processes for this state dir that no state.json remembers (a killed `up`)."""
     try:
         binaries = {str(d / name) for d in bin_dirs() for name in COMPONENTS}
+        binaries |= {str(d / name) for d in real_node_bin_dirs() for name in ("kubelet", "containerd")}
     except (OSError, subprocess.CalledProcessError):
         return {}
     known_pids = {p["pid"] for p in known.values()}
@@ -838,6 +953,8 @@ def orphans(known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def clean(paths: Paths, state: dict[str, Any] | None) -> None:
     procs = (state or {}).get("procs", {})
     stop_pids({**orphans(procs), **procs})
+    # The real nodes' pods, shims, mounts, cgroups, network namespaces and veths (found even without state).
+    realnodes.teardown(realnodes.Layout(STATE_DIR), state)
     for p in paths.owned():
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -852,11 +969,13 @@ def start(
     paths: Paths,
     procs: dict[str, dict[str, Any]],
     state: dict[str, Any],
+    prefix: list[str] | None = None,
 ) -> None:
-    logfile = paths.logs / f"{name}.log"
+    """Start `binary` (through `prefix`, a command that execs it, e.g. nsenter) and record its pid."""
+    logfile = paths.logs / f"{name.replace('/', '-')}.log"
     with open(logfile, "wb") as out:
         proc = subprocess.Popen(
-            [str(binary), *args],
+            [*(prefix or []), str(binary), *args],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -892,6 +1011,16 @@ def cmd_up(args: argparse.Namespace) -> int:
                     sync_fleet(api, *fleet_counts(args, state), args.timeout)
                     state["fleet"] = list(fleet_counts(args, state))
                     write_state(paths, state)
+                if args.real_nodes is not None:
+                    api = Api(paths.pki, state["ports"]["apiserver"])
+                    before = len(state.get("real_nodes", {}).get("nodes", {}))
+                    try:
+                        sync_real_nodes(api, paths, state, args.real_nodes, args.timeout)
+                    except BaseException:
+                        # Leave the running cluster as it was, not with a half-started node in it.
+                        log("adding real nodes failed; removing the ones this attempt started")
+                        sync_real_nodes(api, paths, state, min(before, args.real_nodes), args.timeout)
+                        raise
                 return 0
             log(
                 "stale state from an earlier run: "
@@ -988,6 +1117,12 @@ def _up(args: argparse.Namespace, paths: Paths, bins: dict[str, Path]) -> int:
             "--max-requests-inflight=0",
             "--max-mutating-requests-inflight=0",
             "--profiling=false",
+            # How it authenticates to real kubelets (logs, exec): the admin identity, system:masters.
+            f"--kubelet-client-certificate={pki / 'admin.crt'}",
+            f"--kubelet-client-key={pki / 'admin.key'}",
+            # Dial kubelets at their InternalIP: the default tries the node name first, a DNS lookup that
+            # would leave the machine.
+            "--kubelet-preferred-address-types=InternalIP",
             "--v=0",
         ],
         paths,
@@ -1081,6 +1216,7 @@ def _up(args: argparse.Namespace, paths: Paths, bins: dict[str, Path]) -> int:
     state.update(started_at=time.time(), fleet=[cloud, edge, sites])
     write_state(paths, state)
     sync_fleet(api, cloud, edge, sites, args.timeout)
+    sync_real_nodes(api, paths, state, args.real_nodes or 0, args.timeout)
     log(f"up in {time.monotonic() - t0:.1f}s: kube-apiserver https://127.0.0.1:{ports['apiserver']}")
     log(f'kubeconfig: {paths.kubeconfig}   (eval "$(hack/cluster env)")')
     return 0
@@ -1090,6 +1226,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     paths = Paths(STATE_DIR)
     if not paths.root.exists():
         stop_pids(orphans({}))
+        realnodes.teardown(realnodes.Layout(STATE_DIR), None)  # namespaces and veths are found by name
         log("not running")
         return 0
     with locked(paths):
@@ -1118,11 +1255,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         tiers: dict[str, list[int]] = {}
         for n in body["items"]:
             conds = {c["type"]: c["status"] for c in n.get("status", {}).get("conditions", [])}
-            t = tiers.setdefault(n["metadata"]["labels"]["kiri.dev/tier"], [0, 0])
+            labels = n["metadata"]["labels"]
+            if labels.get(realnodes.REAL_LABEL) == "real":
+                ready = "Ready" if conds.get("Ready") == "True" else "NotReady"
+                addr = next(
+                    (a["address"] for a in n["status"].get("addresses", []) if a["type"] == "InternalIP"), "-"
+                )
+                print(f"{n['metadata']['name'] + ' (real)':24} {ready}, InternalIP {addr}, kubelet "
+                      f"{n['status'].get('nodeInfo', {}).get('kubeletVersion', '?')}, "
+                      f"{n['status'].get('nodeInfo', {}).get('containerRuntimeVersion', '?')}")  # fmt: skip
+                continue
+            t = tiers.setdefault(labels["kiri.dev/tier"], [0, 0])
             t[0] += 1
             t[1] += conds.get("Ready") == "True"
-        for tier, (total, ready) in sorted(tiers.items()):
-            print(f"{tier + ' nodes':24} {ready}/{total} Ready")
+        for tier, (total, n_ready) in sorted(tiers.items()):
+            print(f"{tier + ' nodes':24} {n_ready}/{total} Ready (kwok)")
         print("healthy")
         return 0
     print("unhealthy: " + "; ".join(problems))
@@ -1265,6 +1412,11 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--cloud-nodes", type=int, help=f"cloud GPU nodes (default {DEFAULT_FLEET[0]})")
     up.add_argument("--edge-nodes", type=int, help=f"edge nodes (default {DEFAULT_FLEET[1]})")
     up.add_argument("--sites", type=int, help=f"edge sites, site-a, site-b, ... (default {DEFAULT_FLEET[2]})")
+    up.add_argument(
+        "--real-nodes",
+        type=int,
+        help="real kubelet + containerd nodes beside the kwok fleet (default 0; see hack/README.md)",
+    )
     up.add_argument("--apiserver-port", type=int, default=0, help="kube-apiserver port (default: a free one)")
     up.add_argument("--timeout", type=float, default=180, help="seconds to wait for the nodes to be Ready")
     up.set_defaults(handler=cmd_up)
@@ -1280,7 +1432,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("name")
         p.set_defaults(handler=cmd_node)
     args = parser.parse_args(argv)
-    for flag in ("cloud_nodes", "edge_nodes", "sites"):
+    for flag in ("cloud_nodes", "edge_nodes", "sites", "real_nodes"):
         if (getattr(args, flag, 0) or 0) < 0:
             parser.error(f"--{flag.replace('_', '-')} must not be negative")
     try:

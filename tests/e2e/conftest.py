@@ -46,6 +46,15 @@ The simulated fleet (defaults of ``hack/cluster up``; see ``hack/cluster --help`
   3s later, so ``restartCount`` grows and ``lastState.terminated.exitCode`` is 1).
   Unlabelled pods become Running and Ready at once; Job pods complete.
 
+Real nodes
+----------
+Tests marked ``real_nodes`` (tests/e2e/test_real_nodes.py) run real pods on a real kubelet + containerd
+(``hack/cluster up --real-nodes N``, hack/README.md). They need root and, the first time, minutes of
+builds, so they are skipped unless selected: ``-m real_nodes`` or ``KIRI_REAL_NODES=1``
+(``make test-real-nodes``). Their module fixture adds one real node (``kiri-real-0``, tainted
+``kiri.dev/node-kind=real:NoSchedule``) and removes it afterwards if it added it: real nodes carry edge
+labels, and the other tests expect the kwok edge fleet alone.
+
 Environment
 -----------
 ``KIRI_STATE_DIR`` overrides ``<repo>/.kiri``. The cluster is left running after the session so the next
@@ -221,6 +230,15 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Every test under tests/e2e needs the control plane; mark them so `-m "not e2e"` deselects them.
     e2e_dir = Path(__file__).parent
+    # Real-node tests build a kubelet, containerd and an image on first use (minutes) and need root: they
+    # run only when asked for, by marker expression or KIRI_REAL_NODES=1 (see tests/e2e/test_real_nodes.py).
+    want_real = os.environ.get("KIRI_REAL_NODES") == "1" or "real_nodes" in (
+        config.getoption("markexpr") or ""
+    )
     for item in items:
         if e2e_dir in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
+        if item.get_closest_marker("real_nodes") and not want_real:
+            item.add_marker(
+                pytest.mark.skip(reason="real-node test: select with -m real_nodes or KIRI_REAL_NODES=1")
+            )
