@@ -31,7 +31,7 @@ from kiri_operator.caches import Cache, Key, owner_key
 from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
 from kiri_operator.memos import Config, Runtime
-from kiri_operator.queueing import WorkQueue
+from kiri_operator.queueing import Retry, WorkQueue
 from kiri_operator.reconciling import Reconciler
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         runtime.kube.close()
 
 
-async def _handle(runtime: Runtime, key: Key) -> float | None:
+async def _handle(runtime: Runtime, key: Key) -> float | Retry | None:
     assert runtime.reconciler is not None
     # Events arriving during this reconcile belong to the next one, which runs because the queue marks it dirty.
     since = runtime.event_at.pop(key, None)
@@ -147,6 +147,8 @@ async def _handle(runtime: Runtime, key: Key) -> float | None:
     elif since is not None and outcome.status_deferred:
         # The event is reported when its status is written, so deferred writes count in the latency.
         runtime.event_at[key] = min(since, runtime.event_at.get(key, since))
+    if outcome.error is not None:
+        return Retry(at_most=outcome.requeue_after)
     return outcome.requeue_after
 
 

@@ -86,6 +86,8 @@ def plan_status(
     for entry in edge.history:
         history.append({**entry, "modelVersion": spec.model.version})
     current_revision = observed.status.get("currentRevision")
+    if not current_revision and edge.stable_revision and edge.stable_revision != revision:
+        current_revision = edge.stable_revision  # rebuilt from the DaemonSets after the status was lost
     if edge.rolled_back is not None and edge.stable_revision:
         current_revision = edge.stable_revision
     if out.ready and current_revision != revision:

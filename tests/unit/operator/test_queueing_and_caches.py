@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime
 
 import pytest
 
 from kiri_operator import labels as L
 from kiri_operator.caches import Cache, index_pods
-from kiri_operator.queueing import WorkQueue
+from kiri_operator.queueing import Backoff, Retry, WorkQueue
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -55,6 +56,59 @@ async def test_requeue_after_wakes_the_key_once():
     await asyncio.sleep(0.4)
     worker.cancel()
     assert len(runs) == 2 and runs[1] - runs[0] >= 0.09
+
+
+def test_backoff_doubles_per_failure_within_half_to_full_jitter_caps_and_resets_on_success():
+    import random
+
+    backoff: Backoff[str] = Backoff(base=1.0, cap=8.0, rng=random.Random(7))
+    delays = [backoff.failed("a") for _ in range(6)]
+    for delay, ceiling in zip(delays, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert len(set(delays)) == 6  # jittered: keys that failed together do not retry together
+    assert 0.5 <= backoff.failed("b") <= 1.0  # per key
+    backoff.succeeded("a")
+    assert 0.5 <= backoff.failed("a") <= 1.0
+
+
+async def test_a_failing_key_comes_back_after_a_growing_backoff_and_a_success_resets_it():
+    queue: WorkQueue[str] = WorkQueue(Backoff(base=0.04, cap=10.0))
+    runs: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handle(key: str) -> float | Retry | None:
+        runs.append(loop.time())
+        if len(runs) == 1:
+            raise RuntimeError("reconcile blew up")
+        if len(runs) <= 3:
+            return Retry()
+        return None
+
+    queue.add("a")
+    worker = asyncio.create_task(queue.worker(handle))
+    await asyncio.sleep(0.6)
+    worker.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert len(runs) == 4
+    # Lower bounds are the backoff's promise ([d/2, d]); the upper ones only leave room for a busy machine.
+    assert 0.02 <= gaps[0] < 0.3 and 0.04 <= gaps[1] < 0.4 and 0.08 <= gaps[2] < 0.5
+    assert queue.backoff.failures("a") == 0
+
+
+async def test_a_failed_reconcile_comes_back_sooner_when_its_plan_asked_for_sooner():
+    queue: WorkQueue[str] = WorkQueue(Backoff(base=100.0))
+    runs: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handle(key: str) -> float | Retry | None:
+        runs.append(loop.time())
+        return Retry(at_most=0.05) if len(runs) == 1 else None
+
+    queue.add("a")
+    worker = asyncio.create_task(queue.worker(handle))
+    await asyncio.sleep(0.3)
+    worker.cancel()
+    assert len(runs) == 2 and 0.04 <= runs[1] - runs[0] <= 0.2
 
 
 def _child(name: str, rv: str, replicas: int) -> dict:
