@@ -86,6 +86,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     for _worker in range(max(1, config.workers)):
         runtime.tasks.append(asyncio.create_task(runtime.queue.worker(functools.partial(_handle, runtime))))
     runtime.tasks.append(asyncio.create_task(syncing.resync(runtime)))
+    runtime.tasks.append(asyncio.create_task(syncing.relister(runtime)))
     for key in runtime.cache.md_keys():
         runtime.queue.add(key)
     log.info(
@@ -152,12 +153,20 @@ async def _handle(runtime: Runtime, key: Key) -> float | Retry | None:
     return outcome.requeue_after
 
 
+def _listing(runtime: Runtime, event: kopf.RawEvent) -> None:
+    """kopf replays a (re)started watch's LIST as events of type None, and says nothing of the objects
+    deleted while it was away: ask for a relist of every kind (syncing.relister)."""
+    if event.get("type") is None:
+        runtime.relist_wanted.set()
+
+
 @kopf.on.event(MODEL_DEPLOYMENT.group, MODEL_DEPLOYMENT.version, MODEL_DEPLOYMENT.plural, registry=REGISTRY)
 async def modeldeployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
     meta = body.get("metadata") or {}
     key = (str(meta.get("namespace")), str(meta.get("name")))
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         runtime.cache.remove_md(key)
         metrics.set_nodes(key[0], key[1], {})
@@ -187,6 +196,7 @@ async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.
     runtime = memos.runtime(memo)
     kind = _CHILD_BY_PLURAL[resource.plural]
     body: dict[str, Any] = dict(event.get("object") or {})
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         runtime.enqueue(runtime.cache.remove_child(kind, body))
         return
@@ -217,6 +227,7 @@ for _child in CHILDREN:
 async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         runtime.enqueue(runtime.cache.remove_pod(body))
         return
@@ -229,6 +240,7 @@ async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         changed = runtime.cache.remove_node(str((body.get("metadata") or {}).get("name")))
     else:

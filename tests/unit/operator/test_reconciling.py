@@ -250,6 +250,7 @@ def test_garbage_patched_into_status_rollout_is_reported_and_rebuilt_not_retried
     r.reconcile(("ns", "md"))
     md = cache.md(("ns", "md"))
     assert md is not None
+    cache.put_md(md)  # the watch shows our status write
     md["status"]["rollout"] = {"stage": "banana", "readyNodes": "many"}
     md["metadata"]["resourceVersion"] = "patched-by-hand"
     cache.put_md(md)
