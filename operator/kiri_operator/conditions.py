@@ -68,6 +68,9 @@ class Reason:
     LEARNING_ROUND: Final = "LearningRound"
     LEARNED_MODEL_ADOPTED: Final = "LearnedModelAdopted"
     LEARNED_MODEL_DEFERRED: Final = "LearnedModelDeferred"
+    # LearningProgressing (only while a round's aggregation failed or is retried)
+    AGGREGATION_FAILED: Final = "AggregationFailed"
+    AGGREGATION_RETRYING: Final = "AggregationRetrying"
     # Cloud
     DEPLOYMENT_AVAILABLE: Final = "DeploymentAvailable"
     DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"
