@@ -1,4 +1,4 @@
-"""The local Kubernetes control plane Kiri is tested on: `hack/cluster up|down|status|env|node-offline|node-online`.
+"""The local Kubernetes control plane Kiri is tested on: `hack/cluster up|down|status|env|node-offline|node-online|restart`.
 
 Real etcd, kube-apiserver, kube-controller-manager and kube-scheduler (built from Go modules by
 hack/build-binaries.sh) are started by hand as child processes bound to 127.0.0.1, and kwok plays the
@@ -1395,6 +1395,43 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+RESTARTABLE = {"apiserver": "kube-apiserver", "etcd": "etcd"}
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """Stop one control-plane process and start it again with the same command line (fault tests: an API
+    server or etcd restart mid-rollout). Returns once it answers its health check again."""
+    paths = Paths(STATE_DIR)
+    name = RESTARTABLE[args.component]
+    with locked(paths):
+        state = read_state(paths)
+        if state is None:
+            raise ClusterError("no cluster: run hack/cluster up")
+        procs = state["procs"]
+        entry = procs.get(name)
+        if entry is None or not is_ours(int(entry["pid"]), entry["binary"]):
+            raise ClusterError(f"{name} is not running")
+        argv = cmdline(int(entry["pid"]))
+        stop_pids({name: entry})
+        start(name, Path(argv[0]), argv[1:], paths, procs, state)
+        if name == "etcd":
+            port = state["ports"]["etcd"]
+
+            def ok() -> bool:
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    conn.request("GET", "/health")
+                    return b'"true"' in conn.getresponse().read()
+                except OSError:
+                    return False
+
+            wait_until("etcd", ok, 60, procs, paths)
+        api = Api(paths.pki, state["ports"]["apiserver"])
+        wait_until("kube-apiserver /readyz", lambda: api.ok("/readyz"), 90, procs, paths)
+    log(f"{name} restarted (pid {procs[name]['pid']})")
+    return 0
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -1431,6 +1468,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=f"take a simulated node {name.split('-')[1]}")
         p.add_argument("name")
         p.set_defaults(handler=cmd_node)
+    restart = sub.add_parser("restart", help="restart kube-apiserver or etcd (fault tests)")
+    restart.add_argument("component", choices=sorted(RESTARTABLE))
+    restart.set_defaults(handler=cmd_restart)
     args = parser.parse_args(argv)
     for flag in ("cloud_nodes", "edge_nodes", "sites", "real_nodes"):
         if (getattr(args, flag, 0) or 0) < 0:

@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
+from pydantic import ValidationError
 
 from kiri_operator.api.statuses import RolloutStatus
 from kiri_operator.observations import Measurement
@@ -204,7 +205,10 @@ def measure_due(
     if analysis is None:
         return None
     policy = policy_of(spec.rollout)
-    state = RolloutStatus.model_validate(status.get("rollout") or {})
+    try:
+        state = RolloutStatus.model_validate(status.get("rollout") or {})
+    except ValidationError:
+        return None  # the planner reports and rebuilds an unreadable status.rollout
     if not analysis_due(policy, state, now) or state.ready_at is None or state.update_revision is None:
         return None
     substitutions = Substitutions(

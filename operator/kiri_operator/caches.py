@@ -2,14 +2,19 @@
 
 kopf's watch streams deliver every change of ModelDeployments, Kiri's children, their pods and Nodes;
 the handlers put them here, `kube` puts the objects it writes here too (so the next reconcile does not
-act on its own stale view), and `observe()` cuts one consistent `Observed` for the planner. A
-resourceVersion guard keeps a late event from replacing a newer object.
+act on its own stale view), and `observe()` cuts one consistent `Observed` for the planner.
+resourceVersions are opaque strings (only equality means anything), so the cache orders what it learns by
+arrival instead: every event and write gets a local sequence number. A write of ours stays until the
+watch delivers its own resourceVersion (the watch is ordered, so anything before that is older), and a
+LIST merged into the cache (the resync, the relist after a watch restart) loses to whatever arrived after
+it began, and synthesises the deletions the watch missed.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,16 +26,17 @@ from kiri_operator.observations import NodeView, ObjectView, Observed, PodView, 
 Key = tuple[str, str]  # (namespace, modeldeployment name)
 
 
-def _rv(body: Mapping[str, Any]) -> int | None:
+def _rv(body: Mapping[str, Any]) -> str | None:
+    """The resourceVersion: an opaque string, compared only for equality (the API promises no order)."""
     value = (body.get("metadata") or {}).get("resourceVersion")
-    return int(value) if isinstance(value, str) and value.isdigit() else None
+    return value if isinstance(value, str) and value else None
 
 
-def _newer(new: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
-    if old is None:
-        return True
-    a, b = _rv(new), _rv(old)
-    return a is None or b is None or a >= b
+Ref = tuple[str, str, str]  # (kind, namespace or "", name)
+# How long a write of ours stays ahead of watch events that do not yet show it. The watch delivers our
+# write's own event in order, so this only matters when that event is lost (a 410 and a relist between):
+# then the cache takes the next event or LIST after this long.
+OWN_WRITE_SECONDS = 30.0
 
 
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,17 +87,17 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
     )
 
 
-PodIndex = dict[Key, dict[str, tuple[PodView, int | None]]]
+PodIndex = dict[Key, dict[str, PodView]]
 
 
 def index_pods(bodies: Iterable[Mapping[str, Any]], into: PodIndex | None = None) -> PodIndex:
-    """Pods of a LIST (page by page) as slim views with their resourceVersions, by ModelDeployment."""
+    """Pods of a LIST (page by page) as slim views, by ModelDeployment."""
     out: PodIndex = {} if into is None else into
     for body in bodies:
         key = owner_key(body)
         if key is not None:
             view = pod_view(body)
-            out.setdefault(key, {})[view.name] = (view, _rv(body))
+            out.setdefault(key, {})[view.name] = view
     return out
 
 
@@ -109,26 +115,69 @@ class Cache:
     children: dict[Key, dict[tuple[str, str], dict[str, Any]]] = field(default_factory=dict)
     pods: dict[Key, dict[str, PodView]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    # (namespace, pod) -> resourceVersion of the cached pod, and of a pod's deletion: a resync LIST is a
-    # snapshot, and watch events newer than it must survive it.
-    _pod_versions: dict[tuple[str, str], int] = field(default_factory=dict)
-    _pod_deleted: dict[tuple[str, str], int] = field(default_factory=dict)
+    # Arrival order: the sequence number of the last event or write of each cached object, of each
+    # deletion (tombstones, so a LIST begun before it does not bring the object back), and our own writes
+    # (resourceVersion, when) until the watch shows them.
+    _seq: int = 0
+    _seen: dict[Ref, int] = field(default_factory=dict)
+    _gone: dict[Ref, int] = field(default_factory=dict)
+    _written: dict[Ref, tuple[str | None, float]] = field(default_factory=dict)
+
+    def mark(self) -> int:
+        """Call before a LIST: what arrives after this wins over what the LIST says."""
+        with self._lock:
+            return self._seq
+
+    def _arrived(self, ref: Ref) -> None:
+        self._seq += 1
+        self._seen[ref] = self._seq
+        self._gone.pop(ref, None)
+
+    def _departed(self, ref: Ref) -> None:
+        self._seq += 1
+        self._seen.pop(ref, None)
+        self._written.pop(ref, None)
+        self._gone[ref] = self._seq
+
+    def _behind_own_write(
+        self, ref: Ref, body: Mapping[str, Any], own: bool, cached: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Whether an event is older than a write of ours the watch has not shown yet (then it is
+        dropped); `own`: the body is the API's answer to our write, `cached` what the cache holds."""
+        rv = _rv(body)
+        if own:
+            # A write that changed nothing, or whose event came before its answer, has no event to wait for.
+            if rv is not None and (cached is None or _rv(cached) != rv):
+                self._written[ref] = (rv, time.monotonic())
+            return False
+        pending = self._written.get(ref)
+        if pending is None:
+            return False
+        if rv == pending[0] or time.monotonic() - pending[1] > OWN_WRITE_SECONDS:
+            del self._written[ref]
+            return False
+        return True
 
     # -- ModelDeployments ---------------------------------------------------------------------------
-    def put_md(self, body: Mapping[str, Any]) -> Key:
+    def put_md(self, body: Mapping[str, Any], own: bool = False) -> Key:
+        """Store a ModelDeployment from an event, or (`own`) from the API's answer to our write."""
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
+        ref = ("ModelDeployment", *key)
         with self._lock:
-            if _newer(body, self.mds.get(key)):
+            if not self._behind_own_write(ref, body, own, self.mds.get(key)):
                 self.mds[key] = _slim(body)
+                self._arrived(ref)
         return key
 
     def remove_md(self, key: Key) -> None:
         with self._lock:
             self.mds.pop(key, None)
-            self.children.pop(key, None)
+            self._departed(("ModelDeployment", *key))
+            for kind, name in self.children.pop(key, {}):
+                self._departed((kind, key[0], name))
             for name in self.pods.pop(key, {}):
-                self._pod_versions.pop((key[0], name), None)
+                self._departed(("Pod", key[0], name))
 
     def md(self, key: Key) -> dict[str, Any] | None:
         with self._lock:
@@ -139,6 +188,49 @@ class Cache:
         with self._lock:
             return sorted(self.mds)
 
+    def replace_mds(
+        self, namespace: str | None, bodies: Iterable[Mapping[str, Any]], started: int
+    ) -> set[Key]:
+        """Merge a LIST of the ModelDeployments in `namespace` (all when None) begun at `started`;
+        the keys that changed or went away (their reconcile cleans up)."""
+        listed = {}
+        for body in bodies:
+            meta = body.get("metadata") or {}
+            listed[(str(meta.get("namespace")), str(meta.get("name")))] = body
+        changed: set[Key] = set()
+        gone: list[Key] = []
+        with self._lock:
+            for key, body in listed.items():
+                ref = ("ModelDeployment", *key)
+                if self._listed_loses(ref, body, started):
+                    continue
+                if self.mds.get(key) != _slim(body):
+                    changed.add(key)
+                self.mds[key] = _slim(body)
+                self._arrived(ref)
+            for key in list(self.mds):
+                in_scope = namespace is None or key[0] == namespace
+                if in_scope and key not in listed and self._seen.get(("ModelDeployment", *key), 0) <= started:
+                    gone.append(key)
+            self._prune(("ModelDeployment",), namespace, started)
+        for key in gone:
+            self.remove_md(key)
+        return changed | set(gone)
+
+    def _listed_loses(self, ref: Ref, body: Mapping[str, Any], started: int) -> bool:
+        """Whether a LIST's copy must not replace what the cache learned after the LIST began."""
+        if self._gone.get(ref, 0) > started or self._seen.get(ref, 0) > started:
+            return True
+        return self._behind_own_write(ref, body, own=False)
+
+    def _prune(self, kinds: tuple[str, ...], namespace: str | None, started: int) -> None:
+        # Deletions a LIST already shows cannot be undone by it or by a later one.
+        self._gone = {
+            ref: seq
+            for ref, seq in self._gone.items()
+            if seq > started or ref[0] not in kinds or (namespace is not None and ref[1] != namespace)
+        }
+
     # -- Nodes ---------------------------------------------------------------------------------------
     def put_node(self, body: Mapping[str, Any]) -> bool:
         """Store a node; True when what the planner looks at (labels, readiness, capacity) changed."""
@@ -146,22 +238,49 @@ class Cache:
         with self._lock:
             changed = self.nodes.get(view.name) != view
             self.nodes[view.name] = view
+            self._arrived(("Node", "", view.name))
         return changed
 
     def remove_node(self, name: str) -> bool:
         with self._lock:
+            self._departed(("Node", "", name))
             return self.nodes.pop(name, None) is not None
 
+    def replace_nodes(self, bodies: Iterable[Mapping[str, Any]], started: int) -> bool:
+        """Merge a LIST of every node begun at `started`; True when what the planner sees changed."""
+        changed = False
+        listed: set[str] = set()
+        with self._lock:
+            for body in bodies:
+                view = node_view(body)
+                listed.add(view.name)
+                ref = ("Node", "", view.name)
+                if self._listed_loses(ref, body, started):
+                    continue
+                changed |= self.nodes.get(view.name) != view
+                self.nodes[view.name] = view
+                self._arrived(ref)
+            for name in [n for n in self.nodes if n not in listed]:
+                if self._seen.get(("Node", "", name), 0) <= started:
+                    del self.nodes[name]
+                    self._departed(("Node", "", name))
+                    changed = True
+            self._prune(("Node",), None, started)
+        return changed
+
     # -- children and pods ------------------------------------------------------------------------------
-    def put_child(self, kind: str, body: Mapping[str, Any]) -> Key | None:
+    def put_child(self, kind: str, body: Mapping[str, Any], own: bool = False) -> Key | None:
+        """Store a child from an event, or (`own`) from the API's answer to our write."""
         key = owner_key(body)
         if key is None:
             return None
         name = str((body.get("metadata") or {}).get("name"))
+        ref = (kind, key[0], name)
         with self._lock:
             objs = self.children.setdefault(key, {})
-            if _newer(body, objs.get((kind, name))):
+            if not self._behind_own_write(ref, body, own, objs.get((kind, name))):
                 objs[(kind, name)] = _slim(body)
+                self._arrived(ref)
         return key
 
     def child(self, key: Key, kind: str, name: str) -> dict[str, Any] | None:
@@ -176,38 +295,61 @@ class Cache:
         name = str((body.get("metadata") or {}).get("name"))
         with self._lock:
             self.children.get(key, {}).pop((kind, name), None)
+            self._departed((kind, key[0], name))
         return key
+
+    def replace_children(
+        self, kind: str, namespace: str | None, bodies: Iterable[Mapping[str, Any]], started: int
+    ) -> set[Key]:
+        """Merge a LIST of Kiri's children of `kind` in `namespace` (all when None) begun at `started`;
+        the keys whose children changed (deletions the watch missed included)."""
+        listed: dict[Ref, tuple[Key, Mapping[str, Any]]] = {}
+        for body in bodies:
+            key = owner_key(body)
+            if key is not None:
+                listed[(kind, key[0], str((body.get("metadata") or {}).get("name")))] = (key, body)
+        changed: set[Key] = set()
+        with self._lock:
+            for ref, (key, body) in listed.items():
+                if self._listed_loses(ref, body, started):
+                    continue
+                objs = self.children.setdefault(key, {})
+                if objs.get((kind, ref[2])) != _slim(body):
+                    changed.add(key)
+                objs[(kind, ref[2])] = _slim(body)
+                self._arrived(ref)
+            for key, objs in self.children.items():
+                if namespace is not None and key[0] != namespace:
+                    continue
+                for ck in [ck for ck in objs if ck[0] == kind]:
+                    ref = (kind, key[0], ck[1])
+                    if ref not in listed and self._seen.get(ref, 0) <= started:
+                        del objs[ck]
+                        self._departed(ref)
+                        changed.add(key)
+            self._prune((kind,), namespace, started)
+        return changed
 
     def put_pod(self, body: Mapping[str, Any]) -> tuple[Key | None, bool]:
         key = owner_key(body)
         if key is None:
             return None, False
         view = pod_view(body)
-        rv = _rv(body)
         with self._lock:
-            known = self._pod_versions.get((key[0], view.name))
-            if rv is not None and known is not None and rv < known:
-                return key, False  # older than what the cache holds (a late event)
             pods = self.pods.setdefault(key, {})
             changed = pods.get(view.name) != view
             pods[view.name] = view
-            self._remember(key[0], view.name, rv)
+            self._arrived(("Pod", key[0], view.name))
         return key, changed
 
-    def _remember(self, namespace: str, name: str, rv: int | None) -> None:
-        if rv is None:
-            self._pod_versions.pop((namespace, name), None)
-        else:
-            self._pod_versions[(namespace, name)] = rv
-
-    def replace_pods(self, namespace: str | None, fresh: PodIndex, list_version: int | None) -> set[Key]:
-        """Merge a resync LIST of the pods in ``namespace`` (all when None), taken at ``list_version``;
-        return the keys whose pods changed.
+    def replace_pods(self, namespace: str | None, fresh: PodIndex, started: int) -> set[Key]:
+        """Merge a resync LIST of the pods in ``namespace`` (all when None), begun at ``started``
+        (`mark()`); return the keys whose pods changed.
 
         The resync's safety net: readiness arrives only through pod events, so a pod watch that went quiet
-        would otherwise hold a wave forever on a stale cache. The LIST is a snapshot, and watch events may
-        have arrived after it: a cached pod newer than its LIST copy stays, a pod the cache got after the
-        snapshot stays, and a pod deleted after the snapshot does not come back.
+        would otherwise hold a wave forever on a stale cache. Watch events may arrive while the LIST is
+        under way: a pod event that arrived after the LIST began wins over the LIST's copy, a pod the
+        cache got meanwhile stays, and a pod deleted meanwhile does not come back.
         """
         with self._lock:
             scope = {k for k in self.pods if namespace is None or k[0] == namespace} | set(fresh)
@@ -216,43 +358,35 @@ class Cache:
                 ns = key[0]
                 cached = self.pods.get(key, {})
                 merged: dict[str, PodView] = {}
-                for name, (view, rv) in fresh.get(key, {}).items():
-                    deleted = self._pod_deleted.get((ns, name))
-                    if deleted is not None and (rv is None or deleted >= rv):
+                for name, view in fresh.get(key, {}).items():
+                    ref = ("Pod", ns, name)
+                    if self._gone.get(ref, 0) > started:
                         continue
-                    known = self._pod_versions.get((ns, name))
-                    if name in cached and known is not None and rv is not None and known > rv:
+                    if name in cached and self._seen.get(ref, 0) > started:
                         merged[name] = cached[name]
                     else:
                         merged[name] = view
-                        self._remember(ns, name, rv)
+                        self._arrived(ref)
                 for name, view in cached.items():
                     if name in merged:
                         continue
-                    known = self._pod_versions.get((ns, name))
-                    if list_version is not None and known is not None and known > list_version:
-                        merged[name] = view  # created after the snapshot
+                    if self._seen.get(("Pod", ns, name), 0) > started:
+                        merged[name] = view  # created after the LIST began
                     else:
-                        self._pod_versions.pop((ns, name), None)
+                        self._seen.pop(("Pod", ns, name), None)
                 if merged != cached:
                     changed.add(key)
                 if merged:
                     self.pods[key] = merged
                 else:
                     self.pods.pop(key, None)
-            if list_version is not None:
-                # Deletions the snapshot already shows cannot be undone by it or by a later one.
-                self._pod_deleted = {
-                    k: v
-                    for k, v in self._pod_deleted.items()
-                    if v > list_version or (namespace is not None and k[0] != namespace)
-                }
+            self._prune(("Pod",), namespace, started)
         return changed
 
-    def tombstones(self) -> dict[tuple[str, str], int]:
-        """(namespace, pod) -> resourceVersion of the pod deletions a resync LIST must not undo."""
+    def tombstones(self) -> dict[Ref, int]:
+        """(kind, namespace, name) -> arrival number of the deletions a LIST begun earlier must not undo."""
         with self._lock:
-            return dict(self._pod_deleted)
+            return dict(self._gone)
 
     def remove_pod(self, body: Mapping[str, Any]) -> Key | None:
         key = owner_key(body)
@@ -261,10 +395,7 @@ class Cache:
         name = str((body.get("metadata") or {}).get("name"))
         with self._lock:
             self.pods.get(key, {}).pop(name, None)
-            self._pod_versions.pop((key[0], name), None)
-            rv = _rv(body)
-            if rv is not None:
-                self._pod_deleted[(key[0], name)] = rv
+            self._departed(("Pod", key[0], name))
         return key
 
     # -- one consistent view -------------------------------------------------------------------------------

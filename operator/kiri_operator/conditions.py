@@ -68,6 +68,9 @@ class Reason:
     LEARNING_ROUND: Final = "LearningRound"
     LEARNED_MODEL_ADOPTED: Final = "LearnedModelAdopted"
     LEARNED_MODEL_DEFERRED: Final = "LearnedModelDeferred"
+    # LearningProgressing (only while a round's aggregation failed or is retried)
+    AGGREGATION_FAILED: Final = "AggregationFailed"
+    AGGREGATION_RETRYING: Final = "AggregationRetrying"
     # Cloud
     DEPLOYMENT_AVAILABLE: Final = "DeploymentAvailable"
     DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"
@@ -119,6 +122,11 @@ class Reason:
     STEP_STARTED: Final = "StepStarted"
     ANALYSIS_PASSED: Final = "AnalysisPassed"
     ROLLED_BACK: Final = "RolledBack"
+    # Lost or unreadable rollout memory, and reconciles that fail outright
+    ROLLOUT_STATUS_INVALID: Final = "RolloutStatusInvalid"
+    STABLE_REVISION_REBUILT: Final = "StableRevisionRebuilt"
+    STABLE_REVISION_UNKNOWN: Final = "StableRevisionUnknown"
+    RECONCILE_FAILED: Final = "ReconcileFailed"
 
 
 @dataclass(frozen=True)
@@ -211,7 +219,9 @@ STALLED_PHASES: Final = frozenset({"Failed", "Degraded", "RolledBack"})
 # Wave holds that need a person rather than time: the first rollout's pods fail (no stable revision to
 # roll back to), or analysis cannot be evaluated (Prometheus unreachable or a query it rejects). Other holds
 # (inconclusive analysis, offline nodes with `Wait`, a pause) are a rollout still under way.
-STALLING_GATE_REASONS: Final = frozenset({Reason.INITIAL_FAILING, Reason.ANALYSIS_ERROR})
+STALLING_GATE_REASONS: Final = frozenset(
+    {Reason.INITIAL_FAILING, Reason.ANALYSIS_ERROR, Reason.STABLE_REVISION_UNKNOWN}
+)
 
 
 def progress_conditions(conditions: Sequence[Condition], phase: str) -> tuple[Condition, Condition]:
@@ -247,3 +257,17 @@ def progress_conditions(conditions: Sequence[Condition], phase: str) -> tuple[Co
     else:
         source = by_type.get(READY) or Condition(READY, "Unknown", Reason.RECONCILING, "")
     return Condition(RECONCILING, "True", source.reason, source.message), stalled
+
+
+def reconcile_failed(conditions: Sequence[Condition], message: str, now: datetime) -> list[Condition]:
+    """The stored conditions with a reconcile that raised on top: Degraded and Stalled True with reason
+    `ReconcileFailed` (kstatus then reads Failed), Reconciling False. The next reconcile that gets through
+    recomputes all three from the tiers, which is the recovery."""
+    out = list(conditions)
+    for new in (
+        Condition(DEGRADED, "True", Reason.RECONCILE_FAILED, message),
+        Condition(STALLED, "True", Reason.RECONCILE_FAILED, message),
+        Condition(RECONCILING, "False", Reason.STALLED, f"stalled: {Reason.RECONCILE_FAILED}"),
+    ):
+        out = set_condition(out, new, now)
+    return out

@@ -31,7 +31,7 @@ from kiri_operator.caches import Cache, Key, owner_key
 from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
 from kiri_operator.memos import Config, Runtime
-from kiri_operator.queueing import WorkQueue
+from kiri_operator.queueing import Retry, WorkQueue
 from kiri_operator.reconciling import Reconciler
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     for _worker in range(max(1, config.workers)):
         runtime.tasks.append(asyncio.create_task(runtime.queue.worker(functools.partial(_handle, runtime))))
     runtime.tasks.append(asyncio.create_task(syncing.resync(runtime)))
+    runtime.tasks.append(asyncio.create_task(syncing.relister(runtime)))
     for key in runtime.cache.md_keys():
         runtime.queue.add(key)
     log.info(
@@ -137,7 +138,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         runtime.kube.close()
 
 
-async def _handle(runtime: Runtime, key: Key) -> float | None:
+async def _handle(runtime: Runtime, key: Key) -> float | Retry | None:
     assert runtime.reconciler is not None
     # Events arriving during this reconcile belong to the next one, which runs because the queue marks it dirty.
     since = runtime.event_at.pop(key, None)
@@ -147,7 +148,16 @@ async def _handle(runtime: Runtime, key: Key) -> float | None:
     elif since is not None and outcome.status_deferred:
         # The event is reported when its status is written, so deferred writes count in the latency.
         runtime.event_at[key] = min(since, runtime.event_at.get(key, since))
+    if outcome.error is not None:
+        return Retry(at_most=outcome.requeue_after)
     return outcome.requeue_after
+
+
+def _listing(runtime: Runtime, event: kopf.RawEvent) -> None:
+    """kopf replays a (re)started watch's LIST as events of type None, and says nothing of the objects
+    deleted while it was away: ask for a relist of every kind (syncing.relister)."""
+    if event.get("type") is None:
+        runtime.relist_wanted.set()
 
 
 @kopf.on.event(MODEL_DEPLOYMENT.group, MODEL_DEPLOYMENT.version, MODEL_DEPLOYMENT.plural, registry=REGISTRY)
@@ -156,6 +166,7 @@ async def modeldeployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any)
     body: dict[str, Any] = dict(event.get("object") or {})
     meta = body.get("metadata") or {}
     key = (str(meta.get("namespace")), str(meta.get("name")))
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         runtime.cache.remove_md(key)
         metrics.set_nodes(key[0], key[1], {})
@@ -185,6 +196,7 @@ async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.
     runtime = memos.runtime(memo)
     kind = _CHILD_BY_PLURAL[resource.plural]
     body: dict[str, Any] = dict(event.get("object") or {})
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         runtime.enqueue(runtime.cache.remove_child(kind, body))
         return
@@ -215,6 +227,7 @@ for _child in CHILDREN:
 async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         runtime.enqueue(runtime.cache.remove_pod(body))
         return
@@ -227,6 +240,7 @@ async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
+    _listing(runtime, event)
     if event.get("type") == "DELETED":
         changed = runtime.cache.remove_node(str((body.get("metadata") or {}).get("name")))
     else:

@@ -51,6 +51,7 @@ COMPONENT_COMPRESS: Final = "compress"
 COMPONENT_MANIFEST: Final = "manifest"
 COMPONENT_LEARNING: Final = "learning"
 COMPONENT_ROUND: Final = "learning-round"
+COMPONENT_LEDGER: Final = "learning-ledger"
 
 # Who records Kiri's Events (`source.component` and `reportingComponent`).
 EVENT_SOURCE: Final = "kiri-operator"

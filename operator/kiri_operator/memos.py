@@ -51,6 +51,8 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     event_at: dict[Key, float] = field(default_factory=dict)
     """When the oldest watch event not yet reconciled queued each key (for the event-to-status latency)."""
+    relist_wanted: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by a watch replaying a LIST (kopf's events of type None): `syncing.relister` relists every kind."""
 
     def enqueue(self, key: Key | None, watched: bool = True) -> None:
         """Queue a known ModelDeployment for a reconcile; `watched`: because of a watch event."""

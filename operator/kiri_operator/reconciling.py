@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 from pydantic import ValidationError
 
+from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator import metering, metrics
 from kiri_operator.api.specs import ModelDeploymentSpec
@@ -101,7 +102,8 @@ class Reconciler:
         except Exception as exc:
             log.exception("reconcile of %s/%s failed", *key)
             metrics.RECONCILE_SECONDS.labels("error").observe(time.perf_counter() - started)
-            return Outcome(error=str(exc), requeue_after=5.0)
+            self._report_failure(key, exc)
+            return Outcome(error=str(exc))
         result = "error" if outcome.error else ("changed" if outcome.writes else "unchanged")
         metrics.RECONCILE_SECONDS.labels(result).observe(time.perf_counter() - started)
         return outcome
@@ -161,13 +163,12 @@ class Reconciler:
                     )
                 else:
                     assert action.body is not None
-                    self.cache.put_child(action.kind, self.kube.apply(action.body))
+                    self.cache.put_child(action.kind, self.kube.apply(action.body), own=True)
                 metrics.RECONCILE_WRITES.labels(action.kind, action.check.value).inc()
                 outcome.writes += 1
             except KubeError as exc:
                 # One refused child does not stop the others; the next reconcile retries it.
                 outcome.error = str(exc)
-                outcome.requeue_after = 5.0
                 events.append(
                     Event(
                         "Warning",
@@ -175,7 +176,10 @@ class Reconciler:
                         f"{action.check.value} {action.kind} {action.name}: {exc.message}"[:1000],
                     )
                 )
-        stored = normalize_status(old_status or {})
+        try:
+            stored = normalize_status(old_status or {})
+        except ValidationError:
+            stored = {}  # a status the model cannot read is rewritten whole by the plan
         wait = self.progress_interval - (time.monotonic() - self._status_written_at.get(key, -1e9))
         if p.status == stored:
             pass  # nothing to write
@@ -188,7 +192,7 @@ class Reconciler:
             outcome.status_deferred = True
         else:
             try:
-                self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status))
+                self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status), own=True)
                 self._status_written_at[key] = time.monotonic()
                 metrics.RECONCILE_WRITES.labels(MODEL_DEPLOYMENT.kind, "Status").inc()
                 outcome.writes += 1
@@ -196,7 +200,32 @@ class Reconciler:
             except KubeError as exc:
                 if exc.status != 404:  # deleted meanwhile: nothing left to report on
                     outcome.error = str(exc)
-                    outcome.requeue_after = 5.0
+        self._emit(key, md, events)
+        self._node_metrics(key, p.status)
+        metering.meter(key[0], key[1], p.status)
+        return outcome
+
+    def _report_failure(self, key: Key, exc: Exception) -> None:
+        """A reconcile that raised says so where users look: a condition with a reason, and an Event.
+
+        Best effort, from the stored status (the plan never came): the same failure repeated writes
+        nothing new, and an API server that is down fails this too (the log has it)."""
+        md = self.cache.md(key)
+        if md is None:
+            return
+        message = f"{type(exc).__name__}: {exc}"[:1000]
+        try:
+            status = dict(md.get("status") or {})
+            stored = [C.Condition.from_dict(c) for c in status.get("conditions") or [] if isinstance(c, dict)]
+            conditions = C.reconcile_failed(stored, message, datetime.now(UTC))
+            if [c.to_dict() for c in conditions] != status.get("conditions"):
+                status["conditions"] = [c.to_dict() for c in conditions]
+                self.cache.put_md(self.kube.apply_status(key[0], key[1], status), own=True)
+            self._emit(key, md, [Event("Warning", Reason.RECONCILE_FAILED, message)])
+        except Exception as report_exc:  # never let the report hide the failure it reports
+            log.warning("reporting the failed reconcile of %s/%s: %s", *key, report_exc)
+
+    def _emit(self, key: Key, md: dict[str, Any], events: Iterable[Event]) -> None:
         for event in events:
             # A retried failure repeats its event each time: one per five minutes is enough to see it.
             seen = (key, event.type, event.reason, event.message)
@@ -210,9 +239,6 @@ class Reconciler:
                 }
             self.kube.event(md, event)
             metrics.RECONCILE_WRITES.labels("Event", event.reason).inc()
-        self._node_metrics(key, p.status)
-        metering.meter(key[0], key[1], p.status)
-        return outcome
 
     @staticmethod
     def _node_metrics(key: Key, status: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
 """Keeping the caches in step with the cluster outside the watches: the warm-up LISTs before the first
-reconcile, and the periodic resync (a pod LIST, a memory trim, every ModelDeployment queued again)."""
+reconcile, the periodic resync (a pod LIST, a memory trim, every ModelDeployment queued again), and the
+relist of every cached kind after a watch restarted from a fresh LIST (a 410 Gone: the objects deleted
+while the watch was away have no DELETED event, so only a LIST can show they are gone)."""
 
 from __future__ import annotations
 
@@ -60,11 +62,64 @@ def relist_pods(kube: Kube, cache: Cache, namespace: str | None) -> set[Key]:
     """The pods of `namespace` (all when None) LISTed again and merged into the cache; the keys whose
     pods changed."""
     fresh: PodIndex = {}
-    version: int | None = None
-    for page_version, page in kube.list_pages(POD.kind, namespace, L.MODEL_DEPLOYMENT):
-        version = page_version
+    started = cache.mark()
+    for _, page in kube.list_pages(POD.kind, namespace, L.MODEL_DEPLOYMENT):
         index_pods(page, fresh)
-    return cache.replace_pods(namespace, fresh, version)
+    return cache.replace_pods(namespace, fresh, started)
+
+
+def relist(kube: Kube, cache: Cache, namespace: str | None) -> tuple[set[Key], bool]:
+    """Every cached kind LISTed again and merged, deletions included: the ModelDeployment keys that
+    changed, and whether the nodes did (then every ModelDeployment needs a look)."""
+    started = cache.mark()
+    nodes = [n for _, page in kube.list_pages(NODE.kind) for n in page]
+    nodes_changed = cache.replace_nodes(nodes, started)
+    started = cache.mark()
+    changed = cache.replace_mds(namespace, kube.list(MODEL_DEPLOYMENT.kind, namespace), started)
+    selector = L.managed_selector()
+    for kind in CHILD_KINDS:
+        started = cache.mark()
+        changed |= cache.replace_children(kind, namespace, kube.list(kind, namespace, selector), started)
+    changed |= relist_pods(kube, cache, namespace)
+    return changed, nodes_changed
+
+
+RELIST_SETTLE_SECONDS = 2.0
+
+
+async def relister(runtime: Runtime) -> None:
+    """Relist every kind once a watch has restarted from a LIST, until cancelled.
+
+    kopf replays a restarted watch's LIST as events of type None and tells nothing of what vanished;
+    `runtime.relist_wanted` is set by those events. A burst of them (one per object) makes one relist,
+    after it has been quiet for RELIST_SETTLE_SECONDS. The first burst is kopf's own start-up LIST, so a
+    start costs one extra LIST per kind."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await runtime.relist_wanted.wait()
+        while runtime.relist_wanted.is_set():
+            runtime.relist_wanted.clear()
+            await asyncio.sleep(RELIST_SETTLE_SECONDS)
+        if runtime.kube is None:
+            continue
+        for namespace in runtime.config.scopes:
+            try:
+                changed, nodes = await loop.run_in_executor(
+                    None, relist, runtime.kube, runtime.cache, namespace
+                )
+            except Exception as exc:  # the watches still feed the cache; the next restart or resync retries
+                log.warning("relist of %s failed: %s", namespace or "all namespaces", exc)
+                runtime.relist_wanted.set()
+                await asyncio.sleep(runtime.config.resync_seconds)
+                continue
+            if changed or nodes:
+                log.info("relist after a watch restart: %d ModelDeployment(s) had changed", len(changed))
+            for key in runtime.cache.md_keys() if nodes else sorted(changed):
+                runtime.enqueue(key, watched=False)
+            for key in changed - set(runtime.cache.md_keys()):
+                # Deleted while the watch was away: the reconcile of a missing key clears its metrics.
+                if runtime.queue is not None:
+                    runtime.queue.add(key)
 
 
 async def resync(runtime: Runtime) -> None:

@@ -585,3 +585,54 @@ def test_operator_killed_mid_wave_resumes_without_repeating_or_skipping(
         assert moved <= {n for n, v in r.placement().items() if v == status["currentRevision"]}
     finally:
         op.stop()
+
+
+# --- control-plane restarts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("component", ["apiserver", "etcd"])
+def test_a_control_plane_restart_mid_wave_loses_and_doubles_no_step(
+    cluster: Cluster, namespace: str, store: dict[str, Any], component: str
+) -> None:
+    op = Operator(cluster, namespace, "--resync-seconds", "15").start()
+    try:
+        r = Rollout(
+            cluster,
+            namespace,
+            store,
+            {
+                "stages": [
+                    {"nodes": 1, "bakeSeconds": 3},
+                    {"percent": 50, "bakeSeconds": 3},
+                    {"percent": 100, "bakeSeconds": 2},
+                ],
+                "maxUnavailable": "100%",
+            },
+        )
+        first = r.deploy_first()
+        r.set(pod_labels={"build": "2"})
+        stages: list[str] = []
+
+        def record(s: dict[str, Any]) -> bool:
+            stage = str((s.get("edge") or {}).get("stage") or "")
+            if "/" in stage and stage not in stages:
+                stages.append(stage)
+            return stage.startswith("2/3")
+
+        r.wait(record, what="second wave")
+        subprocess.run([sys.executable, "hack/cluster.py", "restart", component], check=True, timeout=120)
+        status = r.wait(
+            lambda s: (
+                (record(s) or True) and s.get("phase") == "Healthy" and s.get("currentRevision") != first
+            ),
+            timeout=120,
+            what=f"rollout completes after the {component} restart",
+        )
+        assert [s.split(" ")[0] for s in stages] == ["1/3", "2/3", "3/3"], stages
+        steps = [e["message"] for e in r.events("StepStarted")]
+        assert len(steps) == len(set(steps)), steps
+        promoted = [h for h in status.get("history") or [] if h.get("revision") == status["currentRevision"]]
+        assert [h["outcome"] for h in promoted] == ["Promoted"]
+        assert op.proc is not None and op.proc.poll() is None  # the operator rode it out
+    finally:
+        op.stop()

@@ -220,6 +220,23 @@ class SiteDownload(StatusModel):
     """When the revision was adopted."""
 
 
+class LearningRetry(StatusModel):
+    """A round whose aggregation failed: when, why, and when the next attempt starts."""
+
+    round: Annotated[int, Field(ge=1)]
+    """The round."""
+    attempt: Annotated[int, Field(ge=1)] = 1
+    """The attempt that failed (or, after `retryAt`, the one running)."""
+    failed_at: Timestamp | None = None
+    """When the attempt's aggregator Job failed."""
+    reason: str | None = None
+    """The Job's failure."""
+    retry_at: Timestamp | None = None
+    """When the next attempt starts (exponential backoff with jitter, 30 s to 10 min)."""
+    last_failure: str | None = None
+    """Why the previous attempt failed (while a retry runs)."""
+
+
 class LearningStatus(StatusModel):
     """Federated learning progress."""
 
@@ -239,6 +256,8 @@ class LearningStatus(StatusModel):
     """The adopted learned weights: the edge's model source while set."""
     downloads: list[SiteDownload] = []
     """Adoptions in the last 24 hours, per site."""
+    retry: LearningRetry | None = None
+    """Set while a round is retried after its aggregation failed."""
 
 
 class RolloutHistoryEntry(StatusModel):

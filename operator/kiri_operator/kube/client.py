@@ -210,10 +210,10 @@ class Kube:
 
     def list_pages(
         self, kind: str, namespace: str | None = None, selector: str | None = None
-    ) -> Iterator[tuple[int | None, Page]]:
+    ) -> Iterator[tuple[str | None, Page]]:
         """A LIST in pages of LIST_PAGE objects, each with the list's resourceVersion (the snapshot all
         pages show): one page is decoded at a time, so a fleet's pods do not need one huge response."""
-        version: int | None = None
+        version: str | None = None
         token: str | None = None
         while True:
             query = {"limit": str(LIST_PAGE)}
@@ -224,8 +224,8 @@ class Kube:
             result = self._request("list", "GET", kind, KINDS[kind].path(namespace), query=query) or {}
             meta = result.get("metadata") or {}
             if version is None:
-                raw = str(meta.get("resourceVersion") or "")
-                version = int(raw) if raw.isdigit() else None
+                # Opaque: kept as the API gave it, never compared for order.
+                version = str(meta.get("resourceVersion") or "") or None
             items = result.get("items") or []
             api_version = result.get("apiVersion", "")
             item_kind = str(result.get("kind", "")).removesuffix("List")

@@ -129,10 +129,49 @@ def _state_of(stored: RolloutStatus | None, stable_revision: str | None) -> Roll
     return stored.model_copy(update={"stable_variants": None})
 
 
+def _memory_lost(stored: RolloutStatus | None, stable_revision: str | None) -> bool:
+    """Neither status.rollout nor status.currentRevision names a stable revision, and no first rollout is
+    under way: either this is the first rollout, or the status was lost (a restore without status, a hand
+    edit). Only the DaemonSets can tell which."""
+    if stable_revision:
+        return False
+    return stored is None or (stored.stable_revision is None and stored.update_revision is None)
+
+
+def stable_from_daemonsets(
+    current: Mapping[str, Slot], update_revision: str
+) -> tuple[str | None, tuple[str, ...]]:
+    """The stable revision the DaemonSets show, when the status lost it: the revision (other than the
+    update revision) on the most nodes. None and the tied candidates when two or more share the most
+    nodes; None and () when only the update revision (or nothing) runs: a first rollout, nothing to protect."""
+    counts: dict[str, int] = {}
+    for slot in current.values():
+        if slot.revision != update_revision:
+            counts[slot.revision] = counts.get(slot.revision, 0) + 1
+    if not counts:
+        return None, ()
+    most = max(counts.values())
+    top = tuple(sorted(r for r, n in counts.items() if n == most))
+    return (top[0], ()) if len(top) == 1 else (None, top)
+
+
 def _assign_in_waves(inp: AssignInput, keep: frozenset[str]) -> Assignment:
     stored = inp.rollout_status
     remembered: dict[str, str] = dict(stored.stable_variants or {}) if stored is not None else {}
-    state = _state_of(stored, inp.stable_revision)
+    stable_revision, rebuilt = inp.stable_revision, None
+    if _memory_lost(stored, stable_revision):
+        # Without this, a lost status looks like a first rollout: every node at once, no stage, no gate.
+        stable_revision, tied = stable_from_daemonsets(inp.current, inp.update_revision)
+        if tied:
+            return _refuse_to_move(inp, keep, tied)
+        if stable_revision is not None:
+            rebuilt = Event(
+                "Warning",
+                Reason.STABLE_REVISION_REBUILT,
+                f"no stable revision in status; revision {stable_revision} runs on the most nodes "
+                "and is taken as stable, so the update goes through every stage and gate",
+            )
+    state = _state_of(stored if stable_revision == inp.stable_revision else None, stable_revision)
     placed = [n for n in inp.nodes if n.name in inp.desired]
     observed = W.Observed(
         update_revision=inp.update_revision,
@@ -175,7 +214,7 @@ def _assign_in_waves(inp: AssignInput, keep: frozenset[str]) -> Assignment:
     return Assignment(
         verdict=plan.verdict,
         nodes=slots,
-        events=list(plan.events),
+        events=([rebuilt] if rebuilt is not None else []) + list(plan.events),
         keep_revisions=frozenset(r for r in (*keep, stable, plan.state.previous_stable_revision) if r),
         rollout=plan.state.model_copy(update={"stable_variants": dict(sorted(remembered.items())) or None}),
         requeue_after=plan.requeue_after,
@@ -186,6 +225,24 @@ def _assign_in_waves(inp: AssignInput, keep: frozenset[str]) -> Assignment:
         stage=stage_label(plan) or ("100%" if plan.verdict.kind == "Completed" else ""),
         stage_started_at=plan.state.step_started_at if step is not None else None,
         deferred=tuple(sorted(n for n in slots if n not in online)),
+    )
+
+
+def _refuse_to_move(inp: AssignInput, keep: frozenset[str], tied: tuple[str, ...]) -> Assignment:
+    """No stable revision in status, and the DaemonSets do not say which one it was: hold every node where
+    it is rather than guess the rollback target or skip the gates. Deleting the DaemonSets of the
+    revisions that are not stable (or restoring the status) lets the rollout go on."""
+    eligible = {n.name for n in inp.nodes}
+    message = (
+        f"no stable revision in status and revisions {', '.join(tied)} run on equally many nodes: "
+        "not moving any node"
+    )
+    return Assignment(
+        verdict=W.Verdict("Holding", Reason.STABLE_REVISION_UNKNOWN, message),
+        nodes={n: s for n, s in inp.current.items() if n in eligible},
+        events=[Event("Warning", Reason.STABLE_REVISION_UNKNOWN, message)],
+        keep_revisions=keep | frozenset(s.revision for s in inp.current.values()),
+        rollout=inp.rollout_status,
     )
 
 

@@ -6,8 +6,10 @@ is read back from the DaemonSets' node affinity; the waves behind `assign_nodes`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from pydantic import ValidationError
 
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
@@ -53,6 +55,19 @@ def plan_edge(
     }
     out.keep |= manifests_to_keep(observed, keys, spec.rollout.revision_history_limit)
     return out
+
+
+def stored_rollout(raw: Any) -> tuple[RolloutStatus | None, str | None]:
+    """status.rollout as the wave planner's state, or None and why it could not be read."""
+    if not raw:
+        return None, None
+    try:
+        return RolloutStatus.model_validate(raw), None
+    except ValidationError as exc:
+        where = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'rollout'}: {e['msg']}" for e in exc.errors()[:3]
+        )
+        return None, f"status.rollout is unreadable ({where}); rebuilt from the DaemonSets"[:1000]
 
 
 def current_assignment(observed: Observed) -> dict[str, Slot]:
@@ -110,7 +125,11 @@ def _edge_rollout(
     current = current_assignment(observed)
     pods = edge_pods(observed)
     status = observed.status
-    stored = status.get("rollout")
+    stored, unreadable = stored_rollout(status.get("rollout"))
+    if unreadable is not None:
+        # Garbage in status.rollout (a hand edit, a bad restore) would fail every reconcile: rebuild the
+        # planner's memory from the DaemonSets instead, and say so once, loudly.
+        out.events.append(Event("Warning", Reason.ROLLOUT_STATUS_INVALID, unreadable))
     result: Assignment = assign_nodes(
         AssignInput(
             rollout=spec.rollout,
@@ -125,7 +144,7 @@ def _edge_rollout(
             pods=pods,
             annotations=observed.annotations,
             now=observed.now,
-            rollout_status=RolloutStatus.model_validate(stored) if stored else None,
+            rollout_status=stored,
             variant_sizes={v.name: v.size_bytes or 0 for v in comp.manifest.variants}
             if comp.manifest
             else {},
@@ -259,4 +278,7 @@ def _edge_rollout(
             msg += f"; {n_unmatched} node(s) match no variant"
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "True", Reason.ROLLED_OUT, msg)
         out.complete = True
+    if unreadable is not None and out.progressing is not None:
+        # Only this reconcile says it: the status written with it holds the rebuilt state.
+        out.progressing = replace(out.progressing, reason=Reason.ROLLOUT_STATUS_INVALID, message=unreadable)
     return out

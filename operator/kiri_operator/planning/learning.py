@@ -12,6 +12,13 @@ The newest accepted round is a candidate for the update policy (planning/updatin
 model source for the learned weights: a new compression key and revision that goes through compression, gates
 and waves like any other. The cloud keeps serving `spec.model` (it serves ONNX; the learned weights are a
 safetensors state dict, `rounds/<NNNN>/weights.safetensors`, that the compressor exports).
+
+A round whose aggregator Job failed (no record will come) is retried under new Job names after a backoff,
+with `LearningProgressing=False/AggregationFailed` and a Warning until then; the spend of the failed attempt
+is already in the privacy ledger ConfigMap the aggregator writes before it accepts anything.
+
+Why one module: a round's Jobs, its record, its retry and the update policy on its result read the same
+records and status; split, each half would re-derive the round number and the records from the other's.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pydantic import ValidationError
 from kiri_operator import labels as L
 from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import LearningSpec, ModelDeploymentSpec, ModelSource
-from kiri_operator.conditions import Reason
+from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning.updating import Candidate, Download, decide
@@ -48,13 +55,61 @@ def tokens_secret(md: str) -> str:
     return L.child_name(md, "learning-tokens")
 
 
-def aggregator_name(md: str, n: int) -> str:
-    return L.child_name(md, f"learn-r{n}", "agg")
+def _round_key(n: int, attempt: int) -> str:
+    # A retried round gets new Job names: a failed Job cannot be rerun, and its pods stay for inspection.
+    return f"learn-r{n}" if attempt <= 1 else f"learn-r{n}a{attempt}"
 
 
-def trainer_name(md: str, n: int, site: str) -> str:
+def aggregator_name(md: str, n: int, attempt: int = 1) -> str:
+    return L.child_name(md, _round_key(n, attempt), "agg")
+
+
+def trainer_name(md: str, n: int, site: str, attempt: int = 1) -> str:
     slug = _SLUG.sub("-", site.lower()).strip("-")[:20] or "site"
-    return L.child_name(md, f"learn-r{n}", f"{slug}-{L.short_hash(site, length=6)}")
+    return L.child_name(md, _round_key(n, attempt), f"{slug}-{L.short_hash(site, length=6)}")
+
+
+def ledger_name(md: str) -> str:
+    return L.child_name(md, "learning-ledger")
+
+
+LEARNING_PROGRESSING = "LearningProgressing"
+RETRY_BASE_SECONDS = 30.0
+RETRY_MAX_SECONDS = 600.0
+
+
+def retry_delay(uid: str, n: int, attempt: int) -> float:
+    """Seconds before attempt `attempt + 1` of round `n`: doubling from 30 s up to 10 min, with a jitter
+    (a hash, so the pure planner gives the same answer on every reconcile) of up to half of it."""
+    ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (attempt - 1))
+    fraction = int(L.short_hash(f"{uid}/{n}/{attempt}", length=4), 16) / 0xFFFF
+    return ceiling / 2 + fraction * ceiling / 2
+
+
+def job_failure(observed: Observed, name: str) -> str | None:
+    """Why the Job `name` failed (its Failed condition), or None while it has not."""
+    job = observed.child("Job", name)
+    if job is None:
+        return None
+    for cond in (job.body.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Failed" and cond.get("status") == "True":
+            return f"{cond.get('reason') or 'Failed'}: {cond.get('message') or 'the aggregator Job failed'}"
+    return None
+
+
+def ledger_epsilon(observed: Observed, md: str) -> float:
+    """The largest epsilon any site reached in the ledger ConfigMap (spends of rounds with no record too)."""
+    from kiri_runtime.learning.errors import LearningError
+    from kiri_runtime.learning.ledgers import LEDGER_KEY, parse
+
+    cm = observed.child("ConfigMap", ledger_name(md))
+    if cm is None:
+        return 0.0
+    try:
+        spends = parse((cm.body.get("data") or {}).get(LEDGER_KEY))
+    except LearningError:
+        return 0.0
+    return max((float(e) for s in spends for e in (s.get("epsilon") or {}).values()), default=0.0)
 
 
 def record_name(md: str, n: int) -> str:
@@ -176,7 +231,12 @@ def _job(name: str, labels: dict[str, str], pod: dict[str, Any], deadline: int) 
 
 
 def round_objects(
-    spec: ModelDeploymentSpec, owner: B.Owner, n: int, site_names: Sequence[str], base_weights: str
+    spec: ModelDeploymentSpec,
+    owner: B.Owner,
+    n: int,
+    site_names: Sequence[str],
+    base_weights: str,
+    attempt: int = 1,
 ) -> list[dict[str, Any]]:
     learning = spec.learning
     assert learning is not None
@@ -208,6 +268,9 @@ def round_objects(
         "--target-epsilon", repr(learning.dp.target_epsilon),
         "--rounds", "1",
         "--port", str(AGGREGATOR_PORT),
+        # The privacy spend goes to the API before the round is accepted, so a crash cannot lose it.
+        "--ledger", f"configmap:{owner.namespace}/{ledger_name(owner.name)}",
+        "--ledger-owner", f"{owner.name}:{owner.uid}",
     ]  # fmt: skip
     publish_args = [
         "publish-round",
@@ -223,7 +286,7 @@ def round_objects(
     tmp_mount: dict[str, Any] = {"name": "tmp", "mountPath": "/tmp"}
     mounts: list[dict[str, Any]] = [store_mount, token_mount, tmp_mount, *w_mounts, *e_mounts]
     aggregator = _job(
-        aggregator_name(owner.name, n),
+        aggregator_name(owner.name, n, attempt),
         agg_labels,
         {
             "serviceAccountName": L.compressor_account_name(owner.name),
@@ -245,7 +308,7 @@ def round_objects(
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": B._metadata(aggregator_name(owner.name, n), agg_labels),
+        "metadata": B._metadata(aggregator_name(owner.name, n, attempt), agg_labels),
         "spec": {
             "selector": {
                 **L.selector_labels(owner.name),
@@ -255,7 +318,7 @@ def round_objects(
             "ports": [{"name": "http", "port": AGGREGATOR_PORT, "targetPort": AGGREGATOR_PORT}],
         },
     }
-    url = f"http://{aggregator_name(owner.name, n)}.{owner.namespace}.svc:{AGGREGATOR_PORT}"
+    url = f"http://{aggregator_name(owner.name, n, attempt)}.{owner.namespace}.svc:{AGGREGATOR_PORT}"
     objects = [B.finish(aggregator, owner), B.finish(service, owner)]
     for site in chosen:
         labels = {**base_labels, L.LEARNING_ROLE: "trainer", L.SITE_NAME: L.short_hash(site, length=16)}
@@ -295,7 +358,9 @@ def round_objects(
                 {"name": "tmp", "emptyDir": {}},
             ],
         }
-        objects.append(B.finish(_job(trainer_name(owner.name, n, site), labels, pod, deadline), owner))
+        objects.append(
+            B.finish(_job(trainer_name(owner.name, n, site, attempt), labels, pod, deadline), owner)
+        )
     return objects
 
 
@@ -336,6 +401,7 @@ class LearningPlan:
     status: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
+    condition: Condition | None = None
 
 
 def plan_learning(
@@ -364,9 +430,13 @@ def plan_learning(
     accepted = [r for r in records if r.status == "accepted" and r.model is not None]
     refused = any(r.status == "refused" for r in records)
     done = records[-1].round if records else 0
+    out.keep.add(("ConfigMap", ledger_name(owner.name)))
     status: dict[str, Any] = {
         "roundsCompleted": len(records),
-        "epsilonSpent": round(max((r.privacy.epsilon for r in records), default=0.0), 6),
+        "epsilonSpent": round(
+            max(max((r.privacy.epsilon for r in records), default=0.0), ledger_epsilon(observed, owner.name)),
+            6,
+        ),
         "rounds": [_round_status(r) for r in records[-ROUNDS_KEPT:]],
     }
 
@@ -379,21 +449,58 @@ def plan_learning(
             if last_closed is None
             else last_closed + timedelta(seconds=learning.schedule.interval_seconds)
         )
-        if due <= now:
+        retry = dict(old.get("retry") or {})
+        if retry.get("round") != n:
+            retry = {}
+        attempt = int(retry.get("attempt") or 1)
+        failed = job_failure(observed, aggregator_name(owner.name, n, attempt))
+        if failed is not None and retry.get("failedAt") is None:
+            # A failed aggregation wrote no record: without this the round would wait for one forever.
+            delay = retry_delay(owner.uid, n, attempt)
+            retry = {"round": n, "attempt": attempt, "failedAt": format_time(now), "reason": failed[:500]}
+            retry["retryAt"] = format_time(now + timedelta(seconds=round(delay)))
+            out.events.append(
+                Event(
+                    "Warning",
+                    Reason.AGGREGATION_FAILED,
+                    f"round {n} attempt {attempt}: {failed}; retrying at {retry['retryAt']}"[:1000],
+                )
+            )
+        retry_at = _parse_time(retry.get("retryAt"))
+        if retry.get("failedAt") is not None and retry_at is not None and now >= retry_at:
+            attempt += 1
+            retry = {"round": n, "attempt": attempt, "lastFailure": retry.get("reason", "")}
+            out.events.append(Event("Normal", Reason.LEARNING_ROUND, f"round {n}: attempt {attempt} started"))
+        if retry.get("failedAt") is not None:
+            msg = f"round {n} attempt {attempt} failed ({retry.get('reason')}); retrying at {retry.get('retryAt')}"
+            out.condition = Condition(LEARNING_PROGRESSING, "False", Reason.AGGREGATION_FAILED, msg)
+            out.requeue_after = max(1.0, (retry_at - now).total_seconds()) if retry_at is not None else 30.0
+        elif due <= now:
             site_names = sites(spec, observed)
             base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
             if site_names:
                 # The compressor's account may create ConfigMaps only: enough to publish the round record.
-                out.children = B.compressor_account(owner) + round_objects(spec, owner, n, site_names, base)
+                out.children = B.compressor_account(owner) + round_objects(
+                    spec, owner, n, site_names, base, attempt
+                )
                 if old.get("activeRound") != n:
                     out.events.append(
                         Event("Normal", Reason.LEARNING_ROUND, f"round {n} started: {', '.join(site_names)}")
                     )
                 status["activeRound"] = n
+            if attempt > 1:
+                out.condition = Condition(
+                    LEARNING_PROGRESSING,
+                    "True",
+                    Reason.AGGREGATION_RETRYING,
+                    f"round {n} attempt {attempt} running after: {retry.get('lastFailure', '')}"[:1000],
+                )
             out.requeue_after = 30.0
         else:
             status["nextRoundAt"] = format_time(due)
             out.requeue_after = max(1.0, (due - now).total_seconds())
+        if retry:
+            status["retry"] = retry
 
     # -- update policy on the newest accepted round -----------------------------------------------------
     adopted = dict(old.get("model") or {})
@@ -429,8 +536,8 @@ def plan_learning(
         }
         if verdict.retry_after_seconds is not None:
             update["retryAfterSeconds"] = verdict.retry_after_seconds
-            retry = float(max(1, verdict.retry_after_seconds))
-            out.requeue_after = min(out.requeue_after or retry, retry)
+            wait = float(max(1, verdict.retry_after_seconds))
+            out.requeue_after = min(out.requeue_after or wait, wait)
         old_update = old.get("update") or {}
         if verdict.allowed:
             assert candidate.model is not None

@@ -36,17 +36,20 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     cloud = plan_cloud(spec, observed, owner, settings)
     comp = plan_compression(espec, observed, owner, ckey, cloud, settings)
     edge = plan_edge(espec, observed, owner, revision, comp, settings)
-    status = plan_status(spec, observed, revision, cloud, comp, edge)
-
-    whole = TierPlan()
-    for tier in (cloud, comp, edge):
-        whole.add(tier)
-    whole.events = status.events
+    lp = None
     if spec.learning is not None:
         sizes = (
             {v.name: v.size_bytes for v in comp.manifest.accepted() if v.size_bytes} if comp.manifest else {}
         )
         lp = learning.plan_learning(spec, observed, owner, variant_sizes=sizes)
+    extra = [lp.condition] if lp is not None and lp.condition is not None else []
+    status = plan_status(spec, observed, revision, cloud, comp, edge, extra)
+
+    whole = TierPlan()
+    for tier in (cloud, comp, edge):
+        whole.add(tier)
+    whole.events = status.events
+    if lp is not None:
         if lp.status is not None:
             status.status["learning"] = lp.status
         whole.add(

@@ -8,7 +8,7 @@ rollout passes through on every wave, whose moves the rollout's own Events alrea
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -65,13 +65,14 @@ def plan_status(
     cloud: CloudPlan,
     comp: CompressionPlan,
     edge: EdgePlan,
+    extra: Sequence[Condition] = (),
 ) -> StatusPlan:
     out = StatusPlan()
     out.ready = cloud.condition.is_true and comp.condition.status == "True" and edge.complete
     assert edge.rolled_out is not None
     tiers = (cloud.condition, comp.condition, edge.rolled_out)
     new_conditions = cloud.conditions + comp.conditions + edge.conditions
-    new_conditions += [_ready(tiers, out.ready), _degraded(tiers)]
+    new_conditions += [_ready(tiers, out.ready), _degraded(tiers), *extra]
     conds, out.events = _merge_conditions(observed, new_conditions)
     # The phase from the conditions it summarizes, not from the stored Reconciling/Stalled it decides.
     phase = _phase([c for c in conds if c.type not in C.SUMMARY_TYPES])
@@ -86,6 +87,8 @@ def plan_status(
     for entry in edge.history:
         history.append({**entry, "modelVersion": spec.model.version})
     current_revision = observed.status.get("currentRevision")
+    if not current_revision and edge.stable_revision and edge.stable_revision != revision:
+        current_revision = edge.stable_revision  # rebuilt from the DaemonSets after the status was lost
     if edge.rolled_back is not None and edge.stable_revision:
         current_revision = edge.stable_revision
     if out.ready and current_revision != revision:

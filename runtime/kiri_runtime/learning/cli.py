@@ -94,6 +94,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     a.add_argument("--host", default="0.0.0.0")
     a.add_argument("--port", type=int, default=8470, help="0 picks a free port (see --port-file)")
     a.add_argument("--port-file", help="write the bound port here once listening")
+    a.add_argument(
+        "--ledger",
+        metavar="KIND:TARGET",
+        help="where the privacy ledger lives, e.g. configmap:NAMESPACE/NAME (default: ledger.json in --out)",
+    )
+    a.add_argument("--ledger-owner", default="", help="name[:uid] of the object that owns the ledger")
     a.set_defaults(handler=_aggregate)
 
 
@@ -225,12 +231,19 @@ def _aggregate_impl(args: argparse.Namespace) -> int:
         save_weights(module, weights)
     if args.rounds < 1:
         raise LearningError("--rounds must be >= 1")
+    ledger = None
+    if args.ledger:
+        from kiri_runtime.learning.ledgers import open_ledger
+
+        kind, _, target = args.ledger.partition(":")
+        ledger = open_ledger(kind, target, {"owner": args.ledger_owner})
     aggregator = Aggregator(
         settings,
         TorchGlobalModel(module, load_arrays(Path(args.eval), "held-out set")),
         weights,
         out,
         load_tokens(Path(args.tokens)),
+        ledger=ledger,
     )
     port_file = Path(args.port_file) if args.port_file else None
     return asyncio.run(serve(aggregator, args.host, args.port, args.rounds, port_file))

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kiri_runtime.learning import accounting, aggregating, deltas, rounds
+from kiri_runtime.learning import accounting, aggregating, deltas, ledgers, rounds
 from kiri_runtime.learning.errors import (
     BadDelta,
     Conflict,
@@ -147,8 +147,10 @@ class Aggregator:
         weights: Path,
         out_dir: Path,
         tokens: Mapping[str, str],
+        ledger: ledgers.Ledger | None = None,
     ) -> None:
         self.settings = settings
+        self.ledger: ledgers.Ledger = ledger or ledgers.FileLedger(out_dir / ledgers.LEDGER_KEY)
         self.model = model
         self.weights = weights
         self.base_sha256 = sha256_file(weights)
@@ -322,6 +324,9 @@ class Aggregator:
         s = self.settings
         history = rounds.history(self.out_dir)
         counts = rounds.participation(history, number)
+        # The ledger also holds what rounds without a record spent (a crash, a retry): the larger count wins.
+        for site, n in (await asyncio.to_thread(self.ledger.spent)).items():
+            counts[site] = max(counts.get(site, 0), n)
         refused = self._refusals(counts)
         st = RoundState(
             number=number,
@@ -356,10 +361,20 @@ class Aggregator:
         st.open = False
         for site in st.deltas:  # every upload spent privacy, whether or not the round is accepted
             counts[site] = counts.get(site, 0) + 1
+        if st.deltas:
+            try:
+                spent = self._privacy(counts).per_site
+                await asyncio.to_thread(self.ledger.spend, number, sorted(st.deltas), spent)
+            except Exception as e:  # not accepted on an unrecorded spend: the next round would overspend
+                return self._finish(st, counts, "skipped", f"the privacy ledger could not be written: {e}")
         if len(st.deltas) < s.min_clients:
             reason = f"{len(st.deltas)} of minClients {s.min_clients} updates arrived by the deadline"
             return self._finish(st, counts, "skipped", reason)
-        return await asyncio.to_thread(self._accept, st, counts)
+        try:
+            return await asyncio.to_thread(self._accept, st, counts)
+        except Exception as e:  # the spend is in the ledger; the record says why nothing was published
+            log.exception("round %d: aggregation failed", number)
+            return self._finish(st, counts, "skipped", f"aggregation failed: {type(e).__name__}: {e}"[:500])
 
     def _skipped(self, st: RoundState) -> list[rounds.SkippedSite]:
         known = set(self.settings.sites) | set(st.rejected) | set(st.refused)
@@ -419,10 +434,19 @@ class Aggregator:
     def _accept(self, st: RoundState, counts: Mapping[str, int]) -> rounds.RoundRecord:
         s = self.settings
         sites = sorted(st.deltas)
-        updates = [st.deltas[k].tensors for k in sites]
-        combined = aggregating.aggregate(
-            s.aggregation, updates, [st.deltas[k].samples for k in sites], s.trim_fraction
+        dimension = sum(int(np.prod(shape)) for shape in self.expected.values())
+        bound = aggregating.norm_bound(s.clip_norm, s.noise_multiplier, dimension)
+        updates, weights, touched = aggregating.bound_influence(
+            [st.deltas[k].tensors for k in sites], [st.deltas[k].samples for k in sites], bound
         )
+        if touched:
+            log.warning(
+                "round %d: updates of %s clipped to norm %.3g or their samples weight capped",
+                st.number,
+                ", ".join(sites[i] for i in touched),
+                bound,
+            )
+        combined = aggregating.aggregate(s.aggregation, updates, weights, s.trim_fraction)
         dense = dense_update(s.part, combined, self.shapes, st.lora_seed)
         before = self.model.evaluate()
         model = self.model.updated(dense, s.server_lr)

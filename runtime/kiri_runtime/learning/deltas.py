@@ -65,6 +65,10 @@ def encode(delta: Delta) -> bytes:
     return body
 
 
+# A site's update is weighted by the samples it says it trained on; no edge site holds a billion examples.
+MAX_SAMPLES = 1_000_000_000
+
+
 def _field(header: dict[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
     value = header.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
@@ -119,6 +123,13 @@ def decode(body: bytes) -> Delta:
     samples = _field(info, "samples", int)
     if samples < 1:
         raise BadDelta(f"delta reports {samples} samples; at least 1 is needed to weight it")
+    if samples > MAX_SAMPLES:
+        # Self-reported and unchecked otherwise: 10**400 overflowed the weighting after the round closed.
+        raise BadDelta(
+            f"delta reports {str(samples)[:20]}... samples; at most {MAX_SAMPLES} are taken"
+            if len(str(samples)) > 20
+            else f"delta reports {samples} samples; at most {MAX_SAMPLES} are taken"
+        )
     return Delta(
         round=_field(info, "round", int),
         site=_field(info, "site", str),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from datetime import UTC, datetime
 
 import pytest
 
 from kiri_operator import labels as L
 from kiri_operator.caches import Cache, index_pods
-from kiri_operator.queueing import WorkQueue
+from kiri_operator.queueing import Backoff, Retry, WorkQueue
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -57,6 +58,59 @@ async def test_requeue_after_wakes_the_key_once():
     assert len(runs) == 2 and runs[1] - runs[0] >= 0.09
 
 
+def test_backoff_doubles_per_failure_within_half_to_full_jitter_caps_and_resets_on_success():
+    import random
+
+    backoff: Backoff[str] = Backoff(base=1.0, cap=8.0, rng=random.Random(7))
+    delays = [backoff.failed("a") for _ in range(6)]
+    for delay, ceiling in zip(delays, [1.0, 2.0, 4.0, 8.0, 8.0, 8.0], strict=True):
+        assert ceiling / 2 <= delay <= ceiling
+    assert len(set(delays)) == 6  # jittered: keys that failed together do not retry together
+    assert 0.5 <= backoff.failed("b") <= 1.0  # per key
+    backoff.succeeded("a")
+    assert 0.5 <= backoff.failed("a") <= 1.0
+
+
+async def test_a_failing_key_comes_back_after_a_growing_backoff_and_a_success_resets_it():
+    queue: WorkQueue[str] = WorkQueue(Backoff(base=0.04, cap=10.0))
+    runs: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handle(key: str) -> float | Retry | None:
+        runs.append(loop.time())
+        if len(runs) == 1:
+            raise RuntimeError("reconcile blew up")
+        if len(runs) <= 3:
+            return Retry()
+        return None
+
+    queue.add("a")
+    worker = asyncio.create_task(queue.worker(handle))
+    await asyncio.sleep(0.6)
+    worker.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
+    assert len(runs) == 4
+    # Lower bounds are the backoff's promise ([d/2, d]); the upper ones only leave room for a busy machine.
+    assert 0.02 <= gaps[0] < 0.3 and 0.04 <= gaps[1] < 0.4 and 0.08 <= gaps[2] < 0.5
+    assert queue.backoff.failures("a") == 0
+
+
+async def test_a_failed_reconcile_comes_back_sooner_when_its_plan_asked_for_sooner():
+    queue: WorkQueue[str] = WorkQueue(Backoff(base=100.0))
+    runs: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def handle(key: str) -> float | Retry | None:
+        runs.append(loop.time())
+        return Retry(at_most=0.05) if len(runs) == 1 else None
+
+    queue.add("a")
+    worker = asyncio.create_task(queue.worker(handle))
+    await asyncio.sleep(0.3)
+    worker.cancel()
+    assert len(runs) == 2 and 0.04 <= runs[1] - runs[0] <= 0.2
+
+
 def _child(name: str, rv: str, replicas: int) -> dict:
     return {
         "kind": "Deployment",
@@ -71,16 +125,29 @@ def _child(name: str, rv: str, replicas: int) -> dict:
     }
 
 
-def test_cache_keeps_the_newest_child_and_drops_managed_fields():
+def test_cache_keeps_our_write_until_the_watch_shows_it_and_drops_managed_fields():
     cache = Cache()
     cache.put_md({"metadata": {"name": "md", "namespace": "ns", "uid": "u", "generation": 2}, "spec": {}})
-    assert cache.put_child("Deployment", _child("md-cloud", "10", 2)) == ("ns", "md")
+    # resourceVersions are opaque: these compare the wrong way round as integers and as strings.
+    assert cache.put_child("Deployment", _child("md-cloud", "10", 2), own=True) == ("ns", "md")
     cache.put_child("Deployment", _child("md-cloud", "9", 1))  # a late event from before our write
+    cache.put_child("Deployment", _child("md-cloud", "900", 1))  # another late one
     observed = cache.observe(("ns", "md"), datetime.now(UTC), None)
     assert observed is not None and observed.generation == 2
     child = observed.child("Deployment", "md-cloud")
     assert child is not None and child.body["spec"]["replicas"] == 2
     assert "managedFields" not in child.body["metadata"]
+    cache.put_child("Deployment", _child("md-cloud", "10", 2))  # the watch shows our write
+    cache.put_child("Deployment", _child("md-cloud", "3", 5))  # a later change, whatever its version says
+    assert cache.child(("ns", "md"), "Deployment", "md-cloud")["spec"]["replicas"] == 5  # type: ignore[index]
+
+
+def test_a_write_that_changed_nothing_holds_back_no_later_event():
+    cache = Cache()
+    cache.put_child("Deployment", _child("md-cloud", "a1", 2))
+    cache.put_child("Deployment", _child("md-cloud", "a1", 2), own=True)  # no-op apply: same version
+    cache.put_child("Deployment", _child("md-cloud", "a2", 3))
+    assert cache.child(("ns", "md"), "Deployment", "md-cloud")["spec"]["replicas"] == 3  # type: ignore[index]
 
 
 def test_node_heartbeats_are_not_changes_but_readiness_is():
@@ -112,57 +179,151 @@ def _pod(name: str, ns: str, md: str, ready: bool, rv: int | None = None) -> dic
 
 def test_resync_list_replaces_a_stale_pod_cache_in_its_namespace_only():
     cache = Cache()
-    cache.put_pod(_pod("a", "ns", "md", ready=False, rv=10))
-    cache.put_pod(_pod("gone", "ns", "md", ready=True, rv=11))
-    cache.put_pod(_pod("x", "other", "md2", ready=False, rv=12))
-    # The watch missed a's readiness and gone's deletion; the LIST (at 20) has both.
-    stale = cache.replace_pods("ns", index_pods([_pod("a", "ns", "md", ready=True, rv=15)]), 20)
+    cache.put_pod(_pod("a", "ns", "md", ready=False))
+    cache.put_pod(_pod("gone", "ns", "md", ready=True))
+    cache.put_pod(_pod("x", "other", "md2", ready=False))
+    # The watch missed a's readiness and gone's deletion; the LIST has both.
+    stale = cache.replace_pods("ns", index_pods([_pod("a", "ns", "md", ready=True)]), cache.mark())
     assert stale == {("ns", "md")}
     assert {p.name: p.ready for p in cache.pods[("ns", "md")].values()} == {"a": True}
     assert cache.pods[("other", "md2")]["x"].ready is False  # another namespace is left alone
     # A LIST that matches the cache changes nothing.
-    assert cache.replace_pods("ns", index_pods([_pod("a", "ns", "md", ready=True, rv=15)]), 21) == set()
+    assert cache.replace_pods("ns", index_pods([_pod("a", "ns", "md", ready=True)]), cache.mark()) == set()
     # A ModelDeployment whose pods are all gone is dropped from the pod cache.
-    assert cache.replace_pods("ns", {}, 22) == {("ns", "md")} and ("ns", "md") not in cache.pods
+    assert cache.replace_pods("ns", {}, cache.mark()) == {("ns", "md")} and ("ns", "md") not in cache.pods
 
 
-def test_resync_list_never_undoes_watch_events_newer_than_its_snapshot():
-    # Seen at scale: a LIST taken at 100, merged after the watch had delivered newer events, put pods
-    # back to not-Ready (and dropped new ones) until the next resync, holding their waves 30 s longer.
+def test_resync_list_never_undoes_watch_events_that_arrived_while_it_ran():
+    # Seen at scale: a LIST merged after the watch had delivered newer events put pods back to not-Ready
+    # (and dropped new ones) until the next resync, holding their waves 30 s longer.
     cache = Cache()
-    cache.put_pod(_pod("ready-later", "ns", "md", ready=False, rv=90))
-    cache.put_pod(_pod("ready-later", "ns", "md", ready=True, rv=105))  # watch, after the snapshot
-    cache.put_pod(_pod("created-later", "ns", "md", ready=True, rv=106))  # watch, after the snapshot
-    cache.put_pod(_pod("deleted-later", "ns", "md", ready=True, rv=95))
-    cache.remove_pod(_pod("deleted-later", "ns", "md", ready=True, rv=107))  # watch DELETED
-    cache.put_pod(_pod("missed", "ns", "md", ready=False, rv=80))  # its readiness event never came
+    cache.put_pod(_pod("ready-later", "ns", "md", ready=False))
+    cache.put_pod(_pod("deleted-later", "ns", "md", ready=True))
+    cache.put_pod(_pod("missed", "ns", "md", ready=False))  # its readiness event never came
+    started = cache.mark()  # the LIST begins
+    cache.put_pod(_pod("ready-later", "ns", "md", ready=True))  # watch, while the LIST runs
+    cache.put_pod(_pod("created-later", "ns", "md", ready=True))
+    cache.remove_pod(_pod("deleted-later", "ns", "md", ready=True))  # watch DELETED
     snapshot = index_pods(
         [
-            _pod("ready-later", "ns", "md", ready=False, rv=90),
-            _pod("deleted-later", "ns", "md", ready=True, rv=95),
-            _pod("missed", "ns", "md", ready=True, rv=98),
+            _pod("ready-later", "ns", "md", ready=False),
+            _pod("deleted-later", "ns", "md", ready=True),
+            _pod("missed", "ns", "md", ready=True),
         ]
     )
-    stale = cache.replace_pods("ns", snapshot, 100)
+    stale = cache.replace_pods("ns", snapshot, started)
     assert {p.name: p.ready for p in cache.pods[("ns", "md")].values()} == {
         "ready-later": True,
         "created-later": True,
         "missed": True,
     }
     assert stale == {("ns", "md")}  # only "missed" changed, and that is what the resync is for
-    # A late watch event older than what the LIST brought is ignored too.
-    cache.put_pod(_pod("missed", "ns", "md", ready=False, rv=97))
-    assert cache.pods[("ns", "md")]["missed"].ready is True
     # The next LIST (after the deletion) no longer has the deleted pod, and its tombstone is dropped.
     later = index_pods(
         [
-            _pod("ready-later", "ns", "md", ready=True, rv=105),
-            _pod("created-later", "ns", "md", ready=True, rv=106),
-            _pod("missed", "ns", "md", ready=True, rv=98),
+            _pod("ready-later", "ns", "md", ready=True),
+            _pod("created-later", "ns", "md", ready=True),
+            _pod("missed", "ns", "md", ready=True),
         ]
     )
-    assert cache.replace_pods("ns", later, 110) == set()
+    assert cache.replace_pods("ns", later, cache.mark()) == set()
     assert cache.tombstones() == {}
+
+
+def _md(name: str, ns: str = "ns") -> dict:
+    return {"metadata": {"name": name, "namespace": ns, "uid": name, "resourceVersion": "x"}, "spec": {}}
+
+
+def _ds(name: str, md: str) -> dict:
+    return {
+        "kind": "DaemonSet",
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "labels": {L.MODEL_DEPLOYMENT: md},
+            "resourceVersion": "y",
+        },
+    }
+
+
+def _node(name: str) -> dict:
+    return {"metadata": {"name": name}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+class ListingKube:
+    """What the API server holds after a watch gap: LISTs answer from here."""
+
+    def __init__(self, objects: dict[str, list[dict]]) -> None:
+        self.objects = objects
+
+    def list(self, kind: str, namespace: str | None = None, selector: str | None = None) -> list[dict]:
+        return [o for o in self.objects.get(kind, []) if namespace in (None, o["metadata"].get("namespace"))]
+
+    def list_pages(self, kind: str, namespace: str | None = None, selector: str | None = None):
+        yield "opaque-version", self.list(kind, namespace, selector)
+
+
+def test_a_relist_after_a_watch_gap_drops_every_kind_of_object_deleted_meanwhile():
+    from kiri_operator.syncing import relist
+
+    cache = Cache()
+    for name in ("a", "b"):
+        cache.put_md(_md(name))
+    cache.put_child("DaemonSet", _ds("a-r1-int8", "a"))
+    cache.put_child("DaemonSet", _ds("a-r0-int8", "a"))
+    cache.put_pod(_pod("p1", "ns", "a", ready=True))
+    for name in ("n1", "n2"):
+        cache.put_node(_node(name))
+    # While the watches were away (410 Gone): b, the old DaemonSet, the pod and node n2 were deleted.
+    kube = ListingKube(
+        {
+            "ModelDeployment": [_md("a")],
+            "DaemonSet": [_ds("a-r1-int8", "a")],
+            "Node": [_node("n1")],
+        }
+    )
+    changed, nodes_changed = relist(kube, cache, "ns")  # type: ignore[arg-type]
+    assert changed == {("ns", "a"), ("ns", "b")} and nodes_changed
+    assert cache.md_keys() == [("ns", "a")]
+    assert sorted(n for _, n in cache.children[("ns", "a")]) == ["a-r1-int8"]
+    assert ("ns", "a") not in cache.pods
+    assert sorted(cache.nodes) == ["n1"]
+    # Relisting an unchanged world changes nothing.
+    assert relist(kube, cache, "ns") == (set(), False)  # type: ignore[arg-type]
+
+
+def test_a_relist_keeps_what_the_watch_brought_while_it_ran_and_does_not_revive_what_it_deleted():
+    cache = Cache()
+    cache.put_child("DaemonSet", _ds("a-r0-int8", "a"))
+    started = cache.mark()
+    cache.put_child("DaemonSet", _ds("a-r2-int8", "a"))  # created while the LIST ran
+    cache.remove_child("DaemonSet", _ds("a-r0-int8", "a"))  # deleted while the LIST ran
+    changed = cache.replace_children("DaemonSet", "ns", [_ds("a-r0-int8", "a")], started)
+    assert sorted(n for _, n in cache.children[("ns", "a")]) == ["a-r2-int8"]
+    assert changed == set()
+
+
+async def test_a_watch_replaying_its_list_makes_the_operator_relist_and_forget_deleted_objects(monkeypatch):
+    from kiri_operator import handlers, syncing
+    from kiri_operator.memos import Runtime
+
+    monkeypatch.setattr(syncing, "RELIST_SETTLE_SECONDS", 0.01)
+    runtime = Runtime()
+    runtime.cache.put_md(_md("a"))
+    runtime.cache.put_child("DaemonSet", _ds("a-r0-int8", "a"))
+    runtime.kube = ListingKube({"ModelDeployment": [_md("a")]})  # type: ignore[assignment]
+    task = asyncio.create_task(syncing.relister(runtime))
+    from kiri_operator.memos import MEMO_KEY
+
+    memo = {MEMO_KEY: runtime}
+    # kopf restarted the Node watch after a 410: its LIST comes back as events of type None.
+    await handlers.node_event({"type": None, "object": _node("n1")}, memo=memo)  # type: ignore[arg-type]
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if not runtime.cache.children.get(("ns", "a")):
+            break
+    task.cancel()
+    assert not runtime.cache.children.get(("ns", "a"))
 
 
 def test_lists_are_read_in_pages_that_share_the_first_page_s_resource_version():
@@ -195,7 +356,7 @@ def test_lists_are_read_in_pages_that_share_the_first_page_s_resource_version():
     credentials = Credentials(server="https://api.test", token="t")
     kube = Kube(http_client(credentials, transport=httpx.MockTransport(handler)))
     got = list(kube.list_pages("Pod", "ns", L.MODEL_DEPLOYMENT))
-    assert [v for v, _ in got] == [500, 500, 500]
+    assert [v for v, _ in got] == ["500", "500", "500"]  # opaque: as the API said it
     assert [[p["metadata"]["name"] for p in page] for _, page in got] == [["a"], ["b"], ["c"]]
     assert all(q["limit"] == str(LIST_PAGE) and q["labelSelector"] == L.MODEL_DEPLOYMENT for q in queries)
     assert [q.get("continue") for q in queries] == [None, "t1", "t2"]

@@ -110,7 +110,7 @@ def test_a_refused_write_does_not_stop_the_others_and_is_reported_once():
     kube, cache = RecordingKube(refuse="Deployment"), _cache()
     r = Reconciler(kube, cache)  # type: ignore[arg-type]
     out = r.reconcile(("ns", "md"))
-    assert out.error is not None and out.requeue_after == 5.0
+    assert out.error is not None  # the queue brings it back after the key's backoff
     assert (
         "apply",
         "Job",
@@ -212,3 +212,60 @@ def test_with_no_interval_every_status_change_is_written_at_once():
     out = r.reconcile(("ns", "md"))
     assert [c for c in kube.calls if c[0] == "status"] == [("status", "ModelDeployment", "md")]
     assert out.status_written and not out.status_deferred
+
+
+class UnreachableKube(RecordingKube):
+    """The API server goes away between the watch event and the reconcile's PVC lookup."""
+
+    def get(self, kind: str, namespace: str, name: str) -> None:
+        raise ConnectionRefusedError("connection refused")
+
+
+PVC_SPEC = {**SPEC, "model": {**SPEC["model"], "source": {"uri": "pvc://models/m.onnx", "sha256": SHA}}}
+
+
+def test_a_reconcile_that_raises_says_so_in_a_condition_and_one_warning_event():
+    kube, cache = UnreachableKube(spec=PVC_SPEC), _cache()
+    cache.put_md({**cache.md(("ns", "md")), "spec": PVC_SPEC})  # type: ignore[dict-item]
+    r = Reconciler(kube, cache)  # type: ignore[arg-type]
+    out = r.reconcile(("ns", "md"))
+    assert out.error == "connection refused"
+    status = cache.md(("ns", "md"))["status"]  # type: ignore[index]
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert (by_type["Degraded"]["status"], by_type["Degraded"]["reason"]) == ("True", "ReconcileFailed")
+    assert (by_type["Stalled"]["status"], by_type["Stalled"]["reason"]) == ("True", "ReconcileFailed")
+    assert by_type["Stalled"]["message"] == "ConnectionRefusedError: connection refused"
+    assert by_type["Reconciling"]["status"] == "False"
+    events = [c for c in kube.calls if c[0] == "event"]
+    assert events == [("event", "ReconcileFailed", "ConnectionRefusedError: connection refused")]
+    # The same failure again writes nothing new and repeats no event.
+    kube.calls.clear()
+    r.reconcile(("ns", "md"))
+    assert kube.calls == []
+
+
+def test_garbage_patched_into_status_rollout_is_reported_and_rebuilt_not_retried_forever():
+    kube, cache = RecordingKube(), _cache()
+    r = Reconciler(kube, cache)  # type: ignore[arg-type]
+    r.reconcile(("ns", "md"))
+    md = cache.md(("ns", "md"))
+    assert md is not None
+    cache.put_md(md)  # the watch shows our status write
+    md["status"]["rollout"] = {"stage": "banana", "readyNodes": "many"}
+    md["metadata"]["resourceVersion"] = "patched-by-hand"
+    cache.put_md(md)
+    kube.calls.clear()
+    out = r.reconcile(("ns", "md"))
+    assert out.error is None
+    assert ("status", "ModelDeployment", "md") in kube.calls
+    stored = cache.md(("ns", "md"))["status"]  # type: ignore[index]
+    assert "rollout" not in stored  # nothing rolled out yet: nothing to rebuild
+    invalid = [c for c in kube.calls if c[0] == "event" and c[1] == "RolloutStatusInvalid"]
+    # The Warning with the cause, and the condition's move (told as every move is).
+    assert sorted(m.split(" (")[0] for _, _, m in invalid) == [
+        "EdgeProgressing is True: status.rollout is unreadable",
+        "status.rollout is unreadable",
+    ]
+    kube.calls.clear()
+    assert r.reconcile(("ns", "md")).error is None
+    assert not [c for c in kube.calls if c[0] == "event" and c[1] == "RolloutStatusInvalid"]

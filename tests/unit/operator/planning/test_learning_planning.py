@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from kiri_operator import labels as L
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.learning_commands import configmap
@@ -270,3 +272,133 @@ def test_a_deferral_is_steady_later_reconciles_change_nothing_and_say_nothing() 
     again = learning.plan_learning(spec, later, OWNER, variant_sizes={})
     assert again.status is not None and again.status["update"] == first.status["update"]
     assert again.events == []
+
+
+def _failed(observed: Observed, name: str) -> Observed:
+    from dataclasses import replace as dc_replace
+
+    body = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": "ns", "labels": {}},
+        "status": {
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded",
+                    "message": "pod failed",
+                }
+            ]
+        },
+    }
+    return dc_replace(observed, children={**observed.children, ("Job", name): ObjectView("Job", name, body)})
+
+
+def test_a_failed_aggregation_says_why_and_retries_the_round_with_new_jobs_after_a_backoff() -> None:
+    from dataclasses import replace as dc_replace
+
+    pass
+
+    world = _failed(_observed(), learning.aggregator_name("md", 1))
+    lp = learning.plan_learning(_spec(), world, OWNER, variant_sizes={})
+    assert lp.condition is not None
+    assert (lp.condition.type, lp.condition.status, lp.condition.reason) == (
+        "LearningProgressing",
+        "False",
+        "AggregationFailed",
+    )
+    assert "round 1 attempt 1 failed (BackoffLimitExceeded: pod failed)" in lp.condition.message
+    assert [(e.type, e.reason) for e in lp.events] == [("Warning", "AggregationFailed")]
+    assert lp.children == []  # the failed attempt's Jobs are not desired while it waits
+    assert lp.status is not None
+    retry = lp.status["retry"]
+    delay = learning.retry_delay("uid-1", 1, 1)
+    assert 15 <= delay <= 30 and lp.requeue_after == pytest.approx(round(delay), abs=1)
+    # The same failure seen again changes nothing: no second event, the same retry time.
+    again = learning.plan_learning(
+        _spec(), dc_replace(world, status={"learning": lp.status}), OWNER, variant_sizes={}
+    )
+    assert again.events == [] and again.status is not None and again.status["retry"] == retry
+    # After the backoff: attempt 2, under new names.
+    later = dc_replace(world, status={"learning": lp.status}, now=NOW + timedelta(seconds=31))
+    lp2 = learning.plan_learning(_spec(), later, OWNER, variant_sizes={})
+    names = set(_by_name(lp2.children))
+    assert learning.aggregator_name("md", 1, 2) in names and learning.aggregator_name("md", 1) not in names
+    assert lp2.condition is not None and (lp2.condition.status, lp2.condition.reason) == (
+        "True",
+        "AggregationRetrying",
+    )
+    assert lp2.status is not None and lp2.status["retry"]["attempt"] == 2
+    # Its second failure waits longer.
+    assert learning.retry_delay("uid-1", 1, 2) > 30
+
+
+def test_the_aggregator_writes_its_privacy_spend_to_a_configmap_ledger_the_operator_keeps_and_reports() -> (
+    None
+):
+    from kiri_runtime.learning import ledgers
+
+    lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
+    args = _by_name(lp.children)[learning.aggregator_name("md", 1)]["spec"]["template"]["spec"][
+        "initContainers"
+    ][0]["args"]
+    assert args[args.index("--ledger") + 1] == "configmap:ns/md-learning-ledger"
+    assert ("ConfigMap", "md-learning-ledger") in lp.keep
+    # A spend with no round record (the aggregation crashed) still shows in epsilonSpent.
+    text = ledgers.render([ledgers.entry(1, ["site-a"], {"site-a": 1.25})])
+    cm = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "md-learning-ledger"},
+        "data": {"ledger.json": text},
+    }
+    world = _observed()
+    from dataclasses import replace as dc_replace
+
+    world = dc_replace(
+        world,
+        children={
+            **world.children,
+            ("ConfigMap", "md-learning-ledger"): ObjectView("ConfigMap", "md-learning-ledger", cm),
+        },
+    )
+    lp = learning.plan_learning(_spec(), world, OWNER, variant_sizes={})
+    assert lp.status is not None and lp.status["epsilonSpent"] == 1.25
+
+
+def test_the_configmap_ledger_appends_under_the_resource_version_and_rereads_on_a_conflict() -> None:
+    from kiri_operator.kube import KubeError
+    from kiri_operator.learning_commands import ConfigMapLedger
+
+    class ApiStandIn:
+        def __init__(self) -> None:
+            self.cm: dict[str, Any] | None = None
+            self.version = 0
+            self.conflicts = 1  # another writer got in between once
+
+        def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+            return self.cm
+
+        def apply(self, body: dict[str, Any]) -> dict[str, Any]:
+            if (
+                self.cm is not None
+                and body["metadata"].get("resourceVersion") != self.cm["metadata"]["resourceVersion"]
+            ):
+                raise KubeError(409, "apply", "ConfigMap", "conflict")
+            if self.conflicts and self.cm is not None:
+                self.conflicts -= 1
+                self.version += 1
+                self.cm["metadata"]["resourceVersion"] = f"v{self.version}"
+                raise KubeError(409, "apply", "ConfigMap", "conflict")
+            self.version += 1
+            self.cm = {**body, "metadata": {**body["metadata"], "resourceVersion": f"v{self.version}"}}
+            return self.cm
+
+    api = ApiStandIn()
+    ledger = ConfigMapLedger(api, "ns", "md-learning-ledger", "md", "uid-1")
+    ledger.spend(1, ["site-a", "site-b"], {"site-a": 0.5, "site-b": 0.5})
+    ledger.spend(1, ["site-a"], {"site-a": 0.7})  # the retried round 1
+    assert ledger.spent() == {"site-a": 2, "site-b": 1}
+    assert api.cm is not None and api.cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert api.cm["metadata"]["labels"]["app.kubernetes.io/component"] == "learning-ledger"
