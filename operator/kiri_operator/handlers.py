@@ -228,6 +228,7 @@ async def pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     body: dict[str, Any] = dict(event.get("object") or {})
     _listing(runtime, event)
+    runtime.heard_pod((body.get("metadata") or {}).get("namespace"))
     if event.get("type") == "DELETED":
         runtime.enqueue(runtime.cache.remove_pod(body))
         return

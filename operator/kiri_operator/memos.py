@@ -53,6 +53,13 @@ class Runtime:
     """When the oldest watch event not yet reconciled queued each key (for the event-to-status latency)."""
     relist_wanted: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by a watch replaying a LIST (kopf's events of type None): `syncing.relister` relists every kind."""
+    pods_heard_at: dict[str | None, float] = field(default_factory=dict)
+    """When a pod watch event last came, by namespace (None: any namespace), for the resync's pod LIST."""
+
+    def heard_pod(self, namespace: str | None) -> None:
+        now = time.monotonic()
+        self.pods_heard_at[namespace] = now
+        self.pods_heard_at[None] = now
 
     def enqueue(self, key: Key | None, watched: bool = True) -> None:
         """Queue a known ModelDeployment for a reconcile; `watched`: because of a watch event."""

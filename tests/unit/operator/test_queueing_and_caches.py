@@ -362,3 +362,54 @@ def test_lists_are_read_in_pages_that_share_the_first_page_s_resource_version():
     assert [q.get("continue") for q in queries] == [None, "t1", "t2"]
     flat = kube.list("Pod", "ns", L.MODEL_DEPLOYMENT)
     assert [(p["kind"], p["metadata"]["name"]) for p in flat] == [("Pod", "a"), ("Pod", "b"), ("Pod", "c")]
+
+
+def test_a_resync_lists_pods_when_their_watch_was_silent_a_whole_period_or_skipped_too_often():
+    from kiri_operator.syncing import POD_LIST_SKIPS_MAX, pod_list_due
+
+    assert pod_list_due(None, now=100.0, every=60.0, skipped=0)  # never heard: list
+    assert pod_list_due(40.0, now=100.0, every=60.0, skipped=0)  # silent for a whole period: list
+    assert not pod_list_due(41.0, now=100.0, every=60.0, skipped=0)  # the watch is talking: skip
+    assert not pod_list_due(99.0, now=100.0, every=60.0, skipped=POD_LIST_SKIPS_MAX - 1)
+    assert pod_list_due(99.0, now=100.0, every=60.0, skipped=POD_LIST_SKIPS_MAX)  # bounded: list anyway
+
+
+async def test_while_pod_events_flow_the_resync_lists_pods_once_in_five_periods_and_still_catches_a_lost_event():
+    from kiri_operator import handlers, syncing
+    from kiri_operator.memos import MEMO_KEY, Config, Runtime
+
+    period = 0.2
+    runtime = Runtime(config=Config(namespaces=["ns"], resync_seconds=period))
+    runtime.cache.put_md(_md("a"))
+    runtime.cache.put_pod(_pod("p", "ns", "a", ready=False))
+    lists: list[str] = []
+
+    class CountingKube(ListingKube):
+        def list_pages(self, kind: str, namespace: str | None = None, selector: str | None = None):
+            lists.append(kind)
+            yield from super().list_pages(kind, namespace, selector)
+
+    # The LIST knows p is Ready; the watch lost that event but keeps delivering another pod's.
+    runtime.kube = CountingKube({"Pod": [_pod("p", "ns", "a", ready=True)]})  # type: ignore[assignment]
+    memo = {MEMO_KEY: runtime}
+
+    async def talk(seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        i = 0
+        while loop.time() < end and not lists:
+            other = _pod("q", "ns", "b", ready=bool(i % 2))
+            await handlers.pod_event({"type": "MODIFIED", "object": other}, memo=memo)  # type: ignore[arg-type]
+            await asyncio.sleep(0.02)
+            i += 1
+
+    started = asyncio.get_running_loop().time()
+    task = asyncio.create_task(syncing.resync(runtime))
+    try:
+        await talk(10 * period)  # until the first LIST
+    finally:
+        task.cancel()
+    waited = asyncio.get_running_loop().time() - started
+    assert lists == ["Pod"]
+    assert waited >= (syncing.POD_LIST_SKIPS_MAX + 1) * period  # the resyncs before it skipped the LIST
+    assert runtime.cache.pods[("ns", "a")]["p"].ready is True  # and it caught the lost event
