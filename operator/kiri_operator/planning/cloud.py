@@ -60,24 +60,29 @@ def plan_cloud(
 
 def cloud_fault(spec: ModelDeploymentSpec, observed: Observed) -> Condition | None:
     """Why the cloud tier cannot be scheduled at all, if it cannot."""
-    candidates = [n for n in observed.nodes if selects(spec.cloud.node_selector, n)]
-    if not candidates:
+    # One pass that stops at the first node that fits: this runs every reconcile, over the whole fleet.
+    need = spec.cloud.resources.gpu if spec.cloud.replicas > 0 else 0
+    matched, most = 0, 0.0
+    for node in observed.nodes:
+        if not selects(spec.cloud.node_selector, node):
+            continue
+        if need <= 0:
+            return None
+        gpus = parse_quantity(node.allocatable.get(GPU, "0")) or 0
+        if gpus >= need:
+            return None
+        matched, most = matched + 1, max(most, gpus)
+    if not matched:
         sel = ",".join(f"{k}={v}" for k, v in sorted(spec.cloud.node_selector.items()))
         return Condition(
             C.CLOUD_READY, "False", Reason.NO_CLOUD_NODE, f"no node matches the cloud nodeSelector {sel}"
         )
-    need = spec.cloud.resources.gpu
-    if need > 0 and spec.cloud.replicas > 0:
-        fits = [n for n in candidates if (parse_quantity(n.allocatable.get(GPU, "0")) or 0) >= need]
-        if not fits:
-            most = max((parse_quantity(n.allocatable.get(GPU, "0")) or 0) for n in candidates)
-            return Condition(
-                C.CLOUD_READY,
-                "False",
-                Reason.NO_GPU_NODE,
-                f"no cloud node has {need} allocatable {GPU} (at most {most:g} among {len(candidates)} node(s))",
-            )
-    return None
+    return Condition(
+        C.CLOUD_READY,
+        "False",
+        Reason.NO_GPU_NODE,
+        f"no cloud node has {need} allocatable {GPU} (at most {most:g} among {matched} node(s))",
+    )
 
 
 def source_fault(spec: ModelDeploymentSpec, observed: Observed) -> str | None:
