@@ -25,12 +25,22 @@ over 320 positions against the dequantised model under HF transformers fp32; siz
   Q4_0 + Q4_K ffn_down 255 616     390 570     0.00002          < 1e-7           | 597 771, KL 0.0003
   Q8_0 + Q6_K ffn_down 452 736     606 803     0.00003          < 1e-7           | 597 771, KL 0.0045
 
-(Nodes with float zero points compute in float32 at accuracy 4 too, hence Q4_1's zero.) What the directory holds beyond
-the GGUF: ~115 KB that does not grow with the weights (tokenizer.json, genai_config.json, the graph, the rotary
-cos/sin caches: 64 KB here), and per 32 weights float32 scales and zero points where the GGUF has f16: Q4_0 20 bytes
-vs 18 (+11 %), Q4_1 24 vs 20 (+20 %), Q8_0 36 vs 34 (+6 %), Q4_K 24 vs 18 (+33 %), Q6_K 42 vs 26.25 (+60 %: 6-bit
-values in 8 bits, MatMulNBits has no 6-bit form). So "no more than the GGUF's size" holds only up to that; f16 scales
-would need the MatMulNBits nodes in float16 (Cast around them; measured ~4e-4 relative output error), not done.
+(Figures above: float32 scales, before min form.) Since then (same model, KL against the full model over the
+bench's 1,524 held-out positions, sizes of the packed tar, docs/benchmarks.md):
+  - **float16 scales**: scales and mins that float16 holds exactly (every Q4_0/Q4_1/Q8_0 scale, Q4_1's m) are stored
+    as float16 with a Cast in front (compacting.half_scales, exact_only), which onnxruntime folds into float32
+    initializers when the session starts: the same numbers at run time, the GGUF's bytes per weight on disk (Q4_0 18
+    per 32, Q4_1 20, Q8_0 34). K-quant scales d*sc_j and mins dmin*m_j are products that float16 does not hold
+    exactly and stay float32 (Q4_K 24 vs 18, Q6_K 42 vs 26.25).
+  - **min form** (`mins_form`, default): a float zero point sends MatMulNBits to a slow float32 path (Q4_1 701 tok/s
+    vs Q4_0 8,447 in one run). Q4_1/Q4_K are rewritten exactly as the integer default zero point plus a per-block
+    correction: W = (q - 8)*s + (m + 8s), so x @ W^T = MatMulNBits(x) + blocksum(x) @ (m + 8s)^T (reblocking.min_form,
+    `_min_corrections`). Q4_1 then decodes at 4,838 tok/s (llama.cpp 4,711), KL 0.01204 (float form 0.01199,
+    llama.cpp 0.01203; the difference is accuracy level 4's int8 activations). At accuracy 1 it matches the
+    dequantised model to KL < 1e-6.
+  - the rotary tables are computed in the graph and the JSON is unindented (compacting.py, run by the build).
+Tiny model, packed: Q4_0 278,528 bytes (GGUF 255,584), Q4_1 332,288 (GGUF 282,208); the difference is the
+tokenizer, graph and configs (~40 KB) that do not grow with the weights.
 """
 
 from __future__ import annotations
@@ -284,7 +294,7 @@ def _min_corrections(model: Any, inits: dict[str, Any], mins: Mapping[str, str])
         before: list[Any] = []
         key = (a, bs)
         if key not in sums:
-            q = f"{p}{a}/{bs}/"
+            q = f"{p}s{len(sums)}/"  # short names: the graph is stored beside the weights
             shape = q + "shape"
             _replace(
                 inits, shape, numpy_helper.from_array(np.array([0, 0, k // bs, bs], np.int64), shape), model
@@ -296,7 +306,7 @@ def _min_corrections(model: Any, inits: dict[str, Any], mins: Mapping[str, str])
                 ),
             ]
             sums[key] = q + "sums"
-        n = f"{p}{node.name}/"
+        n = f"{p}{len(head) // 3}/"
         head += [
             helper.make_node("Mul", [scales, f"{p}z{bits}"], [n + "zs"], name=n + "ZeroPointTimesScale"),
             helper.make_node("Add", [mins[node.name], n + "zs"], [n + "offsets"], name=n + "Offsets"),
