@@ -117,13 +117,24 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--model",
+        choices=("tiny", "bench"),
+        default="tiny",
+        help="tiny: the tests' trained fixture; bench: bench_model.py's random-weight 41.7M LLaMA (size/speed)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
     torch.set_num_threads(args.threads)
 
-    hf_dir = tiny_llama()
+    if args.model == "bench":
+        from bench_model import bench_llama
+
+        hf_dir = bench_llama()
+    else:
+        hf_dir = tiny_llama()
     samples = eval_samples(hf_dir, args.samples, args.length)
     prompt = samples[0][:32]
     ref = scoring.Reference(hf_dir, threads=args.threads)
@@ -150,14 +161,28 @@ def main(argv: list[str]) -> None:
                 }
             )
 
-        for precision in ("fp32", "int8", "int4"):
-            kiri(f"Kiri {precision} (builder)", building.build(hf_dir, work / precision, precision), "hf")
+        # "as built": the builder's own output (float32 scales, float32 embedding, stored rotary tables).
+        as_built = {"halfScales": False, "embeddingBits": 32}
+        builds: list[tuple[str, str, dict[str, Any]]] = [
+            ("fp32", "Kiri fp32 (builder)", {}),
+            ("int8", "Kiri int8 (compact)", {}),
+            ("int4", "Kiri int4 as built (before)", as_built),
+            ("int4", "Kiri int4 (compact: f16 sc, emb 8b)", {}),
+            ("int4", "Kiri int4 (compact, emb 4b)", {"embeddingBits": 4}),
+        ]
+        for i, (precision, name, options) in enumerate(builds):
+            out = building.build(hf_dir, work / f"b{i}", precision, options)  # type: ignore[arg-type]
+            kiri(name, out, "hf")
         ggufs = {q: tiny_gguf(hf_dir, work / f"tiny-{q}.gguf", q) for q in ("F32", "Q4_0", "Q4_1")}
-        for q in ("Q4_0", "Q4_1"):
+        for q, label, mins_form in (
+            ("Q4_0", "", True),
+            ("Q4_1", "", True),
+            ("Q4_1", " float zp (before)", False),
+        ):
             precision, options = transcoding.plan_for({})
-            out = building.build(hf_dir, work / f"t-{q}", precision, options)  # type: ignore[arg-type]
-            transcoding.transcode(ggufs[q], out)
-            kiri(f"Kiri {q} GGUF transcoded", out, f"gguf {q}")
+            out = building.build(hf_dir, work / f"t-{q}-{mins_form}", precision, options)  # type: ignore[arg-type]
+            transcoding.transcode(ggufs[q], out, mins_form=mins_form)
+            kiri(f"Kiri {q} transcoded{label}", out, f"gguf {q}")
 
         if LLAMA_PY.exists():
             q4km = work / "tiny-Q4_K_M.gguf"
@@ -204,15 +229,15 @@ def main(argv: list[str]) -> None:
 
     base_rate, base_bytes = rows[0]["decode_tokens_per_s"], rows[0]["bytes"]
     print(
-        f"tiny LLaMA fixture, {len(samples)} held-out samples x {args.length} tokens, {args.threads} thread(s), "
+        f"{args.model} LLaMA, {len(samples)} held-out samples x {args.length} tokens, {args.threads} thread(s), "
         f"{args.new_tokens} new tokens after a {len(prompt)}-token prompt"
     )
     print(
-        f"{'variant':30} {'bytes':>10} {'vs fp32':>8} {'KL mean':>9} {'top-1':>6} {'TTFT ms':>8} {'tok/s':>9} {'vs eager':>8}"
+        f"{'variant':36} {'bytes':>10} {'vs fp32':>8} {'KL mean':>9} {'top-1':>6} {'TTFT ms':>8} {'tok/s':>9} {'vs eager':>8}"
     )
     for r in rows:
         print(
-            f"{r['name']:30} {r['bytes']:>10,} {base_bytes / r['bytes']:>7.2f}x {r['kl']:>9.5f} {r['top1']:>6.3f} "
+            f"{r['name']:36} {r['bytes']:>10,} {base_bytes / r['bytes']:>7.2f}x {r['kl']:>9.5f} {r['top1']:>6.3f} "
             f"{r['ttft_ms']:>8.2f} {r['decode_tokens_per_s']:>9.1f} {r['decode_tokens_per_s'] / base_rate:>7.2f}x"
         )
     if args.json:

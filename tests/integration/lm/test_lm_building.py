@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -88,3 +89,40 @@ def test_a_builder_failure_is_one_line(hf_dir: Path, tmp_path: Path) -> None:
     message = str(raised.value)
     assert message.startswith("model builder (int4) failed: ") and "\n" not in message
     assert "Traceback" not in message
+
+
+def last_logits(model_dir: Path, ids: list[int]) -> np.ndarray:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids))
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    return np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
+
+
+def test_int4_stores_float16_scales_an_8_bit_embedding_and_no_rotary_tables(
+    hf_dir: Path, tmp_path: Path
+) -> None:
+    """The compact int4 (the default) against the builder's own output (halfScales off, float embedding): float16
+    scales cast once at load, the embedding in 8-bit blocks, cos/sin computed in the graph; it loads, generates,
+    and its logits stay within float16 rounding of the scales of the float32-scale build."""
+    compact = build(hf_dir, tmp_path / "compact", "int4", None, tmp_path / "cache")
+    plain = build(
+        hf_dir, tmp_path / "plain", "int4", {"halfScales": False, "embeddingBits": 32}, tmp_path / "cache"
+    )
+    graph = onnx.load(str(compact / "model.onnx"), load_external_data=False).graph
+    inits = {i.name: i for i in graph.initializer}
+    scales = [n.input[2] for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(scales) == 11 and all(f"{s}_f16" in inits for s in scales)
+    assert all(inits[f"{s}_f16"].data_type == onnx.TensorProto.FLOAT16 for s in scales)
+    assert "cos_cache" not in inits and "sin_cache" not in inits
+    assert "model.embed_tokens.weight" not in inits and "model.embed_tokens.weight_Q" in inits
+    size = sum(p.stat().st_size for p in compact.iterdir())
+    assert size < 0.6 * sum(p.stat().st_size for p in plain.iterdir())
+    ids = [1, 40, 41, 42, 43, 44, 45, 46]
+    a, b = last_logits(compact, ids), last_logits(plain, ids)
+    assert np.abs(a - b).max() <= 0.05 * np.abs(b).max()
+    assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.75
+    assert len(generate(compact, [1, 40, 41, 42, 43], 8)) == 8

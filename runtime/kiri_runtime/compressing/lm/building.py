@@ -19,6 +19,12 @@ OPTIONS (camelCase, as in ModelDeployment spec.edge.variants[].options), int4 an
                  GatherBlockQuantized at 4 bits only, so "not 4-bit" means a float Gather; this only changes models
                  that tie embeddings and lm_head (the builder shares one 4-bit table between them by default).
   fuseQkv        bool, default True: one q|k|v projection per layer (False: three; transcoding a GGUF needs them apart).
+  halfScales     bool, default True: block scales (and float zero points) stored as float16, cast to float32 when
+                 the session starts (compacting.py); the scales llama.cpp stores. False: float32 as the builder wrote.
+  embeddingBits  4|8|32, default 8: a float token embedding (untied models, or int8Embeddings) stored as symmetric
+                 8-bit (Q8_0-like) or 4-bit (Q4_0-like) blocks of 32, dequantised after the Gather; 32 keeps float32.
+  Every int4/int8 build also computes the rotary cos/sin tables in the graph instead of storing them and writes its
+  JSON unindented (compacting.py).
 
 Measured (tiny LLaMA: hidden 128, 2 layers, vocab 512, trained a few seconds; KL mean over 800 teacher-forced
 positions against the HF fp32 model; sizes of the whole directory):
@@ -67,7 +73,16 @@ PRECISIONS: tuple[str, ...] = get_args(Precision)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "k_quant", "hqq")
 INT8_LAYERS = ("none", "first-last", "mixed")
-INT_OPTIONS = {"blockSize", "symmetric", "accuracyLevel", "algorithm", "fuseQkv"}
+INT_OPTIONS = {
+    "blockSize",
+    "symmetric",
+    "accuracyLevel",
+    "algorithm",
+    "fuseQkv",
+    "halfScales",
+    "embeddingBits",
+}
+EMBEDDING_BITS = (4, 8, 32)
 INT4_OPTIONS = INT_OPTIONS | {"int8LmHead", "int8Layers", "int8Embeddings"}
 KNOWN_OPTIONS: dict[str, set[str]] = {
     "fp32": {"fuseQkv"},
@@ -84,6 +99,8 @@ DEFAULTS: dict[str, Any] = {
     "int8Layers": "none",
     "int8Embeddings": False,
     "fuseQkv": True,
+    "halfScales": True,
+    "embeddingBits": 8,
 }
 BUILDER_TIMEOUT_S = 3600
 PROJECTIONS = ("attn/o_proj", "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
@@ -99,7 +116,7 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
     if unknown:
         raise CompressionError(f"{precision}: unknown options {unknown}; known: {sorted(known)}")
     merged = {k: DEFAULTS[k] for k in sorted(known)} | given
-    for key in ("symmetric", "int8LmHead", "int8Embeddings", "fuseQkv"):
+    for key in ("symmetric", "int8LmHead", "int8Embeddings", "fuseQkv", "halfScales"):
         if key in merged and not isinstance(merged[key], bool):
             raise CompressionError(f"{precision}: {key} must be true or false, got {merged[key]!r}")
     checks: list[tuple[str, tuple[Any, ...]]] = [
@@ -107,6 +124,7 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
         ("accuracyLevel", (0, 1, 2, 3, 4)),
         ("algorithm", ALGORITHMS if precision == "int4" else ("rtn", "k_quant")),
         ("int8Layers", INT8_LAYERS),
+        ("embeddingBits", EMBEDDING_BITS),
     ]
     for key, allowed in checks:
         value = merged.get(key)
@@ -144,6 +162,13 @@ def build(
     for name in ("model.onnx", "genai_config.json"):
         if not (out / name).is_file():
             raise CompressionError(f"model builder ({precision}) wrote no {name} in {out}")
+    if precision in ("int4", "int8"):
+        from kiri_runtime.compressing.lm import compacting
+
+        bits = resolved["embeddingBits"]
+        compacting.compact(
+            out, half=resolved["halfScales"], embedding_bits=None if bits == 32 else bits, rotary=True
+        )
     return out
 
 

@@ -2,7 +2,8 @@
 
 `pack` writes the directory's regular files only (no directory entries, no links), sorted by relative path, each
 with mtime 0, uid/gid 0, empty owner names and mode 0644, in POSIX (pax) format without extended headers unless a
-name needs one. The same files therefore give the same bytes, hence the same sha256, on every machine and every
+name needs one, and ends with the two zero blocks of the format (no padding to tarfile's 10 KiB record: every
+tar reader stops at those blocks, and the padding was up to 10 KiB of zeros in every artifact). The same files therefore give the same bytes, hence the same sha256, on every machine and every
 run: the fetcher, cache, pins and resume treat the variant like any other artifact. Uncompressed because the
 weights are already dense (int4 blocks compress by a few percent) and the edge can then unpack without inflating.
 
@@ -52,6 +53,8 @@ def pack(model_dir: Path, tar_path: Path) -> tuple[str, int]:
             info.type = tarfile.REGTYPE
             with path.open("rb") as fh:
                 tar.addfile(info, fh)
+        end = tar.offset + 2 * tarfile.BLOCKSIZE
+    os.truncate(tmp, end)
     os.replace(tmp, tar_path)
     h = hashlib.sha256()
     with tar_path.open("rb") as fh:

@@ -172,6 +172,21 @@ def pack_zero_points(w: NBits) -> npt.NDArray[np.float32] | U8 | None:
     return packed
 
 
+def min_form(w: NBits) -> tuple[NBits, F32]:
+    """A float-zero-point matrix as integer blocks at the default zero point z = 2^(bits-1) plus per-block mins:
+    W = (q - zp)*s = (q - z)*s + m' with m' = (z - zp)*s, and m' = mins + z*s for mins = -zp*s (Q4_1's own m, up to
+    float rounding: `mins` snaps to float16 where it is within 2 float32 ulps of it, so a GGUF's f16 m comes back
+    bit for bit). Returns (the integer-zero-point matrix, mins [N, K/bs]); MatMulNBits then takes its fast path
+    (integer zero points) and x @ W^T = MatMulNBits(x) + blocksum(x) @ (mins + z*s)^T."""
+    if w.zero_points is None or w.zero_points.dtype == np.uint8:
+        raise ValueError("min_form needs float zero points")
+    mins = (-w.zero_points.astype(np.float32) * w.scales).astype(np.float32)
+    snapped = mins.astype(np.float16).astype(np.float32)
+    close = np.abs(snapped - mins) <= 2 * np.finfo(np.float32).eps * np.abs(mins)
+    mins = np.where(close, snapped, mins).astype(np.float32)
+    return NBits(w.bits, w.block_size, w.q, w.scales, None), mins
+
+
 def take_rows(w: NBits, order: npt.NDArray[np.intp]) -> NBits:
     """W's output rows reordered (row i of the result is row order[i]); blocks run along K, so they stay whole."""
     zp = None if w.zero_points is None else w.zero_points[order]

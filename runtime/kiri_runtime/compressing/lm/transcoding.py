@@ -25,12 +25,22 @@ over 320 positions against the dequantised model under HF transformers fp32; siz
   Q4_0 + Q4_K ffn_down 255 616     390 570     0.00002          < 1e-7           | 597 771, KL 0.0003
   Q8_0 + Q6_K ffn_down 452 736     606 803     0.00003          < 1e-7           | 597 771, KL 0.0045
 
-(Nodes with float zero points compute in float32 at accuracy 4 too, hence Q4_1's zero.) What the directory holds beyond
-the GGUF: ~115 KB that does not grow with the weights (tokenizer.json, genai_config.json, the graph, the rotary
-cos/sin caches: 64 KB here), and per 32 weights float32 scales and zero points where the GGUF has f16: Q4_0 20 bytes
-vs 18 (+11 %), Q4_1 24 vs 20 (+20 %), Q8_0 36 vs 34 (+6 %), Q4_K 24 vs 18 (+33 %), Q6_K 42 vs 26.25 (+60 %: 6-bit
-values in 8 bits, MatMulNBits has no 6-bit form). So "no more than the GGUF's size" holds only up to that; f16 scales
-would need the MatMulNBits nodes in float16 (Cast around them; measured ~4e-4 relative output error), not done.
+(Figures above: float32 scales, before min form.) Since then (same model, KL against the full model over the
+bench's 1,524 held-out positions, sizes of the packed tar, docs/benchmarks.md):
+  - **float16 scales**: scales and mins that float16 holds exactly (every Q4_0/Q4_1/Q8_0 scale, Q4_1's m) are stored
+    as float16 with a Cast in front (compacting.half_scales, exact_only), which onnxruntime folds into float32
+    initializers when the session starts: the same numbers at run time, the GGUF's bytes per weight on disk (Q4_0 18
+    per 32, Q4_1 20, Q8_0 34). K-quant scales d*sc_j and mins dmin*m_j are products that float16 does not hold
+    exactly and stay float32 (Q4_K 24 vs 18, Q6_K 42 vs 26.25).
+  - **min form** (`mins_form`, default): a float zero point sends MatMulNBits to a slow float32 path (Q4_1 701 tok/s
+    vs Q4_0 8,447 in one run). Q4_1/Q4_K are rewritten exactly as the integer default zero point plus a per-block
+    correction: W = (q - 8)*s + (m + 8s), so x @ W^T = MatMulNBits(x) + blocksum(x) @ (m + 8s)^T (reblocking.min_form,
+    `_min_corrections`). Q4_1 then decodes at 4,838 tok/s (llama.cpp 4,711), KL 0.01204 (float form 0.01199,
+    llama.cpp 0.01203; the difference is accuracy level 4's int8 activations). At accuracy 1 it matches the
+    dequantised model to KL < 1e-6.
+  - the rotary tables are computed in the graph and the JSON is unindented (compacting.py, run by the build).
+Tiny model, packed: Q4_0 278,528 bytes (GGUF 255,584), Q4_1 332,288 (GGUF 282,208); the difference is the
+tokenizer, graph and configs (~40 KB) that do not grow with the weights.
 """
 
 from __future__ import annotations
@@ -84,10 +94,22 @@ def plan_for(tensor_types: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
     node), q/k/v apart (a GGUF may give them different types), the embedding a float Gather of its own.
     """
     del tensor_types  # one plan fits every mix: transcode sets bits/block per node
-    return "int4", {"blockSize": 32, "symmetric": True, "fuseQkv": False, "int8Embeddings": True}
+    return (
+        "int4",
+        {
+            "blockSize": 32,
+            "symmetric": True,
+            "fuseQkv": False,
+            "int8Embeddings": True,
+            "embeddingBits": 32,  # the float Gather that transcode replaces with the GGUF's embedding blocks
+            "halfScales": False,  # transcode writes float32 scales, then stores those float16 holds exactly as such
+        },
+    )
 
 
-def transcode(gguf_path: Path, model_dir: Path, accuracy_level: int = ACCURACY_LEVEL) -> Transcoded:
+def transcode(
+    gguf_path: Path, model_dir: Path, accuracy_level: int = ACCURACY_LEVEL, *, mins_form: bool = True
+) -> Transcoded:
     """Rewrite model_dir/model.onnx(.data) in place so its projections compute with the GGUF's own weights.
 
     accuracy_level: MatMulNBits' compute type (4: activations quantized to int8 per block, the CPU default, fast;
@@ -113,6 +135,7 @@ def transcode(gguf_path: Path, model_dir: Path, accuracy_level: int = ACCURACY_L
     requantized: list[str] = []
     done = 0
     lm_head = None
+    mins: dict[str, str] = {}
 
     def blocks(name: str) -> NBits | None:
         t = tensors[name]
@@ -138,7 +161,9 @@ def transcode(gguf_path: Path, model_dir: Path, accuracy_level: int = ACCURACY_L
             requantized += [n for n in names if n not in requantized]
             continue
         weight = reblocking.concat_rows([p for p in parts if p is not None])
-        _rewrite(onnx, model, node, inits, weight, accuracy_level)
+        mins_name = _rewrite(onnx, model, node, inits, weight, accuracy_level, mins_form)
+        if mins_name:
+            mins[node.name] = mins_name
         done += 1
         if names == ["token_embd.weight"]:
             lm_head = node
@@ -147,9 +172,15 @@ def transcode(gguf_path: Path, model_dir: Path, accuracy_level: int = ACCURACY_L
             by_type[qtype] = by_type.get(qtype, 0) + 1
     if "token_embd.weight" in tensors:
         embedding = blocks("token_embd.weight")
-        if _embedding(onnx, model, inits, embedding, lm_head if "output.weight" not in tensors else None):
+        shared = lm_head if "output.weight" not in tensors else None
+        shared_mins = mins.get(shared.name, "") if shared is not None else ""
+        if _embedding(onnx, model, inits, embedding, shared, shared_mins, mins_form):
             qtype = tensors["token_embd.weight"].tensor_type.name
             by_type[qtype] = by_type.get(qtype, 0) + 1
+    _min_corrections(model, inits, mins)
+    from kiri_runtime.compressing.lm import compacting
+
+    compacting.half_scales(model, inits, compacting.scale_names(model), exact_only=True)
     _save(onnx, model, model_dir)
     return Transcoded(tensors=done, by_type=dict(sorted(by_type.items())), requantized=tuple(requantized))
 
@@ -186,7 +217,11 @@ def _gguf_names(node: str, tensors: Mapping[str, Any]) -> list[str]:
     return names if names and all(n in tensors for n in names) else []
 
 
-def _rewrite(onnx: Any, model: Any, node: Any, inits: dict[str, Any], w: NBits, accuracy_level: int) -> None:
+def _rewrite(
+    onnx: Any, model: Any, node: Any, inits: dict[str, Any], w: NBits, accuracy_level: int, mins_form: bool
+) -> str:
+    """The node computes with w's blocks; a float-zero-point w in min form when `mins_form` (returns the mins'
+    initializer name then, else "")."""
     from onnx import numpy_helper
 
     attrs = {a.name: a for a in node.attribute}
@@ -197,6 +232,11 @@ def _rewrite(onnx: Any, model: Any, node: Any, inits: dict[str, Any], w: NBits, 
         )
     scales_init = inits[node.input[2]]
     dtype = onnx.helper.tensor_dtype_to_np_dtype(scales_init.data_type)
+    mins_name = ""
+    if mins_form and w.zero_points is not None and w.zero_points.dtype != np.uint8:
+        w, mins = reblocking.min_form(w)
+        mins_name = node.input[1].rsplit("_Q", 1)[0] + "_mins"
+        _replace(inits, mins_name, numpy_helper.from_array(mins.astype(dtype), mins_name), model)
     _replace(inits, node.input[1], numpy_helper.from_array(reblocking.pack_b(w), node.input[1]))
     _replace(inits, node.input[2], numpy_helper.from_array(w.scales.astype(dtype), node.input[2]))
     zp = reblocking.pack_zero_points(w)
@@ -218,6 +258,75 @@ def _rewrite(onnx: Any, model: Any, node: Any, inits: dict[str, Any], w: NBits, 
     attrs["block_size"].i = w.block_size
     if "accuracy_level" in attrs:
         attrs["accuracy_level"].i = accuracy_level
+    return mins_name
+
+
+def _min_corrections(model: Any, inits: dict[str, Any], mins: Mapping[str, str]) -> None:
+    """After each min-form MatMulNBits node: Y = MatMulNBits(A) + blocksum(A) @ (mins + z*scales)^T.
+
+    blocksum(A) [batch, seq, K/bs] = ReduceSum over Reshape(A, [batch, seq, K/bs, bs]), one per (A, bs) however
+    many nodes read A; (mins + z*scales)^T is a constant that onnxruntime folds when the session starts.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    p = "/block_mins/"
+    if not mins:
+        return
+    const: dict[str, np.ndarray[Any, Any]] = {
+        p + "axes": np.array([-1], dtype=np.int64),
+        p + "z4": np.array(8, dtype=np.float32),
+        p + "z8": np.array(128, dtype=np.float32),
+    }
+    for name, value in const.items():
+        _replace(inits, name, numpy_helper.from_array(value, name), model)
+    sums: dict[tuple[str, int], str] = {}
+    head: list[Any] = []
+    i = 0
+    while i < len(graph.node):
+        node = graph.node[i]
+        if node.name not in mins:
+            i += 1
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k, bs, bits = attrs["K"], attrs["block_size"], attrs["bits"]
+        a, scales, y = node.input[0], node.input[2], node.output[0]
+        before: list[Any] = []
+        key = (a, bs)
+        if key not in sums:
+            q = f"{p}s{len(sums)}/"  # short names: the graph is stored beside the weights
+            shape = q + "shape"
+            _replace(
+                inits, shape, numpy_helper.from_array(np.array([0, 0, k // bs, bs], np.int64), shape), model
+            )
+            before = [
+                helper.make_node("Reshape", [a, shape], [q + "blocks"], name=q + "Reshape"),
+                helper.make_node(
+                    "ReduceSum", [q + "blocks", p + "axes"], [q + "sums"], keepdims=0, name=q + "Sum"
+                ),
+            ]
+            sums[key] = q + "sums"
+        n = f"{p}{len(head) // 3}/"
+        head += [
+            helper.make_node("Mul", [scales, f"{p}z{bits}"], [n + "zs"], name=n + "ZeroPointTimesScale"),
+            helper.make_node("Add", [mins[node.name], n + "zs"], [n + "offsets"], name=n + "Offsets"),
+            helper.make_node(
+                "Transpose", [n + "offsets"], [n + "offsets_t"], perm=[1, 0], name=n + "Transpose"
+            ),
+        ]
+        node.output[0] = n + "nbits"
+        after = [
+            helper.make_node("MatMul", [sums[key], n + "offsets_t"], [n + "correction"], name=n + "MatMul"),
+            helper.make_node("Add", [n + "nbits", n + "correction"], [y], name=n + "Add"),
+        ]
+        for offset, new in enumerate(before):
+            graph.node.insert(i + offset, new)
+        i += len(before) + 1
+        for offset, new in enumerate(after):
+            graph.node.insert(i + offset, new)
+        i += len(after)
+    for offset, new in enumerate(head):
+        graph.node.insert(offset, new)
 
 
 def _replace(inits: dict[str, Any], name: str, tensor: Any, model: Any = None) -> None:
@@ -231,11 +340,21 @@ def _replace(inits: dict[str, Any], name: str, tensor: Any, model: Any = None) -
     old.CopyFrom(tensor)
 
 
-def _embedding(onnx: Any, model: Any, inits: dict[str, Any], w: NBits | None, shared: Any) -> bool:
-    """The embedding Gather becomes Gather of the GGUF's blocks then (q - zp) * scale, the MatMulNBits formula.
+def _embedding(
+    onnx: Any,
+    model: Any,
+    inits: dict[str, Any],
+    w: NBits | None,
+    shared: Any,
+    shared_mins: str = "",
+    mins_form: bool = False,
+) -> bool:
+    """The embedding Gather becomes Gather of the GGUF's blocks then (q - zp) * scale, the MatMulNBits formula
+    (in min form, `mins_form` and float zero points: q * scale + mins, reblocking.min_form).
 
-    The table keeps the GGUF's size (plus float32 scales); `shared` is the lm_head node that holds the same blocks
-    (a tied GGUF), whose B/scales/zero_points the Gather then reads too. False when the graph has no float Gather.
+    The table keeps the GGUF's size (plus its scales); `shared` is the lm_head node that holds the same blocks
+    (a tied GGUF), whose B/scales/zero_points (or `shared_mins`) the Gather then reads too. False when the graph
+    has no float Gather.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -263,13 +382,23 @@ def _embedding(onnx: Any, model: Any, inits: dict[str, Any], w: NBits | None, sh
     dtype = onnx.helper.tensor_dtype_to_np_dtype(table.data_type)
     kb = hidden // w.block_size
     p = "/model/embed_tokens/dequantize/"
+    mins_name = ""
+    if mins_form and w.zero_points is not None and w.zero_points.dtype != np.uint8:
+        w, mins = reblocking.min_form(w)
+        mins_name = table_name + "_mins"
     if shared is not None and len(shared.input) > 2:
         b_name, s_name = shared.input[1], shared.input[2]
         zp_name = shared.input[3] if len(shared.input) > 3 else ""
+        if mins_name:
+            if not shared_mins:
+                raise CompressionError("a tied embedding in min form needs its lm_head in min form too")
+            mins_name = shared_mins
     else:
         b_name, s_name = table_name + "_Q", table_name + "_scales"
         _replace(inits, b_name, numpy_helper.from_array(reblocking.pack_b(w), b_name), model)
         _replace(inits, s_name, numpy_helper.from_array(w.scales.astype(dtype), s_name), model)
+        if mins_name:
+            _replace(inits, mins_name, numpy_helper.from_array(mins.astype(dtype), mins_name), model)
         zp = reblocking.pack_zero_points(w)
         zp_name = ""
         if zp is not None:
@@ -310,7 +439,16 @@ def _embedding(onnx: Any, model: Any, inits: dict[str, Any], w: NBits | None, sh
         helper.make_node("Gather", [s_name, ids], [p + "scale"], name=p + "GatherScales"),
         helper.make_node("Unsqueeze", [p + "scale", p + "last"], [p + "scale1"], name=p + "ScaleAxis"),
     ]
-    if zp_name:
+    if mins_name:
+        nodes += [
+            helper.make_node("Gather", [mins_name, ids], [p + "mins"], name=p + "GatherMins"),
+            helper.make_node("Unsqueeze", [p + "mins", p + "last"], [p + "mins1"], name=p + "MinsAxis"),
+            helper.make_node("Mul", [p + "qf", p + "scale1"], [p + "scaled"], name=p + "Mul"),
+            helper.make_node("Add", [p + "scaled", p + "mins1"], [p + "w"], name=p + "AddMins"),
+            helper.make_node("Reshape", [p + "w", p + "rows"], [out], name=p + "Rows"),
+        ]
+        zp_value = ""
+    elif zp_name:
         nodes += [
             helper.make_node("Gather", [zp_name, ids], [p + "zp_raw"], name=p + "GatherZeroPoints"),
             helper.make_node("Cast", [p + "zp_raw"], [p + "zp"], to=to, name=p + "CastZeroPoints"),
@@ -319,11 +457,12 @@ def _embedding(onnx: Any, model: Any, inits: dict[str, Any], w: NBits | None, sh
         zp_value = p + "zp1"
     else:
         zp_value = p + "default_zp"
-    nodes += [
-        helper.make_node("Sub", [p + "qf", zp_value], [p + "centered"], name=p + "Sub"),
-        helper.make_node("Mul", [p + "centered", p + "scale1"], [p + "w"], name=p + "Mul"),
-        helper.make_node("Reshape", [p + "w", p + "rows"], [out], name=p + "Rows"),
-    ]
+    if zp_value:
+        nodes += [
+            helper.make_node("Sub", [p + "qf", zp_value], [p + "centered"], name=p + "Sub"),
+            helper.make_node("Mul", [p + "centered", p + "scale1"], [p + "w"], name=p + "Mul"),
+            helper.make_node("Reshape", [p + "w", p + "rows"], [out], name=p + "Rows"),
+        ]
     if w.bits == 4 and zp_name and inits[zp_name].data_type == TensorProto.UINT8:
         raise CompressionError("packed 4-bit integer zero points are not used by any carried GGUF type")
     del graph.node[index]

@@ -19,7 +19,9 @@ def test_int4_defaults_are_block_32_symmetric_accuracy_4_rtn() -> None:
         "accuracyLevel": 4,
         "algorithm": "rtn",
         "blockSize": 32,
+        "embeddingBits": 8,
         "fuseQkv": True,
+        "halfScales": True,
         "int8Embeddings": False,
         "int8LmHead": False,
         "int8Layers": "none",
@@ -128,3 +130,11 @@ def test_a_directory_without_config_json_is_refused_before_the_builder_runs(tmp_
         CompressionError, match=r"has no config\.json: not a Hugging Face checkpoint directory"
     ):
         building.build(tmp_path, tmp_path / "out", "int4")
+
+
+def test_embedding_bits_and_half_scales_are_checked() -> None:
+    assert building.resolve("int8", {"embeddingBits": 4, "halfScales": False})["embeddingBits"] == 4
+    with pytest.raises(CompressionError, match="embeddingBits must be one of 4, 8, 32"):
+        building.resolve("int4", {"embeddingBits": 16})
+    with pytest.raises(CompressionError, match="halfScales must be true or false"):
+        building.resolve("int4", {"halfScales": 1})
