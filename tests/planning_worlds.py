@@ -166,6 +166,8 @@ class FakeServer:
         self.world = world
         self.writes = 0
         self.unready: set[str] = set()
+        self.unready_reason = ""
+        """What the pods on `unready` nodes say about why (`PodView.reason`)."""
 
     def step(self, s: ModelDeploymentSpec, settings: Settings | None = None, dt: float = 1.0) -> Plan:
         p = plan(s, self.world, settings)
@@ -191,7 +193,9 @@ class FakeServer:
                 continue
             for node in affinity_nodes(child.body):
                 labels = child.body["spec"]["template"]["metadata"]["labels"]
-                pods.append(PodView(f"{name}-{node}", node, node not in self.unready, "Running", labels))
+                ready = node not in self.unready
+                reason = "" if ready else self.unready_reason
+                pods.append(PodView(f"{name}-{node}", node, ready, "Running", labels, reason=reason))
         self.world = replace(
             self.world,
             children=children,

@@ -84,7 +84,28 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         phase=str(status.get("phase", "")),
         labels=dict(meta.get("labels") or {}),
         restarts=restarts,
+        reason="" if ready else not_ready_reason(status),
     )
+
+
+def not_ready_reason(status: Mapping[str, Any]) -> str:
+    """What the pod object says about why a container is not ready: a waiting state's reason and message
+    (ImagePullBackOff, CrashLoopBackOff, CreateContainerConfigError), else the last termination message
+    (what `kiri serve` or the init container printed as it exited). The reason of a live, unready
+    `kiri serve` (its readiness body) is not here: the kubelet's httpGet prober keeps only the status code."""
+    statuses = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
+    for c in statuses:
+        waiting = (c.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") and waiting.get("reason") not in ("PodInitializing", "ContainerCreating"):
+            last = ((c.get("lastState") or {}).get("terminated") or {}).get("message") or ""
+            # A crash loop's own message is only the back-off; what the container said as it died is the why.
+            detail = str(last or waiting.get("message") or "").strip()
+            return f"{c.get('name')}: {waiting['reason']}" + (f": {detail}" if detail else "")
+    for c in statuses:
+        terminated = (c.get("lastState") or {}).get("terminated") or {}
+        if terminated.get("message"):
+            return f"{c.get('name')}: {str(terminated['message']).strip()}"
+    return ""
 
 
 PodIndex = dict[Key, dict[str, PodView]]

@@ -82,6 +82,8 @@ class PodView:
     phase: str
     labels: Mapping[str, str] = field(default_factory=dict)
     restarts: int = 0
+    reason: str = ""
+    """Why the pod is not Ready, as the kubelet recorded it on the pod ("" when it says nothing)."""
 
     @property
     def component(self) -> str | None:

@@ -142,6 +142,8 @@ class DataPlane:
         self.executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kiri-infer")
         self._models: dict[str, ModelEntry] = {}
         self.draining = False
+        self.load_error = ""
+        """Why the last load attempt failed (set by the loader); readiness probes show it."""
 
     # ------------------------------------------------------------ registry
 
@@ -213,6 +215,17 @@ class DataPlane:
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return not self.draining and self._entry(name, version).ready
+
+    def not_ready_reason(self) -> str:
+        """Why `ready()` is false, in words for a probe's body and a log line ("" when ready)."""
+        if self.draining:
+            return "draining: shutting down"
+        waiting = sorted(n for n, e in self._models.items() if not e.ready)
+        if not self._models:
+            return "no model registered"
+        if not waiting:
+            return ""
+        return self.load_error or f"model {', '.join(waiting)} not loaded yet"
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "kiri", "version": __version__, "extensions": EXTENSIONS}

@@ -99,7 +99,11 @@ class RestServer:
 
     async def ready(self, request: web.Request) -> web.Response:
         ready = self.dataplane.ready()
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        if ready:
+            return web.json_response({"ready": True})
+        # The reason is for whoever reads the probe by hand (kubectl port-forward, curl): a kubelet httpGet
+        # probe keeps only the status code.
+        return web.json_response({"ready": False, "reason": self.dataplane.not_ready_reason()}, status=503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response(self.dataplane.server_metadata())
@@ -111,7 +115,10 @@ class RestServer:
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = request.match_info["name"], request.match_info.get("version")
         ready = self.dataplane.model_ready(name, version)
-        return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
+        if ready:
+            return web.json_response({"name": name, "ready": True})
+        reason = self.dataplane.not_ready_reason()
+        return web.json_response({"name": name, "ready": False, "reason": reason}, status=503)
 
     async def scrape(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)

@@ -48,6 +48,10 @@ from kiri_runtime.rest import RestServer
 log = logging.getLogger(__name__)
 
 
+class CacheDirError(OSError):
+    """The node cache directory cannot be created or written (see docs/operations.md, "Edge nodes")."""
+
+
 @dataclass
 class ServeConfig:
     model_uri: str
@@ -127,30 +131,48 @@ class Server:
             self._loader = asyncio.get_running_loop().create_task(self._load_with_retries())
 
     async def _load_with_retries(self) -> None:
+        """Fetch, verify, load and pin until it works. Every failure, the cache directory's included, is a log
+        line and the readiness probe's reason: nothing may end this task silently with the pod live and never
+        ready (the cache was once opened outside the retry, and a PermissionError ended it unseen)."""
         cfg = self.config
-        cache = ArtifactCache(cfg.cache_dir, cfg.revisions_kept)
-        fetcher = ArtifactFetcher(cache, RetryPolicy(), metrics=self.metrics)
         delay = 1.0
-        local_dir = _local_dir(cfg.model_uri)
+        while True:
+            try:
+                await self._load_once()
+                self.dataplane.load_error = ""
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Fetch errors, a full disk, or a file ONNX Runtime rejects (its pybind exceptions derive
+                # from Exception only): the server stays live and not ready, and tries again later.
+                reason = f"model {cfg.name} not loaded: {exc}"
+                self.dataplane.load_error = reason
+                log.error("%s; retrying in %.0fs", reason, delay)
+                await asyncio.sleep(delay)
+                delay = min(cfg.fetch_retry_max_s, delay * 2)
+
+    async def _load_once(self) -> None:
+        cfg = self.config
         try:
-            while True:
-                try:
-                    sha = ""
-                    if local_dir is not None:
-                        model: Any = await asyncio.to_thread(GenerativeModel, local_dir, cfg.threads)
-                    else:
-                        artifact = await asyncio.to_thread(fetcher.open, cfg.model_uri, cfg.sha256)
-                        with artifact:
-                            # From the verified descriptor, not the path: the blob may be swapped meanwhile.
-                            sha = artifact.sha256
-                            model = await asyncio.to_thread(self._open, artifact.load_path, sha, cache)
-                    break
-                except Exception as exc:
-                    # Fetch errors, a full disk, or a file ONNX Runtime rejects (its pybind exceptions derive
-                    # from Exception only): the server stays live and not ready, and tries again later.
-                    log.error("model %s not loaded: %s; retrying in %.0fs", cfg.name, exc, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(cfg.fetch_retry_max_s, delay * 2)
+            cache = await asyncio.to_thread(ArtifactCache, cfg.cache_dir, cfg.revisions_kept)
+        except OSError as exc:
+            # The usual cause on a node: a hostPath the kubelet created root-owned, and a runtime that is not root.
+            raise CacheDirError(
+                f"cache dir {cfg.cache_dir} not writable by uid {os.getuid()}: {exc.strerror or exc}"
+            ) from exc
+        fetcher = ArtifactFetcher(cache, RetryPolicy(), metrics=self.metrics)
+        local_dir = _local_dir(cfg.model_uri)
+        sha = ""
+        try:
+            if local_dir is not None:
+                model: Any = await asyncio.to_thread(GenerativeModel, local_dir, cfg.threads)
+            else:
+                artifact = await asyncio.to_thread(fetcher.open, cfg.model_uri, cfg.sha256)
+                with artifact:
+                    # From the verified descriptor, not the path: the blob may be swapped meanwhile.
+                    sha = artifact.sha256
+                    model = await asyncio.to_thread(self._open, artifact.load_path, sha, cache)
         finally:
             fetcher.close()
         if isinstance(model, GenerativeModel):
@@ -165,7 +187,11 @@ class Server:
             )
         self.dataplane.load(cfg.name, model, sha256=sha)
         if sha:
-            await asyncio.to_thread(cache.pin, sha, cfg.model_uri, cfg.name, cfg.namespace)
+            try:
+                await asyncio.to_thread(cache.pin, sha, cfg.model_uri, cfg.name, cfg.namespace)
+            except OSError as exc:
+                # The model serves; only the rollback shortcut (N-1 kept on the node) is at risk.
+                log.warning("model %s: could not pin %s in %s: %s", cfg.name, sha[:12], cfg.cache_dir, exc)
         self.loaded.set()
 
     def _open(self, load_path: str, sha: str, cache: ArtifactCache) -> OnnxModel | GenerativeModel:

@@ -330,9 +330,11 @@ class VariantOptions(ApiModel):
     calibration_samples: Annotated[int, Field(ge=1, le=100000)] | None = None
     """int8-static: samples from `spec.model.evalDataUri` used to calibrate activations."""
     student_width: Annotated[int, Field(ge=1, le=65536)] | None = None
-    """distilled: hidden width of the student."""
+    """distilled: hidden width of the student. From an ONNX source the student is an MLP on the flattened
+    input (one float input) with one linear head per output, of `studentDepth` ReLU layers of this width
+    (default 64); from a PyTorch source it is a narrowed copy of the model."""
     student_depth: Annotated[int, Field(ge=1, le=256)] | None = None
-    """distilled: number of hidden layers of the student."""
+    """distilled: number of hidden layers of the student (default 2 for the MLP student of an ONNX source)."""
     quantize: bool | None = None
     """distilled: also quantize the student to int8 (dynamic)."""
     keep_io_types: bool | None = None

@@ -38,6 +38,8 @@ class NodePod:
     ready: bool
     failed: bool = False
     """Crash-looping: the wave rolls back at once instead of waiting for the progress deadline."""
+    reason: str = ""
+    """Why it is not Ready, when the pod says (`caches.not_ready_reason`)."""
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,9 @@ def _assign_in_waves(inp: AssignInput, keep: frozenset[str]) -> Assignment:
         nodes=[EdgeNode(n.name, dict(n.labels), n.ready, inp.desired[n.name]) for n in placed],
         assignment={n: s.revision for n, s in inp.current.items() if n in inp.desired},
         pods={
-            n: W.NodePod(p.revision, p.ready and p.variant == _variant_on(inp, n, p.revision), p.failed)
+            n: W.NodePod(
+                p.revision, p.ready and p.variant == _variant_on(inp, n, p.revision), p.failed, p.reason
+            )
             for n, p in inp.pods.items()
         },
         variant_sizes=inp.variant_sizes,

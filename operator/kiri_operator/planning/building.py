@@ -24,6 +24,10 @@ from kiri_operator.api.specs import LM_FORMATS, ModelDeploymentSpec, Toleration,
 RUNTIME_UID = 65532
 MODEL_MOUNT = "/models"
 ARTIFACTS_MOUNT = "/artifacts"
+CACHE_MOUNT = "/var/cache/kiri"
+"""Where `kiri serve` sees its cache: on edge nodes, its own subdirectory of the node cache."""
+NODE_CACHE_MOUNT = "/node-cache"
+"""Where the edge pods' init container sees the whole node cache (`edge.cache.path`)."""
 WORK_MOUNT = "/work"
 NO_NODE = "kiri.dev-no-node"
 """The affinity value of a DaemonSet kept with no node (`In` needs at least one value; no node has it)."""
@@ -81,6 +85,54 @@ def _container_security() -> dict[str, Any]:
 
 # The root filesystem is read-only: libraries that cache under $HOME (torch, onnxruntime) use the /tmp emptyDir.
 _ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]
+# `kiri serve --namespace` defaults to it: pins in a node cache are keyed by namespace and model.
+_SERVE_ENV = [
+    *_ENV,
+    {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+]
+
+
+def node_cache_subdir(owner: Owner) -> str:
+    """An edge pod's directory in the node cache, relative to `edge.cache.path`: one per namespace and
+    ModelDeployment, so no tenant's pods can read, fill or evict another's (all runtimes share one uid)."""
+    return f"{owner.namespace}/{owner.name}"
+
+
+def _cache_dir_init(image: str, pull_policy: str, owner: Owner) -> dict[str, Any]:
+    """Creates the pod's node cache subdirectory owned by the runtime's uid.
+
+    The kubelet creates a `DirectoryOrCreate` hostPath root-owned 0755, and `fsGroup` is never applied to
+    hostPath volumes (only to volumes whose ownership the kubelet manages), so without this the runtime
+    (uid 65532) cannot write its cache. Root is needed for the chown, so this container alone runs as root,
+    with CAP_CHOWN and nothing else, no privilege escalation and a read-only root filesystem; the runtime
+    container stays non-root and mounts only the subdirectory. An existing subdirectory keeps its mode.
+    """
+    path = f"{NODE_CACHE_MOUNT}/{node_cache_subdir(owner)}"
+    return {
+        "name": "cache-dir",
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": [
+            "sh",
+            "-c",
+            f'mkdir -p -m 0750 "$1" && chown {RUNTIME_UID}:{RUNTIME_UID} "$1"',
+            "sh",
+            path,
+        ],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "100m", "memory": "32Mi"},
+        },
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
+        },
+        "volumeMounts": [{"name": "cache", "mountPath": NODE_CACHE_MOUNT}],
+    }
 
 
 def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
@@ -145,7 +197,7 @@ def cloud_deployment(
         "--port",
         str(cloud.port),
         "--cache-dir",
-        "/var/cache/kiri",
+        CACHE_MOUNT,
     ]
     if cloud.runtime.threads is not None:
         args += ["--threads", str(cloud.runtime.threads)]
@@ -162,7 +214,7 @@ def cloud_deployment(
         resources["nvidia.com/gpu"] = str(cloud.resources.gpu)
     volumes, mounts = _source_volumes(source)
     volumes += [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
-    mounts += [{"name": "cache", "mountPath": "/var/cache/kiri"}, {"name": "tmp", "mountPath": "/tmp"}]
+    mounts += [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}]
     container = {
         "name": "kiri-serve",
         "image": spec.runtime.image,
@@ -174,7 +226,7 @@ def cloud_deployment(
         "readinessProbe": _probe("/v2/health/ready", cloud.port, 5, 3),
         "livenessProbe": _probe("/v2/health/live", cloud.port, 10, 6),
         "securityContext": _container_security(),
-        "env": [dict(e) for e in _ENV],
+        "env": copy.deepcopy(_SERVE_ENV),
         "volumeMounts": mounts,
     }
     obj = {
@@ -245,6 +297,30 @@ def artifact_dir(spec: ModelDeploymentSpec, owner: Owner, compression: str) -> A
         mount = base
     fetch = (store.fetch_uri or store.uri).rstrip("/")
     return ArtifactDir(volume=volume, mount_path=mount, out_dir=out_dir, fetch_base=f"{fetch}/{rel}/")
+
+
+def edge_fetch(spec: ModelDeploymentSpec, uri: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """The URI an edge runtime fetches `uri` by, and the read-only volume (with its mount) that takes.
+
+    `pvc://claim/path` is no fetch scheme: the claim is mounted read-only and the runtime reads a file://
+    path in it (the claim must allow ReadOnlyMany or ReadWriteMany to reach many nodes). A `file://` store is
+    a directory on every edge node (e.g. an NFS mount the cluster admin provides): mounted read-only, at its
+    own path, as type Directory so a node without it says so in the pod's events instead of serving from an
+    empty directory. http(s):// and s3:// need no volume."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "pvc":
+        volume = {
+            "name": "artifacts",
+            "persistentVolumeClaim": {"claimName": parsed.netloc, "readOnly": True},
+        }
+        mount = {"name": "artifacts", "mountPath": ARTIFACTS_MOUNT, "readOnly": True}
+        return f"file://{ARTIFACTS_MOUNT}/{parsed.path.lstrip('/')}", [volume], [mount]
+    if parsed.scheme == "file":
+        store = spec.edge.artifacts
+        root = urlparse(store.fetch_uri or store.uri).path.rstrip("/") or "/"
+        volume = {"name": "artifacts", "hostPath": {"path": root, "type": "Directory"}}
+        return uri, [volume], [{"name": "artifacts", "mountPath": root, "readOnly": True}]
+    return uri, [], []
 
 
 def resolve_uri(base: str, uri: str) -> str:
@@ -457,10 +533,11 @@ def edge_daemonset(
         L.REVISION: revision,
         L.VARIANT: variant,
     }
+    fetch_uri, store_volumes, store_mounts = edge_fetch(spec, artifact.uri)
     args = [
         "serve",
         "--model-uri",
-        artifact.uri,
+        fetch_uri,
         "--name",
         spec.model.name,
         "--sha256",
@@ -474,7 +551,7 @@ def edge_daemonset(
         "--port",
         str(port),
         "--cache-dir",
-        edge.cache.path,
+        CACHE_MOUNT,
         "--revisions-kept",
         str(edge.cache.revisions_kept),
     ]
@@ -498,10 +575,12 @@ def edge_daemonset(
         "readinessProbe": _probe("/v2/health/ready", port, 5, 3),
         "livenessProbe": _probe("/v2/health/live", port, 10, 6),
         "securityContext": _container_security(),
-        "env": [dict(e) for e in _ENV],
+        "env": copy.deepcopy(_SERVE_ENV),
         "volumeMounts": [
-            {"name": "cache", "mountPath": edge.cache.path},
+            # Only this ModelDeployment's subdirectory of the node cache (made by the init container).
+            {"name": "cache", "mountPath": CACHE_MOUNT, "subPath": node_cache_subdir(owner)},
             {"name": "tmp", "mountPath": "/tmp"},
+            *store_mounts,
         ],
     }
     obj: dict[str, Any] = {
@@ -522,11 +601,15 @@ def edge_daemonset(
                     "affinity": {"nodeAffinity": node_affinity([])},
                     "tolerations": _tolerations(edge.tolerations),
                     "securityContext": _pod_security(),
+                    "initContainers": [
+                        _cache_dir_init(spec.runtime.image, spec.runtime.image_pull_policy, owner)
+                    ],
                     "containers": [container],
                     "volumes": [
                         # The node cache outlives pods and revisions: a rollback finds its artifact there.
                         {"name": "cache", "hostPath": {"path": edge.cache.path, "type": "DirectoryOrCreate"}},
                         {"name": "tmp", "emptyDir": {}},
+                        *store_volumes,
                     ],
                 },
             },

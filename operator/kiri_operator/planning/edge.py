@@ -87,7 +87,7 @@ def edge_pods(observed: Observed) -> dict[str, NodePod]:
         if pod.component != L.COMPONENT_EDGE or not pod.node or not pod.revision or not pod.variant:
             continue
         failed = pod.restarts >= CRASH_RESTARTS and not pod.ready
-        out.setdefault(pod.node, NodePod(pod.revision, pod.variant, pod.ready, failed))
+        out.setdefault(pod.node, NodePod(pod.revision, pod.variant, pod.ready, failed, pod.reason))
     return out
 
 

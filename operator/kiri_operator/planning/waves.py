@@ -32,6 +32,7 @@ cutting the class in two would make each half reach into the other's state.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -69,6 +70,7 @@ class NodePod:
     ready: bool
     # Crash-looping or otherwise terminally failing; never-Ready pods are caught by the progress deadline.
     failed: bool = False
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -343,7 +345,8 @@ class _Rollout:
                     "Progressing",
                     Reason.WAITING_READY,
                     f"step {self.label}: {moved}/{len(step.nodes)} nodes moved, "
-                    f"{len(online) - len(not_ready)}/{len(online)} online nodes Ready",
+                    f"{len(online) - len(not_ready)}/{len(online)} online nodes Ready"
+                    + self.not_ready_note(not_ready, update),
                 ),
                 step,
             )
@@ -520,7 +523,8 @@ class _Rollout:
             Verdict(
                 "Progressing",
                 Reason.WAITING_READY,
-                f"{len(ready)}/{len(online)} online nodes Ready on {update}",
+                f"{len(ready)}/{len(online)} online nodes Ready on {update}"
+                + self.not_ready_note([n for n in online if not self.pod_ready(n, update)], update),
             )
         )
 
@@ -724,6 +728,20 @@ class _Rollout:
 
     def online(self, name: str) -> bool:
         return name in self.observed.online
+
+    def not_ready_note(self, nodes: Sequence[str], revision: str) -> str:
+        """ "; N pods not ready: <reason>" for the reason most of these nodes' pods of `revision` give, so
+        the condition says why a wave waits, not only that it does; "" when no pod says."""
+        reasons = Counter(
+            p.reason
+            for n in nodes
+            if (p := self.observed.pods.get(n)) is not None and p.revision == revision and p.reason
+        )
+        if not reasons:
+            return ""
+        reason, count = min(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
+        more = f" (and {sum(reasons.values()) - count} for other reasons)" if len(reasons) > 1 else ""
+        return f"; {count} pods not ready: {reason}{more}"
 
     def pod_ready(self, name: str, revision: str) -> bool:
         pod = self.observed.pods.get(name)

@@ -3,6 +3,9 @@
 Teacher outputs come from the verified fp32 ONNX model, so any source format can teach. The student is a given
 factory, or a reduced copy of the teacher when its structure allows: narrower Linear/Conv layers (MLP, CNN) or
 fewer layers of an nn.TransformerEncoder (kept evenly spaced and initialised from the teacher, as DistilBERT does).
+A teacher with no PyTorch module to copy (an ONNX source, as every ModelDeployment example has) gets the default
+student: an MLP of `studentDepth` (default 2) hidden ReLU layers of `studentWidth` (default 64) units on the
+flattened float input (one), one linear head per output. The variant's gate decides whether it is good enough.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from kiri_runtime.compressing import evaluating, exporting, quantizing
 from kiri_runtime.compressing.errors import CompressionError
 from kiri_runtime.compressing.evaluating import EvalSet
 from kiri_runtime.compressing.searching import Context, Search, fidelity
+from kiri_runtime.compressing.students import DEFAULT_STUDENT_DEPTH, DEFAULT_STUDENT_WIDTH, mlp_student
 from kiri_runtime.manifests import Variant, VariantSpec
 
 if TYPE_CHECKING:
@@ -395,11 +399,17 @@ def distilled_variant(
                 f"distilled: student factory returned {type(student).__name__}, not a Module"
             )
         info = {"student": opts["student"]}
+    elif ctx.torch_model is None or not ctx.torch_model.rebuildable:
+        # No PyTorch teacher to copy (an ONNX source): the default student, documented in the API.
+        width = int(opts.get("studentWidth") or DEFAULT_STUDENT_WIDTH)
+        depth = int(opts.get("studentDepth") or DEFAULT_STUDENT_DEPTH)
+        torch.manual_seed(ctx.seed)
+        student = mlp_student(train_set.arrays, t_train, width=width, depth=depth)
+        info = {"student": "mlp", "width": width, "depth": depth}
+        ctx.log(
+            f"  default student: an MLP of {depth} hidden layers of {width} units (no PyTorch teacher to copy)"
+        )
     else:
-        if ctx.torch_model is None or not ctx.torch_model.rebuildable:
-            raise CompressionError(
-                "distilled: this source cannot be copied; give options.student (a factory)"
-            )
         student, info = reduced_copy(
             ctx.torch_model.module,
             width=float(opts["width"]),

@@ -94,12 +94,8 @@ def run(req: Request, log: Callable[[str], None] | None = None) -> Manifest:
         if v.name == Path(MODEL_FILE).stem:
             raise CompressionError(f"variant name {v.name!r} is reserved for the full model")
         if v.method == "distilled":
-            opts = distilling.defaults(v.options)
-            if not opts.get("student") and fmt != "factory":
-                raise CompressionError(
-                    f"variant {v.name}: distilling a {fmt} source needs options.student (a student factory); "
-                    "reduced copies are made from factory sources"
-                )
+            # A source with no PyTorch module to copy gets the default student (distilling.mlp_student).
+            distilling.defaults(v.options)
         else:
             quantizing.defaults(v.method, v.options)
     if fmt != "onnx" and not req.eval_data:

@@ -8,12 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from compress_helpers import ZOO, load, save_npz
 from compress_zoo import Encoder, mlp
+
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.planning.building import compression_variants_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 Run = Callable[..., tuple[int, str]]
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
 
 def _blobs(n: int, seed: int, classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -102,10 +107,35 @@ def test_transformer_student_keeps_every_other_layer(tmp_path: Path, run_compres
     assert v.accepted == (v.fidelity.cosine.mean >= 0.5)
 
 
-def test_distilling_an_onnx_source_needs_a_student_factory(tmp_path: Path, run_compress: Run) -> None:
+def test_the_multi_site_fleet_example_compresses_an_onnx_source_with_the_default_student(
+    tmp_path: Path, run_compress: Run, classifier: tuple[Path, Path, Path]
+) -> None:
+    """examples/multi-site-fleet.yaml's variants, as the operator passes them to the Job, from an ONNX model."""
+    state, _, data = classifier
+    teacher = mlp(hidden=128)
+    teacher.load_state_dict(torch.load(state))
+    source = tmp_path / "model.onnx"
+    torch.onnx.export(
+        teacher.eval(), (torch.zeros(2, 16),), source, input_names=["x"], output_names=["logits"],
+        dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    example = yaml.safe_load((EXAMPLES / "multi-site-fleet.yaml").read_text())
+    variants = compression_variants_json(ModelDeploymentSpec.model_validate(example["spec"]).edge.variants)
     out = tmp_path / "out"
-    rc, log = run_compress("--source", str(tmp_path / "m.onnx"), "--out", str(out), "--variant", "distilled")
-    assert rc == 2 and "options.student" in log, log
+    rc, log = run_compress(
+        "--source", str(source), "--eval-data", str(data), "--out", str(out), "--variants-json", variants,
+        "--latency-rounds", "10",
+    )  # fmt: skip
+    assert rc == 0, log
+    m = load(out)
+    assert [v.name for v in m.variants] == ["fp16", "student", "int8"]
+    student = m.variant("student")
+    assert student is not None
+    assert student.extra["architecture"] == {"student": "mlp", "width": 64, "depth": 2}
+    assert student.extra["studentParameters"] == 16 * 64 + 64 + 64 * 64 + 64 + 64 * 5 + 5
+    assert [c.options["quantize"] for c in student.search] == ["int8-dynamic", None]
+    assert student.accepted, student.reason
+    assert "default student: an MLP of 2 hidden layers of 64 units" in log
 
 
 def test_a_given_student_factory_is_used(

@@ -67,3 +67,45 @@ def test_sigterm_drains_in_flight_requests(classifier, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_cache_dir_the_runtime_cannot_write_is_logged_and_is_the_readiness_reason(classifier, tmp_path):
+    # As on a node: the kubelet made the hostPath owned by another user, 0755, and the runtime is not root.
+    # Root here keeps its uid (the interpreter lives under /root) but loses the capability to override
+    # file permissions, which is what makes the difference.
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o755)
+    cmd = [
+        sys.executable, "-m", "kiri_operator.cli", "serve",
+        "--model-uri", classifier[0].as_uri(), "--name", "clf", "--sha256", sha256_of(classifier[0]),
+        "--host", "127.0.0.1", "--port", str(port := _free_port()), "--threads", "1", "--cache-dir", str(cache),
+    ]  # fmt: skip
+    if os.getuid() == 0:
+        os.chown(cache, 65534, 65534)
+        cmd = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--", *cmd]
+    else:
+        cache.chmod(0o555)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    try:
+        reply = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                reply = httpx.get(f"http://127.0.0.1:{port}/v2/health/ready")
+                if "not writable" in reply.json().get("reason", ""):
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert reply is not None and reply.status_code == 503
+        reason = reply.json()["reason"]
+        assert reason.startswith(
+            f"model clf not loaded: cache dir {cache} not writable by uid {os.getuid()}: "
+        )
+        assert reason.endswith("Permission denied")
+        assert proc.poll() is None  # live: the loader retries, and an admin's chown heals it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=20)
+    errors = [line for line in out.decode().splitlines() if " ERROR " in line]
+    assert errors and f"cache dir {cache} not writable" in errors[0] and "retrying in 1s" in errors[0]

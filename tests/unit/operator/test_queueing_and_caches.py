@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from kiri_operator import labels as L
-from kiri_operator.caches import Cache, index_pods
+from kiri_operator.caches import Cache, index_pods, pod_view
 from kiri_operator.queueing import Backoff, Retry, WorkQueue
 
 pytestmark = pytest.mark.timeout(10)
@@ -413,3 +414,38 @@ async def test_while_pod_events_flow_the_resync_lists_pods_once_in_five_periods_
     assert lists == ["Pod"]
     assert waited >= (syncing.POD_LIST_SKIPS_MAX + 1) * period  # the resyncs before it skipped the LIST
     assert runtime.cache.pods[("ns", "a")]["p"].ready is True  # and it caught the lost event
+
+
+def test_a_pod_view_carries_why_the_pod_is_not_ready_from_its_container_statuses():
+    def pod(*statuses: dict[str, Any], init: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+        return {
+            "metadata": {"name": "p"},
+            "spec": {"nodeName": "n"},
+            "status": {
+                "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "initContainerStatuses": list(init),
+                "containerStatuses": list(statuses),
+            },
+        }
+
+    crashing = {
+        "name": "kiri-serve",
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting"}},
+        "lastState": {"terminated": {"message": "cache dir /var/cache/kiri not writable\n"}},
+    }
+    assert (
+        pod_view(pod(crashing)).reason
+        == "kiri-serve: CrashLoopBackOff: cache dir /var/cache/kiri not writable"
+    )
+    backing_off = {**crashing, "lastState": {}}
+    assert pod_view(pod(backing_off)).reason == "kiri-serve: CrashLoopBackOff: back-off 5m0s restarting"
+    pulling = {"name": "cache-dir", "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+    assert pod_view(pod(init=(pulling,))).reason == "cache-dir: ImagePullBackOff"
+    exited = {
+        "name": "kiri-serve",
+        "state": {"running": {}},
+        "lastState": {"terminated": {"message": "OOM\n"}},
+    }
+    assert pod_view(pod(exited)).reason == "kiri-serve: OOM"
+    assert pod_view(pod({"name": "kiri-serve", "state": {"running": {}}})).reason == ""

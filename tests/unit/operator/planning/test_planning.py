@@ -376,3 +376,22 @@ def test_a_staged_rollout_tells_its_waves_in_rollout_events_not_condition_churn(
     )
     reasons = [e.reason for e in server.step(resumed).events]
     assert set(reasons) & WAVE_GATE_REASONS, reasons  # out of a pause into a gate is news
+
+
+def test_edge_progressing_says_why_edge_pods_are_not_ready_when_the_pods_say():
+    s = spec(**{"rollout.stages": [{"percent": 100}]})
+    server = FakeServer(observed())
+    server.step(s)
+    server.publish(s, manifest({"fp16": True, "int8": True}))
+    server.unready = {"edge-cpu-1", "edge-cpu-2"}
+    server.unready_reason = (
+        "kiri-serve: CrashLoopBackOff: cache dir /var/cache/kiri not writable by uid 65532"
+    )
+    server.step(s)
+    p = server.step(s)
+    progressing = _cond(p.status, C.EDGE_PROGRESSING)
+    assert progressing["reason"] == "WaitingForReady"
+    assert progressing["message"].endswith(
+        "; 2 pods not ready: kiri-serve: CrashLoopBackOff: cache dir /var/cache/kiri not writable by uid 65532"
+    )
+    assert _cond(p.status, C.READY)["message"].endswith("not writable by uid 65532")
