@@ -28,7 +28,7 @@ over 320 positions against the dequantised model under HF transformers fp32; siz
 (Figures above: float32 scales, before min form.) Since then (same model, KL against the full model over the
 bench's 1,524 held-out positions, sizes of the packed tar, docs/benchmarks.md):
   - **float16 scales**: scales and mins that float16 holds exactly (every Q4_0/Q4_1/Q8_0 scale, Q4_1's m) are stored
-    as float16 with a Cast in front (compacting.half_scales, exact_only), which onnxruntime folds into float32
+    as float16 with a Cast in front (halving.half_scales, exact_only), which onnxruntime folds into float32
     initializers when the session starts: the same numbers at run time, the GGUF's bytes per weight on disk (Q4_0 18
     per 32, Q4_1 20, Q8_0 34). K-quant scales d*sc_j and mins dmin*m_j are products that float16 does not hold
     exactly and stay float32 (Q4_K 24 vs 18, Q6_K 42 vs 26.25).
@@ -178,9 +178,9 @@ def transcode(
             qtype = tensors["token_embd.weight"].tensor_type.name
             by_type[qtype] = by_type.get(qtype, 0) + 1
     _min_corrections(model, inits, mins)
-    from kiri_runtime.compressing.lm import compacting
+    from kiri_runtime.compressing.lm.halving import half_scales, scale_names
 
-    compacting.half_scales(model, inits, compacting.scale_names(model), exact_only=True)
+    half_scales(model, inits, scale_names(model), exact_only=True)
     _save(onnx, model, model_dir)
     return Transcoded(tensors=done, by_type=dict(sorted(by_type.items())), requantized=tuple(requantized))
 
