@@ -229,7 +229,10 @@ def setup_network(lay: Layout, i: int) -> None:
 
 
 def setup_svc_link(lay: Layout) -> None:
-    """The host address of the cluster's services (a dummy link named after the state dir), idempotent."""
+    """The host address of the cluster's services, on a link of its own named after the state dir.
+
+    Idempotent. The link is one end of a veth pair whose other end (`kr<h>svp`) is also here and carries
+    nothing: an address needs an up link, and this machine's kernel has no dummy driver."""
     link = lay.svc_link()
     if not Path(f"/sys/class/net/{link}").exists():
         taken = _ip("route", "show", "match", lay.svc_ip()).stdout
@@ -239,8 +242,10 @@ def setup_svc_link(lay: Layout) -> None:
                 f"{lay.svc_ip()} is already routed on this host ({taken_lines[0].strip()}): another "
                 "cluster's real nodes? Use another KIRI_STATE_DIR or stop that cluster"
             )
-        _ip("link", "add", link, "type", "dummy")
+        # A veth pair with both ends here, not a dummy link: this machine's kernel has no dummy driver.
+        _ip("link", "add", link, "type", "veth", "peer", "name", f"{link[:-1]}p")
         _ip("addr", "add", f"{lay.svc_ip()}/32", "dev", link)
+    _ip("link", "set", f"{link[:-1]}p", "up")
     _ip("link", "set", link, "up")
 
 
