@@ -406,7 +406,11 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         model, sha = build_model(tmp_path)
         variants = [{"name": "int8", "method": "int8-dynamic"}]
         t1 = time.monotonic()
-        cluster.apply(model_deployment("inpod", namespace, model, sha, tmp_path / "store", variants))
+        md = model_deployment("inpod", namespace, model, sha, tmp_path / "store", variants)
+        # The edge fleet is the kwok one: the real node is labelled edge too, but its taint keeps the
+        # runtime's edge pods (which would read the host's file:// artifacts) off it.
+        md["spec"]["edge"]["nodeSelector"] = {"kiri.dev/tier": "edge", "type": "kwok"}
+        cluster.apply(md)
         try:
             job = cluster.wait_for(
                 lambda: cluster.get_json("jobs", "-n", namespace, "-l", "kiri.dev/modeldeployment=inpod")[
