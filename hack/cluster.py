@@ -817,6 +817,9 @@ def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, t
             realnodes.route_services(lay, [n["index"] for n in nodes.values()])
         write_state(paths, state)
         log(f"{name}: removed")
+    if not nodes and any(k.startswith(f"{SERVICES}/") for k in procs):
+        stop_real_services(lay, procs)  # e.g. a first node that failed after the services started
+        write_state(paths, state)
     wanted = [i for i in range(count) if lay.name(i) not in nodes]
     if not wanted:
         return

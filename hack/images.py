@@ -1,4 +1,4 @@
-"""Kiri's container images without a Docker daemon: `hack/images.py build|load [pause] [runtime]`.
+"""Kiri's container images without a Docker daemon: `hack/images.py build|load [pause] [runtime] [operator]`.
 
 - `pause`: the pod sandbox image of the real nodes (containerd's `pinned_images.sandbox`). Its one file is
   the Kubernetes pause binary, compiled statically with gcc from `build/pause/linux/pause.c` of the pinned
@@ -10,7 +10,10 @@
   instead of the python:3.11-slim-bookworm image (no registry access here); the wheels are fetched by the
   host's pip (its TLS settings reach PyPI) and installed offline into the image's venv.
 
-The runtime image has two layers: the Debian base from mmdebstrap (cached on its own, so a change to
+- `operator`: `kiri operator`, the Dockerfile's `operator` target: the runtime image's recipe with plain
+  `kiri` in the venv (no onnxruntime, no numpy), its CMD and ports (8080 liveness, 9102 metrics).
+
+The runtime and operator images have two layers: the Debian base from mmdebstrap (cached on its own, so a change to
 Kiri's sources rebuilds only /opt/kiri and nodes import only that layer) and the venv; the pause image
 one. They are assembled with umoci (`raw add-layer`, `config`) and written by skopeo as an oci-archive
 under $KIRI_CACHE/images/<name>-<key>.tar. The key is a hash of everything the image is made from (this

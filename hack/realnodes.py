@@ -18,6 +18,12 @@ so clusters of several checkouts never share a name, an address or a cgroup:
   only, so mounts stay shared with the kubelet). CRI options forced by the host (see check_host):
   `restrict_oom_score_adj`, cgroupfs; the pause image is local (hack/images.py) and pinned.
 - cgroups: the kubelet's `cgroupRoot` is `/kiri-<h>-<i>`, so `down` can kill every container by cgroup.
+- Services: kube-proxy runs per node in the node's netns (iptables mode; its rules live and die with the
+  netns, the host's tables are not touched). The cluster's host address (172.<b>.127.1 on a link
+  `kr<h>svc`, routed from every netns to its veth's host end) carries the API server's proxy
+  (hack/tcpproxy.py; the `kubernetes` Service's endpoint) and CoreDNS (the kubelets' clusterDNS), both host
+  processes started by hack/cluster with the first real node and stopped with the last. The host reaches
+  ClusterIPs through the lowest node's netns.
 - labels: like an edge node (`kiri.dev/tier=edge`, `kiri.dev/site=site-real`, zone, accelerator none,
   memory-mb) plus `kiri.dev/node-kind=real`, and the taint `kiri.dev/node-kind=real:NoSchedule`, so only
   pods that ask for a real node land there (the e2e suite's kwok-era pods would not start on it).
