@@ -1,4 +1,7 @@
-"""The Kiri runtime image in a real pod on a real node (issue 16, first part).
+"""Kiri in real pods on a real node (issue 16): the runtime image serving a model; a Service reached by
+name (CoreDNS) from a pod and by ClusterIP from the host (kube-proxy in the node's netns); a pod's
+in-cluster config listing what its ServiceAccount may; the operator image installed by helm/kiri on the
+real node reconciling a ModelDeployment to Healthy.
 
 Unlike the rest of tests/e2e, nothing here is simulated past the API server: a real kubelet and
 containerd (`hack/cluster up --real-nodes 1`) pull nothing, run the image that hack/images.py built
@@ -107,7 +110,7 @@ def runtime_pod(name: str, model_sha: str) -> dict[str, Any]:
             "tolerations": [{"key": "kiri.dev/node-kind", "value": "real", "effect": "NoSchedule"}],
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
-            # The real nodes have no cluster DNS (and pods no route out): the node's empty resolv.conf.
+            # The server needs no names: the node's empty resolv.conf (client_pod uses the cluster DNS).
             "dnsPolicy": "Default",
             "terminationGracePeriodSeconds": 5,
             "containers": [
