@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the local control plane (etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok, kwokctl, helm) and test tools (kstatus) from pinned Go modules, and with
-# `real-nodes` what a real node runs (kubelet, containerd, containerd-shim-runc-v2, ctr, runc).
+# `real-nodes` what a real node runs (kubelet, kube-proxy, containerd, containerd-shim-runc-v2, ctr, runc)
+# and the real nodes' cluster DNS (CoreDNS, a host process).
 #
-# Usage: build-binaries.sh [all|etcd|kubernetes|kwok|helm|kstatus|real-nodes|kubelet|containerd|runc]
+# Usage: build-binaries.sh [all|etcd|kubernetes|kwok|helm|kstatus|real-nodes|kubelet|kube-proxy|containerd|runc|coredns]
 #        build-binaries.sh --print-bin-dirs | --print-real-node-bin-dirs
 # `all` is the control plane only: the real-node binaries add ~5 min to a cold build and only
 # `hack/cluster up --real-nodes N` needs them.
@@ -34,6 +35,7 @@ HELM_VERSION="$(module_version helm helm.sh/helm/v3)"
 KSTATUS_BUILD="$(module_version kstatus sigs.k8s.io/cli-utils)-$(cat "$TOOLS_DIR/kstatus/main.go" "$TOOLS_DIR/kstatus/go.sum" | sha256sum | cut -c1-8)"
 CONTAINERD_VERSION="$(module_version containerd github.com/containerd/containerd/v2)"
 RUNC_VERSION="$(module_version runc github.com/opencontainers/runc)"
+COREDNS_VERSION="$(module_version coredns github.com/coredns/coredns)"
 # runc is linked against the host's libseccomp (cgo, `seccomp` tag: without it runc cannot apply the
 # RuntimeDefault seccomp profile the kubelet asks for); the cache key says so.
 RUNC_BUILD="$RUNC_VERSION-seccomp"
@@ -116,6 +118,13 @@ main() {
   if [[ "$which" == real-nodes || "$which" == kubelet ]]; then
     build kubernetes kubelet k8s.io/kubernetes/cmd/kubelet "$K8S_VERSION" "$kl"
   fi
+  if [[ "$which" == real-nodes || "$which" == kube-proxy ]]; then
+    build kubernetes kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$K8S_VERSION" "$kl"
+  fi
+  if [[ "$which" == real-nodes || "$which" == coredns ]]; then
+    build coredns coredns github.com/coredns/coredns "$COREDNS_VERSION" \
+      "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
+  fi
   if [[ "$which" == real-nodes || "$which" == containerd ]]; then
     local cl="-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION"
     local c
@@ -147,6 +156,7 @@ fi
 if [[ "${1:-}" == "--print-real-node-bin-dirs" ]]; then
   # The kubelet sits with the other Kubernetes binaries.
   bin_dir_for kubernetes "$K8S_VERSION"; bin_dir_for containerd "$CONTAINERD_VERSION"; bin_dir_for runc "$RUNC_BUILD"
+  bin_dir_for coredns "$COREDNS_VERSION"
   exit 0
 fi
 main "$@"

@@ -46,6 +46,8 @@ import realnodes
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HACK_DIR = REPO_ROOT / "hack"
 STATE_DIR = Path(os.environ.get("KIRI_STATE_DIR") or REPO_ROOT / ".kiri").resolve()
+# Names and addresses derived from the state dir: real nodes, and the Service range every cluster uses.
+LAYOUT = realnodes.Layout(STATE_DIR)
 FIELD_MANAGER = "kiri-cluster"
 OFFLINE_ANNOTATION = "kiri.dev/sim-offline"
 OFFLINE_LEASE_HOLDER = "kiri-sim-offline"
@@ -284,7 +286,9 @@ def make_pki(pki: Path) -> None:
         "apiserver",
         "/CN=kube-apiserver",
         "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-        "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,IP:10.96.0.1\n"
+        "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,"
+        # The `kubernetes` Service (pods' in-cluster config) and the host address real nodes reach it by.
+        f"IP:{LAYOUT.kubernetes_service_ip()},IP:{LAYOUT.svc_ip()}\n"
         "extendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n",
     )
     # system:masters: the local admin, and the identity of the control-plane components and kwok.
@@ -807,12 +811,23 @@ def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, t
         del nodes[name]
         api.request("DELETE", f"/api/v1/nodes/{name}")
         if not nodes:
+            stop_real_services(lay, procs)
             realnodes.restore_host(real)
+        else:
+            realnodes.route_services(lay, [n["index"] for n in nodes.values()])
         write_state(paths, state)
         log(f"{name}: removed")
+    if not nodes and any(k.startswith(f"{SERVICES}/") for k in procs):
+        stop_real_services(lay, procs)  # e.g. a first node that failed after the services started
+        write_state(paths, state)
     wanted = [i for i in range(count) if lay.name(i) not in nodes]
     if not wanted:
         return
+    if state.get("service_cidr") != lay.service_cidr():
+        raise ClusterError(
+            f"this cluster was started by an older hack/cluster (Service range {state.get('service_cidr')}, "
+            f"real nodes need {lay.service_cidr()}): run `hack/cluster down` first"
+        )
     t0 = time.monotonic()
     try:
         host = realnodes.check_host()
@@ -843,6 +858,7 @@ def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, t
 
     started = {}
     try:
+        start_real_services(lay, paths, state, bins)
         for i in wanted:
             nodes[lay.name(i)] = realnodes.start_node(
                 lay, i, bins=bins, host=host, pki=paths.pki, api_port=state["ports"]["apiserver"],
@@ -851,13 +867,14 @@ def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, t
             )  # fmt: skip
             started[lay.name(i)] = time.monotonic()
             write_state(paths, state)
+        realnodes.route_services(lay, [n["index"] for n in nodes.values()])
     except realnodes.RealNodeError as exc:
         raise ClusterError(str(exc)) from None
     deadline = time.monotonic() + timeout
     waiting = set(started)
     while waiting:
         for name in sorted(waiting):
-            for comp in ("kubelet", "containerd"):
+            for comp in ("kubelet", "containerd", "kube-proxy"):
                 p = procs[f"{name}/{comp}"]
                 if not is_ours(p["pid"], p["binary"]):
                     raise ClusterError(
@@ -878,6 +895,56 @@ def sync_real_nodes(api: Api, paths: Paths, state: dict[str, Any], count: int, t
             )
         time.sleep(0.5)
     log(f"real nodes: {count} Ready ({len(wanted)} joined in {time.monotonic() - t0:.1f}s)")
+
+
+# The real nodes' cluster services in state["procs"]: `real-services/apiserver-proxy`, `.../coredns`.
+SERVICES = "real-services"
+
+
+def start_real_services(
+    lay: realnodes.Layout, paths: Paths, state: dict[str, Any], bins: dict[str, Path]
+) -> None:
+    """What the real nodes' pods and kube-proxies reach on the cluster's host address (idempotent).
+
+    - the API server, through hack/tcpproxy.py (it listens on 127.0.0.1 only; the `kubernetes` Service's
+      endpoint is this address, --advertise-address), and
+    - CoreDNS (cluster.local from the API server; the kubelets' clusterDNS), run here rather than as a
+      pod so that DNS needs no image and no Service routing of its own.
+    """
+    procs = state["procs"]
+    realnodes.setup_svc_link(lay)
+    port = state["ports"]["apiserver"]
+    svc = lay.svc_ip()
+    t0 = time.monotonic()
+    proxy = f"{SERVICES}/apiserver-proxy"
+    if proxy not in procs or not is_ours(procs[proxy]["pid"], procs[proxy]["binary"]):
+        start(proxy, Path(sys.executable),
+              [str(HACK_DIR / "tcpproxy.py"), f"{svc}:{port}", f"127.0.0.1:{port}", f"--tag={STATE_DIR}/proxy"],
+              paths, procs, state)  # fmt: skip
+    coredns = f"{SERVICES}/coredns"
+    if coredns not in procs or not is_ours(procs[coredns]["pid"], procs[coredns]["binary"]):
+        corefile = realnodes.write_corefile(lay, paths.kubeconfig, paths.config / "Corefile")
+        start(coredns, bins["coredns"], [f"-conf={corefile}"], paths, procs, state)
+
+    def up() -> bool:
+        try:
+            socket.create_connection((svc, port), timeout=1).close()
+        except OSError:
+            return False
+        return realnodes.dns_query(svc, f"kubernetes.default.svc.{realnodes.CLUSTER_DOMAIN}") == [
+            lay.kubernetes_service_ip()
+        ]
+
+    wait_until("API server proxy and CoreDNS on " + svc, up, 30, procs, paths)
+    log(f"real-node services on {svc}: API server proxy, CoreDNS ({time.monotonic() - t0:.1f}s)")
+
+
+def stop_real_services(lay: realnodes.Layout, procs: dict[str, dict[str, Any]]) -> None:
+    stop_pids({k: v for k, v in procs.items() if k.startswith(f"{SERVICES}/")})
+    for k in [k for k in procs if k.startswith(f"{SERVICES}/")]:
+        del procs[k]
+    realnodes.route_services(lay, [])
+    realnodes.teardown_svc_link(lay)
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -936,7 +1003,11 @@ def orphans(known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Our control-plane processes for this state dir that no state.json remembers (a killed `up`)."""
     try:
         binaries = {str(d / name) for d in bin_dirs() for name in COMPONENTS}
-        binaries |= {str(d / name) for d in real_node_bin_dirs() for name in ("kubelet", "containerd")}
+        binaries |= {
+            str(d / name)
+            for d in real_node_bin_dirs()
+            for name in ("kubelet", "containerd", "kube-proxy", "coredns")
+        }
     except (OSError, subprocess.CalledProcessError):
         return {}
     known_pids = {p["pid"] for p in known.values()}
@@ -945,7 +1016,8 @@ def orphans(known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         if not entry.name.isdigit() or int(entry.name) in known_pids:
             continue
         args = cmdline(int(entry.name))
-        if args and args[0] in binaries and any(f"{STATE_DIR}/" in a for a in args[1:]):
+        proxy = len(args) > 1 and args[0] == sys.executable and args[1] == str(HACK_DIR / "tcpproxy.py")
+        if args and (args[0] in binaries or proxy) and any(f"{STATE_DIR}/" in a for a in args[1:]):
             found[f"orphaned {Path(args[0]).name} {entry.name}"] = {"pid": int(entry.name), "binary": args[0]}
     return found
 
@@ -1052,6 +1124,7 @@ def _up(args: argparse.Namespace, paths: Paths, bins: dict[str, Path]) -> int:
     paths.etcd_data.chmod(0o700)
     procs: dict[str, dict[str, Any]] = {}
     state: dict[str, Any] = {
+        "service_cidr": LAYOUT.service_cidr(),
         "ports": ports,
         "procs": procs,
         "bin_dirs": sorted({str(b.parent) for b in bins.values()}),
@@ -1109,7 +1182,12 @@ def _up(args: argparse.Namespace, paths: Paths, bins: dict[str, Path]) -> int:
             f"--service-account-key-file={pki / 'sa.pub'}",
             f"--service-account-signing-key-file={pki / 'sa.key'}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range=10.96.0.0/16",
+            # Per state dir (172.<16-31>.64.0/19), so the ClusterIPs two clusters' real nodes route from
+            # this host never overlap; the `kubernetes` Service's endpoint is the host address real nodes
+            # reach the API server by (hack/tcpproxy.py there). Without real nodes nothing listens there,
+            # which is still better than the default: the machine's external address.
+            f"--service-cluster-ip-range={LAYOUT.service_cidr()}",
+            f"--advertise-address={LAYOUT.svc_ip()}",
             "--authorization-mode=Node,RBAC",
             "--allow-privileged=true",
             # One local admin and a handful of tests: flow control would only slow bulk node creation.

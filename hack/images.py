@@ -1,4 +1,4 @@
-"""Kiri's container images without a Docker daemon: `hack/images.py build|load [pause] [runtime]`.
+"""Kiri's container images without a Docker daemon: `hack/images.py build|load [pause] [runtime] [operator]`.
 
 - `pause`: the pod sandbox image of the real nodes (containerd's `pinned_images.sandbox`). Its one file is
   the Kubernetes pause binary, compiled statically with gcc from `build/pause/linux/pause.c` of the pinned
@@ -10,7 +10,10 @@
   instead of the python:3.11-slim-bookworm image (no registry access here); the wheels are fetched by the
   host's pip (its TLS settings reach PyPI) and installed offline into the image's venv.
 
-The runtime image has two layers: the Debian base from mmdebstrap (cached on its own, so a change to
+- `operator`: `kiri operator`, the Dockerfile's `operator` target: the runtime image's recipe with plain
+  `kiri` in the venv (no onnxruntime, no numpy), its CMD and ports (8080 liveness, 9102 metrics).
+
+The runtime and operator images have two layers: the Debian base from mmdebstrap (cached on its own, so a change to
 Kiri's sources rebuilds only /opt/kiri and nodes import only that layer) and the venv; the pause image
 one. They are assembled with umoci (`raw add-layer`, `config`) and written by skopeo as an oci-archive
 under $KIRI_CACHE/images/<name>-<key>.tar. The key is a hash of everything the image is made from (this
@@ -45,6 +48,7 @@ STATE_DIR = Path(os.environ.get("KIRI_STATE_DIR") or REPO_ROOT / ".kiri").resolv
 
 PAUSE_REF = "kiri.dev/pause:3.10-k8s"
 RUNTIME_REF = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
+OPERATOR_REF = "ghcr.io/kiri-dev/kiri-operator:0.1.0"  # the chart's image.repository:appVersion
 # bookworm's python3 is 3.11, the Dockerfile's Python; python3-venv brings ensurepip (pip in the venv).
 # libstdc++6 and libgomp1: the onnxruntime and numpy wheels link them (python3 does not pull them in).
 # ca-certificates: https:// and s3:// model URIs.
@@ -108,7 +112,8 @@ def recipe(name: str) -> str:
         parts: list[Any] = [build_pause, oci_assemble, PAUSE_REF]
     else:
         # The base layer has a key of its own (its file name); the image is rebuilt when it changes.
-        parts = [build_runtime, wheelhouse, oci_assemble, RUNTIME_REF, base_layer_path().name]
+        ref = RUNTIME_REF if name == "runtime" else OPERATOR_REF
+        parts = [BUILDERS[name], build_python_image, wheelhouse, oci_assemble, ref, base_layer_path().name]
     return "\n".join(inspect.getsource(p) if callable(p) else repr(p) for p in parts)
 
 
@@ -242,9 +247,23 @@ def base_layer() -> Path:
 
 def build_runtime(work: Path, out: Path) -> None:
     """Two layers: the Debian base (cached) and /opt/kiri, the Dockerfile's venv with kiri[runtime]."""
+    build_python_image(work, out, "kiri[runtime]", RUNTIME_REF, ["8080/tcp"], ["serve", "--help"])
+
+
+def build_operator(work: Path, out: Path) -> None:
+    """The Dockerfile's `operator` target: the same base layer, a venv with plain `kiri` (kopf, httpx,
+    pydantic: no onnxruntime, no numpy), its CMD and ports (kopf's liveness 8080, metrics 9102)."""
+    cmd = ["operator", "--standalone", "--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=9102"]
+    build_python_image(work, out, "kiri", OPERATOR_REF, ["8080/tcp", "9102/tcp"], cmd)
+
+
+def build_python_image(
+    work: Path, out: Path, requirement: str, ref: str, ports: list[str], cmd: list[str]
+) -> None:
+    """The Debian base layer (cached) + /opt/kiri, a venv with `requirement` installed offline."""
     need("mmdebstrap", "umoci", "skopeo")
     if os.geteuid() != 0:
-        raise ImageError("building the runtime image needs root (mmdebstrap --mode=root, chroot)")
+        raise ImageError(f"building {ref} needs root (mmdebstrap --mode=root, chroot)")
     base = base_layer()
     house = wheelhouse(work)
     root = work / "rootfs"
@@ -254,7 +273,7 @@ def build_runtime(work: Path, out: Path) -> None:
     # The Dockerfile's `python -m venv /opt/kiri && pip install '.[runtime]'`, offline from the wheels.
     run("chroot", root, "python3", "-m", "venv", "/opt/kiri")
     run("chroot", root, "/opt/kiri/bin/pip", "install", "--quiet", "--no-cache-dir", "--no-index",
-        "--find-links", "/wheels", "kiri[runtime]")  # fmt: skip
+        "--find-links", "/wheels", requirement)  # fmt: skip
     app = work / "kiri.tar"
     run("tar", "--numeric-owner", "--owner=0", "--group=0", "--mtime=@0", "--sort=name", "-C", root,
         "-cf", app, "opt/kiri")  # fmt: skip
@@ -262,12 +281,13 @@ def build_runtime(work: Path, out: Path) -> None:
            "PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"]  # fmt: skip
     oci_assemble(
         [base, app],
-        RUNTIME_REF,
+        ref,
         out,
         [
             "--config.user", f"{KIRI_UID}:{KIRI_UID}", "--config.workingdir", "/tmp",
-            "--config.entrypoint", "kiri", "--config.cmd", "serve", "--config.cmd", "--help",
-            "--config.exposedports", "8080/tcp", *[a for e in env for a in ("--config.env", e)],
+            "--config.entrypoint", "kiri", *[a for c in cmd for a in ("--config.cmd", c)],
+            *[a for p in ports for a in ("--config.exposedports", p)],
+            *[a for e in env for a in ("--config.env", e)],
         ],
         work,
     )  # fmt: skip
@@ -289,7 +309,7 @@ def mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-BUILDERS = {"pause": build_pause, "runtime": build_runtime}
+BUILDERS = {"pause": build_pause, "runtime": build_runtime, "operator": build_operator}
 
 
 def build(name: str, force: bool = False) -> Path:
@@ -356,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/images.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("command", choices=["build", "load", "path"])
-    parser.add_argument("images", nargs="*", help="pause and/or runtime (default: both)")
+    parser.add_argument("images", nargs="*", help="pause, runtime and/or operator (default: all)")
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     args = parser.parse_args(argv)
     names = args.images or list(BUILDERS)

@@ -18,6 +18,12 @@ so clusters of several checkouts never share a name, an address or a cgroup:
   only, so mounts stay shared with the kubelet). CRI options forced by the host (see check_host):
   `restrict_oom_score_adj`, cgroupfs; the pause image is local (hack/images.py) and pinned.
 - cgroups: the kubelet's `cgroupRoot` is `/kiri-<h>-<i>`, so `down` can kill every container by cgroup.
+- Services: kube-proxy runs per node in the node's netns (iptables mode; its rules live and die with the
+  netns, the host's tables are not touched). The cluster's host address (172.<b>.127.1 on a link
+  `kr<h>svc`, routed from every netns to its veth's host end) carries the API server's proxy
+  (hack/tcpproxy.py; the `kubernetes` Service's endpoint) and CoreDNS (the kubelets' clusterDNS), both host
+  processes started by hack/cluster with the first real node and stopped with the last. The host reaches
+  ClusterIPs through the lowest node's netns.
 - labels: like an edge node (`kiri.dev/tier=edge`, `kiri.dev/site=site-real`, zone, accelerator none,
   memory-mb) plus `kiri.dev/node-kind=real`, and the taint `kiri.dev/node-kind=real:NoSchedule`, so only
   pods that ask for a real node land there (the e2e suite's kwok-era pods would not start on it).
@@ -34,6 +40,8 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable
@@ -47,7 +55,8 @@ REAL_SITE = "site-real"
 MAX_REAL_NODES = 64
 CNI_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 CNI_PLUGINS = ("bridge", "host-local", "loopback")
-REAL_BINARIES = ("kubelet", "containerd", "containerd-shim-runc-v2", "ctr", "runc")
+REAL_BINARIES = ("kubelet", "kube-proxy", "containerd", "containerd-shim-runc-v2", "ctr", "runc", "coredns")
+CLUSTER_DOMAIN = "cluster.local"
 KUBELET_PORT = 10250
 # The kubelet sets these VM-wide sysctls at start (protectKernelDefaults: false) or refuses to start
 # (true). `up` records the values it found and `down` puts them back once no kubelet runs on the machine.
@@ -98,6 +107,25 @@ class Layout:
 
     def pod_cidr(self, i: int) -> str:
         return f"172.{self.octet}.{128 + i}.0/24"
+
+    # Services: the cluster's Service range (the API server's --service-cluster-ip-range, so the
+    # `kubernetes` Service is its first address) and one host address every node routes to its veth's host
+    # end, on a dummy link of its own: the API server's proxy and CoreDNS listen there (--advertise-address).
+    def service_cidr(self) -> str:
+        return f"172.{self.octet}.64.0/19"
+
+    def kubernetes_service_ip(self) -> str:
+        return f"172.{self.octet}.64.1"
+
+    def svc_ip(self) -> str:
+        return f"172.{self.octet}.127.1"
+
+    def svc_link(self) -> str:
+        return f"kr{self.h}svc"
+
+    def pods_cidr(self) -> str:
+        """Every real node's pod subnet (kube-proxy's clusterCIDR)."""
+        return f"172.{self.octet}.128.0/18"
 
     def cgroup(self, i: int) -> str:
         return f"/kiri-{self.h}-{i}"
@@ -202,6 +230,46 @@ def setup_network(lay: Layout, i: int) -> None:
     # to pods, it never routes them anywhere).
     _run("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
     _ip("route", "add", lay.pod_cidr(i), "via", lay.node_ip(i), "dev", veth)
+    # The cluster's host address (API server proxy, CoreDNS): the one host address the node routes to.
+    _ip("route", "add", f"{lay.svc_ip()}/32", "via", lay.host_ip(i), "dev", "eth0", netns=ns)
+
+
+def setup_svc_link(lay: Layout) -> None:
+    """The host address of the cluster's services, on a link of its own named after the state dir.
+
+    Idempotent. The link is one end of a veth pair whose other end (`kr<h>svp`) is also here and carries
+    nothing: an address needs an up link, and this machine's kernel has no dummy driver."""
+    link = lay.svc_link()
+    if not Path(f"/sys/class/net/{link}").exists():
+        taken = _ip("route", "show", "match", lay.svc_ip()).stdout
+        taken_lines = [line for line in taken.splitlines() if not line.startswith("default")]
+        if taken_lines:
+            raise RealNodeError(
+                f"{lay.svc_ip()} is already routed on this host ({taken_lines[0].strip()}): another "
+                "cluster's real nodes? Use another KIRI_STATE_DIR or stop that cluster"
+            )
+        # A veth pair with both ends here, not a dummy link: this machine's kernel has no dummy driver.
+        _ip("link", "add", link, "type", "veth", "peer", "name", f"{link[:-1]}p")
+        _ip("addr", "add", f"{lay.svc_ip()}/32", "dev", link)
+    _ip("link", "set", f"{link[:-1]}p", "up")
+    _ip("link", "set", link, "up")
+
+
+def teardown_svc_link(lay: Layout) -> None:
+    if Path(f"/sys/class/net/{lay.svc_link()}").exists():
+        _ip("link", "delete", lay.svc_link(), check=False)
+
+
+def route_services(lay: Layout, indices: list[int]) -> None:
+    """The host reaches ClusterIPs through the lowest real node, whose kube-proxy (in its netns) DNATs.
+
+    The route goes with that node's veth; the next sync points it at whichever node is left.
+    """
+    if indices:
+        i = min(indices)
+        _ip("route", "replace", lay.service_cidr(), "via", lay.node_ip(i), "dev", lay.veth(i))
+    else:
+        _ip("route", "delete", lay.service_cidr(), check=False)
 
 
 def teardown_network(lay: Layout, i: int) -> None:
@@ -210,6 +278,34 @@ def teardown_network(lay: Layout, i: int) -> None:
         _ip("netns", "delete", ns, check=False)  # deletes eth0, so its peer and the route go too
     if Path(f"/sys/class/net/{lay.veth(i)}").exists():
         _ip("link", "delete", lay.veth(i), check=False)
+
+
+def dns_query(server: str, name: str, timeout: float = 1.0) -> list[str] | None:
+    """The A records of `name` from `server`:53 (UDP), [] for an empty answer, None without an answer."""
+    qid = int.from_bytes(os.urandom(2), "big")
+    question = b"".join(bytes([len(p)]) + p.encode() for p in name.rstrip(".").split(".")) + b"\0"
+    packet = struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0) + question + struct.pack(">HH", 1, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(packet, (server, 53))
+            reply = sock.recv(4096)
+        except OSError:
+            return None
+    rid, flags, _qd, an, _ns, _ar = struct.unpack(">HHHHHH", reply[:12])
+    if rid != qid or flags & 0xF:
+        return [] if rid == qid else None
+    pos, found = 12 + len(question) + 4, []
+    for _ in range(an):
+        while reply[pos] and reply[pos] < 0xC0:  # the owner name: labels, or a pointer
+            pos += reply[pos] + 1
+        pos += 2 if reply[pos] >= 0xC0 else 1
+        rtype, _cls, _ttl, length = struct.unpack(">HHIH", reply[pos : pos + 10])
+        pos += 10
+        if rtype == 1 and length == 4:
+            found.append(".".join(str(b) for b in reply[pos : pos + 4]))
+        pos += length
+    return found
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -309,14 +405,112 @@ imports = []
 
 def make_node_cert(pki: Path, name: str, node_pki: Path, openssl: Callable[..., None]) -> None:
     """A client certificate for the kubelet: system:node:<name> in system:nodes (the Node authorizer)."""
-    node_pki.mkdir(parents=True, exist_ok=True)
-    node_pki.chmod(0o700)
-    (node_pki / "client.ext").write_text("extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n")
-    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "client.key", cwd=node_pki)
-    openssl("req", "-new", "-key", "client.key", "-out", "client.csr",
-            "-subj", f"/O=system:nodes/CN=system:node:{name}", cwd=node_pki)  # fmt: skip
+    make_client_cert(pki, f"/O=system:nodes/CN=system:node:{name}", node_pki, openssl)
+
+
+def make_client_cert(pki: Path, subj: str, out: Path, openssl: Callable[..., None]) -> None:
+    """client.key + client.crt in `out`, signed by the cluster CA, for the subject `subj`."""
+    out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)
+    (out / "client.ext").write_text("extendedKeyUsage=clientAuth\nkeyUsage=digitalSignature\n")
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "client.key", cwd=out)
+    openssl("req", "-new", "-key", "client.key", "-out", "client.csr", "-subj", subj, cwd=out)
     openssl("x509", "-req", "-in", "client.csr", "-CA", str(pki / "ca.crt"), "-CAkey", str(pki / "ca.key"),
-            "-CAcreateserial", "-out", "client.crt", "-days", "3650", "-extfile", "client.ext", cwd=node_pki)  # fmt: skip
+            "-CAcreateserial", "-out", "client.crt", "-days", "3650", "-extfile", "client.ext", cwd=out)  # fmt: skip
+
+
+def client_kubeconfig(path: Path, server: str, pki: Path, cert_dir: Path) -> None:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [
+                    {
+                        "name": "kiri",
+                        "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")},
+                    }
+                ],
+                "users": [
+                    {
+                        "name": "client",
+                        "user": {
+                            "client-certificate": str(cert_dir / "client.crt"),
+                            "client-key": str(cert_dir / "client.key"),
+                        },
+                    }
+                ],
+                "contexts": [{"name": "kiri", "context": {"cluster": "kiri", "user": "client"}}],
+                "current-context": "kiri",
+            }
+        )
+    )
+
+
+def write_kube_proxy_config(lay: Layout, i: int, pki: Path, api_port: int) -> Path:
+    """kube-proxy of node i, run in the node's netns: its iptables are the netns's, never the host's.
+
+    It reaches the API server through the proxy on the cluster's host address (127.0.0.1 in the netns is
+    the netns's own loopback), as system:kube-proxy (bound to system:node-proxier by the default RBAC).
+    """
+    d = lay.dir(i) / "kube-proxy"
+    client_kubeconfig(d / "kubeconfig", f"https://{lay.svc_ip()}:{api_port}", pki, d / "pki")
+    config = {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(d / "kubeconfig")},
+        "hostnameOverride": lay.name(i),
+        "bindAddress": lay.node_ip(i),
+        "healthzBindAddress": f"{lay.node_ip(i)}:10256",
+        "metricsBindAddress": "127.0.0.1:10249",  # the netns's loopback
+        "mode": "iptables",
+        "clusterCIDR": lay.pods_cidr(),
+        # Pods on one bridge answer each other at layer 2, past the netns's conntrack: masquerading every
+        # Service connection makes replies come back through the node, whatever br_netfilter says.
+        "iptables": {"masqueradeAll": True, "syncPeriod": "30s", "minSyncPeriod": "0s"},
+        # 0: leave the conntrack sysctls alone (machine-wide ones are read-only in a netns anyway).
+        "conntrack": {
+            "maxPerCore": 0,
+            "min": 0,
+            "tcpEstablishedTimeout": "0s",
+            "tcpCloseWaitTimeout": "0s",
+            "udpTimeout": "0s",
+            "udpStreamTimeout": "0s",
+        },
+        "nodePortAddresses": [f"{lay.node_ip(i)}/32"],
+    }
+    path = d / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def write_corefile(lay: Layout, kubeconfig: Path, out: Path) -> Path:
+    """CoreDNS on the cluster's host address: cluster.local from the API server, nothing forwarded.
+
+    There is no `forward`: names outside the cluster get NXDOMAIN, so no query ever leaves the machine.
+    """
+    svc_rev = "in-addr.arpa"
+    corefile = f"""# Written by hack/cluster (hack/realnodes.py) for the real nodes' pods.
+{CLUSTER_DOMAIN}:53 {svc_rev}:53 {{
+    bind {lay.svc_ip()}
+    errors
+    kubernetes {CLUSTER_DOMAIN} {svc_rev} {{
+        kubeconfig {kubeconfig} kiri
+        pods insecure
+        ttl 5
+    }}
+    cache 5
+}}
+.:53 {{
+    bind {lay.svc_ip()}
+    template ANY ANY {{
+        rcode NXDOMAIN
+    }}
+}}
+"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(corefile)
+    return out
 
 
 def write_kubelet_config(lay: Layout, i: int, pki: Path, api_port: int) -> tuple[Path, Path]:
@@ -373,8 +567,11 @@ def write_kubelet_config(lay: Layout, i: int, pki: Path, api_port: int) -> tuple
         "cgroupsPerQOS": True,
         "failSwapOn": False,
         "containerRuntimeEndpoint": f"unix://{lay.socket(i)}",
-        # No DNS for pods: the host's resolvers are outside; nothing here needs names.
+        # Cluster DNS: CoreDNS on the cluster's host address. No host resolvers (they are outside):
+        # `dnsPolicy: Default` pods get an empty resolv.conf.
         "resolvConf": "",
+        "clusterDNS": [lay.svc_ip()],
+        "clusterDomain": CLUSTER_DOMAIN,
         "podLogsDir": str(lay.dir(i) / "pod-logs"),
         "registerNode": True,
         "serializeImagePulls": False,
@@ -478,7 +675,17 @@ def start_node(
         ],
         [],
     )
-    log(f"{name}: kubelet and containerd started (node IP {lay.host_ip(i)}, pods {lay.pod_cidr(i)})")
+    make_client_cert(pki, "/CN=system:kube-proxy", d / "kube-proxy" / "pki", openssl)
+    start(
+        f"{name}/kube-proxy",
+        bins["kube-proxy"],
+        [f"--config={write_kube_proxy_config(lay, i, pki, api_port)}", "--v=1"],
+        ["nsenter", f"--net=/run/netns/{lay.netns(i)}", "--", "env", f"PATH={path_env}"],
+    )
+    log(
+        f"{name}: kubelet, containerd and kube-proxy started (node IP {lay.host_ip(i)}, "
+        f"pods {lay.pod_cidr(i)})"
+    )
     return {
         "index": i,
         "netns": lay.netns(i),
@@ -607,6 +814,7 @@ def teardown(lay: Layout, state: dict[str, Any] | None) -> None:
     indices = {n["index"] for n in real.get("nodes", {}).values()} | existing_indices(lay)
     for i in sorted(indices):
         teardown_node_files(lay, i)
+    teardown_svc_link(lay)  # the Service route went with the veths
     with contextlib.suppress(OSError):
         lay.root.rmdir()
     restore_host(real)

@@ -1,4 +1,7 @@
-"""The Kiri runtime image in a real pod on a real node (issue 16, first part).
+"""Kiri in real pods on a real node (issue 16): the runtime image serving a model; a Service reached by
+name (CoreDNS) from a pod and by ClusterIP from the host (kube-proxy in the node's netns); a pod's
+in-cluster config listing what its ServiceAccount may; the operator image installed by helm/kiri on the
+real node reconciling a ModelDeployment to Healthy.
 
 Unlike the rest of tests/e2e, nothing here is simulated past the API server: a real kubelet and
 containerd (`hack/cluster up --real-nodes 1`) pull nothing, run the image that hack/images.py built
@@ -14,12 +17,15 @@ import hashlib
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+import yaml
 
 from .conftest import CLUSTER_SCRIPT, REPO_ROOT, Cluster, KubectlError
 
@@ -51,7 +57,9 @@ def real_node(cluster: Cluster) -> Iterator[str]:
     _run("bash", str(REPO_ROOT / "hack" / "build-binaries.sh"), "real-nodes", timeout=1800)
     _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", str(max(before, 1)), timeout=600)
     try:
-        _run(sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", timeout=1800)
+        _run(
+            sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", "operator", timeout=1800
+        )
         yield REAL_NODE
     finally:
         if before == 0:
@@ -102,7 +110,7 @@ def runtime_pod(name: str, model_sha: str) -> dict[str, Any]:
             "tolerations": [{"key": "kiri.dev/node-kind", "value": "real", "effect": "NoSchedule"}],
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
-            # The real nodes have no cluster DNS (and pods no route out): the node's empty resolv.conf.
+            # The server needs no names: the node's empty resolv.conf (client_pod uses the cluster DNS).
             "dnsPolicy": "Default",
             "terminationGracePeriodSeconds": 5,
             "containers": [
@@ -203,3 +211,236 @@ def test_runtime_image_serves_a_model_in_a_real_pod(cluster: Cluster, real_node:
     # The root filesystem is read-only in the pod.
     with pytest.raises(KubectlError, match="Read-only file system"):
         cluster.kubectl("exec", "clf", "-n", namespace, "--", "python3", "-c", "open('/opt/kiri/x', 'w')")
+
+
+# ------------------------------------------------------------------ Services, DNS and the API server
+
+
+def client_pod(name: str, service_account: str) -> dict[str, Any]:
+    """A pod of the runtime image that only waits: the tests exec into it to act as a workload would."""
+    pod = runtime_pod(name, "")
+    spec = pod["spec"]
+    spec.update(
+        serviceAccountName=service_account,
+        automountServiceAccountToken=True,
+        # Cluster DNS: the kubelet's clusterDNS (CoreDNS on the cluster's host address).
+        dnsPolicy="ClusterFirst",
+    )
+    container = spec["containers"][0]
+    container.update(command=["python3", "-c", "import time; time.sleep(3600)"], args=[])
+    for key in ("readinessProbe", "ports"):
+        container.pop(key)
+    spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "model"]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "model"]
+    return pod
+
+
+@pytest.fixture(scope="module")
+def served(cluster: Cluster, real_node: str) -> Iterator[dict[str, str]]:
+    """A namespace with the runtime pod behind a Service `clf` (port 80) and an idle client pod, both on
+    the real node; the client's ServiceAccount `lister` may list pods in the namespace, nothing else."""
+    ns = f"e2e-real-svc-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", ns)
+    cluster.wait_for(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", ns, check=False),
+        timeout=30,
+        message=f"default ServiceAccount in {ns}",
+    )
+    model, _w, _b = classifier_onnx()
+    cluster.apply(
+        [
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "clf-model"},
+                "binaryData": {"model.onnx": base64.b64encode(model).decode()},
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "clf"},
+                "spec": {"selector": {"app": "clf"}, "ports": [{"port": 80, "targetPort": "http"}]},
+            },
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "lister"}},
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {"name": "pod-lister"},
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}],
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {"name": "lister"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-lister"},
+                "subjects": [{"kind": "ServiceAccount", "name": "lister", "namespace": ns}],
+            },
+            runtime_pod("clf", hashlib.sha256(model).hexdigest()),
+            client_pod("client", "lister"),
+        ],
+        namespace=ns,
+    )
+    t0 = time.monotonic()
+    for pod in ("clf", "client"):
+        cluster.kubectl(
+            "wait", "--for=condition=Ready", f"pod/{pod}", "-n", ns, "--timeout=180s", timeout=200
+        )
+    print(f"\nserver + client pods Ready: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+    try:
+        yield {
+            "namespace": ns,
+            "cluster_ip": cluster.get_json("service", "clf", "-n", ns)["spec"]["clusterIP"],
+        }
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+def in_pod(cluster: Cluster, ns: str, code: str) -> str:
+    return cluster.kubectl("exec", "client", "-n", ns, "--", "python3", "-c", code, timeout=90)
+
+
+def test_service_reached_by_name_from_a_pod_and_by_cluster_ip_from_the_host(
+    cluster: Cluster, served: dict[str, str]
+) -> None:
+    ns, ip = served["namespace"], served["cluster_ip"]
+    # From this host: the Service range is routed into the lowest real node, whose kube-proxy DNATs.
+    t0 = time.monotonic()
+
+    def ready_via_cluster_ip() -> bool:
+        try:
+            return httpx.get(f"http://{ip}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    cluster.wait_for(ready_via_cluster_ip, timeout=60, interval=0.5, message=f"Service clf at {ip}:80")
+    print(f"\nService reachable from the host {time.monotonic() - t0:.1f}s after the pods were Ready")
+
+    # From a pod: CoreDNS resolves the Service's full name and its short one (the pod's search path).
+    code = f"""
+import socket, urllib.request
+for name in ("clf.{ns}.svc.cluster.local", "clf"):
+    print(name, socket.gethostbyname(name))
+    with urllib.request.urlopen(f"http://{{name}}/v2/health/ready", timeout=10) as r:
+        print(name, r.status)
+try:
+    socket.gethostbyname("example.com")
+    print("example.com resolved")
+except OSError:
+    print("example.com unknown")
+"""
+    out = in_pod(cluster, ns, code).split("\n")
+    assert f"clf.{ns}.svc.cluster.local {ip}" in out, out
+    assert f"clf.{ns}.svc.cluster.local 200" in out, out
+    assert f"clf {ip}" in out and "clf 200" in out, out
+    # Nothing outside the cluster is resolved (CoreDNS forwards nowhere).
+    assert "example.com unknown" in out, out
+
+
+def test_pod_lists_what_its_service_account_may_through_in_cluster_config(
+    cluster: Cluster, served: dict[str, str]
+) -> None:
+    """Kiri's own in-cluster loader (KUBERNETES_SERVICE_HOST, the mounted token and CA) in a real pod:
+    the `kubernetes` Service's ClusterIP, DNATed by the node's kube-proxy to the API server's proxy on the
+    cluster's host address, and TLS end to end (the serving certificate names the ClusterIP)."""
+    ns = served["namespace"]
+    code = f"""
+from kiri_operator.kube import client, loading
+creds = loading.load()
+print("server", creds.server)
+http = client.http_client(creds)
+r = http.get("/api/v1/namespaces/{ns}/pods")
+print("pods", r.status_code, sorted(p["metadata"]["name"] for p in r.json()["items"]))
+print("nodes", http.get("/api/v1/nodes").status_code)
+print("secrets", http.get("/api/v1/namespaces/{ns}/secrets").status_code)
+"""
+    out = in_pod(cluster, ns, code).split("\n")
+    kubernetes_ip = cluster.get_json("service", "kubernetes", "-n", "default")["spec"]["clusterIP"]
+    assert f"server https://{kubernetes_ip}:443" in out, out
+    assert "pods 200 ['clf', 'client']" in out, out
+    # RBAC still applies: the ServiceAccount may list pods here and nothing else.
+    assert "nodes 403" in out and "secrets 403" in out, out
+
+
+def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
+    cluster: Cluster, real_node: str, namespace: str, tmp_path: Path
+) -> None:
+    """The operator image (hack/images.py, the Dockerfile's `operator` target) installed by helm/kiri onto
+    the real node, watching this namespace, takes a ModelDeployment to Healthy from inside its pod: its
+    API calls go through the `kubernetes` Service with the chart's ServiceAccount token.
+    """
+    from .operator_harness import build_model, model_deployment, run_compression_job
+    from .test_helm import CHART, _with_helm, helm
+
+    env = _with_helm(cluster.env, tmp_path / "helm-home")
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump(
+            {
+                "operator": {"watchNamespaces": [namespace]},
+                # Imported into the node's containerd by hack/images.py: there is no registry to pull from.
+                "image": {"pullPolicy": "Never"},
+                "nodeSelector": {"kiri.dev/node-kind": "real"},
+                "tolerations": [
+                    {
+                        "key": "kiri.dev/node-kind",
+                        "operator": "Equal",
+                        "value": "real",
+                        "effect": "NoSchedule",
+                    }
+                ],
+            }
+        )
+    )
+    release = "kiri-" + namespace[-6:]
+    t0 = time.monotonic()
+    try:
+        helm(env, "install", release, str(CHART), "--namespace", namespace, "-f", str(values),
+             "--wait", "--timeout", "180s")  # fmt: skip
+        print(f"\nhelm install --wait (operator pod Ready on the real node): {time.monotonic() - t0:.1f}s")
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
+        (pod,) = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/name=kiri")["items"]
+        assert pod["spec"]["nodeName"] == real_node
+        assert pod["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")
+        op_pod = pod["metadata"]["name"]
+
+        def logs() -> str:
+            return cluster.kubectl("logs", op_pod, "-n", namespace, "--tail=60", check=False)
+
+        model, sha = build_model(tmp_path)
+        variants = [{"name": "int8", "method": "int8-dynamic"}]
+        t1 = time.monotonic()
+        md = model_deployment("inpod", namespace, model, sha, tmp_path / "store", variants)
+        # The edge fleet is the kwok one: the real node is labelled edge too, but its taint keeps the
+        # runtime's edge pods (which would read the host's file:// artifacts) off it.
+        md["spec"]["edge"]["nodeSelector"] = {"kiri.dev/tier": "edge", "type": "kwok"}
+        cluster.apply(md)
+        try:
+            job = cluster.wait_for(
+                lambda: cluster.get_json("jobs", "-n", namespace, "-l", "kiri.dev/modeldeployment=inpod")[
+                    "items"
+                ],
+                timeout=90,
+                message="the compression Job, created by the operator in its pod",
+            )[0]
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n--- operator log ---\n{logs()}") from None
+        print(f"ModelDeployment applied -> compression Job: {time.monotonic() - t1:.1f}s")
+        # The Job's steps run here (the kwok fleet runs no containers); the operator sees the manifest.
+        run_compression_job(cluster, namespace, job["metadata"]["name"])
+
+        def phase() -> str | None:
+            md = cluster.get_json("modeldeployment", "inpod", "-n", namespace)
+            value = md.get("status", {}).get("phase")
+            return value if value in ("Healthy", "Failed", "Degraded") else None
+
+        try:
+            final = cluster.wait_for(phase, timeout=180, message="Healthy")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n--- operator log ---\n{logs()}") from None
+        assert final == "Healthy", logs()
+        print(f"ModelDeployment applied -> Healthy: {time.monotonic() - t1:.1f}s")
+        # Every API call of the operator went through the Service path, and none was refused.
+        text = logs()
+        assert "Forbidden" not in text, text
+    finally:
+        helm(env, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s", check=False)

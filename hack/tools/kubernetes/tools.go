@@ -1,6 +1,6 @@
 //go:build tools
 
-// Package tools pins the control-plane commands and the real nodes' kubelet built by hack/build-binaries.
+// Package tools pins the control-plane commands and the real nodes' kubelet and kube-proxy built by hack/build-binaries.
 package tools
 
 import (
@@ -8,5 +8,6 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 	_ "k8s.io/kubernetes/cmd/kubelet"
 )

@@ -41,6 +41,12 @@ def test_names_fit_the_kernel_and_addresses_are_private_and_disjoint(realnodes: 
         pods = ipaddress.ip_network(lay.pod_cidr(i))
         assert link.is_private and pods.is_private
         nets += [link, pods]
+        assert pods.subnet_of(ipaddress.ip_network(lay.pods_cidr()))
+    services = ipaddress.ip_network(lay.service_cidr())
+    host = ipaddress.ip_network(f"{lay.svc_ip()}/32")
+    assert ipaddress.ip_address(lay.kubernetes_service_ip()) == services.network_address + 1
+    assert len(lay.svc_link()) <= 15 and services.is_private and host.is_private
+    nets += [services, host]
     assert not any(a.overlaps(b) for n, a in enumerate(nets) for b in nets[n + 1 :])
     # Nothing in 172.16.0.0/12 overlaps kwok's fake pod (10.63+) and node (100.64+) addresses.
     assert all(n.subnet_of(ipaddress.ip_network("172.16.0.0/12")) for n in nets)
@@ -49,6 +55,7 @@ def test_names_fit_the_kernel_and_addresses_are_private_and_disjoint(realnodes: 
 def test_two_state_dirs_get_different_names(realnodes: ModuleType) -> None:
     a, b = realnodes.Layout(Path("/work/main/.kiri")), realnodes.Layout(Path("/tmp/kiri-pods"))
     assert a.netns(0) != b.netns(0) and a.veth(0) != b.veth(0) and a.cgroup(0) != b.cgroup(0)
+    assert a.svc_link() != b.svc_link()
 
 
 def test_containerd_config_caps_oom_score_adj_and_keeps_everything_under_the_node(
@@ -87,6 +94,7 @@ def test_kubelet_binds_only_the_node_address_and_accepts_cgroup_v1(
     assert cfg["cgroupRoot"] == lay.cgroup(1)
     assert cfg["authentication"]["anonymous"]["enabled"] is False
     assert cfg["resolvConf"] == ""
+    assert cfg["clusterDNS"] == [lay.svc_ip()] and cfg["clusterDomain"] == "cluster.local"
     assert (
         yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:6443"
     )
@@ -106,3 +114,74 @@ def test_real_nodes_are_labelled_like_edge_nodes_plus_real(realnodes: ModuleType
     assert labels["kiri.dev/tier"] == "edge" and labels["kiri.dev/node-kind"] == "real"
     assert labels["kiri.dev/site"] == labels["topology.kubernetes.io/zone"] == realnodes.REAL_SITE
     assert int(labels["kiri.dev/memory-mb"]) > 0
+
+
+def test_kube_proxy_runs_on_the_node_address_and_leaves_machine_wide_settings_alone(
+    realnodes: ModuleType, tmp_path: Path
+) -> None:
+    lay = realnodes.Layout(tmp_path)
+    (lay.dir(2) / "kube-proxy").mkdir(parents=True)
+    cfg = yaml.safe_load(realnodes.write_kube_proxy_config(lay, 2, tmp_path / "pki", 6443).read_text())
+    assert cfg["mode"] == "iptables" and cfg["hostnameOverride"] == lay.name(2)
+    assert cfg["bindAddress"] == lay.node_ip(2)
+    assert cfg["healthzBindAddress"].startswith(lay.node_ip(2) + ":")
+    assert cfg["metricsBindAddress"].startswith("127.0.0.1:")  # the node netns's own loopback
+    assert cfg["nodePortAddresses"] == [f"{lay.node_ip(2)}/32"]
+    assert cfg["clusterCIDR"] == lay.pods_cidr() and cfg["iptables"]["masqueradeAll"] is True
+    assert cfg["conntrack"]["maxPerCore"] == 0 and cfg["conntrack"]["min"] == 0
+    kubeconfig = yaml.safe_load((lay.dir(2) / "kube-proxy" / "kubeconfig").read_text())
+    # 127.0.0.1 inside the netns is the netns's: the API server is reached on the cluster's host address.
+    assert kubeconfig["clusters"][0]["cluster"]["server"] == f"https://{lay.svc_ip()}:6443"
+
+
+def test_coredns_serves_the_cluster_domain_and_forwards_nothing(
+    realnodes: ModuleType, tmp_path: Path
+) -> None:
+    lay = realnodes.Layout(tmp_path)
+    text = realnodes.write_corefile(lay, tmp_path / "kubeconfig", tmp_path / "Corefile").read_text()
+    assert "forward" not in text and "proxy" not in text
+    assert text.count(f"bind {lay.svc_ip()}") == 2  # never the machine's other addresses
+    assert f"kubeconfig {tmp_path / 'kubeconfig'} kiri" in text
+    assert "rcode NXDOMAIN" in text
+
+
+def test_dns_query_reads_a_records(realnodes: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The A records of a reply, following a compressed owner name; None when nothing answers."""
+    import socket
+    import struct
+
+    sent: list[bytes] = []
+
+    class FakeSocket:
+        def __init__(self, *_a: object) -> None:
+            pass
+
+        def __enter__(self) -> FakeSocket:
+            return self
+
+        def __exit__(self, *_a: object) -> None:
+            pass
+
+        def settimeout(self, _t: float) -> None:
+            pass
+
+        def sendto(self, data: bytes, _addr: tuple[str, int]) -> None:
+            sent.append(data)
+
+        def recv(self, _n: int) -> bytes:
+            query = sent[-1]
+            header = query[:2] + struct.pack(">HHHHH", 0x8180, 1, 1, 0, 0)
+            answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 5, 4) + bytes([172, 30, 64, 1])
+            return header + query[12:] + answer
+
+    monkeypatch.setattr(socket, "socket", FakeSocket)
+    assert realnodes.dns_query("172.30.127.1", "kubernetes.default.svc.cluster.local") == ["172.30.64.1"]
+    # The question names each label.
+    assert b"\x0akubernetes\x07default\x03svc" in sent[-1]
+
+    class Silent(FakeSocket):
+        def recv(self, _n: int) -> bytes:
+            raise TimeoutError
+
+    monkeypatch.setattr(socket, "socket", Silent)
+    assert realnodes.dns_query("172.30.127.1", "x.cluster.local") is None
