@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -526,17 +527,13 @@ def test_install_upgrade_uninstall(
 # The chart version before the CRD moved into templates/ (it sat in crds/, which Helm never upgrades).
 PREVIOUS_CHART = ("0.1.0", "d99f8ac")
 CRD_NAME = "modeldeployments.kiri.dev"
+PREVIOUS_CHART_DIR = Path(__file__).parent / "fixtures" / "kiri-chart-0.1.0"
 
 
 def _previous_chart(tmp_path: Path) -> Path:
-    archive = subprocess.run(
-        ["git", "-C", str(REPO_ROOT), "archive", PREVIOUS_CHART[1], "helm/kiri"],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True, timeout=60)
-    chart = tmp_path / "helm" / "kiri"
+    # A copy kept in the tree (`git archive d99f8ac helm/kiri`), not read from history: CI may clone shallow.
+    chart = tmp_path / "kiri"
+    shutil.copytree(PREVIOUS_CHART_DIR, chart)
     assert yaml.safe_load((chart / "Chart.yaml").read_text())["version"] == PREVIOUS_CHART[0]
     return chart
 
