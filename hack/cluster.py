@@ -1386,6 +1386,16 @@ def _patch(api: Api, path: str, patch: dict[str, Any]) -> tuple[int, Any]:
 RESYNC_ANNOTATION = "kiri.dev/sim-resync"
 
 
+LIFECYCLE_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
+
+
+def _lifecycle_taints(api: Api, name: str) -> list[str]:
+    status, body = api.request("GET", f"/api/v1/nodes/{name}")
+    if status != 200:
+        raise ClusterError(f"node {name}: {body.get('message') if isinstance(body, dict) else body}")
+    return [t["key"] for t in body.get("spec", {}).get("taints") or [] if t.get("key") in LIFECYCLE_TAINTS]
+
+
 def _resync_pods_on_return(api: Api, name: str) -> None:
     """Once the node is Ready again, touch every pod bound to it, as a returning kubelet resyncs its pods.
 
@@ -1399,6 +1409,12 @@ def _resync_pods_on_return(api: Api, name: str) -> None:
     while _ready_status(api, name) != "True":
         if time.monotonic() > deadline:
             raise ClusterError(f"node {name} not Ready {NODE_LEASE_SECONDS}s after node-online; see kwok.log")
+        time.sleep(0.2)
+    # The node lifecycle controller lifts its not-ready/unreachable taints a few seconds after Ready; until then
+    # the DaemonSet controller and the scheduler leave the node alone, so the node is not back before that.
+    while _lifecycle_taints(api, name):
+        if time.monotonic() > deadline:
+            raise ClusterError(f"node {name} still tainted {_lifecycle_taints(api, name)} after node-online")
         time.sleep(0.2)
     status, body = api.request("GET", f"/api/v1/pods?fieldSelector=spec.nodeName%3D{name}")
     if status != 200:
