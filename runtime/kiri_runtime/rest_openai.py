@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -116,6 +117,26 @@ class GenerationRoutes:
         max_tokens = resolve_max_tokens(job, len(ids), model.context_length)
         return scheduler.submit(ids, job.params(max_tokens), stream)
 
+    async def _answer(
+        self,
+        request: web.Request,
+        handle: GenerationHandle,
+        label: str,
+        start: float,
+        error: Callable[[InferenceError], web.Response],
+    ) -> list[Delta] | web.Response:
+        """A non-streamed request's deltas, or the response that ends it early (client gone, failed), counted."""
+        deltas, status = await _collect(request, handle)
+        if status == CLIENT_CLOSED:
+            self._count(label, status, start)
+            return web.Response(status=CLIENT_CLOSED)
+        failure = deltas[-1].error
+        if failure is not None:
+            response = error(failure)
+            self._count(label, response.status, start)
+            return response
+        return deltas
+
     def _count(self, label: str, status: int, start: float) -> None:
         # As for infer: a 4xx (499: the client went away) is the client's doing and never reaches the gates.
         self.metrics.observe_infer(label, status, time.perf_counter() - start)
@@ -190,15 +211,10 @@ class GenerationRoutes:
             status, streamed = await self._openai_stream(request, handle, job, rid, chat)
             self._count(label, status, start)
             return streamed
-        deltas, status = await _collect(request, handle)
-        if status == CLIENT_CLOSED:
-            self._count(label, status, start)
-            return web.Response(status=CLIENT_CLOSED)
+        deltas = await self._answer(request, handle, label, start, self._openai_error)
+        if isinstance(deltas, web.Response):
+            return deltas
         last = deltas[-1]
-        if last.error is not None:
-            response = self._openai_error(last.error)
-            self._count(label, response.status, start)
-            return response
         text = "".join(d.text for d in deltas)
         logprobs = [lp for d in deltas for lp in d.logprobs] if job.logprobs is not None else None
         build = chat_response if chat else completion_response
@@ -286,15 +302,10 @@ class GenerationRoutes:
             status, streamed = await self._kserve_stream(request, handle, name, served_version, details)
             self._count(label, status, start)
             return streamed
-        deltas, status = await _collect(request, handle)
-        if status == CLIENT_CLOSED:
-            self._count(label, status, start)
-            return web.Response(status=CLIENT_CLOSED)
+        deltas = await self._answer(request, handle, label, start, self._kserve_error)
+        if isinstance(deltas, web.Response):
+            return deltas
         last = deltas[-1]
-        if last.error is not None:
-            response = self._kserve_error(last.error)
-            self._count(label, response.status, start)
-            return response
         text = "".join(d.text for d in deltas)
         logprobs = [lp for d in deltas for lp in d.logprobs] if details else None
         body = generate_response(
