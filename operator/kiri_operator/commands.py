@@ -50,6 +50,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=120.0,
         help="seconds a completed compression Job may take to have its manifest appear before it counts as failed",
     )
+    op.add_argument(
+        "--host-store-root",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="a host directory ModelDeployments may name as a file:// artifact store or learning site data "
+        "(repeatable; default: /var/lib/kiri/artifacts and /var/lib/kiri/site-data; '' alone: none)",
+    )
     op.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     op.add_argument("--log-level", default="INFO")
     op.add_argument(
@@ -80,6 +88,7 @@ def _operator(args: argparse.Namespace) -> int:
     from kiri_operator import handlers
     from kiri_operator.memos import Config
     from kiri_operator.planning import Settings
+    from kiri_operator.planning.settings import DEFAULT_HOST_STORE_ROOTS
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -102,6 +111,9 @@ def _operator(args: argparse.Namespace) -> int:
         settings=Settings(
             compression_deadline_seconds=args.compression_deadline,
             manifest_grace_seconds=args.manifest_grace,
+            host_store_roots=DEFAULT_HOST_STORE_ROOTS
+            if args.host_store_root is None
+            else tuple(r for r in args.host_store_root if r),
         ),
     )
     return handlers.run(config)

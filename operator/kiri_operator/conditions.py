@@ -49,6 +49,11 @@ NEGATIVE_POLARITY: Final = frozenset({DEGRADED, ROLLED_BACK, STALLED})
 SUMMARY_TYPES: Final = frozenset({RECONCILING, STALLED})
 
 
+POD_SECURITY_MARK: Final = "violates PodSecurity"
+"""What the API server's Pod Security admission puts in every refusal, and so in the FailedCreate Events and
+ReplicaFailure conditions of the controllers whose pods it refused."""
+
+
 class Reason:
     """Reasons, one constant per distinct cause (Argo Rollouts' utils/conditions style)."""
 
@@ -79,6 +84,9 @@ class Reason:
     NO_GPU_NODE: Final = "NoGPUNode"
     NO_CLOUD_NODE: Final = "NoCloudNode"
     MISSING_PVC: Final = "MissingPVC"
+    # Any tier: a host path the admin did not allow, or pods the API server's Pod Security admission refused
+    HOST_PATH_NOT_ALLOWED: Final = "HostPathNotAllowed"
+    POD_SECURITY_REFUSED: Final = "PodSecurityRefused"
     # Compression
     NO_VARIANTS: Final = "NoVariants"
     COMPRESSING: Final = "Compressing"

@@ -133,9 +133,15 @@ class Observed:
     """Names of the PersistentVolumeClaims in the namespace; None when not looked up."""
     measurement: Measurement | None = None
     """The analysis measurement taken for this reconcile (analyzing.measure_due), when one was due."""
+    pod_refusals: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    """(kind, name) of a child whose controller could not create its pods because Pod Security admission
+    refused them, and the API server's message (from the controller's FailedCreate Event)."""
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))
+
+    def refusal(self, kind: str, name: str) -> str | None:
+        return self.pod_refusals.get((kind, name))
 
     def of_kind(self, kind: str) -> list[ObjectView]:
         return sorted((c for (k, _), c in self.children.items() if k == kind), key=lambda c: c.name)

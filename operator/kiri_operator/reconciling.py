@@ -15,11 +15,13 @@ from pydantic import ValidationError
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator import metering, metrics
+from kiri_operator.api.scalars import parse_time
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.caches import Cache, Key
 from kiri_operator.conditions import Reason
 from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
+from kiri_operator.observations import ObjectView, Observed
 from kiri_operator.planning import Settings, invalid_spec_status, normalize_status, plan
 from kiri_operator.plans import Action, Check, Event, Plan
 
@@ -80,6 +82,56 @@ def _pvcs_needed(spec: ModelDeploymentSpec) -> list[str]:
     return claims
 
 
+def pods_missing(observed: Observed) -> list[ObjectView]:
+    """Children whose controller has fewer pods than it wants, for no reason the status tells: a DaemonSet
+    short of its scheduled pods, a Job with no pod running and no outcome. (A Deployment says it itself:
+    its ReplicaFailure condition, which the planner reads.)"""
+    out = []
+    for ds in observed.of_kind("DaemonSet"):
+        st = ds.status
+        if int(st.get("desiredNumberScheduled") or 0) > int(st.get("currentNumberScheduled") or 0):
+            out.append(ds)
+    for job in observed.of_kind("Job"):
+        done = any(
+            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+            for c in job.status.get("conditions") or []
+        )
+        # startTime: the Job controller has synced it (a Job just created has no status yet).
+        started = job.status.get("startTime")
+        if started and not done and not job.status.get("active") and not job.status.get("succeeded"):
+            out.append(job)
+    return out
+
+
+def pod_security_refusal(child: ObjectView, events: Iterable[Mapping[str, Any]]) -> str | None:
+    """The newest FailedCreate message about `child` that quotes a Pod Security refusal, if any came after
+    the child was made (an older one is about a pod template that is gone)."""
+    best: tuple[datetime, str] | None = None
+    for ev in events:
+        message = str(ev.get("message") or "")
+        if C.POD_SECURITY_MARK not in message:
+            continue
+        stamp = (
+            ev.get("lastTimestamp")
+            or ev.get("eventTime")
+            or (ev.get("metadata") or {}).get("creationTimestamp")
+        )
+        try:
+            # eventTime (events.k8s.io) is a MicroTime: drop the fraction, second precision is enough here.
+            at = parse_time(str(stamp).split(".")[0].removesuffix("Z") + "Z")
+        except ValueError:
+            continue
+        if child.created:
+            try:
+                if at < parse_time(child.created):
+                    continue
+            except ValueError:
+                pass
+        if best is None or at > best[0]:
+            best = (at, message)
+    return best[1] if best is not None else None
+
+
 class Reconciler:
     def __init__(
         self,
@@ -130,6 +182,8 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
+        if refusals := self._pod_refusals(observed):
+            observed = replace(observed, pod_refusals=refusals)
         if spec is not None and spec.rollout.analysis is not None:
             # Metric analysis is I/O, so it belongs to observe; the planner said (in status) whether it is due.
             from kiri_operator import analyzing
@@ -143,6 +197,21 @@ class Reconciler:
             else plan(spec, observed, self.settings)
         )
         return self._apply(key, md, observed.status, p)
+
+    def _pod_refusals(self, observed: Observed) -> dict[tuple[str, str], str]:
+        """Ask the API server why the children short of pods are short, one small LIST each; only those."""
+        out: dict[tuple[str, str], str] = {}
+        for child in pods_missing(observed):
+            try:
+                events = self.kube.events_about(observed.namespace, child.kind, child.name, "FailedCreate")
+            except KubeError as exc:
+                log.warning(
+                    "cannot read the Events of %s %s/%s: %s", child.kind, observed.namespace, child.name, exc
+                )
+                continue
+            if (message := pod_security_refusal(child, events)) is not None:
+                out[(child.kind, child.name)] = message
+        return out
 
     def _apply(self, key: Key, md: dict[str, Any], old_status: Any, p: Plan) -> Outcome:
         outcome = Outcome(requeue_after=p.requeue_after)

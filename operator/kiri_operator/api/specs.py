@@ -516,13 +516,38 @@ class FallbackSpec(ApiModel):
     """Requests waiting locally beyond this go to the cloud."""
 
 
-class CacheSpec(ApiModel):
-    """The node-local, content-addressed artifact cache."""
+CACHE_PATH_REFUSED = (
+    "edge.cache.path is no longer a spec field: the node cache is the cluster admin's (the chart's"
+    " edgeCache.root), split per namespace and model; remove it"
+)
 
-    path: Annotated[str, Field(min_length=2, max_length=255, pattern=r"^/[^\s]*$")] = DEFAULT_CACHE_PATH
-    """Absolute host path."""
+
+class CacheSpec(ApiModel):
+    """The node-local, content-addressed artifact cache. Where it lives on the node is the cluster admin's
+    choice (the chart's `edgeCache.root`); each ModelDeployment gets its own `<root>/<namespace>/<name>/`."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            # The old default passes, so objects stored (and defaulted) by older versions still validate.
+            cel(
+                f"!has(self.path) || self.path == '{DEFAULT_CACHE_PATH}'",
+                CACHE_PATH_REFUSED,
+                field_path=".path",
+            )
+        )
+    )
+
+    path: Annotated[str, Field(max_length=255)] | None = None
+    """Deprecated and ignored: refused unless unset or the old default `/var/lib/kiri/cache` (which objects
+    stored by Kiri 0.1 carry)."""
     revisions_kept: Annotated[int, Field(ge=1, le=10)] = 2
     """Revisions kept on each node; at least the previous one stays so a rollback needs no download."""
+
+    @model_validator(mode="after")
+    def _no_host_path(self) -> CacheSpec:
+        if self.path is not None and self.path != DEFAULT_CACHE_PATH:
+            raise ValueError(CACHE_PATH_REFUSED)
+        return self
 
 
 class ArtifactsSpec(ApiModel):

@@ -203,6 +203,13 @@ class Kube:
         """The object, or None when there is none."""
         return self._request("get", "GET", kind, KINDS[kind].path(namespace, name), missing_ok=True)
 
+    def events_about(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
+        """The Events with `reason` about one object (a server-side field selector: one small LIST)."""
+        fields = f"involvedObject.kind={kind},involvedObject.name={name},reason={reason}"
+        query = {"fieldSelector": fields, "limit": str(LIST_PAGE)}
+        result = self._request("list", "GET", "Event", KINDS["Event"].path(namespace), query=query) or {}
+        return [i for i in result.get("items") or [] if isinstance(i, dict)]
+
     def list(
         self, kind: str, namespace: str | None = None, selector: str | None = None
     ) -> list[dict[str, Any]]:

@@ -25,9 +25,10 @@ RUNTIME_UID = 65532
 MODEL_MOUNT = "/models"
 ARTIFACTS_MOUNT = "/artifacts"
 CACHE_MOUNT = "/var/cache/kiri"
-"""Where `kiri serve` sees its cache: on edge nodes, its own subdirectory of the node cache."""
-NODE_CACHE_MOUNT = "/node-cache"
-"""Where the edge pods' init container sees the whole node cache (`edge.cache.path`)."""
+"""Where `kiri serve` sees its cache: on edge nodes, this ModelDeployment's directory of the node cache."""
+CACHE_CSI_DRIVER = "cache.kiri.dev"
+"""The chart's CSI driver (csi/kiri-cache-csi) that hands each edge pod `<root>/<namespace>/<model>` of the
+node cache: the namespace is the one the kubelet reports for the pod, so no pod can name another's."""
 WORK_MOUNT = "/work"
 NO_NODE = "kiri.dev-no-node"
 """The affinity value of a DaemonSet kept with no node (`In` needs at least one value; no node has it)."""
@@ -92,46 +93,17 @@ _SERVE_ENV = [
 ]
 
 
-def node_cache_subdir(owner: Owner) -> str:
-    """An edge pod's directory in the node cache, relative to `edge.cache.path`: one per namespace and
-    ModelDeployment, so no tenant's pods can read, fill or evict another's (all runtimes share one uid)."""
-    return f"{owner.namespace}/{owner.name}"
+def node_cache_volume(owner: Owner) -> dict[str, Any]:
+    """An edge pod's node cache: a CSI ephemeral volume, so the pod passes Pod Security "restricted".
 
-
-def _cache_dir_init(image: str, pull_policy: str, owner: Owner) -> dict[str, Any]:
-    """Creates the pod's node cache subdirectory owned by the runtime's uid.
-
-    The kubelet creates a `DirectoryOrCreate` hostPath root-owned 0755, and `fsGroup` is never applied to
-    hostPath volumes (only to volumes whose ownership the kubelet manages), so without this the runtime
-    (uid 65532) cannot write its cache. Root is needed for the chown, so this container alone runs as root,
-    with CAP_CHOWN and nothing else, no privilege escalation and a read-only root filesystem; the runtime
-    container stays non-root and mounts only the subdirectory. An existing subdirectory keeps its mode.
+    The driver (a chart DaemonSet, the only holder of the host directory) bind-mounts
+    `<edgeCache.root>/<pod namespace>/<model>`, made and owned by the runtime's uid, so no tenant's pods can
+    read, fill or evict another's (all runtimes share one uid), and the cache outlives pods and revisions: a
+    rollback finds its artifact there. Where the root is, is the cluster admin's choice, never the spec's.
     """
-    path = f"{NODE_CACHE_MOUNT}/{node_cache_subdir(owner)}"
     return {
-        "name": "cache-dir",
-        "image": image,
-        "imagePullPolicy": pull_policy,
-        "command": [
-            "sh",
-            "-c",
-            f'mkdir -p -m 0750 "$1" && chown {RUNTIME_UID}:{RUNTIME_UID} "$1"',
-            "sh",
-            path,
-        ],
-        "resources": {
-            "requests": {"cpu": "10m", "memory": "16Mi"},
-            "limits": {"cpu": "100m", "memory": "32Mi"},
-        },
-        "securityContext": {
-            "runAsUser": 0,
-            "runAsGroup": 0,
-            "runAsNonRoot": False,
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
-        },
-        "volumeMounts": [{"name": "cache", "mountPath": NODE_CACHE_MOUNT}],
+        "name": "cache",
+        "csi": {"driver": CACHE_CSI_DRIVER, "volumeAttributes": {"model": owner.name}},
     }
 
 
@@ -290,23 +262,28 @@ def artifact_dir(spec: ModelDeploymentSpec, owner: Owner, compression: str) -> A
         out_dir = "/".join(p for p in (ARTIFACTS_MOUNT, sub, rel) if p)
         mount = ARTIFACTS_MOUNT
     else:
-        # file:// (and anything else the Job cannot write to directly) is a host path on the cloud node.
+        # file:// (and anything else the Job cannot write to directly) is a host path on the cloud node, one
+        # the admin allowed (Settings.host_store_roots). Only this compression's own directory is mounted: the
+        # compressor (which loads a tenant's model) never sees another namespace's or model's files.
         base = parsed.path.rstrip("/") or "/var/lib/kiri/artifacts"
-        volume = {"name": "artifacts", "hostPath": {"path": base, "type": "DirectoryOrCreate"}}
         out_dir = f"{base}/{rel}"
-        mount = base
+        volume = {"name": "artifacts", "hostPath": {"path": out_dir, "type": "DirectoryOrCreate"}}
+        mount = out_dir
     fetch = (store.fetch_uri or store.uri).rstrip("/")
     return ArtifactDir(volume=volume, mount_path=mount, out_dir=out_dir, fetch_base=f"{fetch}/{rel}/")
 
 
-def edge_fetch(spec: ModelDeploymentSpec, uri: str) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+def edge_fetch(
+    spec: ModelDeploymentSpec, owner: Owner, uri: str
+) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
     """The URI an edge runtime fetches `uri` by, and the read-only volume (with its mount) that takes.
 
     `pvc://claim/path` is no fetch scheme: the claim is mounted read-only and the runtime reads a file://
     path in it (the claim must allow ReadOnlyMany or ReadWriteMany to reach many nodes). A `file://` store is
-    a directory on every edge node (e.g. an NFS mount the cluster admin provides): mounted read-only, at its
-    own path, as type Directory so a node without it says so in the pod's events instead of serving from an
-    empty directory. http(s):// and s3:// need no volume."""
+    a directory on every edge node (e.g. an NFS mount the cluster admin provides): only this ModelDeployment's
+    `<root>/<namespace>/<name>` of it is mounted, read-only, at its own path, as type Directory so a node
+    without it says so in the pod's events instead of serving from an empty directory. It fails Pod Security
+    "baseline" (a hostPath), so it is for namespaces the admin trusts. http(s):// and s3:// need no volume."""
     parsed = urlparse(uri)
     if parsed.scheme == "pvc":
         volume = {
@@ -317,9 +294,10 @@ def edge_fetch(spec: ModelDeploymentSpec, uri: str) -> tuple[str, list[dict[str,
         return f"file://{ARTIFACTS_MOUNT}/{parsed.path.lstrip('/')}", [volume], [mount]
     if parsed.scheme == "file":
         store = spec.edge.artifacts
-        root = urlparse(store.fetch_uri or store.uri).path.rstrip("/") or "/"
-        volume = {"name": "artifacts", "hostPath": {"path": root, "type": "Directory"}}
-        return uri, [volume], [{"name": "artifacts", "mountPath": root, "readOnly": True}]
+        root = urlparse(store.fetch_uri or store.uri).path.rstrip("/")
+        own = f"{root}/{owner.namespace}/{owner.name}"
+        volume = {"name": "artifacts", "hostPath": {"path": own, "type": "Directory"}}
+        return uri, [volume], [{"name": "artifacts", "mountPath": own, "readOnly": True}]
     return uri, [], []
 
 
@@ -533,7 +511,7 @@ def edge_daemonset(
         L.REVISION: revision,
         L.VARIANT: variant,
     }
-    fetch_uri, store_volumes, store_mounts = edge_fetch(spec, artifact.uri)
+    fetch_uri, store_volumes, store_mounts = edge_fetch(spec, owner, artifact.uri)
     args = [
         "serve",
         "--model-uri",
@@ -577,8 +555,7 @@ def edge_daemonset(
         "securityContext": _container_security(),
         "env": copy.deepcopy(_SERVE_ENV),
         "volumeMounts": [
-            # Only this ModelDeployment's subdirectory of the node cache (made by the init container).
-            {"name": "cache", "mountPath": CACHE_MOUNT, "subPath": node_cache_subdir(owner)},
+            {"name": "cache", "mountPath": CACHE_MOUNT},
             {"name": "tmp", "mountPath": "/tmp"},
             *store_mounts,
         ],
@@ -601,13 +578,9 @@ def edge_daemonset(
                     "affinity": {"nodeAffinity": node_affinity([])},
                     "tolerations": _tolerations(edge.tolerations),
                     "securityContext": _pod_security(),
-                    "initContainers": [
-                        _cache_dir_init(spec.runtime.image, spec.runtime.image_pull_policy, owner)
-                    ],
                     "containers": [container],
                     "volumes": [
-                        # The node cache outlives pods and revisions: a rollback finds its artifact there.
-                        {"name": "cache", "hostPath": {"path": edge.cache.path, "type": "DirectoryOrCreate"}},
+                        node_cache_volume(owner),
                         {"name": "tmp", "emptyDir": {}},
                         *store_volumes,
                     ],

@@ -111,6 +111,12 @@ def cloud_condition(spec: ModelDeploymentSpec, deployment: ObjectView | None) ->
             C.CLOUD_READY, "True", Reason.DEPLOYMENT_AVAILABLE, f"{ready}/{want} replicas ready"
         ), ready
     for cond in status.get("conditions") or []:
+        # The ReplicaSet's own condition, which the Deployment copies: admission refused its pods.
+        refused = cond.get("type") == "ReplicaFailure" and cond.get("status") == "True"
+        if refused and C.POD_SECURITY_MARK in str(cond.get("message") or ""):
+            msg = f"{ready}/{want} replicas ready: pods refused: {cond.get('message', '')}"
+            return Condition(C.CLOUD_READY, "False", Reason.POD_SECURITY_REFUSED, msg[:1000]), ready
+    for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
             msg = f"{ready}/{want} replicas ready: {cond.get('message', '')}"
             return Condition(C.CLOUD_READY, "False", Reason.DEPLOYMENT_UNAVAILABLE, msg), ready

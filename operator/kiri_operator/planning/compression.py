@@ -52,6 +52,19 @@ def plan_compression(
     settings: Settings,
 ) -> CompressionPlan:
     job_name = L.compress_name(owner.name, key)
+    store = spec.edge.artifacts
+    host_fault = settings.file_uri_refusal(
+        [("edge.artifacts.uri", store.uri), ("edge.artifacts.fetchUri", store.fetch_uri)]
+    )
+    if host_fault is not None and spec.edge.variants:
+        out = CompressionPlan(
+            key=key,
+            condition=Condition(C.VARIANTS_VERIFIED, "False", Reason.HOST_PATH_NOT_ALLOWED, host_fault),
+        )
+        if observed.child("Job", job_name) is not None:
+            out.keep.add(("Job", job_name))
+        out.conditions.append(out.condition)
+        return out
     if cloud.source_fault is not None and spec.edge.variants:
         out = CompressionPlan(
             key=key, condition=Condition(C.VARIANTS_VERIFIED, "False", Reason.MISSING_PVC, cloud.source_fault)
@@ -229,6 +242,12 @@ def _read_compression(
             msg = f"compression Job {job.name} failed: {message}"
             cond = Condition(C.VARIANTS_VERIFIED, "False", Reason.COMPRESSION_FAILED, msg)
             return CompressionPlan(key=key, condition=cond, variants=failed)
+        refusal = observed.refusal("Job", job.name)
+        if outcome == "running" and refusal is not None:
+            # Not final: the Job controller keeps trying, and a relabelled namespace lets the next try in.
+            msg = f"compression Job {job.name} cannot start: {refusal}"[:1000]
+            cond = Condition(C.VARIANTS_VERIFIED, "False", Reason.POD_SECURITY_REFUSED, msg)
+            return CompressionPlan(key=key, condition=cond, variants=pending)
         if outcome == "complete":
             waited = _seconds_since(completed, observed.now)
             if waited >= settings.manifest_grace_seconds:

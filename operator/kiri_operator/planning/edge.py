@@ -278,6 +278,15 @@ def _edge_rollout(
             msg += f"; {n_unmatched} node(s) match no variant"
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "True", Reason.ROLLED_OUT, msg)
         out.complete = True
+    refused = [
+        (ds.name, m) for ds in observed.of_kind("DaemonSet") if (m := observed.refusal("DaemonSet", ds.name))
+    ]
+    if refused and not out.complete and out.fault is None and out.rolled_back is None:
+        # The wave waits on pods the API server will not admit: say so, not just "waiting for ready".
+        name, message = refused[0]
+        msg = f"pods of DaemonSet {name} refused: {message}"[:1000]
+        out.progressing = Condition(C.EDGE_PROGRESSING, "False", Reason.POD_SECURITY_REFUSED, msg)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.POD_SECURITY_REFUSED, msg)
     if unreadable is not None and out.progressing is not None:
         # Only this reconcile says it: the status written with it holds the rebuilt state.
         out.progressing = replace(out.progressing, reason=Reason.ROLLOUT_STATUS_INVALID, message=unreadable)

@@ -39,6 +39,7 @@ from kiri_operator.api.specs import LearningSpec, ModelDeploymentSpec, ModelSour
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
+from kiri_operator.planning.settings import Settings
 from kiri_operator.planning.updating import Candidate, Download, decide
 from kiri_operator.plans import Event
 from kiri_runtime.learning.rounds import RECORD_FILE, WEIGHTS_FILE, RoundRecord
@@ -410,6 +411,7 @@ def plan_learning(
     owner: B.Owner,
     *,
     variant_sizes: Mapping[str, int],
+    settings: Settings | None = None,
 ) -> LearningPlan:
     """Round Jobs to run, status.learning, and the update policy's verdict on the newest accepted round.
 
@@ -442,7 +444,10 @@ def plan_learning(
 
     # -- the next round ----------------------------------------------------------------------------
     n = done + 1
-    if n <= learning.rounds and not refused:
+    host_fault = (settings or Settings()).host_path_refusal("learning.siteDataPath", learning.site_data_path)
+    if host_fault is not None and n <= learning.rounds:
+        out.condition = Condition(LEARNING_PROGRESSING, "False", Reason.HOST_PATH_NOT_ALLOWED, host_fault)
+    elif n <= learning.rounds and not refused:
         last_closed = _parse_time(records[-1].closed_at) if records else None
         due = (
             now

@@ -41,7 +41,7 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         sizes = (
             {v.name: v.size_bytes for v in comp.manifest.accepted() if v.size_bytes} if comp.manifest else {}
         )
-        lp = learning.plan_learning(spec, observed, owner, variant_sizes=sizes)
+        lp = learning.plan_learning(spec, observed, owner, variant_sizes=sizes, settings=settings)
     extra = [lp.condition] if lp is not None and lp.condition is not None else []
     status = plan_status(spec, observed, revision, cloud, comp, edge, extra)
 

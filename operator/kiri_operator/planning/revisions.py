@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.api.specs import DEFAULT_CACHE_PATH, ModelDeploymentSpec
 from kiri_operator.labels import short_hash
 
 
@@ -48,7 +48,8 @@ def revision_key(spec: ModelDeploymentSpec, artifacts_uri: str, extra: Any = Non
         "image": spec.runtime.image,
         "imagePullPolicy": spec.runtime.image_pull_policy,
         "fallback": spec.edge.fallback.model_dump(mode="json", by_alias=True, exclude_none=True),
-        "cache": spec.edge.cache.model_dump(mode="json", by_alias=True, exclude_none=True),
+        # The path the spec once carried stays in the hash, so no existing revision changes its name.
+        "cache": {"path": DEFAULT_CACHE_PATH, "revisionsKept": spec.edge.cache.revisions_kept},
         "tolerations": [
             t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in spec.edge.tolerations
         ],

@@ -27,6 +27,7 @@ class RecordingKube:
         self.calls: list[tuple[str, str, str]] = []
         self.refuse = refuse
         self.resource_version = 100
+        self.events: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
 
     def _rv(self, body: dict[str, Any]) -> dict[str, Any]:
         self.resource_version += 1
@@ -42,6 +43,10 @@ class RecordingKube:
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self.calls.append(("delete", kind, name))
+
+    def events_about(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
+        self.calls.append(("events", kind, name))
+        return list(self.events.get((kind, name, reason), []))
 
     def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("status", "ModelDeployment", name))

@@ -53,7 +53,7 @@ def test_defaults_follow_the_agreed_field_sketch() -> None:
     assert spec.edge.node_selector == {"kiri.dev/tier": "edge"}
     assert spec.edge.variants == []
     assert spec.edge.fallback.enabled is True
-    assert (spec.edge.cache.path, spec.edge.cache.revisions_kept) == ("/var/lib/kiri/cache", 2)
+    assert (spec.edge.cache.path, spec.edge.cache.revisions_kept) == (None, 2)
     rollout = spec.rollout
     assert rollout.stages == [RolloutStage(percent=100)]
     assert rollout.stages[0].bake_seconds == 0 and rollout.stages[0].pause is False

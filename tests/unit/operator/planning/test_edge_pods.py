@@ -26,31 +26,38 @@ def _arg(container: dict[str, Any], flag: str) -> str:
     return args[args.index(flag) + 1]
 
 
-def test_an_init_container_alone_runs_as_root_to_hand_the_pod_its_own_node_cache_directory():
-    pod = _pod(_daemonset(**{"edge.cache.path": "/srv/kiri-cache"}))
-    (init,) = pod["initContainers"]
-    assert init["command"] == [
-        "sh", "-c", 'mkdir -p -m 0750 "$1" && chown 65532:65532 "$1"', "sh", "/node-cache/team-a/resnet",
-    ]  # fmt: skip
-    assert init["securityContext"] == {
-        "runAsUser": 0,
-        "runAsGroup": 0,
-        "runAsNonRoot": False,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"], "add": ["CHOWN"]},
-    }
-    assert init["volumeMounts"] == [{"name": "cache", "mountPath": "/node-cache"}]
+def test_the_node_cache_is_the_chart_drivers_csi_volume_named_by_model_so_no_pod_names_a_host_path():
+    pod = _pod(_daemonset(**{"edge.cache.path": "/var/lib/kiri/cache"}))  # the old default: ignored
+    assert "initContainers" not in pod
     cache = next(v for v in pod["volumes"] if v["name"] == "cache")
-    assert cache["hostPath"] == {"path": "/srv/kiri-cache", "type": "DirectoryOrCreate"}
+    assert cache == {
+        "name": "cache",
+        "csi": {"driver": "cache.kiri.dev", "volumeAttributes": {"model": "resnet"}},
+    }
+    assert not any("hostPath" in v for v in pod["volumes"])
     (serve,) = pod["containers"]
-    assert serve["securityContext"]["runAsNonRoot"] is True
-    assert "runAsUser" not in serve["securityContext"]  # the pod's 65532
-    assert pod["securityContext"]["runAsUser"] == 65532
-    assert {"name": "cache", "mountPath": "/var/cache/kiri", "subPath": "team-a/resnet"} in serve[
-        "volumeMounts"
-    ]
+    assert {"name": "cache", "mountPath": "/var/cache/kiri"} in serve["volumeMounts"]
     assert _arg(serve, "--cache-dir") == "/var/cache/kiri"
+
+
+def test_an_edge_pod_meets_pod_security_restricted():
+    pod = _pod(_daemonset())
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert pod["automountServiceAccountToken"] is False
+    for container in pod["containers"]:
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+    assert {next(k for k in v if k != "name") for v in pod["volumes"]} == {"csi", "emptyDir"}
 
 
 def test_every_pod_that_runs_kiri_serve_knows_its_namespace_from_the_downward_api():
@@ -62,19 +69,26 @@ def test_every_pod_that_runs_kiri_serve_knows_its_namespace_from_the_downward_ap
     assert downward in cloud["env"]
 
 
-def test_a_file_store_is_mounted_read_only_at_its_own_path_in_the_pods_that_fetch_from_it():
+def test_a_file_store_mounts_only_this_model_deployments_directory_read_only():
     uri = "file:///var/lib/kiri/artifacts/team-a/resnet/comp1/int8.onnx"
     pod = _pod(_daemonset(uri))
     serve = pod["containers"][0]
     assert _arg(serve, "--model-uri") == uri
-    assert {"name": "artifacts", "mountPath": "/var/lib/kiri/artifacts", "readOnly": True} in serve[
-        "volumeMounts"
-    ]
+    own = "/var/lib/kiri/artifacts/team-a/resnet"
+    assert {"name": "artifacts", "mountPath": own, "readOnly": True} in serve["volumeMounts"]
     store = next(v for v in pod["volumes"] if v["name"] == "artifacts")
-    assert store == {
-        "name": "artifacts",
-        "hostPath": {"path": "/var/lib/kiri/artifacts", "type": "Directory"},
-    }
+    assert store == {"name": "artifacts", "hostPath": {"path": own, "type": "Directory"}}
+
+
+def test_a_compression_job_on_a_file_store_mounts_only_its_own_output_directory():
+    job = B.compression_job(spec(), OWNER, "comp1", {}, 600)
+    pod = job["spec"]["template"]["spec"]
+    store = next(v for v in pod["volumes"] if v["name"] == "artifacts")
+    out = "/var/lib/kiri/artifacts/team-a/resnet/comp1"
+    assert store == {"name": "artifacts", "hostPath": {"path": out, "type": "DirectoryOrCreate"}}
+    compress = pod["initContainers"][0]
+    assert {"name": "artifacts", "mountPath": out} in compress["volumeMounts"]
+    assert _arg(compress, "--out") == out
 
 
 def test_a_pvc_store_is_fetched_through_the_claim_mounted_read_only():

@@ -11,7 +11,7 @@ from kiri_operator import labels as L
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.learning_commands import configmap
 from kiri_operator.observations import NodeView, ObjectView, Observed
-from kiri_operator.planning import learning, plan
+from kiri_operator.planning import Settings, learning, plan
 from kiri_operator.planning.building import Owner
 from kiri_operator.planning.revisions import compression_key
 from kiri_operator.plans import Check
@@ -218,7 +218,9 @@ def test_an_allowed_round_becomes_a_new_revision_built_from_the_learned_weights(
     assert learned.model.version == "1-fl1" and learned.model.source.sha256 == "cd" * 32
     assert compression_key(learned, "file:///store") != compression_key(spec, "file:///store")
     # Through the whole planner: a compression Job for the learned weights, the cloud still on spec.model.
-    p = plan(spec, _observed(_record(1, minutes_ago=10), status={"learning": lp.status}))
+    # The admin allowed this test's host store (file:///store) and site data.
+    allowed = Settings(host_store_roots=("/store", "/var/lib/kiri/site-data"))
+    p = plan(spec, _observed(_record(1, minutes_ago=10), status={"learning": lp.status}), allowed)
     jobs = [a.body for a in p.actions if a.check is Check.CREATE and a.kind == "Job" and a.body]
     compress = next(j for j in jobs if j["metadata"]["labels"].get(L.COMPONENT) == L.COMPONENT_COMPRESS)
     cargs = compress["spec"]["template"]["spec"]["initContainers"][0]["args"]
