@@ -7,7 +7,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-
 DEFAULT_HOST_STORE_ROOTS = ("/var/lib/kiri/artifacts", "/var/lib/kiri/site-data")
 """The chart's default allow-list: the default artifact store and learning site data of the API's defaults."""
 

@@ -69,7 +69,7 @@ def test_the_default_store_compresses_by_default_and_an_admin_can_allow_no_host_
 
 
 def test_a_cache_path_in_the_spec_is_refused_unless_it_is_the_old_default_which_older_objects_carry():
-    with pytest.raises(ValidationError, match="edge.cache.path is no longer a spec field"):
+    with pytest.raises(ValidationError, match=r"edge\.cache\.path is no longer a spec field"):
         spec(**{"edge.cache.path": "/etc"})
     assert spec(**{"edge.cache.path": "/var/lib/kiri/cache"}).edge.cache.path == "/var/lib/kiri/cache"
 
