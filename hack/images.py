@@ -1,4 +1,5 @@
-"""Kiri's container images without a Docker daemon: `hack/images.py build|load [pause] [runtime] [operator]`.
+"""Kiri's container images without a Docker daemon: `hack/images.py build|load [pause] [runtime] [operator]
+[cache-csi]`.
 
 - `pause`: the pod sandbox image of the real nodes (containerd's `pinned_images.sandbox`). Its one file is
   the Kubernetes pause binary, compiled statically with gcc from `build/pause/linux/pause.c` of the pinned
@@ -9,6 +10,9 @@
   the base is Debian bookworm's own python3 (3.11) installed by mmdebstrap from the machine's apt mirror
   instead of the python:3.11-slim-bookworm image (no registry access here); the wheels are fetched by the
   host's pip (its TLS settings reach PyPI) and installed offline into the image's venv.
+
+- `cache-csi`: the node cache CSI driver (csi/kiri-cache-csi, Go): one static binary, built with the Go
+  toolchain from the module's go.sum, the chart's `edgeCache.image`.
 
 - `operator`: `kiri operator`, the Dockerfile's `operator` target: the runtime image's recipe with plain
   `kiri` in the venv (no onnxruntime, no numpy), its CMD and ports (8080 liveness, 9102 metrics).
@@ -47,6 +51,8 @@ IMAGES_DIR = KIRI_CACHE / "images"
 STATE_DIR = Path(os.environ.get("KIRI_STATE_DIR") or REPO_ROOT / ".kiri").resolve()
 
 PAUSE_REF = "kiri.dev/pause:3.10-k8s"
+CACHE_CSI_REF = "ghcr.io/kiri-dev/kiri-cache-csi:0.1.0"  # the chart's edgeCache.image:appVersion
+CACHE_CSI_DIR = REPO_ROOT / "csi" / "kiri-cache-csi"
 RUNTIME_REF = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
 OPERATOR_REF = "ghcr.io/kiri-dev/kiri-operator:0.1.0"  # the chart's image.repository:appVersion
 # bookworm's python3 is 3.11, the Dockerfile's Python; python3-venv brings ensurepip (pip in the venv).
@@ -110,6 +116,8 @@ def recipe(name: str) -> str:
     """The parts of this script that make the image (not how it is loaded): edits elsewhere rebuild nothing."""
     if name == "pause":
         parts: list[Any] = [build_pause, oci_assemble, PAUSE_REF]
+    elif name == "cache-csi":
+        parts = [build_cache_csi, oci_assemble, CACHE_CSI_REF]
     else:
         # The base layer has a key of its own (its file name); the image is rebuilt when it changes.
         ref = RUNTIME_REF if name == "runtime" else OPERATOR_REF
@@ -123,6 +131,10 @@ def image_key(name: str) -> str:
     if name == "pause":
         digest(h, k8s_module_dir() / "build" / "pause" / "linux" / "pause.c", "pause.c")
         h.update(run("gcc", "--version").splitlines()[0].encode())
+    elif name == "cache-csi":
+        for f in sorted(CACHE_CSI_DIR.iterdir()):
+            digest(h, f, str(f.relative_to(REPO_ROOT)))
+        h.update(run("go", "version").encode())
     else:
         digest(h, HACK_DIR / "docker" / "Dockerfile", "Dockerfile")
         for f in source_files():
@@ -165,6 +177,32 @@ def build_pause(work: Path, out: Path) -> None:
         ["--config.entrypoint", "/pause", "--config.user", "65535:65535"],
         work,
     )
+
+
+def build_cache_csi(work: Path, out: Path) -> None:
+    need("go", "umoci", "skopeo")
+    root = work / "rootfs"
+    root.mkdir()
+    # Static (no cgo): the image holds this one file. It runs as root: mounts and chown need it.
+    env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly -buildvcs=false"}
+    run(
+        "go",
+        "build",
+        "-trimpath",
+        "-ldflags",
+        "-s -w",
+        "-o",
+        root / "kiri-cache-csi",
+        ".",
+        cwd=CACHE_CSI_DIR,
+        env=env,
+    )
+    layer = work / "layer.tar"
+    run(
+        "tar", "--numeric-owner", "--owner=0", "--group=0", "--mtime=@0", "-C", root, "-cf", layer,
+        "kiri-cache-csi",
+    )  # fmt: skip
+    oci_assemble([layer], CACHE_CSI_REF, out, ["--config.entrypoint", "/kiri-cache-csi"], work)
 
 
 def wheelhouse(work: Path) -> Path:
@@ -309,7 +347,12 @@ def mirror() -> str:
     return "http://deb.debian.org/debian"
 
 
-BUILDERS = {"pause": build_pause, "runtime": build_runtime, "operator": build_operator}
+BUILDERS = {
+    "pause": build_pause,
+    "runtime": build_runtime,
+    "operator": build_operator,
+    "cache-csi": build_cache_csi,
+}
 
 
 def build(name: str, force: bool = False) -> Path:
@@ -376,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/images.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("command", choices=["build", "load", "path"])
-    parser.add_argument("images", nargs="*", help="pause, runtime and/or operator (default: all)")
+    parser.add_argument("images", nargs="*", help="pause, runtime, operator and/or cache-csi (default: all)")
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     args = parser.parse_args(argv)
     names = args.images or list(BUILDERS)

@@ -103,10 +103,11 @@ server-side-applies its children, which is `patch`, and deletes children of old 
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
-# One Event per decision; each is a new object (kopf's own event posting is off).
+# One Event per decision; each is a new object (kopf's own event posting is off). list: the DaemonSet
+# and Job controllers' FailedCreate Events about Kiri's children say why admission refused their pods.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end }}
 
 {{/*
