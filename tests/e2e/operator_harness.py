@@ -56,6 +56,9 @@ class Operator:
             str(self.port),
             *self.extra,
         ]
+        if not any(e.startswith("--host-store-root") for e in self.extra):
+            # The tests' file:// stores live in pytest's temporary directories: the admin allows those.
+            cmd += ["--host-store-root", tempfile.gettempdir()]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 cmd, env=self.cluster.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT

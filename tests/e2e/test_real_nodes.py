@@ -377,6 +377,10 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         yaml.safe_dump(
             {
                 "operator": {"watchNamespaces": [namespace]},
+                # The test's file:// store (the operator in its pod only names it; the Job runs here).
+                "hostStores": {"roots": [str(tmp_path)]},
+                # The edge fleet is kwok's here: no cache driver (test_real_node_cache runs it).
+                "edgeCache": {"enabled": False},
                 # Imported into the node's containerd by hack/images.py: there is no registry to pull from.
                 "image": {"pullPolicy": "Never"},
                 "nodeSelector": {"kiri.dev/node-kind": "real"},

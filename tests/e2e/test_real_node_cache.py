@@ -1,0 +1,315 @@
+"""The edge node cache on real kubelets (issue 17): the chart's CSI driver (csi/kiri-cache-csi, image
+`cache-csi` of hack/images.py) registered with two real kubelets, and the edge DaemonSet the operator builds
+(planning.building.edge_daemonset) in two tenant namespaces that enforce Pod Security "baseline" and
+"restricted": the pods are admitted, fetch and verify their model into their own cache directory, turn
+Ready, and neither namespace sees the other's cache, even when a pod asks for the other's by name.
+
+The driver runs as the chart renders it (helm template, one release per real node: the nodes of
+`hack/cluster up --real-nodes 2` share this host, so each has its own kubelet root and cache root), in a
+namespace labelled `privileged`. Bidirectional mount propagation needs the host paths on a shared mount;
+the real nodes' state dir is not, so the fixture makes the two it needs shared (`hack/cluster down` unmounts
+everything under the state dir). Marked `real_nodes` (see tests/e2e/test_real_nodes.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import os
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.planning import building as B
+
+from .conftest import CLUSTER_SCRIPT, REPO_ROOT, Cluster
+from .test_real_nodes import RUNTIME_IMAGE, classifier_onnx
+
+pytestmark = pytest.mark.real_nodes
+
+REAL_NODES = ("kiri-real-0", "kiri-real-1")
+REAL_TOLERATION = {"key": "kiri.dev/node-kind", "operator": "Equal", "value": "real", "effect": "NoSchedule"}
+STATE_DIR = Path(os.environ.get("KIRI_STATE_DIR") or REPO_ROOT / ".kiri").resolve()
+
+
+def _run(*cmd: str, timeout: float = 600) -> str:
+    proc = subprocess.run(
+        list(cmd), capture_output=True, text=True, timeout=timeout, check=False, cwd=REPO_ROOT
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout
+
+
+def _shared(path: Path) -> None:
+    """Make `path` a shared mount point (a recursive bind onto itself first, unless it is one already)."""
+    path.mkdir(parents=True, exist_ok=True)
+    points = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    if str(path) not in points:
+        _run("mount", "--rbind", str(path), str(path))
+    _run("mount", "--make-rshared", str(path))
+
+
+def kubelet_root(node: str) -> Path:
+    return STATE_DIR / "nodes" / node / "kubelet" / "root"
+
+
+def cache_root(node: str) -> Path:
+    return STATE_DIR / "nodes" / node / "kiri-cache"
+
+
+@pytest.fixture(scope="module")
+def cache_driver(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The chart's CSI driver on both real nodes, with the runtime and driver images in their containerd."""
+    _run("bash", str(REPO_ROOT / "hack" / "build-binaries.sh"), "real-nodes", timeout=1800)
+    _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", str(len(REAL_NODES)), timeout=600)
+    _run(sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", "cache-csi", timeout=1800)
+    system = f"kiri-system-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", system)
+    cluster.kubectl("label", "namespace", system, "pod-security.kubernetes.io/enforce=privileged")
+    from .test_helm import CHART, _with_helm, helm
+
+    env = _with_helm(cluster.env, tmp_path_factory.mktemp("helm-home"))
+    try:
+        for node in REAL_NODES:
+            _shared(kubelet_root(node))
+            _shared(cache_root(node))
+            values = tmp_path_factory.mktemp("values") / "values.yaml"
+            values.write_text(
+                yaml.safe_dump(
+                    {
+                        "edgeCache": {
+                            "root": str(cache_root(node)),
+                            "kubeletDir": str(kubelet_root(node)),
+                            "image": {"pullPolicy": "Never"},
+                            "nodeSelector": {"kubernetes.io/hostname": node},
+                            "tolerations": [REAL_TOLERATION],
+                        }
+                    }
+                )
+            )
+            rendered = helm(env, "template", f"csi-{node[-1]}", str(CHART), "--namespace", system,
+                            "-f", str(values), "--show-only", "templates/cache-csi.yaml").stdout  # fmt: skip
+            cluster.apply([d for d in yaml.safe_load_all(rendered) if d], namespace=system)
+
+        def registered() -> bool:
+            for node in REAL_NODES:
+                csinode = cluster.get_json("csinode", node)
+                if "cache.kiri.dev" not in [d["name"] for d in csinode.get("spec", {}).get("drivers") or []]:
+                    return False
+            return True
+
+        try:
+            cluster.wait_for(registered, timeout=120, interval=1, message="cache.kiri.dev in both CSINodes")
+        except TimeoutError:
+            raise AssertionError(cluster.kubectl("describe", "pods", "-n", system, check=False)) from None
+        yield system
+    finally:
+        cluster.kubectl("delete", "namespace", system, "--wait=true", "--timeout=60s", check=False)
+        cluster.kubectl("delete", "csidriver", "cache.kiri.dev", "--ignore-not-found", check=False)
+
+
+@pytest.fixture(scope="module")
+def model_server() -> Iterator[tuple[str, str]]:
+    """The classifier over HTTP on the cluster's host address, which every real node's netns routes to."""
+    model, _, _ = classifier_onnx()
+    state = json.loads((STATE_DIR / "state.json").read_text())
+    first = state["real_nodes"]["nodes"][REAL_NODES[0]]["internal_ip"]  # 172.<b>.0.1
+    host = ".".join(first.split(".")[:2]) + ".127.1"
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(model)))
+            self.end_headers()
+            self.wfile.write(model)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = socketserver.ThreadingTCPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}/clf.onnx", hashlib.sha256(model).hexdigest()
+    finally:
+        server.shutdown()
+
+
+def edge_daemonset(namespace: str, name: str, uri: str, sha: str) -> dict[str, Any]:
+    """What the operator builds for an edge variant, pinned to both real nodes, without its owner (there
+    is no ModelDeployment here for the garbage collector to find)."""
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "model": {"name": "clf", "version": "1", "source": {"uri": uri, "sha256": sha}},
+            "runtime": {"image": RUNTIME_IMAGE, "imagePullPolicy": "Never"},
+            "cloud": {"replicas": 0},
+            "edge": {"tolerations": [REAL_TOLERATION], "variants": [{"name": "fp32", "method": "fp16"}]},
+        }
+    )
+    owner = B.Owner(name, namespace, "uid-" + name)
+    ds = B.edge_daemonset(spec, owner, "rev1", "comp1", "fp32", B.EdgeArtifact(uri, sha), REAL_NODES, {})
+    del ds["metadata"]["ownerReferences"]
+    return ds
+
+
+def tenant(cluster: Cluster, level: str) -> str:
+    name = f"e2e-cache-{level}-{uuid.uuid4().hex[:6]}"
+    cluster.kubectl("create", "namespace", name)
+    cluster.kubectl(
+        "label", "namespace", name, f"pod-security.kubernetes.io/enforce={level}", "kiri.dev/e2e=true"
+    )
+    cluster.wait_for(
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, check=False),
+        timeout=30,
+        message=f"default ServiceAccount in {name}",
+    )
+    return name
+
+
+def ready_pods(cluster: Cluster, namespace: str) -> dict[str, str] | None:
+    """node -> pod name once a Ready pod runs on every real node."""
+    pods = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/component=edge")["items"]
+    out = {}
+    for pod in pods:
+        conds = {c["type"]: c["status"] for c in pod.get("status", {}).get("conditions", [])}
+        if conds.get("Ready") == "True":
+            out[pod["spec"]["nodeName"]] = pod["metadata"]["name"]
+    return out if set(out) == set(REAL_NODES) else None
+
+
+def in_pod(cluster: Cluster, namespace: str, pod: str, code: str) -> str:
+    return cluster.kubectl("exec", pod, "-n", namespace, "--", "python3", "-c", code, timeout=60).strip()
+
+
+def test_edge_pods_under_baseline_and_restricted_cache_their_model_apart_on_real_nodes(
+    cluster: Cluster, cache_driver: str, model_server: tuple[str, str]
+) -> None:
+    uri, sha = model_server
+    spaces = {"baseline": tenant(cluster, "baseline"), "restricted": tenant(cluster, "restricted")}
+    try:
+        t0 = time.monotonic()
+        for ns in spaces.values():
+            cluster.apply(edge_daemonset(ns, "clf", uri, sha), namespace=ns)
+        pods: dict[str, dict[str, str]] = {}
+        for level, ns in spaces.items():
+            try:
+                pods[level] = cluster.wait_for(
+                    lambda ns=ns: ready_pods(cluster, ns),
+                    timeout=240,
+                    interval=1,
+                    message=f"{level} edge pods Ready",
+                )
+            except TimeoutError:
+                detail = cluster.kubectl("describe", "pods", "-n", ns, check=False)
+                events = cluster.kubectl("get", "events", "-n", ns, check=False)
+                raise AssertionError(f"{level}: pods not Ready\n{detail}\n{events}") from None
+        print(f"\nedge DaemonSets applied -> 4 pods Ready: {time.monotonic() - t0:.1f}s", file=sys.stderr)
+
+        blob = f"blobs/sha256/{sha}"
+        for node in REAL_NODES:
+            for level, ns in spaces.items():
+                # On the node: <root>/<namespace>/<model>, the runtime's, holding the verified blob.
+                own = cache_root(node) / ns / "clf"
+                st = own.stat()
+                assert (st.st_uid, st.st_gid, oct(st.st_mode & 0o777)) == (65532, 65532, "0o750")
+                assert (own / blob).is_file()
+                ns_dir = (cache_root(node) / ns).stat()
+                assert (ns_dir.st_uid, oct(ns_dir.st_mode & 0o777)) == (0, "0o711")
+                # In the pod: the mount is that directory and nothing above it.
+                pod = pods[level][node]
+                source = in_pod(cluster, ns, pod, (
+                    "print(next(l.split()[3] for l in open('/proc/self/mountinfo') if l.split()[4] == '/var/cache/kiri'))"
+                ))  # fmt: skip
+                assert source.endswith(f"/kiri-cache/{ns}/clf"), source
+            # Each namespace writes a file of its own; the other never sees it.
+            a, b = spaces["baseline"], spaces["restricted"]
+            in_pod(cluster, a, pods["baseline"][node], "open('/var/cache/kiri/mine-a', 'w').write('a')")
+            listing = in_pod(
+                cluster,
+                b,
+                pods["restricted"][node],
+                "import os; print(sorted(os.listdir('/var/cache/kiri')))",
+            )
+            assert "mine-a" not in listing and "blobs" in listing, listing
+            assert (cache_root(node) / a / "clf" / "mine-a").read_text() == "a"
+            assert not (cache_root(node) / b / "clf" / "mine-a").exists()
+    finally:
+        for ns in spaces.values():
+            cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)
+
+
+def test_a_pod_naming_another_namespace_in_its_volume_attributes_still_gets_its_own_directory(
+    cluster: Cluster, cache_driver: str
+) -> None:
+    mine, theirs = tenant(cluster, "restricted"), f"victim-{uuid.uuid4().hex[:6]}"
+    try:
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "snoop"},
+            "spec": {
+                "nodeName": REAL_NODES[0],
+                "tolerations": [REAL_TOLERATION],
+                "automountServiceAccountToken": False,
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "runAsUser": 65532,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "containers": [
+                    {
+                        "name": "c",
+                        "image": RUNTIME_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "command": ["python3", "-c", "import time; time.sleep(3600)"],
+                        "securityContext": {
+                            "allowPrivilegeEscalation": False,
+                            "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}],
+                    }
+                ],
+                "volumes": [
+                    {
+                        "name": "cache",
+                        "csi": {
+                            "driver": "cache.kiri.dev",
+                            # The kubelet's own pod.namespace replaces this one.
+                            "volumeAttributes": {"model": "clf", "csi.storage.k8s.io/pod.namespace": theirs},
+                        },
+                    }
+                ],
+            },
+        }
+        cluster.apply(pod, namespace=mine)
+
+        def running() -> bool:
+            got = cluster.get_json("pod", "snoop", "-n", mine)
+            return bool(got.get("status", {}).get("phase") == "Running")
+
+        try:
+            cluster.wait_for(running, timeout=120, interval=1, message="snoop Running")
+        except TimeoutError:
+            raise AssertionError(
+                cluster.kubectl("describe", "pod", "snoop", "-n", mine, check=False)
+            ) from None
+        source = in_pod(cluster, mine, "snoop", (
+            "print(next(l.split()[3] for l in open('/proc/self/mountinfo') if l.split()[4] == '/cache'))"
+        ))  # fmt: skip
+        assert source.endswith(f"/kiri-cache/{mine}/clf"), source
+        assert not (cache_root(REAL_NODES[0]) / theirs).exists()
+    finally:
+        cluster.kubectl("delete", "namespace", mine, "--wait=false", "--ignore-not-found", check=False)
