@@ -10,6 +10,7 @@ files mapped to a local directory.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,10 +179,13 @@ def test_edge_pods_refused_by_pod_security_are_named_in_edge_progressing(
         cond = next(c for c in got["status"]["conditions"] if c["type"] == "EdgeProgressing")
         refusals = pod_security_events(cluster, namespace)
         assert refusals, "the DaemonSet controller recorded no refusal"
-        assert cond["message"].startswith("pods of DaemonSet tiny-edge-")
-        assert (
-            'violates PodSecurity "baseline:latest": hostPath volumes (volume "artifacts")' in cond["message"]
+        names = "|".join(d["metadata"]["name"] for d in children(cluster, namespace, "tiny", "daemonsets"))
+        pattern = (
+            f'pods of DaemonSet ({names}) refused: Error creating: pods "({names})-[a-z0-9]{{5}}" is forbidden:'
+            ' violates PodSecurity "baseline:latest": hostPath volumes \\(volume "artifacts"\\)'
         )
+        assert re.fullmatch(pattern, cond["message"]), cond["message"]
+        assert cond["message"].split("refused: ", 1)[1] in refusals
         assert get_md(cluster, namespace, "tiny")["status"]["phase"] != "Healthy"
     finally:
         op.stop()
