@@ -404,3 +404,19 @@ def test_the_configmap_ledger_appends_under_the_resource_version_and_rereads_on_
     assert ledger.spent() == {"site-a": 2, "site-b": 1}
     assert api.cm is not None and api.cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert api.cm["metadata"]["labels"]["app.kubernetes.io/component"] == "learning-ledger"
+
+
+def test_site_data_outside_the_admins_host_stores_starts_no_round_and_says_why():
+    allowed = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
+    assert [c for c in allowed.children if c["kind"] == "Job"]
+    refused = learning.plan_learning(
+        _spec(siteDataPath="/etc/shadow"), _observed(), OWNER, variant_sizes={}, settings=Settings()
+    )
+    assert refused.children == []
+    assert refused.condition is not None
+    assert (refused.condition.type, refused.condition.status, refused.condition.reason) == (
+        "LearningProgressing",
+        "False",
+        "HostPathNotAllowed",
+    )
+    assert refused.condition.message.startswith("learning.siteDataPath '/etc/shadow' is a host path outside")
