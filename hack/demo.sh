@@ -104,8 +104,9 @@ echo "  CRD modeldeployments.kiri.dev applied; namespace $NS ready"
 step "Operator: kiri operator, standalone, watching namespace $NS"
 HEALTH_PORT="$(free_port)"
 METRICS_PORT="$(free_port)"
+# The demo's file:// artifact store is a host directory the admin (this script) allows.
 "$KIRI" operator --standalone --namespace "$NS" --liveness "http://127.0.0.1:$HEALTH_PORT/healthz" \
-  --metrics-port "$METRICS_PORT" --resync-seconds 10 >"$LOGS/operator.log" 2>&1 &
+  --metrics-port "$METRICS_PORT" --resync-seconds 10 --host-store-root "$DEMO_DIR" >"$LOGS/operator.log" 2>&1 &
 PIDS+=($!)
 OPERATOR_PID=${PIDS[-1]}
 wait_http "http://127.0.0.1:$HEALTH_PORT/healthz" 120 "$OPERATOR_PID"

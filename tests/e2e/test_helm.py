@@ -643,7 +643,7 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*KIRI, "operator", "--standalone", "--namespace", namespace, "--metrics-port", str(metrics_port),
-             "--liveness", f"http://127.0.0.1:{health_port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{health_port}/healthz", "--host-store-root", str(tmp_path)],
             env=op_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
         )  # fmt: skip
     try:
