@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kiri_operator.planning.settings import DEFAULT_HOST_STORE_ROOTS
+
 from .conftest import REPO_ROOT, Cluster
 
 WRITE_VERBS = ("create", "update", "patch", "apply", "delete")
@@ -57,8 +59,10 @@ class Operator:
             *self.extra,
         ]
         if not any(e.startswith("--host-store-root") for e in self.extra):
-            # The tests' file:// stores live in pytest's temporary directories: the admin allows those.
-            cmd += ["--host-store-root", tempfile.gettempdir()]
+            # The tests' file:// stores live in pytest's temporary directories: the admin allows those, and
+            # the chart's defaults (the learning tests' site data is the API's default path).
+            for root in (tempfile.gettempdir(), *DEFAULT_HOST_STORE_ROOTS):
+                cmd += ["--host-store-root", root]
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 cmd, env=self.cluster.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
