@@ -12,12 +12,21 @@ accumulate without Kiri counting them, and an operator restart loses nothing.
 the update revision's variants joined by ``|``: use it with ``=~``. Edge pods carry the
 ``kiri.dev/revision`` and ``kiri.dev/variant`` labels; a Kubernetes service-discovery scrape config
 relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progressive delivery").
+
+A measurement runs on a reconcile worker, so it is bounded whatever Prometheus (or whatever answers at its
+address) does: a connect timeout, a read timeout, and one deadline (``DEADLINE_S``) for all the queries of a
+measurement together, checked between the chunks of an answer, so a server that trickles bytes cannot hold
+the worker either; an answer larger than ``MAX_ANSWER_BYTES`` is refused. A query cut off by the deadline
+is an analysis error: the wave holds (inconclusive), it never rolls back on it. Only the addresses the
+administrator allowed are ever asked (``planning.admitting``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +47,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+"""Read timeout of one request (no byte for this long fails it)."""
+CONNECT_TIMEOUT_S = 3.0
+DEADLINE_S = 15.0
+"""All the queries of one measurement, together, end within this; the rest fail as analysis errors."""
+MAX_ANSWER_BYTES = 4 << 20
+"""A Prometheus answer to one scalar query is a few hundred bytes; anything this large is not one."""
 
 
 class QuerySpec(Protocol):
@@ -113,29 +128,54 @@ def _unix(t: datetime) -> float:
     return t.timestamp()
 
 
+def _read(response: httpx.Response, base: str, deadline: float) -> bytes:
+    """The body, chunk by chunk, within the deadline and the size cap."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise PrometheusError(f"Prometheus at {base} answered more than {MAX_ANSWER_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise PrometheusError(f"Prometheus at {base} did not answer within the measurement's deadline")
+    return bytes(body)
+
+
 def fetch_points(
-    client: httpx.Client, address: str, query: str, start: datetime, end: datetime, step: float
+    client: httpx.Client,
+    address: str,
+    query: str,
+    start: datetime,
+    end: datetime,
+    step: float,
+    *,
+    deadline: float | None = None,
 ) -> list[float | None]:
-    """The query evaluated every ``step`` seconds over [start, end]; an instant query if that is empty."""
+    """The query evaluated every ``step`` seconds over [start, end]; an instant query if that is empty.
+    ``deadline`` (``time.monotonic()``) bounds the whole request, however slowly the bytes come."""
     base = address.rstrip("/")
+    deadline = time.monotonic() + DEADLINE_S if deadline is None else deadline
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PrometheusError(f"Prometheus at {base} not asked: the measurement's deadline has passed")
+    timeout = httpx.Timeout(min(left, DEFAULT_TIMEOUT_S), connect=min(left, CONNECT_TIMEOUT_S))
+    if end < start:
+        url, params = f"{base}/api/v1/query", {"query": query, "time": _unix(end)}
+    else:
+        url = f"{base}/api/v1/query_range"
+        params = {"query": query, "start": _unix(start), "end": _unix(end), "step": step}
     try:
-        if end < start:
-            response = client.get(f"{base}/api/v1/query", params={"query": query, "time": _unix(end)})
-        else:
-            response = client.get(
-                f"{base}/api/v1/query_range",
-                params={"query": query, "start": _unix(start), "end": _unix(end), "step": step},
-            )
+        with client.stream("GET", url, params=params, timeout=timeout) as response:
+            status, body = response.status_code, _read(response, base, deadline)
     except httpx.HTTPError as exc:
         raise PrometheusError(f"Prometheus at {base} unreachable: {type(exc).__name__}: {exc}") from exc
     try:
-        payload = response.json()
+        payload = json.loads(body)
     except ValueError:
-        raise PrometheusError(
-            f"Prometheus at {base} answered HTTP {response.status_code}, not JSON"
-        ) from None
-    if response.status_code != 200 and payload.get("status") == "success":
-        raise PrometheusError(f"Prometheus at {base} answered HTTP {response.status_code}")
+        raise PrometheusError(f"Prometheus at {base} answered HTTP {status}, not JSON") from None
+    if not isinstance(payload, dict):
+        raise PrometheusError(f"Prometheus at {base} answered HTTP {status}, not a Prometheus answer")
+    if status != 200 and payload.get("status") == "success":
+        raise PrometheusError(f"Prometheus at {base} answered HTTP {status}")
     return parse_points(payload)
 
 
@@ -155,11 +195,20 @@ def judge(
     substitutions: Substitutions,
     since: datetime,
     now: datetime,
+    deadline: float | None = None,
 ) -> verdicts.QueryVerdict:
     try:
         rule = rule_of(query)
         start = since + timedelta(seconds=query.interval)
-        points = fetch_points(client, address, substitutions.apply(query.query), start, now, query.interval)
+        points = fetch_points(
+            client,
+            address,
+            substitutions.apply(query.query),
+            start,
+            now,
+            query.interval,
+            deadline=deadline,
+        )
     except (PrometheusError, ValueError) as exc:
         return verdicts.query_error(query.name, str(exc))
     return verdicts.judge_query(rule, points)
@@ -173,10 +222,14 @@ def measure_sync(
     now: datetime,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
+    deadline_s: float = DEADLINE_S,
 ) -> tuple[Measurement, list[verdicts.QueryVerdict]]:
-    """One measurement of every query over the wave so far (``since``: when the wave became Ready)."""
-    with httpx.Client(timeout=timeout) as client:
-        found = [judge(client, address, q, substitutions, since, now) for q in queries]
+    """One measurement of every query over the wave so far (``since``: when the wave became Ready), all of
+    it within ``deadline_s``. Redirects are not followed: the allowed address is the one asked."""
+    deadline = time.monotonic() + deadline_s
+    timeout_ = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))
+    with httpx.Client(timeout=timeout_, follow_redirects=False) as client:
+        found = [judge(client, address, q, substitutions, since, now, deadline) for q in queries]
     outcome, message = verdicts.combine(found)
     return Measurement(at=now, outcome=outcome, message=message), found
 
@@ -189,9 +242,12 @@ async def measure(
     now: datetime,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
+    deadline_s: float = DEADLINE_S,
 ) -> tuple[Measurement, list[verdicts.QueryVerdict]]:
     """:func:`measure_sync` off the event loop."""
-    return await asyncio.to_thread(measure_sync, address, queries, substitutions, since, now, timeout=timeout)
+    return await asyncio.to_thread(
+        measure_sync, address, queries, substitutions, since, now, timeout=timeout, deadline_s=deadline_s
+    )
 
 
 def measure_due(

@@ -57,6 +57,8 @@ class Reason:
     RECONCILING: Final = "Reconciling"
     AS_EXPECTED: Final = "AsExpected"
     INVALID_SPEC: Final = "InvalidSpec"
+    PROMETHEUS_NOT_ALLOWED: Final = "PrometheusNotAllowed"
+    """The analysis names a Prometheus outside the operator's allow-list (planning/admitting.py)."""
     # Reconciling=False while Stalled=True
     STALLED: Final = "Stalled"
     # Events no condition carries: revisions, children, writes, learning rounds

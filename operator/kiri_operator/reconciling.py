@@ -20,7 +20,7 @@ from kiri_operator.caches import Cache, Key
 from kiri_operator.conditions import Reason
 from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
-from kiri_operator.planning import Settings, invalid_spec_status, normalize_status, plan
+from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
 from kiri_operator.plans import Action, Check, Event, Plan
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
-        if spec is not None and spec.rollout.analysis is not None:
+        if spec is not None and spec.rollout.analysis is not None and admitting.refusal(spec, self.settings) is None:
             # Metric analysis is I/O, so it belongs to observe; the planner said (in status) whether it is due.
             from kiri_operator import analyzing
 

@@ -10,15 +10,15 @@ from __future__ import annotations
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.conditions import Reason
 from kiri_operator.observations import Observed
+from kiri_operator.planning import admitting, learning
 from kiri_operator.planning import building as B
-from kiri_operator.planning import learning
 from kiri_operator.planning.checking import check
 from kiri_operator.planning.cloud import plan_cloud
 from kiri_operator.planning.compression import plan_compression
 from kiri_operator.planning.edge import plan_edge
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.settings import Settings
-from kiri_operator.planning.status import normalize_status, plan_status
+from kiri_operator.planning.status import invalid_spec_status, normalize_status, plan_status
 from kiri_operator.plans import Check, Event, Plan, TierPlan, sooner
 
 # While anything is unfinished (compressing, a wave in flight), look again at least this often.
@@ -27,6 +27,8 @@ UNFINISHED_REQUEUE_SECONDS = 30.0
 
 def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | None = None) -> Plan:
     settings = settings or Settings()
+    if refused := admitting.refusal(spec, settings):
+        return invalid_spec_status(observed, refused[1], refused[0])
     owner = B.Owner(observed.name, observed.namespace, observed.uid)
     # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
     espec = learning.effective_spec(spec, observed.status.get("learning"))

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
+"""The Service the Prometheus Operator (kube-prometheus-stack) puts in front of a Prometheus in `monitoring`."""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -13,3 +16,5 @@ class Settings:
     manifest_grace_seconds: float = 120.0
     """How long a completed Job may take to have its manifest show up before it counts as failed."""
     pod_labels: Mapping[str, str] = field(default_factory=dict)
+    allowed_prometheus: tuple[str, ...] = (DEFAULT_PROMETHEUS,)
+    """The only Prometheus base URLs an analysis may name (`--allowed-prometheus`); others are refused."""
