@@ -50,6 +50,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=120.0,
         help="seconds a completed compression Job may take to have its manifest appear before it counts as failed",
     )
+    op.add_argument(
+        "--allowed-prometheus",
+        action="append",
+        default=None,
+        metavar="URL[,URL...]",
+        help="the only Prometheus base URLs an analysis may name (repeatable, or comma-separated; an empty "
+        "value allows none); other addresses are refused with Ready=False/PrometheusNotAllowed "
+        "(default: $KIRI_ALLOWED_PROMETHEUS, else http://prometheus-operated.monitoring.svc:9090)",
+    )
     op.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     op.add_argument("--log-level", default="INFO")
     op.add_argument(
@@ -80,6 +89,7 @@ def _operator(args: argparse.Namespace) -> int:
     from kiri_operator import handlers
     from kiri_operator.memos import Config
     from kiri_operator.planning import Settings
+    from kiri_operator.planning.settings import DEFAULT_PROMETHEUS
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -102,9 +112,18 @@ def _operator(args: argparse.Namespace) -> int:
         settings=Settings(
             compression_deadline_seconds=args.compression_deadline,
             manifest_grace_seconds=args.manifest_grace,
+            allowed_prometheus=allowed_prometheus(
+                args.allowed_prometheus, os.environ.get("KIRI_ALLOWED_PROMETHEUS"), DEFAULT_PROMETHEUS
+            ),
         ),
     )
     return handlers.run(config)
+
+
+def allowed_prometheus(flags: list[str] | None, env: str | None, default: str) -> tuple[str, ...]:
+    """The allow-list from the flags (each comma-separated), else the environment, else `default`."""
+    given = flags if flags is not None else ([env] if env is not None else [default])
+    return tuple(a.strip() for flag in given for a in flag.split(",") if a.strip())
 
 
 def _publish(args: argparse.Namespace) -> int:

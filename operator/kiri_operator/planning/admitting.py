@@ -47,7 +47,9 @@ def refusal(spec: ModelDeploymentSpec, settings: Settings) -> tuple[str, str] | 
     """(reason, message) when the operator refuses `spec`, else None. The message never repeats what a
     refused address carries beyond its scheme, host, port and path (it may hold credentials)."""
     analysis = spec.rollout.analysis
-    if analysis is not None and not prometheus_allowed(analysis.prometheus.address, settings.allowed_prometheus):
+    if analysis is not None and not prometheus_allowed(
+        analysis.prometheus.address, settings.allowed_prometheus
+    ):
         shown = normalize_address(analysis.prometheus.address) or "an address that is no plain http(s) URL"
         allowed = ", ".join(settings.allowed_prometheus) or "none"
         return (

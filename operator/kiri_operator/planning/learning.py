@@ -288,21 +288,24 @@ def round_objects(
     aggregator = _job(
         aggregator_name(owner.name, n, attempt),
         agg_labels,
-        {
-            "serviceAccountName": L.compressor_account_name(owner.name),
-            "nodeSelector": dict(spec.cloud.node_selector),
-            "tolerations": B._tolerations(spec.cloud.tolerations),
-            # Aggregate, then publish: the record only appears once the round has closed.
-            "initContainers": [_container(spec, "aggregate", agg_args, mounts)],
-            "containers": [_container(spec, "publish", publish_args, [store_mount, tmp_mount])],
-            "volumes": [
-                store.volume,
-                {"name": "tokens", "secret": {"secretName": tokens_secret(owner.name)}},
-                {"name": "tmp", "emptyDir": {}},
-                *w_vols,
-                *e_vols,
-            ],
-        },
+        B.pod_identity(
+            spec,
+            L.compressor_account_name(owner.name),
+            {
+                "nodeSelector": dict(spec.cloud.node_selector),
+                "tolerations": B._tolerations(spec.cloud.tolerations),
+                # Aggregate, then publish: the record only appears once the round has closed.
+                "initContainers": [_container(spec, "aggregate", agg_args, mounts)],
+                "containers": [_container(spec, "publish", publish_args, [store_mount, tmp_mount])],
+                "volumes": [
+                    store.volume,
+                    {"name": "tokens", "secret": {"secretName": tokens_secret(owner.name)}},
+                    {"name": "tmp", "emptyDir": {}},
+                    *w_vols,
+                    *e_vols,
+                ],
+            },
+        ),
         deadline,
     )
     service = {
@@ -340,24 +343,28 @@ def round_objects(
             token_mount,
             tmp_mount,
         ]
-        pod = {
-            "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
-            "tolerations": B._tolerations(spec.edge.tolerations),
-            "automountServiceAccountToken": False,
-            "containers": [_container(spec, "train", args, mounts)],
-            "volumes": [
-                {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
-                # Only this site's token: a trainer cannot speak for another site.
-                {
-                    "name": "tokens",
-                    "secret": {
-                        "secretName": tokens_secret(owner.name),
-                        "items": [{"key": site, "path": "token"}],
+        pod = B.pod_identity(
+            spec,
+            learning.trainer_service_account_name,
+            {
+                "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
+                "tolerations": B._tolerations(spec.edge.tolerations),
+                "automountServiceAccountToken": False,
+                "containers": [_container(spec, "train", args, mounts)],
+                "volumes": [
+                    {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
+                    # Only this site's token: a trainer cannot speak for another site.
+                    {
+                        "name": "tokens",
+                        "secret": {
+                            "secretName": tokens_secret(owner.name),
+                            "items": [{"key": site, "path": "token"}],
+                        },
                     },
-                },
-                {"name": "tmp", "emptyDir": {}},
-            ],
-        }
+                    {"name": "tmp", "emptyDir": {}},
+                ],
+            },
+        )
         objects.append(
             B.finish(_job(trainer_name(owner.name, n, site, attempt), labels, pod, deadline), owner)
         )
