@@ -4,6 +4,14 @@ Schemes: `file://` (or a bare path), `http(s)://`, and `s3://bucket/key` (path-s
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, region from `AWS_REGION` or
 `AWS_DEFAULT_REGION`, endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; unsigned when no key is set).
 
+Credentials come from the environment, which the operator fills from the ModelDeployment's Secret
+(`credentials.secretRef`, docs/operations.md "Security model"): an `http(s)://` store gets `Authorization:
+Bearer` from `KIRI_HTTP_BEARER_TOKEN` (or the file named by `KIRI_HTTP_BEARER_TOKEN_FILE`, read at each
+request so a rotated token is picked up), or `Basic` from `KIRI_HTTP_USERNAME` and `KIRI_HTTP_PASSWORD`;
+httpx drops the header on a redirect to another host. `KIRI_CA_FILE` names PEM certificates trusted in
+addition to the public roots (a store behind a private CA). A 401 or 403 fails at once, saying whether
+credentials were sent (never their values).
+
 The cache itself (layout, locks, quarantine, pins) is `kiri_runtime.artifacts`.
 
 Edge links drop: an HTTP transfer resumes from the bytes already on disk after a cut, retries with
@@ -14,6 +22,7 @@ A full disk raises `DiskFullError` naming the directory and the sizes.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import logging
@@ -21,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +39,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote, unquote, urlsplit
 
+import certifi
 import httpx
 
 from kiri_runtime.artifacts import ArtifactCache, VerifiedArtifact, fd_sha256
@@ -104,6 +115,36 @@ def _write(fh: IO[bytes], chunk: bytes) -> None:
     fh.write(chunk)
 
 
+def tls_verify(env: dict[str, str]) -> ssl.SSLContext | bool:
+    """The public roots plus `KIRI_CA_FILE`'s certificates when it is set; httpx's default otherwise."""
+    extra = env.get("KIRI_CA_FILE")
+    if not extra:
+        return True
+    context = ssl.create_default_context(cafile=certifi.where())
+    try:
+        context.load_verify_locations(cafile=extra)
+    except (OSError, ssl.SSLError) as exc:
+        raise FetchError(f"KIRI_CA_FILE {extra}: not a readable PEM bundle: {exc}") from None
+    return context
+
+
+def http_authorization(env: dict[str, str]) -> str | None:
+    """The `Authorization` value for an http(s) store, from the environment; None without credentials."""
+    token = env.get("KIRI_HTTP_BEARER_TOKEN")
+    token_file = env.get("KIRI_HTTP_BEARER_TOKEN_FILE")
+    if not token and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise FetchError(f"KIRI_HTTP_BEARER_TOKEN_FILE {token_file}: {exc.strerror}") from None
+    if token:
+        return f"Bearer {token.strip()}"
+    user, password = env.get("KIRI_HTTP_USERNAME"), env.get("KIRI_HTTP_PASSWORD")
+    if user:
+        return "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    return None
+
+
 class ArtifactFetcher:
     def __init__(
         self,
@@ -125,7 +166,9 @@ class ArtifactFetcher:
             connect=self.policy.connect_timeout_s,
             pool=self.policy.connect_timeout_s,
         )
-        self._client = client or httpx.Client(timeout=timeout, follow_redirects=True)
+        self._client = client or httpx.Client(
+            timeout=timeout, follow_redirects=True, verify=tls_verify(self._env)
+        )
 
     def close(self) -> None:
         self._client.close()
@@ -199,7 +242,7 @@ class ArtifactFetcher:
         if parts.scheme in ("", "file"):
             self._copy_file(Path(unquote(parts.path)), partial)
         elif parts.scheme in ("http", "https"):
-            self._http_download(uri, partial, lambda h: h, "http")
+            self._http_download(uri, partial, self._http_signer(), "http")
         elif parts.scheme == "s3":
             url, signer = self._s3(parts.netloc, parts.path.lstrip("/"))
             self._http_download(url, partial, signer, "s3")
@@ -213,6 +256,30 @@ class ArtifactFetcher:
         with source.open("rb") as src, partial.open("wb") as dst:
             while chunk := src.read(_CHUNK):
                 self._write(dst, chunk, partial)
+
+    def _http_signer(self) -> Callable[[dict[str, str]], dict[str, str]]:
+        def signer(headers: dict[str, str]) -> dict[str, str]:
+            authorization = http_authorization(self._env)
+            return {**headers, "Authorization": authorization} if authorization else headers
+
+        return signer
+
+    def _credentials_hint(self, scheme: str) -> str:
+        """Whether credentials were sent, and from where: names only, never values."""
+        env = self._env
+        if scheme == "s3":
+            sent = bool(env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"))
+            names = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        else:
+            sent = bool(
+                env.get("KIRI_HTTP_BEARER_TOKEN")
+                or env.get("KIRI_HTTP_BEARER_TOKEN_FILE")
+                or env.get("KIRI_HTTP_USERNAME")
+            )
+            names = "KIRI_HTTP_BEARER_TOKEN(_FILE) or KIRI_HTTP_USERNAME/KIRI_HTTP_PASSWORD"
+        if sent:
+            return f"the store refused the credentials in {names}"
+        return f"no credentials were sent (set {names}, e.g. with the spec's credentials.secretRef)"
 
     def _s3(self, bucket: str, key: str) -> tuple[str, Callable[[dict[str, str]], dict[str, str]]]:
         env = self._env
@@ -274,6 +341,8 @@ class ArtifactFetcher:
                 raise _Retryable("range not satisfiable; restarting")
             if code == 429 or code >= 500:
                 raise _Retryable(f"HTTP {code}")
+            if code in (401, 403):
+                raise FetchError(f"{_redact(url)}: HTTP {code}: {self._credentials_hint(scheme)}")
             if code not in (200, 206):
                 raise FetchError(f"{_redact(url)}: HTTP {code}")
             if code == 200 and offset:
