@@ -2,7 +2,8 @@
 
 Schemes: `file://` (or a bare path), `http(s)://`, and `s3://bucket/key` (path-style, SigV4 signed with
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, region from `AWS_REGION` or
-`AWS_DEFAULT_REGION`, endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; unsigned when no key is set).
+`AWS_DEFAULT_REGION`, endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; without keys, the pod's
+identity (EKS IRSA web identity or Pod Identity, `kiri_runtime.authenticating`); unsigned when none is set).
 
 Credentials come from the environment, which the operator fills from the ModelDeployment's Secret
 (`credentials.secretRef`, docs/operations.md "Security model"): an `http(s)://` store gets `Authorization:
@@ -43,6 +44,7 @@ import certifi
 import httpx
 
 from kiri_runtime.artifacts import ArtifactCache, VerifiedArtifact, fd_sha256
+from kiri_runtime.authenticating import AwsCredentialChain, CredentialsError
 from kiri_runtime.metrics import RuntimeMetrics
 from kiri_runtime.redaction import strip_url
 from kiri_runtime.signing import EMPTY_SHA256, sign_v4
@@ -169,6 +171,7 @@ class ArtifactFetcher:
         self._client = client or httpx.Client(
             timeout=timeout, follow_redirects=True, verify=tls_verify(self._env)
         )
+        self._aws = AwsCredentialChain(self._env, self._client)
 
     def close(self) -> None:
         self._client.close()
@@ -268,16 +271,19 @@ class ArtifactFetcher:
         """Whether credentials were sent, and from where: names only, never values."""
         env = self._env
         if scheme == "s3":
-            sent = bool(env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"))
-            names = "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
-        else:
-            sent = bool(
-                env.get("KIRI_HTTP_BEARER_TOKEN")
-                or env.get("KIRI_HTTP_BEARER_TOKEN_FILE")
-                or env.get("KIRI_HTTP_USERNAME")
+            source = self._aws.source()
+            if source is not None:
+                return f"the store refused the credentials from {source}"
+            return (
+                "no credentials were sent (give the pod AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY with the "
+                "spec's credentials.secretRef, or a service account bound to a cloud role)"
             )
-            names = "KIRI_HTTP_BEARER_TOKEN(_FILE) or KIRI_HTTP_USERNAME/KIRI_HTTP_PASSWORD"
-        if sent:
+        names = "KIRI_HTTP_BEARER_TOKEN(_FILE) or KIRI_HTTP_USERNAME/KIRI_HTTP_PASSWORD"
+        if (
+            env.get("KIRI_HTTP_BEARER_TOKEN")
+            or env.get("KIRI_HTTP_BEARER_TOKEN_FILE")
+            or env.get("KIRI_HTTP_USERNAME")
+        ):
             return f"the store refused the credentials in {names}"
         return f"no credentials were sent (set {names}, e.g. with the spec's credentials.secretRef)"
 
@@ -290,11 +296,13 @@ class ArtifactFetcher:
             or f"https://s3.{region}.amazonaws.com"
         )
         url = f"{endpoint.rstrip('/')}/{quote(bucket)}/{quote(key, safe='/-_.~')}"
-        access, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-        token = env.get("AWS_SESSION_TOKEN")
 
         def signer(headers: dict[str, str]) -> dict[str, str]:
-            if not access or not secret:
+            try:
+                credentials = self._aws.get()
+            except CredentialsError as exc:
+                raise FetchError(f"{_redact(url)}: no S3 credentials: {exc}") from None
+            if credentials is None:
                 return headers
             # Range is left unsigned so each resume signs the same way.
             unsigned = {k: v for k, v in headers.items() if k.lower() == "range"}
@@ -302,12 +310,12 @@ class ArtifactFetcher:
                 "GET",
                 url,
                 {"x-amz-content-sha256": EMPTY_SHA256},
-                access_key=access,
-                secret_key=secret,
+                access_key=credentials.access_key,
+                secret_key=credentials.secret_key,
                 region=region,
                 service="s3",
                 amz_date=datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
-                session_token=token,
+                session_token=credentials.session_token,
             )
             return {**signed, **unsigned}
 

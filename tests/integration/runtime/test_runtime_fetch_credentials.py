@@ -293,11 +293,14 @@ def test_s3_store_demanding_credentials_fails_with_403_without_them_and_succeeds
     with pytest.raises(FetchError) as info:
         _fetcher(tmp_path / "a", base).fetch(uri, DIGEST)
     assert str(info.value) == (
-        f"{url}/models/clf/v1/model.onnx: HTTP 403: no credentials were sent (set "
-        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, e.g. with the spec's credentials.secretRef)"
+        f"{url}/models/clf/v1/model.onnx: HTTP 403: no credentials were sent (give the pod "
+        "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY with the spec's credentials.secretRef, or a service account "
+        "bound to a cloud role)"
     )
     wrong = {**base, **keys, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
-    with pytest.raises(FetchError, match="HTTP 403: the store refused the credentials in AWS_ACCESS_KEY_ID"):
+    with pytest.raises(
+        FetchError, match="HTTP 403: the store refused the credentials from AWS_ACCESS_KEY_ID"
+    ):
         _fetcher(tmp_path / "b", wrong).fetch(uri, DIGEST)
     redaction.install()
     caplog.set_level(logging.DEBUG)
@@ -305,3 +308,112 @@ def test_s3_store_demanding_credentials_fails_with_403_without_them_and_succeeds
     assert path.read_bytes() == PAYLOAD
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert keys["AWS_SECRET_ACCESS_KEY"] not in logged
+
+
+# --- S3 through the pod's identity (EKS IRSA, EKS Pod Identity) -----------------------------------------
+
+# Four unauthenticated setup calls, then the fetcher's unsigned STS exchange is the fifth and last request
+# moto lets through unchecked (an unsigned AssumeRoleWithWebIdentity is refused by moto's checks, not by
+# AWS's); every later request, the fetcher's GET included, must carry credentials IAM knows.
+_ROLE_SETUP = """
+import boto3, json, sys
+kw = dict(endpoint_url=sys.argv[1], region_name="us-east-1", aws_access_key_id="setup", aws_secret_access_key="setup")
+iam = boto3.client("iam", **kw)
+iam.create_role(RoleName="edge-reader", AssumeRolePolicyDocument="{}")
+iam.put_role_policy(RoleName="edge-reader", PolicyName="read", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+s3 = boto3.client("s3", **kw)
+s3.create_bucket(Bucket="models")
+s3.put_object(Bucket="models", Key="clf/v1/model.onnx", Body=open(sys.argv[2], "rb").read())
+"""
+
+
+def _moto(no_auth_requests: int) -> tuple[subprocess.Popen[bytes], str]:
+    if not MOTO.exists():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(
+            f"no S3-compatible server: {MOTO} is absent (run hack/install-test-servers.sh)"
+        )
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(MOTO), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(no_auth_requests)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{url}/moto-api/")
+            break
+        except httpx.TransportError:
+            time.sleep(0.1)
+    return proc, url
+
+
+def test_s3_through_irsa_web_identity_exchanges_the_projected_token_and_signs_with_the_role(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    proc, url = _moto(no_auth_requests=5)
+    try:
+        (tmp_path / "payload").write_bytes(PAYLOAD)
+        subprocess.run([str(MOTO_PYTHON), "-c", _ROLE_SETUP, url, str(tmp_path / "payload")], check=True)
+        (tmp_path / "token").write_text("eyJhbGciOiJSUzI1NiJ9.projected-service-account-token.sig\n")
+        env = {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_REGION": "us-east-1",
+            # What the EKS pod identity webhook injects for a service account annotated with a role.
+            "AWS_ROLE_ARN": "arn:aws:iam::123456789012:role/edge-reader",
+            "AWS_WEB_IDENTITY_TOKEN_FILE": str(tmp_path / "token"),
+        }
+        redaction.install()
+        caplog.set_level(logging.DEBUG)
+        fetcher = _fetcher(tmp_path / "a", env)
+        assert fetcher.fetch("s3://models/clf/v1/model.onnx", DIGEST).read_bytes() == PAYLOAD
+        # IAM is enforced by now: the same object unsigned is refused.
+        with pytest.raises(FetchError, match="HTTP 403: no credentials were sent"):
+            _fetcher(tmp_path / "b", {"AWS_ENDPOINT_URL": url}).fetch("s3://models/clf/v1/model.onnx", DIGEST)
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert "projected-service-account-token" not in logged
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_s3_through_eks_pod_identity_takes_the_agents_credentials(
+    s3_with_iam: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    url, keys = s3_with_iam
+    seen: list[str | None] = []
+
+    class Agent(BaseHTTPRequestHandler):
+        """The EKS Pod Identity agent's answer (its link-local endpoint, here on 127.0.0.1)."""
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization"))
+            body = json.dumps(
+                {
+                    "AccessKeyId": keys["AWS_ACCESS_KEY_ID"],
+                    "SecretAccessKey": keys["AWS_SECRET_ACCESS_KEY"],
+                    "Token": None,
+                    "Expiration": "2099-01-01T00:00:00Z",
+                }
+            ).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    (tmp_path / "agent-token").write_text("pod-identity-token\n")
+    for agent in _serve(Agent, None):
+        env = {
+            "AWS_ENDPOINT_URL": url,
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI": f"{agent}/v1/credentials",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(tmp_path / "agent-token"),
+        }
+        fetcher = _fetcher(tmp_path / "a", env)
+        assert fetcher.fetch("s3://models/clf/v1/model.onnx", DIGEST).read_bytes() == PAYLOAD
+    assert seen == ["pod-identity-token"]
