@@ -13,8 +13,10 @@ the update revision's variants joined by ``|``: use it with ``=~``. Edge pods ca
 ``kiri.dev/revision`` and ``kiri.dev/variant`` labels; a Kubernetes service-discovery scrape config
 relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progressive delivery").
 
-A measurement runs on a reconcile worker, so it is bounded whatever Prometheus (or whatever answers at its
-address) does: a connect timeout, a read timeout, and one deadline (``DEADLINE_S``) for all the queries of a
+A measurement does not run on a reconcile worker: the operator's :class:`Analyst` takes it on a thread of
+its own, and the reconcile that found it due goes on (the wave holds, "analysis running"); when it ends the
+ModelDeployment is queued again and the next reconcile hands it to the planner. It is also bounded whatever
+Prometheus (or whatever answers at its address) does, so the analyst's threads are not held either: a connect timeout, a read timeout, and one deadline (``DEADLINE_S``) for all the queries of a
 measurement together, checked between the chunks of an answer, so a server that trickles bytes cannot hold
 the worker either; an answer larger than ``MAX_ANSWER_BYTES`` is refused. A query cut off by the deadline
 is an analysis error: the wave holds (inconclusive), it never rolls back on it. Only the addresses the
@@ -26,8 +28,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -158,6 +162,7 @@ def fetch_points(
     if left <= 0:
         raise PrometheusError(f"Prometheus at {base} not asked: the measurement's deadline has passed")
     timeout = httpx.Timeout(min(left, DEFAULT_TIMEOUT_S), connect=min(left, CONNECT_TIMEOUT_S))
+    params: dict[str, str | float]
     if end < start:
         url, params = f"{base}/api/v1/query", {"query": query, "time": _unix(end)}
     else:
@@ -250,13 +255,20 @@ async def measure(
     )
 
 
-def measure_due(
-    spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime
-) -> Measurement | None:
-    """The measurement reconcile should hand to the planner now, or None when none is due.
+@dataclass(frozen=True)
+class Due:
+    """A measurement the wave planner says is due: what to ask, and which wave and turn it is for."""
 
-    Called by the observe step (it is I/O); the wave planner decides from status when one is due.
-    """
+    address: str
+    queries: Sequence[QuerySpec]
+    substitutions: Substitutions
+    since: datetime
+    turn: tuple[str, datetime, datetime | None]
+    """(update revision, when its wave became Ready, the last measurement's time): one measurement each."""
+
+
+def due(spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime) -> Due | None:
+    """The measurement the wave planner wants now (it decides from status), or None."""
     analysis = spec.rollout.analysis
     if analysis is None:
         return None
@@ -270,10 +282,71 @@ def measure_due(
     substitutions = Substitutions(
         revision=state.update_revision, namespace=namespace, variants=[v.name for v in spec.edge.variants]
     )
-    measurement, _ = measure_sync(
-        analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, now
-    )
+    turn = (state.update_revision, state.ready_at, state.last_measured_at)
+    return Due(analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, turn)
+
+
+def _take(d: Due, now: datetime) -> Measurement:
+    measurement, _ = measure_sync(d.address, d.queries, d.substitutions, d.since, now)
     log.info(
-        "analysis of revision %s: %s (%s)", state.update_revision, measurement.outcome, measurement.message
+        "analysis of revision %s: %s (%s)", d.substitutions.revision, measurement.outcome, measurement.message
     )
     return measurement
+
+
+def measure_due(
+    spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime
+) -> Measurement | None:
+    """The measurement reconcile should hand to the planner now, taken here and now; None when none is due."""
+    d = due(spec, namespace, status, now)
+    return None if d is None else _take(d, now)
+
+
+class Analyst:
+    """Takes the due measurements on threads of its own, so a slow Prometheus holds no reconcile worker.
+
+    `take` is called by each reconcile: it starts the measurement the first time it is due and answers
+    "measuring" until it ends; `on_done(key)` (thread-safe: it is called from the analyst's thread) then
+    queues the ModelDeployment, and the next reconcile gets the measurement, once. A result for a turn that
+    is no longer due (another revision, a new wave, a measurement already applied) is dropped.
+    """
+
+    def __init__(
+        self,
+        on_done: Callable[[tuple[str, str]], None],
+        threads: int = 2,
+        take: Callable[[Due, datetime], Measurement] = _take,
+    ) -> None:
+        self._on_done = on_done
+        self._take = take
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiri-analyst")
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, str], tuple[Due, Future[Measurement]]] = {}
+
+    def take(
+        self, key: tuple[str, str], spec: ModelDeploymentSpec, status: Mapping[str, Any], now: datetime
+    ) -> tuple[Measurement | None, bool]:
+        """(the measurement for the planner or None, whether one is being taken)."""
+        d = due(spec, key[0], status, now)
+        with self._lock:
+            current = self._running.get(key)
+            if d is None:
+                self._running.pop(key, None)
+                return None, False
+            if current is not None and current[0].turn == d.turn and current[0].address == d.address:
+                future = current[1]
+                if not future.done():
+                    return None, True
+                del self._running[key]
+                try:
+                    return future.result(), False
+                except Exception as exc:  # a bug in the measuring, not Prometheus: hold, say why
+                    log.exception("analysis of %s/%s failed", *key)
+                    return Measurement(at=now, outcome="Error", message=f"{type(exc).__name__}: {exc}"), False
+            future = self._pool.submit(self._take, d, now)
+            self._running[key] = (d, future)
+        future.add_done_callback(lambda _: self._on_done(key))
+        return None, True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

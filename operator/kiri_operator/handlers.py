@@ -27,6 +27,7 @@ import kopf
 
 from kiri_operator import labels as L
 from kiri_operator import memos, metering, metrics, syncing
+from kiri_operator.analyzing import Analyst
 from kiri_operator.caches import Cache, Key, owner_key
 from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
@@ -78,7 +79,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     runtime.kube = kube
     runtime.cache = Cache()
     runtime.queue = WorkQueue()
-    runtime.reconciler = Reconciler(kube, runtime.cache, config.settings, config.status_progress_seconds)
+    loop = asyncio.get_running_loop()
+    # A measurement's end (on the analyst's thread) queues its ModelDeployment on the event loop.
+    def measured(key: Key) -> None:
+        loop.call_soon_threadsafe(runtime.enqueue, key, False)
+
+    runtime.analyst = Analyst(measured)
+    runtime.reconciler = Reconciler(
+        kube, runtime.cache, config.settings, config.status_progress_seconds, analyst=runtime.analyst
+    )
     for namespace in config.scopes:
         await asyncio.get_running_loop().run_in_executor(None, syncing.warm, kube, runtime.cache, namespace)
     if config.metrics_port:
@@ -134,6 +143,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime.tasks.clear()
     if runtime.queue is not None:
         runtime.queue.close()
+    if runtime.analyst is not None:
+        runtime.analyst.close()
     if runtime.kube is not None:
         runtime.kube.close()
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kiri_operator.caches import Cache, Key
 from kiri_operator.kube import Kube
 from kiri_operator.planning import Settings
 from kiri_operator.queueing import WorkQueue
 from kiri_operator.reconciling import Reconciler
+
+if TYPE_CHECKING:
+    from kiri_operator.analyzing import Analyst
 
 MEMO_KEY = "kiri"
 
@@ -48,6 +51,7 @@ class Runtime:
     queue: WorkQueue[Key] | None = None
     reconciler: Reconciler | None = None
     kube: Kube | None = None
+    analyst: Analyst | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     event_at: dict[Key, float] = field(default_factory=dict)
     """When the oldest watch event not yet reconciled queued each key (for the event-to-status latency)."""

@@ -133,6 +133,9 @@ class Observed:
     """Names of the PersistentVolumeClaims in the namespace; None when not looked up."""
     measurement: Measurement | None = None
     """The analysis measurement taken for this reconcile (analyzing.measure_due), when one was due."""
+    measuring: bool = False
+    """A due measurement is being taken off the reconcile worker (analyzing.Analyst); its end queues this
+    ModelDeployment again, so the planner need not look back soon."""
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))

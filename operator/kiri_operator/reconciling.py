@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
@@ -22,6 +22,9 @@ from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
 from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
 from kiri_operator.plans import Action, Check, Event, Plan
+
+if TYPE_CHECKING:
+    from kiri_operator.analyzing import Analyst
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,12 @@ class Reconciler:
         cache: Cache,
         settings: Settings | None = None,
         progress_interval: float = 10.0,
+        analyst: Analyst | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
+        self.analyst = analyst
+        """`analyzing.Analyst`: measurements off the worker; None measures in the reconcile (tests, tools)."""
         self.settings = settings or Settings()
         self.progress_interval = progress_interval
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
@@ -130,13 +136,21 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
-        if spec is not None and spec.rollout.analysis is not None and admitting.refusal(spec, self.settings) is None:
+        if (
+            spec is not None
+            and spec.rollout.analysis is not None
+            and admitting.refusal(spec, self.settings) is None
+        ):
             # Metric analysis is I/O, so it belongs to observe; the planner said (in status) whether it is due.
-            from kiri_operator import analyzing
+            if self.analyst is not None:
+                measurement, measuring = self.analyst.take(key, spec, observed.status, now)
+            else:
+                from kiri_operator import analyzing
 
-            measurement = analyzing.measure_due(spec, observed.namespace, observed.status, now)
-            if measurement is not None:
-                observed = replace(observed, measurement=measurement)
+                measuring = False
+                measurement = analyzing.measure_due(spec, observed.namespace, observed.status, now)
+            if measurement is not None or measuring:
+                observed = replace(observed, measurement=measurement, measuring=measuring)
         p: Plan = (
             invalid_spec_status(observed, error or "")
             if spec is None

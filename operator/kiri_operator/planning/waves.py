@@ -92,6 +92,8 @@ class Observed:
     pods: Mapping[str, NodePod] = field(default_factory=dict)
     variant_sizes: Mapping[str, int] = field(default_factory=dict)
     measurement: Measurement | None = None
+    measuring: bool = False
+    """A due measurement is being taken elsewhere; its end brings the next reconcile."""
     commands: Commands = field(default_factory=Commands)
 
     @cached_property
@@ -385,7 +387,10 @@ class _Rollout:
             reason = Reason.INCONCLUSIVE if m.outcome == "Inconclusive" else Reason.ANALYSIS_ERROR
             self.requeue_in(analysis.interval_seconds)
             return self.finish(Verdict("Inconclusive", reason, f"{label}: {m.message}"), self.current)
-        if state.last_measured_at is None:
+        if self.observed.measuring:
+            # The analyst queues this ModelDeployment when the measurement ends; this is a safety net only.
+            self.requeue_in(analysis.interval_seconds)
+        elif state.last_measured_at is None:
             self.requeue_in(analysis.warmup_seconds - _age(self.now, state.ready_at))
         else:
             self.requeue_in(analysis.interval_seconds - _age(self.now, state.last_measured_at))
