@@ -121,6 +121,7 @@ def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
             ("--set", "metrics.service.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"),
             "metrics",
         ),
+        (("--set", "analysis.allowedPrometheus={http://user:pass@prom:9090}"), "allowedPrometheus"),
     ],
     ids=[
         "two-replicas",
@@ -130,6 +131,7 @@ def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
         "bad-enum",
         "repeated-namespace",
         "monitor-without-service",
+        "prometheus-with-userinfo",
     ],
 )
 def test_bad_values_are_refused_with_the_key(
@@ -228,6 +230,8 @@ def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) 
     assert parsed.command == "operator" and parsed.standalone
     assert parsed.liveness == liveness_arg.removeprefix("--liveness=")
     assert parsed.metrics_port == metrics_port
+    # The analysis allow-list reaches the operator: by default the Prometheus Operator's Service alone.
+    assert parsed.allowed_prometheus == ["http://prometheus-operated.monitoring.svc:9090"]
     (service,) = by_kind(docs, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
