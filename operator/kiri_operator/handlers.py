@@ -80,6 +80,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     runtime.cache = Cache()
     runtime.queue = WorkQueue()
     loop = asyncio.get_running_loop()
+
     # A measurement's end (on the analyst's thread) queues its ModelDeployment on the event loop.
     def measured(key: Key) -> None:
         loop.call_soon_threadsafe(runtime.enqueue, key, False)

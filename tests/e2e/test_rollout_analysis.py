@@ -37,6 +37,7 @@ PROM_PORT = free_port()
 def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
     yield from operator_fixture(cluster, namespace, f"--allowed-prometheus=http://127.0.0.1:{PROM_PORT}")
 
+
 INTERVAL = 3
 ERROR_RATIO = (
     '(sum(rate(kiri_requests_total{revision="$revision",code=~"5.."}[4s])) or vector(0))'
