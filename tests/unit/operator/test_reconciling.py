@@ -269,3 +269,43 @@ def test_garbage_patched_into_status_rollout_is_reported_and_rebuilt_not_retried
     kube.calls.clear()
     assert r.reconcile(("ns", "md")).error is None
     assert not [c for c in kube.calls if c[0] == "event" and c[1] == "RolloutStatusInvalid"]
+
+
+class RecordingAnalyst:
+    """Stands in for analyzing.Analyst: records who asked for a measurement."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    def take(self, key: tuple[str, str], spec: Any, status: Any, now: Any) -> tuple[None, bool]:
+        self.asked.append(key)
+        return None, False
+
+
+@pytest.mark.parametrize(
+    ("address", "asked"),
+    [("http://prometheus-operated.monitoring.svc:9090", True), ("http://169.254.169.254/latest", False)],
+)
+def test_a_prometheus_outside_the_allow_list_is_never_asked_and_the_spec_is_refused(
+    address: str, asked: bool
+) -> None:
+    spec = {
+        **SPEC,
+        "rollout": {
+            "analysis": {
+                "prometheus": {"address": address},
+                "queries": [{"name": "errors", "query": "up", "successCondition": "result < 1"}],
+            }
+        },
+    }
+    kube, cache, analyst = RecordingKube(spec=spec), _cache(), RecordingAnalyst()
+    md = cache.md(("ns", "md"))
+    assert md is not None
+    cache.put_md({**md, "spec": spec, "metadata": {**md["metadata"], "resourceVersion": "2"}})
+    Reconciler(kube, cache, analyst=analyst).reconcile(("ns", "md"))  # type: ignore[arg-type]
+    assert analyst.asked == ([("ns", "md")] if asked else [])
+    status = cache.md(("ns", "md"))["status"]  # type: ignore[index]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"] == "PrometheusNotAllowed") is not asked
+    applied = [c for c in kube.calls if c[0] == "apply"]
+    assert bool(applied) is asked
