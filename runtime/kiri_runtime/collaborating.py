@@ -26,7 +26,8 @@ the whole request to the cloud, as for tensor models (fallback.py); the cloud fa
 Every answer's `usage` carries `kiri`: the mode, tokens per tier (`edge_tokens`: tokens the edge model produced
 that the answer kept, accepted drafts included; `cloud_tokens`: the cloud's own), `cloud_passes` (cloud forward
 passes: a verify is one, a continuation of n tokens n), `cloud_requests`, `draft_tokens`, `accepted_tokens`,
-`handoffs` and `handoff_reason` (the first). Metrics (vLLM's spec-decode names with the kiri: prefix):
+`handoffs` and `handoff_reason` (the last: a cascade whose
+hand-off found the cloud down says `cloud_unavailable`). Metrics (vLLM's spec-decode names with the kiri: prefix):
 
 | name | type | labels | meaning |
 |---|---|---|---|
@@ -219,8 +220,7 @@ class Report:
 
     def handoff(self, reason: str) -> None:
         self.handoffs += 1
-        if self.handoff_reason is None:
-            self.handoff_reason = reason
+        self.handoff_reason = reason
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
