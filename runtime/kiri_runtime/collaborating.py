@@ -15,7 +15,12 @@ Modes (`--collaboration`, per deployment; a request may choose another with the 
   k adapts (`SpeculationTuner`): it maximises expected tokens per second of a round, from the measured acceptance
   rate, the edge's draft time per token and the verify call's round trip.
 - `cascade`: the edge generates while its uncertainty stays under the threshold: the mean over the last `window`
-  tokens of the next-token entropy in nats (`--cascade-metric entropy`) or of 1 - top-1 probability (`top1`).
+  tokens of 1 - (top-1 probability - runner-up probability) (`--cascade-metric margin`, the default), of
+  1 - top-1 probability (`top1`) or of the next-token entropy in nats (`entropy`). Measured on the tiny LLaMA's int4
+  edge against its fp32 cloud (768 held-out positions, bench/collab): keeping the 60 % least uncertain positions
+  on the edge, the edge's argmax agreed with the cloud's on 97.2 % of them by margin, 93.5 % by top-1, 85.7 % by
+  entropy (no better than all positions: a small model's flat tail drowns the entropy). A near-tie at the top is
+  what int4 noise flips.
   Past it the uncertain token is not emitted: the cloud continues from the prefix (`/v1/completions` on the token
   ids) for `cloud_tokens` tokens (0: to the end), then the edge takes over again.
 
@@ -76,7 +81,7 @@ UNCERTAINTY, NOT_READY, OVERLOADED, CLOUD_UNAVAILABLE = (
     "overloaded",
     "cloud_unavailable",
 )
-METRICS = ("entropy", "top1")
+METRICS = ("margin", "top1", "entropy")
 MAX_K = 32
 EDGE_CHUNK = 16  # cascade: edge tokens per worker-thread hop (and per streamed delta)
 OPTION_KEYS = frozenset(
@@ -92,8 +97,8 @@ class CollabConfig:
     cloud_url: str | None = None
     cloud_model: str | None = None  # the model name at the cloud tier (default: the edge's)
     timeout_s: float = 30.0
-    cascade_metric: str = "entropy"
-    cascade_threshold: float = 1.0
+    cascade_metric: str = "margin"
+    cascade_threshold: float = 0.7
     cascade_window: int = 1
     cascade_cloud_tokens: int = 0  # tokens the cloud produces per hand-off; 0: the rest of the answer
     speculative_k: int = 0  # 0: adaptive
@@ -405,9 +410,14 @@ def accept_sampled(
 
 
 def uncertainty(logits: np.ndarray, metric: str) -> float:
+    """`entropy`: of the next-token distribution, in nats; `top1`: 1 - its top probability; `margin`: 1 - (top
+    probability - runner-up probability)."""
     logp = log_softmax(logits)
     if metric == "top1":
         return float(1.0 - math.exp(float(logp.max())))
+    if metric == "margin":
+        two = np.exp(np.partition(logp, -2)[-2:])
+        return float(1.0 - abs(two[1] - two[0]))
     p = np.exp(logp)
     return float(-(p * logp).sum())
 

@@ -120,12 +120,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     collab.add_argument("--cloud-model", help="the model's name at the cloud tier (default: --name)")
     collab.add_argument(
         "--cascade-metric",
-        choices=["entropy", "top1"],
-        default="entropy",
-        help="cascade uncertainty: next-token entropy in nats, or 1 - top-1 probability",
+        choices=["margin", "top1", "entropy"],
+        default="margin",
+        help="cascade uncertainty: 1 - (top-1 minus runner-up probability), 1 - top-1 probability, or the "
+        "next-token entropy in nats",
     )
     collab.add_argument(
-        "--cascade-threshold", type=float, default=1.0, help="cascade: hand off above this uncertainty"
+        "--cascade-threshold", type=float, default=0.7, help="cascade: hand off above this uncertainty"
     )
     collab.add_argument(
         "--cascade-window", type=_positive, default=1, help="cascade: tokens the uncertainty is averaged over"

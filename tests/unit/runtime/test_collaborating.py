@@ -111,9 +111,13 @@ def test_the_adaptive_k_grows_with_the_round_trip_and_shrinks_with_refusals() ->
     assert 1 <= k_for(0.5, 0.001) <= k_for(0.8, 0.200) <= 16
 
 
-def test_uncertainty_is_entropy_in_nats_or_one_minus_the_top_probability() -> None:
+def test_uncertainty_is_the_top_two_margin_one_minus_the_top_probability_or_entropy_in_nats() -> None:
     flat = np.zeros(4)
     assert uncertainty(flat, "entropy") == pytest.approx(math.log(4))
     assert uncertainty(flat, "top1") == pytest.approx(0.75)
+    assert uncertainty(flat, "margin") == pytest.approx(1.0)  # a tie at the top
     sure = np.array([30.0, 0.0, 0.0, 0.0])
-    assert uncertainty(sure, "entropy") < 1e-9 and uncertainty(sure, "top1") < 1e-9
+    for metric in ("entropy", "top1", "margin"):
+        assert uncertainty(sure, metric) < 1e-9
+    two_way = np.log(np.array([0.5, 0.3, 0.1, 0.1]))
+    assert uncertainty(two_way, "margin") == pytest.approx(0.8)
