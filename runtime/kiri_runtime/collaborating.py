@@ -56,128 +56,38 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 import numpy as np
 from prometheus_client import Counter
 
-from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle, _cut_at_stop, _held_back
-from kiri_runtime.generation_api import ApiError, Job
+from kiri_runtime.cloud_tier import CloudTier, CloudUnavailable
+from kiri_runtime.collaborations import (
+    CLOUD_ONLY,
+    CLOUD_UNAVAILABLE,
+    EDGE_ONLY,
+    SPECULATIVE,
+    UNCERTAINTY,
+    CollabConfig,
+    Options,
+    Report,
+    SpeculationTuner,
+    accept_greedy,
+    accept_sampled,
+    parse_options,
+    uncertainty,
+)
+from kiri_runtime.edge_sessions import EdgeSession, Emitter, pick
+from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle
+from kiri_runtime.generation_api import Job
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams
 from kiri_runtime.metrics import RuntimeMetrics
-from kiri_runtime.verifying import TOKEN_ID_PREFIX, log_softmax
 
 log = logging.getLogger(__name__)
 
-EDGE_ONLY, CLOUD_ONLY, SPECULATIVE, CASCADE = "edge-only", "cloud-only", "speculative", "cascade"
-MODES = (EDGE_ONLY, CLOUD_ONLY, SPECULATIVE, CASCADE)
-# Why a request (or part of one) changed tier.
-UNCERTAINTY, NOT_READY, OVERLOADED, CLOUD_UNAVAILABLE = (
-    "uncertainty",
-    "not_ready",
-    "overloaded",
-    "cloud_unavailable",
-)
-METRICS = ("margin", "top1", "entropy")
-MAX_K = 32
 EDGE_CHUNK = 16  # cascade: edge tokens per worker-thread hop (and per streamed delta)
-OPTION_KEYS = frozenset(
-    {"collaboration", "cascade_threshold", "cascade_window", "cascade_cloud_tokens", "speculative_k"}
-)
-
-
-@dataclass(frozen=True)
-class CollabConfig:
-    """A deployment's collaboration settings (`kiri serve` flags)."""
-
-    mode: str = EDGE_ONLY
-    cloud_url: str | None = None
-    cloud_model: str | None = None  # the model name at the cloud tier (default: the edge's)
-    timeout_s: float = 30.0
-    cascade_metric: str = "margin"
-    cascade_threshold: float = 0.7
-    cascade_window: int = 1
-    cascade_cloud_tokens: int = 0  # tokens the cloud produces per hand-off; 0: the rest of the answer
-    speculative_k: int = 0  # 0: adaptive
-    speculative_max_k: int = 12
-    verify_logprobs: int = 20  # top log-probabilities a sampled verify asks for (vLLM's default limit)
-
-
-@dataclass(frozen=True)
-class Options:
-    """One request's collaboration: the deployment's settings with the request's `kiri` overrides."""
-
-    mode: str
-    cascade_threshold: float
-    cascade_window: int
-    cascade_cloud_tokens: int
-    speculative_k: int
-
-
-def parse_options(raw: Any, config: CollabConfig, *, logprobs: bool) -> Options:
-    """The request's `kiri` object checked (ApiError 400 naming the field) over the deployment's defaults."""
-    opts = Options(
-        config.mode,
-        config.cascade_threshold,
-        config.cascade_window,
-        config.cascade_cloud_tokens,
-        config.speculative_k,
-    )
-    if raw is not None:
-        if not isinstance(raw, dict):
-            raise ApiError("kiri must be an object", "kiri", "invalid_type")
-        unknown = sorted(set(raw) - OPTION_KEYS)
-        if unknown:
-            raise ApiError(
-                f"kiri.{unknown[0]} is not a Kiri option (known: {', '.join(sorted(OPTION_KEYS))})",
-                f"kiri.{unknown[0]}",
-                "invalid_value",
-            )
-        mode = raw.get("collaboration", opts.mode)
-        if mode not in MODES:
-            raise ApiError(
-                f"kiri.collaboration must be one of {', '.join(MODES)}, got {str(mode)[:40]!r}",
-                "kiri.collaboration",
-                "invalid_value",
-            )
-        opts = replace(
-            opts,
-            mode=mode,
-            cascade_threshold=_number(raw, "cascade_threshold", opts.cascade_threshold),
-            cascade_window=_count(raw, "cascade_window", opts.cascade_window, 1, 64),
-            cascade_cloud_tokens=_count(raw, "cascade_cloud_tokens", opts.cascade_cloud_tokens, 0, 1 << 20),
-            speculative_k=_count(raw, "speculative_k", opts.speculative_k, 0, MAX_K),
-        )
-    if opts.mode != EDGE_ONLY and config.cloud_url is None:
-        raise ApiError(
-            f"collaboration {opts.mode!r} needs a cloud tier, and this server has none (--fallback-url)",
-            "kiri.collaboration",
-            "invalid_value",
-        )
-    if logprobs and opts.mode in (SPECULATIVE, CASCADE):
-        raise ApiError(
-            f"logprobs are not offered with collaboration {opts.mode!r} (its tokens come from two models)",
-            "logprobs",
-            "unsupported_parameter",
-        )
-    return opts
-
-
-def _number(raw: Mapping[str, Any], key: str, default: float) -> float:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise ApiError(f"kiri.{key} must be a number >= 0", f"kiri.{key}", "invalid_value")
-    return float(value)
-
-
-def _count(raw: Mapping[str, Any], key: str, default: int, lo: int, hi: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ApiError(f"kiri.{key} must be an integer from {lo} to {hi}", f"kiri.{key}", "invalid_value")
-    return value
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -207,346 +117,6 @@ class CollabMetrics:
         self.accepted_tokens = Counter(
             "kiri:spec_decode_num_accepted_tokens", "Accepted draft tokens.", ["model"], registry=r
         )
-
-
-@dataclass
-class Report:
-    """The `usage.kiri` of one answer."""
-
-    collaboration: str
-    edge_tokens: int = 0
-    cloud_tokens: int = 0
-    cloud_passes: int = 0
-    cloud_requests: int = 0
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    handoffs: int = 0
-    handoff_reason: str | None = None
-
-    def handoff(self, reason: str) -> None:
-        self.handoffs += 1
-        self.handoff_reason = reason
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-# --------------------------------------------------------------------------------------------- the cloud tier
-
-
-class CloudUnavailable(Exception):
-    """The cloud did not answer usefully (connection, timeout, non-200, a body we cannot read)."""
-
-
-@dataclass
-class Verdict:
-    """A verify call's answer for k draft tokens: per draft position the cloud's top list; then its own token."""
-
-    top: list[dict[int, float]]  # per draft position: token id -> log-probability (the cloud's top list)
-    draft_logprobs: list[float]  # the cloud's log-probability of each draft token
-    next_token: int  # what the cloud generated after the whole draft
-    seconds: float = 0.0
-
-
-class CloudTier:
-    """OpenAI completions on token ids at the cloud tier (a Kiri cloud or vLLM)."""
-
-    def __init__(self, base_url: str, model: str, timeout_s: float) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self._client = httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_keepalive_connections=32))
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            reply = await self._client.post(self.base_url + path, json=body)
-        except httpx.HTTPError as exc:
-            raise CloudUnavailable(f"{type(exc).__name__}: {exc}"[:200]) from None
-        if reply.status_code != 200:
-            raise CloudUnavailable(f"cloud answered {reply.status_code}: {reply.text[:200]}")
-        try:
-            data = reply.json()
-        except ValueError:
-            raise CloudUnavailable("cloud answered a body that is not JSON") from None
-        if not isinstance(data, dict):
-            raise CloudUnavailable("cloud answered a body that is not a JSON object")
-        return data
-
-    async def forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._post(path, body)
-
-    async def verify(self, ids: Sequence[int], k: int, params: SamplingParams, top_n: int) -> Verdict:
-        body = {
-            "model": self.model,
-            "prompt": list(ids),
-            "max_tokens": 1,
-            "echo": True,
-            "logprobs": top_n,
-            "return_tokens_as_token_ids": True,
-            **_sampling_body(params),
-        }
-        start = time.perf_counter()
-        data = await self._post("/v1/completions", body)
-        try:
-            lps = data["choices"][0]["logprobs"]
-            tokens = [_token_id(t) for t in lps["tokens"]]
-            tops = lps["top_logprobs"]
-            n = len(ids)
-            if len(tokens) != n + 1 or tokens[:n] != list(ids):
-                raise ValueError(f"{len(tokens)} tokens for a prompt of {n} plus one")
-            first = n - k
-            top = [{_token_id(t): float(p) for t, p in tops[first + i].items()} for i in range(k)]
-            draft_lps = [float(lps["token_logprobs"][first + i]) for i in range(k)]
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
-            raise CloudUnavailable(f"cloud's verify answer is unreadable: {exc}"[:200]) from None
-        return Verdict(top, draft_lps, tokens[n], time.perf_counter() - start)
-
-    async def complete(
-        self, ids: Sequence[int], params: SamplingParams, max_tokens: int
-    ) -> tuple[list[int], bool]:
-        """The cloud's continuation of `ids` (token ids) and whether it finished on its own (eos, stop)."""
-        body = {
-            "model": self.model,
-            "prompt": list(ids),
-            "max_tokens": max_tokens,
-            "logprobs": 0,
-            "return_tokens_as_token_ids": True,
-            **_sampling_body(params),
-        }
-        if params.stop:
-            body["stop"] = list(params.stop)
-        data = await self._post("/v1/completions", body)
-        try:
-            choice = data["choices"][0]
-            tokens = [_token_id(t) for t in choice["logprobs"]["tokens"]]
-            finished = choice.get("finish_reason") == "stop"
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise CloudUnavailable(f"cloud's completion is unreadable: {exc}"[:200]) from None
-        return tokens, finished
-
-    async def close(self) -> None:
-        await self._client.aclose()
-
-
-def _token_id(spelled: Any) -> int:
-    if not isinstance(spelled, str) or not spelled.startswith(TOKEN_ID_PREFIX):
-        raise ValueError(
-            f"token {str(spelled)[:30]!r} is not spelled token_id:N (return_tokens_as_token_ids)"
-        )
-    return int(spelled[len(TOKEN_ID_PREFIX) :])
-
-
-def _sampling_body(params: SamplingParams) -> dict[str, Any]:
-    body: dict[str, Any] = {"temperature": 0.0 if params.greedy else params.temperature}
-    if not params.greedy:
-        body["top_p"] = params.top_p
-        if params.top_k:
-            body["top_k"] = params.top_k
-        if params.seed is not None:
-            body["seed"] = params.seed
-    if params.stop_token_ids:
-        body["stop_token_ids"] = list(params.stop_token_ids)
-    return body
-
-
-# --------------------------------------------------------------------------------------------- decisions (pure)
-
-
-def sampling_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The distribution a request samples from: temperature, then top-k, then top-p (onnxruntime-genai's order)."""
-    z = logits.astype(np.float64) / max(params.temperature, 1e-6)
-    if params.top_k and params.top_k < z.size:
-        cut = np.partition(z, -params.top_k)[-params.top_k]
-        z = np.where(z >= cut, z, -np.inf)
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    if params.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        keep = np.cumsum(p[order]) - p[order] < params.top_p
-        mask = np.zeros_like(p, dtype=bool)
-        mask[order[keep]] = True
-        p = np.where(mask, p, 0.0)
-        p /= p.sum()
-    out: np.ndarray = p
-    return out
-
-
-def cloud_probs(top: Mapping[int, float], vocab: int, params: SamplingParams) -> np.ndarray:
-    """The cloud's sampling distribution from its top list (tokens outside it get none)."""
-    logits = np.full(vocab, -np.inf)
-    for token, lp in top.items():
-        if 0 <= token < vocab:
-            logits[token] = lp
-    return sampling_probs(logits, params)
-
-
-def accept_greedy(draft: Sequence[int], verdict: Verdict) -> tuple[int, int]:
-    """(accepted draft tokens, the cloud's token after them): a draft token stands while it is the cloud's argmax."""
-    for i, token in enumerate(draft):
-        best = max(verdict.top[i].items(), key=lambda kv: (kv[1], -kv[0]))[0]
-        if best != token:
-            return i, best
-    return len(draft), verdict.next_token
-
-
-def accept_sampled(
-    draft: Sequence[int],
-    edge_probs: Sequence[np.ndarray],
-    verdict: Verdict,
-    params: SamplingParams,
-    rng: np.random.Generator,
-) -> tuple[int, int]:
-    """Leviathan et al.: keep draft token x with probability min(1, q(x)/p(x)); at the first refusal draw from
-    norm(max(0, q - p)); all kept: the cloud's own sample after the draft."""
-    for i, token in enumerate(draft):
-        p = edge_probs[i]
-        q = cloud_probs(verdict.top[i], p.size, params)
-        if rng.random() < min(1.0, q[token] / max(p[token], 1e-30)):
-            continue
-        residual = np.maximum(q - p, 0.0)
-        total = residual.sum()
-        dist = residual / total if total > 0 else q
-        return i, int(rng.choice(dist.size, p=dist))
-    return len(draft), verdict.next_token
-
-
-def uncertainty(logits: np.ndarray, metric: str) -> float:
-    """`entropy`: of the next-token distribution, in nats; `top1`: 1 - its top probability; `margin`: 1 - (top
-    probability - runner-up probability)."""
-    logp = log_softmax(logits)
-    if metric == "top1":
-        return float(1.0 - math.exp(float(logp.max())))
-    if metric == "margin":
-        two = np.exp(np.partition(logp, -2)[-2:])
-        return float(1.0 - abs(two[1] - two[0]))
-    p = np.exp(logp)
-    return float(-(p * logp).sum())
-
-
-class SpeculationTuner:
-    """Chooses k from measured acceptance rate (per token), draft time per token and verify round trip (EMAs)."""
-
-    def __init__(self, max_k: int, alpha: float = 0.2) -> None:
-        self.max_k = max(1, max_k)
-        self.alpha = alpha
-        self.acceptance = 0.8
-        self.draft_s = 0.001
-        self.verify_s: float | None = None
-
-    def observe(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
-        a = self.alpha
-        if k:
-            # accepted of k, but a refusal ends the round: the per-token rate that explains `accepted`
-            rate = accepted / k if accepted == k else accepted / (accepted + 1)
-            self.acceptance = (1 - a) * self.acceptance + a * rate
-            self.draft_s = (1 - a) * self.draft_s + a * (draft_s / k)
-        self.verify_s = verify_s if self.verify_s is None else (1 - a) * self.verify_s + a * verify_s
-
-    def choose(self) -> int:
-        verify = self.verify_s if self.verify_s is not None else 0.05
-        alpha = min(self.acceptance, 0.99)
-        best_k, best_rate = 1, 0.0
-        for k in range(1, self.max_k + 1):
-            expected = (1 - alpha ** (k + 1)) / (1 - alpha)  # accepted drafts + the cloud's token
-            rate = expected / (k * self.draft_s + verify)
-            if rate > best_rate * 1.001:
-                best_k, best_rate = k, rate
-        return best_k
-
-
-# --------------------------------------------------------------------------------------------- edge side
-
-
-class EdgeSession:
-    """One request's context on the edge model, kept across rounds: a Generator fed by `append_tokens` only."""
-
-    def __init__(self, model: GenerativeModel, prompt: Sequence[int], max_length: int) -> None:
-        og = model.og
-        gp = og.GeneratorParams(model.model)
-        gp.set_search_options(max_length=max_length, do_sample=False)
-        self.generator = og.Generator(model.model, gp)
-        self.length = 0
-        self.logits = np.zeros(0, dtype=np.float32)
-        self.append(prompt)
-
-    def append(self, tokens: Sequence[int]) -> None:
-        self.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
-        self.length += len(tokens)
-        self.logits = np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)
-
-    def replace_tail(self, keep: int, tokens: Sequence[int]) -> None:
-        """Drop everything after `keep` tokens (rejected drafts), then append `tokens`."""
-        if keep < self.length:
-            self.generator.rewind_to(keep)
-            self.length = keep
-        self.append(tokens)
-
-
-def _pick(
-    logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
-) -> tuple[int, np.ndarray | None]:
-    if params.greedy:
-        return int(np.argmax(logits)), None
-    p = sampling_probs(logits, params)
-    return int(rng.choice(p.size, p=p)), p
-
-
-class Emitter:
-    """Turns tokens into the answer's text the way the decode scheduler does: eos and stop tokens end it, stop
-    strings cut it (text that may start one is held back), max_tokens ends it."""
-
-    def __init__(self, model: GenerativeModel, params: SamplingParams, prompt_tokens: int) -> None:
-        self.model = model
-        self.params = params
-        self.prompt_tokens = prompt_tokens
-        self.stream = model.tokenizer.create_stream()
-        self.pending = ""
-        self.generated = 0
-        self.done = False
-
-    def feed(self, tokens: Sequence[int]) -> tuple[Delta, int]:
-        """The delta for `tokens`, and how many of them the answer kept (it may end partway)."""
-        delta = Delta()
-        used = 0
-        for token in tokens:
-            if self.done:
-                break
-            used += 1
-            self.generated += 1
-            if token in self.model.eos_token_ids or token in self.params.stop_token_ids:
-                delta.text += self.pending
-                self.pending = ""
-                self._finish(
-                    delta, "stop", "eos_token" if token in self.model.eos_token_ids else "stop_token"
-                )
-                break
-            delta.token_ids.append(token)
-            self.pending += self.stream.decode(token)
-            text, stopped = _cut_at_stop(self.pending, self.params.stop)
-            if stopped:
-                delta.text += text
-                self.pending = ""
-                self._finish(delta, "stop", "stop_sequence")
-                break
-            hold = _held_back(text, self.params.stop)
-            delta.text += text[: len(text) - hold]
-            self.pending = text[len(text) - hold :]
-            if self.generated >= self.params.max_tokens:
-                delta.text += self.pending
-                self.pending = ""
-                self._finish(delta, "length", "length")
-        return delta, used
-
-    def finish_now(self, delta: Delta) -> None:
-        """The cloud said it is done (length or a stop string it matched): end here."""
-        if not self.done:
-            delta.text += self.pending
-            self.pending = ""
-            self._finish(delta, "length", "length")
-
-    def _finish(self, delta: Delta, finish: str, why: str) -> None:
-        self.done = True
-        delta.finish_reason, delta.stop_reason = finish, why
-        delta.prompt_tokens, delta.completion_tokens = self.prompt_tokens, self.generated
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -808,7 +378,7 @@ class Collaborator:
                 window.append(uncertainty(session.logits, metric))
                 if sum(window) / len(window) > threshold:
                     return out, True
-            token, _ = _pick(session.logits, run.params, run.rng)
+            token, _ = pick(session.logits, run.params, run.rng)
             out.append(token)
             if token in eos or token in run.params.stop_token_ids or len(out) == run.remaining:
                 break
@@ -859,7 +429,7 @@ class Collaborator:
         draft: list[int] = []
         probs: list[np.ndarray] = []
         for _ in range(k):
-            token, p = _pick(session.logits, run.params, run.rng)
+            token, p = pick(session.logits, run.params, run.rng)
             draft.append(token)
             if p is not None:
                 probs.append(p)

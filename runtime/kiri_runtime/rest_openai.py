@@ -23,16 +23,9 @@ from typing import Any
 
 from aiohttp import web
 
-from kiri_runtime.collaborating import EDGE_ONLY, NOT_READY, OVERLOADED, CloudUnavailable, Collaborator
+from kiri_runtime.collaborating import Collaborator
 from kiri_runtime.dataplane import DataPlane
-from kiri_runtime.errors import (
-    InferenceError,
-    ModelNotFound,
-    ModelNotReady,
-    Overloaded,
-    PayloadTooLarge,
-    UpstreamError,
-)
+from kiri_runtime.errors import InferenceError, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge
 from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle, Scheduler
 from kiri_runtime.generation_api import (
     ApiError,
@@ -58,7 +51,8 @@ from kiri_runtime.generation_api import (
 )
 from kiri_runtime.generative_model import GenerativeModel
 from kiri_runtime.metrics import UNKNOWN_MODEL
-from kiri_runtime.verifying import PromptScorer, echo_response, spell_logprobs
+from kiri_runtime.rest_collab import echo, forward, prompt_ids, submit, usage_kiri
+from kiri_runtime.verifying import PromptScorer, spell_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -126,74 +120,11 @@ class GenerationRoutes:
     def _submit(self, job: Job, prompt_text: str, stream: bool) -> GenerationHandle:
         scheduler = self._scheduler(job.model)
         model: GenerativeModel = scheduler.model
-        ids = self._prompt_ids(job, model, prompt_text)
+        ids = prompt_ids(job, model, prompt_text)
         max_tokens = resolve_max_tokens(job, len(ids), model.context_length)
-        collab = self.collaborator
-        if collab is not None:
-            options = collab.options(job)
-            if options.mode != EDGE_ONLY:
-                if collab.overloaded(scheduler.max_num_seqs, scheduler.queue_limit, scheduler.in_flight):
-                    raise Overloaded(f"{collab.active} collaborative requests in flight; retry later")
-                collab.counted(options)
-                return collab.submit(model, ids, job.params(max_tokens), options)
-            handle = scheduler.submit(ids, job.params(max_tokens), stream)
-            collab.counted(options)
-            return handle
-        return scheduler.submit(ids, job.params(max_tokens), stream)
-
-    @staticmethod
-    def _prompt_ids(job: Job, model: GenerativeModel, prompt_text: str) -> list[int]:
-        if job.prompt_ids is None:
-            return model.encode(prompt_text)
-        bad = next((t for t in job.prompt_ids if not 0 <= t < model.vocab_size), None)
-        if bad is not None:
-            raise ApiError(f"token id {bad} is outside the vocabulary (0..{model.vocab_size - 1})", "prompt")
-        return job.prompt_ids
-
-    def _usage_kiri(self, handle: GenerationHandle, last: Delta) -> dict[str, Any] | None:
-        report = getattr(handle, "kiri", None)
-        if report is not None:
-            return dict(report.as_dict())
         if self.collaborator is not None:
-            return self.collaborator.edge_only_report(last).as_dict()
-        return None
-
-    async def _forward(
-        self, request: web.Request, data: dict[str, Any], chat: bool, exc: InferenceError
-    ) -> web.StreamResponse | None:
-        """The cloud's answer when the edge model is not ready or at its limit (collaborating.py), or None."""
-        collab = self.collaborator
-        if collab is None or collab.cloud is None or not isinstance(exc, ModelNotReady | Overloaded):
-            return None
-        reason = OVERLOADED if isinstance(exc, Overloaded) else NOT_READY
-        stream = data.get("stream") is True
-        body = {k: v for k, v in data.items() if k not in ("stream", "stream_options")}
-        try:
-            answer = await collab.forward("/v1/chat/completions" if chat else "/v1/completions", body, reason)
-        except CloudUnavailable as failure:
-            raise UpstreamError(
-                f"the edge model is unavailable ({reason}) and the cloud failed: {failure}"
-            ) from None
-        if not stream:
-            return web.json_response(answer)
-        return await _replay_stream(request, answer, chat)
-
-    async def _echo(self, job: Job, rid: str) -> dict[str, Any]:
-        """A completion with echo: the verify call of speculative collaboration (verifying.py)."""
-        scheduler = self._scheduler(job.model)
-        model: GenerativeModel = scheduler.model
-        ids = self._prompt_ids(job, model, job.prompt or "")
-        max_tokens = resolve_max_tokens(job, len(ids), model.context_length)
-        scorer = self.scorers.get(job.model)
-        if scorer is None:
-            scorer = PromptScorer(model, job.model, self.metrics, scheduler.step_delay_s)
-            self.scorers[job.model] = scorer
-        top_n = job.logprobs or 0
-        scored = await scorer.score(ids, job.params(max_tokens), top_n)
-        prompt_text = job.prompt if job.prompt_ids is None else str(model.tokenizer.decode(ids))
-        return echo_response(
-            rid, job.model, now(), prompt_text or "", scored, job.tokens_as_ids, job.logprobs is not None
-        )
+            return submit(self.collaborator, scheduler, job, ids, job.params(max_tokens), stream)
+        return scheduler.submit(ids, job.params(max_tokens), stream)
 
     async def _answer(
         self,
@@ -276,7 +207,7 @@ class GenerationRoutes:
             if self.collaborator is not None:
                 self.collaborator.options(job)  # a bad `kiri` object is a 400 whatever the edge's state
             if job.echo:
-                body = await self._echo(job, new_id("cmpl"))
+                body = await echo(self.scorers, self.metrics, self._scheduler(job.model), job, new_id("cmpl"))
                 self._count(self._label(name), 200, start)
                 return web.json_response(body)
             scheduler = self._scheduler(job.model)
@@ -287,7 +218,7 @@ class GenerationRoutes:
             handle = self._submit(job, prompt, job.stream)
         except InferenceError as exc:
             try:
-                forwarded = await self._forward(request, data, chat, exc) if name is not None else None
+                forwarded = await forward(self.collaborator, request, data, chat, exc) if name else None
             except InferenceError as failure:
                 exc, forwarded = failure, None
             if forwarded is not None:
@@ -312,7 +243,7 @@ class GenerationRoutes:
         body = build(rid, job.model, text, last, logprobs)
         if job.tokens_as_ids and logprobs is not None and not chat:
             body["choices"][0]["logprobs"] = spell_logprobs(logprobs)
-        kiri = self._usage_kiri(handle, last)
+        kiri = usage_kiri(self.collaborator, handle, last)
         if kiri is not None:
             body["usage"]["kiri"] = kiri
         self._count(label, 200, start)
@@ -361,7 +292,7 @@ class GenerationRoutes:
                 if last is not None:
                     if job.include_usage:
                         chunk = usage_chunk(rid, model, created, kind, last)
-                        kiri = self._usage_kiri(handle, last)
+                        kiri = usage_kiri(self.collaborator, handle, last)
                         if kiri is not None:
                             chunk["usage"]["kiri"] = kiri
                         events.append(_sse(chunk))
@@ -452,30 +383,6 @@ class GenerationRoutes:
             log.debug("generate_stream on %s ended early: %s", name, exc)
             handle.cancel()
             return CLIENT_CLOSED, response
-
-
-async def _replay_stream(request: web.Request, answer: dict[str, Any], chat: bool) -> web.StreamResponse:
-    """A whole answer (the cloud's, forwarded) written as the stream the client asked for."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    rid, model, created = str(answer.get("id", "")), str(answer.get("model", "")), now()
-    choice = (answer.get("choices") or [{}])[0]
-    finish = choice.get("finish_reason")
-    if chat:
-        text = str((choice.get("message") or {}).get("content") or "")
-        events = [
-            chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None),
-            chat_chunk(rid, model, created, {"content": text}, None),
-            chat_chunk(rid, model, created, {}, finish),
-        ]
-    else:
-        events = [completion_chunk(rid, model, created, str(choice.get("text") or ""), finish)]
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    usage = {"id": rid, "object": kind, "created": created, "model": model, "choices": []}
-    events.append({**usage, "usage": answer.get("usage")})
-    await response.write(b"".join(_sse(e) for e in events) + b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
 
 
 def _sse(body: dict[str, Any]) -> bytes:

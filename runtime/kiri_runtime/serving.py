@@ -30,7 +30,8 @@ from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
-from kiri_runtime.collaborating import CollabConfig, Collaborator
+from kiri_runtime.collaborating import Collaborator
+from kiri_runtime.collaborations import CollabConfig
 from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
 from kiri_runtime.fallback import Cascade, CloudClient
 from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, RetryPolicy

@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from kiri_runtime import redaction
-    from kiri_runtime.collaborating import CollabConfig
+    from kiri_runtime.collaborations import CollabConfig
     from kiri_runtime.dataplane import BatchingConfig
     from kiri_runtime.serving import ServeConfig, serve
 

@@ -18,7 +18,7 @@ import openai
 import pytest
 from runtime_helpers import ThreadedServer
 
-from kiri_runtime.collaborating import CollabConfig
+from kiri_runtime.collaborations import CollabConfig
 from kiri_runtime.serving import ServeConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

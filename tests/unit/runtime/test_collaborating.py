@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from kiri_runtime.collaborating import (
+from kiri_runtime.collaborations import (
     CollabConfig,
     SpeculationTuner,
     Verdict,
