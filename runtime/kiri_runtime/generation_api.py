@@ -7,7 +7,7 @@ generate routes answer `{"error": message}` with 422 instead). Fields are read t
 (e.g. `max_completion_tokens` before `max_tokens`, `stop` as a string or a list); vLLM's extensions `top_k` and
 `stop_token_ids` are accepted too, and for completions a prompt of token ids, `echo` with `logprobs` (the prompt's
 log-probabilities: the verify call of speculative collaboration, see verifying.py) and vLLM's
-`return_tokens_as_token_ids`. Kiri's own extension is the `kiri` object (collaborating.py reads it). What Kiri does
+`return_tokens_as_token_ids`. Kiri's own extension is the `kiri` object (collaborations.parse_options checks it). What Kiri does
 not implement (n > 1, tools, penalties, best_of, suffix) is refused with 400 rather than silently ignored.
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -438,3 +439,50 @@ def test_a_collaboration_that_needs_a_cloud_is_a_400_on_an_edge_without_one_and_
     ).json()
     assert plain["usage"]["kiri"]["collaboration"] == "edge-only"
     assert plain["usage"]["kiri"]["edge_tokens"] == plain["usage"]["completion_tokens"] == 4
+
+
+def test_a_streamed_speculative_chat_joins_to_the_cloud_greedy_answer_and_ends_with_the_kiri_usage(
+    edge: ThreadedServer, cloud: ThreadedServer
+) -> None:
+    client = openai.OpenAI(base_url=f"{edge.url}/v1", api_key="unused", max_retries=0)
+    direct = openai.OpenAI(
+        base_url=f"{cloud.url}/v1", api_key="unused", max_retries=0
+    ).chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=30)
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == direct.choices[0].message.content
+    usage = chunks[-1].usage
+    assert usage is not None and usage.model_extra is not None
+    kiri = usage.model_extra["kiri"]
+    assert kiri["collaboration"] == "speculative"
+    assert kiri["edge_tokens"] + kiri["cloud_tokens"] == usage.completion_tokens
+
+
+def test_an_edge_at_its_limit_has_the_cloud_answer_the_next_request_with_the_reason(
+    start: Callable[..., ThreadedServer], edge_dir: Path, cloud_dir: Path
+) -> None:
+    slow_cloud = start(cloud_dir, delay_ms=300.0)  # every cloud forward pass takes 300 ms
+    busy = start(
+        edge_dir, fallback_url=slow_cloud.url, queue_limit=1, collaboration=CollabConfig(mode="speculative")
+    )
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # one draft token per round: the first request holds the edge's one slot for 12 cloud passes (>= 3.6 s)
+        first = pool.submit(complete, busy, "def dedent(text):\n", 24, speculative_k=1)
+        deadline = time.monotonic() + 30
+        while metric(busy, "kiri:collab_requests_total", collaboration="speculative") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        second = complete(busy, "import os\n", 4)
+        assert first.result()["usage"]["kiri"]["collaboration"] == "speculative"
+    assert second["usage"]["kiri"]["handoff_reason"] == "overloaded", second
+    assert second["usage"]["kiri"]["cloud_tokens"] == second["usage"]["completion_tokens"] == 4
+    assert metric(busy, "kiri:collab_handoffs_total", reason="overloaded") == 1
