@@ -133,6 +133,13 @@ class Observed:
     """Names of the PersistentVolumeClaims in the namespace; None when not looked up."""
     measurement: Measurement | None = None
     """The analysis measurement taken for this reconcile (analyzing.measure_due), when one was due."""
+    server_now: datetime | None = None
+    """The API server's time (`clocks.ServerClock`), for timestamps the control plane set itself; `now`
+    (the operator's clock) is for the ones the operator wrote. None: taken to be `now`."""
+
+    @property
+    def server_time(self) -> datetime:
+        return self.server_now or self.now
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))

@@ -718,7 +718,9 @@ def cut_off(sim: Sim, nodes: list[str], online: bool) -> None:
             sim.moved_at[name] = sim.now
 
 
-def test_a_site_cut_off_after_its_wave_moved_holds_with_offline_wait_and_never_promotes_unseen_nodes() -> None:
+def test_a_site_cut_off_after_its_wave_moved_holds_with_offline_wait_and_never_promotes_unseen_nodes() -> (
+    None
+):
     sim = Sim(site_policy("Wait"), fleet(6, sites=2))
     site_b = ["n001", "n003", "n005"]
     sim.update = "r2"
@@ -768,7 +770,9 @@ def test_a_site_cut_off_mid_wave_with_offline_skip_is_deferred_and_catches_up_wh
 
 
 @pytest.mark.parametrize("offline", ["Skip", "Wait"])
-def test_a_node_flapping_every_few_seconds_neither_stalls_the_rollout_nor_restarts_its_bakes(offline: str) -> None:
+def test_a_node_flapping_every_few_seconds_neither_stalls_the_rollout_nor_restarts_its_bakes(
+    offline: str,
+) -> None:
     policy = RolloutPolicy(
         stages=(Stage(nodes=1, bake_seconds=20), Stage(percent=100, bake_seconds=20)),
         max_unavailable="100%",
