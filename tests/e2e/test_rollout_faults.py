@@ -265,7 +265,7 @@ def test_an_operator_clock_ten_minutes_off_the_api_servers_keeps_bakes_and_grace
         assert 5 <= first_bake < 6 + 15, first_bake
         promoted = [h for h in done["history"] if h["revision"] == done["currentRevision"]]
         assert [h["outcome"] for h in promoted] == ["Promoted"]
-        assert abs((_time(promoted[0]["at"]) - datetime.now(UTC)).total_seconds() - offset) < 60
+        assert abs((_time(promoted[0]["time"]) - datetime.now(UTC)).total_seconds() - offset) < 60
         steps = [e["message"] for e in r.events("StepStarted")]
         assert len(steps) == len(set(steps)) == 2, steps
     finally:
