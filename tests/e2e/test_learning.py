@@ -316,6 +316,9 @@ def test_the_privacy_ledger_survives_an_operator_killed_mid_round_and_a_huge_sam
             "schedule": {"intervalSeconds": 60, "deadlineSeconds": 120, "graceSeconds": 2},
         },
     )
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.load(held_out)["x"][:64])
+    body["spec"]["model"]["evalDataUri"] = f"file://{inputs}"
     op = Operator(cluster, namespace).start()
     try:
         cluster.apply(body, namespace)
