@@ -59,6 +59,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "value allows none); other addresses are refused with Ready=False/PrometheusNotAllowed "
         "(default: $KIRI_ALLOWED_PROMETHEUS, else http://prometheus-operated.monitoring.svc:9090)",
     )
+    op.add_argument(
+        "--clock-offset-seconds",
+        type=float,
+        default=0.0,
+        help="fault injection for tests: run the operator's clock this far ahead (negative: behind) of "
+        "the machine's, as a node whose clock is off the API server's would",
+    )
     op.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     op.add_argument("--log-level", default="INFO")
     op.add_argument(
@@ -109,6 +116,7 @@ def _operator(args: argparse.Namespace) -> int:
         status_progress_seconds=args.status_progress_seconds,
         kubeconfig=args.kubeconfig,
         liveness=args.liveness,
+        clock_offset_seconds=args.clock_offset_seconds,
         settings=Settings(
             compression_deadline_seconds=args.compression_deadline,
             manifest_grace_seconds=args.manifest_grace,

@@ -29,6 +29,7 @@ from kiri_operator import labels as L
 from kiri_operator import memos, metering, metrics, syncing
 from kiri_operator.analyzing import Analyst
 from kiri_operator.caches import Cache, Key, owner_key
+from kiri_operator.clocks import Clock
 from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
 from kiri_operator.memos import Config, Runtime
@@ -73,7 +74,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     config = runtime.config
     try:
         # A connection per worker, and one for the resync and the executor's other calls.
-        kube = Kube.connect(config.kubeconfig, connections=max(1, config.workers) + 1)
+        kube = Kube.connect(
+            config.kubeconfig,
+            connections=max(1, config.workers) + 1,
+            clock=Clock(config.clock_offset_seconds),
+        )
     except CredentialsError as exc:  # retrying cannot fix a kubeconfig: stop with the reason
         raise kopf.PermanentError(str(exc)) from exc
     runtime.kube = kube

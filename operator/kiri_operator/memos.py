@@ -37,6 +37,8 @@ class Config:
     kubeconfig: str | None = None
     settings: Settings = field(default_factory=Settings)
     liveness: str | None = None  # kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz
+    clock_offset_seconds: float = 0.0
+    """Shifts the operator's clock (fault tests: an operator minutes off the API server's clock)."""
 
     @property
     def scopes(self) -> list[str | None]:

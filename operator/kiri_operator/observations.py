@@ -136,6 +136,13 @@ class Observed:
     measuring: bool = False
     """A due measurement is being taken off the reconcile worker (analyzing.Analyst); its end queues this
     ModelDeployment again, so the planner need not look back soon."""
+    server_now: datetime | None = None
+    """The API server's time (`clocks.ServerClock`), for timestamps the control plane set itself; `now`
+    (the operator's clock) is for the ones the operator wrote. None: taken to be `now`."""
+
+    @property
+    def server_time(self) -> datetime:
+        return self.server_now or self.now
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))

@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -17,6 +16,7 @@ from kiri_operator import labels as L
 from kiri_operator import metering, metrics
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.caches import Cache, Key
+from kiri_operator.clocks import Clock, ServerClock
 from kiri_operator.conditions import Reason
 from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
@@ -91,7 +91,11 @@ class Reconciler:
         settings: Settings | None = None,
         progress_interval: float = 10.0,
         analyst: Analyst | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: the operator's one clock (every timestamp written and every plan's `now`); the Kube
+        client's by default, so Events and status agree."""
+        self.clock = clock or getattr(kube, "clock", None) or Clock()
         self.kube = kube
         self.cache = cache
         self.analyst = analyst
@@ -121,7 +125,7 @@ class Reconciler:
             metrics.set_nodes(key[0], key[1], {})
             self._status_written_at.pop(key, None)
             return Outcome()
-        now = datetime.now(UTC)
+        now = self.clock.now()
         try:
             spec: ModelDeploymentSpec | None = ModelDeploymentSpec.model_validate(md.get("spec") or {})
             error = None
@@ -136,6 +140,9 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
+        server_clock = getattr(self.kube, "server_clock", None)
+        if isinstance(server_clock, ServerClock):
+            observed = replace(observed, server_now=server_clock.now())
         if (
             spec is not None
             and spec.rollout.analysis is not None
@@ -231,7 +238,7 @@ class Reconciler:
         try:
             status = dict(md.get("status") or {})
             stored = [C.Condition.from_dict(c) for c in status.get("conditions") or [] if isinstance(c, dict)]
-            conditions = C.reconcile_failed(stored, message, datetime.now(UTC))
+            conditions = C.reconcile_failed(stored, message, self.clock.now())
             if [c.to_dict() for c in conditions] != status.get("conditions"):
                 status["conditions"] = [c.to_dict() for c in conditions]
                 self.cache.put_md(self.kube.apply_status(key[0], key[1], status), own=True)

@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Generator, Iterator, Mapping
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +26,7 @@ import httpx
 from kiri_operator import labels as L
 from kiri_operator import metrics
 from kiri_operator.api.scalars import format_time
+from kiri_operator.clocks import Clock, ServerClock
 from kiri_operator.kinds import EVENT, KINDS, MODEL_DEPLOYMENT
 from kiri_operator.kube.credentials import Credentials
 from kiri_operator.kube.errors import CredentialsError, KubeError
@@ -123,24 +124,44 @@ def _json_default(value: Any) -> Any:
 
 
 class Kube:
-    def __init__(self, http: httpx.Client | None = None, timeout: float = 30.0) -> None:
-        """`http` None: no connection at all (every request fails as a transport error would)."""
+    def __init__(
+        self, http: httpx.Client | None = None, timeout: float = 30.0, clock: Clock | None = None
+    ) -> None:
+        """`http` None: no connection at all (every request fails as a transport error would).
+
+        `clock` stamps the Events written; `server_clock` follows the API server's `Date` headers."""
         self.http = http
         self.timeout = timeout
         self.instance = socket.gethostname()
+        self.clock = clock or Clock()
+        self.server_clock = ServerClock(self.clock)
 
     @classmethod
-    def connect(cls, kubeconfig: str | None = None, *, connections: int = 4, timeout: float = 30.0) -> Kube:
+    def connect(
+        cls,
+        kubeconfig: str | None = None,
+        *,
+        connections: int = 4,
+        timeout: float = 30.0,
+        clock: Clock | None = None,
+    ) -> Kube:
         """From the in-cluster service account, else `kubeconfig` / KUBECONFIG / ~/.kube/config.
 
         Raises CredentialsError when those cannot be used."""
-        return cls.from_credentials(load_credentials(kubeconfig), connections=connections, timeout=timeout)
+        return cls.from_credentials(
+            load_credentials(kubeconfig), connections=connections, timeout=timeout, clock=clock
+        )
 
     @classmethod
     def from_credentials(
-        cls, credentials: Credentials, *, connections: int = 4, timeout: float = 30.0
+        cls,
+        credentials: Credentials,
+        *,
+        connections: int = 4,
+        timeout: float = 30.0,
+        clock: Clock | None = None,
     ) -> Kube:
-        return cls(http_client(credentials, connections=connections, timeout=timeout), timeout)
+        return cls(http_client(credentials, connections=connections, timeout=timeout), timeout, clock)
 
     def close(self) -> None:
         if self.http is not None:
@@ -184,6 +205,7 @@ class Kube:
             metrics.API_REQUESTS.labels(verb, resource, "error").inc()
             raise KubeError(0, verb, path, str(exc) or type(exc).__name__) from exc
         status = response.status_code
+        self.server_clock.saw(response.headers.get("date"))
         metrics.API_REQUESTS.labels(verb, resource, str(status)).inc()
         if status == 404 and missing_ok:
             return None
@@ -323,7 +345,7 @@ class Kube:
     def event(self, md: Mapping[str, Any], event: Event) -> None:
         meta = md.get("metadata") or {}
         namespace = str(meta.get("namespace"))
-        now = format_time(datetime.now(UTC))
+        now = format_time(self.clock.now())
         body = {
             "apiVersion": EVENT.api_version,
             "kind": EVENT.kind,

@@ -230,7 +230,9 @@ def _read_compression(
             cond = Condition(C.VARIANTS_VERIFIED, "False", Reason.COMPRESSION_FAILED, msg)
             return CompressionPlan(key=key, condition=cond, variants=failed)
         if outcome == "complete":
-            waited = _seconds_since(completed, observed.now)
+            # completionTime is the Job controller's, so it is compared with the API server's time: against
+            # an operator clock minutes ahead, a Job that had just completed failed for want of a manifest.
+            waited = _seconds_since(completed, observed.server_time)
             if waited >= settings.manifest_grace_seconds:
                 msg = f"compression Job {job.name} completed but published no manifest ConfigMap"
                 failed = [

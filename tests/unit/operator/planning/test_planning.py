@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -176,6 +177,42 @@ def test_completed_job_without_manifest_fails_after_the_grace_period():
     assert _cond(p.status, C.VARIANTS_VERIFIED)["status"] == "Unknown"
     assert p.requeue_after is not None and p.requeue_after <= 10
     server.world = replace(server.world, now=server.world.now.replace(minute=5))
+    p = server.step(s, settings)
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.COMPRESSION_FAILED
+
+
+@pytest.mark.parametrize("skew_minutes", [10, -10])
+def test_the_manifest_grace_is_measured_on_the_api_servers_clock_whatever_the_operators_clock_says(
+    skew_minutes: int,
+):
+    """completionTime is set by the Job controller: comparing it with an operator clock 10 minutes ahead
+    failed a Job that had just completed, before its manifest could show up."""
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    name = L.compress_name("md", compression_key(s, s.edge.artifacts.uri))
+    job = server.world.children[("Job", name)]
+    body = dict(job.body)
+    body["status"] = {
+        "completionTime": "2026-01-01T12:00:00Z",
+        "conditions": [{"type": "Complete", "status": "True"}],
+    }
+    completed = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    server.world = replace(
+        server.world,
+        children={**server.world.children, ("Job", name): replace(job, body=body)},
+        now=completed + timedelta(minutes=skew_minutes, seconds=1),
+        server_now=completed + timedelta(seconds=1),
+    )
+    settings = Settings(manifest_grace_seconds=10)
+    p = server.step(s, settings)
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["status"] == "Unknown"
+    assert p.requeue_after is not None and 8 <= p.requeue_after <= 10
+    server.world = replace(
+        server.world,
+        now=completed + timedelta(minutes=skew_minutes, seconds=11),
+        server_now=completed + timedelta(seconds=11),
+    )
     p = server.step(s, settings)
     assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.COMPRESSION_FAILED
 
