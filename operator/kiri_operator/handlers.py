@@ -20,16 +20,19 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
+import uuid
 from typing import Any
 
 import kopf
 
+from kiri_operator import electing, memos, metering, metrics, syncing
 from kiri_operator import labels as L
-from kiri_operator import memos, metering, metrics, syncing
 from kiri_operator.caches import Cache, Key, owner_key
 from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
+from kiri_operator.kube.leasing import Elector
 from kiri_operator.memos import Config, Runtime
 from kiri_operator.queueing import Retry, WorkQueue
 from kiri_operator.reconciling import Reconciler
@@ -76,6 +79,12 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     except CredentialsError as exc:  # retrying cannot fix a kubeconfig: stop with the reason
         raise kopf.PermanentError(str(exc)) from exc
     runtime.kube = kube
+    if (election := config.leader_election) is not None:
+        # Unique per process, as client-go's `<hostname>_<uuid>`: two processes on one host are two candidates.
+        identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:12]}"
+        runtime.elector = Elector(kube, election.namespace, election.name, identity, election.timing)
+        kube.fence = runtime.elector.remaining
+        runtime.tasks.append(asyncio.create_task(electing.campaign(runtime)))
     runtime.cache = Cache()
     runtime.queue = WorkQueue()
     runtime.reconciler = Reconciler(kube, runtime.cache, config.settings, config.status_progress_seconds)
@@ -128,6 +137,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     for task in runtime.tasks:
         task.cancel()
+    await electing.release(runtime)
     for task in runtime.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
@@ -140,6 +150,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 async def _handle(runtime: Runtime, key: Key) -> float | Retry | None:
     assert runtime.reconciler is not None
+    if not runtime.leading():
+        # A standby: the leader reconciles. Becoming the leader queues every ModelDeployment again.
+        runtime.event_at.pop(key, None)
+        return None
     # Events arriving during this reconcile belong to the next one, which runs because the queue marks it dirty.
     since = runtime.event_at.pop(key, None)
     outcome = await asyncio.get_running_loop().run_in_executor(None, runtime.reconciler.reconcile, key)
@@ -252,7 +266,8 @@ async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
 
 def run(config: Config) -> int:
-    """Run the operator until interrupted; `--standalone` semantics: no peering objects needed."""
+    """Run the operator until interrupted; `--standalone` semantics: no kopf peering objects (replicas
+    agree on a leader through a Lease instead, `config.leader_election`)."""
     namespaces = config.namespaces
     asyncio.run(
         kopf.operator(

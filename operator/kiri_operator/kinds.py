@@ -79,8 +79,12 @@ POD: Final = Kind("Pod", "", "v1", "pods")
 NODE: Final = Kind("Node", "", "v1", "nodes", namespaced=False)
 EVENT: Final = Kind("Event", "", "v1", "events")
 PVC: Final = Kind("PersistentVolumeClaim", "", "v1", "persistentvolumeclaims")
+LEASE: Final = Kind("Lease", "coordination.k8s.io", "v1", "leases")
+"""The leader-election Lease of replicated operators (`kube.leasing`); never a child."""
 
-KINDS: Final[dict[str, Kind]] = {k.kind: k for k in (*CHILDREN, POD, PVC, EVENT, NODE, MODEL_DEPLOYMENT)}
+KINDS: Final[dict[str, Kind]] = {
+    k.kind: k for k in (*CHILDREN, POD, PVC, EVENT, NODE, MODEL_DEPLOYMENT, LEASE)
+}
 CHILD_KINDS: Final = tuple(k.kind for k in CHILDREN)
 
 

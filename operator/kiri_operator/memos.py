@@ -15,11 +15,21 @@ from typing import Any
 
 from kiri_operator.caches import Cache, Key
 from kiri_operator.kube import Kube
+from kiri_operator.kube.leasing import Elector, Timing
 from kiri_operator.planning import Settings
 from kiri_operator.queueing import WorkQueue
 from kiri_operator.reconciling import Reconciler
 
 MEMO_KEY = "kiri"
+
+
+@dataclass(frozen=True)
+class LeaderElection:
+    """Where the leader Lease lives and its timings (`kiri operator --leader-elect ...`)."""
+
+    namespace: str
+    name: str = "kiri-operator"
+    timing: Timing = field(default_factory=Timing)
 
 
 @dataclass
@@ -34,6 +44,8 @@ class Config:
     kubeconfig: str | None = None
     settings: Settings = field(default_factory=Settings)
     liveness: str | None = None  # kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz
+    leader_election: LeaderElection | None = None
+    """None: this process reconciles alone (one replica)."""
 
     @property
     def scopes(self) -> list[str | None]:
@@ -48,6 +60,8 @@ class Runtime:
     queue: WorkQueue[Key] | None = None
     reconciler: Reconciler | None = None
     kube: Kube | None = None
+    elector: Elector | None = None
+    """Set with leader election: only while it leads does this replica reconcile (and write)."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     event_at: dict[Key, float] = field(default_factory=dict)
     """When the oldest watch event not yet reconciled queued each key (for the event-to-status latency)."""
@@ -55,6 +69,9 @@ class Runtime:
     """Set by a watch replaying a LIST (kopf's events of type None): `syncing.relister` relists every kind."""
     pods_heard_at: dict[str | None, float] = field(default_factory=dict)
     """When a pod watch event last came, by namespace (None: any namespace), for the resync's pod LIST."""
+
+    def leading(self) -> bool:
+        return self.elector is None or self.elector.leading()
 
     def heard_pod(self, namespace: str | None) -> None:
         now = time.monotonic()
