@@ -133,6 +133,9 @@ class Observed:
     """Names of the PersistentVolumeClaims in the namespace; None when not looked up."""
     measurement: Measurement | None = None
     """The analysis measurement taken for this reconcile (analyzing.measure_due), when one was due."""
+    not_owned: tuple[ObjectView, ...] = ()
+    """Objects labelled for this ModelDeployment but not owned by it (`labels.owned_by`): left out of
+    `children`, so the planner neither trusts (a manifest, a round record), updates nor deletes them."""
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))

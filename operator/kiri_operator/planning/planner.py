@@ -62,6 +62,15 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
             whole.events.append(Event("Normal", Reason.CREATED, f"created {action.kind} {action.name}"))
         elif action.check is Check.DELETE:
             whole.events.append(Event("Normal", Reason.DELETED, f"deleted {action.kind} {action.name}"))
+    for view in observed.not_owned:
+        whole.events.append(
+            Event(
+                "Warning",
+                Reason.NOT_OWNED,
+                f"ignored {view.kind} {view.name}: it carries this ModelDeployment's labels but no "
+                f"ownerReference to it (uid {observed.uid}); Kiri trusts, updates and deletes only what it owns",
+            )
+        )
     requeue = whole.requeue_after
     if comp.unknown or not status.ready:
         requeue = sooner(requeue, UNFINISHED_REQUEUE_SECONDS)
