@@ -58,6 +58,18 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="URL",
         help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
     )
+    op.add_argument(
+        "--compressor-service-account",
+        default="kiri-compressor",
+        help="ServiceAccount of compression and learning Jobs, made by the chart or an admin in each "
+        "namespace (default: %(default)s)",
+    )
+    op.add_argument(
+        "--create-compressor-rbac",
+        action="store_true",
+        help="make a ServiceAccount, Role and RoleBinding per ModelDeployment for its Jobs instead (needs "
+        "create on serviceaccounts, roles and rolebindings; the chart grants it only when asked)",
+    )
     election = op.add_argument_group(
         "leader election",
         "Run several replicas: the one holding a coordination.k8s.io Lease reconciles, the others watch and "
@@ -163,6 +175,8 @@ def _operator(args: argparse.Namespace) -> int:
         settings=Settings(
             compression_deadline_seconds=args.compression_deadline,
             manifest_grace_seconds=args.manifest_grace,
+            compressor_service_account=args.compressor_service_account,
+            create_compressor_rbac=args.create_compressor_rbac,
         ),
     )
     return handlers.run(config)

@@ -30,7 +30,7 @@ import kopf
 from kiri_operator import electing, memos, metering, metrics, syncing
 from kiri_operator import labels as L
 from kiri_operator.caches import Cache, Key, owner_key
-from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
+from kiri_operator.kinds import ACCOUNT_KINDS, CHILDREN, MODEL_DEPLOYMENT, NODE, POD, Kind, children
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
 from kiri_operator.kube.leasing import Elector
 from kiri_operator.memos import Config, Runtime
@@ -89,7 +89,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     runtime.queue = WorkQueue()
     runtime.reconciler = Reconciler(kube, runtime.cache, config.settings, config.status_progress_seconds)
     for namespace in config.scopes:
-        await asyncio.get_running_loop().run_in_executor(None, syncing.warm, kube, runtime.cache, namespace)
+        await asyncio.get_running_loop().run_in_executor(
+            None, syncing.warm, kube, runtime.cache, namespace, config.child_kinds
+        )
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     for _worker in range(max(1, config.workers)):
@@ -203,6 +205,7 @@ def _status_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 _CHILD_BY_PLURAL = {child.plural: child.kind for child in CHILDREN}
+_WATCHED_ACCOUNTS: set[str] = set()
 
 
 async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
@@ -224,15 +227,21 @@ async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.
     runtime.enqueue(key)
 
 
-for _child in CHILDREN:
+def _watch_child(child: Kind) -> None:
     kopf.on.event(
-        _child.group,
-        _child.version,
-        _child.plural,
+        child.group,
+        child.version,
+        child.plural,
         labels={L.MANAGED_BY: L.MANAGED_BY_VALUE},
-        id=f"{_child.plural}-event",
+        id=f"{child.plural}-event",
         registry=REGISTRY,
     )(child_event)
+
+
+# The account kinds are watched only by an operator that makes them (`run`): without the chart's
+# `compressor.rbac.createPerModelDeployment`, the operator has no access to them at all.
+for _child in children(accounts=False):
+    _watch_child(_child)
 
 
 @kopf.on.event(
@@ -269,6 +278,11 @@ def run(config: Config) -> int:
     """Run the operator until interrupted; `--standalone` semantics: no kopf peering objects (replicas
     agree on a leader through a Lease instead, `config.leader_election`)."""
     namespaces = config.namespaces
+    if config.settings.create_compressor_rbac:
+        for child in CHILDREN:
+            if child.kind in ACCOUNT_KINDS and child.kind not in _WATCHED_ACCOUNTS:
+                _watch_child(child)
+                _WATCHED_ACCOUNTS.add(child.kind)
     asyncio.run(
         kopf.operator(
             registry=REGISTRY,

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from kiri_operator import kinds
 from kiri_operator.caches import Cache, Key
 from kiri_operator.kube import Kube
 from kiri_operator.kube.leasing import Elector, Timing
@@ -46,6 +47,11 @@ class Config:
     liveness: str | None = None  # kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz
     leader_election: LeaderElection | None = None
     """None: this process reconciles alone (one replica)."""
+
+    @property
+    def child_kinds(self) -> tuple[str, ...]:
+        """The child kinds this operator watches and lists (no account kinds unless it makes them)."""
+        return tuple(k.kind for k in kinds.children(self.settings.create_compressor_rbac))
 
     @property
     def scopes(self) -> list[str | None]:

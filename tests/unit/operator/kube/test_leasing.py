@@ -200,7 +200,7 @@ def test_two_candidates_racing_for_an_expired_lease_cannot_both_win() -> None:
 
 def test_a_lost_write_race_is_not_leadership() -> None:
     api, clock = FakeApi(), Clock()
-    a, _, ca, _ = pair(api, clock)
+    a, _, _, _ = pair(api, clock)
 
     class Racer(Client):
         def replace(self, obj: dict[str, Any], *, fenced: bool = True, timeout: float | None = None) -> Any:
