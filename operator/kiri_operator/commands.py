@@ -193,7 +193,7 @@ def _publish(args: argparse.Namespace) -> int:
         return 2
     try:
         with Kube.connect(args.kubeconfig) as kube:
-            kube.apply(
+            kube.publish(
                 manifest_configmap(
                     args.namespace,
                     args.name,
