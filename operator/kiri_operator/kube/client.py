@@ -314,6 +314,19 @@ class Kube:
         assert result is not None
         return result
 
+    def publish(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create `obj`; when its name exists already (a retried Job), server-side apply it over that.
+
+        The Jobs publish so because `create` is the one ConfigMap verb a Role can grant without access to
+        any existing ConfigMap (RBAC cannot limit create by name): the chart's Role for the Jobs grants it
+        alone, and the per-ModelDeployment Role adds get/patch on the names it knows."""
+        try:
+            return self.create(obj)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        return self.apply(obj)
+
     def replace(
         self, obj: Mapping[str, Any], *, fenced: bool = True, timeout: float | None = None
     ) -> dict[str, Any]:
