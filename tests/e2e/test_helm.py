@@ -22,6 +22,8 @@ import yaml
 from .conftest import REPO_ROOT, Cluster
 
 pytestmark = pytest.mark.timeout(300)
+# The `namespace` fixture leaves the Jobs' account to the chart here (conftest.compressor_account).
+CHART_MAKES_COMPRESSOR_ACCOUNT = True
 
 CHART = REPO_ROOT / "helm" / "kiri"
 PROMTOOL = "/usr/bin/promtool"
@@ -745,7 +747,10 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*KIRI, "operator", "--standalone", "--namespace", namespace, "--metrics-port", str(metrics_port),
-             "--liveness", f"http://127.0.0.1:{health_port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{health_port}/healthz",
+             # As the chart runs it: the Lease, with the chart's Role on it (a 403 would hold every reconcile).
+             "--leader-elect", "--leader-elect-resource-namespace", namespace,
+             "--leader-elect-resource-name", f"{name}-leader"],
             env=op_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
         )  # fmt: skip
     try:
@@ -797,6 +802,8 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
 
         final = cluster.wait_for(phase, timeout=120, message=f"Healthy\n{log_path.read_text()[-3000:]}")
         assert final == "Healthy", log_path.read_text()[-3000:]
+        lease = cluster.get_json("lease", f"{name}-leader", "-n", namespace)["spec"]
+        assert lease["holderIdentity"] and lease["leaseDurationSeconds"] == 15
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             exposition = r.read().decode()
         requests = [line for line in exposition.splitlines() if line.startswith("kiri_api_requests_total{")]
