@@ -130,3 +130,26 @@ def test_no_operator_module_names_the_instance_label_outside_the_labels_docstrin
     for path in root.rglob("*.py"):
         if path.name != "labels.py":
             assert ARGOCD_INSTANCE_LABEL not in path.read_text(), path
+
+
+def test_no_pod_kiri_makes_mounts_a_service_account_token_pod_wide() -> None:
+    """Cloud, edge, compression: the pod spec turns the automatic token off, and only a container that
+    publishes through the API mounts the projected one (the learning Jobs: test_learning_planning.py)."""
+    server = healthy_world()
+    pods = 0
+    for (kind, name), child in server.world.children.items():
+        for template in _with_templates(dict(child.body))[1:]:
+            pod = template["spec"]
+            pods += 1
+            assert pod["automountServiceAccountToken"] is False, (kind, name)
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+                holds = "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+                assert holds == (kind == "Job" and container["name"] == "publish"), (
+                    kind,
+                    name,
+                    container["name"],
+                )
+        if kind == "ServiceAccount":
+            assert child.body["automountServiceAccountToken"] is False
+    assert pods >= 3  # the cloud Deployment, the compression Job, at least one edge DaemonSet
