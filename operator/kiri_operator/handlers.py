@@ -85,6 +85,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         runtime.elector = Elector(kube, election.namespace, election.name, identity, election.timing)
         kube.fence = runtime.elector.remaining
         runtime.tasks.append(asyncio.create_task(electing.campaign(runtime)))
+    else:
+        metrics.LEADER.set(1)  # alone: it reconciles
     runtime.cache = Cache()
     runtime.queue = WorkQueue()
     runtime.reconciler = Reconciler(kube, runtime.cache, config.settings, config.status_progress_seconds)

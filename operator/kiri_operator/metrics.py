@@ -46,7 +46,8 @@ EVENT_TO_STATUS_SECONDS: Final = Histogram(
 )
 LEADER: Final = Gauge(
     "kiri_leader",
-    "1 while this replica holds the leader Lease and reconciles, 0 while it stands by (leader election on).",
+    "1 while this replica reconciles (it holds the leader Lease, or runs without leader election), 0 while it "
+    "stands by.",
     registry=REGISTRY,
 )
 LEADER_TRANSITIONS: Final = Counter(
