@@ -496,7 +496,7 @@ def test_rendered_chart_passes_server_side_dry_run(
     assert not cluster.kubectl("get", "deployments", "-n", namespace, "-o", "name").strip()
 
 
-def _operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[str, Any] | None:
+def _operator_pods(cluster: Cluster, namespace: str, release_name: str) -> list[dict[str, Any]]:
     pods = cluster.get_json(
         "pods",
         "-n",
@@ -504,8 +504,7 @@ def _operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[s
         "-l",
         f"app.kubernetes.io/instance={release_name},app.kubernetes.io/component=operator",
     )["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    return live[0] if len(live) == 1 else None
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def _ready(pod: dict[str, Any] | None) -> bool:
@@ -515,9 +514,11 @@ def _ready(pod: dict[str, Any] | None) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def _ready_operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[str, Any] | None:
-    pod = _operator_pod(cluster, namespace, release_name)
-    return pod if _ready(pod) else None
+def _ready_operator_pods(
+    cluster: Cluster, namespace: str, release_name: str, replicas: int = 2
+) -> list[dict[str, Any]] | None:
+    pods = _operator_pods(cluster, namespace, release_name)
+    return pods if len(pods) == replicas and all(_ready(p) for p in pods) else None
 
 
 def test_install_upgrade_uninstall(
@@ -527,16 +528,27 @@ def test_install_upgrade_uninstall(
     # The CRD is the other e2e tests' (applied with kubectl): this release leaves it alone.
     helm(
         env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false",
-        "--set", "replicaCount=1", "--set", f"compressor.namespaces={{{namespace}}}",
-        "--wait", "--timeout", "120s",
+        "--set", f"compressor.namespaces={{{namespace}}}", "--wait", "--timeout", "120s",
     )  # fmt: skip
 
-    pod = cluster.wait_for(
-        lambda: _ready_operator_pod(cluster, namespace, name),
+    pods = cluster.wait_for(
+        lambda: _ready_operator_pods(cluster, namespace, name),
         timeout=90,
-        message="operator pod scheduled and Ready",
+        message="two operator pods scheduled and Ready",
     )
-    assert pod is not None
+    assert pods is not None
+    pod = pods[0]
+    # Both replicas Ready (leader or standby): the budget allows one eviction, so a drain never blocks.
+    pdb = cluster.wait_for(
+        lambda: (
+            (b := cluster.get_json("pdb", name, "-n", namespace)).get("status", {}).get("currentHealthy") == 2
+            and b
+        ),
+        timeout=60,
+        message="PodDisruptionBudget status",
+    )
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["status"]["disruptionsAllowed"] == 1
     node = cluster.get_json("node", pod["spec"]["nodeName"])
     # The real scheduler placed it on a real (simulated) node, which kwok then ran.
     assert node["metadata"]["name"] == pod["spec"]["nodeName"]
@@ -606,9 +618,8 @@ def test_install_upgrade_uninstall(
     assert "--log-level=DEBUG" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     cluster.wait_for(
         lambda: (
-            (p := _operator_pod(cluster, namespace, name))
-            and "--log-level=DEBUG" in p["spec"]["containers"][0]["args"]
-            and _ready(p)
+            (ps := _ready_operator_pods(cluster, namespace, name))
+            and all("--log-level=DEBUG" in p["spec"]["containers"][0]["args"] for p in ps)
         ),
         timeout=90,
         message="upgraded operator pod Ready",
