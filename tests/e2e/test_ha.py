@@ -8,13 +8,15 @@ timings, so the test does not wait out client-go's 15 s defaults.
 
 from __future__ import annotations
 
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .conftest import Cluster
-from .operator_harness import Operator, crd
+from .operator_harness import Operator, build_model, crd, get_md, model_deployment
 from .test_rollout import Rollout, store
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("crd")]
@@ -145,6 +147,65 @@ def test_a_leader_stopped_cleanly_hands_the_lease_over_without_waiting_out_the_l
         assert now["holderIdentity"] not in ("", held["holderIdentity"])
         # From nobody to the standby: a hand-over, not a take-over of a live holder's Lease.
         assert now["leaseTransitions"] == held.get("leaseTransitions", 0)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def lease_writes(op: Operator) -> float:
+    return sum(op.counter("kiri_api_requests_total", verb=v, resource="leases") for v in ("create", "update"))
+
+
+def test_a_paused_leader_resumes_as_a_standby_and_makes_no_write(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """SIGSTOP stands for a leader cut off or frozen (a long GC pause, a partition): its renews stop, the
+    standby takes the Lease, and when the old leader wakes its fence has run out: it writes nothing more."""
+    first = replica(cluster, namespace).start()
+    cluster.wait_for(lambda: leading(first), timeout=30, message="the first replica leads")
+    second = replica(cluster, namespace).start()
+    assert first.proc is not None
+    try:
+        model, sha = build_model(tmp_path)
+        md = model_deployment("frozen", namespace, model, sha, tmp_path / "store", [])
+        md["spec"]["cloud"] = {"replicas": 1}
+        cluster.apply(md)
+        cluster.wait_for(
+            lambda: get_md(cluster, namespace, "frozen").get("status", {}).get("phase") == "Healthy",
+            timeout=60,
+            message="cloud-only ModelDeployment Healthy",
+        )
+        writes_before = first.writes() - lease_writes(first)
+        first.proc.send_signal(signal.SIGSTOP)
+        try:
+            cluster.wait_for(lambda: leading(second), timeout=30, interval=0.2, message="the standby leads")
+            # The new leader acts on a change made while the old one is frozen.
+            md["spec"]["cloud"]["replicas"] = 2
+            cluster.apply(md)
+            cluster.wait_for(
+                lambda: (
+                    cluster.get_json("deployment", "frozen-cloud", "-n", namespace)["spec"]["replicas"] == 2
+                ),
+                timeout=30,
+                message="the new leader scales the cloud Deployment",
+            )
+        finally:
+            first.proc.send_signal(signal.SIGCONT)
+        # Woken, the old leader finds its leadership over (by its own monotonic clock) and stands by.
+        cluster.wait_for(
+            lambda: first.counter("kiri_leader") == 0, timeout=10, interval=0.2, message="standby"
+        )
+        md["spec"]["cloud"]["replicas"] = 3
+        cluster.apply(md)
+        cluster.wait_for(
+            lambda: cluster.get_json("deployment", "frozen-cloud", "-n", namespace)["spec"]["replicas"] == 3,
+            timeout=30,
+            message="the leader scales again",
+        )
+        time.sleep(2 * RETRY_PERIOD)
+        # Not one write (child, status or Event) from the old leader since it froze; only Lease reads.
+        assert first.writes() - lease_writes(first) == writes_before, first.write_breakdown()
+        assert leading(second) and not leading(first)
     finally:
         first.stop()
         second.stop()
