@@ -101,6 +101,7 @@ class Elector:
         self._record_seen_at = 0.0
         self.holder: str = ""
         """The holder as last read (for logs and metrics)."""
+        self._released = False
 
     # -- what the rest of the operator reads ---------------------------------------------------------------
     def remaining(self) -> float:
@@ -115,6 +116,8 @@ class Elector:
     # -- one try ---------------------------------------------------------------------------------------
     def step(self) -> bool:
         """One acquire-or-renew try (call every `retry_period`); whether this process leads afterwards."""
+        if self._released:  # a try still running in a thread when the process shut down takes nothing
+            return False
         started = self.clock()
         # An answer later than this would come after our leadership (or the retry) is over.
         timeout = max(0.5, min(self.timing.retry_period, self.remaining() or self.timing.retry_period))
@@ -178,6 +181,8 @@ class Elector:
         }
 
     def _write(self, body: dict[str, Any], started: float, *, create: bool, timeout: float) -> bool:
+        if self._released:
+            return False
         was = self.leading()
         try:
             if create:
@@ -202,6 +207,7 @@ class Elector:
 
     def release(self) -> None:
         """Give the Lease up (a clean shutdown): a standby need not wait out the lease duration."""
+        self._released = True
         if not self.leading():
             return
         self._held_until = None  # stop writing first, then say so

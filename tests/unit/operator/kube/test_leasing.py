@@ -221,6 +221,7 @@ def test_release_lets_the_standby_take_over_at_its_next_try() -> None:
     a.release()
     assert a.leading() is False
     assert api.lease is not None and api.lease["spec"]["holderIdentity"] == ""
+    assert a.step() is False  # released for good: a try still running at shutdown takes nothing
     clock.now += TIMING.retry_period
     assert b.step() is True
     assert api.lease["spec"]["leaseTransitions"] == 0  # from nobody to b: not a take-over
