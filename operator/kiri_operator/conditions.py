@@ -67,6 +67,9 @@ class Reason:
     CREATED: Final = "Created"
     DELETED: Final = "Deleted"
     APPLY_FAILED: Final = "ApplyFailed"
+    # An object labelled for the ModelDeployment but not owned by it (no ownerReference with its uid):
+    # a forged manifest or round record is ignored, never trusted, updated or deleted.
+    NOT_OWNED: Final = "NotOwnedIgnored"
     LEARNING_ROUND: Final = "LearningRound"
     LEARNED_MODEL_ADOPTED: Final = "LearnedModelAdopted"
     LEARNED_MODEL_DEFERRED: Final = "LearnedModelDeferred"

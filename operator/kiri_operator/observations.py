@@ -139,6 +139,9 @@ class Observed:
     server_now: datetime | None = None
     """The API server's time (`clocks.ServerClock`), for timestamps the control plane set itself; `now`
     (the operator's clock) is for the ones the operator wrote. None: taken to be `now`."""
+    not_owned: tuple[ObjectView, ...] = ()
+    """Objects labelled for this ModelDeployment but not owned by it (`labels.owned_by`): left out of
+    `children`, so the planner neither trusts (a manifest, a round record), updates nor deletes them."""
 
     @property
     def server_time(self) -> datetime:

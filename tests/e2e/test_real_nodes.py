@@ -378,6 +378,9 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         yaml.safe_dump(
             {
                 "operator": {"watchNamespaces": [namespace]},
+                # One pod on the one real node: this test is about API access from inside a pod (two
+                # replicas and their Lease are tests/e2e/test_ha.py's).
+                "replicaCount": 1,
                 # Imported into the node's containerd by hack/images.py: there is no registry to pull from.
                 "image": {"pullPolicy": "Never"},
                 "nodeSelector": {"kiri.dev/node-kind": "real"},
@@ -393,6 +396,8 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         )
     )
     release = "kiri-" + namespace[-6:]
+    # The chart makes the Jobs' account in the watched namespace: drop the one the fixture made.
+    cluster.kubectl("delete", "serviceaccount,role,rolebinding", "kiri-compressor", "-n", namespace)
     t0 = time.monotonic()
     try:
         helm(env, "install", release, str(CHART), "--namespace", namespace, "-f", str(values),

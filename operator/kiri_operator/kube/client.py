@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from datetime import date, datetime
 from types import TracebackType
 from typing import Any
@@ -135,6 +135,10 @@ class Kube:
         self.instance = socket.gethostname()
         self.clock = clock or Clock()
         self.server_clock = ServerClock(self.clock)
+        self.fence: Callable[[], float] | None = None
+        """With leader election (`kube.leasing.Elector.remaining`): seconds this process may still write.
+        Every write is refused once it reaches 0, and no write waits for an answer longer than what is
+        left, so a replica that lost its Lease stops writing before another replica can take the Lease."""
 
     @classmethod
     def connect(
@@ -186,7 +190,16 @@ class Kube:
         body: Any = None,
         content_type: str | None = None,
         missing_ok: bool = False,
+        fenced: bool = True,
+        timeout: float | None = None,
     ) -> dict[str, Any] | None:
+        timeout = self.timeout if timeout is None else min(timeout, self.timeout)
+        if fenced and self.fence is not None and verb in metrics.WRITE_VERBS:
+            left = self.fence()
+            if left <= 0:
+                metrics.API_REQUESTS.labels(verb, KINDS[kind].plural, "fenced").inc()
+                raise KubeError(0, verb, path, "not the leader: this replica does not hold the leader Lease")
+            timeout = min(timeout, left)
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -199,7 +212,7 @@ class Kube:
             if self.http is None:
                 raise httpx.TransportError("not connected to an API server")
             response = self.http.request(
-                method, path, params=query, headers=headers, content=content, timeout=self.timeout
+                method, path, params=query, headers=headers, content=content, timeout=timeout
             )
         except (httpx.HTTPError, CredentialsError, OSError) as exc:
             metrics.API_REQUESTS.labels(verb, resource, "error").inc()
@@ -221,9 +234,12 @@ class Kube:
         return parsed if isinstance(parsed, dict) else None
 
     # -- reads -------------------------------------------------------------------------------------
-    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    def get(
+        self, kind: str, namespace: str | None, name: str, *, timeout: float | None = None
+    ) -> dict[str, Any] | None:
         """The object, or None when there is none."""
-        return self._request("get", "GET", kind, KINDS[kind].path(namespace, name), missing_ok=True)
+        path = KINDS[kind].path(namespace, name)
+        return self._request("get", "GET", kind, path, missing_ok=True, timeout=timeout)
 
     def list(
         self, kind: str, namespace: str | None = None, selector: str | None = None
@@ -307,6 +323,40 @@ class Kube:
         path = KINDS[kind].path(meta.get("namespace"), meta["name"])
         query = {"fieldManager": L.FIELD_MANAGER, "force": "true"}
         result = self._request("apply", "PATCH", kind, path, query=query, body=dict(obj), content_type=APPLY)
+        assert result is not None
+        return result
+
+    def create(
+        self, obj: Mapping[str, Any], *, fenced: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """POST: 409 when an object of that name exists (nothing is overwritten)."""
+        kind = str(obj["kind"])
+        path = KINDS[kind].path(obj["metadata"].get("namespace"))
+        result = self._request("create", "POST", kind, path, body=dict(obj), fenced=fenced, timeout=timeout)
+        assert result is not None
+        return result
+
+    def publish(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create `obj`; when its name exists already (a retried Job), server-side apply it over that.
+
+        The Jobs publish so because `create` is the one ConfigMap verb a Role can grant without access to
+        any existing ConfigMap (RBAC cannot limit create by name): the chart's Role for the Jobs grants it
+        alone, and the per-ModelDeployment Role adds get/patch on the names it knows."""
+        try:
+            return self.create(obj)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        return self.apply(obj)
+
+    def replace(
+        self, obj: Mapping[str, Any], *, fenced: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """PUT with the object's metadata.resourceVersion: 409 when someone wrote it since it was read."""
+        kind = str(obj["kind"])
+        meta = obj["metadata"]
+        path = KINDS[kind].path(meta.get("namespace"), meta["name"])
+        result = self._request("update", "PUT", kind, path, body=dict(obj), fenced=fenced, timeout=timeout)
         assert result is not None
         return result
 

@@ -416,6 +416,7 @@ def compression_job(
     compression: str,
     pod_labels: Mapping[str, str],
     deadline_seconds: int,
+    service_account: str,
 ) -> dict[str, Any]:
     source = model_source(spec.model.source.uri)
     store = artifact_dir(spec, owner, compression)
@@ -473,7 +474,7 @@ def compression_job(
     access = store_access(spec.model.source.credentials)
     volumes += access.volumes
 
-    def container(name: str, args: list[str], fetches: bool = False) -> dict[str, Any]:
+    def container(name: str, args: list[str], fetches: bool = False, api: bool = False) -> dict[str, Any]:
         return {
             "name": name,
             "image": spec.runtime.compressor_image,
@@ -483,7 +484,11 @@ def compression_job(
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),
             "env": [*(dict(e) for e in _ENV), *(copy.deepcopy(access.env) if fetches else [])],
-            "volumeMounts": [*copy.deepcopy(mounts), *(copy.deepcopy(access.mounts) if fetches else [])],
+            "volumeMounts": [
+                *copy.deepcopy(mounts),
+                *(copy.deepcopy(access.mounts) if fetches else []),
+                *([api_token_mount()] if api else []),
+            ],
         }
 
     obj = {
@@ -497,17 +502,20 @@ def compression_job(
                 "metadata": {"labels": {**pod_labels, **labels}},
                 "spec": pod_identity(
                     spec,
-                    spec.runtime.compressor_service_account_name or L.compressor_account_name(owner.name),
+                    spec.runtime.compressor_service_account_name or service_account,
                     {
                         "restartPolicy": "Never",
+                        # The compressor runs the user's model (a factory is their code): only the publishing
+                        # container gets the token, projected, short-lived.
+                        "automountServiceAccountToken": False,
                         "nodeSelector": dict(spec.cloud.node_selector),
                         "tolerations": _tolerations(spec.cloud.tolerations),
                         "securityContext": _pod_security(),
                         # Compress first, then publish: the manifest only appears once every variant is
                         # measured.
                         "initContainers": [container("compress", compress_args, fetches=True)],
-                        "containers": [container("publish", publish_args)],
-                        "volumes": volumes,
+                        "containers": [container("publish", publish_args, api=True)],
+                        "volumes": [*volumes, api_token_volume()],
                     },
                 ),
             },
@@ -516,21 +524,73 @@ def compression_job(
     return finish(obj, owner)
 
 
-def compressor_account(owner: Owner) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding letting the Job publish its manifest ConfigMap, and nothing else."""
+API_TOKEN_VOLUME = "kube-api-access"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_TOKEN_SECONDS = 600
+"""The shortest expiry the API server allows; the kubelet renews the token in the file before it ends."""
+
+
+def api_token_volume() -> dict[str, Any]:
+    """The pod's ServiceAccount token, CA and namespace as a projected volume, for the containers that
+    publish through the API alone. Pods set automountServiceAccountToken false, so the container that runs
+    untrusted input (the compressor on a user's model, a trainer) never holds the token."""
+    return {
+        "name": API_TOKEN_VOLUME,
+        "projected": {
+            "defaultMode": 0o444,
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_SECONDS}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+                    }
+                },
+            ],
+        },
+    }
+
+
+def api_token_mount() -> dict[str, Any]:
+    return {"name": API_TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}
+
+
+def job_service_account(owner: Owner, settings_account: str, per_md: bool) -> str:
+    """The Jobs' ServiceAccount: the operator's per-ModelDeployment one, or the namespace's from the chart."""
+    return L.compressor_account_name(owner.name) if per_md else settings_account
+
+
+def compressor_account(owner: Owner, config_maps: Sequence[str]) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding letting the Jobs publish their ConfigMaps, and nothing else.
+
+    `create` cannot be limited to names in Kubernetes RBAC (the name is not known to the authorizer before
+    the object exists), so it is granted alone: a create never changes an existing ConfigMap, and what the
+    Jobs create is trusted only when owned by the ModelDeployment (`labels.owned_by`). Reading and patching
+    are limited to `config_maps`, the names the Jobs write (manifest, round record, privacy ledger)."""
     name = L.compressor_account_name(owner.name)
     labels = L.common_labels(owner.name, L.COMPONENT_COMPRESS)
     account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _metadata(name, labels),
-        "automountServiceAccountToken": True,
+        # The Jobs mount a projected token in their publishing container alone.
+        "automountServiceAccountToken": False,
     }
+    rules: list[dict[str, Any]] = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
+    if config_maps:
+        rules.append(
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "verbs": ["get", "patch"],
+                "resourceNames": sorted(set(config_maps)),
+            }
+        )
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _metadata(name, labels),
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "patch"]}],
+        "rules": rules,
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",

@@ -18,3 +18,10 @@ class Settings:
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     allowed_prometheus: tuple[str, ...] = (DEFAULT_PROMETHEUS,)
     """The only Prometheus base URLs an analysis may name (`--allowed-prometheus`); others are refused."""
+    compressor_service_account: str = "kiri-compressor"
+    """The ServiceAccount compression and learning Jobs run as, when the operator makes none: the chart (or
+    the cluster admin) makes it, with its Role, in each namespace that may hold ModelDeployments."""
+    create_compressor_rbac: bool = False
+    """The operator makes a ServiceAccount, Role and RoleBinding per ModelDeployment (`<md>-compressor`),
+    the Role naming the ConfigMaps it may read and patch. Off unless the chart says so: it needs the
+    operator to hold create on roles, rolebindings and serviceaccounts."""

@@ -10,6 +10,7 @@ import pytest
 from kiri_operator import reconciling
 from kiri_operator.caches import Cache
 from kiri_operator.kube import KubeError
+from kiri_operator.planning import Settings
 from kiri_operator.reconciling import Reconciler, progress_only
 from planning_worlds import SHA, fleet
 
@@ -89,7 +90,7 @@ def _cache() -> Cache:
 
 def test_apply_order_then_quiet_second_reconcile():
     kube, cache = RecordingKube(), _cache()
-    r = Reconciler(kube, cache)  # type: ignore[arg-type]
+    r = Reconciler(kube, cache, Settings(create_compressor_rbac=True))  # type: ignore[arg-type]
     out = r.reconcile(("ns", "md"))
     applied = [kind for verb, kind, _ in kube.calls if verb == "apply"]
     assert applied.index("ServiceAccount") < applied.index("Job")

@@ -33,7 +33,8 @@ def test_first_reconcile_creates_cloud_and_compression_but_no_edge_yet():
     p = plan(s, observed())
     kinds = sorted((a.kind, a.check) for a in p.actions)
     assert all(check is Check.CREATE for _, check in kinds)
-    assert {k for k, _ in kinds} == {"Deployment", "Service", "Job", "ServiceAccount", "Role", "RoleBinding"}
+    # No ServiceAccount, Role or RoleBinding: the Job runs as the namespace's `kiri-compressor` (the chart's).
+    assert {k for k, _ in kinds} == {"Deployment", "Service", "Job"}
     assert p.status["phase"] == "Compressing"
     assert _cond(p.status, C.VARIANTS_VERIFIED)["status"] == "Unknown"
     assert {v["name"]: v["state"] for v in p.status["variants"]} == {
@@ -49,6 +50,49 @@ def test_first_reconcile_creates_cloud_and_compression_but_no_edge_yet():
         "md", compression_key(s, s.edge.artifacts.uri)
     )
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {"kiri.dev/tier": "cloud"}
+
+
+def test_only_the_publishing_container_of_the_compression_job_holds_an_api_token():
+    p = plan(spec(), observed())
+    pod = next(iter(_bodies(p, "Job").values()))["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "kiri-compressor"
+    assert pod["automountServiceAccountToken"] is False
+    token = next(v for v in pod["volumes"] if v["name"] == "kube-api-access")
+    sources = token["projected"]["sources"]
+    assert sources[0] == {"serviceAccountToken": {"path": "token", "expirationSeconds": 600}}
+    mounts = {
+        c["name"]: {m["name"] for m in c["volumeMounts"]} for c in pod["initContainers"] + pod["containers"]
+    }
+    assert {name for name, m in mounts.items() if "kube-api-access" in m} == {"publish"}
+    (publish,) = pod["containers"]
+    (mount,) = [m for m in publish["volumeMounts"] if m["name"] == "kube-api-access"]
+    assert mount == {
+        "name": "kube-api-access",
+        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+        "readOnly": True,
+    }
+
+
+def test_with_create_compressor_rbac_the_role_names_the_configmaps_the_job_may_read_and_patch():
+    s = spec()
+    p = plan(s, observed(), Settings(create_compressor_rbac=True))
+    created = {a.kind for a in p.actions if a.check is Check.CREATE}
+    assert created == {"Deployment", "Service", "Job", "ServiceAccount", "Role", "RoleBinding"}
+    role = _bodies(p, "Role")["md-compressor"]
+    manifest_cm = L.manifest_name("md", compression_key(s, s.edge.artifacts.uri))
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "patch"],
+            "resourceNames": [manifest_cm],
+        },
+    ]
+    account = _bodies(p, "ServiceAccount")["md-compressor"]
+    assert account["automountServiceAccountToken"] is False
+    job = next(iter(_bodies(p, "Job").values()))
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "md-compressor"
 
 
 def test_cloud_deployment_runs_on_gpu_nodes_with_probes_and_hardening():
@@ -230,7 +274,7 @@ def test_no_gpu_node_blocks_the_cloud_tier_with_a_reason():
 def test_no_cloud_node_at_all_blocks_cloud_and_compression():
     nodes = (edge_node("e1"),)
     p = plan(spec(), observed(nodes))
-    assert {a.kind for a in p.actions if a.check is Check.CREATE} == {"ServiceAccount", "Role", "RoleBinding"}
+    assert {a.kind for a in p.actions if a.check is Check.CREATE} == set()
     assert _cond(p.status, C.CLOUD_READY)["reason"] == Reason.NO_CLOUD_NODE
     assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.NO_CLOUD_NODE
 

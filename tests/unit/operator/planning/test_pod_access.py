@@ -96,7 +96,7 @@ def test_edge_pods_get_the_artifact_store_credentials_not_the_model_stores() -> 
 
 
 def test_only_the_compress_step_of_the_job_holds_the_source_credentials() -> None:
-    job = B.compression_job(spec(**ACCESS), OWNER, "comp1", {}, 3600)
+    job = B.compression_job(spec(**ACCESS), OWNER, "comp1", {}, 3600, "kiri-compressor")
     pod = job["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "compressor-irsa"
     assert pod["imagePullSecrets"] == [{"name": "registry"}, {"name": "mirror"}]
@@ -106,9 +106,11 @@ def test_only_the_compress_step_of_the_job_holds_the_source_credentials() -> Non
     assert CA_MOUNT in compress["volumeMounts"]
     assert [e["name"] for e in publish["env"]] == ["HOME", "PYTHONDONTWRITEBYTECODE"]
     assert CA_MOUNT not in publish["volumeMounts"]
-    # Unset, the Job keeps the account Kiri manages for it.
-    default = B.compression_job(spec(), OWNER, "comp1", {}, 3600)["spec"]["template"]["spec"]
-    assert default["serviceAccountName"] == "resnet-compressor"
+    # Unset, the Job runs as the namespace's account that the chart (or the operator) made for Jobs.
+    default = B.compression_job(spec(), OWNER, "comp1", {}, 3600, "kiri-compressor")["spec"]["template"][
+        "spec"
+    ]
+    assert default["serviceAccountName"] == "kiri-compressor"
 
 
 def test_learning_jobs_pull_with_the_secrets_and_trainers_run_as_their_account() -> None:
@@ -128,7 +130,7 @@ def test_learning_jobs_pull_with_the_secrets_and_trainers_run_as_their_account()
     pods = {o["metadata"]["labels"]["kiri.dev/learning-role"]: o["spec"]["template"]["spec"] for o in jobs}
     assert pods["trainer"]["serviceAccountName"] == "trainer"
     assert pods["trainer"]["automountServiceAccountToken"] is False
-    assert pods["aggregator"]["serviceAccountName"] == "resnet-compressor"
+    assert pods["aggregator"]["serviceAccountName"] == "kiri-compressor"
     assert all(p["imagePullSecrets"] == [{"name": "registry"}, {"name": "mirror"}] for p in pods.values())
 
 
@@ -137,7 +139,7 @@ def test_a_spec_without_access_fields_builds_the_same_children_and_keys_as_befor
     pods = [
         B.cloud_deployment(s, OWNER, {})["spec"]["template"]["spec"],
         _edge(s)["spec"]["template"]["spec"],
-        B.compression_job(s, OWNER, "comp1", {}, 3600)["spec"]["template"]["spec"],
+        B.compression_job(s, OWNER, "comp1", {}, 3600, "kiri-compressor")["spec"]["template"]["spec"],
     ]
     assert all("imagePullSecrets" not in p for p in pods)
     assert "serviceAccountName" not in pods[0] and "serviceAccountName" not in pods[1]
