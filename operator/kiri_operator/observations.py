@@ -136,6 +136,19 @@ class Observed:
     pod_refusals: Mapping[tuple[str, str], str] = field(default_factory=dict)
     """(kind, name) of a child whose controller could not create its pods because Pod Security admission
     refused them, and the API server's message (from the controller's FailedCreate Event)."""
+    measuring: bool = False
+    """A due measurement is being taken off the reconcile worker (analyzing.Analyst); its end queues this
+    ModelDeployment again, so the planner need not look back soon."""
+    server_now: datetime | None = None
+    """The API server's time (`clocks.ServerClock`), for timestamps the control plane set itself; `now`
+    (the operator's clock) is for the ones the operator wrote. None: taken to be `now`."""
+    not_owned: tuple[ObjectView, ...] = ()
+    """Objects labelled for this ModelDeployment but not owned by it (`labels.owned_by`): left out of
+    `children`, so the planner neither trusts (a manifest, a round record), updates nor deletes them."""
+
+    @property
+    def server_time(self) -> datetime:
+        return self.server_now or self.now
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))

@@ -10,6 +10,9 @@ from urllib.parse import urlparse
 DEFAULT_HOST_STORE_ROOTS = ("/var/lib/kiri/artifacts", "/var/lib/kiri/site-data")
 """The chart's default allow-list: the default artifact store and learning site data of the API's defaults."""
 
+DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
+"""The Service the Prometheus Operator (kube-prometheus-stack) puts in front of a Prometheus in `monitoring`."""
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -44,3 +47,13 @@ class Settings:
                 if refusal is not None:
                     return refusal
         return None
+
+    allowed_prometheus: tuple[str, ...] = (DEFAULT_PROMETHEUS,)
+    """The only Prometheus base URLs an analysis may name (`--allowed-prometheus`); others are refused."""
+    compressor_service_account: str = "kiri-compressor"
+    """The ServiceAccount compression and learning Jobs run as, when the operator makes none: the chart (or
+    the cluster admin) makes it, with its Role, in each namespace that may hold ModelDeployments."""
+    create_compressor_rbac: bool = False
+    """The operator makes a ServiceAccount, Role and RoleBinding per ModelDeployment (`<md>-compressor`),
+    the Role naming the ConfigMaps it may read and patch. Off unless the chart says so: it needs the
+    operator to hold create on roles, rolebindings and serviceaccounts."""

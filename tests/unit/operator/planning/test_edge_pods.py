@@ -81,7 +81,7 @@ def test_a_file_store_mounts_only_this_model_deployments_directory_read_only():
 
 
 def test_a_compression_job_on_a_file_store_mounts_only_its_own_output_directory():
-    job = B.compression_job(spec(), OWNER, "comp1", {}, 600)
+    job = B.compression_job(spec(), OWNER, "comp1", {}, 600, "kiri-compressor")
     pod = job["spec"]["template"]["spec"]
     store = next(v for v in pod["volumes"] if v["name"] == "artifacts")
     out = "/var/lib/kiri/artifacts/team-a/resnet/comp1"
