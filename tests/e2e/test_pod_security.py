@@ -116,7 +116,7 @@ def test_a_full_rollout_is_admitted_in_a_namespace_enforcing(
     md["spec"]["edge"]["artifacts"] = {"uri": "pvc://store/kiri"}
     cluster.apply(md)
 
-    wait_condition(cluster, namespace, "tiny", "CloudReady", "True", "DeploymentAvailable", timeout=90)
+    wait_condition(cluster, namespace, "tiny", "CloudReady", "True", "DeploymentAvailable", timeout=180)
     (job,) = children(cluster, namespace, "tiny", "jobs")
     # The Job's pod is admitted too (the kwok fleet runs it to nothing; its steps run here).
     cluster.wait_for(
