@@ -27,11 +27,12 @@ UNFINISHED_REQUEUE_SECONDS = 30.0
 
 def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | None = None) -> Plan:
     settings = settings or Settings()
+    spec = B.with_default_store(spec, settings.default_artifacts_uri)
     owner = B.Owner(observed.name, observed.namespace, observed.uid)
     # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
     espec = learning.effective_spec(spec, observed.status.get("learning"))
-    ckey = compression_key(espec, spec.edge.artifacts.uri)
-    revision = revision_key(espec, spec.edge.artifacts.uri, dict(settings.pod_labels) or None)
+    ckey = compression_key(espec, B.store_uri(spec))
+    revision = revision_key(espec, B.store_uri(spec), dict(settings.pod_labels) or None)
 
     cloud = plan_cloud(spec, observed, owner, settings)
     comp = plan_compression(espec, observed, owner, ckey, cloud, settings)

@@ -12,4 +12,7 @@ class Settings:
     """activeDeadlineSeconds of compression Jobs."""
     manifest_grace_seconds: float = 120.0
     """How long a completed Job may take to have its manifest show up before it counts as failed."""
+    default_artifacts_uri: str | None = None
+    """The store of ModelDeployments that name none (`edge.artifacts.uri` unset): the chart's in-cluster
+    store; None: the built-in host path `file:///var/lib/kiri/artifacts`."""
     pod_labels: Mapping[str, str] = field(default_factory=dict)
