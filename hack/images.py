@@ -393,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/images.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("command", choices=["build", "load", "path"])
-    parser.add_argument("images", nargs="*", help="pause, runtime, operator and/or compressor-quantize (default: all)")
+    parser.add_argument(
+        "images", nargs="*", help="pause, runtime, operator and/or compressor-quantize (default: all)"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     args = parser.parse_args(argv)
     names = args.images or list(BUILDERS)
