@@ -397,7 +397,6 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         helm(env, "install", release, str(CHART), "--namespace", namespace, "-f", str(values),
              "--wait", "--timeout", "180s")  # fmt: skip
         print(f"\nhelm install --wait (operator pod Ready on the real node): {time.monotonic() - t0:.1f}s")
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
         (pod,) = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/name=kiri")["items"]
         assert pod["spec"]["nodeName"] == real_node
         assert pod["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")
