@@ -145,10 +145,13 @@ main() {
       "-s -w -X main.version=${RUNC_VERSION#v}"
   fi
   if [[ "$which" == real-nodes || "$which" == prometheus ]]; then
-    local pv="github.com/prometheus/common/version"
+    # Module v0.MMP.x is Prometheus M.MP.x (v0.316.0 is 3.16.0).
+    local pv="github.com/prometheus/common/version" mm rest release
+    mm="${PROMETHEUS_VERSION#v0.}"; rest="${mm#*.}"; mm="${mm%%.*}"
+    release="$((10#$mm / 100)).$((10#$mm % 100)).$rest"
     BUILD_TAGS=remove_all_sd,enable_kubernetes_sd build prometheus prometheus \
       github.com/prometheus/prometheus/cmd/prometheus "$PROMETHEUS_BUILD" \
-      "-s -w -X $pv.Version=${PROMETHEUS_VERSION#v0.} -X $pv.Branch=kiri -X $pv.Revision=$PROMETHEUS_VERSION"
+      "-s -w -X $pv.Version=$release -X $pv.Branch=kiri -X $pv.Revision=$PROMETHEUS_VERSION"
   fi
   if [[ "$which" == all || "$which" == helm ]]; then
     build helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
