@@ -533,7 +533,8 @@ class ArtifactsSpec(ApiModel):
     store `kiri store`: the Job uploads there), `file:///path` (a host path on the cloud node, shared with the
     edge nodes, e.g. NFS) or `pvc://claim/path`. Each compression gets its own
     `<uri>/<namespace>/<name>/<key>/`. Unset: the operator's default store (`--default-artifacts-uri`; the
-    chart sets its in-cluster store), else `file:///var/lib/kiri/artifacts`."""
+    chart sets its in-cluster store), else `file:///var/lib/kiri/artifacts`; with `learning`, whose rounds
+    are written in place and not uploaded, always `file:///var/lib/kiri/artifacts`."""
     fetch_uri: Uri | None = None
     """Base URI edge nodes fetch the same files from (e.g. an HTTP server in front of the store); `uri` when
     unset."""

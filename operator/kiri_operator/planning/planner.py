@@ -27,7 +27,9 @@ UNFINISHED_REQUEUE_SECONDS = 30.0
 
 def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | None = None) -> Plan:
     settings = settings or Settings()
-    spec = B.with_default_store(spec, settings.default_artifacts_uri)
+    # The learning loop writes its rounds in place (no upload to an HTTP store yet): a ModelDeployment that
+    # learns keeps the built-in host path unless it names a store.
+    spec = B.with_default_store(spec, None if spec.learning is not None else settings.default_artifacts_uri)
     owner = B.Owner(observed.name, observed.namespace, observed.uid)
     # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
     espec = learning.effective_spec(spec, observed.status.get("learning"))

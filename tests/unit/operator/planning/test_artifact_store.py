@@ -61,3 +61,38 @@ def test_edge_pods_fetch_the_variant_from_the_default_store_when_the_spec_names_
     for ds in dss:
         args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
         assert args[args.index("--model-uri") + 1].startswith(f"{STORE}/ns/md/")
+
+
+def test_a_learning_model_deployment_without_a_store_keeps_the_host_path_as_its_rounds_are_not_uploaded():
+    from kiri_operator.api.specs import ModelDeploymentSpec
+
+    s = ModelDeploymentSpec.model_validate(
+        {
+            "model": {
+                "name": "m",
+                "version": "1",
+                "source": {"uri": "file:///models/m.onnx", "sha256": "a" * 64},
+                "evalDataUri": "file:///data/inputs.npz",
+            },
+            "edge": {"variants": [{"name": "int8", "method": "int8-dynamic"}]},
+            "learning": {
+                "trainable": {
+                    "factory": "models.net:make",
+                    "weightsUri": "file:///m.pt",
+                    "weightsSha256": "a" * 64,
+                },
+                "evalDataUri": "file:///data/held-out.npz",
+            },
+        }
+    )
+    server = FakeServer(observed())
+    server.step(s, Settings(default_artifacts_uri=STORE))
+    jobs = [o.body for (kind, _), o in server.world.children.items() if kind == "Job"]
+    assert jobs
+    for job in jobs:
+        assert "--upload-to" not in str(job)
+        volumes = job["spec"]["template"]["spec"]["volumes"]
+        assert {
+            "name": "artifacts",
+            "hostPath": {"path": "/var/lib/kiri/artifacts", "type": "DirectoryOrCreate"},
+        } in volumes
