@@ -4,8 +4,8 @@
 # `real-nodes` what a real node runs (kubelet, kube-proxy, containerd, containerd-shim-runc-v2, ctr, runc)
 # and the real nodes' cluster DNS (CoreDNS, a host process).
 #
-# Usage: build-binaries.sh [all|etcd|kubernetes|kwok|helm|kstatus|real-nodes|kubelet|kube-proxy|containerd|runc|coredns]
-#        build-binaries.sh --print-bin-dirs | --print-real-node-bin-dirs
+# Usage: build-binaries.sh [all|etcd|kubernetes|kwok|helm|kstatus|real-nodes|kubelet|kube-proxy|containerd|runc|coredns|prometheus]
+#        build-binaries.sh --print-bin-dirs | --print-real-node-bin-dirs | --print-prometheus
 # `all` is the control plane only: the real-node binaries add ~5 min to a cold build and only
 # `hack/cluster up --real-nodes N` needs them.
 #
@@ -36,6 +36,10 @@ KSTATUS_BUILD="$(module_version kstatus sigs.k8s.io/cli-utils)-$(cat "$TOOLS_DIR
 CONTAINERD_VERSION="$(module_version containerd github.com/containerd/containerd/v2)"
 RUNC_VERSION="$(module_version runc github.com/opencontainers/runc)"
 COREDNS_VERSION="$(module_version coredns github.com/coredns/coredns)"
+# Prometheus with Kubernetes service discovery (Debian's package has none): only the file, http and
+# kubernetes discoverers are compiled in (build tags), and the key says so.
+PROMETHEUS_VERSION="$(module_version prometheus github.com/prometheus/prometheus)"
+PROMETHEUS_BUILD="$PROMETHEUS_VERSION-k8ssd"
 # runc is linked against the host's libseccomp (cgo, `seccomp` tag: without it runc cannot apply the
 # RuntimeDefault seccomp profile the kubelet asks for); the cache key says so.
 RUNC_BUILD="$RUNC_VERSION-seccomp"
@@ -140,6 +144,15 @@ main() {
     BUILD_CGO=1 BUILD_TAGS=seccomp build runc runc github.com/opencontainers/runc "$RUNC_BUILD" \
       "-s -w -X main.version=${RUNC_VERSION#v}"
   fi
+  if [[ "$which" == real-nodes || "$which" == prometheus ]]; then
+    # Module v0.MMP.x is Prometheus M.MP.x (v0.316.0 is 3.16.0).
+    local pv="github.com/prometheus/common/version" mm rest release
+    mm="${PROMETHEUS_VERSION#v0.}"; rest="${mm#*.}"; mm="${mm%%.*}"
+    release="$((10#$mm / 100)).$((10#$mm % 100)).$rest"
+    BUILD_TAGS=remove_all_sd,enable_kubernetes_sd build prometheus prometheus \
+      github.com/prometheus/prometheus/cmd/prometheus "$PROMETHEUS_BUILD" \
+      "-s -w -X $pv.Version=$release -X $pv.Branch=kiri -X $pv.Revision=$PROMETHEUS_VERSION"
+  fi
   if [[ "$which" == all || "$which" == helm ]]; then
     build helm helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION" "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
   fi
@@ -157,6 +170,10 @@ if [[ "${1:-}" == "--print-real-node-bin-dirs" ]]; then
   # The kubelet sits with the other Kubernetes binaries.
   bin_dir_for kubernetes "$K8S_VERSION"; bin_dir_for containerd "$CONTAINERD_VERSION"; bin_dir_for runc "$RUNC_BUILD"
   bin_dir_for coredns "$COREDNS_VERSION"
+  exit 0
+fi
+if [[ "${1:-}" == "--print-prometheus" ]]; then
+  echo "$(bin_dir_for prometheus "$PROMETHEUS_BUILD")/prometheus"
   exit 0
 fi
 main "$@"

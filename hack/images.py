@@ -1,5 +1,5 @@
 """Kiri's container images without a Docker daemon: `hack/images.py build|load [pause] [runtime] [operator]
-[cache-csi]`.
+[cache-csi|compressor-quantize]`.
 
 - `pause`: the pod sandbox image of the real nodes (containerd's `pinned_images.sandbox`). Its one file is
   the Kubernetes pause binary, compiled statically with gcc from `build/pause/linux/pause.c` of the pinned
@@ -16,6 +16,10 @@
 
 - `operator`: `kiri operator`, the Dockerfile's `operator` target: the runtime image's recipe with plain
   `kiri` in the venv (no onnxruntime, no numpy), its CMD and ports (8080 liveness, 9102 metrics).
+- `compressor-quantize`: the Dockerfile's `compressor-quantize` target, `kiri[quantize]` (the runtime's
+  packages and onnx, no torch): compression Jobs of ONNX sources with quantize variants. The full
+  `compressor` (torch, for distillation, torch sources and language models) is not built here: torch's
+  CPU-only wheels are not on PyPI, only on download.pytorch.org, which these machines cannot reach.
 
 The runtime and operator images have two layers: the Debian base from mmdebstrap (cached on its own, so a change to
 Kiri's sources rebuilds only /opt/kiri and nodes import only that layer) and the venv; the pause image
@@ -55,6 +59,8 @@ CACHE_CSI_REF = "ghcr.io/kiri-dev/kiri-cache-csi:0.1.0"  # the chart's edgeCache
 CACHE_CSI_DIR = REPO_ROOT / "csi" / "kiri-cache-csi"
 RUNTIME_REF = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
 OPERATOR_REF = "ghcr.io/kiri-dev/kiri-operator:0.1.0"  # the chart's image.repository:appVersion
+# The Dockerfile's `compressor-quantize` target: a ModelDeployment names it in spec.runtime.compressorImage.
+COMPRESSOR_QUANTIZE_REF = "ghcr.io/kiri-dev/kiri-compressor:0.1.0-quantize"
 # bookworm's python3 is 3.11, the Dockerfile's Python; python3-venv brings ensurepip (pip in the venv).
 # libstdc++6 and libgomp1: the onnxruntime and numpy wheels link them (python3 does not pull them in).
 # ca-certificates: https:// and s3:// model URIs.
@@ -120,7 +126,7 @@ def recipe(name: str) -> str:
         parts = [build_cache_csi, oci_assemble, CACHE_CSI_REF]
     else:
         # The base layer has a key of its own (its file name); the image is rebuilt when it changes.
-        ref = RUNTIME_REF if name == "runtime" else OPERATOR_REF
+        ref = {"runtime": RUNTIME_REF, "operator": OPERATOR_REF}.get(name, COMPRESSOR_QUANTIZE_REF)
         parts = [BUILDERS[name], build_python_image, wheelhouse, oci_assemble, ref, base_layer_path().name]
     return "\n".join(inspect.getsource(p) if callable(p) else repr(p) for p in parts)
 
@@ -206,7 +212,7 @@ def build_cache_csi(work: Path, out: Path) -> None:
 
 
 def wheelhouse(work: Path) -> Path:
-    """kiri[runtime] and its dependencies as wheels, fetched by the host's pip (cached by pyproject.toml)."""
+    """kiri[runtime,quantize] and its dependencies as wheels, fetched by the host's pip (cached by pyproject.toml)."""
     deps_key = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
     deps = IMAGES_DIR / f"wheels-py311-{deps_key}"
     src = work / "src"
@@ -225,7 +231,7 @@ def wheelhouse(work: Path) -> Path:
         # Binary wheels for the image's Python (3.11, glibc x86_64), whatever runs this script.
         run(*pip, "download", "--quiet", "--dest", tmp, "--only-binary=:all:", "--python-version", "3.11",
             "--implementation", "cp", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-            "--platform", "manylinux_2_17_x86_64", f"{src}[runtime]")  # fmt: skip
+            "--platform", "manylinux_2_17_x86_64", f"{src}[runtime,quantize]")  # fmt: skip
         for w in tmp.glob("kiri-*"):
             w.unlink()  # Kiri itself is built below, from the sources of this checkout
         tmp.replace(deps)
@@ -295,6 +301,11 @@ def build_operator(work: Path, out: Path) -> None:
     build_python_image(work, out, "kiri", OPERATOR_REF, ["8080/tcp", "9102/tcp"], cmd)
 
 
+def build_compressor_quantize(work: Path, out: Path) -> None:
+    """The Dockerfile's `compressor-quantize` target: the same base layer, a venv with kiri[quantize]."""
+    build_python_image(work, out, "kiri[quantize]", COMPRESSOR_QUANTIZE_REF, [], ["compress", "--help"])
+
+
 def build_python_image(
     work: Path, out: Path, requirement: str, ref: str, ports: list[str], cmd: list[str]
 ) -> None:
@@ -352,6 +363,7 @@ BUILDERS = {
     "runtime": build_runtime,
     "operator": build_operator,
     "cache-csi": build_cache_csi,
+    "compressor-quantize": build_compressor_quantize,
 }
 
 
@@ -419,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/images.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("command", choices=["build", "load", "path"])
-    parser.add_argument("images", nargs="*", help="pause, runtime, operator and/or cache-csi (default: all)")
+    parser.add_argument(
+        "images",
+        nargs="*",
+        help="pause, runtime, operator, cache-csi and/or compressor-quantize (default: all)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even when cached")
     args = parser.parse_args(argv)
     names = args.images or list(BUILDERS)

@@ -8,7 +8,10 @@ so clusters of several checkouts never share a name, an address or a cgroup:
   172.<16+h%16>.<i>.1/30; node end `eth0`, .2/30). containerd, the CNI bridge `kiri0` and every pod live in
   the namespace; the pod subnet 172.<b>.<128+i>.0/24 is routed from the host through the veth, so the host
   (tests, probes, the API server) reaches pod IPs directly. The namespace has no default route: pods reach
-  their node and the host end of the veth, never the machine's external interface.
+  their node and the host end of the veth, never the machine's external interface. Between nodes: each
+  node's second link `fab0` (172.<b>.96.<i+1>/24) is on one bridge in a namespace of its own,
+  `kiri-<h>-fab`, and each node routes the other nodes' pod subnets there: pods on two real nodes reach
+  each other, and the host forwards nothing.
 - kubelet: runs in the host network namespace. It must: the API server listens on 127.0.0.1 only, and the
   kubelet refuses a node IP that is not on one of its own interfaces (and a loopback one). Its node IP
   (the node's InternalIP, which the API server dials for logs/exec) is the host end of the veth, and it
@@ -127,6 +130,18 @@ class Layout:
         """Every real node's pod subnet (kube-proxy's clusterCIDR)."""
         return f"172.{self.octet}.128.0/18"
 
+    # The fabric: every node's second link, `fab0`, on one bridge in a namespace of its own, so that pods
+    # on two real nodes reach each other (Services with endpoints on another node, a store on the cloud
+    # node) without the host forwarding anything.
+    def fabric_netns(self) -> str:
+        return f"kiri-{self.h}-fab"
+
+    def fabric_ip(self, i: int) -> str:
+        return f"172.{self.octet}.96.{i + 1}"
+
+    def fabric_veth(self, i: int) -> str:
+        return f"kr{self.h}f{i}"
+
     def cgroup(self, i: int) -> str:
         return f"/kiri-{self.h}-{i}"
 
@@ -232,6 +247,58 @@ def setup_network(lay: Layout, i: int) -> None:
     _ip("route", "add", lay.pod_cidr(i), "via", lay.node_ip(i), "dev", veth)
     # The cluster's host address (API server proxy, CoreDNS): the one host address the node routes to.
     _ip("route", "add", f"{lay.svc_ip()}/32", "via", lay.host_ip(i), "dev", "eth0", netns=ns)
+    join_fabric(lay, i)
+
+
+def join_fabric(lay: Layout, i: int) -> None:
+    """Node i's `fab0` on the fabric bridge, and routes between its pod subnet and every other node's.
+
+    The bridge lives in a namespace of its own (`kiri-<h>-fab`), not in the host's: the host forwards
+    nothing (its ip_forward stays 0) and no host netfilter rule sees this traffic. Each node routes the
+    other nodes' pod subnets via their fabric address; kube-proxy's masquerade (masqueradeAll) makes a
+    Service connection come from the caller's node, which the endpoint's node reaches on the fabric."""
+    fab, ns, veth = lay.fabric_netns(), lay.netns(i), lay.fabric_veth(i)
+    if not Path(f"/run/netns/{fab}").exists():
+        _ip("netns", "add", fab)
+        _ip("link", "set", "lo", "up", netns=fab)
+        _ip("link", "add", "fabric", "type", "bridge", netns=fab)
+        _ip("link", "set", "fabric", "up", netns=fab)
+    _ip("link", "delete", veth, netns=fab, check=False)  # a stale end from a killed `up`
+    _ip("link", "add", veth, "type", "veth", "peer", "name", f"{veth}n", netns=fab)
+    _ip("link", "set", f"{veth}n", "netns", ns, netns=fab)
+    _ip("link", "set", veth, "master", "fabric", netns=fab)
+    _ip("link", "set", veth, "up", netns=fab)
+    _ip("link", "set", f"{veth}n", "name", "fab0", netns=ns)
+    _ip("addr", "add", f"{lay.fabric_ip(i)}/24", "dev", "fab0", netns=ns)
+    _ip("link", "set", "fab0", "up", netns=ns)
+    for j in sorted(fabric_members(lay) - {i}):
+        _ip("route", "replace", lay.pod_cidr(j), "via", lay.fabric_ip(j), "dev", "fab0", netns=ns)
+        _ip("route", "replace", lay.pod_cidr(i), "via", lay.fabric_ip(i), "dev", "fab0", netns=lay.netns(j))
+
+
+def fabric_members(lay: Layout) -> set[int]:
+    """The nodes whose `fab0` is on the fabric (their veth end is in the fabric's namespace)."""
+    fab = lay.fabric_netns()
+    if not Path(f"/run/netns/{fab}").exists():
+        return set()
+    out = _ip("-o", "link", "show", "master", "fabric", netns=fab, check=False).stdout
+    found = set()
+    prefix = lay.fabric_veth(0)[:-1]
+    for line in out.splitlines():
+        name = line.split(":")[1].strip().split("@")[0]
+        with contextlib.suppress(ValueError):
+            found.add(int(name.removeprefix(prefix)))
+    return found
+
+
+def leave_fabric(lay: Layout, i: int) -> None:
+    """Drops the other nodes' routes to node i's pods; the fabric goes with its last node."""
+    fab = lay.fabric_netns()
+    for j in sorted(fabric_members(lay) - {i}):
+        _ip("route", "delete", lay.pod_cidr(i), netns=lay.netns(j), check=False)
+    _ip("link", "delete", lay.fabric_veth(i), netns=fab, check=False)
+    if Path(f"/run/netns/{fab}").exists() and not fabric_members(lay):
+        _ip("netns", "delete", fab, check=False)
 
 
 def setup_svc_link(lay: Layout) -> None:
@@ -274,6 +341,8 @@ def route_services(lay: Layout, indices: list[int]) -> None:
 
 def teardown_network(lay: Layout, i: int) -> None:
     ns = lay.netns(i)
+    if Path(f"/run/netns/{lay.fabric_netns()}").exists():
+        leave_fabric(lay, i)
     if Path(f"/run/netns/{ns}").exists():
         _ip("netns", "delete", ns, check=False)  # deletes eth0, so its peer and the route go too
     if Path(f"/sys/class/net/{lay.veth(i)}").exists():
@@ -815,6 +884,8 @@ def teardown(lay: Layout, state: dict[str, Any] | None) -> None:
     for i in sorted(indices):
         teardown_node_files(lay, i)
     teardown_svc_link(lay)  # the Service route went with the veths
+    if Path(f"/run/netns/{lay.fabric_netns()}").exists():
+        _ip("netns", "delete", lay.fabric_netns(), check=False)
     with contextlib.suppress(OSError):
         lay.root.rmdir()
     restore_host(real)

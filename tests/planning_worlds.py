@@ -11,7 +11,7 @@ from kiri_operator import labels as L
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.observations import NodeView, ObjectView, Observed, PodView
 from kiri_operator.planning import Settings, plan
-from kiri_operator.planning.building import affinity_nodes
+from kiri_operator.planning.building import affinity_nodes, store_uri
 from kiri_operator.planning.revisions import compression_key
 from kiri_operator.plans import Check, Plan
 from kiri_runtime.manifests import (
@@ -139,7 +139,7 @@ def manifest(accepted: dict[str, bool], source_sha: str = SHA) -> Manifest:
 
 
 def manifest_configmap(s: ModelDeploymentSpec, m: Manifest) -> ObjectView:
-    key = compression_key(s, s.edge.artifacts.uri)
+    key = compression_key(s, store_uri(s))
     name = L.manifest_name("md", key)
     body = {
         "apiVersion": "v1",

@@ -74,6 +74,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="fault injection for tests: run the operator's clock this far ahead (negative: behind) of "
         "the machine's, as a node whose clock is off the API server's would",
     )
+    op.add_argument(
+        "--default-artifacts-uri",
+        metavar="URI",
+        default=None,
+        help="store of ModelDeployments that set no edge.artifacts.uri (the chart: its in-cluster store, "
+        "e.g. http://kiri-store.kiri-system.svc:8080); default: file:///var/lib/kiri/artifacts",
+    )
     op.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     op.add_argument("--log-level", default="INFO")
     op.add_argument(
@@ -143,6 +150,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     pub.add_argument("--compression", required=True, help="compression key (label kiri.dev/compression)")
     pub.add_argument("--owner-name", help="ModelDeployment that owns the ConfigMap")
     pub.add_argument("--owner-uid")
+    pub.add_argument(
+        "--upload-to",
+        metavar="URL",
+        help="first PUT the variants the manifest names and the manifest itself to this http(s) store "
+        "directory (the compression's `<store>/<namespace>/<name>/<key>/`); files are read beside --manifest",
+    )
     pub.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     pub.set_defaults(handler=_publish)
 
@@ -209,6 +222,7 @@ def _operator(args: argparse.Namespace) -> int:
             ),
             compressor_service_account=args.compressor_service_account,
             create_compressor_rbac=args.create_compressor_rbac,
+            default_artifacts_uri=args.default_artifacts_uri,
         ),
     )
     return handlers.run(config)
@@ -223,12 +237,26 @@ def allowed_prometheus(flags: list[str] | None, env: str | None, default: str) -
 def _publish(args: argparse.Namespace) -> int:
     from kiri_operator.kube import CredentialsError, Kube, KubeError
     from kiri_runtime.manifests import dumps, load
+    from kiri_runtime.redaction import strip_url
 
     try:
         manifest = load(args.manifest)  # validate before publishing: the operator gates on it
     except (OSError, ValueError) as exc:
         print(f"kiri publish-manifest: cannot read {args.manifest}: {exc}", file=sys.stderr)
         return 2
+    if args.upload_to:
+        from pathlib import Path
+
+        from kiri_runtime.publishing import PublishError, files_to_publish, upload
+
+        manifest_path = Path(args.manifest)
+        try:
+            files = files_to_publish(manifest, manifest_path.parent, manifest_path)
+            sent = upload(files, manifest_path.parent, args.upload_to)
+        except PublishError as exc:
+            print(f"kiri publish-manifest: {exc}", file=sys.stderr)
+            return 1
+        print(f"uploaded {len(files)} files ({sent} bytes) to {strip_url(args.upload_to)}")
     try:
         with Kube.connect(args.kubeconfig) as kube:
             kube.publish(

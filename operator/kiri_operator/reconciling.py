@@ -79,7 +79,7 @@ def _order(actions: Iterable[Action]) -> list[Action]:
 
 def _pvcs_needed(spec: ModelDeploymentSpec) -> list[str]:
     claims = []
-    for uri in (spec.model.source.uri, spec.edge.artifacts.uri):
+    for uri in (spec.model.source.uri, spec.edge.artifacts.uri or ""):
         parsed = urlparse(uri)
         if parsed.scheme == "pvc" and parsed.netloc:
             claims.append(parsed.netloc)

@@ -1,4 +1,4 @@
-"""Runtime-side subcommands: serve, compress, train-edge, aggregate.
+"""Runtime-side subcommands: serve, compress, train-edge, aggregate, store.
 
 Each handler imports its implementation lazily, so that `kiri --help` and the operator image do not
 need onnxruntime or torch. A subcommand is registered with `sub = subparsers.add_parser(...)` and
@@ -21,3 +21,30 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     from kiri_runtime.learning import cli as learning_cli
 
     learning_cli.register(subparsers)
+    store = subparsers.add_parser(
+        "store",
+        help="serve an artifact store over HTTP (write-once PUT, GET with Range)",
+        description="The in-cluster artifact store the chart deploys: compression Jobs PUT variants and "
+        "manifests, edge runtimes GET them. Paths are written once.",
+    )
+    store.add_argument("--root", required=True, help="directory holding the artifacts (a volume)")
+    store.add_argument("--host", default="0.0.0.0")
+    store.add_argument("--port", type=int, default=8080)
+    store.add_argument("--log-level", default="INFO")
+    store.set_defaults(handler=_store)
+
+
+def _store(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+    from pathlib import Path
+
+    from kiri_runtime import storing
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    storing.serve(Path(args.root), args.host, args.port)
+    return 0

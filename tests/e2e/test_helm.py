@@ -88,8 +88,19 @@ def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def of_component(docs: list[dict[str, Any]], kind: str, component: str) -> list[dict[str, Any]]:
+    """The chart's objects of `kind` whose app.kubernetes.io/component is `component` (operator, store)."""
+    return [d for d in by_kind(docs, kind) if d["metadata"]["labels"].get(LABEL_COMPONENT) == component]
+
+
+LABEL_COMPONENT = "app.kubernetes.io/component"
+# The local cluster has no StorageClass, so the store's default claim would stay Pending and `--wait` time
+# out: installs here keep the store's files in an emptyDir.
+NO_STORAGE_CLASS = ("--set", "store.persistence.enabled=false")
+
+
 def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    (deployment,) = by_kind(docs, "Deployment")
+    (deployment,) = of_component(docs, "Deployment", "operator")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     return container  # type: ignore[no-any-return]
 
@@ -238,7 +249,7 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
 
 def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) -> None:
     docs = render(helm_env)
-    (deployment,) = by_kind(docs, "Deployment")
+    (deployment,) = of_component(docs, "Deployment", "operator")
     pod = deployment["spec"]["template"]["spec"]
     container = operator_container(docs)
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -284,7 +295,7 @@ def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) 
     assert parsed.metrics_port == metrics_port
     # The analysis allow-list reaches the operator: by default the Prometheus Operator's Service alone.
     assert parsed.allowed_prometheus == ["http://prometheus-operated.monitoring.svc:9090"]
-    (service,) = by_kind(docs, "Service")
+    (service,) = of_component(docs, "Service", "operator")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
@@ -294,7 +305,7 @@ def test_the_disruption_budget_keeps_one_operator_pod_and_only_with_two_replicas
 ) -> None:
     docs = render(helm_env)
     (pdb,) = by_kind(docs, "PodDisruptionBudget")
-    (deployment,) = by_kind(docs, "Deployment")
+    (deployment,) = of_component(docs, "Deployment", "operator")
     assert pdb["spec"]["minAvailable"] == 1
     assert (
         pdb["spec"]["selector"]["matchLabels"].items()
@@ -313,6 +324,44 @@ def test_operator_made_accounts_are_granted_per_watched_namespace_only(helm_env:
     assert not [r for r in cluster_role["rules"] if {"roles", "serviceaccounts"} & set(r["resources"])]
     for role in [r for r in roles_of(docs) if r["metadata"]["name"] == "kiri"]:
         assert any("roles" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+
+
+def test_the_store_is_a_non_root_pod_behind_its_own_service_and_the_operators_default_store(
+    helm_env: dict[str, str],
+) -> None:
+    from kiri_operator.cli import build_parser
+
+    docs = render(helm_env)
+    (store,) = of_component(docs, "Deployment", "store")
+    (service,) = of_component(docs, "Service", "store")
+    (claim,) = of_component(docs, "PersistentVolumeClaim", "store")
+    pod = store["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["fsGroup"] == 65532
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["automountServiceAccountToken"] is False  # it never talks to the API server
+    parsed = build_parser().parse_args(container["args"])
+    assert parsed.command == "store" and parsed.root == "/data"
+    (data,) = [v for v in pod["volumes"] if v["name"] == "data"]
+    assert data["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    # The Service selects the store's pod and not the operator's, and the operator defaults to it.
+    labels = store["spec"]["template"]["metadata"]["labels"]
+    (operator,) = of_component(docs, "Deployment", "operator")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert (
+        not service["spec"]["selector"].items() <= operator["spec"]["template"]["metadata"]["labels"].items()
+    )
+    name, ns = service["metadata"]["name"], service["metadata"]["namespace"]
+    assert f"--default-artifacts-uri=http://{name}.{ns}.svc:{parsed.port}" in operator_container(docs)["args"]
+
+    off = render(helm_env, "--set", "store.enabled=false")
+    assert not of_component(off, "Deployment", "store") and not of_component(off, "Service", "store")
+    assert not any(a.startswith("--default-artifacts-uri") for a in operator_container(off)["args"])
+    ephemeral = render(helm_env, "--set", "store.persistence.enabled=false")
+    assert not by_kind(ephemeral, "PersistentVolumeClaim")
+    (store,) = of_component(ephemeral, "Deployment", "store")
+    (data,) = [v for v in store["spec"]["template"]["spec"]["volumes"] if v["name"] == "data"]
+    assert data["emptyDir"] == {"sizeLimit": "10Gi"}
 
 
 @pytest.fixture(scope="module")
@@ -531,7 +580,7 @@ def test_install_upgrade_uninstall(
     name, env = release
     # The CRD is the other e2e tests' (applied with kubectl): this release leaves it alone.
     helm(
-        env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false",
+        env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false", *NO_STORAGE_CLASS,
         "--set", f"compressor.namespaces={{{namespace}}}", "--wait", "--timeout", "120s",
     )  # fmt: skip
 
@@ -675,7 +724,8 @@ def test_helm_upgrade_from_the_previous_chart_version_updates_the_crd_and_uninst
             "annotate", "crd", CRD_NAME, "--overwrite",
             f"meta.helm.sh/release-name={name}", f"meta.helm.sh/release-namespace={namespace}",
         )  # fmt: skip
-        helm(env, "upgrade", name, str(CHART), "--namespace", namespace, "--wait", "--timeout", "120s")
+        helm(env, "upgrade", name, str(CHART), "--namespace", namespace, *NO_STORAGE_CLASS, "--wait",
+             "--timeout", "120s")  # fmt: skip
         after = cluster.get_json("crd", CRD_NAME)
         assert after["spec"]["names"]["shortNames"] == ["mdep"]
         assert after["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
@@ -751,7 +801,7 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
 
     name, env = release
     helm(
-        env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false",
+        env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false", *NO_STORAGE_CLASS,
         "--set", f"operator.watchNamespaces={{{namespace}}}", "--wait", "--timeout", "120s",
     )  # fmt: skip
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))

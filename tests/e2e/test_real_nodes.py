@@ -107,7 +107,8 @@ def runtime_pod(name: str, model_sha: str) -> dict[str, Any]:
         "kind": "Pod",
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
-            "nodeSelector": {"kiri.dev/node-kind": "real"},
+            # kiri-real-0 by name: a cluster may have more real nodes (test_real_edge_path.py adds one).
+            "nodeSelector": {"kiri.dev/node-kind": "real", "kubernetes.io/hostname": REAL_NODE},
             "tolerations": [{"key": "kiri.dev/node-kind", "value": "real", "effect": "NoSchedule"}],
             "automountServiceAccountToken": False,
             "enableServiceLinks": False,
@@ -377,6 +378,10 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
     values.write_text(
         yaml.safe_dump(
             {
+                # The CRD is applied below, not owned by this release (another may have kept it).
+                "crds": {"install": False},
+                # This test's ModelDeployment names its own file:// store.
+                "store": {"enabled": False},
                 "operator": {"watchNamespaces": [namespace]},
                 # The test's file:// store (the operator in its pod only names it; the Job runs here).
                 "hostStores": {"roots": [str(tmp_path)]},
@@ -387,7 +392,7 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
                 "replicaCount": 1,
                 # Imported into the node's containerd by hack/images.py: there is no registry to pull from.
                 "image": {"pullPolicy": "Never"},
-                "nodeSelector": {"kiri.dev/node-kind": "real"},
+                "nodeSelector": {"kiri.dev/node-kind": "real", "kubernetes.io/hostname": real_node},
                 "tolerations": [
                     {
                         "key": "kiri.dev/node-kind",
@@ -402,12 +407,12 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
     release = "kiri-" + namespace[-6:]
     # The chart makes the Jobs' account in the watched namespace: drop the one the fixture made.
     cluster.kubectl("delete", "serviceaccount,role,rolebinding", "kiri-compressor", "-n", namespace)
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
     t0 = time.monotonic()
     try:
         helm(env, "install", release, str(CHART), "--namespace", namespace, "-f", str(values),
              "--wait", "--timeout", "180s")  # fmt: skip
         print(f"\nhelm install --wait (operator pod Ready on the real node): {time.monotonic() - t0:.1f}s")
-        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
         (pod,) = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/name=kiri")["items"]
         assert pod["spec"]["nodeName"] == real_node
         assert pod["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")

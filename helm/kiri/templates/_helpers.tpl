@@ -140,3 +140,28 @@ relabelings:
   - sourceLabels: [__meta_kubernetes_pod_node_name]
     targetLabel: node
 {{- end }}
+
+{{/*
+The in-cluster artifact store (templates/store.yaml): its name and the URI ModelDeployments default to.
+*/}}
+{{- define "kiri.storeName" -}}
+{{- printf "%s-store" (include "kiri.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "kiri.storeURI" -}}
+{{- printf "http://%s.%s.svc:%d" (include "kiri.storeName" .) .Release.Namespace (int .Values.store.port) }}
+{{- end }}
+
+{{- define "kiri.storeSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "kiri.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: store
+{{- end }}
+
+{{- define "kiri.storeLabels" -}}
+helm.sh/chart: {{ include "kiri.chart" . }}
+{{ include "kiri.storeSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kiri
+{{- end }}

@@ -592,9 +592,13 @@ class CacheSpec(ApiModel):
 class ArtifactsSpec(ApiModel):
     """Where the compression Job writes verified variants, and where edge nodes fetch them from."""
 
-    uri: Uri = DEFAULT_ARTIFACTS_URI
-    """Store the Job writes to: `file:///path` (a host path on the cloud node, shared with the edge nodes,
-    e.g. NFS) or `pvc://claim/path`. Each compression gets its own `<uri>/<namespace>/<name>/<key>/`."""
+    uri: Uri | None = None
+    """Store the Job writes to: `http(s)://host/path` (a server taking PUT, e.g. the chart's in-cluster
+    store `kiri store`: the Job uploads there), `file:///path` (a host path on the cloud node, shared with the
+    edge nodes, e.g. NFS) or `pvc://claim/path`. Each compression gets its own
+    `<uri>/<namespace>/<name>/<key>/`. Unset: the operator's default store (`--default-artifacts-uri`; the
+    chart sets its in-cluster store), else `file:///var/lib/kiri/artifacts`; with `learning`, whose rounds
+    are written in place and not uploaded, always `file:///var/lib/kiri/artifacts`."""
     fetch_uri: Uri | None = None
     """Base URI edge nodes fetch the same files from (e.g. an HTTP server in front of the store); `uri` when
     unset."""

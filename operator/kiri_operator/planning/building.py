@@ -20,7 +20,14 @@ from urllib.parse import urlparse
 
 from kiri_operator import labels as L
 from kiri_operator.api.access import CREDENTIAL_KEYS, StoreCredentials
-from kiri_operator.api.specs import LM_FORMATS, ModelDeploymentSpec, Toleration, Variant, is_default_gate
+from kiri_operator.api.specs import (
+    DEFAULT_ARTIFACTS_URI,
+    LM_FORMATS,
+    ModelDeploymentSpec,
+    Toleration,
+    Variant,
+    is_default_gate,
+)
 
 RUNTIME_UID = 65532
 MODEL_MOUNT = "/models"
@@ -316,13 +323,24 @@ class ArtifactDir:
     """The Job's output directory (under mount_path)."""
     fetch_base: str
     """URI of out_dir as edge nodes fetch it (ends with '/')."""
+    upload_to: str | None = None
+    """An http(s) store: the URL the Job's publish step PUTs out_dir's files to (out_dir is then local)."""
 
 
 def artifact_dir(spec: ModelDeploymentSpec, owner: Owner, compression: str) -> ArtifactDir:
     store = spec.edge.artifacts
+    uri = store_uri(spec)
     rel = f"{owner.namespace}/{owner.name}/{compression}"
-    parsed = urlparse(store.uri)
-    if parsed.scheme == "pvc":
+    parsed = urlparse(uri)
+    upload_to = None
+    if parsed.scheme in ("http", "https"):
+        # An HTTP store (the chart's `kiri store`): the Job writes to its own scratch volume, and its publish
+        # step uploads there before it publishes the manifest ConfigMap.
+        volume = {"name": "artifacts", "emptyDir": {}}
+        out_dir = f"{ARTIFACTS_MOUNT}/{rel}"
+        mount = ARTIFACTS_MOUNT
+        upload_to = f"{uri.rstrip('/')}/{rel}/"
+    elif parsed.scheme == "pvc":
         sub = parsed.path.strip("/")
         volume = {"name": "artifacts", "persistentVolumeClaim": {"claimName": parsed.netloc}}
         out_dir = "/".join(p for p in (ARTIFACTS_MOUNT, sub, rel) if p)
@@ -335,8 +353,25 @@ def artifact_dir(spec: ModelDeploymentSpec, owner: Owner, compression: str) -> A
         out_dir = f"{base}/{rel}"
         volume = {"name": "artifacts", "hostPath": {"path": out_dir, "type": "DirectoryOrCreate"}}
         mount = out_dir
-    fetch = (store.fetch_uri or store.uri).rstrip("/")
-    return ArtifactDir(volume=volume, mount_path=mount, out_dir=out_dir, fetch_base=f"{fetch}/{rel}/")
+    fetch = (store.fetch_uri or uri).rstrip("/")
+    return ArtifactDir(
+        volume=volume, mount_path=mount, out_dir=out_dir, fetch_base=f"{fetch}/{rel}/", upload_to=upload_to
+    )
+
+
+def store_uri(spec: ModelDeploymentSpec) -> str:
+    """The store the Job writes to: the spec's, else the built-in host path (the planner fills an unset one
+    with the operator's default store first: `with_default_store`)."""
+    return spec.edge.artifacts.uri or DEFAULT_ARTIFACTS_URI
+
+
+def with_default_store(spec: ModelDeploymentSpec, default_uri: str | None) -> ModelDeploymentSpec:
+    """`spec` with `edge.artifacts.uri` filled in when unset: the operator's default store (the chart's
+    in-cluster store), else the built-in host path."""
+    if spec.edge.artifacts.uri:
+        return spec
+    artifacts = spec.edge.artifacts.model_copy(update={"uri": default_uri or DEFAULT_ARTIFACTS_URI})
+    return spec.model_copy(update={"edge": spec.edge.model_copy(update={"artifacts": artifacts})})
 
 
 def edge_fetch(
@@ -360,7 +395,7 @@ def edge_fetch(
         return f"file://{ARTIFACTS_MOUNT}/{parsed.path.lstrip('/')}", [volume], [mount]
     if parsed.scheme == "file":
         store = spec.edge.artifacts
-        root = urlparse(store.fetch_uri or store.uri).path.rstrip("/")
+        root = urlparse(store.fetch_uri or store_uri(spec)).path.rstrip("/")
         own = f"{root}/{owner.namespace}/{owner.name}"
         volume = {"name": "artifacts", "hostPath": {"path": own, "type": "Directory"}}
         return uri, [volume], [{"name": "artifacts", "mountPath": own, "readOnly": True}]
@@ -443,6 +478,8 @@ def compression_job(
         "--compression",
         compression,
     ]
+    if store.upload_to:
+        publish_args += ["--upload-to", store.upload_to]
     volumes, mounts = _source_volumes(source)
     volumes += [store.volume, {"name": "tmp", "emptyDir": {}}]
     mounts += [{"name": "artifacts", "mountPath": store.mount_path}, {"name": "tmp", "mountPath": "/tmp"}]

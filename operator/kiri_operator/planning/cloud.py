@@ -86,7 +86,7 @@ def cloud_fault(spec: ModelDeploymentSpec, observed: Observed) -> Condition | No
 
 
 def source_fault(spec: ModelDeploymentSpec, observed: Observed) -> str | None:
-    for uri in (spec.model.source.uri, spec.edge.artifacts.uri):
+    for uri in (spec.model.source.uri, spec.edge.artifacts.uri or ""):
         parsed = urlparse(uri)
         if parsed.scheme != "pvc" or observed.pvcs is None:
             continue

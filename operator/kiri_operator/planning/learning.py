@@ -130,7 +130,7 @@ def weights_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) 
     """Where an accepted round's weights are in the artifact store (the file its record names)."""
     name = PurePosixPath(record.model.path).name if record.model is not None else ""
     name = name if name in _WEIGHTS_NAMES else WEIGHTS_FILE
-    return f"{spec.edge.artifacts.uri.rstrip('/')}/{store_rel(owner)}/rounds/{record.round:04d}/{name}"
+    return f"{B.store_uri(spec).rstrip('/')}/{store_rel(owner)}/rounds/{record.round:04d}/{name}"
 
 
 def read_records(observed: Observed) -> list[RoundRecord]:

@@ -28,13 +28,16 @@ UNFINISHED_REQUEUE_SECONDS = 30.0
 
 def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | None = None) -> Plan:
     settings = settings or Settings()
+    # The learning loop writes its rounds in place (no upload to an HTTP store yet): a ModelDeployment that
+    # learns keeps the built-in host path unless it names a store.
+    spec = B.with_default_store(spec, None if spec.learning is not None else settings.default_artifacts_uri)
     if refused := admitting.refusal(spec, settings):
         return invalid_spec_status(observed, refused[1], refused[0])
     owner = B.Owner(observed.name, observed.namespace, observed.uid)
     # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
     espec = learning.effective_spec(spec, observed.status.get("learning"))
-    ckey = compression_key(espec, spec.edge.artifacts.uri)
-    revision = revision_key(espec, spec.edge.artifacts.uri, dict(settings.pod_labels) or None)
+    ckey = compression_key(espec, B.store_uri(spec))
+    revision = revision_key(espec, B.store_uri(spec), dict(settings.pod_labels) or None)
 
     cloud = plan_cloud(spec, observed, owner, settings)
     comp = plan_compression(espec, observed, owner, ckey, cloud, settings)

@@ -20,6 +20,9 @@ class Settings:
     """activeDeadlineSeconds of compression Jobs."""
     manifest_grace_seconds: float = 120.0
     """How long a completed Job may take to have its manifest show up before it counts as failed."""
+    default_artifacts_uri: str | None = None
+    """The store of ModelDeployments that name none (`edge.artifacts.uri` unset): the chart's in-cluster
+    store; None: the built-in host path `file:///var/lib/kiri/artifacts`."""
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     host_store_roots: tuple[str, ...] = DEFAULT_HOST_STORE_ROOTS
     """Host directories a ModelDeployment may name (`file://` artifact stores, learning site data): the

@@ -36,9 +36,9 @@ def _stages() -> dict[str, list[str]]:
     return stages
 
 
-def test_three_final_targets_on_a_non_root_base() -> None:
+def test_four_final_targets_on_a_non_root_base() -> None:
     stages = _stages()
-    for target in ("operator", "runtime", "compressor"):
+    for target in ("operator", "runtime", "compressor", "compressor-quantize"):
         assert stages[target][0].split()[1] == "base", f"{target} must build on the non-root base stage"
         assert any(line.startswith("COPY --from=build-") for line in stages[target])
     assert "USER 65532:65532" in stages["base"]
@@ -47,7 +47,12 @@ def test_three_final_targets_on_a_non_root_base() -> None:
 
 @pytest.mark.parametrize(
     ("stage", "extra"),
-    [("build-operator", None), ("build-runtime", "runtime"), ("build-compressor", "learning")],
+    [
+        ("build-operator", None),
+        ("build-runtime", "runtime"),
+        ("build-compressor", "learning"),
+        ("build-compressor-quantize", "quantize"),
+    ],
 )
 def test_each_image_installs_an_existing_extra(stage: str, extra: str | None) -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]

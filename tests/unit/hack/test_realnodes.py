@@ -46,7 +46,12 @@ def test_names_fit_the_kernel_and_addresses_are_private_and_disjoint(realnodes: 
     host = ipaddress.ip_network(f"{lay.svc_ip()}/32")
     assert ipaddress.ip_address(lay.kubernetes_service_ip()) == services.network_address + 1
     assert len(lay.svc_link()) <= 15 and services.is_private and host.is_private
-    nets += [services, host]
+    fabric = ipaddress.ip_network(f"{lay.fabric_ip(0)}/24", strict=False)
+    assert all(ipaddress.ip_address(lay.fabric_ip(i)) in fabric for i in range(realnodes.MAX_REAL_NODES))
+    assert len({lay.fabric_ip(i) for i in range(realnodes.MAX_REAL_NODES)}) == realnodes.MAX_REAL_NODES
+    assert all(len(lay.fabric_veth(i)) + 1 <= 15 for i in range(realnodes.MAX_REAL_NODES))
+    assert lay.fabric_netns() not in {lay.netns(i) for i in range(realnodes.MAX_REAL_NODES)}
+    nets += [services, host, fabric]
     assert not any(a.overlaps(b) for n, a in enumerate(nets) for b in nets[n + 1 :])
     # Nothing in 172.16.0.0/12 overlaps kwok's fake pod (10.63+) and node (100.64+) addresses.
     assert all(n.subnet_of(ipaddress.ip_network("172.16.0.0/12")) for n in nets)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kiri_operator.api.specs import NodeRequirements, Variant
+from kiri_operator.planning.building import store_uri
 from kiri_operator.planning.placing import parse_quantity, place, requirements_met
 from kiri_operator.planning.revisions import compression_key, revision_key
 from planning_worlds import edge_node, spec
@@ -50,7 +51,7 @@ def test_first_matching_variant_wins_and_rejected_ones_fall_through():
 
 def test_revision_covers_what_runs_and_not_where():
     base = spec()
-    uri = base.edge.artifacts.uri
+    uri = store_uri(base)
     same = spec()
     assert revision_key(base, uri) == revision_key(same, uri)
     moved = spec(

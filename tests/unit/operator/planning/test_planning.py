@@ -11,7 +11,7 @@ from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.conditions import Reason
 from kiri_operator.planning import Settings, plan
-from kiri_operator.planning.building import affinity_nodes
+from kiri_operator.planning.building import affinity_nodes, store_uri
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.status import WAVE_GATE_REASONS
 from kiri_operator.plans import Check
@@ -46,9 +46,7 @@ def test_first_reconcile_creates_cloud_and_compression_but_no_edge_yet():
     assert init["args"][0] == "compress" and "--variants-json" in init["args"]
     publish = job["spec"]["template"]["spec"]["containers"][0]["args"]
     assert publish[0] == "publish-manifest"
-    assert publish[publish.index("--name") + 1] == L.manifest_name(
-        "md", compression_key(s, s.edge.artifacts.uri)
-    )
+    assert publish[publish.index("--name") + 1] == L.manifest_name("md", compression_key(s, store_uri(s)))
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {"kiri.dev/tier": "cloud"}
 
 
@@ -120,7 +118,7 @@ def test_verified_variants_roll_onto_matching_nodes_and_unmatched_are_reported()
     server.publish(s, manifest({"fp16": True, "int8": True}))
     p = server.step(s)
     dss = _bodies(p, "DaemonSet")
-    rev = revision_key(s, s.edge.artifacts.uri)
+    rev = revision_key(s, store_uri(s))
     assert set(dss) == {f"md-{rev}-fp16", f"md-{rev}-int8"}
     assert affinity_nodes(dss[f"md-{rev}-fp16"]) == ["edge-gpu"]
     assert affinity_nodes(dss[f"md-{rev}-int8"]) == ["edge-cpu-1", "edge-cpu-2"]
@@ -128,7 +126,7 @@ def test_verified_variants_roll_onto_matching_nodes_and_unmatched_are_reported()
     assert args[args.index("--sha256") + 1] == "d" * 64
     assert (
         args[args.index("--model-uri") + 1]
-        == f"file:///var/lib/kiri/artifacts/ns/md/{compression_key(s, s.edge.artifacts.uri)}/int8.onnx"
+        == f"file:///var/lib/kiri/artifacts/ns/md/{compression_key(s, store_uri(s))}/int8.onnx"
     )
     assert args[args.index("--fallback-url") + 1] == "http://md-cloud.ns.svc:8080"
     assert p.status["edge"]["unmatchedNodes"] == 2
@@ -191,7 +189,7 @@ def test_failed_job_is_reported_once_and_not_retried():
     s = spec()
     server = FakeServer(observed())
     server.step(s)
-    server.fail_job(L.compress_name("md", compression_key(s, s.edge.artifacts.uri)), "DeadlineExceeded")
+    server.fail_job(L.compress_name("md", compression_key(s, store_uri(s))), "DeadlineExceeded")
     p = server.step(s)
     verified = _cond(p.status, C.VARIANTS_VERIFIED)
     assert verified["status"] == "False" and verified["reason"] == Reason.COMPRESSION_FAILED
@@ -206,7 +204,7 @@ def test_completed_job_without_manifest_fails_after_the_grace_period():
     s = spec()
     server = FakeServer(observed())
     server.step(s)
-    name = L.compress_name("md", compression_key(s, s.edge.artifacts.uri))
+    name = L.compress_name("md", compression_key(s, store_uri(s)))
     job = server.world.children[("Job", name)]
     body = dict(job.body)
     body["status"] = {
@@ -316,7 +314,7 @@ def test_new_revision_moves_nodes_and_drops_the_old_daemonsets():
     rev1 = server.world.status["currentRevision"]
     # maxUnavailable 100%: the one default stage moves every node at once (waves are tested in rollout/).
     s2 = spec(**{"runtime.image": "example/kiri:2", "rollout.maxUnavailable": "100%"})
-    assert compression_key(s2, s2.edge.artifacts.uri) == compression_key(s1, s1.edge.artifacts.uri)
+    assert compression_key(s2, store_uri(s2)) == compression_key(s1, store_uri(s1))
     p = server.step(s2)  # runtime-only change: same manifest, new DaemonSets, no new Job
     rev2 = p.status["updateRevision"]
     assert rev2 != rev1
