@@ -13,6 +13,7 @@ from kiri_operator import conditions as C
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.observations import ObjectView
 from kiri_operator.planning import Settings, plan
+from kiri_operator.planning import building as B
 from kiri_operator.planning.revisions import revision_key
 from kiri_operator.plans import Check
 from kiri_operator.reconciling import pod_security_refusal, pods_missing
@@ -62,7 +63,7 @@ def test_a_file_fetch_uri_is_held_to_the_same_roots():
 
 def test_the_default_store_compresses_by_default_and_an_admin_can_allow_no_host_path_at_all():
     s = spec()
-    assert s.edge.artifacts.uri == "file:///var/lib/kiri/artifacts"
+    assert B.store_uri(s) == "file:///var/lib/kiri/artifacts"
     assert len(_jobs(s)) == 1
     assert _jobs(s, Settings(host_store_roots=())) == []
     assert len(_jobs(spec(**{"edge.artifacts.uri": "pvc://store/kiri"}), Settings(host_store_roots=()))) == 1
@@ -77,9 +78,11 @@ def test_a_cache_path_in_the_spec_is_refused_unless_it_is_the_old_default_which_
 def test_dropping_the_cache_path_from_the_spec_renames_no_revision():
     old = spec(**{"edge.cache.path": "/var/lib/kiri/cache"})
     new = spec()
-    assert revision_key(old, old.edge.artifacts.uri) == revision_key(new, new.edge.artifacts.uri)
+    assert revision_key(B.with_default_store(old, None), B.store_uri(old)) == revision_key(
+        B.with_default_store(new, None), B.store_uri(new)
+    )
     # What the operator before this change computed for the same spec (its revision was in status).
-    assert revision_key(new, new.edge.artifacts.uri) == "7da1048975"
+    assert revision_key(B.with_default_store(new, None), B.store_uri(new)) == "7da1048975"
 
 
 def _rolled_out_to_one_wave() -> tuple[FakeServer, ModelDeploymentSpec]:

@@ -12,6 +12,7 @@ from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.learning_commands import configmap
 from kiri_operator.observations import NodeView, ObjectView, Observed
 from kiri_operator.planning import Settings, learning, plan
+from kiri_operator.planning import building as B
 from kiri_operator.planning.building import Owner
 from kiri_operator.planning.revisions import compression_key
 from kiri_operator.plans import Check
@@ -451,7 +452,7 @@ def test_the_operator_made_role_names_the_ledger_and_the_active_round_record() -
     named = role["rules"][1]["resourceNames"]
     assert named == sorted(
         [
-            L.manifest_name("md", compression_key(s, s.edge.artifacts.uri)),
+            L.manifest_name("md", compression_key(B.with_default_store(s, None), B.store_uri(s))),
             learning.ledger_name("md"),
             learning.record_name("md", 1),
         ]

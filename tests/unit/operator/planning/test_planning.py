@@ -11,6 +11,7 @@ from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.conditions import Reason
 from kiri_operator.planning import Settings, plan
+from kiri_operator.planning import building as B
 from kiri_operator.planning.building import affinity_nodes, store_uri
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.status import WAVE_GATE_REASONS
@@ -77,7 +78,7 @@ def test_with_create_compressor_rbac_the_role_names_the_configmaps_the_job_may_r
     created = {a.kind for a in p.actions if a.check is Check.CREATE}
     assert created == {"Deployment", "Service", "Job", "ServiceAccount", "Role", "RoleBinding"}
     role = _bodies(p, "Role")["md-compressor"]
-    manifest_cm = L.manifest_name("md", compression_key(s, s.edge.artifacts.uri))
+    manifest_cm = L.manifest_name("md", compression_key(B.with_default_store(s, None), B.store_uri(s)))
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
         {
@@ -232,7 +233,7 @@ def test_the_manifest_grace_is_measured_on_the_api_servers_clock_whatever_the_op
     s = spec()
     server = FakeServer(observed())
     server.step(s)
-    name = L.compress_name("md", compression_key(s, s.edge.artifacts.uri))
+    name = L.compress_name("md", compression_key(B.with_default_store(s, None), B.store_uri(s)))
     job = server.world.children[("Job", name)]
     body = dict(job.body)
     body["status"] = {

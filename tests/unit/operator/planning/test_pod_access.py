@@ -151,24 +151,28 @@ def test_a_spec_without_access_fields_builds_the_same_children_and_keys_as_befor
         for p in pods
     )
     # Pinned: the keys of a spec with none of the new fields are the keys older operators computed.
-    assert compression_key(s, s.edge.artifacts.uri) == "3f7ea5ca63"
-    assert revision_key(s, s.edge.artifacts.uri) == "7da1048975"
+    assert compression_key(B.with_default_store(s, None), B.store_uri(s)) == "3f7ea5ca63"
+    assert revision_key(B.with_default_store(s, None), B.store_uri(s)) == "7da1048975"
 
 
 def test_who_edge_pods_run_as_and_their_store_credentials_make_a_new_revision() -> None:
     base = spec()
-    keys = {revision_key(base, base.edge.artifacts.uri)}
+    keys = {revision_key(B.with_default_store(base, None), B.store_uri(base))}
     for path, value in [
         ("edge.serviceAccountName", "edge-reader"),
         ("runtime.imagePullSecrets", [{"name": "registry"}]),
         ("edge.artifacts.credentials", {"secretRef": {"name": "edge-store"}}),
     ]:
         s = spec(**{path: value})
-        keys.add(revision_key(s, s.edge.artifacts.uri))
+        keys.add(revision_key(B.with_default_store(s, None), B.store_uri(s)))
     assert len(keys) == 4
     # The cloud's account is not the edge's business: same revision.
     s = spec(**{"cloud.serviceAccountName": "model-reader"})
-    assert revision_key(s, s.edge.artifacts.uri) == revision_key(base, base.edge.artifacts.uri)
+    assert revision_key(B.with_default_store(s, None), B.store_uri(s)) == revision_key(
+        B.with_default_store(base, None), B.store_uri(base)
+    )
     # The Job's account is part of its key: a Job that failed for want of access is retried under a new one.
     s = spec(**{"runtime.compressorServiceAccountName": "compressor-irsa"})
-    assert compression_key(s, s.edge.artifacts.uri) != compression_key(base, base.edge.artifacts.uri)
+    assert compression_key(B.with_default_store(s, None), B.store_uri(s)) != compression_key(
+        B.with_default_store(base, None), B.store_uri(base)
+    )
