@@ -13,6 +13,7 @@ it began, and synthesises the deletions the watch missed.
 from __future__ import annotations
 
 import copy
+import enum
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -37,6 +38,22 @@ Ref = tuple[str, str, str]  # (kind, namespace or "", name)
 # write's own event in order, so this only matters when that event is lost (a 410 and a relist between):
 # then the cache takes the next event or LIST after this long.
 OWN_WRITE_SECONDS = 30.0
+
+
+class Arrival(enum.Enum):
+    """What a watch event is to the cache, against the writes of ours the watch has not shown yet."""
+
+    NEW = "new"
+    """Stored: what the cluster says now."""
+    OLDER = "older"
+    """Older than a write of ours whose answer the cache holds: dropped. Still worth a reconcile: the
+    change it carries (someone else's) reached the cache only through our write's answer, which the
+    reconcile that wrote it had not planned from."""
+    ECHO = "echo"
+    """The event of our own write: the cache holds this very version since the write's answer. Not worth
+    a reconcile (controller-runtime's echo of a status update): every change by others in that version has
+    an event of its own before it (OLDER, or NEW while the write's reconcile ran, which queues the key
+    again), and the reconcile that wrote it asked for its own requeue."""
 
 
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,36 +177,49 @@ class Cache:
         self._written.pop(ref, None)
         self._gone[ref] = self._seq
 
-    def _behind_own_write(
+    def _arrival(
         self, ref: Ref, body: Mapping[str, Any], own: bool, cached: Mapping[str, Any] | None = None
-    ) -> bool:
-        """Whether an event is older than a write of ours the watch has not shown yet (then it is
-        dropped); `own`: the body is the API's answer to our write, `cached` what the cache holds."""
+    ) -> Arrival:
+        """How an event relates to the writes of ours the watch has not shown yet; `own`: the body is the
+        API's answer to our write (then NEW), `cached` what the cache holds."""
         rv = _rv(body)
         if own:
             # A write that changed nothing, or whose event came before its answer, has no event to wait for.
             if rv is not None and (cached is None or _rv(cached) != rv):
                 self._written[ref] = (rv, time.monotonic())
-            return False
+            return Arrival.NEW
         pending = self._written.get(ref)
         if pending is None:
-            return False
-        if rv == pending[0] or time.monotonic() - pending[1] > OWN_WRITE_SECONDS:
+            return Arrival.NEW
+        if rv == pending[0]:
             del self._written[ref]
-            return False
-        return True
+            return Arrival.ECHO
+        if time.monotonic() - pending[1] > OWN_WRITE_SECONDS:
+            del self._written[ref]
+            return Arrival.NEW
+        return Arrival.OLDER
 
     # -- ModelDeployments ---------------------------------------------------------------------------
     def put_md(self, body: Mapping[str, Any], own: bool = False) -> Key:
         """Store a ModelDeployment from an event, or (`own`) from the API's answer to our write."""
+        return self._put_md(body, own)[0]
+
+    def md_event(self, body: Mapping[str, Any]) -> Key | None:
+        """Store a ModelDeployment from a watch event; the key to reconcile, or None when the event is
+        the echo of our own write (see `Arrival.ECHO`)."""
+        key, arrival = self._put_md(body, own=False)
+        return None if arrival is Arrival.ECHO else key
+
+    def _put_md(self, body: Mapping[str, Any], own: bool) -> tuple[Key, Arrival]:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         ref = ("ModelDeployment", *key)
         with self._lock:
-            if not self._behind_own_write(ref, body, own, self.mds.get(key)):
+            arrival = self._arrival(ref, body, own, self.mds.get(key))
+            if arrival is not Arrival.OLDER:
                 self.mds[key] = _slim(body)
                 self._arrived(ref)
-        return key
+        return key, arrival
 
     def remove_md(self, key: Key) -> None:
         with self._lock:
@@ -242,7 +272,7 @@ class Cache:
         """Whether a LIST's copy must not replace what the cache learned after the LIST began."""
         if self._gone.get(ref, 0) > started or self._seen.get(ref, 0) > started:
             return True
-        return self._behind_own_write(ref, body, own=False)
+        return self._arrival(ref, body, own=False) is Arrival.OLDER
 
     def _prune(self, kinds: tuple[str, ...], namespace: str | None, started: int) -> None:
         # Deletions a LIST already shows cannot be undone by it or by a later one.
@@ -292,17 +322,27 @@ class Cache:
     # -- children and pods ------------------------------------------------------------------------------
     def put_child(self, kind: str, body: Mapping[str, Any], own: bool = False) -> Key | None:
         """Store a child from an event, or (`own`) from the API's answer to our write."""
+        return self._put_child(kind, body, own)[0]
+
+    def child_event(self, kind: str, body: Mapping[str, Any]) -> Key | None:
+        """Store a child from a watch event; its owner's key to reconcile, or None when it has no owner
+        or the event is the echo of our own write (see `Arrival.ECHO`)."""
+        key, arrival = self._put_child(kind, body, own=False)
+        return None if arrival is Arrival.ECHO else key
+
+    def _put_child(self, kind: str, body: Mapping[str, Any], own: bool) -> tuple[Key | None, Arrival]:
         key = owner_key(body)
         if key is None:
-            return None
+            return None, Arrival.NEW
         name = str((body.get("metadata") or {}).get("name"))
         ref = (kind, key[0], name)
         with self._lock:
             objs = self.children.setdefault(key, {})
-            if not self._behind_own_write(ref, body, own, objs.get((kind, name))):
+            arrival = self._arrival(ref, body, own, objs.get((kind, name)))
+            if arrival is not Arrival.OLDER:
                 objs[(kind, name)] = _slim(body)
                 self._arrived(ref)
-        return key
+        return key, arrival
 
     def child(self, key: Key, kind: str, name: str) -> dict[str, Any] | None:
         """The cached body (shared, not a copy: read it, do not change it)."""

@@ -172,8 +172,8 @@ async def modeldeployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any)
         metrics.set_nodes(key[0], key[1], {})
         metering.forget(key[0], key[1])
         return
-    runtime.cache.put_md(body)
-    runtime.enqueue(key)
+    # The echo of our own status write is not queued: the cache already holds it (caches.Arrival.ECHO).
+    runtime.enqueue(runtime.cache.md_event(body))
 
 
 # The planner reads no DaemonSet status (each pod's own events carry its readiness), and the DaemonSet
@@ -204,7 +204,7 @@ async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.
     if kind in STATUS_UNREAD and (owner := owner_key(body)) is not None:
         name = str((body.get("metadata") or {}).get("name"))
         old = runtime.cache.child(owner, kind, name)
-    key = runtime.cache.put_child(kind, body)
+    key = runtime.cache.child_event(kind, body)  # None for the echo of our own apply
     if old is not None and _status_only(old, body):
         return
     runtime.enqueue(key)
