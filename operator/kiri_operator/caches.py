@@ -392,13 +392,17 @@ class Cache:
         return changed
 
     def put_pod(self, body: Mapping[str, Any]) -> tuple[Key | None, bool]:
+        """Store a pod from a watch event; its owner's key, and whether the planner sees a change."""
         key = owner_key(body)
         if key is None:
             return None, False
         view = pod_view(body)
         with self._lock:
             pods = self.pods.setdefault(key, {})
-            changed = pods.get(view.name) != view
+            old = pods.get(view.name)
+            # The planner reads pods by their node (planning.edge.edge_pods): until the scheduler binds a
+            # pod, its events (created, Pending) change nothing a reconcile would see.
+            changed = old != view and bool(view.node or (old is not None and old.node))
             pods[view.name] = view
             self._arrived(("Pod", key[0], view.name))
         return key, changed
