@@ -33,6 +33,13 @@ def _rv(body: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def status_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """True when only status (and bookkeeping such as resourceVersion) differs between two versions."""
+    a, b = old.get("metadata") or {}, new.get("metadata") or {}
+    meta = ("generation", "labels", "annotations", "deletionTimestamp", "ownerReferences")
+    return old.get("spec") == new.get("spec") and all(a.get(f) == b.get(f) for f in meta)
+
+
 Ref = tuple[str, str, str]  # (kind, namespace or "", name)
 # How long a write of ours stays ahead of watch events that do not yet show it. The watch delivers our
 # write's own event in order, so this only matters when that event is lost (a 410 and a relist between):
@@ -205,21 +212,29 @@ class Cache:
         return self._put_md(body, own)[0]
 
     def md_event(self, body: Mapping[str, Any]) -> Key | None:
-        """Store a ModelDeployment from a watch event; the key to reconcile, or None when the event is
-        the echo of our own write (see `Arrival.ECHO`)."""
-        key, arrival = self._put_md(body, own=False)
-        return None if arrival is Arrival.ECHO else key
+        """Store a ModelDeployment from a watch event; the key to reconcile, or None when the event says
+        nothing the operator did not write itself: the echo of our own write (`Arrival.ECHO`), or a change
+        of status alone. Only the reconciler writes a ModelDeployment's status, so a status-only change is
+        the echo of a status patch whose event came before the patch's answer (while the reconcile that
+        wrote it still ran: queued, it would run once more for nothing)."""
+        key, arrival, before = self._put_md(body, own=False)
+        if arrival is Arrival.ECHO:
+            return None
+        if arrival is Arrival.NEW and before is not None and status_only(before, body):
+            return None
+        return key
 
-    def _put_md(self, body: Mapping[str, Any], own: bool) -> tuple[Key, Arrival]:
+    def _put_md(self, body: Mapping[str, Any], own: bool) -> tuple[Key, Arrival, Mapping[str, Any] | None]:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         ref = ("ModelDeployment", *key)
         with self._lock:
-            arrival = self._arrival(ref, body, own, self.mds.get(key))
+            before = self.mds.get(key)
+            arrival = self._arrival(ref, body, own, before)
             if arrival is not Arrival.OLDER:
                 self.mds[key] = _slim(body)
                 self._arrived(ref)
-        return key, arrival
+        return key, arrival, before
 
     def remove_md(self, key: Key) -> None:
         with self._lock:

@@ -27,7 +27,7 @@ import kopf
 
 from kiri_operator import labels as L
 from kiri_operator import memos, metering, metrics, syncing
-from kiri_operator.caches import Cache, Key, owner_key
+from kiri_operator.caches import Cache, Key, owner_key, status_only
 from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
 from kiri_operator.memos import Config, Runtime
@@ -172,20 +172,13 @@ async def modeldeployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any)
         metrics.set_nodes(key[0], key[1], {})
         metering.forget(key[0], key[1])
         return
-    # The echo of our own status write is not queued: the cache already holds it (caches.Arrival.ECHO).
+    # The echo of our own status write is not queued (Cache.md_event).
     runtime.enqueue(runtime.cache.md_event(body))
 
 
 # The planner reads no DaemonSet status (each pod's own events carry its readiness), and the DaemonSet
 # controller rewrites that status at nearly every pod change: reconciling on those repeats the pod events.
 STATUS_UNREAD = frozenset({"DaemonSet"})
-
-
-def _status_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """True when only status (and bookkeeping such as resourceVersion) differs between two versions."""
-    a, b = old.get("metadata") or {}, new.get("metadata") or {}
-    meta = ("generation", "labels", "annotations", "deletionTimestamp", "ownerReferences")
-    return old.get("spec") == new.get("spec") and all(a.get(f) == b.get(f) for f in meta)
 
 
 _CHILD_BY_PLURAL = {child.plural: child.kind for child in CHILDREN}
@@ -205,7 +198,7 @@ async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.
         name = str((body.get("metadata") or {}).get("name"))
         old = runtime.cache.child(owner, kind, name)
     key = runtime.cache.child_event(kind, body)  # None for the echo of our own apply
-    if old is not None and _status_only(old, body):
+    if old is not None and status_only(old, body):
         return
     runtime.enqueue(key)
 
