@@ -48,19 +48,17 @@ OWN_WRITE_SECONDS = 30.0
 
 
 class Arrival(enum.Enum):
-    """What a watch event is to the cache, against the writes of ours the watch has not shown yet."""
+    """What a watch event is to the cache, against the writes of ours the watch has not shown yet.
+
+    NEW: stored. OLDER: older than a write of ours whose answer the cache holds, dropped, yet worth a
+    reconcile: its change (someone else's) reached the cache only through that answer, which the writing
+    reconcile had not planned from. ECHO: our write's own event, a version the cache holds since the answer;
+    not worth a reconcile (controller-runtime's status-update echo): every change by others in it has an
+    event of its own before it, and the reconcile that wrote it asked for its own requeue."""
 
     NEW = "new"
-    """Stored: what the cluster says now."""
     OLDER = "older"
-    """Older than a write of ours whose answer the cache holds: dropped. Still worth a reconcile: the
-    change it carries (someone else's) reached the cache only through our write's answer, which the
-    reconcile that wrote it had not planned from."""
     ECHO = "echo"
-    """The event of our own write: the cache holds this very version since the write's answer. Not worth
-    a reconcile (controller-runtime's echo of a status update): every change by others in that version has
-    an event of its own before it (OLDER, or NEW while the write's reconcile ran, which queues the key
-    again), and the reconcile that wrote it asked for its own requeue."""
 
 
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -218,11 +216,8 @@ class Cache:
         the echo of a status patch whose event came before the patch's answer (while the reconcile that
         wrote it still ran: queued, it would run once more for nothing)."""
         key, arrival, before = self._put_md(body, own=False)
-        if arrival is Arrival.ECHO:
-            return None
-        if arrival is Arrival.NEW and before is not None and status_only(before, body):
-            return None
-        return key
+        echo = arrival is Arrival.ECHO
+        return None if echo or (arrival is Arrival.NEW and before and status_only(before, body)) else key
 
     def _put_md(self, body: Mapping[str, Any], own: bool) -> tuple[Key, Arrival, Mapping[str, Any] | None]:
         meta = body.get("metadata") or {}
