@@ -3,8 +3,10 @@
 Only event handlers are used (no create/update/delete handlers, no daemons), so kopf never writes to a
 ModelDeployment: no progress annotations, no last-handled-configuration, no finalizer. The reconcile is
 level-based, so "what happened" does not matter, only "which ModelDeployment to look at again":
-- its own events (create, update, resume = the initial listing, deletion);
-- events of its children and of their pods (labelled `kiri.dev/modeldeployment`);
+- its own events (create, update, resume = the initial listing, deletion), but not the echo of its own
+  status patch (`Cache.md_event`);
+- events of its children and of their pods (labelled `kiri.dev/modeldeployment`), but not the echo of its own
+  apply, nor those of a pod not bound to a node yet (`Cache.child_event`, `Cache.put_pod`);
 - Node changes that the planner can see (labels, readiness, capacity), which requeue every
   ModelDeployment; heartbeats that change none of those are ignored;
 - a periodic resync (`syncing`), and the requeue-after a plan asks for (grace periods, bakes).
