@@ -56,9 +56,7 @@ class Arrival(enum.Enum):
     not worth a reconcile (controller-runtime's status-update echo): every change by others in it has an
     event of its own before it, and the reconcile that wrote it asked for its own requeue."""
 
-    NEW = "new"
-    OLDER = "older"
-    ECHO = "echo"
+    NEW, OLDER, ECHO = "new", "older", "echo"
 
 
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,8 +183,7 @@ class Cache:
     def _arrival(
         self, ref: Ref, body: Mapping[str, Any], own: bool, cached: Mapping[str, Any] | None = None
     ) -> Arrival:
-        """How an event relates to the writes of ours the watch has not shown yet; `own`: the body is the
-        API's answer to our write (then NEW), `cached` what the cache holds."""
+        """An event against our writes the watch has not shown; `own`: the body answers our write (NEW)."""
         rv = _rv(body)
         if own:
             # A write that changed nothing, or whose event came before its answer, has no event to wait for.
@@ -210,11 +207,9 @@ class Cache:
         return self._put_md(body, own)[0]
 
     def md_event(self, body: Mapping[str, Any]) -> Key | None:
-        """Store a ModelDeployment from a watch event; the key to reconcile, or None when the event says
-        nothing the operator did not write itself: the echo of our own write (`Arrival.ECHO`), or a change
-        of status alone. Only the reconciler writes a ModelDeployment's status, so a status-only change is
-        the echo of a status patch whose event came before the patch's answer (while the reconcile that
-        wrote it still ran: queued, it would run once more for nothing)."""
+        """Store a ModelDeployment from a watch event; the key to reconcile, or None for the echo of our own
+        write (`Arrival.ECHO`) or a change of status alone: only the reconciler writes that status, so it is
+        the echo of a patch whose event beat its answer (queued, the writing reconcile would run again)."""
         key, arrival, before = self._put_md(body, own=False)
         echo = arrival is Arrival.ECHO
         return None if echo or (arrival is Arrival.NEW and before and status_only(before, body)) else key
@@ -335,8 +330,7 @@ class Cache:
         return self._put_child(kind, body, own)[0]
 
     def child_event(self, kind: str, body: Mapping[str, Any]) -> Key | None:
-        """Store a child from a watch event; its owner's key to reconcile, or None when it has no owner
-        or the event is the echo of our own write (see `Arrival.ECHO`)."""
+        """Store a child from a watch event; its owner's key to reconcile (None: no owner, or our echo)."""
         key, arrival = self._put_child(kind, body, own=False)
         return None if arrival is Arrival.ECHO else key
 
@@ -410,8 +404,7 @@ class Cache:
         with self._lock:
             pods = self.pods.setdefault(key, {})
             old = pods.get(view.name)
-            # The planner reads pods by their node (planning.edge.edge_pods): until the scheduler binds a
-            # pod, its events (created, Pending) change nothing a reconcile would see.
+            # The planner reads pods by node (planning.edge.edge_pods): an unbound pod's events change nothing.
             changed = old != view and bool(view.node or (old is not None and old.node))
             pods[view.name] = view
             self._arrived(("Pod", key[0], view.name))
@@ -482,11 +475,19 @@ class Cache:
             meta = md.get("metadata") or {}
             # No copies: the cache replaces a child's body on every change and never edits one, and the
             # planner reads them as Mappings (these deep copies were 7% of the operator's CPU).
-            children = {ck: ObjectView(ck[0], ck[1], body) for ck, body in self.children.get(key, {}).items()}
+            uid = str(meta.get("uid", ""))
+            children: dict[tuple[str, str], ObjectView] = {}
+            not_owned: list[ObjectView] = []
+            for ck, body in self.children.get(key, {}).items():
+                view = ObjectView(ck[0], ck[1], body)
+                if L.owned_by(body, uid):
+                    children[ck] = view
+                else:
+                    not_owned.append(view)
             return Observed(
                 name=key[1],
                 namespace=key[0],
-                uid=str(meta.get("uid", "")),
+                uid=uid,
                 generation=int(meta.get("generation") or 0),
                 now=now,
                 status=copy.deepcopy(md.get("status") or {}),
@@ -495,4 +496,5 @@ class Cache:
                 children=children,
                 pods=tuple(self.pods.get(key, {}).values()),
                 pvcs=pvcs,
+                not_owned=tuple(sorted(not_owned, key=lambda v: (v.kind, v.name))),
             )
