@@ -556,10 +556,12 @@ def main() -> int:
         )
         old = {n: str(s.get("currentRevision")) for n, s in first.items()}
         started = time.monotonic()
+        started_epoch = time.time()
         s4 = Snapshot(op)
         fleet.apply_all("v2")
         final = fleet.wait_healthy(old, 60 * WAVES + 4 * args.bake + 600)
         total = time.monotonic() - started
+        result["rollout_window_epoch"] = [started_epoch, time.time()]
         s5 = Snapshot(op)
         rollout = s5.minus(s4)
         result["pods_checked"] = check_pods(cluster, namespace, final)

@@ -13,6 +13,7 @@ it began, and synthesises the deletions the watch missed.
 from __future__ import annotations
 
 import copy
+import enum
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -32,11 +33,30 @@ def _rv(body: Mapping[str, Any]) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def status_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
+    """True when only status (and bookkeeping such as resourceVersion) differs between two versions."""
+    a, b = old.get("metadata") or {}, new.get("metadata") or {}
+    meta = ("generation", "labels", "annotations", "deletionTimestamp", "ownerReferences")
+    return old.get("spec") == new.get("spec") and all(a.get(f) == b.get(f) for f in meta)
+
+
 Ref = tuple[str, str, str]  # (kind, namespace or "", name)
 # How long a write of ours stays ahead of watch events that do not yet show it. The watch delivers our
 # write's own event in order, so this only matters when that event is lost (a 410 and a relist between):
 # then the cache takes the next event or LIST after this long.
 OWN_WRITE_SECONDS = 30.0
+
+
+class Arrival(enum.Enum):
+    """What a watch event is to the cache, against the writes of ours the watch has not shown yet.
+
+    NEW: stored. OLDER: older than a write of ours whose answer the cache holds, dropped, yet worth a
+    reconcile: its change (someone else's) reached the cache only through that answer, which the writing
+    reconcile had not planned from. ECHO: our write's own event, a version the cache holds since the answer;
+    not worth a reconcile (controller-runtime's status-update echo): every change by others in it has an
+    event of its own before it, and the reconcile that wrote it asked for its own requeue."""
+
+    NEW, OLDER, ECHO = "new", "older", "echo"
 
 
 def _slim(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -160,36 +180,51 @@ class Cache:
         self._written.pop(ref, None)
         self._gone[ref] = self._seq
 
-    def _behind_own_write(
+    def _arrival(
         self, ref: Ref, body: Mapping[str, Any], own: bool, cached: Mapping[str, Any] | None = None
-    ) -> bool:
-        """Whether an event is older than a write of ours the watch has not shown yet (then it is
-        dropped); `own`: the body is the API's answer to our write, `cached` what the cache holds."""
+    ) -> Arrival:
+        """An event against our writes the watch has not shown; `own`: the body answers our write (NEW)."""
         rv = _rv(body)
         if own:
             # A write that changed nothing, or whose event came before its answer, has no event to wait for.
             if rv is not None and (cached is None or _rv(cached) != rv):
                 self._written[ref] = (rv, time.monotonic())
-            return False
+            return Arrival.NEW
         pending = self._written.get(ref)
         if pending is None:
-            return False
-        if rv == pending[0] or time.monotonic() - pending[1] > OWN_WRITE_SECONDS:
+            return Arrival.NEW
+        if rv == pending[0]:
             del self._written[ref]
-            return False
-        return True
+            return Arrival.ECHO
+        if time.monotonic() - pending[1] > OWN_WRITE_SECONDS:
+            del self._written[ref]
+            return Arrival.NEW
+        return Arrival.OLDER
 
     # -- ModelDeployments ---------------------------------------------------------------------------
     def put_md(self, body: Mapping[str, Any], own: bool = False) -> Key:
         """Store a ModelDeployment from an event, or (`own`) from the API's answer to our write."""
+        return self._put_md(body, own)[0]
+
+    def md_event(self, body: Mapping[str, Any]) -> Key | None:
+        """Store a ModelDeployment from a watch event; the key to reconcile, or None for the echo of our own
+        write (`Arrival.ECHO`) or a change of status alone: only the reconciler writes that status, so it is
+        the echo of a patch whose event beat its answer (queued, the writing reconcile would run again)."""
+        key, arrival, before = self._put_md(body, own=False)
+        echo = arrival is Arrival.ECHO
+        return None if echo or (arrival is Arrival.NEW and before and status_only(before, body)) else key
+
+    def _put_md(self, body: Mapping[str, Any], own: bool) -> tuple[Key, Arrival, Mapping[str, Any] | None]:
         meta = body.get("metadata") or {}
         key = (str(meta.get("namespace")), str(meta.get("name")))
         ref = ("ModelDeployment", *key)
         with self._lock:
-            if not self._behind_own_write(ref, body, own, self.mds.get(key)):
+            before = self.mds.get(key)
+            arrival = self._arrival(ref, body, own, before)
+            if arrival is not Arrival.OLDER:
                 self.mds[key] = _slim(body)
                 self._arrived(ref)
-        return key
+        return key, arrival, before
 
     def remove_md(self, key: Key) -> None:
         with self._lock:
@@ -242,7 +277,7 @@ class Cache:
         """Whether a LIST's copy must not replace what the cache learned after the LIST began."""
         if self._gone.get(ref, 0) > started or self._seen.get(ref, 0) > started:
             return True
-        return self._behind_own_write(ref, body, own=False)
+        return self._arrival(ref, body, own=False) is Arrival.OLDER
 
     def _prune(self, kinds: tuple[str, ...], namespace: str | None, started: int) -> None:
         # Deletions a LIST already shows cannot be undone by it or by a later one.
@@ -292,17 +327,26 @@ class Cache:
     # -- children and pods ------------------------------------------------------------------------------
     def put_child(self, kind: str, body: Mapping[str, Any], own: bool = False) -> Key | None:
         """Store a child from an event, or (`own`) from the API's answer to our write."""
+        return self._put_child(kind, body, own)[0]
+
+    def child_event(self, kind: str, body: Mapping[str, Any]) -> Key | None:
+        """Store a child from a watch event; its owner's key to reconcile (None: no owner, or our echo)."""
+        key, arrival = self._put_child(kind, body, own=False)
+        return None if arrival is Arrival.ECHO else key
+
+    def _put_child(self, kind: str, body: Mapping[str, Any], own: bool) -> tuple[Key | None, Arrival]:
         key = owner_key(body)
         if key is None:
-            return None
+            return None, Arrival.NEW
         name = str((body.get("metadata") or {}).get("name"))
         ref = (kind, key[0], name)
         with self._lock:
             objs = self.children.setdefault(key, {})
-            if not self._behind_own_write(ref, body, own, objs.get((kind, name))):
+            arrival = self._arrival(ref, body, own, objs.get((kind, name)))
+            if arrival is not Arrival.OLDER:
                 objs[(kind, name)] = _slim(body)
                 self._arrived(ref)
-        return key
+        return key, arrival
 
     def child(self, key: Key, kind: str, name: str) -> dict[str, Any] | None:
         """The cached body (shared, not a copy: read it, do not change it)."""
@@ -352,13 +396,16 @@ class Cache:
         return changed
 
     def put_pod(self, body: Mapping[str, Any]) -> tuple[Key | None, bool]:
+        """Store a pod from a watch event; its owner's key, and whether the planner sees a change."""
         key = owner_key(body)
         if key is None:
             return None, False
         view = pod_view(body)
         with self._lock:
             pods = self.pods.setdefault(key, {})
-            changed = pods.get(view.name) != view
+            old = pods.get(view.name)
+            # The planner reads pods by node (planning.edge.edge_pods): an unbound pod's events change nothing.
+            changed = old != view and bool(view.node or (old is not None and old.node))
             pods[view.name] = view
             self._arrived(("Pod", key[0], view.name))
         return key, changed

@@ -3,8 +3,10 @@
 Only event handlers are used (no create/update/delete handlers, no daemons), so kopf never writes to a
 ModelDeployment: no progress annotations, no last-handled-configuration, no finalizer. The reconcile is
 level-based, so "what happened" does not matter, only "which ModelDeployment to look at again":
-- its own events (create, update, resume = the initial listing, deletion);
-- events of its children and of their pods (labelled `kiri.dev/modeldeployment`);
+- its own events (create, update, resume = the initial listing, deletion), but not the echo of its own
+  status patch (`Cache.md_event`);
+- events of its children and of their pods (labelled `kiri.dev/modeldeployment`), but not the echo of its own
+  apply, nor those of a pod not bound to a node yet (`Cache.child_event`, `Cache.put_pod`);
 - Node changes that the planner can see (labels, readiness, capacity), which requeue every
   ModelDeployment; heartbeats that change none of those are ignored;
 - a periodic resync (`syncing`), and the requeue-after a plan asks for (grace periods, bakes).
@@ -30,7 +32,7 @@ import kopf
 from kiri_operator import electing, memos, metering, metrics, syncing
 from kiri_operator import labels as L
 from kiri_operator.analyzing import Analyst
-from kiri_operator.caches import Cache, Key, owner_key
+from kiri_operator.caches import Cache, Key, owner_key, status_only
 from kiri_operator.clocks import Clock
 from kiri_operator.kinds import ACCOUNT_KINDS, CHILDREN, MODEL_DEPLOYMENT, NODE, POD, Kind, children
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
@@ -207,20 +209,13 @@ async def modeldeployment_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any)
         metrics.set_nodes(key[0], key[1], {})
         metering.forget(key[0], key[1])
         return
-    runtime.cache.put_md(body)
-    runtime.enqueue(key)
+    # The echo of our own status write is not queued (Cache.md_event).
+    runtime.enqueue(runtime.cache.md_event(body))
 
 
 # The planner reads no DaemonSet status (each pod's own events carry its readiness), and the DaemonSet
 # controller rewrites that status at nearly every pod change: reconciling on those repeats the pod events.
 STATUS_UNREAD = frozenset({"DaemonSet"})
-
-
-def _status_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """True when only status (and bookkeeping such as resourceVersion) differs between two versions."""
-    a, b = old.get("metadata") or {}, new.get("metadata") or {}
-    meta = ("generation", "labels", "annotations", "deletionTimestamp", "ownerReferences")
-    return old.get("spec") == new.get("spec") and all(a.get(f) == b.get(f) for f in meta)
 
 
 _CHILD_BY_PLURAL = {child.plural: child.kind for child in CHILDREN}
@@ -240,8 +235,8 @@ async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.
     if kind in STATUS_UNREAD and (owner := owner_key(body)) is not None:
         name = str((body.get("metadata") or {}).get("name"))
         old = runtime.cache.child(owner, kind, name)
-    key = runtime.cache.put_child(kind, body)
-    if old is not None and _status_only(old, body):
+    key = runtime.cache.child_event(kind, body)  # None for the echo of our own apply
+    if old is not None and status_only(old, body):
         return
     runtime.enqueue(key)
 
