@@ -143,6 +143,7 @@ class _Row:
     submitted: float
     streaming: bool = True
     stream: Any = None  # the tokenizer's incremental detokenizer
+    stop_ids: frozenset[int] = frozenset()  # the model's end-of-sequence tokens and the request's stop tokens
     pending: str = ""  # decoded text held back: it may be the start of a stop string
     generated: int = 0
     # When each token came; the inter-token latencies and the generation-token counter are brought up to date
@@ -293,8 +294,9 @@ class Scheduler:
     def _iterate(self, arrivals: list[_Row]) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
         ended: list[_Row] = []
-        for cohort_rows in self._group(arrivals):
-            self._start(cohort_rows, posts)
+        if arrivals:
+            for cohort_rows in self._group(arrivals):
+                self._start(cohort_rows, posts)
         if self.step_delay_s and self._cohorts:
             time.sleep(self.step_delay_s)
         for cohort in self._cohorts:
@@ -302,19 +304,21 @@ class Scheduler:
         if ended:
             self._held -= sum(c.max_length * len(c.rows) for c in self._cohorts if not c.live)
             self._cohorts = [c for c in self._cohorts if c.live]
+        # Metrics of the requests that ended, before their answers leave: a client that reads /metrics after
+        # its answer finds it counted. Nothing at all in most iterations.
+        for r in ended:
+            self._account(r)
         if posts:
             self._post(posts)
-        # Bookkeeping once the answers are on their way.
         now = time.perf_counter()
-        for r in ended:
-            self._account(r, now)
         if now - self._flushed_at >= METRICS_FLUSH_S:
             self._flushed_at = now
             for cohort in self._cohorts:
                 for r in cohort.rows:
                     if not r.done:
                         self._flush(r)
-        self._publish_gauges()
+        if arrivals or ended or self._gauges is None or len(self._waiting) != self._gauges[1]:
+            self._publish_gauges()
 
     def _post(self, posts: list[tuple[GenerationHandle, Delta]]) -> None:
         """Queue results for their event loop; wake it only if it has not been woken for earlier ones yet."""
@@ -367,6 +371,7 @@ class Scheduler:
             return
         for r in live:
             r.stream = self.model.tokenizer.create_stream()
+            r.stop_ids = self._eos.union(r.params.stop_token_ids)
             self._queue_time.observe(now - r.submitted)
         self._prompt_tokens.inc(sum(len(r.prompt) for r in live))
         wants_logits = any(r.params.logprobs is not None for r in live)
@@ -376,11 +381,6 @@ class Scheduler:
 
     def _step(self, cohort: _Cohort, posts: list[tuple[GenerationHandle, Delta]], ended: list[_Row]) -> None:
         rows = cohort.rows
-        for r in rows:
-            if not r.done and r.handle.cancelled:
-                self._end(cohort, r, "abort", ended)
-        if not cohort.live:
-            return
         g = cohort.generator
         logits = None
         if cohort.logits:
@@ -391,6 +391,9 @@ class Scheduler:
         exhausted = g.is_done()
         for i, r in enumerate(rows):
             if r.done:
+                continue
+            if r.handle.cancelled:  # the client went away: its token is dropped, its row ends here
+                self._end(cohort, r, "abort", ended)
                 continue
             delta = self._advance(r, tokens[i], None if logits is None else logits[i], now, exhausted)
             if r.done:
@@ -408,16 +411,15 @@ class Scheduler:
         self, r: _Row, token: int, logits: np.ndarray | None, now: float, exhausted: bool
     ) -> Delta | None:
         """One token for one row: its Delta (streamed, or the merged answer when it ends), or None."""
-        stamps = r.stamps
-        stamps.append(now)
-        if len(stamps) == 1:
+        r.stamps.append(now)
+        if not r.generated:
             self._ttft.observe(now - r.submitted)
         r.generated += 1
         params = r.params
         lp = None
         if logits is not None and params.logprobs is not None:
             lp = self._logprob(token, logits, params.logprobs)
-        if token in self._eos or token in params.stop_token_ids:
+        if token in r.stop_ids:
             text, r.pending = r.pending, ""
             return self._final(r, text, None, lp, "stop", "eos_token" if token in self._eos else "stop_token")
         text = r.stream.decode(token)
@@ -456,8 +458,8 @@ class Scheduler:
         delta.prompt_tokens, delta.completion_tokens = len(r.prompt), r.generated
         return delta
 
-    def _account(self, r: _Row, now: float) -> None:
-        """A request's metrics once it has ended (its answer is already on its way)."""
+    def _account(self, r: _Row) -> None:
+        """A request's metrics once it has ended."""
         self._flush(r)
         if r.finish != "abort" and r.stamps:
             self._e2e.observe(r.stamps[-1] - r.submitted)
