@@ -2,12 +2,14 @@
 
     PYTHONPATH=operator:runtime:tests .venv/bin/python bench/runtime/bench_generate.py [--quick] [--json out.json]
 
-The model is the tests' tiny trained LLaMA (hidden 128, 2 layers, vocab 512) as an onnxruntime-genai fp32 directory
-(tests/lm_fixture.py `tiny_genai`): a decode step costs ~0.1 ms, so every microsecond of server work shows.
+The model (`--model tiny`, the default) is the tests' tiny trained LLaMA (hidden 128, 2 layers, vocab 512) as an
+onnxruntime-genai fp32 directory (tests/lm_fixture.py `tiny_genai`): a decode step costs ~0.1 ms, so every
+microsecond of server work shows. `--model bench` is bench_model.py's random-weight 41.7M LLaMA, its Q4_0 GGUF
+transcoded (bench_generate_peer.py's `artifacts`): a decode step of milliseconds, like a small real model.
 
 1. Overhead at concurrency 1: greedy `/v1/completions` of N tokens over HTTP (non-streamed) against a raw
    onnxruntime-genai greedy loop of the same prompt and N tokens in this process (tokenize, generator, prefill,
-   N steps, detokenize). Both decode on the same pinned core (`--pin`, default: the server process and the raw
+   N steps, detokenize). Both decode on the same pinned core (default (`--no-pin` to turn it off): the server process and the raw
    loop's thread on the last CPU, the HTTP client on the first), alternating in blocks (ABAB) so both see the
    same machine load. Two views of the overhead, each the median over blocks:
    - wall clock: the server's p50 minus the raw loop's p50 (the target: <= 2 ms per request, and that per
@@ -50,6 +52,10 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "def "  # greedy on the tiny model never reaches <|im_end|>: every request generates exactly N tokens
 MIXED = ["def ", "class Template", "import os\n", "    return"]
 BLOCK = 40  # requests per side per block
+MODELS = {
+    "tiny": "tiny LLaMA (hidden 128, 2 layers, vocab 512), fp32",
+    "bench": "bench_model.py's random-weight 41.7M LLaMA (hidden 512, 8 layers, vocab 16384), Q4_0 GGUF transcoded",
+}
 
 
 class RawLoop:
@@ -209,7 +215,12 @@ def streaming_load(
 
 
 def overhead(
-    raw: RawLoop, servers: dict[str, tuple[int, int]], n: int, blocks: int, cpus: tuple[int, int] | None
+    raw: RawLoop,
+    servers: dict[str, tuple[int, int]],
+    n: int,
+    blocks: int,
+    cpus: tuple[int, int] | None,
+    block: int = BLOCK,
 ) -> dict[str, dict[str, Any]]:
     """The raw loop and each server (label: (port, pid)) in alternating blocks of BLOCK requests (ABAB...),
     medians over blocks of each server's difference to the raw loop's block just before it."""
@@ -218,7 +229,7 @@ def overhead(
     client_cpu, decode_cpu = cpus if cpus is not None else (None, None)
     pin(client_cpu)
     for port, _ in servers.values():
-        latencies(port, "/v1/completions", body, headers, 0, warmup=20)
+        latencies(port, "/v1/completions", body, headers, 0, warmup=min(20, block))
     raw_p50s, steps, raw_cpus = [], [], []
     seen: dict[str, dict[str, list[float]]] = {
         k: {"p50": [], "diff": [], "cpu": [], "cpu_diff": []} for k in servers
@@ -226,14 +237,14 @@ def overhead(
     for _ in range(blocks):
         for label, (port, pid) in servers.items():
             pin(decode_cpu)
-            raw_totals, raw_tokens, raw_cpu = raw.times(PROMPT, n, BLOCK)
+            raw_totals, raw_tokens, raw_cpu = raw.times(PROMPT, n, block)
             pin(client_cpu)
             raw_p50s.append(statistics.median(raw_totals))
             steps.append(statistics.median(raw_tokens))
             raw_cpus.append(statistics.median(raw_cpu))
             cpu_before = process_cpu_s(pid)
-            served = latencies(port, "/v1/completions", body, headers, BLOCK, warmup=0)
-            cpu = (process_cpu_s(pid) - cpu_before) / BLOCK
+            served = latencies(port, "/v1/completions", body, headers, block, warmup=0)
+            cpu = (process_cpu_s(pid) - cpu_before) / block
             got = seen[label]
             got["p50"].append(statistics.median(served))
             got["diff"].append(got["p50"][-1] - raw_p50s[-1])
@@ -276,6 +287,13 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds, shorter load runs")
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="tiny",
+        help="tiny: a ~0.1 ms decode step; bench: milliseconds",
+    )
+    parser.add_argument("--block", type=int, default=BLOCK, help="requests per side per overhead block")
     parser.add_argument("--modes", default="cohort,none", help="--lm-batching modes to run, comma-separated")
     parser.add_argument("--no-load", action="store_true", help="only the overhead at concurrency 1")
     parser.add_argument(
@@ -291,14 +309,19 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from lm_fixture import tiny_genai
 
-    model_dir = tiny_genai()
+    if args.model == "bench":
+        from bench_generate_peer import artifacts
+
+        _, model_dir = artifacts("bench", "Q4_0")
+    else:
+        model_dir = tiny_genai()
     n = args.tokens
     blocks = 4 if args.quick else 12
     duration = 3.0 if args.quick else 8.0
     ncpu = os.cpu_count() or 1
     cpus = None if args.no_pin or ncpu < 2 else (0, ncpu - 1)
     out: dict[str, Any] = {
-        "model": "tiny LLaMA (hidden 128, 2 layers, vocab 512), fp32",
+        "model": MODELS[args.model],
         "tokens": n,
         "pinning": None if cpus is None else {"client_cpu": cpus[0], "decode_cpu": cpus[1]},
         "load_average_before": os.getloadavg()[0],
@@ -325,7 +348,7 @@ def main() -> None:
                         checkout=checkout,
                     )
                     procs[label], servers[label] = proc, (port, proc.pid)
-                results = overhead(raw, servers, n, blocks, cpus)
+                results = overhead(raw, servers, n, blocks, cpus, args.block)
                 for label, res in results.items():
                     report_overhead(label, res, n)
                     out[label] = res

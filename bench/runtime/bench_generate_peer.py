@@ -6,7 +6,8 @@
 One GGUF (tests/lm_fixture.py `tiny_gguf` of the HF checkpoint, weights in `--quant`) is served twice:
 - llama.cpp: its native `llama-server` (continuous batching over `-np` slots; built from the llama-cpp-python
   sdist's vendored source, see docs/benchmarks.md) when `--llama-server` or $KIRI_LLAMA_SERVER names it, and
-  llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`, one request at a time) from the
+  llama-cpp-python's own OpenAI server (`python -m llama_cpp.server`, one request at a time; with
+  `--interrupt_requests False`, else each new request cuts the running one short) from the
   bench-only venv ($KIRI_LLAMA_VENV, default ~/.cache/kiri/bench-venvs/llama) when it has the `[server]` extra;
 - Kiri: the same GGUF transcoded (`kiri compress`'s transcoding: its 4-bit blocks carried into MatMulNBits,
   no re-quantization), served by `kiri serve` (onnxruntime-genai, cohort batching).
@@ -89,7 +90,7 @@ def start_llama_python(gguf: Path, threads: int, ctx: int) -> tuple[Any, int]:
     cmd = [
         str(LLAMA_VENV / "bin/python"), "-m", "llama_cpp.server", "--model", str(gguf), "--model_alias", "lm",
         "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads), "--n_threads_batch",
-        str(threads), "--n_ctx", str(ctx),
+        str(threads), "--n_ctx", str(ctx), "--interrupt_requests", "False",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/v1/models", proc=proc)
