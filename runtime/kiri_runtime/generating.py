@@ -503,6 +503,7 @@ class Scheduler:
                     posts.append((r.handle, Delta(error=error)))
         self._cohorts = []
         self._running = self._held = 0
+        self._publish_gauges()
         if posts:
             self._post(posts)
 
