@@ -253,17 +253,18 @@ def tiny_llama(cache: Path | None = None, *, tied: bool = False) -> Path:
     return _atomic_build(dest, lambda tmp: _build_llama(tmp, PARAMS, tied, texts))
 
 
-def tiny_genai(cache: Path | None = None) -> Path:
-    """The tiny LLaMA as an onnxruntime-genai fp32 model directory (what `kiri serve` serves), built once per
-    checkpoint with the model builder (about 10 s) and cached next to it."""
+def tiny_genai(cache: Path | None = None, precision: str = "fp32") -> Path:
+    """The tiny LLaMA as an onnxruntime-genai model directory (what `kiri serve` serves): fp32, or `int4` (the edge
+    variant `kiri compress` builds by default), built once per checkpoint with the model builder (about 10 s) and
+    cached next to it."""
     from kiri_runtime.compressing.lm.building import build
 
     hf_dir = tiny_llama(cache)
-    dest = hf_dir.parent / f"genai-fp32-{hf_dir.name}"
+    dest = hf_dir.parent / f"genai-{precision}-{hf_dir.name}"
 
     def make(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="kiri-builder-cache-") as builder_cache:
-            build(hf_dir, tmp, "fp32", {}, Path(builder_cache))
+            build(hf_dir, tmp, precision, {}, Path(builder_cache))  # type: ignore[arg-type]
 
     return _atomic_build(dest, make)
 

@@ -12,13 +12,26 @@ accumulate without Kiri counting them, and an operator restart loses nothing.
 the update revision's variants joined by ``|``: use it with ``=~``. Edge pods carry the
 ``kiri.dev/revision`` and ``kiri.dev/variant`` labels; a Kubernetes service-discovery scrape config
 relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progressive delivery").
+
+A measurement does not run on a reconcile worker: the operator's :class:`Analyst` takes it on a thread of
+its own, and the reconcile that found it due goes on (the wave holds, "analysis running"); when it ends the
+ModelDeployment is queued again and the next reconcile hands it to the planner. It is also bounded whatever
+Prometheus (or whatever answers at its address) does, so the analyst's threads are not held either: a connect timeout, a read timeout, and one deadline (``DEADLINE_S``) for all the queries of a
+measurement together, checked between the chunks of an answer, so a server that trickles bytes cannot hold
+the worker either; an answer larger than ``MAX_ANSWER_BYTES`` is refused. A query cut off by the deadline
+is an analysis error: the wave holds (inconclusive), it never rolls back on it. Only the addresses the
+administrator allowed are ever asked (``planning.admitting``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
@@ -38,6 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+"""Read timeout of one request (no byte for this long fails it)."""
+CONNECT_TIMEOUT_S = 3.0
+DEADLINE_S = 15.0
+"""All the queries of one measurement, together, end within this; the rest fail as analysis errors."""
+MAX_ANSWER_BYTES = 4 << 20
+"""A Prometheus answer to one scalar query is a few hundred bytes; anything this large is not one."""
 
 
 class QuerySpec(Protocol):
@@ -113,29 +132,55 @@ def _unix(t: datetime) -> float:
     return t.timestamp()
 
 
+def _read(response: httpx.Response, base: str, deadline: float) -> bytes:
+    """The body, chunk by chunk, within the deadline and the size cap."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise PrometheusError(f"Prometheus at {base} answered more than {MAX_ANSWER_BYTES} bytes")
+        if time.monotonic() > deadline:
+            raise PrometheusError(f"Prometheus at {base} did not answer within the measurement's deadline")
+    return bytes(body)
+
+
 def fetch_points(
-    client: httpx.Client, address: str, query: str, start: datetime, end: datetime, step: float
+    client: httpx.Client,
+    address: str,
+    query: str,
+    start: datetime,
+    end: datetime,
+    step: float,
+    *,
+    deadline: float | None = None,
 ) -> list[float | None]:
-    """The query evaluated every ``step`` seconds over [start, end]; an instant query if that is empty."""
+    """The query evaluated every ``step`` seconds over [start, end]; an instant query if that is empty.
+    ``deadline`` (``time.monotonic()``) bounds the whole request, however slowly the bytes come."""
     base = address.rstrip("/")
+    deadline = time.monotonic() + DEADLINE_S if deadline is None else deadline
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise PrometheusError(f"Prometheus at {base} not asked: the measurement's deadline has passed")
+    timeout = httpx.Timeout(min(left, DEFAULT_TIMEOUT_S), connect=min(left, CONNECT_TIMEOUT_S))
+    params: dict[str, str | float]
+    if end < start:
+        url, params = f"{base}/api/v1/query", {"query": query, "time": _unix(end)}
+    else:
+        url = f"{base}/api/v1/query_range"
+        params = {"query": query, "start": _unix(start), "end": _unix(end), "step": step}
     try:
-        if end < start:
-            response = client.get(f"{base}/api/v1/query", params={"query": query, "time": _unix(end)})
-        else:
-            response = client.get(
-                f"{base}/api/v1/query_range",
-                params={"query": query, "start": _unix(start), "end": _unix(end), "step": step},
-            )
+        with client.stream("GET", url, params=params, timeout=timeout) as response:
+            status, body = response.status_code, _read(response, base, deadline)
     except httpx.HTTPError as exc:
         raise PrometheusError(f"Prometheus at {base} unreachable: {type(exc).__name__}: {exc}") from exc
     try:
-        payload = response.json()
+        payload = json.loads(body)
     except ValueError:
-        raise PrometheusError(
-            f"Prometheus at {base} answered HTTP {response.status_code}, not JSON"
-        ) from None
-    if response.status_code != 200 and payload.get("status") == "success":
-        raise PrometheusError(f"Prometheus at {base} answered HTTP {response.status_code}")
+        raise PrometheusError(f"Prometheus at {base} answered HTTP {status}, not JSON") from None
+    if not isinstance(payload, dict):
+        raise PrometheusError(f"Prometheus at {base} answered HTTP {status}, not a Prometheus answer")
+    if status != 200 and payload.get("status") == "success":
+        raise PrometheusError(f"Prometheus at {base} answered HTTP {status}")
     return parse_points(payload)
 
 
@@ -155,11 +200,20 @@ def judge(
     substitutions: Substitutions,
     since: datetime,
     now: datetime,
+    deadline: float | None = None,
 ) -> verdicts.QueryVerdict:
     try:
         rule = rule_of(query)
         start = since + timedelta(seconds=query.interval)
-        points = fetch_points(client, address, substitutions.apply(query.query), start, now, query.interval)
+        points = fetch_points(
+            client,
+            address,
+            substitutions.apply(query.query),
+            start,
+            now,
+            query.interval,
+            deadline=deadline,
+        )
     except (PrometheusError, ValueError) as exc:
         return verdicts.query_error(query.name, str(exc))
     return verdicts.judge_query(rule, points)
@@ -173,10 +227,14 @@ def measure_sync(
     now: datetime,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
+    deadline_s: float = DEADLINE_S,
 ) -> tuple[Measurement, list[verdicts.QueryVerdict]]:
-    """One measurement of every query over the wave so far (``since``: when the wave became Ready)."""
-    with httpx.Client(timeout=timeout) as client:
-        found = [judge(client, address, q, substitutions, since, now) for q in queries]
+    """One measurement of every query over the wave so far (``since``: when the wave became Ready), all of
+    it within ``deadline_s``. Redirects are not followed: the allowed address is the one asked."""
+    deadline = time.monotonic() + deadline_s
+    timeout_ = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))
+    with httpx.Client(timeout=timeout_, follow_redirects=False) as client:
+        found = [judge(client, address, q, substitutions, since, now, deadline) for q in queries]
     outcome, message = verdicts.combine(found)
     return Measurement(at=now, outcome=outcome, message=message), found
 
@@ -189,18 +247,28 @@ async def measure(
     now: datetime,
     *,
     timeout: float = DEFAULT_TIMEOUT_S,
+    deadline_s: float = DEADLINE_S,
 ) -> tuple[Measurement, list[verdicts.QueryVerdict]]:
     """:func:`measure_sync` off the event loop."""
-    return await asyncio.to_thread(measure_sync, address, queries, substitutions, since, now, timeout=timeout)
+    return await asyncio.to_thread(
+        measure_sync, address, queries, substitutions, since, now, timeout=timeout, deadline_s=deadline_s
+    )
 
 
-def measure_due(
-    spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime
-) -> Measurement | None:
-    """The measurement reconcile should hand to the planner now, or None when none is due.
+@dataclass(frozen=True)
+class Due:
+    """A measurement the wave planner says is due: what to ask, and which wave and turn it is for."""
 
-    Called by the observe step (it is I/O); the wave planner decides from status when one is due.
-    """
+    address: str
+    queries: Sequence[QuerySpec]
+    substitutions: Substitutions
+    since: datetime
+    turn: tuple[str, datetime, datetime | None]
+    """(update revision, when its wave became Ready, the last measurement's time): one measurement each."""
+
+
+def due(spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime) -> Due | None:
+    """The measurement the wave planner wants now (it decides from status), or None."""
     analysis = spec.rollout.analysis
     if analysis is None:
         return None
@@ -214,10 +282,71 @@ def measure_due(
     substitutions = Substitutions(
         revision=state.update_revision, namespace=namespace, variants=[v.name for v in spec.edge.variants]
     )
-    measurement, _ = measure_sync(
-        analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, now
-    )
+    turn = (state.update_revision, state.ready_at, state.last_measured_at)
+    return Due(analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, turn)
+
+
+def _take(d: Due, now: datetime) -> Measurement:
+    measurement, _ = measure_sync(d.address, d.queries, d.substitutions, d.since, now)
     log.info(
-        "analysis of revision %s: %s (%s)", state.update_revision, measurement.outcome, measurement.message
+        "analysis of revision %s: %s (%s)", d.substitutions.revision, measurement.outcome, measurement.message
     )
     return measurement
+
+
+def measure_due(
+    spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime
+) -> Measurement | None:
+    """The measurement reconcile should hand to the planner now, taken here and now; None when none is due."""
+    d = due(spec, namespace, status, now)
+    return None if d is None else _take(d, now)
+
+
+class Analyst:
+    """Takes the due measurements on threads of its own, so a slow Prometheus holds no reconcile worker.
+
+    `take` is called by each reconcile: it starts the measurement the first time it is due and answers
+    "measuring" until it ends; `on_done(key)` (thread-safe: it is called from the analyst's thread) then
+    queues the ModelDeployment, and the next reconcile gets the measurement, once. A result for a turn that
+    is no longer due (another revision, a new wave, a measurement already applied) is dropped.
+    """
+
+    def __init__(
+        self,
+        on_done: Callable[[tuple[str, str]], None],
+        threads: int = 2,
+        take: Callable[[Due, datetime], Measurement] = _take,
+    ) -> None:
+        self._on_done = on_done
+        self._take = take
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiri-analyst")
+        self._lock = threading.Lock()
+        self._running: dict[tuple[str, str], tuple[Due, Future[Measurement]]] = {}
+
+    def take(
+        self, key: tuple[str, str], spec: ModelDeploymentSpec, status: Mapping[str, Any], now: datetime
+    ) -> tuple[Measurement | None, bool]:
+        """(the measurement for the planner or None, whether one is being taken)."""
+        d = due(spec, key[0], status, now)
+        with self._lock:
+            current = self._running.get(key)
+            if d is None:
+                self._running.pop(key, None)
+                return None, False
+            if current is not None and current[0].turn == d.turn and current[0].address == d.address:
+                future = current[1]
+                if not future.done():
+                    return None, True
+                del self._running[key]
+                try:
+                    return future.result(), False
+                except Exception as exc:  # a bug in the measuring, not Prometheus: hold, say why
+                    log.exception("analysis of %s/%s failed", *key)
+                    return Measurement(at=now, outcome="Error", message=f"{type(exc).__name__}: {exc}"), False
+            future = self._pool.submit(self._take, d, now)
+            self._running[key] = (d, future)
+        future.add_done_callback(lambda _: self._on_done(key))
+        return None, True
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -428,11 +428,19 @@ class Cache:
             meta = md.get("metadata") or {}
             # No copies: the cache replaces a child's body on every change and never edits one, and the
             # planner reads them as Mappings (these deep copies were 7% of the operator's CPU).
-            children = {ck: ObjectView(ck[0], ck[1], body) for ck, body in self.children.get(key, {}).items()}
+            uid = str(meta.get("uid", ""))
+            children: dict[tuple[str, str], ObjectView] = {}
+            not_owned: list[ObjectView] = []
+            for ck, body in self.children.get(key, {}).items():
+                view = ObjectView(ck[0], ck[1], body)
+                if L.owned_by(body, uid):
+                    children[ck] = view
+                else:
+                    not_owned.append(view)
             return Observed(
                 name=key[1],
                 namespace=key[0],
-                uid=str(meta.get("uid", "")),
+                uid=uid,
                 generation=int(meta.get("generation") or 0),
                 now=now,
                 status=copy.deepcopy(md.get("status") or {}),
@@ -441,4 +449,5 @@ class Cache:
                 children=children,
                 pods=tuple(self.pods.get(key, {}).values()),
                 pvcs=pvcs,
+                not_owned=tuple(sorted(not_owned, key=lambda v: (v.kind, v.name))),
             )

@@ -50,6 +50,22 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=120.0,
         help="seconds a completed compression Job may take to have its manifest appear before it counts as failed",
     )
+    op.add_argument(
+        "--allowed-prometheus",
+        action="append",
+        default=None,
+        metavar="URL[,URL...]",
+        help="the only Prometheus base URLs an analysis may name (repeatable, or comma-separated; an empty "
+        "value allows none); other addresses are refused with Ready=False/PrometheusNotAllowed "
+        "(default: $KIRI_ALLOWED_PROMETHEUS, else http://prometheus-operated.monitoring.svc:9090)",
+    )
+    op.add_argument(
+        "--clock-offset-seconds",
+        type=float,
+        default=0.0,
+        help="fault injection for tests: run the operator's clock this far ahead (negative: behind) of "
+        "the machine's, as a node whose clock is off the API server's would",
+    )
     op.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None)
     op.add_argument("--log-level", default="INFO")
     op.add_argument(
@@ -57,6 +73,55 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=None,
         metavar="URL",
         help="kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz",
+    )
+    op.add_argument(
+        "--compressor-service-account",
+        default="kiri-compressor",
+        help="ServiceAccount of compression and learning Jobs, made by the chart or an admin in each "
+        "namespace (default: %(default)s)",
+    )
+    op.add_argument(
+        "--create-compressor-rbac",
+        action="store_true",
+        help="make a ServiceAccount, Role and RoleBinding per ModelDeployment for its Jobs instead (needs "
+        "create on serviceaccounts, roles and rolebindings; the chart grants it only when asked)",
+    )
+    election = op.add_argument_group(
+        "leader election",
+        "Run several replicas: the one holding a coordination.k8s.io Lease reconciles, the others watch and "
+        "stand by (kube-controller-manager's flags and defaults).",
+    )
+    election.add_argument(
+        "--leader-elect", action="store_true", help="take part in leader election before reconciling"
+    )
+    election.add_argument(
+        "--leader-elect-resource-name",
+        default="kiri-operator",
+        help="name of the Lease (default: %(default)s)",
+    )
+    election.add_argument(
+        "--leader-elect-resource-namespace",
+        default=os.environ.get("KIRI_OPERATOR_NAMESPACE") or None,
+        help="namespace of the Lease (default: $KIRI_OPERATOR_NAMESPACE, which the chart sets)",
+    )
+    election.add_argument(
+        "--leader-elect-lease-duration",
+        type=float,
+        default=15.0,
+        help="seconds a standby waits, after it last saw the Lease renewed, before taking it (default: %(default)s)",
+    )
+    election.add_argument(
+        "--leader-elect-renew-deadline",
+        type=float,
+        default=10.0,
+        help="seconds the leader keeps acting without a successful renew; below the lease duration, so a "
+        "leader that cannot renew stops writing before a standby may take over (default: %(default)s)",
+    )
+    election.add_argument(
+        "--leader-elect-retry-period",
+        type=float,
+        default=2.0,
+        help="seconds between tries to take or renew the Lease (default: %(default)s)",
     )
     op.set_defaults(handler=_operator)
 
@@ -78,8 +143,32 @@ def _operator(args: argparse.Namespace) -> int:
     # kopf imports the kubernetes client only to recognise its types, Kiri talks httpx: ~10 MiB less RSS.
     sys.modules.setdefault("kubernetes", None)  # type: ignore[arg-type]
     from kiri_operator import handlers
-    from kiri_operator.memos import Config
+    from kiri_operator.kube.leasing import Timing
+    from kiri_operator.memos import Config, LeaderElection
     from kiri_operator.planning import Settings
+    from kiri_operator.planning.settings import DEFAULT_PROMETHEUS
+
+    election = None
+    if args.leader_elect:
+        if not args.leader_elect_resource_namespace:
+            print(
+                "kiri operator: --leader-elect needs --leader-elect-resource-namespace "
+                "(or $KIRI_OPERATOR_NAMESPACE)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            timing = Timing(
+                args.leader_elect_lease_duration,
+                args.leader_elect_renew_deadline,
+                args.leader_elect_retry_period,
+            )
+        except ValueError as exc:
+            print(f"kiri operator: {exc}", file=sys.stderr)
+            return 2
+        election = LeaderElection(
+            args.leader_elect_resource_namespace, args.leader_elect_resource_name, timing
+        )
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -99,12 +188,25 @@ def _operator(args: argparse.Namespace) -> int:
         status_progress_seconds=args.status_progress_seconds,
         kubeconfig=args.kubeconfig,
         liveness=args.liveness,
+        clock_offset_seconds=args.clock_offset_seconds,
+        leader_election=election,
         settings=Settings(
             compression_deadline_seconds=args.compression_deadline,
             manifest_grace_seconds=args.manifest_grace,
+            allowed_prometheus=allowed_prometheus(
+                args.allowed_prometheus, os.environ.get("KIRI_ALLOWED_PROMETHEUS"), DEFAULT_PROMETHEUS
+            ),
+            compressor_service_account=args.compressor_service_account,
+            create_compressor_rbac=args.create_compressor_rbac,
         ),
     )
     return handlers.run(config)
+
+
+def allowed_prometheus(flags: list[str] | None, env: str | None, default: str) -> tuple[str, ...]:
+    """The allow-list from the flags (each comma-separated), else the environment, else `default`."""
+    given = flags if flags is not None else ([env] if env is not None else [default])
+    return tuple(a.strip() for flag in given for a in flag.split(",") if a.strip())
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -118,7 +220,7 @@ def _publish(args: argparse.Namespace) -> int:
         return 2
     try:
         with Kube.connect(args.kubeconfig) as kube:
-            kube.apply(
+            kube.publish(
                 manifest_configmap(
                     args.namespace,
                     args.name,

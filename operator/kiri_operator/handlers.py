@@ -20,16 +20,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
+import uuid
 from typing import Any
 
 import kopf
 
+from kiri_operator import electing, memos, metering, metrics, syncing
 from kiri_operator import labels as L
-from kiri_operator import memos, metering, metrics, syncing
+from kiri_operator.analyzing import Analyst
 from kiri_operator.caches import Cache, Key, owner_key
-from kiri_operator.kinds import CHILDREN, MODEL_DEPLOYMENT, NODE, POD
+from kiri_operator.clocks import Clock
+from kiri_operator.kinds import ACCOUNT_KINDS, CHILDREN, MODEL_DEPLOYMENT, NODE, POD, Kind, children
 from kiri_operator.kube import CredentialsError, Kube, load_credentials
+from kiri_operator.kube.leasing import Elector
 from kiri_operator.memos import Config, Runtime
 from kiri_operator.queueing import Retry, WorkQueue
 from kiri_operator.reconciling import Reconciler
@@ -72,15 +77,38 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     config = runtime.config
     try:
         # A connection per worker, and one for the resync and the executor's other calls.
-        kube = Kube.connect(config.kubeconfig, connections=max(1, config.workers) + 1)
+        kube = Kube.connect(
+            config.kubeconfig,
+            connections=max(1, config.workers) + 1,
+            clock=Clock(config.clock_offset_seconds),
+        )
     except CredentialsError as exc:  # retrying cannot fix a kubeconfig: stop with the reason
         raise kopf.PermanentError(str(exc)) from exc
     runtime.kube = kube
+    if (election := config.leader_election) is not None:
+        # Unique per process, as client-go's `<hostname>_<uuid>`: two processes on one host are two candidates.
+        identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:12]}"
+        runtime.elector = Elector(kube, election.namespace, election.name, identity, election.timing)
+        kube.fence = runtime.elector.remaining
+        runtime.tasks.append(asyncio.create_task(electing.campaign(runtime)))
+    else:
+        metrics.LEADER.set(1)  # alone: it reconciles
     runtime.cache = Cache()
     runtime.queue = WorkQueue()
-    runtime.reconciler = Reconciler(kube, runtime.cache, config.settings, config.status_progress_seconds)
+    loop = asyncio.get_running_loop()
+
+    # A measurement's end (on the analyst's thread) queues its ModelDeployment on the event loop.
+    def measured(key: Key) -> None:
+        loop.call_soon_threadsafe(runtime.enqueue, key, False)
+
+    runtime.analyst = Analyst(measured)
+    runtime.reconciler = Reconciler(
+        kube, runtime.cache, config.settings, config.status_progress_seconds, analyst=runtime.analyst
+    )
     for namespace in config.scopes:
-        await asyncio.get_running_loop().run_in_executor(None, syncing.warm, kube, runtime.cache, namespace)
+        await asyncio.get_running_loop().run_in_executor(
+            None, syncing.warm, kube, runtime.cache, namespace, config.child_kinds
+        )
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     for _worker in range(max(1, config.workers)):
@@ -128,18 +156,25 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     runtime = memos.runtime(memo)
     for task in runtime.tasks:
         task.cancel()
+    await electing.release(runtime)
     for task in runtime.tasks:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
     runtime.tasks.clear()
     if runtime.queue is not None:
         runtime.queue.close()
+    if runtime.analyst is not None:
+        runtime.analyst.close()
     if runtime.kube is not None:
         runtime.kube.close()
 
 
 async def _handle(runtime: Runtime, key: Key) -> float | Retry | None:
     assert runtime.reconciler is not None
+    if not runtime.leading():
+        # A standby: the leader reconciles. Becoming the leader queues every ModelDeployment again.
+        runtime.event_at.pop(key, None)
+        return None
     # Events arriving during this reconcile belong to the next one, which runs because the queue marks it dirty.
     since = runtime.event_at.pop(key, None)
     outcome = await asyncio.get_running_loop().run_in_executor(None, runtime.reconciler.reconcile, key)
@@ -189,6 +224,7 @@ def _status_only(old: dict[str, Any], new: dict[str, Any]) -> bool:
 
 
 _CHILD_BY_PLURAL = {child.plural: child.kind for child in CHILDREN}
+_WATCHED_ACCOUNTS: set[str] = set()
 
 
 async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.Memo, **_: Any) -> None:
@@ -210,15 +246,21 @@ async def child_event(event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.
     runtime.enqueue(key)
 
 
-for _child in CHILDREN:
+def _watch_child(child: Kind) -> None:
     kopf.on.event(
-        _child.group,
-        _child.version,
-        _child.plural,
+        child.group,
+        child.version,
+        child.plural,
         labels={L.MANAGED_BY: L.MANAGED_BY_VALUE},
-        id=f"{_child.plural}-event",
+        id=f"{child.plural}-event",
         registry=REGISTRY,
     )(child_event)
+
+
+# The account kinds are watched only by an operator that makes them (`run`): without the chart's
+# `compressor.rbac.createPerModelDeployment`, the operator has no access to them at all.
+for _child in children(accounts=False):
+    _watch_child(_child)
 
 
 @kopf.on.event(
@@ -252,8 +294,14 @@ async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
 
 def run(config: Config) -> int:
-    """Run the operator until interrupted; `--standalone` semantics: no peering objects needed."""
+    """Run the operator until interrupted; `--standalone` semantics: no kopf peering objects (replicas
+    agree on a leader through a Lease instead, `config.leader_election`)."""
     namespaces = config.namespaces
+    if config.settings.create_compressor_rbac:
+        for child in CHILDREN:
+            if child.kind in ACCOUNT_KINDS and child.kind not in _WATCHED_ACCOUNTS:
+                _watch_child(child)
+                _WATCHED_ACCOUNTS.add(child.kind)
     asyncio.run(
         kopf.operator(
             registry=REGISTRY,

@@ -79,9 +79,21 @@ POD: Final = Kind("Pod", "", "v1", "pods")
 NODE: Final = Kind("Node", "", "v1", "nodes", namespaced=False)
 EVENT: Final = Kind("Event", "", "v1", "events")
 PVC: Final = Kind("PersistentVolumeClaim", "", "v1", "persistentvolumeclaims")
+LEASE: Final = Kind("Lease", "coordination.k8s.io", "v1", "leases")
+"""The leader-election Lease of replicated operators (`kube.leasing`); never a child."""
 
-KINDS: Final[dict[str, Kind]] = {k.kind: k for k in (*CHILDREN, POD, PVC, EVENT, NODE, MODEL_DEPLOYMENT)}
+KINDS: Final[dict[str, Kind]] = {
+    k.kind: k for k in (*CHILDREN, POD, PVC, EVENT, NODE, MODEL_DEPLOYMENT, LEASE)
+}
 CHILD_KINDS: Final = tuple(k.kind for k in CHILDREN)
+ACCOUNT_KINDS: Final = frozenset({"ServiceAccount", "Role", "RoleBinding"})
+"""The Jobs' per-ModelDeployment account: made, watched and listed only when the operator makes it
+(`Settings.create_compressor_rbac`); otherwise the operator needs no access to these kinds at all."""
+
+
+def children(accounts: bool) -> tuple[Kind, ...]:
+    """The child kinds an operator watches and lists: all of them, or all but the account kinds."""
+    return tuple(k for k in CHILDREN if accounts or k.kind not in ACCOUNT_KINDS)
 
 
 def apply_rank(kind: str) -> int:

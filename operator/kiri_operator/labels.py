@@ -12,6 +12,7 @@ the field Kiri's field manager owned and no longer sends.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import Any, Final
 
 from kiri_operator.api.names import API_VERSION, KIND
@@ -116,6 +117,18 @@ def managed_selector() -> str:
 def md_selector(md: str) -> str:
     """The label selector of a ModelDeployment's children and their pods."""
     return f"{MODEL_DEPLOYMENT}={md}"
+
+
+def owned_by(body: Mapping[str, Any], uid: str) -> bool:
+    """Whether `body` has an ownerReference to the object whose uid is `uid`.
+
+    Labels say which ModelDeployment an object is *for*, and anyone who may create a ConfigMap in the
+    namespace can set them; the ownerReference's uid is what the API server's garbage collector acts on,
+    and it names one object's life (a ModelDeployment deleted and created again has a new uid)."""
+    if not uid:
+        return False
+    refs = (body.get("metadata") or {}).get("ownerReferences") or []
+    return any(isinstance(r, Mapping) and r.get("uid") == uid for r in refs)
 
 
 def owner_reference(

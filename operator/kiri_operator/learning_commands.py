@@ -141,7 +141,7 @@ def _publish(args: argparse.Namespace) -> int:
         return 2
     try:
         with Kube.connect(args.kubeconfig) as kube:
-            kube.apply(
+            kube.publish(
                 configmap(args.namespace, args.name, text, record.round, args.owner_name, args.owner_uid)
             )
     except (CredentialsError, KubeError) as exc:

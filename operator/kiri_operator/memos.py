@@ -11,15 +11,29 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kiri_operator import kinds
 from kiri_operator.caches import Cache, Key
 from kiri_operator.kube import Kube
+from kiri_operator.kube.leasing import Elector, Timing
 from kiri_operator.planning import Settings
 from kiri_operator.queueing import WorkQueue
 from kiri_operator.reconciling import Reconciler
 
+if TYPE_CHECKING:
+    from kiri_operator.analyzing import Analyst
+
 MEMO_KEY = "kiri"
+
+
+@dataclass(frozen=True)
+class LeaderElection:
+    """Where the leader Lease lives and its timings (`kiri operator --leader-elect ...`)."""
+
+    namespace: str
+    name: str = "kiri-operator"
+    timing: Timing = field(default_factory=Timing)
 
 
 @dataclass
@@ -34,6 +48,15 @@ class Config:
     kubeconfig: str | None = None
     settings: Settings = field(default_factory=Settings)
     liveness: str | None = None  # kopf's liveness endpoint, e.g. http://0.0.0.0:8080/healthz
+    clock_offset_seconds: float = 0.0
+    """Shifts the operator's clock (fault tests: an operator minutes off the API server's clock)."""
+    leader_election: LeaderElection | None = None
+    """None: this process reconciles alone (one replica)."""
+
+    @property
+    def child_kinds(self) -> tuple[str, ...]:
+        """The child kinds this operator watches and lists (no account kinds unless it makes them)."""
+        return tuple(k.kind for k in kinds.children(self.settings.create_compressor_rbac))
 
     @property
     def scopes(self) -> list[str | None]:
@@ -48,6 +71,9 @@ class Runtime:
     queue: WorkQueue[Key] | None = None
     reconciler: Reconciler | None = None
     kube: Kube | None = None
+    analyst: Analyst | None = None
+    elector: Elector | None = None
+    """Set with leader election: only while it leads does this replica reconcile (and write)."""
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     event_at: dict[Key, float] = field(default_factory=dict)
     """When the oldest watch event not yet reconciled queued each key (for the event-to-status latency)."""
@@ -55,6 +81,9 @@ class Runtime:
     """Set by a watch replaying a LIST (kopf's events of type None): `syncing.relister` relists every kind."""
     pods_heard_at: dict[str | None, float] = field(default_factory=dict)
     """When a pod watch event last came, by namespace (None: any namespace), for the resync's pod LIST."""
+
+    def leading(self) -> bool:
+        return self.elector is None or self.elector.leading()
 
     def heard_pod(self, namespace: str | None) -> None:
         now = time.monotonic()

@@ -44,6 +44,18 @@ EVENT_TO_STATUS_SECONDS: Final = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
     registry=REGISTRY,
 )
+LEADER: Final = Gauge(
+    "kiri_leader",
+    "1 while this replica reconciles (it holds the leader Lease, or runs without leader election), 0 while it "
+    "stands by.",
+    registry=REGISTRY,
+)
+LEADER_TRANSITIONS: Final = Counter(
+    "kiri_leader_transitions",
+    "Times this replica became (to=leader) or stopped being (to=standby) the leader.",
+    ["to"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH: Final = Gauge(
     "kiri_workqueue_depth", "ModelDeployments waiting for a reconcile.", registry=REGISTRY
 )

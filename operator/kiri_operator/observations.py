@@ -133,6 +133,19 @@ class Observed:
     """Names of the PersistentVolumeClaims in the namespace; None when not looked up."""
     measurement: Measurement | None = None
     """The analysis measurement taken for this reconcile (analyzing.measure_due), when one was due."""
+    measuring: bool = False
+    """A due measurement is being taken off the reconcile worker (analyzing.Analyst); its end queues this
+    ModelDeployment again, so the planner need not look back soon."""
+    server_now: datetime | None = None
+    """The API server's time (`clocks.ServerClock`), for timestamps the control plane set itself; `now`
+    (the operator's clock) is for the ones the operator wrote. None: taken to be `now`."""
+    not_owned: tuple[ObjectView, ...] = ()
+    """Objects labelled for this ModelDeployment but not owned by it (`labels.owned_by`): left out of
+    `children`, so the planner neither trusts (a manifest, a round record), updates nor deletes them."""
+
+    @property
+    def server_time(self) -> datetime:
+        return self.server_now or self.now
 
     def child(self, kind: str, name: str) -> ObjectView | None:
         return self.children.get((kind, name))

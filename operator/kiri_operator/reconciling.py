@@ -6,8 +6,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
@@ -17,11 +16,15 @@ from kiri_operator import labels as L
 from kiri_operator import metering, metrics
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.caches import Cache, Key
+from kiri_operator.clocks import Clock, ServerClock
 from kiri_operator.conditions import Reason
 from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
-from kiri_operator.planning import Settings, invalid_spec_status, normalize_status, plan
+from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
 from kiri_operator.plans import Action, Check, Event, Plan
+
+if TYPE_CHECKING:
+    from kiri_operator.analyzing import Analyst
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +90,16 @@ class Reconciler:
         cache: Cache,
         settings: Settings | None = None,
         progress_interval: float = 10.0,
+        analyst: Analyst | None = None,
+        clock: Clock | None = None,
     ) -> None:
+        """`clock`: the operator's one clock (every timestamp written and every plan's `now`); the Kube
+        client's by default, so Events and status agree."""
+        self.clock = clock or getattr(kube, "clock", None) or Clock()
         self.kube = kube
         self.cache = cache
+        self.analyst = analyst
+        """`analyzing.Analyst`: measurements off the worker; None measures in the reconcile (tests, tools)."""
         self.settings = settings or Settings()
         self.progress_interval = progress_interval
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
@@ -115,7 +125,7 @@ class Reconciler:
             metrics.set_nodes(key[0], key[1], {})
             self._status_written_at.pop(key, None)
             return Outcome()
-        now = datetime.now(UTC)
+        now = self.clock.now()
         try:
             spec: ModelDeploymentSpec | None = ModelDeploymentSpec.model_validate(md.get("spec") or {})
             error = None
@@ -130,13 +140,24 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
-        if spec is not None and spec.rollout.analysis is not None:
+        server_clock = getattr(self.kube, "server_clock", None)
+        if isinstance(server_clock, ServerClock):
+            observed = replace(observed, server_now=server_clock.now())
+        if (
+            spec is not None
+            and spec.rollout.analysis is not None
+            and admitting.refusal(spec, self.settings) is None
+        ):
             # Metric analysis is I/O, so it belongs to observe; the planner said (in status) whether it is due.
-            from kiri_operator import analyzing
+            if self.analyst is not None:
+                measurement, measuring = self.analyst.take(key, spec, observed.status, now)
+            else:
+                from kiri_operator import analyzing
 
-            measurement = analyzing.measure_due(spec, observed.namespace, observed.status, now)
-            if measurement is not None:
-                observed = replace(observed, measurement=measurement)
+                measuring = False
+                measurement = analyzing.measure_due(spec, observed.namespace, observed.status, now)
+            if measurement is not None or measuring:
+                observed = replace(observed, measurement=measurement, measuring=measuring)
         p: Plan = (
             invalid_spec_status(observed, error or "")
             if spec is None
@@ -217,7 +238,7 @@ class Reconciler:
         try:
             status = dict(md.get("status") or {})
             stored = [C.Condition.from_dict(c) for c in status.get("conditions") or [] if isinstance(c, dict)]
-            conditions = C.reconcile_failed(stored, message, datetime.now(UTC))
+            conditions = C.reconcile_failed(stored, message, self.clock.now())
             if [c.to_dict() for c in conditions] != status.get("conditions"):
                 status["conditions"] = [c.to_dict() for c in conditions]
                 self.cache.put_md(self.kube.apply_status(key[0], key[1], status), own=True)

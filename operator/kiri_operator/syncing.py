@@ -21,7 +21,7 @@ from kiri_operator.memos import Runtime
 log = logging.getLogger(__name__)
 
 
-def warm(kube: Kube, cache: Cache, namespace: str | None) -> None:
+def warm(kube: Kube, cache: Cache, namespace: str | None, kinds: tuple[str, ...] = CHILD_KINDS) -> None:
     """One LIST per kind before the first reconcile, so no plan is made from a half-filled cache.
 
     Page by page: the cache keeps slim views of nodes and pods, so a fleet never sits in memory whole."""
@@ -32,7 +32,7 @@ def warm(kube: Kube, cache: Cache, namespace: str | None) -> None:
     for md in kube.list(MODEL_DEPLOYMENT.kind, namespace):
         cache.put_md(md)
     selector = L.managed_selector()
-    for kind in CHILD_KINDS:
+    for kind in kinds:
         for obj in kube.list(kind, namespace, selector):
             cache.put_child(kind, obj)
     for _, pods in kube.list_pages(POD.kind, namespace, L.MODEL_DEPLOYMENT):
@@ -69,7 +69,9 @@ def relist_pods(kube: Kube, cache: Cache, namespace: str | None) -> set[Key]:
     return cache.replace_pods(namespace, fresh, started)
 
 
-def relist(kube: Kube, cache: Cache, namespace: str | None) -> tuple[set[Key], bool]:
+def relist(
+    kube: Kube, cache: Cache, namespace: str | None, kinds: tuple[str, ...] = CHILD_KINDS
+) -> tuple[set[Key], bool]:
     """Every cached kind LISTed again and merged, deletions included: the ModelDeployment keys that
     changed, and whether the nodes did (then every ModelDeployment needs a look)."""
     started = cache.mark()
@@ -78,7 +80,7 @@ def relist(kube: Kube, cache: Cache, namespace: str | None) -> tuple[set[Key], b
     started = cache.mark()
     changed = cache.replace_mds(namespace, kube.list(MODEL_DEPLOYMENT.kind, namespace), started)
     selector = L.managed_selector()
-    for kind in CHILD_KINDS:
+    for kind in kinds:
         started = cache.mark()
         changed |= cache.replace_children(kind, namespace, kube.list(kind, namespace, selector), started)
     changed |= relist_pods(kube, cache, namespace)
@@ -106,7 +108,7 @@ async def relister(runtime: Runtime) -> None:
         for namespace in runtime.config.scopes:
             try:
                 changed, nodes = await loop.run_in_executor(
-                    None, relist, runtime.kube, runtime.cache, namespace
+                    None, relist, runtime.kube, runtime.cache, namespace, runtime.config.child_kinds
                 )
             except Exception as exc:  # the watches still feed the cache; the next restart or resync retries
                 log.warning("relist of %s failed: %s", namespace or "all namespaces", exc)

@@ -2,7 +2,16 @@
 
 Schemes: `file://` (or a bare path), `http(s)://`, and `s3://bucket/key` (path-style, SigV4 signed with
 `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`, region from `AWS_REGION` or
-`AWS_DEFAULT_REGION`, endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; unsigned when no key is set).
+`AWS_DEFAULT_REGION`, endpoint from `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`; without keys, the pod's
+identity (EKS IRSA web identity or Pod Identity, `kiri_runtime.authenticating`); unsigned when none is set).
+
+Credentials come from the environment, which the operator fills from the ModelDeployment's Secret
+(`credentials.secretRef`, docs/operations.md "Security model"): an `http(s)://` store gets `Authorization:
+Bearer` from `KIRI_HTTP_BEARER_TOKEN` (or the file named by `KIRI_HTTP_BEARER_TOKEN_FILE`, read at each
+request so a rotated token is picked up), or `Basic` from `KIRI_HTTP_USERNAME` and `KIRI_HTTP_PASSWORD`;
+httpx drops the header on a redirect to another host. `KIRI_CA_FILE` names PEM certificates trusted in
+addition to the public roots (a store behind a private CA). A 401 or 403 fails at once, saying whether
+credentials were sent (never their values).
 
 The cache itself (layout, locks, quarantine, pins) is `kiri_runtime.artifacts`.
 
@@ -14,6 +23,7 @@ A full disk raises `DiskFullError` naming the directory and the sizes.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import logging
@@ -21,6 +31,7 @@ import os
 import random
 import re
 import shutil
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,9 +40,11 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote, unquote, urlsplit
 
+import certifi
 import httpx
 
 from kiri_runtime.artifacts import ArtifactCache, VerifiedArtifact, fd_sha256
+from kiri_runtime.authenticating import AwsCredentialChain, CredentialsError
 from kiri_runtime.metrics import RuntimeMetrics
 from kiri_runtime.redaction import strip_url
 from kiri_runtime.signing import EMPTY_SHA256, sign_v4
@@ -104,6 +117,36 @@ def _write(fh: IO[bytes], chunk: bytes) -> None:
     fh.write(chunk)
 
 
+def tls_verify(env: dict[str, str]) -> ssl.SSLContext | bool:
+    """The public roots plus `KIRI_CA_FILE`'s certificates when it is set; httpx's default otherwise."""
+    extra = env.get("KIRI_CA_FILE")
+    if not extra:
+        return True
+    context = ssl.create_default_context(cafile=certifi.where())
+    try:
+        context.load_verify_locations(cafile=extra)
+    except (OSError, ssl.SSLError) as exc:
+        raise FetchError(f"KIRI_CA_FILE {extra}: not a readable PEM bundle: {exc}") from None
+    return context
+
+
+def http_authorization(env: dict[str, str]) -> str | None:
+    """The `Authorization` value for an http(s) store, from the environment; None without credentials."""
+    token = env.get("KIRI_HTTP_BEARER_TOKEN")
+    token_file = env.get("KIRI_HTTP_BEARER_TOKEN_FILE")
+    if not token and token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise FetchError(f"KIRI_HTTP_BEARER_TOKEN_FILE {token_file}: {exc.strerror}") from None
+    if token:
+        return f"Bearer {token.strip()}"
+    user, password = env.get("KIRI_HTTP_USERNAME"), env.get("KIRI_HTTP_PASSWORD")
+    if user:
+        return "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    return None
+
+
 class ArtifactFetcher:
     def __init__(
         self,
@@ -125,7 +168,10 @@ class ArtifactFetcher:
             connect=self.policy.connect_timeout_s,
             pool=self.policy.connect_timeout_s,
         )
-        self._client = client or httpx.Client(timeout=timeout, follow_redirects=True)
+        self._client = client or httpx.Client(
+            timeout=timeout, follow_redirects=True, verify=tls_verify(self._env)
+        )
+        self._aws = AwsCredentialChain(self._env, self._client)
 
     def close(self) -> None:
         self._client.close()
@@ -199,7 +245,7 @@ class ArtifactFetcher:
         if parts.scheme in ("", "file"):
             self._copy_file(Path(unquote(parts.path)), partial)
         elif parts.scheme in ("http", "https"):
-            self._http_download(uri, partial, lambda h: h, "http")
+            self._http_download(uri, partial, self._http_signer(), "http")
         elif parts.scheme == "s3":
             url, signer = self._s3(parts.netloc, parts.path.lstrip("/"))
             self._http_download(url, partial, signer, "s3")
@@ -214,6 +260,33 @@ class ArtifactFetcher:
             while chunk := src.read(_CHUNK):
                 self._write(dst, chunk, partial)
 
+    def _http_signer(self) -> Callable[[dict[str, str]], dict[str, str]]:
+        def signer(headers: dict[str, str]) -> dict[str, str]:
+            authorization = http_authorization(self._env)
+            return {**headers, "Authorization": authorization} if authorization else headers
+
+        return signer
+
+    def _credentials_hint(self, scheme: str) -> str:
+        """Whether credentials were sent, and from where: names only, never values."""
+        env = self._env
+        if scheme == "s3":
+            source = self._aws.source()
+            if source is not None:
+                return f"the store refused the credentials from {source}"
+            return (
+                "no credentials were sent (give the pod AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY with the "
+                "spec's credentials.secretRef, or a service account bound to a cloud role)"
+            )
+        names = "KIRI_HTTP_BEARER_TOKEN(_FILE) or KIRI_HTTP_USERNAME/KIRI_HTTP_PASSWORD"
+        if (
+            env.get("KIRI_HTTP_BEARER_TOKEN")
+            or env.get("KIRI_HTTP_BEARER_TOKEN_FILE")
+            or env.get("KIRI_HTTP_USERNAME")
+        ):
+            return f"the store refused the credentials in {names}"
+        return f"no credentials were sent (set {names}, e.g. with the spec's credentials.secretRef)"
+
     def _s3(self, bucket: str, key: str) -> tuple[str, Callable[[dict[str, str]], dict[str, str]]]:
         env = self._env
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -223,11 +296,13 @@ class ArtifactFetcher:
             or f"https://s3.{region}.amazonaws.com"
         )
         url = f"{endpoint.rstrip('/')}/{quote(bucket)}/{quote(key, safe='/-_.~')}"
-        access, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-        token = env.get("AWS_SESSION_TOKEN")
 
         def signer(headers: dict[str, str]) -> dict[str, str]:
-            if not access or not secret:
+            try:
+                credentials = self._aws.get()
+            except CredentialsError as exc:
+                raise FetchError(f"{_redact(url)}: no S3 credentials: {exc}") from None
+            if credentials is None:
                 return headers
             # Range is left unsigned so each resume signs the same way.
             unsigned = {k: v for k, v in headers.items() if k.lower() == "range"}
@@ -235,12 +310,12 @@ class ArtifactFetcher:
                 "GET",
                 url,
                 {"x-amz-content-sha256": EMPTY_SHA256},
-                access_key=access,
-                secret_key=secret,
+                access_key=credentials.access_key,
+                secret_key=credentials.secret_key,
                 region=region,
                 service="s3",
                 amz_date=datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
-                session_token=token,
+                session_token=credentials.session_token,
             )
             return {**signed, **unsigned}
 
@@ -274,6 +349,8 @@ class ArtifactFetcher:
                 raise _Retryable("range not satisfiable; restarting")
             if code == 429 or code >= 500:
                 raise _Retryable(f"HTTP {code}")
+            if code in (401, 403):
+                raise FetchError(f"{_redact(url)}: HTTP {code}: {self._credentials_hint(scheme)}")
             if code not in (200, 206):
                 raise FetchError(f"{_redact(url)}: HTTP {code}")
             if code == 200 and offset:

@@ -5,8 +5,10 @@ Parsing checks every field it reads and raises `ApiError` naming the parameter (
 the adapter answers 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}` (KServe's
 generate routes answer `{"error": message}` with 422 instead). Fields are read the way the OpenAI API reads them
 (e.g. `max_completion_tokens` before `max_tokens`, `stop` as a string or a list); vLLM's extensions `top_k` and
-`stop_token_ids` are accepted too. What Kiri does not implement (n > 1, tools, penalties, echo, best_of,
-suffix) is refused with 400 rather than silently ignored.
+`stop_token_ids` are accepted too, and for completions a prompt of token ids, `echo` with `logprobs` (the prompt's
+log-probabilities: the verify call of speculative collaboration, see verifying.py) and vLLM's
+`return_tokens_as_token_ids`. Kiri's own extension is the `kiri` object (collaborations.parse_options checks it). What Kiri does
+not implement (n > 1, tools, penalties, best_of, suffix) is refused with 400 rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ class Job:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None
+    prompt_ids: list[int] | None = None  # completions: a prompt given as token ids
+    echo: bool = False  # completions: the prompt (and its log-probabilities) comes back before the completion
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens spelled "token_id:N"
+    kiri: Any = None  # the `kiri` extension object, as sent (collaborating.py checks it)
 
     def params(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(max_tokens=max_tokens, logprobs=self.logprobs, **self.sampling)
@@ -251,25 +257,43 @@ def parse_chat(data: Mapping[str, Any]) -> Job:
         job.logprobs = _int(data, "top_logprobs", 0, MAX_TOP_LOGPROBS) or 0
     elif data.get("top_logprobs") is not None:
         raise ApiError("top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+    job.kiri = data.get("kiri")
     return job
 
 
 def parse_completion(data: Mapping[str, Any]) -> Job:
     job = Job(model=_model(data))
     prompt = data.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        job.prompt_ids = [int(t) for t in prompt]
+        prompt = ""
     if not isinstance(prompt, str):
-        raise ApiError("prompt must be a string (one prompt per request)", "prompt", "invalid_type")
+        raise ApiError(
+            "prompt must be a string or a non-empty list of token ids (one prompt per request)",
+            "prompt",
+            "invalid_type",
+        )
     job.prompt = prompt
-    _unsupported(data, "echo", "suffix", "presence_penalty", "frequency_penalty", "logit_bias")
+    _unsupported(data, "suffix", "presence_penalty", "frequency_penalty", "logit_bias")
     _int(data, "n", 1, 1)
     _int(data, "best_of", 1, 1)
     job.max_tokens = _max_tokens(data, "max_tokens") or COMPLETIONS_DEFAULT_MAX_TOKENS
     job.sampling = _sampling(data)
     _stream(data, job)
-    job.logprobs = _int(data, "logprobs", 0, COMPLETIONS_MAX_LOGPROBS)
+    job.echo = _bool(data, "echo")
+    job.tokens_as_ids = _bool(data, "return_tokens_as_token_ids")
+    # An echo request is a verify call (verifying.py): it may ask for vLLM's limit of top log-probabilities.
+    job.logprobs = _int(data, "logprobs", 0, MAX_TOP_LOGPROBS if job.echo else COMPLETIONS_MAX_LOGPROBS)
+    if job.echo and job.stream:
+        raise ApiError("echo is not supported with stream: true", "echo", "unsupported_parameter")
+    job.kiri = data.get("kiri")
     return job
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_generate(model: str, data: Mapping[str, Any]) -> tuple[Job, bool]:

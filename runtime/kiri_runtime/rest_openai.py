@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kiri_runtime.collaborating import Collaborator
 from kiri_runtime.dataplane import DataPlane
 from kiri_runtime.errors import InferenceError, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge
 from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle, Scheduler
@@ -50,6 +51,8 @@ from kiri_runtime.generation_api import (
 )
 from kiri_runtime.generative_model import GenerativeModel
 from kiri_runtime.metrics import UNKNOWN_MODEL
+from kiri_runtime.rest_collab import echo, forward, prompt_ids, submit, usage_kiri
+from kiri_runtime.verifying import PromptScorer, spell_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,8 @@ class GenerationRoutes:
         self.metrics = dataplane.metrics
         self.max_body_bytes = max_body_bytes
         self.schedulers: dict[str, Scheduler] = {}
+        self.collaborator: Collaborator | None = None  # edge-cloud collaboration (collaborating.py)
+        self.scorers: dict[str, PromptScorer] = {}  # echo requests: the verify call (verifying.py)
 
     def add_routes(self, app: web.Application) -> None:
         post = web.post
@@ -85,6 +90,8 @@ class GenerationRoutes:
     def close(self) -> None:
         for scheduler in self.schedulers.values():
             scheduler.close()
+        for scorer in self.scorers.values():
+            scorer.close()
 
     # ------------------------------------------------------------ common
 
@@ -113,8 +120,10 @@ class GenerationRoutes:
     def _submit(self, job: Job, prompt_text: str, stream: bool) -> GenerationHandle:
         scheduler = self._scheduler(job.model)
         model: GenerativeModel = scheduler.model
-        ids = model.encode(prompt_text)
+        ids = prompt_ids(job, model, prompt_text)
         max_tokens = resolve_max_tokens(job, len(ids), model.context_length)
+        if self.collaborator is not None:
+            return submit(self.collaborator, scheduler, job, ids, job.params(max_tokens), stream)
         return scheduler.submit(ids, job.params(max_tokens), stream)
 
     async def _answer(
@@ -195,6 +204,12 @@ class GenerationRoutes:
             data = await self._body(request)
             name = data.get("model") if isinstance(data.get("model"), str) else None
             job = parse_chat(data) if chat else parse_completion(data)
+            if self.collaborator is not None:
+                self.collaborator.options(job)  # a bad `kiri` object is a 400 whatever the edge's state
+            if job.echo:
+                body = await echo(self.scorers, self.metrics, self._scheduler(job.model), job, new_id("cmpl"))
+                self._count(self._label(name), 200, start)
+                return web.json_response(body)
             scheduler = self._scheduler(job.model)
             if job.messages is not None:
                 prompt = scheduler.model.render_chat(job.messages)
@@ -202,6 +217,13 @@ class GenerationRoutes:
                 prompt = job.prompt or ""
             handle = self._submit(job, prompt, job.stream)
         except InferenceError as exc:
+            try:
+                forwarded = await forward(self.collaborator, request, data, chat, exc) if name else None
+            except InferenceError as failure:
+                exc, forwarded = failure, None
+            if forwarded is not None:
+                self._count(self._label(name), 200, start)
+                return forwarded
             response = self._openai_error(exc)
             self._count(self._label(name), response.status, start)
             return response
@@ -218,8 +240,14 @@ class GenerationRoutes:
         text = "".join(d.text for d in deltas)
         logprobs = [lp for d in deltas for lp in d.logprobs] if job.logprobs is not None else None
         build = chat_response if chat else completion_response
+        body = build(rid, job.model, text, last, logprobs)
+        if job.tokens_as_ids and logprobs is not None and not chat:
+            body["choices"][0]["logprobs"] = spell_logprobs(logprobs)
+        kiri = usage_kiri(self.collaborator, handle, last)
+        if kiri is not None:
+            body["usage"]["kiri"] = kiri
         self._count(label, 200, start)
-        return web.json_response(build(rid, job.model, text, last, logprobs))
+        return web.json_response(body)
 
     async def _openai_stream(
         self, request: web.Request, handle: GenerationHandle, job: Job, rid: str, chat: bool
@@ -263,7 +291,11 @@ class GenerationRoutes:
                         last = d
                 if last is not None:
                     if job.include_usage:
-                        events.append(_sse(usage_chunk(rid, model, created, kind, last)))
+                        chunk = usage_chunk(rid, model, created, kind, last)
+                        kiri = usage_kiri(self.collaborator, handle, last)
+                        if kiri is not None:
+                            chunk["usage"]["kiri"] = kiri
+                        events.append(_sse(chunk))
                     events.append(b"data: [DONE]\n\n")
                 if events:
                     await response.write(b"".join(events))

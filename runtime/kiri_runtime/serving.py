@@ -23,13 +23,15 @@ import shutil
 import signal
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
+from kiri_runtime.collaborating import Collaborator
+from kiri_runtime.collaborations import CollabConfig
 from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
 from kiri_runtime.fallback import Cascade, CloudClient
 from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, RetryPolicy
@@ -84,6 +86,8 @@ class ServeConfig:
     # batched generator ("cohort") or each decode alone ("none"); see generating.py.
     max_num_seqs: int = 16
     lm_batching: str = "cohort"
+    # Language models: edge-cloud collaboration (collaborating.py); the cloud tier is `fallback_url`.
+    collaboration: CollabConfig = field(default_factory=CollabConfig)
 
 
 class Server:
@@ -111,6 +115,10 @@ class Server:
             config.body_timeout_s,
         )
         self.rest = RestServer(self.dataplane, self.cascade, intake=intake)
+        collab = replace(
+            config.collaboration, cloud_url=config.fallback_url, timeout_s=max(config.fallback_timeout_s, 1.0)
+        )
+        self.rest.generation.collaborator = Collaborator(collab, config.name, self.metrics)
         self._runner: web.AppRunner | None = None
         self._loader: asyncio.Task[None] | None = None
         self.port = config.port
@@ -210,6 +218,8 @@ class Server:
         if self._runner is not None:
             await self._runner.cleanup()  # stops listening, then waits for in-flight handlers
         await self.cascade.close()
+        if self.rest.generation.collaborator is not None:
+            await self.rest.generation.collaborator.close()
         await asyncio.to_thread(self.rest.generation.close)
         await self.dataplane.close()
         await asyncio.to_thread(self.rest.intake.close)

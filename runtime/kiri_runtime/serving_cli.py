@@ -107,6 +107,42 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default="cohort",
         help="language models: batch arrivals with equal sampling options into one generator (default), or not",
     )
+    collab = sub.add_argument_group(
+        "edge-cloud collaboration (language models; the cloud tier is --fallback-url)"
+    )
+    collab.add_argument(
+        "--collaboration",
+        choices=["edge-only", "cloud-only", "speculative", "cascade"],
+        default="edge-only",
+        help="how this edge works with the cloud tier per token (a request may choose another: "
+        'body field kiri: {"collaboration": ...})',
+    )
+    collab.add_argument("--cloud-model", help="the model's name at the cloud tier (default: --name)")
+    collab.add_argument(
+        "--cascade-metric",
+        choices=["margin", "top1", "entropy"],
+        default="margin",
+        help="cascade uncertainty: 1 - (top-1 minus runner-up probability), 1 - top-1 probability, or the "
+        "next-token entropy in nats",
+    )
+    collab.add_argument(
+        "--cascade-threshold", type=float, default=0.7, help="cascade: hand off above this uncertainty"
+    )
+    collab.add_argument(
+        "--cascade-window", type=_positive, default=1, help="cascade: tokens the uncertainty is averaged over"
+    )
+    collab.add_argument(
+        "--cascade-cloud-tokens",
+        type=int,
+        default=0,
+        help="cascade: tokens the cloud produces per hand-off before the edge resumes (0: the rest)",
+    )
+    collab.add_argument(
+        "--speculative-k", type=int, default=0, help="speculative: draft tokens per round (0: adaptive)"
+    )
+    collab.add_argument(
+        "--speculative-max-k", type=_positive, default=12, help="speculative: the adaptive k's upper bound"
+    )
     sub.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     test_aids = sub.add_argument_group("test aids (never set these in production)")
     test_aids.add_argument(
@@ -128,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from kiri_runtime import redaction
+    from kiri_runtime.collaborations import CollabConfig
     from kiri_runtime.dataplane import BatchingConfig
     from kiri_runtime.serving import ServeConfig, serve
 
@@ -162,6 +199,16 @@ def run(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace,
         max_num_seqs=args.max_num_seqs,
         lm_batching=args.lm_batching,
+        collaboration=CollabConfig(
+            mode=args.collaboration,
+            cloud_model=args.cloud_model,
+            cascade_metric=args.cascade_metric,
+            cascade_threshold=args.cascade_threshold,
+            cascade_window=args.cascade_window,
+            cascade_cloud_tokens=max(0, args.cascade_cloud_tokens),
+            speculative_k=max(0, args.speculative_k),
+            speculative_max_k=args.speculative_max_k,
+        ),
     )
     asyncio.run(serve(config))
     return 0

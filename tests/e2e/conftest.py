@@ -221,10 +221,40 @@ def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]
         timeout=30,
         message=f"default ServiceAccount in {name}",
     )
+    # The Jobs' ServiceAccount and Role, as the chart makes them in a tenant namespace (helm/kiri,
+    # templates/compressor-rbac.yaml): without it the Jobs' pods are refused. Not where a test installs
+    # the chart, which makes it itself.
+    if not getattr(request.module, "CHART_MAKES_COMPRESSOR_ACCOUNT", False):
+        cluster.apply(compressor_account(name))
     try:
         yield name
     finally:
         cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
+
+
+def compressor_account(namespace: str, name: str = "kiri-compressor") -> list[dict[str, Any]]:
+    meta = {"name": name, "namespace": namespace}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": meta,
+            "automountServiceAccountToken": False,
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+    ]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -22,6 +22,8 @@ import yaml
 from .conftest import REPO_ROOT, Cluster
 
 pytestmark = pytest.mark.timeout(300)
+# The `namespace` fixture leaves the Jobs' account to the chart here (conftest.compressor_account).
+CHART_MAKES_COMPRESSOR_ACCOUNT = True
 
 CHART = REPO_ROOT / "helm" / "kiri"
 PROMTOOL = "/usr/bin/promtool"
@@ -111,7 +113,9 @@ def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
-        (("--set", "replicaCount=2"), "replicaCount"),
+        (("--set", "leaderElection.enabled=false"), "replicaCount above 1 needs leaderElection.enabled"),
+        (("--set", "leaderElection.renewDeadline=15"), "renewDeadline must be below"),
+        (("--set", "compressor.createPerModelDeployment=true"), "needs operator.watchNamespaces"),
         (("--set", "securityContext.readOnlyRootFilesystem=false"), "readOnlyRootFilesystem"),
         (("--set", "podSecurityContext.runAsNonRoot=false"), "runAsNonRoot"),
         (("--set", "imagePullPolicy=Always"), "imagePullPolicy"),
@@ -121,15 +125,19 @@ def test_lint_strict(helm_env: dict[str, str], values: tuple[str, ...]) -> None:
             ("--set", "metrics.service.enabled=false", "--set", "metrics.serviceMonitor.enabled=true"),
             "metrics",
         ),
+        (("--set", "analysis.allowedPrometheus={http://user:pass@prom:9090}"), "allowedPrometheus"),
     ],
     ids=[
-        "two-replicas",
+        "two-replicas-without-a-lease",
+        "renew-deadline-past-the-lease",
+        "operator-made-roles-cluster-wide",
         "writable-root",
         "root",
         "unknown-key",
         "bad-enum",
         "repeated-namespace",
         "monitor-without-service",
+        "prometheus-with-userinfo",
     ],
 )
 def test_bad_values_are_refused_with_the_key(
@@ -138,6 +146,10 @@ def test_bad_values_are_refused_with_the_key(
     result = helm(helm_env, "template", "kiri", str(CHART), *bad, check=False)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def roles_of(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return by_kind(docs, "Role")
 
 
 def _rbac_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -172,11 +184,38 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
     assert "create" in verbs("", "events")
     # Standalone kopf: no peering objects, so no permission on them.
     assert not verbs("kopf.dev", "kopfpeerings") and not verbs("kopf.dev", "clusterkopfpeerings")
+    # The operator makes no ServiceAccount, Role or RoleBinding: not even read access to them.
+    operator_rules = [
+        r
+        for d in docs
+        if d["kind"] in ("ClusterRole", "Role") and not d["metadata"]["name"].startswith("kiri-compressor")
+        for r in d["rules"]
+    ]
+    for resource in ("serviceaccounts", "roles", "rolebindings", "clusterroles", "clusterrolebindings"):
+        assert not [r for r in operator_rules if resource in r["resources"]], resource
+    # Leader election: get and update the one Lease by name; create (which RBAC cannot limit by name).
+    (leader,) = [d for d in roles_of(docs) if d["metadata"]["name"] == "kiri-leader-election"]
+    assert leader["metadata"]["namespace"] == "kiri-system"
+    assert leader["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["kiri-leader"],
+         "verbs": ["get", "update"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+    ]  # fmt: skip
     for group, resource in (("apps", "daemonsets"), ("apps", "deployments"), ("batch", "jobs")):
         assert {"create", "patch", "delete"} <= verbs(group, resource)
 
     cluster_roles = by_kind(docs, "ClusterRole")
-    roles = by_kind(docs, "Role")
+    roles = [r for r in roles_of(docs) if r["metadata"]["name"] == "kiri"]
+    compressor_roles = [r for r in roles_of(docs) if r["metadata"]["name"] == "kiri-compressor"]
+    if values == NAMESPACED:
+        # The Jobs' account in each watched namespace: create ConfigMaps, nothing else.
+        assert [r["metadata"]["namespace"] for r in compressor_roles] == ["team-a", "team-b"]
+        for role in compressor_roles:
+            assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
+        accounts = [a for a in by_kind(docs, "ServiceAccount") if a["metadata"]["name"] == "kiri-compressor"]
+        assert [a["automountServiceAccountToken"] for a in accounts] == [False, False]
+    else:
+        assert not compressor_roles
     if values == NAMESPACED:
         # Watching some namespaces: the ClusterRole only reads nodes (and what kopf observes); the rest
         # is granted per namespace.
@@ -186,7 +225,8 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
             ["namespaces"],
         ]
         assert [r["metadata"]["namespace"] for r in roles] == ["team-a", "team-b"]
-        assert [b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")] == ["team-a", "team-b"]
+        bindings = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == "kiri"]
+        assert [b["metadata"]["namespace"] for b in bindings] == ["team-a", "team-b"]
     else:
         assert not roles
     args = operator_container(docs)["args"]
@@ -213,10 +253,17 @@ def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) 
     assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
     assert pod["volumes"][0]["emptyDir"]["sizeLimit"]
     assert container["resources"]["requests"] and container["resources"]["limits"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
-    # The liveness probe hits the port and path kopf's --liveness endpoint listens on.
+    # Two replicas and a Lease: the surge replica overlaps safely, only the Lease holder reconciles.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    # The liveness probe hits the port and path kopf's --liveness endpoint listens on; readiness too (a
+    # standby is as ready as the leader: see values.yaml).
     liveness_arg = next(a for a in container["args"] if a.startswith("--liveness="))
     probe = container["livenessProbe"]["httpGet"]
+    assert container["readinessProbe"]["httpGet"] == probe
     port = next(p["containerPort"] for p in container["ports"] if p["name"] == probe["port"])
     assert liveness_arg == f"--liveness=http://0.0.0.0:{port}{probe['path']}"
     metrics_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "metrics")
@@ -226,11 +273,46 @@ def test_operator_pod_is_non_root_with_read_only_root(helm_env: dict[str, str]) 
 
     parsed = build_parser().parse_args(container["args"])
     assert parsed.command == "operator" and parsed.standalone
+    assert parsed.leader_elect and parsed.leader_elect_resource_name == "kiri-leader"
+    assert (
+        parsed.leader_elect_lease_duration,
+        parsed.leader_elect_renew_deadline,
+        parsed.leader_elect_retry_period,
+    ) == (15, 10, 2)
+    assert parsed.compressor_service_account == "kiri-compressor" and not parsed.create_compressor_rbac
     assert parsed.liveness == liveness_arg.removeprefix("--liveness=")
     assert parsed.metrics_port == metrics_port
+    # The analysis allow-list reaches the operator: by default the Prometheus Operator's Service alone.
+    assert parsed.allowed_prometheus == ["http://prometheus-operated.monitoring.svc:9090"]
     (service,) = by_kind(docs, "Service")
     assert service["spec"]["ports"][0]["targetPort"] == "metrics"
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_the_disruption_budget_keeps_one_operator_pod_and_only_with_two_replicas(
+    helm_env: dict[str, str],
+) -> None:
+    docs = render(helm_env)
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    (deployment,) = by_kind(docs, "Deployment")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert (
+        pdb["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+    # With one replica a minAvailable 1 budget would block every node drain: none is rendered.
+    assert not by_kind(render(helm_env, "--set", "replicaCount=1"), "PodDisruptionBudget")
+
+
+def test_operator_made_accounts_are_granted_per_watched_namespace_only(helm_env: dict[str, str]) -> None:
+    docs = render(helm_env, *NAMESPACED, "--set", "compressor.createPerModelDeployment=true")
+    assert "--create-compressor-rbac" in operator_container(docs)["args"]
+    # No chart-made account for the Jobs then: the operator makes one per ModelDeployment.
+    assert not [a for a in by_kind(docs, "ServiceAccount") if a["metadata"]["name"] == "kiri-compressor"]
+    (cluster_role,) = by_kind(docs, "ClusterRole")
+    assert not [r for r in cluster_role["rules"] if {"roles", "serviceaccounts"} & set(r["resources"])]
+    for role in [r for r in roles_of(docs) if r["metadata"]["name"] == "kiri"]:
+        assert any("roles" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
 
 
 @pytest.fixture(scope="module")
@@ -418,7 +500,7 @@ def test_rendered_chart_passes_server_side_dry_run(
     assert not cluster.kubectl("get", "deployments", "-n", namespace, "-o", "name").strip()
 
 
-def _operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[str, Any] | None:
+def _operator_pods(cluster: Cluster, namespace: str, release_name: str) -> list[dict[str, Any]]:
     pods = cluster.get_json(
         "pods",
         "-n",
@@ -426,8 +508,7 @@ def _operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[s
         "-l",
         f"app.kubernetes.io/instance={release_name},app.kubernetes.io/component=operator",
     )["items"]
-    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
-    return live[0] if len(live) == 1 else None
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
 
 
 def _ready(pod: dict[str, Any] | None) -> bool:
@@ -437,9 +518,11 @@ def _ready(pod: dict[str, Any] | None) -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
-def _ready_operator_pod(cluster: Cluster, namespace: str, release_name: str) -> dict[str, Any] | None:
-    pod = _operator_pod(cluster, namespace, release_name)
-    return pod if _ready(pod) else None
+def _ready_operator_pods(
+    cluster: Cluster, namespace: str, release_name: str, replicas: int = 2
+) -> list[dict[str, Any]] | None:
+    pods = _operator_pods(cluster, namespace, release_name)
+    return pods if len(pods) == replicas and all(_ready(p) for p in pods) else None
 
 
 def test_install_upgrade_uninstall(
@@ -449,15 +532,27 @@ def test_install_upgrade_uninstall(
     # The CRD is the other e2e tests' (applied with kubectl): this release leaves it alone.
     helm(
         env, "install", name, str(CHART), "--namespace", namespace, "--set", "crds.install=false",
-        "--wait", "--timeout", "120s",
+        "--set", f"compressor.namespaces={{{namespace}}}", "--wait", "--timeout", "120s",
     )  # fmt: skip
 
-    pod = cluster.wait_for(
-        lambda: _ready_operator_pod(cluster, namespace, name),
+    pods = cluster.wait_for(
+        lambda: _ready_operator_pods(cluster, namespace, name),
         timeout=90,
-        message="operator pod scheduled and Ready",
+        message="two operator pods scheduled and Ready",
     )
-    assert pod is not None
+    assert pods is not None
+    pod = pods[0]
+    # Both replicas Ready (leader or standby): the budget allows one eviction, so a drain never blocks.
+    pdb = cluster.wait_for(
+        lambda: (
+            (b := cluster.get_json("pdb", name, "-n", namespace)).get("status", {}).get("currentHealthy") == 2
+            and b
+        ),
+        timeout=60,
+        message="PodDisruptionBudget status",
+    )
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["status"]["disruptionsAllowed"] == 1
     node = cluster.get_json("node", pod["spec"]["nodeName"])
     # The real scheduler placed it on a real (simulated) node, which kwok then ran.
     assert node["metadata"]["name"] == pod["spec"]["nodeName"]
@@ -480,19 +575,44 @@ def test_install_upgrade_uninstall(
     assert not can_i("create", "pods", "-n", "default")
     assert not can_i("delete", "modeldeployments.kiri.dev", "-n", "default")
     assert not can_i("create", "clusterrolebindings")
+    # It makes no ServiceAccount, Role or RoleBinding, anywhere (the chart makes the Jobs' account).
+    for verb in ("create", "patch", "update", "delete", "list"):
+        for resource in ("roles.rbac.authorization.k8s.io", "rolebindings.rbac.authorization.k8s.io",
+                         "serviceaccounts"):  # fmt: skip
+            assert not can_i(verb, resource, "--all-namespaces"), (verb, resource)
+            assert not can_i(verb, resource, "-n", namespace), (verb, resource)
+    # Leader election: its own Lease by name, no other Lease; create is by kind (RBAC has no name yet).
+    lease = f"{name}-leader"
+    assert can_i("get", f"leases.coordination.k8s.io/{lease}", "-n", namespace)
+    assert can_i("update", f"leases.coordination.k8s.io/{lease}", "-n", namespace)
+    assert can_i("create", "leases.coordination.k8s.io", "-n", namespace)
+    assert not can_i("update", "leases.coordination.k8s.io/kube-scheduler", "-n", namespace)
+    assert not can_i("get", "leases.coordination.k8s.io/kube-controller-manager", "-n", "kube-system")
+    assert not can_i("delete", f"leases.coordination.k8s.io/{lease}", "-n", namespace)
+    kubectl_create_role = [
+        "kubectl", "create", "role", "probe", "-n", namespace, "--verb=get", "--resource=configmaps",
+        "--as", sa, "--dry-run=server", "-o", "name",
+    ]  # fmt: skip
+    refused = subprocess.run(
+        kubectl_create_role, env=cluster.env, capture_output=True, text=True, check=False
+    )
+    assert refused.returncode != 0 and "forbidden" in refused.stderr, refused.stdout + refused.stderr
 
-    # It may create the compressor's Role, but the API server's escalation check stops it from granting
-    # anything it does not hold itself: publishing a ConfigMap yes, reading secrets no.
-    def create_role_as_operator(verb: str, resource: str) -> str:
-        proc = subprocess.run(
-            ["kubectl", "create", "role", "probe", "-n", namespace, f"--verb={verb}", f"--resource={resource}",
-             "--as", sa, "--dry-run=server", "-o", "name"],
-            env=cluster.env, capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        return proc.stdout + proc.stderr
+    # The Jobs' account (made by the chart here): create a ConfigMap, and touch no existing one.
+    job_sa = f"system:serviceaccount:{namespace}:kiri-compressor"
 
-    assert "role.rbac.authorization.k8s.io/probe" in create_role_as_operator("patch", "configmaps")
-    assert "forbidden" in create_role_as_operator("get", "secrets")
+    def job_can(*args: str) -> bool:
+        return cluster.kubectl("auth", "can-i", "--as", job_sa, *args, check=False).strip() == "yes"
+
+    assert job_can("create", "configmaps", "-n", namespace)
+    for verb in ("get", "list", "watch", "patch", "update", "delete"):
+        assert not job_can(verb, "configmaps/someone-elses", "-n", namespace), verb
+        assert not job_can(verb, "configmaps", "-n", namespace), verb
+    assert not job_can("create", "configmaps", "-n", "default")
+    assert not job_can("get", "secrets", "-n", namespace)
+    assert not job_can("get", "modeldeployments.kiri.dev", "-n", namespace)
+    account = cluster.get_json("serviceaccount", "kiri-compressor", "-n", namespace)
+    assert account["automountServiceAccountToken"] is False
 
     helm(
         env, "upgrade", name, str(CHART), "--namespace", namespace, "--reuse-values",
@@ -502,9 +622,8 @@ def test_install_upgrade_uninstall(
     assert "--log-level=DEBUG" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     cluster.wait_for(
         lambda: (
-            (p := _operator_pod(cluster, namespace, name))
-            and "--log-level=DEBUG" in p["spec"]["containers"][0]["args"]
-            and _ready(p)
+            (ps := _ready_operator_pods(cluster, namespace, name))
+            and all("--log-level=DEBUG" in p["spec"]["containers"][0]["args"] for p in ps)
         ),
         timeout=90,
         message="upgraded operator pod Ready",
@@ -643,7 +762,10 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [*KIRI, "operator", "--standalone", "--namespace", namespace, "--metrics-port", str(metrics_port),
-             "--liveness", f"http://127.0.0.1:{health_port}/healthz"],
+             "--liveness", f"http://127.0.0.1:{health_port}/healthz",
+             # As the chart runs it: the Lease, with the chart's Role on it (a 403 would hold every reconcile).
+             "--leader-elect", "--leader-elect-resource-namespace", namespace,
+             "--leader-elect-resource-name", f"{name}-leader"],
             env=op_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
         )  # fmt: skip
     try:
@@ -695,6 +817,8 @@ def test_operator_reconciles_under_the_charts_rbac_alone(
 
         final = cluster.wait_for(phase, timeout=120, message=f"Healthy\n{log_path.read_text()[-3000:]}")
         assert final == "Healthy", log_path.read_text()[-3000:]
+        lease = cluster.get_json("lease", f"{name}-leader", "-n", namespace)["spec"]
+        assert lease["holderIdentity"] and lease["leaseDurationSeconds"] == 15
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             exposition = r.read().decode()
         requests = [line for line in exposition.splitlines() if line.startswith("kiri_api_requests_total{")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -255,3 +256,158 @@ def test_rounds_run_as_jobs_on_the_right_nodes_and_become_revisions_under_the_up
     assert any(e["reason"] == "LearnedModelDeferred" for e in events), json.dumps(
         [e["reason"] for e in events]
     )
+
+
+# A site that claims 10**400 samples: the real trainer, its upload's header rewritten just before it is sent.
+HOSTILE_TRAINER = (
+    "import dataclasses, sys\n"
+    "from kiri_runtime.learning import deltas\n"
+    "encode = deltas.encode\n"
+    "deltas.encode = lambda d: encode(dataclasses.replace(d, samples=10**400))\n"
+    "from kiri_operator.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_the_privacy_ledger_survives_an_operator_killed_mid_round_and_a_huge_samples_report(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """Issue 19: the spend of a round is in the ledger ConfigMap before the round is accepted, whatever
+    happens to the operator meanwhile, and a site reporting 10**400 samples is refused without losing it."""
+    import safetensors.torch
+    import torch
+
+    paths, held_out = write_sites(tmp_path, len(SITES), seed=3)
+    site_files = dict(zip(SITES, paths, strict=True))
+    torch.manual_seed(0)
+    start: Any = make_model()
+    weights = tmp_path / "v1.safetensors"
+    safetensors.torch.save_file(start.state_dict(), weights)
+    model = tmp_path / "model.onnx"
+    torch.onnx.export(
+        start.eval(), (torch.randn(1, 8),), str(model), input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    cluster.kubectl(
+        "create", "secret", "generic", "lm-learning-tokens", "-n", namespace,
+        *[f"--from-literal={s}={t}" for s, t in TOKENS.items()],
+    )  # fmt: skip
+    body = model_deployment(
+        "lm",
+        namespace,
+        model,
+        sha,
+        tmp_path / "store",
+        [{"name": "int8", "method": "int8-dynamic"}],
+        learning={
+            "trainable": {
+                "factory": FACTORY,
+                "weightsUri": f"file://{weights}",
+                "weightsSha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+            },
+            "evalDataUri": f"file://{held_out}",
+            "trained": {"kind": "layers", "layers": ["2"]},
+            "rounds": 1,
+            "minClients": 2,
+            "localEpochs": 1,
+            "batchSize": 16,
+            "dp": {"clipNorm": 1.0, "noiseMultiplier": 0.3, "targetEpsilon": 100},
+            "schedule": {"intervalSeconds": 60, "deadlineSeconds": 120, "graceSeconds": 2},
+        },
+    )
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, x=np.load(held_out)["x"][:64])
+    body["spec"]["model"]["evalDataUri"] = f"file://{inputs}"
+    op = Operator(cluster, namespace).start()
+    try:
+        cluster.apply(body, namespace)
+        agg_job = _wait(
+            lambda: _jobs(cluster, namespace, "kiri.dev/learning-role=aggregator,kiri.dev/learning-round=1"),
+            90,
+            "round 1 aggregator Job",
+        )[0]
+        _wait(lambda: len(_jobs(cluster, namespace, "kiri.dev/learning-role=trainer")) == 3, 60, "trainers")
+        op.kill()  # mid-round: the Jobs are out, nothing is recorded yet
+
+        pod = agg_job["spec"]["template"]["spec"]
+        tokens_dir = tmp_path / "tokens"
+        tokens_dir.mkdir()
+        for site, token in TOKENS.items():
+            (tokens_dir / site).write_text(token)
+        port_file = tmp_path / "port"
+        local = _swap(_swap(pod["initContainers"][0]["args"], "--tokens", str(tokens_dir)), "--port", "0")
+        local += ["--host", "127.0.0.1", "--port-file", str(port_file)]
+        agg_log = tmp_path / "aggregator.log"
+        agg = subprocess.Popen(
+            [*KIRI, *local], stdout=agg_log.open("wb"), stderr=subprocess.STDOUT, env=cluster.env
+        )
+        port = int(_wait(lambda: port_file.exists() and port_file.read_text(), 60, "aggregator port"))
+        trainers = {}
+        for site in SITES:
+            job = next(
+                j
+                for j in _jobs(cluster, namespace, "kiri.dev/learning-round=1")
+                if f"--site {site} " in " ".join(j["spec"]["template"]["spec"]["containers"][0]["args"]) + " "
+            )
+            args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+            (tmp_path / f"token-{site}").write_text(TOKENS[site])
+            args = _swap(args, "--aggregator", f"http://127.0.0.1:{port}")
+            args = _swap(
+                _swap(args, "--token-file", str(tmp_path / f"token-{site}")), "--data", str(site_files[site])
+            )
+            args = _swap(args, "--work-dir", str(tmp_path / f"work-{site}"))
+            cmd = [*KIRI, *args] if site != "site-c" else [sys.executable, "-c", HOSTILE_TRAINER, *args]
+            out = (tmp_path / f"trainer-{site}.log").open("wb")
+            trainers[site] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=cluster.env)
+        codes = {site: t.wait(timeout=240) for site, t in trainers.items()}
+        logs = {site: (tmp_path / f"trainer-{site}.log").read_text()[-1500:] for site in SITES}
+        assert codes["site-a"] == codes["site-b"] == 0, logs
+        assert codes["site-c"] != 0 and "at most 1000000000 are taken" in logs["site-c"], logs["site-c"]
+
+        # The round closes; its spend is in the API before the record exists. The operator comes back now,
+        # mid-round, and must neither drop nor rewrite the ledger.
+        ledger_name = "lm-learning-ledger"
+
+        def ledger() -> dict[str, Any] | None:
+            cm = cluster.kubectl("get", "configmap", ledger_name, "-n", namespace, "-o", "json", check=False)
+            return json.loads(cm) if cm else None
+
+        written = _wait(ledger, 120, "the ledger ConfigMap")
+        spends = json.loads(written["data"]["ledger.json"])["spends"]
+        assert [(s["round"], sorted(s["sites"])) for s in spends] == [(1, ["site-a", "site-b"])], spends
+        epsilon = max(float(e) for e in spends[0]["epsilon"].values())
+        assert epsilon > 0
+        op.start()
+        assert agg.wait(timeout=120) in (0, 3), agg_log.read_text()[-3000:]
+        publish = subprocess.run(
+            [*KIRI, *pod["containers"][0]["args"]],
+            capture_output=True,
+            text=True,
+            env=cluster.env,
+            timeout=60,
+        )
+        assert publish.returncode == 0, publish.stderr
+
+        def recorded() -> dict[str, Any] | None:
+            learning = get_md(cluster, namespace, "lm").get("status", {}).get("learning") or {}
+            return learning if learning.get("roundsCompleted", 0) >= 1 else None
+
+        learning = _wait(recorded, 60, "round 1 in status")
+        (r1,) = learning["rounds"]
+        assert r1["outcome"] == "Accepted" and sorted(r1["participants"]) == ["site-a", "site-b"], r1
+        assert learning["epsilonSpent"] == round(max(epsilon, r1["epsilon"]), 6)
+
+        # Killed again and restarted: the ledger is the same object with the same spends, the budget too.
+        op.kill()
+        op.start()
+        _wait(lambda: op.reconciles() >= 1, 60, "a reconcile after the restart")
+        again = ledger()
+        assert again is not None
+        assert again["metadata"]["uid"] == written["metadata"]["uid"]
+        assert again["data"] == written["data"]
+        assert (
+            get_md(cluster, namespace, "lm")["status"]["learning"]["epsilonSpent"] == learning["epsilonSpent"]
+        )
+    finally:
+        op.stop()

@@ -134,12 +134,12 @@ def test_operator_killed_mid_reconcile_converges_without_duplicates(
     op = Operator(cluster, namespace).start()
     try:
         cluster.apply(model_deployment("tiny", namespace, model, sha, tmp_path / "store", variants))
-        # The ServiceAccount is the first write of the first reconcile: kill the operator right there.
+        # The Service is the first write of the first reconcile: kill the operator right there.
         cluster.wait_for(
-            lambda: children(cluster, namespace, "tiny", "serviceaccounts"),
+            lambda: children(cluster, namespace, "tiny", "services"),
             timeout=30,
             interval=0.05,
-            message="SA",
+            message="Service",
         )
         op.kill()
         partial = _kinds(cluster, namespace, "tiny")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import subprocess
 import sys
 import time
@@ -377,6 +378,9 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         yaml.safe_dump(
             {
                 "operator": {"watchNamespaces": [namespace]},
+                # One pod on the one real node: this test is about API access from inside a pod (two
+                # replicas and their Lease are tests/e2e/test_ha.py's).
+                "replicaCount": 1,
                 # Imported into the node's containerd by hack/images.py: there is no registry to pull from.
                 "image": {"pullPolicy": "Never"},
                 "nodeSelector": {"kiri.dev/node-kind": "real"},
@@ -392,6 +396,8 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         )
     )
     release = "kiri-" + namespace[-6:]
+    # The chart makes the Jobs' account in the watched namespace: drop the one the fixture made.
+    cluster.kubectl("delete", "serviceaccount,role,rolebinding", "kiri-compressor", "-n", namespace)
     t0 = time.monotonic()
     try:
         helm(env, "install", release, str(CHART), "--namespace", namespace, "-f", str(values),
@@ -444,3 +450,108 @@ def test_operator_installed_by_the_chart_reconciles_from_a_real_pod(
         assert "Forbidden" not in text, text
     finally:
         helm(env, "uninstall", release, "--namespace", namespace, "--wait", "--timeout", "60s", check=False)
+
+
+# ------------------------------------------------------------------ a full cache disk on the real node
+
+
+def test_a_full_cache_disk_on_a_real_node_is_the_readiness_reason_and_heals_when_space_is_freed(
+    cluster: Cluster, real_node: str, namespace: str, tmp_path: Path
+) -> None:
+    """Issue 19: the runtime's cache on a real, size-limited filesystem (a memory emptyDir with a
+    `sizeLimit`: the kubelet mounts a tmpfs of that size), 2.5 MiB of it taken by another file, and a
+    2.8 MB model. The pod stays live and not Ready, its readiness body and log say the cache is full, no
+    partial file is left; deleting the other file lets the next retry load the model and the pod turns Ready.
+    """
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "integration" / "runtime"))
+    from test_runtime_disk_full import big_model
+
+    # The model is read from the host through a hostPath (a ConfigMap holds 1 MiB at most): the kubelet
+    # runs on this host, so the path is the node's too.
+    store = Path("/tmp") / f"kiri-diskfull-{uuid.uuid4().hex[:8]}"
+    store.mkdir(mode=0o755)
+    model, _, _ = big_model(store / "big.onnx")
+    model.chmod(0o644)
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    pod = runtime_pod("full", sha)
+    spec = pod["spec"]
+    container = spec["containers"][0]
+    container["args"] = [
+        a.replace("--name=clf", "--name=big").replace(
+            "--cache-dir=/var/cache/kiri", "--cache-dir=/var/cache/kiri/md"
+        )
+        for a in container["args"]
+    ]
+    container["args"] = [
+        a.replace("file:///models/model.onnx", "file:///models/big.onnx") for a in container["args"]
+    ]
+    spec["volumes"] = [
+        {"name": "model", "hostPath": {"path": str(store), "type": "Directory"}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {"medium": "Memory", "sizeLimit": "4Mi"}},
+    ]
+    # Another tenant's files already on the disk: 2.5 MiB of the 4.
+    spec["initContainers"] = [
+        {
+            "name": "ballast",
+            "image": RUNTIME_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["python3", "-c", "open('/var/cache/kiri/other.bin', 'wb').write(bytes(2621440))"],
+            "securityContext": container["securityContext"],
+            "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/kiri"}],
+        }
+    ]
+    container["readinessProbe"]["failureThreshold"] = 1
+    try:
+        cluster.apply(pod, namespace=namespace)
+
+        def reason() -> str | None:
+            body = cluster.get_json("pod", "full", "-n", namespace)
+            ip = body.get("status", {}).get("podIP")
+            if not ip:
+                return None
+            try:
+                reply = httpx.get(f"http://{ip}:8080/v2/health/ready", timeout=5)
+            except httpx.TransportError:
+                return None
+            text = str(reply.json().get("reason", ""))
+            return text if reply.status_code == 503 and "is full" in text else None
+
+        said = cluster.wait_for(reason, timeout=180, interval=0.5, message="the not-ready reason")
+        assert said.startswith(
+            "model big not loaded: cache dir /var/cache/kiri/md is full: the artifact needs "
+        ), said
+        logs = cluster.kubectl("logs", "full", "-n", namespace, "-c", "runtime")
+        assert " ERROR " in logs and "cache dir /var/cache/kiri/md is full" in logs, logs[-2000:]
+        listing = cluster.kubectl(
+            "exec", "full", "-n", namespace, "-c", "runtime", "--", "python3", "-c",
+            "import json, os; print(json.dumps(sorted(os.path.join(d, f)[len('/var/cache/kiri'):] "
+            "for d, _, fs in os.walk('/var/cache/kiri') for f in fs)))",
+        )  # fmt: skip
+        files = [f for f in json.loads(listing) if not f.startswith("/md/locks/")]
+        assert files == ["/other.bin"], files
+        ready = cluster.get_json("pod", "full", "-n", namespace)["status"]["containerStatuses"][0]
+        assert not ready["ready"] and ready["restartCount"] == 0  # live, not Ready, not restarted
+
+        cluster.kubectl(
+            "exec", "full", "-n", namespace, "-c", "runtime", "--",
+            "python3", "-c", "import os; os.remove('/var/cache/kiri/other.bin')",
+        )  # fmt: skip
+
+        def pod_ready() -> bool:
+            body = cluster.get_json("pod", "full", "-n", namespace)
+            return any(
+                c["type"] == "Ready" and c["status"] == "True" for c in body["status"].get("conditions", [])
+            )
+
+        cluster.wait_for(pod_ready, timeout=120, interval=0.5, message="Ready once space was freed")
+        blob = cluster.kubectl(
+            "exec", "full", "-n", namespace, "-c", "runtime", "--", "python3", "-c",
+            f"import hashlib; print(hashlib.sha256(open('/var/cache/kiri/md/blobs/sha256/{sha}', 'rb').read()).hexdigest())",
+        )  # fmt: skip
+        assert blob.strip() == sha
+    finally:
+        cluster.kubectl("delete", "pod", "full", "-n", namespace, "--wait=false", check=False)
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)

@@ -23,11 +23,20 @@ import pytest
 import yaml
 
 from .conftest import Cluster
-from .operator_harness import KIRI, Operator, condition, crd, free_port
-from .test_rollout import Rollout, operator, store
+from .operator_harness import KIRI, Operator, condition, crd, free_port, operator_fixture
+from .test_rollout import Rollout, store
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("crd")]
-__all__ = ["crd", "operator", "store"]
+__all__ = ["crd", "store"]
+
+# The lab's Prometheus listens here; the operator may query it and nothing else (its allow-list).
+PROM_PORT = free_port()
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
+    yield from operator_fixture(cluster, namespace, f"--allowed-prometheus=http://127.0.0.1:{PROM_PORT}")
+
 
 INTERVAL = 3
 ERROR_RATIO = (
@@ -76,7 +85,7 @@ class Lab:
         self.loaded: set[str] = set()
         self.config = workdir / "prometheus.yml"
         self._write()
-        self.prom_port = free_port()
+        self.prom_port = PROM_PORT
         self.procs.append(
             subprocess.Popen(
                 [

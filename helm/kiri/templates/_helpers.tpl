@@ -25,6 +25,16 @@ cluster-scoped names are not, so the namespace is part of the name.
 {{- printf "%s-%s" (include "kiri.fullname" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* The leader-election Lease, in the release namespace. */}}
+{{- define "kiri.leaseName" -}}
+{{- default (printf "%s-leader" (include "kiri.fullname" .)) .Values.leaderElection.leaseName | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Namespaces where the chart makes the Jobs' ServiceAccount, Role and RoleBinding. */}}
+{{- define "kiri.compressorNamespaces" -}}
+{{- toJson (default .Values.operator.watchNamespaces .Values.compressor.namespaces) }}
+{{- end }}
+
 {{- define "kiri.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -91,14 +101,17 @@ server-side-applies its children, which is `patch`, and deletes children of old 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# Each compression Job runs under its own ServiceAccount whose Role only lets it publish the manifest
-# ConfigMap. The API server's escalation check means the operator can only grant what it holds itself.
+{{- if .Values.compressor.createPerModelDeployment }}
+# compressor.createPerModelDeployment: each ModelDeployment's Jobs run under a ServiceAccount the operator
+# makes, whose Role names the ConfigMaps they write. Only in watched namespaces (a Role each, never a
+# ClusterRole), and the API server's escalation check means the operator can only grant what it holds.
 - apiGroups: [""]
   resources: ["serviceaccounts"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
   verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+{{- end }}
 # A spec naming a pvc:// source is checked for its claim before anything is created.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]

@@ -18,6 +18,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from kiri_operator.api.access import (
+    MAX_PULL_SECRETS,
+    LocalObjectReference,
+    ServiceAccountName,
+    StoreCredentials,
+)
 from kiri_operator.api.bases import ApiModel, cel, cel_rules
 from kiri_operator.api.scalars import DnsLabel, IntOrPercent, LabelKey, Quantity, Sha256, Uri
 
@@ -135,6 +141,9 @@ class ModelSource(ApiModel):
     tar of a Hugging Face checkpoint directory) or `gguf` (a GGUF file)."""
     sha256: Sha256
     """Hex sha256 of the file at `uri`. Fetchers refuse any file that does not match."""
+    credentials: StoreCredentials | None = None
+    """How the pods that fetch the model (the cloud Deployment and the compression Job) authenticate to
+    its store; also used for `model.evalDataUri`."""
 
 
 class ModelSpec(ApiModel):
@@ -165,9 +174,28 @@ class RuntimeSpec(ApiModel):
     """Pull policy of both images."""
     compressor_image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_COMPRESSOR_IMAGE
     """Image of the `kiri compress` Job."""
+    image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=MAX_PULL_SECRETS)] = []
+    """Secrets (type `kubernetes.io/dockerconfigjson`, same namespace) every pod Kiri makes pulls its
+    images with: a private registry."""
+    compressor_service_account_name: ServiceAccountName | None = None
+    """Service account of the compression Job, e.g. one bound to a cloud role that may read the model's
+    bucket. It must also be allowed to create, get and patch ConfigMaps in the namespace (the Job publishes
+    its manifest as one). Unset: the account Kiri manages for the Job."""
 
 
 # --- cloud -------------------------------------------------------------------------------------------
+
+
+CONTROL_PLANE_TAINTS = ("node-role.kubernetes.io/control-plane", "node-role.kubernetes.io/master")
+_CEL_CONTROL_PLANE_TAINTS = "[" + ", ".join(f"'{t}'" for t in CONTROL_PLANE_TAINTS) + "]"
+TOLERATION_KEY_REQUIRED = (
+    "tolerations[].key is required: a toleration with no key tolerates every taint, control-plane nodes' "
+    "included"
+)
+TOLERATION_CONTROL_PLANE = (
+    "tolerations[].key must not be a control-plane taint (node-role.kubernetes.io/control-plane or "
+    "node-role.kubernetes.io/master): Kiri's pods never run on control-plane nodes"
+)
 
 
 class Toleration(ApiModel):
@@ -181,15 +209,21 @@ class Toleration(ApiModel):
                 field_path=".value",
             ),
             cel(
-                "has(self.key) || self.operator == 'Exists'",
-                "tolerations[].key may be omitted only when tolerations[].operator is Exists",
+                "has(self.key)",
+                TOLERATION_KEY_REQUIRED,
+                field_path=".key",
+            ),
+            cel(
+                "!has(self.key) || !(self.key in " + _CEL_CONTROL_PLANE_TAINTS + ")",
+                TOLERATION_CONTROL_PLANE,
                 field_path=".key",
             ),
         )
     )
 
     key: LabelKey | None = None
-    """Taint key; empty with `operator: Exists` tolerates every taint."""
+    """Taint key; required. (Kubernetes reads `operator: Exists` with no key as "every taint", which would
+    put a tenant's pods on control-plane nodes; Kiri refuses it, and refuses the control-plane taints.)"""
     operator: Literal["Exists", "Equal"] = "Equal"
     """`Equal` matches `value`; `Exists` matches any value."""
     value: Annotated[str, Field(max_length=63)] | None = None
@@ -203,8 +237,10 @@ class Toleration(ApiModel):
     def _consistent(self) -> Toleration:
         if self.operator == "Exists" and self.value:
             raise ValueError("tolerations[].value must be empty when tolerations[].operator is Exists")
-        if self.key is None and self.operator != "Exists":
-            raise ValueError("tolerations[].key may be omitted only when tolerations[].operator is Exists")
+        if self.key is None:
+            raise ValueError(TOLERATION_KEY_REQUIRED)
+        if self.key in CONTROL_PLANE_TAINTS:
+            raise ValueError(TOLERATION_CONTROL_PLANE)
         return self
 
 
@@ -255,6 +291,9 @@ class CloudSpec(ApiModel):
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = Field(default_factory=_cloud_tolerations)
     """Tolerations of the cloud pods; the default tolerates the `nvidia.com/gpu` taint of GPU nodes."""
     runtime: ServingRuntimeSpec = Field(default_factory=ServingRuntimeSpec)
+    service_account_name: ServiceAccountName | None = None
+    """Service account of the cloud pods (e.g. one annotated for workload identity, to read the model's
+    bucket). Its token is not mounted into the serving container. Unset: the namespace's `default`."""
 
 
 # --- edge --------------------------------------------------------------------------------------------
@@ -534,6 +573,8 @@ class ArtifactsSpec(ApiModel):
     fetch_uri: Uri | None = None
     """Base URI edge nodes fetch the same files from (e.g. an HTTP server in front of the store); `uri` when
     unset."""
+    credentials: StoreCredentials | None = None
+    """How edge pods authenticate to `fetchUri` (an `s3://` or `http(s)://` store)."""
 
 
 class EdgeSpec(ApiModel):
@@ -562,6 +603,9 @@ class EdgeSpec(ApiModel):
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
     cache: CacheSpec = Field(default_factory=CacheSpec)
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
+    service_account_name: ServiceAccountName | None = None
+    """Service account of the edge pods. Its token is not mounted into the serving container. Unset: the
+    namespace's `default`."""
 
     @model_validator(mode="after")
     def _unique(self) -> EdgeSpec:
@@ -627,8 +671,13 @@ _STAGES_RULES = cel_rules(
 
 
 class PrometheusSpec(ApiModel):
+    """The Prometheus the operator queries. The operator only queries addresses its administrator allowed
+    (chart value `analysis.allowedPrometheus`, flag `--allowed-prometheus`); any other address is refused
+    with `Ready=False` (`PrometheusNotAllowed`) and nothing is applied."""
+
     address: Annotated[str, Field(min_length=1, max_length=2048, pattern=r"^https?://[^\s]+$")]
-    """Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`."""
+    """Base URL of the Prometheus HTTP API, one of the operator's allowed addresses, e.g.
+    `http://prometheus-operated.monitoring.svc:9090`."""
 
 
 class AnalysisQuery(ApiModel):
@@ -851,6 +900,8 @@ class LearningSpec(ApiModel):
     """Held-out `.npz` (arrays `x`, `y`) in the cloud: every round's loss and accuracy are measured on it."""
     site_label: LabelKey = "kiri.dev/site"
     """Node label that names a site: one trainer Job per site, pinned to that site's nodes."""
+    trainer_service_account_name: ServiceAccountName | None = None
+    """Service account of the trainer Jobs (no token is mounted). Unset: the namespace's `default`."""
 
     @model_validator(mode="after")
     def _clients(self) -> LearningSpec:

@@ -16,8 +16,8 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Generator, Iterator, Mapping
-from datetime import UTC, date, datetime
+from collections.abc import Callable, Generator, Iterator, Mapping
+from datetime import date, datetime
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +26,7 @@ import httpx
 from kiri_operator import labels as L
 from kiri_operator import metrics
 from kiri_operator.api.scalars import format_time
+from kiri_operator.clocks import Clock, ServerClock
 from kiri_operator.kinds import EVENT, KINDS, MODEL_DEPLOYMENT
 from kiri_operator.kube.credentials import Credentials
 from kiri_operator.kube.errors import CredentialsError, KubeError
@@ -123,24 +124,48 @@ def _json_default(value: Any) -> Any:
 
 
 class Kube:
-    def __init__(self, http: httpx.Client | None = None, timeout: float = 30.0) -> None:
-        """`http` None: no connection at all (every request fails as a transport error would)."""
+    def __init__(
+        self, http: httpx.Client | None = None, timeout: float = 30.0, clock: Clock | None = None
+    ) -> None:
+        """`http` None: no connection at all (every request fails as a transport error would).
+
+        `clock` stamps the Events written; `server_clock` follows the API server's `Date` headers."""
         self.http = http
         self.timeout = timeout
         self.instance = socket.gethostname()
+        self.clock = clock or Clock()
+        self.server_clock = ServerClock(self.clock)
+        self.fence: Callable[[], float] | None = None
+        """With leader election (`kube.leasing.Elector.remaining`): seconds this process may still write.
+        Every write is refused once it reaches 0, and no write waits for an answer longer than what is
+        left, so a replica that lost its Lease stops writing before another replica can take the Lease."""
 
     @classmethod
-    def connect(cls, kubeconfig: str | None = None, *, connections: int = 4, timeout: float = 30.0) -> Kube:
+    def connect(
+        cls,
+        kubeconfig: str | None = None,
+        *,
+        connections: int = 4,
+        timeout: float = 30.0,
+        clock: Clock | None = None,
+    ) -> Kube:
         """From the in-cluster service account, else `kubeconfig` / KUBECONFIG / ~/.kube/config.
 
         Raises CredentialsError when those cannot be used."""
-        return cls.from_credentials(load_credentials(kubeconfig), connections=connections, timeout=timeout)
+        return cls.from_credentials(
+            load_credentials(kubeconfig), connections=connections, timeout=timeout, clock=clock
+        )
 
     @classmethod
     def from_credentials(
-        cls, credentials: Credentials, *, connections: int = 4, timeout: float = 30.0
+        cls,
+        credentials: Credentials,
+        *,
+        connections: int = 4,
+        timeout: float = 30.0,
+        clock: Clock | None = None,
     ) -> Kube:
-        return cls(http_client(credentials, connections=connections, timeout=timeout), timeout)
+        return cls(http_client(credentials, connections=connections, timeout=timeout), timeout, clock)
 
     def close(self) -> None:
         if self.http is not None:
@@ -165,7 +190,16 @@ class Kube:
         body: Any = None,
         content_type: str | None = None,
         missing_ok: bool = False,
+        fenced: bool = True,
+        timeout: float | None = None,
     ) -> dict[str, Any] | None:
+        timeout = self.timeout if timeout is None else min(timeout, self.timeout)
+        if fenced and self.fence is not None and verb in metrics.WRITE_VERBS:
+            left = self.fence()
+            if left <= 0:
+                metrics.API_REQUESTS.labels(verb, KINDS[kind].plural, "fenced").inc()
+                raise KubeError(0, verb, path, "not the leader: this replica does not hold the leader Lease")
+            timeout = min(timeout, left)
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
@@ -178,12 +212,13 @@ class Kube:
             if self.http is None:
                 raise httpx.TransportError("not connected to an API server")
             response = self.http.request(
-                method, path, params=query, headers=headers, content=content, timeout=self.timeout
+                method, path, params=query, headers=headers, content=content, timeout=timeout
             )
         except (httpx.HTTPError, CredentialsError, OSError) as exc:
             metrics.API_REQUESTS.labels(verb, resource, "error").inc()
             raise KubeError(0, verb, path, str(exc) or type(exc).__name__) from exc
         status = response.status_code
+        self.server_clock.saw(response.headers.get("date"))
         metrics.API_REQUESTS.labels(verb, resource, str(status)).inc()
         if status == 404 and missing_ok:
             return None
@@ -199,9 +234,12 @@ class Kube:
         return parsed if isinstance(parsed, dict) else None
 
     # -- reads -------------------------------------------------------------------------------------
-    def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+    def get(
+        self, kind: str, namespace: str | None, name: str, *, timeout: float | None = None
+    ) -> dict[str, Any] | None:
         """The object, or None when there is none."""
-        return self._request("get", "GET", kind, KINDS[kind].path(namespace, name), missing_ok=True)
+        path = KINDS[kind].path(namespace, name)
+        return self._request("get", "GET", kind, path, missing_ok=True, timeout=timeout)
 
     def list(
         self, kind: str, namespace: str | None = None, selector: str | None = None
@@ -288,6 +326,40 @@ class Kube:
         assert result is not None
         return result
 
+    def create(
+        self, obj: Mapping[str, Any], *, fenced: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """POST: 409 when an object of that name exists (nothing is overwritten)."""
+        kind = str(obj["kind"])
+        path = KINDS[kind].path(obj["metadata"].get("namespace"))
+        result = self._request("create", "POST", kind, path, body=dict(obj), fenced=fenced, timeout=timeout)
+        assert result is not None
+        return result
+
+    def publish(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Create `obj`; when its name exists already (a retried Job), server-side apply it over that.
+
+        The Jobs publish so because `create` is the one ConfigMap verb a Role can grant without access to
+        any existing ConfigMap (RBAC cannot limit create by name): the chart's Role for the Jobs grants it
+        alone, and the per-ModelDeployment Role adds get/patch on the names it knows."""
+        try:
+            return self.create(obj)
+        except KubeError as exc:
+            if exc.status != 409:
+                raise
+        return self.apply(obj)
+
+    def replace(
+        self, obj: Mapping[str, Any], *, fenced: bool = True, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """PUT with the object's metadata.resourceVersion: 409 when someone wrote it since it was read."""
+        kind = str(obj["kind"])
+        meta = obj["metadata"]
+        path = KINDS[kind].path(meta.get("namespace"), meta["name"])
+        result = self._request("update", "PUT", kind, path, body=dict(obj), fenced=fenced, timeout=timeout)
+        assert result is not None
+        return result
+
     def patch(self, kind: str, namespace: str | None, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386): only the fields named change, no field manager takes them over."""
         path = KINDS[kind].path(namespace, name)
@@ -323,7 +395,7 @@ class Kube:
     def event(self, md: Mapping[str, Any], event: Event) -> None:
         meta = md.get("metadata") or {}
         namespace = str(meta.get("namespace"))
-        now = format_time(datetime.now(UTC))
+        now = format_time(self.clock.now())
         body = {
             "apiVersion": EVENT.api_version,
             "kind": EVENT.kind,

@@ -65,6 +65,8 @@ class AssignInput:
     """Artifact bytes per variant of the update revision, for the bandwidth caps."""
     measurement: Measurement | None = None
     """The analysis measurement taken for this reconcile, when one was due (analyzing.measure_due)."""
+    measuring: bool = False
+    """A due measurement is being taken off the reconcile worker; its end queues a reconcile."""
 
 
 @dataclass
@@ -187,6 +189,7 @@ def _assign_in_waves(inp: AssignInput, keep: frozenset[str]) -> Assignment:
         },
         variant_sizes=inp.variant_sizes,
         measurement=inp.measurement,
+        measuring=inp.measuring,
         commands=commands_of(inp.annotations),
     )
     plan = W.plan_waves(policy_of(inp.rollout), observed, state, inp.now)

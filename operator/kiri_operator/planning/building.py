@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kiri_operator import labels as L
+from kiri_operator.api.access import CREDENTIAL_KEYS, StoreCredentials
 from kiri_operator.api.specs import LM_FORMATS, ModelDeploymentSpec, Toleration, Variant, is_default_gate
 
 RUNTIME_UID = 65532
@@ -90,6 +91,64 @@ _SERVE_ENV = [
     *_ENV,
     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
 ]
+
+
+STORE_CA_MOUNT = "/etc/kiri/store-ca"
+STORE_CA_FILE = "ca.crt"
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """What a container that fetches from a store needs for its credentials: env and a CA volume."""
+
+    env: list[dict[str, Any]]
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]]
+
+
+def store_access(credentials: StoreCredentials | None) -> StoreAccess:
+    """`credentials` as the Kubernetes way has it: each known key of the Secret as an optional
+    `secretKeyRef` env var (a Secret without the key leaves it unset), and the CA bundle as a read-only
+    volume named by `KIRI_CA_FILE`. Every reference resolves in the pod's own namespace."""
+    env: list[dict[str, Any]] = []
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    if credentials is None:
+        return StoreAccess(env, volumes, mounts)
+    if credentials.secret_ref is not None:
+        secret = credentials.secret_ref.name
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            for key in CREDENTIAL_KEYS
+        ]
+    bundle = credentials.ca_bundle
+    if bundle is not None:
+        items = [{"key": "", "path": STORE_CA_FILE}]
+        if bundle.config_map_key_ref is not None:
+            items[0]["key"] = bundle.config_map_key_ref.key
+            volumes.append(
+                {"name": "store-ca", "configMap": {"name": bundle.config_map_key_ref.name, "items": items}}
+            )
+        elif bundle.secret_key_ref is not None:
+            items[0]["key"] = bundle.secret_key_ref.key
+            volumes.append(
+                {"name": "store-ca", "secret": {"secretName": bundle.secret_key_ref.name, "items": items}}
+            )
+        mounts.append({"name": "store-ca", "mountPath": STORE_CA_MOUNT, "readOnly": True})
+        env.append({"name": "KIRI_CA_FILE", "value": f"{STORE_CA_MOUNT}/{STORE_CA_FILE}"})
+    return StoreAccess(env, volumes, mounts)
+
+
+def pod_identity(
+    spec: ModelDeploymentSpec, service_account: str | None, pod: dict[str, Any]
+) -> dict[str, Any]:
+    """`pod` (a pod spec) with the service account and image pull secrets the spec names; a field that is
+    unset stays out, so children built before these fields existed keep their hashes."""
+    if service_account is not None:
+        pod["serviceAccountName"] = service_account
+    if spec.runtime.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": s.name} for s in spec.runtime.image_pull_secrets]
+    return pod
 
 
 def node_cache_subdir(owner: Owner) -> str:
@@ -215,6 +274,9 @@ def cloud_deployment(
     volumes, mounts = _source_volumes(source)
     volumes += [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     mounts += [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}]
+    access = store_access(spec.model.source.credentials)
+    volumes += access.volumes
+    mounts += access.mounts
     container = {
         "name": "kiri-serve",
         "image": spec.runtime.image,
@@ -226,7 +288,7 @@ def cloud_deployment(
         "readinessProbe": _probe("/v2/health/ready", cloud.port, 5, 3),
         "livenessProbe": _probe("/v2/health/live", cloud.port, 10, 6),
         "securityContext": _container_security(),
-        "env": copy.deepcopy(_SERVE_ENV),
+        "env": [*copy.deepcopy(_SERVE_ENV), *access.env],
         "volumeMounts": mounts,
     }
     obj = {
@@ -238,14 +300,18 @@ def cloud_deployment(
             "selector": {"matchLabels": selector},
             "template": {
                 "metadata": {"labels": {**pod_labels, **labels}},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "nodeSelector": dict(cloud.node_selector),
-                    "tolerations": _tolerations(cloud.tolerations),
-                    "securityContext": _pod_security(),
-                    "containers": [container],
-                    "volumes": volumes,
-                },
+                "spec": pod_identity(
+                    spec,
+                    cloud.service_account_name,
+                    {
+                        "automountServiceAccountToken": False,
+                        "nodeSelector": dict(cloud.node_selector),
+                        "tolerations": _tolerations(cloud.tolerations),
+                        "securityContext": _pod_security(),
+                        "containers": [container],
+                        "volumes": volumes,
+                    },
+                ),
             },
         },
     }
@@ -350,6 +416,7 @@ def compression_job(
     compression: str,
     pod_labels: Mapping[str, str],
     deadline_seconds: int,
+    service_account: str,
 ) -> dict[str, Any]:
     source = model_source(spec.model.source.uri)
     store = artifact_dir(spec, owner, compression)
@@ -403,8 +470,11 @@ def compression_job(
     mounts += [{"name": "artifacts", "mountPath": store.mount_path}, {"name": "tmp", "mountPath": "/tmp"}]
     # Compressing holds the full model in memory, like serving it; GPUs are not needed.
     resources = {"cpu": spec.cloud.resources.cpu, "memory": spec.cloud.resources.memory}
+    # Only the compress step fetches (the model, the eval data): the store's credentials go there alone.
+    access = store_access(spec.model.source.credentials)
+    volumes += access.volumes
 
-    def container(name: str, args: list[str]) -> dict[str, Any]:
+    def container(name: str, args: list[str], fetches: bool = False, api: bool = False) -> dict[str, Any]:
         return {
             "name": name,
             "image": spec.runtime.compressor_image,
@@ -413,8 +483,12 @@ def compression_job(
             "args": args,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             "securityContext": _container_security(),
-            "env": [dict(e) for e in _ENV],
-            "volumeMounts": copy.deepcopy(mounts),
+            "env": [*(dict(e) for e in _ENV), *(copy.deepcopy(access.env) if fetches else [])],
+            "volumeMounts": [
+                *copy.deepcopy(mounts),
+                *(copy.deepcopy(access.mounts) if fetches else []),
+                *([api_token_mount()] if api else []),
+            ],
         }
 
     obj = {
@@ -426,38 +500,97 @@ def compression_job(
             "activeDeadlineSeconds": deadline_seconds,
             "template": {
                 "metadata": {"labels": {**pod_labels, **labels}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "serviceAccountName": L.compressor_account_name(owner.name),
-                    "nodeSelector": dict(spec.cloud.node_selector),
-                    "tolerations": _tolerations(spec.cloud.tolerations),
-                    "securityContext": _pod_security(),
-                    # Compress first, then publish: the manifest only appears once every variant is measured.
-                    "initContainers": [container("compress", compress_args)],
-                    "containers": [container("publish", publish_args)],
-                    "volumes": volumes,
-                },
+                "spec": pod_identity(
+                    spec,
+                    spec.runtime.compressor_service_account_name or service_account,
+                    {
+                        "restartPolicy": "Never",
+                        # The compressor runs the user's model (a factory is their code): only the publishing
+                        # container gets the token, projected, short-lived.
+                        "automountServiceAccountToken": False,
+                        "nodeSelector": dict(spec.cloud.node_selector),
+                        "tolerations": _tolerations(spec.cloud.tolerations),
+                        "securityContext": _pod_security(),
+                        # Compress first, then publish: the manifest only appears once every variant is
+                        # measured.
+                        "initContainers": [container("compress", compress_args, fetches=True)],
+                        "containers": [container("publish", publish_args, api=True)],
+                        "volumes": [*volumes, api_token_volume()],
+                    },
+                ),
             },
         },
     }
     return finish(obj, owner)
 
 
-def compressor_account(owner: Owner) -> list[dict[str, Any]]:
-    """ServiceAccount, Role and RoleBinding letting the Job publish its manifest ConfigMap, and nothing else."""
+API_TOKEN_VOLUME = "kube-api-access"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+API_TOKEN_SECONDS = 600
+"""The shortest expiry the API server allows; the kubelet renews the token in the file before it ends."""
+
+
+def api_token_volume() -> dict[str, Any]:
+    """The pod's ServiceAccount token, CA and namespace as a projected volume, for the containers that
+    publish through the API alone. Pods set automountServiceAccountToken false, so the container that runs
+    untrusted input (the compressor on a user's model, a trainer) never holds the token."""
+    return {
+        "name": API_TOKEN_VOLUME,
+        "projected": {
+            "defaultMode": 0o444,
+            "sources": [
+                {"serviceAccountToken": {"path": "token", "expirationSeconds": API_TOKEN_SECONDS}},
+                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                {
+                    "downwardAPI": {
+                        "items": [{"path": "namespace", "fieldRef": {"fieldPath": "metadata.namespace"}}]
+                    }
+                },
+            ],
+        },
+    }
+
+
+def api_token_mount() -> dict[str, Any]:
+    return {"name": API_TOKEN_VOLUME, "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True}
+
+
+def job_service_account(owner: Owner, settings_account: str, per_md: bool) -> str:
+    """The Jobs' ServiceAccount: the operator's per-ModelDeployment one, or the namespace's from the chart."""
+    return L.compressor_account_name(owner.name) if per_md else settings_account
+
+
+def compressor_account(owner: Owner, config_maps: Sequence[str]) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding letting the Jobs publish their ConfigMaps, and nothing else.
+
+    `create` cannot be limited to names in Kubernetes RBAC (the name is not known to the authorizer before
+    the object exists), so it is granted alone: a create never changes an existing ConfigMap, and what the
+    Jobs create is trusted only when owned by the ModelDeployment (`labels.owned_by`). Reading and patching
+    are limited to `config_maps`, the names the Jobs write (manifest, round record, privacy ledger)."""
     name = L.compressor_account_name(owner.name)
     labels = L.common_labels(owner.name, L.COMPONENT_COMPRESS)
     account = {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
         "metadata": _metadata(name, labels),
-        "automountServiceAccountToken": True,
+        # The Jobs mount a projected token in their publishing container alone.
+        "automountServiceAccountToken": False,
     }
+    rules: list[dict[str, Any]] = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}]
+    if config_maps:
+        rules.append(
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "verbs": ["get", "patch"],
+                "resourceNames": sorted(set(config_maps)),
+            }
+        )
     role = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": _metadata(name, labels),
-        "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create", "get", "patch"]}],
+        "rules": rules,
     }
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -534,6 +667,9 @@ def edge_daemonset(
         L.VARIANT: variant,
     }
     fetch_uri, store_volumes, store_mounts = edge_fetch(spec, artifact.uri)
+    access = store_access(edge.artifacts.credentials)
+    store_volumes += access.volumes
+    store_mounts += access.mounts
     args = [
         "serve",
         "--model-uri",
@@ -575,7 +711,7 @@ def edge_daemonset(
         "readinessProbe": _probe("/v2/health/ready", port, 5, 3),
         "livenessProbe": _probe("/v2/health/live", port, 10, 6),
         "securityContext": _container_security(),
-        "env": copy.deepcopy(_SERVE_ENV),
+        "env": [*copy.deepcopy(_SERVE_ENV), *access.env],
         "volumeMounts": [
             # Only this ModelDeployment's subdirectory of the node cache (made by the init container).
             {"name": "cache", "mountPath": CACHE_MOUNT, "subPath": node_cache_subdir(owner)},
@@ -596,22 +732,29 @@ def edge_daemonset(
             "updateStrategy": {"type": "OnDelete"},
             "template": {
                 "metadata": {"labels": {**pod_labels, **labels}},
-                "spec": {
-                    "automountServiceAccountToken": False,
-                    "affinity": {"nodeAffinity": node_affinity([])},
-                    "tolerations": _tolerations(edge.tolerations),
-                    "securityContext": _pod_security(),
-                    "initContainers": [
-                        _cache_dir_init(spec.runtime.image, spec.runtime.image_pull_policy, owner)
-                    ],
-                    "containers": [container],
-                    "volumes": [
-                        # The node cache outlives pods and revisions: a rollback finds its artifact there.
-                        {"name": "cache", "hostPath": {"path": edge.cache.path, "type": "DirectoryOrCreate"}},
-                        {"name": "tmp", "emptyDir": {}},
-                        *store_volumes,
-                    ],
-                },
+                "spec": pod_identity(
+                    spec,
+                    edge.service_account_name,
+                    {
+                        "automountServiceAccountToken": False,
+                        "affinity": {"nodeAffinity": node_affinity([])},
+                        "tolerations": _tolerations(edge.tolerations),
+                        "securityContext": _pod_security(),
+                        "initContainers": [
+                            _cache_dir_init(spec.runtime.image, spec.runtime.image_pull_policy, owner)
+                        ],
+                        "containers": [container],
+                        "volumes": [
+                            # The node cache outlives pods and revisions: a rollback finds its artifact there.
+                            {
+                                "name": "cache",
+                                "hostPath": {"path": edge.cache.path, "type": "DirectoryOrCreate"},
+                            },
+                            {"name": "tmp", "emptyDir": {}},
+                            *store_volumes,
+                        ],
+                    },
+                ),
             },
         },
     }

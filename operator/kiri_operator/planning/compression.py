@@ -66,11 +66,13 @@ def plan_compression(
                 C.VARIANTS_VERIFIED, "False", Reason.NO_CLOUD_NODE, cloud.no_node.message
             )
     if spec.edge.variants and cloud.source_fault is None:
-        out.children.extend(B.compressor_account(owner))
         if out.manifest is None and out.unknown:
+            account = B.job_service_account(
+                owner, settings.compressor_service_account, settings.create_compressor_rbac
+            )
             out.children.append(
                 B.compression_job(
-                    spec, owner, key, settings.pod_labels, settings.compression_deadline_seconds
+                    spec, owner, key, settings.pod_labels, settings.compression_deadline_seconds, account
                 )
             )
         elif observed.child("Job", job_name) is not None:
@@ -230,7 +232,9 @@ def _read_compression(
             cond = Condition(C.VARIANTS_VERIFIED, "False", Reason.COMPRESSION_FAILED, msg)
             return CompressionPlan(key=key, condition=cond, variants=failed)
         if outcome == "complete":
-            waited = _seconds_since(completed, observed.now)
+            # completionTime is the Job controller's, so it is compared with the API server's time: against
+            # an operator clock minutes ahead, a Job that had just completed failed for want of a manifest.
+            waited = _seconds_since(completed, observed.server_time)
             if waited >= settings.manifest_grace_seconds:
                 msg = f"compression Job {job.name} completed but published no manifest ConfigMap"
                 failed = [

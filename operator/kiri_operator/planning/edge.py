@@ -149,6 +149,7 @@ def _edge_rollout(
             if comp.manifest
             else {},
             measurement=observed.measurement,
+            measuring=observed.measuring,
         )
     )
     out.events.extend(result.events)

@@ -237,6 +237,7 @@ def round_objects(
     site_names: Sequence[str],
     base_weights: str,
     attempt: int = 1,
+    service_account: str = "kiri-compressor",
 ) -> list[dict[str, Any]]:
     learning = spec.learning
     assert learning is not None
@@ -288,21 +289,31 @@ def round_objects(
     aggregator = _job(
         aggregator_name(owner.name, n, attempt),
         agg_labels,
-        {
-            "serviceAccountName": L.compressor_account_name(owner.name),
-            "nodeSelector": dict(spec.cloud.node_selector),
-            "tolerations": B._tolerations(spec.cloud.tolerations),
-            # Aggregate, then publish: the record only appears once the round has closed.
-            "initContainers": [_container(spec, "aggregate", agg_args, mounts)],
-            "containers": [_container(spec, "publish", publish_args, [store_mount, tmp_mount])],
-            "volumes": [
-                store.volume,
-                {"name": "tokens", "secret": {"secretName": tokens_secret(owner.name)}},
-                {"name": "tmp", "emptyDir": {}},
-                *w_vols,
-                *e_vols,
-            ],
-        },
+        B.pod_identity(
+            spec,
+            service_account,
+            {
+                # The token is projected into the containers that use the API, not mounted pod-wide: `publish`
+                # writes the round record; `aggregate` writes the privacy ledger, which must hold a round's
+                # spend before the round is accepted (learning/ledgers.py), so it cannot wait for `publish`.
+                "automountServiceAccountToken": False,
+                "nodeSelector": dict(spec.cloud.node_selector),
+                "tolerations": B._tolerations(spec.cloud.tolerations),
+                # Aggregate, then publish: the record only appears once the round has closed.
+                "initContainers": [_container(spec, "aggregate", agg_args, [*mounts, B.api_token_mount()])],
+                "containers": [
+                    _container(spec, "publish", publish_args, [store_mount, tmp_mount, B.api_token_mount()])
+                ],
+                "volumes": [
+                    B.api_token_volume(),
+                    store.volume,
+                    {"name": "tokens", "secret": {"secretName": tokens_secret(owner.name)}},
+                    {"name": "tmp", "emptyDir": {}},
+                    *w_vols,
+                    *e_vols,
+                ],
+            },
+        ),
         deadline,
     )
     service = {
@@ -340,24 +351,28 @@ def round_objects(
             token_mount,
             tmp_mount,
         ]
-        pod = {
-            "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
-            "tolerations": B._tolerations(spec.edge.tolerations),
-            "automountServiceAccountToken": False,
-            "containers": [_container(spec, "train", args, mounts)],
-            "volumes": [
-                {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
-                # Only this site's token: a trainer cannot speak for another site.
-                {
-                    "name": "tokens",
-                    "secret": {
-                        "secretName": tokens_secret(owner.name),
-                        "items": [{"key": site, "path": "token"}],
+        pod = B.pod_identity(
+            spec,
+            learning.trainer_service_account_name,
+            {
+                "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
+                "tolerations": B._tolerations(spec.edge.tolerations),
+                "automountServiceAccountToken": False,
+                "containers": [_container(spec, "train", args, mounts)],
+                "volumes": [
+                    {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
+                    # Only this site's token: a trainer cannot speak for another site.
+                    {
+                        "name": "tokens",
+                        "secret": {
+                            "secretName": tokens_secret(owner.name),
+                            "items": [{"key": site, "path": "token"}],
+                        },
                     },
-                },
-                {"name": "tmp", "emptyDir": {}},
-            ],
-        }
+                    {"name": "tmp", "emptyDir": {}},
+                ],
+            },
+        )
         objects.append(
             B.finish(_job(trainer_name(owner.name, n, site, attempt), labels, pod, deadline), owner)
         )
@@ -410,6 +425,7 @@ def plan_learning(
     owner: B.Owner,
     *,
     variant_sizes: Mapping[str, int],
+    service_account: str = "kiri-compressor",
 ) -> LearningPlan:
     """Round Jobs to run, status.learning, and the update policy's verdict on the newest accepted round.
 
@@ -479,9 +495,8 @@ def plan_learning(
             site_names = sites(spec, observed)
             base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
             if site_names:
-                # The compressor's account may create ConfigMaps only: enough to publish the round record.
-                out.children = B.compressor_account(owner) + round_objects(
-                    spec, owner, n, site_names, base, attempt
+                out.children = round_objects(
+                    spec, owner, n, site_names, base, attempt, service_account=service_account
                 )
                 if old.get("activeRound") != n:
                     out.events.append(

@@ -7,18 +7,19 @@ Pure: no Kubernetes client, no kopf, no clock, no I/O.
 
 from __future__ import annotations
 
+from kiri_operator import labels as L
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.conditions import Reason
 from kiri_operator.observations import Observed
+from kiri_operator.planning import admitting, learning
 from kiri_operator.planning import building as B
-from kiri_operator.planning import learning
 from kiri_operator.planning.checking import check
 from kiri_operator.planning.cloud import plan_cloud
 from kiri_operator.planning.compression import plan_compression
 from kiri_operator.planning.edge import plan_edge
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.settings import Settings
-from kiri_operator.planning.status import normalize_status, plan_status
+from kiri_operator.planning.status import invalid_spec_status, normalize_status, plan_status
 from kiri_operator.plans import Check, Event, Plan, TierPlan, sooner
 
 # While anything is unfinished (compressing, a wave in flight), look again at least this often.
@@ -27,6 +28,8 @@ UNFINISHED_REQUEUE_SECONDS = 30.0
 
 def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | None = None) -> Plan:
     settings = settings or Settings()
+    if refused := admitting.refusal(spec, settings):
+        return invalid_spec_status(observed, refused[1], refused[0])
     owner = B.Owner(observed.name, observed.namespace, observed.uid)
     # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
     espec = learning.effective_spec(spec, observed.status.get("learning"))
@@ -41,7 +44,10 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         sizes = (
             {v.name: v.size_bytes for v in comp.manifest.accepted() if v.size_bytes} if comp.manifest else {}
         )
-        lp = learning.plan_learning(spec, observed, owner, variant_sizes=sizes)
+        account = B.job_service_account(
+            owner, settings.compressor_service_account, settings.create_compressor_rbac
+        )
+        lp = learning.plan_learning(spec, observed, owner, variant_sizes=sizes, service_account=account)
     extra = [lp.condition] if lp is not None and lp.condition is not None else []
     status = plan_status(spec, observed, revision, cloud, comp, edge, extra)
 
@@ -56,12 +62,34 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
             TierPlan(children=lp.children, keep=lp.keep, events=lp.events, requeue_after=lp.requeue_after)
         )
 
+    if settings.create_compressor_rbac:
+        # One account for the Jobs of both tiers, naming every ConfigMap they write.
+        names = []
+        if espec.edge.variants and cloud.source_fault is None:
+            names.append(L.manifest_name(owner.name, ckey))
+        if spec.learning is not None:
+            names.append(learning.ledger_name(owner.name))
+            active = (lp.status or {}).get("activeRound") if lp is not None else None
+            if isinstance(active, int):
+                names.append(learning.record_name(owner.name, active))
+        if names:
+            whole.children.extend(B.compressor_account(owner, names))
+
     actions = check(whole.children, observed, whole.keep)
     for action in actions:
         if action.check is Check.CREATE:
             whole.events.append(Event("Normal", Reason.CREATED, f"created {action.kind} {action.name}"))
         elif action.check is Check.DELETE:
             whole.events.append(Event("Normal", Reason.DELETED, f"deleted {action.kind} {action.name}"))
+    for view in observed.not_owned:
+        whole.events.append(
+            Event(
+                "Warning",
+                Reason.NOT_OWNED,
+                f"ignored {view.kind} {view.name}: it carries this ModelDeployment's labels but no "
+                f"ownerReference to it (uid {observed.uid}); Kiri trusts, updates and deletes only what it owns",
+            )
+        )
     requeue = whole.requeue_after
     if comp.unknown or not status.ready:
         requeue = sooner(requeue, UNFINISHED_REQUEUE_SECONDS)

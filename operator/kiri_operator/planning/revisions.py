@@ -29,12 +29,25 @@ def compression_inputs(spec: ModelDeploymentSpec, artifacts_uri: str) -> dict[st
         )
         for v in spec.edge.variants
     ]
-    return {
+    inputs: dict[str, Any] = {
         "model": spec.model.model_dump(mode="json", by_alias=True, exclude_none=True),
         "variants": variants,
         "compressorImage": spec.runtime.compressor_image,
         "artifacts": artifacts_uri,
     }
+    # A Job's template cannot change, and a Job that failed for want of credentials is not retried under its
+    # key: who the Job runs as is part of the key (only when set, so existing keys keep their hashes).
+    inputs.update(_identity(spec.runtime.compressor_service_account_name, spec))
+    return inputs
+
+
+def _identity(service_account: str | None, spec: ModelDeploymentSpec) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if service_account is not None:
+        out["serviceAccountName"] = service_account
+    if spec.runtime.image_pull_secrets:
+        out["imagePullSecrets"] = [s.name for s in spec.runtime.image_pull_secrets]
+    return out
 
 
 def compression_key(spec: ModelDeploymentSpec, artifacts_uri: str) -> str:
@@ -58,4 +71,10 @@ def revision_key(spec: ModelDeploymentSpec, artifacts_uri: str, extra: Any = Non
     }
     if spec.edge.pod_labels:  # only when set, so existing revisions keep their hashes
         inputs["podLabels"] = dict(spec.edge.pod_labels)
+    # Who edge pods run as and how they reach the store: a DaemonSet's template is fixed per revision.
+    inputs.update(_identity(spec.edge.service_account_name, spec))
+    if spec.edge.artifacts.credentials is not None:
+        inputs["credentials"] = spec.edge.artifacts.credentials.model_dump(
+            mode="json", by_alias=True, exclude_none=True
+        )
     return short_hash(_canonical(inputs))

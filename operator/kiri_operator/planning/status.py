@@ -196,12 +196,13 @@ def _phase(conds: list[Condition]) -> str:
     return "Pending"
 
 
-def invalid_spec_status(observed: Observed, message: str) -> Plan:
-    """A spec the API server let through but the models reject: say so, touch no child."""
+def invalid_spec_status(observed: Observed, message: str, reason: str = Reason.INVALID_SPEC) -> Plan:
+    """A spec the API server let through but the models (or the operator's policy, with its own `reason`)
+    reject: say so, touch no child."""
     conds = [Condition.from_dict(c) for c in observed.status.get("conditions") or []]
     for new in (
-        Condition(C.READY, "False", Reason.INVALID_SPEC, message[:1000]),
-        Condition(C.DEGRADED, "True", Reason.INVALID_SPEC, message[:1000]),
+        Condition(C.READY, "False", reason, message[:1000]),
+        Condition(C.DEGRADED, "True", reason, message[:1000]),
     ):
         conds = C.set_condition(
             conds, Condition(**{**new.__dict__, "observed_generation": observed.generation}), observed.now
@@ -213,8 +214,8 @@ def invalid_spec_status(observed: Observed, message: str) -> Plan:
     )
     plan = Plan(status=normalize_status(status))
     old = C.get([Condition.from_dict(c) for c in observed.status.get("conditions") or []], C.READY)
-    if old is None or old.reason != Reason.INVALID_SPEC:
-        plan.events.append(Event("Warning", Reason.INVALID_SPEC, message[:1000]))
+    if old is None or old.reason != reason:
+        plan.events.append(Event("Warning", reason, message[:1000]))
     return plan
 
 

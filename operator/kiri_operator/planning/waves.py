@@ -92,6 +92,8 @@ class Observed:
     pods: Mapping[str, NodePod] = field(default_factory=dict)
     variant_sizes: Mapping[str, int] = field(default_factory=dict)
     measurement: Measurement | None = None
+    measuring: bool = False
+    """A due measurement is being taken elsewhere; its end brings the next reconcile."""
     commands: Commands = field(default_factory=Commands)
 
     @cached_property
@@ -324,7 +326,8 @@ class _Rollout:
 
     def ready(self) -> WavePlan | None:
         """Every online node of the step Ready (within the progress deadline), and with ``offlineNodes:
-        Wait`` every node online; then the step is Ready and its analysis and bake clocks start."""
+        Wait`` every node of the step online; then the step is Ready and its analysis and bake clocks start
+        (once per step: a pod not Ready later holds the advance, not the clocks)."""
         step, update = self.current, self.update_revision
         online = [n for n in step.nodes if self.online(n)]
         not_ready = [n for n in online if not self.pod_ready(n, update)]
@@ -339,7 +342,10 @@ class _Rollout:
                 )
             self.requeue_in(deadline - waited + 1)
             moved = sum(1 for n in step.nodes if self.assignment.get(n) == update)
-            self.set(ready_at=None)
+            # `ready_at` stays once set: the bake counts from when the step was first Ready, and the step
+            # still advances only with every online node Ready. Restarting the bake here let a node that
+            # flaps faster than the bake (its pod not Ready for a moment after each return) hold the
+            # rollout forever, each return counting as progress against the deadline.
             return self.finish(
                 Verdict(
                     "Progressing",
@@ -350,8 +356,11 @@ class _Rollout:
                 ),
                 step,
             )
-        if self.offline_pending and self.policy.offline_nodes == "Wait":
-            waiting = ", ".join(self.offline_pending[:5])
+        # Every offline node of the step, moved or not: a node cut off after its wave moved it was never
+        # seen Ready, and one cut off mid-bake is not seen now. `Wait` holds for them; `Skip` defers them.
+        unseen = [n for n in step.nodes if not self.online(n)]
+        if unseen and self.policy.offline_nodes == "Wait":
+            waiting = ", ".join(unseen[:5])
             return self.finish(
                 Verdict(
                     "Holding",
@@ -385,7 +394,10 @@ class _Rollout:
             reason = Reason.INCONCLUSIVE if m.outcome == "Inconclusive" else Reason.ANALYSIS_ERROR
             self.requeue_in(analysis.interval_seconds)
             return self.finish(Verdict("Inconclusive", reason, f"{label}: {m.message}"), self.current)
-        if state.last_measured_at is None:
+        if self.observed.measuring:
+            # The analyst queues this ModelDeployment when the measurement ends; this is a safety net only.
+            self.requeue_in(analysis.interval_seconds)
+        elif state.last_measured_at is None:
             self.requeue_in(analysis.warmup_seconds - _age(self.now, state.ready_at))
         else:
             self.requeue_in(analysis.interval_seconds - _age(self.now, state.last_measured_at))

@@ -13,6 +13,7 @@ import pytest
 
 from kiri_operator import labels as L
 from kiri_operator.observations import ObjectView
+from kiri_operator.planning import Settings
 from kiri_operator.planning.building import canonical_hash
 from kiri_operator.plans import Check
 from planning_worlds import FakeServer, manifest, observed, spec
@@ -43,13 +44,17 @@ def _with_templates(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+# With the operator making the Jobs' account, so its ServiceAccount, Role and RoleBinding are checked too.
+ACCOUNTS = Settings(create_compressor_rbac=True)
+
+
 def healthy_world() -> FakeServer:
     s = spec(**{"cloud.replicas": 1})
     server = FakeServer(observed())
-    server.step(s)
+    server.step(s, ACCOUNTS)
     server.publish(s, manifest({"fp16": True, "int8": True}))
     for _ in range(3):
-        server.step(s)
+        server.step(s, ACCOUNTS)
     assert server.world.status["phase"] == "Healthy"
     return server
 
@@ -99,7 +104,7 @@ def test_children_labelled_by_an_older_operator_are_reapplied_without_the_instan
         body["metadata"]["annotations"][L.SPEC_HASH] = canonical_hash(body)
         old[key] = ObjectView(child.kind, child.name, body)
     server.world = replace(server.world, children=old)
-    p = server.step(s)
+    p = server.step(s, ACCOUNTS)
     updated = {(a.kind, a.name): a for a in p.actions if a.check is Check.UPDATE}
     # A Job's pod template is immutable (the check step never updates one): an older Job keeps the label
     # until its compression key changes; docs/gitops.md gives the one-off `kubectl label` for upgrades.
@@ -116,7 +121,7 @@ def test_children_labelled_by_an_older_operator_are_reapplied_without_the_instan
         assert action.body is not None
         assert ARGOCD_INSTANCE_LABEL not in action.body["metadata"]["labels"]
     # and then nothing more: the level is reached.
-    assert not server.step(s).writes
+    assert not server.step(s, ACCOUNTS).writes
 
 
 def test_no_operator_module_names_the_instance_label_outside_the_labels_docstring() -> None:
@@ -125,3 +130,26 @@ def test_no_operator_module_names_the_instance_label_outside_the_labels_docstrin
     for path in root.rglob("*.py"):
         if path.name != "labels.py":
             assert ARGOCD_INSTANCE_LABEL not in path.read_text(), path
+
+
+def test_no_pod_kiri_makes_mounts_a_service_account_token_pod_wide() -> None:
+    """Cloud, edge, compression: the pod spec turns the automatic token off, and only a container that
+    publishes through the API mounts the projected one (the learning Jobs: test_learning_planning.py)."""
+    server = healthy_world()
+    pods = 0
+    for (kind, name), child in server.world.children.items():
+        for template in _with_templates(dict(child.body))[1:]:
+            pod = template["spec"]
+            pods += 1
+            assert pod["automountServiceAccountToken"] is False, (kind, name)
+            for container in pod.get("initContainers", []) + pod["containers"]:
+                mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+                holds = "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+                assert holds == (kind == "Job" and container["name"] == "publish"), (
+                    kind,
+                    name,
+                    container["name"],
+                )
+        if kind == "ServiceAccount":
+            assert child.body["automountServiceAccountToken"] is False
+    assert pods >= 3  # the cloud Deployment, the compression Job, at least one edge DaemonSet

@@ -28,7 +28,9 @@ def test_every_child_a_plan_builds_is_a_registered_child_kind() -> None:
     s = spec()
     first = plan(s, observed())
     built = {a.body["kind"]: a.body["apiVersion"] for a in first.actions if a.body is not None}
-    built.update({o["kind"]: o["apiVersion"] for o in compressor_account(Owner("md", "ns", "u"))})
+    built.update(
+        {o["kind"]: o["apiVersion"] for o in compressor_account(Owner("md", "ns", "u"), ["md-manifest-c1"])}
+    )
     assert {"Deployment", "Service", "Job", "ServiceAccount", "Role", "RoleBinding"} <= built.keys()
     for kind, api_version in built.items():
         assert kinds.KINDS[kind].child and kinds.KINDS[kind].api_version == api_version
@@ -51,7 +53,7 @@ def test_one_owner_reference_builder_and_its_three_uses() -> None:
     from kiri_operator.learning_commands import configmap
 
     base = {"apiVersion": "kiri.dev/v1alpha1", "kind": "ModelDeployment", "name": "md", "uid": "u"}
-    (account, _, _) = compressor_account(Owner("md", "ns", "u"))
+    (account, _, _) = compressor_account(Owner("md", "ns", "u"), ["md-manifest-c1"])
     assert account["metadata"]["ownerReferences"] == [
         {**base, "controller": True, "blockOwnerDeletion": True}
     ]

@@ -120,6 +120,7 @@ def _child(name: str, rv: str, replicas: int) -> dict:
             "namespace": "ns",
             "resourceVersion": rv,
             "labels": {L.MODEL_DEPLOYMENT: "md"},
+            "ownerReferences": [L.owner_reference("md", "u")],
             "managedFields": [{"manager": "kiri"}],
         },
         "spec": {"replicas": replicas},

@@ -10,6 +10,7 @@ import pytest
 from kiri_operator import reconciling
 from kiri_operator.caches import Cache
 from kiri_operator.kube import KubeError
+from kiri_operator.planning import Settings
 from kiri_operator.reconciling import Reconciler, progress_only
 from planning_worlds import SHA, fleet
 
@@ -89,7 +90,7 @@ def _cache() -> Cache:
 
 def test_apply_order_then_quiet_second_reconcile():
     kube, cache = RecordingKube(), _cache()
-    r = Reconciler(kube, cache)  # type: ignore[arg-type]
+    r = Reconciler(kube, cache, Settings(create_compressor_rbac=True))  # type: ignore[arg-type]
     out = r.reconcile(("ns", "md"))
     applied = [kind for verb, kind, _ in kube.calls if verb == "apply"]
     assert applied.index("ServiceAccount") < applied.index("Job")
@@ -269,3 +270,43 @@ def test_garbage_patched_into_status_rollout_is_reported_and_rebuilt_not_retried
     kube.calls.clear()
     assert r.reconcile(("ns", "md")).error is None
     assert not [c for c in kube.calls if c[0] == "event" and c[1] == "RolloutStatusInvalid"]
+
+
+class RecordingAnalyst:
+    """Stands in for analyzing.Analyst: records who asked for a measurement."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str]] = []
+
+    def take(self, key: tuple[str, str], spec: Any, status: Any, now: Any) -> tuple[None, bool]:
+        self.asked.append(key)
+        return None, False
+
+
+@pytest.mark.parametrize(
+    ("address", "asked"),
+    [("http://prometheus-operated.monitoring.svc:9090", True), ("http://169.254.169.254/latest", False)],
+)
+def test_a_prometheus_outside_the_allow_list_is_never_asked_and_the_spec_is_refused(
+    address: str, asked: bool
+) -> None:
+    spec = {
+        **SPEC,
+        "rollout": {
+            "analysis": {
+                "prometheus": {"address": address},
+                "queries": [{"name": "errors", "query": "up", "successCondition": "result < 1"}],
+            }
+        },
+    }
+    kube, cache, analyst = RecordingKube(spec=spec), _cache(), RecordingAnalyst()
+    md = cache.md(("ns", "md"))
+    assert md is not None
+    cache.put_md({**md, "spec": spec, "metadata": {**md["metadata"], "resourceVersion": "2"}})
+    Reconciler(kube, cache, analyst=analyst).reconcile(("ns", "md"))  # type: ignore[arg-type]
+    assert analyst.asked == ([("ns", "md")] if asked else [])
+    status = cache.md(("ns", "md"))["status"]  # type: ignore[index]
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"] == "PrometheusNotAllowed") is not asked
+    applied = [c for c in kube.calls if c[0] == "apply"]
+    assert bool(applied) is asked

@@ -100,12 +100,35 @@ def test_a_completion_defaults_to_sixteen_tokens_and_takes_a_one_prompt_list() -
     assert (job.prompt, job.max_tokens, job.logprobs) == ("def ", 16, 3)
 
 
+def test_a_completion_takes_token_ids_with_echo_and_up_to_twenty_logprobs_for_a_verify_call() -> None:
+    body = {
+        "model": "tiny",
+        "prompt": [5, 7, 9],
+        "echo": True,
+        "logprobs": 20,
+        "return_tokens_as_token_ids": True,
+    }
+    job = parse_completion(body)
+    assert (job.prompt, job.prompt_ids, job.echo, job.logprobs, job.tokens_as_ids) == (
+        "",
+        [5, 7, 9],
+        True,
+        20,
+        True,
+    )
+    assert parse_completion({"model": "tiny", "prompt": [[5, 7]]}).prompt_ids == [5, 7]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
         ({"model": "tiny", "prompt": ["a", "b"]}, "prompt"),
         ({"model": "tiny", "prompt": 5}, "prompt"),
-        ({"model": "tiny", "prompt": "a", "echo": True}, "echo"),
+        ({"model": "tiny", "prompt": "a", "echo": True, "stream": True}, "echo"),
+        ({"model": "tiny", "prompt": "a", "echo": True, "logprobs": 21}, "logprobs"),
+        ({"model": "tiny", "prompt": [1, True]}, "prompt"),
+        ({"model": "tiny", "prompt": []}, "prompt"),
+        ({"model": "tiny", "prompt": "a", "suffix": "b"}, "suffix"),
         ({"model": "tiny", "prompt": "a", "logprobs": 6}, "logprobs"),
         ({"model": "tiny", "prompt": "a", "best_of": 2}, "best_of"),
     ],

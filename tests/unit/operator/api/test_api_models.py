@@ -70,7 +70,7 @@ def test_defaults_are_not_shared_between_instances() -> None:
     a = ModelDeploymentSpec.model_validate(minimal())
     b = ModelDeploymentSpec.model_validate(minimal())
     a.cloud.node_selector["extra"] = "x"
-    a.cloud.tolerations.append(Toleration(operator="Exists"))
+    a.cloud.tolerations.append(Toleration(key="example.com/dedicated", operator="Exists"))
     assert b.cloud.node_selector == {"kiri.dev/tier": "cloud"}
     assert len(b.cloud.tolerations) == 1
 

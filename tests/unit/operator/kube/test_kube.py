@@ -211,3 +211,37 @@ def test_kopf_logs_in_with_the_same_credentials(tmp_path: Path) -> None:
     # A kubeconfig that cannot work stops the operator with the reason instead of retrying forever.
     with pytest.raises(kopf.PermanentError, match="does not exist"):
         handlers.login(memo=kopf.Memo(memo(Config(kubeconfig=str(tmp_path / "nope")))))
+
+
+def test_publish_creates_and_only_applies_over_a_name_that_exists() -> None:
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "m", "namespace": "ns"}, "data": {}}
+    seen: list[tuple[str, str]] = []
+
+    def fresh(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        return httpx.Response(201, json=cm)
+
+    kube(fresh).publish(cm)
+    # A new name needs `create` alone: one POST, no PATCH (which a create-only Role would refuse).
+    assert seen == [("POST", "/prefix/api/v1/namespaces/ns/configmaps")]
+
+    seen.clear()
+
+    def existing(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path))
+        if request.method == "POST":
+            return httpx.Response(409, json={"kind": "Status", "reason": "AlreadyExists", "code": 409})
+        return httpx.Response(200, json=cm)
+
+    kube(existing).publish(cm)
+    assert seen == [
+        ("POST", "/prefix/api/v1/namespaces/ns/configmaps"),
+        ("PATCH", "/prefix/api/v1/namespaces/ns/configmaps/m"),
+    ]
+
+    def forbidden(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(403, json={"kind": "Status", "message": "forbidden", "code": 403})
+
+    with pytest.raises(KubeError) as err:
+        kube(forbidden).publish(cm)
+    assert err.value.status == 403

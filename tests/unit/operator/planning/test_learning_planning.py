@@ -402,3 +402,40 @@ def test_the_configmap_ledger_appends_under_the_resource_version_and_rereads_on_
     assert ledger.spent() == {"site-a": 2, "site-b": 1}
     assert api.cm is not None and api.cm["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert api.cm["metadata"]["labels"]["app.kubernetes.io/component"] == "learning-ledger"
+
+
+def test_round_jobs_mount_an_api_token_only_where_they_write_configmaps() -> None:
+    lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
+    objs = _by_name(lp.children)
+    pod = objs[learning.aggregator_name("md", 1)]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "kiri-compressor"
+    assert pod["automountServiceAccountToken"] is False
+    with_token = {
+        c["name"]
+        for c in pod["initContainers"] + pod["containers"]
+        if any(m["name"] == "kube-api-access" for m in c["volumeMounts"])
+    }
+    # aggregate writes the privacy ledger before accepting a round; publish writes the round record.
+    assert with_token == {"aggregate", "publish"}
+    for site in ("site-a", "site-b"):
+        tpod = objs[learning.trainer_name("md", 1, site)]["spec"]["template"]["spec"]
+        assert tpod["automountServiceAccountToken"] is False
+        assert not [v for v in tpod["volumes"] if v["name"] == "kube-api-access"]
+
+
+def test_the_operator_made_role_names_the_ledger_and_the_active_round_record() -> None:
+    from kiri_operator.planning import Settings
+
+    s = _spec()
+    p = plan(s, _observed(), Settings(create_compressor_rbac=True))
+    role = next(a.body for a in p.actions if a.kind == "Role")
+    assert role is not None
+    named = role["rules"][1]["resourceNames"]
+    assert named == sorted(
+        [
+            L.manifest_name("md", compression_key(s, s.edge.artifacts.uri)),
+            learning.ledger_name("md"),
+            learning.record_name("md", 1),
+        ]
+    )
+    assert role["rules"][0] == {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}

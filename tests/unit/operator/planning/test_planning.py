@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -32,7 +33,8 @@ def test_first_reconcile_creates_cloud_and_compression_but_no_edge_yet():
     p = plan(s, observed())
     kinds = sorted((a.kind, a.check) for a in p.actions)
     assert all(check is Check.CREATE for _, check in kinds)
-    assert {k for k, _ in kinds} == {"Deployment", "Service", "Job", "ServiceAccount", "Role", "RoleBinding"}
+    # No ServiceAccount, Role or RoleBinding: the Job runs as the namespace's `kiri-compressor` (the chart's).
+    assert {k for k, _ in kinds} == {"Deployment", "Service", "Job"}
     assert p.status["phase"] == "Compressing"
     assert _cond(p.status, C.VARIANTS_VERIFIED)["status"] == "Unknown"
     assert {v["name"]: v["state"] for v in p.status["variants"]} == {
@@ -48,6 +50,49 @@ def test_first_reconcile_creates_cloud_and_compression_but_no_edge_yet():
         "md", compression_key(s, s.edge.artifacts.uri)
     )
     assert job["spec"]["template"]["spec"]["nodeSelector"] == {"kiri.dev/tier": "cloud"}
+
+
+def test_only_the_publishing_container_of_the_compression_job_holds_an_api_token():
+    p = plan(spec(), observed())
+    pod = next(iter(_bodies(p, "Job").values()))["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "kiri-compressor"
+    assert pod["automountServiceAccountToken"] is False
+    token = next(v for v in pod["volumes"] if v["name"] == "kube-api-access")
+    sources = token["projected"]["sources"]
+    assert sources[0] == {"serviceAccountToken": {"path": "token", "expirationSeconds": 600}}
+    mounts = {
+        c["name"]: {m["name"] for m in c["volumeMounts"]} for c in pod["initContainers"] + pod["containers"]
+    }
+    assert {name for name, m in mounts.items() if "kube-api-access" in m} == {"publish"}
+    (publish,) = pod["containers"]
+    (mount,) = [m for m in publish["volumeMounts"] if m["name"] == "kube-api-access"]
+    assert mount == {
+        "name": "kube-api-access",
+        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+        "readOnly": True,
+    }
+
+
+def test_with_create_compressor_rbac_the_role_names_the_configmaps_the_job_may_read_and_patch():
+    s = spec()
+    p = plan(s, observed(), Settings(create_compressor_rbac=True))
+    created = {a.kind for a in p.actions if a.check is Check.CREATE}
+    assert created == {"Deployment", "Service", "Job", "ServiceAccount", "Role", "RoleBinding"}
+    role = _bodies(p, "Role")["md-compressor"]
+    manifest_cm = L.manifest_name("md", compression_key(s, s.edge.artifacts.uri))
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "verbs": ["get", "patch"],
+            "resourceNames": [manifest_cm],
+        },
+    ]
+    account = _bodies(p, "ServiceAccount")["md-compressor"]
+    assert account["automountServiceAccountToken"] is False
+    job = next(iter(_bodies(p, "Job").values()))
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "md-compressor"
 
 
 def test_cloud_deployment_runs_on_gpu_nodes_with_probes_and_hardening():
@@ -180,6 +225,42 @@ def test_completed_job_without_manifest_fails_after_the_grace_period():
     assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.COMPRESSION_FAILED
 
 
+@pytest.mark.parametrize("skew_minutes", [10, -10])
+def test_the_manifest_grace_is_measured_on_the_api_servers_clock_whatever_the_operators_clock_says(
+    skew_minutes: int,
+):
+    """completionTime is set by the Job controller: comparing it with an operator clock 10 minutes ahead
+    failed a Job that had just completed, before its manifest could show up."""
+    s = spec()
+    server = FakeServer(observed())
+    server.step(s)
+    name = L.compress_name("md", compression_key(s, s.edge.artifacts.uri))
+    job = server.world.children[("Job", name)]
+    body = dict(job.body)
+    body["status"] = {
+        "completionTime": "2026-01-01T12:00:00Z",
+        "conditions": [{"type": "Complete", "status": "True"}],
+    }
+    completed = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    server.world = replace(
+        server.world,
+        children={**server.world.children, ("Job", name): replace(job, body=body)},
+        now=completed + timedelta(minutes=skew_minutes, seconds=1),
+        server_now=completed + timedelta(seconds=1),
+    )
+    settings = Settings(manifest_grace_seconds=10)
+    p = server.step(s, settings)
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["status"] == "Unknown"
+    assert p.requeue_after is not None and 8 <= p.requeue_after <= 10
+    server.world = replace(
+        server.world,
+        now=completed + timedelta(minutes=skew_minutes, seconds=11),
+        server_now=completed + timedelta(seconds=11),
+    )
+    p = server.step(s, settings)
+    assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.COMPRESSION_FAILED
+
+
 def test_no_gpu_node_blocks_the_cloud_tier_with_a_reason():
     s = spec(**{"cloud.resources": {"gpu": 8}})
     p = plan(s, observed())
@@ -193,7 +274,7 @@ def test_no_gpu_node_blocks_the_cloud_tier_with_a_reason():
 def test_no_cloud_node_at_all_blocks_cloud_and_compression():
     nodes = (edge_node("e1"),)
     p = plan(spec(), observed(nodes))
-    assert {a.kind for a in p.actions if a.check is Check.CREATE} == {"ServiceAccount", "Role", "RoleBinding"}
+    assert {a.kind for a in p.actions if a.check is Check.CREATE} == set()
     assert _cond(p.status, C.CLOUD_READY)["reason"] == Reason.NO_CLOUD_NODE
     assert _cond(p.status, C.VARIANTS_VERIFIED)["reason"] == Reason.NO_CLOUD_NODE
 

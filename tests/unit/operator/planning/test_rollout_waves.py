@@ -695,3 +695,105 @@ def test_manual_rollback_after_an_abort_goes_one_stable_revision_further_back() 
     assert plan.verdict.reason == Reason.ROLLED_BACK_MANUAL
     assert sim.on("r1") == set(sim.nodes)
     assert set(plan.state.rolled_back_revisions) == {"r2", "r3"}
+
+
+# --- a site cut off, a flapping node (issue 19) -------------------------------------------------------
+
+
+def site_policy(offline: str) -> RolloutPolicy:
+    return RolloutPolicy(
+        stages=(Stage(nodes=1, bake_seconds=5), Stage(percent=100, bake_seconds=5)),
+        group_by="kiri.dev/site",
+        max_unavailable="100%",
+        offline_nodes=offline,  # type: ignore[arg-type]
+    )
+
+
+def cut_off(sim: Sim, nodes: list[str], online: bool) -> None:
+    for name in nodes:
+        sim.set_online(name, online)
+        if online:
+            # A node back from a cut-off has its pods marked not Ready (the node lifecycle controller did),
+            # and they take `ready_after` to be Ready again.
+            sim.moved_at[name] = sim.now
+
+
+def test_a_site_cut_off_after_its_wave_moved_holds_with_offline_wait_and_never_promotes_unseen_nodes() -> (
+    None
+):
+    sim = Sim(site_policy("Wait"), fleet(6, sites=2))
+    site_b = ["n001", "n003", "n005"]
+    sim.update = "r2"
+    # The last step (site-b, 100 %) has just moved site-b's nodes; none of their pods is Ready yet.
+    sim.run_until(lambda p: p.step_label == "4/4" and bool(p.moved))
+    cut_off(sim, site_b, online=False)
+    for _ in range(200):  # far beyond any bake or deadline: waiting for nodes is not a failure
+        plan = sim.step()
+        assert plan.verdict.kind == "Holding" and plan.verdict.reason == Reason.OFFLINE_WAIT, plan.verdict
+        assert plan.step_label == "4/4"
+    assert plan.state.stable_revision == "r1"
+    assert "n001" in plan.verdict.message
+    cut_off(sim, site_b, online=True)
+    done = sim.run_until(verdict_is("Completed"))
+    assert done.state.stable_revision == "r2" and sim.on("r2") == set(sim.nodes)
+    # No step lost or doubled: one StepStarted per step, one Promoted entry.
+    assert len(sim.events("StepStarted")) == 4
+    assert [h.outcome for h in done.state.history] == ["Promoted"]
+
+
+def test_a_site_cut_off_mid_bake_holds_the_wave_with_offline_wait_until_it_is_back() -> None:
+    sim = Sim(site_policy("Wait"), fleet(6, sites=2))
+    sim.update = "r2"
+    sim.run_until(lambda p: p.step_label == "4/4" and p.verdict.reason == Reason.BAKING)
+    cut_off(sim, ["n001", "n003", "n005"], online=False)
+    for _ in range(50):
+        plan = sim.step()
+        assert plan.verdict.reason == Reason.OFFLINE_WAIT, plan.verdict
+    cut_off(sim, ["n001", "n003", "n005"], online=True)
+    done = sim.run_until(verdict_is("Completed"))
+    assert len(sim.events("StepStarted")) == 4
+    assert [h.outcome for h in done.state.history] == ["Promoted"]
+
+
+def test_a_site_cut_off_mid_wave_with_offline_skip_is_deferred_and_catches_up_when_back() -> None:
+    sim = Sim(site_policy("Skip"), fleet(6, sites=2))
+    site_b = ["n001", "n003", "n005"]
+    sim.update = "r2"
+    sim.run_until(lambda p: p.step_label == "3/4" and bool(p.moved))
+    cut_off(sim, site_b, online=False)
+    done = sim.run_until(verdict_is("Completed"))
+    assert done.state.stable_revision == "r2"
+    assert len(sim.events("StepStarted")) == 4
+    cut_off(sim, site_b, online=True)
+    sim.run_until(lambda p: sim.on("r2") == set(sim.nodes) and p.verdict.kind == "Completed")
+    assert [h.outcome for h in sim.plans[-1].state.history] == ["Promoted"]
+
+
+@pytest.mark.parametrize("offline", ["Skip", "Wait"])
+def test_a_node_flapping_every_few_seconds_neither_stalls_the_rollout_nor_restarts_its_bakes(
+    offline: str,
+) -> None:
+    policy = RolloutPolicy(
+        stages=(Stage(nodes=1, bake_seconds=20), Stage(percent=100, bake_seconds=20)),
+        max_unavailable="100%",
+        offline_nodes=offline,  # type: ignore[arg-type]
+    )
+    sim = Sim(policy, fleet(5))
+    sim.update = "r2"
+    flapper = "n000"  # the canary: in every step
+    period = 6  # 3 s offline, 3 s online, and 2 s of each return its pod is not Ready yet
+    for i in itertools.count():
+        if i % period == 0:
+            cut_off(sim, [flapper], online=False)
+        elif i % period == period // 2:
+            cut_off(sim, [flapper], online=True)
+        plan = sim.step()
+        assert plan.verdict.kind not in ("RolledBack", "Failed"), plan.verdict
+        if plan.verdict.kind == "Completed":
+            break
+        # Two bakes of 20 s and the waits for the flapper: bounded, not forever.
+        assert i < 200, f"stalled: {plan.verdict}"
+    assert sim.plans[-1].state.stable_revision == "r2"
+    assert len(sim.events("StepStarted")) == 2
+    assert [h.outcome for h in sim.plans[-1].state.history] == ["Promoted"]
+    assert len(sim.plans[-1].state.dump()) < 20  # the state is a fixed set of fields: nothing accumulates
