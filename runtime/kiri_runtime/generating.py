@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ import numpy as np
 
 from kiri_runtime.errors import InferenceError, Overloaded
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams, first_line
-from kiri_runtime.metrics import RuntimeMetrics
+from kiri_runtime.metrics import RuntimeMetrics, observe_many
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class TokenLogprob:
     top: tuple[tuple[int, str, float], ...] = ()
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
     """What one decode step produced for one request; the last one has `finish_reason` set."""
 
@@ -79,10 +80,11 @@ class GenerationHandle:
     ) -> None:
         self.loop = loop
         self.prompt_tokens = prompt_tokens
-        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.cancelled = False
         self.finished = False
         self.checked_at = time.monotonic()  # when the adapter last checked that the client is still there
+        self._deltas: collections.deque[Delta] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._release = release
 
     def _close(self) -> None:
@@ -97,51 +99,88 @@ class GenerationHandle:
     def _deliver(self, delta: Delta) -> None:
         if delta.finish_reason is not None or delta.error is not None:
             self._close()
-        self.queue.put_nowait(delta)
+        self._deltas.append(delta)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def next(self, timeout: float | None = None) -> Delta | None:
-        """The next delta, or None when `timeout` passed first."""
-        if not self.queue.empty():
-            return self.queue.get_nowait()
+        """The next delta, or None when `timeout` passed first. (A bare future and a timer handle, not
+        `asyncio.wait_for` on a queue: that makes a task per call, paid per token when streaming.)"""
+        if self._deltas:
+            return self._deltas.popleft()
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiter = waiter
+        timer = None if timeout is None else self.loop.call_later(timeout, _expire, waiter)
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
-        except TimeoutError:
-            return None
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+        return self._deltas.popleft() if self._deltas else None
+
+    def ready(self) -> list[Delta]:
+        """Every delta already delivered and not yet read."""
+        deltas = list(self._deltas)
+        self._deltas.clear()
+        return deltas
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 # --------------------------------------------------------------------------------------------- scheduler
 
 
-@dataclass
+@dataclass(slots=True)
 class _Row:
     handle: GenerationHandle
     prompt: list[int]
     params: SamplingParams
     submitted: float
     streaming: bool = True
-    merged: Delta | None = None  # a non-streaming request's deltas so far
     stream: Any = None  # the tokenizer's incremental detokenizer
+    stop_ids: frozenset[int] = frozenset()  # the model's end-of-sequence tokens and the request's stop tokens
     pending: str = ""  # decoded text held back: it may be the start of a stop string
     generated: int = 0
-    started: float = 0.0
-    last_token: float = 0.0
+    # When each token came; the inter-token latencies and the generation-token counter are brought up to date
+    # from here at the end (and every METRICS_FLUSH_S while decoding), not per token.
+    stamps: list[float] = field(default_factory=list)
+    flushed: int = 0  # stamps already counted and observed
+    # A non-streamed request's answer so far (it gets one Delta at the end).
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish: str | None = None  # set when done: "stop", "length" or "abort"
     done: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class _Cohort:
     generator: Any
     rows: list[_Row]
     max_length: int
     logits: bool  # some row wants log-probabilities
+    live: int = 0  # rows not done
 
-    @property
-    def live(self) -> bool:
-        return any(not r.done for r in self.rows)
+
+# A decode step gives the GIL back to a waiting event loop only when this interval is up (CPython's default is
+# 5 ms): with the default, a request arriving, or a streamed token on its way out, waited milliseconds for a
+# decode thread that was only doing its per-token bookkeeping. Lowered for the whole process, never raised.
+SWITCH_INTERVAL_S = 0.0005
+METRICS_FLUSH_S = 1.0
 
 
 class Scheduler:
-    """One decode thread over `model`; `submit` is called on the event loop, everything else runs on the thread."""
+    """One decode thread over `model`; `submit` is called on the event loop, everything else runs on the thread.
+
+    Per token the thread does only what the answer needs (sample, detokenize, stop checks); metrics are
+    recorded per request or per METRICS_FLUSH_S, gauges when the set of requests changes, and results cross
+    to the event loop once per iteration (once per request for a non-streamed one), coalesced while the loop
+    has not yet taken the last batch."""
 
     def __init__(
         self,
@@ -161,7 +200,7 @@ class Scheduler:
         self.queue_limit = queue_limit
         self.batching = batching
         self.step_delay_s = step_delay_s  # test aid (`--delay-ms`): slows every decode iteration
-        # Children looked up once: `labels()` costs microseconds, paid per token it would match a decode step.
+        # Children looked up once: `labels()` costs microseconds.
         m = metrics
         self._ttft, self._itl = m.lm_ttft.labels(name), m.lm_itl.labels(name)
         self._e2e, self._queue_time = m.lm_e2e.labels(name), m.lm_queue_time.labels(name)
@@ -169,14 +208,26 @@ class Scheduler:
             m.lm_prompt_tokens.labels(name),
             m.lm_generation_tokens.labels(name),
         )
-        self._running, self._waiting_gauge = m.lm_running.labels(name), m.lm_waiting.labels(name)
+        self._finished = {why: m.lm_finished.labels(name, why) for why in ("stop", "length", "abort")}
+        self._running_gauge, self._waiting_gauge = m.lm_running.labels(name), m.lm_waiting.labels(name)
         self._kv_usage = m.lm_kv_usage.labels(name)
+        self._eos = model.eos_token_ids
         self._gauges: tuple[int, int, int] | None = None
         self.in_flight = 0  # admitted and not yet finished or cancelled (event-loop side)
         self._waiting: collections.deque[_Row] = collections.deque()
         self._cohorts: list[_Cohort] = []
+        self._running = 0  # rows in a cohort and not done (decode thread)
+        # KV positions held: each generator holds max_length per row (onnxruntime-genai shares one buffer for
+        # past and present); usage is this over what max_num_seqs full contexts would need.
+        self._held = 0
+        self._flushed_at = time.perf_counter()
         self._wake = threading.Condition()
         self._stopping = False
+        # Results on their way to an event loop: filled by the decode thread, emptied by the loop.
+        self._outbox_lock = threading.Lock()
+        self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, Delta]]] = {}
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="kiri-decode", daemon=True)
         self._thread.start()
 
@@ -184,8 +235,7 @@ class Scheduler:
 
     def submit(self, prompt: list[int], params: SamplingParams, stream: bool = True) -> GenerationHandle:
         """Admit a request (Overloaded past the queue limit); raises before any work is queued. With `stream`
-        False the request gets one merged `Delta` at the end instead of one per step: a thread hop per token
-        costs more than a decode step of a small model."""
+        False the request gets one merged `Delta` at the end instead of one per step."""
         if self.queue_limit and self.in_flight >= self.queue_limit:
             raise Overloaded(f"{self.in_flight} requests in flight (limit {self.queue_limit}); retry later")
         self.in_flight += 1
@@ -205,16 +255,27 @@ class Scheduler:
             self._wake.notify()
         self._thread.join(timeout=30)
 
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On the event loop: hand every result waiting for it to its request."""
+        with self._outbox_lock:
+            posts = self._outboxes.pop(loop, [])
+        for handle, delta in posts:
+            handle._deliver(delta)
+
     # ------------------------------------------------------------ decode thread
 
     def _run(self) -> None:
         while True:
-            with self._wake:
-                while not self._stopping and not self._waiting and not self._cohorts:
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                arrivals = self._take_arrivals()
+            # While decoding with nobody waiting, no lock: a deque's truth is read atomically.
+            if self._waiting or not self._cohorts or self._stopping:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._cohorts:
+                        self._wake.wait()
+                    if self._stopping:
+                        return
+                    arrivals = self._take_arrivals()
+            else:
+                arrivals = []
             try:
                 self._iterate(arrivals)
             except Exception:  # never let the decode thread die: fail what was running, keep serving
@@ -222,9 +283,8 @@ class Scheduler:
                 self._fail_all()
 
     def _take_arrivals(self) -> list[_Row]:
-        running = sum(1 for c in self._cohorts for r in c.rows if not r.done)
         taken: list[_Row] = []
-        while self._waiting and running + len(taken) < self.max_num_seqs:
+        while self._waiting and self._running + len(taken) < self.max_num_seqs:
             row = self._waiting.popleft()
             if row.handle.cancelled:
                 continue
@@ -233,17 +293,49 @@ class Scheduler:
 
     def _iterate(self, arrivals: list[_Row]) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
-        for cohort_rows in self._group(arrivals):
-            self._start(cohort_rows, posts)
+        ended: list[_Row] = []
+        if arrivals:
+            for cohort_rows in self._group(arrivals):
+                self._start(cohort_rows, posts)
         if self.step_delay_s and self._cohorts:
             time.sleep(self.step_delay_s)
         for cohort in self._cohorts:
-            self._step(cohort, posts)
-        self._cohorts = [c for c in self._cohorts if c.live]
-        self._publish_gauges()
+            self._step(cohort, posts, ended)
+        if ended:
+            self._held -= sum(c.max_length * len(c.rows) for c in self._cohorts if not c.live)
+            self._cohorts = [c for c in self._cohorts if c.live]
+        # Metrics of the requests that ended, before their answers leave: a client that reads /metrics after
+        # its answer finds it counted. Nothing at all in most iterations.
+        for r in ended:
+            self._account(r)
         if posts:
-            loop = posts[0][0].loop
-            loop.call_soon_threadsafe(_deliver_all, posts)
+            self._post(posts)
+        now = time.perf_counter()
+        if now - self._flushed_at >= METRICS_FLUSH_S:
+            self._flushed_at = now
+            for cohort in self._cohorts:
+                for r in cohort.rows:
+                    if not r.done:
+                        self._flush(r)
+        if arrivals or ended or self._gauges is None or len(self._waiting) != self._gauges[1]:
+            self._publish_gauges()
+
+    def _post(self, posts: list[tuple[GenerationHandle, Delta]]) -> None:
+        """Queue results for their event loop; wake it only if it has not been woken for earlier ones yet."""
+        wake: list[asyncio.AbstractEventLoop] = []
+        with self._outbox_lock:
+            for handle, delta in posts:
+                box = self._outboxes.get(handle.loop)
+                if box is None:
+                    box = self._outboxes[handle.loop] = []
+                    wake.append(handle.loop)
+                box.append((handle, delta))
+        for loop in wake:
+            try:
+                loop.call_soon_threadsafe(self._deliver, loop)
+            except RuntimeError:  # the loop is closed (server stopped): nobody to answer
+                with self._outbox_lock:
+                    self._outboxes.pop(loop, None)
 
     def _group(self, arrivals: list[_Row]) -> list[list[_Row]]:
         """Arrivals with equal prompt lengths and sampling options batched together (no padding: see above)."""
@@ -278,78 +370,109 @@ class Scheduler:
                 posts.append((r.handle, Delta(error=error)))
             return
         for r in live:
-            r.started = now
             r.stream = self.model.tokenizer.create_stream()
+            r.stop_ids = self._eos.union(r.params.stop_token_ids)
             self._queue_time.observe(now - r.submitted)
-            self._prompt_tokens.inc(len(r.prompt))
+        self._prompt_tokens.inc(sum(len(r.prompt) for r in live))
         wants_logits = any(r.params.logprobs is not None for r in live)
-        self._cohorts.append(_Cohort(generator, live, max_length, wants_logits))
+        self._cohorts.append(_Cohort(generator, live, max_length, wants_logits, len(live)))
+        self._running += len(live)
+        self._held += max_length * len(live)
 
-    def _step(self, cohort: _Cohort, posts: list[tuple[GenerationHandle, Delta]]) -> None:
-        for r in cohort.rows:
-            if not r.done and r.handle.cancelled:
-                r.done = True
-                self.metrics.lm_finished.labels(self.name, "abort").inc()
-        if not cohort.live:
-            return
+    def _step(self, cohort: _Cohort, posts: list[tuple[GenerationHandle, Delta]], ended: list[_Row]) -> None:
+        rows = cohort.rows
         g = cohort.generator
         logits = None
         if cohort.logits:
-            logits = np.asarray(g.get_logits(), dtype=np.float32).reshape(len(cohort.rows), -1)
+            logits = np.asarray(g.get_logits(), dtype=np.float32).reshape(len(rows), -1)
         g.generate_next_token()
-        tokens = g.get_next_tokens()
+        tokens = g.get_next_tokens().tolist()
         now = time.perf_counter()
         exhausted = g.is_done()
-        generated = 0
-        for i, r in enumerate(cohort.rows):
+        for i, r in enumerate(rows):
             if r.done:
                 continue
-            generated += 1
-            delta = self._advance(r, int(tokens[i]), None if logits is None else logits[i], now)
-            if exhausted and delta.finish_reason is None:
-                self._finish(r, delta, "length", "length", now)
-            if not r.streaming:
-                delta = _merge(r.merged, delta)
-                if delta.finish_reason is None:
-                    r.merged = delta
-                    continue
-            posts.append((r.handle, delta))
-        self._generation_tokens.inc(generated)
+            if r.handle.cancelled:  # the client went away: its token is dropped, its row ends here
+                self._end(cohort, r, "abort", ended)
+                continue
+            delta = self._advance(r, tokens[i], None if logits is None else logits[i], now, exhausted)
+            if r.done:
+                self._end(cohort, r, r.finish or "length", ended)
+            if delta is not None:
+                posts.append((r.handle, delta))
 
-    def _advance(self, r: _Row, token: int, logits: np.ndarray | None, now: float) -> Delta:
-        if r.generated == 0:
+    def _end(self, cohort: _Cohort, r: _Row, finish: str, ended: list[_Row]) -> None:
+        r.done, r.finish = True, finish
+        cohort.live -= 1
+        self._running -= 1
+        ended.append(r)
+
+    def _advance(
+        self, r: _Row, token: int, logits: np.ndarray | None, now: float, exhausted: bool
+    ) -> Delta | None:
+        """One token for one row: its Delta (streamed, or the merged answer when it ends), or None."""
+        r.stamps.append(now)
+        if not r.generated:
             self._ttft.observe(now - r.submitted)
-        else:
-            self._itl.observe(now - r.last_token)
-        r.last_token = now
         r.generated += 1
-        delta = Delta()
-        if r.params.logprobs is not None and logits is not None:
-            delta.logprobs.append(self._logprob(token, logits, r.params.logprobs))
-        if token in self.model.eos_token_ids or token in r.params.stop_token_ids:
-            why = "eos_token" if token in self.model.eos_token_ids else "stop_token"
-            delta.text, r.pending = r.pending, ""
-            return self._finish(r, delta, "stop", why, now)
-        delta.token_ids.append(token)
-        r.pending += r.stream.decode(token)
-        text, stopped = _cut_at_stop(r.pending, r.params.stop)
-        if stopped:
-            delta.text, r.pending = text, ""
-            return self._finish(r, delta, "stop", "stop_sequence", now)
-        hold = _held_back(text, r.params.stop)
-        delta.text, r.pending = text[: len(text) - hold], text[len(text) - hold :]
-        if r.generated >= r.params.max_tokens:
-            delta.text, r.pending = delta.text + r.pending, ""
-            return self._finish(r, delta, "length", "length", now)
-        return delta
+        params = r.params
+        lp = None
+        if logits is not None and params.logprobs is not None:
+            lp = self._logprob(token, logits, params.logprobs)
+        if token in r.stop_ids:
+            text, r.pending = r.pending, ""
+            return self._final(r, text, None, lp, "stop", "eos_token" if token in self._eos else "stop_token")
+        text = r.stream.decode(token)
+        if params.stop:
+            text, stopped = _cut_at_stop(r.pending + text, params.stop)
+            if stopped:
+                r.pending = ""
+                return self._final(r, text, token, lp, "stop", "stop_sequence")
+            hold = _held_back(text, params.stop)
+            text, r.pending = text[: len(text) - hold], text[len(text) - hold :]
+        if r.generated >= params.max_tokens or exhausted:
+            text, r.pending = text + r.pending, ""
+            return self._final(r, text, token, lp, "length", "length")
+        if r.streaming:
+            return Delta(text, [token], [lp] if lp is not None else [])
+        r.texts.append(text)
+        r.token_ids.append(token)
+        if lp is not None:
+            r.logprobs.append(lp)
+        return None
 
-    def _finish(self, r: _Row, delta: Delta, finish: str, why: str, now: float) -> Delta:
-        r.done = True
+    def _final(
+        self, r: _Row, text: str, token: int | None, lp: TokenLogprob | None, finish: str, why: str
+    ) -> Delta:
+        r.done, r.finish = True, finish
+        if r.streaming:
+            delta = Delta(text, [] if token is None else [token], [] if lp is None else [lp])
+        else:
+            r.texts.append(text)
+            if token is not None:
+                r.token_ids.append(token)
+            if lp is not None:
+                r.logprobs.append(lp)
+            delta = Delta("".join(r.texts), r.token_ids, r.logprobs)
         delta.finish_reason, delta.stop_reason = finish, why
         delta.prompt_tokens, delta.completion_tokens = len(r.prompt), r.generated
-        self._e2e.observe(now - r.submitted)
-        self.metrics.lm_finished.labels(self.name, finish).inc()
         return delta
+
+    def _account(self, r: _Row) -> None:
+        """A request's metrics once it has ended."""
+        self._flush(r)
+        if r.finish != "abort" and r.stamps:
+            self._e2e.observe(r.stamps[-1] - r.submitted)
+        self._finished[r.finish or "abort"].inc()
+
+    def _flush(self, r: _Row) -> None:
+        """Generation tokens and inter-token latencies recorded since the last flush, into the metrics."""
+        stamps, start = r.stamps, r.flushed
+        if start == len(stamps):
+            return
+        self._generation_tokens.inc(len(stamps) - start)
+        observe_many(self._itl, [stamps[k] - stamps[k - 1] for k in range(max(start, 1), len(stamps))])
+        r.flushed = len(stamps)
 
     def _logprob(self, token: int, logits: np.ndarray, top_n: int) -> TokenLogprob:
         shifted = logits - logits.max()
@@ -362,16 +485,13 @@ class Scheduler:
         return TokenLogprob(token, self.model.token_text(token), float(logp[token]), top)
 
     def _publish_gauges(self) -> None:
-        running = sum(1 for c in self._cohorts for r in c.rows if not r.done)
-        # Each generator holds max_length KV positions per row (onnxruntime-genai shares one buffer for past
-        # and present), so usage is the positions held over what max_num_seqs full contexts would need.
-        held = sum(c.max_length * len(c.rows) for c in self._cohorts)
-        gauges = (running, len(self._waiting), held)
-        if gauges != self._gauges:  # set only on change: most iterations change nothing
-            self._gauges = gauges
-            self._running.set(running)
-            self._waiting_gauge.set(len(self._waiting))
-            self._kv_usage.set(held / (self.max_num_seqs * self.model.context_length))
+        gauges = (self._running, len(self._waiting), self._held)
+        if gauges == self._gauges:
+            return  # most iterations change nothing
+        self._gauges = gauges
+        self._running_gauge.set(gauges[0])
+        self._waiting_gauge.set(gauges[1])
+        self._kv_usage.set(gauges[2] / (self.max_num_seqs * self.model.context_length))
 
     def _fail_all(self) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
@@ -382,24 +502,10 @@ class Scheduler:
                     r.done = True
                     posts.append((r.handle, Delta(error=error)))
         self._cohorts = []
+        self._running = self._held = 0
+        self._publish_gauges()
         if posts:
-            posts[0][0].loop.call_soon_threadsafe(_deliver_all, posts)
-
-
-def _merge(before: Delta | None, after: Delta) -> Delta:
-    if before is None:
-        return after
-    before.text += after.text
-    before.token_ids += after.token_ids
-    before.logprobs += after.logprobs
-    before.finish_reason, before.stop_reason = after.finish_reason, after.stop_reason
-    before.prompt_tokens, before.completion_tokens = after.prompt_tokens, after.completion_tokens
-    return before
-
-
-def _deliver_all(posts: list[tuple[GenerationHandle, Delta]]) -> None:
-    for handle, delta in posts:
-        handle._deliver(delta)
+            self._post(posts)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:

@@ -30,15 +30,18 @@ label `model` instead of `model_name`); docs/operations.md has the mapping:
 | name | type | labels | meaning |
 |---|---|---|---|
 | `kiri:time_to_first_token_seconds` | histogram | model | request admitted to its first generated token |
-| `kiri:inter_token_latency_seconds` | histogram | model | between two tokens of one request |
+| `kiri:inter_token_latency_seconds` | histogram | model | between two tokens of one request (¹) |
 | `kiri:e2e_request_latency_seconds` | histogram | model | request admitted to its last token |
 | `kiri:request_queue_time_seconds` | histogram | model | admitted to its prefill starting |
 | `kiri:prompt_tokens_total` | counter | model | prompt tokens prefilled |
-| `kiri:generation_tokens_total` | counter | model | tokens generated |
+| `kiri:generation_tokens_total` | counter | model | tokens generated (¹) |
 | `kiri:request_success_total` | counter | model, finished_reason | finished requests: `stop`, `length`, `abort` (client gone) |
 | `kiri:num_requests_running` | gauge | model | requests in a decode batch |
 | `kiri:num_requests_waiting` | gauge | model | requests admitted and not yet prefilled |
 | `kiri:kv_cache_usage_perc` | gauge | model | KV positions allocated over `max_num_seqs` full contexts (0..1) |
+
+(¹) Recorded when the request ends and every second while it decodes, not per token (a per-token update cost
+about as much as the token's other bookkeeping on a small model); the values are the same.
 
 Generation requests also count where infer requests do (`kiri_requests_total{model, code}` and
 `kiri_request_duration_seconds`, for a stream until its last event; a 4xx, or 499 for a client that went away, in
@@ -50,6 +53,9 @@ fallback share `sum(rate(kiri_fallback_total[5m])) / sum(rate(kiri_requests_tota
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -188,3 +194,20 @@ class RuntimeMetrics:
             return
         self.requests.labels(model, str(status)).inc()
         self.request_duration.labels(model).observe(seconds)
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for every v, as one update per bucket: the decode thread records inter-token
+    latencies per token and observes them when a request finishes, where a plain `observe` per token (a lock and a
+    bucket scan each) cost about as much as the rest of the token's bookkeeping. prometheus_client has no bulk
+    observe, so this reads the child's bucket bounds and values; `Histogram.observe` does exactly this per value."""
+    if not values:
+        return
+    bounds = histogram._upper_bounds
+    counts = [0] * len(bounds)
+    for v in values:
+        counts[bisect_left(bounds, v)] += 1  # the first bound >= v, like observe's `v <= bound`
+    histogram._sum.inc(sum(values))
+    for i, count in enumerate(counts):
+        if count:
+            histogram._buckets[i].inc(count)

@@ -407,10 +407,7 @@ async def _drain(request: web.Request, handle: GenerationHandle) -> list[Delta] 
                 handle.cancel()
                 return None
         if first is not None:
-            deltas = [first]
-            while not handle.queue.empty():
-                deltas.append(handle.queue.get_nowait())
-            return deltas
+            return [first, *handle.ready()]
 
 
 async def _collect(request: web.Request, handle: GenerationHandle) -> tuple[list[Delta], int]:

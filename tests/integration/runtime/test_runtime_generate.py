@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
-from runtime_helpers import ThreadedServer, sha256_of
+from runtime_helpers import ThreadedServer, metric_samples, sample, sha256_of
 
 from kiri_runtime.serving import ServeConfig
 
@@ -425,6 +425,30 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(
     assert metric(server, "kiri_rejected_requests_total", model="tiny", code="499") == 1
     assert metric(server, "kiri:num_requests_running", model="tiny") == 0
     assert metric(server, "kiri:generation_tokens_total", model="tiny") < 400
+
+
+def test_a_long_request_counts_its_tokens_and_inter_token_latencies_while_it_is_still_decoding(
+    start: Callable[..., ThreadedServer],
+) -> None:
+    # The decode thread records metrics per request, not per token, but brings a running request's up to date
+    # every METRICS_FLUSH_S (1 s): a dashboard sees a long generation progress.
+    server = start(delay_ms=20.0)  # 400 tokens would take 8 s
+    sock = _send(server, LONG)
+    try:
+        _wait_running(server, 1)
+        deadline = time.monotonic() + 5
+        while metric(server, "kiri:generation_tokens_total", model="tiny") == 0:
+            assert time.monotonic() < deadline, "no generated token counted while decoding"
+            time.sleep(0.05)
+        now = metric_samples(server.url)  # one scrape: a flush may land between two
+        counted = sample(now, "kiri:generation_tokens_total", model="tiny")
+        assert 0 < counted < 400
+        assert sample(now, "kiri:num_requests_running", model="tiny") == 1
+        assert sample(now, "kiri:inter_token_latency_seconds_count", model="tiny") == counted - 1
+        assert sample(now, "kiri:time_to_first_token_seconds_count", model="tiny") == 1
+        assert sample(now, "kiri:e2e_request_latency_seconds_count", model="tiny") == 0
+    finally:
+        sock.close()
 
 
 def test_a_packed_model_is_served_only_once_its_digest_is_verified(genai_dir: Path, tmp_path: Path) -> None:
