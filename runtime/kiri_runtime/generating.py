@@ -18,6 +18,9 @@ mid-generation starts at the next iteration instead of waiting for the others to
 Sampling is onnxruntime-genai's own (greedy argmax, or temperature / top-k / top-p with its seeded RNG), so a
 greedy answer is token for token what a plain onnxruntime-genai greedy loop gives. Stop tokens, stop strings,
 max_tokens and log-probabilities (from the logits the token was drawn from) are handled here per row.
+
+Why one module: most of it is `Scheduler`, whose admission, cohort forming, decode loop and cancellation share
+one lock and one thread's state; split across modules, that state would be reached from several places.
 """
 
 from __future__ import annotations
