@@ -28,7 +28,7 @@ class RecordingKube:
         self.calls: list[tuple[str, str, str]] = []
         self.refuse = refuse
         self.resource_version = 100
-        self.events: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}
 
     def _rv(self, body: dict[str, Any]) -> dict[str, Any]:
         self.resource_version += 1
@@ -45,9 +45,9 @@ class RecordingKube:
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self.calls.append(("delete", kind, name))
 
-    def events_about(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
-        self.calls.append(("events", kind, name))
-        return list(self.events.get((kind, name, reason), []))
+    def events_with_reason(self, namespace: str, reason: str) -> list[dict[str, Any]]:
+        self.calls.append(("events", namespace, reason))
+        return list(self.events.get(reason, []))
 
     def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("status", "ModelDeployment", name))
@@ -315,3 +315,28 @@ def test_a_prometheus_outside_the_allow_list_is_never_asked_and_the_spec_is_refu
     assert (ready["reason"] == "PrometheusNotAllowed") is not asked
     applied = [c for c in kube.calls if c[0] == "apply"]
     assert bool(applied) is asked
+
+
+def _failed_create(kind: str, name: str) -> dict[str, Any]:
+    return {"involvedObject": {"kind": kind, "name": name}, "reason": "FailedCreate", "message": "m"}
+
+
+def test_a_namespaces_failed_creates_are_listed_once_per_ttl_however_many_children_ask():
+    kube = RecordingKube()
+    kube.events["FailedCreate"] = [_failed_create("DaemonSet", "a"), _failed_create("Job", "a")]
+    now = [0.0]
+    seen = reconciling.FailedCreates(kube, ttl=15.0, monotonic=lambda: now[0])  # type: ignore[arg-type]
+    assert seen.about("ns", "DaemonSet", "a") == [_failed_create("DaemonSet", "a")]
+    assert seen.about("ns", "DaemonSet", "b") == []
+    now[0] = 14.9
+    assert seen.about("ns", "Job", "a") == [_failed_create("Job", "a")]
+    assert kube.calls == [("events", "ns", "FailedCreate")]
+    seen.about("other", "Job", "a")  # each namespace its own LIST
+    now[0] = 15.0
+    kube.events["FailedCreate"] = []
+    assert seen.about("ns", "DaemonSet", "a") == []
+    assert kube.calls == [
+        ("events", "ns", "FailedCreate"),
+        ("events", "other", "FailedCreate"),
+        ("events", "ns", "FailedCreate"),
+    ]
