@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 try:
     from kiri_operator.planning.settings import DEFAULT_HOST_STORE_ROOTS
 except ImportError:  # the code before the planner redesign, which bench/scale runs for comparison
-    DEFAULT_HOST_STORE_ROOTS = ()
+    DEFAULT_HOST_STORE_ROOTS = ()  # type: ignore[assignment]
 
 from .conftest import REPO_ROOT, Cluster
 
