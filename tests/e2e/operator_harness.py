@@ -26,8 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 try:
     from kiri_operator.planning.settings import DEFAULT_HOST_STORE_ROOTS
-except ImportError:  # the code before the planner redesign, which bench/scale runs for comparison
-    DEFAULT_HOST_STORE_ROOTS = ()  # type: ignore[assignment]
+
+    HOST_STORE_ROOTS = True
+except ImportError:  # the code before the planner redesign and host-path rules, which bench/scale runs
+    HOST_STORE_ROOTS = False
 
 from .conftest import REPO_ROOT, Cluster
 
@@ -61,7 +63,7 @@ class Operator:
             str(self.port),
             *self.extra,
         ]
-        if not any(e.startswith("--host-store-root") for e in self.extra):
+        if HOST_STORE_ROOTS and not any(e.startswith("--host-store-root") for e in self.extra):
             # The tests' file:// stores live in pytest's temporary directories: the admin allows those, and
             # the chart's defaults (the learning tests' site data is the API's default path).
             for root in (tempfile.gettempdir(), *DEFAULT_HOST_STORE_ROOTS):
