@@ -555,6 +555,102 @@ class FallbackSpec(ApiModel):
     """Requests waiting locally beyond this go to the cloud."""
 
 
+CollaborationMode = Literal["edge-only", "cloud-only", "speculative", "cascade"]
+CascadeMetric = Literal["margin", "top1", "entropy"]
+# Modes in which the edge talks to the cloud tier per token.
+CLOUD_MODES = ("cloud-only", "speculative", "cascade")
+MAX_ENTROPY_NATS = 20.0
+_CASCADE_ONLY = "edge.collaboration.cascade applies only to mode cascade"
+_SPECULATIVE_ONLY = "edge.collaboration.speculative applies only to mode speculative"
+_THRESHOLD_SHARE = "edge.collaboration.cascade.threshold must be between 0 and 1 for metric margin or top1"
+_K_OVER_MAX = "edge.collaboration.speculative.k must not exceed edge.collaboration.speculative.maxK"
+
+
+class CascadeSpec(ApiModel):
+    """`cascade`: the edge generates while its uncertainty stays at or under `threshold`; past it the cloud
+    continues from the prefix."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.metric == 'entropy' || self.threshold <= 1.0",
+                _THRESHOLD_SHARE,
+                field_path=".threshold",
+            )
+        )
+    )
+
+    metric: CascadeMetric = "margin"
+    """Per-token uncertainty: `margin` (1 - (top-1 - runner-up probability)), `top1` (1 - top-1 probability)
+    or `entropy` (of the next-token distribution, in nats). `kiri serve --cascade-metric`."""
+    threshold: Annotated[float, Field(ge=0.0, le=MAX_ENTROPY_NATS)] = 0.7
+    """Hand off above this uncertainty: 0..1 for `margin` and `top1`, 0..20 nats for `entropy`.
+    `--cascade-threshold`."""
+    window: Annotated[int, Field(ge=1, le=64)] = 1
+    """Tokens the uncertainty is averaged over. `--cascade-window`."""
+    cloud_tokens: Annotated[int, Field(ge=0, le=4096)] = 0
+    """Tokens the cloud produces per hand-off before the edge resumes; 0: the cloud finishes the answer.
+    `--cascade-cloud-tokens`."""
+
+    @model_validator(mode="after")
+    def _threshold_fits_metric(self) -> CascadeSpec:
+        if self.metric != "entropy" and self.threshold > 1.0:
+            raise ValueError(_THRESHOLD_SHARE)
+        return self
+
+
+class SpeculativeSpec(ApiModel):
+    """`speculative`: the edge drafts `k` tokens, the cloud verifies them in one forward pass (lossless)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(cel("self.k <= self.maxK", _K_OVER_MAX, field_path=".k"))
+    )
+
+    k: Annotated[int, Field(ge=0, le=64)] = 0
+    """Draft tokens per verify round; 0 adapts k to the measured acceptance rate and round trip.
+    `--speculative-k`."""
+    max_k: Annotated[int, Field(ge=1, le=64)] = 12
+    """Upper bound of the adaptive k. `--speculative-max-k`."""
+
+    @model_validator(mode="after")
+    def _k_within_max(self) -> SpeculativeSpec:
+        if self.k > self.max_k:
+            raise ValueError(_K_OVER_MAX)
+        return self
+
+
+class CollaborationSpec(ApiModel):
+    """Edge-cloud collaborative generation of a language model, token by token (docs/operations.md
+    "Edge-cloud collaboration"). The edge pods' cloud tier is this ModelDeployment's cloud Service."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("!has(self.cascade) || self.mode == 'cascade'", _CASCADE_ONLY, field_path=".cascade"),
+            cel(
+                "!has(self.speculative) || self.mode == 'speculative'",
+                _SPECULATIVE_ONLY,
+                field_path=".speculative",
+            ),
+        )
+    )
+
+    mode: CollaborationMode = "edge-only"
+    """`edge-only` (the edge answers; the cloud only when the edge is not ready or overloaded), `cloud-only`,
+    `speculative` or `cascade`. A request may pick another (body field `kiri.collaboration`)."""
+    cascade: CascadeSpec | None = None
+    """Settings of mode `cascade` (its defaults when unset)."""
+    speculative: SpeculativeSpec | None = None
+    """Settings of mode `speculative` (its defaults when unset)."""
+
+    @model_validator(mode="after")
+    def _settings_fit_mode(self) -> CollaborationSpec:
+        if self.cascade is not None and self.mode != "cascade":
+            raise ValueError(_CASCADE_ONLY)
+        if self.speculative is not None and self.mode != "speculative":
+            raise ValueError(_SPECULATIVE_ONLY)
+        return self
+
+
 CACHE_PATH_REFUSED = (
     "edge.cache.path is no longer a spec field: the node cache is the cluster admin's (the chart's"
     " edgeCache.root), split per namespace and model; remove it"
@@ -630,6 +726,9 @@ class EdgeSpec(ApiModel):
     ] = []
     """Empty: cloud serving only, nothing goes to edge nodes."""
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    collaboration: CollaborationSpec | None = None
+    """Language models (`hf`, `gguf`): how the edge works with the cloud tier token by token. Part of the
+    revision: changing it rolls out in waves like any other change. Unset: `edge-only`."""
     cache: CacheSpec = Field(default_factory=CacheSpec)
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
     service_account_name: ServiceAccountName | None = None
@@ -709,14 +808,76 @@ class PrometheusSpec(ApiModel):
     `http://prometheus-operated.monitoring.svc:9090`."""
 
 
+AnalysisPreset = Literal["ttft-p95", "itl-p95", "error-ratio", "handoff-ratio"]
+_SELECTOR = 'namespace="$namespace",revision="$revision",variant=~"$variant"'
+_STABLE_SELECTOR = 'namespace="$namespace",revision="$stableRevision",variant=~"$variant"'
+# Each preset's PromQL with {sel} for the revision's series and {w} for the rate window (docs/operations.md
+# "Rollout analysis for language models"). Names as the runtime exports them (runtime/kiri_runtime/metrics.py).
+PRESET_QUERIES: dict[str, str] = {
+    "ttft-p95": "histogram_quantile(0.95, sum by (le) (rate(kiri:time_to_first_token_seconds_bucket{{{sel}}}[{w}])))",
+    "itl-p95": "histogram_quantile(0.95, sum by (le) (rate(kiri:inter_token_latency_seconds_bucket{{{sel}}}[{w}])))",
+    "error-ratio": 'sum(rate(kiri_requests_total{{{sel},code=~"5.."}}[{w}])) / sum(rate(kiri_requests_total{{{sel}}}[{w}]))',
+    "handoff-ratio": 'sum(rate(kiri:collab_handoffs_total{{{sel},reason="uncertainty"}}[{w}]))'
+    " / sum(rate(kiri:collab_tokens_total{{{sel}}}[{w}]))",
+}
+# The stable revision's value is floored at this before dividing, so a stable revision at 0 (no hand-offs)
+# makes the ratio large, not infinite (an infinite point is no sample and would only hold the wave).
+PRESET_FLOORS: dict[str, float] = {"ttft-p95": 0.001, "itl-p95": 0.001, "handoff-ratio": 0.001}
+_QUERY_XOR_PRESET = "analysis.queries[]: set exactly one of query or preset"
+_RELATIVE_NEEDS_PRESET = (
+    "analysis.queries[].relativeToStable applies only to preset ttft-p95, itl-p95 or handoff-ratio"
+    " (an error ratio is gated absolutely; a raw query can use $stableRevision itself)"
+)
+
+
+def preset_window(interval: int) -> str:
+    """The rate window of a preset: two measurement intervals, at least one minute (four scrapes at 15 s)."""
+    return f"{max(60, 2 * interval)}s"
+
+
+def preset_promql(preset: str, interval: int, relative_to_stable: bool) -> str:
+    """The PromQL a preset stands for; `$namespace`, `$revision`, `$stableRevision` and `$variant` are
+    substituted when it runs. Relative: the canary's value over the stable revision's, 1 when the stable
+    revision has no data (the first rollout)."""
+    w = preset_window(interval)
+    canary = PRESET_QUERIES[preset].format(sel=_SELECTOR, w=w)
+    if not relative_to_stable:
+        return canary
+    stable = PRESET_QUERIES[preset].format(sel=_STABLE_SELECTOR, w=w)
+    return f"(({canary}) / clamp_min({stable}, {PRESET_FLOORS[preset]})) or (({canary}) * 0 + 1)"
+
+
 class AnalysisQuery(ApiModel):
-    """A PromQL query evaluated every `interval` during a wave's bake time."""
+    """A PromQL query (or a named preset for language models) evaluated every `interval` during a wave's bake
+    time."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("has(self.query) != has(self.preset)", _QUERY_XOR_PRESET),
+            cel(
+                "!has(self.relativeToStable) || !self.relativeToStable"
+                " || has(self.preset) && self.preset in ['ttft-p95', 'itl-p95', 'handoff-ratio']",
+                _RELATIVE_NEEDS_PRESET,
+                field_path=".relativeToStable",
+            ),
+        )
+    )
 
     name: Name
     """Unique name, used in events and conditions."""
-    query: Annotated[str, Field(min_length=1, max_length=4096)]
-    """PromQL returning one scalar or a one-element vector. `$revision`, `$variant` and `$namespace` are
-    substituted before it runs."""
+    query: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    """PromQL returning one scalar or a one-element vector. `$revision`, `$stableRevision` (the revision the
+    rollout started from; empty on a first rollout), `$variant` and `$namespace` are substituted before it
+    runs. Exactly one of `query` and `preset`."""
+    preset: AnalysisPreset | None = None
+    """A named query on the language-model metrics of the update revision's edge pods: `ttft-p95` (seconds
+    to the first token, 95th percentile), `itl-p95` (seconds between tokens, 95th percentile), `error-ratio`
+    (5xx over all requests) or `handoff-ratio` (the cascade's uncertainty hand-offs per answer token). The
+    rate window is two intervals, at least 60s. docs/operations.md lists the PromQL each stands for."""
+    relative_to_stable: bool = False
+    """Presets `ttft-p95`, `itl-p95`, `handoff-ratio`: the result is the update revision's value over the
+    stable revision's (floored at 0.001), so `result <= 1.2` allows 20% worse; 1 while there is no stable
+    revision with data."""
     success_condition: Annotated[
         str,
         Field(
@@ -732,6 +893,22 @@ class AnalysisQuery(ApiModel):
     """Failed measurements tolerated; one more fails the wave and rolls back."""
     min_samples: Annotated[int, Field(ge=1, le=1000)] = 1
     """Measurements with data needed for a verdict. Fewer is inconclusive: the wave holds, no rollback."""
+
+    @model_validator(mode="after")
+    def _query_or_preset(self) -> AnalysisQuery:
+        if (self.query is None) == (self.preset is None):
+            raise ValueError(_QUERY_XOR_PRESET)
+        if self.relative_to_stable and self.preset not in PRESET_FLOORS:
+            raise ValueError(_RELATIVE_NEEDS_PRESET)
+        return self
+
+    @property
+    def promql(self) -> str:
+        """The query to run, before substitution: `query`, or the preset's PromQL."""
+        if self.query is not None:
+            return self.query
+        assert self.preset is not None
+        return preset_promql(self.preset, self.interval, self.relative_to_stable)
 
 
 class AnalysisSpec(ApiModel):
@@ -965,6 +1142,14 @@ _NEEDS_LM_METRIC = (
     "a language model (model.source.format hf or gguf) is gated (edge.variants[].gate) on kl, top1-agreement, "
     "perplexity or greedy-match, not cosine or max-abs-error"
 )
+_COLLAB_NEEDS_LM = (
+    "edge.collaboration is for language models (model.source.format hf or gguf): a tensor model's edge "
+    "forwards whole requests to the cloud (edge.fallback)"
+)
+_COLLAB_NEEDS_CLOUD = (
+    "edge.collaboration.mode cloud-only, speculative and cascade need the cloud tier: cloud.replicas must be at "
+    "least 1 and edge.fallback.enabled true (the edge reaches the cloud Service through it)"
+)
 _NEEDS_LM_EVAL = "model.evalDataUri is required for a language model with variants (JSON Lines of texts or chats to gate on)"
 
 
@@ -1015,6 +1200,19 @@ class ModelDeploymentSpec(ApiModel):
                 _NEEDS_LM_EVAL,
                 field_path=".model.evalDataUri",
             ),
+            cel(
+                f"!has(self.edge) || !has(self.edge.collaboration) || {_IS_LM}",
+                _COLLAB_NEEDS_LM,
+                field_path=".edge.collaboration",
+            ),
+            cel(
+                "!has(self.edge) || !has(self.edge.collaboration) || !has(self.edge.collaboration.mode)"
+                " || self.edge.collaboration.mode == 'edge-only'"
+                " || (!has(self.cloud) || !has(self.cloud.replicas) || self.cloud.replicas > 0)"
+                " && (!has(self.edge.fallback) || !has(self.edge.fallback.enabled) || self.edge.fallback.enabled)",
+                _COLLAB_NEEDS_CLOUD,
+                field_path=".edge.collaboration.mode",
+            ),
         )
     )
 
@@ -1036,6 +1234,14 @@ class ModelDeploymentSpec(ApiModel):
             raise ValueError(
                 "model.evalDataUri is required with learning (learned weights are exported and checked on it)"
             )
+        collaboration = self.edge.collaboration
+        if collaboration is not None:
+            if self.model.source.format not in LM_FORMATS:
+                raise ValueError(_COLLAB_NEEDS_LM)
+            if collaboration.mode in CLOUD_MODES and (
+                self.cloud.replicas == 0 or not self.edge.fallback.enabled
+            ):
+                raise ValueError(_COLLAB_NEEDS_CLOUD)
         variants = self.edge.variants
         if self.model.source.format not in LM_FORMATS:
             if any(v.method in LM_METHODS or any(g.metric in LM_METRICS for g in v.gate) for v in variants):

@@ -23,7 +23,9 @@ from kiri_operator.api.access import CREDENTIAL_KEYS, StoreCredentials
 from kiri_operator.api.specs import (
     DEFAULT_ARTIFACTS_URI,
     LM_FORMATS,
+    CascadeSpec,
     ModelDeploymentSpec,
+    SpeculativeSpec,
     Toleration,
     Variant,
     is_default_gate,
@@ -657,6 +659,32 @@ def edge_template_hash(ds: Mapping[str, Any]) -> str:
     return canonical_hash(blank)
 
 
+def collaboration_args(spec: ModelDeploymentSpec) -> list[str]:
+    """`kiri serve` flags of the edge's collaboration with the cloud tier; none when the spec sets none (the
+    runtime's default, edge-only, and the DaemonSets of specs without the field stay as they were). The
+    cloud tier is the `--fallback-url` above (the cloud Service); the admission rules make sure it is there."""
+    collaboration = spec.edge.collaboration
+    if collaboration is None:
+        return []
+    args = ["--collaboration", collaboration.mode, "--cloud-model", spec.model.name]
+    if collaboration.mode == "cascade":
+        cascade = collaboration.cascade or CascadeSpec()
+        args += [
+            "--cascade-metric",
+            cascade.metric,
+            "--cascade-threshold",
+            str(cascade.threshold),
+            "--cascade-window",
+            str(cascade.window),
+            "--cascade-cloud-tokens",
+            str(cascade.cloud_tokens),
+        ]
+    elif collaboration.mode == "speculative":
+        speculative = collaboration.speculative or SpeculativeSpec()
+        args += ["--speculative-k", str(speculative.k), "--speculative-max-k", str(speculative.max_k)]
+    return args
+
+
 def edge_daemonset(
     spec: ModelDeploymentSpec,
     owner: Owner,
@@ -715,6 +743,7 @@ def edge_daemonset(
         ]
         if edge.fallback.confidence_threshold is not None:
             args += ["--confidence-threshold", str(edge.fallback.confidence_threshold)]
+    args += collaboration_args(spec)
     container = {
         "name": "kiri-serve",
         "image": spec.runtime.image,

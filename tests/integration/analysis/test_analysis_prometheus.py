@@ -33,7 +33,7 @@ ERROR_RATIO = (
 @dataclass(frozen=True)
 class Query:
     name: str = "error-ratio"
-    query: str = ERROR_RATIO
+    promql: str = ERROR_RATIO
     success_condition: str = "result < 0.1"
     interval: int = INTERVAL
     failure_limit: int = 1
@@ -79,7 +79,7 @@ def test_more_samples_than_the_wave_has_had_is_inconclusive(analysis_lab) -> Non
 
 
 def test_a_query_prometheus_rejects_holds_with_its_error(analysis_lab) -> None:  # type: ignore[no-untyped-def]
-    m, _ = measure(analysis_lab, "healthy", Query(query="sum(rate(kiri_requests_total[4s]"))
+    m, _ = measure(analysis_lab, "healthy", Query(promql="sum(rate(kiri_requests_total[4s]"))
     assert m.outcome == "Error"
     assert "bad_data" in m.message
 
