@@ -86,7 +86,7 @@ class Substitutions:
     namespace: str
     variants: Sequence[str] = ()
     stable_revision: str = ""
-    """The revision the rollout started from; empty on a first rollout."""
+    """The last revision that reached every node (the one not-yet-updated nodes run); empty on a first rollout."""
 
     def apply(self, query: str) -> str:
         variant = "|".join(sorted(set(self.variants)))

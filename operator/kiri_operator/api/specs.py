@@ -25,6 +25,7 @@ from kiri_operator.api.access import (
     StoreCredentials,
 )
 from kiri_operator.api.bases import ApiModel, cel, cel_rules
+from kiri_operator.api.presets import PRESET_FLOORS, AnalysisPreset, preset_promql
 from kiri_operator.api.scalars import DnsLabel, IntOrPercent, LabelKey, Quantity, Sha256, Uri
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
@@ -808,43 +809,11 @@ class PrometheusSpec(ApiModel):
     `http://prometheus-operated.monitoring.svc:9090`."""
 
 
-AnalysisPreset = Literal["ttft-p95", "itl-p95", "error-ratio", "handoff-ratio"]
-_SELECTOR = 'namespace="$namespace",revision="$revision",variant=~"$variant"'
-_STABLE_SELECTOR = 'namespace="$namespace",revision="$stableRevision",variant=~"$variant"'
-# Each preset's PromQL with {sel} for the revision's series and {w} for the rate window (docs/operations.md
-# "Rollout analysis for language models"). Names as the runtime exports them (runtime/kiri_runtime/metrics.py).
-PRESET_QUERIES: dict[str, str] = {
-    "ttft-p95": "histogram_quantile(0.95, sum by (le) (rate(kiri:time_to_first_token_seconds_bucket{{{sel}}}[{w}])))",
-    "itl-p95": "histogram_quantile(0.95, sum by (le) (rate(kiri:inter_token_latency_seconds_bucket{{{sel}}}[{w}])))",
-    "error-ratio": 'sum(rate(kiri_requests_total{{{sel},code=~"5.."}}[{w}])) / sum(rate(kiri_requests_total{{{sel}}}[{w}]))',
-    "handoff-ratio": 'sum(rate(kiri:collab_handoffs_total{{{sel},reason="uncertainty"}}[{w}]))'
-    " / sum(rate(kiri:collab_tokens_total{{{sel}}}[{w}]))",
-}
-# The stable revision's value is floored at this before dividing, so a stable revision at 0 (no hand-offs)
-# makes the ratio large, not infinite (an infinite point is no sample and would only hold the wave).
-PRESET_FLOORS: dict[str, float] = {"ttft-p95": 0.001, "itl-p95": 0.001, "handoff-ratio": 0.001}
 _QUERY_XOR_PRESET = "analysis.queries[]: set exactly one of query or preset"
 _RELATIVE_NEEDS_PRESET = (
     "analysis.queries[].relativeToStable applies only to preset ttft-p95, itl-p95 or handoff-ratio"
     " (an error ratio is gated absolutely; a raw query can use $stableRevision itself)"
 )
-
-
-def preset_window(interval: int) -> str:
-    """The rate window of a preset: two measurement intervals, at least one minute (four scrapes at 15 s)."""
-    return f"{max(60, 2 * interval)}s"
-
-
-def preset_promql(preset: str, interval: int, relative_to_stable: bool) -> str:
-    """The PromQL a preset stands for; `$namespace`, `$revision`, `$stableRevision` and `$variant` are
-    substituted when it runs. Relative: the canary's value over the stable revision's, 1 when the stable
-    revision has no data (the first rollout)."""
-    w = preset_window(interval)
-    canary = PRESET_QUERIES[preset].format(sel=_SELECTOR, w=w)
-    if not relative_to_stable:
-        return canary
-    stable = PRESET_QUERIES[preset].format(sel=_STABLE_SELECTOR, w=w)
-    return f"(({canary}) / clamp_min({stable}, {PRESET_FLOORS[preset]})) or (({canary}) * 0 + 1)"
 
 
 class AnalysisQuery(ApiModel):
@@ -866,9 +835,9 @@ class AnalysisQuery(ApiModel):
     name: Name
     """Unique name, used in events and conditions."""
     query: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
-    """PromQL returning one scalar or a one-element vector. `$revision`, `$stableRevision` (the revision the
-    rollout started from; empty on a first rollout), `$variant` and `$namespace` are substituted before it
-    runs. Exactly one of `query` and `preset`."""
+    """PromQL returning one scalar or a one-element vector. `$revision`, `$stableRevision` (the last revision that
+    reached every node, which the nodes not yet updated still run; empty on a first rollout), `$variant` and
+    `$namespace` are substituted before it runs. Exactly one of `query` and `preset`."""
     preset: AnalysisPreset | None = None
     """A named query on the language-model metrics of the update revision's edge pods: `ttft-p95` (seconds
     to the first token, 95th percentile), `itl-p95` (seconds between tokens, 95th percentile), `error-ratio`

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.timeout(10)
 
 PROM = "http://prometheus.test:9090"
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-SEL = 'namespace="$namespace",revision="$revision",variant=~"$variant"'
-STABLE = 'namespace="$namespace",revision="$stableRevision",variant=~"$variant"'
+SEL = 'namespace="$namespace",revision="$revision",component="edge"'
+STABLE = 'namespace="$namespace",revision="$stableRevision",component="edge"'
 
 
 def _query(**fields: Any) -> AnalysisQuery:
@@ -141,8 +141,8 @@ def test_a_due_relative_preset_asks_prometheus_about_the_update_and_the_stable_r
     assert m is not None and m.outcome == "Failed"
     sent = route.calls.last.request.url.params["query"]
     canary = (
-        'sum(rate(kiri:collab_handoffs_total{namespace="shop",revision="r2",variant=~"q4",reason="uncertainty"}[60s]))'
-        ' / sum(rate(kiri:collab_tokens_total{namespace="shop",revision="r2",variant=~"q4"}[60s]))'
+        'sum(rate(kiri:collab_handoffs_total{namespace="shop",revision="r2",component="edge",reason="uncertainty"}[60s]))'
+        ' / sum(rate(kiri:collab_tokens_total{namespace="shop",revision="r2",component="edge"}[60s]))'
     )
     stable = canary.replace('revision="r2"', 'revision="r1"')
     assert sent == f"(({canary}) / clamp_min({stable}, 0.001)) or (({canary}) * 0 + 1)"

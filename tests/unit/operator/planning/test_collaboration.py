@@ -4,15 +4,20 @@ edge revision, and changes nothing for specs that do not set it."""
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from kiri_operator import labels as L
+from kiri_operator.api import ModelDeployment
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.planning import building as B
 from kiri_operator.planning.revisions import compression_key, revision_key
+from kiri_runtime import serving_cli
 from planning_worlds import SHA
 from planning_worlds import spec as tensor_spec
 
@@ -257,3 +262,72 @@ def test_a_mode_that_needs_the_cloud_is_refused_without_one(mode: str) -> None:
     body["cloud"]["replicas"] = 1
     body["edge"]["fallback"]["enabled"] = False
     assert _refusal(lambda: ModelDeploymentSpec.model_validate(body)) == expected
+
+
+def test_the_example_manifest_runs_a_cascade_against_its_cloud_service_gated_on_the_presets() -> None:
+    path = Path(__file__).resolve().parents[4] / "examples" / "generative-collaboration.yaml"
+    md = ModelDeployment.model_validate(yaml.safe_load(path.read_text()))
+    owner = B.Owner("assistant", "team-a", "uid-1")
+    ds = B.edge_daemonset(
+        md.spec, owner, "rev1", "comp1", "q4", B.EdgeArtifact("https://store.example/q4.tar", SHA), ["n1"], {}
+    )
+    assert ds["spec"]["template"]["spec"]["containers"][0]["args"][-16:] == [
+        "--fallback-url",
+        "http://assistant-cloud.team-a.svc:8080",
+        "--queue-limit",
+        "8",
+        "--collaboration",
+        "cascade",
+        "--cloud-model",
+        "assistant",
+        "--cascade-metric",
+        "margin",
+        "--cascade-threshold",
+        "0.7",
+        "--cascade-window",
+        "2",
+        "--cascade-cloud-tokens",
+        "0",
+    ]
+    assert md.spec.rollout.analysis is not None
+    assert [(q.preset, q.relative_to_stable) for q in md.spec.rollout.analysis.queries] == [
+        ("ttft-p95", True),
+        ("itl-p95", True),
+        ("error-ratio", False),
+        ("handoff-ratio", True),
+    ]
+
+
+@pytest.mark.parametrize(
+    "collaboration",
+    [
+        {
+            "mode": "cascade",
+            "cascade": {"metric": "entropy", "threshold": 2.5, "window": 4, "cloudTokens": 16},
+        },
+        {"mode": "speculative", "speculative": {"k": 4, "maxK": 8}},
+        {"mode": "cloud-only"},
+    ],
+    ids=["cascade", "speculative", "cloud-only"],
+)
+def test_kiri_serve_reads_the_edge_pods_flags_as_the_spec_says(collaboration: dict[str, Any]) -> None:
+    parser = argparse.ArgumentParser(prog="kiri")
+    serving_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(_args(lm_spec(collaboration)))
+    assert (args.collaboration, args.cloud_model, args.fallback_url) == (
+        collaboration["mode"],
+        "smollm",
+        CLOUD_URL,
+    )
+    cascade = collaboration.get("cascade", {})
+    assert (args.cascade_metric, args.cascade_threshold, args.cascade_window, args.cascade_cloud_tokens) == (
+        cascade.get("metric", "margin"),
+        cascade.get("threshold", 0.7),
+        cascade.get("window", 1),
+        cascade.get("cloudTokens", 0),
+    )
+    speculative = collaboration.get("speculative", {})
+    assert (args.speculative_k, args.speculative_max_k) == (
+        speculative.get("k", 0),
+        speculative.get("maxK", 12),
+    )
