@@ -8,6 +8,9 @@ arrival instead: every event and write gets a local sequence number. A write of 
 watch delivers its own resourceVersion (the watch is ordered, so anything before that is older), and a
 LIST merged into the cache (the resync, the relist after a watch restart) loses to whatever arrived after
 it began, and synthesises the deletions the watch missed.
+
+Why one module: every kind shares the one lock and the arrival bookkeeping (sequence numbers, tombstones,
+writes awaiting their event); split by kind, each part would reach into the others' state.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ Ref = tuple[str, str, str]  # (kind, namespace or "", name)
 # write's own event in order, so this only matters when that event is lost (a 410 and a relist between):
 # then the cache takes the next event or LIST after this long.
 OWN_WRITE_SECONDS = 30.0
+HEARD_VERSIONS = 4
 
 
 class Arrival(enum.Enum):
@@ -163,6 +167,7 @@ class Cache:
     _seen: dict[Ref, int] = field(default_factory=dict)
     _gone: dict[Ref, int] = field(default_factory=dict)
     _written: dict[Ref, tuple[str | None, float]] = field(default_factory=dict)
+    _heard: dict[Ref, tuple[str, ...]] = field(default_factory=dict)  # the last versions the watch showed
 
     def mark(self) -> int:
         """Call before a LIST: what arrives after this wins over what the LIST says."""
@@ -178,6 +183,7 @@ class Cache:
         self._seq += 1
         self._seen.pop(ref, None)
         self._written.pop(ref, None)
+        self._heard.pop(ref, None)
         self._gone[ref] = self._seq
 
     def _arrival(
@@ -186,10 +192,15 @@ class Cache:
         """An event against our writes the watch has not shown; `own`: the body answers our write (NEW)."""
         rv = _rv(body)
         if own:
+            if rv is not None and rv in self._heard.get(ref, ()):
+                # The watch showed this version before the answer came; what it showed since (another
+                # client's change, a controller's status) is newer than the answer: keep it.
+                return Arrival.NEW if cached is None or _rv(cached) == rv else Arrival.OLDER
             # A write that changed nothing, or whose event came before its answer, has no event to wait for.
             if rv is not None and (cached is None or _rv(cached) != rv):
                 self._written[ref] = (rv, time.monotonic())
             return Arrival.NEW
+        self._heard[ref] = (*self._heard.get(ref, ())[-(HEARD_VERSIONS - 1) :], str(rv))
         pending = self._written.get(ref)
         if pending is None:
             return Arrival.NEW

@@ -132,8 +132,13 @@ def pod_security_refusal(child: ObjectView, events: Iterable[Mapping[str, Any]])
             except ValueError:
                 pass
         if best is None or at > best[0]:
-            best = (at, message)
+            best = (at, message.removeprefix(_COMBINED_EVENTS))
     return best[1] if best is not None else None
+
+
+_COMBINED_EVENTS = "(combined from similar events): "
+"""The prefix client-go's event aggregator puts on a message once it folds repeats of an Event into one:
+it says nothing about the refusal, so the condition quotes the API server's message without it."""
 
 
 class Reconciler:

@@ -17,7 +17,7 @@ import pytest
 
 from .conftest import Cluster
 from .operator_harness import Operator, build_model, crd, get_md, model_deployment
-from .test_rollout import Rollout, store
+from .test_rollout import Rollout, store, three_steps
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("crd")]
 __all__ = ["crd", "store"]
@@ -66,14 +66,7 @@ def test_the_standby_takes_over_a_killed_leader_mid_wave_and_no_step_is_lost_or_
             cluster,
             namespace,
             store,
-            {
-                "stages": [
-                    {"nodes": 1, "bakeSeconds": 3},
-                    {"percent": 50, "bakeSeconds": 3},
-                    {"percent": 100, "bakeSeconds": 2},
-                ],
-                "maxUnavailable": "100%",
-            },
+            three_steps(),
         )
         r.deploy_first()
         r.set(pod_labels={"build": "2"})

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import CLUSTER_SCRIPT, REPO_ROOT, Cluster
 from .operator_harness import WRITE_VERBS, Operator, build_model, crd, get_md
-from .test_rollout import Rollout
+from .test_rollout import Rollout, three_steps
 
 pytestmark = [pytest.mark.real_nodes, pytest.mark.timeout(600), pytest.mark.usefixtures("crd")]
 __all__ = ["crd"]
@@ -185,14 +185,7 @@ def test_two_chart_replicas_on_real_nodes_survive_the_leaders_sigkill_mid_wave_w
             cluster,
             namespace,
             store,
-            {
-                "stages": [
-                    {"nodes": 1, "bakeSeconds": 3},
-                    {"percent": 50, "bakeSeconds": 3},
-                    {"percent": 100, "bakeSeconds": 2},
-                ],
-                "maxUnavailable": "100%",
-            },
+            three_steps(),
         )
         # The edge fleet is kwok's: real nodes carry edge labels too, and their taint keeps the DaemonSets off.
         r.body["spec"]["edge"]["nodeSelector"] = {"kiri.dev/tier": "edge", "type": "kwok"}

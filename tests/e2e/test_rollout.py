@@ -94,6 +94,18 @@ def kubectl_kiri(env: dict[str, str], *args: str, timeout: float = 150) -> subpr
     )
 
 
+def three_steps() -> dict[str, Any]:
+    """The rollout the mid-wave fault tests interrupt: one node, half, all; short bakes."""
+    return {
+        "stages": [
+            {"nodes": 1, "bakeSeconds": 3},
+            {"percent": 50, "bakeSeconds": 3},
+            {"percent": 100, "bakeSeconds": 2},
+        ],
+        "maxUnavailable": "100%",
+    }
+
+
 class Rollout:
     """One ModelDeployment under test, with helpers to change it and to read where its nodes are."""
 
@@ -541,14 +553,7 @@ def test_operator_killed_mid_wave_resumes_without_repeating_or_skipping(
             cluster,
             namespace,
             store,
-            {
-                "stages": [
-                    {"nodes": 1, "bakeSeconds": 3},
-                    {"percent": 50, "bakeSeconds": 3},
-                    {"percent": 100, "bakeSeconds": 2},
-                ],
-                "maxUnavailable": "100%",
-            },
+            three_steps(),
         )
         r.deploy_first()
         r.set(pod_labels={"build": "2"})
@@ -600,14 +605,7 @@ def test_a_control_plane_restart_mid_wave_loses_and_doubles_no_step(
             cluster,
             namespace,
             store,
-            {
-                "stages": [
-                    {"nodes": 1, "bakeSeconds": 3},
-                    {"percent": 50, "bakeSeconds": 3},
-                    {"percent": 100, "bakeSeconds": 2},
-                ],
-                "maxUnavailable": "100%",
-            },
+            three_steps(),
         )
         first = r.deploy_first()
         r.set(pod_labels={"build": "2"})

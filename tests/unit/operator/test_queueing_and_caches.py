@@ -152,6 +152,19 @@ def test_a_write_that_changed_nothing_holds_back_no_later_event():
     assert cache.child(("ns", "md"), "Deployment", "md-cloud")["spec"]["replicas"] == 3  # type: ignore[index]
 
 
+def test_a_write_whose_answer_comes_after_its_event_and_a_newer_one_neither_hides_nor_holds_back_changes():
+    cache = Cache()
+    cache.put_child("Deployment", _child("md-cloud", "r9", 1))
+    # Our apply's event (r10) and the controller's next change (r11) reach the watch before the apply's
+    # answer (r10) reaches the cache: the answer must not replace r11, nor hold back what comes after.
+    cache.put_child("Deployment", _child("md-cloud", "r10", 2))
+    cache.put_child("Deployment", _child("md-cloud", "r11", 3))
+    cache.put_child("Deployment", _child("md-cloud", "r10", 2), own=True)
+    assert cache.child(("ns", "md"), "Deployment", "md-cloud")["spec"]["replicas"] == 3  # type: ignore[index]
+    assert cache.child_event("Deployment", _child("md-cloud", "r12", 4)) == ("ns", "md")
+    assert cache.child(("ns", "md"), "Deployment", "md-cloud")["spec"]["replicas"] == 4  # type: ignore[index]
+
+
 def test_node_heartbeats_are_not_changes_but_readiness_is():
     cache = Cache()
     node = {

@@ -175,3 +175,18 @@ def test_the_newest_pod_security_failed_create_after_the_child_was_made_is_the_o
     ]
     assert pod_security_refusal(ds, events) == "newest: violates PodSecurity b"
     assert pod_security_refusal(ds, events[:2]) is None
+
+
+def test_a_refusal_the_event_aggregator_folded_is_quoted_without_its_combined_prefix():
+    ds = _child("DaemonSet", {}, created="2026-01-01T11:00:00Z")
+    events = [
+        {
+            "message": '(combined from similar events): Error creating: pods "p" is forbidden: violates PodSecurity '
+            '"baseline:latest": hostPath volumes (volume "artifacts")',
+            "lastTimestamp": "2026-01-01T11:01:00Z",
+        }
+    ]
+    assert pod_security_refusal(ds, events) == (
+        'Error creating: pods "p" is forbidden: violates PodSecurity "baseline:latest": hostPath volumes '
+        '(volume "artifacts")'
+    )
