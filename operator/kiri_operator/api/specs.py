@@ -25,6 +25,14 @@ from kiri_operator.api.access import (
     StoreCredentials,
 )
 from kiri_operator.api.bases import ApiModel, cel, cel_rules
+from kiri_operator.api.engines import (
+    VLLM_NEEDS_GPU,
+    VLLM_NEEDS_HF,
+    VLLM_NO_KIRI_SETTINGS,
+    VLLM_ONLY_WITH_ENGINE,
+    CloudEngine,
+    VllmSpec,
+)
 from kiri_operator.api.presets import PRESET_FLOORS, AnalysisPreset, preset_promql
 from kiri_operator.api.scalars import DnsLabel, IntOrPercent, LabelKey, Quantity, Sha256, Uri
 
@@ -270,9 +278,36 @@ class BatchingSpec(ApiModel):
 class ServingRuntimeSpec(ApiModel):
     """Model server settings."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("!has(self.vllm) || self.engine == 'vllm'", VLLM_ONLY_WITH_ENGINE, field_path=".vllm"),
+            cel(
+                "self.engine != 'vllm' || !has(self.threads)"
+                " && (!has(self.batching) || !has(self.batching.enabled) || !self.batching.enabled)",
+                VLLM_NO_KIRI_SETTINGS,
+                field_path=".engine",
+            ),
+        )
+    )
+
+    engine: CloudEngine = "kiri"
+    """`kiri` (`kiri serve`: ONNX Runtime / onnxruntime-genai, CPU or GPU) or `vllm` (opt-in, language models
+    from an `hf` source on GPU clouds: vLLM's OpenAI server; the edge verifies and continues against it the
+    same way). docs/operations.md "A vLLM cloud tier"."""
     threads: Annotated[int, Field(ge=1, le=256)] | None = None
-    """ONNX Runtime intra-op threads; unset lets the runtime match the CPU limit."""
+    """ONNX Runtime intra-op threads; unset lets the runtime match the CPU limit. `kiri` only."""
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    """Server-side dynamic batching. `kiri` only."""
+    vllm: VllmSpec | None = None
+    """Settings of engine `vllm` (its defaults when unset)."""
+
+    @model_validator(mode="after")
+    def _settings_fit_engine(self) -> ServingRuntimeSpec:
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError(VLLM_ONLY_WITH_ENGINE)
+        if self.engine == "vllm" and (self.threads is not None or self.batching.enabled):
+            raise ValueError(VLLM_NO_KIRI_SETTINGS)
+        return self
 
 
 def _cloud_tolerations() -> list[Toleration]:
@@ -1170,6 +1205,19 @@ class ModelDeploymentSpec(ApiModel):
                 field_path=".model.evalDataUri",
             ),
             cel(
+                "!has(self.cloud) || !has(self.cloud.runtime) || !has(self.cloud.runtime.engine)"
+                " || self.cloud.runtime.engine != 'vllm' || self.model.source.format == 'hf'",
+                VLLM_NEEDS_HF,
+                field_path=".cloud.runtime.engine",
+            ),
+            cel(
+                "!has(self.cloud) || !has(self.cloud.runtime) || !has(self.cloud.runtime.engine)"
+                " || self.cloud.runtime.engine != 'vllm' || !has(self.cloud.resources)"
+                " || !has(self.cloud.resources.gpu) || self.cloud.resources.gpu >= 1",
+                VLLM_NEEDS_GPU,
+                field_path=".cloud.resources.gpu",
+            ),
+            cel(
                 f"!has(self.edge) || !has(self.edge.collaboration) || {_IS_LM}",
                 _COLLAB_NEEDS_LM,
                 field_path=".edge.collaboration",
@@ -1203,6 +1251,11 @@ class ModelDeploymentSpec(ApiModel):
             raise ValueError(
                 "model.evalDataUri is required with learning (learned weights are exported and checked on it)"
             )
+        if self.cloud.runtime.engine == "vllm":
+            if self.model.source.format != "hf":
+                raise ValueError(VLLM_NEEDS_HF)
+            if self.cloud.resources.gpu < 1:
+                raise ValueError(VLLM_NEEDS_GPU)
         collaboration = self.edge.collaboration
         if collaboration is not None:
             if self.model.source.format not in LM_FORMATS:
