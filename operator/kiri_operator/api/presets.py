@@ -18,10 +18,13 @@ _STABLE_SELECTOR = 'namespace="$namespace",revision="$stableRevision",component=
 PRESET_QUERIES: dict[str, str] = {
     "ttft-p95": "histogram_quantile(0.95, sum by (le) (rate(kiri:time_to_first_token_seconds_bucket{{{sel}}}[{w}])))",
     "itl-p95": "histogram_quantile(0.95, sum by (le) (rate(kiri:inter_token_latency_seconds_bucket{{{sel}}}[{w}])))",
-    "error-ratio": 'sum(rate(kiri_requests_total{{{sel},code=~"5.."}}[{w}])) / sum(rate(kiri_requests_total{{{sel}}}[{w}]))',
-    "handoff-ratio": 'sum(rate(kiri:collab_handoffs_total{{{sel},reason="uncertainty"}}[{w}]))'
+    "error-ratio": '(sum(rate(kiri_requests_total{{{sel},code=~"5.."}}[{w}])) or vector(0))'
+    " / sum(rate(kiri_requests_total{{{sel}}}[{w}]))",
+    "handoff-ratio": '(sum(rate(kiri:collab_handoffs_total{{{sel},reason="uncertainty"}}[{w}])) or vector(0))'
     " / sum(rate(kiri:collab_tokens_total{{{sel}}}[{w}]))",
 }
+# `or vector(0)` in the ratios: a revision that never failed (never handed off) has no 5xx (no `uncertainty`)
+# series at all, and an empty numerator would read as no data: an inconclusive wave that holds forever.
 # The stable revision's value is floored at this before dividing, so a stable revision at 0 (no hand-offs)
 # makes the ratio large, not infinite (an infinite point is no sample and would only hold the wave).
 PRESET_FLOORS: dict[str, float] = {"ttft-p95": 0.001, "itl-p95": 0.001, "handoff-ratio": 0.001}

@@ -15,6 +15,7 @@ import pytest
 
 from kiri_operator import analyzing
 from kiri_operator.analyzing import Substitutions
+from kiri_operator.api.specs import AnalysisQuery
 from kiri_operator.api.statuses import RolloutStatus
 from kiri_operator.observations import Measurement
 from kiri_operator.planning import stepping
@@ -76,6 +77,22 @@ def test_more_samples_than_the_wave_has_had_is_inconclusive(analysis_lab) -> Non
     m, found = measure(analysis_lab, "healthy", Query(min_samples=1000))
     assert m.outcome == "Inconclusive"
     assert 0 < found[0].samples < 1000
+
+
+def test_the_error_ratio_preset_reads_zero_for_a_revision_without_any_5xx_and_about_half_for_one_failing_half(
+    analysis_lab,
+) -> None:  # type: ignore[no-untyped-def]
+    # The healthy revision has no 5xx series at all: the preset's numerator must read 0, not "no data".
+    preset = AnalysisQuery.model_validate(
+        {"name": "errors", "preset": "error-ratio", "successCondition": "result < 0.1", "interval": INTERVAL,
+         "minSamples": 3}
+    )  # fmt: skip
+    m, found = measure(analysis_lab, "healthy", preset)  # type: ignore[arg-type]
+    assert m.outcome == "Successful", m.message
+    assert found[0].last_value == 0.0
+    m, found = measure(analysis_lab, "faulty", preset)  # type: ignore[arg-type]
+    assert m.outcome == "Failed", m.message
+    assert found[0].last_value is not None and 0.25 < found[0].last_value < 0.75
 
 
 def test_a_query_prometheus_rejects_holds_with_its_error(analysis_lab) -> None:  # type: ignore[no-untyped-def]

@@ -42,17 +42,18 @@ def test_each_preset_is_the_documented_promql_with_a_window_of_two_intervals_and
         f"histogram_quantile(0.95, sum by (le) (rate(kiri:inter_token_latency_seconds_bucket{{{SEL}}}[90s])))"
     )
     assert _query(preset="error-ratio", interval=10).promql == (
-        f'sum(rate(kiri_requests_total{{{SEL},code=~"5.."}}[60s])) / sum(rate(kiri_requests_total{{{SEL}}}[60s]))'
+        f'(sum(rate(kiri_requests_total{{{SEL},code=~"5.."}}[60s])) or vector(0))'
+        f" / sum(rate(kiri_requests_total{{{SEL}}}[60s]))"
     )
     assert _query(preset="handoff-ratio").promql == (
-        f'sum(rate(kiri:collab_handoffs_total{{{SEL},reason="uncertainty"}}[60s]))'
+        f'(sum(rate(kiri:collab_handoffs_total{{{SEL},reason="uncertainty"}}[60s])) or vector(0))'
         f" / sum(rate(kiri:collab_tokens_total{{{SEL}}}[60s]))"
     )
 
 
 def test_a_relative_preset_divides_by_the_stable_revisions_floored_value_and_reads_1_without_one() -> None:
     canary = (
-        f'sum(rate(kiri:collab_handoffs_total{{{SEL},reason="uncertainty"}}[120s]))'
+        f'(sum(rate(kiri:collab_handoffs_total{{{SEL},reason="uncertainty"}}[120s])) or vector(0))'
         f" / sum(rate(kiri:collab_tokens_total{{{SEL}}}[120s]))"
     )
     stable = canary.replace(SEL, STABLE)
@@ -141,8 +142,8 @@ def test_a_due_relative_preset_asks_prometheus_about_the_update_and_the_stable_r
     assert m is not None and m.outcome == "Failed"
     sent = route.calls.last.request.url.params["query"]
     canary = (
-        'sum(rate(kiri:collab_handoffs_total{namespace="shop",revision="r2",component="edge",reason="uncertainty"}[60s]))'
-        ' / sum(rate(kiri:collab_tokens_total{namespace="shop",revision="r2",component="edge"}[60s]))'
+        '(sum(rate(kiri:collab_handoffs_total{namespace="shop",revision="r2",component="edge",reason="uncertainty"}[60s]))'
+        ' or vector(0)) / sum(rate(kiri:collab_tokens_total{namespace="shop",revision="r2",component="edge"}[60s]))'
     )
     stable = canary.replace('revision="r2"', 'revision="r1"')
     assert sent == f"(({canary}) / clamp_min({stable}, 0.001)) or (({canary}) * 0 + 1)"
