@@ -75,6 +75,7 @@ def lm_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     eval_data.write_text("".join(json.dumps(c) + "\n" for c in chats))
     return {
         "checkpoint": checkpoint,
+        "model": checkpoint,  # what test_rollout.Rollout builds its (replaced) tensor body from
         "sha": directory_sha256(checkpoint),
         "eval": eval_data,
         "store": root / "store",
@@ -89,7 +90,7 @@ def prompts() -> list[str]:
     out = []
     for name in HELD_OUT:
         lines = (Path(sysconfig.get_paths()["stdlib"]) / name).read_text().splitlines()
-        out += ["\n".join(lines[i : i + 6]) for i in range(60, 60 + 8 * 20, 20)]
+        out += ["\n".join(lines[i : i + 6]) for i in range(20, min(len(lines) - 6, 180), 20)]
     return out
 
 
