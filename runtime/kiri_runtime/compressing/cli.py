@@ -97,7 +97,7 @@ def register_checkpoint(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def handle_checkpoint(args: argparse.Namespace) -> int:
     from kiri_runtime.compressing.errors import CompressionError
-    from kiri_runtime.compressing.lm.sources import place_checkpoint
+    from kiri_runtime.compressing.lm.checkpointing import place_checkpoint
 
     try:
         link = place_checkpoint(args.source, args.sha256, args.out)

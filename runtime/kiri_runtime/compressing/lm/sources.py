@@ -153,24 +153,6 @@ def _load_hf(uri: str, work: Path, sha256: str | None) -> LmSource:
     return LmSource(hf_dir=hf_dir, format="hf", architecture=architecture, sha256=digest, size_bytes=size)
 
 
-def place_checkpoint(uri: str, sha256: str, out: Path) -> Path:
-    """The `hf` source fetched, checked (sha256, architecture, tokenizer, safetensors headers) and unpacked
-    under `out`, with `out/model` a link to the checkpoint directory (what another server, vLLM, loads).
-
-    The fetched tar is deleted once unpacked: the checkpoint is on disk once. A source directory (a path,
-    file://, a claim's mount) is checked where it is and linked, not copied."""
-    work = out / ".source"
-    source = load_source(uri, "hf", work, sha256)
-    shutil.rmtree(work / "fetch-cache", ignore_errors=True)
-    link = out / "model"
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    target = source.hf_dir.resolve()
-    # Relative inside `out`, so the link holds wherever another container mounts the volume.
-    link.symlink_to(target.relative_to(out.resolve()) if target.is_relative_to(out.resolve()) else target)
-    return link
-
-
 def _checkpoint_root(unpacked: Path) -> Path:
     """The tar's root, or its one top-level directory when the files sit under it."""
     if (unpacked / "config.json").exists():
