@@ -26,6 +26,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import sysconfig
 import threading
 import time
@@ -40,10 +41,11 @@ import yaml
 from kiri_runtime.compressing.lm.sources import directory_sha256
 
 from .conftest import Cluster
-from .operator_harness import KIRI, Operator, children, condition, free_port, operator_fixture
+from .operator_harness import KIRI, Operator, children, condition, crd, free_port, operator_fixture
 from .test_rollout import NAME, Rollout
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("crd")]
+__all__ = ["crd"]
 
 PROM_PORT = free_port()
 MODEL = "tiny-chat"
@@ -346,6 +348,8 @@ def test_a_generative_model_deployment_rolls_out_in_waves_on_the_lm_presets_and_
 
     # What the gates saw, from the runtimes' own counters: revision 3 handed off several times as often.
     ratios = {rev: _handoff_ratio(lab, rev) for rev in (rev1, rev2, rev3)}
+    print(f"\n[figure] hand-offs per token by revision (threshold): {ratios} {THRESHOLDS}", file=sys.stderr)
+    print(f"[figure] rolled back: {rolled['message']}", file=sys.stderr)
     assert all(v is not None for v in ratios.values()), ratios
     assert ratios[rev2] < ratios[rev1] < ratios[rev3], ratios  # type: ignore[operator]
     assert ratios[rev3] > 2 * ratios[rev2], ratios  # type: ignore[operator]
