@@ -1,4 +1,4 @@
-"""Runtime-side subcommands: serve, compress, train-edge, aggregate, store.
+"""Runtime-side subcommands: serve, compress, checkpoint, train-edge, aggregate, store.
 
 Each handler imports its implementation lazily, so that `kiri --help` and the operator image do not
 need onnxruntime or torch. A subcommand is registered with `sub = subparsers.add_parser(...)` and
@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     from kiri_runtime.compressing import cli as compress_cli
 
     compress_cli.register(subparsers)
+    compress_cli.register_checkpoint(subparsers)
     from kiri_runtime.learning import cli as learning_cli
 
     learning_cli.register(subparsers)

@@ -1,4 +1,5 @@
-"""The cloud tier: the full model's Deployment and Service, and why it cannot run when it cannot.
+"""The cloud tier: the full model's Deployment (`kiri serve`, or vLLM: `planning.vllm`) and Service, and why it
+cannot run when it cannot.
 
 Also the model source check (a `pvc://` claim that is not there), because the cloud tier is the first to
 load the source and a missing claim holds every tier.
@@ -17,6 +18,7 @@ from kiri_operator.observations import ObjectView, Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning.placing import parse_quantity, selects
 from kiri_operator.planning.settings import Settings
+from kiri_operator.planning.vllm import vllm_deployment
 from kiri_operator.plans import TierPlan
 
 GPU = "nvidia.com/gpu"
@@ -52,7 +54,8 @@ def plan_cloud(
         elif fault is not None:
             out.condition = fault
     else:
-        out.children += [B.cloud_deployment(spec, owner, settings.pod_labels), B.cloud_service(spec, owner)]
+        build = vllm_deployment if spec.cloud.runtime.engine == "vllm" else B.cloud_deployment
+        out.children += [build(spec, owner, settings.pod_labels), B.cloud_service(spec, owner)]
         out.condition, out.ready_replicas = cloud_condition(spec, observed.child("Deployment", name))
     out.conditions.append(out.condition)
     return out

@@ -209,7 +209,7 @@ def _container(
         "command": ["kiri"],
         "args": args,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "securityContext": B._container_security(),
+        "securityContext": B.container_security(),
         "volumeMounts": mounts,
     }
 
@@ -225,7 +225,7 @@ def _job(name: str, labels: dict[str, str], pod: dict[str, Any], deadline: int) 
             "activeDeadlineSeconds": deadline,
             "template": {
                 "metadata": {"labels": dict(labels)},
-                "spec": {"restartPolicy": "Never", "securityContext": B._pod_security(), **pod},
+                "spec": {"restartPolicy": "Never", "securityContext": B.pod_security(), **pod},
             },
         },
     }
@@ -299,7 +299,7 @@ def round_objects(
                 # spend before the round is accepted (learning/ledgers.py), so it cannot wait for `publish`.
                 "automountServiceAccountToken": False,
                 "nodeSelector": dict(spec.cloud.node_selector),
-                "tolerations": B._tolerations(spec.cloud.tolerations),
+                "tolerations": B.tolerations(spec.cloud.tolerations),
                 # Aggregate, then publish: the record only appears once the round has closed.
                 "initContainers": [_container(spec, "aggregate", agg_args, [*mounts, B.api_token_mount()])],
                 "containers": [
@@ -357,7 +357,7 @@ def round_objects(
             learning.trainer_service_account_name,
             {
                 "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
-                "tolerations": B._tolerations(spec.edge.tolerations),
+                "tolerations": B.tolerations(spec.edge.tolerations),
                 "automountServiceAccountToken": False,
                 "containers": [_container(spec, "train", args, mounts)],
                 "volumes": [
