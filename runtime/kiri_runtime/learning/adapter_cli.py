@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 # adapters.DEFAULT_TARGETS and MAX_FRACTION, spelled here so that `kiri --help` imports no numpy (operator image).
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 MAX_FRACTION = 0.01
