@@ -12,7 +12,8 @@ logits on the padded rows (off by up to 10 on the tiny LLaMA, CPU GroupQueryAtte
 length share a batch. Requests are grouped into *cohorts*: those waiting when a decode iteration begins with the
 same prompt length and sampling options become one batched generator, and the decode thread steps every live
 cohort once per iteration (iteration-level scheduling across generators). A request that arrives
-mid-generation starts at the next iteration instead of waiting for the others to finish. A request with a
+mid-generation starts at the next iteration instead of waiting for the others to finish. A cohort is also one
+LoRA adapter's requests (adapters.py): onnxruntime-genai activates an adapter per generator, for its whole life. A request with a
 `seed` decodes alone, so its tokens do not depend on who else is being served.
 
 Sampling is onnxruntime-genai's own (greedy argmax, or temperature / top-k / top-p with its seeded RNG), so a

@@ -207,6 +207,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import sys
 
     from kiri_runtime import redaction
     from kiri_runtime.collaborations import CollabConfig
@@ -217,6 +218,16 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     redaction.install()  # httpx logs full URLs; presigned ones carry credentials
+    names = [spec.name for spec in args.adapter]
+    if len(set(names)) != len(names):
+        print("kiri serve: error: --adapter names one adapter twice", file=sys.stderr)
+        return 2
+    if args.default_adapter is not None and args.default_adapter not in names:
+        print(
+            f"kiri serve: error: --default-adapter {args.default_adapter} is none of the --adapter names",
+            file=sys.stderr,
+        )
+        return 2
     config = ServeConfig(
         model_uri=args.model_uri,
         name=args.name,
