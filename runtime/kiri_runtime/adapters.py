@@ -19,6 +19,7 @@ is unloaded from onnxruntime-genai once no admitted request holds it (`users`) a
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import threading
 import time
@@ -30,6 +31,8 @@ import numpy as np
 
 from kiri_runtime.errors import BadRequest, InferenceError, ModelNotFound
 from kiri_runtime.lora_layouts import LayoutError, LoraLayout
+
+log = logging.getLogger(__name__)
 
 SEPARATOR = ":"
 BASE = "base"  # `model:base`: no adapter, whatever the default
@@ -216,9 +219,11 @@ class AdapterSet:
                 self.og_adapters.unload(loaded.key)
             except Exception as e:
                 # "Adapter still in use": a generator of it is not freed yet; the next collect tries again.
-                if "in use" not in str(e):
-                    raise
-                continue
+                if "in use" in str(e):
+                    continue
+                log.warning(
+                    "adapter %s: onnxruntime-genai refused to unload it: %s", loaded.name, _first_line(e)
+                )
             with self._lock:
                 self._retired.remove(loaded)
         with self._lock:

@@ -523,7 +523,7 @@ class Scheduler:
     def _collect(self) -> None:
         try:
             self.adapters.collect()
-        except Exception:  # an unload onnxruntime-genai refused for another reason: logged, kept for later
+        except Exception:  # never let the decode thread die over housekeeping
             log.exception("unloading a retired adapter failed")
 
     def _fail_all(self) -> None:

@@ -108,6 +108,8 @@ class GenerationRoutes:
             raise ApiError(f"model {name!r} is not a language model: use /v2/models/{name}/infer", "model")
         if self.dataplane.draining:
             raise ModelNotReady("the server is shutting down")
+        if not self.dataplane.model_ready(name):  # loaded, its --adapter files still loading
+            raise ModelNotReady(f"model {name!r} is not loaded yet")
         if adapter is not None and adapter != BASE and scheduler.adapters.get(adapter) is None:
             raise ApiError(
                 f"model {full_name!r} is not served here: adapter {adapter!r} is not loaded (GET /v1/models)",
