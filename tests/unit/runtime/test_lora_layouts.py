@@ -135,3 +135,20 @@ def test_site_texts_use_vocabularies_no_other_site_shares(tmp_path: Path) -> Non
     chat = write_site(tmp_path, "orchard", 2, 1, chat=True)
     first = json.loads(chat.read_text().splitlines()[0])
     assert [m["role"] for m in first["messages"]] == ["user", "assistant"]
+
+
+def test_lora_targets_make_any_precision_lora_ready_and_bad_ones_are_refused() -> None:
+    from kiri_runtime.compressing.errors import CompressionError
+    from kiri_runtime.compressing.lm.building import resolve
+
+    assert resolve("int4", {"loraTargets": "q_proj, v_proj"})["loraTargets"] == ["q_proj", "v_proj"]
+    assert resolve("fp32", {"loraTargets": ["o_proj"]}) == {"fuseQkv": True, "loraTargets": ["o_proj"]}
+    assert "loraTargets" not in resolve("int8", {})
+    with pytest.raises(
+        CompressionError, match=r"int4: loraTargets \['lm_head'\]: choose from q_proj, k_proj"
+    ):
+        resolve("int4", {"loraTargets": "q_proj,lm_head"})
+    with pytest.raises(
+        CompressionError, match="fp32: loraTargets must be a comma-separated string or a list"
+    ):
+        resolve("fp32", {"loraTargets": 3})

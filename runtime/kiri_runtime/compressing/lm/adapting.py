@@ -70,8 +70,15 @@ def add_lora_inputs(model_dir: Path, targets: Sequence[str]) -> LoraLayout:
             projections.append(Projection(layer, path_, k, n, parts))
     if not projections:
         raise CompressionError(f"{model_dir}: no projection of {', '.join(targets)} found in model.onnx")
-    for p in projections:
-        _add_branch(graph, producers[p.output], p)
+    # Keyed by node name (the builder's names are unique); the branch goes right after its projection.
+    branches = {producers[p.output].name: _branch(graph, producers[p.output], p) for p in projections}
+    nodes: list[Any] = []
+    for node in graph.node:
+        kept = onnx.NodeProto()
+        kept.CopyFrom(node)
+        nodes += [kept, *branches.get(node.name, [])]
+    del graph.node[:]
+    graph.node.extend(nodes)
     onnx.save(model, str(path))
     layout = LoraLayout(tuple(targets), tuple(projections))
     layout.save(model_dir)
@@ -126,7 +133,8 @@ def _matmul_shape(node: Any, inits: dict[str, Any]) -> tuple[int, int]:
     raise CompressionError(f"{node.name}: a {node.op_type} whose weight shape is unknown; cannot adapt it")
 
 
-def _add_branch(graph: Any, node: Any, p: Projection) -> None:
+def _branch(graph: Any, node: Any, p: Projection) -> list[Any]:
+    """The nodes that follow `node` (whose output is renamed), the inputs and their empty defaults added."""
     from onnx import TensorProto, helper
 
     out = p.output
@@ -140,9 +148,6 @@ def _add_branch(graph: Any, node: Any, p: Projection) -> None:
         helper.make_node("MatMul", [a_out, p.b], [b_out], name=f"{stem}/MatMul_B"),
         helper.make_node("Add", [base_out, b_out], [out], name=f"{stem}/Add"),
     ]
-    index = list(graph.node).index(node)
-    for offset, new in enumerate(new_nodes, 1):
-        graph.node.insert(index + offset, new)
     graph.input.extend(
         [
             helper.make_tensor_value_info(p.a, TensorProto.FLOAT, [p.in_features, p.rank_dim]),
@@ -156,3 +161,4 @@ def _add_branch(graph: Any, node: Any, p: Projection) -> None:
             helper.make_tensor(p.b, TensorProto.FLOAT, [0, p.out_features], []),
         ]
     )
+    return new_nodes
