@@ -542,6 +542,33 @@ def train_adapter(
     )
 
 
+def initial_adapter(
+    base_model_dir: Path,
+    out_dir: Path,
+    *,
+    rank: int = 8,
+    alpha: int | None = None,
+    targets: Sequence[str] = DEFAULT_TARGETS,
+    a_seed: int = 0,
+    max_fraction: float = MAX_FRACTION,
+) -> dict[str, np.ndarray]:
+    """The untrained adapter a federation starts from (A drawn from `a_seed`, B zero: the base's own output),
+    written to `out_dir` and returned as named arrays; what a ServerApp hands out as round 1's parameters."""
+    import torch
+
+    settings = AdapterSettings(
+        rank=rank, alpha=alpha, targets=tuple(targets), a_seed=a_seed, max_fraction=max_fraction
+    )
+    base_bytes = base_weight_bytes(base_model_dir)
+    model = _load_base(base_model_dir)
+    _check_budget(planned_bytes(model, settings), base_bytes, settings)
+    with torch.no_grad():
+        peft_model = _peft_model(model, settings)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    return get_weights(peft_model)
+
+
 def perplexity(
     base_model_dir: Path,
     data_path: Path,

@@ -218,3 +218,17 @@ def test_an_adapter_on_a_projection_the_served_model_lacks_is_refused_at_export(
         and b[:RANK, :128].any()
         and b[RANK:, 192:].any()
     )
+
+
+def test_the_initial_adapter_of_a_federation_is_the_base_with_every_sites_a(tmp_path: Path) -> None:
+    from lm_fixture import tiny_llama
+
+    from kiri_runtime.learning.adapters import initial_adapter
+
+    start = initial_adapter(tiny_llama(), tmp_path / "r0", rank=2, a_seed=7)
+    assert read_weights(tmp_path / "r0").keys() == start.keys()
+    assert all(not start[n].any() for n in b_names(start))
+    train = write_site(tmp_path / "data", "harbour", 20, 1)
+    train_adapter(tiny_llama(), train, tmp_path / "site", rank=2, steps=2, freeze_a=True, a_seed=7, threads=1)
+    trained = read_weights(tmp_path / "site")
+    assert all(np.array_equal(trained[n], start[n]) for n in a_names(start))
