@@ -221,9 +221,8 @@ def test_an_adapter_on_a_projection_the_served_model_lacks_is_refused_at_export(
 
 
 def test_the_initial_adapter_of_a_federation_is_the_base_with_every_sites_a(tmp_path: Path) -> None:
-    from lm_fixture import tiny_llama
-
     from kiri_runtime.learning.adapters import initial_adapter
+    from lm_fixture import tiny_llama
 
     start = initial_adapter(tiny_llama(), tmp_path / "r0", rank=2, a_seed=7)
     assert read_weights(tmp_path / "r0").keys() == start.keys()
@@ -232,3 +231,23 @@ def test_the_initial_adapter_of_a_federation_is_the_base_with_every_sites_a(tmp_
     train_adapter(tiny_llama(), train, tmp_path / "site", rank=2, steps=2, freeze_a=True, a_seed=7, threads=1)
     trained = read_weights(tmp_path / "site")
     assert all(np.array_equal(trained[n], start[n]) for n in a_names(start))
+
+
+def test_one_adapter_file_serves_the_int4_variant_too_and_helps_its_site_there() -> None:
+    from lm_fixture import tiny_genai
+    from lm_sites import documents
+
+    plain, ready = tiny_genai(precision="int4"), lora_genai("int4")
+    assert LoraLayout.load(ready) == LoraLayout.load(lora_genai("fp32"))
+    text = " ".join(documents("harbour", 4, 9))
+    ids = encode(ready, text)
+    base = og_logits(ready, ids)
+    assert np.array_equal(og_logits(plain, ids), base)
+    adapted = og_logits(ready, ids, site_adapter("harbour") / "harbour.onnx_adapter")
+
+    def nll(logits: np.ndarray) -> float:
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        logp = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        return float(-np.mean([logp[i, ids[i + 1]] for i in range(len(ids) - 1)]))
+
+    assert nll(adapted) < 0.6 * nll(base), (nll(base), nll(adapted))
