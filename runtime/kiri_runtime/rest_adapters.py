@@ -1,6 +1,6 @@
 """The admin routes of LoRA adapters, after vLLM's (`VLLM_ALLOW_RUNTIME_LORA_UPDATING`):
 
-    POST /v1/load_lora_adapter     {"lora_name", "lora_path", "sha256"?, "replace"?, "default"?}
+    POST /v1/load_lora_adapter     {"lora_name", "lora_path", "sha256"?, "replace"? (or "load_inplace"), "default"?}
     POST /v1/unload_lora_adapter   {"lora_name"}
     POST /v1/default_lora_adapter  {"lora_name"}   (Kiri's: the adapter a bare model name gets; "base": none)
 
@@ -155,9 +155,9 @@ class AdapterRoutes:
             name = check_name(self._string(data, "lora_name"))
             uri = self._string(data, "lora_path")
             sha = self._string(data, "sha256", required=False)
-            loaded = await self._load(
-                self.model_name, name, uri, sha, self._flag(data, "replace"), self._flag(data, "default")
-            )
+            # `load_inplace` is vLLM's spelling of replace.
+            replace = self._flag(data, "replace") or self._flag(data, "load_inplace")
+            loaded = await self._load(self.model_name, name, uri, sha, replace, self._flag(data, "default"))
         except InferenceError as exc:
             return self._error(exc)
         log.info(
