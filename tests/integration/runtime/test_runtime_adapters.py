@@ -342,17 +342,16 @@ def test_a_swap_and_an_unload_under_load_drop_no_request(
     for t in threads:
         t.start()
     time.sleep(0.3)
-    t0 = time.perf_counter()
     swap = admin(
         server,
         "load_lora_adapter",
         {"lora_name": "harbour", "lora_path": files["orchard"].as_uri(), "replace": True},
     )
-    swap_s = time.perf_counter() - t0
     assert swap.status_code == 200, swap.text
     unload = admin(server, "unload_lora_adapter", {"lora_name": "orchard"})
     assert unload.status_code == 200
-    # In flight: both old adapters are held until their requests end.
+    # The swap did not wait for the requests: both old adapters are still held by them (swap time and its
+    # effect on throughput are bench/learning/bench_adapters.py's).
     assert adapter_state(server) == (1, 3)
     for t in threads:
         t.join(60)
@@ -366,9 +365,6 @@ def test_a_swap_and_an_unload_under_load_drop_no_request(
     while adapter_state(server) != (1, 1) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert adapter_state(server) == (1, 1)
-    assert (
-        swap_s < 1.0
-    )  # the goal (<= 100 ms) is measured in bench/learning; here: it does not wait for requests
 
 
 def test_echo_scores_a_prompt_with_the_adapter_it_names(
