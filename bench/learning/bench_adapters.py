@@ -15,7 +15,8 @@ an observatory); each trains a rank-4 adapter on q_proj and v_proj (learning/ada
    build, the LoRA-ready build without an adapter, and with one.
 4. Swaps: `kiri serve` as its own process (one ONNX Runtime thread) with harbour loaded; closed-loop streaming
    clients on `assistant:harbour` and `assistant:orchard` while the admin route swaps harbour between two files
-   (`replace`) every 0.5 s. Swap time (the admin call's wall time, and the server's own load_ms), requests
+   (`replace`) every 0.5 s, in alternating phases with no swaps (ABAB). Swap time (the admin call's wall time,
+   the server's total_ms and load_ms), requests
    dropped (any non-200, error event or missing finish), and decode tokens/s against a phase with no swaps.
 """
 
@@ -209,12 +210,18 @@ async def _swapper(port: int, files: list[Path], duration: float, every: float) 
                 if r.status != 200:
                     raise RuntimeError(f"swap failed: {r.status} {answer}")
             swaps.append(
-                {"wall_ms": 1000 * (time.perf_counter() - t0), "server_ms": float(answer["load_ms"])}
+                {
+                    "wall_ms": 1000 * (time.perf_counter() - t0),
+                    "server_ms": float(answer["total_ms"]),
+                    "load_ms": float(answer["load_ms"]),
+                }
             )
     return swaps
 
 
-def swap_under_load(work: Path, duration: float, concurrency: int, n: int, every: float) -> dict[str, Any]:
+def swap_under_load(
+    work: Path, duration: float, concurrency: int, n: int, every: float, rounds: int
+) -> dict[str, Any]:
     from lm_adapters import lora_genai
 
     port = free_port()
@@ -238,32 +245,55 @@ def swap_under_load(work: Path, duration: float, concurrency: int, n: int, every
             load, swaps = await asyncio.gather(clients, _swapper(port, files, duration, every))
             return load, swaps
 
-        quiet, _ = asyncio.run(phase(False))
-        busy, swaps = asyncio.run(phase(True))
+        # Alternating phases (ABAB): the machine's other load falls on both kinds alike.
+        quiet: list[dict[str, Any]] = []
+        busy: list[dict[str, Any]] = []
+        swaps: list[dict[str, float]] = []
+        for _ in range(rounds):
+            quiet.append(asyncio.run(phase(False))[0])
+            load, done = asyncio.run(phase(True))
+            busy.append(load)
+            swaps += done
         idle_swaps = asyncio.run(_swapper(port, files, 10 * every + every, every))
     finally:
         stop(proc)
     wall = [s["wall_ms"] for s in swaps]
     server = [s["server_ms"] for s in swaps]
+
+    def total(phases: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "completed": sum(p["completed"] for p in phases),
+            "dropped": sum(p["dropped"] for p in phases),
+            "tokens_per_s": statistics.median(p["tokens_per_s"] for p in phases),
+            "failures": [f for p in phases for f in p["failures"]][:5],
+        }
+
+    no_swaps, swapping = total(quiet), total(busy)
     return {
-        "no_swaps": quiet,
-        "swapping": busy,
+        "no_swaps": no_swaps,
+        "swapping": swapping,
         "swaps": len(swaps),
+        "swap_load_ms_p50": statistics.median(s["load_ms"] for s in swaps),
         "swap_wall_ms_p50": statistics.median(wall),
         "swap_wall_ms_max": max(wall),
         "swap_server_ms_p50": statistics.median(server),
         "swap_server_ms_max": max(server),
         "idle_swap_wall_ms_p50": statistics.median(s["wall_ms"] for s in idle_swaps),
         "idle_swap_server_ms_p50": statistics.median(s["server_ms"] for s in idle_swaps),
-        "tokens_per_s_ratio": busy["tokens_per_s"] / quiet["tokens_per_s"],
+        "tokens_per_s_ratio": swapping["tokens_per_s"] / no_swaps["tokens_per_s"],
+        "tokens_per_s_ratio_per_round": [
+            b["tokens_per_s"] / q["tokens_per_s"] for q, b in zip(quiet, busy, strict=True)
+        ],
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--blocks", type=int, default=5)
-    ap.add_argument("--duration", type=float, default=8.0)
+    ap.add_argument("--blocks", type=int, default=7)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per run of the decode-cost loop")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per phase")
+    ap.add_argument("--rounds", type=int, default=3, help="pairs of phases: no swaps, swapping")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--every", type=float, default=0.5, help="seconds between swaps")
@@ -293,16 +323,17 @@ def main() -> None:
         cross = {s: max(matrix[s][t] / matrix["base"][t] for t in SITES if t != s) for s in SITES}
         print("own-site ratio " + ", ".join(f"{s} {own[s]:.3f}" for s in SITES))
         print("worst other-site ratio " + ", ".join(f"{s} {cross[s]:.3f}" for s in SITES), flush=True)
-        cost = decode_cost(work, args.blocks, args.tokens)
+        cost = decode_cost(work, args.blocks, args.decode_tokens)
         print(
             "decode tokens/s: "
             + ", ".join(f"{k} {v:.0f} ({v / cost['plain']:.3f}x)" for k, v in cost.items()),
             flush=True,
         )
-        swaps = swap_under_load(work, args.duration, args.concurrency, args.tokens, args.every)
+        swaps = swap_under_load(work, args.duration, args.concurrency, args.tokens, args.every, args.rounds)
         print(
             f"swaps under load: {swaps['swaps']} swaps, wall p50 {swaps['swap_wall_ms_p50']:.1f} ms "
             f"(max {swaps['swap_wall_ms_max']:.1f}), server p50 {swaps['swap_server_ms_p50']:.1f} ms "
+            f"(of which loading {swaps['swap_load_ms_p50']:.2f}) "
             f"(max {swaps['swap_server_ms_max']:.1f}); idle: wall p50 {swaps['idle_swap_wall_ms_p50']:.1f} ms, "
             f"server p50 {swaps['idle_swap_server_ms_p50']:.1f} ms",
             flush=True,
@@ -310,7 +341,9 @@ def main() -> None:
         print(
             f"requests: no swaps {swaps['no_swaps']['completed']} done / {swaps['no_swaps']['dropped']} dropped; "
             f"swapping {swaps['swapping']['completed']} done / {swaps['swapping']['dropped']} dropped; "
-            f"tokens/s ratio swapping/no swaps {swaps['tokens_per_s_ratio']:.3f}",
+            f"tokens/s ratio swapping/no swaps {swaps['tokens_per_s_ratio']:.3f} (per round "
+            + ", ".join(f"{r:.3f}" for r in swaps["tokens_per_s_ratio_per_round"])
+            + ")",
             flush=True,
         )
         if args.json:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,7 @@ class AdapterRoutes:
             error_body(exc.status, exc.message, param, code), status=exc.status, headers=headers
         )
 
-    def _describe(self, a: LoadedAdapter) -> dict[str, Any]:
+    def _describe(self, a: LoadedAdapter, total_s: float | None = None) -> dict[str, Any]:
         return {
             "lora_name": a.name,
             "model": f"{self.model_name}{SEPARATOR}{a.name}",
@@ -146,7 +147,8 @@ class AdapterRoutes:
             "uri": a.uri,
             "rank": a.rank,
             "bytes": a.bytes,
-            "load_ms": round(1000 * a.load_seconds, 3),
+            "load_ms": round(1000 * a.load_seconds, 3),  # read, check, load into onnxruntime-genai
+            **({} if total_s is None else {"total_ms": round(1000 * total_s, 3)}),  # + fetch, verify, pin
         }
 
     async def load(self, request: web.Request) -> web.Response:
@@ -157,16 +159,13 @@ class AdapterRoutes:
             sha = self._string(data, "sha256", required=False)
             # `load_inplace` is vLLM's spelling of replace.
             replace = self._flag(data, "replace") or self._flag(data, "load_inplace")
+            start = time.perf_counter()
             loaded = await self._load(self.model_name, name, uri, sha, replace, self._flag(data, "default"))
+            total = time.perf_counter() - start
         except InferenceError as exc:
             return self._error(exc)
-        log.info(
-            "adapter %s loaded (sha256 %s, %.1f ms)",
-            loaded.name,
-            loaded.sha256[:12],
-            1000 * loaded.load_seconds,
-        )
-        return web.json_response(self._describe(loaded))
+        log.info("adapter %s loaded (sha256 %s, %.1f ms)", loaded.name, loaded.sha256[:12], 1000 * total)
+        return web.json_response(self._describe(loaded, total))
 
     async def unload(self, request: web.Request) -> web.Response:
         try:
