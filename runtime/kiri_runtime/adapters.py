@@ -79,6 +79,7 @@ class LoadedAdapter:
     rank: int  # the largest projection rank
     loaded_at: float
     load_seconds: float  # reading, checking and loading the file
+    fetch_seconds: float = 0.0  # fetching and verifying it before (the node cache's hit, or a download)
 
 
 def read_params(path: str) -> dict[str, np.ndarray]:
@@ -146,7 +147,14 @@ class AdapterSet:
     # ------------------------------------------------------------ admin (worker threads)
 
     def load(
-        self, name: str, path: str, *, sha256: str = "", uri: str = "", replace: bool = False
+        self,
+        name: str,
+        path: str,
+        *,
+        sha256: str = "",
+        uri: str = "",
+        replace: bool = False,
+        fetch_seconds: float = 0.0,
     ) -> LoadedAdapter:
         """Check and load the adapter file at `path` as `name`; with `replace`, swap it in for the loaded one."""
         start = time.perf_counter()
@@ -171,7 +179,9 @@ class AdapterSet:
         except Exception as e:
             raise BadAdapter(f"onnxruntime-genai cannot load adapter {name}: {_first_line(e)}") from None
         rank = max((t.shape[1] for n, t in params.items() if n.endswith(".lora_A")), default=0)
-        loaded = LoadedAdapter(name, key, sha256, uri, nbytes, rank, time.time(), time.perf_counter() - start)
+        loaded = LoadedAdapter(
+            name, key, sha256, uri, nbytes, rank, time.time(), time.perf_counter() - start, fetch_seconds
+        )
         with self._lock:
             old = self._active.get(name)
             if old is not None and not replace:  # another load of the same name won the race

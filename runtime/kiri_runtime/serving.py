@@ -27,6 +27,7 @@ import shutil
 import signal
 import tarfile
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -286,9 +287,16 @@ class Server:
 
         def work() -> LoadedAdapter:
             try:
+                start = time.perf_counter()
                 with fetcher.open(uri, sha256 or None) as artifact:
+                    fetched = time.perf_counter() - start
                     loaded = adapters.load(
-                        name, artifact.load_path, sha256=artifact.sha256, uri=uri, replace=replace
+                        name,
+                        artifact.load_path,
+                        sha256=artifact.sha256,
+                        uri=uri,
+                        replace=replace,
+                        fetch_seconds=fetched,
                     )
             except DiskFullError as e:
                 raise ModelNotReady(f"adapter {name}: {e}") from None

@@ -252,3 +252,28 @@ def test_one_adapter_file_serves_the_int4_variant_too_and_helps_its_site_there()
 
     # Perplexity, as the fp32 test: the int4 base's errors do not undo the adapter (measured 93 -> 20).
     assert np.exp(nll(adapted)) < 0.5 * np.exp(nll(base)), (nll(base), nll(adapted))
+
+
+# The stated bound: an adapter may not raise another site's held-out perplexity by more than this factor
+# (measured worst case on these sites: 1.023, bench/learning/bench_adapters.py).
+OTHER_SITES_BOUND = 1.10
+
+
+def test_an_adapter_helps_its_own_site_and_raises_no_other_sites_perplexity_past_the_bound(
+    tmp_path: Path,
+) -> None:
+    from lm_fixture import tiny_llama
+    from lm_sites import SITES
+
+    held_out = {site: site_data(tmp_path / site, site)[1] for site in SITES}
+    base = {site: perplexity(tiny_llama(), held_out[site], threads=1).perplexity for site in SITES}
+    for adapter_site in SITES:
+        adapter = site_adapter(adapter_site) / "adapter"
+        for text_site in SITES:
+            ratio = (
+                perplexity(tiny_llama(), held_out[text_site], adapter, threads=1).perplexity / base[text_site]
+            )
+            if text_site == adapter_site:
+                assert ratio < 0.5, (adapter_site, ratio)
+            else:
+                assert ratio <= OTHER_SITES_BOUND, (adapter_site, text_site, ratio)
