@@ -2,7 +2,7 @@
 (lm_sites.py) and adapters trained on it, exported as onnxruntime-genai loads them.
 
 Cached like lm_fixture.py: under the tiny model's cache directory, keyed by a hash of the code that builds them
-(adapters.py, adapting.py, lora_layouts.py, this file, lm_sites.py) and their parameters, built in a temporary
+(the learning/adapter modules, adapting.py, lora_layouts.py, this file, lm_sites.py) and their parameters, built in a temporary
 directory and renamed (atomic).
 """
 
@@ -27,17 +27,15 @@ TRAIN_DOCS, HELD_OUT_DOCS = 200, 40
 
 def _code_digest(*extra: Any) -> str:
     import kiri_runtime.compressing.lm.adapting as adapting
+    import kiri_runtime.learning.adapter_files as adapter_files
     import kiri_runtime.learning.adapters as adapters
+    import kiri_runtime.learning.onnx_adapters as onnx_adapters
+    import kiri_runtime.learning.site_texts as site_texts
     import kiri_runtime.lora_layouts as layouts
 
     h = hashlib.sha256()
-    for path in (
-        adapting.__file__,
-        adapters.__file__,
-        layouts.__file__,
-        __file__,
-        Path(__file__).parent / "lm_sites.py",
-    ):
+    modules = (adapting, adapter_files, adapters, onnx_adapters, site_texts, layouts)
+    for path in (*(m.__file__ for m in modules), __file__, Path(__file__).parent / "lm_sites.py"):
         h.update(Path(str(path)).read_bytes())
     h.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
@@ -69,7 +67,8 @@ def site_data(root: Path, site: str) -> tuple[Path, Path]:
 def site_adapter(site: str, *, rank: int = RANK, steps: int = STEPS, seed: int = 0, lr: float = 3e-3) -> Path:
     """A directory with the peft adapter trained on `site`'s text (adapter/), its result (result.json), the site's
     data (train/, held-out/) and the adapter for the fp32 LoRA-ready build (`<site>.onnx_adapter`)."""
-    from kiri_runtime.learning.adapters import export_onnx_adapter, train_adapter
+    from kiri_runtime.learning.adapters import train_adapter
+    from kiri_runtime.learning.onnx_adapters import export_onnx_adapter
     from kiri_runtime.lora_layouts import LoraLayout
 
     base = tiny_llama()

@@ -48,7 +48,8 @@ def dir_bytes(path: Path) -> int:
 
 
 def train_sites(work: Path, steps: int) -> dict[str, dict[str, Any]]:
-    from kiri_runtime.learning.adapters import export_onnx_adapter, train_adapter
+    from kiri_runtime.learning.adapters import train_adapter
+    from kiri_runtime.learning.onnx_adapters import export_onnx_adapter
     from kiri_runtime.lora_layouts import LoraLayout
     from lm_adapters import RANK, TARGETS, lora_genai, site_data
     from lm_fixture import tiny_llama

@@ -69,8 +69,9 @@ def _train_adapter(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from kiri_runtime.learning.adapters import export_onnx_adapter, perplexity, read_weights, train_adapter
+    from kiri_runtime.learning.adapters import perplexity, read_weights, train_adapter
     from kiri_runtime.learning.errors import LearningError
+    from kiri_runtime.learning.onnx_adapters import export_onnx_adapter
     from kiri_runtime.lora_layouts import LayoutError, LoraLayout
 
     layout = None

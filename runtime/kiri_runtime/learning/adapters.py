@@ -4,10 +4,9 @@ adapter (`adapter_model.safetensors`, a few kilobytes to megabytes) ever leaves 
 
 The base model is a Hugging Face checkpoint directory (config.json, weights, tokenizer with its chat template);
 the adapter is peft's own layout (adapter_config.json + adapter_model.safetensors), so peft, transformers and
-onnxruntime-genai's model builder (`adapter_path`) all read it. Site text is JSON Lines, one document a line:
-`{"text": "..."}` or `{"messages": [{"role": ..., "content": ...}, ...]}` (rendered with the base tokenizer's chat
-template). Documents are tokenized, each followed by the end-of-sequence token, packed into one stream and cut
-into windows of `seq_len` tokens; training draws windows at random (seeded), the loss covers every token.
+onnxruntime-genai's model builder (`adapter_path`) all read it (adapter_files.py). Site text is JSON Lines
+(site_texts.py), packed into windows of `seq_len` tokens; training draws windows at random (seeded), the loss covers
+every token. The form `kiri serve` loads is onnx_adapters.py's.
 
 Named arrays (`read_weights`, `write_adapter`): peft's tensor names as stored, e.g.
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight` ([rank, in]) and `...lora_B.weight`
@@ -22,32 +21,55 @@ would exceed it is refused before any training, with the sizes.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kiri_runtime.learning.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    a_names,
+    b_names,
+    check_names,
+    read_config,
+    read_weights,
+    sha256_file,
+    write_adapter,
+)
 from kiri_runtime.learning.errors import LearningError
-from kiri_runtime.lora_layouts import LoraLayout
+from kiri_runtime.learning.site_texts import chat_renderer, load_documents, token_stream, tokenizer, windows
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterResult",
+    "AdapterSettings",
+    "Perplexity",
+    "a_names",
+    "b_names",
+    "get_weights",
+    "initial_adapter",
+    "load_documents",
+    "perplexity",
+    "read_config",
+    "read_weights",
+    "set_weights",
+    "train_adapter",
+    "write_adapter",
+]
 
 if TYPE_CHECKING:
     import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Every attention and MLP projection of a LLaMA-family decoder (what QLoRA adapts); `DEFAULT_TARGETS` is the
 # subset trained unless told otherwise (see docs/learning.md, "Adapters": measured on the tiny LLaMA).
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 MAX_FRACTION = 0.01
-MAX_LINE_BYTES = 1 << 20
-A_SUFFIX = ".lora_A.weight"
-B_SUFFIX = ".lora_B.weight"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -118,90 +140,6 @@ class Perplexity:
     @property
     def perplexity(self) -> float:
         return math.exp(self.nll)
-
-
-# --------------------------------------------------------------------------------------------- data
-
-
-def load_documents(data_path: Path, render_chat: Any = None) -> list[str]:
-    """The site's documents as text. `render_chat(messages) -> str` renders a chat line (the tokenizer's
-    template); without it, chat lines are refused."""
-    if not data_path.is_file():
-        raise LearningError(f"site data {data_path} does not exist")
-    docs: list[str] = []
-    with data_path.open("rb") as fh:
-        for number, raw in enumerate(fh, 1):
-            if len(raw) > MAX_LINE_BYTES:
-                raise LearningError(f"{data_path}:{number}: line over {MAX_LINE_BYTES} bytes")
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, ValueError) as e:
-                raise LearningError(f"{data_path}:{number}: not a JSON object: {e}") from None
-            docs.append(_document(record, f"{data_path}:{number}", render_chat))
-    if not docs:
-        raise LearningError(f"site data {data_path} holds no documents")
-    return docs
-
-
-def _document(record: Any, where: str, render_chat: Any) -> str:
-    if not isinstance(record, dict):
-        raise LearningError(f'{where}: expected {{"text": ...}} or {{"messages": [...]}}')
-    if "text" in record:
-        text = record["text"]
-        if not isinstance(text, str) or not text:
-            raise LearningError(f"{where}: text must be a non-empty string")
-        return text
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise LearningError(f'{where}: expected {{"text": ...}} or a non-empty {{"messages": [...]}}')
-    for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise LearningError(f"{where}: messages[{i}] needs string role and content")
-    if render_chat is None:
-        raise LearningError(f"{where}: a chat line needs the base tokenizer's chat template")
-    return str(render_chat(messages))
-
-
-def _tokenizer(base: Path) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(base))
-    except Exception as e:
-        raise LearningError(f"{base}: no usable tokenizer: {type(e).__name__}: {e}") from None
-
-
-def _chat_renderer(tok: Any) -> Any:
-    if not getattr(tok, "chat_template", None):
-        return None
-
-    def render(messages: list[dict[str, str]]) -> str:
-        return str(tok.apply_chat_template(messages, tokenize=False))
-
-    return render
-
-
-def token_stream(tok: Any, docs: Iterable[str]) -> list[int]:
-    """Documents tokenized and packed, each followed by the tokenizer's end-of-sequence token."""
-    eos = tok.eos_token_id
-    stream: list[int] = []
-    for doc in docs:
-        stream += tok(doc, add_special_tokens=False)["input_ids"]
-        if eos is not None:
-            stream.append(int(eos))
-    return stream
-
-
-def windows(stream: Sequence[int], seq_len: int) -> np.ndarray:
-    """Non-overlapping windows of `seq_len` tokens; a short stream is one shorter window."""
-    n = len(stream) // seq_len
-    if n == 0:
-        if len(stream) < 2:
-            raise LearningError(f"site data holds {len(stream)} token(s); at least 2 are needed")
-        return np.asarray([stream], dtype=np.int64)
-    return np.asarray(stream[: n * seq_len], dtype=np.int64).reshape(n, seq_len)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -310,7 +248,7 @@ def set_weights(peft_model: Any, weights: Mapping[str, np.ndarray]) -> None:
     import torch
 
     params = _lora_params(peft_model)
-    _check_names(weights, {n: tuple(p.shape) for n, p in params.items()})
+    check_names(weights, {n: tuple(p.shape) for n, p in params.items()})
     with torch.no_grad():
         for name, array in weights.items():
             params[name].copy_(torch.as_tensor(np.asarray(array, dtype=np.float32)))
@@ -320,82 +258,6 @@ def get_weights(peft_model: Any) -> dict[str, np.ndarray]:
     """A peft model's LoRA factors as named float32 arrays, sorted by name."""
     params = _lora_params(peft_model)
     return {n: params[n].detach().cpu().numpy().astype(np.float32) for n in sorted(params)}
-
-
-def _check_names(weights: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]) -> None:
-    missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or extra:
-        raise LearningError(f"adapter weights do not fit: missing {missing[:4]}, unexpected {extra[:4]}")
-    for name, shape in expected.items():
-        got = tuple(np.shape(weights[name]))
-        if got != shape:
-            raise LearningError(f"adapter tensor {name!r} has shape {list(got)}, expected {list(shape)}")
-
-
-def a_names(names: Iterable[str]) -> list[str]:
-    return sorted(n for n in names if n.endswith(A_SUFFIX))
-
-
-def b_names(names: Iterable[str]) -> list[str]:
-    """The factors FFA-LoRA averages (and trains): every lora_B."""
-    return sorted(n for n in names if n.endswith(B_SUFFIX))
-
-
-# --------------------------------------------------------------------------------------------- files
-
-
-def read_weights(adapter_dir: Path) -> dict[str, np.ndarray]:
-    """An adapter directory's tensors as named float32 arrays (sorted by name)."""
-    from safetensors.numpy import load_file
-
-    path = adapter_dir / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise LearningError(f"{adapter_dir} holds no {ADAPTER_WEIGHTS}")
-    try:
-        loaded = load_file(str(path))
-    except Exception as e:
-        raise LearningError(f"{path}: not readable safetensors: {e}") from None
-    out = {n: np.asarray(loaded[n], dtype=np.float32) for n in sorted(loaded)}
-    for n, t in out.items():
-        if not np.isfinite(t).all():
-            raise LearningError(f"{path}: tensor {n!r} holds NaN or infinite values")
-    return out
-
-
-def read_config(adapter_dir: Path) -> dict[str, Any]:
-    path = adapter_dir / ADAPTER_CONFIG
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise LearningError(f"{path}: not readable: {e}") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise LearningError(f"{path}: not a LoRA adapter config (peft_type LORA)")
-    return config
-
-
-def write_adapter(adapter_dir: Path, weights: Mapping[str, np.ndarray], like: Path) -> Path:
-    """Write named arrays as an adapter directory whose config is `like`'s (e.g. a round's averaged adapter).
-    The names and shapes must be those of `like`'s weights."""
-    from safetensors.numpy import save_file
-
-    config = read_config(like)
-    reference = read_weights(like)
-    _check_names(weights, {n: t.shape for n, t in reference.items()})
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {n: np.ascontiguousarray(weights[n], dtype=np.float32) for n in sorted(weights)}
-    tmp = adapter_dir / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(adapter_dir / ADAPTER_WEIGHTS)
-    (adapter_dir / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return adapter_dir
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -478,8 +340,8 @@ def train_adapter(
         threads=threads,
     )
     base_bytes = base_weight_bytes(base_model_dir)
-    tok = _tokenizer(base_model_dir)
-    stream = token_stream(tok, load_documents(data_path, _chat_renderer(tok)))
+    tok = tokenizer(base_model_dir)
+    stream = token_stream(tok, load_documents(data_path, chat_renderer(tok)))
     data = torch.as_tensor(windows(stream, seq_len))
     with _Threads(threads):
         torch.manual_seed(seed)
@@ -525,7 +387,7 @@ def train_adapter(
         adapter_dir=out_dir,
         adapter_bytes=adapter_bytes,
         base_bytes=base_bytes,
-        sha256=_sha256(weights_file),
+        sha256=sha256_file(weights_file),
         tokens=len(stream),
         windows=len(data),
         steps=steps,
@@ -581,10 +443,8 @@ def perplexity(
     """Held-out perplexity of the text in `data_path` under the base model, or the base with `adapter_dir`."""
     import torch
 
-    tok = _tokenizer(base_model_dir)
-    data = torch.as_tensor(
-        windows(token_stream(tok, load_documents(data_path, _chat_renderer(tok))), seq_len)
-    )
+    tok = tokenizer(base_model_dir)
+    data = torch.as_tensor(windows(token_stream(tok, load_documents(data_path, chat_renderer(tok))), seq_len))
     with _Threads(threads):
         model = _load_base(base_model_dir)
         if adapter_dir is not None:
@@ -596,88 +456,3 @@ def perplexity(
             except Exception as e:
                 raise LearningError(f"{adapter_dir}: does not fit {base_model_dir}: {e}") from None
         return _mean_loss(model, data, batch_size)
-
-
-# --------------------------------------------------------------------------------------------- serving form
-
-ONNX_ADAPTER_SUFFIX = ".onnx_adapter"
-_PEFT_NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
-
-
-def _scaling(config: Mapping[str, Any]) -> float:
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise LearningError(
-                f"adapter config: {key} is not supported (one rank and alpha for every module)"
-            )
-    if config.get("use_dora"):
-        raise LearningError("adapter config: DoRA adapters are not supported")
-    if config.get("bias", "none") != "none":
-        raise LearningError("adapter config: LoRA biases are not supported (bias must be 'none')")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-
-
-def onnx_adapter_params(adapter_dir: Path, layout: LoraLayout) -> dict[str, np.ndarray]:
-    """A peft adapter as the named inputs of a LoRA-ready model (lora_layouts.py): per projection A [in, R] and
-    B [R, out] with the scaling folded into B; the modules of a fused projection stacked (block-diagonal B)."""
-    scale = _scaling(read_config(adapter_dir))
-    weights = read_weights(adapter_dir)
-    factors: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for name, t in weights.items():
-        m = _PEFT_NAME.search(name)
-        if m is None:
-            raise LearningError(
-                f"adapter tensor {name!r} is not a LoRA factor of a decoder layer's projection"
-            )
-        factors.setdefault((int(m[1]), m[2]), {})[m[3]] = t
-    params: dict[str, np.ndarray] = {}
-    used: set[tuple[int, str]] = set()
-    for p in layout.projections:
-        present = [(part, factors[(p.layer, part[0])]) for part in p.parts if (p.layer, part[0]) in factors]
-        if not present:
-            continue
-        rank = sum(f["A"].shape[0] for _, f in present)
-        a = np.zeros((p.in_features, rank), dtype=np.float32)
-        b = np.zeros((rank, p.out_features), dtype=np.float32)
-        row = 0
-        for (module, start, width), f in present:
-            if "A" not in f or "B" not in f:
-                raise LearningError(f"layer {p.layer} {module}: the adapter lacks lora_A or lora_B")
-            r = f["A"].shape[0]
-            if f["A"].shape != (r, p.in_features) or f["B"].shape != (width, r):
-                raise LearningError(
-                    f"layer {p.layer} {module}: A {list(f['A'].shape)} and B {list(f['B'].shape)} do not fit "
-                    f"the served model's [r, {p.in_features}] and [{width}, r]"
-                )
-            a[:, row : row + r] = f["A"].T
-            b[row : row + r, start : start + width] = scale * f["B"].T
-            row += r
-            used.add((p.layer, module))
-        params[p.a], params[p.b] = a, b
-    left = sorted(set(factors) - used)
-    if left:
-        layer, module = left[0]
-        raise LearningError(
-            f"the served model takes no adapter on layer {layer} {module} (it adapts {', '.join(layout.targets)}); "
-            "rebuild it LoRA-ready for these targets or train on fewer"
-        )
-    layout.check(params)
-    return params
-
-
-def export_onnx_adapter(adapter_dir: Path, layout: LoraLayout, out_file: Path) -> int:
-    """Write the adapter as onnxruntime-genai loads it (`og.Adapters.load`): a `.onnx_adapter` file (onnxruntime's
-    flatbuffers adapter format) of the LoRA-ready model's inputs. Returns its size in bytes."""
-    import onnxruntime as ort
-
-    params = onnx_adapter_params(adapter_dir, layout)
-    fmt = ort.AdapterFormat()
-    fmt.set_adapter_version(1)
-    fmt.set_model_version(1)
-    fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(t) for n, t in params.items()})
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    fmt.export_adapter(str(tmp))
-    tmp.replace(out_file)
-    return out_file.stat().st_size

@@ -12,14 +12,13 @@ import pytest
 from kiri_runtime.learning.adapters import (
     a_names,
     b_names,
-    export_onnx_adapter,
-    onnx_adapter_params,
     perplexity,
     read_weights,
     train_adapter,
     write_adapter,
 )
 from kiri_runtime.learning.errors import LearningError
+from kiri_runtime.learning.onnx_adapters import export_onnx_adapter, onnx_adapter_params
 from kiri_runtime.lora_layouts import LoraLayout
 from lm_adapters import RANK, TARGETS, lora_genai, site_adapter, site_data
 from lm_sites import write_site
@@ -121,11 +120,11 @@ def test_an_adapter_over_the_upload_budget_is_refused_before_training(tmp_path: 
 def test_chat_lines_are_rendered_with_the_base_tokenizers_chat_template(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from kiri_runtime.learning.adapters import _chat_renderer, load_documents
+    from kiri_runtime.learning.site_texts import chat_renderer, load_documents
     from lm_fixture import tiny_llama
 
     data = write_site(tmp_path, "observatory", 3, 1, chat=True)
-    docs = load_documents(data, _chat_renderer(AutoTokenizer.from_pretrained(str(tiny_llama()))))
+    docs = load_documents(data, chat_renderer(AutoTokenizer.from_pretrained(str(tiny_llama()))))
     assert docs[0].startswith(
         "<|im_start|>user\nWhat happens at the observatory?<|im_end|>\n<|im_start|>assistant\n"
     )
