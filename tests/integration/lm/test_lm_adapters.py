@@ -276,3 +276,42 @@ def test_an_adapter_helps_its_own_site_and_raises_no_other_sites_perplexity_past
                 assert ratio < 0.5, (adapter_site, ratio)
             else:
                 assert ratio <= OTHER_SITES_BOUND, (adapter_site, text_site, ratio)
+
+
+def test_kiri_train_adapter_trains_scores_and_exports_what_kiri_serve_loads(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from lm_fixture import tiny_llama
+
+    train, held_out = site_data(tmp_path / "data", "orchard")
+    cmd = [sys.executable, "-m", "kiri_operator.cli", "train-adapter", "--base", str(tiny_llama())]
+    cmd += [
+        "--data",
+        str(train),
+        "--out",
+        str(tmp_path / "a"),
+        "--rank",
+        "2",
+        "--steps",
+        "20",
+        "--threads",
+        "1",
+    ]
+    cmd += ["--held-out", str(held_out), "--serve-model", str(lora_genai())]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["operator", "runtime"])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["adapterBytes"] == (tmp_path / "a" / "adapter_model.safetensors").stat().st_size
+    assert report["fraction"] <= 0.01 and report["targets"] == ["q_proj", "v_proj"]
+    assert report["heldOut"]["adapter"] < report["heldOut"]["base"]
+    assert report["onnxAdapter"] == str(tmp_path / "a" / "adapter.onnx_adapter")
+    served = og_logits(lora_genai(), encode(lora_genai(), PROMPT), tmp_path / "a" / "adapter.onnx_adapter")
+    assert np.isfinite(served).all()
+    refused = subprocess.run(
+        [*cmd[:9], str(tmp_path / "b"), "--rank", "16"], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert refused.returncode == 1
+    assert "kiri train-adapter: error: a rank-16 adapter on q_proj,v_proj is 57344 bytes" in refused.stderr
