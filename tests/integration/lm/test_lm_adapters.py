@@ -315,3 +315,17 @@ def test_kiri_train_adapter_trains_scores_and_exports_what_kiri_serve_loads(tmp_
     )
     assert refused.returncode == 1
     assert "kiri train-adapter: error: a rank-16 adapter on q_proj,v_proj is 57344 bytes" in refused.stderr
+
+
+def test_a_compressor_build_with_lora_targets_is_lora_ready(tmp_path: Path) -> None:
+    import tempfile
+
+    from kiri_runtime.compressing.lm.building import build
+    from lm_fixture import tiny_llama
+
+    with tempfile.TemporaryDirectory(prefix="kiri-builder-cache-") as cache:
+        out = build(tiny_llama(), tmp_path / "int4", "int4", {"loraTargets": "q_proj,v_proj"}, Path(cache))
+    assert LoraLayout.load(out) == LoraLayout.load(lora_genai("int4"))
+    ids = encode(out, PROMPT)
+    adapter = site_adapter("harbour") / "harbour.onnx_adapter"
+    assert np.array_equal(og_logits(out, ids, adapter), og_logits(lora_genai("int4"), ids, adapter))
