@@ -39,7 +39,7 @@ from kiri_runtime.adapters import AdapterSet, BadAdapter, LoadedAdapter
 from kiri_runtime.collaborating import Collaborator
 from kiri_runtime.collaborations import CollabConfig
 from kiri_runtime.dataplane import BatchingConfig, DataPlane, OnnxModel, run_slots
-from kiri_runtime.errors import ModelNotReady
+from kiri_runtime.errors import InferenceError, ModelNotReady, is_client_error
 from kiri_runtime.fallback import Cascade, CloudClient
 from kiri_runtime.fetching import ArtifactCache, ArtifactFetcher, DiskFullError, FetchError, RetryPolicy
 from kiri_runtime.generating import Scheduler
@@ -310,10 +310,23 @@ class Server:
                 adapters.set_default(name)
             return loaded
 
-        return await asyncio.to_thread(work)
+        swap = adapters.get(name) is not None
+        try:
+            loaded = await asyncio.to_thread(work)
+        except InferenceError as exc:
+            if is_client_error(exc.status):
+                self.metrics.lora_loads.labels(model, "refused").inc()
+            raise
+        self.metrics.lora_loads.labels(model, "swapped" if swap else "loaded").inc()
+        self.metrics.lora_adapters.labels(model).set(len(adapters.listing()))
+        return loaded
 
     async def unload_adapter(self, model: str, name: str) -> LoadedAdapter:
-        return await asyncio.to_thread(self._adapters(model).unload, name)
+        adapters = self._adapters(model)
+        unloaded = await asyncio.to_thread(adapters.unload, name)
+        self.metrics.lora_loads.labels(model, "unloaded").inc()
+        self.metrics.lora_adapters.labels(model).set(len(adapters.listing()))
+        return unloaded
 
     async def set_default_adapter(self, model: str, name: str) -> None:
         self._adapters(model).set_default(name)

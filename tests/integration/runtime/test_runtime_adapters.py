@@ -115,6 +115,16 @@ def admin(
     )
 
 
+def metric(server: ThreadedServer, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            head, value = line.rsplit(" ", 1)
+            if all(f'{k}="{v}"' in head for k, v in labels.items()):
+                total += float(value)
+    return total
+
+
 def adapter_state(server: ThreadedServer) -> tuple[int, int]:
     """(adapters active, adapters onnxruntime-genai still holds)."""
 
@@ -224,6 +234,7 @@ def test_admin_routes_are_off_without_a_token_and_refuse_a_wrong_one(
     assert adapter_state(server) == (1, 1)
     assert admin(server, "load_lora_adapter", body).status_code == 200
     assert adapter_state(server) == (2, 2)
+    assert metric(server, "kiri:lora_adapters", model="assistant") == 2
 
 
 def test_bad_adapters_and_bad_admin_requests_are_4xx_and_lose_nothing(
@@ -290,6 +301,10 @@ def test_bad_adapters_and_bad_admin_requests_are_4xx_and_lose_nothing(
     assert unload_default.status_code == 409 and "is the default" in unload_default.json()["error"]["message"]
     # Nothing was lost: harbour still answers, nothing else got loaded, the server is ready.
     assert adapter_state(server) == (1, 1)
+    # Refused by the loader: garbage, misfit, digest, missing file, loaded already (the rest by the route).
+    assert metric(server, "kiri:lora_adapter_loads_total", result="refused") == 5
+    assert metric(server, "kiri:lora_adapter_loads_total", result="loaded") == 1
+    assert metric(server, "kiri:lora_adapters") == 1
     assert complete(server, "assistant:harbour").status_code == 200
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
 
