@@ -23,7 +23,7 @@ from kiri_runtime.lora_layouts import LoraLayout
 from lm_adapters import RANK, TARGETS, lora_genai, site_adapter, site_data
 from lm_sites import write_site
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROMPT = "The skipper mends the nets by the slipway. The deckhand"
 
