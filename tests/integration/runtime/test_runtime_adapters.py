@@ -335,8 +335,9 @@ def _stream(server: ThreadedServer, model: str, n: int, out: list[Any], index: i
 def test_a_swap_and_an_unload_under_load_drop_no_request(
     start: Callable[..., ThreadedServer], files: dict[str, Path]
 ) -> None:
-    # 50 ms per decode step: 24-token answers last over a second, so the swap lands while every one decodes.
-    server = start(delay_ms=50.0)
+    # 100 ms per decode step: 24-token answers last 2.4 s, so the swap lands while every one decodes, even on a
+    # machine busy enough to make the admin calls take a second.
+    server = start(delay_ms=100.0)
     before = complete(server, "assistant:harbour").json()["choices"][0]["text"]
     assert (
         admin(
