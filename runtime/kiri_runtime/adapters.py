@@ -24,6 +24,7 @@ import re
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,6 +109,8 @@ class AdapterSet:
         self._lock = threading.Lock()
         self._serial = itertools.count(1)
         self.swaps = 0
+        # Called (on the releasing thread) when the last request holding a retired adapter ends.
+        self.on_retired_free: Callable[[], None] | None = None
 
     @property
     def og_adapters(self) -> Any:
@@ -133,8 +136,12 @@ class AdapterSet:
     def release(self, loaded: LoadedAdapter) -> None:
         with self._lock:
             self._users[loaded.key] -= 1
-            if self._users[loaded.key] <= 0:
-                del self._users[loaded.key]
+            if self._users[loaded.key] > 0:
+                return
+            del self._users[loaded.key]
+            freed = any(a.key == loaded.key for a in self._retired)
+        if freed and self.on_retired_free is not None:
+            self.on_retired_free()  # the scheduler's decode thread unloads it once its generator is gone
 
     def listing(self) -> list[LoadedAdapter]:
         with self._lock:

@@ -236,6 +236,7 @@ class Scheduler:
         # Results on their way to an event loop: filled by the decode thread, emptied by the loop.
         self._outbox_lock = threading.Lock()
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, Delta]]] = {}
+        self.adapters.on_retired_free = self._retired_free
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="kiri-decode", daemon=True)
@@ -263,6 +264,13 @@ class Scheduler:
             self._waiting.append(row)
             self._wake.notify()
         return handle
+
+    def _retired_free(self) -> None:
+        """The last request on a retired adapter ended (event loop, or an echo's thread): wake the decode thread
+        to unload it; an idle decode thread would otherwise wait for the next request to end."""
+        with self._wake:
+            self._collect_due = True
+            self._wake.notify()
 
     def _release(self, adapter: LoadedAdapter | None) -> None:
         self.in_flight -= 1
@@ -293,7 +301,7 @@ class Scheduler:
             # While decoding with nobody waiting, no lock: a deque's truth is read atomically.
             if self._waiting or not self._cohorts or self._stopping:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not self._cohorts:
+                    while not (self._stopping or self._waiting or self._cohorts or self._collect_due):
                         self._wake.wait()
                     if self._stopping:
                         return

@@ -407,3 +407,22 @@ def test_echo_scores_a_prompt_with_the_adapter_it_names(
         return -sum(prompt) / len(prompt)
 
     assert nll("assistant:harbour") < 0.7 * nll("assistant:base")
+
+
+def test_a_retired_adapter_is_unloaded_when_its_last_request_ends_with_no_other_traffic(
+    start: Callable[..., ThreadedServer], files: dict[str, Path]
+) -> None:
+    server = start(delay_ms=100.0)
+    results: list[Any] = [None]
+    thread = threading.Thread(target=_stream, args=(server, "assistant:harbour", 24, results, 0))
+    thread.start()
+    time.sleep(0.3)
+    body = {"lora_name": "harbour", "lora_path": files["orchard"].as_uri(), "replace": True}
+    assert admin(server, "load_lora_adapter", body).status_code == 200
+    assert adapter_state(server) == (1, 2)  # the old one is held by the request
+    thread.join(60)
+    assert results[0][0] == 200 and results[0][1] in ("length", "stop")
+    deadline = time.monotonic() + 5
+    while adapter_state(server) != (1, 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert adapter_state(server) == (1, 1)
