@@ -89,7 +89,7 @@ def test_an_exported_adapter_gives_in_onnxruntime_genai_the_logits_peft_gives_in
     assert np.abs(served - reference).max() < 2e-3
 
 
-def test_an_adapter_lowers_its_own_sites_held_out_perplexity_within_one_percent_of_the_base(
+def test_an_adapter_of_at_most_one_percent_of_the_base_halves_its_own_sites_held_out_perplexity(
     tmp_path: Path,
 ) -> None:
     from lm_fixture import tiny_llama
