@@ -363,22 +363,38 @@ LM_FULL_URI="file://$LM_DIR/$(lm_field "m['model']['uri']")"
 LM_FULL_SHA="$(lm_field "m['model']['onnxSha256']")"
 LM_INT4_URI="file://$LM_DIR/$(lm_field "next(v['uri'] for v in m['variants'] if v['name']=='int4')")"
 LM_INT4_SHA="$(lm_field "next(v['sha256'] for v in m['variants'] if v['name']=='int4')")"
-LM_CLOUD_PORT="$(free_port)"
-LM_EDGE_PORT="$(free_port)"
-"$KIRI" serve --name "$LM" --model-uri "$LM_FULL_URI" --sha256 "$LM_FULL_SHA" --variant full --model-version 1.0.0 \
-  --host 127.0.0.1 --port "$LM_CLOUD_PORT" --threads 1 --cache-dir "$DEMO_DIR/cache-lm-cloud" >"$LOGS/serve-lm-cloud.log" 2>&1 &
-PIDS+=($!)
-LM_CLOUD_PID=${PIDS[-1]}
-"$KIRI" serve --name "$LM" --model-uri "$LM_INT4_URI" --sha256 "$LM_INT4_SHA" --variant int4 --model-version 1.0.0 \
-  --host 127.0.0.1 --port "$LM_EDGE_PORT" --threads 1 --cache-dir "$DEMO_DIR/cache-lm-edge" \
-  --fallback-url "http://127.0.0.1:$LM_CLOUD_PORT" --collaboration cascade --cascade-threshold "$LM_THRESHOLD" \
-  >"$LOGS/serve-lm-edge.log" 2>&1 &
-PIDS+=($!)
-LM_EDGE_PID=${PIDS[-1]}
-wait_http "http://127.0.0.1:$LM_CLOUD_PORT/v2/health/ready" 120 "$LM_CLOUD_PID"
-wait_http "http://127.0.0.1:$LM_EDGE_PORT/v2/health/ready" 120 "$LM_EDGE_PID"
-demo chat --url "http://127.0.0.1:$LM_EDGE_PORT" --model "$LM" \
-  --where "host processes: edge kiri serve (int4) :$LM_EDGE_PORT -> cloud kiri serve (fp32) :$LM_CLOUD_PORT, threshold $LM_THRESHOLD"
+if ((REAL)); then
+  # Real pods: the fp32 build on the real cloud node behind a Service, the int4 variant on the real edge node
+  # with that Service as its cloud tier. They fetch from the store over HTTP: a server on the cluster's host
+  # address (the one host address real nodes route to), serving the store directory read-only.
+  HOST_ADDR="$(kubectl get endpoints kubernetes -n default -o jsonpath='{.subsets[0].addresses[0].ip}')"
+  STORE_PORT="$(free_port)"
+  "$PY" -m http.server --bind "$HOST_ADDR" --directory "$DEMO_DIR/store" "$STORE_PORT" >"$LOGS/store-http.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://$HOST_ADDR:$STORE_PORT/" 30 "${PIDS[-1]}"
+  LM_EDGE_URL="$(demo lm-pods --namespace "$NS" --name "$LM" --version 1.0.0 --manifest-dir "$LM_DIR" \
+    --store-root "$DEMO_DIR/store" --store-url "http://$HOST_ADDR:$STORE_PORT" --threshold "$LM_THRESHOLD")"
+  LM_WHERE="real pods: edge $LM-edge (int4) on kiri-real-0 -> Service $LM-cloud -> pod (fp32) on kiri-real-1"
+else
+  LM_CLOUD_PORT="$(free_port)"
+  LM_EDGE_PORT="$(free_port)"
+  "$KIRI" serve --name "$LM" --model-uri "$LM_FULL_URI" --sha256 "$LM_FULL_SHA" --variant full --model-version 1.0.0 \
+    --host 127.0.0.1 --port "$LM_CLOUD_PORT" --threads 1 --cache-dir "$DEMO_DIR/cache-lm-cloud" \
+    >"$LOGS/serve-lm-cloud.log" 2>&1 &
+  PIDS+=($!)
+  LM_CLOUD_PID=${PIDS[-1]}
+  "$KIRI" serve --name "$LM" --model-uri "$LM_INT4_URI" --sha256 "$LM_INT4_SHA" --variant int4 --model-version 1.0.0 \
+    --host 127.0.0.1 --port "$LM_EDGE_PORT" --threads 1 --cache-dir "$DEMO_DIR/cache-lm-edge" \
+    --fallback-url "http://127.0.0.1:$LM_CLOUD_PORT" --collaboration cascade --cascade-threshold "$LM_THRESHOLD" \
+    >"$LOGS/serve-lm-edge.log" 2>&1 &
+  PIDS+=($!)
+  LM_EDGE_PID=${PIDS[-1]}
+  wait_http "http://127.0.0.1:$LM_CLOUD_PORT/v2/health/ready" 120 "$LM_CLOUD_PID"
+  wait_http "http://127.0.0.1:$LM_EDGE_PORT/v2/health/ready" 120 "$LM_EDGE_PID"
+  LM_EDGE_URL="http://127.0.0.1:$LM_EDGE_PORT"
+  LM_WHERE="host processes (no real nodes): edge kiri serve (int4) :$LM_EDGE_PORT -> cloud kiri serve (fp32) :$LM_CLOUD_PORT"
+fi
+demo chat --url "$LM_EDGE_URL" --model "$LM" --where "$LM_WHERE, threshold $LM_THRESHOLD"
 
 # ------------------------------------------------------------------------------------------------------
 step "Summary"

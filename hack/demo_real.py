@@ -210,6 +210,102 @@ def damage_variant(manifest_dir: Path, variant: str) -> None:
           f"says {entry['sha256'][:12]}...")  # fmt: skip
 
 
+RUNTIME_IMAGE = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"  # hack/images.py RUNTIME_REF
+RUNTIME_UID = 65532
+
+
+def serve_pod(namespace: str, name: str, node: str, args: list[str]) -> dict[str, Any]:
+    """A pod of `kiri serve` on one real node, with the security context the operator gives its runtimes."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": name,
+                                                                       "app.kubernetes.io/part-of": "kiri-demo"}},
+        "spec": {
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "tolerations": [REAL_TOLERATION],
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
+                                "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "kiri-serve",
+                    "image": RUNTIME_IMAGE,
+                    "imagePullPolicy": "Never",
+                    "command": ["kiri"],
+                    "args": ["serve", *args, "--host", "0.0.0.0", "--port", "8080", "--threads", "1",
+                             "--cache-dir", "/var/cache/kiri"],
+                    "ports": [{"name": "http", "containerPort": 8080}],
+                    "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+                            {"name": "POD_NAMESPACE", "value": namespace}],
+                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                    "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8080}, "periodSeconds": 1},
+                    "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+                    "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/kiri"},
+                                     {"name": "tmp", "mountPath": "/tmp"}],
+                }
+            ],
+            "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        },
+    }  # fmt: skip
+
+
+def cmd_lm_pods(args: argparse.Namespace) -> int:
+    """The chat model's two tiers as pods on the real nodes: the fp32 build on the real cloud node behind a Service,
+    the int4 variant on the real edge node in cascade mode, its cloud tier that Service by name. Both fetch their
+    model from the store over HTTP (`--store-url`, a host server on the cluster's host address) and check its
+    sha256. Prints the edge pod's URL last."""
+    manifest = json.loads((Path(args.manifest_dir) / "manifest.json").read_text())
+    rel = Path(args.manifest_dir).resolve().relative_to(Path(args.store_root).resolve())
+    base = f"{args.store_url.rstrip('/')}/{rel.as_posix()}"
+    int4 = next(v for v in manifest["variants"] if v["name"] == args.variant)
+    cloud, edge, ns = f"{args.name}-cloud", f"{args.name}-edge", args.namespace
+    common = ["--name", args.name, "--model-version", args.version]
+    objs: list[dict[str, Any]] = [
+        serve_pod(ns, cloud, REAL_CLOUD, [*common, "--model-uri", f"{base}/{manifest['model']['uri']}",
+                                          "--sha256", manifest["model"]["onnxSha256"], "--variant", "full"]),
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": cloud, "namespace": ns},
+         "spec": {"selector": {"app.kubernetes.io/name": cloud}, "ports": [{"name": "http", "port": 8080}]}},
+        serve_pod(ns, edge, REAL_EDGE, [*common, "--model-uri", f"{base}/{int4['uri']}", "--sha256", int4["sha256"],
+                                        "--variant", args.variant,
+                                        "--fallback-url", f"http://{cloud}.{ns}.svc:8080", "--collaboration",
+                                        "cascade", "--cascade-threshold", str(args.threshold)]),
+    ]  # fmt: skip
+    for obj in objs:
+        if obj["kind"] == "Pod":
+            _run(
+                "kubectl",
+                "delete",
+                "pod",
+                obj["metadata"]["name"],
+                "-n",
+                ns,
+                "--ignore-not-found",
+                "--wait=true",
+            )
+    _run("kubectl", "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+    started = time.monotonic()
+    pods: dict[str, dict[str, Any]] = {}
+    while len(pods) < 2:
+        for name in (cloud, edge):
+            pod = kubectl_json("get", "pod", name, "-n", ns)
+            conds = pod.get("status", {}).get("conditions", [])
+            if any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
+                pods[name] = pod
+        if time.monotonic() - started > args.timeout:
+            detail = _run("kubectl", "describe", "pods", "-n", ns, cloud, edge)
+            print(f"  chat pods not Ready after {args.timeout}s:\n{detail[-3000:]}", file=sys.stderr)
+            return 1
+        time.sleep(1)
+    for name, pod in pods.items():
+        (status,) = pod["status"]["containerStatuses"]
+        print(f"  pod {name} on {pod['spec']['nodeName']}: Ready {time.monotonic() - started:.0f}s after apply, "
+              f"{status['containerID'][:25]}..., pod IP {pod['status']['podIP']}", file=sys.stderr)  # fmt: skip
+    print(f"http://{pods[edge]['status']['podIP']}:8080")
+    return 0
+
+
 def register(sub: Any, record: Callable[[str, Any], None], table: Callable[..., str]) -> None:
     p = sub.add_parser("real-setup")
     p.add_argument("--system-namespace", default="kiri-demo-system")
@@ -223,3 +319,14 @@ def register(sub: Any, record: Callable[[str, Any], None], table: Callable[..., 
     p.add_argument("--requests", required=True)
     p.add_argument("--timeout", type=float, default=60)
     p.set_defaults(fn=lambda a: cmd_real_infer(a, record, table))
+    p = sub.add_parser("lm-pods")
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--manifest-dir", required=True)
+    p.add_argument("--variant", default="int4")
+    p.add_argument("--store-root", required=True, help="the host directory --store-url serves")
+    p.add_argument("--store-url", required=True)
+    p.add_argument("--threshold", type=float, required=True)
+    p.add_argument("--timeout", type=float, default=180)
+    p.set_defaults(fn=cmd_lm_pods)
