@@ -513,7 +513,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
         rows.append(
             [
                 "fleet",
-                f"{fleet['cloud']} cloud GPU nodes, {fleet['edge']} edge nodes in {fleet['sites']} sites",
+                f"{fleet['cloud']} cloud nodes, {fleet['edge']} edge nodes in {fleet['sites']} sites",
             ]
         )
     for key in sorted(k for k in data if k.startswith("model-")):
