@@ -43,7 +43,7 @@ export DEMO_DIR="${DEMO_DIR:-$ROOT/.kiri/demo}"
 NS="${DEMO_NAMESPACE:-kiri-demo}"
 MD=sensor
 LM=chat
-LM_THRESHOLD="${DEMO_CASCADE_THRESHOLD:-0.7}"  # cascade: the edge hands off above this uncertainty (1 - margin)
+LM_THRESHOLD="${DEMO_CASCADE_THRESHOLD:-0.95}"  # cascade: the edge hands off above this uncertainty (1 - margin)
 LOGS="$DEMO_DIR/logs"
 
 STARTED=$SECONDS
@@ -138,7 +138,8 @@ real_nodes_up() {
 if ((WANT_REAL > 0)); then
   if real_nodes_up; then
     REAL=1
-    grep -E 'real node|real-node|host:' "$LOGS/real-nodes.log" | tail -n 6 | sed 's/^/  /'
+    { grep -E 'real node|real-node|host:' "$LOGS/real-nodes.log" || echo "[cluster] real nodes: already joined"; } |
+      tail -n 6 | sed 's/^/  /'
   else
     echo "  real nodes: not on this host: ${REAL_WHY:-see $LOGS/real-nodes.log}; the demo goes on with kwok nodes only"
   fi
@@ -152,6 +153,7 @@ fi
 demo fleet
 
 kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/modeldeployments.kiri.dev >/dev/null
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl delete modeldeployment --all -n "$NS" --wait=true --timeout=60s >/dev/null
 echo "  CRD modeldeployments.kiri.dev applied; namespace $NS ready"
@@ -343,6 +345,8 @@ spec:
       uri: file://$DEMO_DIR/store
     variants:
       - {name: int4, method: int4}
+$REAL_EDGE_YAML
+$RUNTIME_YAML
   rollout:
     groupBy: topology.kubernetes.io/zone
     stages:

@@ -23,14 +23,15 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Chat turns the model was trained on ("What does def NAME do?" -> the docstring's first line, for the functions of
-# the six training modules) are easy for the int4 edge; a function of a module it never saw is hard.
+# The model was trained on standard-library source: a chat turn that opens a function of its training text is in
+# its domain and the int4 edge stays sure of every token; a request far from anything it saw is hard: the edge
+# starts, turns unsure within a few tokens, and the cloud continues (measured on this model: margin uncertainty,
+# threshold 0.95, 24 tokens; the edge alone 24/24 and 11/11 tokens for the easy two, 4 of 24 for the hard one).
 EASY = (
-    "What does def dedent do?",
-    "What does def heappush do?",
-    "What does def fnmatch do?",
+    "def fnmatch(name, pat):",
+    "def heappush(heap, item):",
 )
-HARD = "What does def limit_denominator do?"  # fractions: not in lm_fixture.CORPUS_MODULES
+HARD = "Write a haiku about the sea."
 
 
 # ---- the model --------------------------------------------------------------------------------------------------
@@ -42,7 +43,10 @@ def eval_rows() -> list[dict[str, Any]]:
     lines = src.read_text(encoding="utf-8").splitlines()
     texts = ["\n".join(lines[i : i + 6]) for i in range(40, 40 + 8 * 12, 12)]
     chats = [
-        [{"role": "user", "content": EASY[0]}, {"role": "assistant", "content": "Remove any common leading"}],
+        [
+            {"role": "user", "content": "What does def dedent do?"},
+            {"role": "assistant", "content": "Remove any common leading"},
+        ],
         [{"role": "user", "content": "def f(x):"}, {"role": "assistant", "content": "    return x + 1"}],
     ]
     return [{"text": t} for t in texts if t.strip()] + [{"messages": m} for m in chats]
@@ -205,7 +209,7 @@ def cmd_chat(args: argparse.Namespace, record: Callable[[str, Any], None], table
     rows, reports = [], []
     results: dict[str, dict[str, Any]] = {}
     with httpx.Client(base_url=args.url, timeout=120) as client:
-        for label, prompt in [*(("easy", p) for p in EASY), ("hard", HARD)]:
+        for label, prompt in [*(("in domain", p) for p in EASY), ("hard", HARD)]:
             answer, ms = _ask(client, args.model, prompt, "cascade", args.max_tokens)
             kiri = answer["usage"]["kiri"]
             reports.append(kiri)

@@ -58,6 +58,15 @@ def _shared(path: Path) -> None:
     _run("mount", "--make-rshared", str(path))
 
 
+def helm_binary() -> str:
+    """The helm that hack/build-binaries.sh built (the cluster's PATH has the control plane's binaries only)."""
+    dirs = _run("bash", str(REPO_ROOT / "hack" / "build-binaries.sh"), "--print-bin-dirs").split()
+    for d in dirs:
+        if (Path(d) / "helm").is_file():
+            return str(Path(d) / "helm")
+    raise RuntimeError(f"no helm in {dirs}: run `make binaries`")
+
+
 def cmd_real_setup(args: argparse.Namespace) -> int:
     names = {n["metadata"]["name"] for n in real_nodes()}
     if REAL_EDGE not in names:
@@ -101,7 +110,7 @@ def cmd_real_setup(args: argparse.Namespace) -> int:
         },
     }
     rendered = subprocess.run(
-        ["helm", "template", "demo-csi", str(REPO_ROOT / "helm" / "kiri"), "--namespace", ns, "-f", str(values_file),
+        [helm_binary(), "template", "demo-csi", str(REPO_ROOT / "helm" / "kiri"), "--namespace", ns, "-f", str(values_file),
          "--show-only", "templates/cache-csi.yaml"],
         capture_output=True, text=True, env=env, timeout=60, check=False,
     )  # fmt: skip
