@@ -371,14 +371,14 @@ if ((REAL)); then
   # Real pods: the fp32 build on the real cloud node behind a Service, the int4 variant on the real edge node
   # with that Service as its cloud tier. They fetch from the store over HTTP: a server on the cluster's host
   # address (the one host address real nodes route to), serving the store directory read-only.
-  HOST_ADDR="$(kubectl get endpoints kubernetes -n default -o jsonpath='{.subsets[0].addresses[0].ip}')"
+  HOST_ADDR="$(kubectl get endpoints kubernetes -n default -o jsonpath='{.subsets[0].addresses[0].ip}' 2>/dev/null)"
   STORE_PORT="$(free_port)"
   "$PY" -m http.server --bind "$HOST_ADDR" --directory "$DEMO_DIR/store" "$STORE_PORT" >"$LOGS/store-http.log" 2>&1 &
   PIDS+=($!)
   wait_http "http://$HOST_ADDR:$STORE_PORT/" 30 "${PIDS[-1]}"
   LM_EDGE_URL="$(demo lm-pods --namespace "$NS" --name "$LM" --version 1.0.0 --manifest-dir "$LM_DIR" \
     --store-root "$DEMO_DIR/store" --store-url "http://$HOST_ADDR:$STORE_PORT" --threshold "$LM_THRESHOLD")"
-  LM_WHERE="real pods: edge $LM-edge (int4) on kiri-real-0 -> Service $LM-cloud -> pod (fp32) on kiri-real-1"
+  LM_WHERE="real pods: edge $LM-collab-edge (int4) on kiri-real-0 -> Service $LM-collab-cloud -> pod (fp32) on kiri-real-1"
 else
   LM_CLOUD_PORT="$(free_port)"
   LM_EDGE_PORT="$(free_port)"

@@ -258,6 +258,10 @@ def cmd_chat(args: argparse.Namespace, record: Callable[[str, Any], None], table
     failures += [f"easy prompt {p!r} made no edge tokens" for p in EASY if not results[p]["edge_tokens"]]
     if not results[HARD]["cloud_tokens"]:
         failures.append(f"the hard prompt {HARD!r} was not continued by the cloud: {results[HARD]}")
+    if not ref["usage"]["kiri"]["cloud_tokens"]:
+        failures.append(
+            f"the cloud-only answer has no cloud tokens (cloud tier down?): {ref['usage']['kiri']}"
+        )
     if not same:
         failures.append("speculative text differs from cloud-only (greedy speculative decoding is lossless)")
     for f in failures:

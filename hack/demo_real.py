@@ -269,7 +269,8 @@ def cmd_lm_pods(args: argparse.Namespace) -> int:
     rel = Path(args.manifest_dir).resolve().relative_to(Path(args.store_root).resolve())
     base = f"{args.store_url.rstrip('/')}/{rel.as_posix()}"
     int4 = next(v for v in manifest["variants"] if v["name"] == args.variant)
-    cloud, edge, ns = f"{args.name}-cloud", f"{args.name}-edge", args.namespace
+    # Not `<name>-cloud`: that is the operator's own cloud Service of the ModelDeployment.
+    cloud, edge, ns = f"{args.name}-collab-cloud", f"{args.name}-collab-edge", args.namespace
     common = ["--name", args.name, "--model-version", args.version]
     objs: list[dict[str, Any]] = [
         serve_pod(ns, cloud, REAL_CLOUD, [*common, "--model-uri", f"{base}/{manifest['model']['uri']}",
