@@ -510,10 +510,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     rows: list[list[str]] = []
     fleet = data.get("fleet")
     if fleet:
+        real = (
+            f" ({len(fleet['real'])} of them real: {', '.join(fleet['real'])})" if fleet.get("real") else ""
+        )
         rows.append(
             [
                 "fleet",
-                f"{fleet['cloud']} cloud nodes, {fleet['edge']} edge nodes in {fleet['sites']} sites",
+                f"{fleet['cloud']} cloud nodes, {fleet['edge']} edge nodes in {fleet['sites']} sites{real}",
             ]
         )
     for key in sorted(k for k in data if k.startswith("model-")):
@@ -522,7 +525,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for key in sorted(k for k in data if k.startswith("variants-")):
         for v in data[key]["variants"]:
             size = f"{v['size_ratio']:.2f}x fp32 size" if v.get("size_ratio") else "-"
-            cos = f"cosine {v['cosine_mean']:.5f}" if v.get("cosine_mean") is not None else "no fidelity"
+            if v.get("kl_mean") is not None:
+                cos = f"KL {v['kl_mean']:.4f}, top-1 {v['top1']:.3f}"
+            else:
+                cos = f"cosine {v['cosine_mean']:.5f}" if v.get("cosine_mean") is not None else "no fidelity"
             rows.append(
                 [
                     f"{key}/{v['name']}",
@@ -551,8 +557,6 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 f"{real['requests']} OIP v2 requests to {real['pod']} on {real['node']}; answered by {tiers}",
             ]
         )
-    if fleet:
-        rows.append(["real nodes", ", ".join(fleet.get("real", [])) or "none (kwok only)"])
     chat = data.get("chat")
     if chat:
         t = chat["tokens"]
@@ -562,9 +566,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
                 "chat",
                 f"tokens edge {t['edge']}, cloud {t['cloud']} ({share:.0f} % at the edge); hard prompt: "
                 f"{chat['hard']['cloud_tokens']} cloud tokens after {chat['hard']['handoffs']} hand-off(s); "
-                f"speculative equal to cloud-only: {chat['speculative_exact']}; {chat['where']}",
+                f"speculative equal to cloud-only: {chat['speculative_exact']}",
             ]
         )
+        rows.append(["chat served by", chat["where"]])
     if "elapsed" in data:
         rows.append(["wall time", f"{data['elapsed']} s"])
     print(table(["STEP", "RESULT"], rows))
