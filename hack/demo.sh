@@ -131,7 +131,7 @@ real_nodes_up() {
     return 1
   fi
   if ! bash hack/cluster up "${FLEET[@]}" --real-nodes "$WANT_REAL" >>"$log" 2>&1; then
-    REAL_WHY="$(grep -E 'error:' "$log" | tail -n 1 | sed 's/^hack\/cluster up: error: //')"
+    REAL_WHY="$(grep -E 'error:' "$log" | tail -n 1 | sed -e 's/^hack\/cluster up: error: //' -e 's/^this host cannot run real nodes: //')"
     return 1
   fi
 }
@@ -141,7 +141,7 @@ if ((WANT_REAL > 0)); then
     { grep -E 'real node|real-node|host:' "$LOGS/real-nodes.log" || echo "[cluster] real nodes: already joined"; } |
       tail -n 6 | sed 's/^/  /'
   else
-    echo "  real nodes: not on this host: ${REAL_WHY:-see $LOGS/real-nodes.log}; the demo goes on with kwok nodes only"
+    echo "  real nodes: this host cannot run them (${REAL_WHY:-see $LOGS/real-nodes.log}); the demo goes on with kwok nodes only"
   fi
 fi
 if ((REAL)); then
