@@ -117,8 +117,11 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         )
         print(f"  real node {n['metadata']['name']}: kubelet {info.get('kubeletVersion', '?')}, "
               f"{info.get('containerRuntimeVersion', '?')}, InternalIP {addr} (its own network namespace)")  # fmt: skip
-    print(f"  real nodes: {', '.join(n['metadata']['name'] for n in real) or 'none'}; "
-          f"every other node is simulated by kwok (runs no containers)")  # fmt: skip
+    if real:
+        print(f"  real nodes: {', '.join(n['metadata']['name'] for n in real)}; every other node is simulated by "
+              "kwok (runs no containers)")  # fmt: skip
+    else:
+        print("  real nodes: none; every node is simulated by kwok (runs no containers)")
     tiers: dict[str, int] = {}
     for n in nodes:
         tier = n["metadata"]["labels"].get("kiri.dev/tier", "?")
