@@ -744,7 +744,8 @@ class EdgeSpec(ApiModel):
     node_selector: Annotated[dict[str, LabelValue], Field(max_length=32)] = {TIER_LABEL: "edge"}
     """Which nodes form the edge fleet."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
-    """Tolerations of the edge pods (e.g. for sites that taint their nodes)."""
+    """Tolerations of the edge pods (e.g. for sites that taint their nodes). A selected node with a
+    NoSchedule or NoExecute taint they do not tolerate is not a rollout target (no pod can run there)."""
     pod_labels: Annotated[dict[str, LabelValue], Field(max_length=32)] = {}
     """Extra labels on edge pods (e.g. for a Prometheus scrape selector). Part of the revision: changing
     them rolls out in waves like any other change."""

@@ -21,7 +21,7 @@ from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning.assigning import AssignInput, Assignment, NodePod, assign_nodes
 from kiri_operator.planning.compression import CompressionPlan, manifests_to_keep
-from kiri_operator.planning.placing import Placement, place, selects
+from kiri_operator.planning.placing import Placement, admits, place, selects
 from kiri_operator.planning.settings import Settings
 from kiri_operator.plans import Event, Slot, TierPlan
 
@@ -118,7 +118,9 @@ def _edge_rollout(
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "True", Reason.NO_EDGE_VARIANTS, "no edge variants")
         out.complete = True
         return out
-    eligible = [n for n in observed.nodes if selects(spec.edge.node_selector, n)]
+    eligible = [
+        n for n in observed.nodes if selects(spec.edge.node_selector, n) and admits(spec.edge.tolerations, n)
+    ]
     matching: Placement = place(spec.edge.variants, eligible)
     verified = comp.manifest is not None and bool(comp.accepted)
     placement = place(spec.edge.variants, eligible, comp.accepted) if verified else matching
