@@ -36,6 +36,9 @@ KSTATUS_BUILD="$(module_version kstatus sigs.k8s.io/cli-utils)-$(cat "$TOOLS_DIR
 CONTAINERD_VERSION="$(module_version containerd github.com/containerd/containerd/v2)"
 RUNC_VERSION="$(module_version runc github.com/opencontainers/runc)"
 COREDNS_VERSION="$(module_version coredns github.com/coredns/coredns)"
+# CoreDNS is built from the wrapper's own main.go, which compiles in only the plugins the real nodes'
+# Corefile uses: the key holds CoreDNS's version and the hash of main.go and go.sum.
+COREDNS_BUILD="$COREDNS_VERSION-slim-$(cat "$TOOLS_DIR/coredns/main.go" "$TOOLS_DIR/coredns/go.sum" | sha256sum | cut -c1-8)"
 # Prometheus with Kubernetes service discovery (Debian's package has none): only the file, http and
 # kubernetes discoverers are compiled in (build tags), and the key says so.
 PROMETHEUS_VERSION="$(module_version prometheus github.com/prometheus/prometheus)"
@@ -126,7 +129,7 @@ main() {
     build kubernetes kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$K8S_VERSION" "$kl"
   fi
   if [[ "$which" == real-nodes || "$which" == coredns ]]; then
-    build coredns coredns github.com/coredns/coredns "$COREDNS_VERSION" \
+    build coredns coredns kiri.dev/hack/tools/coredns "$COREDNS_BUILD" \
       "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
   fi
   if [[ "$which" == real-nodes || "$which" == containerd ]]; then
@@ -169,7 +172,7 @@ fi
 if [[ "${1:-}" == "--print-real-node-bin-dirs" ]]; then
   # The kubelet sits with the other Kubernetes binaries.
   bin_dir_for kubernetes "$K8S_VERSION"; bin_dir_for containerd "$CONTAINERD_VERSION"; bin_dir_for runc "$RUNC_BUILD"
-  bin_dir_for coredns "$COREDNS_VERSION"
+  bin_dir_for coredns "$COREDNS_BUILD"
   exit 0
 fi
 if [[ "${1:-}" == "--print-prometheus" ]]; then

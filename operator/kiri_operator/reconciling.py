@@ -22,9 +22,11 @@ from kiri_operator.clocks import Clock, ServerClock
 from kiri_operator.conditions import Reason
 from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
-from kiri_operator.observations import ObjectView, Observed
+from kiri_operator.observations import ObjectView, Observed, PodView
 from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
+from kiri_operator.planning import building as B
 from kiri_operator.plans import Action, Check, Event, Plan
+from kiri_runtime import probing
 
 if TYPE_CHECKING:
     from kiri_operator.analyzing import Analyst
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENT_REPEAT_SECONDS = 300.0
+PROBE_EVENT_REASON = "Unhealthy"
+"""The kubelet's reason for a failed probe's Event (pkg/kubelet/events ContainerUnhealthy)."""
 # Status fields that only say how far a step has come. A change to them alone is written at most once per
 # `progress_interval` per ModelDeployment; anything else in the status (phase, a condition's status or
 # reason, a revision, a step, a bake's start, history) is written at once.
@@ -115,15 +119,8 @@ def pod_security_refusal(child: ObjectView, events: Iterable[Mapping[str, Any]])
         message = str(ev.get("message") or "")
         if C.POD_SECURITY_MARK not in message:
             continue
-        stamp = (
-            ev.get("lastTimestamp")
-            or ev.get("eventTime")
-            or (ev.get("metadata") or {}).get("creationTimestamp")
-        )
-        try:
-            # eventTime (events.k8s.io) is a MicroTime: drop the fraction, second precision is enough here.
-            at = parse_time(str(stamp).split(".")[0].removesuffix("Z") + "Z")
-        except ValueError:
+        at = _event_time(ev)
+        if at is None:
             continue
         if child.created:
             try:
@@ -134,6 +131,55 @@ def pod_security_refusal(child: ObjectView, events: Iterable[Mapping[str, Any]])
         if best is None or at > best[0]:
             best = (at, message.removeprefix(_COMBINED_EVENTS))
     return best[1] if best is not None else None
+
+
+def probe_reason(pod: PodView, events: Iterable[Mapping[str, Any]]) -> str | None:
+    """What the pod's readiness probe printed (`kiri_runtime.probing`) in its newest "Readiness probe
+    failed" Event from the time it has been not ready, if any: "readiness probe: <output>".
+
+    An Event counts if it was last seen after the pod's Ready condition turned False, less the probe's
+    failure window (the failures that turned it False come before the transition) and a margin for the
+    kubelet's clock. The kubelet keeps one Event per message, bumping its count and last timestamp, and
+    after 25 Warnings about one pod sends one per 5 minutes (client-go's spam filter): a reason that
+    changes late may show late, and one that is gone is never quoted as current, since a Ready pod is not
+    asked."""
+    since: datetime | None = None
+    if pod.not_ready_since:
+        try:
+            since = parse_time(pod.not_ready_since)
+        except ValueError:
+            since = None
+    best: tuple[datetime, str] | None = None
+    for ev in events:
+        involved = ev.get("involvedObject") or {}
+        if involved.get("name") != pod.name:
+            continue
+        said = probing.reason_from_event(str(ev.get("message") or ""))
+        if said is None:
+            continue
+        at = _event_time(ev)
+        if at is None or (since is not None and (since - at).total_seconds() > PROBE_WINDOW_SECONDS):
+            continue
+        if best is None or at > best[0]:
+            best = (at, said)
+    return f"readiness probe: {best[1]}" if best is not None else None
+
+
+PROBE_WINDOW_SECONDS = B.READY_PERIOD * B.READY_FAILURES + 15
+PROBE_EVENTS_SECONDS = 10.0
+"""A ModelDeployment's probe Events are read at most this often: one LIST per namespace, only while one of
+its pods runs not ready with no reason on the pod object."""
+
+
+def _event_time(ev: Mapping[str, Any]) -> datetime | None:
+    stamp = (
+        ev.get("lastTimestamp") or ev.get("eventTime") or (ev.get("metadata") or {}).get("creationTimestamp")
+    )
+    try:
+        # eventTime (events.k8s.io) is a MicroTime: drop the fraction, second precision is enough here.
+        return parse_time(str(stamp).split(".")[0].removesuffix("Z") + "Z")
+    except ValueError:
+        return None
 
 
 _COMBINED_EVENTS = "(combined from similar events): "
@@ -162,6 +208,7 @@ class Reconciler:
         self.progress_interval = progress_interval
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
         self._status_written_at: dict[Key, float] = {}
+        self._probe_events: dict[Key, tuple[float, list[dict[str, Any]]]] = {}
 
     def reconcile(self, key: Key) -> Outcome:
         started = time.perf_counter()
@@ -182,6 +229,7 @@ class Reconciler:
             # Children carry owner references: the garbage collector removes them with their owner.
             metrics.set_nodes(key[0], key[1], {})
             self._status_written_at.pop(key, None)
+            self._probe_events.pop(key, None)
             return Outcome()
         now = self.clock.now()
         try:
@@ -200,6 +248,7 @@ class Reconciler:
             return Outcome()
         if refusals := self._pod_refusals(observed):
             observed = replace(observed, pod_refusals=refusals)
+        observed = self._with_probe_reasons(key, observed)
         server_clock = getattr(self.kube, "server_clock", None)
         if isinstance(server_clock, ServerClock):
             observed = replace(observed, server_now=server_clock.now())
@@ -239,6 +288,37 @@ class Reconciler:
             if (message := pod_security_refusal(child, events)) is not None:
                 out[(child.kind, child.name)] = message
         return out
+
+    def _with_probe_reasons(self, key: Key, observed: Observed) -> Observed:
+        """The serving pods that run not ready and say nothing on the pod object get the reason their
+        readiness probe printed into the kubelet's Events (one LIST per namespace, at most every
+        PROBE_EVENTS_SECONDS per ModelDeployment; between reads the last answer stands)."""
+        silent = [
+            p
+            for p in observed.pods
+            if not p.ready
+            and not p.reason
+            and p.phase == "Running"
+            and p.component in (L.COMPONENT_CLOUD, L.COMPONENT_EDGE)
+        ]
+        if not silent:
+            self._probe_events.pop(key, None)
+            return observed
+        now = time.monotonic()
+        read_at, events = self._probe_events.get(key, (float("-inf"), []))
+        if now - read_at >= PROBE_EVENTS_SECONDS:
+            try:
+                events = self.kube.events_with_reason(observed.namespace, "Pod", PROBE_EVENT_REASON)
+            except KubeError as exc:
+                log.warning("cannot read the probe Events of %s/%s: %s", *key, exc)
+            self._probe_events[key] = (now, events)
+        names = {p.name for p in silent}
+        mine = [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
+        said = {p.name: r for p in silent if (r := probe_reason(p, mine)) is not None}
+        if not said:
+            return observed
+        pods = tuple(replace(p, reason=said[p.name]) if p.name in said else p for p in observed.pods)
+        return replace(observed, pods=pods)
 
     def _apply(self, key: Key, md: dict[str, Any], old_status: Any, p: Plan) -> Outcome:
         outcome = Outcome(requeue_after=p.requeue_after)

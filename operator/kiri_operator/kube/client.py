@@ -248,6 +248,26 @@ class Kube:
         result = self._request("list", "GET", "Event", KINDS["Event"].path(namespace), query=query) or {}
         return [i for i in result.get("items") or [] if isinstance(i, dict)]
 
+    def events_with_reason(
+        self, namespace: str, kind: str, reason: str, pages: int = 10
+    ) -> list[dict[str, Any]]:
+        """The Events with `reason` about any object of `kind` in a namespace (one server-side field
+        selector), at most `pages` pages of LIST_PAGE: the kubelet folds repeats into one Event per pod and
+        message, so a namespace's pods fit unless thousands of them fail at once."""
+        fields = f"involvedObject.kind={kind},reason={reason}"
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(pages):
+            query = {"fieldSelector": fields, "limit": str(LIST_PAGE)}
+            if token:
+                query["continue"] = token
+            result = self._request("list", "GET", "Event", KINDS["Event"].path(namespace), query=query) or {}
+            out += [i for i in result.get("items") or [] if isinstance(i, dict)]
+            token = (result.get("metadata") or {}).get("continue") or None
+            if not token:
+                break
+        return out
+
     def list(
         self, kind: str, namespace: str | None = None, selector: str | None = None
     ) -> list[dict[str, Any]]:

@@ -29,6 +29,7 @@ class RecordingKube:
         self.refuse = refuse
         self.resource_version = 100
         self.events: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self.namespace_events: list[dict[str, Any]] = []
 
     def _rv(self, body: dict[str, Any]) -> dict[str, Any]:
         self.resource_version += 1
@@ -48,6 +49,10 @@ class RecordingKube:
     def events_about(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
         self.calls.append(("events", kind, name))
         return list(self.events.get((kind, name, reason), []))
+
+    def events_with_reason(self, namespace: str, kind: str, reason: str) -> list[dict[str, Any]]:
+        self.calls.append(("events", kind, "*"))
+        return [e for e in self.namespace_events if e["reason"] == reason]
 
     def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("status", "ModelDeployment", name))
@@ -315,3 +320,93 @@ def test_a_prometheus_outside_the_allow_list_is_never_asked_and_the_spec_is_refu
     assert (ready["reason"] == "PrometheusNotAllowed") is not asked
     applied = [c for c in kube.calls if c[0] == "apply"]
     assert bool(applied) is asked
+
+
+def _serving_pod(name: str, component: str, not_ready_since: str, ready: bool = False) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "labels": {"kiri.dev/modeldeployment": "md", "app.kubernetes.io/component": component},
+        },
+        "spec": {"nodeName": "cloud-0"},
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "Ready", "status": str(ready), "lastTransitionTime": not_ready_since},
+            ],
+            "containerStatuses": [{"name": "kiri-serve", "ready": ready, "state": {"running": {}}}],
+        },
+    }
+
+
+def _probe_event(pod: str, message: str, last: str) -> dict[str, Any]:
+    return {
+        "involvedObject": {"kind": "Pod", "name": pod, "fieldPath": "spec.containers{kiri-serve}"},
+        "reason": "Unhealthy",
+        "type": "Warning",
+        "message": message,
+        "lastTimestamp": last,
+    }
+
+
+def _cloud_ready(cache: Cache) -> dict[str, Any]:
+    status = cache.md(("ns", "md"))["status"]  # type: ignore[index]
+    return next(c for c in status["conditions"] if c["type"] == "CloudReady")
+
+
+def test_cloud_ready_quotes_the_readiness_probe_output_from_the_kubelets_event(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(reconciling.time, "monotonic", lambda: clock[0])
+    kube, cache = RecordingKube(), _cache()
+    r = Reconciler(kube, cache, progress_interval=0.0)  # type: ignore[arg-type]
+    r.reconcile(("ns", "md"))
+    cache.put_pod(_serving_pod("md-cloud-1", "cloud", "2026-12-06T10:00:00Z"))
+    said = "model m not loaded (attempt 3): HTTP 401: no credentials were sent"
+    kube.namespace_events = [
+        # From before this not-ready spell (older than its transition less the probe's window): not quoted.
+        _probe_event("md-cloud-1", "Readiness probe failed: cache full", "2026-12-06T09:58:00Z"),
+        _probe_event("md-cloud-1", f"Readiness probe failed: {said}\n", "2026-12-06T10:00:20Z"),
+        _probe_event("md-cloud-1", "Liveness probe failed: HTTP probe failed", "2026-12-06T10:00:30Z"),
+        _probe_event("other-pod", "Readiness probe failed: not this pod's", "2026-12-06T10:00:40Z"),
+    ]
+    kube.calls.clear()
+    r.reconcile(("ns", "md"))
+    assert kube.calls.count(("events", "Pod", "*")) == 1
+    cond = _cloud_ready(cache)
+    assert (cond["status"], cond["reason"]) == ("False", "DeploymentProgressing")
+    assert cond["message"] == f"0/1 replicas ready; 1 pods not ready: readiness probe: {said}"
+
+    # Within PROBE_EVENTS_SECONDS the last answer stands (no second LIST); after it, the Events are read again.
+    kube.namespace_events.append(
+        _probe_event("md-cloud-1", "Readiness probe failed: disk full", "2026-12-06T10:01:00Z")
+    )
+    kube.calls.clear()
+    clock[0] += 5
+    r.reconcile(("ns", "md"))
+    assert ("events", "Pod", "*") not in kube.calls
+    assert _cloud_ready(cache)["message"].endswith(f"readiness probe: {said}")
+    clock[0] += reconciling.PROBE_EVENTS_SECONDS
+    r.reconcile(("ns", "md"))
+    assert kube.calls.count(("events", "Pod", "*")) == 1
+    assert (
+        _cloud_ready(cache)["message"] == "0/1 replicas ready; 1 pods not ready: readiness probe: disk full"
+    )
+
+
+def test_probe_events_are_not_read_while_every_serving_pod_is_ready_or_says_why_itself(monkeypatch):
+    kube, cache = RecordingKube(), _cache()
+    r = Reconciler(kube, cache, progress_interval=0.0)  # type: ignore[arg-type]
+    r.reconcile(("ns", "md"))
+    cache.put_pod(_serving_pod("md-cloud-1", "cloud", "2026-12-06T10:00:00Z", ready=True))
+    crashing = _serving_pod("md-cloud-2", "cloud", "2026-12-06T10:00:00Z")
+    crashing["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
+    cache.put_pod(crashing)
+    kube.namespace_events = [_probe_event("md-cloud-2", "Readiness probe failed: x", "2026-12-06T10:00:20Z")]
+    kube.calls.clear()
+    r.reconcile(("ns", "md"))
+    assert ("events", "Pod", "*") not in kube.calls
+    # The crash loop is on the pod object itself: no Event is needed, and none is quoted.
+    assert (
+        _cloud_ready(cache)["message"] == "0/1 replicas ready; 1 pods not ready: kiri-serve: CrashLoopBackOff"
+    )
