@@ -1,9 +1,17 @@
-// Wrapper module: builds CoreDNS for the real nodes' cluster DNS from the published coredns module.
-module kiri.dev/hack/tools/coredns
+// Wrapper module of the two host programs that read the API server with client-go: CoreDNS (the real
+// nodes' cluster DNS; main.go, only the plugins its Corefile uses) and Prometheus with Kubernetes service
+// discovery (the real-node e2e's; Debian's 2.42 has none). One module graph, so the shared stack (client-go,
+// k8s.io/api, x/net, grpc, protobuf) has one version of each and a cold build compiles it once.
+module kiri.dev/hack/tools/coredns-prometheus
 
 go 1.26.0
 
-require github.com/coredns/coredns v1.15.0
+require (
+	github.com/coredns/coredns v1.15.0
+	github.com/prometheus/prometheus v0.316.0
+)
+
+tool github.com/prometheus/prometheus/cmd/prometheus
 
 require (
 	cloud.google.com/go/auth v0.24.1-0.20261001053825-dbc26066f70a // indirect
