@@ -7,8 +7,8 @@ in the chart's pods (two replicas on two real nodes, `podAntiAffinity` by hostna
 container is killed with SIGKILL through its node's containerd (`ctr task kill`), as an OOM kill or a
 crashed process would end it: no SIGTERM, so no Lease release; the standby must take it over.
 
-Marked `real_nodes` and skipped unless asked for (`-m real_nodes` or KIRI_REAL_NODES=1): it needs root,
-the real-node binaries and the images (hack/README.md).
+Marked `real_nodes` (part of `make test`; KIRI_REAL_NODES=0 leaves it out): it needs root, the real-node
+binaries and the images (hack/README.md).
 """
 
 from __future__ import annotations
