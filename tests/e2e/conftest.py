@@ -69,6 +69,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -279,7 +280,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if not any(item.get_closest_marker("real_nodes") for item in session.items):
         return
     proc = subprocess.run(
-        [str(CLUSTER_SCRIPT), "check-host"], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, str(REPO_ROOT / "hack" / "cluster.py"), "check-host"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     if proc.returncode != 0:
         pytest.exit((proc.stderr or proc.stdout).strip(), returncode=1)
