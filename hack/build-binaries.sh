@@ -23,7 +23,7 @@ export GOFLAGS="${GOFLAGS:-} -mod=mod"
 go_version="$(go env GOVERSION)"
 
 module_version() { # <wrapper dir> <module path>
-  awk -v m="$2" '$1 == "require" && $2 == m {print $3} $1 == m && NF == 2 {print $2}' "$TOOLS_DIR/$1/go.mod" | head -n1
+  awk -v m="$2" '$1 == "require" && $2 == m {print $3} $1 == m && (NF == 2 || $3 == "//") {print $2}' "$TOOLS_DIR/$1/go.mod" | head -n1
 }
 
 K8S_VERSION="$(module_version kubernetes k8s.io/kubernetes)"
