@@ -97,7 +97,9 @@ def node_view(body: Mapping[str, Any]) -> NodeView:
 def pod_view(body: Mapping[str, Any]) -> PodView:
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
-    cond = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    cond: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+    )
     ready = cond.get("status") == "True"
     restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
     return PodView(

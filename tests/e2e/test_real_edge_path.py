@@ -356,11 +356,14 @@ def deployed(
     )
     env = _with_helm(cluster.env, tmp / "helm-home")
     on_cloud = {**REAL, "kiri.dev/tier": "cloud"}
+    prometheus, prom_url = _start_prometheus(cluster, ns, tmp)
     (tmp / "values.yaml").write_text(
         yaml.safe_dump(
             {
                 # The CRD is applied below, not owned by this release (other releases may have kept it).
                 "crds": {"install": False},
+                # The operator asks only the Prometheus addresses the administrator allows.
+                "analysis": {"allowedPrometheus": [prom_url]},
                 "operator": {"watchNamespaces": [ns]},
                 "image": {"pullPolicy": "Never"},
                 "nodeSelector": on_cloud,
@@ -385,7 +388,6 @@ def deployed(
         )
     )
     release = "kiri-" + ns[-6:]
-    prometheus, prom_url = _start_prometheus(cluster, ns, tmp)
     thread: threading.Thread | None = None
     d: Deployed | None = None
     try:
