@@ -81,6 +81,12 @@ def real_pair(cluster: Cluster) -> Iterator[None]:
     finally:
         if before < 2:
             _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", str(before), timeout=600)
+        else:
+            # Kept: an edge node again, as `up` labels real nodes (the next module may want two edge nodes).
+            cluster.kubectl(
+                "label", "node", CLOUD_NODE, "--overwrite", "kiri.dev/tier=edge", "kiri.dev/site=site-real",
+                "topology.kubernetes.io/zone=site-real",
+            )  # fmt: skip
 
 
 def tiny_classifier(path: Path) -> tuple[bytes, str]:
