@@ -363,6 +363,7 @@ def big_model_server() -> Iterator[tuple[str, str, int, list[int]]]:
             f"http://{host}:{server.server_address[1]}/big.onnx",
             hashlib.sha256(data).hexdigest(),
             len(data),
+            served,
         )
     finally:
         server.shutdown()
