@@ -28,7 +28,7 @@ SOURCE = f"""\
 import http.client, json, sys
 port = int(sys.argv[1])
 try:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=4)
     conn.request("GET", "{PATH}")
     reply = conn.getresponse()
     body = reply.read(65536)

@@ -190,7 +190,7 @@ def readiness_probe(port: int) -> dict[str, Any]:
     """An exec probe (`kiri_runtime.probing`) rather than httpGet: it asks `/v2/health/ready` the same way,
     and its output, the server's not-ready reason, lands in the kubelet's `Unhealthy` Event, which the
     operator quotes in status (an httpGet probe keeps only the status code). The timeout leaves room for
-    the Python start on a busy node."""
+    the Python start on a busy node (the probe itself gives the server 4 s)."""
     return {
         "exec": {"command": probing.command(port)},
         "periodSeconds": READY_PERIOD,
