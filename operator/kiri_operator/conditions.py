@@ -12,6 +12,7 @@ neither True, `Ready=True` is `Current`. They summarize the others and are never
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -192,6 +193,17 @@ class Condition:
         if self.type in NEGATIVE_POLARITY:
             return self.status == "True"
         return self.status == "False"
+
+
+def not_ready_note(reasons: Iterable[str]) -> str:
+    """ "; N pods not ready: <reason>" for the reason most of these pods give (ties: the first by name), so
+    a condition says why it waits, not only that it does; "" when no pod says."""
+    counts = Counter(r for r in reasons if r)
+    if not counts:
+        return ""
+    reason, count = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = f" (and {sum(counts.values()) - count} for other reasons)" if len(counts) > 1 else ""
+    return f"; {count} pods not ready: {reason}{more}"
 
 
 def get(conditions: Iterable[Condition], type_: str) -> Condition | None:

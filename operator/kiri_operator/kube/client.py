@@ -241,9 +241,26 @@ class Kube:
         path = KINDS[kind].path(namespace, name)
         return self._request("get", "GET", kind, path, missing_ok=True, timeout=timeout)
 
-    def events_with_reason(self, namespace: str, reason: str) -> list[dict[str, Any]]:
-        """A namespace's Events with `reason` (a server-side field selector), in pages."""
-        return self.list("Event", namespace, fields=f"reason={reason}")
+    def events_with_reason(
+        self, namespace: str, kind: str | None, reason: str, pages: int = 10
+    ) -> list[dict[str, Any]]:
+        """The Events with `reason` about any object of `kind` (None: of any kind) in a namespace (one
+        server-side field selector), at most `pages` pages of LIST_PAGE: the kubelet and the controllers
+        fold repeats into one Event per object and message, so a namespace fits unless thousands of its
+        objects fail at once."""
+        fields = f"involvedObject.kind={kind},reason={reason}" if kind else f"reason={reason}"
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(pages):
+            query = {"fieldSelector": fields, "limit": str(LIST_PAGE)}
+            if token:
+                query["continue"] = token
+            result = self._request("list", "GET", "Event", KINDS["Event"].path(namespace), query=query) or {}
+            out += [i for i in result.get("items") or [] if isinstance(i, dict)]
+            token = (result.get("metadata") or {}).get("continue") or None
+            if not token:
+                break
+        return out
 
     def list(
         self,

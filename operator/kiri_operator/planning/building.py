@@ -30,6 +30,7 @@ from kiri_operator.api.specs import (
     Variant,
     is_default_gate,
 )
+from kiri_runtime import probing
 
 RUNTIME_UID = 65532
 MODEL_MOUNT = "/models"
@@ -184,6 +185,22 @@ def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+READY_PERIOD, READY_FAILURES = 5, 3
+
+
+def readiness_probe(port: int) -> dict[str, Any]:
+    """An exec probe (`kiri_runtime.probing`) rather than httpGet: it asks `/v2/health/ready` the same way,
+    and its output, the server's not-ready reason, lands in the kubelet's `Unhealthy` Event, which the
+    operator quotes in status (an httpGet probe keeps only the status code). The timeout leaves room for
+    the Python start on a busy node (the probe itself gives the server 4 s)."""
+    return {
+        "exec": {"command": probing.command(port)},
+        "periodSeconds": READY_PERIOD,
+        "failureThreshold": READY_FAILURES,
+        "timeoutSeconds": 5,
+    }
+
+
 @dataclass(frozen=True)
 class Source:
     """How pods reach the full model: the URI they pass to the runtime, plus a volume for pvc:// sources."""
@@ -266,7 +283,7 @@ def cloud_deployment(
         "args": args,
         "ports": [{"name": "http", "containerPort": cloud.port, "protocol": "TCP"}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "readinessProbe": _probe("/v2/health/ready", cloud.port, 5, 3),
+        "readinessProbe": readiness_probe(cloud.port),
         "livenessProbe": _probe("/v2/health/live", cloud.port, 10, 6),
         "securityContext": container_security(),
         "env": [*copy.deepcopy(_SERVE_ENV), *access.env],
@@ -752,7 +769,7 @@ def edge_daemonset(
         "args": args,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-        "readinessProbe": _probe("/v2/health/ready", port, 5, 3),
+        "readinessProbe": readiness_probe(port),
         "livenessProbe": _probe("/v2/health/live", port, 10, 6),
         "securityContext": container_security(),
         "env": [*copy.deepcopy(_SERVE_ENV), *access.env],

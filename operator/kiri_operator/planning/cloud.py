@@ -7,6 +7,7 @@ load the source and a missing claim holds every tier.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -14,7 +15,7 @@ from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.conditions import Condition, Reason
-from kiri_operator.observations import ObjectView, Observed
+from kiri_operator.observations import ObjectView, Observed, PodView
 from kiri_operator.planning import building as B
 from kiri_operator.planning.placing import parse_quantity, selects
 from kiri_operator.planning.settings import Settings
@@ -56,7 +57,10 @@ def plan_cloud(
     else:
         build = vllm_deployment if spec.cloud.runtime.engine == "vllm" else B.cloud_deployment
         out.children += [build(spec, owner, settings.pod_labels), B.cloud_service(spec, owner)]
-        out.condition, out.ready_replicas = cloud_condition(spec, observed.child("Deployment", name))
+        cloud_pods = [p for p in observed.pods if p.component == L.COMPONENT_CLOUD]
+        out.condition, out.ready_replicas = cloud_condition(
+            spec, observed.child("Deployment", name), cloud_pods
+        )
     out.conditions.append(out.condition)
     return out
 
@@ -98,7 +102,11 @@ def source_fault(spec: ModelDeploymentSpec, observed: Observed) -> str | None:
     return None
 
 
-def cloud_condition(spec: ModelDeploymentSpec, deployment: ObjectView | None) -> tuple[Condition, int]:
+def cloud_condition(
+    spec: ModelDeploymentSpec, deployment: ObjectView | None, pods: Sequence[PodView] = ()
+) -> tuple[Condition, int]:
+    """CloudReady from the Deployment's status; while replicas are missing, the message ends with why its
+    pods say they are not ready (`conditions.not_ready_note`)."""
     if spec.cloud.replicas == 0:
         return Condition(C.CLOUD_READY, "True", Reason.CLOUD_DISABLED, "spec.cloud.replicas is 0"), 0
     if deployment is None:
@@ -119,10 +127,11 @@ def cloud_condition(spec: ModelDeploymentSpec, deployment: ObjectView | None) ->
         if refused and C.POD_SECURITY_MARK in str(cond.get("message") or ""):
             msg = f"{ready}/{want} replicas ready: pods refused: {cond.get('message', '')}"
             return Condition(C.CLOUD_READY, "False", Reason.POD_SECURITY_REFUSED, msg[:1000]), ready
+    note = C.not_ready_note(p.reason for p in pods if not p.ready)
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
-            msg = f"{ready}/{want} replicas ready: {cond.get('message', '')}"
-            return Condition(C.CLOUD_READY, "False", Reason.DEPLOYMENT_UNAVAILABLE, msg), ready
+            msg = f"{ready}/{want} replicas ready: {cond.get('message', '')}{note}"
+            return Condition(C.CLOUD_READY, "False", Reason.DEPLOYMENT_UNAVAILABLE, msg[:1000]), ready
     return Condition(
-        C.CLOUD_READY, "False", Reason.DEPLOYMENT_PROGRESSING, f"{ready}/{want} replicas ready"
+        C.CLOUD_READY, "False", Reason.DEPLOYMENT_PROGRESSING, f"{ready}/{want} replicas ready{note}"[:1000]
     ), ready

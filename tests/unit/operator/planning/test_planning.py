@@ -19,6 +19,7 @@ from kiri_operator.planning.placing import admits
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.status import WAVE_GATE_REASONS
 from kiri_operator.plans import Check
+from kiri_runtime import probing
 from planning_worlds import FakeServer, cloud_node, edge_node, fleet, manifest, observed, spec
 
 pytestmark = pytest.mark.timeout(30)
@@ -105,7 +106,8 @@ def test_cloud_deployment_runs_on_gpu_nodes_with_probes_and_hardening():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["nodeSelector"] == {"kiri.dev/tier": "cloud"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Readiness by exec: the probe prints the server's not-ready reason into the kubelet's Event.
+    assert c["readinessProbe"]["exec"]["command"] == ["python3", "-I", "-S", "-c", probing.SOURCE, "8080"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
