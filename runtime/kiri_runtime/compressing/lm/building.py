@@ -15,6 +15,9 @@ OPTIONS (camelCase, as in ModelDeployment spec.edge.variants[].options), int4 an
   int8LmHead     bool, default False: lm_head at 8 bits.
   int8Layers     "none" (default) | "first-last" (every projection of the first and last decoder layer at 8 bits) |
                  "mixed" (llama.cpp's choice: first/last eighth of the layers and every third layer's qkv/down).
+  int8Tensors    list of projection names, default []: these MatMuls at 8 bits, named "lm_head" or
+                 "layers.N.attn.qkv_proj" (q_proj/k_proj/v_proj when fuseQkv is false), "layers.N.attn.o_proj",
+                 "layers.N.mlp.gate_proj|up_proj|down_proj". What a size budget chooses (budgeting.py, `maxBytes`).
   int8Embeddings bool, default False: the token embedding stays out of 4 bits. onnxruntime's quantizer writes
                  GatherBlockQuantized at 4 bits only, so "not 4-bit" means a float Gather; this only changes models
                  that tie embeddings and lm_head (the builder shares one 4-bit table between them by default).
@@ -83,7 +86,10 @@ INT_OPTIONS = {
     "embeddingBits",
 }
 EMBEDDING_BITS = (4, 8, 32)
-INT4_OPTIONS = INT_OPTIONS | {"int8LmHead", "int8Layers", "int8Embeddings"}
+INT4_OPTIONS = INT_OPTIONS | {"int8LmHead", "int8Layers", "int8Embeddings", "int8Tensors"}
+TENSOR_NAME = re.compile(
+    r"^(?:lm_head|layers\.(\d+)\.(attn\.(?:qkv|q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj))$"
+)
 KNOWN_OPTIONS: dict[str, set[str]] = {
     "fp32": {"fuseQkv"},
     "fp16": {"fuseQkv"},
@@ -98,6 +104,7 @@ DEFAULTS: dict[str, Any] = {
     "int8LmHead": False,
     "int8Layers": "none",
     "int8Embeddings": False,
+    "int8Tensors": [],
     "fuseQkv": True,
     "halfScales": True,
     "embeddingBits": 8,
@@ -126,6 +133,14 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
         ("int8Layers", INT8_LAYERS),
         ("embeddingBits", EMBEDDING_BITS),
     ]
+    tensors = merged.get("int8Tensors", [])
+    if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+        raise CompressionError(f"{precision}: int8Tensors must be a list of tensor names, got {tensors!r}")
+    bad = [t for t in tensors if not TENSOR_NAME.match(t)]
+    if bad:
+        raise CompressionError(
+            f"{precision}: int8Tensors has unknown names {bad}; expected lm_head or layers.N.attn|mlp.<proj>"
+        )
     for key, allowed in checks:
         value = merged.get(key)
         if key in merged and (isinstance(value, bool) or value not in allowed):
@@ -218,6 +233,10 @@ def _extra_options(
 def _upgraded(o: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """Names of the MatMul nodes that the options put at 8 bits (the builder's naming: /model/layers.N/...)."""
     names = ["/lm_head/MatMul"] if o.get("int8LmHead") else []
+    for tensor in o.get("int8Tensors", []):
+        name = node_name(tensor)
+        if name not in names:
+            names.append(name)
     layers = _layers(config)
     if o.get("int8Layers") == "first-last":
         chosen = sorted({0, layers - 1})
@@ -234,7 +253,17 @@ def _upgraded(o: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     for i in chosen:
         parts = (*qkv, "mlp/down_proj") if mixed else (*qkv, *PROJECTIONS)
         names += [f"/model/layers.{i}/{part}/MatMul" for part in parts]
-    return names
+    return list(dict.fromkeys(names))
+
+
+def node_name(tensor: str) -> str:
+    """An int8Tensors name as the builder's MatMul node: layers.3.mlp.down_proj -> /model/layers.3/mlp/down_proj/MatMul."""
+    if tensor == "lm_head":
+        return "/lm_head/MatMul"
+    match = TENSOR_NAME.match(tensor)
+    if match is None or match.group(1) is None:
+        raise CompressionError(f"not a projection name: {tensor!r}")
+    return f"/model/layers.{match.group(1)}/{match.group(2).replace('.', '/')}/MatMul"
 
 
 def _target_options(precision: str, o: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any] | None:
