@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the test fixture that trains the tiny model
 
-from kiri_runtime.compressing.lm import budgeting, building, scoring, transcoding  # noqa: E402
+from kiri_runtime.compressing.lm import budgeting, building, scoring, transcoding, weighting  # noqa: E402
 from kiri_runtime.compressing.lm.packing import XZ_PRESET, pack, unpack  # noqa: E402
 from lm_fixture import tiny_gguf, tiny_llama  # noqa: E402
 
@@ -172,6 +172,7 @@ def main(argv: list[str]) -> None:
     calib = eval_samples(hf_dir, max(4, args.samples // 2), args.length, CALIB_MODULES)
     prompt = samples[0][:32]
     ref = scoring.Reference(hf_dir, threads=args.threads)
+    imatrix = (ref.model, weighting.importance(ref.model, calib))  # calibration text, not the scored samples
     rows: list[dict[str, Any]] = []
     peer = LLAMA_PY.exists() and "llama" in parts
     with tempfile.TemporaryDirectory(prefix="kiri-bench-lm-") as tmp:
@@ -214,6 +215,8 @@ def main(argv: list[str]) -> None:
             ("int4", "Kiri int4 as built (before)", as_built),
             ("int4", "Kiri int4 (compact: f16 sc, emb 8b)", {}),
             ("int4", "Kiri int4 (compact, emb 4b)", {"embeddingBits": 4}),
+            ("int4", "Kiri int4 imatrix (compact, emb 8b)", {"algorithm": "imatrix"}),
+            ("int4", "Kiri int4 imatrix (compact, emb 4b)", {"algorithm": "imatrix", "embeddingBits": 4}),
             (
                 "int4",
                 "Kiri int4 kq+lm8+mixed (best before)",
@@ -221,7 +224,7 @@ def main(argv: list[str]) -> None:
             ),
         ]
         for i, (precision, name, options) in enumerate(builds if "builds" in parts else []):
-            out = building.build(hf_dir, work / f"b{i}", precision, options)  # type: ignore[arg-type]
+            out = building.build(hf_dir, work / f"b{i}", precision, options, imatrix=imatrix)  # type: ignore[arg-type]
             kiri(name, out, "hf")
         for q, label, mins_form in (
             ("Q4_0", "", True),
@@ -240,14 +243,21 @@ def main(argv: list[str]) -> None:
             units = budgeting.sensitivities(ref.model, ref.logits, calib, fuse_qkv=True, tied=_tied(hf_dir))
             sens_s = time.perf_counter() - t0
             print(f"sensitivity of {len(units)} units on {len(calib)} calibration samples: {sens_s:.1f} s")
-            for label, base_opts in (("rtn", {}), ("k_quant", {"algorithm": "k_quant"})):
+            bases = (
+                ("rtn", {}),
+                ("k_quant", {"algorithm": "k_quant"}),
+                ("imatrix", {"algorithm": "imatrix"}),
+            )
+            for label, base_opts in bases:
                 count = [0]
 
                 def measure(
                     opts: dict[str, Any], label: str = label, count: list[int] = count
                 ) -> tuple[int | None, float | None]:
                     count[0] += 1
-                    out = building.build(hf_dir, work / f"fit-{label}-{count[0]}", "int4", opts)
+                    out = building.build(
+                        hf_dir, work / f"fit-{label}-{count[0]}", "int4", opts, imatrix=imatrix
+                    )
                     fid = scoring.fidelity(ref, out, calib, threads=args.threads)
                     _, size = pack(out, work / f"fit-{label}-{count[0]}.tar.xz", compression="xz")
                     return size, fid.kl_mean
@@ -260,7 +270,7 @@ def main(argv: list[str]) -> None:
                 if chosen is None:
                     print(f"budget {budget} ({label}): nothing fits")
                     continue
-                out = building.build(hf_dir, work / f"budget-{label}", "int4", chosen)
+                out = building.build(hf_dir, work / f"budget-{label}", "int4", chosen, imatrix=imatrix)
                 kiri(
                     f"Kiri int4 {label} maxBytes=Q4_K_M",
                     out,

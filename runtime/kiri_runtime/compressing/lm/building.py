@@ -10,7 +10,9 @@ OPTIONS (camelCase, as in ModelDeployment spec.edge.variants[].options), int4 an
   symmetric      bool, default True: signed weights and no zero points; False: unsigned with integer zero points.
   accuracyLevel  0..4, default 4: MatMulNBits' compute type on CPU (4: activations quantized to int8).
   algorithm      "rtn" (default; the builder's MLAS round-to-nearest) | "k_quant" (the builder's k-quant search) |
-                 "hqq" (int4 only: onnxruntime's HQQ quantizer over the builder's fp32 graph; float zero points).
+                 "hqq" (int4 only: onnxruntime's HQQ quantizer over the builder's fp32 graph; float zero points) |
+                 "imatrix" (int4 only: per-block scales that minimise the activation-weighted error, importance
+                 measured on the eval data; weighting.py; same bytes as rtn).
   int4 only:
   int8LmHead     bool, default False: lm_head at 8 bits.
   int8Layers     "none" (default) | "first-last" (every projection of the first and last decoder layer at 8 bits) |
@@ -74,7 +76,7 @@ from kiri_runtime.compressing.errors import CompressionError
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-ALGORITHMS = ("rtn", "k_quant", "hqq")
+ALGORITHMS = ("rtn", "k_quant", "hqq", "imatrix")
 INT8_LAYERS = ("none", "first-last", "mixed")
 INT_OPTIONS = {
     "blockSize",
@@ -155,9 +157,31 @@ def build(
     precision: Precision,
     options: Mapping[str, Any] | None = None,
     cache: Path | None = None,
+    *,
+    imatrix: tuple[Any, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Build `out` (created; must not hold a model yet) from the HF checkpoint `hf_dir`; returns `out`."""
+    """Build `out` (created; must not hold a model yet) from the HF checkpoint `hf_dir`; returns `out`.
+
+    `imatrix`: (the reference torch model, weighting.importance of it on the eval data), which
+    `algorithm: imatrix` needs."""
     resolved = resolve(precision, options)
+    if resolved.get("algorithm") == "imatrix":
+        if imatrix is None:
+            raise CompressionError(
+                "algorithm imatrix needs the reference model and eval data (kiri compress gives them)"
+            )
+        from kiri_runtime.compressing.lm import weighting
+
+        rtn_options = {**resolved, "algorithm": "rtn", "halfScales": False}
+        build(hf_dir, out, precision, rtn_options, cache)
+        weighting.requantize(
+            out,
+            imatrix[0],
+            dict(imatrix[1]),
+            half=resolved["halfScales"],
+            accuracy_level=resolved["accuracyLevel"],
+        )
+        return out
     config = _hf_config(hf_dir)
     if (out / "model.onnx").exists():
         raise CompressionError(f"{out} already holds a model.onnx; build into an empty directory")

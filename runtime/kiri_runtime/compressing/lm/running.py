@@ -216,6 +216,7 @@ def _variant(
     plan = transcode_plan(spec, src)
     counter = [0]
     built: dict[str, tuning.Outcome] = {}
+    imatrix: list[dict[str, Any]] = []  # weighting.importance, measured once when a candidate needs it
 
     def attempt(options: dict[str, Any]) -> tuning.Outcome:
         key = repr(sorted(options.items()))
@@ -229,7 +230,15 @@ def _variant(
         extra: dict[str, Any] = {}
         opts = {k: v for k, v in options.items() if k != "transcode"}
         precision = plan[0] if plan is not None and options.get("transcode") else spec.method
-        building.build(src.hf_dir, out, precision, opts, cache=cache)  # type: ignore[arg-type]
+        weighted = None
+        if opts.get("algorithm") == "imatrix":
+            if not imatrix:
+                from kiri_runtime.compressing.lm import weighting
+
+                log(f"  {spec.name}: measuring activation importance on the eval data (imatrix)")
+                imatrix.append(weighting.importance(ref.model, samples))
+            weighted = (ref.model, imatrix[0])
+        building.build(src.hf_dir, out, precision, opts, cache=cache, imatrix=weighted)  # type: ignore[arg-type]
         if options.get("transcode"):
             from kiri_runtime.compressing.lm import transcoding
 
