@@ -148,6 +148,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
     parser.add_argument(
+        "--budget-bases", default="rtn,k_quant,imatrix", help="the int4 algorithms the budget rows start from"
+    )
+    parser.add_argument(
         "--model",
         choices=("tiny", "bench"),
         default="tiny",
@@ -243,11 +246,7 @@ def main(argv: list[str]) -> None:
             units = budgeting.sensitivities(ref.model, ref.logits, calib, fuse_qkv=True, tied=_tied(hf_dir))
             sens_s = time.perf_counter() - t0
             print(f"sensitivity of {len(units)} units on {len(calib)} calibration samples: {sens_s:.1f} s")
-            bases = (
-                ("rtn", {}),
-                ("k_quant", {"algorithm": "k_quant"}),
-                ("imatrix", {"algorithm": "imatrix"}),
-            )
+            bases = [(b, {} if b == "rtn" else {"algorithm": b}) for b in args.budget_bases.split(",")]
             for label, base_opts in bases:
                 count = [0]
 
