@@ -258,22 +258,29 @@ def _variant(
         return tuning.Outcome(path=out, fidelity=fid, size_bytes=size, extra=extra)
 
     first = [plan[1]] if plan is not None else []
-    budgeted, budget_record = None, None
-    if (
+    budget_record: dict[str, Any] = {}
+
+    def budgeted() -> dict[str, Any] | None:
+        chosen, record = _budget(spec, src, ref, samples, attempt, log)
+        budget_record.update(record)
+        return chosen
+
+    with_budget = (
         spec.options.get("maxBytes") is not None
         and spec.method == "int4"
         and spec.options.get("tune") is not False
-    ):
-        budgeted, budget_record = _budget(spec, src, ref, samples, attempt, log)
-    candidates = tuning.rungs(spec, first, tied_embeddings=_tied(src.hf_dir), budgeted=budgeted)
+    )
+    candidates = tuning.rungs(
+        spec, first, tied_embeddings=_tied(src.hf_dir), budgeted=budgeted if with_budget else None
+    )
     result = tuning.search(spec, candidates, attempt, log=log)
-    for t in result.tried:
-        if t.outcome.path is not None and t.outcome.path != result.path:
-            shutil.rmtree(t.outcome.path, ignore_errors=True)
-            _artifact(t.outcome.path).unlink(missing_ok=True)
+    for outcome in built.values():  # the search's and the budget's fitting builds
+        if outcome.path is not None and outcome.path != result.path:
+            shutil.rmtree(outcome.path, ignore_errors=True)
+            _artifact(outcome.path).unlink(missing_ok=True)
     chosen = result.chosen
     extra = {k: v for k, v in chosen.outcome.extra.items() if k != "artifact"}
-    if budget_record is not None:
+    if budget_record:
         extra["budget"] = budget_record
 
     def rejected(reason: str) -> tuple[Variant, None]:

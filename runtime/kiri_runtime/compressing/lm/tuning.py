@@ -115,29 +115,32 @@ def rungs(
     first: Sequence[dict[str, Any]] = (),
     *,
     tied_embeddings: bool = True,
-    budgeted: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+    budgeted: Later | None = None,
+) -> list[Rung]:
     """The candidates' options in the order they are tried, duplicates dropped.
 
     `first`: candidates that come before the variant's own options (a GGUF's transcoding); `budgeted`: the
-    budget's mix (maxBytes), tried right after the variant's own options.
+    budget's mix (maxBytes), tried right after the variant's own options, worked out only if the search gets
+    there (it costs a sensitivity pass and a few builds; None from it: no mix fits, the rung is skipped).
     """
     base = build_options(spec.options)
     tune = spec.options.get("tune", True) is not False
     ladder = LADDERS.get(spec.method, ({},)) if tune else ({},)
-    out: list[dict[str, Any]] = []
     laid = [{**base, **r} for r in ladder]
     if not tied_embeddings and "int8Embeddings" not in base:
         laid = [{k: v for k, v in opts.items() if k != "int8Embeddings"} for opts in laid]
-    if budgeted is not None:
-        laid.insert(1, budgeted)
+    out: list[Rung] = []
     for opts in [*first, *laid]:
         if opts not in out:
             out.append(opts)
+    if budgeted is not None:
+        out.insert(out.index(laid[0]) + 1, budgeted)
     return out
 
 
 Attempt = Callable[[dict[str, Any]], "Outcome"]
+Later = Callable[[], "dict[str, Any] | None"]
+Rung = dict[str, Any] | Later
 
 
 @dataclass
@@ -176,16 +179,20 @@ class Result:
 
 def search(
     spec: VariantSpec,
-    candidates: Sequence[dict[str, Any]],
+    candidates: Sequence[Rung],
     attempt: Attempt,
     *,
     log: Callable[[str], None] = lambda _: None,
 ) -> Result:
-    """Try `candidates` in order until one passes (every one with `tuneAll`); keep the smallest that passed."""
+    """Try `candidates` in order until one passes (every one with `tuneAll`); keep the smallest that passed.
+    A callable candidate is asked for its options when reached (skipped when it gives None or a repeat)."""
     tune_all = spec.options.get("tuneAll") is True
     max_bytes = spec.options.get("maxBytes")
     tried: list[Tried] = []
-    for opts in candidates:
+    for rung in candidates:
+        opts = rung() if callable(rung) else rung
+        if opts is None or any(t.candidate.options == opts for t in tried):
+            continue
         try:
             out = attempt(opts)
         except CompressionError as e:

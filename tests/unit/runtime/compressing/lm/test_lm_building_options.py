@@ -106,7 +106,11 @@ def test_no_int8_nodes_means_no_structured_builder_config() -> None:
         ("int4", {"blockSize": 48}, "int4: blockSize must be one of 16, 32, 64, 128, 256, got 48"),
         ("int4", {"accuracyLevel": 5}, "int4: accuracyLevel must be one of 0, 1, 2, 3, 4, got 5"),
         ("int4", {"symmetric": "yes"}, "int4: symmetric must be true or false, got 'yes'"),
-        ("int4", {"algorithm": "gptq"}, "int4: algorithm must be one of rtn, k_quant, hqq, imatrix, got 'gptq'"),
+        (
+            "int4",
+            {"algorithm": "gptq"},
+            "int4: algorithm must be one of rtn, k_quant, hqq, imatrix, got 'gptq'",
+        ),
         ("int8", {"algorithm": "hqq"}, "int8: algorithm must be one of rtn, k_quant, got 'hqq'"),
         ("int4", {"int8Layers": "all"}, "int4: int8Layers must be one of none, first-last, mixed, got 'all'"),
         ("int4", {"blockSize": True}, "int4: blockSize must be one of 16, 32, 64, 128, 256, got True"),

@@ -166,7 +166,30 @@ def test_when_only_over_budget_candidates_meet_the_gates_the_reason_says_so() ->
     )
 
 
-def test_the_budgets_candidate_comes_right_after_the_variants_own_options() -> None:
+def test_the_budgets_candidate_comes_right_after_the_variants_own_options_and_is_worked_out_only_then() -> (
+    None
+):
     mix = {"int8Tensors": ["lm_head"], "embeddingBits": 4}
-    got = tuning.rungs(_spec(maxBytes=100), first=[{"transcode": True}], budgeted=mix)
-    assert got[:4] == [{"transcode": True}, {}, mix, {"algorithm": "k_quant"}]
+    asked: list[int] = []
+
+    def budgeted() -> dict[str, Any] | None:
+        asked.append(1)
+        return mix
+
+    spec = _spec(maxBytes=100)
+    got = tuning.rungs(spec, first=[{"transcode": True}], budgeted=budgeted)
+    assert got[:4] == [{"transcode": True}, {}, budgeted, {"algorithm": "k_quant"}]
+    passes_as_given = Fake({k(transcode=True): (0.5, 90), k(): (0.01, 90)})
+    assert tuning.search(spec, got, passes_as_given).chosen.candidate.options == {}
+    assert asked == []  # the own options passed: no sensitivity pass, no fitting builds
+    result = tuning.search(spec, got, Fake({k(int8Tensors=["lm_head"], embeddingBits=4): (0.01, 100)}))
+    assert asked == [1]
+    assert [c.options for c in result.search()] == [{"transcode": True}, {}, mix]
+
+
+def test_a_budget_that_nothing_fits_skips_its_rung() -> None:
+    spec = _spec(maxBytes=100)
+    result = tuning.search(
+        spec, tuning.rungs(spec, budgeted=lambda: None), Fake({k(algorithm="k_quant"): (0.01, 50)})
+    )
+    assert [c.options for c in result.search()] == [{}, {"algorithm": "k_quant"}]

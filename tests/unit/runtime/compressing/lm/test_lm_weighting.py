@@ -25,7 +25,9 @@ def test_the_search_never_does_worse_than_round_to_nearest_on_the_error_it_minim
     searched = reblocking.dequantize(found)
     rtn = reblocking.dequantize(compacting.rtn_blocks(w, 4))
     x = w.astype(np.float64).reshape(64, 4, 32)
-    block_weight = (imp.reshape(4, 32)[None] * np.sqrt((x * x).mean(-1, keepdims=True) + x * x)).reshape(64, 128)
+    block_weight = (imp.reshape(4, 32)[None] * np.sqrt((x * x).mean(-1, keepdims=True) + x * x)).reshape(
+        64, 128
+    )
     assert float((block_weight * (w - searched) ** 2).sum()) < float((block_weight * (w - rtn) ** 2).sum())
     assert _weighted_error(w, searched, imp) < _weighted_error(w, rtn, imp)
 
