@@ -31,7 +31,7 @@ from kiri_runtime.compressing.errors import CompressionError
 UPGRADE_BYTES_PER_WEIGHT = (34 - 18) / 32  # Q8_0-like vs Q4_0-like block of 32 with a float16 scale
 EMBEDDING = "embedding"
 FIT_BUILDS = 4
-FIRST_RATIO = 0.85  # the first guess of packed bytes per raw upgrade byte, before a build measures it
+FIRST_RATIO = 0.97  # the first guess of packed bytes per raw upgrade byte, before a build measures it
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)$")
 
 

@@ -9,10 +9,12 @@ resume treat the variant like any other artifact (one file, one digest).
 
 `compression="xz"` (the language-model variants, `<name>.tar.xz`) runs that tar through the standard library's
 LZMA (.xz container, preset XZ_PRESET, CRC64 check; no timestamps or names in the format, so still deterministic).
-Measured (docs/benchmarks.md): the tokenizer, graph and JSON compress 3-5x and the 4-bit blocks of a trained
-model by 7-12 % (the 4-bit codes and float16 scales of a trained model are not uniformly distributed), int8
-blocks by ~20 %; it is what takes a transcoded Q4_0/Q4_1 GGUF below the GGUF's own size. The full fp32 model
-stays a plain tar (float32 weights gain little, and xz at GB sizes costs minutes on the build node).
+Measured on the tiny test model (docs/benchmarks.md, "Artifact container"): the graph (model.onnx) and the
+tokenizer compress 3.3-4.5x, the weights a little (4-bit blocks of a trained model 4.7 % for Q4_0-like, 5.6 % for
+Q4_1; 8-bit blocks 3.3 %): a transcoded Q4_0 GGUF's artifact goes from 278 kB to 237 kB (GGUF 256 kB), Q4_1 from
+321 kB to 261 kB (GGUF 282 kB). zlib (gzip) gave 2-3 % more bytes, bz2 6 % more; xz presets 6 and 9 the same bytes
+(6: a 9 MiB decoder). The full fp32 model stays a plain tar (float32 weights gain little, and xz costs about
+a second per few MB on the build node).
 
 `unpack` reads either (plain or any compression tarfile knows: the runtime needs no flag) in one streaming pass,
 into a staging directory beside `dest` that is moved into place only when every member was read: it refuses, with
@@ -34,7 +36,7 @@ from kiri_runtime.compressing.errors import CompressionError
 
 _CHUNK = 1 << 20
 COMPRESSIONS = (None, "xz")
-XZ_PRESET = 9
+XZ_PRESET = 6  # 9 gave the same bytes on every LM artifact measured, with a 65 MiB decoder instead of 9 MiB
 SUFFIXES = {None: ".tar", "xz": ".tar.xz"}
 
 
