@@ -1,12 +1,15 @@
 """Size-budgeted mixed precision (`maxBytes`): which projections to keep at 8 bits so the artifact fits a byte budget
 with the least loss, measured on the eval data.
 
-1. **Sensitivity** (`sensitivities`): for each unit that the builder can keep at 8 bits (a projection node:
+1. **Sensitivity** (`sensitivities`): the units are what the builder can keep at 8 bits (a projection node:
    lm_head, a layer's qkv_proj or q/k/v_proj, o_proj, gate/up/down_proj; and, for untied models, the token
-   embedding), the reference model under torch gets only that unit's weights rounded to 4 bits (symmetric
-   round-to-nearest blocks of 32, compacting.rtn_blocks) and is teacher-forced on the eval samples; the unit's
-   sensitivity is the mean KL(full || that model) over their positions. One forward pass of the eval data per
-   unit (7 per layer + 2).
+   embedding). The reference model under torch gets every unit's weights rounded to 4 bits (symmetric
+   round-to-nearest blocks of 32, compacting.rtn_blocks) and is teacher-forced on the eval samples: KL_all, the
+   mean KL(full || that model). A unit's sensitivity is what giving it back its full weights (8 bits is within
+   0.0002 KL of them) saves: KL_all - KL_all-but-this-unit, measured where the variant will be, with every other
+   unit at 4 bits (a unit's loss alone, the others exact, ranked the tiny model's units differently and bought
+   0.0047 KL where this buys less; docs/benchmarks.md). One forward pass of the eval data per unit (7 per layer
+   + 2), plus one.
 2. **Choice** (`choose`): each unit costs its weights x (34 - 18) / 32 bytes more at 8 bits (Q8_0-like blocks
    against Q4_0-like, float16 scales); units are taken in order of sensitivity per byte while the allowance
    lasts (the greedy knapsack: the per-unit losses add up closely for small perturbations).
@@ -39,7 +42,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)$")
 class Unit:
     name: str  # an int8Tensors name (building.TENSOR_NAME), or "embedding"
     weights: int
-    sensitivity: float  # mean KL with only this unit at 4 bits
+    sensitivity: float  # mean KL saved by keeping this unit exact while the others are at 4 bits
 
     @property
     def cost(self) -> float:
@@ -82,26 +85,41 @@ def sensitivities(
     fuse_qkv: bool,
     tied: bool,
 ) -> list[Unit]:
-    """Each unit's mean KL on `samples` with only that unit at 4 bits; `reference(ids)` gives the full logits."""
+    """Each unit's KL saved on `samples` by keeping it exact while every other unit is at 4 bits (the model is
+    restored afterwards); `reference(ids)` gives the full model's logits."""
     import torch
 
-    units = units_of(model, fuse_qkv, tied)
+    units = {
+        name: params
+        for name, params in units_of(model, fuse_qkv, tied).items()
+        if not any(p.shape[-1] % 32 for p in params)  # not a 4-bit candidate anyway (K not whole blocks)
+    }
     if not units:
         raise CompressionError("maxBytes: no projection of this architecture could be found for the budget")
+    for ids in samples:
+        reference(ids)  # the full model's logits first: a caching reference computes them with this model
+    exact = {id(p): p.data.clone() for params in units.values() for p in params}
+    rounded = {
+        id(p): torch.from_numpy(fake_int4(p.data.numpy())) for params in units.values() for p in params
+    }
     out = []
-    with torch.no_grad():
-        for name, params in units.items():
-            if any(p.shape[-1] % 32 for p in params):
-                continue  # not a 4-bit candidate anyway (K not a multiple of the block)
-            saved = [p.data.clone() for p in params]
-            try:
+    try:
+        with torch.no_grad():
+            for params in units.values():
                 for p in params:
-                    p.data = torch.from_numpy(fake_int4(p.data.numpy()))
+                    p.data = rounded[id(p)]
+            everything = _mean_kl(model, reference, samples)
+            for name, params in units.items():
+                for p in params:
+                    p.data = exact[id(p)]
                 kl = _mean_kl(model, reference, samples)
-            finally:
-                for p, s in zip(params, saved, strict=True):
-                    p.data = s
-            out.append(Unit(name, sum(int(p.numel()) for p in params), kl))
+                for p in params:
+                    p.data = rounded[id(p)]
+                out.append(Unit(name, sum(int(p.numel()) for p in params), max(everything - kl, 0.0)))
+    finally:
+        for params in units.values():
+            for p in params:
+                p.data = exact[id(p)]
     return out
 
 
