@@ -268,3 +268,29 @@ def test_a_budget_smaller_than_any_candidate_rejects_the_variant_and_says_why(
     shown = next(c for c in v.search if c.options == v.options)
     assert v.reason.startswith("rejected: no candidate passed (3 tried); best seen kl.mean<=0.01 (")
     assert v.reason.endswith(f"; missed {shown.size_bytes} bytes, over maxBytes 1000")
+
+
+def test_imatrix_int4_has_the_bytes_of_round_to_nearest_and_a_lower_kl_and_generates(
+    first_run: tuple[Path, manifests.Manifest],
+    tiny_llama_dir: Path,
+    eval_jsonl: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kiri_runtime.compressing.lm import packing
+
+    plain = first_run[1].variants[0]
+    assert plain.generative is not None and plain.size_bytes is not None
+    rc, err = compress(
+        capsys, "--source", str(tiny_llama_dir), "--format", "hf", "--out", str(tmp_path), "--eval-data",
+        str(eval_jsonl), "--variant", "name=imx,method=int4,algorithm=imatrix,tune=false",
+    )  # fmt: skip
+    assert rc == 0
+    assert "measuring activation importance on the eval data (imatrix)" in err
+    v = manifests.load(tmp_path).variant("imx")
+    assert v is not None and v.accepted and v.options == {"algorithm": "imatrix"}
+    assert v.generative is not None and v.generative.kl_mean < plain.generative.kl_mean
+    assert v.extra["artifact"]["unpackedBytes"] == plain.extra["artifact"]["unpackedBytes"]  # same tensors
+    assert v.uri is not None
+    model_dir = packing.unpack(tmp_path / v.uri, tmp_path / "imx")
+    assert len(_generate(model_dir, "def main(", 8)) == 8
