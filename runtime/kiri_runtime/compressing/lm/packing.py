@@ -24,13 +24,17 @@ a link, and a truncated or corrupt file; then nothing is written to `dest` and n
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path, PurePosixPath
+from typing import IO, cast
 
 from kiri_runtime.compressing.errors import CompressionError
 
@@ -113,7 +117,7 @@ def _check_member(tar_path: Path, member: tarfile.TarInfo) -> PurePosixPath:
     return name
 
 
-_READ_ERRORS = (tarfile.TarError, OSError, EOFError, lzma.LZMAError)
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error)
 
 
 def unpack(tar_path: Path, dest: Path) -> Path:
@@ -138,11 +142,22 @@ def unpack(tar_path: Path, dest: Path) -> Path:
     return dest
 
 
+def _decompressed(tar_path: Path) -> IO[bytes]:
+    """The file's bytes, inflated when its magic says xz, gzip or bzip2 (read to the end, these raise on a cut)."""
+    with tar_path.open("rb") as fh:
+        magic = fh.read(6)
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.open(tar_path, "rb")
+    if magic.startswith(b"\x1f\x8b"):
+        return cast(IO[bytes], gzip.open(tar_path, "rb"))
+    if magic.startswith(b"BZh"):
+        return bz2.open(tar_path, "rb")
+    return tar_path.open("rb")
+
+
 def _extract(tar_path: Path, root: Path) -> None:
-    opened = False
     try:
-        with tarfile.open(tar_path, "r|*") as tar:
-            opened = True
+        with _decompressed(tar_path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 name = _check_member(tar_path, member)
                 if not member.isfile():
@@ -157,6 +172,9 @@ def _extract(tar_path: Path, root: Path) -> None:
                 with src, target.open("wb") as out:
                     shutil.copyfileobj(src, out, _CHUNK)
                 os.chmod(target, 0o644)
+            # Read to the end of the file: a compressed stream's check and end marker come after the tar's last
+            # block, and a file cut there must not pass for whole (tarfile's own stream mode does not look).
+            while stream.read(_CHUNK):
+                pass
     except _READ_ERRORS as e:
-        why = f"truncated or corrupt ({e})" if opened else str(e)
-        raise CompressionError(f"cannot read tar {tar_path.name}: {why}") from None
+        raise CompressionError(f"cannot read tar {tar_path.name}: truncated or corrupt ({e})") from None
