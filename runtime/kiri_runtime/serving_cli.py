@@ -70,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub.add_argument(
         "--model-uri",
         required=True,
-        help="file://, http(s):// or s3:// URI of the .onnx file or of a packed language model (.tar); "
+        help="file://, http(s):// or s3:// URI of the .onnx file or of a packed language model (.tar or .tar.xz); "
         "or a local onnxruntime-genai model directory",
     )
     sub.add_argument("--name", required=True, help="model name in the /v2/models/{name} routes")
