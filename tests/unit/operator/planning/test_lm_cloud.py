@@ -10,8 +10,8 @@ from typing import Any
 from kiri_operator import conditions as C
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.observations import ObjectView, Observed
-from kiri_operator.planning import plan
 from kiri_operator.planning import building as B
+from kiri_operator.planning import plan
 from kiri_operator.planning.revisions import compression_key
 from kiri_operator.plans import Check, Plan
 from kiri_runtime.manifests import Baseline, Manifest, ModelInfo, Variant
