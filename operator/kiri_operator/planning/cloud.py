@@ -86,8 +86,8 @@ def plan_cloud(
         # Nothing to serve yet. The Service is the same either way; a Deployment of an earlier pack (one
         # that an edit of the variants is recompressing) keeps serving until the new pack is published.
         out.children.append(B.cloud_service(spec, owner))
-        deployment = observed.child("Deployment", name)
-        if deployment is None:
+        served = observed.child("Deployment", name)
+        if served is None:
             why = (
                 waiting
                 or "waiting for the compression Job to publish the full model's onnxruntime-genai pack"
@@ -95,7 +95,7 @@ def plan_cloud(
             out.condition = Condition(C.CLOUD_READY, "False", Reason.WAITING_FOR_CLOUD_PACK, why)
         else:
             out.keep.add(("Deployment", name))
-            out.condition, out.ready_replicas = cloud_condition(spec, deployment)
+            out.condition, out.ready_replicas = cloud_condition(spec, served)
     else:
         if spec.cloud.runtime.engine == "vllm":
             deployment = vllm_deployment(spec, owner, settings.pod_labels)
