@@ -89,6 +89,8 @@ class Reason:
     CLOUD_DISABLED: Final = "CloudDisabled"
     NO_GPU_NODE: Final = "NoGPUNode"
     NO_CLOUD_NODE: Final = "NoCloudNode"
+    # A language model's cloud tier (engine kiri) waits for the compression Job's pack of the full model.
+    WAITING_FOR_CLOUD_PACK: Final = "WaitingForCloudPack"
     MISSING_PVC: Final = "MissingPVC"
     # Any tier: a host path the admin did not allow, or pods the API server's Pod Security admission refused
     HOST_PATH_NOT_ALLOWED: Final = "HostPathNotAllowed"

@@ -8,9 +8,9 @@ chats) runs here, as in test_rollout.py. kwok pods run no containers, so each re
 `kiri serve` process here, started with the args the operator rendered into that revision's DaemonSet (the
 int4 artifact from the store, the sha256, the `--collaboration cascade --cascade-*` flags), only the address,
 cache directory, thread count and the cloud URL (the cloud Service's in-cluster name) replaced. The cloud
-is a real `kiri serve` of the same checkpoint at fp32 (`lm_fixture.tiny_genai`: the cloud Deployment's `kiri
-serve` takes a packed onnxruntime-genai model, not a raw hf checkpoint tar, so its args cannot be used as they
-are). A real Prometheus scrapes the edge processes with the target labels the chart's PodMonitor gives edge
+is a real `kiri serve` started the same way from the args the operator rendered into the cloud Deployment once
+the Job had published: the full model's fp32 onnxruntime-genai pack from the store (the manifest's `model.uri`)
+with its sha256. A real Prometheus scrapes the edge processes with the target labels the chart's PodMonitor gives edge
 pods (`namespace`, `revision`, `component`), which is what the presets select on. Load: greedy completions of
 held-out Python source (modules the model never trained on), all the time, to every edge process.
 
@@ -38,13 +38,14 @@ import httpx
 import pytest
 import yaml
 
+from kiri_runtime import manifests
 from kiri_runtime.compressing.lm.sources import directory_sha256
 
 from .conftest import Cluster
 from .operator_harness import KIRI, Operator, children, condition, crd, free_port, operator_fixture
 from .test_rollout import NAME, Rollout
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("crd")]
+pytestmark = [pytest.mark.timeout(1500), pytest.mark.usefixtures("crd")]
 __all__ = ["crd"]
 
 PROM_PORT = free_port()
@@ -62,8 +63,8 @@ def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
 @pytest.fixture(scope="module")
 def lm_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The checkpoint (a copy under the temporary directory, which the operator's host-store roots allow),
-    its eval chats, the artifact store, and the fp32 onnxruntime-genai build the cloud serves."""
-    from lm_fixture import tiny_genai, tiny_llama
+    its eval chats and the artifact store."""
+    from lm_fixture import tiny_llama
 
     root = tmp_path_factory.mktemp("generative")
     checkpoint = shutil.copytree(tiny_llama(), root / "checkpoint")
@@ -81,7 +82,6 @@ def lm_store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "sha": directory_sha256(checkpoint),
         "eval": eval_data,
         "store": root / "store",
-        "cloud_model": tiny_genai(),
         "built": None,
         "kstatus": None,
     }
@@ -100,21 +100,13 @@ class Lab:
     """The cloud `kiri serve`, one edge `kiri serve` per revision (from its DaemonSet's args), the load, and a
     Prometheus scraping the edges with their revision's target labels."""
 
-    def __init__(self, workdir: Path, namespace: str, cloud_model: Path) -> None:
+    def __init__(self, workdir: Path, namespace: str) -> None:
         self.workdir = workdir
         self.namespace = namespace
         self.cloud_port = free_port()
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.edges: dict[str, int] = {}  # revision -> port
         self.answers: dict[str, list[dict[str, Any]]] = {}
-        self._spawn(
-            "cloud",
-            [
-                *KIRI, "serve", "--model-uri", str(cloud_model), "--name", MODEL, "--host", "127.0.0.1",
-                "--port", str(self.cloud_port), "--threads", "1", "--cache-dir", str(workdir / "cache-cloud"),
-                "--log-level", "WARNING",
-            ],
-        )  # fmt: skip
         self.config = workdir / "prometheus.yml"
         self._write()
         self.procs["prometheus"] = subprocess.Popen(
@@ -127,7 +119,6 @@ class Lab:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        _wait_ready(f"http://127.0.0.1:{self.cloud_port}/v2/health/ready", "cloud kiri serve")
         _wait_ready(f"{self.address}/-/ready", "Prometheus")
         self.prompts = prompts()
         self.stop = threading.Event()
@@ -141,6 +132,20 @@ class Lab:
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = (self.workdir / f"{name}.log").open("wb")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+    def serve_cloud(self, deployment: dict[str, Any]) -> list[str]:
+        """Start the cloud `kiri serve` with the cloud Deployment's args; returns those args as rendered."""
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        rendered: list[str] = list(container["args"])
+        local = {
+            "--host": "127.0.0.1",
+            "--port": str(self.cloud_port),
+            "--cache-dir": str(self.workdir / "cache-cloud"),
+        }
+        args = [local.get(rendered[i - 1], a) if i else a for i, a in enumerate(rendered)]
+        self._spawn("cloud", [*KIRI, *args, "--threads", "1", "--log-level", "WARNING"])
+        _wait_ready(f"http://127.0.0.1:{self.cloud_port}/v2/health/ready", "cloud kiri serve")
+        return rendered
 
     def serve_revision(self, daemonset: dict[str, Any]) -> list[str]:
         """Start the revision's edge `kiri serve` with its DaemonSet's args; returns those args as rendered."""
@@ -218,7 +223,7 @@ def _wait_ready(url: str, what: str) -> None:
 
 @pytest.fixture
 def lab(lm_store: dict[str, Any], namespace: str, tmp_path: Path) -> Iterator[Lab]:
-    lab = Lab(tmp_path, namespace, lm_store["cloud_model"])
+    lab = Lab(tmp_path, namespace)
     try:
         yield lab
     finally:
@@ -302,6 +307,15 @@ def test_a_generative_model_deployment_rolls_out_in_waves_on_the_lm_presets_and_
 
     # Revision 1 everywhere (a first rollout has nothing to protect), compressed by the real LM compressor.
     rev1 = r.deploy_first()
+    # The cloud serves the full model's pack the Job published beside the edge variants, not the checkpoint.
+    deployments = r.cluster.wait_for(
+        lambda: children(r.cluster, namespace, NAME, "deployments"), timeout=60, message="cloud Deployment"
+    )
+    (deployment,) = deployments
+    cloud_args = lab.serve_cloud(deployment)
+    built = Path(r.store["built"])
+    assert _flag(cloud_args, "--model-uri") == (built / "model.tar").as_uri()
+    assert _flag(cloud_args, "--sha256") == manifests.load(built).model.onnx_sha256
     args1 = lab.serve_revision(_daemonset_of(r, rev1))
     assert args1[args1.index("--collaboration") :] == [
         "--collaboration", "cascade", "--cloud-model", MODEL, "--cascade-metric", "margin",

@@ -230,21 +230,42 @@ def cloud_service_url(owner: Owner, port: int) -> str:
     return f"http://{L.cloud_name(owner.name)}.{owner.namespace}.svc:{port}"
 
 
+@dataclass(frozen=True)
+class CloudPack:
+    """The full model as the compression Job published it for the cloud tier of a language model: the
+    onnxruntime-genai pack (the manifest's `model.uri`, resolved to the store's fetch URI) and its sha256."""
+
+    uri: str
+    sha256: str
+
+
 def cloud_deployment(
-    spec: ModelDeploymentSpec, owner: Owner, pod_labels: Mapping[str, str]
+    spec: ModelDeploymentSpec, owner: Owner, pod_labels: Mapping[str, str], pack: CloudPack | None = None
 ) -> dict[str, Any]:
+    """The cloud tier's `kiri serve`. It serves the model source as it is (an ONNX model), or, for a language
+    model, `pack`: `kiri serve` loads a packed onnxruntime-genai model, not a raw hf or gguf checkpoint, so the
+    planner builds this only once the compression Job has published one (planning.cloud)."""
     cloud = spec.cloud
     source = model_source(spec.model.source.uri)
     labels = L.common_labels(owner.name, L.COMPONENT_CLOUD)
     selector = {L.MODEL_DEPLOYMENT: owner.name, L.COMPONENT: L.COMPONENT_CLOUD}
+    if pack is None:
+        model_uri, sha256 = source.uri, spec.model.source.sha256
+        volumes, mounts = source_volumes(source)
+        access = store_access(spec.model.source.credentials)
+    else:
+        # Fetched from the artifact store as the edges fetch their variants (same URI, volume, credentials).
+        model_uri, volumes, mounts = edge_fetch(spec, owner, pack.uri)
+        sha256 = pack.sha256
+        access = store_access(spec.edge.artifacts.credentials)
     args = [
         "serve",
         "--model-uri",
-        source.uri,
+        model_uri,
         "--name",
         spec.model.name,
         "--sha256",
-        spec.model.source.sha256,
+        sha256,
         "--model-version",
         spec.model.version,
         "--variant",
@@ -269,10 +290,8 @@ def cloud_deployment(
     resources: dict[str, Any] = {"cpu": cloud.resources.cpu, "memory": cloud.resources.memory}
     if cloud.resources.gpu > 0:
         resources["nvidia.com/gpu"] = str(cloud.resources.gpu)
-    volumes, mounts = source_volumes(source)
     volumes += [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     mounts += [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}]
-    access = store_access(spec.model.source.credentials)
     volumes += access.volumes
     mounts += access.mounts
     container = {

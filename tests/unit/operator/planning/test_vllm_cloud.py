@@ -201,8 +201,9 @@ def test_the_planner_builds_the_vllm_deployment_and_the_same_service_for_engine_
         {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
     ]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    kiri = plan_cloud(lm_spec(), observed(), OWNER, Settings()).children[0]
-    assert kiri == B.cloud_deployment(lm_spec(), OWNER, {})
+    pack = B.CloudPack("http://store/team-a/smollm/k/model.tar", "e" * 64)
+    kiri = plan_cloud(lm_spec(), observed(), OWNER, Settings(), pack).children[0]
+    assert kiri == B.cloud_deployment(lm_spec(), OWNER, {}, pack)
     assert kiri["spec"]["template"]["spec"]["containers"][0]["name"] == "kiri-serve"
 
 
