@@ -79,6 +79,11 @@ def upload_shapes(part: TrainedPart, shapes: Mapping[str, tuple[int, ...]]) -> d
     return out
 
 
+def lora_seed(number: int, base_sha256: str) -> int:
+    """The seed of a round's frozen LoRA bases: every site and the server derive the same one."""
+    return int.from_bytes(hashlib.sha256(f"{number}:{base_sha256}".encode()).digest()[:8], "little") >> 1
+
+
 def lora_basis(seed: int, module: str, rank: int, in_features: int) -> np.ndarray:
     """The frozen A (rank x in) for `module` in a round: the same bytes in every process for the same seed."""
     digest = hashlib.sha256(f"{seed}:{module}".encode()).digest()

@@ -1,0 +1,172 @@
+"""Federated rounds on Flower with real processes: a SuperLink and three SuperNodes over TLS, SecAgg+ on.
+
+What the server-side process received is read from the ServerApp's transcript (`transcript` run config: every
+array of every message it got), and compared with each site's true clipped update, which the test computes
+itself by training the same model on the same data with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flower_harness import FACTORY, Federation, round_config
+from flwr.common.secure_aggregation.quantization import quantize
+
+from kiri_runtime.learning import accounting, ledgers, rounds
+from kiri_runtime.learning.loading import load_arrays, load_model, save_weights
+from kiri_runtime.learning.parts import TrainedPart
+from kiri_runtime.learning.training import train_local
+from learning_tiny_model import make_model, write_sites
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
+
+SITES = ["site-0", "site-1", "site-2"]
+CLIP, NOISE, DELTA = 1.0, 0.3, 1e-5
+HIDDEN = 64  # 771 parameters: long enough vectors for the correlation bound below
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Federation, Path, Path]]:
+    root = tmp_path_factory.mktemp("flower")
+    data, held_out = write_sites(root, len(SITES))
+    torch.manual_seed(0)
+    weights = root / "initial.safetensors"
+    save_weights(make_model(HIDDEN), weights)  # type: ignore[arg-type]
+    fed = Federation(root, dict(zip(SITES, data, strict=True)), allow_plain=True).start()
+    try:
+        yield fed, held_out, weights
+    finally:
+        fed.stop()
+
+
+def config(root: Path, held_out: Path, weights: Path, number: int, **extra: object) -> dict[str, object]:
+    return round_config(
+        root, held_out, weights, SITES, number, **{"factory-kwargs": json.dumps({"hidden": HIDDEN}), **extra}
+    )
+
+
+def clipped_params(base: Path, data: Path, number: int) -> np.ndarray:
+    """What the site sends before SecAgg+: its trained weights, their update clipped to CLIP (flat)."""
+    module = load_model(FACTORY, {"hidden": HIDDEN}, base)
+    start = {n: p.detach().numpy().copy() for n, p in module.named_parameters()}
+    x, y = load_arrays(data, "site data")
+    result = train_local(
+        module, x, y, TrainedPart("whole"), epochs=1, lr=0.1, batch_size=16, seed=number, lora_seed=0
+    )
+    names = sorted(result.update)
+    update = np.concatenate([result.update[n].ravel() for n in names])
+    scale = min(1.0, CLIP / float(np.linalg.norm(update)))
+    return np.concatenate([start[n].ravel() for n in names]) + update * scale
+
+
+def received_arrays(transcript: Path) -> list[np.ndarray]:
+    out = []
+    for path in sorted(transcript.glob("*.npz")):
+        with np.load(path) as f:
+            out += [np.asarray(f[k]).ravel() for k in f.files]
+    return out
+
+
+def test_a_round_over_tls_with_secagg_plus_is_accepted_and_every_sites_spend_is_in_the_ledger(
+    federation: tuple[Federation, Path, Path],
+) -> None:
+    fed, held_out, weights = federation
+    first = fed.run_round(config(fed.root, held_out, weights, 1))
+    assert first.status == "accepted", first.reason
+    assert first.secure_aggregation is True
+    assert [p.site for p in first.participants] == SITES
+    assert all(p.samples == 120 for p in first.participants)
+    one = accounting.epsilon(NOISE, 1, DELTA)
+    assert first.privacy.per_site == pytest.approx(dict.fromkeys(SITES, one))
+    assert first.traffic["receivedBytes"] > 0 and first.traffic["sentBytes"] > 0
+    assert first.model is not None
+    spent = ledgers.FileLedger(fed.root / "out" / ledgers.LEDGER_KEY).spent()
+    assert spent == dict.fromkeys(SITES, 1)
+
+    second = fed.run_round(config(fed.root, held_out, Path(first.model.path), 2))
+    assert second.status == "accepted", second.reason
+    assert second.base_sha256 == first.model.sha256
+    assert second.privacy.per_site == pytest.approx(dict.fromkeys(SITES, accounting.epsilon(NOISE, 2, DELTA)))
+
+    budget = accounting.epsilon(NOISE, 2, DELTA) + 1e-6  # a third round would pass it for every site
+    assert second.model is not None
+    third = fed.run_round(
+        config(fed.root, held_out, Path(second.model.path), 3, **{"target-epsilon": budget})
+    )
+    assert third.status == "refused"
+    assert third.participants == []
+    assert {s.site for s in third.skipped} == set(SITES)
+    assert all(s.reason.startswith("privacy budget: epsilon would reach") for s in third.skipped)
+
+
+def test_the_server_side_process_holds_only_masked_vectors_with_secagg_plus_and_each_update_without_it(
+    federation: tuple[Federation, Path, Path],
+) -> None:
+    fed, held_out, weights = federation
+    data = fed.sites
+    transcript = fed.root / "transcript"
+    runs = {"secure": 11, "plain": 12}
+    for mode, number in runs.items():
+        extra = {"transcript": str(transcript), "out": str(fed.root / f"out-{mode}")}
+        if mode == "plain":
+            extra["secure-aggregation"] = False
+        record = fed.run_round(config(fed.root, held_out, weights, number, **extra))
+        assert record.status == "accepted", record.reason
+
+    for mode, number in runs.items():
+        got = received_arrays(transcript / f"{number:04d}")
+        assert got, f"the {mode} round's transcript is empty"
+        for site in SITES:
+            truth = clipped_params(weights, data[site], number)
+            same_size = [a for a in got if a.size == truth.size]
+            in_clear = [a for a in same_size if np.allclose(a.astype(np.float64), truth, atol=1e-4)]
+            if mode == "plain":
+                # Without SecAgg+ the server holds each site's update: the check can see one when it is there.
+                assert len(in_clear) == 1, (
+                    f"{site}: {len(in_clear)} clear copies among {len(same_size)} arrays"
+                )
+                continue
+            assert in_clear == [], f"{site}'s update reached the server in the clear"
+            quantized = quantize([truth.astype(np.float32)], 8.0, 4194304)[0].astype(np.float64)
+            masked = [a.astype(np.float64) for a in same_size]
+            assert len(masked) == len(SITES)  # one masked vector per site, nothing else of that size
+            for vector in masked:
+                assert not np.array_equal(vector, quantized)
+                # Masks are uniform mod 2^32: a masked vector does not even correlate with the site's values.
+                assert abs(float(np.corrcoef(vector, quantized)[0, 1])) < 0.2
+                assert vector.max() > 2**31  # spread over the whole modulus, far beyond the 2^22 quantization
+
+
+def test_a_site_requiring_secure_aggregation_sends_nothing_to_a_plain_round(tmp_path: Path) -> None:
+    data, held_out = write_sites(tmp_path, 2)
+    torch.manual_seed(0)
+    weights = tmp_path / "initial.safetensors"
+    save_weights(make_model(HIDDEN), weights)  # type: ignore[arg-type]
+    fed = Federation(tmp_path, dict(zip(SITES[:2], data, strict=True))).start()
+    try:
+        cfg = round_config(
+            tmp_path,
+            held_out,
+            weights,
+            SITES[:2],
+            1,
+            **{
+                "secure-aggregation": False,
+                "factory-kwargs": json.dumps({"hidden": HIDDEN}),
+                "transcript": str(tmp_path / "t"),
+            },
+        )
+        record = fed.run_round(cfg)
+    finally:
+        fed.stop()
+    assert record.status == "skipped"
+    assert record.participants == []
+    assert {s.site for s in record.skipped} == set(SITES[:2])
+    arrays = received_arrays(tmp_path / "t" / "0001")
+    assert not any(a.size == 771 for a in arrays)  # no model-sized array reached the server
+    assert rounds.round_dir(tmp_path / "out", 1).joinpath(rounds.WEIGHTS_FILE).exists() is False
