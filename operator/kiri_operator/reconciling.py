@@ -24,7 +24,7 @@ from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
 from kiri_operator.observations import ObjectView, Observed
 from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
-from kiri_operator.plans import Action, Check, Event, Plan
+from kiri_operator.plans import Action, Check, Event, Plan, SecretRequest
 
 if TYPE_CHECKING:
     from kiri_operator.analyzing import Analyst
@@ -107,6 +107,17 @@ def pods_missing(observed: Observed) -> list[ObjectView]:
     return out
 
 
+def secret_body(request: SecretRequest) -> dict[str, Any]:
+    """The TLS Secret's body: a fresh CA and server certificate, base64, made here and handed to the API."""
+    import base64
+
+    from kiri_operator.planning.federation import tls_secret
+    from kiri_runtime.learning import certificates
+
+    files = certificates.make(list(request.names)).as_secret_data()
+    return tls_secret(request, {k: base64.b64encode(v).decode() for k, v in files.items()})
+
+
 def pod_security_refusal(child: ObjectView, events: Iterable[Mapping[str, Any]]) -> str | None:
     """The newest FailedCreate message about `child` that quotes a Pod Security refusal, if any came after
     the child was made (an older one is about a pod template that is gone)."""
@@ -162,6 +173,7 @@ class Reconciler:
         self.progress_interval = progress_interval
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
         self._status_written_at: dict[Key, float] = {}
+        self._secrets_made: set[tuple[str, str, str]] = set()
 
     def reconcile(self, key: Key) -> Outcome:
         started = time.perf_counter()
@@ -240,9 +252,34 @@ class Reconciler:
                 out[(child.kind, child.name)] = message
         return out
 
+    def _create_secrets(self, p: Plan, outcome: Outcome, events: list[Event]) -> None:
+        """Each requested TLS Secret once per operator life: a 409 means it exists (made earlier, or by the
+        previous leader). The operator may only create Secrets, never read them: the key stays in it."""
+        for request in p.secrets:
+            seen = (request.namespace, request.name, request.owner_uid)
+            if seen in self._secrets_made:
+                continue
+            try:
+                self.kube.create(secret_body(request))
+                events.append(Event("Normal", Reason.CREATED, f"created Secret {request.name}"))
+                outcome.writes += 1
+            except KubeError as exc:
+                if exc.status != 409:
+                    outcome.error = str(exc)
+                    events.append(
+                        Event(
+                            "Warning",
+                            Reason.APPLY_FAILED,
+                            f"Create Secret {request.name}: {exc.message}"[:1000],
+                        )
+                    )
+                    continue
+            self._secrets_made.add(seen)
+
     def _apply(self, key: Key, md: dict[str, Any], old_status: Any, p: Plan) -> Outcome:
         outcome = Outcome(requeue_after=p.requeue_after)
         events = list(p.events)
+        self._create_secrets(p, outcome, events)
         for action in _order(p.actions):
             try:
                 if action.check is Check.DELETE:

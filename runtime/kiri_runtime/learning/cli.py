@@ -28,7 +28,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     r.add_argument(
         "--insecure", action="store_true", help="no TLS (tests only: the round's traffic is then readable)"
     )
-    r.add_argument("--run-config", required=True, help="TOML file of the round's settings (kebab-case keys)")
+    given = r.add_mutually_exclusive_group(required=True)
+    given.add_argument("--run-config", help="TOML file of the round's settings (kebab-case keys)")
+    given.add_argument("--run-config-json", help="the same settings as one JSON object (the operator's Job)")
     r.add_argument("--work-dir", default="/tmp/kiri-round", help="where the Flower App and config home go")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run to end")
     r.add_argument("-v", "--verbose", action="store_true")
@@ -61,9 +63,14 @@ def _run(args: argparse.Namespace) -> int:
     if not args.insecure and not args.root_certificates:
         raise LearningError("--root-certificates is required (or --insecure, for tests)")
     try:
-        run_config = tomllib.loads(Path(args.run_config).read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        if args.run_config_json is not None:
+            run_config = json.loads(args.run_config_json)
+        else:
+            run_config = tomllib.loads(Path(args.run_config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise LearningError(f"--run-config: {e}") from None
+    if not isinstance(run_config, dict):
+        raise LearningError("--run-config-json: expected a JSON object")
     number = int(run_config.get("round") or 0)
     out = Path(str(run_config.get("out") or ""))
     if number < 1 or not str(out):

@@ -44,6 +44,7 @@ from kiri_runtime.learning.settings import (
     KEY_BASE_SHA,
     KEY_LORA_SEED,
     KEY_PART,
+    KEY_POLICY,
     KEY_ROUND,
     RoundSettings,
 )
@@ -163,6 +164,7 @@ class Round:
         import json
 
         return {
+            KEY_POLICY: self.s.policy,
             KEY_ROUND: self.number,
             KEY_BASE: self.weights.read_bytes(),
             KEY_BASE_SHA: self.base_sha256,
@@ -208,6 +210,35 @@ class Round:
         )
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
         return strategy.outcome
+
+    def train_per_site(self, grid: Grid) -> strategies.RoundOutcome:
+        """`perSite`: every admitted site trains and keeps its result; only metrics come back. No update is
+        released, so nothing is spent from the privacy budget."""
+        from flwr.app.message_type import MessageType
+        from flwr.common import FitIns
+
+        outcome = strategies.RoundOutcome()
+        config = self.fit_config(self.number)
+        messages = [
+            Message(
+                content=compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters([]), dict(config)), True),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+            )
+            for node in sorted(self.admitted)
+        ]
+        for reply in grid.send_and_receive(messages, timeout=self.s.deadline_seconds):
+            site = self.admitted.get(int(reply.metadata.src_node_id))
+            if site is None or reply.has_error():
+                outcome.failures += 1
+                continue
+            res = compat.recorddict_to_fitres(reply.content, keep_input=True)
+            if res.parameters.tensors:
+                raise LearningError(
+                    f"site {site} sent tensors in a perSite round; only metrics may leave a site"
+                )
+            outcome.participants[site] = dict(res.metrics)
+        return outcome
 
     # ---- after ----------------------------------------------------------------------------------------
 
@@ -331,6 +362,16 @@ def _run(r: Round, metered: MeteredGrid, context: Context) -> rounds.RoundRecord
         s.secure_aggregation,
     )
     setup, setup_by_node = metered.traffic.as_dict(), dict(metered.traffic.by_node)
+    if s.policy == "perSite":
+        outcome = r.train_per_site(metered)
+        r.participants = outcome.participants
+        for site in r.admitted.values():
+            if site not in r.participants:
+                r.skipped[site] = "no metrics by the close of the round (offline, straggler or failed)"
+        traffic = {k: v - setup.get(k, 0) for k, v in metered.traffic.as_dict().items()}
+        ok = len(r.participants) >= s.min_clients
+        reason = "" if ok else f"{len(r.participants)} of min-clients {s.min_clients} sites reported"
+        return r.record("accepted" if ok else "skipped", reason, traffic=traffic)
     outcome = r.train(metered, context)
     traffic = {k: v - setup.get(k, 0) for k, v in metered.traffic.as_dict().items()}
     by_node = {n: b - setup_by_node.get(n, 0) for n, b in metered.traffic.by_node.items()}

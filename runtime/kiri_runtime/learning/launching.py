@@ -72,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "dp-delta": 1e-5,
     "target-epsilon": 0.0,
     "secure-aggregation": True,
+    "policy": "federated",
     "aggregation": "fedavg",
     "trim-fraction": 0.1,
     "server-learning-rate": 1.0,

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.common.serde import recorddict_to_proto
-from flwr.supercore.run import Run
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 
 def content_bytes(content: RecordDict) -> int:

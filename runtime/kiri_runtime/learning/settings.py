@@ -22,9 +22,12 @@ KEY_BASE = "kiri.base-weights"  # the global weights file's bytes (safetensors o
 KEY_BASE_SHA = "kiri.base-sha256"
 KEY_LORA_SEED = "kiri.lora-seed"
 KEY_PART = "kiri.part"
+KEY_POLICY = "kiri.policy"  # "perSite": the site keeps what it trained and answers with metrics only
 
 Aggregation = Literal["fedavg", "trimmed-mean"]
 AGGREGATIONS: tuple[Aggregation, ...] = ("fedavg", "trimmed-mean")
+Policy = Literal["federated", "perSite"]
+POLICIES: tuple[Policy, ...] = ("federated", "perSite")
 
 
 def _get(config: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -109,6 +112,7 @@ class RoundSettings:
     dp_delta: float
     target_epsilon: float | None
     secure_aggregation: bool
+    policy: Policy
     aggregation: Aggregation
     trim_fraction: float
     server_lr: float
@@ -135,6 +139,7 @@ class RoundSettings:
             dp_delta=_get(config, "dp-delta", float, 1e-5),
             target_epsilon=target if target > 0 else None,
             secure_aggregation=_get(config, "secure-aggregation", bool, True),
+            policy=_get(config, "policy", str, "federated"),
             aggregation=_get(config, "aggregation", str, "fedavg"),
             trim_fraction=_get(config, "trim-fraction", float, 0.1),
             server_lr=_get(config, "server-learning-rate", float, 1.0),
@@ -156,9 +161,11 @@ class RoundSettings:
             raise LearningError(
                 f"min-clients {self.min_clients} exceeds the {len(self.sites)} expected sites"
             )
+        if self.policy not in POLICIES:
+            raise LearningError(f"policy {self.policy!r}: use one of {', '.join(POLICIES)}")
         if self.aggregation not in AGGREGATIONS:
             raise LearningError(f"aggregation {self.aggregation!r}: use one of {', '.join(AGGREGATIONS)}")
-        if self.aggregation == "trimmed-mean" and self.secure_aggregation:
+        if self.policy == "federated" and self.aggregation == "trimmed-mean" and self.secure_aggregation:
             # SecAgg+ hands the server the sum and nothing else: no per-coordinate order statistics exist.
             raise LearningError(
                 "aggregation trimmed-mean needs each site's update in the clear; it cannot run with "
@@ -168,6 +175,6 @@ class RoundSettings:
             raise LearningError("clip-norm must be > 0 and noise-multiplier >= 0")
         if self.deadline_seconds <= 0:
             raise LearningError("deadline-seconds must be > 0")
-        if self.secure_aggregation and self.min_clients < 2:
+        if self.policy == "federated" and self.secure_aggregation and self.min_clients < 2:
             raise LearningError("secure aggregation needs min-clients >= 2: the sum of one site is that site")
         accounting.epsilon(self.noise_multiplier, 1, self.dp_delta)  # validates delta

@@ -41,6 +41,7 @@ from kiri_runtime.learning.settings import (
     KEY_BASE_SHA,
     KEY_LORA_SEED,
     KEY_PART,
+    KEY_POLICY,
     KEY_ROUND,
     ModelSettings,
     TrainingSettings,
@@ -61,6 +62,7 @@ class SiteClient(NumPyClient):
             )
         self.data = Path(str(node.get("data", "")))
         self.work_dir = Path(str(node.get("work-dir", DEFAULT_WORK_DIR)))
+        self.keep_dir = Path(str(node.get("keep-dir", self.work_dir / "kept")))
         self.model = ModelSettings.from_run_config(context.run_config)
         self.training = TrainingSettings.from_run_config(context.run_config)
 
@@ -77,6 +79,14 @@ class SiteClient(NumPyClient):
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_bytes(data)
             tmp.replace(path)
+        return path
+
+    def _keep(self, module: Any, number: int) -> Path:
+        """perSite: the site's own model, written on the site (node config `keep-dir`), never sent."""
+        from kiri_runtime.learning.loading import save_weights
+
+        path = self.keep_dir / f"round-{number:04d}.safetensors"
+        save_weights(module, path)
         return path
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
@@ -99,6 +109,16 @@ class SiteClient(NumPyClient):
             seed=number,
             lora_seed=int(config[KEY_LORA_SEED]),  # type: ignore[arg-type]
         )
+        metrics: dict[str, Scalar] = {
+            "site": self.site,
+            "samples": result.samples,
+            "loss-before": result.loss_before,
+            "loss-after": result.loss_after,
+        }
+        if config.get(KEY_POLICY) == "perSite":
+            kept = self._keep(module, number)
+            log.info("round %d: site %s keeps its model at %s; only metrics leave", number, self.site, kept)
+            return [], result.samples, metrics
         names = sorted(result.update)
         if len(names) != len(parameters):
             raise LearningError(f"the round sent {len(parameters)} tensors, this model trains {len(names)}")
@@ -114,12 +134,6 @@ class SiteClient(NumPyClient):
             result.loss_before,
             result.loss_after,
         )
-        metrics: dict[str, Scalar] = {
-            "site": self.site,
-            "samples": result.samples,
-            "loss-before": result.loss_before,
-            "loss-after": result.loss_after,
-        }
         return out, 1, metrics
 
 
@@ -135,6 +149,14 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     """
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS in msg.content.config_records:
         return secaggplus_mod(msg, ctxt, call_next)
+    fit = msg.content.config_records.get("fitins.config")
+    if fit is not None and fit.get(KEY_POLICY) == "perSite":
+        out = call_next(msg, ctxt)
+        if not out.has_error():
+            for record in out.content.array_records.values():
+                if len(record) > 0:  # the site app sent nothing; whatever changes that, it does not leave
+                    record.clear()
+        return out
     if ctxt.node_config.get("allow-plain-rounds") is not True:
         raise LearningError(
             "this round does not use secure aggregation and the site requires it "
