@@ -100,7 +100,7 @@ class Round:
 
     def _refusals(self) -> dict[str, str]:
         s = self.s
-        if s.target_epsilon is None:
+        if s.target_epsilon is None or s.policy == "perSite":  # a perSite round releases no update
             return {}
         refused = {}
         for site in sorted(set(s.sites) | set(self.counts)):

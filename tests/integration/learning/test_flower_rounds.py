@@ -170,3 +170,29 @@ def test_a_site_requiring_secure_aggregation_sends_nothing_to_a_plain_round(tmp_
     arrays = received_arrays(tmp_path / "t" / "0001")
     assert not any(a.size == 771 for a in arrays)  # no model-sized array reached the server
     assert rounds.round_dir(tmp_path / "out", 1).joinpath(rounds.WEIGHTS_FILE).exists() is False
+
+
+def test_a_per_site_round_keeps_each_sites_model_on_the_site_and_sends_the_server_metrics_only(
+    federation: tuple[Federation, Path, Path],
+) -> None:
+    fed, held_out, weights = federation
+    transcript = fed.root / "transcript-per-site"
+    out = fed.root / "out-per-site"
+    extra = {"policy": "perSite", "transcript": str(transcript), "out": str(out)}
+    record = fed.run_round(config(fed.root, held_out, weights, 21, **extra))
+    assert record.status == "accepted", record.reason
+    assert [p.site for p in record.participants] == SITES
+    assert record.model is None  # nothing to publish: every site keeps its own
+    assert record.privacy.per_site == {}  # no update released, nothing spent
+    assert not (out / ledgers.LEDGER_KEY).exists()
+    arrays = received_arrays(transcript / "0021")
+    assert not any(a.size >= 771 for a in arrays)  # no model-sized array reached the server
+    for site in SITES:
+        kept = fed.root / f"work-{site}" / "kept" / "round-0021.safetensors"
+        assert kept.exists(), f"{site} kept nothing"
+        module = load_model(FACTORY, {"hidden": HIDDEN}, kept)
+        x, y = load_arrays(fed.sites[site], "site data")
+        trained_here = torch.nn.functional.cross_entropy(module(torch.as_tensor(x)), torch.as_tensor(y))
+        base = load_model(FACTORY, {"hidden": HIDDEN}, weights)
+        before = torch.nn.functional.cross_entropy(base(torch.as_tensor(x)), torch.as_tensor(y))
+        assert float(trained_here) < float(before)  # the site's own model fits the site's own data better

@@ -116,3 +116,20 @@ def test_the_superlinks_certificate_is_signed_by_the_ca_and_names_the_service() 
     assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
     assert b"PRIVATE KEY" in tls.tls_key and "PRIVATE" not in repr(tls)
     assert certificates.make(["a"]).ca_crt != tls.ca_crt  # a fresh CA each time
+
+
+def test_kiri_learn_round_refuses_a_round_without_tls_or_a_readable_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kiri_operator.cli import main
+
+    assert main(["learn-round", "--superlink", "x:1", "--run-config-json", '{"round": 1, "out": "o"}']) == 1
+    assert capsys.readouterr().err == (
+        "kiri learn-round: error: --root-certificates is required (or --insecure, for tests)\n"
+    )
+    assert main(["learn-round", "--superlink", "x:1", "--insecure", "--run-config-json", "[1]"]) == 1
+    assert capsys.readouterr().err == "kiri learn-round: error: --run-config-json: expected a JSON object\n"
+    assert main(["learn-round", "--superlink", "x:1", "--insecure", "--run-config-json", "{"]) == 1
+    assert capsys.readouterr().err.startswith("kiri learn-round: error: --run-config: Expecting")
+    assert main(["learn-round", "--superlink", "x:1", "--insecure", "--run-config-json", '{"out": "o"}']) == 1
+    assert "must set 'round' (>= 1) and 'out'" in capsys.readouterr().err
