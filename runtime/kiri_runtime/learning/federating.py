@@ -128,9 +128,12 @@ class Round:
 
     def admit(self, grid: Grid, nodes: list[int]) -> None:
         """Ask every node which site it is; keep one node per expected, in-budget site."""
-        content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({}))
         messages = [
-            Message(content=content, dst_node_id=n, message_type=MessageTypeLegacy.GET_PROPERTIES)
+            Message(
+                content=compat.getpropertiesins_to_recorddict(GetPropertiesIns({})),
+                dst_node_id=n,
+                message_type=MessageTypeLegacy.GET_PROPERTIES,
+            )
             for n in nodes
         ]
         replies = grid.send_and_receive(messages, timeout=self.s.deadline_seconds)
