@@ -1,4 +1,4 @@
-"""Runtime-side subcommands: serve, compress, train-edge, aggregate, store.
+"""Runtime-side subcommands: serve, compress, train-edge, aggregate, train-adapter, store.
 
 Each handler imports its implementation lazily, so that `kiri --help` and the operator image do not
 need onnxruntime or torch. A subcommand is registered with `sub = subparsers.add_parser(...)` and
@@ -21,6 +21,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     from kiri_runtime.learning import cli as learning_cli
 
     learning_cli.register(subparsers)
+    from kiri_runtime.learning import adapter_cli
+
+    adapter_cli.register(subparsers)
     store = subparsers.add_parser(
         "store",
         help="serve an artifact store over HTTP (write-once PUT, GET with Range)",

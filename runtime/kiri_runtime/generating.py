@@ -12,7 +12,8 @@ logits on the padded rows (off by up to 10 on the tiny LLaMA, CPU GroupQueryAtte
 length share a batch. Requests are grouped into *cohorts*: those waiting when a decode iteration begins with the
 same prompt length and sampling options become one batched generator, and the decode thread steps every live
 cohort once per iteration (iteration-level scheduling across generators). A request that arrives
-mid-generation starts at the next iteration instead of waiting for the others to finish. A request with a
+mid-generation starts at the next iteration instead of waiting for the others to finish. A cohort is also one
+LoRA adapter's requests (adapters.py): onnxruntime-genai activates an adapter per generator, for its whole life. A request with a
 `seed` decodes alone, so its tokens do not depend on who else is being served.
 
 Sampling is onnxruntime-genai's own (greedy argmax, or temperature / top-k / top-p with its seeded RNG), so a
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import sys
 import threading
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from kiri_runtime.adapters import AdapterSet, LoadedAdapter
 from kiri_runtime.errors import InferenceError, Overloaded
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams, first_line
 from kiri_runtime.metrics import RuntimeMetrics, observe_many
@@ -145,6 +148,7 @@ class _Row:
     params: SamplingParams
     submitted: float
     streaming: bool = True
+    adapter: str | None = None  # the onnxruntime-genai key of the request's LoRA adapter (adapters.py)
     stream: Any = None  # the tokenizer's incremental detokenizer
     stop_ids: frozenset[int] = frozenset()  # the model's end-of-sequence tokens and the request's stop tokens
     pending: str = ""  # decoded text held back: it may be the start of a stop string
@@ -195,9 +199,12 @@ class Scheduler:
         queue_limit: int = 0,
         batching: bool = True,
         step_delay_s: float = 0.0,
+        adapters: AdapterSet | None = None,
     ) -> None:
         self.model = model
         self.name = name
+        self.adapters = adapters if adapters is not None else AdapterSet(model, model.lora_layout, name)
+        self._collect_due = False  # a request ended: a retired adapter may be free to unload now
         self.metrics = metrics
         self.max_num_seqs = max(1, max_num_seqs)
         self.queue_limit = queue_limit
@@ -236,21 +243,31 @@ class Scheduler:
 
     # ------------------------------------------------------------ event-loop side
 
-    def submit(self, prompt: list[int], params: SamplingParams, stream: bool = True) -> GenerationHandle:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, stream: bool = True, adapter: str | None = None
+    ) -> GenerationHandle:
         """Admit a request (Overloaded past the queue limit); raises before any work is queued. With `stream`
-        False the request gets one merged `Delta` at the end instead of one per step."""
+        False the request gets one merged `Delta` at the end instead of one per step. `adapter`: the LoRA adapter
+        the model name chose (None: the default; AdapterNotFound if not loaded), held until the request ends."""
         if self.queue_limit and self.in_flight >= self.queue_limit:
             raise Overloaded(f"{self.in_flight} requests in flight (limit {self.queue_limit}); retry later")
+        loaded = self.adapters.acquire(adapter)
         self.in_flight += 1
-        handle = GenerationHandle(asyncio.get_running_loop(), len(prompt), self._release)
-        row = _Row(handle, prompt, params, time.perf_counter(), stream)
+        handle = GenerationHandle(
+            asyncio.get_running_loop(), len(prompt), functools.partial(self._release, loaded)
+        )
+        row = _Row(
+            handle, prompt, params, time.perf_counter(), stream, None if loaded is None else loaded.key
+        )
         with self._wake:
             self._waiting.append(row)
             self._wake.notify()
         return handle
 
-    def _release(self) -> None:
+    def _release(self, adapter: LoadedAdapter | None) -> None:
         self.in_flight -= 1
+        if adapter is not None:
+            self.adapters.release(adapter)
 
     def close(self) -> None:
         with self._wake:
@@ -269,6 +286,10 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
+            if self._collect_due:
+                # Here, not in _iterate: the generators of the cohorts that ended are freed by now.
+                self._collect_due = False
+                self._collect()
             # While decoding with nobody waiting, no lock: a deque's truth is read atomically.
             if self._waiting or not self._cohorts or self._stopping:
                 with self._wake:
@@ -307,6 +328,7 @@ class Scheduler:
         if ended:
             self._held -= sum(c.max_length * len(c.rows) for c in self._cohorts if not c.live)
             self._cohorts = [c for c in self._cohorts if c.live]
+            self._collect_due = self.adapters.has_retired
         # Metrics of the requests that ended, before their answers leave: a client that reads /metrics after
         # its answer finds it counted. Nothing at all in most iterations.
         for r in ended:
@@ -351,7 +373,7 @@ class Scheduler:
             if key is None:
                 groups.append([row])
                 continue
-            group = by_key.setdefault((*key, len(row.prompt)), [])
+            group = by_key.setdefault((*key, len(row.prompt), row.adapter), [])
             if not group:
                 groups.append(group)
             group.append(row)
@@ -365,7 +387,9 @@ class Scheduler:
         max_length = min(self.model.context_length, width + max(r.params.max_tokens for r in live))
         now = time.perf_counter()
         try:
-            generator = self.model.generator([r.prompt for r in live], live[0].params, max_length)
+            generator = self.model.generator(
+                [r.prompt for r in live], live[0].params, max_length, live[0].adapter
+            )
         except RuntimeError as e:
             error = GenerationFailed(f"onnxruntime-genai failed to start generation: {first_line(e)}")
             for r in live:
@@ -496,6 +520,12 @@ class Scheduler:
         self._waiting_gauge.set(gauges[1])
         self._kv_usage.set(gauges[2] / (self.max_num_seqs * self.model.context_length))
 
+    def _collect(self) -> None:
+        try:
+            self.adapters.collect()
+        except Exception:  # never let the decode thread die over housekeeping
+            log.exception("unloading a retired adapter failed")
+
     def _fail_all(self) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
         error = GenerationFailed("onnxruntime-genai failed during a decode step; see the server log")
@@ -506,6 +536,7 @@ class Scheduler:
                     posts.append((r.handle, Delta(error=error)))
         self._cohorts = []
         self._running = self._held = 0
+        self._collect_due = self.adapters.has_retired
         self._publish_gauges()
         if posts:
             self._post(posts)

@@ -23,6 +23,11 @@ OPTIONS (camelCase, as in ModelDeployment spec.edge.variants[].options), int4 an
                  the session starts (compacting.py); the scales llama.cpp stores. False: float32 as the builder wrote.
   embeddingBits  4|8|32, default 8: a float token embedding (untied models, or int8Embeddings) stored as symmetric
                  8-bit (Q8_0-like) or 4-bit (Q4_0-like) blocks of 32, dequantised after the Gather; 32 keeps float32.
+  Every precision:
+  loraTargets    "q_proj,v_proj" (a comma-separated string or a list) of q_proj, k_proj, v_proj, o_proj, gate_proj,
+                 up_proj, down_proj: the build is LoRA-ready (adapting.py): those projections take onnxruntime-genai
+                 adapters at run time (`kiri serve --adapter`), and compute exactly as before without one.
+                 Default: none.
   Every int4/int8 build also computes the rotary cos/sin tables in the graph instead of storing them and writes its
   JSON unindented (compacting.py).
 
@@ -85,10 +90,10 @@ INT_OPTIONS = {
 EMBEDDING_BITS = (4, 8, 32)
 INT4_OPTIONS = INT_OPTIONS | {"int8LmHead", "int8Layers", "int8Embeddings"}
 KNOWN_OPTIONS: dict[str, set[str]] = {
-    "fp32": {"fuseQkv"},
-    "fp16": {"fuseQkv"},
-    "int8": INT_OPTIONS,
-    "int4": INT4_OPTIONS,
+    "fp32": {"fuseQkv", "loraTargets"},
+    "fp16": {"fuseQkv", "loraTargets"},
+    "int8": INT_OPTIONS | {"loraTargets"},
+    "int4": INT4_OPTIONS | {"loraTargets"},
 }
 DEFAULTS: dict[str, Any] = {
     "blockSize": 32,
@@ -115,7 +120,9 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
     unknown = sorted(set(given) - known)
     if unknown:
         raise CompressionError(f"{precision}: unknown options {unknown}; known: {sorted(known)}")
-    merged = {k: DEFAULTS[k] for k in sorted(known)} | given
+    merged = {k: DEFAULTS[k] for k in sorted(known) if k in DEFAULTS} | given
+    if "loraTargets" in merged:
+        merged["loraTargets"] = _lora_targets(precision, merged["loraTargets"])
     for key in ("symmetric", "int8LmHead", "int8Embeddings", "fuseQkv", "halfScales"):
         if key in merged and not isinstance(merged[key], bool):
             raise CompressionError(f"{precision}: {key} must be true or false, got {merged[key]!r}")
@@ -132,6 +139,23 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
             shown = ", ".join(str(a) for a in allowed)
             raise CompressionError(f"{precision}: {key} must be one of {shown}, got {value!r}")
     return merged
+
+
+def _lora_targets(precision: str, value: Any) -> list[str]:
+    from kiri_runtime.compressing.lm.adapting import ATTENTION, MLP
+
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CompressionError(
+            f"{precision}: loraTargets must be a comma-separated string or a list of names"
+        )
+    targets = [n.strip() for n in names if n.strip()]
+    bad = sorted(set(targets) - set(ATTENTION) - set(MLP))
+    if bad or not targets:
+        raise CompressionError(
+            f"{precision}: loraTargets {bad or '(empty)'}: choose from {', '.join(ATTENTION + MLP)}"
+        )
+    return targets
 
 
 def build(
@@ -169,6 +193,10 @@ def build(
         compacting.compact(
             out, half=resolved["halfScales"], embedding_bits=None if bits == 32 else bits, rotary=True
         )
+    if resolved.get("loraTargets"):
+        from kiri_runtime.compressing.lm.adapting import add_lora_inputs
+
+        add_lora_inputs(out, resolved["loraTargets"])
     return out
 
 
