@@ -35,6 +35,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from kiri_runtime.learning import accounting, ledgers, rounds, strategies
+from kiri_runtime.learning.adapter_rounds import AdapterSettings, AdapterSubject
 from kiri_runtime.learning.errors import LearningError
 from kiri_runtime.learning.loading import TorchGlobalModel, load_arrays, load_model, sha256_file
 from kiri_runtime.learning.metering import MeteredGrid, write_transcript
@@ -79,9 +80,15 @@ class Round:
         self.ledger = ledger
         self.out = Path(s.out)
         self.weights = Path(s.weights)
-        self.base_sha256 = sha256_file(self.weights)
-        module = load_model(s.model.factory, s.model.factory_kwargs, self.weights)
-        self.model = TorchGlobalModel(module, load_arrays(Path(s.eval), "held-out set"))
+        self.adapter: AdapterSubject | None = None
+        if s.model.part.kind == "adapter":
+            a = AdapterSettings.from_run_config(dict(s.raw))
+            self.adapter = AdapterSubject(a, s.weights, self.out, Path(s.eval))
+            self.base_sha256 = self.adapter.base_sha256
+        else:
+            self.base_sha256 = sha256_file(self.weights)
+            module = load_model(s.model.factory, s.model.factory_kwargs, self.weights)
+            self.model = TorchGlobalModel(module, load_arrays(Path(s.eval), "held-out set"))
         history = rounds.history(self.out)
         self.number = s.round or (history[-1].round + 1 if history else 1)
         self.counts = dict(rounds.participation(history, self.number))
@@ -89,8 +96,12 @@ class Round:
             self.counts[site] = max(self.counts.get(site, 0), n)
         self.refused = self._refusals()
         self.seed = lora_seed(self.number, self.base_sha256)
-        self.shapes = self.model.shapes()
-        self.names = sorted(upload_shapes(s.model.part, self.shapes))
+        if self.adapter is not None:
+            self.shapes: dict[str, tuple[int, ...]] = {}
+            self.names = self.adapter.names
+        else:
+            self.shapes = self.model.shapes()
+            self.names = sorted(upload_shapes(s.model.part, self.shapes))
         self.opened_at = _now()
         self.admitted: dict[int, str] = {}
         self.skipped: dict[str, str] = dict(self.refused)
@@ -156,7 +167,12 @@ class Round:
 
     # ---- the round ------------------------------------------------------------------------------------
 
+    def evaluate(self) -> rounds.Evaluation:
+        return self.adapter.evaluate() if self.adapter is not None else self.model.evaluate()
+
     def initial(self) -> list[np.ndarray]:
+        if self.adapter is not None:
+            return self.adapter.initial()
         if self.s.model.part.kind == "lora":  # FFA-LoRA: B starts at zero, A is derived from the seed
             shapes = upload_shapes(self.s.model.part, self.shapes)
             return [np.zeros(shapes[n], dtype=np.float32) for n in self.names]
@@ -166,14 +182,15 @@ class Round:
     def fit_config(self, _round: int) -> dict[str, Any]:
         import json
 
-        return {
+        config = {
             KEY_POLICY: self.s.policy,
             KEY_ROUND: self.number,
-            KEY_BASE: self.weights.read_bytes(),
-            KEY_BASE_SHA: self.base_sha256,
             KEY_LORA_SEED: self.seed,
             KEY_PART: json.dumps(self.s.model.part.describe(), sort_keys=True),
         }
+        if self.adapter is not None:
+            return {**config, **self.adapter.fit_config()}
+        return {**config, KEY_BASE: self.weights.read_bytes(), KEY_BASE_SHA: self.base_sha256}
 
     def spend(self, sites: list[str]) -> None:
         counts = dict(self.counts)
@@ -276,7 +293,7 @@ class Round:
             secure_aggregation=s.secure_aggregation,
             participants=participants,
             skipped=[rounds.SkippedSite(site=k, reason=v) for k, v in sorted(self.skipped.items())],
-            eval_before=before if before is not None else self.model.evaluate(),
+            eval_before=before if before is not None else self.evaluate(),
             eval_after=after,
             privacy=rounds.Privacy(
                 noise_multiplier=s.noise_multiplier,
@@ -318,6 +335,12 @@ class Round:
             reason = f"{len(self.participants)} of min-clients {self.s.min_clients} results arrived"
             return self.record("skipped", reason, traffic=traffic)
         aggregate = parameters_to_ndarrays(outcome.aggregate)
+        if self.adapter is not None:
+            published = self.adapter.publish(aggregate, rounds.round_dir(self.out, self.number))
+            if isinstance(published, str):
+                return self.record("skipped", published, traffic=traffic)
+            before, after, artifact = published
+            return self.record("accepted", "", before=before, after=after, artifact=artifact, traffic=traffic)
         update = {
             n: (a - b).astype(np.float32)
             for n, a, b in zip(self.names, aggregate, self.initial(), strict=True)

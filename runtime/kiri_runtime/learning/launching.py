@@ -81,6 +81,13 @@ DEFAULTS: dict[str, Any] = {
     "ledger-factory": "",
     "ledger-owner": "",
     "transcript": "",
+    # part = "adapter": a language model's LoRA adapter (adapter_rounds.py)
+    "base-model": "",
+    "adapter-targets": "q_proj,v_proj",
+    "adapter-steps": 50,
+    "adapter-seq-len": 64,
+    "ffa": True,
+    "a-seed": 0,
 }
 
 

@@ -24,8 +24,9 @@ import numpy as np
 
 from kiri_runtime.learning.errors import LearningError
 
-PartKind = Literal["whole", "layers", "lora"]
-PART_KINDS: tuple[PartKind, ...] = ("whole", "layers", "lora")
+PartKind = Literal["whole", "layers", "lora", "adapter"]
+# `adapter`: a language model's peft LoRA adapter (adapter_rounds.py), not a part of a factory's module.
+PART_KINDS: tuple[PartKind, ...] = ("whole", "layers", "lora", "adapter")
 LORA_SUFFIX = ".lora_B"
 
 
@@ -57,6 +58,10 @@ def upload_shapes(part: TrainedPart, shapes: Mapping[str, tuple[int, ...]]) -> d
 
     For `lora`, `shapes` must hold each adapted Linear's `<module>.weight` of shape (out, in).
     """
+    if part.kind == "adapter":
+        raise LearningError(
+            "an adapter round's tensors are the adapter's (adapter_rounds.py), not the model's"
+        )
     if part.kind == "whole":
         out = dict(shapes)
     elif part.kind == "layers":

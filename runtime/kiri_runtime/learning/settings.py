@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kiri_runtime.learning import accounting
@@ -64,7 +64,7 @@ class ModelSettings:
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> ModelSettings:
         factory = _get(config, "factory", str, "")
-        if not factory:
+        if not factory and _get(config, "part", str, "lora") != "adapter":
             raise LearningError("run config 'factory' is required (pkg.module:function)")
         part = TrainedPart(
             kind=_get(config, "part", str, "lora"),
@@ -121,6 +121,7 @@ class RoundSettings:
     ledger_factory: str  # module:function that opens KIND ledgers (the operator's ConfigMap ledger)
     ledger_owner: str
     transcript: str  # a directory for every message the server received (an audit of what it held), or ""
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # the run config as given
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RoundSettings:
@@ -148,6 +149,7 @@ class RoundSettings:
             ledger_factory=_get(config, "ledger-factory", str, ""),
             ledger_owner=_get(config, "ledger-owner", str, ""),
             transcript=_get(config, "transcript", str, ""),
+            raw=dict(config),
         )
         out.check()
         return out

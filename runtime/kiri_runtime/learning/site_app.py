@@ -63,6 +63,8 @@ class SiteClient(NumPyClient):
         self.data = Path(str(node.get("data", "")))
         self.work_dir = Path(str(node.get("work-dir", DEFAULT_WORK_DIR)))
         self.keep_dir = Path(str(node.get("keep-dir", self.work_dir / "kept")))
+        self.base_model = node.get("base-model")  # the base LM on this site, when not the run config's path
+        self.run_config = context.run_config
         self.model = ModelSettings.from_run_config(context.run_config)
         self.training = TrainingSettings.from_run_config(context.run_config)
 
@@ -89,8 +91,40 @@ class SiteClient(NumPyClient):
         save_weights(module, path)
         return path
 
+    def _fit_adapter(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        from kiri_runtime.learning.adapter_rounds import AdapterSettings, train_on_site
+
+        a = AdapterSettings.from_run_config(dict(self.run_config))
+        number = int(config[KEY_ROUND])  # type: ignore[arg-type]
+        out, metrics, trained = train_on_site(
+            a,
+            dict(config),
+            list(parameters),
+            self.data,
+            self.work_dir,
+            str(self.base_model or a.base_model),
+            seed=number,
+            learning_rate=self.training.learning_rate,
+            batch_size=self.training.batch_size,
+        )
+        log.info(
+            "round %d: site %s trained its adapter (loss %.4f -> %.4f)",
+            number,
+            self.site,
+            metrics["loss-before"],
+            metrics["loss-after"],
+        )
+        if config.get(KEY_POLICY) == "perSite":
+            keep = self.keep_dir / f"round-{number:04d}"
+            keep.parent.mkdir(parents=True, exist_ok=True)
+            trained.replace(keep)
+            return [], int(metrics["samples"]), {"site": self.site, **metrics}
+        return out, 1, {"site": self.site, **metrics}
+
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
         part = self.model.part
+        if part.kind == "adapter":
+            return self._fit_adapter(parameters, config)
         if json.loads(str(config.get(KEY_PART, "{}"))) != part.describe():
             raise LearningError(
                 f"the round trains {config.get(KEY_PART)}, this site is set to {part.describe()}"
