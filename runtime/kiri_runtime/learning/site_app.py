@@ -199,5 +199,13 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     return call_next(msg, ctxt)
 
 
+def clipping_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `fixedclipping_mod` on every update that leaves; a perSite round sends none to clip."""
+    fit = msg.content.config_records.get("fitins.config") if msg.has_content() else None
+    if fit is not None and fit.get(KEY_POLICY) == "perSite":
+        return call_next(msg, ctxt)
+    return fixedclipping_mod(msg, ctxt, call_next)
+
+
 # Mods run outermost first: SecAgg+ masks what fixedclipping_mod clipped.
-client_app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, fixedclipping_mod])
+client_app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod, clipping_mod])
