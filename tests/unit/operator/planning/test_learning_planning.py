@@ -517,3 +517,26 @@ def test_the_operator_made_role_names_the_ledger_and_the_active_round_record() -
         ]
     )
     assert role["rules"][0] == {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}
+
+
+def test_a_per_site_policy_runs_the_same_federation_and_asks_the_round_for_metrics_only() -> None:
+    lp = learning.plan_learning(_spec(policy="perSite"), _observed(), OWNER, variant_sizes={})
+    assert _run_config(lp, 1)["policy"] == "perSite"
+    assert _run_config(learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}), 1)[
+        "policy"
+    ] == ("federated")
+    # A perSite round publishes no model: nothing to adopt, the edge stays on spec.model.
+    record = _record(1, minutes_ago=1).model_copy(update={"model": None})
+    lp = learning.plan_learning(_spec(policy="perSite"), _observed(record), OWNER, variant_sizes={})
+    assert lp.status is not None and "model" not in lp.status and "update" not in lp.status
+
+
+def test_every_key_of_the_operators_run_config_is_one_the_flower_app_declares_and_the_apps_accept() -> None:
+    from kiri_runtime.learning import launching
+    from kiri_runtime.learning.settings import RoundSettings
+
+    config = _run_config(learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}), 1)
+    assert set(config) <= set(launching.DEFAULTS)  # `flwr run --run-config` refuses undeclared keys
+    settings = RoundSettings.from_run_config(config)
+    assert (settings.round, settings.sites, settings.min_clients) == (1, ("site-a", "site-b"), 2)
+    assert settings.secure_aggregation is True and settings.target_epsilon == 8.0
