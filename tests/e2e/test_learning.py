@@ -117,7 +117,8 @@ class Kubelet:
         (self.tls / "tls.key").chmod(0o600)
 
     def _local(self, args: list[str]) -> list[str]:
-        return [a.replace(TLS_MOUNT, str(self.tls)) for a in args]
+        local = [a.replace(TLS_MOUNT, str(self.tls)) for a in args]
+        return [*KIRI, *local[1:]] if local and local[0] == "kiri" else local
 
     def start(self, name: str, command: list[str]) -> None:
         log = (self.tmp / f"{name}.log").open("wb")

@@ -121,7 +121,7 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
     labels = _labels(owner, ROLE_SUPERLINK)
     tls = f"{TLS_MOUNT}/"
     command = [
-        "flower-superlink",
+        "kiri", "flower-superlink",
         "--ssl-ca-certfile", tls + "ca.crt",
         "--ssl-certfile", tls + "tls.crt",
         "--ssl-keyfile", tls + "tls.key",
@@ -182,7 +182,7 @@ def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str,
     assert learning is not None
     labels = {**_labels(owner, ROLE_SUPERNODE), L.SITE_NAME: L.short_hash(site, length=16)}
     command = [
-        "flower-supernode",
+        "kiri", "flower-supernode",
         "--superlink", superlink_address(owner),
         "--root-certificates", f"{TLS_MOUNT}/ca.crt",
         "--node-config", node_config(site, allow_plain=not learning.secure_aggregation),

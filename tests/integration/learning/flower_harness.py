@@ -72,7 +72,7 @@ class Federation:
         self._start(
             "superlink",
             [
-                str(BIN / "flower-superlink"),
+                sys.executable, "-m", "kiri_operator.cli", "flower-superlink",
                 "--ssl-ca-certfile", str(self.ca),
                 "--ssl-certfile", str(self.root / certificates.CERT_FILE),
                 "--ssl-keyfile", str(self.root / certificates.KEY_FILE),
@@ -90,7 +90,7 @@ class Federation:
             self._start(
                 f"supernode-{site}",
                 [
-                    str(BIN / "flower-supernode"),
+                    sys.executable, "-m", "kiri_operator.cli", "flower-supernode",
                     "--superlink", self.superlink,
                     "--root-certificates", str(self.ca),
                     "--node-config", config,

@@ -143,7 +143,7 @@ def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site
     _assert_locked_down(pod)
     assert pod["nodeSelector"] == {"kiri.dev/tier": "cloud"}
     cmd = pod["containers"][0]["command"]
-    assert cmd[0] == "flower-superlink" and "--insecure" not in cmd
+    assert cmd[:2] == ["kiri", "flower-superlink"] and "--insecure" not in cmd
     assert {cmd[cmd.index(f) + 1] for f in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile")} == {
         f"{F.TLS_MOUNT}/ca.crt",
         f"{F.TLS_MOUNT}/tls.crt",
