@@ -48,6 +48,7 @@ class Federation:
     root: Path
     sites: dict[str, Path]  # site -> its data
     allow_plain: bool = False
+    plain_sites: frozenset[str] | None = None  # the sites that accept plain rounds (None: all or none)
     superlink: str = ""
     ca: Path = field(default_factory=Path)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -85,7 +86,7 @@ class Federation:
         self.wait_listening(port)
         for site, data in self.sites.items():
             config = f'site="{site}" data="{data}" work-dir="{self.root / ("work-" + site)}"'
-            if self.allow_plain:
+            if self.allow_plain and (self.plain_sites is None or site in self.plain_sites):
                 config += " allow-plain-rounds=true"
             self._start(
                 f"supernode-{site}",
@@ -116,7 +117,7 @@ class Federation:
             f"== {p.name}\n{p.read_text(errors='replace')[-chars:]}" for p in self.logs if p.exists()
         )
 
-    def run_round(self, config: Mapping[str, Any], timeout: float = 240) -> rounds.RoundRecord:
+    def run_round(self, config: Mapping[str, Any], timeout: float = 900) -> rounds.RoundRecord:
         number = int(config["round"])
         work = self.root / f"submit-{number}"
         try:
@@ -159,7 +160,7 @@ def round_config(
         "round": number,
         "sites": ",".join(sites),
         "min-clients": 2,
-        "deadline-seconds": 120.0,
+        "deadline-seconds": 300.0,
         "part": "whole",
         "learning-rate": 0.1,
         "batch-size": 16,
