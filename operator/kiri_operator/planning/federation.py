@@ -131,7 +131,7 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
         "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
         {"name": "artifacts", "mountPath": store.mount_path},
         {"name": "state", "mountPath": STATE_MOUNT},
@@ -188,7 +188,7 @@ def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str,
         "--node-config", node_config(site, allow_plain=not learning.secure_aggregation),
         "--isolation", "subprocess",
     ]  # fmt: skip
-    mounts = [
+    mounts: list[dict[str, Any]] = [
         {"name": "site-data", "mountPath": SITE_DATA_MOUNT, "readOnly": True},
         {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},

@@ -32,7 +32,7 @@ class Traffic:
     messages_sent: int = 0
     messages_received: int = 0
     seconds: float = 0.0  # wall time spent waiting in send_and_receive
-    received: list[Message] = field(default_factory=list)
+    received: list[tuple[str, dict[str, np.ndarray]]] = field(default_factory=list)  # with keep=True
     by_node: dict[int, int] = field(default_factory=dict)  # bytes received from each node
 
     def as_dict(self) -> dict[str, float | int]:
@@ -45,30 +45,36 @@ class Traffic:
         }
 
 
-def write_transcript(messages: list[Message], directory: Path) -> int:
-    """Every array the server received, one .npz per message: ArrayRecords as they came, and every bytes value
-    of a ConfigRecord that decodes as a NumPy array (how SecAgg+ carries its masked vectors). Returns the count."""
+def message_arrays(m: Message) -> dict[str, np.ndarray]:
+    """Every array in a received message: ArrayRecords as they came, and every bytes value of a ConfigRecord that
+    decodes as a NumPy array (how SecAgg+ carries its masked vectors). Copied at once: Flower's workflows take
+    the arrays out of a message when they convert it (`keep_input=False`)."""
     from flwr.common import bytes_to_ndarray
 
+    arrays: dict[str, np.ndarray] = {}
+    if not m.has_content():
+        return arrays
+    for rname, record in m.content.array_records.items():
+        for aname, array in record.items():
+            arrays[f"array/{rname}/{aname}"] = np.array(array.numpy(), copy=True)
+    for rname, config in m.content.config_records.items():
+        for key, value in config.items():
+            values = value if isinstance(value, list) else [value]
+            for j, v in enumerate(values):
+                if isinstance(v, bytes):
+                    try:
+                        arrays[f"config/{rname}/{key}/{j}"] = bytes_to_ndarray(v)
+                    except Exception:  # not an ndarray: keys, ciphertexts, shares
+                        continue
+    return arrays
+
+
+def write_transcript(received: list[tuple[str, dict[str, np.ndarray]]], directory: Path) -> int:
+    """What the server received, one .npz per message (`message_arrays`). Returns the count."""
     directory.mkdir(parents=True, exist_ok=True)
-    for i, m in enumerate(messages):
-        arrays: dict[str, np.ndarray] = {}
-        if m.has_content():
-            for rname, record in m.content.array_records.items():
-                for aname, array in record.items():
-                    arrays[f"array/{rname}/{aname}"] = array.numpy()
-            for rname, config in m.content.config_records.items():
-                for key, value in config.items():
-                    values = value if isinstance(value, list) else [value]
-                    for j, v in enumerate(values):
-                        if isinstance(v, bytes):
-                            try:
-                                arrays[f"config/{rname}/{key}/{j}"] = bytes_to_ndarray(v)
-                            except Exception:  # not an ndarray: keys, ciphertexts, shares
-                                continue
-        kind = m.metadata.message_type.replace("/", "-").replace(".", "-")
-        np.savez(directory / f"{i:04d}-node{m.metadata.src_node_id}-{kind}.npz", **arrays)
-    return len(messages)
+    for i, (name, arrays) in enumerate(received):
+        np.savez(directory / f"{i:04d}-{name}.npz", **arrays)  # type: ignore[arg-type]
+    return len(received)
 
 
 class MeteredGrid(Grid):
@@ -113,7 +119,8 @@ class MeteredGrid(Grid):
                 self.traffic.by_node[node] = self.traffic.by_node.get(node, 0) + size
             self.traffic.messages_received += 1
             if self.keep:
-                self.traffic.received.append(m)
+                kind = m.metadata.message_type.replace("/", "-").replace(".", "-")
+                self.traffic.received.append((f"node{m.metadata.src_node_id}-{kind}", message_arrays(m)))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         out = list(messages)

@@ -188,14 +188,23 @@ def build(
 ) -> RoundStrategy:
     """The round's strategy; `trimmed` is the trim fraction for a trimmed mean (no secure aggregation)."""
     base: FedAvg
-    common = {
-        "fraction_fit": 1.0,
-        "fraction_evaluate": 0.0,
-        "min_fit_clients": sites,
-        "min_available_clients": sites,
-        "min_evaluate_clients": 0,
-    }
-    base = FedTrimmedAvg(beta=trimmed, **common) if trimmed is not None else UniformFedAvg(**common)
+    if trimmed is not None:
+        base = FedTrimmedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=sites,
+            min_available_clients=sites,
+            min_evaluate_clients=0,
+            beta=trimmed,
+        )
+    else:
+        base = UniformFedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=sites,
+            min_available_clients=sites,
+            min_evaluate_clients=0,
+        )
     dp = DifferentialPrivacyClientSideFixedClipping(
         base, noise_multiplier=noise_multiplier, clipping_norm=clip_norm, num_sampled_clients=sites
     )

@@ -88,10 +88,18 @@ def clipped_params(base: Path, data: Path, number: int) -> np.ndarray:
 
 
 def received_arrays(transcript: Path) -> list[np.ndarray]:
+    """Every array the server received, and per message and record the record's arrays end to end (a site
+    sends the model as one array per parameter tensor, in the order of their names)."""
     out = []
     for path in sorted(transcript.glob("*.npz")):
         with np.load(path) as f:
-            out += [np.asarray(f[k]).ravel() for k in f.files]
+            groups: dict[str, list[np.ndarray]] = {}
+            for k in f.files:
+                out.append(np.asarray(f[k]).ravel())
+                groups.setdefault(k.rsplit("/", 1)[0], []).append(np.asarray(f[k]).ravel())
+            out += [np.concatenate(g) for g in groups.values() if len(g) > 1]
+            # SecAgg+'s masked vector starts with the masked weight factor (one value): without it too.
+            out += [np.concatenate(g[1:]) for g in groups.values() if len(g) > 2 and g[0].size == 1]
     return out
 
 
