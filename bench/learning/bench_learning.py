@@ -48,8 +48,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             weights = root / f"initial-{hidden}.safetensors"
             save_weights(make_model(hidden), weights)  # type: ignore[arg-type]
             rows: dict[str, list[dict[str, float]]] = {"plain": [], "secure": []}
-            for r in range(args.rounds * 2 + 1):
-                mode = ("secure", "plain")[r % 2]
+            first = hidden == args.hidden[0]
+            for r in range(args.rounds * 2 + (1 if first else 0)):
+                mode = ("secure", "plain")[(r + (0 if first else 1)) % 2]
                 number += 1
                 config = round_config(
                     root,
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 record = fed.run_round(config)
                 wall = time.monotonic() - started
                 assert record.status == "accepted", record.reason
-                if r == 0:
+                if r == 0 and hidden == args.hidden[0]:
                     continue  # warm-up: the first round pays the processes' first imports
                 t = record.traffic
                 rows[mode].append(

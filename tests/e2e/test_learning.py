@@ -128,11 +128,7 @@ class Kubelet:
 
     def superlink(self, deployment: dict[str, Any]) -> str:
         cmd = self._local(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
-        cmd = _swap(
-            _swap(_swap(cmd, "--port", str(self.port)), "--host", "127.0.0.1"),
-            "--database",
-            str(self.tmp / "link.db"),
-        )
+        cmd = _swap(_swap(cmd, "--port", str(self.port)), "--host", "127.0.0.1")
         self.start("superlink", cmd)
         end = time.monotonic() + 60
         while time.monotonic() < end:

@@ -29,7 +29,6 @@ from kiri_operator.plans import SecretRequest
 FLEET_PORT = 9092
 TLS_MOUNT = "/var/run/kiri/flower-tls"
 SITE_DATA_MOUNT = "/var/lib/kiri/site-data.npz"
-STATE_MOUNT = "/var/lib/flower"
 ROLE_SUPERLINK = "superlink"
 ROLE_SUPERNODE = "supernode"
 _SLUG = re.compile(r"[^a-z0-9-]+")
@@ -116,7 +115,9 @@ def _deployment(name: str, labels: dict[str, str], pod: dict[str, Any]) -> dict[
 
 
 def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -> list[dict[str, Any]]:
-    """The SuperLink's Deployment and Service."""
+    """The SuperLink's Deployment and Service. Its state stays in memory (no `--database`): a run lives for one
+    round, the round's outcome is the record in the store, and SQLite answered "database is locked" (HTTP 500)
+    to the SuperNodes' pushes on the loaded 2-core box."""
     store = B.artifact_dir(spec, owner, "learning")
     labels = _labels(owner, ROLE_SUPERLINK)
     tls = f"{TLS_MOUNT}/"
@@ -127,14 +128,12 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
         "--ssl-keyfile", tls + "tls.key",
         "--host", "0.0.0.0",
         "--port", str(FLEET_PORT),
-        "--database", f"{STATE_MOUNT}/state.db",
         "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     mounts: list[dict[str, Any]] = [
         {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
         {"name": "artifacts", "mountPath": store.mount_path},
-        {"name": "state", "mountPath": STATE_MOUNT},
         {"name": "tmp", "mountPath": "/tmp"},
         B.api_token_mount(),  # the ServerApp writes the privacy ledger ConfigMap before it aggregates
     ]
@@ -152,7 +151,6 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
             "volumes": [
                 {"name": "tls", "secret": {"secretName": tls_secret_name(owner.name), "defaultMode": 0o440}},
                 store.volume,
-                {"name": "state", "emptyDir": {}},
                 {"name": "tmp", "emptyDir": {}},
                 B.api_token_volume(),
             ],

@@ -79,7 +79,6 @@ class Federation:
                 "--ssl-keyfile", str(self.root / certificates.KEY_FILE),
                 "--host", "127.0.0.1",
                 "--port", str(port),
-                "--database", str(self.root / "superlink.db"),
                 "--disable-runtime-dependency-installation",
             ],
         )  # fmt: skip
