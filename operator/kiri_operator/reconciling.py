@@ -260,7 +260,13 @@ class Reconciler:
             if seen in self._secrets_made:
                 continue
             try:
-                self.kube.create(secret_body(request))
+                body = secret_body(request)
+            except Exception as exc:  # one child's failure must not stop the reconcile of the others
+                outcome.error = f"TLS Secret {request.name}: {type(exc).__name__}: {exc}"
+                events.append(Event("Warning", Reason.APPLY_FAILED, outcome.error[:1000]))
+                continue
+            try:
+                self.kube.create(body)
                 events.append(Event("Normal", Reason.CREATED, f"created Secret {request.name}"))
                 outcome.writes += 1
             except KubeError as exc:

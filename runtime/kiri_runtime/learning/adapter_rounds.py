@@ -160,7 +160,7 @@ def train_on_site(
         learning_rate=learning_rate,
         batch_size=batch_size,
         seq_len=a.seq_len,
-        a_seed=int(config.get(KEY_A_SEED, a.a_seed)),  # type: ignore[call-overload]
+        a_seed=int(str(config.get(KEY_A_SEED, a.a_seed))),
         freeze_a=a.ffa,
         init=init,
     )

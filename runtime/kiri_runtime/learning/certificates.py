@@ -75,7 +75,9 @@ def make(names: Sequence[str], *, days: int = VALID_DAYS, now: datetime | None =
     cert = (
         x509.CertificateBuilder()
         .subject_name(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0] if names else "superlink")])
+            # The names are in the SAN, which is what TLS checks; a CN holds at most 64 characters, and a
+            # Service's DNS name in a long namespace is longer.
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kiri flower superlink")])
         )
         .issuer_name(ca_name)
         .public_key(key.public_key())

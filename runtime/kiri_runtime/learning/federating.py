@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,7 @@ class Round:
             return {**config, **self.adapter.fit_config()}
         return {**config, KEY_BASE: self.weights.read_bytes(), KEY_BASE_SHA: self.base_sha256}
 
-    def spend(self, sites: list[str]) -> None:
+    def spend(self, sites: Sequence[str]) -> None:
         counts = dict(self.counts)
         for site in sites:
             counts[site] = counts.get(site, 0) + 1

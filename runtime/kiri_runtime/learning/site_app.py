@@ -95,7 +95,7 @@ class SiteClient(NumPyClient):
         from kiri_runtime.learning.adapter_rounds import AdapterSettings, train_on_site
 
         a = AdapterSettings.from_run_config(dict(self.run_config))
-        number = int(config[KEY_ROUND])  # type: ignore[arg-type]
+        number = int(str(config[KEY_ROUND]))
         out, metrics, trained = train_on_site(
             a,
             dict(config),
@@ -127,9 +127,9 @@ class SiteClient(NumPyClient):
             return self._fit_adapter(parameters, config)
         if json.loads(str(config.get(KEY_PART, "{}"))) != part.describe():
             raise LearningError(
-                f"the round trains {config.get(KEY_PART)}, this site is set to {part.describe()}"
+                f"the round trains {config.get(KEY_PART)!r}, this site is set to {part.describe()}"
             )
-        number = int(config[KEY_ROUND])  # type: ignore[arg-type]
+        number = int(str(config[KEY_ROUND]))
         module = load_model(self.model.factory, self.model.factory_kwargs, self._base(config))
         x, y = load_arrays(self.data, "site data")
         result = train_local(
@@ -141,7 +141,7 @@ class SiteClient(NumPyClient):
             lr=self.training.learning_rate,
             batch_size=self.training.batch_size,
             seed=number,
-            lora_seed=int(config[KEY_LORA_SEED]),  # type: ignore[arg-type]
+            lora_seed=int(str(config[KEY_LORA_SEED])),
         )
         metrics: dict[str, Scalar] = {
             "site": self.site,

@@ -133,3 +133,10 @@ def test_kiri_learn_round_refuses_a_round_without_tls_or_a_readable_config(
     assert capsys.readouterr().err.startswith("kiri learn-round: error: --run-config: Expecting")
     assert main(["learn-round", "--superlink", "x:1", "--insecure", "--run-config-json", '{"out": "o"}']) == 1
     assert "must set 'round' (>= 1) and 'out'" in capsys.readouterr().err
+
+
+def test_a_superlink_in_a_long_namespace_still_gets_its_certificate() -> None:
+    name = "md-superlink." + "n" * 63 + ".svc.cluster.local"  # 94 characters, over a CN's 64
+    cert = x509.load_pem_x509_certificate(certificates.make([name]).tls_crt)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [name]
