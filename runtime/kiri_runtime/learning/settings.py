@@ -155,8 +155,10 @@ class RoundSettings:
         return out
 
     def check(self) -> None:
-        if not self.weights or not self.eval or not self.out:
-            raise LearningError("run config 'weights', 'eval' and 'out' are required")
+        if not self.eval or not self.out:
+            raise LearningError("run config 'eval' and 'out' are required")
+        if not self.weights and self.model.part.kind != "adapter":  # an adapter's round 1 starts untrained
+            raise LearningError("run config 'weights' is required (the round's base weights)")
         if self.min_clients < 1:
             raise LearningError(f"min-clients must be >= 1, got {self.min_clients}")
         if self.sites and self.min_clients > len(self.sites):
