@@ -59,7 +59,15 @@ def superlink_address(owner: B.Owner) -> str:
 
 def tls_request(owner: B.Owner) -> SecretRequest:
     svc = superlink_name(owner.name)
-    names = (f"{svc}.{owner.namespace}.svc", f"{svc}.{owner.namespace}.svc.cluster.local", svc)
+    # 127.0.0.1 and localhost: inside the SuperLink's pod, Flower's own flwr-serverapp and SuperExec reach the
+    # SuperLink's Runtime API there, over the same TLS certificate (without them the ServerApp cannot start).
+    names = (
+        f"{svc}.{owner.namespace}.svc",
+        f"{svc}.{owner.namespace}.svc.cluster.local",
+        svc,
+        "localhost",
+        "127.0.0.1",
+    )
     labels = tuple(sorted(L.common_labels(owner.name, L.COMPONENT_LEARNING).items()))
     return SecretRequest(owner.namespace, tls_secret_name(owner.name), names, owner.name, owner.uid, labels)
 

@@ -183,7 +183,13 @@ def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site
     assert config["ledger"] == f"configmap:ns/{learning.ledger_name('md')}"
     assert jpod["containers"][0]["args"][0] == "publish-round"
     assert lp.tls is not None and lp.tls.name == "md-flower-tls"
-    assert lp.tls.names == ("md-superlink.ns.svc", "md-superlink.ns.svc.cluster.local", "md-superlink")
+    assert lp.tls.names == (
+        "md-superlink.ns.svc",
+        "md-superlink.ns.svc.cluster.local",
+        "md-superlink",
+        "localhost",
+        "127.0.0.1",  # the ServerApp reaches the SuperLink's Runtime API in its own pod
+    )
     assert lp.status is not None and lp.status["activeRound"] == 1 and lp.status["roundsCompleted"] == 0
 
 
