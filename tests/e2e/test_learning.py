@@ -36,7 +36,7 @@ from .operator_harness import (
     operator_fixture,
 )
 
-pytestmark = [pytest.mark.timeout(480), pytest.mark.usefixtures("crd")]
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("crd")]
 __all__ = ["crd"]
 
 FACTORY = f"{REPO_ROOT / 'tests' / 'learning_tiny_model.py'}:make_model"
