@@ -106,6 +106,8 @@ class Reason:
     # Edge
     ROLLING_OUT: Final = "RollingOut"
     WAITING_FOR_VARIANTS: Final = "WaitingForVariants"
+    UPDATE_DEFERRED: Final = "UpdateDeferred"
+    """A new revision waits for `spec.rollout.updatePolicy` (interval or bandwidth) before it rolls out."""
     ROLLED_OUT: Final = "RolledOut"
     NODES_NOT_READY: Final = "NodesNotReady"
     NO_EDGE_NODES: Final = "NoEdgeNodes"

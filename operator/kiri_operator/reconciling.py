@@ -25,7 +25,7 @@ from kiri_operator.kube import Kube, KubeError
 from kiri_operator.observations import ObjectView, Observed, PodView
 from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
 from kiri_operator.planning import building as B
-from kiri_operator.plans import Action, Check, Event, Plan
+from kiri_operator.plans import Action, Check, Event, Plan, SecretRequest
 from kiri_runtime import probing
 
 if TYPE_CHECKING:
@@ -109,6 +109,17 @@ def pods_missing(observed: Observed) -> list[ObjectView]:
         if started and not done and not job.status.get("active") and not job.status.get("succeeded"):
             out.append(job)
     return out
+
+
+def secret_body(request: SecretRequest) -> dict[str, Any]:
+    """The TLS Secret's body: a fresh CA and server certificate, base64, made here and handed to the API."""
+    import base64
+
+    from kiri_operator.planning.federation import tls_secret
+    from kiri_runtime.learning import certificates
+
+    files = certificates.make(list(request.names)).as_secret_data()
+    return tls_secret(request, {k: base64.b64encode(v).decode() for k, v in files.items()})
 
 
 def pod_security_refusal(child: ObjectView, events: Iterable[Mapping[str, Any]]) -> str | None:
@@ -251,6 +262,7 @@ class Reconciler:
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
         self._status_written_at: dict[Key, float] = {}
         self.events = NamespaceEvents(kube)
+        self._secrets_made: set[tuple[str, str, str]] = set()
 
     def reconcile(self, key: Key) -> Outcome:
         started = time.perf_counter()
@@ -345,9 +357,40 @@ class Reconciler:
         pods = tuple(replace(p, reason=said[p.name]) if p.name in said else p for p in observed.pods)
         return replace(observed, pods=pods)
 
+    def _create_secrets(self, p: Plan, outcome: Outcome, events: list[Event]) -> None:
+        """Each requested TLS Secret once per operator life: a 409 means it exists (made earlier, or by the
+        previous leader). The operator may only create Secrets, never read them: the key stays in it."""
+        for request in p.secrets:
+            seen = (request.namespace, request.name, request.owner_uid)
+            if seen in self._secrets_made:
+                continue
+            try:
+                body = secret_body(request)
+            except Exception as exc:  # one child's failure must not stop the reconcile of the others
+                outcome.error = f"TLS Secret {request.name}: {type(exc).__name__}: {exc}"
+                events.append(Event("Warning", Reason.APPLY_FAILED, outcome.error[:1000]))
+                continue
+            try:
+                self.kube.create(body)
+                events.append(Event("Normal", Reason.CREATED, f"created Secret {request.name}"))
+                outcome.writes += 1
+            except KubeError as exc:
+                if exc.status != 409:
+                    outcome.error = str(exc)
+                    events.append(
+                        Event(
+                            "Warning",
+                            Reason.APPLY_FAILED,
+                            f"Create Secret {request.name}: {exc.message}"[:1000],
+                        )
+                    )
+                    continue
+            self._secrets_made.add(seen)
+
     def _apply(self, key: Key, md: dict[str, Any], old_status: Any, p: Plan) -> Outcome:
         outcome = Outcome(requeue_after=p.requeue_after)
         events = list(p.events)
+        self._create_secrets(p, outcome, events)
         for action in _order(p.actions):
             try:
                 if action.check is Check.DELETE:

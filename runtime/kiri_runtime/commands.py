@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     from kiri_runtime.learning import cli as learning_cli
 
     learning_cli.register(subparsers)
-    from kiri_runtime.learning import adapter_cli
+    from kiri_runtime.learning import adapter_cli, flower_processes
+
+    flower_processes.register(subparsers)
 
     adapter_cli.register(subparsers)
     store = subparsers.add_parser(

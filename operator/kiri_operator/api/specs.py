@@ -997,6 +997,7 @@ class RolloutSpec(ApiModel):
 
 TrainedPartKind = Literal["whole", "layers", "lora"]
 Aggregation = Literal["fedavg", "trimmed-mean"]
+LearningPolicy = Literal["perSite", "federated"]
 FACTORY_PATTERN = r"^([A-Za-z_][A-Za-z0-9_.]*|[^:\s]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
 ABSOLUTE_PATH_PATTERN = r"^/[^\s]*$"
 
@@ -1067,6 +1068,12 @@ class LearningSchedule(ApiModel):
     """Once `minClients` updates arrived, wait this long for the rest, then close: stragglers do not stall it."""
 
 
+_TRIMMED_NEEDS_CLEAR = (
+    "learning.aggregation trimmed-mean needs each site's update in the clear: set learning.secureAggregation "
+    "to false (SecAgg+ reveals only the sum)"
+)
+
+
 class LearningSpec(ApiModel):
     """Federated fine-tuning at the edge: sites train on local data and send only privatized updates."""
 
@@ -1076,12 +1083,24 @@ class LearningSpec(ApiModel):
                 "!has(self.clientsPerRound) || self.minClients <= self.clientsPerRound",
                 "learning.minClients must not exceed learning.clientsPerRound",
                 field_path=".minClients",
-            )
+            ),
+            cel(
+                "self.aggregation != 'trimmed-mean' || (has(self.secureAggregation) && !self.secureAggregation)",
+                _TRIMMED_NEEDS_CLEAR,
+                field_path=".aggregation",
+            ),
         )
     )
 
     mode: Literal["federated"] = "federated"
     """Only `federated`: raw site data never leaves the site."""
+    policy: LearningPolicy = "federated"
+    """`federated`: the sites' updates are aggregated through Flower (SecAgg+ by default) into one model
+    (FedAvg; with `trained.kind: lora`, FFA-LoRA). `perSite`: each site trains and keeps its own result on
+    its own nodes; nothing leaves the site but metrics (loss, sample count)."""
+    secure_aggregation: bool = True
+    """SecAgg+ (Flower's `SecAggPlusWorkflow`): the server sees only the sum of the sites' updates. Off only
+    for `aggregation: trimmed-mean`, which needs each update in the clear, and every site must allow it."""
     trainable: TrainableModel
     trained: TrainedPart = Field(default_factory=TrainedPart)
     rounds: Annotated[int, Field(ge=1, le=10000)] = 10
@@ -1118,6 +1137,8 @@ class LearningSpec(ApiModel):
     def _clients(self) -> LearningSpec:
         if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
             raise ValueError("learning.minClients must not exceed learning.clientsPerRound")
+        if self.aggregation == "trimmed-mean" and self.secure_aggregation:
+            raise ValueError(_TRIMMED_NEEDS_CLEAR)
         return self
 
 

@@ -104,5 +104,9 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     if comp.unknown or not status.ready:
         requeue = sooner(requeue, UNFINISHED_REQUEUE_SECONDS)
     return Plan(
-        actions=actions, status=normalize_status(status.status), events=whole.events, requeue_after=requeue
+        actions=actions,
+        secrets=[lp.tls] if lp is not None and lp.tls is not None else [],
+        status=normalize_status(status.status),
+        events=whole.events,
+        requeue_after=requeue,
     )

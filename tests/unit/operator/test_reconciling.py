@@ -436,3 +436,65 @@ def test_probe_events_are_not_read_while_every_serving_pod_is_ready_or_says_why_
     assert (
         _cloud_ready(cache)["message"] == "0/1 replicas ready; 1 pods not ready: kiri-serve: CrashLoopBackOff"
     )
+
+
+class SecretKube(RecordingKube):
+    def __init__(self, exists: bool = False) -> None:
+        super().__init__()
+        self.exists = exists
+        self.created: list[dict[str, Any]] = []
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("create", obj["kind"], obj["metadata"]["name"]))
+        if self.exists:
+            raise KubeError(409, "create", obj["kind"], "already exists")
+        self.created.append(obj)
+        return obj
+
+
+def test_the_tls_secret_is_created_once_with_a_ca_and_a_certificate_for_the_superlink(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("cryptography")
+    import base64
+
+    from cryptography import x509
+
+    from kiri_operator.planning import building as B
+    from kiri_operator.planning import federation as F
+    from kiri_operator.plans import Plan
+
+    kube = SecretKube()
+    r = Reconciler(kube, _cache(), Settings())  # type: ignore[arg-type]
+    plan = Plan(secrets=[F.tls_request(B.Owner("md", "ns", "uid-1"))])
+    with caplog.at_level("DEBUG"):
+        first = r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+        r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+    assert [c for c in kube.calls if c[0] == "create"] == [("create", "Secret", "md-flower-tls")]
+    assert first.writes - first.status_written == 1 and first.error is None
+    body = kube.created[0]
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    data = {k: base64.b64decode(v) for k, v in body["data"].items()}
+    assert set(data) == {"ca.crt", "tls.crt", "tls.key"}
+    cert = x509.load_pem_x509_certificate(data["tls.crt"])
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(data["ca.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "md-superlink.ns.svc" in sans.get_values_for_type(x509.DNSName)
+    key = data["tls.key"].decode()
+    assert key.split("\n")[1] not in caplog.text and body["data"]["tls.key"] not in caplog.text
+    assert ("event", "Created", "created Secret md-flower-tls") in kube.calls
+
+
+def test_a_tls_secret_that_exists_already_is_left_alone_and_not_recreated() -> None:
+    pytest.importorskip("cryptography")
+    from kiri_operator.planning import building as B
+    from kiri_operator.planning import federation as F
+    from kiri_operator.plans import Plan
+
+    kube = SecretKube(exists=True)
+    r = Reconciler(kube, _cache(), Settings())  # type: ignore[arg-type]
+    plan = Plan(secrets=[F.tls_request(B.Owner("md", "ns", "uid-1"))])
+    out = r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+    r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+    assert out.error is None and out.writes - out.status_written == 0
+    assert [c[0] for c in kube.calls].count("create") == 1  # the 409 is remembered: no create per reconcile
