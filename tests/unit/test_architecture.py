@@ -52,3 +52,13 @@ def test_the_size_rule_names_a_long_module_unless_it_says_why(tmp_path: Path) ->
     (package / "short.py").write_text('"""A short module."""\n')
     (package / "reasoned.py").write_text(f'"""A long module.\n\n{REASON_MARKER} one table.\n"""\n' + body)
     assert long_modules_without_a_reason((package,), MAX_LINES) == [f"pkg/long.py ({MAX_LINES + 1} lines)"]
+
+
+def test_no_two_test_modules_share_a_file_name() -> None:
+    # pytest imports a test module outside a package by its file name alone ("rootdir" import mode): a
+    # second test_x.py anywhere under tests/ stops the whole run at collection ("import file mismatch").
+    names: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if not (path.parent / "__init__.py").exists():
+            names.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}
