@@ -5,7 +5,16 @@ over one `generative_model.GenerativeModel`.
 reads `Delta`s from and can `cancel` (client gone: its admission slot is freed at once, its row is dropped at
 the next step).
 
-Scheduling (measured in bench/runtime/bench_generate.py, argued in docs/architecture.md): onnxruntime-genai 0.18
+Scheduling (measured in bench/runtime/bench_generate.py, argued in docs/architecture.md). `continuous` (the default
+where the model allows it): every running request is a row of one `decoding.SlotDecoder`; each iteration first
+prefills the requests that arrived (each alone, into the next free row; its first token comes from that
+prefill), then decodes one token for every row in one forward pass, whatever their lengths; a row that ends
+leaves between steps and its slot is reused. Sampling (greedy argmax, or temperature / top-k / top-p from the
+request's own random generator, seeded by `seed`) is done here on the logits, so a seeded answer does not
+depend on who else is being served.
+
+`cohort` and `none` decode with onnxruntime-genai's own `Generator` (a model `SlotDecoder` cannot run, or by
+choice). onnxruntime-genai 0.18
 batches a `Generator` only when all its prompts are appended at once, and then samples every row with the same
 search options; a row cannot join later. Left-padding prompts of different lengths into one batch gave wrong
 logits on the padded rows (off by up to 10 on the tiny LLaMA, CPU GroupQueryAttention), so only prompts of equal
@@ -37,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from kiri_runtime.decoding import SlotDecoder, sample
 from kiri_runtime.errors import InferenceError, Overloaded
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams, first_line
 from kiri_runtime.metrics import RuntimeMetrics, observe_many
@@ -159,6 +169,10 @@ class _Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None  # set when done: "stop", "length" or "abort"
     done: bool = False
+    # Continuous batching: positions the row may reach, its next input token, its sampler.
+    capacity: int = 0
+    next_token: int = 0
+    rng: np.random.Generator | None = None
 
 
 @dataclass(slots=True)
@@ -175,6 +189,7 @@ class _Cohort:
 # decode thread that was only doing its per-token bookkeeping. Lowered for the whole process, never raised.
 SWITCH_INTERVAL_S = 0.0005
 METRICS_FLUSH_S = 1.0
+BATCHING_MODES = ("continuous", "cohort", "none")
 
 
 class Scheduler:
@@ -193,14 +208,26 @@ class Scheduler:
         *,
         max_num_seqs: int = 16,
         queue_limit: int = 0,
-        batching: bool = True,
+        batching: str = "continuous",
         step_delay_s: float = 0.0,
     ) -> None:
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching {batching!r}: one of {', '.join(BATCHING_MODES)}")
         self.model = model
         self.name = name
         self.metrics = metrics
         self.max_num_seqs = max(1, max_num_seqs)
         self.queue_limit = queue_limit
+        self.decoder = model.decoder if batching == "continuous" else None
+        if batching == "continuous" and self.decoder is None:
+            log.warning(
+                "model %s: continuous batching unavailable (%s); onnxruntime-genai cohorts instead",
+                name,
+                model.decoder_unsupported or "not loaded for it",
+            )
+            batching = "cohort"
+        if self.decoder is None:
+            _ = model.model  # onnxruntime-genai's model, loaded before the server is ready
         self.batching = batching
         self.step_delay_s = step_delay_s  # test aid (`--delay-ms`): slows every decode iteration
         # Children looked up once: `labels()` costs microseconds.
@@ -219,6 +246,7 @@ class Scheduler:
         self.in_flight = 0  # admitted and not yet finished or cancelled (event-loop side)
         self._waiting: collections.deque[_Row] = collections.deque()
         self._cohorts: list[_Cohort] = []
+        self._slots: list[_Row] = []  # continuous: row i of the decoder is self._slots[i]
         self._running = 0  # rows in a cohort and not done (decode thread)
         # KV positions held: each generator holds max_length per row (onnxruntime-genai shares one buffer for
         # past and present); usage is this over what max_num_seqs full contexts would need.
@@ -270,9 +298,9 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             # While decoding with nobody waiting, no lock: a deque's truth is read atomically.
-            if self._waiting or not self._cohorts or self._stopping:
+            if self._waiting or not (self._cohorts or self._slots) or self._stopping:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not self._cohorts:
+                    while not self._stopping and not self._waiting and not (self._cohorts or self._slots):
                         self._wake.wait()
                     if self._stopping:
                         return
@@ -297,6 +325,28 @@ class Scheduler:
     def _iterate(self, arrivals: list[_Row]) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
         ended: list[_Row] = []
+        if self.decoder is not None:
+            self._iterate_rows(self.decoder, arrivals, posts, ended)
+        else:
+            self._iterate_cohorts(arrivals, posts, ended)
+        # Metrics of the requests that ended, before their answers leave: a client that reads /metrics after
+        # its answer finds it counted. Nothing at all in most iterations.
+        for r in ended:
+            self._account(r)
+        if posts:
+            self._post(posts)
+        now = time.perf_counter()
+        if now - self._flushed_at >= METRICS_FLUSH_S:
+            self._flushed_at = now
+            for r in [r for c in self._cohorts for r in c.rows] + self._slots:
+                if not r.done:
+                    self._flush(r)
+        if arrivals or ended or self._gauges is None or len(self._waiting) != self._gauges[1]:
+            self._publish_gauges()
+
+    def _iterate_cohorts(
+        self, arrivals: list[_Row], posts: list[tuple[GenerationHandle, Delta]], ended: list[_Row]
+    ) -> None:
         if arrivals:
             for cohort_rows in self._group(arrivals):
                 self._start(cohort_rows, posts)
@@ -307,21 +357,95 @@ class Scheduler:
         if ended:
             self._held -= sum(c.max_length * len(c.rows) for c in self._cohorts if not c.live)
             self._cohorts = [c for c in self._cohorts if c.live]
-        # Metrics of the requests that ended, before their answers leave: a client that reads /metrics after
-        # its answer finds it counted. Nothing at all in most iterations.
-        for r in ended:
-            self._account(r)
-        if posts:
-            self._post(posts)
+
+    # ------------------------------------------------------------ continuous batching
+
+    def _iterate_rows(
+        self,
+        decoder: SlotDecoder,
+        arrivals: list[_Row],
+        posts: list[tuple[GenerationHandle, Delta]],
+        ended: list[_Row],
+    ) -> None:
+        for r in arrivals:
+            if not r.handle.cancelled:
+                self._join(decoder, r, posts, ended)
+        if self.step_delay_s and self._slots:
+            time.sleep(self.step_delay_s)
+        rows = self._slots
+        if rows and not all(r.done for r in rows):
+            logits = decoder.step([r.next_token for r in rows])
+            greedy = logits.argmax(axis=1).tolist()
+            now = time.perf_counter()
+            for i, r in enumerate(rows):
+                if r.done:
+                    continue
+                if r.handle.cancelled:  # the client went away: its row ends here
+                    self._end_row(r, "abort", ended)
+                    continue
+                self._next(r, greedy[i], logits[i], now, posts, ended)
+        if any(r.done for r in rows):
+            for i in range(len(rows) - 1, -1, -1):
+                if rows[i].done:
+                    self._held -= rows[i].capacity
+                    moved = decoder.release(i)
+                    if moved is not None:
+                        rows[i] = rows[moved]
+                    rows.pop()
+
+    def _join(
+        self,
+        decoder: SlotDecoder,
+        r: _Row,
+        posts: list[tuple[GenerationHandle, Delta]],
+        ended: list[_Row],
+    ) -> None:
+        """Prefill `r` into the decoder's next row and take its first token."""
+        r.capacity = min(self.model.context_length, len(r.prompt) + r.params.max_tokens)
+        try:
+            logits = decoder.prefill(r.prompt, r.capacity)
+        except Exception as e:  # ONNX Runtime raises its own types; fail this request only
+            r.done = True
+            posts.append((r.handle, Delta(error=GenerationFailed(f"prefill failed: {first_line(e)}"))))
+            return
         now = time.perf_counter()
-        if now - self._flushed_at >= METRICS_FLUSH_S:
-            self._flushed_at = now
-            for cohort in self._cohorts:
-                for r in cohort.rows:
-                    if not r.done:
-                        self._flush(r)
-        if arrivals or ended or self._gauges is None or len(self._waiting) != self._gauges[1]:
-            self._publish_gauges()
+        r.stream = self.model.tokenizer.create_stream()
+        r.stop_ids = self._eos.union(r.params.stop_token_ids)
+        if not r.params.greedy:
+            r.rng = np.random.default_rng(r.params.seed)
+        self._queue_time.observe(now - r.submitted)
+        self._prompt_tokens.inc(len(r.prompt))
+        self._slots.append(r)
+        self._running += 1
+        self._held += r.capacity
+        self._next(r, int(logits.argmax()), logits, now, posts, ended)
+
+    def _next(
+        self,
+        r: _Row,
+        greedy: int,
+        logits: np.ndarray,
+        now: float,
+        posts: list[tuple[GenerationHandle, Delta]],
+        ended: list[_Row],
+    ) -> None:
+        """Row `r`'s token from `logits` (`greedy` is their argmax), through the per-row bookkeeping."""
+        params = r.params
+        token = greedy
+        if r.rng is not None:
+            token = sample(logits, params.temperature, params.top_p, params.top_k, r.rng)
+        exhausted = len(r.prompt) + r.generated + 1 >= r.capacity
+        delta = self._advance(r, token, logits if params.logprobs is not None else None, now, exhausted)
+        r.next_token = token
+        if r.done:
+            self._end_row(r, r.finish or "length", ended)
+        if delta is not None:
+            posts.append((r.handle, delta))
+
+    def _end_row(self, r: _Row, finish: str, ended: list[_Row]) -> None:
+        r.done, r.finish = True, finish
+        self._running -= 1
+        ended.append(r)
 
     def _post(self, posts: list[tuple[GenerationHandle, Delta]]) -> None:
         """Queue results for their event loop; wake it only if it has not been woken for earlier ones yet."""
@@ -342,7 +466,7 @@ class Scheduler:
 
     def _group(self, arrivals: list[_Row]) -> list[list[_Row]]:
         """Arrivals with equal prompt lengths and sampling options batched together (no padding: see above)."""
-        if not self.batching:
+        if self.batching == "none":
             return [[r] for r in arrivals]
         groups: list[list[_Row]] = []
         by_key: dict[tuple[Any, ...], list[_Row]] = {}
@@ -504,7 +628,13 @@ class Scheduler:
                 if not r.done:
                     r.done = True
                     posts.append((r.handle, Delta(error=error)))
-        self._cohorts = []
+        for r in self._slots:
+            if not r.done:
+                r.done = True
+                posts.append((r.handle, Delta(error=error)))
+        self._cohorts, self._slots = [], []
+        if self.decoder is not None:
+            self.decoder.clear()
         self._running = self._held = 0
         self._publish_gauges()
         if posts:
