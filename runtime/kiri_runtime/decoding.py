@@ -12,9 +12,10 @@ What this does instead, on the same ONNX graph: GroupQueryAttention keeps each r
 buffer [rows, kv_heads, length, head_size] and takes every row's own length from the attention mask
 (`seqlens_k` = the row's ones minus one), writing the new token at that row's position and rotating it by that
 position. So rows of any lengths decode in one forward pass when their masks are *right*-padded: row b has
-ones for its own tokens and zeros after. A request joins by a prefill of its prompt alone (batch of one,
-no padding) straight into the next free slot of the shared buffers; it leaves by the last row moving into its
-slot (its valid prefix copied), so the live rows are always slots 0..n-1 and a step runs over exactly them.
+ones for its own tokens and zeros after. Requests join by a prefill of their prompts (right-padded the same
+way, which gives each row exactly what a batch of one gives) straight into the next free slots of the shared
+buffers; a request leaves by the last row moving into its slot (its valid prefix copied), so the live rows are
+always slots 0..n-1 and a step runs over exactly them.
 Greedy tokens equal onnxruntime-genai's own greedy loop (tests/integration/runtime/test_runtime_generate.py).
 
 The model must be a decoder with GroupQueryAttention and past/present buffers shared
@@ -126,6 +127,8 @@ class SlotDecoder:
         length = min(self.context_length, -(-length // _LENGTH_STEP) * _LENGTH_STEP)
         if rows <= self._row_capacity and length <= self._length_capacity:
             return
+        if rows > self._row_capacity:
+            rows = max(rows, 2 * self._row_capacity)  # doubling: a ramp to n rows copies log2(n) times
         rows = max(rows, self._row_capacity)
         length = max(length, self._length_capacity)
         shape = (rows, self.kv_heads, length, self.head_size)
@@ -138,22 +141,35 @@ class SlotDecoder:
         self._step_logits = np.zeros((rows, 1, self.vocab_size), np.float32)
         self._binding = None
 
-    def prefill(self, prompt: Sequence[int], length: int) -> np.ndarray:
-        """Add a row for `prompt` (slot `rows`), room for `length` positions; the logits after its last token."""
-        if not prompt:
+    def prefill(self, prompts: Sequence[Sequence[int]], lengths: Sequence[int]) -> np.ndarray:
+        """Add a row per prompt (slots `rows`, `rows`+1, ...), room for `lengths[i]` positions each, in one
+        forward pass; the logits after each prompt's last token, [len(prompts), vocab].
+
+        Prompts of different lengths are right-padded (mask zeros after each prompt): GroupQueryAttention
+        then computes each row as if alone (its logits and KV equal a batch of one, bitwise on the CPU), unlike
+        onnxruntime-genai's left padding. The pad positions' KV is written but lies beyond the row's length,
+        so it is never read and is overwritten by the row's next tokens."""
+        if not prompts or not all(prompts):
             raise ValueError("an empty prompt")
-        slot = self.rows
-        self.reserve(slot + 1, max(length, len(prompt) + 1))
+        k, start = len(prompts), self.rows
+        width = max(len(p) for p in prompts)
+        self.reserve(start + k, max(max(lengths), width + 1))
+        ids = np.zeros((k, width), dtype=self._ids_dtype)
+        mask = np.zeros((k, width), dtype=self._mask_dtype)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
+            mask[i, : len(p)] = 1
         binding = self.session.io_binding()
-        binding.bind_cpu_input(self._input_ids, np.asarray([prompt], dtype=self._ids_dtype))
-        binding.bind_cpu_input(self._mask, np.ones((1, len(prompt)), dtype=self._mask_dtype))
+        binding.bind_cpu_input(self._input_ids, ids)
+        binding.bind_cpu_input(self._mask, mask)
         binding.bind_output(self._logits, "cpu")
-        self._bind_cache(binding, slot, slot + 1)
+        self._bind_cache(binding, start, start + k)
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
-        self.rows += 1
-        self.lengths.append(len(prompt))
-        return np.asarray(logits[0, -1], dtype=np.float32)
+        self.rows += k
+        self.lengths.extend(len(p) for p in prompts)
+        last = np.asarray([len(p) - 1 for p in prompts])
+        return np.asarray(logits[np.arange(k), last], dtype=np.float32)
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         """One token for every live row (row i's input is tokens[i]); the logits, [rows, vocab]."""
@@ -211,6 +227,24 @@ class SlotDecoder:
                 shape, ptr = list(view.shape), view.ctypes.data
                 binding.bind_input(name_in, "cpu", 0, self.dtype, shape, ptr)
                 binding.bind_output(name_out, "cpu", 0, self.dtype, shape, ptr)
+
+
+def prefill_groups(lengths: Sequence[int], waste: float = 0.5) -> list[list[int]]:
+    """Indices of prompts (by `lengths`) grouped for batched prefills: shortest first, a group closed before
+    its padding would exceed `waste` of its real tokens (one long prompt does not pad fifteen short ones)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        n = lengths[i]
+        group = groups[-1] if groups else None
+        if group is not None and n * (len(group) + 1) <= (1 + waste) * (real + n):
+            group.append(i)
+            real += n
+        else:
+            groups.append([i])
+            real = n
+    return groups
 
 
 def sample(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng: np.random.Generator) -> int:

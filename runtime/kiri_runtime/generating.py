@@ -6,12 +6,12 @@ reads `Delta`s from and can `cancel` (client gone: its admission slot is freed a
 the next step).
 
 Scheduling (measured in bench/runtime/bench_generate.py, argued in docs/architecture.md). `continuous` (the default
-where the model allows it): every running request is a row of one `decoding.SlotDecoder`; each iteration first
-prefills the requests that arrived (each alone, into the next free row; its first token comes from that
-prefill), then decodes one token for every row in one forward pass, whatever their lengths; a row that ends
-leaves between steps and its slot is reused. Sampling (greedy argmax, or temperature / top-k / top-p from the
-request's own random generator, seeded by `seed`) is done here on the logits, so a seeded answer does not
-depend on who else is being served.
+where the model allows it): every running request is a row of one `decoding.SlotDecoder`. Each iteration first
+prefills the requests that arrived (batched, right-padded, into the next free rows; a request's first token
+comes from that prefill), then decodes one token for every row in one forward pass, whatever their lengths; a
+row that ends leaves between steps and its slot is reused. Sampling (greedy argmax, or temperature / top-k /
+top-p from the request's own random generator, seeded by `seed`) is done here on the logits, so a seeded
+answer does not depend on who else is being served.
 
 `cohort` and `none` decode with onnxruntime-genai's own `Generator` (a model `SlotDecoder` cannot run, or by
 choice). onnxruntime-genai 0.18
@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from kiri_runtime.decoding import SlotDecoder, sample
+from kiri_runtime.decoding import SlotDecoder, prefill_groups, sample
 from kiri_runtime.errors import InferenceError, Overloaded
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams, first_line
 from kiri_runtime.metrics import RuntimeMetrics, observe_many
@@ -367,9 +367,10 @@ class Scheduler:
         posts: list[tuple[GenerationHandle, Delta]],
         ended: list[_Row],
     ) -> None:
-        for r in arrivals:
-            if not r.handle.cancelled:
-                self._join(decoder, r, posts, ended)
+        joining = [r for r in arrivals if not r.handle.cancelled]
+        if joining:
+            for group in prefill_groups([len(r.prompt) for r in joining]):
+                self._join(decoder, [joining[i] for i in group], posts, ended)
         if self.step_delay_s and self._slots:
             time.sleep(self.step_delay_s)
         rows = self._slots
@@ -396,29 +397,34 @@ class Scheduler:
     def _join(
         self,
         decoder: SlotDecoder,
-        r: _Row,
+        rows: list[_Row],
         posts: list[tuple[GenerationHandle, Delta]],
         ended: list[_Row],
     ) -> None:
-        """Prefill `r` into the decoder's next row and take its first token."""
-        r.capacity = min(self.model.context_length, len(r.prompt) + r.params.max_tokens)
+        """Prefill `rows` (one forward pass) into the decoder's next rows and take their first tokens."""
+        for r in rows:
+            r.capacity = min(self.model.context_length, len(r.prompt) + r.params.max_tokens)
         try:
-            logits = decoder.prefill(r.prompt, r.capacity)
-        except Exception as e:  # ONNX Runtime raises its own types; fail this request only
-            r.done = True
-            posts.append((r.handle, Delta(error=GenerationFailed(f"prefill failed: {first_line(e)}"))))
+            logits = decoder.prefill([r.prompt for r in rows], [r.capacity for r in rows])
+        except Exception as e:  # ONNX Runtime raises its own types; fail these requests only
+            error = GenerationFailed(f"onnxruntime failed to prefill: {first_line(e)}")
+            for r in rows:
+                r.done = True
+                posts.append((r.handle, Delta(error=error)))
             return
         now = time.perf_counter()
-        r.stream = self.model.tokenizer.create_stream()
-        r.stop_ids = self._eos.union(r.params.stop_token_ids)
-        if not r.params.greedy:
-            r.rng = np.random.default_rng(r.params.seed)
-        self._queue_time.observe(now - r.submitted)
-        self._prompt_tokens.inc(len(r.prompt))
-        self._slots.append(r)
-        self._running += 1
-        self._held += r.capacity
-        self._next(r, int(logits.argmax()), logits, now, posts, ended)
+        greedy = logits.argmax(axis=1).tolist()
+        for i, r in enumerate(rows):
+            r.stream = self.model.tokenizer.create_stream()
+            r.stop_ids = self._eos.union(r.params.stop_token_ids)
+            if not r.params.greedy:
+                r.rng = np.random.default_rng(r.params.seed)
+            self._queue_time.observe(now - r.submitted)
+            self._slots.append(r)
+            self._running += 1
+            self._held += r.capacity
+            self._next(r, greedy[i], logits[i], now, posts, ended)
+        self._prompt_tokens.inc(sum(len(r.prompt) for r in rows))
 
     def _next(
         self,
