@@ -84,12 +84,17 @@ def artifacts(model: str, quant: str) -> tuple[Path, Path]:
     return gguf, kiri_dir
 
 
-def start_llama_server(binary: Path, gguf: Path, threads: int, slots: int, ctx: int) -> tuple[Any, int]:
+def start_llama_server(
+    binary: Path, gguf: Path, threads: int, slots: int, ctx: int, cache_prompt: bool = False
+) -> tuple[Any, int]:
+    """llama.cpp's server with `slots` continuous-batching slots of `ctx` positions each. Its prompt cache (a
+    slot reuses the KV of the prompt it served last) is off unless `cache_prompt`: every client here repeats
+    one prompt, which would let llama.cpp skip prefills that Kiri, which has no prefix cache, does."""
     port = free_port()
     cmd = [
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
         "-tb", str(threads), "-np", str(slots), "-c", str(ctx * slots), "--cont-batching", "--no-webui",
-        "--log-disable", "-a", "lm",
+        "--log-disable", "-a", "lm", "--cache-prompt" if cache_prompt else "--no-cache-prompt",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
@@ -131,6 +136,11 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=os.environ.get("KIRI_LLAMA_SERVER"))
     parser.add_argument("--no-python-peer", action="store_true", help="skip llama-cpp-python's server")
     parser.add_argument(
+        "--llama-cache-prompt",
+        action="store_true",
+        help="leave llama-server's prompt cache on (default: off)",
+    )
+    parser.add_argument(
         "--kiri-modes", default="continuous,cohort", help="Kiri --lm-batching modes to serve, comma-separated"
     )
     parser.add_argument("--json", type=Path)
@@ -145,6 +155,7 @@ def main() -> None:
         "threads": args.threads,
         "tokens": args.tokens,
         "gguf_bytes": gguf.stat().st_size,
+        "llama_cache_prompt": args.llama_cache_prompt,
         "load_average_before": os.getloadavg()[0],
     }
     servers: dict[str, tuple[Any, int]] = {}
@@ -165,7 +176,7 @@ def main() -> None:
                 )
             if args.llama_server is not None and Path(args.llama_server).exists():
                 servers["llama-server"] = start_llama_server(
-                    Path(args.llama_server), gguf, args.threads, slots, ctx
+                    Path(args.llama_server), gguf, args.threads, slots, ctx, args.llama_cache_prompt
                 )
             if not args.no_python_peer and has_python_server():
                 servers["llama-cpp-python"] = start_llama_python(gguf, args.threads, ctx)
