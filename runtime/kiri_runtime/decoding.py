@@ -122,11 +122,6 @@ class SlotDecoder:
         self._binding_key: tuple[int, int] = (0, 0)
         self._step_logits = np.zeros((0, 1, self.vocab_size), np.float32)
 
-    @property
-    def bytes_per_position(self) -> int:
-        """KV bytes one token of one row holds."""
-        return 2 * self.layers * self.kv_heads * self.head_size * np.dtype(self.dtype).itemsize
-
     def reserve(self, rows: int, length: int) -> None:
         """Buffers for at least `rows` rows of `length` positions (grown, live rows copied; never shrunk)."""
         length = min(self.context_length, -(-length // _LENGTH_STEP) * _LENGTH_STEP)
