@@ -523,7 +523,7 @@ def test_concurrent_greedy_requests_of_different_lengths_answer_as_they_do_alone
 def test_requests_of_different_prompt_lengths_share_decode_steps_and_join_a_running_batch(
     start: Callable[..., ThreadedServer],
 ) -> None:
-    server = start(delay_ms=5.0)  # slow steps, so the requests overlap
+    server = start(delay_ms=10.0)  # 400 tokens take 4 s or more: the later requests join it
     assert server.server is not None
     scheduler = server.server.rest.generation.schedulers["tiny"]
     decoder = scheduler.decoder
@@ -536,7 +536,7 @@ def test_requests_of_different_prompt_lengths_share_decode_steps_and_join_a_runn
         return step(tokens)
 
     decoder.step = recording  # type: ignore[method-assign]
-    first = _send(server, {"model": "tiny", "prompt": MIXED[3], "max_tokens": 60, "temperature": 0})
+    first = _send(server, {"model": "tiny", "prompt": MIXED[3], "max_tokens": 400, "temperature": 0})
     try:
         _wait_running(server, 1)
         later = [
