@@ -73,7 +73,7 @@ def unsupported(model_dir: Path) -> str | None:
 
 
 class SlotDecoder:
-    """Rows 0..`rows`-1 of the KV buffers are live; `prefill` adds one, `step` decodes all, `release` drops one.
+    """Rows 0..`rows`-1 of the KV buffers are live; `prefill` adds rows, `step` decodes all, `release` drops one.
 
     Not thread-safe: one decode thread owns it."""
 
