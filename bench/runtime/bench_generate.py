@@ -202,7 +202,9 @@ async def _streaming_load(
                     decode_rates.append((made - 1) / (last - first))
 
     began = time.perf_counter()
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # A new connection per request, for every server alike: llama-server closes a connection after a streamed
+    # answer, and a request written to it then fails.
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(i, session) for i in range(concurrency)))
     elapsed = time.perf_counter() - began

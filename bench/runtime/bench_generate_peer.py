@@ -85,7 +85,13 @@ def artifacts(model: str, quant: str) -> tuple[Path, Path]:
 
 
 def start_llama_server(
-    binary: Path, gguf: Path, threads: int, slots: int, ctx: int, cache_prompt: bool = False
+    binary: Path,
+    gguf: Path,
+    threads: int,
+    slots: int,
+    ctx: int,
+    cache_prompt: bool = False,
+    extra: tuple[str, ...] = (),
 ) -> tuple[Any, int]:
     """llama.cpp's server with `slots` continuous-batching slots of `ctx` positions each. Its prompt cache (a
     slot reuses the KV of the prompt it served last) is off unless `cache_prompt`: every client here repeats
@@ -94,7 +100,7 @@ def start_llama_server(
     cmd = [
         str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
         "-tb", str(threads), "-np", str(slots), "-c", str(ctx * slots), "--cont-batching", "--no-webui",
-        "--log-disable", "-a", "lm", "--cache-prompt" if cache_prompt else "--no-cache-prompt",
+        "--log-disable", "-a", "lm", "--cache-prompt" if cache_prompt else "--no-cache-prompt", *extra,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
@@ -136,6 +142,12 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=os.environ.get("KIRI_LLAMA_SERVER"))
     parser.add_argument("--no-python-peer", action="store_true", help="skip llama-cpp-python's server")
     parser.add_argument(
+        "--llama-args",
+        default="",
+        help="more llama-server arguments, space-separated (e.g. --no-repack where its AMX repacking dies "
+        "with SIGILL, as on the 2-core VM of docs/benchmarks.md)",
+    )
+    parser.add_argument(
         "--llama-cache-prompt",
         action="store_true",
         help="leave llama-server's prompt cache on (default: off)",
@@ -156,6 +168,7 @@ def main() -> None:
         "tokens": args.tokens,
         "gguf_bytes": gguf.stat().st_size,
         "llama_cache_prompt": args.llama_cache_prompt,
+        "llama_args": args.llama_args,
         "load_average_before": os.getloadavg()[0],
     }
     servers: dict[str, tuple[Any, int]] = {}
@@ -176,7 +189,13 @@ def main() -> None:
                 )
             if args.llama_server is not None and Path(args.llama_server).exists():
                 servers["llama-server"] = start_llama_server(
-                    Path(args.llama_server), gguf, args.threads, slots, ctx, args.llama_cache_prompt
+                    Path(args.llama_server),
+                    gguf,
+                    args.threads,
+                    slots,
+                    ctx,
+                    args.llama_cache_prompt,
+                    tuple(args.llama_args.split()),
                 )
             if not args.no_python_peer and has_python_server():
                 servers["llama-cpp-python"] = start_llama_python(gguf, args.threads, ctx)
