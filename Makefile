@@ -12,7 +12,7 @@ STAMP := $(VENV)/.kiri-installed
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv binaries debs test-servers lint typecheck test test-unit test-integration test-e2e demo \
-        crds crds-check cluster-up cluster-down clean setup-real-nodes test-real-nodes
+        crds crds-check cluster-up cluster-down clean real-nodes-check setup-real-nodes test-real-nodes
 
 help:
 	@echo "make demo    run the Kiri demo on a local control plane"
@@ -65,19 +65,27 @@ test-integration: setup
 test-e2e: setup
 	$(PY) -m pytest tests/e2e -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
-## Real nodes (hack/cluster up --real-nodes N; needs root): Debian tools, kubelet/containerd/runc, images.
-setup-real-nodes: setup
+## Real nodes (hack/cluster up --real-nodes N; needs root): Debian tools, kubelet/containerd/runc/CoreDNS,
+## Prometheus with Kubernetes discovery, Kiri's images. Part of `make test`; KIRI_REAL_NODES=0 leaves them out.
+KIRI_REAL_NODES ?= 1
+export KIRI_REAL_NODES
+REAL_NODES_SETUP := $(if $(filter 0,$(KIRI_REAL_NODES)),,real-nodes-check setup-real-nodes)
+
+# One clear line on a host that cannot run real nodes, before any build.
+real-nodes-check: venv
+	@$(PY) hack/cluster.py check-host
+
+setup-real-nodes: real-nodes-check setup
 	@bash hack/install-debs.sh --real-nodes
 	@bash hack/build-binaries.sh real-nodes
 	$(PY) hack/images.py build
 
-# The real-node e2e tests are skipped by `make test` unless KIRI_REAL_NODES=1 (see tests/e2e/conftest.py).
 test-real-nodes: setup-real-nodes
 	$(PY) -m pytest tests/e2e -m real_nodes -q $(PYTEST_ARGS)
 
-## test: the README's test command.
+## test: the README's test command (the real-node e2e included).
 # pytest exits 5 when it collects nothing; an empty selection is not a failure.
-test: setup lint typecheck
+test: $(REAL_NODES_SETUP) setup lint typecheck
 	$(PY) -m pytest tests -q $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 demo: setup

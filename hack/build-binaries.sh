@@ -23,7 +23,7 @@ export GOFLAGS="${GOFLAGS:-} -mod=mod"
 go_version="$(go env GOVERSION)"
 
 module_version() { # <wrapper dir> <module path>
-  awk -v m="$2" '$1 == "require" && $2 == m {print $3} $1 == m && NF == 2 {print $2}' "$TOOLS_DIR/$1/go.mod" | head -n1
+  awk -v m="$2" '$1 == "require" && $2 == m {print $3} $1 == m && (NF == 2 || $3 == "//") {print $2}' "$TOOLS_DIR/$1/go.mod" | head -n1
 }
 
 K8S_VERSION="$(module_version kubernetes k8s.io/kubernetes)"
@@ -35,11 +35,18 @@ HELM_VERSION="$(module_version helm helm.sh/helm/v3)"
 KSTATUS_BUILD="$(module_version kstatus sigs.k8s.io/cli-utils)-$(cat "$TOOLS_DIR/kstatus/main.go" "$TOOLS_DIR/kstatus/go.sum" | sha256sum | cut -c1-8)"
 CONTAINERD_VERSION="$(module_version containerd github.com/containerd/containerd/v2)"
 RUNC_VERSION="$(module_version runc github.com/opencontainers/runc)"
-COREDNS_VERSION="$(module_version coredns github.com/coredns/coredns)"
+# CoreDNS and Prometheus share one wrapper module (tools/coredns-prometheus): one module graph, so a cold
+# build compiles their common stack (client-go, k8s.io/api, x/net, grpc) once. CoreDNS is the wrapper's own
+# main.go, with only the plugins the real nodes' Corefile uses. Both keys hold the hash of the wrapper's
+# go.sum (the versions of the shared stack) and CoreDNS's the hash of main.go.
+CP_WRAPPER=coredns-prometheus
+CP_HASH="$(cat "$TOOLS_DIR/$CP_WRAPPER/go.sum" | sha256sum | cut -c1-8)"
+COREDNS_VERSION="$(module_version "$CP_WRAPPER" github.com/coredns/coredns)"
+COREDNS_BUILD="$COREDNS_VERSION-slim-$(cat "$TOOLS_DIR/$CP_WRAPPER/main.go" "$TOOLS_DIR/$CP_WRAPPER/go.sum" | sha256sum | cut -c1-8)"
 # Prometheus with Kubernetes service discovery (Debian's package has none): only the file, http and
 # kubernetes discoverers are compiled in (build tags), and the key says so.
-PROMETHEUS_VERSION="$(module_version prometheus github.com/prometheus/prometheus)"
-PROMETHEUS_BUILD="$PROMETHEUS_VERSION-k8ssd"
+PROMETHEUS_VERSION="$(module_version "$CP_WRAPPER" github.com/prometheus/prometheus)"
+PROMETHEUS_BUILD="$PROMETHEUS_VERSION-k8ssd-$CP_HASH"
 # runc is linked against the host's libseccomp (cgo, `seccomp` tag: without it runc cannot apply the
 # RuntimeDefault seccomp profile the kubelet asks for); the cache key says so.
 RUNC_BUILD="$RUNC_VERSION-seccomp"
@@ -126,7 +133,7 @@ main() {
     build kubernetes kube-proxy k8s.io/kubernetes/cmd/kube-proxy "$K8S_VERSION" "$kl"
   fi
   if [[ "$which" == real-nodes || "$which" == coredns ]]; then
-    build coredns coredns github.com/coredns/coredns "$COREDNS_VERSION" \
+    BUILD_DIR="$TOOLS_DIR/$CP_WRAPPER" build coredns coredns "kiri.dev/hack/tools/$CP_WRAPPER" "$COREDNS_BUILD" \
       "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
   fi
   if [[ "$which" == real-nodes || "$which" == containerd ]]; then
@@ -149,7 +156,7 @@ main() {
     local pv="github.com/prometheus/common/version" mm rest release
     mm="${PROMETHEUS_VERSION#v0.}"; rest="${mm#*.}"; mm="${mm%%.*}"
     release="$((10#$mm / 100)).$((10#$mm % 100)).$rest"
-    BUILD_TAGS=remove_all_sd,enable_kubernetes_sd build prometheus prometheus \
+    BUILD_DIR="$TOOLS_DIR/$CP_WRAPPER" BUILD_TAGS=remove_all_sd,enable_kubernetes_sd build prometheus prometheus \
       github.com/prometheus/prometheus/cmd/prometheus "$PROMETHEUS_BUILD" \
       "-s -w -X $pv.Version=$release -X $pv.Branch=kiri -X $pv.Revision=$PROMETHEUS_VERSION"
   fi
@@ -169,7 +176,7 @@ fi
 if [[ "${1:-}" == "--print-real-node-bin-dirs" ]]; then
   # The kubelet sits with the other Kubernetes binaries.
   bin_dir_for kubernetes "$K8S_VERSION"; bin_dir_for containerd "$CONTAINERD_VERSION"; bin_dir_for runc "$RUNC_BUILD"
-  bin_dir_for coredns "$COREDNS_VERSION"
+  bin_dir_for coredns "$COREDNS_BUILD"
   exit 0
 fi
 if [[ "${1:-}" == "--print-prometheus" ]]; then

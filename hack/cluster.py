@@ -1526,6 +1526,22 @@ def cmd_restart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_host(args: argparse.Namespace) -> int:
+    """Whether this host can run real nodes: one line either way (make test runs it before any build)."""
+    try:
+        host = realnodes.check_host()
+    except realnodes.RealNodeError as exc:
+        raise ClusterError(
+            f"{exc}. The real-node e2e is part of `make test`; on a host that cannot run it, leave it out "
+            "by name: `make test KIRI_REAL_NODES=0` (pytest: KIRI_REAL_NODES=0 or -m 'not real_nodes')"
+        ) from None
+    notes = ["cgroup v1" if host["cgroup_v1"] else "cgroup v2"]
+    if not host["negative_oom_score_adj"]:
+        notes.append("negative oom_score_adj forbidden (containerd restricts it)")
+    print(f"hack/cluster check-host: this host can run real nodes ({', '.join(notes)})")
+    return 0
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -1562,6 +1578,9 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=f"take a simulated node {name.split('-')[1]}")
         p.add_argument("name")
         p.set_defaults(handler=cmd_node)
+    sub.add_parser(
+        "check-host", help="say whether this host can run real nodes (root, namespaces, cgroups, overlayfs)"
+    ).set_defaults(handler=cmd_check_host)
     restart = sub.add_parser("restart", help="restart kube-apiserver or etcd (fault tests)")
     restart.add_argument("component", choices=sorted(RESTARTABLE))
     restart.set_defaults(handler=cmd_restart)

@@ -8,6 +8,8 @@ inference calls and the summary table.
     python hack/demo.py watch --namespace NS --name MD --until Healthy[,RolledBack] [--timeout S]
     python hack/demo.py infer --url URL --model NAME --requests FILE
     python hack/demo.py summary
+    python hack/demo.py lm-build | chat          (hack/demo_lm.py: the generative act)
+    python hack/demo.py real-setup | real-infer   (hack/demo_real.py: real nodes)
 
 Every number printed comes from a real run (the trained model, `kiri compress`, `kiri serve`, the
 cluster's objects); the steps record what they saw in $DEMO_DIR/summary.json for the closing table.
@@ -27,12 +29,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import demo_lm
+import demo_real
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_DIR = Path(os.environ.get("DEMO_DIR") or REPO_ROOT / ".kiri" / "demo")
 SUMMARY = DEMO_DIR / "summary.json"
 
 FEATURES = 16
 CLASSES = 4
+REAL_LABEL = (
+    "kiri.dev/node-kind"  # hack/realnodes.py: `real` on the kubelets of `hack/cluster up --real-nodes`
+)
 
 # ---- output helpers ---------------------------------------------------------------------------------
 
@@ -87,6 +95,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
         rows.append(
             [
                 n["metadata"]["name"],
+                "real" if labels.get(REAL_LABEL) == "real" else "kwok",
                 labels.get("kiri.dev/tier", "-"),
                 labels.get("topology.kubernetes.io/zone", "-"),
                 labels.get("kiri.dev/accelerator", "-"),
@@ -97,13 +106,36 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                 "Ready" if _ready(n) else "NotReady",
             ]
         )
-    print(table(["NODE", "TIER", "ZONE", "ACCEL", "ARCH", "MEMORY", "GPUS", "TAINTS", "STATUS"], rows))
+    print(
+        table(["NODE", "KIND", "TIER", "ZONE", "ACCEL", "ARCH", "MEMORY", "GPUS", "TAINTS", "STATUS"], rows)
+    )
+    real = [n for n in nodes if n["metadata"]["labels"].get(REAL_LABEL) == "real"]
+    for n in real:
+        info = n["status"].get("nodeInfo", {})
+        addr = next(
+            (a["address"] for a in n["status"].get("addresses", []) if a["type"] == "InternalIP"), "-"
+        )
+        print(f"  real node {n['metadata']['name']}: kubelet {info.get('kubeletVersion', '?')}, "
+              f"{info.get('containerRuntimeVersion', '?')}, InternalIP {addr} (its own network namespace)")  # fmt: skip
+    if real:
+        print(f"  real nodes: {', '.join(n['metadata']['name'] for n in real)}; every other node is simulated by "
+              "kwok (runs no containers)")  # fmt: skip
+    else:
+        print("  real nodes: none; every node is simulated by kwok (runs no containers)")
     tiers: dict[str, int] = {}
     for n in nodes:
         tier = n["metadata"]["labels"].get("kiri.dev/tier", "?")
         tiers[tier] = tiers.get(tier, 0) + 1
     sites = {n["metadata"]["labels"].get("topology.kubernetes.io/zone") for n in nodes} - {None}
-    record("fleet", {"cloud": tiers.get("cloud", 0), "edge": tiers.get("edge", 0), "sites": len(sites)})
+    record(
+        "fleet",
+        {
+            "cloud": tiers.get("cloud", 0),
+            "edge": tiers.get("edge", 0),
+            "sites": len(sites),
+            "real": sorted(n["metadata"]["name"] for n in real),
+        },
+    )
     return 0
 
 
@@ -190,6 +222,12 @@ def cmd_variants(args: argparse.Namespace) -> int:
     from kiri_runtime import manifests
 
     m = manifests.load(args.manifest)
+    if m.model.kind == "causal-lm":
+        record(
+            f"variants-{args.label}",
+            {"manifest": str(args.manifest), "variants": demo_lm.print_lm_variants(m, table)},
+        )
+        return 0
     rows = []
     recorded = []
     for v in m.variants:
@@ -269,6 +307,8 @@ def cmd_run_job(args: argparse.Namespace) -> int:
             if proc.returncode != 0:
                 print(f"  container {container['name']} failed; see {log_path}", file=sys.stderr)
                 return 1
+            if container["args"][0] == "compress" and args.damage and out_dir:
+                demo_real.damage_variant(Path(out_dir), args.damage)
     done_file.write_text(json.dumps([*done, name]))
     for line in log_path.read_text().splitlines():
         if "export verified" in line or ": ACCEPTED" in line or ": REJECTED" in line:
@@ -309,7 +349,13 @@ def _node_view(namespace: str, name: str, revisions: dict[str, str]) -> tuple[st
         cell = by_node.get(n["metadata"]["name"], "-")
         if not _ready(n):
             cell += " (offline)"
-        sites.setdefault(zone, []).append(f"{n['metadata']['name'].rsplit('-', 1)[-1]}:{cell}")
+        name = n["metadata"]["name"]
+        short = (
+            name.removeprefix("kiri-")
+            if n["metadata"]["labels"].get(REAL_LABEL) == "real"
+            else name.rsplit("-", 1)[-1]
+        )
+        sites.setdefault(zone, []).append(f"{short}:{cell}")
     lines = [f"      {zone:<7} " + "  ".join(cells) for zone, cells in sorted(sites.items())]
     return "\n".join(lines), by_node
 
@@ -467,10 +513,13 @@ def cmd_summary(args: argparse.Namespace) -> int:
     rows: list[list[str]] = []
     fleet = data.get("fleet")
     if fleet:
+        real = (
+            f" ({len(fleet['real'])} of them real: {', '.join(fleet['real'])})" if fleet.get("real") else ""
+        )
         rows.append(
             [
                 "fleet",
-                f"{fleet['cloud']} cloud GPU nodes, {fleet['edge']} edge nodes in {fleet['sites']} sites",
+                f"{fleet['cloud']} cloud nodes, {fleet['edge']} edge nodes in {fleet['sites']} sites{real}",
             ]
         )
     for key in sorted(k for k in data if k.startswith("model-")):
@@ -479,7 +528,10 @@ def cmd_summary(args: argparse.Namespace) -> int:
     for key in sorted(k for k in data if k.startswith("variants-")):
         for v in data[key]["variants"]:
             size = f"{v['size_ratio']:.2f}x fp32 size" if v.get("size_ratio") else "-"
-            cos = f"cosine {v['cosine_mean']:.5f}" if v.get("cosine_mean") is not None else "no fidelity"
+            if v.get("kl_mean") is not None:
+                cos = f"KL {v['kl_mean']:.4f}, top-1 {v['top1']:.3f}"
+            else:
+                cos = f"cosine {v['cosine_mean']:.5f}" if v.get("cosine_mean") is not None else "no fidelity"
             rows.append(
                 [
                     f"{key}/{v['name']}",
@@ -499,6 +551,28 @@ def cmd_summary(args: argparse.Namespace) -> int:
     if inf:
         tiers = ", ".join(f"{t}: {n}" for t, n in sorted(inf["tiers"].items()))
         rows.append(["inference", f"{inf['requests']} OIP v2 requests; answered by {tiers}"])
+    real = data.get("real-inference")
+    if real:
+        tiers = ", ".join(f"{t}: {n}" for t, n in sorted(real["tiers"].items()))
+        rows.append(
+            [
+                "real pods",
+                f"{real['requests']} OIP v2 requests to {real['pod']} on {real['node']}; answered by {tiers}",
+            ]
+        )
+    chat = data.get("chat")
+    if chat:
+        t = chat["tokens"]
+        share = 100 * t["edge"] / max(1, t["edge"] + t["cloud"])
+        rows.append(
+            [
+                "chat",
+                f"tokens edge {t['edge']}, cloud {t['cloud']} ({share:.0f} % at the edge); hard prompt: "
+                f"{chat['hard']['cloud_tokens']} cloud tokens after {chat['hard']['handoffs']} hand-off(s); "
+                f"speculative equal to cloud-only: {chat['speculative_exact']}",
+            ]
+        )
+        rows.append(["chat served by", chat["where"]])
     if "elapsed" in data:
         rows.append(["wall time", f"{data['elapsed']} s"])
     print(table(["STEP", "RESULT"], rows))
@@ -533,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--label", default="v1")
     p.add_argument("--timeout", type=float, default=120)
+    p.add_argument("--damage", default="", help="damage this variant before the manifest is published")
     p.set_defaults(fn=cmd_run_job)
     p = sub.add_parser("infer")
     p.add_argument("--url", required=True)
@@ -544,6 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("value")
     p.set_defaults(fn=cmd_record)
     sub.add_parser("summary").set_defaults(fn=cmd_summary)
+    demo_lm.register(sub, record, table)
+    demo_real.register(sub, record, table)
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))

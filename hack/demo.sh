@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # `make demo`: Kiri end to end on the local control plane (see docs/quickstart.md).
 #
-#  1. the control plane with 2 cloud GPU nodes and 12 edge nodes in 3 sites (hack/cluster; kwok nodes)
+#  1. the control plane with 2 cloud GPU nodes and 12 edge nodes in 3 sites (hack/cluster; kwok nodes), and
+#     two real nodes beside them (`hack/cluster up --real-nodes 2`: real kubelets and containerd): a real
+#     edge node, alone in the edge site `lab` (the canary site: it sorts first), and a real cloud node. A
+#     host that cannot run real nodes is named in one line and the demo goes on with kwok nodes only.
 #  2. the operator, as a local process watching the demo namespace
 #  3. a small classifier trained here (torch, seeded) and a ModelDeployment for it
 #  4. the operator's compression Job, run here: verified ONNX export, int8 and fp16 variants, fidelity gates
@@ -10,7 +13,16 @@
 #  6. v2 with a canary that never becomes Ready: the gate fails and Kiri rolls back on its own
 #  7. `kiri serve` of the int8 variant as the "edge" and of the full model as the "cloud": OIP v2 requests,
 #     answered at the edge or, when the edge is not confident, by the cloud
-#  8. a summary table
+#  8. the generative act: a tiny LLaMA-family chat model trained here (tests/lm_fixture.py, cached), its
+#     ModelDeployment compressed to a gated int4 variant and rolled out; chat requests answered by the edge
+#     `kiri serve` in cascade mode, a hard one continued by the cloud `kiri serve`, and the tokens by tier
+#  9. a summary table
+#
+# With real nodes, the edge DaemonSets also land on the real edge node: its pod is a real container of the
+# runtime image (hack/images.py) that fetches the variant from the store, caches it through the chart's node
+# cache driver and turns Ready through its probes, and the demo sends it requests. v2's canary there fails
+# for real: its variant is damaged in the store after the Job published it, so the runtime refuses it
+# (sha256) and the pod never turns Ready.
 #
 # Simulated nodes run no containers, so the compression Job's work runs here, as the same `kiri compress`
 # command with the arguments the operator put in the Job, and its manifest is published the way the Job's
@@ -19,7 +31,8 @@
 # next run (`hack/cluster down` stops it).
 #
 # Environment: DEMO_DIR (default .kiri/demo), DEMO_NAMESPACE (kiri-demo), DEMO_CLOUD_NODES (2),
-# DEMO_EDGE_NODES (12), DEMO_SITES (3), KIRI_STATE_DIR (the control plane's state, default .kiri).
+# DEMO_EDGE_NODES (12), DEMO_SITES (3), DEMO_REAL_NODES (2; 0: kwok nodes only, the path for scale),
+# KIRI_STATE_DIR (the control plane's state, default .kiri).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,6 +42,8 @@ KIRI="$ROOT/.venv/bin/kiri"
 export DEMO_DIR="${DEMO_DIR:-$ROOT/.kiri/demo}"
 NS="${DEMO_NAMESPACE:-kiri-demo}"
 MD=sensor
+LM=chat
+LM_THRESHOLD="${DEMO_CASCADE_THRESHOLD:-0.95}"  # cascade: the edge hands off above this uncertainty (1 - margin)
 LOGS="$DEMO_DIR/logs"
 
 STARTED=$SECONDS
@@ -89,13 +104,56 @@ mkdir -p "$LOGS"
 
 # ------------------------------------------------------------------------------------------------------
 step "Local control plane: ${DEMO_CLOUD_NODES:-2} cloud GPU nodes, ${DEMO_EDGE_NODES:-12} edge nodes in ${DEMO_SITES:-3} sites"
-bash hack/cluster up --cloud-nodes "${DEMO_CLOUD_NODES:-2}" --edge-nodes "${DEMO_EDGE_NODES:-12}" \
-  --sites "${DEMO_SITES:-3}" 2>&1 | tee "$LOGS/cluster.log"
+FLEET=(--cloud-nodes "${DEMO_CLOUD_NODES:-2}" --edge-nodes "${DEMO_EDGE_NODES:-12}" --sites "${DEMO_SITES:-3}")
+WANT_REAL="${DEMO_REAL_NODES:-2}"
+# Without real nodes wanted, the ones an earlier run joined go too (kwok only).
+if ((WANT_REAL == 0)); then FLEET+=(--real-nodes 0); fi
+bash hack/cluster up "${FLEET[@]}" 2>&1 | tee "$LOGS/cluster.log"
 eval "$(bash hack/cluster env)"
 kubectl version 2>/dev/null | sed 's/^/  /'
+
+# real_nodes_up: the real-node tools, binaries and `hack/cluster up --real-nodes`; on failure REAL_WHY says why.
+REAL=0
+REAL_WHY=""
+real_nodes_up() {
+  local log="$LOGS/real-nodes.log"
+  if ((EUID != 0)); then
+    REAL_WHY="they need root (network namespaces, mounts, cgroups) and this is uid $EUID"
+    return 1
+  fi
+  if ! bash hack/install-debs.sh --real-nodes >>"$log" 2>&1; then
+    REAL_WHY="installing their Debian packages failed (see $log)"
+    return 1
+  fi
+  echo "  real-node binaries (kubelet, kube-proxy, containerd, runc, CoreDNS; built once, ~15 min cold) ..."
+  if ! bash hack/build-binaries.sh real-nodes >>"$log" 2>&1; then
+    REAL_WHY="building kubelet/containerd/runc failed (see $log)"
+    return 1
+  fi
+  if ! bash hack/cluster up "${FLEET[@]}" --real-nodes "$WANT_REAL" >>"$log" 2>&1; then
+    REAL_WHY="$(grep -E 'error:' "$log" | tail -n 1 | sed -e 's/^hack\/cluster up: error: //' -e 's/^this host cannot run real nodes: //')"
+    return 1
+  fi
+}
+if ((WANT_REAL > 0)); then
+  if real_nodes_up; then
+    REAL=1
+    { grep -E 'real node|real-node|host:' "$LOGS/real-nodes.log" || echo "[cluster] real nodes: already joined"; } |
+      tail -n 6 | sed 's/^/  /'
+  else
+    echo "  real nodes: this host cannot run them (${REAL_WHY:-see $LOGS/real-nodes.log}); the demo goes on with kwok nodes only"
+  fi
+fi
+if ((REAL)); then
+  step "Real nodes: the runtime and node-cache images (built without Docker), the node cache driver"
+  "$PY" hack/images.py load runtime cache-csi >"$LOGS/images.log" 2>&1 || die "hack/images.py load failed (see $LOGS/images.log)"
+  tail -n 4 "$LOGS/images.log" | sed 's/^/  /'
+  demo real-setup --work "$DEMO_DIR/real"
+fi
 demo fleet
 
 kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml >/dev/null
+kubectl wait --for condition=established --timeout=60s crd/modeldeployments.kiri.dev >/dev/null
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl delete modeldeployment --all -n "$NS" --wait=true --timeout=60s >/dev/null
 echo "  CRD modeldeployments.kiri.dev applied; namespace $NS ready"
@@ -111,6 +169,18 @@ PIDS+=($!)
 OPERATOR_PID=${PIDS[-1]}
 wait_http "http://127.0.0.1:$HEALTH_PORT/healthz" 120 "$OPERATOR_PID"
 echo "  operator up (pid $OPERATOR_PID); liveness :$HEALTH_PORT/healthz, metrics :$METRICS_PORT/metrics"
+
+# On real nodes: the edge pods tolerate their taint (so the DaemonSets land on the real edge node too), use the
+# images hack/images.py imported (no registry), and a real pod gets longer to start than a kwok one.
+if ((REAL)); then
+  REAL_EDGE_YAML="    tolerations: [{key: kiri.dev/node-kind, operator: Equal, value: real, effect: NoSchedule}]"
+  RUNTIME_YAML="  runtime: {imagePullPolicy: Never}"
+  PROGRESS_DEADLINE=60
+else
+  REAL_EDGE_YAML=""
+  RUNTIME_YAML=""
+  PROGRESS_DEADLINE=15
+fi
 
 # model_deployment VERSION DIR THRESHOLD [EXTRA_EDGE_YAML]: the demo's ModelDeployment.
 model_deployment() {
@@ -154,13 +224,15 @@ spec:
       enabled: true
       confidenceThreshold: $threshold
 $extra
+$REAL_EDGE_YAML
+$RUNTIME_YAML
   rollout:
     groupBy: topology.kubernetes.io/zone
     stages:
       - {nodes: 1, bakeSeconds: 2}
       - {percent: 50, bakeSeconds: 2}
       - {percent: 100}
-    progressDeadlineSeconds: 15
+    progressDeadlineSeconds: $PROGRESS_DEADLINE
 YAML
 }
 
@@ -189,6 +261,10 @@ model_deployment 1.0.0 "$DEMO_DIR/v1" 0.9 >"$DEMO_DIR/v1/modeldeployment-1.1.yam
 kubectl apply -f "$DEMO_DIR/v1/modeldeployment-1.1.yaml" | sed 's/^/  /'
 demo watch --namespace "$NS" --name "$MD" --label v1.1 --until Healthy --fail-on RolledBack,Failed --timeout 300
 "$KIRI" get -n "$NS" | sed 's/^/  /'
+if ((REAL)); then
+  echo "  the real edge pod (site lab, the canary site) serves v1.1: confident OIP v2 requests sent to its pod IP"
+  demo real-infer --namespace "$NS" --name "$MD" --model sensor --requests "$DEMO_DIR/v1/requests.npz"
+fi
 
 # ------------------------------------------------------------------------------------------------------
 step "v2, a retrained model whose canary never becomes Ready: Kiri rolls back to v1.1 on its own"
@@ -196,7 +272,14 @@ wait "$BUILD_V2_PID" || die "training v2 failed (see $LOGS/build-v2.log)"
 cat "$LOGS/build-v2.log"
 model_deployment 2.0.0 "$DEMO_DIR/v2" 0.9 "    podLabels: {kiri.dev/sim: never-ready}" >"$DEMO_DIR/v2/modeldeployment.yaml"
 kubectl apply -f "$DEMO_DIR/v2/modeldeployment.yaml" | sed 's/^/  /'
-demo run-job --namespace "$NS" --name "$MD" --label v2
+if ((REAL)); then
+  # The canary site is the real node, where kwok's never-ready label means nothing: v2's int8 variant is damaged
+  # in the store before its manifest is published, so the real runtime refuses it and never turns Ready.
+  echo "  the canary is the real edge node: v2's int8 variant is damaged before publishing (a bad upload)"
+  demo run-job --namespace "$NS" --name "$MD" --label v2 --damage int8
+else
+  demo run-job --namespace "$NS" --name "$MD" --label v2
+fi
 demo watch --namespace "$NS" --name "$MD" --label v2 --until RolledBack --fail-on Healthy,Failed --timeout 240
 echo "  kiri status $MD -n $NS:"
 "$KIRI" status "$MD" -n "$NS" | sed 's/^/    /'
@@ -234,6 +317,88 @@ echo "  cloud: full fp32 model on :$CLOUD_PORT   edge: int8 variant on :$EDGE_PO
 demo infer --url "http://127.0.0.1:$EDGE_PORT" --model sensor --requests "$DEMO_DIR/v1/requests.npz"
 echo "  edge runtime metrics:"
 curl -fsS "http://127.0.0.1:$EDGE_PORT/metrics" | grep -E '^kiri_(responses|fallback)_total' | sed 's/^/    /'
+
+# ------------------------------------------------------------------------------------------------------
+step "Generative act: a tiny LLaMA-family chat model trained here, as ModelDeployment $NS/$LM"
+demo lm-build --out "$DEMO_DIR/lm"
+LM_SHA="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$DEMO_DIR/lm/model.json")"
+cat >"$DEMO_DIR/lm/modeldeployment.yaml" <<YAML
+apiVersion: kiri.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: $LM
+  namespace: $NS
+spec:
+  model:
+    name: $LM
+    version: "1.0.0"
+    source:
+      uri: file://$DEMO_DIR/lm/source.tar
+      format: hf
+      sha256: $LM_SHA
+    evalDataUri: file://$DEMO_DIR/lm/eval.jsonl
+  cloud:
+    replicas: 1
+    resources: {cpu: "1", memory: 1Gi, gpu: 1}
+  edge:
+    artifacts:
+      uri: file://$DEMO_DIR/store
+    variants:
+      - {name: int4, method: int4}
+$REAL_EDGE_YAML
+$RUNTIME_YAML
+  rollout:
+    groupBy: topology.kubernetes.io/zone
+    stages:
+      - {percent: 100}
+    progressDeadlineSeconds: 60
+YAML
+kubectl apply -f "$DEMO_DIR/lm/modeldeployment.yaml" | sed 's/^/  /'
+echo "  its compression Job: the fp32 onnxruntime-genai build checked against HF transformers, an int4 variant gated"
+echo "  on KL and top-1 agreement over the eval texts"
+demo run-job --namespace "$NS" --name "$LM" --label lm --timeout 300
+demo watch --namespace "$NS" --name "$LM" --label lm --until Healthy --fail-on RolledBack,Failed --timeout 180
+
+# The operator rolls the variant out; the per-token edge-cloud wiring is the runtime's (`kiri serve
+# --collaboration`), started here from the Job's manifest: the int4 variant at the edge, the fp32 model in the cloud.
+LM_DIR="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["variants-lm"]["manifest"])' "$DEMO_DIR/summary.json")"
+lm_field() { "$PY" -c "import json,sys; m=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))" "$LM_DIR/manifest.json" "$1"; }
+LM_FULL_URI="file://$LM_DIR/$(lm_field "m['model']['uri']")"
+LM_FULL_SHA="$(lm_field "m['model']['onnxSha256']")"
+LM_INT4_URI="file://$LM_DIR/$(lm_field "next(v['uri'] for v in m['variants'] if v['name']=='int4')")"
+LM_INT4_SHA="$(lm_field "next(v['sha256'] for v in m['variants'] if v['name']=='int4')")"
+if ((REAL)); then
+  # Real pods: the fp32 build on the real cloud node behind a Service, the int4 variant on the real edge node
+  # with that Service as its cloud tier. They fetch from the store over HTTP: a server on the cluster's host
+  # address (the one host address real nodes route to), serving the store directory read-only.
+  HOST_ADDR="$(kubectl get endpoints kubernetes -n default -o jsonpath='{.subsets[0].addresses[0].ip}' 2>/dev/null)"
+  STORE_PORT="$(free_port)"
+  "$PY" -m http.server --bind "$HOST_ADDR" --directory "$DEMO_DIR/store" "$STORE_PORT" >"$LOGS/store-http.log" 2>&1 &
+  PIDS+=($!)
+  wait_http "http://$HOST_ADDR:$STORE_PORT/" 30 "${PIDS[-1]}"
+  LM_EDGE_URL="$(demo lm-pods --namespace "$NS" --name "$LM" --version 1.0.0 --manifest-dir "$LM_DIR" \
+    --store-root "$DEMO_DIR/store" --store-url "http://$HOST_ADDR:$STORE_PORT" --threshold "$LM_THRESHOLD")"
+  LM_WHERE="real pods: edge $LM-collab-edge (int4) on kiri-real-0 -> Service $LM-collab-cloud -> pod (fp32) on kiri-real-1"
+else
+  LM_CLOUD_PORT="$(free_port)"
+  LM_EDGE_PORT="$(free_port)"
+  "$KIRI" serve --name "$LM" --model-uri "$LM_FULL_URI" --sha256 "$LM_FULL_SHA" --variant full --model-version 1.0.0 \
+    --host 127.0.0.1 --port "$LM_CLOUD_PORT" --threads 1 --cache-dir "$DEMO_DIR/cache-lm-cloud" \
+    >"$LOGS/serve-lm-cloud.log" 2>&1 &
+  PIDS+=($!)
+  LM_CLOUD_PID=${PIDS[-1]}
+  "$KIRI" serve --name "$LM" --model-uri "$LM_INT4_URI" --sha256 "$LM_INT4_SHA" --variant int4 --model-version 1.0.0 \
+    --host 127.0.0.1 --port "$LM_EDGE_PORT" --threads 1 --cache-dir "$DEMO_DIR/cache-lm-edge" \
+    --fallback-url "http://127.0.0.1:$LM_CLOUD_PORT" --collaboration cascade --cascade-threshold "$LM_THRESHOLD" \
+    >"$LOGS/serve-lm-edge.log" 2>&1 &
+  PIDS+=($!)
+  LM_EDGE_PID=${PIDS[-1]}
+  wait_http "http://127.0.0.1:$LM_CLOUD_PORT/v2/health/ready" 120 "$LM_CLOUD_PID"
+  wait_http "http://127.0.0.1:$LM_EDGE_PORT/v2/health/ready" 120 "$LM_EDGE_PID"
+  LM_EDGE_URL="http://127.0.0.1:$LM_EDGE_PORT"
+  LM_WHERE="host processes (no real nodes): edge kiri serve (int4) :$LM_EDGE_PORT -> cloud kiri serve (fp32) :$LM_CLOUD_PORT"
+fi
+demo chat --url "$LM_EDGE_URL" --model "$LM" --where "$LM_WHERE, threshold $LM_THRESHOLD"
 
 # ------------------------------------------------------------------------------------------------------
 step "Summary"

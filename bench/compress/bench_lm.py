@@ -10,7 +10,14 @@ bench/README or docs/benchmarks.md for the one-time build), on GGUFs of the same
 and Q4_1 files ("the same file") and llama.cpp's Q4_K_M quantized from the F32 GGUF ("from an HF source").
 Both sides see the same token ids and one thread.
 
+Sizes: a Kiri variant's bytes are its artifact as shipped (packing.pack: the tar through xz), with the plain tar
+and the time to unpack the artifact beside them; a GGUF's bytes are the file, with what xz makes of it beside
+(for context: llama.cpp loads the file as is). The budget rows (`--parts budget`) fit `maxBytes` = the Q4_K_M
+GGUF's size with budgeting.py, calibrated on CALIB_MODULES (sensitivity and the fit's KL), never on the scored
+samples.
+
     .venv/bin/python bench/compress/bench_lm.py [--threads 1] [--new-tokens 64] [--json out.json]
+        [--parts builds,gguf,budget,llama]
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))  # the test fixture that trains the tiny model
 
-from kiri_runtime.compressing.lm import building, scoring, transcoding  # noqa: E402
-from kiri_runtime.compressing.lm.packing import pack  # noqa: E402
+from kiri_runtime.compressing.lm import budgeting, building, scoring, transcoding, weighting  # noqa: E402
+from kiri_runtime.compressing.lm.packing import XZ_PRESET, pack, unpack  # noqa: E402
 from lm_fixture import tiny_gguf, tiny_llama  # noqa: E402
 
 LLAMA_PY = (
@@ -40,16 +47,25 @@ LLAMA_PY = (
 PEER = Path(__file__).with_name("llama_cpp_peer.py")
 # Held-out text: standard-library modules the fixture did not train on.
 EVAL_MODULES = ("textwrap", "fractions", "shlex", "bisect")
+CALIB_MODULES = (
+    "calendar",
+    "colorsys",
+    "sched",
+    "copy",
+)  # the budget's calibration: other text than the scored
+PARTS = ("builds", "gguf", "budget", "llama")
 
 
-def eval_samples(hf_dir: Path, n: int, length: int) -> list[list[int]]:
+def eval_samples(
+    hf_dir: Path, n: int, length: int, modules: tuple[str, ...] = EVAL_MODULES
+) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     import importlib
 
     samples: list[list[int]] = []
-    for name in EVAL_MODULES:
+    for name in modules:
         text = Path(importlib.import_module(name).__file__ or "").read_text()
         ids = tok(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids) - length, length * 3):
@@ -87,10 +103,23 @@ def hf_eager_speed(hf_dir: Path, prompt: list[int], new_tokens: int, rounds: int
     return {"ttft_ms": float(np.median(ttfts)), "decode_tokens_per_s": float(np.median(rates))}
 
 
-def size_of(model_dir: Path) -> int:
+def size_of(model_dir: Path) -> dict[str, float]:
+    """The artifact as shipped (tar.xz), the plain tar, and the median time to unpack the artifact (3 runs)."""
     with tempfile.TemporaryDirectory() as tmp:
-        _, size = pack(model_dir, Path(tmp) / "m.tar")
-    return size
+        _, shipped = pack(model_dir, Path(tmp) / "m.tar.xz", compression="xz")
+        _, tar = pack(model_dir, Path(tmp) / "m.tar")
+        times = []
+        for i in range(3):
+            t0 = time.perf_counter()
+            unpack(Path(tmp) / "m.tar.xz", Path(tmp) / f"u{i}")
+            times.append((time.perf_counter() - t0) * 1000)
+    return {"bytes": shipped, "tar_bytes": tar, "unpack_ms": float(np.median(times))}
+
+
+def xz_size(path: Path) -> int:
+    import lzma
+
+    return len(lzma.compress(path.read_bytes(), preset=XZ_PRESET))
 
 
 def llama_cpp(gguf: Path, job: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -117,6 +146,10 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--samples", type=int, default=12)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument(
+        "--budget-bases", default="rtn,k_quant,imatrix", help="the int4 algorithms the budget rows start from"
+    )
     parser.add_argument(
         "--model",
         choices=("tiny", "bench"),
@@ -124,6 +157,9 @@ def main(argv: list[str]) -> None:
         help="tiny: the tests' trained fixture; bench: bench_model.py's random-weight 41.7M LLaMA (size/speed)",
     )
     args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"--parts: unknown {sorted(parts - set(PARTS))}; known: {PARTS}")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
@@ -136,30 +172,43 @@ def main(argv: list[str]) -> None:
     else:
         hf_dir = tiny_llama()
     samples = eval_samples(hf_dir, args.samples, args.length)
+    calib = eval_samples(hf_dir, max(4, args.samples // 2), args.length, CALIB_MODULES)
     prompt = samples[0][:32]
     ref = scoring.Reference(hf_dir, threads=args.threads)
+    imatrix = (ref.model, weighting.importance(ref.model, calib))  # calibration text, not the scored samples
     rows: list[dict[str, Any]] = []
+    peer = LLAMA_PY.exists() and "llama" in parts
     with tempfile.TemporaryDirectory(prefix="kiri-bench-lm-") as tmp:
         work = Path(tmp)
         base = hf_eager_speed(hf_dir, prompt, args.new_tokens)
         fp32_bytes = sum(f.stat().st_size for f in hf_dir.glob("*.safetensors"))
         rows.append({"name": "HF eager fp32 (baseline)", "bytes": fp32_bytes, "kl": 0.0, "top1": 1.0, **base})
 
-        def kiri(name: str, model_dir: Path, source: str) -> None:
+        def kiri(name: str, model_dir: Path, source: str, **facts: Any) -> None:
             fid = scoring.fidelity(ref, model_dir, samples, threads=args.threads)
             speed = scoring.decode_speed(model_dir, prompt, args.new_tokens, threads=args.threads)
             rows.append(
                 {
                     "name": name,
                     "source": source,
-                    "bytes": size_of(model_dir),
+                    **size_of(model_dir),
                     "kl": fid.kl_mean,
                     "top1": fid.top1_agreement,
                     "ppl_ratio": fid.perplexity_ratio,
                     "ttft_ms": speed.ttft_ms,
                     "decode_tokens_per_s": speed.decode_tokens_per_s,
+                    **facts,
                 }
             )
+
+        ggufs = {q: tiny_gguf(hf_dir, work / f"tiny-{q}.gguf", q) for q in ("F32", "Q4_0", "Q4_1")}
+        q4km = work / "tiny-Q4_K_M.gguf"
+        if LLAMA_PY.exists() and parts & {"llama", "budget"}:
+            subprocess.run(
+                [str(LLAMA_PY), str(PEER), "quantize", "--src", str(ggufs["F32"]), "--out", str(q4km),
+                 "--ftype", "Q4_K_M"],
+                check=True,
+            )  # fmt: skip
 
         # "as built": the builder's own output (float32 scales, float32 embedding, stored rotary tables).
         as_built = {"halfScales": False, "embeddingBits": 32}
@@ -169,37 +218,68 @@ def main(argv: list[str]) -> None:
             ("int4", "Kiri int4 as built (before)", as_built),
             ("int4", "Kiri int4 (compact: f16 sc, emb 8b)", {}),
             ("int4", "Kiri int4 (compact, emb 4b)", {"embeddingBits": 4}),
+            ("int4", "Kiri int4 imatrix (compact, emb 8b)", {"algorithm": "imatrix"}),
+            ("int4", "Kiri int4 imatrix (compact, emb 4b)", {"algorithm": "imatrix", "embeddingBits": 4}),
+            (
+                "int4",
+                "Kiri int4 kq+lm8+mixed (best before)",
+                {"algorithm": "k_quant", "int8LmHead": True, "int8Layers": "mixed"},
+            ),
         ]
-        for i, (precision, name, options) in enumerate(builds):
-            out = building.build(hf_dir, work / f"b{i}", precision, options)  # type: ignore[arg-type]
+        for i, (precision, name, options) in enumerate(builds if "builds" in parts else []):
+            out = building.build(hf_dir, work / f"b{i}", precision, options, imatrix=imatrix)  # type: ignore[arg-type]
             kiri(name, out, "hf")
-        ggufs = {q: tiny_gguf(hf_dir, work / f"tiny-{q}.gguf", q) for q in ("F32", "Q4_0", "Q4_1")}
         for q, label, mins_form in (
             ("Q4_0", "", True),
             ("Q4_1", "", True),
-            ("Q4_1", " float zp (before)", False),
         ):
+            if "gguf" not in parts:
+                break
             precision, options = transcoding.plan_for({})
             out = building.build(hf_dir, work / f"t-{q}-{mins_form}", precision, options)  # type: ignore[arg-type]
             transcoding.transcode(ggufs[q], out, mins_form=mins_form)
-            kiri(f"Kiri {q} transcoded{label}", out, f"gguf {q}")
+            kiri(f"Kiri {q} transcoded{label}", out, f"gguf {q}", gguf_bytes=ggufs[q].stat().st_size)
 
-        if LLAMA_PY.exists():
-            q4km = work / "tiny-Q4_K_M.gguf"
-            subprocess.run(
-                [
-                    str(LLAMA_PY),
-                    str(PEER),
-                    "quantize",
-                    "--src",
-                    str(ggufs["F32"]),
-                    "--out",
-                    str(q4km),
-                    "--ftype",
-                    "Q4_K_M",
-                ],
-                check=True,
-            )
+        if "budget" in parts and q4km.exists():
+            budget = q4km.stat().st_size
+            t0 = time.perf_counter()
+            units = budgeting.sensitivities(ref.model, ref.logits, calib, fuse_qkv=True, tied=_tied(hf_dir))
+            sens_s = time.perf_counter() - t0
+            print(f"sensitivity of {len(units)} units on {len(calib)} calibration samples: {sens_s:.1f} s")
+            bases = [(b, {} if b == "rtn" else {"algorithm": b}) for b in args.budget_bases.split(",")]
+            for label, base_opts in bases:
+                count = [0]
+
+                def measure(
+                    opts: dict[str, Any], label: str = label, count: list[int] = count
+                ) -> tuple[int | None, float | None]:
+                    count[0] += 1
+                    out = building.build(
+                        hf_dir, work / f"fit-{label}-{count[0]}", "int4", opts, imatrix=imatrix
+                    )
+                    fid = scoring.fidelity(ref, out, calib, threads=args.threads)
+                    _, size = pack(out, work / f"fit-{label}-{count[0]}.tar.xz", compression="xz")
+                    return size, fid.kl_mean
+
+                t0 = time.perf_counter()
+                chosen, tried = budgeting.fit(
+                    units, base_opts, budget, measure, untied=not _tied(hf_dir), log=print
+                )
+                fit_s = time.perf_counter() - t0
+                if chosen is None:
+                    print(f"budget {budget} ({label}): nothing fits")
+                    continue
+                out = building.build(hf_dir, work / f"budget-{label}", "int4", chosen, imatrix=imatrix)
+                kiri(
+                    f"Kiri int4 {label} maxBytes=Q4_K_M",
+                    out,
+                    "hf",
+                    options=chosen,
+                    fits=[t.record() for t in tried],
+                    fit_s=fit_s,
+                )
+
+        if peer:
             job = {
                 "prompt": prompt,
                 "new_tokens": args.new_tokens,
@@ -217,6 +297,7 @@ def main(argv: list[str]) -> None:
                         "name": f"llama.cpp {name}",
                         "source": f"gguf {name}",
                         "bytes": gguf.stat().st_size,
+                        "xz_bytes": xz_size(gguf),
                         "kl": fid.kl_mean,
                         "top1": fid.top1_agreement,
                         "ppl_ratio": fid.perplexity_ratio,
@@ -224,7 +305,7 @@ def main(argv: list[str]) -> None:
                         "decode_tokens_per_s": got["decode_tokens_per_s"],
                     }
                 )
-        else:
+        elif not LLAMA_PY.exists():
             print(f"(llama.cpp skipped: no bench venv at {LLAMA_PY.parent.parent})", file=sys.stderr)
 
     base_rate, base_bytes = rows[0]["decode_tokens_per_s"], rows[0]["bytes"]
@@ -233,15 +314,29 @@ def main(argv: list[str]) -> None:
         f"{args.new_tokens} new tokens after a {len(prompt)}-token prompt"
     )
     print(
-        f"{'variant':36} {'bytes':>10} {'vs fp32':>8} {'KL mean':>9} {'top-1':>6} {'TTFT ms':>8} {'tok/s':>9} {'vs eager':>8}"
+        f"{'variant':38} {'bytes':>11} {'tar|xz':>11} {'unpack ms':>9} {'vs fp32':>8} {'KL mean':>9} "
+        f"{'top-1':>6} {'TTFT ms':>8} {'tok/s':>9} {'vs eager':>8}"
     )
     for r in rows:
+        other = r.get("tar_bytes", r.get("xz_bytes", 0))
         print(
-            f"{r['name']:36} {r['bytes']:>10,} {base_bytes / r['bytes']:>7.2f}x {r['kl']:>9.5f} {r['top1']:>6.3f} "
+            f"{r['name']:38} {r['bytes']:>11,} {other:>11,} {r.get('unpack_ms', 0):>9.1f} "
+            f"{base_bytes / r['bytes']:>7.2f}x {r['kl']:>9.5f} {r['top1']:>6.3f} "
             f"{r['ttft_ms']:>8.2f} {r['decode_tokens_per_s']:>9.1f} {r['decode_tokens_per_s'] / base_rate:>7.2f}x"
         )
+    for r in rows:
+        if "gguf_bytes" in r:
+            print(f"{r['name']}: {r['bytes'] - r['gguf_bytes']:+,} bytes vs the GGUF ({r['gguf_bytes']:,})")
+        if "fits" in r:
+            print(f"{r['name']}: fit in {r['fit_s']:.1f} s, options {r['options']}")
+            for f in r["fits"]:
+                print(f"    {f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _tied(hf_dir: Path) -> bool:
+    return bool(json.loads((hf_dir / "config.json").read_text()).get("tie_word_embeddings", False))
 
 
 if __name__ == "__main__":

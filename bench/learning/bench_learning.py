@@ -1,140 +1,131 @@
-"""Federated learning figures: upload bytes per site per round by trained part, accuracy per round, epsilon.
+"""The cost of SecAgg+ against plain FedAvg on Flower: bytes and time per round, same federation, same run.
 
-Runs the real trainer and aggregation code in one process (no HTTP: the bytes are the exact bodies
-`kiri train-edge` would POST, from `deltas.encode`). The baseline is the whole-model update measured in the
-same run; the other parts are reported as ratios against it.
+A real federation on 127.0.0.1 (tests/integration/learning/flower_harness.py): one `flower-superlink` and one
+`flower-supernode` per site over TLS, running Kiri's ServerApp and ClientApp. Rounds alternate secure and plain
+(the sites allow plain rounds for this), so both modes meet the same machine load; every figure comes from the
+round records the ServerApp writes (`traffic`: what crossed the SuperLink as the server saw it, and the time
+spent waiting on the sites), and the submit-to-record wall time of `flwr run`. The baseline is plain FedAvg.
 
-    .venv/bin/python bench/learning/bench_learning.py [--rounds 5] [--sites 4] [--hidden 256] [--json out.json]
+    .venv/bin/python bench/learning/bench_learning.py [--sites 3] [--rounds 3] [--hidden 16,256] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "integration" / "learning")]
 
-from kiri_runtime.learning import accounting, aggregating, deltas, privatizing
-from kiri_runtime.learning.parts import TrainedPart, dense_update
-from kiri_runtime.learning.training import evaluate, train_local
+import torch  # noqa: E402
+from flower_harness import Federation, round_config  # noqa: E402
 
-FEATURES, CLASSES = 32, 10
-
-
-def make_model(hidden: int) -> torch.nn.Module:
-    return torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, hidden),
-        torch.nn.ReLU(),
-        torch.nn.Linear(hidden, CLASSES),
-    )
+from kiri_runtime.learning import accounting  # noqa: E402
+from kiri_runtime.learning.loading import save_weights  # noqa: E402
+from learning_tiny_model import make_model, write_sites  # noqa: E402
 
 
-def make_data(
-    sites: int, per_site: int, seed: int
-) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 1, size=(CLASSES, FEATURES)).astype(np.float32)
-
-    def sample(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        y = np.repeat(np.arange(CLASSES), counts)
-        x = centers[y] + rng.normal(0, 1.0, size=(len(y), FEATURES))
-        order = rng.permutation(len(y))
-        return x.astype(np.float32)[order], y[order].astype(np.int64)
-
-    site_data = []
-    for _ in range(sites):
-        mix = rng.dirichlet([0.5] * CLASSES)
-        site_data.append(sample(np.round(mix * per_site).astype(int)))
-    return site_data, sample(np.full(CLASSES, 50))
+def parameters(hidden: int) -> int:
+    return sum(p.numel() for p in make_model(hidden).parameters())  # type: ignore[attr-defined]
 
 
-def run(part: TrainedPart, args: argparse.Namespace) -> dict[str, Any]:
-    site_data, (hx, hy) = make_data(args.sites, args.per_site, args.seed)
-    torch.manual_seed(args.seed)
-    global_model = make_model(args.hidden)
-    shapes = {n: tuple(p.shape) for n, p in global_model.named_parameters()}
-    accuracy = [evaluate(global_model, hx, hy).accuracy]
-    upload_bytes: list[int] = []
-    started = time.perf_counter()
-    for r in range(1, args.rounds + 1):
-        updates, samples = [], []
-        for i, (x, y) in enumerate(site_data):
-            local = make_model(args.hidden)
-            local.load_state_dict(global_model.state_dict())
-            res = train_local(
-                local, x, y, part, epochs=args.epochs, lr=args.lr, batch_size=32, seed=i, lora_seed=r
-            )
-            noised, _ = privatizing.privatize(
-                res.update, args.clip, args.noise, np.random.default_rng(1000 * r + i)
-            )
-            body = deltas.encode(
-                deltas.Delta(
-                    r, f"site-{i}", res.samples, "0" * 64, part.describe(), args.clip, args.noise, noised
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="kiri-bench-learning-"))
+    sites = [f"site-{i}" for i in range(args.sites)]
+    data, held_out = write_sites(root, args.sites, per_site=args.per_site)
+    fed = Federation(root, dict(zip(sites, data, strict=True)), allow_plain=True).start()
+    results: dict[str, Any] = {"sites": args.sites, "models": []}
+    number = 0
+    try:
+        for hidden in args.hidden:
+            torch.manual_seed(0)
+            weights = root / f"initial-{hidden}.safetensors"
+            save_weights(make_model(hidden), weights)  # type: ignore[arg-type]
+            rows: dict[str, list[dict[str, float]]] = {"plain": [], "secure": []}
+            first = hidden == args.hidden[0]
+            for r in range(args.rounds * 2 + (1 if first else 0)):
+                mode = ("secure", "plain")[(r + (0 if first else 1)) % 2]
+                number += 1
+                config = round_config(
+                    root,
+                    held_out,
+                    weights,
+                    sites,
+                    number,
+                    **{
+                        "factory-kwargs": json.dumps({"hidden": hidden}),
+                        "secure-aggregation": mode == "secure",
+                        "noise-multiplier": args.noise,
+                        "out": str(root / f"out-{hidden}"),
+                    },
                 )
-            )
-            upload_bytes.append(len(body))
-            updates.append(deltas.decode(body).tensors)
-            samples.append(res.samples)
-        dense = dense_update(part, aggregating.fedavg(updates, samples), shapes, r)
-        state = global_model.state_dict()
-        for name, u in dense.items():
-            state[name] = state[name] + torch.as_tensor(u)
-        global_model.load_state_dict(state)
-        accuracy.append(evaluate(global_model, hx, hy).accuracy)
-    return {
-        "part": part.describe(),
-        "bytes_per_site_per_round": int(np.median(upload_bytes)),
-        "accuracy": [round(float(a or 0), 4) for a in accuracy],
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+                started = time.monotonic()
+                record = fed.run_round(config)
+                wall = time.monotonic() - started
+                assert record.status == "accepted", record.reason
+                if r == 0 and hidden == args.hidden[0]:
+                    continue  # warm-up: the first round pays the processes' first imports
+                t = record.traffic
+                rows[mode].append(
+                    {
+                        "sent": t["sentBytes"],
+                        "received": t["receivedBytes"],
+                        "messages": t["messagesSent"] + t["messagesReceived"],
+                        "server_seconds": t["seconds"],
+                        "wall_seconds": wall,
+                        "upload_per_site": statistics.median(p.upload_bytes for p in record.participants),
+                    }
+                )
+            summary = {
+                mode: {k: statistics.median(row[k] for row in got) for k in got[0]}
+                for mode, got in rows.items()
+            }
+            results["models"].append({"hidden": hidden, "parameters": parameters(hidden), **summary})
+    finally:
+        fed.stop()
+    results["epsilon"] = {n: round(accounting.epsilon(args.noise, n, 1e-5), 3) for n in (1, 5, 10, 20)}
+    return results
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--sites", type=int, default=4)
-    p.add_argument("--per-site", type=int, default=200)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument(
+        "--rounds", type=int, default=3, help="rounds of each mode, interleaved, after one warm-up"
+    )
+    p.add_argument("--hidden", type=lambda s: [int(x) for x in s.split(",")], default=[16, 256])
+    p.add_argument("--per-site", type=int, default=120)
     p.add_argument("--noise", type=float, default=0.3)
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     args = p.parse_args()
-    torch.set_num_threads(1)
-    parts = [TrainedPart("whole"), TrainedPart("layers", ("4",)), TrainedPart("lora", rank=4)]
-    results = [run(part, args) for part in parts]
-    base = results[0]["bytes_per_site_per_round"]
-    params = sum(p.numel() for p in make_model(args.hidden).parameters())
-    print(
-        f"model: MLP {FEATURES}-{args.hidden}-{args.hidden}-{CLASSES}, {params} parameters; {args.sites} non-IID sites, "
-        f"{args.rounds} rounds, clipNorm {args.clip}, noiseMultiplier {args.noise}"
+    out = run(args)
+    print(f"{args.sites} sites, {args.rounds} rounds of each mode (medians), TLS, tiny MLP 8-h-3")
+    head = (
+        f"{'params':>8} {'mode':>7} {'server sent':>12} {'server recv':>12} {'upload/site':>12} {'msgs':>5}"
     )
-    print(f"{'trained part':<22}{'bytes/site/round':>18}{'vs whole':>10}  accuracy by round (0 = start)")
-    for r in results:
-        name = r["part"]["kind"] + (f" {r['part']['names']}" if r["part"]["kind"] == "layers" else "")
-        name += f" r={r['part']['rank']}" if r["part"]["kind"] == "lora" else ""
-        ratio = r["bytes_per_site_per_round"] / base
-        print(f"{name:<22}{r['bytes_per_site_per_round']:>18}{ratio:>10.4f}  {r['accuracy']}")
-    eps = {n: round(accounting.epsilon(z, n, args.delta), 3) for z in (args.noise,) for n in (1, 5, 10, 20)}
-    eps_by_z = {z: round(accounting.epsilon(z, 10, args.delta), 3) for z in (0.5, 1.0, 2.0, 4.0)}
-    print(f"epsilon (delta {args.delta:g}) at noiseMultiplier {args.noise} after N rounds: {eps}")
-    print(f"epsilon after 10 rounds by noiseMultiplier: {eps_by_z}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(
-                {"results": results, "epsilon": eps, "epsilon_by_noise": eps_by_z, "params": params},
-                f,
-                indent=2,
+    print(head + f" {'server s':>9} {'wall s':>7}   secure/plain: bytes, wall")
+    for m in out["models"]:
+        for mode in ("plain", "secure"):
+            r = m[mode]
+            ratio = ""
+            if mode == "secure":
+                base = m["plain"]
+                total = (r["sent"] + r["received"]) / (base["sent"] + base["received"])
+                ratio = f"   x{total:.2f}, x{r['wall_seconds'] / base['wall_seconds']:.2f}"
+            print(
+                f"{m['parameters']:>8} {mode:>7} {r['sent']:>12.0f} {r['received']:>12.0f} "
+                f"{r['upload_per_site']:>12.0f} {r['messages']:>5.0f} {r['server_seconds']:>9.2f} "
+                f"{r['wall_seconds']:>7.2f}{ratio}"
             )
+    print(f"epsilon per site (noiseMultiplier {args.noise}, delta 1e-5) after N rounds: {out['epsilon']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -8,7 +8,7 @@ Each measurement is a range query from one interval after the wave became Ready 
 ``interval``: the query is evaluated by Prometheus at every interval of the wave, so failures and samples
 accumulate without Kiri counting them, and an operator restart loses nothing.
 
-``$revision``, ``$variant`` and ``$namespace`` in a query are replaced before it runs. ``$variant`` becomes
+``$revision``, ``$stableRevision``, ``$variant`` and ``$namespace`` in a query are replaced before it runs. ``$variant`` becomes
 the update revision's variants joined by ``|``: use it with ``=~``. Edge pods carry the
 ``kiri.dev/revision`` and ``kiri.dev/variant`` labels; a Kubernetes service-discovery scrape config
 relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progressive delivery").
@@ -65,7 +65,7 @@ class QuerySpec(Protocol):
     @property
     def name(self) -> str: ...
     @property
-    def query(self) -> str: ...
+    def promql(self) -> str: ...
     @property
     def success_condition(self) -> str: ...
     @property
@@ -85,12 +85,15 @@ class Substitutions:
     revision: str
     namespace: str
     variants: Sequence[str] = ()
+    stable_revision: str = ""
+    """The last revision that reached every node (the one not-yet-updated nodes run); empty on a first rollout."""
 
     def apply(self, query: str) -> str:
         variant = "|".join(sorted(set(self.variants)))
         # Longest names first would matter only if one were a prefix of another; none is.
         return (
-            query.replace("$revision", self.revision)
+            query.replace("$stableRevision", self.stable_revision)
+            .replace("$revision", self.revision)
             .replace("$namespace", self.namespace)
             .replace("$variant", variant)
         )
@@ -208,7 +211,7 @@ def judge(
         points = fetch_points(
             client,
             address,
-            substitutions.apply(query.query),
+            substitutions.apply(query.promql),
             start,
             now,
             query.interval,
@@ -280,7 +283,10 @@ def due(spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], no
     if not analysis_due(policy, state, now) or state.ready_at is None or state.update_revision is None:
         return None
     substitutions = Substitutions(
-        revision=state.update_revision, namespace=namespace, variants=[v.name for v in spec.edge.variants]
+        revision=state.update_revision,
+        namespace=namespace,
+        variants=[v.name for v in spec.edge.variants],
+        stable_revision=state.stable_revision or "",
     )
     turn = (state.update_revision, state.ready_at, state.last_measured_at)
     return Due(analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, turn)

@@ -97,9 +97,10 @@ def node_view(body: Mapping[str, Any]) -> NodeView:
 def pod_view(body: Mapping[str, Any]) -> PodView:
     meta = body.get("metadata") or {}
     status = body.get("status") or {}
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+    cond: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
     )
+    ready = cond.get("status") == "True"
     restarts = sum(int(c.get("restartCount") or 0) for c in status.get("containerStatuses") or [])
     return PodView(
         name=str(meta.get("name", "")),
@@ -109,6 +110,7 @@ def pod_view(body: Mapping[str, Any]) -> PodView:
         labels=dict(meta.get("labels") or {}),
         restarts=restarts,
         reason="" if ready else not_ready_reason(status),
+        not_ready_since="" if ready else str(cond.get("lastTransitionTime") or ""),
     )
 
 
@@ -116,7 +118,8 @@ def not_ready_reason(status: Mapping[str, Any]) -> str:
     """What the pod object says about why a container is not ready: a waiting state's reason and message
     (ImagePullBackOff, CrashLoopBackOff, CreateContainerConfigError), else the last termination message
     (what `kiri serve` or the init container printed as it exited). The reason of a live, unready
-    `kiri serve` (its readiness body) is not here: the kubelet's httpGet prober keeps only the status code."""
+    `kiri serve` is not on the pod: its readiness probe prints it into the kubelet's Event
+    (`kiri_runtime.probing`), which the reconciler reads (`reconciling.probe_reason`)."""
     statuses = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
     for c in statuses:
         waiting = (c.get("state") or {}).get("waiting") or {}

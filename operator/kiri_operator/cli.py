@@ -66,7 +66,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "kiri") -> int:
     # Every subcommand may log a URL (httpx logs each request's); none may log the credentials in one.
     redaction.install()
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "passthrough", False):
+        args.flower_args = extra  # `kiri flower-superlink|supernode`: Flower's own flags, in order
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -12,6 +12,7 @@ neither True, `Ready=True` is `Current`. They summarize the others and are never
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -88,6 +89,8 @@ class Reason:
     CLOUD_DISABLED: Final = "CloudDisabled"
     NO_GPU_NODE: Final = "NoGPUNode"
     NO_CLOUD_NODE: Final = "NoCloudNode"
+    # A language model's cloud tier (engine kiri) waits for the compression Job's pack of the full model.
+    WAITING_FOR_CLOUD_PACK: Final = "WaitingForCloudPack"
     MISSING_PVC: Final = "MissingPVC"
     # Any tier: a host path the admin did not allow, or pods the API server's Pod Security admission refused
     HOST_PATH_NOT_ALLOWED: Final = "HostPathNotAllowed"
@@ -103,6 +106,8 @@ class Reason:
     # Edge
     ROLLING_OUT: Final = "RollingOut"
     WAITING_FOR_VARIANTS: Final = "WaitingForVariants"
+    UPDATE_DEFERRED: Final = "UpdateDeferred"
+    """A new revision waits for `spec.rollout.updatePolicy` (interval or bandwidth) before it rolls out."""
     ROLLED_OUT: Final = "RolledOut"
     NODES_NOT_READY: Final = "NodesNotReady"
     NO_EDGE_NODES: Final = "NoEdgeNodes"
@@ -192,6 +197,17 @@ class Condition:
         if self.type in NEGATIVE_POLARITY:
             return self.status == "True"
         return self.status == "False"
+
+
+def not_ready_note(reasons: Iterable[str]) -> str:
+    """ "; N pods not ready: <reason>" for the reason most of these pods give (ties: the first by name), so
+    a condition says why it waits, not only that it does; "" when no pod says."""
+    counts = Counter(r for r in reasons if r)
+    if not counts:
+        return ""
+    reason, count = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = f" (and {sum(counts.values()) - count} for other reasons)" if len(counts) > 1 else ""
+    return f"; {count} pods not ready: {reason}{more}"
 
 
 def get(conditions: Iterable[Condition], type_: str) -> Condition | None:

@@ -82,8 +82,11 @@ PVC: Final = Kind("PersistentVolumeClaim", "", "v1", "persistentvolumeclaims")
 LEASE: Final = Kind("Lease", "coordination.k8s.io", "v1", "leases")
 """The leader-election Lease of replicated operators (`kube.leasing`); never a child."""
 
+SECRET: Final = Kind("Secret", "", "v1", "secrets")
+"""Only ever created (the learning rounds' TLS Secret): never watched, listed or read, so no key reaches the
+operator's memory after the create."""
 KINDS: Final[dict[str, Kind]] = {
-    k.kind: k for k in (*CHILDREN, POD, PVC, EVENT, NODE, MODEL_DEPLOYMENT, LEASE)
+    k.kind: k for k in (*CHILDREN, POD, PVC, EVENT, NODE, MODEL_DEPLOYMENT, LEASE, SECRET)
 }
 CHILD_KINDS: Final = tuple(k.kind for k in CHILDREN)
 ACCOUNT_KINDS: Final = frozenset({"ServiceAccount", "Role", "RoleBinding"})

@@ -84,14 +84,14 @@ def _configmap_ledger(target: str, options: Any) -> ConfigMapLedger:
     )
 
 
-def _register_ledger() -> None:
+def register_ledger() -> None:
     from kiri_runtime.learning import ledgers
 
     ledgers.FACTORIES["configmap"] = _configmap_ledger
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    _register_ledger()
+    register_ledger()
     pub = subparsers.add_parser(
         "publish-round",
         help="publish a learning round record as a ConfigMap (the aggregator Job's last step)",

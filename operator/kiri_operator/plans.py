@@ -70,9 +70,24 @@ def sooner(a: float | None, b: float | None) -> float | None:
     return a if b is None else min(a, b)
 
 
+@dataclass(frozen=True)
+class SecretRequest:
+    """A TLS Secret the reconciler creates once and never reads back (`planning/federation.py`): the plan
+    names it, the key material is made at the moment of the create and exists nowhere else."""
+
+    namespace: str
+    name: str
+    names: tuple[str, ...]
+    """DNS names (or IPs) the server certificate is for."""
+    owner: str
+    owner_uid: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass
 class Plan:
     actions: list[Action] = field(default_factory=list)
+    secrets: list[SecretRequest] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None

@@ -1,4 +1,4 @@
-"""Runtime-side subcommands: serve, compress, train-edge, aggregate, store.
+"""Runtime-side subcommands: serve, compress, checkpoint, train-edge, aggregate, train-adapter, store.
 
 Each handler imports its implementation lazily, so that `kiri --help` and the operator image do not
 need onnxruntime or torch. A subcommand is registered with `sub = subparsers.add_parser(...)` and
@@ -18,9 +18,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     from kiri_runtime.compressing import cli as compress_cli
 
     compress_cli.register(subparsers)
+    compress_cli.register_checkpoint(subparsers)
     from kiri_runtime.learning import cli as learning_cli
 
     learning_cli.register(subparsers)
+    from kiri_runtime.learning import adapter_cli, flower_processes
+
+    flower_processes.register(subparsers)
+
+    adapter_cli.register(subparsers)
     store = subparsers.add_parser(
         "store",
         help="serve an artifact store over HTTP (write-once PUT, GET with Range)",

@@ -11,18 +11,21 @@ prefills the requests that arrived (batched, right-padded, into the next free ro
 comes from that prefill), then decodes one token for every row in one forward pass, whatever their lengths; a
 row that ends leaves between steps and its slot is reused. Sampling (greedy argmax, or temperature / top-k /
 top-p from the request's own random generator, seeded by `seed`) is done here on the logits, so a seeded
-answer does not depend on who else is being served.
+answer does not depend on who else is being served. A request that uses a LoRA adapter (adapters.py; named in
+the model, or the default adapter) is not a row: the adapter applies only inside onnxruntime-genai's `Generator`,
+so it decodes in a cohort (below) that the same iterations step beside the rows. A LoRA-ready model's adapter
+inputs have empty defaults, so its rows decode the base model exactly.
 
 `cohort` and `none` decode with onnxruntime-genai's own `Generator` (a model `SlotDecoder` cannot run, or by
-choice). onnxruntime-genai 0.18
-batches a `Generator` only when all its prompts are appended at once, and then samples every row with the same
+choice). onnxruntime-genai 0.18 batches a `Generator` only when all its prompts are appended at once, and then samples every row with the same
 search options; a row cannot join later. Left-padding prompts of different lengths into one batch gave wrong
 logits on the padded rows (off by up to 10 on the tiny LLaMA, CPU GroupQueryAttention), so only prompts of equal
 length share a batch. Requests are grouped into *cohorts*: those waiting when a decode iteration begins with the
 same prompt length and sampling options become one batched generator, and the decode thread steps every live
 cohort once per iteration (iteration-level scheduling across generators). A request that arrives
-mid-generation starts at the next iteration instead of waiting for the others to finish. A request with a
-`seed` decodes alone, so its tokens do not depend on who else is being served.
+mid-generation starts at the next iteration instead of waiting for the others to finish. A cohort is also one
+LoRA adapter's requests: onnxruntime-genai activates an adapter per generator, for its whole life. A request
+with a `seed` decodes alone, so its tokens do not depend on who else is being served.
 
 Sampling is onnxruntime-genai's own (greedy argmax, or temperature / top-k / top-p with its seeded RNG), so a
 greedy answer is token for token what a plain onnxruntime-genai greedy loop gives. Stop tokens, stop strings,
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import sys
 import threading
@@ -46,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from kiri_runtime.adapters import AdapterSet, LoadedAdapter
 from kiri_runtime.decoding import SlotDecoder, prefill_groups, sample
 from kiri_runtime.errors import InferenceError, Overloaded
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams, first_line
@@ -155,6 +160,7 @@ class _Row:
     params: SamplingParams
     submitted: float
     streaming: bool = True
+    adapter: str | None = None  # the onnxruntime-genai key of the request's LoRA adapter (adapters.py)
     stream: Any = None  # the tokenizer's incremental detokenizer
     stop_ids: frozenset[int] = frozenset()  # the model's end-of-sequence tokens and the request's stop tokens
     pending: str = ""  # decoded text held back: it may be the start of a stop string
@@ -210,11 +216,14 @@ class Scheduler:
         queue_limit: int = 0,
         batching: str = "continuous",
         step_delay_s: float = 0.0,
+        adapters: AdapterSet | None = None,
     ) -> None:
         if batching not in BATCHING_MODES:
             raise ValueError(f"batching {batching!r}: one of {', '.join(BATCHING_MODES)}")
         self.model = model
         self.name = name
+        self.adapters = adapters if adapters is not None else AdapterSet(model, model.lora_layout, name)
+        self._collect_due = False  # a request ended: a retired adapter may be free to unload now
         self.metrics = metrics
         self.max_num_seqs = max(1, max_num_seqs)
         self.queue_limit = queue_limit
@@ -257,6 +266,7 @@ class Scheduler:
         # Results on their way to an event loop: filled by the decode thread, emptied by the loop.
         self._outbox_lock = threading.Lock()
         self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[GenerationHandle, Delta]]] = {}
+        self.adapters.on_retired_free = self._retired_free
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)
         self._thread = threading.Thread(target=self._run, name="kiri-decode", daemon=True)
@@ -264,21 +274,38 @@ class Scheduler:
 
     # ------------------------------------------------------------ event-loop side
 
-    def submit(self, prompt: list[int], params: SamplingParams, stream: bool = True) -> GenerationHandle:
+    def submit(
+        self, prompt: list[int], params: SamplingParams, stream: bool = True, adapter: str | None = None
+    ) -> GenerationHandle:
         """Admit a request (Overloaded past the queue limit); raises before any work is queued. With `stream`
-        False the request gets one merged `Delta` at the end instead of one per step."""
+        False the request gets one merged `Delta` at the end instead of one per step. `adapter`: the LoRA adapter
+        the model name chose (None: the default; AdapterNotFound if not loaded), held until the request ends."""
         if self.queue_limit and self.in_flight >= self.queue_limit:
             raise Overloaded(f"{self.in_flight} requests in flight (limit {self.queue_limit}); retry later")
+        loaded = self.adapters.acquire(adapter)
         self.in_flight += 1
-        handle = GenerationHandle(asyncio.get_running_loop(), len(prompt), self._release)
-        row = _Row(handle, prompt, params, time.perf_counter(), stream)
+        handle = GenerationHandle(
+            asyncio.get_running_loop(), len(prompt), functools.partial(self._release, loaded)
+        )
+        row = _Row(
+            handle, prompt, params, time.perf_counter(), stream, None if loaded is None else loaded.key
+        )
         with self._wake:
             self._waiting.append(row)
             self._wake.notify()
         return handle
 
-    def _release(self) -> None:
+    def _retired_free(self) -> None:
+        """The last request on a retired adapter ended (event loop, or an echo's thread): wake the decode thread
+        to unload it; an idle decode thread would otherwise wait for the next request to end."""
+        with self._wake:
+            self._collect_due = True
+            self._wake.notify()
+
+    def _release(self, adapter: LoadedAdapter | None) -> None:
         self.in_flight -= 1
+        if adapter is not None:
+            self.adapters.release(adapter)
 
     def close(self) -> None:
         with self._wake:
@@ -297,10 +324,16 @@ class Scheduler:
 
     def _run(self) -> None:
         while True:
+            if self._collect_due:
+                # Here, not in _iterate: the generators of the cohorts that ended are freed by now.
+                self._collect_due = False
+                self._collect()
             # While decoding with nobody waiting, no lock: a deque's truth is read atomically.
             if self._waiting or not (self._cohorts or self._slots) or self._stopping:
                 with self._wake:
-                    while not self._stopping and not self._waiting and not (self._cohorts or self._slots):
+                    while not (
+                        self._stopping or self._waiting or self._cohorts or self._slots or self._collect_due
+                    ):
                         self._wake.wait()
                     if self._stopping:
                         return
@@ -325,10 +358,15 @@ class Scheduler:
     def _iterate(self, arrivals: list[_Row]) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
         ended: list[_Row] = []
-        if self.decoder is not None:
-            self._iterate_rows(self.decoder, arrivals, posts, ended)
-        else:
+        if self.decoder is None:
             self._iterate_cohorts(arrivals, posts, ended)
+        else:
+            # A LoRA adapter applies only inside onnxruntime-genai's Generator: a request that uses one (named in
+            # the model, or the default adapter) decodes in a cohort beside the rows of the base-model requests.
+            adapted = [r for r in arrivals if r.adapter is not None]
+            self._iterate_rows(self.decoder, [r for r in arrivals if r.adapter is None], posts, ended)
+            if adapted or self._cohorts:
+                self._iterate_cohorts(adapted, posts, ended)
         # Metrics of the requests that ended, before their answers leave: a client that reads /metrics after
         # its answer finds it counted. Nothing at all in most iterations.
         for r in ended:
@@ -350,13 +388,14 @@ class Scheduler:
         if arrivals:
             for cohort_rows in self._group(arrivals):
                 self._start(cohort_rows, posts)
-        if self.step_delay_s and self._cohorts:
+        if self.step_delay_s and self._cohorts and not self._slots:  # with rows, _iterate_rows slept
             time.sleep(self.step_delay_s)
         for cohort in self._cohorts:
             self._step(cohort, posts, ended)
         if ended:
             self._held -= sum(c.max_length * len(c.rows) for c in self._cohorts if not c.live)
             self._cohorts = [c for c in self._cohorts if c.live]
+            self._collect_due = self.adapters.has_retired
 
     # ------------------------------------------------------------ continuous batching
 
@@ -481,7 +520,7 @@ class Scheduler:
             if key is None:
                 groups.append([row])
                 continue
-            group = by_key.setdefault((*key, len(row.prompt)), [])
+            group = by_key.setdefault((*key, len(row.prompt), row.adapter), [])
             if not group:
                 groups.append(group)
             group.append(row)
@@ -495,7 +534,9 @@ class Scheduler:
         max_length = min(self.model.context_length, width + max(r.params.max_tokens for r in live))
         now = time.perf_counter()
         try:
-            generator = self.model.generator([r.prompt for r in live], live[0].params, max_length)
+            generator = self.model.generator(
+                [r.prompt for r in live], live[0].params, max_length, live[0].adapter
+            )
         except RuntimeError as e:
             error = GenerationFailed(f"onnxruntime-genai failed to start generation: {first_line(e)}")
             for r in live:
@@ -626,6 +667,12 @@ class Scheduler:
         self._waiting_gauge.set(gauges[1])
         self._kv_usage.set(gauges[2] / (self.max_num_seqs * self.model.context_length))
 
+    def _collect(self) -> None:
+        try:
+            self.adapters.collect()
+        except Exception:  # never let the decode thread die over housekeeping
+            log.exception("unloading a retired adapter failed")
+
     def _fail_all(self) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
         error = GenerationFailed("onnxruntime-genai failed during a decode step; see the server log")
@@ -642,6 +689,7 @@ class Scheduler:
         if self.decoder is not None:
             self.decoder.clear()
         self._running = self._held = 0
+        self._collect_due = self.adapters.has_retired
         self._publish_gauges()
         if posts:
             self._post(posts)

@@ -20,6 +20,7 @@ import numpy as np
 from kiri_runtime.dataplane import TensorSpec
 from kiri_runtime.decoding import SlotDecoder, unsupported
 from kiri_runtime.errors import BadRequest
+from kiri_runtime.lora_layouts import LoraLayout
 
 GENAI_CONFIG = "genai_config.json"
 PLATFORM = "onnxruntime_genai"
@@ -98,6 +99,16 @@ class GenerativeModel:
         self.eos_token_ids = frozenset(int(t) for t in self.tokenizer.eos_token_ids)
         self.has_chat_template = _has_chat_template(model_dir)
         self._vocab_text: dict[int, str] = {}
+        # LoRA-ready models (lora_layouts.py) take adapters; their container is made on first use.
+        self.lora_layout = LoraLayout.load(model_dir)
+        self._og_adapters: Any = None
+
+    @property
+    def og_adapters(self) -> Any:
+        """onnxruntime-genai's adapter container of this model (one per model: a generator takes one)."""
+        if self._og_adapters is None:
+            self._og_adapters = self.og.Adapters(self.model)
+        return self._og_adapters
 
     @property
     def model(self) -> Any:
@@ -131,8 +142,15 @@ class GenerativeModel:
             self._vocab_text[token_id] = text
         return text
 
-    def generator(self, prompts: Sequence[Sequence[int]], params: SamplingParams, max_length: int) -> Any:
-        """A generator over `prompts` (all of one length: one batch row each), prefilled."""
+    def generator(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams,
+        max_length: int,
+        adapter: str | None = None,
+    ) -> Any:
+        """A generator over `prompts` (all of one length: one batch row each), prefilled; with `adapter` (a key
+        loaded in `og_adapters`) active for its whole life."""
         og = self.og
         if len({len(p) for p in prompts}) != 1:
             raise ValueError("a batch needs prompts of one length (onnxruntime-genai 0.18 pads them wrongly)")
@@ -148,6 +166,8 @@ class GenerativeModel:
                 options["random_seed"] = params.seed
         gp.set_search_options(**options)
         generator = og.Generator(self.model, gp)
+        if adapter is not None:
+            generator.set_active_adapter(self.og_adapters, adapter)
         batch = np.asarray(prompts, dtype=np.int32)
         generator.append_tokens(batch[0] if len(prompts) == 1 else batch)
         return generator

@@ -97,7 +97,8 @@ class ModelInfo(_Model):
     )
     kind: ModelKind = Field(
         default="tensor",
-        description="causal-lm: `uri` is an uncompressed tar of an onnxruntime-genai model directory.",
+        description="causal-lm: `uri` is an uncompressed tar of an onnxruntime-genai model directory "
+        "(its variants' are xz-compressed tars).",
     )
     architecture: str | None = Field(default=None, description="causal-lm: the HF architecture.")
 

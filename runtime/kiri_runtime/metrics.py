@@ -186,6 +186,18 @@ class RuntimeMetrics:
         self.lm_kv_usage = Gauge(
             "kiri:kv_cache_usage_perc", "KV cache positions allocated (0..1).", ["model"], registry=r
         )
+        self.lora_adapters = Gauge(
+            "kiri:lora_adapters",
+            "LoRA adapters loaded (requestable as model:adapter).",
+            ["model"],
+            registry=r,
+        )
+        self.lora_loads = Counter(
+            "kiri:lora_adapter_loads",
+            "Adapter loads and unloads by result: loaded, swapped, unloaded, refused.",
+            ["model", "result"],
+            registry=r,
+        )
 
     def observe_infer(self, model: str, status: int, seconds: float) -> None:
         """Counts one answered infer request where the gates expect it (see the module docstring)."""

@@ -22,6 +22,7 @@ from kiri_runtime.errors import BadRequest, InferenceError, ModelNotFound
 from kiri_runtime.fallback import Cascade
 from kiri_runtime.intake import BODY_READ_SECONDS, DEFAULT_MAX_BODY_BYTES, Intake, IntakeConfig
 from kiri_runtime.metrics import UNKNOWN_MODEL
+from kiri_runtime.rest_adapters import AdapterRoutes
 from kiri_runtime.rest_openai import GenerationRoutes
 from kiri_runtime.tensors import HEADER_LENGTH, binary_outputs, encode_response
 
@@ -72,6 +73,7 @@ class RestServer:
         self.max_body_bytes = intake.max_body_bytes
         self.intake = Intake(intake, self.metrics.inflight_body_bytes)
         self.generation = GenerationRoutes(dataplane, self.max_body_bytes)
+        self.admin: AdapterRoutes | None = None  # LoRA adapters' admin routes (serving.Server sets them)
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[_json_errors], client_max_size=self.max_body_bytes)
@@ -91,6 +93,8 @@ class RestServer:
             ]
         )
         self.generation.add_routes(app)
+        if self.admin is not None:
+            self.admin.add_routes(app)
         return app
 
     # Probes answer 503 when not ready so a kubelet httpGet probe reads them without parsing JSON.

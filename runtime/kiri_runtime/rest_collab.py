@@ -10,6 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kiri_runtime.adapters import BASE, split_model
 from kiri_runtime.cloud_tier import CloudUnavailable
 from kiri_runtime.collaborating import Collaborator
 from kiri_runtime.collaborations import EDGE_ONLY, NOT_READY, OVERLOADED
@@ -47,13 +48,22 @@ def submit(
     ids: list[int],
     params: SamplingParams,
     stream: bool,
+    adapter: str | None = None,
 ) -> GenerationHandle:
-    """The request to the collaborator (its mode needs the cloud) or to the scheduler (edge-only)."""
+    """The request to the collaborator (its mode needs the cloud) or to the scheduler (edge-only). An adapter
+    (`model:adapter`) is served edge-only: the cloud tier has the base model, not the site's adapter; a bare
+    model name in a collaborative mode runs on the edge's base model."""
     options = collab.options(job)
     if options.mode == EDGE_ONLY:
-        handle = scheduler.submit(ids, params, stream)
+        handle = scheduler.submit(ids, params, stream, adapter)
         collab.counted(options)
         return handle
+    if adapter is not None and adapter != BASE:
+        raise ApiError(
+            f"adapter {adapter} is served edge-only; collaboration {options.mode} runs the base model "
+            "(ask for the bare model name, or kiri.collaboration edge-only)",
+            "model",
+        )
     if collab.overloaded(scheduler.max_num_seqs, scheduler.queue_limit, scheduler.in_flight):
         raise Overloaded(f"{collab.active} collaborative requests in flight; retry later")
     collab.counted(options)
@@ -96,11 +106,18 @@ async def echo(
     model: GenerativeModel = scheduler.model
     ids = prompt_ids(job, model, job.prompt or "")
     max_tokens = resolve_max_tokens(job, len(ids), model.context_length)
-    scorer = scorers.get(job.model)
+    name, adapter = split_model(job.model)
+    scorer = scorers.get(name)
     if scorer is None:
-        scorer = PromptScorer(model, job.model, metrics, scheduler.step_delay_s)
-        scorers[job.model] = scorer
-    scored = await scorer.score(ids, job.params(max_tokens), job.logprobs or 0)
+        scorer = PromptScorer(model, name, metrics, scheduler.step_delay_s)
+        scorers[name] = scorer
+    loaded = scheduler.adapters.acquire(adapter)
+    try:
+        key = None if loaded is None else loaded.key
+        scored = await scorer.score(ids, job.params(max_tokens), job.logprobs or 0, key)
+    finally:
+        if loaded is not None:
+            scheduler.adapters.release(loaded)
     prompt_text = job.prompt if job.prompt_ids is None else str(model.tokenizer.decode(ids))
     return echo_response(
         rid, job.model, now(), prompt_text or "", scored, job.tokens_as_ids, job.logprobs is not None

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from kiri_runtime.adapters import BASE, SEPARATOR, split_model
 from kiri_runtime.collaborating import Collaborator
 from kiri_runtime.dataplane import DataPlane
 from kiri_runtime.errors import InferenceError, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge
@@ -95,9 +96,11 @@ class GenerationRoutes:
 
     # ------------------------------------------------------------ common
 
-    def _scheduler(self, name: str) -> Scheduler:
+    def _scheduler(self, full_name: str) -> Scheduler:
+        """The scheduler of `model` or `model:adapter` (the adapter checked to be loaded: 404 otherwise)."""
+        name, adapter = split_model(full_name)
         if not self.dataplane.has_model(name):
-            raise ApiError(f"model {name!r} is not served here", "model", "model_not_found", status=404)
+            raise ApiError(f"model {full_name!r} is not served here", "model", "model_not_found", status=404)
         scheduler = self.schedulers.get(name)
         if scheduler is None:
             if not self.dataplane.model_ready(name):
@@ -105,6 +108,15 @@ class GenerationRoutes:
             raise ApiError(f"model {name!r} is not a language model: use /v2/models/{name}/infer", "model")
         if self.dataplane.draining:
             raise ModelNotReady("the server is shutting down")
+        if not self.dataplane.model_ready(name):  # loaded, its --adapter files still loading
+            raise ModelNotReady(f"model {name!r} is not loaded yet")
+        if adapter is not None and adapter != BASE and scheduler.adapters.get(adapter) is None:
+            raise ApiError(
+                f"model {full_name!r} is not served here: adapter {adapter!r} is not loaded (GET /v1/models)",
+                "model",
+                "model_not_found",
+                status=404,
+            )
         return scheduler
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
@@ -122,9 +134,10 @@ class GenerationRoutes:
         model: GenerativeModel = scheduler.model
         ids = prompt_ids(job, model, prompt_text)
         max_tokens = resolve_max_tokens(job, len(ids), model.context_length)
+        adapter = split_model(job.model)[1]
         if self.collaborator is not None:
-            return submit(self.collaborator, scheduler, job, ids, job.params(max_tokens), stream)
-        return scheduler.submit(ids, job.params(max_tokens), stream)
+            return submit(self.collaborator, scheduler, job, ids, job.params(max_tokens), stream, adapter)
+        return scheduler.submit(ids, job.params(max_tokens), stream, adapter)
 
     async def _answer(
         self,
@@ -151,7 +164,11 @@ class GenerationRoutes:
         self.metrics.observe_infer(label, status, time.perf_counter() - start)
 
     def _label(self, name: str | None) -> str:
-        return name if name is not None and self.dataplane.has_model(name) else UNKNOWN_MODEL
+        """The metrics label: the base model's name (an adapter's requests count as its model's)."""
+        if name is None:
+            return UNKNOWN_MODEL
+        base = split_model(name)[0]
+        return base if self.dataplane.has_model(base) else UNKNOWN_MODEL
 
     @staticmethod
     def _openai_error(exc: InferenceError) -> web.Response:
@@ -179,16 +196,35 @@ class GenerationRoutes:
     # ------------------------------------------------------------ OpenAI
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [
-            {
+        """Each model, then each of its adapters as `model:adapter` with vLLM's `parent` (and `root`: its URI)."""
+        data: list[dict[str, Any]] = []
+        for name, scheduler in self.schedulers.items():
+            length = scheduler.model.context_length
+            base = {
                 "id": name,
                 "object": "model",
                 "created": now(),
                 "owned_by": "kiri",
-                "max_model_len": scheduler.model.context_length,
+                "max_model_len": length,
             }
-            for name, scheduler in self.schedulers.items()
-        ]
+            data.append({**base, "root": name, "parent": None})
+            for a in scheduler.adapters.listing():
+                data.append(
+                    {
+                        **base,
+                        "id": f"{name}{SEPARATOR}{a.name}",
+                        "created": int(a.loaded_at),
+                        "root": a.uri or a.name,
+                        "parent": name,
+                        "kiri": {
+                            "adapter": a.name,
+                            "sha256": a.sha256,
+                            "rank": a.rank,
+                            "bytes": a.bytes,
+                            "default": a.name == scheduler.adapters.default,
+                        },
+                    }
+                )
         return web.json_response({"object": "list", "data": data})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -319,9 +355,10 @@ class GenerationRoutes:
         start = time.perf_counter()
         name, version = request.match_info["name"], request.match_info.get("version")
         label = self._label(name)
+        base = split_model(name)[0]
         try:
-            if version is not None and self.dataplane.has_model(name):
-                self.dataplane.model_metadata(name, version)  # ModelNotFound for a version not served
+            if version is not None and self.dataplane.has_model(base):
+                self.dataplane.model_metadata(base, version)  # ModelNotFound for a version not served
             data = await self._body(request)
             job, details = parse_generate(name, data)
             handle = self._submit(job, job.prompt or "", stream)
@@ -329,7 +366,7 @@ class GenerationRoutes:
             response = self._kserve_error(exc)
             self._count(label, response.status, start)
             return response
-        served_version = self.dataplane.model_metadata(name)["versions"][0]
+        served_version = self.dataplane.model_metadata(base)["versions"][0]
         if stream:
             status, streamed = await self._kserve_stream(request, handle, name, served_version, details)
             self._count(label, status, start)

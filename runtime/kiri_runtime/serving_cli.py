@@ -34,6 +34,32 @@ def _positive(raw: str) -> int:
     return value
 
 
+def _adapter(raw: str) -> Any:
+    """`NAME=URI`, or vLLM's JSON form `{"name": ..., "uri"|"path": ..., "sha256": ...}`."""
+    import json
+
+    from kiri_runtime.adapters import BadAdapter, check_name
+    from kiri_runtime.fetching import normalize_sha256
+    from kiri_runtime.serving import AdapterSpec
+
+    try:
+        if raw.lstrip().startswith("{"):
+            data = json.loads(raw)
+            name, uri, sha = data["name"], data.get("uri") or data["path"], data.get("sha256") or ""
+        else:
+            name, sep, uri = raw.partition("=")
+            sha = ""
+            if not sep or not uri:
+                raise ValueError("expected NAME=URI")
+        if not all(isinstance(v, str) for v in (name, uri, sha)):
+            raise ValueError("name, uri and sha256 are strings")
+        return AdapterSpec(check_name(name), uri, normalize_sha256(sha) or "")
+    except BadAdapter as e:
+        raise argparse.ArgumentTypeError(e.message) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"{raw[:80]!r}: {e}") from None
+
+
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub = subparsers.add_parser(
         "serve",
@@ -44,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub.add_argument(
         "--model-uri",
         required=True,
-        help="file://, http(s):// or s3:// URI of the .onnx file or of a packed language model (.tar); "
+        help="file://, http(s):// or s3:// URI of the .onnx file or of a packed language model (.tar or .tar.xz); "
         "or a local onnxruntime-genai model directory",
     )
     sub.add_argument("--name", required=True, help="model name in the /v2/models/{name} routes")
@@ -145,6 +171,25 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     collab.add_argument(
         "--speculative-max-k", type=_positive, default=12, help="speculative: the adaptive k's upper bound"
     )
+    lora = sub.add_argument_group("LoRA adapters (language models built LoRA-ready)")
+    lora.add_argument(
+        "--adapter",
+        type=_adapter,
+        action="append",
+        default=[],
+        metavar="NAME=URI",
+        help="an adapter (.onnx_adapter) loaded before the server is ready, requested as MODEL:NAME; repeatable; "
+        'or JSON {"name": ..., "uri": ..., "sha256": ...} to verify its digest',
+    )
+    lora.add_argument(
+        "--default-adapter", help="the adapter a bare model name gets (one of --adapter; default: none)"
+    )
+    lora.add_argument(
+        "--admin-token-file",
+        type=Path,
+        help="bearer token of the admin routes (/v1/load_lora_adapter, ...); default $KIRI_ADMIN_TOKEN, "
+        "without either they are off",
+    )
     sub.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     test_aids = sub.add_argument_group("test aids (never set these in production)")
     test_aids.add_argument(
@@ -164,6 +209,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import sys
 
     from kiri_runtime import redaction
     from kiri_runtime.collaborations import CollabConfig
@@ -174,6 +220,16 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     redaction.install()  # httpx logs full URLs; presigned ones carry credentials
+    names = [spec.name for spec in args.adapter]
+    if len(set(names)) != len(names):
+        print("kiri serve: error: --adapter names one adapter twice", file=sys.stderr)
+        return 2
+    if args.default_adapter is not None and args.default_adapter not in names:
+        print(
+            f"kiri serve: error: --default-adapter {args.default_adapter} is none of the --adapter names",
+            file=sys.stderr,
+        )
+        return 2
     config = ServeConfig(
         model_uri=args.model_uri,
         name=args.name,
@@ -201,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace,
         max_num_seqs=args.max_num_seqs,
         lm_batching=args.lm_batching,
+        adapters=tuple(args.adapter),
+        default_adapter=args.default_adapter,
+        admin_token_file=args.admin_token_file,
         collaboration=CollabConfig(
             mode=args.collaboration,
             cloud_model=args.cloud_model,

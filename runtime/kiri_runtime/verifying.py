@@ -68,9 +68,12 @@ class PromptScorer:
         self._prompt_tokens = metrics.lm_prompt_tokens.labels(name)
         self._generation_tokens = metrics.lm_generation_tokens.labels(name)
 
-    async def score(self, ids: list[int], params: SamplingParams, top_n: int) -> Scored:
+    async def score(
+        self, ids: list[int], params: SamplingParams, top_n: int, adapter: str | None = None
+    ) -> Scored:
+        """`adapter`: the onnxruntime-genai key of a LoRA adapter the caller holds (adapters.py) for the call."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._score, ids, params, top_n)
+        return await loop.run_in_executor(self._pool, self._score, ids, params, top_n, adapter)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -84,10 +87,10 @@ class PromptScorer:
             top = tuple((int(t), text(int(t)), float(logp[t])) for t in best)
         return TokenLogprob(token, text(token), float(logp[token]), top)
 
-    def _score(self, ids: list[int], params: SamplingParams, top_n: int) -> Scored:
+    def _score(self, ids: list[int], params: SamplingParams, top_n: int, adapter: str | None) -> Scored:
         model = self.model
         max_length = min(model.context_length, len(ids) + params.max_tokens)
-        generator = model.generator([ids], params, max_length)
+        generator = model.generator([ids], params, max_length, adapter)
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
         logp = log_softmax(np.asarray(generator.get_output("logits"), dtype=np.float32)[0])

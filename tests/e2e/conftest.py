@@ -49,9 +49,11 @@ The simulated fleet (defaults of ``hack/cluster up``; see ``hack/cluster --help`
 Real nodes
 ----------
 Tests marked ``real_nodes`` (tests/e2e/test_real_nodes.py) run real pods on a real kubelet + containerd
-(``hack/cluster up --real-nodes N``, hack/README.md). They need root and, the first time, minutes of
-builds, so they are skipped unless selected: ``-m real_nodes`` or ``KIRI_REAL_NODES=1``
-(``make test-real-nodes``). Their module fixture adds one real node (``kiri-real-0``, tainted
+(``hack/cluster up --real-nodes N``, hack/README.md). They are part of ``make test``, which builds what
+they need first (``make setup-real-nodes``). They need root, network namespaces, overlayfs and cgroup
+controllers: when they are selected, the session first runs ``hack/cluster check-host`` and stops with its
+one-line error on a host that cannot run them. ``KIRI_REAL_NODES=0`` (or ``-m "not real_nodes"``) leaves
+them out by name. Their module fixture adds one real node (``kiri-real-0``, tainted
 ``kiri.dev/node-kind=real:NoSchedule``) and removes it afterwards if it added it: real nodes carry edge
 labels, and the other tests expect the kwok edge fleet alone.
 
@@ -67,6 +69,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -260,15 +263,28 @@ def compressor_account(namespace: str, name: str = "kiri-compressor") -> list[di
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Every test under tests/e2e needs the control plane; mark them so `-m "not e2e"` deselects them.
     e2e_dir = Path(__file__).parent
-    # Real-node tests build a kubelet, containerd and an image on first use (minutes) and need root: they
-    # run only when asked for, by marker expression or KIRI_REAL_NODES=1 (see tests/e2e/test_real_nodes.py).
-    want_real = os.environ.get("KIRI_REAL_NODES") == "1" or "real_nodes" in (
-        config.getoption("markexpr") or ""
-    )
     for item in items:
         if e2e_dir in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
-        if item.get_closest_marker("real_nodes") and not want_real:
-            item.add_marker(
-                pytest.mark.skip(reason="real-node test: select with -m real_nodes or KIRI_REAL_NODES=1")
-            )
+        # Real-node tests run by default (`make test`); only an explicit KIRI_REAL_NODES=0 leaves them out.
+        if item.get_closest_marker("real_nodes") and os.environ.get("KIRI_REAL_NODES") == "0":
+            item.add_marker(pytest.mark.skip(reason="real-node test left out by KIRI_REAL_NODES=0"))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When real-node tests are to run, check once that this host can run real nodes: a host that cannot
+    (not root, no overlayfs, cgroup controllers missing) gets one error naming the limit, not a failure
+    per test and not silent skips."""
+    if session.config.option.collectonly or os.environ.get("KIRI_REAL_NODES") == "0":
+        return
+    if not any(item.get_closest_marker("real_nodes") for item in session.items):
+        return
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "hack" / "cluster.py"), "check-host"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode != 0:
+        pytest.exit((proc.stderr or proc.stdout).strip(), returncode=1)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from kiri_runtime import probing
+
 from .conftest import Cluster
 from .operator_harness import (
     Operator,
@@ -90,7 +92,7 @@ def test_model_deployment_reconciles_into_cloud_compression_and_edge(
     dep = cluster.get_json("deployment", "tiny-cloud", "-n", namespace)
     container = dep["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert container["readinessProbe"]["exec"]["command"] == probing.command(8080)
     assert cluster.get_json("service", "tiny-cloud", "-n", namespace)["spec"]["ports"][0]["port"] == 8080
 
     # Compression: a Job on a cloud node; its commands, run here, publish the real manifest.

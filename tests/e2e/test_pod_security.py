@@ -149,6 +149,47 @@ def test_a_full_rollout_is_admitted_in_a_namespace_enforcing(
     assert pod_security_events(cluster, namespace) == []
 
 
+def test_a_vllm_cloud_tiers_pod_is_admitted_under_restricted_and_serves_behind_the_same_service(
+    cluster: Cluster, namespace: str, operator: Operator, store: None
+) -> None:
+    """`cloud.runtime.engine: vllm` (issue 22): the real API server admits the rendered pod (init `checkpoint`,
+    `vllm`, the GPU, the memory-backed /dev/shm) where "restricted" is enforced; kwok runs no container, so vLLM
+    itself does not run here (no GPU machine was lent to this work)."""
+    enforce(cluster, namespace, "restricted")
+    sha = "3f29c2a8c81a5a4c0e7e7b3f52d93d7f6a4f6d5a0e1b2c3d4e5f60718293a4b5"
+    md = {
+        "apiVersion": "kiri.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "chat", "namespace": namespace},
+        "spec": {
+            "model": {
+                "name": "chat",
+                "version": "1",
+                "source": {"uri": "pvc://store/chat/checkpoint.tar", "format": "hf", "sha256": sha},
+                "evalDataUri": "pvc://store/chat/eval.jsonl",
+            },
+            "cloud": {"resources": {"cpu": "2", "memory": "8Gi", "gpu": 2}, "runtime": {"engine": "vllm"}},
+            "edge": {
+                "variants": [{"name": "q4", "method": "int4"}],
+                "artifacts": {"uri": "pvc://store/kiri"},
+                "collaboration": {"mode": "speculative"},
+            },
+        },
+    }
+    cluster.apply(md)
+    wait_condition(cluster, namespace, "chat", "CloudReady", "True", "DeploymentAvailable", timeout=120)
+    (pod,) = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/component=cloud")["items"]
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["checkpoint"]
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["vllm"]
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["status"]["phase"] == "Running"
+    (service,) = [
+        s for s in children(cluster, namespace, "chat", "services") if s["metadata"]["name"] == "chat-cloud"
+    ]
+    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    assert pod_security_events(cluster, namespace) == []
+
+
 def run_steps(cluster: Cluster, job: dict[str, Any], mount: Path) -> None:
     """The Job's steps, run here, with the claim's mount (/artifacts) mapped to `mount`."""
     pod = job["spec"]["template"]["spec"]

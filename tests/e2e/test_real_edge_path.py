@@ -10,7 +10,7 @@ pod on the edge node fetches the variant from the store over the fabric between 
 sha256, caches it, turns Ready through its probes, answers OIP v2 and sends low-confidence rows to the
 cloud Deployment by its Service name.
 
-Marked `real_nodes` (opt-in, root, minutes of builds the first time; see tests/e2e/test_real_nodes.py).
+Marked `real_nodes` (root; part of `make test`, which builds what it needs first; see tests/e2e/conftest.py).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from .conftest import CLUSTER_SCRIPT, REPO_ROOT, Cluster
+from .test_real_node_cache import _shared, cache_root, kubelet_root
 
 pytestmark = pytest.mark.real_nodes
 
@@ -71,12 +72,21 @@ def real_pair(cluster: Cluster) -> Iterator[None]:
     try:
         _run(
             sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", "operator",
-            "compressor-quantize", timeout=1800,
+            "compressor-quantize", "cache-csi", timeout=1800,
         )  # fmt: skip
+        # The chart's node cache driver mounts with Bidirectional propagation: its host paths must be shared.
+        _shared(kubelet_root(EDGE_NODE))
+        _shared(cache_root(EDGE_NODE))
         yield
     finally:
         if before < 2:
             _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", str(before), timeout=600)
+        else:
+            # Kept: an edge node again, as `up` labels real nodes (the next module may want two edge nodes).
+            cluster.kubectl(
+                "label", "node", CLOUD_NODE, "--overwrite", "kiri.dev/tier=edge", "kiri.dev/site=site-real",
+                "topology.kubernetes.io/zone=site-real",
+            )  # fmt: skip
 
 
 def tiny_classifier(path: Path) -> tuple[bytes, str]:
@@ -352,15 +362,27 @@ def deployed(
     )
     env = _with_helm(cluster.env, tmp / "helm-home")
     on_cloud = {**REAL, "kiri.dev/tier": "cloud"}
+    prometheus, prom_url = _start_prometheus(cluster, ns, tmp)
     (tmp / "values.yaml").write_text(
         yaml.safe_dump(
             {
                 # The CRD is applied below, not owned by this release (other releases may have kept it).
                 "crds": {"install": False},
+                # The operator asks only the Prometheus addresses the administrator allows.
+                "analysis": {"allowedPrometheus": [prom_url]},
                 "operator": {"watchNamespaces": [ns]},
                 "image": {"pullPolicy": "Never"},
                 "nodeSelector": on_cloud,
                 "tolerations": TOLERATE_REAL,
+                # The node cache driver on the edge node only, with that kubelet's root dir and a cache
+                # root of its own (real nodes share this host; see test_real_node_cache.py).
+                "edgeCache": {
+                    "root": str(cache_root(EDGE_NODE)),
+                    "kubeletDir": str(kubelet_root(EDGE_NODE)),
+                    "image": {"pullPolicy": "Never"},
+                    "nodeSelector": {"kubernetes.io/hostname": EDGE_NODE},
+                    "tolerations": TOLERATE_REAL,
+                },
                 # No StorageClass in this cluster: the store keeps its files in an emptyDir.
                 "store": {
                     "image": {"pullPolicy": "Never"},
@@ -372,7 +394,6 @@ def deployed(
         )
     )
     release = "kiri-" + ns[-6:]
-    prometheus, prom_url = _start_prometheus(cluster, ns, tmp)
     thread: threading.Thread | None = None
     d: Deployed | None = None
     try:
@@ -461,6 +482,7 @@ def deployed(
         prometheus.wait(20)
         helm(env, "uninstall", release, "--namespace", ns, "--wait", "--timeout", "60s", check=False)
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        cluster.kubectl("delete", "csidriver", "cache.kiri.dev", "--ignore-not-found", check=False)
         shutil.rmtree(tmp / "tsdb", ignore_errors=True)
 
 

@@ -313,3 +313,121 @@ def test_a_pod_naming_another_namespace_in_its_volume_attributes_still_gets_its_
         assert not (cache_root(REAL_NODES[0]) / theirs).exists()
     finally:
         cluster.kubectl("delete", "namespace", mine, "--wait=false", "--ignore-not-found", check=False)
+
+
+BIG_FEATURES, BIG_HIDDEN = (
+    2048,
+    8192,
+)  # one float32 weight matrix: 64 MiB, the size of a small int8 LLM layer stack
+
+
+@pytest.fixture(scope="module")
+def big_model_server() -> Iterator[tuple[str, str, int, list[int]]]:
+    """A 64 MiB ONNX model (x @ W, seeded) over HTTP on the cluster's host address: a realistic artifact
+    size, so that a node's download shows in the pod's start."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(1).standard_normal((BIG_FEATURES, BIG_HIDDEN)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", BIG_FEATURES])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", BIG_HIDDEN])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    state = json.loads((STATE_DIR / "state.json").read_text())
+    first = state["real_nodes"]["nodes"][REAL_NODES[0]]["internal_ip"]
+    host = ".".join(first.split(".")[:2]) + ".127.1"
+    served: list[int] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            served.append(len(data))
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = socketserver.ThreadingTCPServer((host, 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (
+            f"http://{host}:{server.server_address[1]}/big.onnx",
+            hashlib.sha256(data).hexdigest(),
+            len(data),
+            served,
+        )
+    finally:
+        server.shutdown()
+
+
+def _pod_metric(ip: str, name: str) -> float:
+    import httpx
+
+    text = httpx.get(f"http://{ip}:8080/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _ready_seconds(pod: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    def ts(value: str) -> float:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+    ready = next(c for c in pod["status"]["conditions"] if c["type"] == "Ready")
+    return ts(ready["lastTransitionTime"]) - ts(pod["metadata"]["creationTimestamp"])
+
+
+def test_a_64_mib_artifact_is_downloaded_once_per_node_and_a_replaced_pod_starts_from_the_cache(
+    cluster: Cluster, cache_driver: str, big_model_server: tuple[str, str, int, list[int]]
+) -> None:
+    uri, sha, size, served = big_model_server
+    ns = tenant(cluster, "restricted")
+    try:
+        cluster.apply(edge_daemonset(ns, "big", uri, sha), namespace=ns)
+
+        def ready() -> list[dict[str, Any]] | None:
+            got = ready_pods(cluster, ns)
+            if got is None:
+                return None
+            return [cluster.get_json("pod", name, "-n", ns) for name in got.values()]
+
+        try:
+            cold = cluster.wait_for(ready, timeout=300, interval=1, message="edge pods Ready (cold)")
+        except TimeoutError:
+            raise AssertionError(cluster.kubectl("describe", "pods", "-n", ns, check=False)) from None
+        for pod in cold:
+            ip = pod["status"]["podIP"]
+            assert _pod_metric(ip, 'kiri_artifact_fetches_total{result="downloaded"}') == 1.0
+            assert _pod_metric(ip, "kiri_artifact_fetch_bytes_total") == size
+            print(f"\n[figure] {size} B artifact, pod created -> Ready, cold: {_ready_seconds(pod):.0f} s",
+                  file=sys.stderr)  # fmt: skip
+
+        assert served == [size] * len(REAL_NODES)  # one download per node
+        # New pods on the same nodes (the DaemonSet replaces the deleted ones): from the node cache.
+        old = {p["metadata"]["uid"] for p in cold}
+        cluster.kubectl("delete", "pods", "-n", ns, "-l", "app.kubernetes.io/component=edge", "--wait=false")
+
+        def replaced() -> list[dict[str, Any]] | None:
+            pods = ready()
+            return pods if pods and not old & {p["metadata"]["uid"] for p in pods} else None
+
+        warm = cluster.wait_for(replaced, timeout=300, interval=1, message="replaced edge pods Ready")
+        for pod in warm:
+            ip = pod["status"]["podIP"]
+            assert _pod_metric(ip, 'kiri_artifact_fetches_total{result="hit"}') == 1.0
+            assert _pod_metric(ip, 'kiri_artifact_fetches_total{result="downloaded"}') == 0.0
+            assert _pod_metric(ip, "kiri_artifact_fetch_bytes_total") == 0.0
+            print(f"[figure] {size} B artifact, pod created -> Ready, cached: {_ready_seconds(pod):.0f} s",
+                  file=sys.stderr)  # fmt: skip
+        assert served == [size] * len(REAL_NODES)  # and none more
+    finally:
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", "--ignore-not-found", check=False)

@@ -5,9 +5,9 @@ real node reconciling a ModelDeployment to Healthy.
 
 Unlike the rest of tests/e2e, nothing here is simulated past the API server: a real kubelet and
 containerd (`hack/cluster up --real-nodes 1`) pull nothing, run the image that hack/images.py built
-without Docker, probe it and route its pod IP to this host through the node's veth. Marked `real_nodes`
-and skipped unless asked for (`-m real_nodes` or KIRI_REAL_NODES=1): the first run builds the kubelet,
-containerd, runc and the image (minutes; see hack/README.md), and it needs root.
+without Docker, probe it and route its pod IP to this host through the node's veth. Marked `real_nodes`,
+part of `make test` (which first builds the kubelet, containerd, runc and the images: minutes cold, see
+hack/README.md); it needs root, and KIRI_REAL_NODES=0 leaves it out (tests/e2e/conftest.py).
 """
 
 from __future__ import annotations

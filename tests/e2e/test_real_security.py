@@ -7,8 +7,8 @@ in the chart's pods (two replicas on two real nodes, `podAntiAffinity` by hostna
 container is killed with SIGKILL through its node's containerd (`ctr task kill`), as an OOM kill or a
 crashed process would end it: no SIGTERM, so no Lease release; the standby must take it over.
 
-Marked `real_nodes` and skipped unless asked for (`-m real_nodes` or KIRI_REAL_NODES=1): it needs root,
-the real-node binaries and the images (hack/README.md).
+Marked `real_nodes` (part of `make test`; KIRI_REAL_NODES=0 leaves it out): it needs root, the real-node
+binaries and the images (hack/README.md).
 """
 
 from __future__ import annotations
@@ -380,6 +380,33 @@ def test_a_cloud_pod_on_a_real_node_fetches_from_an_http_store_with_the_bearer_t
         status = first["status"].get("containerStatuses") or [{}]
         assert not status[0].get("ready")
         print(f"\nwithout the Secret: 401 reason after {time.monotonic() - t0:.1f}s", file=sys.stderr)
+        # The same reason in the ModelDeployment's status: the exec readiness probe printed it, the kubelet
+        # kept it in its Unhealthy Event, and the operator quoted it in CloudReady.
+        event = cluster.wait_for(
+            lambda: [
+                e
+                for e in cluster.get_json("events", "-n", namespace)["items"]
+                if e["involvedObject"]["name"] == first["metadata"]["name"] and e["reason"] == "Unhealthy"
+            ],
+            timeout=60,
+            message="the kubelet's Unhealthy Event",
+        )[-1]
+        assert event["message"].startswith("Readiness probe failed: "), event
+        assert event["source"]["host"] == first["spec"]["nodeName"], event
+
+        def cloud_ready() -> dict[str, Any]:
+            conds = get_md(cluster, namespace, "private").get("status", {}).get("conditions", [])
+            return next((c for c in conds if c["type"] == "CloudReady"), {})
+
+        quoted = cluster.wait_for(
+            lambda: "pods not ready: readiness probe:" in (c := cloud_ready()).get("message", "") and c,
+            timeout=90,
+            interval=1,
+            message="CloudReady quoting the probe's reason",
+        )
+        assert quoted["status"] == "False", quoted
+        assert quoted["message"].endswith(f"; 1 pods not ready: readiness probe: {said[1]}"), (quoted, said)
+        print(f"the reason in CloudReady after {time.monotonic() - t0:.1f}s", file=sys.stderr)
 
         # The Secret, then a new pod (env from a Secret is read when the container starts).
         cluster.apply(

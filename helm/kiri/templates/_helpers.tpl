@@ -73,7 +73,7 @@ app.kubernetes.io/part-of: kiri
 The operator's namespaced permissions. Rendered into one ClusterRole (all namespaces) or one Role per
 watched namespace. Verbs are the minimum: the operator only reads ModelDeployments (kopf runs event
 handlers only, so it writes no annotations or finalizers) and applies their status; it
-server-side-applies its children, which is `patch`, and deletes children of old revisions; pods are only read (readiness per node). No secrets, no pod exec, no
+server-side-applies its children, which is `patch`, and deletes children of old revisions; pods are only read (readiness per node). Secrets are only created (the learning TLS Secret), never read; no pod exec, no
 "bind" or "escalate".
 */}}
 {{- define "kiri.namespacedRules" -}}
@@ -101,6 +101,11 @@ server-side-applies its children, which is `patch`, and deletes children of old 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# The learning rounds' TLS Secret (a CA and the SuperLink's certificate): create only. The operator never
+# gets, lists or watches a Secret, so it can read none, its own included.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
 {{- if .Values.compressor.createPerModelDeployment }}
 # compressor.createPerModelDeployment: each ModelDeployment's Jobs run under a ServiceAccount the operator
 # makes, whose Role names the ConfigMaps they write. Only in watched namespaces (a Role each, never a

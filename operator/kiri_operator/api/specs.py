@@ -25,6 +25,15 @@ from kiri_operator.api.access import (
     StoreCredentials,
 )
 from kiri_operator.api.bases import ApiModel, cel, cel_rules
+from kiri_operator.api.engines import (
+    VLLM_NEEDS_GPU,
+    VLLM_NEEDS_HF,
+    VLLM_NO_KIRI_SETTINGS,
+    VLLM_ONLY_WITH_ENGINE,
+    CloudEngine,
+    VllmSpec,
+)
+from kiri_operator.api.presets import PRESET_FLOORS, AnalysisPreset, preset_promql
 from kiri_operator.api.scalars import DnsLabel, IntOrPercent, LabelKey, Quantity, Sha256, Uri
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
@@ -269,9 +278,36 @@ class BatchingSpec(ApiModel):
 class ServingRuntimeSpec(ApiModel):
     """Model server settings."""
 
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("!has(self.vllm) || self.engine == 'vllm'", VLLM_ONLY_WITH_ENGINE, field_path=".vllm"),
+            cel(
+                "self.engine != 'vllm' || !has(self.threads)"
+                " && (!has(self.batching) || !has(self.batching.enabled) || !self.batching.enabled)",
+                VLLM_NO_KIRI_SETTINGS,
+                field_path=".engine",
+            ),
+        )
+    )
+
+    engine: CloudEngine = "kiri"
+    """`kiri` (`kiri serve`: ONNX Runtime / onnxruntime-genai, CPU or GPU) or `vllm` (opt-in, language models
+    from an `hf` source on GPU clouds: vLLM's OpenAI server; the edge verifies and continues against it the
+    same way). docs/operations.md "A vLLM cloud tier"."""
     threads: Annotated[int, Field(ge=1, le=256)] | None = None
-    """ONNX Runtime intra-op threads; unset lets the runtime match the CPU limit."""
+    """ONNX Runtime intra-op threads; unset lets the runtime match the CPU limit. `kiri` only."""
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    """Server-side dynamic batching. `kiri` only."""
+    vllm: VllmSpec | None = None
+    """Settings of engine `vllm` (its defaults when unset)."""
+
+    @model_validator(mode="after")
+    def _settings_fit_engine(self) -> ServingRuntimeSpec:
+        if self.vllm is not None and self.engine != "vllm":
+            raise ValueError(VLLM_ONLY_WITH_ENGINE)
+        if self.engine == "vllm" and (self.threads is not None or self.batching.enabled):
+            raise ValueError(VLLM_NO_KIRI_SETTINGS)
+        return self
 
 
 def _cloud_tolerations() -> list[Toleration]:
@@ -555,6 +591,102 @@ class FallbackSpec(ApiModel):
     """Requests waiting locally beyond this go to the cloud."""
 
 
+CollaborationMode = Literal["edge-only", "cloud-only", "speculative", "cascade"]
+CascadeMetric = Literal["margin", "top1", "entropy"]
+# Modes in which the edge talks to the cloud tier per token.
+CLOUD_MODES = ("cloud-only", "speculative", "cascade")
+MAX_ENTROPY_NATS = 20.0
+_CASCADE_ONLY = "edge.collaboration.cascade applies only to mode cascade"
+_SPECULATIVE_ONLY = "edge.collaboration.speculative applies only to mode speculative"
+_THRESHOLD_SHARE = "edge.collaboration.cascade.threshold must be between 0 and 1 for metric margin or top1"
+_K_OVER_MAX = "edge.collaboration.speculative.k must not exceed edge.collaboration.speculative.maxK"
+
+
+class CascadeSpec(ApiModel):
+    """`cascade`: the edge generates while its uncertainty stays at or under `threshold`; past it the cloud
+    continues from the prefix."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(
+                "self.metric == 'entropy' || self.threshold <= 1.0",
+                _THRESHOLD_SHARE,
+                field_path=".threshold",
+            )
+        )
+    )
+
+    metric: CascadeMetric = "margin"
+    """Per-token uncertainty: `margin` (1 - (top-1 - runner-up probability)), `top1` (1 - top-1 probability)
+    or `entropy` (of the next-token distribution, in nats). `kiri serve --cascade-metric`."""
+    threshold: Annotated[float, Field(ge=0.0, le=MAX_ENTROPY_NATS)] = 0.7
+    """Hand off above this uncertainty: 0..1 for `margin` and `top1`, 0..20 nats for `entropy`.
+    `--cascade-threshold`."""
+    window: Annotated[int, Field(ge=1, le=64)] = 1
+    """Tokens the uncertainty is averaged over. `--cascade-window`."""
+    cloud_tokens: Annotated[int, Field(ge=0, le=4096)] = 0
+    """Tokens the cloud produces per hand-off before the edge resumes; 0: the cloud finishes the answer.
+    `--cascade-cloud-tokens`."""
+
+    @model_validator(mode="after")
+    def _threshold_fits_metric(self) -> CascadeSpec:
+        if self.metric != "entropy" and self.threshold > 1.0:
+            raise ValueError(_THRESHOLD_SHARE)
+        return self
+
+
+class SpeculativeSpec(ApiModel):
+    """`speculative`: the edge drafts `k` tokens, the cloud verifies them in one forward pass (lossless)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(cel("self.k <= self.maxK", _K_OVER_MAX, field_path=".k"))
+    )
+
+    k: Annotated[int, Field(ge=0, le=64)] = 0
+    """Draft tokens per verify round; 0 adapts k to the measured acceptance rate and round trip.
+    `--speculative-k`."""
+    max_k: Annotated[int, Field(ge=1, le=64)] = 12
+    """Upper bound of the adaptive k. `--speculative-max-k`."""
+
+    @model_validator(mode="after")
+    def _k_within_max(self) -> SpeculativeSpec:
+        if self.k > self.max_k:
+            raise ValueError(_K_OVER_MAX)
+        return self
+
+
+class CollaborationSpec(ApiModel):
+    """Edge-cloud collaborative generation of a language model, token by token (docs/operations.md
+    "Edge-cloud collaboration"). The edge pods' cloud tier is this ModelDeployment's cloud Service."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("!has(self.cascade) || self.mode == 'cascade'", _CASCADE_ONLY, field_path=".cascade"),
+            cel(
+                "!has(self.speculative) || self.mode == 'speculative'",
+                _SPECULATIVE_ONLY,
+                field_path=".speculative",
+            ),
+        )
+    )
+
+    mode: CollaborationMode = "edge-only"
+    """`edge-only` (the edge answers; the cloud only when the edge is not ready or overloaded), `cloud-only`,
+    `speculative` or `cascade`. A request may pick another (body field `kiri.collaboration`)."""
+    cascade: CascadeSpec | None = None
+    """Settings of mode `cascade` (its defaults when unset)."""
+    speculative: SpeculativeSpec | None = None
+    """Settings of mode `speculative` (its defaults when unset)."""
+
+    @model_validator(mode="after")
+    def _settings_fit_mode(self) -> CollaborationSpec:
+        if self.cascade is not None and self.mode != "cascade":
+            raise ValueError(_CASCADE_ONLY)
+        if self.speculative is not None and self.mode != "speculative":
+            raise ValueError(_SPECULATIVE_ONLY)
+        return self
+
+
 CACHE_PATH_REFUSED = (
     "edge.cache.path is no longer a spec field: the node cache is the cluster admin's (the chart's"
     " edgeCache.root), split per namespace and model; remove it"
@@ -612,7 +744,8 @@ class EdgeSpec(ApiModel):
     node_selector: Annotated[dict[str, LabelValue], Field(max_length=32)] = {TIER_LABEL: "edge"}
     """Which nodes form the edge fleet."""
     tolerations: Annotated[list[Toleration], Field(max_length=32)] = []
-    """Tolerations of the edge pods (e.g. for sites that taint their nodes)."""
+    """Tolerations of the edge pods (e.g. for sites that taint their nodes). A selected node with a
+    NoSchedule or NoExecute taint they do not tolerate is not a rollout target (no pod can run there)."""
     pod_labels: Annotated[dict[str, LabelValue], Field(max_length=32)] = {}
     """Extra labels on edge pods (e.g. for a Prometheus scrape selector). Part of the revision: changing
     them rolls out in waves like any other change."""
@@ -630,6 +763,9 @@ class EdgeSpec(ApiModel):
     ] = []
     """Empty: cloud serving only, nothing goes to edge nodes."""
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    collaboration: CollaborationSpec | None = None
+    """Language models (`hf`, `gguf`): how the edge works with the cloud tier token by token. Part of the
+    revision: changing it rolls out in waves like any other change. Unset: `edge-only`."""
     cache: CacheSpec = Field(default_factory=CacheSpec)
     artifacts: ArtifactsSpec = Field(default_factory=ArtifactsSpec)
     service_account_name: ServiceAccountName | None = None
@@ -709,14 +845,44 @@ class PrometheusSpec(ApiModel):
     `http://prometheus-operated.monitoring.svc:9090`."""
 
 
+_QUERY_XOR_PRESET = "analysis.queries[]: set exactly one of query or preset"
+_RELATIVE_NEEDS_PRESET = (
+    "analysis.queries[].relativeToStable applies only to preset ttft-p95, itl-p95 or handoff-ratio"
+    " (an error ratio is gated absolutely; a raw query can use $stableRevision itself)"
+)
+
+
 class AnalysisQuery(ApiModel):
-    """A PromQL query evaluated every `interval` during a wave's bake time."""
+    """A PromQL query (or a named preset for language models) evaluated every `interval` during a wave's bake
+    time."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel("has(self.query) != has(self.preset)", _QUERY_XOR_PRESET),
+            cel(
+                "!has(self.relativeToStable) || !self.relativeToStable"
+                " || has(self.preset) && self.preset in ['ttft-p95', 'itl-p95', 'handoff-ratio']",
+                _RELATIVE_NEEDS_PRESET,
+                field_path=".relativeToStable",
+            ),
+        )
+    )
 
     name: Name
     """Unique name, used in events and conditions."""
-    query: Annotated[str, Field(min_length=1, max_length=4096)]
-    """PromQL returning one scalar or a one-element vector. `$revision`, `$variant` and `$namespace` are
-    substituted before it runs."""
+    query: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    """PromQL returning one scalar or a one-element vector. `$revision`, `$stableRevision` (the last revision that
+    reached every node, which the nodes not yet updated still run; empty on a first rollout), `$variant` and
+    `$namespace` are substituted before it runs. Exactly one of `query` and `preset`."""
+    preset: AnalysisPreset | None = None
+    """A named query on the language-model metrics of the update revision's edge pods: `ttft-p95` (seconds
+    to the first token, 95th percentile), `itl-p95` (seconds between tokens, 95th percentile), `error-ratio`
+    (5xx over all requests) or `handoff-ratio` (the cascade's uncertainty hand-offs per answer token). The
+    rate window is two intervals, at least 60s. docs/operations.md lists the PromQL each stands for."""
+    relative_to_stable: bool = False
+    """Presets `ttft-p95`, `itl-p95`, `handoff-ratio`: the result is the update revision's value over the
+    stable revision's (floored at 0.001), so `result <= 1.2` allows 20% worse; 1 while there is no stable
+    revision with data."""
     success_condition: Annotated[
         str,
         Field(
@@ -732,6 +898,22 @@ class AnalysisQuery(ApiModel):
     """Failed measurements tolerated; one more fails the wave and rolls back."""
     min_samples: Annotated[int, Field(ge=1, le=1000)] = 1
     """Measurements with data needed for a verdict. Fewer is inconclusive: the wave holds, no rollback."""
+
+    @model_validator(mode="after")
+    def _query_or_preset(self) -> AnalysisQuery:
+        if (self.query is None) == (self.preset is None):
+            raise ValueError(_QUERY_XOR_PRESET)
+        if self.relative_to_stable and self.preset not in PRESET_FLOORS:
+            raise ValueError(_RELATIVE_NEEDS_PRESET)
+        return self
+
+    @property
+    def promql(self) -> str:
+        """The query to run, before substitution: `query`, or the preset's PromQL."""
+        if self.query is not None:
+            return self.query
+        assert self.preset is not None
+        return preset_promql(self.preset, self.interval, self.relative_to_stable)
 
 
 class AnalysisSpec(ApiModel):
@@ -815,6 +997,7 @@ class RolloutSpec(ApiModel):
 
 TrainedPartKind = Literal["whole", "layers", "lora"]
 Aggregation = Literal["fedavg", "trimmed-mean"]
+LearningPolicy = Literal["perSite", "federated"]
 FACTORY_PATTERN = r"^([A-Za-z_][A-Za-z0-9_.]*|[^:\s]+\.py):[A-Za-z_][A-Za-z0-9_]*$"
 ABSOLUTE_PATH_PATTERN = r"^/[^\s]*$"
 
@@ -885,6 +1068,12 @@ class LearningSchedule(ApiModel):
     """Once `minClients` updates arrived, wait this long for the rest, then close: stragglers do not stall it."""
 
 
+_TRIMMED_NEEDS_CLEAR = (
+    "learning.aggregation trimmed-mean needs each site's update in the clear: set learning.secureAggregation "
+    "to false (SecAgg+ reveals only the sum)"
+)
+
+
 class LearningSpec(ApiModel):
     """Federated fine-tuning at the edge: sites train on local data and send only privatized updates."""
 
@@ -894,12 +1083,24 @@ class LearningSpec(ApiModel):
                 "!has(self.clientsPerRound) || self.minClients <= self.clientsPerRound",
                 "learning.minClients must not exceed learning.clientsPerRound",
                 field_path=".minClients",
-            )
+            ),
+            cel(
+                "self.aggregation != 'trimmed-mean' || (has(self.secureAggregation) && !self.secureAggregation)",
+                _TRIMMED_NEEDS_CLEAR,
+                field_path=".aggregation",
+            ),
         )
     )
 
     mode: Literal["federated"] = "federated"
     """Only `federated`: raw site data never leaves the site."""
+    policy: LearningPolicy = "federated"
+    """`federated`: the sites' updates are aggregated through Flower (SecAgg+ by default) into one model
+    (FedAvg; with `trained.kind: lora`, FFA-LoRA). `perSite`: each site trains and keeps its own result on
+    its own nodes; nothing leaves the site but metrics (loss, sample count)."""
+    secure_aggregation: bool = True
+    """SecAgg+ (Flower's `SecAggPlusWorkflow`): the server sees only the sum of the sites' updates. Off only
+    for `aggregation: trimmed-mean`, which needs each update in the clear, and every site must allow it."""
     trainable: TrainableModel
     trained: TrainedPart = Field(default_factory=TrainedPart)
     rounds: Annotated[int, Field(ge=1, le=10000)] = 10
@@ -936,6 +1137,8 @@ class LearningSpec(ApiModel):
     def _clients(self) -> LearningSpec:
         if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
             raise ValueError("learning.minClients must not exceed learning.clientsPerRound")
+        if self.aggregation == "trimmed-mean" and self.secure_aggregation:
+            raise ValueError(_TRIMMED_NEEDS_CLEAR)
         return self
 
 
@@ -964,6 +1167,14 @@ _NEEDS_TENSOR_METHOD = (
 _NEEDS_LM_METRIC = (
     "a language model (model.source.format hf or gguf) is gated (edge.variants[].gate) on kl, top1-agreement, "
     "perplexity or greedy-match, not cosine or max-abs-error"
+)
+_COLLAB_NEEDS_LM = (
+    "edge.collaboration is for language models (model.source.format hf or gguf): a tensor model's edge "
+    "forwards whole requests to the cloud (edge.fallback)"
+)
+_COLLAB_NEEDS_CLOUD = (
+    "edge.collaboration.mode cloud-only, speculative and cascade need the cloud tier: cloud.replicas must be at "
+    "least 1 and edge.fallback.enabled true (the edge reaches the cloud Service through it)"
 )
 _NEEDS_LM_EVAL = "model.evalDataUri is required for a language model with variants (JSON Lines of texts or chats to gate on)"
 
@@ -1015,6 +1226,32 @@ class ModelDeploymentSpec(ApiModel):
                 _NEEDS_LM_EVAL,
                 field_path=".model.evalDataUri",
             ),
+            cel(
+                "!has(self.cloud) || !has(self.cloud.runtime) || !has(self.cloud.runtime.engine)"
+                " || self.cloud.runtime.engine != 'vllm' || self.model.source.format == 'hf'",
+                VLLM_NEEDS_HF,
+                field_path=".cloud.runtime.engine",
+            ),
+            cel(
+                "!has(self.cloud) || !has(self.cloud.runtime) || !has(self.cloud.runtime.engine)"
+                " || self.cloud.runtime.engine != 'vllm' || !has(self.cloud.resources)"
+                " || !has(self.cloud.resources.gpu) || self.cloud.resources.gpu >= 1",
+                VLLM_NEEDS_GPU,
+                field_path=".cloud.resources.gpu",
+            ),
+            cel(
+                f"!has(self.edge) || !has(self.edge.collaboration) || {_IS_LM}",
+                _COLLAB_NEEDS_LM,
+                field_path=".edge.collaboration",
+            ),
+            cel(
+                "!has(self.edge) || !has(self.edge.collaboration) || !has(self.edge.collaboration.mode)"
+                " || self.edge.collaboration.mode == 'edge-only'"
+                " || (!has(self.cloud) || !has(self.cloud.replicas) || self.cloud.replicas > 0)"
+                " && (!has(self.edge.fallback) || !has(self.edge.fallback.enabled) || self.edge.fallback.enabled)",
+                _COLLAB_NEEDS_CLOUD,
+                field_path=".edge.collaboration.mode",
+            ),
         )
     )
 
@@ -1036,6 +1273,19 @@ class ModelDeploymentSpec(ApiModel):
             raise ValueError(
                 "model.evalDataUri is required with learning (learned weights are exported and checked on it)"
             )
+        if self.cloud.runtime.engine == "vllm":
+            if self.model.source.format != "hf":
+                raise ValueError(VLLM_NEEDS_HF)
+            if self.cloud.resources.gpu < 1:
+                raise ValueError(VLLM_NEEDS_GPU)
+        collaboration = self.edge.collaboration
+        if collaboration is not None:
+            if self.model.source.format not in LM_FORMATS:
+                raise ValueError(_COLLAB_NEEDS_LM)
+            if collaboration.mode in CLOUD_MODES and (
+                self.cloud.replicas == 0 or not self.edge.fallback.enabled
+            ):
+                raise ValueError(_COLLAB_NEEDS_CLOUD)
         variants = self.edge.variants
         if self.model.source.format not in LM_FORMATS:
             if any(v.method in LM_METHODS or any(g.metric in LM_METRICS for g in v.gate) for v in variants):

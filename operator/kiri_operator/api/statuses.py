@@ -210,14 +210,15 @@ class LearnedModel(StatusModel):
 
 
 class SiteDownload(StatusModel):
-    """Bytes a site's nodes fetch for one adopted learned revision, for `maxBytesPerDay`."""
+    """Bytes a site's nodes fetch for one rollout (or adopted learned revision), for `maxBytesPerDay`."""
 
     site: str
     """The site."""
     bytes: Annotated[int, Field(ge=0)]
-    """Bytes charged (nodes at the site times the largest accepted variant)."""
+    """Bytes charged: for a learned revision, nodes at the site times the largest accepted variant; for a
+    rollout, the variant each node of the site gets."""
     time: Timestamp
-    """When the revision was adopted."""
+    """When the revision was adopted, or its rollout started."""
 
 
 class LearningRetry(StatusModel):
@@ -316,6 +317,11 @@ class RolloutStatus(StatusModel):
     """The last `kiri.dev/rollback` annotation value acted on."""
     rolled_back_revisions: tuple[str, ...] = ()
     """Revisions rolled back, newest last: the same spec applied again is not rolled out again."""
+    started_at: Timestamp | None = None
+    """When the rollout of `updateRevision` started: `updatePolicy.minIntervalSeconds` counts from it."""
+    downloads: tuple[SiteDownload, ...] | None = None
+    """What each rollout of the last 24 hours made each site download: `updatePolicy.maxBytesPerDay` counts
+    it, whether the revision came from a spec change or a learning round."""
     history: tuple[RolloutHistoryEntry, ...] = ()
     """The last rollouts' ends, newest last."""
     verdict: RolloutVerdict | None = None

@@ -241,20 +241,46 @@ class Kube:
         path = KINDS[kind].path(namespace, name)
         return self._request("get", "GET", kind, path, missing_ok=True, timeout=timeout)
 
-    def events_about(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
-        """The Events with `reason` about one object (a server-side field selector: one small LIST)."""
-        fields = f"involvedObject.kind={kind},involvedObject.name={name},reason={reason}"
-        query = {"fieldSelector": fields, "limit": str(LIST_PAGE)}
-        result = self._request("list", "GET", "Event", KINDS["Event"].path(namespace), query=query) or {}
-        return [i for i in result.get("items") or [] if isinstance(i, dict)]
+    def events_with_reason(
+        self, namespace: str, kind: str | None, reason: str, pages: int = 10
+    ) -> list[dict[str, Any]]:
+        """The Events with `reason` about any object of `kind` (None: of any kind) in a namespace (one
+        server-side field selector), at most `pages` pages of LIST_PAGE: the kubelet and the controllers
+        fold repeats into one Event per object and message, so a namespace fits unless thousands of its
+        objects fail at once."""
+        fields = f"involvedObject.kind={kind},reason={reason}" if kind else f"reason={reason}"
+        out: list[dict[str, Any]] = []
+        token: str | None = None
+        for _ in range(pages):
+            query = {"fieldSelector": fields, "limit": str(LIST_PAGE)}
+            if token:
+                query["continue"] = token
+            result = self._request("list", "GET", "Event", KINDS["Event"].path(namespace), query=query) or {}
+            out += [i for i in result.get("items") or [] if isinstance(i, dict)]
+            token = (result.get("metadata") or {}).get("continue") or None
+            if not token:
+                break
+        return out
 
     def list(
-        self, kind: str, namespace: str | None = None, selector: str | None = None
+        self,
+        kind: str,
+        namespace: str | None = None,
+        selector: str | None = None,
+        *,
+        fields: str | None = None,
     ) -> list[dict[str, Any]]:
-        return [item for _, page in self.list_pages(kind, namespace, selector) for item in page]
+        return [
+            item for _, page in self.list_pages(kind, namespace, selector, fields=fields) for item in page
+        ]
 
     def list_pages(
-        self, kind: str, namespace: str | None = None, selector: str | None = None
+        self,
+        kind: str,
+        namespace: str | None = None,
+        selector: str | None = None,
+        *,
+        fields: str | None = None,
     ) -> Iterator[tuple[str | None, Page]]:
         """A LIST in pages of LIST_PAGE objects, each with the list's resourceVersion (the snapshot all
         pages show): one page is decoded at a time, so a fleet's pods do not need one huge response."""
@@ -264,6 +290,8 @@ class Kube:
             query = {"limit": str(LIST_PAGE)}
             if selector:
                 query["labelSelector"] = selector
+            if fields:
+                query["fieldSelector"] = fields
             if token:
                 query["continue"] = token
             result = self._request("list", "GET", kind, KINDS[kind].path(namespace), query=query) or {}

@@ -67,6 +67,8 @@ class AssignInput:
     """The analysis measurement taken for this reconcile, when one was due (analyzing.measure_due)."""
     measuring: bool = False
     """A due measurement is being taken off the reconcile worker; its end queues a reconcile."""
+    deferred_by_policy: str | None = None
+    """Why `spec.rollout.updatePolicy` holds the update revision back (planning.updating): nothing moves."""
 
 
 @dataclass
@@ -110,6 +112,14 @@ def stage_label(plan: W.WavePlan) -> str:
 
 def assign_nodes(inp: AssignInput) -> Assignment:
     keep = frozenset(r for r in (inp.stable_revision, inp.update_revision) if r)
+    if inp.verified and inp.deferred_by_policy is not None:
+        eligible = {n.name for n in inp.nodes}
+        return Assignment(
+            verdict=W.Verdict("Waiting", Reason.UPDATE_DEFERRED, inp.deferred_by_policy),
+            nodes={n: s for n, s in inp.current.items() if n in eligible},
+            keep_revisions=keep,
+            rollout=inp.rollout_status,
+        )
     if not inp.verified:
         # Until the variants are verified nothing moves: nodes keep what they run.
         eligible = {n.name for n in inp.nodes}

@@ -23,11 +23,14 @@ from kiri_operator.api.access import CREDENTIAL_KEYS, StoreCredentials
 from kiri_operator.api.specs import (
     DEFAULT_ARTIFACTS_URI,
     LM_FORMATS,
+    CascadeSpec,
     ModelDeploymentSpec,
+    SpeculativeSpec,
     Toleration,
     Variant,
     is_default_gate,
 )
+from kiri_runtime import probing
 
 RUNTIME_UID = 65532
 MODEL_MOUNT = "/models"
@@ -69,11 +72,11 @@ def _metadata(name: str, labels: Mapping[str, str]) -> dict[str, Any]:
     return {"name": name, "labels": dict(labels), "annotations": {}}
 
 
-def _tolerations(tolerations: Sequence[Toleration]) -> list[dict[str, Any]]:
-    return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in tolerations]
+def tolerations(items: Sequence[Toleration]) -> list[dict[str, Any]]:
+    return [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in items]
 
 
-def _pod_security() -> dict[str, Any]:
+def pod_security() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
         "runAsUser": RUNTIME_UID,
@@ -83,7 +86,7 @@ def _pod_security() -> dict[str, Any]:
     }
 
 
-def _container_security() -> dict[str, Any]:
+def container_security() -> dict[str, Any]:
     return {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
@@ -93,10 +96,10 @@ def _container_security() -> dict[str, Any]:
 
 
 # The root filesystem is read-only: libraries that cache under $HOME (torch, onnxruntime) use the /tmp emptyDir.
-_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]
+RUNTIME_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"}]
 # `kiri serve --namespace` defaults to it: pins in a node cache are keyed by namespace and model.
 _SERVE_ENV = [
-    *_ENV,
+    *RUNTIME_ENV,
     {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
 ]
 
@@ -182,6 +185,22 @@ def _probe(path: str, port: int, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+READY_PERIOD, READY_FAILURES = 5, 3
+
+
+def readiness_probe(port: int) -> dict[str, Any]:
+    """An exec probe (`kiri_runtime.probing`) rather than httpGet: it asks `/v2/health/ready` the same way,
+    and its output, the server's not-ready reason, lands in the kubelet's `Unhealthy` Event, which the
+    operator quotes in status (an httpGet probe keeps only the status code). The timeout leaves room for
+    the Python start on a busy node (the probe itself gives the server 4 s)."""
+    return {
+        "exec": {"command": probing.command(port)},
+        "periodSeconds": READY_PERIOD,
+        "failureThreshold": READY_FAILURES,
+        "timeoutSeconds": 5,
+    }
+
+
 @dataclass(frozen=True)
 class Source:
     """How pods reach the full model: the URI they pass to the runtime, plus a volume for pvc:// sources."""
@@ -199,7 +218,7 @@ def model_source(uri: str) -> Source:
     return Source(uri=uri)
 
 
-def _source_volumes(source: Source) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def source_volumes(source: Source) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if source.claim is None:
         return [], []
     volume = {"name": "model", "persistentVolumeClaim": {"claimName": source.claim, "readOnly": True}}
@@ -211,21 +230,42 @@ def cloud_service_url(owner: Owner, port: int) -> str:
     return f"http://{L.cloud_name(owner.name)}.{owner.namespace}.svc:{port}"
 
 
+@dataclass(frozen=True)
+class CloudPack:
+    """The full model as the compression Job published it for the cloud tier of a language model: the
+    onnxruntime-genai pack (the manifest's `model.uri`, resolved to the store's fetch URI) and its sha256."""
+
+    uri: str
+    sha256: str
+
+
 def cloud_deployment(
-    spec: ModelDeploymentSpec, owner: Owner, pod_labels: Mapping[str, str]
+    spec: ModelDeploymentSpec, owner: Owner, pod_labels: Mapping[str, str], pack: CloudPack | None = None
 ) -> dict[str, Any]:
+    """The cloud tier's `kiri serve`. It serves the model source as it is (an ONNX model), or, for a language
+    model, `pack`: `kiri serve` loads a packed onnxruntime-genai model, not a raw hf or gguf checkpoint, so the
+    planner builds this only once the compression Job has published one (planning.cloud)."""
     cloud = spec.cloud
     source = model_source(spec.model.source.uri)
     labels = L.common_labels(owner.name, L.COMPONENT_CLOUD)
     selector = {L.MODEL_DEPLOYMENT: owner.name, L.COMPONENT: L.COMPONENT_CLOUD}
+    if pack is None:
+        model_uri, sha256 = source.uri, spec.model.source.sha256
+        volumes, mounts = source_volumes(source)
+        access = store_access(spec.model.source.credentials)
+    else:
+        # Fetched from the artifact store as the edges fetch their variants (same URI, volume, credentials).
+        model_uri, volumes, mounts = edge_fetch(spec, owner, pack.uri)
+        sha256 = pack.sha256
+        access = store_access(spec.edge.artifacts.credentials)
     args = [
         "serve",
         "--model-uri",
-        source.uri,
+        model_uri,
         "--name",
         spec.model.name,
         "--sha256",
-        spec.model.source.sha256,
+        sha256,
         "--model-version",
         spec.model.version,
         "--variant",
@@ -250,10 +290,8 @@ def cloud_deployment(
     resources: dict[str, Any] = {"cpu": cloud.resources.cpu, "memory": cloud.resources.memory}
     if cloud.resources.gpu > 0:
         resources["nvidia.com/gpu"] = str(cloud.resources.gpu)
-    volumes, mounts = _source_volumes(source)
     volumes += [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]
     mounts += [{"name": "cache", "mountPath": CACHE_MOUNT}, {"name": "tmp", "mountPath": "/tmp"}]
-    access = store_access(spec.model.source.credentials)
     volumes += access.volumes
     mounts += access.mounts
     container = {
@@ -264,9 +302,9 @@ def cloud_deployment(
         "args": args,
         "ports": [{"name": "http", "containerPort": cloud.port, "protocol": "TCP"}],
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "readinessProbe": _probe("/v2/health/ready", cloud.port, 5, 3),
+        "readinessProbe": readiness_probe(cloud.port),
         "livenessProbe": _probe("/v2/health/live", cloud.port, 10, 6),
-        "securityContext": _container_security(),
+        "securityContext": container_security(),
         "env": [*copy.deepcopy(_SERVE_ENV), *access.env],
         "volumeMounts": mounts,
     }
@@ -285,8 +323,8 @@ def cloud_deployment(
                     {
                         "automountServiceAccountToken": False,
                         "nodeSelector": dict(cloud.node_selector),
-                        "tolerations": _tolerations(cloud.tolerations),
-                        "securityContext": _pod_security(),
+                        "tolerations": tolerations(cloud.tolerations),
+                        "securityContext": pod_security(),
                         "containers": [container],
                         "volumes": volumes,
                     },
@@ -480,7 +518,7 @@ def compression_job(
     ]
     if store.upload_to:
         publish_args += ["--upload-to", store.upload_to]
-    volumes, mounts = _source_volumes(source)
+    volumes, mounts = source_volumes(source)
     volumes += [store.volume, {"name": "tmp", "emptyDir": {}}]
     mounts += [{"name": "artifacts", "mountPath": store.mount_path}, {"name": "tmp", "mountPath": "/tmp"}]
     # Compressing holds the full model in memory, like serving it; GPUs are not needed.
@@ -497,8 +535,8 @@ def compression_job(
             "command": ["kiri"],
             "args": args,
             "resources": {"requests": dict(resources), "limits": dict(resources)},
-            "securityContext": _container_security(),
-            "env": [*(dict(e) for e in _ENV), *(copy.deepcopy(access.env) if fetches else [])],
+            "securityContext": container_security(),
+            "env": [*(dict(e) for e in RUNTIME_ENV), *(copy.deepcopy(access.env) if fetches else [])],
             "volumeMounts": [
                 *copy.deepcopy(mounts),
                 *(copy.deepcopy(access.mounts) if fetches else []),
@@ -524,8 +562,8 @@ def compression_job(
                         # container gets the token, projected, short-lived.
                         "automountServiceAccountToken": False,
                         "nodeSelector": dict(spec.cloud.node_selector),
-                        "tolerations": _tolerations(spec.cloud.tolerations),
-                        "securityContext": _pod_security(),
+                        "tolerations": tolerations(spec.cloud.tolerations),
+                        "securityContext": pod_security(),
                         # Compress first, then publish: the manifest only appears once every variant is
                         # measured.
                         "initContainers": [container("compress", compress_args, fetches=True)],
@@ -657,6 +695,32 @@ def edge_template_hash(ds: Mapping[str, Any]) -> str:
     return canonical_hash(blank)
 
 
+def collaboration_args(spec: ModelDeploymentSpec) -> list[str]:
+    """`kiri serve` flags of the edge's collaboration with the cloud tier; none when the spec sets none (the
+    runtime's default, edge-only, and the DaemonSets of specs without the field stay as they were). The
+    cloud tier is the `--fallback-url` above (the cloud Service); the admission rules make sure it is there."""
+    collaboration = spec.edge.collaboration
+    if collaboration is None:
+        return []
+    args = ["--collaboration", collaboration.mode, "--cloud-model", spec.model.name]
+    if collaboration.mode == "cascade":
+        cascade = collaboration.cascade or CascadeSpec()
+        args += [
+            "--cascade-metric",
+            cascade.metric,
+            "--cascade-threshold",
+            str(cascade.threshold),
+            "--cascade-window",
+            str(cascade.window),
+            "--cascade-cloud-tokens",
+            str(cascade.cloud_tokens),
+        ]
+    elif collaboration.mode == "speculative":
+        speculative = collaboration.speculative or SpeculativeSpec()
+        args += ["--speculative-k", str(speculative.k), "--speculative-max-k", str(speculative.max_k)]
+    return args
+
+
 def edge_daemonset(
     spec: ModelDeploymentSpec,
     owner: Owner,
@@ -715,6 +779,7 @@ def edge_daemonset(
         ]
         if edge.fallback.confidence_threshold is not None:
             args += ["--confidence-threshold", str(edge.fallback.confidence_threshold)]
+    args += collaboration_args(spec)
     container = {
         "name": "kiri-serve",
         "image": spec.runtime.image,
@@ -723,9 +788,9 @@ def edge_daemonset(
         "args": args,
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}},
-        "readinessProbe": _probe("/v2/health/ready", port, 5, 3),
+        "readinessProbe": readiness_probe(port),
         "livenessProbe": _probe("/v2/health/live", port, 10, 6),
-        "securityContext": _container_security(),
+        "securityContext": container_security(),
         "env": [*copy.deepcopy(_SERVE_ENV), *access.env],
         "volumeMounts": [
             {"name": "cache", "mountPath": CACHE_MOUNT},
@@ -752,8 +817,8 @@ def edge_daemonset(
                     {
                         "automountServiceAccountToken": False,
                         "affinity": {"nodeAffinity": node_affinity([])},
-                        "tolerations": _tolerations(edge.tolerations),
-                        "securityContext": _pod_security(),
+                        "tolerations": tolerations(edge.tolerations),
+                        "securityContext": pod_security(),
                         "containers": [container],
                         "volumes": [
                             node_cache_volume(owner),

@@ -1,4 +1,12 @@
-"""The cloud tier: the full model's Deployment and Service, and why it cannot run when it cannot.
+"""The cloud tier: the full model's Deployment (`kiri serve`, or vLLM: `planning.vllm`) and Service, and why it
+cannot run when it cannot.
+
+A language model (source format hf or gguf) is not served from its source: `kiri serve` loads a packed
+onnxruntime-genai model, so the cloud tier serves the full-precision pack the compression Job builds and
+publishes beside the edge variants (the manifest's `model.uri`, checked against the source by the Job). Until
+that is published the Deployment waits (CloudReady False, WaitingForCloudPack); when a new compression runs,
+the Deployment of the last pack is kept serving until the new one is published. vLLM serves the hf source
+itself and needs no pack.
 
 Also the model source check (a `pvc://` claim that is not there), because the cloud tier is the first to
 load the source and a missing claim holds every tier.
@@ -6,17 +14,19 @@ load the source and a missing claim holds every tier.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
-from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.api.specs import LM_FORMATS, ModelDeploymentSpec
 from kiri_operator.conditions import Condition, Reason
-from kiri_operator.observations import ObjectView, Observed
+from kiri_operator.observations import ObjectView, Observed, PodView
 from kiri_operator.planning import building as B
 from kiri_operator.planning.placing import parse_quantity, selects
 from kiri_operator.planning.settings import Settings
+from kiri_operator.planning.vllm import vllm_deployment
 from kiri_operator.plans import TierPlan
 
 GPU = "nvidia.com/gpu"
@@ -34,16 +44,39 @@ class CloudPlan(TierPlan):
     """Why the model source cannot be read (a missing claim); it holds compression too."""
     no_node: Condition | None = None
     """Set when no node matches the cloud nodeSelector: the compression Job cannot run either."""
+    fault: Condition | None = None
+    """Why the cloud tier cannot be scheduled at all (`cloud_fault`)."""
+
+
+def serves_pack(spec: ModelDeploymentSpec) -> bool:
+    """Whether the cloud tier serves the compression Job's onnxruntime-genai pack instead of the source."""
+    return spec.model.source.format in LM_FORMATS and spec.cloud.runtime.engine == "kiri"
+
+
+def cloud_faults(spec: ModelDeploymentSpec, observed: Observed) -> CloudPlan:
+    """The cloud tier's faults alone (a missing claim, no cloud node): what compression needs from it."""
+    out = CloudPlan(source_fault=source_fault(spec, observed))
+    out.fault = cloud_fault(spec, observed)
+    if out.fault is not None and out.fault.reason == Reason.NO_CLOUD_NODE:
+        out.no_node = out.fault
+    return out
 
 
 def plan_cloud(
-    spec: ModelDeploymentSpec, observed: Observed, owner: B.Owner, settings: Settings
+    spec: ModelDeploymentSpec,
+    observed: Observed,
+    owner: B.Owner,
+    settings: Settings,
+    pack: B.CloudPack | None = None,
+    waiting: str = "",
+    faults: CloudPlan | None = None,
 ) -> CloudPlan:
+    """The cloud tier's children and CloudReady. `pack` is the published pack of a language model
+    (`serves_pack`), `waiting` why there is none yet; `faults` is `cloud_faults` when already computed."""
     name = L.cloud_name(owner.name)
-    out = CloudPlan(source_fault=source_fault(spec, observed))
-    fault = cloud_fault(spec, observed)
-    if fault is not None and fault.reason == Reason.NO_CLOUD_NODE:
-        out.no_node = fault
+    out = faults if faults is not None else cloud_faults(spec, observed)
+    fault = out.fault
+    cloud_pods = [p for p in observed.pods if p.component == L.COMPONENT_CLOUD]
     if out.source_fault is not None or fault is not None:
         # A child we cannot build right now stays as it is: no half-made replacement, no deletion.
         out.keep |= {(kind, name) for kind in ("Deployment", "Service") if observed.child(kind, name)}
@@ -51,9 +84,29 @@ def plan_cloud(
             out.condition = Condition(C.CLOUD_READY, "False", Reason.MISSING_PVC, out.source_fault)
         elif fault is not None:
             out.condition = fault
+    elif serves_pack(spec) and pack is None and spec.cloud.replicas > 0:
+        # Nothing to serve yet. The Service is the same either way; a Deployment of an earlier pack (one
+        # that an edit of the variants is recompressing) keeps serving until the new pack is published.
+        out.children.append(B.cloud_service(spec, owner))
+        served = observed.child("Deployment", name)
+        if served is None:
+            why = (
+                waiting
+                or "waiting for the compression Job to publish the full model's onnxruntime-genai pack"
+            )
+            out.condition = Condition(C.CLOUD_READY, "False", Reason.WAITING_FOR_CLOUD_PACK, why)
+        else:
+            out.keep.add(("Deployment", name))
+            out.condition, out.ready_replicas = cloud_condition(spec, served, cloud_pods)
     else:
-        out.children += [B.cloud_deployment(spec, owner, settings.pod_labels), B.cloud_service(spec, owner)]
-        out.condition, out.ready_replicas = cloud_condition(spec, observed.child("Deployment", name))
+        if spec.cloud.runtime.engine == "vllm":
+            deployment = vllm_deployment(spec, owner, settings.pod_labels)
+        else:
+            deployment = B.cloud_deployment(spec, owner, settings.pod_labels, pack)
+        out.children += [deployment, B.cloud_service(spec, owner)]
+        out.condition, out.ready_replicas = cloud_condition(
+            spec, observed.child("Deployment", name), cloud_pods
+        )
     out.conditions.append(out.condition)
     return out
 
@@ -95,7 +148,11 @@ def source_fault(spec: ModelDeploymentSpec, observed: Observed) -> str | None:
     return None
 
 
-def cloud_condition(spec: ModelDeploymentSpec, deployment: ObjectView | None) -> tuple[Condition, int]:
+def cloud_condition(
+    spec: ModelDeploymentSpec, deployment: ObjectView | None, pods: Sequence[PodView] = ()
+) -> tuple[Condition, int]:
+    """CloudReady from the Deployment's status; while replicas are missing, the message ends with why its
+    pods say they are not ready (`conditions.not_ready_note`)."""
     if spec.cloud.replicas == 0:
         return Condition(C.CLOUD_READY, "True", Reason.CLOUD_DISABLED, "spec.cloud.replicas is 0"), 0
     if deployment is None:
@@ -116,10 +173,11 @@ def cloud_condition(spec: ModelDeploymentSpec, deployment: ObjectView | None) ->
         if refused and C.POD_SECURITY_MARK in str(cond.get("message") or ""):
             msg = f"{ready}/{want} replicas ready: pods refused: {cond.get('message', '')}"
             return Condition(C.CLOUD_READY, "False", Reason.POD_SECURITY_REFUSED, msg[:1000]), ready
+    note = C.not_ready_note(p.reason for p in pods if not p.ready)
     for cond in status.get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False":
-            msg = f"{ready}/{want} replicas ready: {cond.get('message', '')}"
-            return Condition(C.CLOUD_READY, "False", Reason.DEPLOYMENT_UNAVAILABLE, msg), ready
+            msg = f"{ready}/{want} replicas ready: {cond.get('message', '')}{note}"
+            return Condition(C.CLOUD_READY, "False", Reason.DEPLOYMENT_UNAVAILABLE, msg[:1000]), ready
     return Condition(
-        C.CLOUD_READY, "False", Reason.DEPLOYMENT_PROGRESSING, f"{ready}/{want} replicas ready"
+        C.CLOUD_READY, "False", Reason.DEPLOYMENT_PROGRESSING, f"{ready}/{want} replicas ready{note}"[:1000]
     ), ready

@@ -94,6 +94,32 @@ def plan_compression(
     return out
 
 
+def cloud_pack(
+    spec: ModelDeploymentSpec, comp: CompressionPlan, owner: B.Owner
+) -> tuple[B.CloudPack | None, str]:
+    """What the compression Job published for a language model's cloud tier: the full model's onnxruntime-genai
+    pack (the manifest's `model.uri` and sha256), or None and why there is none (CloudReady's message)."""
+    if not spec.edge.variants:
+        return None, (
+            "a language model's cloud tier (engine kiri) serves the full model's onnxruntime-genai pack, which the "
+            "compression Job builds with the edge variants; with no edge.variants none is built: add a variant "
+            "(and model.evalDataUri), or use cloud.runtime.engine vllm on GPU nodes"
+        )
+    manifest = comp.manifest
+    if manifest is None:
+        if comp.unknown:
+            return None, f"waiting for the full model's onnxruntime-genai pack: {comp.condition.message}"
+        return None, f"no onnxruntime-genai pack of the full model: {comp.condition.message}"[:1000]
+    if manifest.model.kind != "causal-lm" or not manifest.model.uri:
+        name = L.manifest_name(owner.name, comp.key)
+        return (
+            None,
+            f"manifest {name} has no onnxruntime-genai pack of the full model (model.kind is not causal-lm)",
+        )
+    base = B.artifact_dir(spec, owner, comp.key).fetch_base
+    return B.CloudPack(uri=B.resolve_uri(base, manifest.model.uri), sha256=manifest.model.onnx_sha256), ""
+
+
 def manifests_to_keep(observed: Observed, keys: set[str], limit: int) -> set[tuple[str, str]]:
     """The manifests of `keys` (the update revision's and every DaemonSet's) and the newest `limit`."""
     cms = [c for c in observed.of_kind("ConfigMap") if c.labels.get(L.COMPONENT) == L.COMPONENT_MANIFEST]

@@ -15,15 +15,16 @@ from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import ModelDeploymentSpec
-from kiri_operator.api.statuses import RolloutStatus
+from kiri_operator.api.statuses import RolloutStatus, SiteDownload
 from kiri_operator.conditions import Condition, Reason
-from kiri_operator.observations import Observed
+from kiri_operator.observations import NodeView, Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning.assigning import AssignInput, Assignment, NodePod, assign_nodes
 from kiri_operator.planning.compression import CompressionPlan, manifests_to_keep
-from kiri_operator.planning.placing import Placement, place, selects
+from kiri_operator.planning.placing import Placement, admits, place, selects
 from kiri_operator.planning.settings import Settings
-from kiri_operator.plans import Event, Slot, TierPlan
+from kiri_operator.planning.updating import DAY, Download, SpecChangeGate, gate_spec_change, site_bytes
+from kiri_operator.plans import Event, Slot, TierPlan, sooner
 
 # Restarts after which a not-Ready edge pod counts as failing (crash loop): roll back without waiting for
 # the progress deadline.
@@ -104,6 +105,39 @@ class EdgePlan(TierPlan):
     stable_revision: str | None = None
 
 
+DEFAULT_SITE_LABEL = "kiri.dev/site"
+
+
+def _policy_gate(
+    spec: ModelDeploymentSpec,
+    observed: Observed,
+    eligible: list[NodeView],
+    placement: Placement,
+    sizes: dict[str, int],
+    stored: RolloutStatus | None,
+    revision: str,
+    stable_revision: str | None,
+) -> tuple[SpecChangeGate | None, list[SiteDownload], dict[str, int]]:
+    """`spec.rollout.updatePolicy` on a new revision, whatever made it (a spec change or a learned model):
+    the gate, the downloads of the last 24 hours that it counted, and what this revision costs each site."""
+    now = observed.now
+    recent = [d for d in ((stored.downloads or ()) if stored is not None else ()) if now - d.time < DAY]
+    label = spec.learning.site_label if spec.learning is not None else DEFAULT_SITE_LABEL
+    site_by_node = {n.name: n.labels.get(label, "") for n in eligible}
+    cost = site_bytes(placement.variants, site_by_node, sizes)
+    gate = gate_spec_change(
+        spec.rollout.update_policy,
+        revision=revision,
+        stable_revision=stable_revision,
+        rollout_revision=stored.update_revision if stored is not None else None,
+        last_started_at=stored.started_at if stored is not None else None,
+        downloads=[Download(d.site, d.bytes, d.time) for d in recent],
+        bytes_per_site=cost,
+        now=now,
+    )
+    return gate, recent, cost
+
+
 def _edge_rollout(
     spec: ModelDeploymentSpec,
     observed: Observed,
@@ -118,7 +152,9 @@ def _edge_rollout(
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "True", Reason.NO_EDGE_VARIANTS, "no edge variants")
         out.complete = True
         return out
-    eligible = [n for n in observed.nodes if selects(spec.edge.node_selector, n)]
+    eligible = [
+        n for n in observed.nodes if selects(spec.edge.node_selector, n) and admits(spec.edge.tolerations, n)
+    ]
     matching: Placement = place(spec.edge.variants, eligible)
     verified = comp.manifest is not None and bool(comp.accepted)
     placement = place(spec.edge.variants, eligible, comp.accepted) if verified else matching
@@ -130,6 +166,16 @@ def _edge_rollout(
         # Garbage in status.rollout (a hand edit, a bad restore) would fail every reconcile: rebuild the
         # planner's memory from the DaemonSets instead, and say so once, loudly.
         out.events.append(Event("Warning", Reason.ROLLOUT_STATUS_INVALID, unreadable))
+    sizes = {v.name: v.size_bytes or 0 for v in comp.manifest.variants} if comp.manifest else {}
+    stable_revision = (
+        status.get("currentRevision") if isinstance(status.get("currentRevision"), str) else None
+    )
+    gate, recent, cost = _policy_gate(
+        spec, observed, eligible, placement, sizes, stored, revision, stable_revision
+    )
+    deferred = gate.decision if gate is not None and not gate.decision.allowed else None
+    if deferred is not None and deferred.retry_after_seconds is not None:
+        out.requeue_after = float(max(1, deferred.retry_after_seconds))
     result: Assignment = assign_nodes(
         AssignInput(
             rollout=spec.rollout,
@@ -150,10 +196,22 @@ def _edge_rollout(
             else {},
             measurement=observed.measurement,
             measuring=observed.measuring,
+            deferred_by_policy=f"updatePolicy: {deferred.reason}" if deferred is not None else None,
         )
     )
     out.events.extend(result.events)
     out.rollout = result.rollout
+    if (
+        out.rollout is not None
+        and out.rollout.update_revision == revision
+        and revision != stable_revision
+        and (stored is None or stored.update_revision != revision)
+    ):
+        # This reconcile starts the rollout: the update policy counts its start and its downloads.
+        fresh = [SiteDownload(site=k, bytes=v, time=observed.now) for k, v in sorted(cost.items()) if v > 0]
+        out.rollout = out.rollout.model_copy(
+            update={"started_at": observed.now, "downloads": (*recent, *fresh) or None}
+        )
     out.history = [
         {
             "revision": h.revision,
@@ -164,7 +222,7 @@ def _edge_rollout(
         }
         for h in result.rolled_back
     ]
-    out.requeue_after = result.requeue_after
+    out.requeue_after = sooner(out.requeue_after, result.requeue_after)
     out.stable_revision = result.rollout.stable_revision if result.rollout is not None else None
 
     groups: dict[Slot, list[str]] = {}
@@ -249,11 +307,13 @@ def _edge_rollout(
         if comp.condition.status == "False":
             reason, msg = comp.condition.reason, "no verified variant to roll out"
             out.progressing = Condition(C.EDGE_PROGRESSING, "False", reason, msg)
+        elif verdict.reason == Reason.UPDATE_DEFERRED:
+            out.progressing = Condition(C.EDGE_PROGRESSING, "True", Reason.UPDATE_DEFERRED, verdict.message)
         else:
             out.progressing = Condition(
                 C.EDGE_PROGRESSING, "True", Reason.WAITING_FOR_VARIANTS, verdict.message
             )
-        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.WAITING_FOR_VARIANTS, verdict.message)
+        out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", verdict.reason, verdict.message)
     elif verdict.kind == "Progressing":
         # The wave's reason says which gate it is at: WaitingForReady, AnalysisRunning, Baking.
         out.progressing = Condition(C.EDGE_PROGRESSING, "True", verdict.reason, verdict.message)

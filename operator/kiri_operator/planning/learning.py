@@ -35,25 +35,21 @@ from pydantic import ValidationError
 
 from kiri_operator import labels as L
 from kiri_operator.api.scalars import format_time
-from kiri_operator.api.specs import LearningSpec, ModelDeploymentSpec, ModelSource
+from kiri_operator.api.specs import ModelDeploymentSpec, ModelSource
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
+from kiri_operator.planning import federation as F
 from kiri_operator.planning.settings import Settings
 from kiri_operator.planning.updating import Candidate, Download, decide
-from kiri_operator.plans import Event
+from kiri_operator.plans import Event, SecretRequest
 from kiri_runtime.learning.rounds import RECORD_FILE, WEIGHTS_FILE, RoundRecord
 
-AGGREGATOR_PORT = 8470
-TOKENS_MOUNT = "/var/run/kiri/tokens"
-DATA_MOUNT = "/var/lib/kiri/site-data.npz"
+# The operator's ConfigMap ledger, which the ServerApp loads by name (the runtime never imports the operator).
+LEDGER_FACTORY = "kiri_operator.learning_commands:register_ledger"
 DEFAULT_DELTA = 1e-5
 ROUNDS_KEPT = 10
 _SLUG = re.compile(r"[^a-z0-9-]+")
-
-
-def tokens_secret(md: str) -> str:
-    return L.child_name(md, "learning-tokens")
 
 
 def _round_key(n: int, attempt: int) -> str:
@@ -61,13 +57,8 @@ def _round_key(n: int, attempt: int) -> str:
     return f"learn-r{n}" if attempt <= 1 else f"learn-r{n}a{attempt}"
 
 
-def aggregator_name(md: str, n: int, attempt: int = 1) -> str:
+def round_job_name(md: str, n: int, attempt: int = 1) -> str:
     return L.child_name(md, _round_key(n, attempt), "agg")
-
-
-def trainer_name(md: str, n: int, site: str, attempt: int = 1) -> str:
-    slug = _SLUG.sub("-", site.lower()).strip("-")[:20] or "site"
-    return L.child_name(md, _round_key(n, attempt), f"{slug}-{L.short_hash(site, length=6)}")
 
 
 def ledger_name(md: str) -> str:
@@ -183,21 +174,6 @@ def _local(uri: str, mount: str, name: str) -> tuple[str, list[dict[str, Any]], 
     return f"{mount}{path}", [volume], [{"name": name, "mountPath": mount, "readOnly": True}]
 
 
-def _common_args(learning: LearningSpec) -> list[str]:
-    part = learning.trained
-    args = ["--factory", learning.trainable.factory, "--part", part.kind]
-    if part.layers:
-        args += ["--layers", ",".join(part.layers)]
-    args += ["--lora-rank", str(part.rank)]
-    args += [
-        "--clip-norm",
-        repr(learning.dp.clip_norm),
-        "--noise-multiplier",
-        repr(learning.dp.noise_multiplier),
-    ]
-    return args
-
-
 def _container(
     spec: ModelDeploymentSpec, name: str, args: list[str], mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -209,7 +185,7 @@ def _container(
         "command": ["kiri"],
         "args": args,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "securityContext": B._container_security(),
+        "securityContext": B.container_security(),
         "volumeMounts": mounts,
     }
 
@@ -225,9 +201,47 @@ def _job(name: str, labels: dict[str, str], pod: dict[str, Any], deadline: int) 
             "activeDeadlineSeconds": deadline,
             "template": {
                 "metadata": {"labels": dict(labels)},
-                "spec": {"restartPolicy": "Never", "securityContext": B._pod_security(), **pod},
+                "spec": {"restartPolicy": "Never", "securityContext": B.pod_security(), **pod},
             },
         },
+    }
+
+
+def run_config(
+    spec: ModelDeploymentSpec, owner: B.Owner, n: int, sites: Sequence[str], weights: str, eval_path: str
+) -> dict[str, Any]:
+    """The round's Flower run config (kiri_runtime.learning.settings reads it; launching.DEFAULTS lists it)."""
+    learning = spec.learning
+    assert learning is not None
+    store = B.artifact_dir(spec, owner, "learning")
+    part = learning.trained
+    return {
+        "factory": learning.trainable.factory,
+        "weights": weights,
+        "eval": eval_path,
+        "out": store.out_dir,
+        "round": n,
+        "sites": ",".join(sites),
+        "min-clients": learning.min_clients,
+        "deadline-seconds": float(learning.schedule.deadline_seconds),
+        "part": part.kind,
+        "layers": ",".join(part.layers),
+        "lora-rank": part.rank,
+        "epochs": learning.local_epochs,
+        "learning-rate": learning.learning_rate,
+        "batch-size": learning.batch_size,
+        "clip-norm": learning.dp.clip_norm,
+        "noise-multiplier": learning.dp.noise_multiplier,
+        "dp-delta": learning.dp.delta or DEFAULT_DELTA,
+        "target-epsilon": learning.dp.target_epsilon,
+        "secure-aggregation": learning.secure_aggregation,
+        "policy": learning.policy,
+        "aggregation": learning.aggregation,
+        "trim-fraction": learning.trim_fraction,
+        # The privacy spend goes to the API before the round is aggregated, so a crash cannot lose it.
+        "ledger": f"configmap:{owner.namespace}/{ledger_name(owner.name)}",
+        "ledger-factory": LEDGER_FACTORY,
+        "ledger-owner": f"{owner.name}:{owner.uid}",
     }
 
 
@@ -240,39 +254,30 @@ def round_objects(
     attempt: int = 1,
     service_account: str = "kiri-compressor",
 ) -> list[dict[str, Any]]:
+    """The federation (SuperLink, a SuperNode per site) and round N's Job, which submits the round to the
+    SuperLink (`kiri learn-round`) and publishes its record (`kiri publish-round`)."""
     learning = spec.learning
     assert learning is not None
     store = B.artifact_dir(spec, owner, "learning")
     out_dir = store.out_dir
     sched = learning.schedule
     deadline = sched.deadline_seconds + 600
-    base_labels = {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROUND: str(n)}
-    agg_labels = {**base_labels, L.LEARNING_ROLE: "aggregator"}
-    weights_path, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
-    eval_path, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
+    labels = {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROUND: str(n)}
+    labels[L.LEARNING_ROLE] = "round"
+    # Paths in the SuperLink's pod, where the ServerApp runs (federation_objects mounts them there).
+    weights_path, _, _ = _local(base_weights, "/weights", "weights")
+    eval_path, _, _ = _local(learning.eval_data_uri, "/eval", "eval")
     chosen = (
         list(site_names)[: learning.clients_per_round] if learning.clients_per_round else list(site_names)
     )
-    agg_args = [
-        "aggregate",
-        *_common_args(learning),
-        "--weights", weights_path,
-        "--eval", eval_path,
-        "--out", out_dir,
-        "--tokens", TOKENS_MOUNT,
-        "--sites", ",".join(chosen),
-        "--min-clients", str(learning.min_clients),
-        "--deadline-seconds", str(sched.deadline_seconds),
-        "--grace-seconds", str(sched.grace_seconds),
-        "--aggregation", learning.aggregation,
-        "--trim-fraction", repr(learning.trim_fraction),
-        "--dp-delta", repr(learning.dp.delta or DEFAULT_DELTA),
-        "--target-epsilon", repr(learning.dp.target_epsilon),
-        "--rounds", "1",
-        "--port", str(AGGREGATOR_PORT),
-        # The privacy spend goes to the API before the round is accepted, so a crash cannot lose it.
-        "--ledger", f"configmap:{owner.namespace}/{ledger_name(owner.name)}",
-        "--ledger-owner", f"{owner.name}:{owner.uid}",
+    config = run_config(spec, owner, n, chosen, weights_path, eval_path)
+    round_args = [
+        "learn-round",
+        "--superlink", F.superlink_address(owner),
+        "--root-certificates", f"{F.TLS_MOUNT}/ca.crt",
+        "--run-config-json", json.dumps(config, sort_keys=True),
+        "--work-dir", "/tmp/kiri-round",
+        "--timeout", str(sched.deadline_seconds + 300),
     ]  # fmt: skip
     publish_args = [
         "publish-round",
@@ -284,100 +289,61 @@ def round_objects(
         "--owner-uid", owner.uid,
     ]  # fmt: skip
     store_mount: dict[str, Any] = {"name": "artifacts", "mountPath": store.mount_path}
-    token_mount: dict[str, Any] = {"name": "tokens", "mountPath": TOKENS_MOUNT, "readOnly": True}
+    tls_mount: dict[str, Any] = {"name": "tls", "mountPath": F.TLS_MOUNT, "readOnly": True}
     tmp_mount: dict[str, Any] = {"name": "tmp", "mountPath": "/tmp"}
-    mounts: list[dict[str, Any]] = [store_mount, token_mount, tmp_mount, *w_mounts, *e_mounts]
-    aggregator = _job(
-        aggregator_name(owner.name, n, attempt),
-        agg_labels,
+    job = _job(
+        round_job_name(owner.name, n, attempt),
+        labels,
         B.pod_identity(
             spec,
             service_account,
             {
-                # The token is projected into the containers that use the API, not mounted pod-wide: `publish`
-                # writes the round record; `aggregate` writes the privacy ledger, which must hold a round's
-                # spend before the round is accepted (learning/ledgers.py), so it cannot wait for `publish`.
+                # Only `publish` talks to the API (the round record); the ServerApp, in the SuperLink's pod,
+                # writes the ledger.
                 "automountServiceAccountToken": False,
                 "nodeSelector": dict(spec.cloud.node_selector),
-                "tolerations": B._tolerations(spec.cloud.tolerations),
-                # Aggregate, then publish: the record only appears once the round has closed.
-                "initContainers": [_container(spec, "aggregate", agg_args, [*mounts, B.api_token_mount()])],
+                "tolerations": B.tolerations(spec.cloud.tolerations),
+                "initContainers": [
+                    _container(spec, "round", round_args, [store_mount, tls_mount, tmp_mount])
+                ],
                 "containers": [
                     _container(spec, "publish", publish_args, [store_mount, tmp_mount, B.api_token_mount()])
                 ],
                 "volumes": [
                     B.api_token_volume(),
                     store.volume,
-                    {"name": "tokens", "secret": {"secretName": tokens_secret(owner.name)}},
-                    {"name": "tmp", "emptyDir": {}},
-                    *w_vols,
-                    *e_vols,
-                ],
-            },
-        ),
-        deadline,
-    )
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": B._metadata(aggregator_name(owner.name, n, attempt), agg_labels),
-        "spec": {
-            "selector": {
-                **L.selector_labels(owner.name),
-                L.LEARNING_ROUND: str(n),
-                L.LEARNING_ROLE: "aggregator",
-            },
-            "ports": [{"name": "http", "port": AGGREGATOR_PORT, "targetPort": AGGREGATOR_PORT}],
-        },
-    }
-    url = f"http://{aggregator_name(owner.name, n, attempt)}.{owner.namespace}.svc:{AGGREGATOR_PORT}"
-    objects = [B.finish(aggregator, owner), B.finish(service, owner)]
-    for site in chosen:
-        labels = {**base_labels, L.LEARNING_ROLE: "trainer", L.SITE_NAME: L.short_hash(site, length=16)}
-        args = [
-            "train-edge",
-            *_common_args(learning),
-            "--aggregator", url,
-            "--site", site,
-            "--token-file", f"{TOKENS_MOUNT}/token",
-            "--data", DATA_MOUNT,
-            "--work-dir", "/tmp/kiri-learning",
-            "--epochs", str(learning.local_epochs),
-            "--learning-rate", repr(learning.learning_rate),
-            "--batch-size", str(learning.batch_size),
-            "--connect-timeout", str(sched.deadline_seconds),
-        ]  # fmt: skip
-        mounts = [
-            {"name": "site-data", "mountPath": DATA_MOUNT, "readOnly": True},
-            token_mount,
-            tmp_mount,
-        ]
-        pod = B.pod_identity(
-            spec,
-            learning.trainer_service_account_name,
-            {
-                "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
-                "tolerations": B._tolerations(spec.edge.tolerations),
-                "automountServiceAccountToken": False,
-                "containers": [_container(spec, "train", args, mounts)],
-                "volumes": [
-                    {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
-                    # Only this site's token: a trainer cannot speak for another site.
                     {
-                        "name": "tokens",
+                        "name": "tls",
                         "secret": {
-                            "secretName": tokens_secret(owner.name),
-                            "items": [{"key": site, "path": "token"}],
+                            "secretName": F.tls_secret_name(owner.name),
+                            "items": [{"key": "ca.crt", "path": "ca.crt"}],
                         },
                     },
                     {"name": "tmp", "emptyDir": {}},
                 ],
             },
-        )
-        objects.append(
-            B.finish(_job(trainer_name(owner.name, n, site, attempt), labels, pod, deadline), owner)
-        )
-    return objects
+        ),
+        deadline,
+    )
+    return [*federation_objects(spec, owner, chosen, base_weights, service_account), B.finish(job, owner)]
+
+
+def federation_objects(
+    spec: ModelDeploymentSpec, owner: B.Owner, sites: Sequence[str], base_weights: str, service_account: str
+) -> list[dict[str, Any]]:
+    """The SuperLink (Deployment, Service) and one SuperNode per site: wanted while rounds remain."""
+    learning = spec.learning
+    assert learning is not None
+    _, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
+    _, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
+    link = F.superlink(spec, owner, service_account)
+    # The ServerApp runs in the SuperLink's pod: it reads the base weights and held-out set from there too.
+    pod = link[0]["spec"]["template"]["spec"]
+    pod["volumes"] += [v for v in [*w_vols, *e_vols] if v not in pod["volumes"]]
+    mounts = pod["containers"][0]["volumeMounts"]
+    mounts += [m for m in [*w_mounts, *e_mounts] if m not in mounts]
+    link[0] = B.finish(link[0], owner)  # the hash covers the mounts just added
+    return [*link, *(F.supernode(spec, owner, site) for site in sites)]
 
 
 def _round_status(record: RoundRecord) -> dict[str, Any]:
@@ -418,6 +384,7 @@ class LearningPlan:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     condition: Condition | None = None
+    tls: SecretRequest | None = None  # the SuperLink's TLS Secret, created once by the reconciler
 
 
 def plan_learning(
@@ -464,6 +431,12 @@ def plan_learning(
     if host_fault is not None and n <= learning.rounds:
         out.condition = Condition(LEARNING_PROGRESSING, "False", Reason.HOST_PATH_NOT_ALLOWED, host_fault)
     elif n <= learning.rounds and not refused:
+        site_names = sites(spec, observed)
+        base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
+        # The federation stands while rounds remain: SuperNodes stay connected between rounds.
+        out.tls = F.tls_request(owner)
+        if site_names:
+            out.children = federation_objects(spec, owner, site_names, base, service_account)
         last_closed = _parse_time(records[-1].closed_at) if records else None
         due = (
             now
@@ -474,7 +447,7 @@ def plan_learning(
         if retry.get("round") != n:
             retry = {}
         attempt = int(retry.get("attempt") or 1)
-        failed = job_failure(observed, aggregator_name(owner.name, n, attempt))
+        failed = job_failure(observed, round_job_name(owner.name, n, attempt))
         if failed is not None and retry.get("failedAt") is None:
             # A failed aggregation wrote no record: without this the round would wait for one forever.
             delay = retry_delay(owner.uid, n, attempt)
@@ -497,8 +470,6 @@ def plan_learning(
             out.condition = Condition(LEARNING_PROGRESSING, "False", Reason.AGGREGATION_FAILED, msg)
             out.requeue_after = max(1.0, (retry_at - now).total_seconds()) if retry_at is not None else 30.0
         elif due <= now:
-            site_names = sites(spec, observed)
-            base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
             if site_names:
                 out.children = round_objects(
                     spec, owner, n, site_names, base, attempt, service_account=service_account

@@ -7,8 +7,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kiri_operator import labels as L
-from kiri_operator.api.specs import NodeRequirements, SelectorRequirement, Variant
-from kiri_operator.observations import NodeView
+from kiri_operator.api.specs import NodeRequirements, SelectorRequirement, Toleration, Variant
+from kiri_operator.observations import NodeView, Taint
 
 _QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)([KMGTPE]i?|[mk]|)$")
 _FACTORS = {
@@ -83,6 +83,32 @@ def requirements_met(requires: NodeRequirements, node: NodeView) -> bool:
 def selects(selector: Mapping[str, str], node: NodeView) -> bool:
     # A set comparison of the items views runs in C: every reconcile calls this once per node in the cluster.
     return selector.items() <= node.labels.items()
+
+
+DAEMON_TOLERATED = "node.kubernetes.io/"
+"""The node conditions' taints (not-ready, unreachable, the pressures, unschedulable): the DaemonSet
+controller adds tolerations of them to every pod it makes, so they never keep an edge pod off its node."""
+
+
+def tolerates(toleration: Toleration, taint: Taint) -> bool:
+    """Kubernetes' rule: same key, same effect (or none given), same value unless the operator is Exists."""
+    if toleration.key != taint.key:
+        return False
+    if toleration.effect and toleration.effect != taint.effect:
+        return False
+    return toleration.operator == "Exists" or (toleration.value or "") == taint.value
+
+
+def admits(tolerations: Sequence[Toleration], node: NodeView) -> bool:
+    """Whether a DaemonSet pod with `tolerations` can run on `node`: every taint that keeps pods off it
+    (NoSchedule, NoExecute) is tolerated. A node it cannot run on is not a rollout target: a wave that
+    waited for it would wait forever."""
+    return all(
+        t.effect not in ("NoSchedule", "NoExecute")
+        or t.key.startswith(DAEMON_TOLERATED)
+        or any(tolerates(tol, t) for tol in tolerations)
+        for t in node.taints
+    )
 
 
 @dataclass(frozen=True)

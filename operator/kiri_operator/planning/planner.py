@@ -1,7 +1,8 @@
 """The planner: `plan(spec, observed) -> Plan`, the tiers in the order of their dependencies.
 
-The model source and the cloud tier come first (a missing claim or cloud node holds compression), then
-compression (which gates the edge), the edge, status from all of them, and the learning loop's children.
+The model source and the cloud tier's faults come first (a missing claim or cloud node holds compression),
+then compression (which gates the edge, and publishes a language model's cloud pack), the cloud tier, the
+edge, status from all of them, and the learning loop's children.
 Pure: no Kubernetes client, no kopf, no clock, no I/O.
 """
 
@@ -14,8 +15,8 @@ from kiri_operator.observations import Observed
 from kiri_operator.planning import admitting, learning
 from kiri_operator.planning import building as B
 from kiri_operator.planning.checking import check
-from kiri_operator.planning.cloud import plan_cloud
-from kiri_operator.planning.compression import plan_compression
+from kiri_operator.planning.cloud import cloud_faults, plan_cloud, serves_pack
+from kiri_operator.planning.compression import cloud_pack, plan_compression
 from kiri_operator.planning.edge import plan_edge
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.settings import Settings
@@ -39,8 +40,12 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     ckey = compression_key(espec, B.store_uri(spec))
     revision = revision_key(espec, B.store_uri(spec), dict(settings.pod_labels) or None)
 
-    cloud = plan_cloud(spec, observed, owner, settings)
-    comp = plan_compression(espec, observed, owner, ckey, cloud, settings)
+    faults = cloud_faults(spec, observed)
+    comp = plan_compression(espec, observed, owner, ckey, faults, settings)
+    # A language model's cloud serves the pack its compression published. (An adopted learned model is a
+    # factory model, whose manifest has no causal-lm pack: cloud_pack says so rather than serve it.)
+    pack, waiting = cloud_pack(spec, comp, owner) if serves_pack(spec) else (None, "")
+    cloud = plan_cloud(spec, observed, owner, settings, pack, waiting, faults)
     edge = plan_edge(espec, observed, owner, revision, comp, settings)
     lp = None
     if spec.learning is not None:
@@ -99,5 +104,9 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
     if comp.unknown or not status.ready:
         requeue = sooner(requeue, UNFINISHED_REQUEUE_SECONDS)
     return Plan(
-        actions=actions, status=normalize_status(status.status), events=whole.events, requeue_after=requeue
+        actions=actions,
+        secrets=[lp.tls] if lp is not None and lp.tls is not None else [],
+        status=normalize_status(status.status),
+        events=whole.events,
+        requeue_after=requeue,
     )

@@ -4,7 +4,7 @@ Two keys, so that a change pays only for what it changes:
 - the *compression key* covers what the compression Job's output depends on (the model, the variants and
   their gates, the compressor image, where artifacts go). A new key means a new Job and a new manifest.
 - the *revision* covers the compression key plus everything else an edge pod runs with (runtime image,
-  fallback, cache, the cloud endpoint it falls back to). A new revision means new edge DaemonSets; a
+  fallback, collaboration, cache, the cloud endpoint it falls back to). A new revision means new edge DaemonSets; a
   runtime-only change reuses the verified variants without compressing again.
 Variant placement (`requires`) and rollout settings are in neither: they decide where, not what.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from kiri_operator.api.specs import DEFAULT_CACHE_PATH, ModelDeploymentSpec
+from kiri_operator.api.specs import DEFAULT_CACHE_PATH, CascadeSpec, ModelDeploymentSpec, SpeculativeSpec
 from kiri_operator.labels import short_hash
 
 
@@ -50,6 +50,21 @@ def _identity(service_account: str | None, spec: ModelDeploymentSpec) -> dict[st
     return out
 
 
+def _collaboration(spec: ModelDeploymentSpec) -> dict[str, Any]:
+    """The collaboration as the edge pods run it: an unset mode section and one spelled out with its
+    defaults are the same revision (the same flags)."""
+    collaboration = spec.edge.collaboration
+    assert collaboration is not None
+    out: dict[str, Any] = {"mode": collaboration.mode}
+    if collaboration.mode == "cascade":
+        out["cascade"] = (collaboration.cascade or CascadeSpec()).model_dump(mode="json", by_alias=True)
+    elif collaboration.mode == "speculative":
+        out["speculative"] = (collaboration.speculative or SpeculativeSpec()).model_dump(
+            mode="json", by_alias=True
+        )
+    return out
+
+
 def compression_key(spec: ModelDeploymentSpec, artifacts_uri: str) -> str:
     return short_hash(_canonical(compression_inputs(spec, artifacts_uri)))
 
@@ -70,6 +85,8 @@ def revision_key(spec: ModelDeploymentSpec, artifacts_uri: str, extra: Any = Non
         "cloudEnabled": spec.cloud.replicas > 0,
         "extra": extra,
     }
+    if spec.edge.collaboration is not None:  # only when set, so existing revisions keep their hashes
+        inputs["collaboration"] = _collaboration(spec)
     if spec.edge.pod_labels:  # only when set, so existing revisions keep their hashes
         inputs["podLabels"] = dict(spec.edge.pod_labels)
     # Who edge pods run as and how they reach the store: a DaemonSet's template is fixed per revision.

@@ -133,3 +133,36 @@ def decide(
                 retry_after_seconds=wait,
             )
     return UpdateDecision(True, "within updatePolicy")
+
+
+@dataclass(frozen=True)
+class SpecChangeGate:
+    """The update policy's verdict on a revision the user's spec made, before its rollout starts."""
+
+    decision: UpdateDecision
+    bytes_per_site: Mapping[str, int]
+
+
+def gate_spec_change(
+    policy: UpdatePolicy | None,
+    *,
+    revision: str,
+    stable_revision: str | None,
+    rollout_revision: str | None,
+    last_started_at: datetime | None,
+    downloads: Sequence[Download],
+    bytes_per_site: Mapping[str, int],
+    now: datetime,
+) -> SpecChangeGate | None:
+    """None when there is nothing to gate: no policy, the first rollout (nothing runs yet), the stable revision
+    itself, or a rollout of this revision that has already started (a gate never stops a wave midway)."""
+    if (
+        policy is None
+        or stable_revision is None
+        or revision == stable_revision
+        or rollout_revision == revision
+    ):
+        return None
+    candidate = Candidate(revision, bytes_per_site, learned=False)
+    decision = decide(policy, candidate, now=now, last_rollout_at=last_started_at, downloads=downloads)
+    return SpecChangeGate(decision, bytes_per_site)

@@ -32,7 +32,6 @@ cutting the class in two would make each half reach into the other's state.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -41,7 +40,7 @@ from typing import Any, Literal
 
 from kiri_operator.api.scalars import format_time
 from kiri_operator.api.statuses import RolloutHistoryEntry, RolloutStatus, RolloutVerdict
-from kiri_operator.conditions import Reason
+from kiri_operator.conditions import Reason, not_ready_note
 from kiri_operator.observations import Measurement
 from kiri_operator.planning.stepping import (
     EdgeNode,
@@ -744,16 +743,9 @@ class _Rollout:
     def not_ready_note(self, nodes: Sequence[str], revision: str) -> str:
         """ "; N pods not ready: <reason>" for the reason most of these nodes' pods of `revision` give, so
         the condition says why a wave waits, not only that it does; "" when no pod says."""
-        reasons = Counter(
-            p.reason
-            for n in nodes
-            if (p := self.observed.pods.get(n)) is not None and p.revision == revision and p.reason
+        return not_ready_note(
+            p.reason for n in nodes if (p := self.observed.pods.get(n)) is not None and p.revision == revision
         )
-        if not reasons:
-            return ""
-        reason, count = min(reasons.items(), key=lambda kv: (-kv[1], kv[0]))
-        more = f" (and {sum(reasons.values()) - count} for other reasons)" if len(reasons) > 1 else ""
-        return f"; {count} pods not ready: {reason}{more}"
 
     def pod_ready(self, name: str, revision: str) -> bool:
         pod = self.observed.pods.get(name)

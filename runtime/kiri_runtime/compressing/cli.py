@@ -80,6 +80,34 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     sub.set_defaults(handler=handle)
 
 
+def register_checkpoint(subparsers: argparse._SubParsersAction[Any]) -> None:
+    sub = subparsers.add_parser(
+        "checkpoint",
+        help="fetch, check and unpack a Hugging Face checkpoint for another server (vLLM)",
+        description="Fetch the hf source (a tar at a path, file://, http(s):// or s3://, or a checkpoint "
+        "directory), refuse it unless its sha256 matches, check it (architecture, tokenizer, safetensors) "
+        "and unpack it under OUT, with OUT/model linked to the checkpoint directory. The init container of "
+        "a vLLM cloud tier runs it.",
+    )
+    sub.add_argument("--source", required=True, help="the hf source URI")
+    sub.add_argument("--sha256", required=True, help="expected sha256 of the source")
+    sub.add_argument("--out", required=True, type=Path, help="directory (a volume) to unpack into")
+    sub.set_defaults(handler=handle_checkpoint)
+
+
+def handle_checkpoint(args: argparse.Namespace) -> int:
+    from kiri_runtime.compressing.errors import CompressionError
+    from kiri_runtime.compressing.lm.checkpointing import place_checkpoint
+
+    try:
+        link = place_checkpoint(args.source, args.sha256, args.out)
+    except CompressionError as e:
+        print(f"kiri checkpoint: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{link} -> {link.readlink()}")
+    return 0
+
+
 def handle(args: argparse.Namespace) -> int:
     from kiri_runtime.compressing import exporting, running, specs
     from kiri_runtime.compressing.errors import CompressionError

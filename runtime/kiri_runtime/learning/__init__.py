@@ -1,6 +1,6 @@
-"""Federated fine-tuning at the edge with client-level differential privacy.
+"""Federated fine-tuning at the edge with client-level differential privacy, on Flower.
 
-`kiri train-edge` trains on a site's local data and uploads only a clipped, noised update; `kiri aggregate`
-collects one round of updates, averages them, accounts the privacy spent and publishes the next global model.
-See docs/learning.md.
+A site's SuperNode runs `site_app` (local training, clipping, SecAgg+ masks); the SuperLink runs `federating`
+(admission by privacy budget, the ledger, secure aggregation, the noise, the round record). `kiri learn-round`
+submits a round. See docs/learning.md.
 """

@@ -1,249 +1,92 @@
-"""`kiri train-edge` and `kiri aggregate`. Nothing heavy is imported until a handler runs."""
+"""`kiri learn-round`: submit one federated round to a SuperLink and wait for its record.
+
+The round itself runs inside Flower: the SuperLink runs Kiri's ServerApp (`federating`), each site's SuperNode
+runs Kiri's ClientApp (`site_app`). This command is the operator's round Job: it submits the run over TLS
+(`launching.submit`), waits for it to end, and checks that the ServerApp wrote the round's record. Nothing heavy
+is imported until the handler runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
-TOKEN_ENV = "KIRI_LEARNING_TOKEN"
-
-
-def _part_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--factory", required=True, help="module factory: pkg.module:function or path/file.py:function"
-    )
-    p.add_argument("--factory-kwargs", default="{}", help="JSON object of keyword arguments for the factory")
-    p.add_argument(
-        "--weights",
-        help="the current revision's full-precision weights: safetensors, or a torch state dict (.pt)",
-    )
-    p.add_argument("--part", choices=("whole", "layers", "lora"), default="whole", help="what is trained")
-    p.add_argument(
-        "--layers",
-        default="",
-        help="comma-separated names: parameter prefixes (layers) or Linear modules (lora)",
-    )
-    p.add_argument("--lora-rank", type=int, default=4)
-    p.add_argument("--clip-norm", type=float, required=True, help="L2 bound on one site's update")
-    p.add_argument("--noise-multiplier", type=float, required=True, help="noise std is this times clipNorm")
-    p.add_argument("-v", "--verbose", action="store_true")
-
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    t = subparsers.add_parser(
-        "train-edge",
-        help="train on a site's local data and upload a clipped, noised update to the aggregator",
-        description="Federated learning at the edge (DP-FedAvg). Only the update leaves the site.",
+    r = subparsers.add_parser(
+        "learn-round",
+        help="run one federated round on a Flower SuperLink (SecAgg+, client-side clipping, central DP noise)",
+        description="Submits Kiri's Flower App to the SuperLink with this round's settings and waits for the "
+        "round record (rounds/<NNNN>/round.json under --out).",
     )
-    _part_args(t)
-    t.add_argument("--aggregator", required=True, help="aggregator base URL, e.g. http://aggregator:8470")
-    t.add_argument("--site", required=True, help="this site's name (its token is checked against it)")
-    t.add_argument("--token-file", help=f"file holding the site's bearer token (or set ${TOKEN_ENV})")
-    t.add_argument("--data", required=True, help="local .npz with arrays x and y (siteDataPath)")
-    t.add_argument(
-        "--work-dir", default=".kiri/learning", help="where global models downloaded between rounds go"
+    r.add_argument("--superlink", required=True, help="the SuperLink's address, host:port")
+    r.add_argument("--root-certificates", help="CA certificate (PEM) of the SuperLink's TLS certificate")
+    r.add_argument(
+        "--insecure", action="store_true", help="no TLS (tests only: the round's traffic is then readable)"
     )
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--learning-rate", type=float, default=0.05)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--seed", type=int, default=0, help="seeds shuffling and initialisation")
-    t.add_argument(
-        "--noise-seed", type=int, help="seeds the DP noise: tests only, a known seed voids the privacy"
-    )
-    t.add_argument("--rounds", type=int, default=1, help="rounds to take part in before exiting")
-    t.add_argument("--connect-timeout", type=float, default=60.0)
-    t.set_defaults(handler=_train_edge)
-
-    a = subparsers.add_parser(
-        "aggregate",
-        help="collect one or more federated rounds, account privacy, publish each new global model",
-        description="Federated aggregation (FedAvg or trimmed mean) with an RDP privacy accountant.",
-    )
-    _part_args(a)
-    a.add_argument("--eval", required=True, help="held-out .npz (x, y) the new model is evaluated on")
-    a.add_argument(
-        "--out",
-        required=True,
-        help="directory for rounds/<NNNN>/{round.json,weights.safetensors}; also the ledger",
-    )
-    a.add_argument(
-        "--tokens",
-        required=True,
-        help="directory with one token file per site, or a file of site=token lines",
-    )
-    a.add_argument(
-        "--sites", default="", help="comma-separated expected sites (empty: any site with a token)"
-    )
-    a.add_argument("--clients-per-round", type=int)
-    a.add_argument("--min-clients", type=int, default=1)
-    a.add_argument("--deadline-seconds", type=float, default=600.0)
-    a.add_argument(
-        "--grace-seconds", type=float, default=30.0, help="wait after minClients arrived for the rest"
-    )
-    a.add_argument("--aggregation", choices=("fedavg", "trimmed-mean"), default="fedavg")
-    a.add_argument("--trim-fraction", type=float, default=0.1)
-    a.add_argument("--server-learning-rate", type=float, default=1.0)
-    a.add_argument("--dp-delta", type=float, default=1e-5)
-    a.add_argument("--target-epsilon", type=float)
-    a.add_argument("--rounds", type=int, default=1)
-    a.add_argument("--host", default="0.0.0.0")
-    a.add_argument("--port", type=int, default=8470, help="0 picks a free port (see --port-file)")
-    a.add_argument("--port-file", help="write the bound port here once listening")
-    a.add_argument(
-        "--ledger",
-        metavar="KIND:TARGET",
-        help="where the privacy ledger lives, e.g. configmap:NAMESPACE/NAME (default: ledger.json in --out)",
-    )
-    a.add_argument("--ledger-owner", default="", help="name[:uid] of the object that owns the ledger")
-    a.set_defaults(handler=_aggregate)
+    given = r.add_mutually_exclusive_group(required=True)
+    given.add_argument("--run-config", help="TOML file of the round's settings (kebab-case keys)")
+    given.add_argument("--run-config-json", help="the same settings as one JSON object (the operator's Job)")
+    r.add_argument("--work-dir", default="/tmp/kiri-round", help="where the Flower App and config home go")
+    r.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run to end")
+    r.add_argument("-v", "--verbose", action="store_true")
+    r.set_defaults(handler=_learn_round)
 
 
-def _setup(args: argparse.Namespace) -> None:
+def _learn_round(args: argparse.Namespace) -> int:
+    from kiri_runtime import redaction
+    from kiri_runtime.learning.errors import LearningError
+
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    from kiri_runtime import redaction
-
-    redaction.install()  # httpx logs full URLs; presigned ones carry credentials
-    for noisy in ("httpx", "httpcore", "absl"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _part(args: argparse.Namespace) -> Any:
-    from kiri_runtime.learning.parts import TrainedPart
-
-    names = tuple(n.strip() for n in args.layers.split(",") if n.strip())
-    return TrainedPart(kind=args.part, names=names, rank=args.lora_rank)
-
-
-def _kwargs(text: str) -> dict[str, Any]:
-    from kiri_runtime.learning.errors import LearningError
-
+    redaction.install()
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LearningError(f"--factory-kwargs: invalid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise LearningError("--factory-kwargs: expected a JSON object")
-    return value
-
-
-def _run(fn: Any, args: argparse.Namespace) -> int:
-    from kiri_runtime.learning.errors import LearningError
-
-    _setup(args)
-    try:
-        return int(fn(args))
+        return _run(args)
     except LearningError as e:
-        print(f"kiri {args.command}: error: {e}", file=sys.stderr)
+        print(f"kiri learn-round: error: {e}", file=sys.stderr)
         return 1
 
 
-def _train_edge(args: argparse.Namespace) -> int:
-    return _run(_train_edge_impl, args)
+def _run(args: argparse.Namespace) -> int:
+    import tomllib
 
-
-def _train_edge_impl(args: argparse.Namespace) -> int:
+    from kiri_runtime.learning import launching, rounds
     from kiri_runtime.learning.errors import LearningError
-    from kiri_runtime.learning.loading import local_path
-    from kiri_runtime.learning.uploading import Trainer, TrainerConfig
 
-    token = os.environ.get(TOKEN_ENV, "")
-    if args.token_file:
-        try:
-            token = Path(args.token_file).read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise LearningError(f"--token-file: {e}") from None
-    if not token:
-        raise LearningError(f"no token: pass --token-file or set ${TOKEN_ENV}")
-    cfg = TrainerConfig(
-        aggregator=args.aggregator,
-        site=args.site,
-        token=token,
-        factory=args.factory,
-        factory_kwargs=_kwargs(args.factory_kwargs),
-        weights=local_path(args.weights) if args.weights else None,
-        data=Path(args.data),
-        work_dir=Path(args.work_dir),
-        part=_part(args),
-        clip_norm=args.clip_norm,
-        noise_multiplier=args.noise_multiplier,
-        epochs=args.epochs,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        noise_seed=args.noise_seed,
-        rounds=args.rounds,
-        connect_timeout=args.connect_timeout,
+    if not args.insecure and not args.root_certificates:
+        raise LearningError("--root-certificates is required (or --insecure, for tests)")
+    try:
+        if args.run_config_json is not None:
+            run_config = json.loads(args.run_config_json)
+        else:
+            run_config = tomllib.loads(Path(args.run_config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise LearningError(f"--run-config: {e}") from None
+    if not isinstance(run_config, dict):
+        raise LearningError("--run-config-json: expected a JSON object")
+    number = int(run_config.get("round") or 0)
+    out = Path(str(run_config.get("out") or ""))
+    if number < 1 or not str(out):
+        raise LearningError("--run-config must set 'round' (>= 1) and 'out'")
+    work = Path(args.work_dir)
+    launching.submit(
+        work,
+        args.superlink,
+        run_config,
+        root_certificates=None if args.insecure else Path(args.root_certificates),
+        timeout=args.timeout,
+        log=work / "flwr-run.log",
     )
-    uploads = Trainer(cfg).run()
-    print(json.dumps({"site": cfg.site, "uploads": [u.__dict__ for u in uploads]}))
-    return 0
-
-
-def _aggregate(args: argparse.Namespace) -> int:
-    return _run(_aggregate_impl, args)
-
-
-def _aggregate_impl(args: argparse.Namespace) -> int:
-    import asyncio
-
-    from kiri_runtime.learning.collecting import Aggregator, Settings, load_tokens
-    from kiri_runtime.learning.errors import LearningError
-    from kiri_runtime.learning.loading import (
-        TorchGlobalModel,
-        load_arrays,
-        load_model,
-        local_path,
-        save_weights,
-    )
-    from kiri_runtime.learning.serving import serve
-
-    settings = Settings(
-        part=_part(args),
-        clip_norm=args.clip_norm,
-        noise_multiplier=args.noise_multiplier,
-        dp_delta=args.dp_delta,
-        target_epsilon=args.target_epsilon,
-        sites=tuple(s.strip() for s in args.sites.split(",") if s.strip()),
-        clients_per_round=args.clients_per_round,
-        min_clients=args.min_clients,
-        deadline_seconds=args.deadline_seconds,
-        grace_seconds=args.grace_seconds,
-        aggregation=args.aggregation,
-        trim_fraction=args.trim_fraction,
-        server_lr=args.server_learning_rate,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    weights = local_path(args.weights) if args.weights else None
-    module = load_model(args.factory, _kwargs(args.factory_kwargs), weights)
-    if weights is None:
-        # A factory alone is a seeded fresh model: pin it as a file so every site trains from the same bytes.
-        weights = out / "initial-weights.safetensors"
-        save_weights(module, weights)
-    if args.rounds < 1:
-        raise LearningError("--rounds must be >= 1")
-    ledger = None
-    if args.ledger:
-        from kiri_runtime.learning.ledgers import open_ledger
-
-        kind, _, target = args.ledger.partition(":")
-        ledger = open_ledger(kind, target, {"owner": args.ledger_owner})
-    aggregator = Aggregator(
-        settings,
-        TorchGlobalModel(module, load_arrays(Path(args.eval), "held-out set")),
-        weights,
-        out,
-        load_tokens(Path(args.tokens)),
-        ledger=ledger,
-    )
-    port_file = Path(args.port_file) if args.port_file else None
-    return asyncio.run(serve(aggregator, args.host, args.port, args.rounds, port_file))
+    path = rounds.round_dir(out, number) / rounds.RECORD_FILE
+    if not path.exists():
+        raise LearningError(f"the run ended without a record at {path}: see the SuperLink's log")
+    record = rounds.load(path)
+    print(json.dumps({"round": record.round, "status": record.status, "reason": record.reason}))
+    return 0 if record.status == "accepted" else 3

@@ -24,8 +24,9 @@ import numpy as np
 
 from kiri_runtime.learning.errors import LearningError
 
-PartKind = Literal["whole", "layers", "lora"]
-PART_KINDS: tuple[PartKind, ...] = ("whole", "layers", "lora")
+PartKind = Literal["whole", "layers", "lora", "adapter"]
+# `adapter`: a language model's peft LoRA adapter (adapter_rounds.py), not a part of a factory's module.
+PART_KINDS: tuple[PartKind, ...] = ("whole", "layers", "lora", "adapter")
 LORA_SUFFIX = ".lora_B"
 
 
@@ -57,6 +58,10 @@ def upload_shapes(part: TrainedPart, shapes: Mapping[str, tuple[int, ...]]) -> d
 
     For `lora`, `shapes` must hold each adapted Linear's `<module>.weight` of shape (out, in).
     """
+    if part.kind == "adapter":
+        raise LearningError(
+            "an adapter round's tensors are the adapter's (adapter_rounds.py), not the model's"
+        )
     if part.kind == "whole":
         out = dict(shapes)
     elif part.kind == "layers":
@@ -77,6 +82,11 @@ def upload_shapes(part: TrainedPart, shapes: Mapping[str, tuple[int, ...]]) -> d
         if missing:
             raise LearningError(f"LoRA layers {missing} are not 2-D Linear weights of the model")
     return out
+
+
+def lora_seed(number: int, base_sha256: str) -> int:
+    """The seed of a round's frozen LoRA bases: every site and the server derive the same one."""
+    return int.from_bytes(hashlib.sha256(f"{number}:{base_sha256}".encode()).digest()[:8], "little") >> 1
 
 
 def lora_basis(seed: int, module: str, rank: int, in_features: int) -> np.ndarray:

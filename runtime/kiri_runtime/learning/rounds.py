@@ -71,12 +71,16 @@ class RoundRecord(_Model):
     base_sha256: str
     part: dict[str, object] = Field(default_factory=dict)
     aggregation: str = "fedavg"
+    # SecAgg+: the server saw only the sum of the sites' updates, never one of them.
+    secure_aggregation: bool = False
     participants: list[Participant] = Field(default_factory=list)
     skipped: list[SkippedSite] = Field(default_factory=list)
     eval_before: Evaluation | None = None
     eval_after: Evaluation | None = None
     privacy: Privacy
     model: Artifact | None = None
+    # What the round moved through the SuperLink, server side (metering.Traffic): bytes, messages, seconds.
+    traffic: dict[str, float] = Field(default_factory=dict)
     opened_at: str
     closed_at: str
 

@@ -1,8 +1,8 @@
 """A real Prometheus (the Debian package) scraping real `kiri serve` processes, all on 127.0.0.1.
 
 ``analysis_lab`` (module scope) starts one ``kiri serve`` process per revision on a tiny ONNX model, each
-with its own ``--fail-ratio``, a Prometheus scraping them every second with ``revision``/``variant`` target
-labels (what the Kubernetes scrape config's relabelling gives in a cluster), and a load thread sending
+with its own ``--fail-ratio``, a Prometheus scraping them every second with ``revision``/``variant`` (and the
+PodMonitor's ``namespace``/``component``) target labels (what the Kubernetes scrape config's relabelling gives in a cluster), and a load thread sending
 infer requests to the revisions that should have traffic.
 """
 
@@ -139,7 +139,15 @@ def analysis_lab() -> Iterator[Lab]:
             {
                 "job_name": "kiri-edge",
                 "static_configs": [
-                    {"targets": [f"127.0.0.1:{r.port}"], "labels": {"revision": r.name, "variant": "int8"}}
+                    {
+                        "targets": [f"127.0.0.1:{r.port}"],
+                        "labels": {
+                            "revision": r.name,
+                            "variant": "int8",
+                            "namespace": "default",
+                            "component": "edge",
+                        },
+                    }
                     for r in revisions.values()
                 ],
             }

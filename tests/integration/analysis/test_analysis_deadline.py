@@ -23,7 +23,7 @@ SUBS = Substitutions(revision="abc", namespace="ns", variants=["int8"])
 
 class Query:
     name = "errors"
-    query = "sum(rate(kiri_requests_total[1m]))"
+    promql = "sum(rate(kiri_requests_total[1m]))"
     success_condition = "result < 0.05"
     interval = 10
     failure_limit = 0

@@ -15,6 +15,7 @@ import pytest
 
 from kiri_operator import analyzing
 from kiri_operator.analyzing import Substitutions
+from kiri_operator.api.specs import AnalysisQuery
 from kiri_operator.api.statuses import RolloutStatus
 from kiri_operator.observations import Measurement
 from kiri_operator.planning import stepping
@@ -33,7 +34,7 @@ ERROR_RATIO = (
 @dataclass(frozen=True)
 class Query:
     name: str = "error-ratio"
-    query: str = ERROR_RATIO
+    promql: str = ERROR_RATIO
     success_condition: str = "result < 0.1"
     interval: int = INTERVAL
     failure_limit: int = 1
@@ -78,8 +79,24 @@ def test_more_samples_than_the_wave_has_had_is_inconclusive(analysis_lab) -> Non
     assert 0 < found[0].samples < 1000
 
 
+def test_the_error_ratio_preset_reads_zero_for_a_revision_without_any_5xx_and_about_half_for_one_failing_half(
+    analysis_lab,
+) -> None:  # type: ignore[no-untyped-def]
+    # The healthy revision has no 5xx series at all: the preset's numerator must read 0, not "no data".
+    preset = AnalysisQuery.model_validate(
+        {"name": "errors", "preset": "error-ratio", "successCondition": "result < 0.1", "interval": INTERVAL,
+         "minSamples": 3}
+    )  # fmt: skip
+    m, found = measure(analysis_lab, "healthy", preset)  # type: ignore[arg-type]
+    assert m.outcome == "Successful", m.message
+    assert found[0].last_value == 0.0
+    m, found = measure(analysis_lab, "faulty", preset)  # type: ignore[arg-type]
+    assert m.outcome == "Failed", m.message
+    assert found[0].last_value is not None and 0.25 < found[0].last_value < 0.75
+
+
 def test_a_query_prometheus_rejects_holds_with_its_error(analysis_lab) -> None:  # type: ignore[no-untyped-def]
-    m, _ = measure(analysis_lab, "healthy", Query(query="sum(rate(kiri_requests_total[4s]"))
+    m, _ = measure(analysis_lab, "healthy", Query(promql="sum(rate(kiri_requests_total[4s]"))
     assert m.outcome == "Error"
     assert "bad_data" in m.message
 

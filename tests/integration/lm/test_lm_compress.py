@@ -94,13 +94,18 @@ def test_hf_source_gives_accepted_int4_and_int8_variants_that_generate_in_genai(
     assert [g.describe() for g in m.variants[1].gate] == ["kl.mean<=0.01", "top1-agreement.mean>=0.97"]
     sizes = {}
     for v in m.variants:
-        assert v.uri == f"{v.name}.tar" and v.sha256 is not None and v.size_bytes is not None
+        assert v.uri == f"{v.name}.tar.xz" and v.sha256 is not None and v.size_bytes is not None
         tar = out / v.uri
         assert hashlib.sha256(tar.read_bytes()).hexdigest() == v.sha256 and tar.stat().st_size == v.size_bytes
+        assert tar.read_bytes()[:6] == b"\xfd7zXZ\x00"  # one xz-compressed tar
+        assert v.extra["artifact"]["compression"] == "xz"
+        assert v.search[-1].size_bytes == v.size_bytes  # candidates are sized as shipped
         assert v.generative is not None and v.decode is not None
         assert v.generative.greedy_tokens == 16 and v.generative.greedy_match is not None
         assert v.decode.decode_tokens_per_s > 0 and v.decode.ttft_ms > 0
         model_dir = packing.unpack(tar, tmp_path / v.name)
+        unpacked = sum(p.stat().st_size for p in model_dir.iterdir())
+        assert v.extra["artifact"]["unpackedBytes"] == unpacked > v.size_bytes
         assert len(_generate(model_dir, "def main(", 8)) == 8
         sizes[v.name] = v.size_bytes
     assert sizes["int4"] < sizes["int8"] < m.model.size_bytes
@@ -205,3 +210,89 @@ def test_a_gguf_is_carried_over_without_requantizing_and_gated(
     transcoded: Any = v.extra["transcoded"]
     assert transcoded["tensors"] > 0 and transcoded["byType"].get(qtype, 0) > 0
     assert v.size_bytes is not None and v.size_bytes < m.model.size_bytes
+    assert v.size_bytes <= gguf.stat().st_size  # no larger than the GGUF it came from, tokenizer included
+
+
+def test_a_size_budget_is_respected_and_filled_with_the_most_sensitive_projections_at_8_bits(
+    first_run: tuple[Path, manifests.Manifest],
+    tiny_llama_dir: Path,
+    eval_jsonl: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plain = first_run[1].variants[0]  # int4 defaults: 4-bit projections, 8-bit embedding
+    assert plain.size_bytes is not None and plain.generative is not None
+    budget = plain.size_bytes + 40_000
+    rc, _ = compress(
+        capsys, "--source", str(tiny_llama_dir), "--format", "hf", "--out", str(tmp_path), "--eval-data",
+        str(eval_jsonl), "--variant", f"name=fit,method=int4,maxBytes={budget}",
+        "--gate", f"fit:kl.mean<={plain.generative.kl_mean * 0.8!r}",
+    )  # fmt: skip
+    assert rc == 0
+    v = manifests.load(tmp_path).variant("fit")
+    assert v is not None and v.accepted, v.reason if v else None
+    record: Any = v.extra["budget"]
+    assert record["maxBytes"] == budget
+    assert sorted(record["sensitivity"]) == sorted(
+        ["embedding", "lm_head"]
+        + [f"layers.{i}.{p}" for i in (0, 1) for p in ("attn.qkv_proj", "attn.o_proj", "mlp.gate_proj",
+                                                        "mlp.up_proj", "mlp.down_proj")]
+    )  # fmt: skip
+    fits = record["fits"]
+    assert 2 <= len(fits) <= 4 and fits[0]["int8Tensors"] == [] and fits[0]["embeddingBits"] == 4
+    assert all(f["sizeBytes"] is not None for f in fits)
+    within = [f for f in fits if f["sizeBytes"] <= budget]
+    best = min(within, key=lambda f: f["klMean"])
+    assert record["chosen"] == best["int8Tensors"] != []
+    # the budget's mix is the candidate right after the variant's own options, and it is what shipped
+    assert v.search[0].options == {} and v.search[0].passed is False
+    assert v.search[1].options["int8Tensors"] == best["int8Tensors"] and v.search[1].passed
+    assert v.options == v.search[1].options and "maxBytes" not in v.options
+    assert v.size_bytes == best["sizeBytes"] <= budget
+    assert v.uri is not None and (tmp_path / v.uri).stat().st_size == v.size_bytes
+    assert v.generative is not None and v.generative.kl_mean < plain.generative.kl_mean * 0.8
+
+
+def test_a_budget_smaller_than_any_candidate_rejects_the_variant_and_says_why(
+    tiny_llama_dir: Path, eval_jsonl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, _ = compress(
+        capsys, "--source", str(tiny_llama_dir), "--format", "hf", "--out", str(tmp_path), "--eval-data",
+        str(eval_jsonl), "--variant", "name=tight,method=int8,maxBytes=1000", "--strict",
+    )  # fmt: skip
+    assert rc == 3
+    v = manifests.load(tmp_path).variant("tight")
+    assert v is not None and not v.accepted and v.uri is None
+    assert [c.passed for c in v.search] == [False, False, False]
+    assert all(c.error == f"{c.size_bytes} bytes, over maxBytes 1000" for c in v.search)
+    shown = next(c for c in v.search if c.options == v.options)
+    assert v.reason.startswith("rejected: no candidate passed (3 tried); best seen kl.mean<=0.01 (")
+    assert v.reason.endswith(f"; missed {shown.size_bytes} bytes, over maxBytes 1000")
+
+
+def test_imatrix_int4_has_the_weight_bytes_of_round_to_nearest_and_a_lower_kl_and_generates(
+    first_run: tuple[Path, manifests.Manifest],
+    tiny_llama_dir: Path,
+    eval_jsonl: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from kiri_runtime.compressing.lm import packing
+
+    plain = first_run[1].variants[0]
+    assert plain.generative is not None and plain.size_bytes is not None
+    rc, err = compress(
+        capsys, "--source", str(tiny_llama_dir), "--format", "hf", "--out", str(tmp_path), "--eval-data",
+        str(eval_jsonl), "--variant", "name=imx,method=int4,algorithm=imatrix,tune=false",
+    )  # fmt: skip
+    assert rc == 0
+    assert "measuring activation importance on the eval data (imatrix)" in err
+    v = manifests.load(tmp_path).variant("imx")
+    assert v is not None and v.accepted and v.options == {"algorithm": "imatrix"}
+    assert v.generative is not None and v.generative.kl_mean < plain.generative.kl_mean
+    assert v.uri is not None and plain.uri is not None
+    model_dir = packing.unpack(tmp_path / v.uri, tmp_path / "imx")
+    plain_dir = packing.unpack(first_run[0] / plain.uri, tmp_path / "plain")
+    data = "model.onnx.data"
+    assert (model_dir / data).stat().st_size == (plain_dir / data).stat().st_size  # the same weight bytes
+    assert len(_generate(model_dir, "def main(", 8)) == 8

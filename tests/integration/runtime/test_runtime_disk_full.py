@@ -8,7 +8,7 @@ full, no partial file is left (nor anything that could later pass for the artifa
 file is deleted the next retry loads and serves the model.
 
 Mounting needs root (CAP_SYS_ADMIN); elsewhere the test is skipped with that reason.
-The same fault on a real node's cache: tests/e2e/test_real_nodes.py (opt-in, `-m real_nodes`).
+The same fault on a real node's cache: tests/e2e/test_real_nodes.py (marked `real_nodes`).
 """
 
 from __future__ import annotations

@@ -549,3 +549,63 @@ def test_requests_of_different_prompt_lengths_share_decode_steps_and_join_a_runn
     shared = [lengths for rows, lengths in widths if rows >= 2]
     assert shared, "no decode step ran two requests at once"
     assert any(len(set(lengths)) == len(lengths) for lengths in shared)  # rows of different lengths, one step
+
+
+def test_an_xz_packed_model_cut_mid_download_resumes_verifies_pins_unpacks_and_answers_as_the_directory(
+    genai_dir: Path, tmp_path: Path
+) -> None:
+    """What `kiri compress` ships for a language-model variant (packing.pack(compression="xz")): the runtime's
+    fetcher, cache, pins and loader take it as they take a plain tar, with no flag."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from kiri_runtime.artifacts import ArtifactCache
+    from kiri_runtime.compressing.lm.packing import pack
+
+    artifact = tmp_path / "tiny.tar.xz"
+    sha, size = pack(genai_dir, artifact, compression="xz")
+    payload = artifact.read_bytes()
+    ranges: list[str] = []
+    cuts = [1]
+
+    class Cutting(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            rng = self.headers.get("Range")
+            start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+            if rng:
+                ranges.append(rng)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(size - start))
+            self.end_headers()
+            if not rng and cuts[0]:
+                cuts[0] -= 1
+                self.wfile.write(payload[: size // 3])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(payload[start:])
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Cutting)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{http.server_address[1]}/tiny.tar.xz"
+    cache_dir = tmp_path / "cache"
+    server = _start(uri, cache_dir, sha256=sha, fetch_retry_max_s=0.2)
+    try:
+        assert len(ranges) == 1 and 0 < int(ranges[0].removeprefix("bytes=").rstrip("-")) < size
+        assert sha256_of(cache_dir / "blobs" / "sha256" / sha) == sha
+        unpacked = cache_dir / "unpacked" / sha
+        for name in ("genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"):
+            assert (unpacked / name).read_bytes() == (genai_dir / name).read_bytes()
+        assert [p["sha256"] for p in ArtifactCache(cache_dir).pins("tiny")] == [sha]
+        answer = client(server).chat.completions.create(
+            model="tiny", messages=QUESTION, temperature=0, max_tokens=30
+        )
+        assert answer.choices[0].message.content == GREEDY_ANSWER
+    finally:
+        server.stop()
+        http.shutdown()

@@ -119,3 +119,28 @@ def test_kwok_stages_keep_the_defaults_and_add_kiri_behaviours(
     kwok_dir.mkdir()
     with pytest.raises(cluster_script.ClusterError, match="default stage"):
         cluster_script.kiri_stages(kwok_dir)
+
+
+def test_check_host_names_the_limit_and_how_to_leave_real_nodes_out_in_one_line(
+    cluster_script: ModuleType, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse() -> dict[str, Any]:
+        raise cluster_script.realnodes.RealNodeError(
+            "this host cannot run real nodes: the kernel has no overlay filesystem"
+        )
+
+    monkeypatch.setattr(cluster_script.signal, "signal", lambda *a: None)  # main() installs handlers
+    monkeypatch.setattr(cluster_script.realnodes, "check_host", refuse)
+    assert cluster_script.main(["check-host"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(
+        "hack/cluster check-host: error: this host cannot run real nodes: the kernel has no overlay filesystem. "
+    )
+    assert "`make test KIRI_REAL_NODES=0`" in err
+
+    monkeypatch.setattr(
+        cluster_script.realnodes, "check_host", lambda: {"cgroup_v1": True, "negative_oom_score_adj": True}
+    )
+    assert cluster_script.main(["check-host"]) == 0
+    assert capsys.readouterr().out == "hack/cluster check-host: this host can run real nodes (cgroup v1)\n"

@@ -150,6 +150,27 @@ def test_coredns_serves_the_cluster_domain_and_forwards_nothing(
     assert "rcode NXDOMAIN" in text
 
 
+def test_coredns_is_built_with_every_plugin_its_corefile_names_and_no_other(
+    realnodes: ModuleType, tmp_path: Path
+) -> None:
+    """hack/tools/coredns-prometheus/main.go compiles in only the plugins the Corefile uses (a cold build without
+    the cloud SDKs of the others); a directive whose plugin is missing would stop CoreDNS at start."""
+    import re
+
+    lay = realnodes.Layout(tmp_path)
+    text = realnodes.write_corefile(lay, tmp_path / "kubeconfig", tmp_path / "Corefile").read_text()
+    depth, directives = 0, set()
+    for line in text.splitlines():
+        words = line.split("#")[0].split()
+        if words and depth == 1 and words[0] != "}":
+            directives.add(words[0])
+        depth += line.count("{") - line.count("}")
+    main_go = (SCRIPT.parent / "tools" / "coredns-prometheus" / "main.go").read_text()
+    plugins = set(re.findall(r'_ "github.com/coredns/coredns/plugin/([a-z0-9_]+)"', main_go))
+    assert directives == {"bind", "errors", "kubernetes", "cache", "template"}
+    assert plugins == directives
+
+
 def test_dns_query_reads_a_records(realnodes: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     """The A records of a reply, following a compressed owner name; None when nothing answers."""
     import socket

@@ -28,7 +28,7 @@ class RecordingKube:
         self.calls: list[tuple[str, str, str]] = []
         self.refuse = refuse
         self.resource_version = 100
-        self.events: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+        self.namespace_events: list[dict[str, Any]] = []
 
     def _rv(self, body: dict[str, Any]) -> dict[str, Any]:
         self.resource_version += 1
@@ -45,9 +45,13 @@ class RecordingKube:
     def delete(self, kind: str, namespace: str, name: str) -> None:
         self.calls.append(("delete", kind, name))
 
-    def events_about(self, namespace: str, kind: str, name: str, reason: str) -> list[dict[str, Any]]:
-        self.calls.append(("events", kind, name))
-        return list(self.events.get((kind, name, reason), []))
+    def events_with_reason(self, namespace: str, kind: str | None, reason: str) -> list[dict[str, Any]]:
+        self.calls.append(("events", f"{namespace}/{kind or '*'}", reason))
+        return [
+            e
+            for e in self.namespace_events
+            if e["reason"] == reason and kind in (None, e["involvedObject"]["kind"])
+        ]
 
     def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("status", "ModelDeployment", name))
@@ -315,3 +319,182 @@ def test_a_prometheus_outside_the_allow_list_is_never_asked_and_the_spec_is_refu
     assert (ready["reason"] == "PrometheusNotAllowed") is not asked
     applied = [c for c in kube.calls if c[0] == "apply"]
     assert bool(applied) is asked
+
+
+def _failed_create(kind: str, name: str) -> dict[str, Any]:
+    return {"involvedObject": {"kind": kind, "name": name}, "reason": "FailedCreate", "message": "m"}
+
+
+def test_a_namespaces_failed_creates_are_listed_once_per_ttl_however_many_children_ask():
+    kube = RecordingKube()
+    kube.namespace_events = [_failed_create("DaemonSet", "a"), _failed_create("Job", "a")]
+    now = [0.0]
+    seen = reconciling.NamespaceEvents(kube, ttl=15.0, monotonic=lambda: now[0])  # type: ignore[arg-type]
+    assert seen.about("ns", "FailedCreate", "DaemonSet", {"a"}) == [_failed_create("DaemonSet", "a")]
+    assert seen.about("ns", "FailedCreate", "DaemonSet", {"b"}) == []
+    now[0] = 14.9
+    assert seen.about("ns", "FailedCreate", "Job", {"a", "b"}) == [_failed_create("Job", "a")]
+    assert kube.calls == [("events", "ns/*", "FailedCreate")]
+    seen.about("other", "FailedCreate", "Job", {"a"})  # each namespace its own LIST
+    seen.about("ns", "Unhealthy", "Pod", {"a"})  # and each reason
+    now[0] = 15.0
+    kube.namespace_events = []
+    assert seen.about("ns", "FailedCreate", "DaemonSet", {"a"}) == []
+    assert kube.calls == [
+        ("events", "ns/*", "FailedCreate"),
+        ("events", "other/*", "FailedCreate"),
+        ("events", "ns/*", "Unhealthy"),
+        ("events", "ns/*", "FailedCreate"),
+    ]
+
+
+def _serving_pod(name: str, component: str, not_ready_since: str, ready: bool = False) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "labels": {"kiri.dev/modeldeployment": "md", "app.kubernetes.io/component": component},
+        },
+        "spec": {"nodeName": "cloud-0"},
+        "status": {
+            "phase": "Running",
+            "conditions": [
+                {"type": "Ready", "status": str(ready), "lastTransitionTime": not_ready_since},
+            ],
+            "containerStatuses": [{"name": "kiri-serve", "ready": ready, "state": {"running": {}}}],
+        },
+    }
+
+
+def _probe_event(pod: str, message: str, last: str) -> dict[str, Any]:
+    return {
+        "involvedObject": {"kind": "Pod", "name": pod, "fieldPath": "spec.containers{kiri-serve}"},
+        "reason": "Unhealthy",
+        "type": "Warning",
+        "message": message,
+        "lastTimestamp": last,
+    }
+
+
+def _cloud_ready(cache: Cache) -> dict[str, Any]:
+    status = cache.md(("ns", "md"))["status"]  # type: ignore[index]
+    return next(c for c in status["conditions"] if c["type"] == "CloudReady")
+
+
+def test_cloud_ready_quotes_the_readiness_probe_output_from_the_kubelets_event(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(reconciling.time, "monotonic", lambda: clock[0])
+    kube, cache = RecordingKube(), _cache()
+    r = Reconciler(kube, cache, progress_interval=0.0)  # type: ignore[arg-type]
+    r.reconcile(("ns", "md"))
+    cache.put_pod(_serving_pod("md-cloud-1", "cloud", "2026-12-06T10:00:00Z"))
+    said = "model m not loaded (attempt 3): HTTP 401: no credentials were sent"
+    kube.namespace_events = [
+        # From before this not-ready spell (older than its transition less the probe's window): not quoted.
+        _probe_event("md-cloud-1", "Readiness probe failed: cache full", "2026-12-06T09:58:00Z"),
+        _probe_event("md-cloud-1", f"Readiness probe failed: {said}\n", "2026-12-06T10:00:20Z"),
+        _probe_event("md-cloud-1", "Liveness probe failed: HTTP probe failed", "2026-12-06T10:00:30Z"),
+        _probe_event("other-pod", "Readiness probe failed: not this pod's", "2026-12-06T10:00:40Z"),
+    ]
+    kube.calls.clear()
+    r.reconcile(("ns", "md"))
+    assert kube.calls.count(("events", "ns/*", "Unhealthy")) == 1
+    cond = _cloud_ready(cache)
+    assert (cond["status"], cond["reason"]) == ("False", "DeploymentProgressing")
+    assert cond["message"] == f"0/1 replicas ready; 1 pods not ready: readiness probe: {said}"
+
+    # Within EVENT_LIST_SECONDS the last answer stands (no second LIST); after it, the Events are read again.
+    kube.namespace_events.append(
+        _probe_event("md-cloud-1", "Readiness probe failed: disk full", "2026-12-06T10:01:00Z")
+    )
+    kube.calls.clear()
+    clock[0] += 5
+    r.reconcile(("ns", "md"))
+    assert ("events", "ns/*", "Unhealthy") not in kube.calls
+    assert _cloud_ready(cache)["message"].endswith(f"readiness probe: {said}")
+    clock[0] += reconciling.EVENT_LIST_SECONDS
+    r.reconcile(("ns", "md"))
+    assert kube.calls.count(("events", "ns/*", "Unhealthy")) == 1
+    assert (
+        _cloud_ready(cache)["message"] == "0/1 replicas ready; 1 pods not ready: readiness probe: disk full"
+    )
+
+
+def test_probe_events_are_not_read_while_every_serving_pod_is_ready_or_says_why_itself(monkeypatch):
+    kube, cache = RecordingKube(), _cache()
+    r = Reconciler(kube, cache, progress_interval=0.0)  # type: ignore[arg-type]
+    r.reconcile(("ns", "md"))
+    cache.put_pod(_serving_pod("md-cloud-1", "cloud", "2026-12-06T10:00:00Z", ready=True))
+    crashing = _serving_pod("md-cloud-2", "cloud", "2026-12-06T10:00:00Z")
+    crashing["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "CrashLoopBackOff"}}
+    cache.put_pod(crashing)
+    kube.namespace_events = [_probe_event("md-cloud-2", "Readiness probe failed: x", "2026-12-06T10:00:20Z")]
+    kube.calls.clear()
+    r.reconcile(("ns", "md"))
+    assert ("events", "ns/*", "Unhealthy") not in kube.calls
+    # The crash loop is on the pod object itself: no Event is needed, and none is quoted.
+    assert (
+        _cloud_ready(cache)["message"] == "0/1 replicas ready; 1 pods not ready: kiri-serve: CrashLoopBackOff"
+    )
+
+
+class SecretKube(RecordingKube):
+    def __init__(self, exists: bool = False) -> None:
+        super().__init__()
+        self.exists = exists
+        self.created: list[dict[str, Any]] = []
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("create", obj["kind"], obj["metadata"]["name"]))
+        if self.exists:
+            raise KubeError(409, "create", obj["kind"], "already exists")
+        self.created.append(obj)
+        return obj
+
+
+def test_the_tls_secret_is_created_once_with_a_ca_and_a_certificate_for_the_superlink(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("cryptography")
+    import base64
+
+    from cryptography import x509
+
+    from kiri_operator.planning import building as B
+    from kiri_operator.planning import federation as F
+    from kiri_operator.plans import Plan
+
+    kube = SecretKube()
+    r = Reconciler(kube, _cache(), Settings())  # type: ignore[arg-type]
+    plan = Plan(secrets=[F.tls_request(B.Owner("md", "ns", "uid-1"))])
+    with caplog.at_level("DEBUG"):
+        first = r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+        r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+    assert [c for c in kube.calls if c[0] == "create"] == [("create", "Secret", "md-flower-tls")]
+    assert first.writes - first.status_written == 1 and first.error is None
+    body = kube.created[0]
+    assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    data = {k: base64.b64decode(v) for k, v in body["data"].items()}
+    assert set(data) == {"ca.crt", "tls.crt", "tls.key"}
+    cert = x509.load_pem_x509_certificate(data["tls.crt"])
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(data["ca.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "md-superlink.ns.svc" in sans.get_values_for_type(x509.DNSName)
+    key = data["tls.key"].decode()
+    assert key.split("\n")[1] not in caplog.text and body["data"]["tls.key"] not in caplog.text
+    assert ("event", "Created", "created Secret md-flower-tls") in kube.calls
+
+
+def test_a_tls_secret_that_exists_already_is_left_alone_and_not_recreated() -> None:
+    pytest.importorskip("cryptography")
+    from kiri_operator.planning import building as B
+    from kiri_operator.planning import federation as F
+    from kiri_operator.plans import Plan
+
+    kube = SecretKube(exists=True)
+    r = Reconciler(kube, _cache(), Settings())  # type: ignore[arg-type]
+    plan = Plan(secrets=[F.tls_request(B.Owner("md", "ns", "uid-1"))])
+    out = r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+    r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+    assert out.error is None and out.writes - out.status_written == 0
+    assert [c[0] for c in kube.calls].count("create") == 1  # the 409 is remembered: no create per reconcile

@@ -23,7 +23,7 @@ SUBS = Substitutions(revision="abc123", namespace="shop", variants=["int8", "fp1
 @dataclass(frozen=True)
 class Q:
     name: str = "errors"
-    query: str = 'sum(rate(kiri_requests_total{code=~"5..",revision="$revision",variant=~"$variant"}[1m]))'
+    promql: str = 'sum(rate(kiri_requests_total{code=~"5..",revision="$revision",variant=~"$variant"}[1m]))'
     success_condition: str = "result < 0.05"
     interval: int = 10
     failure_limit: int = 0

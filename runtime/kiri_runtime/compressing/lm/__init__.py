@@ -10,6 +10,6 @@ The vocabulary, used the same way in every module here:
 - **variant dir**: one built model directory that onnxruntime-genai loads: model.onnx (+ .data), genai_config.json,
   tokenizer files, chat template. Built by the model builder (int4/int8/fp16/fp32), possibly transcoded from a
   GGUF's own quantized blocks.
-- **artifact**: a variant dir packed as one uncompressed, deterministic tar (`packing.pack`): one sha256, fetched,
+- **artifact**: a variant dir packed as one deterministic tar through xz (`packing.pack`): one sha256, fetched,
   cached, pinned and resumed by the runtime like any other model file.
 """

@@ -10,11 +10,16 @@ OPTIONS (camelCase, as in ModelDeployment spec.edge.variants[].options), int4 an
   symmetric      bool, default True: signed weights and no zero points; False: unsigned with integer zero points.
   accuracyLevel  0..4, default 4: MatMulNBits' compute type on CPU (4: activations quantized to int8).
   algorithm      "rtn" (default; the builder's MLAS round-to-nearest) | "k_quant" (the builder's k-quant search) |
-                 "hqq" (int4 only: onnxruntime's HQQ quantizer over the builder's fp32 graph; float zero points).
+                 "hqq" (int4 only: onnxruntime's HQQ quantizer over the builder's fp32 graph; float zero points) |
+                 "imatrix" (int4 only: per-block scales that minimise the activation-weighted error, importance
+                 measured on the eval data; weighting.py; same bytes as rtn).
   int4 only:
   int8LmHead     bool, default False: lm_head at 8 bits.
   int8Layers     "none" (default) | "first-last" (every projection of the first and last decoder layer at 8 bits) |
                  "mixed" (llama.cpp's choice: first/last eighth of the layers and every third layer's qkv/down).
+  int8Tensors    list of projection names, default []: these MatMuls at 8 bits, named "lm_head" or
+                 "layers.N.attn.qkv_proj" (q_proj/k_proj/v_proj when fuseQkv is false), "layers.N.attn.o_proj",
+                 "layers.N.mlp.gate_proj|up_proj|down_proj". What a size budget chooses (budgeting.py, `maxBytes`).
   int8Embeddings bool, default False: the token embedding stays out of 4 bits. onnxruntime's quantizer writes
                  GatherBlockQuantized at 4 bits only, so "not 4-bit" means a float Gather; this only changes models
                  that tie embeddings and lm_head (the builder shares one 4-bit table between them by default).
@@ -23,6 +28,11 @@ OPTIONS (camelCase, as in ModelDeployment spec.edge.variants[].options), int4 an
                  the session starts (compacting.py); the scales llama.cpp stores. False: float32 as the builder wrote.
   embeddingBits  4|8|32, default 8: a float token embedding (untied models, or int8Embeddings) stored as symmetric
                  8-bit (Q8_0-like) or 4-bit (Q4_0-like) blocks of 32, dequantised after the Gather; 32 keeps float32.
+  Every precision:
+  loraTargets    "q_proj,v_proj" (a comma-separated string or a list) of q_proj, k_proj, v_proj, o_proj, gate_proj,
+                 up_proj, down_proj: the build is LoRA-ready (adapting.py): those projections take onnxruntime-genai
+                 adapters at run time (`kiri serve --adapter`), and compute exactly as before without one.
+                 Default: none.
   Every int4/int8 build also computes the rotary cos/sin tables in the graph instead of storing them and writes its
   JSON unindented (compacting.py).
 
@@ -71,7 +81,7 @@ from kiri_runtime.compressing.errors import CompressionError
 Precision = Literal["fp32", "fp16", "int8", "int4"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-ALGORITHMS = ("rtn", "k_quant", "hqq")
+ALGORITHMS = ("rtn", "k_quant", "hqq", "imatrix")
 INT8_LAYERS = ("none", "first-last", "mixed")
 INT_OPTIONS = {
     "blockSize",
@@ -83,12 +93,15 @@ INT_OPTIONS = {
     "embeddingBits",
 }
 EMBEDDING_BITS = (4, 8, 32)
-INT4_OPTIONS = INT_OPTIONS | {"int8LmHead", "int8Layers", "int8Embeddings"}
+INT4_OPTIONS = INT_OPTIONS | {"int8LmHead", "int8Layers", "int8Embeddings", "int8Tensors"}
+TENSOR_NAME = re.compile(
+    r"^(?:lm_head|layers\.(\d+)\.(attn\.(?:qkv|q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj))$"
+)
 KNOWN_OPTIONS: dict[str, set[str]] = {
-    "fp32": {"fuseQkv"},
-    "fp16": {"fuseQkv"},
-    "int8": INT_OPTIONS,
-    "int4": INT4_OPTIONS,
+    "fp32": {"fuseQkv", "loraTargets"},
+    "fp16": {"fuseQkv", "loraTargets"},
+    "int8": INT_OPTIONS | {"loraTargets"},
+    "int4": INT4_OPTIONS | {"loraTargets"},
 }
 DEFAULTS: dict[str, Any] = {
     "blockSize": 32,
@@ -98,6 +111,7 @@ DEFAULTS: dict[str, Any] = {
     "int8LmHead": False,
     "int8Layers": "none",
     "int8Embeddings": False,
+    "int8Tensors": [],
     "fuseQkv": True,
     "halfScales": True,
     "embeddingBits": 8,
@@ -115,7 +129,9 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
     unknown = sorted(set(given) - known)
     if unknown:
         raise CompressionError(f"{precision}: unknown options {unknown}; known: {sorted(known)}")
-    merged = {k: DEFAULTS[k] for k in sorted(known)} | given
+    merged = {k: DEFAULTS[k] for k in sorted(known) if k in DEFAULTS} | given
+    if "loraTargets" in merged:
+        merged["loraTargets"] = _lora_targets(precision, merged["loraTargets"])
     for key in ("symmetric", "int8LmHead", "int8Embeddings", "fuseQkv", "halfScales"):
         if key in merged and not isinstance(merged[key], bool):
             raise CompressionError(f"{precision}: {key} must be true or false, got {merged[key]!r}")
@@ -126,6 +142,14 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
         ("int8Layers", INT8_LAYERS),
         ("embeddingBits", EMBEDDING_BITS),
     ]
+    tensors = merged.get("int8Tensors", [])
+    if not isinstance(tensors, list) or not all(isinstance(t, str) for t in tensors):
+        raise CompressionError(f"{precision}: int8Tensors must be a list of tensor names, got {tensors!r}")
+    bad = [t for t in tensors if not TENSOR_NAME.match(t)]
+    if bad:
+        raise CompressionError(
+            f"{precision}: int8Tensors has unknown names {bad}; expected lm_head or layers.N.attn|mlp.<proj>"
+        )
     for key, allowed in checks:
         value = merged.get(key)
         if key in merged and (isinstance(value, bool) or value not in allowed):
@@ -134,15 +158,54 @@ def resolve(precision: str, options: Mapping[str, Any] | None) -> dict[str, Any]
     return merged
 
 
+def _lora_targets(precision: str, value: Any) -> list[str]:
+    from kiri_runtime.compressing.lm.adapting import ATTENTION, MLP
+
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise CompressionError(
+            f"{precision}: loraTargets must be a comma-separated string or a list of names"
+        )
+    targets = [n.strip() for n in names if n.strip()]
+    bad = sorted(set(targets) - set(ATTENTION) - set(MLP))
+    if bad or not targets:
+        raise CompressionError(
+            f"{precision}: loraTargets {bad or '(empty)'}: choose from {', '.join(ATTENTION + MLP)}"
+        )
+    return targets
+
+
 def build(
     hf_dir: Path,
     out: Path,
     precision: Precision,
     options: Mapping[str, Any] | None = None,
     cache: Path | None = None,
+    *,
+    imatrix: tuple[Any, Mapping[str, Any]] | None = None,
 ) -> Path:
-    """Build `out` (created; must not hold a model yet) from the HF checkpoint `hf_dir`; returns `out`."""
+    """Build `out` (created; must not hold a model yet) from the HF checkpoint `hf_dir`; returns `out`.
+
+    `imatrix`: (the reference torch model, weighting.importance of it on the eval data), which
+    `algorithm: imatrix` needs."""
     resolved = resolve(precision, options)
+    if resolved.get("algorithm") == "imatrix":
+        if imatrix is None:
+            raise CompressionError(
+                "algorithm imatrix needs the reference model and eval data (kiri compress gives them)"
+            )
+        from kiri_runtime.compressing.lm import weighting
+
+        rtn_options = {**resolved, "algorithm": "rtn", "halfScales": False}
+        build(hf_dir, out, precision, rtn_options, cache)
+        weighting.requantize(
+            out,
+            imatrix[0],
+            dict(imatrix[1]),
+            half=resolved["halfScales"],
+            accuracy_level=resolved["accuracyLevel"],
+        )
+        return out
     config = _hf_config(hf_dir)
     if (out / "model.onnx").exists():
         raise CompressionError(f"{out} already holds a model.onnx; build into an empty directory")
@@ -169,6 +232,10 @@ def build(
         compacting.compact(
             out, half=resolved["halfScales"], embedding_bits=None if bits == 32 else bits, rotary=True
         )
+    if resolved.get("loraTargets"):
+        from kiri_runtime.compressing.lm.adapting import add_lora_inputs
+
+        add_lora_inputs(out, resolved["loraTargets"])
     return out
 
 
@@ -218,6 +285,10 @@ def _extra_options(
 def _upgraded(o: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     """Names of the MatMul nodes that the options put at 8 bits (the builder's naming: /model/layers.N/...)."""
     names = ["/lm_head/MatMul"] if o.get("int8LmHead") else []
+    for tensor in o.get("int8Tensors", []):
+        name = node_name(tensor)
+        if name not in names:
+            names.append(name)
     layers = _layers(config)
     if o.get("int8Layers") == "first-last":
         chosen = sorted({0, layers - 1})
@@ -234,7 +305,17 @@ def _upgraded(o: Mapping[str, Any], config: Mapping[str, Any]) -> list[str]:
     for i in chosen:
         parts = (*qkv, "mlp/down_proj") if mixed else (*qkv, *PROJECTIONS)
         names += [f"/model/layers.{i}/{part}/MatMul" for part in parts]
-    return names
+    return list(dict.fromkeys(names))
+
+
+def node_name(tensor: str) -> str:
+    """An int8Tensors name as the builder's MatMul node: layers.3.mlp.down_proj -> /model/layers.3/mlp/down_proj/MatMul."""
+    if tensor == "lm_head":
+        return "/lm_head/MatMul"
+    match = TENSOR_NAME.match(tensor)
+    if match is None or match.group(1) is None:
+        raise CompressionError(f"not a projection name: {tensor!r}")
+    return f"/model/layers.{match.group(1)}/{match.group(2).replace('.', '/')}/MatMul"
 
 
 def _target_options(precision: str, o: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -4,7 +4,8 @@ The reference is the source checkpoint under HF transformers (fp32, eager). The 
 onnxruntime-genai fp32 build of the same checkpoint, checked against the reference before anything else (an
 export that disagrees with PyTorch stops the run), packed as `DIR/model.tar`: the manifest's `model.uri`, what
 the cloud tier serves. Each variant is built and tuned (tuning.py), gated against the reference, packed as
-`DIR/<name>.tar` (one artifact, one sha256) and measured for decode speed. A GGUF source whose quantized
+`DIR/<name>.tar.xz` (one artifact, one sha256: an xz-compressed tar, packing.py; a candidate's size is that file's,
+so auto-tune and `maxBytes` compare what the edge downloads) and measured for decode speed. A GGUF source whose quantized
 blocks can be carried over is transcoded first, and that candidate is gated like any other.
 
 As in the tensor pipeline, everything is built in `DIR/.kiri-compress-*`, moved into place at the end, and the
@@ -56,6 +57,7 @@ class Request(Protocol):
 
 
 MODEL_TAR = "model.tar"
+VARIANT_COMPRESSION = "xz"  # packing.py: what the edge downloads; the fp32 full model stays a plain tar
 MAX_EVAL_TOKENS = 1024
 # The full model must reproduce the reference: an fp32 build that does not is a wrong graph, not a variant.
 FULL_MAX_KL = 1e-4
@@ -78,6 +80,9 @@ def check_request(req: Request, fmt: str) -> list[VariantSpec]:
         for key in ("tune", "tuneAll"):
             if v.options.get(key) is not None and not isinstance(v.options[key], bool):
                 raise CompressionError(f"variant {v.name}: option {key} must be true or false")
+        budget = v.options.get("maxBytes")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget <= 0):
+            raise CompressionError(f"variant {v.name}: option maxBytes must be a positive number of bytes")
         specs.greedy_tokens(v)
     if not req.eval_data:
         raise CompressionError(
@@ -142,8 +147,8 @@ def _run(
         built.append(variant)
         if tar is not None:
             tars[variant.name] = tar
-    for name, tar in tars.items():
-        os.replace(tar, req.out / f"{name}.tar")
+    for tar in tars.values():
+        os.replace(tar, req.out / tar.name)
     os.replace(full_tar, req.out / MODEL_TAR)
     manifest = Manifest(
         model=ModelInfo(
@@ -210,14 +215,30 @@ def _variant(
     n_greedy = specs.greedy_tokens(spec)
     plan = transcode_plan(spec, src)
     counter = [0]
+    built: dict[str, tuning.Outcome] = {}
+    imatrix: list[dict[str, Any]] = []  # weighting.importance, measured once when a candidate needs it
 
     def attempt(options: dict[str, Any]) -> tuning.Outcome:
+        key = repr(sorted(options.items()))
+        if key not in built:  # the budget's fitting builds may be tried again by the search
+            built[key] = _attempt(options)
+        return built[key]
+
+    def _attempt(options: dict[str, Any]) -> tuning.Outcome:
         counter[0] += 1
         out = work / f"{spec.name}-{counter[0]}"
         extra: dict[str, Any] = {}
         opts = {k: v for k, v in options.items() if k != "transcode"}
         precision = plan[0] if plan is not None and options.get("transcode") else spec.method
-        building.build(src.hf_dir, out, precision, opts, cache=cache)  # type: ignore[arg-type]
+        weighted = None
+        if opts.get("algorithm") == "imatrix":
+            if not imatrix:
+                from kiri_runtime.compressing.lm import weighting
+
+                log(f"  {spec.name}: measuring activation importance on the eval data (imatrix)")
+                imatrix.append(weighting.importance(ref.model, samples))
+            weighted = (ref.model, imatrix[0])
+        building.build(src.hf_dir, out, precision, opts, cache=cache, imatrix=weighted)  # type: ignore[arg-type]
         if options.get("transcode"):
             from kiri_runtime.compressing.lm import transcoding
 
@@ -232,16 +253,35 @@ def _variant(
             fid = scoring.fidelity(ref, out, samples, n_greedy, threads=req.threads)
         except CompressionError as e:
             raise CompressionError(f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}") from None
-        return tuning.Outcome(path=out, fidelity=fid, size_bytes=dir_size(out), extra=extra)
+        sha, size = packing.pack(out, _artifact(out), compression=VARIANT_COMPRESSION)
+        extra["artifact"] = {"sha256": sha, "unpackedBytes": dir_size(out)}
+        return tuning.Outcome(path=out, fidelity=fid, size_bytes=size, extra=extra)
 
     first = [plan[1]] if plan is not None else []
-    candidates = tuning.rungs(spec, first, tied_embeddings=_tied(src.hf_dir))
+    budget_record: dict[str, Any] = {}
+
+    def budgeted() -> dict[str, Any] | None:
+        chosen, record = _budget(spec, src, ref, samples, attempt, log)
+        budget_record.update(record)
+        return chosen
+
+    with_budget = (
+        spec.options.get("maxBytes") is not None
+        and spec.method == "int4"
+        and spec.options.get("tune") is not False
+    )
+    candidates = tuning.rungs(
+        spec, first, tied_embeddings=_tied(src.hf_dir), budgeted=budgeted if with_budget else None
+    )
     result = tuning.search(spec, candidates, attempt, log=log)
-    for t in result.tried:
-        if t.outcome.path is not None and t.outcome.path != result.path:
-            shutil.rmtree(t.outcome.path, ignore_errors=True)
+    for outcome in built.values():  # the search's and the budget's fitting builds
+        if outcome.path is not None and outcome.path != result.path:
+            shutil.rmtree(outcome.path, ignore_errors=True)
+            _artifact(outcome.path).unlink(missing_ok=True)
     chosen = result.chosen
-    extra = dict(chosen.outcome.extra)
+    extra = {k: v for k, v in chosen.outcome.extra.items() if k != "artifact"}
+    if budget_record:
+        extra["budget"] = budget_record
 
     def rejected(reason: str) -> tuple[Variant, None]:
         variant = Variant(
@@ -260,14 +300,19 @@ def _variant(
 
     if result.path is None:
         return rejected(tuning.reason(result))
+    built_tar = _artifact(result.path)
     try:
         speed = scoring.decode_speed(result.path, prompt, req.decode_tokens, threads=req.threads)
     except CompressionError as e:
         shutil.rmtree(result.path, ignore_errors=True)
+        built_tar.unlink(missing_ok=True)
         why = f"{e}{_FP16_ON_CPU if spec.method == 'fp16' else ''}"
         return rejected(f"rejected: passed its gates but cannot decode: {why}")
-    tar = work / f"{spec.name}.tar"
-    sha, size = packing.pack(result.path, tar)
+    artifact = chosen.outcome.extra["artifact"]
+    tar = work / f"{spec.name}{packing.SUFFIXES[VARIANT_COMPRESSION]}"
+    os.replace(built_tar, tar)
+    sha, size = artifact["sha256"], tar.stat().st_size
+    extra["artifact"] = {"compression": VARIANT_COMPRESSION, "unpackedBytes": artifact["unpackedBytes"]}
     shutil.rmtree(result.path, ignore_errors=True)
     ms = 1000.0 / speed.decode_tokens_per_s
     return (
@@ -293,6 +338,50 @@ def _variant(
         ),
         tar,
     )
+
+
+def _budget(
+    spec: VariantSpec,
+    src: Any,
+    ref: scoring.Reference,
+    samples: Sequence[Sequence[int]],
+    attempt: tuning.Attempt,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """The budget's candidate (budgeting.py) and what finding it measured and built, for the manifest."""
+    from kiri_runtime.compressing.lm import budgeting, building
+
+    max_bytes = int(spec.options["maxBytes"])
+    base = tuning.build_options(spec.options)
+    resolved = building.resolve("int4", base)
+    tied = _tied(src.hf_dir)
+    log(f"  {spec.name}: measuring each projection's 4-bit sensitivity for maxBytes {max_bytes}")
+    units = budgeting.sensitivities(
+        ref.model, ref.logits, samples, fuse_qkv=bool(resolved["fuseQkv"]), tied=tied
+    )
+
+    def measure(options: dict[str, Any]) -> tuple[int | None, float | None]:
+        try:
+            out = attempt(options)
+        except CompressionError:
+            return None, None
+        return out.size_bytes, out.fidelity.kl_mean if out.fidelity is not None else None
+
+    chosen, tried = budgeting.fit(units, base, max_bytes, measure, untied=not tied, log=log)
+    record = {
+        "maxBytes": max_bytes,
+        "sensitivity": {u.name: u.sensitivity for u in units},
+        "fits": [t.record() for t in tried],
+        "chosen": chosen.get("int8Tensors") if chosen is not None else None,
+    }
+    return chosen, record
+
+
+def _artifact(candidate_dir: Path) -> Path:
+    """Where a candidate's packed artifact is written: beside its directory, named after it."""
+    from kiri_runtime.compressing.lm import packing
+
+    return candidate_dir.with_name(candidate_dir.name + packing.SUFFIXES[VARIANT_COMPRESSION])
 
 
 def _max_positions(hf_dir: Path) -> int:

@@ -58,6 +58,11 @@ class Reference:
         self._logits: dict[tuple[int, ...], FloatArray] = {}
         self._greedy: dict[tuple[tuple[int, ...], int], list[int]] = {}
 
+    @property
+    def model(self) -> Any:
+        """The torch model itself (budgeting.py rounds one projection at a time in it, then restores it)."""
+        return self._model
+
     def logits(self, ids: Sequence[int]) -> FloatArray:
         """[len(ids), vocab] float32: position i's next-token logits."""
         key = tuple(ids)

@@ -8,6 +8,11 @@ models) -> first and last layers int8 -> block size 16 -> HQQ (float zero points
 first/last layers int8 -> all of them with HQQ at block 16. int8 (MatMul-only, block 32): plain -> k-quant ->
 block size 16. fp16: as given.
 
+With `maxBytes` (the artifact's byte budget, packed as it ships), a candidate larger than the budget does not pass
+whatever its fidelity, and the budget's own candidate comes right after the variant's options: the mix of 4- and
+8-bit projections that fits the budget with the least KL measured on the eval data (budgeting.py), so a budget
+buys the fidelity it can before the ladder's fixed recipes are tried.
+
 The search stops at the first candidate that passes, which the ladder's order makes the smallest one likely to
 pass; with `tuneAll: true` every rung is built and the smallest passing candidate (by bytes) wins. A GGUF source
 whose weights can be carried over (transcoding) puts that candidate before the ladder. Every candidate is
@@ -29,7 +34,7 @@ from kiri_runtime.compressing.lm import scoring
 from kiri_runtime.manifests import Candidate, Gate, GateResult, LmFidelity, VariantSpec
 
 # Options that steer measuring and tuning rather than the build.
-TUNING_OPTIONS = ("greedyTokens", "tune", "tuneAll")
+TUNING_OPTIONS = ("greedyTokens", "tune", "tuneAll", "maxBytes")
 
 LADDERS: dict[str, tuple[dict[str, Any], ...]] = {
     "int4": (
@@ -106,26 +111,36 @@ def build_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def rungs(
-    spec: VariantSpec, first: Sequence[dict[str, Any]] = (), *, tied_embeddings: bool = True
-) -> list[dict[str, Any]]:
+    spec: VariantSpec,
+    first: Sequence[dict[str, Any]] = (),
+    *,
+    tied_embeddings: bool = True,
+    budgeted: Later | None = None,
+) -> list[Rung]:
     """The candidates' options in the order they are tried, duplicates dropped.
 
-    `first`: candidates that come before the variant's own options (a GGUF's transcoding).
+    `first`: candidates that come before the variant's own options (a GGUF's transcoding); `budgeted`: the
+    budget's mix (maxBytes), tried right after the variant's own options, worked out only if the search gets
+    there (it costs a sensitivity pass and a few builds; None from it: no mix fits, the rung is skipped).
     """
     base = build_options(spec.options)
     tune = spec.options.get("tune", True) is not False
     ladder = LADDERS.get(spec.method, ({},)) if tune else ({},)
-    out: list[dict[str, Any]] = []
     laid = [{**base, **r} for r in ladder]
     if not tied_embeddings and "int8Embeddings" not in base:
         laid = [{k: v for k, v in opts.items() if k != "int8Embeddings"} for opts in laid]
+    out: list[Rung] = []
     for opts in [*first, *laid]:
         if opts not in out:
             out.append(opts)
+    if budgeted is not None:
+        out.insert(out.index(laid[0]) + 1, budgeted)
     return out
 
 
 Attempt = Callable[[dict[str, Any]], "Outcome"]
+Later = Callable[[], "dict[str, Any] | None"]
+Rung = dict[str, Any] | Later
 
 
 @dataclass
@@ -164,15 +179,20 @@ class Result:
 
 def search(
     spec: VariantSpec,
-    candidates: Sequence[dict[str, Any]],
+    candidates: Sequence[Rung],
     attempt: Attempt,
     *,
     log: Callable[[str], None] = lambda _: None,
 ) -> Result:
-    """Try `candidates` in order until one passes (every one with `tuneAll`); keep the smallest that passed."""
+    """Try `candidates` in order until one passes (every one with `tuneAll`); keep the smallest that passed.
+    A callable candidate is asked for its options when reached (skipped when it gives None or a repeat)."""
     tune_all = spec.options.get("tuneAll") is True
+    max_bytes = spec.options.get("maxBytes")
     tried: list[Tried] = []
-    for opts in candidates:
+    for rung in candidates:
+        opts = rung() if callable(rung) else rung
+        if opts is None or any(t.candidate.options == opts for t in tried):
+            continue
         try:
             out = attempt(opts)
         except CompressionError as e:
@@ -180,6 +200,9 @@ def search(
         fid = manifest_fidelity(out.fidelity) if out.fidelity is not None else None
         gates = check_gates(spec.gate, fid) if fid is not None else []
         passed = out.path is not None and fid is not None and all(g.passed for g in gates)
+        if max_bytes is not None and out.size_bytes is not None and out.size_bytes > max_bytes:
+            passed = False
+            out.error = out.error or over_budget(out.size_bytes, max_bytes)
         cand = Candidate(
             options=opts, generative=fid, size_bytes=out.size_bytes, passed=passed, error=out.error
         )
@@ -196,6 +219,10 @@ def search(
         score=lambda t: margin(t.gates) if t.candidate.generative is not None else -math.inf,
     )
     return Result(chosen=chosen, path=path, tried=tried)
+
+
+def over_budget(size: int, max_bytes: int) -> str:
+    return f"{size} bytes, over maxBytes {max_bytes}"
 
 
 def describe(fid: LmFidelity | None, out: Outcome) -> str:
@@ -224,7 +251,10 @@ def reason(result: Result) -> str:
         return f"passed {described} {how}"
     if chosen.candidate.generative is None:
         return f"rejected: no candidate could be built ({chosen.candidate.error})"
-    missed = ", ".join(g.describe() for g in chosen.gates if not g.passed)
+    missed = ", ".join(
+        [g.describe() for g in chosen.gates if not g.passed]
+        + ([chosen.candidate.error] if chosen.candidate.error else [])
+    )
     return (
         f"rejected: no candidate passed ({len(result.tried)} tried); best seen {described} "
         f"with options {searching.short(chosen.candidate.options)}; missed {missed}"

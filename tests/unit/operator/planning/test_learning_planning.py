@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,6 +14,7 @@ from kiri_operator.learning_commands import configmap
 from kiri_operator.observations import NodeView, ObjectView, Observed
 from kiri_operator.planning import Settings, learning, plan
 from kiri_operator.planning import building as B
+from kiri_operator.planning import federation as F
 from kiri_operator.planning.building import Owner
 from kiri_operator.planning.revisions import compression_key
 from kiri_operator.plans import Check
@@ -112,34 +114,99 @@ def _by_name(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {o["metadata"]["name"]: o for o in objs if o["kind"] == "Job"}
 
 
-def test_first_round_runs_an_aggregator_in_the_cloud_and_one_pinned_trainer_per_site() -> None:
+def _run_config(lp: learning.LearningPlan, n: int, attempt: int = 1) -> dict[str, Any]:
+    """The Flower run config round n's Job submits (`kiri learn-round --run-config-json`)."""
+    job = _by_name(lp.children)[learning.round_job_name("md", n, attempt)]
+    args = job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    config: dict[str, Any] = json.loads(args[args.index("--run-config-json") + 1])
+    return config
+
+
+def _kinds(objs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+
+def _assert_locked_down(pod: dict[str, Any]) -> None:
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site_and_the_round_job() -> None:
     lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
-    objs = _by_name(lp.children)
-    agg = objs[learning.aggregator_name("md", 1)]
-    pod = agg["spec"]["template"]["spec"]
+    objs = _kinds(lp.children)
+    link = objs[("Deployment", F.superlink_name("md"))]
+    pod = link["spec"]["template"]["spec"]
+    _assert_locked_down(pod)
     assert pod["nodeSelector"] == {"kiri.dev/tier": "cloud"}
-    args = pod["initContainers"][0]["args"]
-    assert args[0] == "aggregate" and args[args.index("--sites") + 1] == "site-a,site-b"
-    assert args[args.index("--weights") + 1] == "/models/v1.pt"
-    assert pod["containers"][0]["args"][0] == "publish-round"
-    assert ("Service", learning.aggregator_name("md", 1)) in {
-        (o["kind"], o["metadata"]["name"]) for o in lp.children
+    cmd = pod["containers"][0]["command"]
+    assert cmd[:2] == ["kiri", "flower-superlink"] and "--insecure" not in cmd
+    assert {cmd[cmd.index(f) + 1] for f in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile")} == {
+        f"{F.TLS_MOUNT}/ca.crt",
+        f"{F.TLS_MOUNT}/tls.crt",
+        f"{F.TLS_MOUNT}/tls.key",
     }
+    assert "--disable-runtime-dependency-installation" in cmd
+    tls = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == "md-flower-tls"
+    # The ServerApp runs in this pod and writes the privacy ledger ConfigMap: the one API token is here.
+    assert {v["name"] for v in pod["volumes"]} >= {"tls", "artifacts", B.api_token_volume()["name"]}
+    assert ("Service", F.superlink_name("md")) in objs
     for site in ("site-a", "site-b"):
-        job = objs[learning.trainer_name("md", 1, site)]
-        tpod = job["spec"]["template"]["spec"]
-        assert tpod["nodeSelector"] == {"kiri.dev/tier": "edge", "kiri.dev/site": site}
-        assert job["spec"]["backoffLimit"] == 0  # a retry would release a second noised update
-        data = next(v for v in tpod["volumes"] if v["name"] == "site-data")
+        node = objs[("Deployment", F.supernode_name("md", site))]
+        npod = node["spec"]["template"]["spec"]
+        _assert_locked_down(npod)
+        assert npod["nodeSelector"] == {"kiri.dev/tier": "edge", "kiri.dev/site": site}
+        ncmd = npod["containers"][0]["command"]
+        assert ncmd[ncmd.index("--superlink") + 1] == "md-superlink.ns.svc:9092"
+        assert ncmd[ncmd.index("--root-certificates") + 1] == f"{F.TLS_MOUNT}/ca.crt"
+        assert ncmd[ncmd.index("--node-config") + 1] == (
+            f'site="{site}" data="/var/lib/kiri/site-data.npz" work-dir="/tmp/kiri-learning"'
+        )
+        secret = next(v for v in npod["volumes"] if v["name"] == "tls")["secret"]
+        assert secret["items"] == [{"key": "ca.crt", "path": "ca.crt"}]  # never the SuperLink's key
+        data = next(v for v in npod["volumes"] if v["name"] == "site-data")
         assert data["hostPath"] == {"path": "/var/lib/kiri/site-data/train.npz", "type": "File"}
-        mount = next(m for m in tpod["containers"][0]["volumeMounts"] if m["name"] == "site-data")
+        mount = next(m for m in npod["containers"][0]["volumeMounts"] if m["name"] == "site-data")
         assert mount["readOnly"] is True
-        tokens = next(v for v in tpod["volumes"] if v["name"] == "tokens")
-        assert tokens["secret"]["items"] == [{"key": site, "path": "token"}]
-        targs = tpod["containers"][0]["args"]
-        assert targs[targs.index("--aggregator") + 1] == "http://md-learn-r1-agg.ns.svc:8470"
-        assert tpod["securityContext"]["runAsNonRoot"] is True
+    job = objs[("Job", learning.round_job_name("md", 1))]
+    jpod = job["spec"]["template"]["spec"]
+    _assert_locked_down(jpod)
+    args = jpod["initContainers"][0]["args"]
+    assert args[0] == "learn-round" and args[args.index("--superlink") + 1] == "md-superlink.ns.svc:9092"
+    config = json.loads(args[args.index("--run-config-json") + 1])
+    assert config["sites"] == "site-a,site-b" and config["round"] == 1
+    assert config["weights"] == "/models/v1.pt" and config["secure-aggregation"] is True
+    assert config["ledger"] == f"configmap:ns/{learning.ledger_name('md')}"
+    assert jpod["containers"][0]["args"][0] == "publish-round"
+    assert lp.tls is not None and lp.tls.name == "md-flower-tls"
+    assert lp.tls.names == (
+        "md-superlink.ns.svc",
+        "md-superlink.ns.svc.cluster.local",
+        "md-superlink",
+        "localhost",
+        "127.0.0.1",  # the ServerApp reaches the SuperLink's Runtime API in its own pod
+    )
     assert lp.status is not None and lp.status["activeRound"] == 1 and lp.status["roundsCompleted"] == 0
+
+
+def test_between_rounds_the_federation_stays_up_and_no_round_job_is_wanted() -> None:
+    lp = learning.plan_learning(_spec(), _observed(_record(1, minutes_ago=1)), OWNER, variant_sizes={})
+    kinds = sorted(k for k, _ in _kinds(lp.children))
+    assert kinds == ["Deployment", "Deployment", "Deployment", "Service"]
+
+
+def test_trimmed_mean_with_secure_aggregation_is_refused_and_says_what_to_set() -> None:
+    with pytest.raises(ValueError, match="trimmed-mean needs each site's update in the clear"):
+        _spec(aggregation="trimmed-mean")
+    spec = _spec(aggregation="trimmed-mean", secureAggregation=False)
+    lp = learning.plan_learning(spec, _observed(), OWNER, variant_sizes={})
+    node = _kinds(lp.children)[("Deployment", F.supernode_name("md", "site-a"))]
+    cmd = node["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert cmd[cmd.index("--node-config") + 1].endswith(" allow-plain-rounds=true")
 
 
 def test_a_recorded_round_goes_to_status_and_the_next_waits_for_the_interval() -> None:
@@ -156,18 +223,14 @@ def test_a_recorded_round_goes_to_status_and_the_next_waits_for_the_interval() -
     assert lp.requeue_after == 3000
     # Round 2 starts from round 1's published weights once the interval has passed.
     lp = learning.plan_learning(_spec(), _observed(_record(1, minutes_ago=61)), OWNER, variant_sizes={})
-    agg = _by_name(lp.children)[learning.aggregator_name("md", 2)]
-    args = agg["spec"]["template"]["spec"]["initContainers"][0]["args"]
-    assert args[args.index("--weights") + 1] == "/store/ns/md/learning/rounds/0001/weights.safetensors"
+    assert _run_config(lp, 2)["weights"] == "/store/ns/md/learning/rounds/0001/weights.safetensors"
 
 
 def test_a_round_published_as_a_torch_file_by_an_older_aggregator_keeps_its_name() -> None:
     spec = _spec(rollout={"updatePolicy": {"minImprovement": 0.1}})
     old = _record(1, minutes_ago=61, weights_file="weights.pt")
     lp = learning.plan_learning(spec, _observed(old), OWNER, variant_sizes={"int8": 1000})
-    agg = _by_name(lp.children)[learning.aggregator_name("md", 2)]
-    args = agg["spec"]["template"]["spec"]["initContainers"][0]["args"]
-    assert args[args.index("--weights") + 1] == "/store/ns/md/learning/rounds/0001/weights.pt"
+    assert _run_config(lp, 2)["weights"] == "/store/ns/md/learning/rounds/0001/weights.pt"
     assert lp.status is not None
     assert lp.status["model"]["uri"] == "file:///store/ns/md/learning/rounds/0001/weights.pt"
 
@@ -303,7 +366,7 @@ def test_a_failed_aggregation_says_why_and_retries_the_round_with_new_jobs_after
 
     pass
 
-    world = _failed(_observed(), learning.aggregator_name("md", 1))
+    world = _failed(_observed(), learning.round_job_name("md", 1))
     lp = learning.plan_learning(_spec(), world, OWNER, variant_sizes={})
     assert lp.condition is not None
     assert (lp.condition.type, lp.condition.status, lp.condition.reason) == (
@@ -313,7 +376,7 @@ def test_a_failed_aggregation_says_why_and_retries_the_round_with_new_jobs_after
     )
     assert "round 1 attempt 1 failed (BackoffLimitExceeded: pod failed)" in lp.condition.message
     assert [(e.type, e.reason) for e in lp.events] == [("Warning", "AggregationFailed")]
-    assert lp.children == []  # the failed attempt's Jobs are not desired while it waits
+    assert _by_name(lp.children) == {}  # the failed attempt's Job is not desired while it waits
     assert lp.status is not None
     retry = lp.status["retry"]
     delay = learning.retry_delay("uid-1", 1, 1)
@@ -327,7 +390,7 @@ def test_a_failed_aggregation_says_why_and_retries_the_round_with_new_jobs_after
     later = dc_replace(world, status={"learning": lp.status}, now=NOW + timedelta(seconds=31))
     lp2 = learning.plan_learning(_spec(), later, OWNER, variant_sizes={})
     names = set(_by_name(lp2.children))
-    assert learning.aggregator_name("md", 1, 2) in names and learning.aggregator_name("md", 1) not in names
+    assert learning.round_job_name("md", 1, 2) in names and learning.round_job_name("md", 1) not in names
     assert lp2.condition is not None and (lp2.condition.status, lp2.condition.reason) == (
         "True",
         "AggregationRetrying",
@@ -343,10 +406,9 @@ def test_the_aggregator_writes_its_privacy_spend_to_a_configmap_ledger_the_opera
     from kiri_runtime.learning import ledgers
 
     lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
-    args = _by_name(lp.children)[learning.aggregator_name("md", 1)]["spec"]["template"]["spec"][
-        "initContainers"
-    ][0]["args"]
-    assert args[args.index("--ledger") + 1] == "configmap:ns/md-learning-ledger"
+    config = _run_config(lp, 1)
+    assert config["ledger"] == "configmap:ns/md-learning-ledger"
+    assert config["ledger-factory"] == "kiri_operator.learning_commands:register_ledger"
     assert ("ConfigMap", "md-learning-ledger") in lp.keep
     # A spend with no round record (the aggregation crashed) still shows in epsilonSpent.
     text = ledgers.render([ledgers.entry(1, ["site-a"], {"site-a": 1.25})])
@@ -426,7 +488,7 @@ def test_site_data_outside_the_admins_host_stores_starts_no_round_and_says_why()
 def test_round_jobs_mount_an_api_token_only_where_they_write_configmaps() -> None:
     lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
     objs = _by_name(lp.children)
-    pod = objs[learning.aggregator_name("md", 1)]["spec"]["template"]["spec"]
+    pod = objs[learning.round_job_name("md", 1)]["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "kiri-compressor"
     assert pod["automountServiceAccountToken"] is False
     with_token = {
@@ -434,12 +496,15 @@ def test_round_jobs_mount_an_api_token_only_where_they_write_configmaps() -> Non
         for c in pod["initContainers"] + pod["containers"]
         if any(m["name"] == "kube-api-access" for m in c["volumeMounts"])
     }
-    # aggregate writes the privacy ledger before accepting a round; publish writes the round record.
-    assert with_token == {"aggregate", "publish"}
+    # publish writes the round record; the ServerApp, in the SuperLink's pod, writes the privacy ledger.
+    assert with_token == {"publish"}
+    kinds = _kinds(lp.children)
+    link = kinds[("Deployment", F.superlink_name("md"))]["spec"]["template"]["spec"]
+    assert any(v["name"] == "kube-api-access" for v in link["volumes"])
     for site in ("site-a", "site-b"):
-        tpod = objs[learning.trainer_name("md", 1, site)]["spec"]["template"]["spec"]
-        assert tpod["automountServiceAccountToken"] is False
-        assert not [v for v in tpod["volumes"] if v["name"] == "kube-api-access"]
+        npod = kinds[("Deployment", F.supernode_name("md", site))]["spec"]["template"]["spec"]
+        assert npod["automountServiceAccountToken"] is False
+        assert not [v for v in npod["volumes"] if v["name"] == "kube-api-access"]
 
 
 def test_the_operator_made_role_names_the_ledger_and_the_active_round_record() -> None:
@@ -458,3 +523,26 @@ def test_the_operator_made_role_names_the_ledger_and_the_active_round_record() -
         ]
     )
     assert role["rules"][0] == {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]}
+
+
+def test_a_per_site_policy_runs_the_same_federation_and_asks_the_round_for_metrics_only() -> None:
+    lp = learning.plan_learning(_spec(policy="perSite"), _observed(), OWNER, variant_sizes={})
+    assert _run_config(lp, 1)["policy"] == "perSite"
+    assert _run_config(learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}), 1)[
+        "policy"
+    ] == ("federated")
+    # A perSite round publishes no model: nothing to adopt, the edge stays on spec.model.
+    record = _record(1, minutes_ago=1).model_copy(update={"model": None})
+    lp = learning.plan_learning(_spec(policy="perSite"), _observed(record), OWNER, variant_sizes={})
+    assert lp.status is not None and "model" not in lp.status and "update" not in lp.status
+
+
+def test_every_key_of_the_operators_run_config_is_one_the_flower_app_declares_and_the_apps_accept() -> None:
+    from kiri_runtime.learning import launching
+    from kiri_runtime.learning.settings import RoundSettings
+
+    config = _run_config(learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}), 1)
+    assert set(config) <= set(launching.DEFAULTS)  # `flwr run --run-config` refuses undeclared keys
+    settings = RoundSettings.from_run_config(config)
+    assert (settings.round, settings.sites, settings.min_clients) == (1, ("site-a", "site-b"), 2)
+    assert settings.secure_aggregation is True and settings.target_epsilon == 8.0

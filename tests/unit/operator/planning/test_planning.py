@@ -9,14 +9,18 @@ import pytest
 
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
+from kiri_operator.api.specs import Toleration
 from kiri_operator.conditions import Reason
+from kiri_operator.observations import Taint
 from kiri_operator.planning import Settings, plan
 from kiri_operator.planning import building as B
 from kiri_operator.planning.building import affinity_nodes, store_uri
+from kiri_operator.planning.placing import admits
 from kiri_operator.planning.revisions import compression_key, revision_key
 from kiri_operator.planning.status import WAVE_GATE_REASONS
 from kiri_operator.plans import Check
-from planning_worlds import FakeServer, cloud_node, edge_node, manifest, observed, spec
+from kiri_runtime import probing
+from planning_worlds import FakeServer, cloud_node, edge_node, fleet, manifest, observed, spec
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -102,7 +106,8 @@ def test_cloud_deployment_runs_on_gpu_nodes_with_probes_and_hardening():
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["nodeSelector"] == {"kiri.dev/tier": "cloud"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
-    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Readiness by exec: the probe prints the server's not-ready reason into the kubelet's Event.
+    assert c["readinessProbe"]["exec"]["command"] == ["python3", "-I", "-S", "-c", probing.SOURCE, "8080"]
     assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -475,3 +480,54 @@ def test_edge_progressing_says_why_edge_pods_are_not_ready_when_the_pods_say():
         "; 2 pods not ready: kiri-serve: CrashLoopBackOff: cache dir /var/cache/kiri not writable by uid 65532"
     )
     assert _cond(p.status, C.READY)["message"].endswith("not writable by uid 65532")
+
+
+REAL_TAINT = Taint("kiri.dev/node-kind", "real", "NoSchedule")
+
+
+def test_a_tainted_edge_node_the_pods_do_not_tolerate_is_no_target_and_one_they_tolerate_is():
+    tainted = replace(edge_node("edge-cpu-3"), taints=(REAL_TAINT,))
+    world = observed(nodes=(*fleet(), tainted))
+    plain = spec()
+    server = FakeServer(world)
+    server.step(plain)
+    server.publish(plain, manifest({"fp16": True, "int8": True}))
+    dss = _bodies(server.step(plain), "DaemonSet")
+    rev = revision_key(plain, store_uri(plain))
+    # Before, the first rollout waited for edge-cpu-3, where the DaemonSet controller never makes a pod.
+    assert affinity_nodes(dss[f"md-{rev}-int8"]) == ["edge-cpu-1", "edge-cpu-2"]
+    tolerant = spec(
+        edge={
+            **plain.edge.model_dump(mode="json", by_alias=True, exclude_none=True),
+            "tolerations": [{"key": "kiri.dev/node-kind", "operator": "Equal", "value": "real"}],
+        }
+    )
+    server = FakeServer(world)
+    server.step(tolerant)
+    server.publish(tolerant, manifest({"fp16": True, "int8": True}))
+    dss = _bodies(server.step(tolerant), "DaemonSet")
+    rev = revision_key(tolerant, store_uri(tolerant))
+    assert affinity_nodes(dss[f"md-{rev}-int8"]) == ["edge-cpu-1", "edge-cpu-2", "edge-cpu-3"]
+
+
+@pytest.mark.parametrize(
+    ("toleration", "taint", "admitted"),
+    [
+        (None, REAL_TAINT, False),
+        ({"key": "kiri.dev/node-kind", "value": "real"}, REAL_TAINT, True),
+        ({"key": "kiri.dev/node-kind", "value": "other"}, REAL_TAINT, False),
+        ({"key": "kiri.dev/node-kind", "operator": "Exists"}, REAL_TAINT, True),
+        ({"key": "kiri.dev/node-kind", "operator": "Exists", "effect": "NoExecute"}, REAL_TAINT, False),
+        ({"key": "kiri.dev/node-kind", "operator": "Exists", "effect": "NoSchedule"}, REAL_TAINT, True),
+        (None, Taint("kiri.dev/node-kind", "real", "PreferNoSchedule"), True),
+        (None, Taint("kiri.dev/site-down", "", "NoExecute"), False),
+        # The DaemonSet controller tolerates the node conditions' taints on every pod it makes.
+        (None, Taint("node.kubernetes.io/unreachable", "", "NoExecute"), True),
+        (None, Taint("node.kubernetes.io/unschedulable", "", "NoSchedule"), True),
+    ],
+)
+def test_an_edge_pod_runs_on_a_node_only_when_it_tolerates_each_taint_that_keeps_pods_off(
+    toleration, taint, admitted
+):
+    tolerations = [Toleration.model_validate(toleration)] if toleration else []
+    assert admits(tolerations, replace(edge_node("n"), taints=(taint,))) is admitted

@@ -112,7 +112,7 @@ def test_only_the_compress_step_of_the_job_holds_the_source_credentials() -> Non
     assert default["serviceAccountName"] == "kiri-compressor"
 
 
-def test_learning_jobs_pull_with_the_secrets_and_trainers_run_as_their_account() -> None:
+def test_learning_pods_pull_with_the_secrets_and_supernodes_run_as_the_trainer_account() -> None:
     s = spec(
         **ACCESS,
         **{
@@ -125,11 +125,16 @@ def test_learning_jobs_pull_with_the_secrets_and_trainers_run_as_their_account()
         },
     )
     objects = learning.round_objects(s, OWNER, 1, ["site-a"], "file:///w/w.pt")
-    jobs = [o for o in objects if o["kind"] == "Job"]
-    pods = {o["metadata"]["labels"]["kiri.dev/learning-role"]: o["spec"]["template"]["spec"] for o in jobs}
-    assert pods["trainer"]["serviceAccountName"] == "trainer"
-    assert pods["trainer"]["automountServiceAccountToken"] is False
-    assert pods["aggregator"]["serviceAccountName"] == "kiri-compressor"
+    pods = {
+        o["metadata"]["labels"]["kiri.dev/learning-role"]: o["spec"]["template"]["spec"]
+        for o in objects
+        if o["kind"] in ("Job", "Deployment")
+    }
+    assert set(pods) == {"round", "superlink", "supernode"}
+    assert pods["supernode"]["serviceAccountName"] == "trainer"
+    assert pods["supernode"]["automountServiceAccountToken"] is False
+    assert pods["round"]["serviceAccountName"] == "kiri-compressor"
+    assert pods["superlink"]["serviceAccountName"] == "kiri-compressor"
     assert all(p["imagePullSecrets"] == [{"name": "registry"}, {"name": "mirror"}] for p in pods.values())
 
 

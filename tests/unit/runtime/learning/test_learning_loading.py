@@ -10,7 +10,6 @@ import pytest
 import safetensors.torch
 import torch
 
-from kiri_operator.cli import main
 from kiri_runtime.learning import rounds
 from kiri_runtime.learning.errors import LearningError
 from kiri_runtime.learning.loading import TorchGlobalModel, load_model, save_weights
@@ -88,44 +87,4 @@ def test_weights_of_another_model_are_one_line_naming_the_factory(tmp_path: Path
         f"weights {path} do not fit torch.nn:Linear: Error(s) in loading state_dict for Linear: "
         "size mismatch for weight: copying a param with shape torch.Size([2, 3]) from checkpoint, "
         "the shape in current model is torch.Size([2, 4])."
-    )
-
-
-def test_kiri_aggregate_given_garbage_weights_prints_one_error_line_and_exits_1(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    garbage = tmp_path / "v1.safetensors"
-    garbage.write_bytes(b"\x00" * 3)
-    rc = main(
-        ["aggregate", "--factory", "torch.nn:Linear", "--factory-kwargs", '{"in_features": 4, "out_features": 2}',
-         "--weights", str(garbage), "--eval", str(tmp_path / "held-out.npz"), "--out", str(tmp_path / "out"),
-         "--tokens", str(tmp_path / "tokens"), "--clip-norm", "1", "--noise-multiplier", "1"]
-    )  # fmt: skip
-    assert rc == 1
-    err = capsys.readouterr().err
-    assert err == (
-        f"kiri aggregate: error: weights {garbage}: not a valid safetensors file: "
-        "Error while deserializing header: header too small\n"
-    )
-
-
-def test_kiri_aggregate_without_weights_pins_the_seeded_factory_model_as_safetensors(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # The held-out set is missing, so the command stops right after pinning the initial weights.
-    rc = main(
-        ["aggregate", "--factory", "torch.nn:Linear", "--factory-kwargs", '{"in_features": 4, "out_features": 2}',
-         "--eval", str(tmp_path / "held-out.npz"), "--out", str(tmp_path / "out"),
-         "--tokens", str(tmp_path / "tokens"), "--clip-norm", "1", "--noise-multiplier", "1"]
-    )  # fmt: skip
-    assert rc == 1
-    assert (
-        capsys.readouterr().err
-        == f"kiri aggregate: error: held-out set {tmp_path / 'held-out.npz'} does not exist\n"
-    )
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["initial-weights.safetensors"]
-    torch.manual_seed(0)
-    seeded = torch.nn.Linear(4, 2).state_dict()
-    torch.testing.assert_close(
-        safetensors.torch.load_file(tmp_path / "out" / "initial-weights.safetensors"), seeded
     )

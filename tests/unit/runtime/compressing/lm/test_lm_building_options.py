@@ -25,6 +25,7 @@ def test_int4_defaults_are_block_32_symmetric_accuracy_4_rtn() -> None:
         "int8Embeddings": False,
         "int8LmHead": False,
         "int8Layers": "none",
+        "int8Tensors": [],
         "symmetric": True,
     }
 
@@ -81,6 +82,20 @@ def test_mixed_layers_follow_the_builders_llama_cpp_choice() -> None:
     assert all(n.endswith(("qkv_proj/MatMul", "down_proj/MatMul")) for n in names)
 
 
+def test_int8_tensors_become_per_node_int8_overrides_once_each() -> None:
+    options = building.resolve(
+        "int4",
+        {"int8Tensors": ["layers.3.mlp.down_proj", "lm_head", "layers.0.attn.qkv_proj"], "int8LmHead": True},
+    )
+    target = building._target_options("int4", options, UNTIED)
+    assert target is not None
+    assert [o["match"]["name"] for o in target["quant_config"]["weights"]["overrides"]] == [
+        "/lm_head/MatMul",
+        "/model/layers.3/mlp/down_proj/MatMul",
+        "/model/layers.0/attn/qkv_proj/MatMul",
+    ]
+
+
 def test_no_int8_nodes_means_no_structured_builder_config() -> None:
     assert building._target_options("int4", building.resolve("int4", None), UNTIED) is None
 
@@ -91,11 +106,25 @@ def test_no_int8_nodes_means_no_structured_builder_config() -> None:
         ("int4", {"blockSize": 48}, "int4: blockSize must be one of 16, 32, 64, 128, 256, got 48"),
         ("int4", {"accuracyLevel": 5}, "int4: accuracyLevel must be one of 0, 1, 2, 3, 4, got 5"),
         ("int4", {"symmetric": "yes"}, "int4: symmetric must be true or false, got 'yes'"),
-        ("int4", {"algorithm": "gptq"}, "int4: algorithm must be one of rtn, k_quant, hqq, got 'gptq'"),
+        (
+            "int4",
+            {"algorithm": "gptq"},
+            "int4: algorithm must be one of rtn, k_quant, hqq, imatrix, got 'gptq'",
+        ),
         ("int8", {"algorithm": "hqq"}, "int8: algorithm must be one of rtn, k_quant, got 'hqq'"),
         ("int4", {"int8Layers": "all"}, "int4: int8Layers must be one of none, first-last, mixed, got 'all'"),
         ("int4", {"blockSize": True}, "int4: blockSize must be one of 16, 32, 64, 128, 256, got True"),
         ("int8", {"int8LmHead": True}, "int8: unknown options ['int8LmHead']"),
+        (
+            "int4",
+            {"int8Tensors": ["layers.0.mlp.down", "lm_head"]},
+            "int4: int8Tensors has unknown names ['layers.0.mlp.down']; expected lm_head or layers.N.attn|mlp.<proj>",
+        ),
+        (
+            "int4",
+            {"int8Tensors": "lm_head"},
+            "int4: int8Tensors must be a list of tensor names, got 'lm_head'",
+        ),
         ("fp32", {"blockSize": 32}, "fp32: unknown options ['blockSize']"),
         ("int3", {}, "unknown precision 'int3'; known: fp32, fp16, int8, int4"),
     ],

@@ -1,9 +1,10 @@
-"""packing: a model directory as one deterministic, uncompressed tar; unpacking refuses unsafe members."""
+"""packing: a model directory as one deterministic tar (plain or xz); unpacking refuses unsafe members."""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import lzma
 import os
 import tarfile
 from pathlib import Path
@@ -57,7 +58,7 @@ def test_pack_writes_regular_files_only_sorted_with_zero_mtime_and_owner_and_mod
     }
 
 
-def test_pack_is_uncompressed(tmp_path: Path) -> None:
+def test_pack_is_uncompressed_by_default(tmp_path: Path) -> None:
     pack(_model_dir(tmp_path), tmp_path / "m.tar")
     with tarfile.open(tmp_path / "m.tar", "r:") as tar:  # "r:" opens plain tars only
         assert tar.getnames()[0] == "genai_config.json"
@@ -128,3 +129,53 @@ def test_unpack_refuses_a_truncated_tar(tmp_path: Path) -> None:
     with pytest.raises(CompressionError) as e:
         unpack(tmp_path / "cut.tar", tmp_path / "out")
     assert str(e.value) == "cannot read tar cut.tar: truncated or corrupt (unexpected end of data)"
+
+
+def test_an_xz_pack_is_the_plain_tar_through_lzma_and_is_deterministic(tmp_path: Path) -> None:
+    d = _model_dir(tmp_path)
+    _, plain_size = pack(d, tmp_path / "m.tar")
+    sha1, size1 = pack(d, tmp_path / "a.tar.xz", compression="xz")
+    os.utime(d / "model.onnx", (1_000_000, 1_000_000))
+    sha2, size2 = pack(d, tmp_path / "b.tar.xz", compression="xz")
+    assert (sha1, size1) == (sha2, size2)
+    packed = (tmp_path / "a.tar.xz").read_bytes()
+    assert packed[:6] == b"\xfd7zXZ\x00"  # the .xz container's magic
+    assert lzma.decompress(packed) == (tmp_path / "m.tar").read_bytes()
+    assert sha1 == hashlib.sha256(packed).hexdigest() and size1 == len(packed)
+    assert size1 < plain_size  # the 4000 bytes of "onnx" * 1000 and the tar headers compress
+    assert tarfile.is_tarfile(tmp_path / "a.tar.xz")  # what the runtime's loader asks
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_unpack_restores_an_xz_pack_byte_for_byte_into_an_existing_directory(tmp_path: Path) -> None:
+    d = _model_dir(tmp_path)
+    pack(d, tmp_path / "m.tar.xz", compression="xz")
+    (tmp_path / "out").mkdir()  # the runtime's cache unpacks into a fresh mkdtemp directory
+    out = unpack(tmp_path / "m.tar.xz", tmp_path / "out")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "genai_config.json",
+        "model.onnx",
+        "model.onnx.data",
+        "sub/tokenizer.json",
+    ]
+    for rel in ("model.onnx", "model.onnx.data", "genai_config.json", "sub/tokenizer.json"):
+        assert (out / rel).read_bytes() == (d / rel).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tar.xz", "model", "out"]  # no staging left
+
+
+@pytest.mark.parametrize("keep", [0.5, -8], ids=["cut-in-the-data", "cut-in-the-xz-check-after-the-tar"])
+def test_unpack_refuses_a_truncated_xz_pack_and_writes_nothing(tmp_path: Path, keep: float) -> None:
+    pack(_model_dir(tmp_path), tmp_path / "m.tar.xz", compression="xz")
+    data = (tmp_path / "m.tar.xz").read_bytes()
+    (tmp_path / "cut.tar.xz").write_bytes(data[: int(len(data) * keep)] if keep > 0 else data[: int(keep)])
+    with pytest.raises(CompressionError) as e:
+        unpack(tmp_path / "cut.tar.xz", tmp_path / "out")
+    assert str(e.value).startswith("cannot read tar cut.tar.xz: truncated or corrupt (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.tar.xz", "m.tar.xz", "model"]
+
+
+def test_pack_refuses_an_unknown_compression(tmp_path: Path) -> None:
+    with pytest.raises(CompressionError) as e:
+        pack(_model_dir(tmp_path), tmp_path / "m.tar.gz", compression="gz")
+    assert str(e.value) == "unknown artifact compression 'gz'; known: none, xz"
+    assert not (tmp_path / "m.tar.gz").exists()

@@ -142,3 +142,54 @@ def test_every_gate_must_pass_and_gate_values_come_from_the_lm_fidelity() -> Non
     results = tuning.check_gates(gates, fid)
     assert [(r.value, r.passed) for r in results] == [(0.05, True), (0.9, False), (1.01, True), (None, False)]
     assert tuning.margin(results[:3]) == pytest.approx(-0.05)  # top-1 is 0.05 short
+
+
+def test_a_candidate_over_max_bytes_does_not_pass_whatever_its_fidelity() -> None:
+    spec = _spec(maxBytes=150)
+    fake = Fake({k(): (0.01, 151), k(algorithm="k_quant"): (0.04, 150)})
+    result = tuning.search(spec, tuning.rungs(spec), fake)
+    assert [(c.passed, c.size_bytes, c.error) for c in result.search()] == [
+        (False, 151, "151 bytes, over maxBytes 150"),
+        (True, 150, None),
+    ]
+    assert result.chosen.candidate.options == {"algorithm": "k_quant"}
+    assert fake.built[0] == {}  # maxBytes steers the search, the builder never sees it
+
+
+def test_when_only_over_budget_candidates_meet_the_gates_the_reason_says_so() -> None:
+    spec = _spec(maxBytes=10, tune=False)
+    result = tuning.search(spec, tuning.rungs(spec), Fake({k(): (0.01, 11)}))
+    assert not result.accepted
+    assert tuning.reason(result) == (
+        "rejected: no candidate passed (1 tried); best seen kl.mean<=0.05 (0.01) with options {}; "
+        "missed 11 bytes, over maxBytes 10"
+    )
+
+
+def test_the_budgets_candidate_comes_right_after_the_variants_own_options_and_is_worked_out_only_then() -> (
+    None
+):
+    mix = {"int8Tensors": ["lm_head"], "embeddingBits": 4}
+    asked: list[int] = []
+
+    def budgeted() -> dict[str, Any] | None:
+        asked.append(1)
+        return mix
+
+    spec = _spec(maxBytes=100)
+    got = tuning.rungs(spec, first=[{"transcode": True}], budgeted=budgeted)
+    assert got[:4] == [{"transcode": True}, {}, budgeted, {"algorithm": "k_quant"}]
+    passes_as_given = Fake({k(transcode=True): (0.5, 90), k(): (0.01, 90)})
+    assert tuning.search(spec, got, passes_as_given).chosen.candidate.options == {}
+    assert asked == []  # the own options passed: no sensitivity pass, no fitting builds
+    result = tuning.search(spec, got, Fake({k(int8Tensors=["lm_head"], embeddingBits=4): (0.01, 100)}))
+    assert asked == [1]
+    assert [c.options for c in result.search()] == [{"transcode": True}, {}, mix]
+
+
+def test_a_budget_that_nothing_fits_skips_its_rung() -> None:
+    spec = _spec(maxBytes=100)
+    result = tuning.search(
+        spec, tuning.rungs(spec, budgeted=lambda: None), Fake({k(algorithm="k_quant"): (0.01, 50)})
+    )
+    assert [c.options for c in result.search()] == [{}, {"algorithm": "k_quant"}]

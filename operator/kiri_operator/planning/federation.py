@@ -1,0 +1,224 @@
+"""The learning rounds' Flower deployment, as the ModelDeployment's own children. Pure: one builder per child.
+
+* `<md>-flower-tls` (Secret): a private CA and the SuperLink's server certificate. The operator *creates* it once
+  (`kube.create`; it holds no get/list/watch on Secrets, so it can never read one back) from
+  `kiri_runtime.learning.certificates`; the plan only names it (`tls_request`), key material never enters a plan,
+  a status or a log line.
+* `<md>-superlink` (Deployment + Service): `flower-superlink` on a cloud node, TLS on its one port, running Kiri's
+  ServerApp for each round (subprocess isolation, no runtime dependency installation). It mounts the artifact
+  store (the base weights, the held-out set, the round records) and, for the privacy ledger ConfigMap only, a
+  projected API token.
+* `<md>-supernode-<site>` (Deployment per site): `flower-supernode` pinned to that site's edge nodes, trusting
+  only `ca.crt` (the one key of the Secret it mounts), its site data mounted read-only from the host, no API
+  token. The site's name and data path reach the ClientApp through `--node-config`.
+
+Every pod: non-root, read-only root filesystem, all capabilities dropped, RuntimeDefault seccomp.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from kiri_operator import labels as L
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.planning import building as B
+from kiri_operator.plans import SecretRequest
+
+FLEET_PORT = 9092
+TLS_MOUNT = "/var/run/kiri/flower-tls"
+SITE_DATA_MOUNT = "/var/lib/kiri/site-data.npz"
+ROLE_SUPERLINK = "superlink"
+ROLE_SUPERNODE = "supernode"
+_SLUG = re.compile(r"[^a-z0-9-]+")
+# Flower keeps its config home and the apps' bundles under these: the root filesystem is read-only.
+_ENV = [
+    {"name": "HOME", "value": "/tmp"},
+    {"name": "FLWR_HOME", "value": "/tmp/flwr"},
+    {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+]
+
+
+def tls_secret_name(md: str) -> str:
+    return L.child_name(md, "flower-tls")
+
+
+def superlink_name(md: str) -> str:
+    return L.child_name(md, ROLE_SUPERLINK)
+
+
+def supernode_name(md: str, site: str) -> str:
+    slug = _SLUG.sub("-", site.lower()).strip("-")[:20] or "site"
+    return L.child_name(md, ROLE_SUPERNODE, f"{slug}-{L.short_hash(site, length=6)}")
+
+
+def superlink_address(owner: B.Owner) -> str:
+    return f"{superlink_name(owner.name)}.{owner.namespace}.svc:{FLEET_PORT}"
+
+
+def tls_request(owner: B.Owner) -> SecretRequest:
+    svc = superlink_name(owner.name)
+    # 127.0.0.1 and localhost: inside the SuperLink's pod, Flower's own flwr-serverapp and SuperExec reach the
+    # SuperLink's Runtime API there, over the same TLS certificate (without them the ServerApp cannot start).
+    names = (
+        f"{svc}.{owner.namespace}.svc",
+        f"{svc}.{owner.namespace}.svc.cluster.local",
+        svc,
+        "localhost",
+        "127.0.0.1",
+    )
+    labels = tuple(sorted(L.common_labels(owner.name, L.COMPONENT_LEARNING).items()))
+    return SecretRequest(owner.namespace, tls_secret_name(owner.name), names, owner.name, owner.uid, labels)
+
+
+def tls_secret(request: SecretRequest, data: dict[str, str]) -> dict[str, Any]:
+    """The Secret's body, `data` base64 already; built by the reconciler, which alone sees the key."""
+    meta: dict[str, Any] = {
+        "name": request.name,
+        "namespace": request.namespace,
+        "labels": dict(request.labels),
+        "ownerReferences": [L.owner_reference(request.owner, request.owner_uid)],
+    }
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta, "data": data}
+
+
+def _labels(owner: B.Owner, role: str) -> dict[str, str]:
+    return {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROLE: role}
+
+
+def _container(
+    spec: ModelDeploymentSpec, name: str, command: list[str], mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    resources = {"cpu": spec.cloud.resources.cpu, "memory": spec.cloud.resources.memory}
+    return {
+        "name": name,
+        "image": spec.runtime.compressor_image,
+        "imagePullPolicy": spec.runtime.image_pull_policy,
+        "command": command,
+        "env": list(_ENV),
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "securityContext": B.container_security(),
+        "volumeMounts": mounts,
+    }
+
+
+def _deployment(name: str, labels: dict[str, str], pod: dict[str, Any]) -> dict[str, Any]:
+    selector = {k: v for k, v in labels.items() if k != L.LEARNING_ROUND}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": B._metadata(name, labels),
+        "spec": {
+            "replicas": 1,
+            # One SuperLink (its state is the runs in flight) and one SuperNode per site: never two at once.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {"securityContext": B.pod_security(), **pod},
+            },
+        },
+    }
+
+
+def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -> list[dict[str, Any]]:
+    """The SuperLink's Deployment and Service. Its state stays in memory (no `--database`): a run lives for one
+    round, the round's outcome is the record in the store, and SQLite answered "database is locked" (HTTP 500)
+    to the SuperNodes' pushes on the loaded 2-core box."""
+    store = B.artifact_dir(spec, owner, "learning")
+    labels = _labels(owner, ROLE_SUPERLINK)
+    tls = f"{TLS_MOUNT}/"
+    command = [
+        "kiri", "flower-superlink",
+        "--ssl-ca-certfile", tls + "ca.crt",
+        "--ssl-certfile", tls + "tls.crt",
+        "--ssl-keyfile", tls + "tls.key",
+        "--host", "0.0.0.0",
+        "--port", str(FLEET_PORT),
+        "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    mounts: list[dict[str, Any]] = [
+        {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+        {"name": "artifacts", "mountPath": store.mount_path},
+        {"name": "tmp", "mountPath": "/tmp"},
+        B.api_token_mount(),  # the ServerApp writes the privacy ledger ConfigMap before it aggregates
+    ]
+    container = _container(spec, "superlink", command, mounts)
+    container["ports"] = [{"name": "fleet", "containerPort": FLEET_PORT}]
+    container["readinessProbe"] = {"tcpSocket": {"port": FLEET_PORT}, "periodSeconds": 5}
+    pod = B.pod_identity(
+        spec,
+        service_account,
+        {
+            "automountServiceAccountToken": False,
+            "nodeSelector": dict(spec.cloud.node_selector),
+            "tolerations": B.tolerations(spec.cloud.tolerations),
+            "containers": [container],
+            "volumes": [
+                {"name": "tls", "secret": {"secretName": tls_secret_name(owner.name), "defaultMode": 0o440}},
+                store.volume,
+                {"name": "tmp", "emptyDir": {}},
+                B.api_token_volume(),
+            ],
+        },
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": B._metadata(superlink_name(owner.name), labels),
+        "spec": {
+            "selector": {**L.selector_labels(owner.name), L.LEARNING_ROLE: ROLE_SUPERLINK},
+            "ports": [{"name": "fleet", "port": FLEET_PORT, "targetPort": FLEET_PORT}],
+        },
+    }
+    return [B.finish(_deployment(superlink_name(owner.name), labels, pod), owner), B.finish(service, owner)]
+
+
+def node_config(site: str, *, allow_plain: bool) -> str:
+    config = {"site": site, "data": SITE_DATA_MOUNT, "work-dir": "/tmp/kiri-learning"}
+    text = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
+    return text + (" allow-plain-rounds=true" if allow_plain else "")
+
+
+def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str, Any]:
+    """One site's SuperNode: pinned to the site, its data read-only, only the CA certificate, no API token."""
+    learning = spec.learning
+    assert learning is not None
+    labels = {**_labels(owner, ROLE_SUPERNODE), L.SITE_NAME: L.short_hash(site, length=16)}
+    command = [
+        "kiri", "flower-supernode",
+        "--superlink", superlink_address(owner),
+        "--root-certificates", f"{TLS_MOUNT}/ca.crt",
+        "--node-config", node_config(site, allow_plain=not learning.secure_aggregation),
+        "--isolation", "subprocess",
+    ]  # fmt: skip
+    mounts: list[dict[str, Any]] = [
+        {"name": "site-data", "mountPath": SITE_DATA_MOUNT, "readOnly": True},
+        {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    pod = B.pod_identity(
+        spec,
+        learning.trainer_service_account_name,
+        {
+            "automountServiceAccountToken": False,
+            "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
+            "tolerations": B.tolerations(spec.edge.tolerations),
+            "containers": [_container(spec, "supernode", command, mounts)],
+            "volumes": [
+                {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
+                # Only the CA: a SuperNode can check the SuperLink, it cannot pretend to be it.
+                {
+                    "name": "tls",
+                    "secret": {
+                        "secretName": tls_secret_name(owner.name),
+                        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                    },
+                },
+                {"name": "tmp", "emptyDir": {}},
+            ],
+        },
+    )
+    return B.finish(_deployment(supernode_name(owner.name, site), labels, pod), owner)

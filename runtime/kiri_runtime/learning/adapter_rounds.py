@@ -1,0 +1,174 @@
+"""A federated round of a language model's LoRA adapter, for Kiri's ServerApp and ClientApp (`part = "adapter"`).
+
+The global state is a peft adapter directory (`adapters.py`). Round 1 starts from `adapters.initial_adapter`
+(A drawn from the round's `a-seed`, B zero: the base model's own output); each accepted round writes
+`rounds/<NNNN>/adapter/` with the averaged factors. What is averaged, through Flower (SecAgg+, the DP wrapper):
+
+* FFA-LoRA (`ffa = true`, the default): only every lora_B; A stays as drawn, equal on every site, so averaging B
+  averages the sites' dense updates B·A exactly (Sun et al., ICLR 2024).
+* FedAvg (`ffa = false`): every factor, A and B (the average of products is then not the product of averages).
+
+Sites get the whole current adapter with the round (its bytes, checked against its sha256), train it on their
+JSON Lines text with `adapters.train_adapter(init=..., freeze_a=ffa)`, and answer with the averaged factors only.
+The upload is bounded by `adapters.MAX_FRACTION` of the base model's weight bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiri_runtime.learning import adapters, rounds
+from kiri_runtime.learning.errors import LearningError
+from kiri_runtime.learning.settings import KEY_BASE, KEY_BASE_SHA
+
+KEY_ADAPTER_CONFIG = "kiri.adapter-config"
+KEY_A_SEED = "kiri.a-seed"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    base_model: str  # the Hugging Face checkpoint directory both sides hold
+    targets: tuple[str, ...]
+    rank: int
+    steps: int
+    seq_len: int
+    ffa: bool
+    a_seed: int
+
+    @classmethod
+    def from_run_config(cls, config: dict[str, Any]) -> AdapterSettings:
+        targets = tuple(
+            t.strip() for t in str(config.get("adapter-targets", "q_proj,v_proj")).split(",") if t.strip()
+        )
+        out = cls(
+            base_model=str(config.get("base-model", "")),
+            targets=targets,
+            rank=int(config.get("lora-rank", 4)),
+            steps=int(config.get("adapter-steps", 50)),
+            seq_len=int(config.get("adapter-seq-len", 64)),
+            ffa=bool(config.get("ffa", True)),
+            a_seed=int(config.get("a-seed", 0)),
+        )
+        if not out.base_model:
+            raise LearningError(
+                "run config 'base-model' is required for part = adapter (a Hugging Face checkpoint)"
+            )
+        return out
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class AdapterSubject:
+    """The server's side: the current global adapter, what a round sends, and what its aggregate becomes."""
+
+    def __init__(self, a: AdapterSettings, weights: str, out: Path, eval_path: Path) -> None:
+        self.a = a
+        self.eval = eval_path
+        self.base = Path(a.base_model)
+        if weights:
+            self.dir = Path(weights)
+        else:
+            self.dir = out / "initial-adapter"
+            if not (self.dir / adapters.ADAPTER_WEIGHTS).exists():
+                adapters.initial_adapter(self.base, self.dir, rank=a.rank, targets=a.targets, a_seed=a.a_seed)
+        self.arrays = adapters.read_weights(self.dir)
+        self.names = adapters.b_names(self.arrays) if a.ffa else sorted(self.arrays)
+        self.base_sha256 = _sha256(self.dir / adapters.ADAPTER_WEIGHTS)
+
+    def initial(self) -> list[np.ndarray]:
+        return [self.arrays[n] for n in self.names]
+
+    def fit_config(self) -> dict[str, Any]:
+        return {
+            KEY_BASE: (self.dir / adapters.ADAPTER_WEIGHTS).read_bytes(),
+            KEY_BASE_SHA: self.base_sha256,
+            KEY_ADAPTER_CONFIG: (self.dir / adapters.ADAPTER_CONFIG).read_text(),
+            KEY_A_SEED: self.a.a_seed,
+        }
+
+    def evaluate(self, adapter_dir: Path | None = None) -> rounds.Evaluation:
+        p = adapters.perplexity(self.base, self.eval, adapter_dir or self.dir, seq_len=self.a.seq_len)
+        return rounds.Evaluation(loss=p.nll, accuracy=None, samples=p.tokens)
+
+    def publish(
+        self, aggregate: list[np.ndarray], round_dir: Path
+    ) -> tuple[rounds.Evaluation, rounds.Evaluation, rounds.Artifact] | str:
+        """The new global adapter in `round_dir/adapter`, its held-out loss before and after; or why not."""
+        if any(not np.isfinite(a).all() for a in aggregate):
+            return "the aggregated adapter has non-finite values: lower learning-rate"
+        weights = dict(self.arrays)
+        weights.update(
+            {n: np.asarray(a, dtype=np.float32) for n, a in zip(self.names, aggregate, strict=True)}
+        )
+        target = round_dir / ADAPTER_DIR
+        adapters.write_adapter(target, weights, like=self.dir)
+        before = self.evaluate()
+        after = self.evaluate(target)
+        path = target / adapters.ADAPTER_WEIGHTS
+        return (
+            before,
+            after,
+            rounds.Artifact(path=str(target), sha256=_sha256(path), bytes=path.stat().st_size),
+        )
+
+
+def train_on_site(
+    a: AdapterSettings,
+    config: dict[str, Any],
+    parameters: list[np.ndarray],
+    data: Path,
+    work_dir: Path,
+    base_model: str,
+    *,
+    seed: int,
+    learning_rate: float,
+    batch_size: int,
+) -> tuple[list[np.ndarray], dict[str, Any], Path]:
+    """The site's side: the round's adapter (checked), trained on the site's text; the averaged factors back."""
+    data_bytes, sha = config.get(KEY_BASE), str(config.get(KEY_BASE_SHA, ""))
+    if not isinstance(data_bytes, bytes) or hashlib.sha256(data_bytes).hexdigest() != sha:
+        raise LearningError("the round's adapter does not match its sha256; refusing to train")
+    start = work_dir / f"adapter-{sha[:16]}"
+    start.mkdir(parents=True, exist_ok=True)
+    (start / adapters.ADAPTER_WEIGHTS).write_bytes(data_bytes)
+    (start / adapters.ADAPTER_CONFIG).write_text(str(config.get(KEY_ADAPTER_CONFIG, "{}")))
+    init = adapters.read_weights(start)
+    names = adapters.b_names(init) if a.ffa else sorted(init)
+    if len(names) != len(parameters):
+        raise LearningError(f"the round sent {len(parameters)} tensors, this adapter averages {len(names)}")
+    init.update({n: np.asarray(p, dtype=np.float32) for n, p in zip(names, parameters, strict=True)})
+    rank = int(json.loads((start / adapters.ADAPTER_CONFIG).read_text()).get("r", a.rank))
+    out = Path(tempfile.mkdtemp(prefix="trained-", dir=work_dir))
+    result = adapters.train_adapter(
+        Path(base_model),
+        data,
+        out,
+        rank=rank,
+        steps=a.steps,
+        seed=seed,
+        targets=a.targets,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        seq_len=a.seq_len,
+        a_seed=int(str(config.get(KEY_A_SEED, a.a_seed))),
+        freeze_a=a.ffa,
+        init=init,
+    )
+    trained = adapters.read_weights(out)
+    metrics = {
+        "samples": result.windows,
+        "loss-before": result.loss_before,
+        "loss-after": result.loss_after,
+        "adapter-bytes": result.adapter_bytes,
+    }
+    return [trained[n] for n in names], metrics, out
