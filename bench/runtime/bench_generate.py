@@ -18,11 +18,12 @@ transcoded (bench_generate_peer.py's `artifacts`): a decode step of milliseconds
      loop's thread CPU time. On a shared, oversubscribed machine the wall-clock figure also carries the
      kernel's scheduling (the raw loop never sleeps, the server's threads hand off twice per request); the CPU
      figure is the work the server adds, whatever the load.
-2. Load: closed-loop streaming clients at concurrency 1, 4 and 16, for both scheduling modes (`--lm-batching
-   cohort`: equal-length arrivals share one batched generator; `none`: one generator per request, stepped in
-   turn). Aggregate generated tokens/s against the same mode at concurrency 1, and TTFT p50/p99 (request sent
-   to first streamed token). Every client sends the same prompt (equal lengths: the best case for cohorts); a
-   `mixed` run sends prompts of four lengths at concurrency 16 (cohorts then split by length).
+2. Load: closed-loop streaming clients at concurrency 1, 4 and 16, for each scheduling mode (`--lm-batching
+   continuous`: every running request a row of one decode step, joining and leaving between steps; `cohort`:
+   equal-length arrivals share one batched onnxruntime-genai generator; `none`: one generator per request,
+   stepped in turn). Aggregate generated tokens/s against the same mode at concurrency 1, and TTFT p50/p99
+   (request sent to first streamed token). Twice: every client the same prompt (equal lengths: the best case
+   for cohorts), then `mixed`: client i sends MIXED[i % 4], four prompt lengths.
 
 The server runs as its own process with one ONNX Runtime thread; the load generator is one asyncio process on
 the same (shared, 2-core) machine, so absolute numbers move: read the ratios.
@@ -50,7 +51,14 @@ from loadgen import free_port, latencies, percentile, stop, wait_http
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = "def "  # greedy on the tiny model never reaches <|im_end|>: every request generates exactly N tokens
-MIXED = ["def ", "class Template", "import os\n", "    return"]
+# Four prompt lengths (2 to 46 tokens on the bench model's tokenizer): client i sends MIXED[i % 4].
+MIXED = [
+    "def ",
+    "class Template(object):\n    x = 1",
+    "import os\nimport sys\n\ndef main(argv):\n    return len(argv)\n",
+    "def dedent(text):\n    lines = text.splitlines()\n    margin = None\n    for line in lines:\n"
+    "        stripped = line.lstrip()\n        if stripped:\n            indent = len(line) - len(stripped)\n",
+]
 BLOCK = 40  # requests per side per block
 MODELS = {
     "tiny": "tiny LLaMA (hidden 128, 2 layers, vocab 512), fp32",
@@ -194,7 +202,9 @@ async def _streaming_load(
                     decode_rates.append((made - 1) / (last - first))
 
     began = time.perf_counter()
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # A new connection per request, for every server alike: llama-server closes a connection after a streamed
+    # answer, and a request written to it then fails.
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(i, session) for i in range(concurrency)))
     elapsed = time.perf_counter() - began
@@ -294,7 +304,9 @@ def main() -> None:
         help="tiny: a ~0.1 ms decode step; bench: milliseconds",
     )
     parser.add_argument("--block", type=int, default=BLOCK, help="requests per side per overhead block")
-    parser.add_argument("--modes", default="cohort,none", help="--lm-batching modes to run, comma-separated")
+    parser.add_argument(
+        "--modes", default="continuous,cohort", help="--lm-batching modes to run, comma-separated"
+    )
     parser.add_argument("--no-load", action="store_true", help="only the overhead at concurrency 1")
     parser.add_argument(
         "--no-pin", action="store_true", help="do not pin the decoding and the client to CPUs"
@@ -360,11 +372,13 @@ def main() -> None:
                 for proc in procs.values():
                     stop(proc)
     out["load_average_after"] = os.getloadavg()[0]
-    if not args.no_load and {"cohort", "none"} <= set(modes):
-        for c in (4, 16):
-            ratio = out["cohort"][f"c{c}"]["tokens_per_s"] / out["none"][f"c{c}"]["tokens_per_s"]
-            print(f"cohort vs none at c={c}: {ratio:.2f}x tokens/s")
-            out[f"cohort_vs_none_c{c}"] = ratio
+    for a, b in (("continuous", "cohort"), ("cohort", "none"), ("continuous", "none")):
+        if args.no_load or not {a, b} <= set(modes):
+            continue
+        for key in ("c4", "c16", "mixed_c4", "mixed_c16"):
+            ratio = out[a][key]["tokens_per_s"] / out[b][key]["tokens_per_s"]
+            print(f"{a} vs {b} at {key}: {ratio:.2f}x tokens/s")
+            out[f"{a}_vs_{b}_{key}"] = ratio
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
 
@@ -381,13 +395,17 @@ def load_runs(res: dict[str, Any], port: int, mode: str, n: int, duration: float
             f"TTFT p50 {load['ttft_p50_ms']:.1f} ms p99 {load['ttft_p99_ms']:.1f} ms, "
             f"{load['requests']} requests, {load['errors']} errors"
         )
-    mixed = streaming_load(port, MIXED, n, 16, duration)
-    mixed["vs_c1"] = mixed["tokens_per_s"] / (base or 1.0)
-    res["c16_mixed"] = mixed
-    print(
-        f"[{mode}] c=16 mixed prompt lengths: {mixed['tokens_per_s']:8.0f} tok/s ({mixed['vs_c1']:.2f}x c=1), "
-        f"TTFT p50 {mixed['ttft_p50_ms']:.1f} ms p99 {mixed['ttft_p99_ms']:.1f} ms"
-    )
+    base = None
+    for c in (1, 4, 16):
+        mixed = streaming_load(port, MIXED, n, c, duration)
+        base = base or mixed["tokens_per_s"]
+        mixed["vs_c1"] = mixed["tokens_per_s"] / base
+        res[f"mixed_c{c}"] = mixed
+        print(
+            f"[{mode}] c={c:2d} mixed prompt lengths: {mixed['tokens_per_s']:8.0f} tok/s ({mixed['vs_c1']:.2f}x "
+            f"mixed c=1), TTFT p50 {mixed['ttft_p50_ms']:.1f} ms p99 {mixed['ttft_p99_ms']:.1f} ms, "
+            f"{mixed['requests']} requests, {mixed['errors']} errors"
+        )
 
 
 if __name__ == "__main__":

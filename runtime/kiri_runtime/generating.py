@@ -5,16 +5,27 @@ over one `generative_model.GenerativeModel`.
 reads `Delta`s from and can `cancel` (client gone: its admission slot is freed at once, its row is dropped at
 the next step).
 
-Scheduling (measured in bench/runtime/bench_generate.py, argued in docs/architecture.md): onnxruntime-genai 0.18
-batches a `Generator` only when all its prompts are appended at once, and then samples every row with the same
+Scheduling (measured in bench/runtime/bench_generate.py, argued in docs/architecture.md). `continuous` (the default
+where the model allows it): every running request is a row of one `decoding.SlotDecoder`. Each iteration first
+prefills the requests that arrived (batched, right-padded, into the next free rows; a request's first token
+comes from that prefill), then decodes one token for every row in one forward pass, whatever their lengths; a
+row that ends leaves between steps and its slot is reused. Sampling (greedy argmax, or temperature / top-k /
+top-p from the request's own random generator, seeded by `seed`) is done here on the logits, so a seeded
+answer does not depend on who else is being served. A request that uses a LoRA adapter (adapters.py; named in
+the model, or the default adapter) is not a row: the adapter applies only inside onnxruntime-genai's `Generator`,
+so it decodes in a cohort (below) that the same iterations step beside the rows. A LoRA-ready model's adapter
+inputs have empty defaults, so its rows decode the base model exactly.
+
+`cohort` and `none` decode with onnxruntime-genai's own `Generator` (a model `SlotDecoder` cannot run, or by
+choice). onnxruntime-genai 0.18 batches a `Generator` only when all its prompts are appended at once, and then samples every row with the same
 search options; a row cannot join later. Left-padding prompts of different lengths into one batch gave wrong
 logits on the padded rows (off by up to 10 on the tiny LLaMA, CPU GroupQueryAttention), so only prompts of equal
 length share a batch. Requests are grouped into *cohorts*: those waiting when a decode iteration begins with the
 same prompt length and sampling options become one batched generator, and the decode thread steps every live
 cohort once per iteration (iteration-level scheduling across generators). A request that arrives
 mid-generation starts at the next iteration instead of waiting for the others to finish. A cohort is also one
-LoRA adapter's requests (adapters.py): onnxruntime-genai activates an adapter per generator, for its whole life. A request with a
-`seed` decodes alone, so its tokens do not depend on who else is being served.
+LoRA adapter's requests: onnxruntime-genai activates an adapter per generator, for its whole life. A request
+with a `seed` decodes alone, so its tokens do not depend on who else is being served.
 
 Sampling is onnxruntime-genai's own (greedy argmax, or temperature / top-k / top-p with its seeded RNG), so a
 greedy answer is token for token what a plain onnxruntime-genai greedy loop gives. Stop tokens, stop strings,
@@ -40,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from kiri_runtime.adapters import AdapterSet, LoadedAdapter
+from kiri_runtime.decoding import SlotDecoder, prefill_groups, sample
 from kiri_runtime.errors import InferenceError, Overloaded
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams, first_line
 from kiri_runtime.metrics import RuntimeMetrics, observe_many
@@ -163,6 +175,10 @@ class _Row:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish: str | None = None  # set when done: "stop", "length" or "abort"
     done: bool = False
+    # Continuous batching: positions the row may reach, its next input token, its sampler.
+    capacity: int = 0
+    next_token: int = 0
+    rng: np.random.Generator | None = None
 
 
 @dataclass(slots=True)
@@ -179,6 +195,7 @@ class _Cohort:
 # decode thread that was only doing its per-token bookkeeping. Lowered for the whole process, never raised.
 SWITCH_INTERVAL_S = 0.0005
 METRICS_FLUSH_S = 1.0
+BATCHING_MODES = ("continuous", "cohort", "none")
 
 
 class Scheduler:
@@ -197,10 +214,12 @@ class Scheduler:
         *,
         max_num_seqs: int = 16,
         queue_limit: int = 0,
-        batching: bool = True,
+        batching: str = "continuous",
         step_delay_s: float = 0.0,
         adapters: AdapterSet | None = None,
     ) -> None:
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching {batching!r}: one of {', '.join(BATCHING_MODES)}")
         self.model = model
         self.name = name
         self.adapters = adapters if adapters is not None else AdapterSet(model, model.lora_layout, name)
@@ -208,6 +227,16 @@ class Scheduler:
         self.metrics = metrics
         self.max_num_seqs = max(1, max_num_seqs)
         self.queue_limit = queue_limit
+        self.decoder = model.decoder if batching == "continuous" else None
+        if batching == "continuous" and self.decoder is None:
+            log.warning(
+                "model %s: continuous batching unavailable (%s); onnxruntime-genai cohorts instead",
+                name,
+                model.decoder_unsupported or "not loaded for it",
+            )
+            batching = "cohort"
+        if self.decoder is None:
+            _ = model.model  # onnxruntime-genai's model, loaded before the server is ready
         self.batching = batching
         self.step_delay_s = step_delay_s  # test aid (`--delay-ms`): slows every decode iteration
         # Children looked up once: `labels()` costs microseconds.
@@ -226,6 +255,7 @@ class Scheduler:
         self.in_flight = 0  # admitted and not yet finished or cancelled (event-loop side)
         self._waiting: collections.deque[_Row] = collections.deque()
         self._cohorts: list[_Cohort] = []
+        self._slots: list[_Row] = []  # continuous: row i of the decoder is self._slots[i]
         self._running = 0  # rows in a cohort and not done (decode thread)
         # KV positions held: each generator holds max_length per row (onnxruntime-genai shares one buffer for
         # past and present); usage is this over what max_num_seqs full contexts would need.
@@ -299,9 +329,11 @@ class Scheduler:
                 self._collect_due = False
                 self._collect()
             # While decoding with nobody waiting, no lock: a deque's truth is read atomically.
-            if self._waiting or not self._cohorts or self._stopping:
+            if self._waiting or not (self._cohorts or self._slots) or self._stopping:
                 with self._wake:
-                    while not (self._stopping or self._waiting or self._cohorts or self._collect_due):
+                    while not (
+                        self._stopping or self._waiting or self._cohorts or self._slots or self._collect_due
+                    ):
                         self._wake.wait()
                     if self._stopping:
                         return
@@ -326,17 +358,15 @@ class Scheduler:
     def _iterate(self, arrivals: list[_Row]) -> None:
         posts: list[tuple[GenerationHandle, Delta]] = []
         ended: list[_Row] = []
-        if arrivals:
-            for cohort_rows in self._group(arrivals):
-                self._start(cohort_rows, posts)
-        if self.step_delay_s and self._cohorts:
-            time.sleep(self.step_delay_s)
-        for cohort in self._cohorts:
-            self._step(cohort, posts, ended)
-        if ended:
-            self._held -= sum(c.max_length * len(c.rows) for c in self._cohorts if not c.live)
-            self._cohorts = [c for c in self._cohorts if c.live]
-            self._collect_due = self.adapters.has_retired
+        if self.decoder is None:
+            self._iterate_cohorts(arrivals, posts, ended)
+        else:
+            # A LoRA adapter applies only inside onnxruntime-genai's Generator: a request that uses one (named in
+            # the model, or the default adapter) decodes in a cohort beside the rows of the base-model requests.
+            adapted = [r for r in arrivals if r.adapter is not None]
+            self._iterate_rows(self.decoder, [r for r in arrivals if r.adapter is None], posts, ended)
+            if adapted or self._cohorts:
+                self._iterate_cohorts(adapted, posts, ended)
         # Metrics of the requests that ended, before their answers leave: a client that reads /metrics after
         # its answer finds it counted. Nothing at all in most iterations.
         for r in ended:
@@ -346,12 +376,121 @@ class Scheduler:
         now = time.perf_counter()
         if now - self._flushed_at >= METRICS_FLUSH_S:
             self._flushed_at = now
-            for cohort in self._cohorts:
-                for r in cohort.rows:
-                    if not r.done:
-                        self._flush(r)
+            for r in [r for c in self._cohorts for r in c.rows] + self._slots:
+                if not r.done:
+                    self._flush(r)
         if arrivals or ended or self._gauges is None or len(self._waiting) != self._gauges[1]:
             self._publish_gauges()
+
+    def _iterate_cohorts(
+        self, arrivals: list[_Row], posts: list[tuple[GenerationHandle, Delta]], ended: list[_Row]
+    ) -> None:
+        if arrivals:
+            for cohort_rows in self._group(arrivals):
+                self._start(cohort_rows, posts)
+        if self.step_delay_s and self._cohorts and not self._slots:  # with rows, _iterate_rows slept
+            time.sleep(self.step_delay_s)
+        for cohort in self._cohorts:
+            self._step(cohort, posts, ended)
+        if ended:
+            self._held -= sum(c.max_length * len(c.rows) for c in self._cohorts if not c.live)
+            self._cohorts = [c for c in self._cohorts if c.live]
+            self._collect_due = self.adapters.has_retired
+
+    # ------------------------------------------------------------ continuous batching
+
+    def _iterate_rows(
+        self,
+        decoder: SlotDecoder,
+        arrivals: list[_Row],
+        posts: list[tuple[GenerationHandle, Delta]],
+        ended: list[_Row],
+    ) -> None:
+        joining = [r for r in arrivals if not r.handle.cancelled]
+        if joining:
+            for group in prefill_groups([len(r.prompt) for r in joining]):
+                self._join(decoder, [joining[i] for i in group], posts, ended)
+        if self.step_delay_s and self._slots:
+            time.sleep(self.step_delay_s)
+        rows = self._slots
+        if rows and not all(r.done for r in rows):
+            logits = decoder.step([r.next_token for r in rows])
+            greedy = logits.argmax(axis=1).tolist()
+            now = time.perf_counter()
+            for i, r in enumerate(rows):
+                if r.done:
+                    continue
+                if r.handle.cancelled:  # the client went away: its row ends here
+                    self._end_row(r, "abort", ended)
+                    continue
+                self._next(r, greedy[i], logits[i], now, posts, ended)
+        if any(r.done for r in rows):
+            for i in range(len(rows) - 1, -1, -1):
+                if rows[i].done:
+                    self._held -= rows[i].capacity
+                    moved = decoder.release(i)
+                    if moved is not None:
+                        rows[i] = rows[moved]
+                    rows.pop()
+
+    def _join(
+        self,
+        decoder: SlotDecoder,
+        rows: list[_Row],
+        posts: list[tuple[GenerationHandle, Delta]],
+        ended: list[_Row],
+    ) -> None:
+        """Prefill `rows` (one forward pass) into the decoder's next rows and take their first tokens."""
+        for r in rows:
+            r.capacity = min(self.model.context_length, len(r.prompt) + r.params.max_tokens)
+        try:
+            logits = decoder.prefill([r.prompt for r in rows], [r.capacity for r in rows])
+        except Exception as e:  # ONNX Runtime raises its own types; fail these requests only
+            error = GenerationFailed(f"onnxruntime failed to prefill: {first_line(e)}")
+            for r in rows:
+                r.done = True
+                posts.append((r.handle, Delta(error=error)))
+            return
+        now = time.perf_counter()
+        greedy = logits.argmax(axis=1).tolist()
+        for i, r in enumerate(rows):
+            r.stream = self.model.tokenizer.create_stream()
+            r.stop_ids = self._eos.union(r.params.stop_token_ids)
+            if not r.params.greedy:
+                r.rng = np.random.default_rng(r.params.seed)
+            self._queue_time.observe(now - r.submitted)
+            self._slots.append(r)
+            self._running += 1
+            self._held += r.capacity
+            self._next(r, greedy[i], logits[i], now, posts, ended)
+        self._prompt_tokens.inc(sum(len(r.prompt) for r in rows))
+
+    def _next(
+        self,
+        r: _Row,
+        greedy: int,
+        logits: np.ndarray,
+        now: float,
+        posts: list[tuple[GenerationHandle, Delta]],
+        ended: list[_Row],
+    ) -> None:
+        """Row `r`'s token from `logits` (`greedy` is their argmax), through the per-row bookkeeping."""
+        params = r.params
+        token = greedy
+        if r.rng is not None:
+            token = sample(logits, params.temperature, params.top_p, params.top_k, r.rng)
+        exhausted = len(r.prompt) + r.generated + 1 >= r.capacity
+        delta = self._advance(r, token, logits if params.logprobs is not None else None, now, exhausted)
+        r.next_token = token
+        if r.done:
+            self._end_row(r, r.finish or "length", ended)
+        if delta is not None:
+            posts.append((r.handle, delta))
+
+    def _end_row(self, r: _Row, finish: str, ended: list[_Row]) -> None:
+        r.done, r.finish = True, finish
+        self._running -= 1
+        ended.append(r)
 
     def _post(self, posts: list[tuple[GenerationHandle, Delta]]) -> None:
         """Queue results for their event loop; wake it only if it has not been woken for earlier ones yet."""
@@ -372,7 +511,7 @@ class Scheduler:
 
     def _group(self, arrivals: list[_Row]) -> list[list[_Row]]:
         """Arrivals with equal prompt lengths and sampling options batched together (no padding: see above)."""
-        if not self.batching:
+        if self.batching == "none":
             return [[r] for r in arrivals]
         groups: list[list[_Row]] = []
         by_key: dict[tuple[Any, ...], list[_Row]] = {}
@@ -542,7 +681,13 @@ class Scheduler:
                 if not r.done:
                     r.done = True
                     posts.append((r.handle, Delta(error=error)))
-        self._cohorts = []
+        for r in self._slots:
+            if not r.done:
+                r.done = True
+                posts.append((r.handle, Delta(error=error)))
+        self._cohorts, self._slots = [], []
+        if self.decoder is not None:
+            self.decoder.clear()
         self._running = self._held = 0
         self._collect_due = self.adapters.has_retired
         self._publish_gauges()

@@ -9,6 +9,7 @@ Chat prompts are rendered with the tokenizer's own chat template (chat_template.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from kiri_runtime.dataplane import TensorSpec
+from kiri_runtime.decoding import SlotDecoder, unsupported
 from kiri_runtime.errors import BadRequest
 from kiri_runtime.lora_layouts import LoraLayout
 
@@ -67,7 +69,10 @@ class GenerativeModel:
     inputs = [TensorSpec("text_input", "BYTES", (1,))]
     outputs = [TensorSpec("text_output", "BYTES", (1,))]
 
-    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, threads: int | None = None, *, continuous: bool = False) -> None:
+        """With `continuous`, decoding goes through `decoding.SlotDecoder` when the model allows it (`decoder`
+        is then set) and onnxruntime-genai's own model is loaded only if something asks for it (edge-cloud
+        collaboration): the weights are not held twice. Otherwise onnxruntime-genai's model is loaded now."""
         import onnxruntime_genai as og
 
         self.dir = model_dir
@@ -76,8 +81,18 @@ class GenerativeModel:
             session = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
         self.og = og
-        self.model = og.Model(cfg)
-        self.tokenizer = og.Tokenizer(self.model)
+        self._config = cfg
+        self._model: Any = None
+        self._model_lock = threading.Lock()
+        self.decoder: SlotDecoder | None = None
+        self.decoder_unsupported: str | None = None
+        if continuous:
+            self.decoder_unsupported = unsupported(model_dir)
+            if self.decoder_unsupported is None:
+                self.decoder = SlotDecoder(model_dir, threads)
+        if self.decoder is None:
+            self._model = og.Model(cfg)
+        self.tokenizer = og.Tokenizer(cfg)
         genai = json.loads((model_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]
         self.context_length = int(genai["context_length"])
         self.vocab_size = int(genai["vocab_size"])
@@ -94,6 +109,15 @@ class GenerativeModel:
         if self._og_adapters is None:
             self._og_adapters = self.og.Adapters(self.model)
         return self._og_adapters
+
+    @property
+    def model(self) -> Any:
+        """onnxruntime-genai's model, loaded on first use when `decoder` serves the requests."""
+        if self._model is None:
+            with self._model_lock:
+                if self._model is None:
+                    self._model = self.og.Model(self._config)
+        return self._model
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
         if not self.has_chat_template:

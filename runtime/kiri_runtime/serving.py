@@ -105,10 +105,11 @@ class ServeConfig:
     variant: str = ""
     shutdown_grace_s: float = 30.0
     fetch_retry_max_s: float = 60.0
-    # Language models: requests decoded at once, and whether arrivals with equal sampling options share one
-    # batched generator ("cohort") or each decode alone ("none"); see generating.py.
+    # Language models: requests decoded at once, and how they share decode steps: "continuous" (every running
+    # request a row of one batch, joining and leaving between steps), "cohort" (arrivals with equal prompt
+    # lengths and sampling options share an onnxruntime-genai generator) or "none"; see generating.py.
     max_num_seqs: int = 16
-    lm_batching: str = "cohort"
+    lm_batching: str = "continuous"
     # Language models: edge-cloud collaboration (collaborating.py); the cloud tier is `fallback_url`.
     collaboration: CollabConfig = field(default_factory=CollabConfig)
     # LoRA-ready language models: adapters loaded before readiness, the one a bare model name gets, and the
@@ -223,7 +224,7 @@ class Server:
                 self.metrics,
                 max_num_seqs=cfg.max_num_seqs,
                 queue_limit=cfg.queue_limit,
-                batching=cfg.lm_batching == "cohort",
+                batching=cfg.lm_batching,
                 step_delay_s=cfg.delay_ms / 1000.0,
                 adapters=AdapterSet(model, model.lora_layout, cfg.name),
             )
@@ -255,7 +256,9 @@ class Server:
         sha = ""
         try:
             if local_dir is not None:
-                model: Any = await asyncio.to_thread(GenerativeModel, local_dir, cfg.threads)
+                model: Any = await asyncio.to_thread(
+                    GenerativeModel, local_dir, cfg.threads, continuous=cfg.lm_batching == "continuous"
+                )
             else:
                 artifact = await asyncio.to_thread(fetcher.open, cfg.model_uri, cfg.sha256)
                 with artifact:
@@ -335,7 +338,9 @@ class Server:
         """The verified blob as a model: a tar holding genai_config.json is a language model, else ONNX."""
         if tarfile.is_tarfile(load_path):
             return GenerativeModel(
-                _unpacked(Path(load_path), sha, cache.root / "unpacked"), self.config.threads
+                _unpacked(Path(load_path), sha, cache.root / "unpacked"),
+                self.config.threads,
+                continuous=self.config.lm_batching == "continuous",
             )
         return OnnxModel(load_path, self.config.threads)
 

@@ -129,9 +129,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     sub.add_argument(
         "--lm-batching",
-        choices=["cohort", "none"],
-        default="cohort",
-        help="language models: batch arrivals with equal sampling options into one generator (default), or not",
+        choices=["continuous", "cohort", "none"],
+        default="continuous",
+        help="language models: every running request one row of a batch that requests join and leave between "
+        "decode steps (default; onnxruntime-genai CPU decoders with GroupQueryAttention, else cohort), arrivals "
+        "with equal prompt lengths and sampling options batched into one onnxruntime-genai generator, or none",
     )
     collab = sub.add_argument_group(
         "edge-cloud collaboration (language models; the cloud tier is --fallback-url)"

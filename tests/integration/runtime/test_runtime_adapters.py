@@ -136,10 +136,11 @@ def adapter_state(server: ThreadedServer) -> tuple[int, int]:
     return result
 
 
+@pytest.mark.parametrize("mode", ["continuous", "cohort"])
 def test_a_request_picks_its_adapter_through_the_model_name(
-    start: Callable[..., ThreadedServer], ready: Path, files: dict[str, Path]
+    start: Callable[..., ThreadedServer], ready: Path, files: dict[str, Path], mode: str
 ) -> None:
-    server = start()
+    server = start(lm_batching=mode)
     base = raw_greedy(ready, PROMPT, 24)
     harbour = raw_greedy(ready, PROMPT, 24, files["harbour"])
     assert base != harbour
@@ -148,6 +149,52 @@ def test_a_request_picks_its_adapter_through_the_model_name(
     assert generate_ids(server, "assistant:base") == base[:24]
     text = complete(server, "assistant:harbour").json()
     assert text["model"] == "assistant:harbour" and text["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_with_continuous_batching_adapter_requests_decode_in_generators_beside_the_base_models_rows(
+    start: Callable[..., ThreadedServer], ready: Path, files: dict[str, Path]
+) -> None:
+    server = start(
+        delay_ms=50.0, default_adapter="harbour"
+    )  # 24 tokens take 1.2 s or more: the requests overlap
+    assert server.server is not None
+    scheduler = server.server.rest.generation.schedulers["assistant"]
+    decoder = scheduler.decoder
+    # The LoRA-ready build's adapter inputs have empty defaults: the continuous decoder takes it and decodes the base.
+    assert scheduler.batching == "continuous" and decoder is not None
+    prefilled: list[int] = []  # rows of every prefill
+    beside: list[int] = []  # adapter generators live at every decode step of the rows
+    prefill, step = decoder.prefill, decoder.step
+
+    def recording_prefill(prompts: Any, lengths: Any) -> Any:
+        prefilled.append(len(prompts))
+        return prefill(prompts, lengths)
+
+    def recording_step(tokens: Any) -> Any:
+        beside.append(len(scheduler._cohorts))
+        return step(tokens)
+
+    decoder.prefill = recording_prefill  # type: ignore[method-assign]
+    decoder.step = recording_step  # type: ignore[method-assign]
+    base = raw_greedy(ready, PROMPT, 24)
+    harbour = raw_greedy(ready, PROMPT, 24, files["harbour"])
+    models = ["assistant:base", "assistant", "assistant:harbour"]  # the bare name gets the default adapter
+    results: dict[int, list[int]] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, generate_ids(server, models[i])))
+        for i in range(3)
+    ]
+    threads[0].start()
+    deadline = time.monotonic() + 30
+    while not prefilled and time.monotonic() < deadline:  # the base request is a row before the others come
+        time.sleep(0.01)
+    for t in threads[1:]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {0: base[:24], 1: harbour[:24], 2: harbour[:24]}
+    assert prefilled == [1]  # only the base request became a row
+    assert any(beside)  # the rows stepped while the adapter's generator was decoding
 
 
 def test_the_default_adapter_answers_the_bare_model_name_and_base_asks_for_none(

@@ -482,6 +482,75 @@ def sha_of(tar: Path, expected: str) -> str:
     return expected
 
 
+# Prompts of 2 to 40-odd tokens on the tiny model's tokenizer.
+MIXED = [
+    "def ",
+    "class Template(object):\n    x = 1",
+    "import os\n",
+    "    return sorted(set(items), key=len)[:10]",
+]
+
+
+@pytest.mark.parametrize("mode", ["continuous", "cohort", "none"])
+def test_concurrent_greedy_requests_of_different_lengths_answer_as_they_do_alone_in_every_batching_mode(
+    start: Callable[..., ThreadedServer], genai_dir: Path, mode: str
+) -> None:
+    import onnxruntime_genai as og
+
+    server = start(lm_batching=mode)
+    tok = og.Tokenizer(str(genai_dir))
+    alone = [raw_greedy(genai_dir, [int(t) for t in tok.encode(p)], 16) for p in MIXED]
+
+    def complete(prompt: str) -> list[int]:
+        body = {"text_input": prompt, "parameters": {"max_tokens": 16, "temperature": 0, "details": True}}
+        r = httpx.post(f"{server.url}/v2/models/tiny/generate", json=body, timeout=60).json()
+        return [t["id"] for t in r["details"]["logprobs"]]
+
+    results: dict[int, list[int]] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, complete(MIXED[i % 4]))) for i in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(8):
+        served, reference = results[i], alone[i % 4]
+        assert served == reference[: len(served)], (i, served, reference)
+        assert len(served) == 16 or served[-1] == 2  # all 16, or stopped at <|im_end|>
+
+
+def test_requests_of_different_prompt_lengths_share_decode_steps_and_join_a_running_batch(
+    start: Callable[..., ThreadedServer],
+) -> None:
+    server = start(delay_ms=10.0)  # 400 tokens take 4 s or more: the later requests join it
+    assert server.server is not None
+    scheduler = server.server.rest.generation.schedulers["tiny"]
+    decoder = scheduler.decoder
+    assert scheduler.batching == "continuous" and decoder is not None
+    widths: list[tuple[int, tuple[int, ...]]] = []  # (rows, their lengths) of every decode step
+    step = decoder.step
+
+    def recording(tokens: Any) -> Any:
+        widths.append((len(tokens), tuple(decoder.lengths)))
+        return step(tokens)
+
+    decoder.step = recording  # type: ignore[method-assign]
+    first = _send(server, {"model": "tiny", "prompt": MIXED[3], "max_tokens": 400, "temperature": 0})
+    try:
+        _wait_running(server, 1)
+        later = [
+            client(server).completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0)
+            for p in MIXED[:3]
+        ]
+    finally:
+        first.close()
+    assert [r.usage.completion_tokens for r in later if r.usage] == [8, 8, 8]
+    shared = [lengths for rows, lengths in widths if rows >= 2]
+    assert shared, "no decode step ran two requests at once"
+    assert any(len(set(lengths)) == len(lengths) for lengths in shared)  # rows of different lengths, one step
+
+
 def test_an_xz_packed_model_cut_mid_download_resumes_verifies_pins_unpacks_and_answers_as_the_directory(
     genai_dir: Path, tmp_path: Path
 ) -> None:
