@@ -17,7 +17,7 @@ GGUF's size with budgeting.py, calibrated on CALIB_MODULES (sensitivity and the 
 samples.
 
     .venv/bin/python bench/compress/bench_lm.py [--threads 1] [--new-tokens 64] [--json out.json]
-        [--parts builds,gguf,budget,llama]
+        [--parts builds,gguf,budget,llama] [--transcode-accuracy 4,1]
 """
 
 from __future__ import annotations
@@ -151,6 +151,11 @@ def main(argv: list[str]) -> None:
         "--budget-bases", default="rtn,k_quant,imatrix", help="the int4 algorithms the budget rows start from"
     )
     parser.add_argument(
+        "--transcode-accuracy",
+        default=str(transcoding.ACCURACY_LEVEL),
+        help="comma-separated MatMulNBits accuracy levels for the transcoded GGUF rows (4: int8 activations, 1: fp32)",
+    )
+    parser.add_argument(
         "--model",
         choices=("tiny", "bench"),
         default="tiny",
@@ -229,16 +234,20 @@ def main(argv: list[str]) -> None:
         for i, (precision, name, options) in enumerate(builds if "builds" in parts else []):
             out = building.build(hf_dir, work / f"b{i}", precision, options, imatrix=imatrix)  # type: ignore[arg-type]
             kiri(name, out, "hf")
-        for q, label, mins_form in (
-            ("Q4_0", "", True),
-            ("Q4_1", "", True),
-        ):
-            if "gguf" not in parts:
-                break
-            precision, options = transcoding.plan_for({})
-            out = building.build(hf_dir, work / f"t-{q}-{mins_form}", precision, options)  # type: ignore[arg-type]
-            transcoding.transcode(ggufs[q], out, mins_form=mins_form)
-            kiri(f"Kiri {q} transcoded{label}", out, f"gguf {q}", gguf_bytes=ggufs[q].stat().st_size)
+        levels = [int(a) for a in args.transcode_accuracy.split(",")]
+        for q in ("Q4_0", "Q4_1"):
+            for level in levels if "gguf" in parts else []:
+                precision, options = transcoding.plan_for({})
+                out = building.build(hf_dir, work / f"t-{q}-{level}", precision, options)  # type: ignore[arg-type]
+                transcoding.transcode(ggufs[q], out, accuracy_level=level)
+                label = "" if levels == [transcoding.ACCURACY_LEVEL] else f" acc{level}"
+                kiri(
+                    f"Kiri {q} transcoded{label}",
+                    out,
+                    f"gguf {q}",
+                    gguf_bytes=ggufs[q].stat().st_size,
+                    accuracy_level=level,
+                )
 
         if "budget" in parts and q4km.exists():
             budget = q4km.stat().st_size

@@ -213,6 +213,39 @@ def test_a_gguf_is_carried_over_without_requantizing_and_gated(
     assert v.size_bytes <= gguf.stat().st_size  # no larger than the GGUF it came from, tokenizer included
 
 
+def test_a_gguf_gate_that_int8_activations_miss_is_met_by_the_float32_transcoding_before_any_requantizing(
+    tiny_llama_dir: Path, eval_jsonl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Accuracy level 4 rounds activations to int8 (KL ~1e-4 against the dequantised GGUF here); a gate below
+    that gets the same blocks at accuracy level 1 (float32, KL < 1e-6), not a re-quantized model."""
+    import onnx
+
+    from kiri_runtime.compressing.lm import packing
+    from lm_fixture import tiny_gguf
+
+    gguf = tiny_gguf(tiny_llama_dir, tmp_path / "tiny-Q4_1.gguf", "Q4_1")
+    rc, _ = compress(
+        capsys, "--source", str(gguf), "--format", "gguf", "--out", str(tmp_path / "o"), "--eval-data",
+        str(eval_jsonl), "--variant", "int4", "--gate", "kl.mean<=0.00001",
+    )  # fmt: skip
+    assert rc == 0
+    (v,) = manifests.load(tmp_path / "o").variants
+    assert v.accepted, v.reason
+    assert [(c.options.get("transcode"), c.options.get("accuracyLevel"), c.passed) for c in v.search] == [
+        (True, 4, False),
+        (True, 1, True),
+    ]
+    assert v.options.get("accuracyLevel") == 1
+    assert v.generative is not None and v.generative.kl_mean <= 0.00001
+    assert v.search[0].generative is not None and v.search[0].generative.kl_mean > 0.00001
+    assert v.size_bytes is not None and v.size_bytes <= gguf.stat().st_size and v.uri is not None
+    model_dir = packing.unpack(tmp_path / "o" / v.uri, tmp_path / "variant")
+    graph = onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15  # 2 layers x 7 projections + lm_head, every one at float32 compute
+    assert all(a.i == 1 for n in nodes for a in n.attribute if a.name == "accuracy_level")
+
+
 def test_a_size_budget_is_respected_and_filled_with_the_most_sensitive_projections_at_8_bits(
     first_run: tuple[Path, manifests.Manifest],
     tiny_llama_dir: Path,

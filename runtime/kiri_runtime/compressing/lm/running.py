@@ -182,9 +182,14 @@ FOUR_BIT_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 EIGHT_BIT_TYPES = frozenset({"Q8_0", "Q6_K"})  # Q6_K is carried as 8-bit blocks of 16
 
 
-def transcode_plan(spec: VariantSpec, src: Any) -> tuple[str, dict[str, Any]] | None:
+def transcode_plan(spec: VariantSpec, src: Any) -> tuple[str, list[dict[str, Any]]] | None:
     """A GGUF whose quantized blocks fit this method is carried over before anything is re-quantized: int4 when
-    it has 4-bit projections, int8 when all its carried projections are 8-bit. (precision to build, options)."""
+    it has 4-bit projections, int8 when all its carried projections are 8-bit. (precision to build, candidates).
+
+    Two transcoded candidates, same bytes: MatMulNBits at accuracy level 4 (int8 activations, fast), then at 1
+    (float32: the GGUF's own function, about half the decode speed at 41.7M parameters) for a gate that the
+    activations' rounding misses, before the ladder re-quantizes anything. An `accuracyLevel` the variant
+    gives is the one candidate's."""
     if src.format != "gguf" or src.gguf_path is None or spec.method not in ("int4", "int8"):
         return None
     from kiri_runtime.compressing.lm import transcoding
@@ -194,7 +199,12 @@ def transcode_plan(spec: VariantSpec, src: Any) -> tuple[str, dict[str, Any]] | 
     if not fits:
         return None
     precision, options = transcoding.plan_for(src.gguf_tensor_types)
-    return precision, {**dict(options), "transcode": True}
+    planned = {**dict(options), "transcode": True}
+    given = spec.options.get("accuracyLevel")
+    if given is not None:
+        return precision, [{**planned, "accuracyLevel": given}]
+    exact = {**planned, "accuracyLevel": transcoding.EXACT_ACCURACY_LEVEL}
+    return precision, [planned, exact]
 
 
 def _variant(
@@ -242,7 +252,8 @@ def _variant(
         if options.get("transcode"):
             from kiri_runtime.compressing.lm import transcoding
 
-            t = transcoding.transcode(src.gguf_path, out)
+            level = opts.get("accuracyLevel", transcoding.ACCURACY_LEVEL)
+            t = transcoding.transcode(src.gguf_path, out, accuracy_level=level)
             extra["transcoded"] = {
                 "tensors": t.tensors,
                 "byType": dict(t.by_type),
@@ -257,7 +268,7 @@ def _variant(
         extra["artifact"] = {"sha256": sha, "unpackedBytes": dir_size(out)}
         return tuning.Outcome(path=out, fidelity=fid, size_bytes=size, extra=extra)
 
-    first = [plan[1]] if plan is not None else []
+    first = plan[1] if plan is not None else []
     budget_record: dict[str, Any] = {}
 
     def budgeted() -> dict[str, Any] | None:

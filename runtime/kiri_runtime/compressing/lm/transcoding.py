@@ -69,6 +69,13 @@ PROJECTIONS = {
     "ffn_down": "mlp/down_proj",
 }
 ACCURACY_LEVEL = 4
+"""MatMulNBits' compute type for a transcoded variant: 4 (activations quantized to int8 per block, as llama.cpp's
+q8 dot products). bench_lm.py, same run against llama.cpp on the same files (docs/benchmarks.md): accuracy 1
+(float32) lowers KL on the tiny trained model (Q4_0 0.01524 vs 0.01539 at 4, llama.cpp 0.01537) but not on the
+41.7M model (Q4_0 0.01380 vs 0.01378, llama.cpp 0.01378), where it decodes at about half the speed (Q4_1 206 vs 334
+tok/s, llama.cpp 343). So 4 stays the default and 1 is the next candidate when a gate asks for more (running.py)."""
+EXACT_ACCURACY_LEVEL = 1
+"""float32 compute: the GGUF's weights to float rounding (KL < 1e-6 against the dequantised model)."""
 _GGUF_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 _SUFFIX = re.compile(r"_Q\d+$")
 
@@ -103,6 +110,7 @@ def plan_for(tensor_types: Mapping[str, str]) -> tuple[str, dict[str, Any]]:
             "int8Embeddings": True,
             "embeddingBits": 32,  # the float Gather that transcode replaces with the GGUF's embedding blocks
             "halfScales": False,  # transcode writes float32 scales, then stores those float16 holds exactly as such
+            "accuracyLevel": ACCURACY_LEVEL,  # transcode sets it on every node it rewrites; the manifest records it
         },
     )
 
