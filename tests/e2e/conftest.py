@@ -269,6 +269,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         # Real-node tests run by default (`make test`); only an explicit KIRI_REAL_NODES=0 leaves them out.
         if item.get_closest_marker("real_nodes") and os.environ.get("KIRI_REAL_NODES") == "0":
             item.add_marker(pytest.mark.skip(reason="real-node test left out by KIRI_REAL_NODES=0"))
+    # Real-node tests last: a module that finds real nodes joined keeps them, and they carry edge labels,
+    # while every kwok test expects the kwok edge fleet alone.
+    # A stable partition keeps each module's tests together for its module fixture.
+    items[:] = [i for i in items if not i.get_closest_marker("real_nodes")] + [
+        i for i in items if i.get_closest_marker("real_nodes")
+    ]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
