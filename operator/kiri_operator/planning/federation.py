@@ -87,16 +87,30 @@ def _labels(owner: B.Owner, role: str) -> dict[str, str]:
     return {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROLE: role}
 
 
-def _container(
-    spec: ModelDeploymentSpec, name: str, command: list[str], mounts: list[dict[str, Any]]
+def container(
+    spec: ModelDeploymentSpec,
+    name: str,
+    command: list[str],
+    mounts: list[dict[str, Any]],
+    *,
+    args: list[str] | None = None,
+    flower_env: bool = True,
 ) -> dict[str, Any]:
+    """A learning container: the compressor image, sized as the cloud tier, locked down (the SuperLink,
+    the SuperNodes and the round Job's steps alike). `flower_env`: Flower's homes under /tmp."""
     resources = {"cpu": spec.cloud.resources.cpu, "memory": spec.cloud.resources.memory}
-    return {
+    out: dict[str, Any] = {
         "name": name,
         "image": spec.runtime.compressor_image,
         "imagePullPolicy": spec.runtime.image_pull_policy,
         "command": command,
-        "env": list(_ENV),
+    }
+    if args is not None:
+        out["args"] = args
+    if flower_env:
+        out["env"] = list(_ENV)
+    return {
+        **out,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "securityContext": B.container_security(),
         "volumeMounts": mounts,
@@ -145,9 +159,9 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
         {"name": "tmp", "mountPath": "/tmp"},
         B.api_token_mount(),  # the ServerApp writes the privacy ledger ConfigMap before it aggregates
     ]
-    container = _container(spec, "superlink", command, mounts)
-    container["ports"] = [{"name": "fleet", "containerPort": FLEET_PORT}]
-    container["readinessProbe"] = {"tcpSocket": {"port": FLEET_PORT}, "periodSeconds": 5}
+    link = container(spec, "superlink", command, mounts)
+    link["ports"] = [{"name": "fleet", "containerPort": FLEET_PORT}]
+    link["readinessProbe"] = {"tcpSocket": {"port": FLEET_PORT}, "periodSeconds": 5}
     pod = B.pod_identity(
         spec,
         service_account,
@@ -155,7 +169,7 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
             "automountServiceAccountToken": False,
             "nodeSelector": dict(spec.cloud.node_selector),
             "tolerations": B.tolerations(spec.cloud.tolerations),
-            "containers": [container],
+            "containers": [link],
             "volumes": [
                 {"name": "tls", "secret": {"secretName": tls_secret_name(owner.name), "defaultMode": 0o440}},
                 store.volume,
@@ -206,7 +220,7 @@ def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str,
             "automountServiceAccountToken": False,
             "nodeSelector": {**spec.edge.node_selector, learning.site_label: site},
             "tolerations": B.tolerations(spec.edge.tolerations),
-            "containers": [_container(spec, "supernode", command, mounts)],
+            "containers": [container(spec, "supernode", command, mounts)],
             "volumes": [
                 {"name": "site-data", "hostPath": {"path": learning.site_data_path, "type": "File"}},
                 # Only the CA: a SuperNode can check the SuperLink, it cannot pretend to be it.

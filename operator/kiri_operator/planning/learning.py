@@ -177,17 +177,7 @@ def _local(uri: str, mount: str, name: str) -> tuple[str, list[dict[str, Any]], 
 def _container(
     spec: ModelDeploymentSpec, name: str, args: list[str], mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    resources = {"cpu": spec.cloud.resources.cpu, "memory": spec.cloud.resources.memory}
-    return {
-        "name": name,
-        "image": spec.runtime.compressor_image,
-        "imagePullPolicy": spec.runtime.image_pull_policy,
-        "command": ["kiri"],
-        "args": args,
-        "resources": {"requests": dict(resources), "limits": dict(resources)},
-        "securityContext": B.container_security(),
-        "volumeMounts": mounts,
-    }
+    return F.container(spec, name, ["kiri"], mounts, args=args, flower_env=False)
 
 
 def _job(name: str, labels: dict[str, str], pod: dict[str, Any], deadline: int) -> dict[str, Any]:
