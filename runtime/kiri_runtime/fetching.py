@@ -114,7 +114,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _write(fh: IO[bytes], chunk: bytes) -> None:
-    fh.write(chunk)
+    # `fh` is unbuffered, so a full disk raises here, in `Fetcher._write`, never later from a flush at close;
+    # an unbuffered write may also take only part of the chunk.
+    view = memoryview(chunk)
+    while view:
+        view = view[fh.write(view) :]
 
 
 def tls_verify(env: dict[str, str]) -> ssl.SSLContext | bool:
@@ -256,7 +260,7 @@ class ArtifactFetcher:
         if not source.is_file():
             raise FetchError(f"artifact {source} does not exist")
         self._check_space(partial, source.stat().st_size)
-        with source.open("rb") as src, partial.open("wb") as dst:
+        with source.open("rb") as src, partial.open("wb", buffering=0) as dst:
             while chunk := src.read(_CHUNK):
                 self._write(dst, chunk, partial)
 
@@ -364,7 +368,7 @@ class ArtifactFetcher:
             if remaining is not None:
                 self._check_space(partial, remaining)
             received = 0
-            with partial.open("ab" if offset else "wb") as fh:
+            with partial.open("ab" if offset else "wb", buffering=0) as fh:
                 for chunk in reply.iter_bytes():  # unbuffered: a cut keeps every byte received
                     self._write(fh, chunk, partial)
                     received += len(chunk)
