@@ -161,6 +161,18 @@ class Cluster:
                 message=f"node {name} did not become {'Ready' if ready else 'NotReady'}",
             )
 
+    def wait_crd_established(self, name: str, timeout: float = 60) -> None:
+        """Wait for a CRD's Established condition by polling it. `kubectl wait --for=condition=Established` fails at
+        once ("status.conditions accessor error: <nil>") when it reads a just-created CRD before the API server's
+        establishing controller has written any condition: CI hit that race."""
+
+        def established() -> bool:
+            crd = self.get_json("crd", name)
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            return any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions)
+
+        self.wait_for(established, timeout=timeout, message=f"CRD {name} to be Established")
+
     @staticmethod
     def wait_for(
         predicate: Callable[[], T], timeout: float = 60, interval: float = 0.5, message: str = "condition"

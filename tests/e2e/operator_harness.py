@@ -151,7 +151,7 @@ def crd(cluster: Cluster) -> None:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds" / "modeldeployment.yaml")
     )
-    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.kiri.dev", "--timeout=60s")
+    cluster.wait_crd_established("modeldeployments.kiri.dev")
 
 
 def get_md(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ def crd_installed(cluster: Cluster) -> Cluster:
     cluster.kubectl(
         "apply", "--server-side", "--force-conflicts", "--field-manager=kiri-e2e-api", "-f", str(CRD_FILE)
     )
-    cluster.kubectl("wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s")
+    cluster.wait_crd_established(CRD_NAME)
     return cluster
 
 

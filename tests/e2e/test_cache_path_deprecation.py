@@ -14,7 +14,7 @@ MD = "modeldeployment.kiri.dev"
 
 def _crd(cluster: Cluster, path: str) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", path)
-    cluster.kubectl("wait", "--for=condition=Established", "crd/modeldeployments.kiri.dev", "--timeout=60s")
+    cluster.wait_crd_established("modeldeployments.kiri.dev")
 
 
 def _patch(cluster: Cluster, namespace: str, kind: str, patch: str) -> str:

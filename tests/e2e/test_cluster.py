@@ -267,9 +267,7 @@ def test_crd_cel_rule_rejects_a_bad_object_with_the_api_servers_message(
     }
     cluster.apply(crd)
     try:
-        cluster.kubectl(
-            "wait", f"crd/widgets.{group}", "--for=condition=Established", "--timeout=30s", timeout=40
-        )
+        cluster.wait_crd_established(f"widgets.{group}", timeout=30)
 
         def widget(name: str, lo: Any, hi: Any) -> dict[str, Any]:
             return {
