@@ -180,7 +180,13 @@ PROBE_WINDOW_SECONDS = B.READY_PERIOD * B.READY_FAILURES + 15
 EVENT_LIST_SECONDS = 10.0
 """How old a namespace's view of one Event reason may be (`NamespaceEvents`). Probe Events are asked for
 only while a serving pod runs not ready with no reason on the pod object; FailedCreate only while a child
-is short of pods."""
+is short of pods; both only once that has lasted EVENT_GRACE_SECONDS."""
+EVENT_GRACE_SECONDS = 10.0
+"""How long a child stays short of pods, or a serving pod runs not ready saying nothing, before the operator
+reads Events about it (`Lingering`). In a rollout pods come and turn ready within seconds, while a refusal or
+a failing probe lasts. Each read is a LIST that scans every Event of the namespace (thousands mid-rollout at
+scale): reading them for every passing shortfall loaded the API server enough to slow every other call of a
+1,000-node rollout."""
 
 
 def _event_time(ev: Mapping[str, Any]) -> datetime | None:
@@ -240,6 +246,34 @@ class NamespaceEvents:
         return events
 
 
+class Lingering:
+    """Since when each thing of a ModelDeployment has been in some state, as seen by this operator: which of
+    them have been in it for at least `grace` seconds. Memory only: after a restart the grace starts again,
+    which delays a reason by `grace`, never loses it (the state and the level-based reconcile remain)."""
+
+    def __init__(
+        self, grace: float = EVENT_GRACE_SECONDS, monotonic: Callable[[], float] | None = None
+    ) -> None:
+        self.grace = grace
+        self._monotonic = monotonic or (lambda: time.monotonic())
+        self._since: dict[Key, dict[tuple[str, str], float]] = {}
+
+    def lingering(self, key: Key, now_in_state: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of `now_in_state` (the things in the state now), those in it for `grace` seconds at least; what is
+        no longer in the state is forgotten."""
+        now = self._monotonic()
+        before = self._since.get(key, {})
+        since = {thing: before.get(thing, now) for thing in now_in_state}
+        if since:
+            self._since[key] = since
+        else:
+            self._since.pop(key, None)
+        return {thing for thing, at in since.items() if now - at >= self.grace}
+
+    def forget(self, key: Key) -> None:
+        self._since.pop(key, None)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -262,6 +296,8 @@ class Reconciler:
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
         self._status_written_at: dict[Key, float] = {}
         self.events = NamespaceEvents(kube)
+        self._short_of_pods = Lingering()
+        self._silently_unready = Lingering()
         self._secrets_made: set[tuple[str, str, str]] = set()
 
     def reconcile(self, key: Key) -> Outcome:
@@ -283,6 +319,8 @@ class Reconciler:
             # Children carry owner references: the garbage collector removes them with their owner.
             metrics.set_nodes(key[0], key[1], {})
             self._status_written_at.pop(key, None)
+            self._short_of_pods.forget(key)
+            self._silently_unready.forget(key)
             return Outcome()
         now = self.clock.now()
         try:
@@ -299,7 +337,7 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
-        if refusals := self._pod_refusals(observed):
+        if refusals := self._pod_refusals(key, observed):
             observed = replace(observed, pod_refusals=refusals)
         observed = self._with_probe_reasons(key, observed)
         server_clock = getattr(self.kube, "server_clock", None)
@@ -327,18 +365,23 @@ class Reconciler:
         )
         return self._apply(key, md, observed.status, p)
 
-    def _pod_refusals(self, observed: Observed) -> dict[tuple[str, str], str]:
-        """Why the children short of pods are short, from their namespace's FailedCreate Events."""
+    def _pod_refusals(self, key: Key, observed: Observed) -> dict[tuple[str, str], str]:
+        """Why the children short of pods for EVENT_GRACE_SECONDS are short, from their namespace's
+        FailedCreate Events."""
         out: dict[tuple[str, str], str] = {}
-        for child in pods_missing(observed):
+        missing = pods_missing(observed)
+        lingering = self._short_of_pods.lingering(key, [(c.kind, c.name) for c in missing])
+        for child in missing:
+            if (child.kind, child.name) not in lingering:
+                continue
             events = self.events.about(observed.namespace, "FailedCreate", child.kind, {child.name})
             if (message := pod_security_refusal(child, events)) is not None:
                 out[(child.kind, child.name)] = message
         return out
 
     def _with_probe_reasons(self, key: Key, observed: Observed) -> Observed:
-        """The serving pods that run not ready and say nothing on the pod object get the reason their
-        readiness probe printed into the kubelet's Events (`NamespaceEvents`: one LIST per namespace at most
+        """The serving pods that have run not ready for EVENT_GRACE_SECONDS and say nothing on the pod object
+        get the reason their readiness probe printed into the kubelet's Events (`NamespaceEvents`: one LIST per namespace at most
         every EVENT_LIST_SECONDS; between reads the last answer stands)."""
         silent = [
             p
@@ -348,6 +391,8 @@ class Reconciler:
             and p.phase == "Running"
             and p.component in (L.COMPONENT_CLOUD, L.COMPONENT_EDGE)
         ]
+        lingering = self._silently_unready.lingering(key, [("Pod", p.name) for p in silent])
+        silent = [p for p in silent if ("Pod", p.name) in lingering]
         if not silent:
             return observed
         mine = self.events.about(observed.namespace, PROBE_EVENT_REASON, "Pod", {p.name for p in silent})

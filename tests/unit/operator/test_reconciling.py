@@ -348,6 +348,26 @@ def test_a_namespaces_failed_creates_are_listed_once_per_ttl_however_many_childr
     ]
 
 
+def test_only_what_lingers_past_the_grace_is_reported_and_what_recovers_starts_its_grace_again():
+    now = [100.0]
+    lingering = reconciling.Lingering(grace=10.0, monotonic=lambda: now[0])
+    a, b = ("DaemonSet", "a"), ("DaemonSet", "b")
+    assert lingering.lingering(("ns", "md"), [a]) == set()
+    now[0] = 105.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == set()
+    now[0] = 110.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == {a}
+    assert lingering.lingering(("ns", "other"), [a]) == set()  # each ModelDeployment its own
+    now[0] = 111.0
+    assert lingering.lingering(("ns", "md"), [b]) == set()  # a recovered: forgotten
+    now[0] = 115.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == {b}  # b since 105; a again since 115
+    now[0] = 125.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == {a, b}
+    lingering.forget(("ns", "md"))
+    assert lingering.lingering(("ns", "md"), [a, b]) == set()
+
+
 def _serving_pod(name: str, component: str, not_ready_since: str, ready: bool = False) -> dict[str, Any]:
     return {
         "metadata": {
@@ -397,6 +417,11 @@ def test_cloud_ready_quotes_the_readiness_probe_output_from_the_kubelets_event(m
         _probe_event("other-pod", "Readiness probe failed: not this pod's", "2026-12-06T10:00:40Z"),
     ]
     kube.calls.clear()
+    r.reconcile(("ns", "md"))
+    # Not ready for less than EVENT_GRACE_SECONDS as far as this operator has seen: no Events read yet.
+    assert ("events", "ns/*", "Unhealthy") not in kube.calls
+    assert _cloud_ready(cache)["message"] == "0/1 replicas ready"
+    clock[0] += reconciling.EVENT_GRACE_SECONDS
     r.reconcile(("ns", "md"))
     assert kube.calls.count(("events", "ns/*", "Unhealthy")) == 1
     cond = _cloud_ready(cache)
