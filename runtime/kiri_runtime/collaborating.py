@@ -23,6 +23,17 @@ Modes (`--collaboration`, per deployment; a request may choose another with the 
   what int4 noise flips.
   Past it the uncertain token is not emitted: the cloud continues from the prefix (`/v1/completions` on the token
   ids) for `cloud_tokens` tokens (0: to the end), then the edge takes over again.
+  The uncertainty misses some int4 flips (a confident edge token that is not the cloud's), and after one the rest
+  of the answer diverges. `--cascade-check` (`kiri.cascade_check`): `off` streams edge tokens as they come, as
+  above. `handoffs` holds them until the next hand-off and sends them in the hand-off's one call: the verify
+  call with `max_tokens` = the hand-off's cloud tokens, which scores the held span and continues after it in one
+  request and one prefill. Each held token stands while the cloud agrees (greedy: its argmax; sampling: the
+  rejection rule, as `speculative`); the first it refuses is replaced by the cloud's token, the call's
+  continuation is dropped (it followed the refused token) and the edge resumes after the replacement. A clean
+  span takes the continuation: as many round trips as `off`. `full` (the default) also checks the answer's tail
+  in one more call at its end: every edge token is checked, and under greedy decoding the answer is the cloud's
+  greedy answer (a speculative decoding whose drafts end where the edge is unsure). Checked tokens reach a
+  streaming client once checked, so `handoffs` and `full` stream in bursts.
 
 Hand-offs (reason constants below): the edge model not loaded (`not_ready`) or at its limit (`overloaded`) sends
 the whole request to the cloud, as for tensor models (fallback.py); the cloud failing mid-answer
@@ -31,7 +42,9 @@ the whole request to the cloud, as for tensor models (fallback.py); the cloud fa
 Every answer's `usage` carries `kiri`: the mode, tokens per tier (`edge_tokens`: tokens the edge model produced
 that the answer kept, accepted drafts included; `cloud_tokens`: the cloud's own), `cloud_passes` (cloud forward
 passes: a verify is one, a continuation of n tokens n), `cloud_requests`, `draft_tokens`, `accepted_tokens`,
-`handoffs` and `handoff_reason` (the last: a cascade whose
+`checked_tokens` and `corrected_tokens` (cascade: edge tokens the cloud checked, and those it replaced: a
+replaced token counts as the cloud's, the held tokens after it as nobody's), `handoffs` and `handoff_reason`
+(the last: a cascade whose
 hand-off found the cloud down says `cloud_unavailable`). Metrics (vLLM's spec-decode names with the kiri: prefix):
 
 | name | type | labels | meaning |
@@ -40,6 +53,8 @@ hand-off found the cloud down says `cloud_unavailable`). Metrics (vLLM's spec-de
 | `kiri:collab_tokens_total` | counter | model, tier | answer tokens by the tier that produced them (`edge`, `cloud`) |
 | `kiri:collab_handoffs_total` | counter | model, reason | hand-offs: `uncertainty`, `not_ready`, `overloaded`, `cloud_unavailable` |
 | `kiri:collab_cloud_passes_total` | counter | model | cloud forward passes (cloud passes per token: over `collab_tokens_total`) |
+| `kiri:collab_cascade_checked_tokens_total` | counter | model | cascade edge tokens the cloud checked |
+| `kiri:collab_cascade_corrected_tokens_total` | counter | model | cascade edge tokens the cloud replaced |
 | `kiri:spec_decode_num_drafts_total` | counter | model | verify rounds |
 | `kiri:spec_decode_num_draft_tokens_total` | counter | model | draft tokens sent |
 | `kiri:spec_decode_num_accepted_tokens_total` | counter | model | draft tokens accepted (acceptance rate: over draft tokens) |
