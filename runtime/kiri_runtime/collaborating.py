@@ -137,7 +137,10 @@ class CollabMetrics:
             "kiri:spec_decode_num_accepted_tokens", "Accepted draft tokens.", ["model"], registry=r
         )
         self.checked_tokens = Counter(
-            "kiri:collab_cascade_checked_tokens", "Cascade edge tokens the cloud checked.", ["model"], registry=r
+            "kiri:collab_cascade_checked_tokens",
+            "Cascade edge tokens the cloud checked.",
+            ["model"],
+            registry=r,
         )
         self.corrected_tokens = Counter(
             "kiri:collab_cascade_corrected_tokens",
@@ -367,7 +370,9 @@ class Collaborator:
         window: collections.deque[float] = collections.deque(maxlen=run.options.cascade_window)
         metric = self.config.cascade_metric
         held: list[int] = []  # edge tokens not yet checked (check on)
-        held_probs: list[np.ndarray] = []  # their edge distributions (sampling: the rejection rule needs them)
+        held_probs: list[
+            np.ndarray
+        ] = []  # their edge distributions (sampling: the rejection rule needs them)
         while not run.emitter.done:
             if session is None:
                 session = await asyncio.to_thread(self._session, run)

@@ -159,7 +159,9 @@ class Report:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     checked_tokens: int = 0  # cascade: edge tokens the cloud checked
-    corrected_tokens: int = 0  # cascade: edge tokens the cloud replaced (each ends its check; the rest is dropped)
+    corrected_tokens: int = (
+        0  # cascade: edge tokens the cloud replaced (each ends its check; the rest is dropped)
+    )
     handoffs: int = 0
     handoff_reason: str | None = None
 
@@ -179,7 +181,9 @@ class Verdict:
     draft_logprobs: list[float]  # the cloud's log-probability of each draft token
     next_token: int  # what the cloud generated after the whole draft
     seconds: float = 0.0
-    continuation: list[int] = field(default_factory=list)  # all it generated after the draft (next_token first)
+    continuation: list[int] = field(
+        default_factory=list
+    )  # all it generated after the draft (next_token first)
     finished: bool = False  # the continuation ended on its own (eos, a stop token or string)
 
 
