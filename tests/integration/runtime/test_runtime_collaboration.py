@@ -203,6 +203,8 @@ def test_speculative_at_concurrency_four_and_cloud_only_give_the_same_text_as_cl
             "cloud_requests": 1,
             "draft_tokens": 0,
             "accepted_tokens": 0,
+            "checked_tokens": 0,
+            "corrected_tokens": 0,
             "handoffs": 0,
             "handoff_reason": None,
         }
@@ -584,6 +586,8 @@ def test_an_edge_whose_model_is_not_loaded_has_the_cloud_answer_with_the_reason(
         "cloud_requests": 1,
         "draft_tokens": 0,
         "accepted_tokens": 0,
+        "checked_tokens": 0,
+        "corrected_tokens": 0,
         "handoffs": 1,
         "handoff_reason": "not_ready",
     }
