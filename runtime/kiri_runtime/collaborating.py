@@ -369,10 +369,9 @@ class Collaborator:
         continuation), and with `full` at the answer's end too."""
         window: collections.deque[float] = collections.deque(maxlen=run.options.cascade_window)
         metric = self.config.cascade_metric
-        held: list[int] = []  # edge tokens not yet checked (check on)
-        held_probs: list[
-            np.ndarray
-        ] = []  # their edge distributions (sampling: the rejection rule needs them)
+        # edge tokens not yet checked (check on), and their distributions (sampling: the rejection rule needs them)
+        held: list[int] = []
+        held_probs: list[np.ndarray] = []
         while not run.emitter.done:
             if session is None:
                 session = await asyncio.to_thread(self._session, run)
