@@ -513,6 +513,47 @@ def test_a_checked_cascade_that_never_hands_off_is_checked_at_the_end_and_stream
     assert kiri["cloud_tokens"] == kiri["corrected_tokens"] == counts["corrected"]
 
 
+def test_a_checked_cascade_with_a_stop_string_ends_where_the_cloud_only_answer_ends(
+    edge: ThreadedServer,
+) -> None:
+    for prompt in PROMPTS:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "temperature": 0, "stop": ["\n"]}
+        ref = httpx.post(
+            f"{edge.url}/v1/completions", json={**body, "kiri": {"collaboration": "cloud-only"}}, timeout=120
+        ).json()
+        got = httpx.post(
+            f"{edge.url}/v1/completions",
+            json={**body, "kiri": {"collaboration": "cascade", "cascade_threshold": 0.96}},
+            timeout=120,
+        ).json()
+        assert got["choices"][0]["text"] == ref["choices"][0]["text"]
+        assert got["choices"][0]["finish_reason"] == ref["choices"][0]["finish_reason"]
+        kiri = got["usage"]["kiri"]
+        assert kiri["edge_tokens"] + kiri["cloud_tokens"] == got["usage"]["completion_tokens"]
+
+
+def test_a_sampled_checked_cascade_checks_every_edge_token_it_keeps(edge: ThreadedServer) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": "def dedent(text):\n",
+        "max_tokens": 32,
+        "temperature": 0.8,
+        "top_k": 10,
+        "seed": 7,
+        "kiri": {"collaboration": "cascade", "cascade_threshold": 100.0},
+    }
+    answer = httpx.post(f"{edge.url}/v1/completions", json=body, timeout=120).json()
+    kiri = answer["usage"]["kiri"]
+    assert kiri["edge_tokens"] + kiri["cloud_tokens"] == answer["usage"]["completion_tokens"]
+    # no hand-off: the cloud's tokens are its replacements, each ending one check
+    assert kiri["handoffs"] == 0
+    assert kiri["cloud_tokens"] == kiri["corrected_tokens"]
+    # every check but one that ends the answer replaced a token (with no hand-off a check that keeps its whole
+    # span is the final one)
+    assert kiri["cloud_requests"] - kiri["corrected_tokens"] in (0, 1)
+    assert kiri["edge_tokens"] <= kiri["checked_tokens"]
+
+
 def test_speculative_metrics_count_drafts_accepted_tokens_tiers_and_cloud_passes(
     edge: ThreadedServer,
 ) -> None:
