@@ -45,19 +45,7 @@ passes: a verify is one, a continuation of n tokens n), `cloud_requests`, `draft
 `checked_tokens` and `corrected_tokens` (cascade: edge tokens the cloud checked, and those it replaced: a
 replaced token counts as the cloud's, the held tokens after it as nobody's), `handoffs` and `handoff_reason`
 (the last: a cascade whose
-hand-off found the cloud down says `cloud_unavailable`). Metrics (vLLM's spec-decode names with the kiri: prefix):
-
-| name | type | labels | meaning |
-|---|---|---|---|
-| `kiri:collab_requests_total` | counter | model, collaboration | generation requests by the mode that served them |
-| `kiri:collab_tokens_total` | counter | model, tier | answer tokens by the tier that produced them (`edge`, `cloud`) |
-| `kiri:collab_handoffs_total` | counter | model, reason | hand-offs: `uncertainty`, `not_ready`, `overloaded`, `cloud_unavailable` |
-| `kiri:collab_cloud_passes_total` | counter | model | cloud forward passes (cloud passes per token: over `collab_tokens_total`) |
-| `kiri:collab_cascade_checked_tokens_total` | counter | model | cascade edge tokens the cloud checked |
-| `kiri:collab_cascade_corrected_tokens_total` | counter | model | cascade edge tokens the cloud replaced |
-| `kiri:spec_decode_num_drafts_total` | counter | model | verify rounds |
-| `kiri:spec_decode_num_draft_tokens_total` | counter | model | draft tokens sent |
-| `kiri:spec_decode_num_accepted_tokens_total` | counter | model | draft tokens accepted (acceptance rate: over draft tokens) |
+hand-off found the cloud down says `cloud_unavailable`). Metrics: `metrics.CollabMetrics`.
 
 Edge work (draft steps, cascade steps) runs on worker threads, one onnxruntime-genai `Generator` per request kept
 across rounds (`rewind_to` drops rejected drafts), apart from the decode scheduler. Logprobs are not offered in
@@ -76,7 +64,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter
 
 from kiri_runtime.cloud_tier import CloudTier, CloudUnavailable
 from kiri_runtime.collaborations import (
@@ -102,52 +89,11 @@ from kiri_runtime.edge_sessions import EdgeSession, Emitter, pick
 from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle
 from kiri_runtime.generation_api import Job
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams
-from kiri_runtime.metrics import RuntimeMetrics
+from kiri_runtime.metrics import CollabMetrics, RuntimeMetrics
 
 log = logging.getLogger(__name__)
 
 EDGE_CHUNK = 16  # cascade: edge tokens per worker-thread hop (and per streamed delta)
-
-
-# --------------------------------------------------------------------------------------------- metrics
-
-
-class CollabMetrics:
-    def __init__(self, metrics: RuntimeMetrics) -> None:
-        r = metrics.registry
-        self.runtime = metrics
-        self.requests = Counter(
-            "kiri:collab_requests",
-            "Generation requests by collaboration mode.",
-            ["model", "collaboration"],
-            registry=r,
-        )
-        self.tokens = Counter("kiri:collab_tokens", "Answer tokens by tier.", ["model", "tier"], registry=r)
-        self.handoffs = Counter(
-            "kiri:collab_handoffs", "Hand-offs by reason.", ["model", "reason"], registry=r
-        )
-        self.cloud_passes = Counter(
-            "kiri:collab_cloud_passes", "Cloud forward passes.", ["model"], registry=r
-        )
-        self.drafts = Counter("kiri:spec_decode_num_drafts", "Verify rounds.", ["model"], registry=r)
-        self.draft_tokens = Counter(
-            "kiri:spec_decode_num_draft_tokens", "Draft tokens.", ["model"], registry=r
-        )
-        self.accepted_tokens = Counter(
-            "kiri:spec_decode_num_accepted_tokens", "Accepted draft tokens.", ["model"], registry=r
-        )
-        self.checked_tokens = Counter(
-            "kiri:collab_cascade_checked_tokens",
-            "Cascade edge tokens the cloud checked.",
-            ["model"],
-            registry=r,
-        )
-        self.corrected_tokens = Counter(
-            "kiri:collab_cascade_corrected_tokens",
-            "Cascade edge tokens the cloud replaced.",
-            ["model"],
-            registry=r,
-        )
 
 
 # --------------------------------------------------------------------------------------------- requests
