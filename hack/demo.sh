@@ -165,6 +165,9 @@ kubectl apply --server-side --force-conflicts -f crds/modeldeployment.yaml >/dev
 kubectl wait --for condition=established --timeout=60s crd/modeldeployments.kiri.dev >/dev/null
 kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl delete modeldeployment --all -n "$NS" --wait=true --timeout=60s >/dev/null
+# Earlier demos made the chat's pods themselves (label part-of=kiri-demo): gone, they would hold the real nodes.
+kubectl delete pods,services -n "$NS" -l app.kubernetes.io/part-of=kiri-demo --ignore-not-found --wait=true \
+  --timeout=60s >/dev/null
 echo "  CRD modeldeployments.kiri.dev applied; namespace $NS ready"
 
 # ------------------------------------------------------------------------------------------------------
