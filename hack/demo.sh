@@ -369,7 +369,7 @@ spec:
     evalDataUri: file://$DEMO_DIR/lm/eval.jsonl
   cloud:
     replicas: 1
-    resources: {cpu: 500m, memory: 1Gi, gpu: 0}
+    resources: {cpu: 500m, memory: 2Gi, gpu: 0}
     runtime: {threads: 1}
 $LM_CLOUD_PLACE
   edge:
