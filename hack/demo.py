@@ -316,32 +316,7 @@ def cmd_run_job(args: argparse.Namespace) -> int:
     if out_dir is None:
         print("  the Job has no `kiri compress` container", file=sys.stderr)
         return 1
-    release_real_job(args.namespace, name)
     return cmd_variants(argparse.Namespace(manifest=out_dir, label=args.label))
-
-
-def release_real_job(namespace: str, job: str) -> None:
-    """A Job whose pod landed on a real node (a language model's cloud tier placed there: the Job runs where the
-    cloud does) cannot start: the compressor image of language models needs torch, which hack/images.py cannot
-    install on these machines. Its containers ran here and the manifest is published, so the operator needs
-    the Job no more (it never recreates one for a published compression): delete it, freeing the node."""
-    real = {n["metadata"]["name"] for n in demo_real.real_nodes()}
-    pods = kubectl_json("get", "pods", "-n", namespace, "-l", f"job-name={job}")["items"]
-    on_real = [p for p in pods if p["spec"].get("nodeName") in real]
-    if not on_real:
-        return
-    pod = on_real[0]
-    statuses = [*pod["status"].get("initContainerStatuses", []), *pod["status"].get("containerStatuses", [])]
-    waiting = next(
-        (s["state"]["waiting"].get("reason") for s in statuses if "waiting" in s.get("state", {})), None
-    )
-    print(f"  its pod {pod['metadata']['name']} on the real node {pod['spec']['nodeName']} cannot start "
-          f"({waiting or pod['status'].get('phase')}: the LM compressor image needs torch, not installable here); "
-          f"the manifest is published, so the Job is deleted, freeing the node for the cloud tier")  # fmt: skip
-    subprocess.run(
-        ["kubectl", "delete", "job", job, "-n", namespace, "--cascade=foreground", "--wait=true", "--timeout=60s"],
-        capture_output=True, text=True, timeout=90, check=True,
-    )  # fmt: skip
 
 
 # ---- the rollout ------------------------------------------------------------------------------------

@@ -30,9 +30,10 @@
 #
 # Simulated nodes run no containers, so the compression Job's work runs here, as the same `kiri compress`
 # command with the arguments the operator put in the Job, and its manifest is published the way the Job's
-# second container does. The chat model's Job runs where its cloud tier does, on the real cloud node, where it
-# cannot start (the language-model compressor image needs torch, which these machines cannot install): it is
-# run here the same way and deleted once its manifest is published. Everything printed comes from real runs. Any failed step stops the demo with a
+# second container does. (The Jobs get no pod on any node, real or kwok: the standalone operator makes no
+# compressor ServiceAccount, so the Job controller's pod creation is refused; the chat model's Job would run on
+# the real cloud node, with its cloud tier, but the language-model compressor image needs torch, which these
+# machines cannot install.) Everything printed comes from real runs. Any failed step stops the demo with a
 # non-zero exit; the processes it started are stopped on exit. The control plane is left running for the
 # next run (`hack/cluster down` stops it).
 #
@@ -344,8 +345,8 @@ step "Generative act: a tiny LLaMA-family chat model trained here, as ModelDeplo
 demo lm-build --out "$DEMO_DIR/lm"
 LM_SHA="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1]))["sha256"])' "$DEMO_DIR/lm/model.json")"
 # The cloud tier serves the Job's fp32 onnxruntime-genai pack with `kiri serve`, which decodes on CPU: it asks no
-# GPU. With real nodes it is placed on the real cloud node (and so is the compression Job, which runs where the
-# cloud does: see `demo run-job`); the edge DaemonSet reaches the real edge node through its toleration.
+# GPU. With real nodes it is placed on the real cloud node; the edge DaemonSet reaches the real edge node through
+# its toleration.
 if ((REAL)); then
   LM_CLOUD_PLACE="    nodeSelector: {kiri.dev/tier: cloud, kiri.dev/node-kind: real}
     tolerations: [{key: kiri.dev/node-kind, operator: Equal, value: real, effect: NoSchedule}]"
