@@ -269,7 +269,88 @@ def cmd_chat(args: argparse.Namespace, record: Callable[[str, Any], None], table
     return 1 if failures else 0
 
 
+# ---- without real nodes: the operator's pods as host processes ------------------------------------------------
+
+
+def host_serve_args(
+    args: Sequence[str], port: int, cache_dir: str, cloud_url: str | None = None, threads: int = 1
+) -> list[str]:
+    """The `kiri serve` args the operator rendered into a pod, for a process on this host: its own address, cache
+    directory and thread count, and the cloud tier at `cloud_url` instead of the cloud Service (kwok nodes run
+    no containers, and a host process cannot resolve a Service name). Everything else (the model URI and
+    sha256, the variant, the collaboration flags) stays as the operator wrote it."""
+    replace = {
+        "--host": "127.0.0.1",
+        "--port": str(port),
+        "--cache-dir": cache_dir,
+        "--threads": str(threads),
+    }
+    if cloud_url is not None:
+        replace["--fallback-url"] = cloud_url
+    out, i = [], 0
+    while i < len(args):
+        flag = args[i]
+        if flag in replace and i + 1 < len(args):
+            out += [flag, replace.pop(flag)]
+            i += 2
+            continue
+        out.append(flag)
+        i += 1
+    if "--fallback-url" in replace:
+        raise ValueError(
+            f"no --fallback-url in {' '.join(args)}: the edge has no cloud tier to point at {cloud_url}"
+        )
+    for flag in ("--host", "--port", "--cache-dir", "--threads"):
+        if flag in replace:
+            out += [flag, replace.pop(flag)]
+    return out
+
+
+def rendered_serve_args(namespace: str, name: str, tier: str) -> list[str]:
+    """The `kiri serve` args of the ModelDeployment's cloud Deployment, or of its edge DaemonSet of the update
+    revision, as the operator applied them."""
+    import subprocess
+
+    def get(*what: str) -> Any:
+        proc = subprocess.run(
+            ["kubectl", "get", *what, "-n", namespace, "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"kubectl get {' '.join(what)}: {proc.stderr.strip()}")
+        return json.loads(proc.stdout)
+
+    if tier == "cloud":
+        obj = get("deployment", f"{name}-cloud")
+    else:
+        revision = get("modeldeployment", name).get("status", {}).get("updateRevision")
+        sel = f"kiri.dev/modeldeployment={name},app.kubernetes.io/component=edge,kiri.dev/revision={revision}"
+        items = get("daemonsets", "-l", sel)["items"]
+        if not items:
+            raise RuntimeError(f"no edge DaemonSet of {name} at revision {revision}")
+        obj = items[0]
+    (container,) = obj["spec"]["template"]["spec"]["containers"]
+    return list(container["args"])
+
+
+def cmd_lm_host_args(args: argparse.Namespace) -> int:
+    """One arg a line: `kiri <args>` runs the operator's `tier` pod of the chat model as a host process."""
+    rendered = rendered_serve_args(args.namespace, args.name, args.tier)
+    print("\n".join(host_serve_args(rendered, args.port, args.cache_dir, args.cloud_url)))
+    return 0
+
+
 def register(sub: Any, record: Callable[[str, Any], None], table: Callable[..., str]) -> None:
+    p = sub.add_parser("lm-host-args")
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--tier", choices=("edge", "cloud"), required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--cache-dir", required=True)
+    p.add_argument("--cloud-url", help="edge: the cloud process's URL, in place of the cloud Service")
+    p.set_defaults(fn=cmd_lm_host_args)
     p = sub.add_parser("lm-build")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=lambda a: cmd_lm_build(a, record))

@@ -2,12 +2,14 @@
 
     python hack/demo.py real-setup [--system-namespace NS]
     python hack/demo.py real-infer --namespace NS --name MD --requests FILE
+    python hack/demo.py lm-tiers --namespace NS --name MD
 
 `hack/cluster up --real-nodes 2` joins `kiri-real-0` and `kiri-real-1`, both labelled as edge nodes of the site
 `site-real` and tainted `kiri.dev/node-kind=real:NoSchedule` (hack/README.md). `real-setup` makes the first the one
 node of the edge site `lab`, which sorts before `site-a`, so it is the canary site of every rollout grouped by zone,
 and the second a cloud node (tier cloud, no site); it then installs the chart's node-cache CSI driver on the real
-edge node (edge pods mount their cache through it), as tests/e2e/test_real_node_cache.py does.
+edge node (edge pods mount their cache through it), as tests/e2e/test_real_node_cache.py does. `lm-tiers` finds
+the generative act's two tiers, the operator's own pods, on the two real nodes.
 """
 
 from __future__ import annotations
@@ -136,10 +138,11 @@ def cmd_real_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def real_edge_pod(namespace: str, name: str) -> dict[str, Any] | None:
-    sel = f"kiri.dev/modeldeployment={name},app.kubernetes.io/component=edge"
+def ready_pod(namespace: str, name: str, component: str, node: str) -> dict[str, Any] | None:
+    """A Ready pod of the ModelDeployment's `component` (edge or cloud) on `node`, or None."""
+    sel = f"kiri.dev/modeldeployment={name},app.kubernetes.io/component={component}"
     for pod in kubectl_json("get", "pods", "-n", namespace, "-l", sel)["items"]:
-        if pod["spec"].get("nodeName") != REAL_EDGE or pod["metadata"].get("deletionTimestamp"):
+        if pod["spec"].get("nodeName") != node or pod["metadata"].get("deletionTimestamp"):
             continue
         if any(
             c["type"] == "Ready" and c["status"] == "True"
@@ -157,7 +160,7 @@ def cmd_real_infer(
     import numpy as np
 
     deadline = time.monotonic() + args.timeout
-    while (pod := real_edge_pod(args.namespace, args.name)) is None:
+    while (pod := ready_pod(args.namespace, args.name, "edge", REAL_EDGE)) is None:
         if time.monotonic() > deadline:
             print(f"  no Ready edge pod of {args.name} on {REAL_EDGE} after {args.timeout}s", file=sys.stderr)
             return 1
@@ -219,100 +222,65 @@ def damage_variant(manifest_dir: Path, variant: str) -> None:
           f"says {entry['sha256'][:12]}...")  # fmt: skip
 
 
-RUNTIME_IMAGE = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"  # hack/images.py RUNTIME_REF
-RUNTIME_UID = 65532
+def _flag(args: list[str], flag: str) -> str | None:
+    return args[args.index(flag) + 1] if flag in args and args.index(flag) + 1 < len(args) else None
 
 
-def serve_pod(namespace: str, name: str, node: str, args: list[str]) -> dict[str, Any]:
-    """A pod of `kiri serve` on one real node, with the security context the operator gives its runtimes."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": name,
-                                                                       "app.kubernetes.io/part-of": "kiri-demo"}},
-        "spec": {
-            "nodeSelector": {"kubernetes.io/hostname": node},
-            "tolerations": [REAL_TOLERATION],
-            "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID,
-                                "fsGroup": RUNTIME_UID, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [
-                {
-                    "name": "kiri-serve",
-                    "image": RUNTIME_IMAGE,
-                    "imagePullPolicy": "Never",
-                    "command": ["kiri"],
-                    "args": ["serve", *args, "--host", "0.0.0.0", "--port", "8080", "--threads", "1",
-                             "--cache-dir", "/var/cache/kiri"],
-                    "ports": [{"name": "http", "containerPort": 8080}],
-                    "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
-                            {"name": "POD_NAMESPACE", "value": namespace}],
-                    "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
-                    "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8080}, "periodSeconds": 1},
-                    "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                                        "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
-                    "volumeMounts": [{"name": "cache", "mountPath": "/var/cache/kiri"},
-                                     {"name": "tmp", "mountPath": "/tmp"}],
-                }
-            ],
-            "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
-        },
-    }  # fmt: skip
-
-
-def cmd_lm_pods(args: argparse.Namespace) -> int:
-    """The chat model's two tiers as pods on the real nodes: the fp32 build on the real cloud node behind a Service,
-    the int4 variant on the real edge node in cascade mode, its cloud tier that Service by name. Both fetch their
-    model from the store over HTTP (`--store-url`, a host server on the cluster's host address) and check its
-    sha256. Prints the edge pod's URL last."""
-    manifest = json.loads((Path(args.manifest_dir) / "manifest.json").read_text())
-    rel = Path(args.manifest_dir).resolve().relative_to(Path(args.store_root).resolve())
-    base = f"{args.store_url.rstrip('/')}/{rel.as_posix()}"
-    int4 = next(v for v in manifest["variants"] if v["name"] == args.variant)
-    # Not `<name>-cloud`: that is the operator's own cloud Service of the ModelDeployment.
-    cloud, edge, ns = f"{args.name}-collab-cloud", f"{args.name}-collab-edge", args.namespace
-    common = ["--name", args.name, "--model-version", args.version]
-    objs: list[dict[str, Any]] = [
-        serve_pod(ns, cloud, REAL_CLOUD, [*common, "--model-uri", f"{base}/{manifest['model']['uri']}",
-                                          "--sha256", manifest["model"]["onnxSha256"], "--variant", "full"]),
-        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": cloud, "namespace": ns},
-         "spec": {"selector": {"app.kubernetes.io/name": cloud}, "ports": [{"name": "http", "port": 8080}]}},
-        serve_pod(ns, edge, REAL_EDGE, [*common, "--model-uri", f"{base}/{int4['uri']}", "--sha256", int4["sha256"],
-                                        "--variant", args.variant,
-                                        "--fallback-url", f"http://{cloud}.{ns}.svc:8080", "--collaboration",
-                                        "cascade", "--cascade-threshold", str(args.threshold)]),
-    ]  # fmt: skip
-    for obj in objs:
-        if obj["kind"] == "Pod":
-            _run(
-                "kubectl",
-                "delete",
-                "pod",
-                obj["metadata"]["name"],
-                "-n",
-                ns,
-                "--ignore-not-found",
-                "--wait=true",
+def cmd_lm_tiers(args: argparse.Namespace) -> int:
+    """The chat model's two tiers as the operator made them: the pod of its edge DaemonSet on the real edge node
+    (the int4 variant, `kiri serve --collaboration ...` with the cloud Service as its cloud tier) and the pod of
+    its cloud Deployment on the real cloud node (the Job's fp32 pack), both Ready, and the Service's endpoint
+    the cloud pod. Prints what it found (stderr) and the edge pod's URL last (stdout)."""
+    ns, name = args.namespace, args.name
+    deadline = time.monotonic() + args.timeout
+    while True:
+        edge = ready_pod(ns, name, "edge", REAL_EDGE)
+        cloud = ready_pod(ns, name, "cloud", REAL_CLOUD)
+        if edge is not None and cloud is not None:
+            break
+        if time.monotonic() > deadline:
+            missing = [f"{t} pod on {n}" for t, n, p in (("edge", REAL_EDGE, edge), ("cloud", REAL_CLOUD, cloud))
+                       if p is None]  # fmt: skip
+            pods = _run(
+                "kubectl", "get", "pods", "-n", ns, "-l", f"kiri.dev/modeldeployment={name}", "-o", "wide"
             )
-    _run("kubectl", "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
-    started = time.monotonic()
-    pods: dict[str, dict[str, Any]] = {}
-    while len(pods) < 2:
-        for name in (cloud, edge):
-            pod = kubectl_json("get", "pod", name, "-n", ns)
-            conds = pod.get("status", {}).get("conditions", [])
-            if any(c["type"] == "Ready" and c["status"] == "True" for c in conds):
-                pods[name] = pod
-        if time.monotonic() - started > args.timeout:
-            detail = _run("kubectl", "describe", "pods", "-n", ns, cloud, edge)
-            print(f"  chat pods not Ready after {args.timeout}s:\n{detail[-3000:]}", file=sys.stderr)
+            print(
+                f"  no Ready {' or '.join(missing)} of {name} after {args.timeout}s:\n{pods}", file=sys.stderr
+            )
             return 1
         time.sleep(1)
-    for name, pod in pods.items():
+    service = f"{name}-cloud"
+    (edge_c,) = edge["spec"]["containers"]
+    (cloud_c,) = cloud["spec"]["containers"]
+    fallback = _flag(edge_c["args"], "--fallback-url") or ""
+    mode = _flag(edge_c["args"], "--collaboration")
+    endpoints = kubectl_json("get", "endpoints", service, "-n", ns)
+    ips = [a["ip"] for s in endpoints.get("subsets") or [] for a in s.get("addresses") or []]
+    problems = []
+    if not fallback.startswith(f"http://{service}.{ns}.svc:"):
+        problems.append(f"the edge pod's cloud tier is {fallback or 'unset'}, not Service {service}")
+    if mode is None:
+        problems.append("the edge pod runs no collaboration mode (spec.edge.collaboration unset?)")
+    if cloud["status"]["podIP"] not in ips:
+        problems.append(
+            f"Service {service} has endpoints {ips}, not the cloud pod {cloud['status']['podIP']}"
+        )
+    if problems:
+        for p in problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+    for tier, pod, c in (("edge", edge, edge_c), ("cloud", cloud, cloud_c)):
+        owner = (pod["metadata"].get("ownerReferences") or [{}])[0]
         (status,) = pod["status"]["containerStatuses"]
-        print(f"  pod {name} on {pod['spec']['nodeName']}: Ready {time.monotonic() - started:.0f}s after apply, "
-              f"{status['containerID'][:25]}..., pod IP {pod['status']['podIP']}", file=sys.stderr)  # fmt: skip
-    print(f"http://{pods[edge]['status']['podIP']}:8080")
+        variant = pod["metadata"]["labels"].get("kiri.dev/variant") or _flag(c["args"], "--variant")
+        print(f"  {tier}: pod {pod['metadata']['name']} ({owner.get('kind', '?')} {owner.get('name', '?')}) on "
+              f"{pod['spec']['nodeName']}, variant {variant}, {status['containerID'][:25]}..., pod IP "
+              f"{pod['status']['podIP']}", file=sys.stderr)  # fmt: skip
+    threshold = _flag(edge_c["args"], "--cascade-threshold")
+    print(f"  the edge pod's kiri serve: --collaboration {mode}"
+          + (f" --cascade-threshold {threshold}" if threshold else "")
+          + f" --fallback-url {fallback} (Service {service} -> {', '.join(ips)})", file=sys.stderr)  # fmt: skip
+    print(f"http://{edge['status']['podIP']}:{edge_c['ports'][0]['containerPort']}")
     return 0
 
 
@@ -329,14 +297,8 @@ def register(sub: Any, record: Callable[[str, Any], None], table: Callable[..., 
     p.add_argument("--requests", required=True)
     p.add_argument("--timeout", type=float, default=60)
     p.set_defaults(fn=lambda a: cmd_real_infer(a, record, table))
-    p = sub.add_parser("lm-pods")
+    p = sub.add_parser("lm-tiers")
     p.add_argument("--namespace", required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--version", required=True)
-    p.add_argument("--manifest-dir", required=True)
-    p.add_argument("--variant", default="int4")
-    p.add_argument("--store-root", required=True, help="the host directory --store-url serves")
-    p.add_argument("--store-url", required=True)
-    p.add_argument("--threshold", type=float, required=True)
-    p.add_argument("--timeout", type=float, default=180)
-    p.set_defaults(fn=cmd_lm_pods)
+    p.add_argument("--timeout", type=float, default=120)
+    p.set_defaults(fn=cmd_lm_tiers)

@@ -312,6 +312,23 @@ def test_the_example_manifest_runs_a_cascade_against_its_cloud_service_gated_on_
     ]
 
 
+def test_the_example_manifests_cloud_serves_the_fp32_pack_on_cpu_and_asks_no_gpu() -> None:
+    # `kiri serve` decodes a language model with onnxruntime-genai's CPU provider (the Job builds the pack for
+    # `-e cpu`): a GPU asked for would sit idle on a GPU node.
+    path = Path(__file__).resolve().parents[4] / "examples" / "generative-collaboration.yaml"
+    md = ModelDeployment.model_validate(yaml.safe_load(path.read_text()))
+    owner = B.Owner("assistant", "team-a", "uid-1")
+    pack = B.CloudPack("https://store.example/model.tar", SHA)
+    deployment = B.cloud_deployment(md.spec, owner, {}, pack)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert md.spec.cloud.runtime.engine == "kiri"
+    assert container["resources"] == {
+        "requests": {"cpu": "4", "memory": "16Gi"},
+        "limits": {"cpu": "4", "memory": "16Gi"},
+    }
+    assert container["args"][:3] == ["serve", "--model-uri", "https://store.example/model.tar"]
+
+
 @pytest.mark.parametrize(
     "collaboration",
     [
