@@ -510,9 +510,7 @@ def main() -> int:
     began = time.monotonic()
     log(f"cluster: {args.nodes} edge nodes in {args.sites} sites ({os.environ['KIRI_STATE_DIR']})")
     cluster = cluster_up(args.nodes, args.sites)
-    cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", str(args.crd)
-    )
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(args.crd))
     shards = shard_fleet(cluster, args.mds, args.models_per_node)
     namespace = f"kiri-scale-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", namespace)

@@ -69,6 +69,7 @@ def test_the_edge_process_keeps_the_operators_model_and_collaboration_flags_and_
         "--fallback-url", "http://127.0.0.1:41000", "--queue-limit", "32",
         "--collaboration", "cascade", "--cloud-model", "chat", "--cascade-metric", "margin",
         "--cascade-threshold", "0.95", "--cascade-window", "1", "--cascade-cloud-tokens", "0",
+        "--cascade-check", "full",
         "--threads", "1",
     ]  # fmt: skip
 
