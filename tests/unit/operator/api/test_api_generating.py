@@ -89,6 +89,7 @@ def test_preserve_unknown_fields_only_where_free_form() -> None:
     )
     assert preserved == [
         ".spec.edge.variants[].options",
+        ".status.edge.adapters[].rollout",  # a site's adapter waves' memory, as .status.rollout is the revision's
         ".status.rollout",
         ".status.variants[].fidelity",
         ".status.variants[].latency",
