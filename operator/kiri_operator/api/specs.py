@@ -800,7 +800,11 @@ class AdapterSpec(ApiModel):
     size_bytes: Annotated[int, Field(ge=1)]
     """The file's size: `rollout.updatePolicy.maxBytesPerDay` counts it for every node that fetches it."""
     sites: Annotated[
-        list[LabelValue],
+        list[
+            Annotated[
+                str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+            ]
+        ],
         Field(
             min_length=1,
             max_length=MAX_ADAPTER_SITES,

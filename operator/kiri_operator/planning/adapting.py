@@ -174,7 +174,12 @@ def plan_adapters(inp: AdapterInput) -> AdapterPlan:
         by_site.setdefault(site, []).append(node)
     for node in by_site.pop("", []):
         out.nodes[node.name] = BASE  # a node of no site serves no adapter
-    sites = sorted(set(by_site) | set(inp.sites) | set(inp.stored))
+    # A site the spec does not name, that has no memory and runs no adapter, has nothing to plan: its nodes
+    # serve the base model, and a ModelDeployment without adapters says nothing about sites.
+    serving = {s for s, nodes in by_site.items() if any(inp.current.get(n.name, BASE) != BASE for n in nodes)}
+    sites = sorted(set(inp.sites) | set(inp.stored) | serving)
+    for site in set(by_site) - set(sites):
+        out.nodes.update((n.name, BASE) for n in by_site[site])
     keep: set[str] = {BASE}
     in_progress, refused, rolled_back = [], [], []
     for site in sites:
@@ -188,7 +193,7 @@ def plan_adapters(inp: AdapterInput) -> AdapterPlan:
             refused.append(st)
         elif st.verdict == "RolledBack":
             rolled_back.append(st)
-        if by_site.get(site) or site in inp.sites:
+        if site in inp.sites or st.revision != BASE or (st.rollout is not None and st.rollout.in_progress):
             out.sites.append(st)
     out.keep = frozenset(keep)
     out.in_progress = tuple(in_progress)

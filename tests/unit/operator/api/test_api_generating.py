@@ -87,13 +87,16 @@ def test_preserve_unknown_fields_only_where_free_form() -> None:
     preserved = sorted(
         path for path, node in _nodes(SCHEMA) if node.get("x-kubernetes-preserve-unknown-fields")
     )
-    assert preserved == [
-        ".spec.edge.variants[].options",
-        ".status.edge.adapters[].rollout",  # a site's adapter waves' memory, as .status.rollout is the revision's
-        ".status.rollout",
-        ".status.variants[].fidelity",
-        ".status.variants[].latency",
-    ]
+    assert (
+        preserved
+        == [
+            ".spec.edge.variants[].options",
+            ".status.edge.adapters[].rollout",  # a site's adapter waves' memory, as .status.rollout is the revision's
+            ".status.rollout",
+            ".status.variants[].fidelity",
+            ".status.variants[].latency",
+        ]
+    )
 
 
 def test_spec_lists_and_maps_are_bounded_for_cel_cost() -> None:
