@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from kiri_operator.api.specs import AdapterSpec, ModelDeploymentSpec, RolloutSpec, UpdatePolicy
+from kiri_operator.api.specs import HeldOutMetric, ModelDeploymentSpec, RolloutSpec, UpdatePolicy
 from kiri_operator.api.statuses import RolloutStatus, SiteAdapters, SiteDownload
 from kiri_operator.conditions import Reason
 from kiri_operator.labels import short_hash
@@ -52,10 +52,22 @@ def site_label(spec: ModelDeploymentSpec) -> str:
 
 
 @dataclass(frozen=True)
+class Adapter:
+    """One adapter as a pod loads it; size and held-out metric when the spec says them (an adapter set read
+    back from a DaemonSet has neither)."""
+
+    name: str
+    uri: str
+    sha256: str
+    size_bytes: int = 0
+    held_out: HeldOutMetric | None = None
+
+
+@dataclass(frozen=True)
 class AdapterSet:
     """One site's adapters and default, as `kiri serve --adapter/--default-adapter` take them."""
 
-    adapters: tuple[AdapterSpec, ...] = ()
+    adapters: tuple[Adapter, ...] = ()
     default: str | None = None
 
     @property
@@ -68,7 +80,7 @@ class AdapterSet:
         }
         return short_hash(json.dumps(body, sort_keys=True, separators=(",", ":")))
 
-    def worse_than_base(self) -> list[AdapterSpec]:
+    def worse_than_base(self) -> list[Adapter]:
         return [a for a in self.adapters if a.held_out is not None and a.held_out.worse()]
 
 
@@ -77,9 +89,10 @@ def desired_sets(spec: ModelDeploymentSpec) -> dict[str, AdapterSet]:
     sites = sorted({s for a in spec.edge.adapters for s in a.sites})
     out: dict[str, AdapterSet] = {}
     for site in sites:
-        mine = tuple(sorted((a for a in spec.edge.adapters if site in a.sites), key=lambda a: a.name))
+        mine = sorted((a for a in spec.edge.adapters if site in a.sites), key=lambda a: a.name)
         default = next((a.name for a in mine if a.default), None)
-        out[site] = AdapterSet(mine, default)
+        adapters = tuple(Adapter(a.name, a.uri, a.sha256.lower(), a.size_bytes, a.held_out) for a in mine)
+        out[site] = AdapterSet(adapters, default)
     return out
 
 
@@ -138,6 +151,9 @@ class AdapterInput:
     """Downloads of the last 24 hours (revisions' and adapters'), for `maxBytesPerDay`."""
     revision_started_at: datetime | None = None
     """When the last revision rollout started, for `minIntervalSeconds`."""
+    recorded: Mapping[str, AdapterSet] = field(default_factory=dict)
+    """Adapter sets the spec no longer names, read back from their DaemonSets (a site's stable or previous
+    set after a change): a new revision's DaemonSets are built with them, and a rollback finds them."""
 
 
 @dataclass
@@ -166,7 +182,7 @@ def _sooner(a: float | None, b: float | None) -> float | None:
 
 
 def plan_adapters(inp: AdapterInput) -> AdapterPlan:
-    out = AdapterPlan(sets={BASE: AdapterSet()})
+    out = AdapterPlan(sets={BASE: AdapterSet(), **inp.recorded})
     out.sets.update({s.revision: s for s in inp.sites.values()})
     by_site: dict[str, list[NodeView]] = {}
     for node in sorted(inp.nodes, key=lambda n: n.name):
@@ -193,7 +209,9 @@ def plan_adapters(inp: AdapterInput) -> AdapterPlan:
             refused.append(st)
         elif st.verdict == "RolledBack":
             rolled_back.append(st)
-        if site in inp.sites or st.revision != BASE or (st.rollout is not None and st.rollout.in_progress):
+        # A site the spec dropped stays while it remembers adapters (served, previous or rolling out).
+        remembers = {st.revision, st.previous_revision} - {None, BASE}
+        if site in inp.sites or remembers or (st.rollout is not None and st.rollout.in_progress):
             out.sites.append(st)
     out.keep = frozenset(keep)
     out.in_progress = tuple(in_progress)

@@ -12,6 +12,7 @@ tier module would import the others' private helpers (as `planning.learning` alr
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from kiri_operator.api.specs import (
     Variant,
     is_default_gate,
 )
-from kiri_operator.planning.adapting import AdapterSet
+from kiri_operator.planning.adapting import Adapter, AdapterSet
 from kiri_runtime import probing
 
 RUNTIME_UID = 65532
@@ -858,6 +859,27 @@ def adapter_args(adapters: AdapterSet) -> list[str]:
     if adapters.default is not None:
         args += ["--default-adapter", adapters.default]
     return args
+
+
+def recorded_adapters(body: Mapping[str, Any]) -> AdapterSet | None:
+    """The adapter set an edge DaemonSet's pods load, read back from its `kiri serve` args (the inverse of
+    `adapter_args`); None when they do not parse (not a body Kiri built)."""
+    try:
+        args = list(body["spec"]["template"]["spec"]["containers"][0]["args"])
+    except (KeyError, IndexError, TypeError):
+        return None
+    adapters: list[Adapter] = []
+    default: str | None = None
+    for flag, value in itertools.pairwise(args):
+        if flag == "--default-adapter" and isinstance(value, str):
+            default = value
+        elif flag == "--adapter":
+            try:
+                item = json.loads(value)
+                adapters.append(Adapter(str(item["name"]), str(item["uri"]), str(item["sha256"])))
+            except (TypeError, ValueError, KeyError):
+                return None
+    return AdapterSet(tuple(adapters), default) if adapters else None
 
 
 def repin_daemonset(observed: Mapping[str, Any], nodes: Sequence[str]) -> dict[str, Any]:

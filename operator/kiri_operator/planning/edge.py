@@ -262,13 +262,15 @@ def _edge_rollout(
             # never ran with): the node stays where it is.
             slot = current.get(node, replace(base_slot, adapters=""))
         groups.setdefault(slot, []).append(node)
+    spec_adapters = {a.revision for a in desired_sets(spec).values()}
     for rev, variant, ads in existing:
         slot = Slot(rev, variant, ads)
         if slot in groups or rev not in result.keep_revisions:
             continue
         # Empty DaemonSets the spec rebuilds go; the others are the rollback path (of a revision, or of a
         # site's adapters).
-        if (not ads and rev != revision) or (ads and ads in adapters.keep and not buildable(slot)):
+        from_spec = rev == revision and ads in spec_adapters
+        if (not ads and rev != revision) or (ads and ads in adapters.keep and not from_spec):
             groups[slot] = []
     for slot, nodes in sorted(groups.items(), key=lambda kv: (kv[0].revision, kv[0].variant, kv[0].adapters)):
         if buildable(slot) and comp.manifest is not None:
@@ -438,6 +440,14 @@ def _plan_adapters(
         on_slot = slot is not None and pod.revision == slot.revision and pod.variant == slot.variant
         adapter_pods[node] = AdapterPod(pod.adapters or BASE, pod.ready and on_slot, pod.failed, pod.reason)
     rollout = result.rollout
+    recorded = {}
+    for ds in observed.of_kind("DaemonSet"):
+        revision = ds.labels.get(L.ADAPTERS)
+        if not revision or revision in recorded:
+            continue
+        found = B.recorded_adapters(ds.body)
+        if found is not None and found.revision == revision:  # the label and the args agree: Kiri built it
+            recorded[revision] = found
     return plan_adapters(
         AdapterInput(
             rollout=spec.rollout,
@@ -453,6 +463,7 @@ def _plan_adapters(
             update_policy=spec.rollout.update_policy,
             downloads=recent,
             revision_started_at=rollout.started_at if rollout is not None else None,
+            recorded=recorded,
         )
     )
 
