@@ -484,3 +484,21 @@ def test_a_status_without_adapter_memory_is_rebuilt_from_what_the_sites_run() ->
     assert sum(1 for n in SITE_NODES["site-a"] if after[n] != before[n]) == 1
     assert site(p.status, "site-a")["revision"] == before["a-1"]
     assert site(p.status, "site-b")["revision"] == before["b-1"]
+
+
+def test_ready_waits_for_a_site_adapter_wave_and_a_refused_set_leaves_the_model_deployment_healthy() -> None:
+    server = started([SHOP])
+    s2 = lm_spec([adapter("shop", SHOP2_SHA, ["site-a", "site-b"], default=True)])
+    p = server.step(s2)
+    ready = cond(p.status, C.READY)
+    assert (ready["status"], ready["reason"]) == ("False", "RollingOut")
+    assert ready["message"].startswith("AdaptersRolledOut: site site-a: step 1/2")
+    assert p.status["phase"] == "Progressing"
+    assert cond(p.status, C.RECONCILING)["status"] == "True"
+    for _ in range(14):
+        p = server.step(s2)
+    assert (cond(p.status, C.READY)["status"], p.status["phase"]) == ("True", "Healthy")
+    worse = {"metric": "loss", "base": 1.0, "adapter": 1.25}
+    p = server.step(lm_spec([adapter("shop", "5" * 64, ["site-a", "site-b"], default=True, heldOut=worse)]))
+    assert (cond(p.status, C.READY)["status"], p.status["phase"]) == ("True", "Healthy")
+    assert cond(p.status, C.ADAPTERS_ROLLED_OUT)["reason"] == "AdapterWorseThanBase"
