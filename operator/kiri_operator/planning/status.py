@@ -70,7 +70,7 @@ def plan_status(
     out = StatusPlan()
     out.ready = cloud.condition.is_true and comp.condition.status == "True" and edge.complete
     assert edge.rolled_out is not None
-    tiers = (cloud.condition, comp.condition, edge.rolled_out)
+    tiers: tuple[Condition, ...] = (cloud.condition, comp.condition, edge.rolled_out)
     if edge.adapters is not None and edge.adapters.reason == Reason.ROLLING_OUT:
         # A site's adapter wave in flight holds Ready like a revision's wave does. A refused or rolled-back
         # adapter set does not: the site serves its previous set, and AdaptersRolledOut says why.
