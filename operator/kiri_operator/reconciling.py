@@ -57,7 +57,19 @@ def without_progress(status: Mapping[str, Any]) -> dict[str, Any]:
         edge["perVariant"] = [
             {k: v for k, v in pv.items() if k not in ("nodes", "ready")} for pv in edge["perVariant"]
         ]
+    if isinstance(edge, dict) and isinstance(edge.get("adapters"), list):
+        # A site's adapter wave: the same progress figures as the revision's, per site.
+        edge["adapters"] = [_site_without_progress(site) for site in edge["adapters"]]
     out["conditions"] = [{k: v for k, v in c.items() if k != "message"} for c in out.get("conditions") or []]
+    return out
+
+
+def _site_without_progress(site: Any) -> Any:
+    if not isinstance(site, Mapping):
+        return site
+    out = {k: v for k, v in site.items() if k not in ("updatedNodes", "message")}
+    if isinstance(out.get("rollout"), Mapping):
+        out["rollout"] = {k: v for k, v in out["rollout"].items() if k not in PROGRESS_FIELDS["rollout"]}
     return out
 
 
