@@ -319,8 +319,8 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
 
 def _new_bytes(desired: AdapterSet, stable: str, sets: Mapping[str, AdapterSet]) -> int:
     """Bytes one node fetches to move from `stable` to `desired`: the adapters it does not hold yet (a
-    node's cache keeps what it has by digest). A stable set the spec no longer names counts as holding
-    nothing."""
+    node's cache keeps what it has by digest). A stable set known neither from the spec nor from a
+    DaemonSet counts as holding nothing."""
     held = {a.sha256.lower() for a in sets.get(stable, AdapterSet()).adapters}
     return sum(a.size_bytes for a in desired.adapters if a.sha256.lower() not in held)
 
