@@ -502,3 +502,21 @@ def test_ready_waits_for_a_site_adapter_wave_and_a_refused_set_leaves_the_model_
     p = server.step(lm_spec([adapter("shop", "5" * 64, ["site-a", "site-b"], default=True, heldOut=worse)]))
     assert (cond(p.status, C.READY)["status"], p.status["phase"]) == ("True", "Healthy")
     assert cond(p.status, C.ADAPTERS_ROLLED_OUT)["reason"] == "AdapterWorseThanBase"
+
+
+def test_a_crash_looping_adapter_canary_rolls_its_site_back_at_once() -> None:
+    server = started([SHOP])
+    before = adapters_by_node(server)
+    s2 = lm_spec([adapter("shop", SHOP2_SHA, ["site-a", "site-b"], default=True)])
+    server.step(s2)
+    new = adapters_by_node(server)["a-1"]
+    crashing = tuple(
+        replace(pod, ready=False, restarts=3) if pod.labels.get(L.ADAPTERS) == new else pod
+        for pod in server.world.pods
+    )
+    server.world = replace(server.world, pods=crashing)
+    p = server.step(s2)  # the next reconcile sees the crash loop, well within progressDeadlineSeconds
+    for name in ("site-a", "site-b"):
+        entry = site(p.status, name)
+        assert (entry["verdict"], entry["reason"]) == ("RolledBack", "PodsFailed")
+    assert adapters_by_node(server) == before
