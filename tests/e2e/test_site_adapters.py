@@ -171,11 +171,16 @@ def test_one_sites_adapters_roll_out_on_that_site_alone_canary_first_and_a_worse
     clinic = adapter("clinic", "3" * 64, ["site-a"])
     cluster.apply(body(namespace, tmp_path, [shop, clinic]))
     publish(cluster, namespace)
-    cluster.wait_for(
-        lambda: (get_md(cluster, namespace, NAME).get("status") or {}).get("phase") == "Healthy",
-        timeout=120,
-        message="revision 1 with adapters everywhere",
-    )
+    last: dict[str, Any] = {}
+
+    def healthy() -> bool:
+        last.update(get_md(cluster, namespace, NAME).get("status") or {})
+        return last.get("phase") == "Healthy"
+
+    try:
+        cluster.wait_for(healthy, timeout=120, message="revision 1 with adapters everywhere")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}: {last}\n{operator.tail(40)}") from None
     first = adapters_by_node(cluster, namespace)
     rev_a, rev_b = first[a_nodes[0]], first[b_nodes[0]]
     assert {first[n] for n in a_nodes} == {rev_a} and {first[n] for n in b_nodes} == {rev_b}

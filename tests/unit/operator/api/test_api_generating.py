@@ -259,3 +259,15 @@ def test_short_names_collide_with_no_common_kind() -> None:
     assert CRD["spec"]["names"]["shortNames"] == ["mdep"]
     assert not set(CRD["spec"]["names"]["shortNames"]) & COMMON_SHORT_NAMES
     assert CRD["spec"]["names"]["categories"] == ["kiri"]
+
+
+def test_status_fields_keep_their_names_when_defaults_are_stripped() -> None:
+    # The API server prunes (and server-side apply refuses) any status field the schema does not declare;
+    # stripping the `default` keyword from status once took the field `edge.adapters[].default` with it.
+    status = SCHEMA["properties"]["status"]
+    site = status["properties"]["edge"]["properties"]["adapters"]["items"]
+    assert site["properties"]["default"] == {
+        "description": "The default adapter of `updateRevision` (what a bare model name gets).",
+        "type": "string",
+    }
+    assert [path for path, node in _nodes(status) if "default" in node and path != ""] == []
