@@ -223,7 +223,9 @@ def test_one_sites_adapters_roll_out_on_that_site_alone_canary_first_and_a_worse
             break
         time.sleep(0.2)
     else:
-        pytest.fail(f"site a did not complete: {site_status(cluster, namespace, 'site-a')}")
+        pytest.fail(
+            f"site a did not complete: {site_status(cluster, namespace, 'site-a')}\n{operator.tail(40)}"
+        )
     assert seen_partial, "the canary step (one node of site a) was never observed"
     a = site_status(cluster, namespace, "site-a")
     assert (a["revision"], a["previousRevision"]) == (new_a, rev_a)
@@ -253,7 +255,11 @@ def test_one_sites_adapters_roll_out_on_that_site_alone_canary_first_and_a_worse
         md = get_md(cluster, namespace, NAME)
         return md if condition(md, "AdaptersRolledOut").get("reason") == "AdapterWorseThanBase" else None
 
-    md = cluster.wait_for(refused, timeout=60, message="AdaptersRolledOut=False/AdapterWorseThanBase")
+    try:
+        md = cluster.wait_for(refused, timeout=60, message="AdaptersRolledOut=False/AdapterWorseThanBase")
+    except TimeoutError as exc:
+        status = get_md(cluster, namespace, NAME).get("status") or {}
+        raise AssertionError(f"{exc}: {status}\n{operator.tail(40)}") from None
     assert condition(md, "AdaptersRolledOut")["status"] == "False"
     assert (
         "site site-b: adapter shop-b (perplexity 11 vs base 10)"
