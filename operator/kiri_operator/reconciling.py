@@ -41,7 +41,7 @@ PROBE_EVENT_REASON = "Unhealthy"
 # reason, a revision, a step, a bake's start, history) is written at once.
 PROGRESS_FIELDS = {
     "cloud": ("ready",),
-    "edge": ("updatedNodes", "readyNodes"),
+    "edge": ("updatedNodes", "readyNodes", "message"),
     "rollout": ("readyNodes", "progressAt", "message"),
 }
 
@@ -59,17 +59,9 @@ def without_progress(status: Mapping[str, Any]) -> dict[str, Any]:
         ]
     if isinstance(edge, dict) and isinstance(edge.get("adapters"), list):
         # A site's adapter wave: the same progress figures as the revision's, per site.
-        edge["adapters"] = [_site_without_progress(site) for site in edge["adapters"]]
+        sites = [without_progress({"edge": s, "rollout": s.get("rollout")}) for s in edge["adapters"] if s]
+        edge["adapters"] = [{**s["edge"], "rollout": s["rollout"]} for s in sites]
     out["conditions"] = [{k: v for k, v in c.items() if k != "message"} for c in out.get("conditions") or []]
-    return out
-
-
-def _site_without_progress(site: Any) -> Any:
-    if not isinstance(site, Mapping):
-        return site
-    out = {k: v for k, v in site.items() if k not in ("updatedNodes", "message")}
-    if isinstance(out.get("rollout"), Mapping):
-        out["rollout"] = {k: v for k, v in out["rollout"].items() if k not in PROGRESS_FIELDS["rollout"]}
     return out
 
 
