@@ -13,10 +13,11 @@ trained on (fractions, shlex, bisect). Decoding is greedy.
    cloud-only. Two clouds: the tiny fp32 model as it is (a decode step costs ~0.1 ms, so cloud-only pays one RTT and
    nothing else), and the same with `--delay-ms 20` per forward pass (a cloud model whose step costs 20 ms, as a
    large model's does; a verify is one pass, so it pays 20 ms once).
-2. Cascade: the share of answer tokens made at the edge against quality, per threshold (margin uncertainty, one
-   cloud token per hand-off): greedy match against cloud-only (answers equal; share of the common prefix), and a
-   task with checkable answers: next-token prediction on held-out source, the answer checked against the source
-   (one-token requests on the true prefix, given as token ids).
+2. Cascade: the share of answer tokens made at the edge against quality, per threshold and per check
+   (`kiri.cascade_check`: off, handoffs, full; margin uncertainty, one cloud token per hand-off): greedy match
+   against cloud-only (answers equal; share of the common prefix), cloud requests per answer (the final check's
+   cost), and a task with checkable answers: next-token prediction on held-out source, the answer checked against
+   the source (one-token requests on the true prefix, given as token ids). `--part cascade` runs this part only.
 
 Writes docs/collab-latency.png and docs/collab-cascade.png (matplotlib).
 """
@@ -217,40 +218,42 @@ def cascade_part(
         cloud_acc, _ = next_token("cloud-only")
         edge_acc, _ = next_token("edge-only")
         curve = []
-        for threshold in THRESHOLDS:
-            cascade = asyncio.run(
-                run_all(
-                    edge_port,
-                    [
-                        body(
-                            p, args.new_tokens, "cascade", cascade_threshold=threshold, cascade_cloud_tokens=1
-                        )
-                        for p in prompts
-                    ],
-                    4,
-                )
-            )
-            kiri = [a[1]["usage"]["kiri"] for a in cascade]
-            tokens = sum(a[1]["usage"]["completion_tokens"] for a in cascade)
-            texts_out = [a[1]["choices"][0]["text"] for a in cascade]
-            prefix = [
-                common_prefix(x, y) / max(1, len(y)) for x, y in zip(texts_out, ref_tokens, strict=True)
-            ]
-            acc, task_edge = next_token("cascade", cascade_threshold=threshold, cascade_cloud_tokens=1)
-            curve.append(
-                {
-                    "threshold": threshold,
-                    "edge_token_share": sum(k["edge_tokens"] for k in kiri) / tokens,
-                    "exact_answers": sum(x == y for x, y in zip(texts_out, ref_tokens, strict=True))
-                    / len(prompts),
-                    "prefix_share": statistics.mean(prefix),
-                    "task_edge_share": task_edge,
-                    "task_accuracy": acc,
-                    "task_quality": acc / cloud_acc if cloud_acc else 0.0,
-                    "p50_ms": statistics.median(a[0] for a in cascade) * 1000,
+        for threshold in args.thresholds:
+            for check in args.checks:
+                kiri_opts = {
+                    "cascade_threshold": threshold,
+                    "cascade_cloud_tokens": 1,
+                    "cascade_check": check,
                 }
-            )
-            print(json.dumps(curve[-1]), flush=True)
+                cascade = asyncio.run(
+                    run_all(edge_port, [body(p, args.new_tokens, "cascade", **kiri_opts) for p in prompts], 4)
+                )
+                kiri = [a[1]["usage"]["kiri"] for a in cascade]
+                tokens = sum(a[1]["usage"]["completion_tokens"] for a in cascade)
+                texts_out = [a[1]["choices"][0]["text"] for a in cascade]
+                prefix = [
+                    common_prefix(x, y) / max(1, len(y)) for x, y in zip(texts_out, ref_tokens, strict=True)
+                ]
+                acc, task_edge = next_token("cascade", **kiri_opts) if args.positions else (0.0, 0.0)
+                curve.append(
+                    {
+                        "threshold": threshold,
+                        "check": check,
+                        "edge_token_share": sum(k["edge_tokens"] for k in kiri) / tokens,
+                        "exact_answers": sum(x == y for x, y in zip(texts_out, ref_tokens, strict=True))
+                        / len(prompts),
+                        "prefix_share": statistics.mean(prefix),
+                        "cloud_requests_per_answer": sum(k["cloud_requests"] for k in kiri) / len(kiri),
+                        "handoffs_per_answer": sum(k["handoffs"] for k in kiri) / len(kiri),
+                        "cloud_passes_per_token": sum(k["cloud_passes"] for k in kiri) / tokens,
+                        "corrected_per_answer": sum(k.get("corrected_tokens", 0) for k in kiri) / len(kiri),
+                        "task_edge_share": task_edge,
+                        "task_accuracy": acc,
+                        "task_quality": acc / cloud_acc if cloud_acc else 0.0,
+                        "p50_ms": statistics.median(a[0] for a in cascade) * 1000,
+                    }
+                )
+                print(json.dumps(curve[-1]), flush=True)
         return {"cloud_task_accuracy": cloud_acc, "edge_task_accuracy": edge_acc, "curve": curve}
     finally:
         stop(edge, proxy, cloud)
@@ -266,9 +269,17 @@ def common_prefix(a: str, b: str) -> int:
 
 
 def plots(spec: list[dict[str, Any]], cascade: dict[str, Any], out_dir: Path) -> None:
+    """The parts that ran: docs/collab-latency.png (speculative) and docs/collab-cascade.png (cascade)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    if spec:
+        latency_plot(spec, out_dir)
+    if cascade:
+        cascade_plot(cascade, out_dir)
+
+
+def latency_plot(spec: list[dict[str, Any]], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     clouds = sorted({r["cloud"] for r in spec})
@@ -296,31 +307,37 @@ def plots(spec: list[dict[str, Any]], cascade: dict[str, Any], out_dir: Path) ->
     fig.savefig(out_dir / "collab-latency.png", dpi=110)
     plt.close(fig)
 
+
+def cascade_plot(cascade: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib.pyplot as plt
+
     curve = cascade["curve"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    ax.plot(
-        [c["edge_token_share"] for c in curve],
-        [c["prefix_share"] for c in curve],
-        "o-",
-        label="greedy match: common prefix with cloud-only",
-    )
-    ax.plot(
-        [c["edge_token_share"] for c in curve],
-        [c["exact_answers"] for c in curve],
-        "s-",
-        label="greedy match: answers equal to cloud-only",
-    )
-    ax.plot(
-        [c["task_edge_share"] for c in curve],
-        [c["task_quality"] for c in curve],
-        "^-",
-        label="next-token task: accuracy / cloud's",
-    )
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = {"off": "tab:red", "handoffs": "tab:orange", "full": "tab:blue"}
+    for check in dict.fromkeys(c["check"] for c in curve):
+        rows = [c for c in curve if c["check"] == check]
+        color = colors.get(check, "tab:grey")
+        share = [c["edge_token_share"] for c in rows]
+        ax.plot(
+            share, [c["prefix_share"] for c in rows], "o-", color=color, label=f"check {check}: common prefix"
+        )
+        ax.plot(
+            share,
+            [c["exact_answers"] for c in rows],
+            "s--",
+            color=color,
+            label=f"check {check}: answers equal",
+        )
+        if any(c["task_edge_share"] for c in rows):
+            ax.plot(
+                [c["task_edge_share"] for c in rows], [c["task_quality"] for c in rows], "^:", color=color,
+                alpha=0.6, label=f"check {check}: next-token task, accuracy / cloud's",
+            )  # fmt: skip
     ax.axhline(0.975, color="grey", lw=0.8, ls=":")
     ax.axvline(0.6, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("share of tokens produced at the edge")
-    ax.set_ylabel("quality relative to cloud-only")
-    ax.set_title("Cascade (margin uncertainty, 1 cloud token per hand-off)")
+    ax.set_xlabel("share of answer tokens produced at the edge (kept)")
+    ax.set_ylabel("quality relative to cloud-only greedy")
+    ax.set_title("Cascade, int4 edge + fp32 cloud (margin, 1 cloud token per hand-off)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -336,6 +353,21 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--positions", type=int, default=200)
+    parser.add_argument(
+        "--part", choices=["all", "speculative", "cascade"], default="all", help="which part to run"
+    )
+    parser.add_argument(
+        "--thresholds",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=list(THRESHOLDS),
+        help="cascade thresholds, comma-separated",
+    )
+    parser.add_argument(
+        "--checks",
+        type=lambda v: v.split(","),
+        default=["off", "handoffs", "full"],
+        help="cascade checks (kiri.cascade_check), comma-separated",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plots", type=Path, default=ROOT / "docs")
     args = parser.parse_args(argv)
@@ -350,8 +382,12 @@ def main(argv: list[str]) -> None:
     positions = held_out_ids(tok, args.positions, 32, 37)
     with tempfile.TemporaryDirectory(prefix="kiri-bench-collab-") as tmp:
         work = Path(tmp)
-        spec = speculative_part(args, edge_dir, cloud_dir, prompts, work)
-        cascade = cascade_part(args, edge_dir, cloud_dir, prompts, positions, work)
+        spec = speculative_part(args, edge_dir, cloud_dir, prompts, work) if args.part != "cascade" else []
+        cascade = (
+            cascade_part(args, edge_dir, cloud_dir, prompts, positions, work)
+            if args.part != "speculative"
+            else {}
+        )
     result = {"speculative": spec, "cascade": cascade}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

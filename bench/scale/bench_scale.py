@@ -496,6 +496,13 @@ def main() -> int:
     parser.add_argument("--resync", type=float, default=30, help="the operator's --resync-seconds")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument(
+        "--crd",
+        type=Path,
+        default=ROOT / "crds" / "modeldeployment.yaml",
+        help="the CRD to apply: the one of the code under test (an older operator refuses the fields that a "
+        "newer CRD defaults into every object)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.nodes, args.sites, args.mds, args.bake, args.steady, args.resync = 200, 20, 5, 10, 25, 20
@@ -504,7 +511,7 @@ def main() -> int:
     log(f"cluster: {args.nodes} edge nodes in {args.sites} sites ({os.environ['KIRI_STATE_DIR']})")
     cluster = cluster_up(args.nodes, args.sites)
     cluster.kubectl(
-        "apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds" / "modeldeployment.yaml")
+        "apply", "--server-side", "--force-conflicts", "-f", str(args.crd)
     )
     shards = shard_fleet(cluster, args.mds, args.models_per_node)
     namespace = f"kiri-scale-{uuid.uuid4().hex[:6]}"

@@ -119,7 +119,7 @@ def not_ready_reason(status: Mapping[str, Any]) -> str:
     (ImagePullBackOff, CrashLoopBackOff, CreateContainerConfigError), else the last termination message
     (what `kiri serve` or the init container printed as it exited). The reason of a live, unready
     `kiri serve` is not on the pod: its readiness probe prints it into the kubelet's Event
-    (`kiri_runtime.probing`), which the reconciler reads (`reconciling.probe_reason`)."""
+    (`kiri_runtime.probing`), which the reconciler reads (`diagnosing.probe_reason`)."""
     statuses = [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]
     for c in statuses:
         waiting = (c.get("state") or {}).get("waiting") or {}

@@ -84,7 +84,7 @@ class PodView:
     restarts: int = 0
     reason: str = ""
     """Why the pod is not Ready, as the kubelet recorded it on the pod, or in the Event of its failed
-    readiness probe (`reconciling.probe_reason`); "" when neither says."""
+    readiness probe (`diagnosing.probe_reason`); "" when neither says."""
     not_ready_since: str = ""
     """When its Ready condition last turned False (RFC 3339, the kubelet's clock); "" when Ready or unknown."""
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -15,18 +14,15 @@ from pydantic import ValidationError
 from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator import metering, metrics
-from kiri_operator.api.scalars import parse_time
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.caches import Cache, Key
 from kiri_operator.clocks import Clock, ServerClock
 from kiri_operator.conditions import Reason
+from kiri_operator.diagnosing import Diagnosis
 from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
-from kiri_operator.observations import ObjectView, Observed, PodView
 from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
-from kiri_operator.planning import building as B
 from kiri_operator.plans import Action, Check, Event, Plan, SecretRequest
-from kiri_runtime import probing
 
 if TYPE_CHECKING:
     from kiri_operator.analyzing import Analyst
@@ -34,8 +30,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EVENT_REPEAT_SECONDS = 300.0
-PROBE_EVENT_REASON = "Unhealthy"
-"""The kubelet's reason for a failed probe's Event (pkg/kubelet/events ContainerUnhealthy)."""
 # Status fields that only say how far a step has come. A change to them alone is written at most once per
 # `progress_interval` per ModelDeployment; anything else in the status (phase, a condition's status or
 # reason, a revision, a step, a bake's start, history) is written at once.
@@ -94,27 +88,6 @@ def _pvcs_needed(spec: ModelDeploymentSpec) -> list[str]:
     return claims
 
 
-def pods_missing(observed: Observed) -> list[ObjectView]:
-    """Children whose controller has fewer pods than it wants, for no reason the status tells: a DaemonSet
-    short of its scheduled pods, a Job with no pod running and no outcome. (A Deployment says it itself:
-    its ReplicaFailure condition, which the planner reads.)"""
-    out = []
-    for ds in observed.of_kind("DaemonSet"):
-        st = ds.status
-        if int(st.get("desiredNumberScheduled") or 0) > int(st.get("currentNumberScheduled") or 0):
-            out.append(ds)
-    for job in observed.of_kind("Job"):
-        done = any(
-            c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-            for c in job.status.get("conditions") or []
-        )
-        # startTime: the Job controller has synced it (a Job just created has no status yet).
-        started = job.status.get("startTime")
-        if started and not done and not job.status.get("active") and not job.status.get("succeeded"):
-            out.append(job)
-    return out
-
-
 def secret_body(request: SecretRequest) -> dict[str, Any]:
     """The TLS Secret's body: a fresh CA and server certificate, base64, made here and handed to the API."""
     import base64
@@ -124,124 +97,6 @@ def secret_body(request: SecretRequest) -> dict[str, Any]:
 
     files = certificates.make(list(request.names)).as_secret_data()
     return tls_secret(request, {k: base64.b64encode(v).decode() for k, v in files.items()})
-
-
-def pod_security_refusal(child: ObjectView, events: Iterable[Mapping[str, Any]]) -> str | None:
-    """The newest FailedCreate message about `child` that quotes a Pod Security refusal, if any came after
-    the child was made (an older one is about a pod template that is gone)."""
-    best: tuple[datetime, str] | None = None
-    for ev in events:
-        message = str(ev.get("message") or "")
-        if C.POD_SECURITY_MARK not in message:
-            continue
-        at = _event_time(ev)
-        if at is None:
-            continue
-        if child.created:
-            try:
-                if at < parse_time(child.created):
-                    continue
-            except ValueError:
-                pass
-        if best is None or at > best[0]:
-            best = (at, message.removeprefix(_COMBINED_EVENTS))
-    return best[1] if best is not None else None
-
-
-def probe_reason(pod: PodView, events: Iterable[Mapping[str, Any]]) -> str | None:
-    """What the pod's readiness probe printed (`kiri_runtime.probing`) in its newest "Readiness probe
-    failed" Event from the time it has been not ready, if any: "readiness probe: <output>".
-
-    An Event counts if it was last seen after the pod's Ready condition turned False, less the probe's
-    failure window (the failures that turned it False come before the transition) and a margin for the
-    kubelet's clock. The kubelet keeps one Event per message, bumping its count and last timestamp, and
-    after 25 Warnings about one pod sends one per 5 minutes (client-go's spam filter): a reason that
-    changes late may show late, and one that is gone is never quoted as current, since a Ready pod is not
-    asked."""
-    since: datetime | None = None
-    if pod.not_ready_since:
-        try:
-            since = parse_time(pod.not_ready_since)
-        except ValueError:
-            since = None
-    best: tuple[datetime, str] | None = None
-    for ev in events:
-        involved = ev.get("involvedObject") or {}
-        if involved.get("name") != pod.name:
-            continue
-        said = probing.reason_from_event(str(ev.get("message") or ""))
-        if said is None:
-            continue
-        at = _event_time(ev)
-        if at is None or (since is not None and (since - at).total_seconds() > PROBE_WINDOW_SECONDS):
-            continue
-        if best is None or at > best[0]:
-            best = (at, said)
-    return f"readiness probe: {best[1]}" if best is not None else None
-
-
-PROBE_WINDOW_SECONDS = B.READY_PERIOD * B.READY_FAILURES + 15
-EVENT_LIST_SECONDS = 10.0
-"""How old a namespace's view of one Event reason may be (`NamespaceEvents`). Probe Events are asked for
-only while a serving pod runs not ready with no reason on the pod object; FailedCreate only while a child
-is short of pods."""
-
-
-def _event_time(ev: Mapping[str, Any]) -> datetime | None:
-    stamp = (
-        ev.get("lastTimestamp") or ev.get("eventTime") or (ev.get("metadata") or {}).get("creationTimestamp")
-    )
-    try:
-        # eventTime (events.k8s.io) is a MicroTime: drop the fraction, second precision is enough here.
-        return parse_time(str(stamp).split(".")[0].removesuffix("Z") + "Z")
-    except ValueError:
-        return None
-
-
-_COMBINED_EVENTS = "(combined from similar events): "
-"""The prefix client-go's event aggregator puts on a message once it folds repeats of an Event into one:
-it says nothing about the refusal, so the condition quotes the API server's message without it."""
-
-
-class NamespaceEvents:
-    """A namespace's Events of one reason (FailedCreate from the pod controllers, Unhealthy from the
-    kubelet's probes), one LIST per `ttl` at most, shared by every ModelDeployment there.
-
-    During a rollout most DaemonSets are short of pods and many pods run not ready for a while. One LIST
-    per short child per reconcile was 803 LISTs in a 1,000-node rollout and held each reconcile about
-    1.7 s. A refusal is persistent (the controller retries with backoff and says it again) and a probe
-    fails every period, so a view up to `ttl` old still finds them. Workers share it: a race costs one
-    extra LIST."""
-
-    def __init__(
-        self, kube: Kube, ttl: float = EVENT_LIST_SECONDS, monotonic: Callable[[], float] | None = None
-    ) -> None:
-        self.kube = kube
-        self.ttl = ttl
-        self._monotonic = monotonic or (lambda: time.monotonic())
-        self._seen: dict[tuple[str, str], tuple[float, list[dict[str, Any]]]] = {}
-
-    def about(self, namespace: str, reason: str, kind: str, names: Collection[str]) -> list[dict[str, Any]]:
-        """The Events with `reason` about the objects of `kind` named `names`."""
-        return [
-            ev
-            for ev in self._of(namespace, reason)
-            if (ev.get("involvedObject") or {}).get("kind") == kind
-            and (ev.get("involvedObject") or {}).get("name") in names
-        ]
-
-    def _of(self, namespace: str, reason: str) -> list[dict[str, Any]]:
-        now = self._monotonic()
-        seen = self._seen.get((namespace, reason))
-        if seen is not None and now - seen[0] < self.ttl:
-            return seen[1]
-        try:
-            events = self.kube.events_with_reason(namespace, None, reason)
-        except KubeError as exc:
-            log.warning("cannot read the %s Events of namespace %s: %s", reason, namespace, exc)
-            return seen[1] if seen is not None else []
-        self._seen[(namespace, reason)] = (now, events)
-        return events
 
 
 class Reconciler:
@@ -265,7 +120,7 @@ class Reconciler:
         self.progress_interval = progress_interval
         self._recent_events: dict[tuple[Key, str, str, str], float] = {}
         self._status_written_at: dict[Key, float] = {}
-        self.events = NamespaceEvents(kube)
+        self.diagnosis = Diagnosis(kube)
         self._secrets_made: set[tuple[str, str, str]] = set()
 
     def reconcile(self, key: Key) -> Outcome:
@@ -287,6 +142,7 @@ class Reconciler:
             # Children carry owner references: the garbage collector removes them with their owner.
             metrics.set_nodes(key[0], key[1], {})
             self._status_written_at.pop(key, None)
+            self.diagnosis.forget(key)
             return Outcome()
         now = self.clock.now()
         try:
@@ -303,9 +159,7 @@ class Reconciler:
         observed = self.cache.observe(key, now, pvcs)
         if observed is None:
             return Outcome()
-        if refusals := self._pod_refusals(observed):
-            observed = replace(observed, pod_refusals=refusals)
-        observed = self._with_probe_reasons(key, observed)
+        observed = self.diagnosis.diagnose(key, observed)
         server_clock = getattr(self.kube, "server_clock", None)
         if isinstance(server_clock, ServerClock):
             observed = replace(observed, server_now=server_clock.now())
@@ -330,36 +184,6 @@ class Reconciler:
             else plan(spec, observed, self.settings)
         )
         return self._apply(key, md, observed.status, p)
-
-    def _pod_refusals(self, observed: Observed) -> dict[tuple[str, str], str]:
-        """Why the children short of pods are short, from their namespace's FailedCreate Events."""
-        out: dict[tuple[str, str], str] = {}
-        for child in pods_missing(observed):
-            events = self.events.about(observed.namespace, "FailedCreate", child.kind, {child.name})
-            if (message := pod_security_refusal(child, events)) is not None:
-                out[(child.kind, child.name)] = message
-        return out
-
-    def _with_probe_reasons(self, key: Key, observed: Observed) -> Observed:
-        """The serving pods that run not ready and say nothing on the pod object get the reason their
-        readiness probe printed into the kubelet's Events (`NamespaceEvents`: one LIST per namespace at most
-        every EVENT_LIST_SECONDS; between reads the last answer stands)."""
-        silent = [
-            p
-            for p in observed.pods
-            if not p.ready
-            and not p.reason
-            and p.phase == "Running"
-            and p.component in (L.COMPONENT_CLOUD, L.COMPONENT_EDGE)
-        ]
-        if not silent:
-            return observed
-        mine = self.events.about(observed.namespace, PROBE_EVENT_REASON, "Pod", {p.name for p in silent})
-        said = {p.name: r for p in silent if (r := probe_reason(p, mine)) is not None}
-        if not said:
-            return observed
-        pods = tuple(replace(p, reason=said[p.name]) if p.name in said else p for p in observed.pods)
-        return replace(observed, pods=pods)
 
     def _create_secrets(self, p: Plan, outcome: Outcome, events: list[Event]) -> None:
         """Each requested TLS Secret once per operator life: a 409 means it exists (made earlier, or by the

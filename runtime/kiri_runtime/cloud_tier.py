@@ -44,31 +44,40 @@ class CloudTier:
     async def forward(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return await self._post(path, body)
 
-    async def verify(self, ids: Sequence[int], k: int, params: SamplingParams, top_n: int) -> Verdict:
+    async def verify(
+        self, ids: Sequence[int], k: int, params: SamplingParams, top_n: int, max_tokens: int = 1
+    ) -> Verdict:
+        """The last `k` of `ids` scored (the cloud's top lists at their positions) and up to `max_tokens` of the
+        cloud's own after them, in one request (the cascade's checked hand-off asks for its continuation)."""
         body = {
             "model": self.model,
             "prompt": list(ids),
-            "max_tokens": 1,
+            "max_tokens": max_tokens,
             "echo": True,
             "logprobs": top_n,
             "return_tokens_as_token_ids": True,
             **_sampling_body(params),
         }
+        if max_tokens > 1 and params.stop:
+            body["stop"] = list(params.stop)
         start = time.perf_counter()
         data = await self._post("/v1/completions", body)
         try:
-            lps = data["choices"][0]["logprobs"]
+            choice = data["choices"][0]
+            lps = choice["logprobs"]
             tokens = [_token_id(t) for t in lps["tokens"]]
             tops = lps["top_logprobs"]
             n = len(ids)
-            if len(tokens) != n + 1 or tokens[:n] != list(ids):
-                raise ValueError(f"{len(tokens)} tokens for a prompt of {n} plus one")
+            if not n < len(tokens) <= n + max_tokens or tokens[:n] != list(ids):
+                raise ValueError(f"{len(tokens)} tokens for a prompt of {n} plus 1 to {max_tokens}")
             first = n - k
             top = [{_token_id(t): float(p) for t, p in tops[first + i].items()} for i in range(k)]
             draft_lps = [float(lps["token_logprobs"][first + i]) for i in range(k)]
+            finished = choice.get("finish_reason") == "stop"
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             raise CloudUnavailable(f"cloud's verify answer is unreadable: {exc}"[:200]) from None
-        return Verdict(top, draft_lps, tokens[n], time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return Verdict(top, draft_lps, tokens[n], seconds, tokens[n:], finished)
 
     async def complete(
         self, ids: Sequence[int], params: SamplingParams, max_tokens: int

@@ -23,6 +23,17 @@ Modes (`--collaboration`, per deployment; a request may choose another with the 
   what int4 noise flips.
   Past it the uncertain token is not emitted: the cloud continues from the prefix (`/v1/completions` on the token
   ids) for `cloud_tokens` tokens (0: to the end), then the edge takes over again.
+  The uncertainty misses some int4 flips (a confident edge token that is not the cloud's), and after one the rest
+  of the answer diverges. `--cascade-check` (`kiri.cascade_check`): `off` streams edge tokens as they come, as
+  above. `handoffs` holds them until the next hand-off and sends them in the hand-off's one call: the verify
+  call with `max_tokens` = the hand-off's cloud tokens, which scores the held span and continues after it in one
+  request and one prefill. Each held token stands while the cloud agrees (greedy: its argmax; sampling: the
+  rejection rule, as `speculative`); the first it refuses is replaced by the cloud's token, the call's
+  continuation is dropped (it followed the refused token) and the edge resumes after the replacement. A clean
+  span takes the continuation: as many round trips as `off`. `full` (the default) also checks the answer's tail
+  in one more call at its end: every edge token is checked, and under greedy decoding the answer is the cloud's
+  greedy answer (a speculative decoding whose drafts end where the edge is unsure). Checked tokens reach a
+  streaming client once checked, so `handoffs` and `full` stream in bursts.
 
 Hand-offs (reason constants below): the edge model not loaded (`not_ready`) or at its limit (`overloaded`) sends
 the whole request to the cloud, as for tensor models (fallback.py); the cloud failing mid-answer
@@ -31,18 +42,10 @@ the whole request to the cloud, as for tensor models (fallback.py); the cloud fa
 Every answer's `usage` carries `kiri`: the mode, tokens per tier (`edge_tokens`: tokens the edge model produced
 that the answer kept, accepted drafts included; `cloud_tokens`: the cloud's own), `cloud_passes` (cloud forward
 passes: a verify is one, a continuation of n tokens n), `cloud_requests`, `draft_tokens`, `accepted_tokens`,
-`handoffs` and `handoff_reason` (the last: a cascade whose
-hand-off found the cloud down says `cloud_unavailable`). Metrics (vLLM's spec-decode names with the kiri: prefix):
-
-| name | type | labels | meaning |
-|---|---|---|---|
-| `kiri:collab_requests_total` | counter | model, collaboration | generation requests by the mode that served them |
-| `kiri:collab_tokens_total` | counter | model, tier | answer tokens by the tier that produced them (`edge`, `cloud`) |
-| `kiri:collab_handoffs_total` | counter | model, reason | hand-offs: `uncertainty`, `not_ready`, `overloaded`, `cloud_unavailable` |
-| `kiri:collab_cloud_passes_total` | counter | model | cloud forward passes (cloud passes per token: over `collab_tokens_total`) |
-| `kiri:spec_decode_num_drafts_total` | counter | model | verify rounds |
-| `kiri:spec_decode_num_draft_tokens_total` | counter | model | draft tokens sent |
-| `kiri:spec_decode_num_accepted_tokens_total` | counter | model | draft tokens accepted (acceptance rate: over draft tokens) |
+`checked_tokens` and `corrected_tokens` (cascade: edge tokens the cloud checked, and those it replaced: a
+replaced token counts as the cloud's, the held tokens after it as nobody's), `handoffs` and `handoff_reason`
+(the last: a cascade whose
+hand-off found the cloud down says `cloud_unavailable`). Metrics: `metrics.CollabMetrics`.
 
 Edge work (draft steps, cascade steps) runs on worker threads, one onnxruntime-genai `Generator` per request kept
 across rounds (`rewind_to` drops rejected drafts), apart from the decode scheduler. Logprobs are not offered in
@@ -61,15 +64,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter
 
 from kiri_runtime.cloud_tier import CloudTier, CloudUnavailable
 from kiri_runtime.collaborations import (
+    CHECK_FULL,
+    CHECK_OFF,
     CLOUD_ONLY,
     CLOUD_UNAVAILABLE,
     EDGE_ONLY,
     SPECULATIVE,
     UNCERTAINTY,
+    Checked,
     CollabConfig,
     Options,
     Report,
@@ -77,46 +82,18 @@ from kiri_runtime.collaborations import (
     accept_greedy,
     accept_sampled,
     parse_options,
+    settle_check,
     uncertainty,
 )
 from kiri_runtime.edge_sessions import EdgeSession, Emitter, pick
 from kiri_runtime.generating import Delta, GenerationFailed, GenerationHandle
 from kiri_runtime.generation_api import Job
 from kiri_runtime.generative_model import GenerativeModel, SamplingParams
-from kiri_runtime.metrics import RuntimeMetrics
+from kiri_runtime.metrics import CollabMetrics, RuntimeMetrics
 
 log = logging.getLogger(__name__)
 
 EDGE_CHUNK = 16  # cascade: edge tokens per worker-thread hop (and per streamed delta)
-
-
-# --------------------------------------------------------------------------------------------- metrics
-
-
-class CollabMetrics:
-    def __init__(self, metrics: RuntimeMetrics) -> None:
-        r = metrics.registry
-        self.runtime = metrics
-        self.requests = Counter(
-            "kiri:collab_requests",
-            "Generation requests by collaboration mode.",
-            ["model", "collaboration"],
-            registry=r,
-        )
-        self.tokens = Counter("kiri:collab_tokens", "Answer tokens by tier.", ["model", "tier"], registry=r)
-        self.handoffs = Counter(
-            "kiri:collab_handoffs", "Hand-offs by reason.", ["model", "reason"], registry=r
-        )
-        self.cloud_passes = Counter(
-            "kiri:collab_cloud_passes", "Cloud forward passes.", ["model"], registry=r
-        )
-        self.drafts = Counter("kiri:spec_decode_num_drafts", "Verify rounds.", ["model"], registry=r)
-        self.draft_tokens = Counter(
-            "kiri:spec_decode_num_draft_tokens", "Draft tokens.", ["model"], registry=r
-        )
-        self.accepted_tokens = Counter(
-            "kiri:spec_decode_num_accepted_tokens", "Accepted draft tokens.", ["model"], registry=r
-        )
 
 
 # --------------------------------------------------------------------------------------------- requests
@@ -250,7 +227,7 @@ class Collaborator:
             elif mode == SPECULATIVE:
                 await self._speculative(run)
             else:
-                await self._cascade(run, run.options.cascade_threshold)
+                await self._cascade(run, run.options.cascade_threshold, None, run.options.cascade_check)
         except asyncio.CancelledError:
             self.metrics.runtime.lm_finished.labels(self.name, "abort").inc()
             raise
@@ -330,31 +307,105 @@ class Collaborator:
         elif not run.emitter.done:
             self._finish_short(run)
 
-    async def _cascade(self, run: _Run, threshold: float, session: EdgeSession | None = None) -> None:
+    async def _cascade(
+        self, run: _Run, threshold: float, session: EdgeSession | None = None, check: str = CHECK_OFF
+    ) -> None:
+        """`check` off: edge tokens go out as they come. Otherwise they are held until the cloud checked them:
+        at a hand-off, in the hand-off's one call (the verify call: the held span scored, then the cloud's
+        continuation), and with `full` at the answer's end too."""
         window: collections.deque[float] = collections.deque(maxlen=run.options.cascade_window)
         metric = self.config.cascade_metric
+        # edge tokens not yet checked (check on), and their distributions (sampling: the rejection rule needs them)
+        held: list[int] = []
+        held_probs: list[np.ndarray] = []
         while not run.emitter.done:
             if session is None:
                 session = await asyncio.to_thread(self._session, run)
             else:
-                missing = run.context[session.length :]
+                missing = (run.context + held)[session.length :]
                 if missing:
                     await asyncio.to_thread(session.append, missing)
-            tokens, uncertain = await asyncio.to_thread(
-                self._edge_steps, session, run, window, threshold, metric
+            tokens, probs, uncertain = await asyncio.to_thread(
+                self._edge_steps, session, run, window, threshold, metric, run.remaining - len(held)
             )
-            if self._emit(run, tokens, "edge"):
-                return
-            if not uncertain:
+            if check == CHECK_OFF:
+                if self._emit(run, tokens, "edge"):
+                    return
+            else:
+                held += tokens
+                held_probs += probs
+            ended = self._span_ended(run, held)
+            if not uncertain and not ended:
                 continue
-            self._handoff(run, UNCERTAINTY)
+            if uncertain:
+                self._handoff(run, UNCERTAINTY)
             span = run.options.cascade_cloud_tokens or run.remaining
-            result = await self._cloud_continue(run, min(span, run.remaining))
-            if result is None:
-                threshold = math.inf
-            elif result:
-                return
+            want = 0 if not uncertain else min(span, run.remaining - len(held))
+            if held and (uncertain or check == CHECK_FULL):
+                before = len(run.context)
+                checked = await self._cloud_check(run, held, held_probs, want)
+                if checked is None:  # the cloud is down: the edge's tokens stand, and it finishes alone
+                    threshold, check = math.inf, CHECK_OFF
+                    self._emit(run, held, "edge")
+                    kept = len(held)
+                else:
+                    kept = len(checked.edge)  # a replacement: the edge resumes after it
+                # the edge's context keeps the span's tokens the answer kept; the next round appends the rest
+                await asyncio.to_thread(session.rewind, before + kept)
+                held, held_probs = [], []
+            elif held:  # check handoffs: the answer's tail goes out unchecked
+                self._emit(run, held, "edge")
+                held, held_probs = [], []
+            elif await self._cloud_continue(run, want) is None:
+                threshold, check = math.inf, CHECK_OFF
             window.clear()
+
+    def _span_ended(self, run: _Run, held: list[int]) -> bool:
+        """The held span ends the answer: an end token, the answer's budget or a stop string in its text (a
+        check can end the answer only there, so the edge need not go on)."""
+        if not held:
+            return False
+        if held[-1] in run.model.eos_token_ids or held[-1] in run.params.stop_token_ids:
+            return True
+        if len(held) >= run.remaining:
+            return True
+        stops = run.params.stop
+        if not stops:
+            return False
+        text = str(run.model.tokenizer.decode(np.asarray(held, dtype=np.int32)))
+        return any(stop in text for stop in stops)
+
+    async def _cloud_check(
+        self, run: _Run, held: list[int], held_probs: list[np.ndarray], want: int
+    ) -> Checked | None:
+        """The cloud checks `held` and continues `want` tokens in one verify call; the answer takes what it
+        kept, its replacement or continuation. None: the cloud failed (nothing emitted)."""
+        assert self.cloud is not None
+        top_n = 1 if run.params.greedy else self.config.verify_logprobs
+        try:
+            verdict = await self.cloud.verify(run.context + held, len(held), run.params, top_n, max(1, want))
+        except CloudUnavailable as exc:
+            log.warning("cloud tier unavailable, the edge finishes alone: %s", exc)
+            self._handoff(run, CLOUD_UNAVAILABLE)
+            return None
+        if run.params.greedy:
+            accepted, token = accept_greedy(held, verdict)
+        else:
+            accepted, token = accept_sampled(held, held_probs, verdict, run.params, run.rng)
+        checked = settle_check(held, accepted, token, verdict, want)
+        report = run.report
+        report.cloud_requests += 1
+        report.cloud_passes += checked.passes
+        report.checked_tokens += len(held)
+        report.corrected_tokens += checked.corrected
+        self.metrics.cloud_passes.labels(self.name).inc(checked.passes)
+        self.metrics.checked_tokens.labels(self.name).inc(len(held))
+        if checked.corrected:
+            self.metrics.corrected_tokens.labels(self.name).inc()
+        done = self._emit(run, checked.edge, "edge") or self._emit(run, checked.cloud, "cloud")
+        if not done and checked.finished:  # the cloud stopped on a stop string it matched
+            self._finish_short(run)
+        return checked
 
     def _session(self, run: _Run) -> EdgeSession:
         max_length = min(run.model.context_length, len(run.prompt) + run.params.max_tokens + 1)
@@ -367,23 +418,28 @@ class Collaborator:
         window: collections.deque[float],
         threshold: float,
         metric: str,
-    ) -> tuple[list[int], bool]:
-        """Edge tokens until the window's uncertainty passes `threshold` (True), the answer's budget, an end token
-        or EDGE_CHUNK tokens (False). The uncertain token itself is not taken."""
+        room: int,
+    ) -> tuple[list[int], list[np.ndarray], bool]:
+        """Edge tokens (and their distributions when sampling) until the window's uncertainty passes `threshold`
+        (True), `room` tokens, an end token or EDGE_CHUNK tokens (False). The uncertain token itself is not
+        taken."""
         out: list[int] = []
-        budget = min(EDGE_CHUNK, run.remaining)
+        probs: list[np.ndarray] = []
+        budget = min(EDGE_CHUNK, room)
         eos = run.model.eos_token_ids
         while len(out) < budget:
             if threshold != math.inf:
                 window.append(uncertainty(session.logits, metric))
                 if sum(window) / len(window) > threshold:
-                    return out, True
-            token, _ = pick(session.logits, run.params, run.rng)
+                    return out, probs, True
+            token, p = pick(session.logits, run.params, run.rng)
             out.append(token)
-            if token in eos or token in run.params.stop_token_ids or len(out) == run.remaining:
+            if p is not None:
+                probs.append(p)
+            if token in eos or token in run.params.stop_token_ids or len(out) == room:
                 break
             session.append([token])
-        return out, False
+        return out, probs, False
 
     async def _speculative(self, run: _Run) -> None:
         assert self.cloud is not None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,9 +26,22 @@ UNCERTAINTY, NOT_READY, OVERLOADED, CLOUD_UNAVAILABLE = (
     "cloud_unavailable",
 )
 METRICS = ("margin", "top1", "entropy")
+# What the cloud checks of the cascade's edge tokens: nothing (`off`: they stream as the edge makes them), the edge
+# tokens since the last check at each hand-off, in the hand-off's own call (`handoffs`), or that and the answer's
+# tail in one more call at its end (`full`: every edge token checked; under greedy decoding the answer is the
+# cloud's greedy answer).
+CHECK_OFF, CHECK_HANDOFFS, CHECK_FULL = "off", "handoffs", "full"
+CHECKS = (CHECK_OFF, CHECK_HANDOFFS, CHECK_FULL)
 MAX_K = 32
 OPTION_KEYS = frozenset(
-    {"collaboration", "cascade_threshold", "cascade_window", "cascade_cloud_tokens", "speculative_k"}
+    {
+        "collaboration",
+        "cascade_threshold",
+        "cascade_window",
+        "cascade_cloud_tokens",
+        "cascade_check",
+        "speculative_k",
+    }
 )
 
 
@@ -44,6 +57,7 @@ class CollabConfig:
     cascade_threshold: float = 0.7
     cascade_window: int = 1
     cascade_cloud_tokens: int = 0  # tokens the cloud produces per hand-off; 0: the rest of the answer
+    cascade_check: str = CHECK_FULL  # CHECKS: what the cloud checks of the edge's tokens
     speculative_k: int = 0  # 0: adaptive
     speculative_max_k: int = 12
     verify_logprobs: int = 20  # top log-probabilities a sampled verify asks for (vLLM's default limit)
@@ -58,6 +72,7 @@ class Options:
     cascade_window: int
     cascade_cloud_tokens: int
     speculative_k: int
+    cascade_check: str = CHECK_FULL
 
 
 def parse_options(raw: Any, config: CollabConfig, *, logprobs: bool) -> Options:
@@ -68,6 +83,7 @@ def parse_options(raw: Any, config: CollabConfig, *, logprobs: bool) -> Options:
         config.cascade_window,
         config.cascade_cloud_tokens,
         config.speculative_k,
+        config.cascade_check,
     )
     if raw is not None:
         if not isinstance(raw, dict):
@@ -86,9 +102,17 @@ def parse_options(raw: Any, config: CollabConfig, *, logprobs: bool) -> Options:
                 "kiri.collaboration",
                 "invalid_value",
             )
+        check = raw.get("cascade_check", opts.cascade_check)
+        if check not in CHECKS:
+            raise ApiError(
+                f"kiri.cascade_check must be one of {', '.join(CHECKS)}, got {str(check)[:40]!r}",
+                "kiri.cascade_check",
+                "invalid_value",
+            )
         opts = replace(
             opts,
             mode=mode,
+            cascade_check=check,
             cascade_threshold=_number(raw, "cascade_threshold", opts.cascade_threshold),
             cascade_window=_count(raw, "cascade_window", opts.cascade_window, 1, 64),
             cascade_cloud_tokens=_count(raw, "cascade_cloud_tokens", opts.cascade_cloud_tokens, 0, 1 << 20),
@@ -134,6 +158,10 @@ class Report:
     cloud_requests: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    checked_tokens: int = 0  # cascade: edge tokens the cloud checked
+    corrected_tokens: int = (
+        0  # cascade: edge tokens the cloud replaced (each ends its check; the rest is dropped)
+    )
     handoffs: int = 0
     handoff_reason: str | None = None
 
@@ -153,6 +181,34 @@ class Verdict:
     draft_logprobs: list[float]  # the cloud's log-probability of each draft token
     next_token: int  # what the cloud generated after the whole draft
     seconds: float = 0.0
+    continuation: list[int] = field(
+        default_factory=list
+    )  # all it generated after the draft (next_token first)
+    finished: bool = False  # the continuation ended on its own (eos, a stop token or string)
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A cascade check settled: what the answer takes from it, in order (`edge` then `cloud`), and its cost."""
+
+    edge: list[int]  # the checked edge tokens the cloud kept
+    cloud: list[int]  # the cloud's replacement of the first refused edge token, or its continuation
+    corrected: bool  # an edge token was refused: the edge resumes after the replacement
+    finished: bool  # the cloud's continuation ended the answer on its own
+    passes: int  # cloud forward passes the call ran: the span and its first token in one, then one per token
+
+
+def settle_check(held: Sequence[int], accepted: int, token: int, verdict: Verdict, want: int) -> Checked:
+    """The answer's part of one cascade check of `held` edge tokens (the cloud kept `accepted` of them; `token`:
+    its replacement of the next one, or its first token after all of them), continuing `want` cloud tokens when
+    it kept them all (0: a final check, nothing after). A refusal drops the continuation: it followed the edge's
+    refused token."""
+    passes = max(1, len(verdict.continuation))
+    if accepted < len(held):
+        return Checked(list(held[:accepted]), [token], True, False, passes)
+    continuation = verdict.continuation or [token]
+    finished = verdict.finished and 0 < len(continuation) <= want
+    return Checked(list(held), list(continuation[:want]), False, finished, passes)
 
 
 # --------------------------------------------------------------------------------------------- decisions (pure)

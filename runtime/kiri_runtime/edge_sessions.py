@@ -30,6 +30,12 @@ class EdgeSession:
         self.length += len(tokens)
         self.logits = np.asarray(self.generator.get_logits(), dtype=np.float32).reshape(-1)
 
+    def rewind(self, keep: int) -> None:
+        """Drop everything after `keep` tokens (the logits go stale: append before reading them)."""
+        if keep < self.length:
+            self.generator.rewind_to(keep)
+            self.length = keep
+
     def replace_tail(self, keep: int, tokens: Sequence[int]) -> None:
         """Drop everything after `keep` tokens (rejected drafts), then append `tokens`."""
         if keep < self.length:

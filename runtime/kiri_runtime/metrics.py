@@ -223,3 +223,56 @@ def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
     for i, count in enumerate(counts):
         if count:
             histogram._buckets[i].inc(count)
+
+
+class CollabMetrics:
+    """Edge-cloud collaboration (collaborating.py), vLLM's spec-decode names with the kiri: prefix:
+
+    | name | type | labels | meaning |
+    |---|---|---|---|
+    | `kiri:collab_requests_total` | counter | model, collaboration | generation requests by the mode that served them |
+    | `kiri:collab_tokens_total` | counter | model, tier | answer tokens by the tier that produced them (`edge`, `cloud`) |
+    | `kiri:collab_handoffs_total` | counter | model, reason | hand-offs: `uncertainty`, `not_ready`, `overloaded`, `cloud_unavailable` |
+    | `kiri:collab_cloud_passes_total` | counter | model | cloud forward passes (cloud passes per token: over `collab_tokens_total`) |
+    | `kiri:collab_cascade_checked_tokens_total` | counter | model | cascade edge tokens the cloud checked |
+    | `kiri:collab_cascade_corrected_tokens_total` | counter | model | cascade edge tokens the cloud replaced |
+    | `kiri:spec_decode_num_drafts_total` | counter | model | verify rounds |
+    | `kiri:spec_decode_num_draft_tokens_total` | counter | model | draft tokens sent |
+    | `kiri:spec_decode_num_accepted_tokens_total` | counter | model | draft tokens accepted (acceptance rate: over draft tokens) |
+    """
+
+    def __init__(self, metrics: RuntimeMetrics) -> None:
+        r = metrics.registry
+        self.runtime = metrics
+        self.requests = Counter(
+            "kiri:collab_requests",
+            "Generation requests by collaboration mode.",
+            ["model", "collaboration"],
+            registry=r,
+        )
+        self.tokens = Counter("kiri:collab_tokens", "Answer tokens by tier.", ["model", "tier"], registry=r)
+        self.handoffs = Counter(
+            "kiri:collab_handoffs", "Hand-offs by reason.", ["model", "reason"], registry=r
+        )
+        self.cloud_passes = Counter(
+            "kiri:collab_cloud_passes", "Cloud forward passes.", ["model"], registry=r
+        )
+        self.drafts = Counter("kiri:spec_decode_num_drafts", "Verify rounds.", ["model"], registry=r)
+        self.draft_tokens = Counter(
+            "kiri:spec_decode_num_draft_tokens", "Draft tokens.", ["model"], registry=r
+        )
+        self.accepted_tokens = Counter(
+            "kiri:spec_decode_num_accepted_tokens", "Accepted draft tokens.", ["model"], registry=r
+        )
+        self.checked_tokens = Counter(
+            "kiri:collab_cascade_checked_tokens",
+            "Cascade edge tokens the cloud checked.",
+            ["model"],
+            registry=r,
+        )
+        self.corrected_tokens = Counter(
+            "kiri:collab_cascade_corrected_tokens",
+            "Cascade edge tokens the cloud replaced.",
+            ["model"],
+            registry=r,
+        )

@@ -166,6 +166,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="cascade: tokens the cloud produces per hand-off before the edge resumes (0: the rest)",
     )
     collab.add_argument(
+        "--cascade-check",
+        choices=["off", "handoffs", "full"],
+        default="full",
+        help="cascade: what the cloud checks of the edge's tokens: nothing (they stream as made), the edge's "
+        "tokens since the last check, in each hand-off's call, or that and the answer's tail at its end "
+        "(full: every token checked)",
+    )
+    collab.add_argument(
         "--speculative-k", type=int, default=0, help="speculative: draft tokens per round (0: adaptive)"
     )
     collab.add_argument(
@@ -267,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
             cascade_threshold=args.cascade_threshold,
             cascade_window=args.cascade_window,
             cascade_cloud_tokens=max(0, args.cascade_cloud_tokens),
+            cascade_check=args.cascade_check,
             speculative_k=max(0, args.speculative_k),
             speculative_max_k=args.speculative_max_k,
         ),

@@ -13,6 +13,10 @@ tokens at each position, keyed "token_id:N", with the token actually there). Pos
 model's distribution given tokens < j, so the k draft positions and the one generated token come from one pass.
 Log-probabilities are the model's own (temperature 1, before top-k/top-p), as vLLM's are.
 
+The checked cascade's hand-off (collaborating.py, `--cascade-check`) is the same call with `max_tokens` = the
+hand-off's cloud tokens (and the request's `stop` when above 1): the held edge tokens scored and the cloud's
+continuation after them, one request, one prefill. The continuation is used only when every held token stands.
+
 onnxruntime-genai 0.18, measured: `Generator.get_logits()` after `append_tokens` of many tokens returns only the
 last position ([1, 1, vocab]); `get_output("logits")` returns every appended position ([1, n, vocab]). The
 prompt's logits so come from the prefill itself: no second pass. Prefill logits agree with token-by-token

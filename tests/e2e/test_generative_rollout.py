@@ -320,6 +320,7 @@ def test_a_generative_model_deployment_rolls_out_in_waves_on_the_lm_presets_and_
     assert args1[args1.index("--collaboration") :] == [
         "--collaboration", "cascade", "--cloud-model", MODEL, "--cascade-metric", "margin",
         "--cascade-threshold", "0.9", "--cascade-window", "1", "--cascade-cloud-tokens", "1",
+        "--cascade-check", "full",
     ]  # fmt: skip
     assert _flag(args1, "--fallback-url") == f"http://{NAME}-cloud.{namespace}.svc:8080"
     assert condition(r.md(), "CloudReady")["status"] == "True"

@@ -593,6 +593,7 @@ class FallbackSpec(ApiModel):
 
 CollaborationMode = Literal["edge-only", "cloud-only", "speculative", "cascade"]
 CascadeMetric = Literal["margin", "top1", "entropy"]
+CascadeCheck = Literal["off", "handoffs", "full"]
 # Modes in which the edge talks to the cloud tier per token.
 CLOUD_MODES = ("cloud-only", "speculative", "cascade")
 MAX_ENTROPY_NATS = 20.0
@@ -627,6 +628,13 @@ class CascadeSpec(ApiModel):
     cloud_tokens: Annotated[int, Field(ge=0, le=4096)] = 0
     """Tokens the cloud produces per hand-off before the edge resumes; 0: the cloud finishes the answer.
     `--cascade-cloud-tokens`."""
+    check: CascadeCheck = "full"
+    """What the cloud checks of the edge's tokens, with no extra round trip per hand-off: `off` (edge tokens
+    stream as the edge makes them; an int4 flip the uncertainty misses stands), `handoffs` (the edge tokens since
+    the last check go with each hand-off's call, scored in the same forward pass; the first one the cloud
+    refuses is replaced by the cloud's and the edge resumes after it), or `full` (that, and one more call at the
+    answer's end for its tail: every token checked; under greedy decoding the answer is the cloud's greedy
+    answer). Checked tokens reach the client once checked. `--cascade-check`."""
 
     @model_validator(mode="after")
     def _threshold_fits_metric(self) -> CascadeSpec:

@@ -716,6 +716,8 @@ def collaboration_args(spec: ModelDeploymentSpec) -> list[str]:
             str(cascade.window),
             "--cascade-cloud-tokens",
             str(cascade.cloud_tokens),
+            "--cascade-check",
+            cascade.check,
         ]
     elif collaboration.mode == "speculative":
         speculative = collaboration.speculative or SpeculativeSpec()

@@ -203,6 +203,8 @@ def test_speculative_at_concurrency_four_and_cloud_only_give_the_same_text_as_cl
             "cloud_requests": 1,
             "draft_tokens": 0,
             "accepted_tokens": 0,
+            "checked_tokens": 0,
+            "corrected_tokens": 0,
             "handoffs": 0,
             "handoff_reason": None,
         }
@@ -290,7 +292,13 @@ def test_the_cascade_hands_a_token_to_the_cloud_exactly_where_the_edge_is_uncert
     assert closest > 1e-3  # no uncertainty sits on the threshold: the server must see the same side
     assert 0 < tiers.count("cloud") < len(tiers)  # the prompt and threshold exercise both tiers
     answer = complete(
-        edge, prompt, 24, collaboration="cascade", cascade_threshold=threshold, cascade_cloud_tokens=1
+        edge,
+        prompt,
+        24,
+        collaboration="cascade",
+        cascade_threshold=threshold,
+        cascade_cloud_tokens=1,
+        cascade_check="off",
     )
     kiri = answer["usage"]["kiri"]
     assert (kiri["edge_tokens"], kiri["cloud_tokens"]) == (tiers.count("edge"), tiers.count("cloud"))
@@ -301,7 +309,9 @@ def test_the_cascade_hands_a_token_to_the_cloud_exactly_where_the_edge_is_uncert
 def test_a_cascade_whose_threshold_is_never_passed_stays_on_the_edge_and_one_at_zero_goes_to_the_cloud(
     edge: ThreadedServer, edge_dir: Path, cloud_dir: Path
 ) -> None:
-    calm = complete(edge, "import os\n", 20, collaboration="cascade", cascade_threshold=100.0)
+    calm = complete(
+        edge, "import os\n", 20, collaboration="cascade", cascade_threshold=100.0, cascade_check="off"
+    )
     edge_only = complete(edge, "import os\n", 20, collaboration="edge-only")
     assert calm["choices"][0]["text"] == edge_only["choices"][0]["text"]
     assert (calm["usage"]["kiri"]["edge_tokens"], calm["usage"]["kiri"]["handoffs"]) == (20, 0)
@@ -319,6 +329,229 @@ def test_a_cascade_whose_threshold_is_never_passed_stays_on_the_edge_and_one_at_
         1,
     )
     assert metric(edge, "kiri:collab_handoffs_total", reason="uncertainty") == before + 1
+
+
+def raw_checked_cascade(
+    edge: Greedy, cloud: Greedy, ids: list[int], n: int, threshold: float, final: bool = True
+) -> tuple[list[int], dict[str, int], float]:
+    """The checked cascade by hand (window 1, one cloud token per hand-off): the edge's greedy tokens are held
+    until its uncertainty passes the threshold (or the answer ends: checked too when `final`); then each held
+    token stands while it is the cloud's argmax after the tokens before it; the first that is not is replaced by
+    the cloud's and the edge resumes after it; all standing: the cloud's next token. Returns the tokens, the
+    counts the answer must report, and how close an uncertainty came to the threshold."""
+    out: list[int] = []
+    counts = {"edge": 0, "cloud": 0, "checked": 0, "corrected": 0, "requests": 0, "handoffs": 0}
+    closest = float("inf")
+    held: list[int] = []
+    while len(out) < n and 2 not in out:
+        logits = edge.logits(ids + out + held)
+        h = margin_uncertainty(logits)
+        closest = min(closest, abs(h - threshold))
+        uncertain = h > threshold
+        if not uncertain:
+            held.append(int(np.argmax(logits)))
+            if held[-1] != 2 and len(out) + len(held) < n:
+                continue
+        counts["handoffs"] += uncertain
+        if held and (uncertain or final):
+            counts["requests"] += 1
+            counts["checked"] += len(held)
+            for i, token in enumerate(held):
+                best = int(np.argmax(cloud.logits(ids + out + held[:i])))
+                if best != token:
+                    out += [*held[:i], best]
+                    counts["edge"] += i
+                    counts["cloud"] += 1
+                    counts["corrected"] += 1
+                    break
+            else:
+                out += held
+                counts["edge"] += len(held)
+                if uncertain:
+                    out.append(int(np.argmax(cloud.logits(ids + out))))
+                    counts["cloud"] += 1
+        elif held:
+            out += held
+            counts["edge"] += len(held)
+        else:
+            counts["requests"] += 1
+            out.append(int(np.argmax(cloud.logits(ids + out))))
+            counts["cloud"] += 1
+        held = []
+    return out[:n], counts, closest
+
+
+def _flipped_case(edge_ref: Greedy, cloud_ref: Greedy, n: int) -> tuple[str, float]:
+    """A prompt and threshold where the unchecked cascade's answer leaves the cloud's greedy one (an int4 flip
+    its uncertainty did not flag) while handing off at least once, no uncertainty near the threshold."""
+    for threshold in (0.9, 0.94, 0.96, 0.98):
+        for prompt in PROMPTS:
+            ids = edge_ref.encode(prompt)
+            tiers, closest = raw_cascade(edge_ref, cloud_ref, ids, n, threshold)
+            _, _, closest_checked = raw_checked_cascade(edge_ref, cloud_ref, ids, n, threshold)
+            if "cloud" not in tiers or min(closest, closest_checked) < 1e-3:
+                continue
+            context = list(ids)
+            for tier in tiers:  # the unchecked cascade's tokens, rebuilt from its tiers
+                model = cloud_ref if tier == "cloud" else edge_ref
+                context.append(int(np.argmax(model.logits(context))))
+            if context[len(ids) :] != cloud_ref.generate(ids, n)[: len(tiers)]:
+                return prompt, threshold
+    raise AssertionError("no prompt and threshold with an unflagged int4 flip: the fixture changed")
+
+
+def test_the_checked_cascade_corrects_an_int4_flip_its_uncertainty_missed_and_answers_the_cloud_greedy_text(
+    edge: ThreadedServer, edge_dir: Path, cloud_dir: Path
+) -> None:
+    edge_ref, cloud_ref = Greedy(edge_dir), Greedy(cloud_dir)
+    n = 24
+    prompt, threshold = _flipped_case(edge_ref, cloud_ref, n)
+    ids = edge_ref.encode(prompt)
+    cloud_text = cloud_ref.decode(cloud_ref.generate(ids, n))
+    options = {"collaboration": "cascade", "cascade_threshold": threshold, "cascade_cloud_tokens": 1}
+    unchecked = complete(edge, prompt, n, **options, cascade_check="off")
+    assert unchecked["choices"][0]["text"] != cloud_text  # the flip is there without the check
+
+    before = [
+        metric(edge, name)
+        for name in ("kiri:collab_cascade_checked_tokens_total", "kiri:collab_cascade_corrected_tokens_total")
+    ]
+    checked = complete(edge, prompt, n, **options, cascade_check="full")
+    assert checked["choices"][0]["text"] == cloud_text
+    tokens, counts, _ = raw_checked_cascade(edge_ref, cloud_ref, ids, n, threshold)
+    assert cloud_ref.decode(tokens) == cloud_text
+    kiri = checked["usage"]["kiri"]
+    assert counts["corrected"] >= 1
+    assert (
+        kiri["edge_tokens"],
+        kiri["cloud_tokens"],
+        kiri["checked_tokens"],
+        kiri["corrected_tokens"],
+        kiri["cloud_requests"],
+        kiri["handoffs"],
+    ) == (
+        counts["edge"],
+        counts["cloud"],
+        counts["checked"],
+        counts["corrected"],
+        counts["requests"],
+        counts["handoffs"],
+    )
+    # a replaced token is the cloud's: the tiers add up to the answer, and the edge's share is what it kept
+    assert kiri["edge_tokens"] + kiri["cloud_tokens"] == checked["usage"]["completion_tokens"]
+    after = [
+        metric(edge, name)
+        for name in ("kiri:collab_cascade_checked_tokens_total", "kiri:collab_cascade_corrected_tokens_total")
+    ]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [counts["checked"], counts["corrected"]]
+
+
+def test_a_cascade_checked_at_hand_offs_only_leaves_the_answers_tail_to_the_edge(
+    edge: ThreadedServer, edge_dir: Path, cloud_dir: Path
+) -> None:
+    edge_ref, cloud_ref = Greedy(edge_dir), Greedy(cloud_dir)
+    n = 24
+    prompt, threshold = _flipped_case(edge_ref, cloud_ref, n)
+    ids = edge_ref.encode(prompt)
+    tokens, counts, _ = raw_checked_cascade(edge_ref, cloud_ref, ids, n, threshold, final=False)
+    answer = complete(
+        edge,
+        prompt,
+        n,
+        collaboration="cascade",
+        cascade_threshold=threshold,
+        cascade_cloud_tokens=1,
+        cascade_check="handoffs",
+    )
+    assert answer["choices"][0]["text"] == cloud_ref.decode(tokens)
+    kiri = answer["usage"]["kiri"]
+    assert (kiri["edge_tokens"], kiri["cloud_tokens"], kiri["checked_tokens"], kiri["cloud_requests"]) == (
+        counts["edge"],
+        counts["cloud"],
+        counts["checked"],
+        counts["requests"],
+    )
+
+
+def test_a_checked_cascade_that_never_hands_off_is_checked_at_the_end_and_streams_the_cloud_text(
+    edge: ThreadedServer, edge_dir: Path, cloud_dir: Path
+) -> None:
+    edge_ref, cloud_ref = Greedy(edge_dir), Greedy(cloud_dir)
+    n = 20
+    # a prompt the edge alone answers otherwise than the cloud
+    prompt = next(
+        p
+        for p in PROMPTS
+        if edge_ref.generate(edge_ref.encode(p), n) != cloud_ref.generate(edge_ref.encode(p), n)
+    )
+    ids = cloud_ref.encode(prompt)
+    cloud_text = cloud_ref.decode(cloud_ref.generate(ids, n))
+    tokens, counts, _ = raw_checked_cascade(edge_ref, cloud_ref, ids, n, 100.0)
+    assert counts["corrected"] >= 1
+    client = openai.OpenAI(base_url=f"{edge.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt=prompt,
+            temperature=0,
+            max_tokens=n,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"kiri": {"collaboration": "cascade", "cascade_threshold": 100.0}},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cloud_text == cloud_ref.decode(tokens)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.model_extra is not None
+    kiri = usage.model_extra["kiri"]  # the default check (full): every round checked, no hand-off
+    assert (kiri["handoffs"], kiri["cloud_requests"], kiri["edge_tokens"], kiri["cloud_tokens"]) == (
+        0,
+        counts["requests"],
+        counts["edge"],
+        counts["cloud"],
+    )
+    assert kiri["cloud_tokens"] == kiri["corrected_tokens"] == counts["corrected"]
+
+
+def test_a_checked_cascade_with_a_stop_string_ends_where_the_cloud_only_answer_ends(
+    edge: ThreadedServer,
+) -> None:
+    for prompt in PROMPTS:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "temperature": 0, "stop": ["\n"]}
+        ref = httpx.post(
+            f"{edge.url}/v1/completions", json={**body, "kiri": {"collaboration": "cloud-only"}}, timeout=120
+        ).json()
+        got = httpx.post(
+            f"{edge.url}/v1/completions",
+            json={**body, "kiri": {"collaboration": "cascade", "cascade_threshold": 0.96}},
+            timeout=120,
+        ).json()
+        assert got["choices"][0]["text"] == ref["choices"][0]["text"]
+        assert got["choices"][0]["finish_reason"] == ref["choices"][0]["finish_reason"]
+        kiri = got["usage"]["kiri"]
+        assert kiri["edge_tokens"] + kiri["cloud_tokens"] == got["usage"]["completion_tokens"]
+
+
+def test_a_sampled_checked_cascade_checks_every_edge_token_it_keeps(edge: ThreadedServer) -> None:
+    body = {
+        "model": "tiny",
+        "prompt": "def dedent(text):\n",
+        "max_tokens": 32,
+        "temperature": 0.8,
+        "top_k": 10,
+        "seed": 7,
+        "kiri": {"collaboration": "cascade", "cascade_threshold": 100.0},
+    }
+    answer = httpx.post(f"{edge.url}/v1/completions", json=body, timeout=120).json()
+    kiri = answer["usage"]["kiri"]
+    assert kiri["edge_tokens"] + kiri["cloud_tokens"] == answer["usage"]["completion_tokens"]
+    # no hand-off: the cloud's tokens are its replacements, each ending one check
+    assert kiri["handoffs"] == 0
+    assert kiri["cloud_tokens"] == kiri["corrected_tokens"]
+    # every check but one that ends the answer replaced a token (with no hand-off a check that keeps its whole
+    # span is the final one)
+    assert kiri["cloud_requests"] - kiri["corrected_tokens"] in (0, 1)
+    assert kiri["edge_tokens"] <= kiri["checked_tokens"]
 
 
 def test_speculative_metrics_count_drafts_accepted_tokens_tiers_and_cloud_passes(
@@ -394,6 +627,8 @@ def test_an_edge_whose_model_is_not_loaded_has_the_cloud_answer_with_the_reason(
         "cloud_requests": 1,
         "draft_tokens": 0,
         "accepted_tokens": 0,
+        "checked_tokens": 0,
+        "corrected_tokens": 0,
         "handoffs": 1,
         "handoff_reason": "not_ready",
     }

@@ -11,8 +11,7 @@ from types import ModuleType
 import pytest
 from prometheus_client import generate_latest
 
-from kiri_runtime.collaborating import CollabMetrics
-from kiri_runtime.metrics import RuntimeMetrics
+from kiri_runtime.metrics import CollabMetrics, RuntimeMetrics
 
 SCRIPT = Path(__file__).resolve().parents[3] / "hack" / "demo_lm.py"
 

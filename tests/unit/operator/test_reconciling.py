@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kiri_operator import reconciling
+from kiri_operator import diagnosing, reconciling
 from kiri_operator.caches import Cache
 from kiri_operator.kube import KubeError
 from kiri_operator.planning import Settings
@@ -353,7 +353,7 @@ def test_a_namespaces_failed_creates_are_listed_once_per_ttl_however_many_childr
     kube = RecordingKube()
     kube.namespace_events = [_failed_create("DaemonSet", "a"), _failed_create("Job", "a")]
     now = [0.0]
-    seen = reconciling.NamespaceEvents(kube, ttl=15.0, monotonic=lambda: now[0])  # type: ignore[arg-type]
+    seen = diagnosing.NamespaceEvents(kube, ttl=15.0, monotonic=lambda: now[0])  # type: ignore[arg-type]
     assert seen.about("ns", "FailedCreate", "DaemonSet", {"a"}) == [_failed_create("DaemonSet", "a")]
     assert seen.about("ns", "FailedCreate", "DaemonSet", {"b"}) == []
     now[0] = 14.9
@@ -370,6 +370,26 @@ def test_a_namespaces_failed_creates_are_listed_once_per_ttl_however_many_childr
         ("events", "ns/*", "Unhealthy"),
         ("events", "ns/*", "FailedCreate"),
     ]
+
+
+def test_only_what_lingers_past_the_grace_is_reported_and_what_recovers_starts_its_grace_again():
+    now = [100.0]
+    lingering = diagnosing.Lingering(grace=10.0, monotonic=lambda: now[0])
+    a, b = ("DaemonSet", "a"), ("DaemonSet", "b")
+    assert lingering.lingering(("ns", "md"), [a]) == set()
+    now[0] = 105.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == set()
+    now[0] = 110.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == {a}
+    assert lingering.lingering(("ns", "other"), [a]) == set()  # each ModelDeployment its own
+    now[0] = 111.0
+    assert lingering.lingering(("ns", "md"), [b]) == set()  # a recovered: forgotten
+    now[0] = 115.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == {b}  # b since 105; a again since 115
+    now[0] = 125.0
+    assert lingering.lingering(("ns", "md"), [a, b]) == {a, b}
+    lingering.forget(("ns", "md"))
+    assert lingering.lingering(("ns", "md"), [a, b]) == set()
 
 
 def _serving_pod(name: str, component: str, not_ready_since: str, ready: bool = False) -> dict[str, Any]:
@@ -422,6 +442,11 @@ def test_cloud_ready_quotes_the_readiness_probe_output_from_the_kubelets_event(m
     ]
     kube.calls.clear()
     r.reconcile(("ns", "md"))
+    # Not ready for less than EVENT_GRACE_SECONDS as far as this operator has seen: no Events read yet.
+    assert ("events", "ns/*", "Unhealthy") not in kube.calls
+    assert _cloud_ready(cache)["message"] == "0/1 replicas ready"
+    clock[0] += diagnosing.EVENT_GRACE_SECONDS
+    r.reconcile(("ns", "md"))
     assert kube.calls.count(("events", "ns/*", "Unhealthy")) == 1
     cond = _cloud_ready(cache)
     assert (cond["status"], cond["reason"]) == ("False", "DeploymentProgressing")
@@ -436,7 +461,7 @@ def test_cloud_ready_quotes_the_readiness_probe_output_from_the_kubelets_event(m
     r.reconcile(("ns", "md"))
     assert ("events", "ns/*", "Unhealthy") not in kube.calls
     assert _cloud_ready(cache)["message"].endswith(f"readiness probe: {said}")
-    clock[0] += reconciling.EVENT_LIST_SECONDS
+    clock[0] += diagnosing.EVENT_LIST_SECONDS
     r.reconcile(("ns", "md"))
     assert kube.calls.count(("events", "ns/*", "Unhealthy")) == 1
     assert (

@@ -15,6 +15,7 @@ from kiri_runtime.collaborations import (
     accept_sampled,
     parse_options,
     sampling_probs,
+    settle_check,
     uncertainty,
 )
 from kiri_runtime.generation_api import ApiError
@@ -46,6 +47,8 @@ def test_request_options_override_the_deployments_and_default_to_it() -> None:
         ({"cascade_cloud_tokens": -1}, "kiri.cascade_cloud_tokens"),
         ({"speculative_k": 1.5}, "kiri.speculative_k"),
         ({"mode": "cascade"}, "kiri.mode"),
+        ({"cascade_check": "always"}, "kiri.cascade_check"),
+        ({"cascade_check": True}, "kiri.cascade_check"),
     ],
 )
 def test_a_bad_option_is_refused_naming_it(raw: object, param: str) -> None:
@@ -124,3 +127,67 @@ def test_uncertainty_is_the_top_two_margin_one_minus_the_top_probability_or_entr
         assert uncertainty(sure, metric) < 1e-9
     two_way = np.log(np.array([0.5, 0.3, 0.1, 0.1]))
     assert uncertainty(two_way, "margin") == pytest.approx(0.8)
+
+
+def test_the_cascade_check_is_full_by_default_and_a_request_may_turn_it_off() -> None:
+    assert parse_options(None, WITH_CLOUD, logprobs=False).cascade_check == "full"
+    assert parse_options({"cascade_check": "off"}, WITH_CLOUD, logprobs=False).cascade_check == "off"
+    handoffs = CollabConfig(mode="cascade", cloud_url="http://cloud:8080", cascade_check="handoffs")
+    assert parse_options({"cascade_window": 2}, handoffs, logprobs=False).cascade_check == "handoffs"
+
+
+def _checked_verdict(
+    span: list[int], cloud_argmax: list[int], continuation: list[int], finished: bool
+) -> Verdict:
+    top = [
+        {best: -0.1, token: -2.0} if best != token else {best: -0.1}
+        for token, best in zip(span, cloud_argmax, strict=True)
+    ]
+    return Verdict(top, [-0.1] * len(span), continuation[0], 0.0, continuation, finished)
+
+
+def test_a_check_that_refuses_an_edge_token_keeps_the_prefix_replaces_it_and_drops_the_continuation() -> None:
+    held = [5, 6, 7, 8]
+    verdict = _checked_verdict(held, [5, 6, 9, 8], [40, 41, 42], finished=False)
+    accepted, token = accept_greedy(held, verdict)
+    checked = settle_check(held, accepted, token, verdict, 3)
+    # edge: the two agreeing tokens; cloud: its replacement of the third (a cloud token, not an edge one); the
+    # fourth edge token and the cloud's three tokens after the whole span followed the refused token: dropped
+    assert (checked.edge, checked.cloud, checked.corrected, checked.finished) == ([5, 6], [9], True, False)
+    assert checked.passes == 3  # the cloud ran them: the span with its first token in one pass, then two
+
+
+def test_a_check_that_keeps_every_edge_token_takes_the_clouds_continuation_up_to_the_hand_offs_share() -> (
+    None
+):
+    held = [5, 6]
+    verdict = _checked_verdict(held, [5, 6], [40, 41], finished=True)
+    accepted, token = accept_greedy(held, verdict)
+    checked = settle_check(held, accepted, token, verdict, 2)
+    assert (checked.edge, checked.cloud, checked.corrected, checked.finished, checked.passes) == (
+        [5, 6],
+        [40, 41],
+        False,
+        True,
+        2,
+    )
+    one = settle_check(held, accepted, token, verdict, 1)  # asked for one: the cloud did not end the answer
+    assert (one.cloud, one.finished) == ([40], False)
+
+
+def test_a_final_check_that_keeps_every_edge_token_adds_no_cloud_token() -> None:
+    held = [5, 6, 2]
+    verdict = _checked_verdict(held, [5, 6, 2], [7], finished=False)
+    accepted, token = accept_greedy(held, verdict)
+    checked = settle_check(held, accepted, token, verdict, 0)
+    assert (checked.edge, checked.cloud, checked.corrected, checked.finished, checked.passes) == (
+        [5, 6, 2],
+        [],
+        False,
+        False,
+        1,
+    )
+    refused = _checked_verdict(held, [5, 3, 2], [7], finished=False)
+    accepted, token = accept_greedy(held, refused)
+    checked = settle_check(held, accepted, token, refused, 0)
+    assert (checked.edge, checked.cloud, checked.corrected) == ([5], [3], True)

@@ -84,10 +84,16 @@ def test_cascade_passes_its_settings_and_the_cloud_service_as_the_cloud_tier() -
     s = lm_spec(
         {
             "mode": "cascade",
-            "cascade": {"metric": "entropy", "threshold": 2.5, "window": 4, "cloudTokens": 16},
+            "cascade": {
+                "metric": "entropy",
+                "threshold": 2.5,
+                "window": 4,
+                "cloudTokens": 16,
+                "check": "handoffs",
+            },
         }
     )
-    assert _args(s)[-16:] == [
+    assert _args(s)[-18:] == [
         "--fallback-url",
         CLOUD_URL,
         "--queue-limit",
@@ -104,11 +110,13 @@ def test_cascade_passes_its_settings_and_the_cloud_service_as_the_cloud_tier() -
         "4",
         "--cascade-cloud-tokens",
         "16",
+        "--cascade-check",
+        "handoffs",
     ]
 
 
 def test_cascade_without_settings_passes_the_documented_defaults() -> None:
-    assert _args(lm_spec({"mode": "cascade"}))[-12:] == [
+    assert _args(lm_spec({"mode": "cascade"}))[-14:] == [
         "--collaboration",
         "cascade",
         "--cloud-model",
@@ -121,6 +129,8 @@ def test_cascade_without_settings_passes_the_documented_defaults() -> None:
         "1",
         "--cascade-cloud-tokens",
         "0",
+        "--cascade-check",
+        "full",
     ]
 
 
@@ -273,7 +283,7 @@ def test_the_example_manifest_runs_a_cascade_against_its_cloud_service_gated_on_
     ds = B.edge_daemonset(
         md.spec, owner, "rev1", "comp1", "q4", B.EdgeArtifact("https://store.example/q4.tar", SHA), ["n1"], {}
     )
-    assert ds["spec"]["template"]["spec"]["containers"][0]["args"][-16:] == [
+    assert ds["spec"]["template"]["spec"]["containers"][0]["args"][-18:] == [
         "--fallback-url",
         "http://assistant-cloud.team-a.svc:8080",
         "--queue-limit",
@@ -290,6 +300,8 @@ def test_the_example_manifest_runs_a_cascade_against_its_cloud_service_gated_on_
         "2",
         "--cascade-cloud-tokens",
         "0",
+        "--cascade-check",
+        "full",
     ]
     assert md.spec.rollout.analysis is not None
     assert [(q.preset, q.relative_to_stable) for q in md.spec.rollout.analysis.queries] == [
@@ -305,7 +317,13 @@ def test_the_example_manifest_runs_a_cascade_against_its_cloud_service_gated_on_
     [
         {
             "mode": "cascade",
-            "cascade": {"metric": "entropy", "threshold": 2.5, "window": 4, "cloudTokens": 16},
+            "cascade": {
+                "metric": "entropy",
+                "threshold": 2.5,
+                "window": 4,
+                "cloudTokens": 16,
+                "check": "off",
+            },
         },
         {"mode": "speculative", "speculative": {"k": 4, "maxK": 8}},
         {"mode": "cloud-only"},
@@ -322,11 +340,18 @@ def test_kiri_serve_reads_the_edge_pods_flags_as_the_spec_says(collaboration: di
         CLOUD_URL,
     )
     cascade = collaboration.get("cascade", {})
-    assert (args.cascade_metric, args.cascade_threshold, args.cascade_window, args.cascade_cloud_tokens) == (
+    assert (
+        args.cascade_metric,
+        args.cascade_threshold,
+        args.cascade_window,
+        args.cascade_cloud_tokens,
+        args.cascade_check,
+    ) == (
         cascade.get("metric", "margin"),
         cascade.get("threshold", 0.7),
         cascade.get("window", 1),
         cascade.get("cloudTokens", 0),
+        cascade.get("check", "full"),
     )
     speculative = collaboration.get("speculative", {})
     assert (args.speculative_k, args.speculative_max_k) == (

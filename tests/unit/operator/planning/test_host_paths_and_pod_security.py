@@ -11,12 +11,12 @@ from pydantic import ValidationError
 
 from kiri_operator import conditions as C
 from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.diagnosing import pod_security_refusal, pods_missing
 from kiri_operator.observations import ObjectView
 from kiri_operator.planning import Settings, plan
 from kiri_operator.planning import building as B
 from kiri_operator.planning.revisions import revision_key
 from kiri_operator.plans import Check
-from kiri_operator.reconciling import pod_security_refusal, pods_missing
 from planning_worlds import FakeServer, manifest, observed, spec
 
 REFUSAL = (
