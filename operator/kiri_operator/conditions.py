@@ -31,6 +31,7 @@ EDGE_PROGRESSING: Final = "EdgeProgressing"
 EDGE_ROLLED_OUT: Final = "EdgeRolledOut"
 DEGRADED: Final = "Degraded"
 ROLLED_BACK: Final = "RolledBack"
+ADAPTERS_ROLLED_OUT: Final = "AdaptersRolledOut"
 
 TYPES: Final = (
     READY,
@@ -42,6 +43,7 @@ TYPES: Final = (
     EDGE_ROLLED_OUT,
     DEGRADED,
     ROLLED_BACK,
+    ADAPTERS_ROLLED_OUT,
 )
 
 # For these types True is the bad news, so a True status is a Warning event.
@@ -140,6 +142,11 @@ class Reason:
     STEP_STARTED: Final = "StepStarted"
     ANALYSIS_PASSED: Final = "AnalysisPassed"
     ROLLED_BACK: Final = "RolledBack"
+    # Per-site LoRA adapters (planning.adapting): AdaptersRolledOut, status.edge.adapters[].reason, Events
+    ADAPTER_WORSE_THAN_BASE: Final = "AdapterWorseThanBase"
+    """An adapter's declared held-out metric is worse than the base model's: the site keeps what it serves."""
+    WAITING_FOR_REVISION_ROLLOUT: Final = "WaitingForRevisionRollout"
+    """A site's new adapters wait for the revision rollout in flight to end."""
     # Lost or unreadable rollout memory, and reconciles that fail outright
     ROLLOUT_STATUS_INVALID: Final = "RolloutStatusInvalid"
     STABLE_REVISION_REBUILT: Final = "StableRevisionRebuilt"

@@ -27,6 +27,8 @@ MODEL_DEPLOYMENT: Final = "kiri.dev/modeldeployment"
 REVISION: Final = "kiri.dev/revision"
 COMPRESSION: Final = "kiri.dev/compression"
 VARIANT: Final = "kiri.dev/variant"
+# The adapter revision (a hash of a site's LoRA adapter set) an edge DaemonSet and its pods run; absent: none.
+ADAPTERS: Final = "kiri.dev/adapters"
 TIER: Final = "kiri.dev/tier"
 # A node's memory in MiB, for nodes that do not report allocatable memory.
 MEMORY_MB: Final = "kiri.dev/memory-mb"
@@ -91,8 +93,8 @@ def manifest_name(md: str, compression: str) -> str:
     return child_name(md, "manifest", compression)
 
 
-def edge_name(md: str, revision: str, variant: str) -> str:
-    return child_name(md, revision, variant)
+def edge_name(md: str, revision: str, variant: str, adapters: str = "") -> str:
+    return child_name(md, revision, variant, adapters)
 
 
 def selector_labels(md: str) -> dict[str, str]:

@@ -36,10 +36,12 @@ class Action:
 
 @dataclass(frozen=True)
 class Slot:
-    """Where an edge node belongs: one (revision, variant) DaemonSet."""
+    """Where an edge node belongs: one (revision, variant, adapters) DaemonSet."""
 
     revision: str
     variant: str
+    adapters: str = ""
+    """The site's adapter revision the pods load (planning/adapting); "" for none."""
 
 
 @dataclass

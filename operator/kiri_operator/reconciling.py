@@ -35,7 +35,7 @@ EVENT_REPEAT_SECONDS = 300.0
 # reason, a revision, a step, a bake's start, history) is written at once.
 PROGRESS_FIELDS = {
     "cloud": ("ready",),
-    "edge": ("updatedNodes", "readyNodes"),
+    "edge": ("updatedNodes", "readyNodes", "message"),
     "rollout": ("readyNodes", "progressAt", "message"),
 }
 
@@ -51,6 +51,10 @@ def without_progress(status: Mapping[str, Any]) -> dict[str, Any]:
         edge["perVariant"] = [
             {k: v for k, v in pv.items() if k not in ("nodes", "ready")} for pv in edge["perVariant"]
         ]
+    if isinstance(edge, dict) and isinstance(edge.get("adapters"), list):
+        # A site's adapter wave: the same progress figures as the revision's, per site.
+        sites = [without_progress({"edge": s, "rollout": s.get("rollout")}) for s in edge["adapters"] if s]
+        edge["adapters"] = [{**s["edge"], "rollout": s["rollout"]} for s in sites]
     out["conditions"] = [{k: v for k, v in c.items() if k != "message"} for c in out.get("conditions") or []]
     return out
 

@@ -168,7 +168,8 @@ def render_status(
     pods: Sequence[Mapping[str, Any]],
     now: datetime,
 ) -> str:
-    """The rollout tree: summary, then revision -> variant DaemonSet -> nodes, history and conditions."""
+    """The rollout tree: summary, then revision -> variant DaemonSet -> nodes, each site's adapters, history
+    and conditions."""
     meta, spec, status = md.get("metadata") or {}, md.get("spec") or {}, md.get("status") or {}
     edge, rollout = status.get("edge") or {}, status.get("rollout") or {}
     rollout_spec = spec.get("rollout") or {}
@@ -215,6 +216,8 @@ def render_status(
     for ds in sorted(daemonsets, key=lambda d: str((d.get("metadata") or {}).get("name"))):
         labels = (ds.get("metadata") or {}).get("labels") or {}
         revision, variant = labels.get(L.REVISION, "?"), labels.get(L.VARIANT, "?")
+        if labels.get(L.ADAPTERS):
+            variant += f" + adapters {labels[L.ADAPTERS]}"
         by_revision.setdefault(revision, []).append((variant, _affinity_nodes(ds)))
     lines += ["", "REVISION / VARIANT / NODE                        POD"]
     order = sorted(by_revision, key=lambda r: (r != update, r != stable, r))
@@ -231,6 +234,23 @@ def render_status(
                     f"{' ' if last_variant else '│'}   {'└' if ni == len(nodes) - 1 else '├'}── "
                     f"{node.ljust(32)} {_pod_state(found)}"
                 )
+    sites = edge.get("adapters") or []
+    if sites:
+        lines += ["", "ADAPTERS"]
+        rows = [["SITE", "SERVING", "PREVIOUS", "UPDATE", "NODES", "VERDICT", "REASON"]]
+        rows += [
+            [
+                str(a.get("site", "")),
+                _short(a.get("revision")),
+                _short(a.get("previousRevision")),
+                _short(a.get("updateRevision")),
+                f"{a.get('updatedNodes', 0)}/{a.get('nodes', 0)}",
+                str(a.get("verdict") or "-"),
+                str(a.get("reason") or "-"),
+            ]
+            for a in sites
+        ]
+        lines.append(_table(rows))
     history = status.get("history") or []
     if history:
         lines += ["", "HISTORY"]

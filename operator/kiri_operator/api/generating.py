@@ -221,7 +221,16 @@ def _strip_defaults(node: Any) -> Any:
     if isinstance(node, list):
         return [_strip_defaults(n) for n in node]
     if isinstance(node, dict):
-        return {k: _strip_defaults(v) for k, v in node.items() if k != "default"}
+        out = {}
+        for key, value in node.items():
+            if key == "default":
+                continue
+            if key == "properties" and isinstance(value, dict):
+                # Field names, not keywords: a field called `default` is a field.
+                out[key] = {name: _strip_defaults(sub) for name, sub in value.items()}
+            else:
+                out[key] = _strip_defaults(value)
+        return out
     return node
 
 

@@ -746,6 +746,100 @@ class ArtifactsSpec(ApiModel):
     """How edge pods authenticate to `fetchUri` (an `s3://` or `http(s)://` store)."""
 
 
+MAX_ADAPTERS = 16
+MAX_ADAPTER_SITES = 16
+AdapterMetric = Literal["perplexity", "loss", "accuracy"]
+# Held-out metrics where a smaller value is better; the others (accuracy) are better larger.
+LOWER_IS_BETTER: tuple[str, ...] = ("perplexity", "loss")
+# What `kiri serve --adapter` accepts as a name (runtime/kiri_runtime/adapters.py NAME); `base` is the
+# runtime's name for "no adapter" (`model:base`).
+ADAPTER_NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+ADAPTER_BASE_NAME = "base"
+_ADAPTER_NAME_BASE = "edge.adapters[].name must not be 'base': `model:base` is the base model without adapter"
+_ADAPTER_PVC = (
+    "edge.adapters[].uri: pvc:// is not supported for adapters (edge pods fetch them); use file://, "
+    "http(s):// or s3://"
+)
+_ADAPTER_SITES_UNIQUE = "edge.adapters[].sites must not name a site twice"
+_ADAPTER_NAMES_UNIQUE = "edge.adapters[].name must be unique"
+_ADAPTER_ONE_DEFAULT = "edge.adapters: at most one adapter per site may be its default (default: true)"
+_ADAPTERS_NEED_LM = (
+    "edge.adapters are LoRA adapters of a causal language model: model.source.format must be hf or gguf"
+)
+
+
+class HeldOutMetric(ApiModel):
+    """What the adapter's producer measured on the site's held-out text, for the base model and for the
+    adapter. The rollout refuses an adapter that does worse than the base (`AdapterWorseThanBase`)."""
+
+    metric: AdapterMetric
+    """`perplexity` or `loss` (lower is better) or `accuracy` (higher is better)."""
+    base: Annotated[float, Field(ge=0)]
+    """The base model's value on the site's held-out text."""
+    adapter: Annotated[float, Field(ge=0)]
+    """The value with the adapter on the same text."""
+
+    def worse(self) -> bool:
+        """The adapter does worse than the base (equal is not worse)."""
+        if self.metric in LOWER_IS_BETTER:
+            return self.adapter > self.base
+        return self.adapter < self.base
+
+
+class AdapterSpec(ApiModel):
+    """A LoRA adapter (`.onnx_adapter`) that edge pods of the named sites load beside the base model. A
+    request picks it as `<model.name>:<name>` (vLLM's and LoRAX's convention); a site's default adapter
+    answers the bare `<model.name>`. The variants must be built LoRA-ready (`options.loraTargets`)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=cel_rules(
+            cel(f"self.name != '{ADAPTER_BASE_NAME}'", _ADAPTER_NAME_BASE, field_path=".name"),
+            cel("!self.uri.startsWith('pvc://')", _ADAPTER_PVC, field_path=".uri"),
+        )
+    )
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=ADAPTER_NAME_PATTERN)]
+    """Unique in the ModelDeployment: what a request names after the colon."""
+    uri: Uri
+    """`file://`, `http(s)://` or `s3://` URI of the `.onnx_adapter` file; fetched with
+    `edge.artifacts.credentials`."""
+    sha256: Sha256
+    """Hex sha256 of the file; the runtime refuses any other."""
+    size_bytes: Annotated[int, Field(ge=1)]
+    """The file's size: `rollout.updatePolicy.maxBytesPerDay` counts it for every node that fetches it."""
+    sites: Annotated[
+        list[
+            Annotated[
+                str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+            ]
+        ],
+        Field(
+            min_length=1,
+            max_length=MAX_ADAPTER_SITES,
+            json_schema_extra=cel_rules(
+                cel("self.all(s, self.exists_one(t, t == s))", _ADAPTER_SITES_UNIQUE)
+            ),
+        ),
+    ]
+    """The sites whose edge nodes load it: values of the site label (`learning.siteLabel`, else
+    `kiri.dev/site`)."""
+    default: bool = False
+    """The adapter a bare `<model.name>` gets on these sites; at most one per site. No default: the bare
+    name is the base model."""
+    held_out: HeldOutMetric | None = None
+    """The producer's held-out measurement; when given, an adapter worse than the base never rolls out."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> AdapterSpec:
+        if self.name == ADAPTER_BASE_NAME:
+            raise ValueError(_ADAPTER_NAME_BASE)
+        if self.uri.startswith("pvc://"):
+            raise ValueError(_ADAPTER_PVC)
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError(_ADAPTER_SITES_UNIQUE)
+        return self
+
+
 class EdgeSpec(ApiModel):
     """Compressed variants rolled onto labeled edge nodes."""
 
@@ -779,10 +873,34 @@ class EdgeSpec(ApiModel):
     service_account_name: ServiceAccountName | None = None
     """Service account of the edge pods. Its token is not mounted into the serving container. Unset: the
     namespace's `default`."""
+    adapters: Annotated[
+        list[AdapterSpec],
+        Field(
+            max_length=MAX_ADAPTERS,
+            json_schema_extra=cel_rules(
+                cel("self.all(a, self.exists_one(b, b.name == a.name))", _ADAPTER_NAMES_UNIQUE),
+                cel(
+                    "self.all(a, !a.default || a.sites.all(s, self.exists_one(b, b.default && s in b.sites)))",
+                    _ADAPTER_ONE_DEFAULT,
+                ),
+            ),
+        ),
+    ] = []
+    """Language models: LoRA adapters per site. A change to one site's adapters rolls out on that site
+    alone, as its own small wave (one canary node, then the rest, with the rollout's health gates), and
+    rolls back to the site's previous adapters when it fails; other sites are untouched. Not part of the
+    revision."""
 
     @model_validator(mode="after")
     def _unique(self) -> EdgeSpec:
         _names_unique(self.variants, "edge.variants[].name")
+        _names_unique(self.adapters, "edge.adapters[].name")
+        defaults: dict[str, int] = {}
+        for adapter in self.adapters:
+            for site in adapter.sites if adapter.default else ():
+                defaults[site] = defaults.get(site, 0) + 1
+        if any(n > 1 for n in defaults.values()):
+            raise ValueError(_ADAPTER_ONE_DEFAULT)
         return self
 
 
@@ -1248,6 +1366,11 @@ class ModelDeploymentSpec(ApiModel):
                 field_path=".cloud.resources.gpu",
             ),
             cel(
+                f"!has(self.edge) || !has(self.edge.adapters) || self.edge.adapters.size() == 0 || {_IS_LM}",
+                _ADAPTERS_NEED_LM,
+                field_path=".edge.adapters",
+            ),
+            cel(
                 f"!has(self.edge) || !has(self.edge.collaboration) || {_IS_LM}",
                 _COLLAB_NEEDS_LM,
                 field_path=".edge.collaboration",
@@ -1295,6 +1418,8 @@ class ModelDeploymentSpec(ApiModel):
             ):
                 raise ValueError(_COLLAB_NEEDS_CLOUD)
         variants = self.edge.variants
+        if self.edge.adapters and self.model.source.format not in LM_FORMATS:
+            raise ValueError(_ADAPTERS_NEED_LM)
         if self.model.source.format not in LM_FORMATS:
             if any(v.method in LM_METHODS or any(g.metric in LM_METRICS for g in v.gate) for v in variants):
                 raise ValueError(_NEEDS_LM)

@@ -128,6 +128,9 @@ class EdgeStatus(StatusModel):
     """When the current wave started; bake time counts from when its nodes were all Ready."""
     per_variant: list[VariantProgress] = []
     """Node counts per variant."""
+    adapters: list[SiteAdapters] | None = None
+    """Per site with LoRA adapters (`spec.edge.adapters`): the adapter revision it serves, the previous one,
+    and its own small rollout."""
 
 
 class HistoryEntry(StatusModel):
@@ -340,6 +343,39 @@ class RolloutStatus(StatusModel):
             and self.update_revision != self.stable_revision
             and self.update_revision not in self.rolled_back_revisions
         )
+
+
+class SiteAdapters(StatusModel):
+    """One site's LoRA adapters. An adapter revision is a hash of the site's adapter set (names, URIs,
+    digests) and its default; `base` is no adapter at all."""
+
+    site: str
+    """The site label's value."""
+    revision: str | None = None
+    """The adapter revision every node of the site has served since its last rollout ended: what a
+    rollback goes back to."""
+    previous_revision: str | None = None
+    """The revision the site served before `revision`."""
+    update_revision: str | None = None
+    """The revision the spec asks of this site (equal to `revision` once rolled out)."""
+    adapters: list[str] = []
+    """Names of the adapters of `updateRevision`."""
+    default: str | None = None
+    """The default adapter of `updateRevision` (what a bare model name gets)."""
+    nodes: Annotated[int, Field(ge=0)] = 0
+    """The site's edge nodes."""
+    updated_nodes: Annotated[int, Field(ge=0)] = 0
+    """Nodes assigned to `updateRevision`."""
+    verdict: RolloutVerdict | None = None
+    """The site's adapter rollout verdict."""
+    reason: str = ""
+    """Its reason (e.g. `AdapterWorseThanBase`, `WaitingForReady`, `RollingBack`)."""
+    message: str = ""
+    """Its message."""
+    rollout: Annotated[
+        RolloutStatus | None, Field(json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    ] = None
+    """The site's wave bookkeeping, as `status.rollout` is the revision's. Internal."""
 
 
 class ModelDeploymentStatus(StatusModel):

@@ -40,6 +40,8 @@ class NodePod:
     """Crash-looping: the wave rolls back at once instead of waiting for the progress deadline."""
     reason: str = ""
     """Why it is not Ready, when the pod says (`caches.not_ready_reason`)."""
+    adapters: str = ""
+    """The adapter revision it loads (`kiri.dev/adapters`); "" for none. The revision waves ignore it."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ tier module would import the others' private helpers (as `planning.learning` alr
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from kiri_operator.api.specs import (
     Variant,
     is_default_gate,
 )
+from kiri_operator.planning.adapting import Adapter, AdapterSet
 from kiri_runtime import probing
 
 RUNTIME_UID = 65532
@@ -732,9 +734,13 @@ def edge_daemonset(
     artifact: EdgeArtifact,
     nodes: Sequence[str],
     pod_labels: Mapping[str, str],
+    adapters: AdapterSet | None = None,
 ) -> dict[str, Any]:
+    """One (revision, variant) DaemonSet; with `adapters`, the one of a site's adapter revision too (its
+    name, labels and selector carry the adapter revision, its pods load the adapters)."""
     edge = spec.edge
     port = spec.cloud.port
+    adapter_revision = adapters.revision if adapters is not None and adapters.adapters else ""
     labels = {
         **L.common_labels(owner.name, L.COMPONENT_EDGE),
         L.REVISION: revision,
@@ -747,6 +753,9 @@ def edge_daemonset(
         L.REVISION: revision,
         L.VARIANT: variant,
     }
+    if adapter_revision:
+        labels[L.ADAPTERS] = adapter_revision
+        selector[L.ADAPTERS] = adapter_revision
     fetch_uri, store_volumes, store_mounts = edge_fetch(spec, owner, artifact.uri)
     access = store_access(edge.artifacts.credentials)
     store_volumes += access.volumes
@@ -782,6 +791,8 @@ def edge_daemonset(
         if edge.fallback.confidence_threshold is not None:
             args += ["--confidence-threshold", str(edge.fallback.confidence_threshold)]
     args += collaboration_args(spec)
+    if adapter_revision and adapters is not None:
+        args += adapter_args(adapters)
     container = {
         "name": "kiri-serve",
         "image": spec.runtime.image,
@@ -803,7 +814,7 @@ def edge_daemonset(
     obj: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "DaemonSet",
-        "metadata": _metadata(L.edge_name(owner.name, revision, variant), labels),
+        "metadata": _metadata(L.edge_name(owner.name, revision, variant, adapter_revision), labels),
         "spec": {
             "selector": {"matchLabels": selector},
             # OnDelete: the template of one revision changes only by its node list, and that must not
@@ -838,6 +849,39 @@ def edge_daemonset(
     obj["metadata"]["annotations"][L.SPEC_HASH] = canonical_hash(obj)
     obj["spec"]["template"]["spec"]["affinity"] = {"nodeAffinity": node_affinity(nodes)}
     return obj
+
+
+def adapter_args(adapters: AdapterSet) -> list[str]:
+    """`kiri serve`'s `--adapter` (the JSON form, so the runtime verifies each digest) and
+    `--default-adapter`."""
+    args: list[str] = []
+    for a in adapters.adapters:
+        body = {"name": a.name, "uri": a.uri, "sha256": a.sha256.lower()}
+        args += ["--adapter", json.dumps(body, separators=(",", ":"))]
+    if adapters.default is not None:
+        args += ["--default-adapter", adapters.default]
+    return args
+
+
+def recorded_adapters(body: Mapping[str, Any]) -> AdapterSet | None:
+    """The adapter set an edge DaemonSet's pods load, read back from its `kiri serve` args (the inverse of
+    `adapter_args`); None when they do not parse (not a body Kiri built)."""
+    try:
+        args = list(body["spec"]["template"]["spec"]["containers"][0]["args"])
+    except (KeyError, IndexError, TypeError):
+        return None
+    adapters: list[Adapter] = []
+    default: str | None = None
+    for flag, value in itertools.pairwise(args):
+        if flag == "--default-adapter" and isinstance(value, str):
+            default = value
+        elif flag == "--adapter":
+            try:
+                item = json.loads(value)
+                adapters.append(Adapter(str(item["name"]), str(item["uri"]), str(item["sha256"])))
+            except (TypeError, ValueError, KeyError):
+                return None
+    return AdapterSet(tuple(adapters), default) if adapters else None
 
 
 def repin_daemonset(observed: Mapping[str, Any], nodes: Sequence[str]) -> dict[str, Any]:

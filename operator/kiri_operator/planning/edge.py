@@ -15,10 +15,19 @@ from kiri_operator import conditions as C
 from kiri_operator import labels as L
 from kiri_operator.api.scalars import format_time
 from kiri_operator.api.specs import ModelDeploymentSpec
-from kiri_operator.api.statuses import RolloutStatus, SiteDownload
+from kiri_operator.api.statuses import RolloutStatus, SiteAdapters, SiteDownload
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import NodeView, Observed
 from kiri_operator.planning import building as B
+from kiri_operator.planning.adapting import (
+    BASE,
+    AdapterInput,
+    AdapterPlan,
+    AdapterPod,
+    desired_sets,
+    plan_adapters,
+    site_label,
+)
 from kiri_operator.planning.assigning import AssignInput, Assignment, NodePod, assign_nodes
 from kiri_operator.planning.compression import CompressionPlan, manifests_to_keep
 from kiri_operator.planning.placing import Placement, admits, place, selects
@@ -48,6 +57,8 @@ def plan_edge(
         out.conditions.append(
             Condition(C.ROLLED_BACK, "False", Reason.NEW_REVISION, f"rolling out revision {revision}")
         )
+    if out.adapters is not None:
+        out.conditions.append(out.adapters)
     # Manifests stay while a DaemonSet was built from them (the rollback path) and for the history limit.
     keys = {comp.key} | {
         ds.labels.get(L.COMPRESSION, "")
@@ -78,7 +89,7 @@ def current_assignment(observed: Observed) -> dict[str, Slot]:
         if not revision or not variant or ds.deleting:
             continue
         for node in B.affinity_nodes(ds.body):
-            out.setdefault(node, Slot(revision, variant))
+            out.setdefault(node, Slot(revision, variant, ds.labels.get(L.ADAPTERS, "")))
     return out
 
 
@@ -88,7 +99,8 @@ def edge_pods(observed: Observed) -> dict[str, NodePod]:
         if pod.component != L.COMPONENT_EDGE or not pod.node or not pod.revision or not pod.variant:
             continue
         failed = pod.restarts >= CRASH_RESTARTS and not pod.ready
-        out.setdefault(pod.node, NodePod(pod.revision, pod.variant, pod.ready, failed, pod.reason))
+        adapters = pod.labels.get(L.ADAPTERS, "")
+        out.setdefault(pod.node, NodePod(pod.revision, pod.variant, pod.ready, failed, pod.reason, adapters))
     return out
 
 
@@ -103,9 +115,8 @@ class EdgePlan(TierPlan):
     rollout: RolloutStatus | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     stable_revision: str | None = None
-
-
-DEFAULT_SITE_LABEL = "kiri.dev/site"
+    adapters: Condition | None = None
+    """AdaptersRolledOut, with `spec.edge.adapters` (or a site that still serves some)."""
 
 
 def _policy_gate(
@@ -122,7 +133,7 @@ def _policy_gate(
     the gate, the downloads of the last 24 hours that it counted, and what this revision costs each site."""
     now = observed.now
     recent = [d for d in ((stored.downloads or ()) if stored is not None else ()) if now - d.time < DAY]
-    label = spec.learning.site_label if spec.learning is not None else DEFAULT_SITE_LABEL
+    label = site_label(spec)
     site_by_node = {n.name: n.labels.get(label, "") for n in eligible}
     cost = site_bytes(placement.variants, site_by_node, sizes)
     gate = gate_spec_change(
@@ -176,6 +187,8 @@ def _edge_rollout(
     deferred = gate.decision if gate is not None and not gate.decision.allowed else None
     if deferred is not None and deferred.retry_after_seconds is not None:
         out.requeue_after = float(max(1, deferred.retry_after_seconds))
+    held = _held_by_adapters(status, revision, stable_revision, stored) if deferred is None else None
+    why_deferred = f"updatePolicy: {deferred.reason}" if deferred is not None else held
     result: Assignment = assign_nodes(
         AssignInput(
             rollout=spec.rollout,
@@ -196,7 +209,7 @@ def _edge_rollout(
             else {},
             measurement=observed.measurement,
             measuring=observed.measuring,
-            deferred_by_policy=f"updatePolicy: {deferred.reason}" if deferred is not None else None,
+            deferred_by_policy=why_deferred,
         )
     )
     out.events.extend(result.events)
@@ -225,19 +238,42 @@ def _edge_rollout(
     out.requeue_after = sooner(out.requeue_after, result.requeue_after)
     out.stable_revision = result.rollout.stable_revision if result.rollout is not None else None
 
-    groups: dict[Slot, list[str]] = {}
-    for node, slot in result.nodes.items():
-        groups.setdefault(slot, []).append(node)
     existing = {
-        (ds.labels.get(L.REVISION), ds.labels.get(L.VARIANT)): ds for ds in observed.of_kind("DaemonSet")
+        (ds.labels.get(L.REVISION) or "", ds.labels.get(L.VARIANT) or "", ds.labels.get(L.ADAPTERS, "")): ds
+        for ds in observed.of_kind("DaemonSet")
     }
-    for rev, variant in existing:
-        slot = Slot(rev or "", variant or "")
-        # Empty DaemonSets of the update revision go: the spec rebuilds them; older ones are the rollback path.
-        if slot not in groups and rev in result.keep_revisions and rev != revision:
+    adapters = _plan_adapters(spec, observed, eligible, result, current, pods, recent, stable_revision)
+    out.events.extend(adapters.events)
+    out.requeue_after = sooner(out.requeue_after, adapters.requeue_after)
+    if adapters.downloads and out.rollout is not None:
+        out.rollout = out.rollout.model_copy(
+            update={"downloads": (*(out.rollout.downloads or ()), *adapters.downloads)}
+        )
+
+    def buildable(slot: Slot) -> bool:
+        return slot.revision == revision and (not slot.adapters or slot.adapters in adapters.sets)
+
+    groups: dict[Slot, list[str]] = {}
+    for node, base_slot in result.nodes.items():
+        serves = adapters.nodes.get(node, BASE)
+        slot = replace(base_slot, adapters="" if serves == BASE else serves)
+        if not buildable(slot) and (slot.revision, slot.variant, slot.adapters) not in existing:
+            # No spec and no DaemonSet to run this pairing from (a revision rolled back under adapters it
+            # never ran with): the node stays where it is.
+            slot = current.get(node, replace(base_slot, adapters=""))
+        groups.setdefault(slot, []).append(node)
+    spec_adapters = {a.revision for a in desired_sets(spec).values()}
+    for rev, variant, ads in existing:
+        slot = Slot(rev, variant, ads)
+        if slot in groups or rev not in result.keep_revisions:
+            continue
+        # Empty DaemonSets the spec rebuilds go; the others are the rollback path (of a revision, or of a
+        # site's adapters).
+        from_spec = rev == revision and ads in spec_adapters
+        if (not ads and rev != revision) or (ads and ads in adapters.keep and not from_spec):
             groups[slot] = []
-    for slot, nodes in sorted(groups.items(), key=lambda kv: (kv[0].revision, kv[0].variant)):
-        if slot.revision == revision and comp.manifest is not None:
+    for slot, nodes in sorted(groups.items(), key=lambda kv: (kv[0].revision, kv[0].variant, kv[0].adapters)):
+        if buildable(slot) and comp.manifest is not None:
             got = comp.manifest.variant(slot.variant)
             if got is None or not got.uri or not got.sha256 or slot.variant not in comp.accepted:
                 continue
@@ -253,10 +289,11 @@ def _edge_rollout(
                     artifact,
                     nodes,
                     {**settings.pod_labels, **spec.edge.pod_labels},
+                    adapters.sets.get(slot.adapters) if slot.adapters else None,
                 )
             )
         else:
-            ds = existing.get((slot.revision, slot.variant))
+            ds = existing.get((slot.revision, slot.variant, slot.adapters))
             if ds is not None:
                 out.children.append(B.repin_daemonset(ds.body, nodes))
 
@@ -279,6 +316,8 @@ def _edge_rollout(
         "stageIndex": result.stage_index,
         "perVariant": per_variant,
     }
+    if adapters.sites:
+        out.status["adapters"] = [site.dump() for site in adapters.sites]
     if result.stage:
         out.status["stage"] = result.stage
     if result.stage_started_at is not None:
@@ -348,7 +387,100 @@ def _edge_rollout(
         msg = f"pods of DaemonSet {name} refused: {message}"[:1000]
         out.progressing = Condition(C.EDGE_PROGRESSING, "False", Reason.POD_SECURITY_REFUSED, msg)
         out.rolled_out = Condition(C.EDGE_ROLLED_OUT, "False", Reason.POD_SECURITY_REFUSED, msg)
+    if spec.edge.adapters or adapters.sites:
+        out.adapters = _adapters_condition(adapters)
+        out.complete = out.complete and not adapters.in_progress
     if unreadable is not None and out.progressing is not None:
         # Only this reconcile says it: the status written with it holds the rebuilt state.
         out.progressing = replace(out.progressing, reason=Reason.ROLLOUT_STATUS_INVALID, message=unreadable)
     return out
+
+
+def stored_adapters(status: Any) -> dict[str, SiteAdapters]:
+    """status.edge.adapters per site; an unreadable entry is dropped (the site starts from its DaemonSets)."""
+    out: dict[str, SiteAdapters] = {}
+    for raw in ((status.get("edge") or {}).get("adapters") or []) if isinstance(status, dict) else []:
+        try:
+            site = SiteAdapters.model_validate(raw)
+        except ValidationError:
+            continue
+        out[site.site] = site
+    return out
+
+
+def _held_by_adapters(
+    status: Any, revision: str, stable_revision: str | None, stored: RolloutStatus | None
+) -> str | None:
+    """Why a new revision waits: an adapter wave is in flight (one change at a time per node)."""
+    if stable_revision is None or revision == stable_revision:
+        return None
+    if stored is not None and stored.update_revision == revision:
+        return None  # its rollout has started: a gate never stops a wave midway
+    flying = sorted(s.site for s in stored_adapters(status).values() if s.rollout and s.rollout.in_progress)
+    if not flying:
+        return None
+    return f"waiting for the adapter rollout of site {', '.join(flying)} to end"
+
+
+def _plan_adapters(
+    spec: ModelDeploymentSpec,
+    observed: Observed,
+    eligible: list[NodeView],
+    result: Assignment,
+    current: dict[str, Slot],
+    pods: dict[str, NodePod],
+    recent: list[SiteDownload],
+    stable_revision: str | None,
+) -> AdapterPlan:
+    """The adapter waves over the nodes the revision waves placed."""
+    placed = [n for n in eligible if n.name in result.nodes]
+    adapter_pods = {}
+    for node, pod in pods.items():
+        slot = result.nodes.get(node)
+        on_slot = slot is not None and pod.revision == slot.revision and pod.variant == slot.variant
+        adapter_pods[node] = AdapterPod(pod.adapters or BASE, pod.ready and on_slot, pod.failed, pod.reason)
+    rollout = result.rollout
+    recorded = {}
+    for ds in observed.of_kind("DaemonSet"):
+        revision = ds.labels.get(L.ADAPTERS)
+        if not revision or revision in recorded:
+            continue
+        found = B.recorded_adapters(ds.body)
+        if found is not None and found.revision == revision:  # the label and the args agree: Kiri built it
+            recorded[revision] = found
+    return plan_adapters(
+        AdapterInput(
+            rollout=spec.rollout,
+            sites=desired_sets(spec),
+            nodes=placed,
+            site_label=site_label(spec),
+            current={n: s.adapters or BASE for n, s in current.items()},
+            pods=adapter_pods,
+            stored=stored_adapters(observed.status),
+            now=observed.now,
+            revision_settled=rollout is None or not rollout.in_progress,
+            first_rollout=stable_revision is None and (rollout is None or rollout.stable_revision is None),
+            update_policy=spec.rollout.update_policy,
+            downloads=recent,
+            revision_started_at=rollout.started_at if rollout is not None else None,
+            recorded=recorded,
+        )
+    )
+
+
+def _adapters_condition(plan: AdapterPlan) -> Condition:
+    """AdaptersRolledOut: True once every site serves the adapters the spec asks of it."""
+    bad = plan.refused or plan.rolled_back
+    if bad:
+        reason = bad[0].reason if plan.refused else C.ROLLED_BACK
+        return Condition(C.ADAPTERS_ROLLED_OUT, "False", reason, "; ".join(s.message for s in bad)[:1000])
+    if plan.in_progress:
+        waiting = [s for s in plan.sites if s.site in plan.in_progress]
+        msg = "; ".join(f"site {s.site}: {s.message}" for s in waiting)
+        return Condition(C.ADAPTERS_ROLLED_OUT, "False", Reason.ROLLING_OUT, msg[:1000])
+    held = [s for s in plan.sites if s.verdict == "Waiting"]
+    if held:
+        msg = "; ".join(s.message for s in held)
+        return Condition(C.ADAPTERS_ROLLED_OUT, "False", held[0].reason, msg[:1000])
+    n = len(plan.sites)
+    return Condition(C.ADAPTERS_ROLLED_OUT, "True", Reason.ROLLED_OUT, f"{n} site(s) serve their adapters")

@@ -70,7 +70,11 @@ def plan_status(
     out = StatusPlan()
     out.ready = cloud.condition.is_true and comp.condition.status == "True" and edge.complete
     assert edge.rolled_out is not None
-    tiers = (cloud.condition, comp.condition, edge.rolled_out)
+    tiers: tuple[Condition, ...] = (cloud.condition, comp.condition, edge.rolled_out)
+    if edge.adapters is not None and edge.adapters.reason == Reason.ROLLING_OUT:
+        # A site's adapter wave in flight holds Ready like a revision's wave does. A refused or rolled-back
+        # adapter set does not: the site serves its previous set, and AdaptersRolledOut says why.
+        tiers += (edge.adapters,)
     new_conditions = cloud.conditions + comp.conditions + edge.conditions
     new_conditions += [_ready(tiers, out.ready), _degraded(tiers), *extra]
     conds, out.events = _merge_conditions(observed, new_conditions)

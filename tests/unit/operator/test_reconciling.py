@@ -190,6 +190,30 @@ def test_progress_only_tells_counts_and_messages_from_changes_that_matter():
     assert not progress_only(old, {**new, "phase": "Healthy"})
 
 
+def test_a_site_adapter_waves_counts_and_messages_are_progress_and_its_step_and_verdict_are_not():
+    wave = {"stage": 0, "readyNodes": 0, "progressAt": "2026-01-01T00:00:00Z", "message": "0/3"}
+    site = {
+        "site": "a",
+        "revision": "r1",
+        "updatedNodes": 1,
+        "verdict": "Progressing",
+        "reason": "WaitingForReady",
+    }
+    old = _status(adapters=[{**site, "message": "0/3 Ready", "rollout": wave}])
+    new = copy.deepcopy(old)
+    new["edge"]["adapters"][0].update(updatedNodes=2, message="1/3 Ready")
+    new["edge"]["adapters"][0]["rollout"].update(
+        readyNodes=1, progressAt="2026-01-01T00:00:04Z", message="1/3"
+    )
+    assert progress_only(old, new)
+    next_step = copy.deepcopy(new)
+    next_step["edge"]["adapters"][0]["rollout"]["stage"] = 1
+    assert not progress_only(old, next_step)
+    rolled_back = copy.deepcopy(new)
+    rolled_back["edge"]["adapters"][0]["verdict"] = "RolledBack"
+    assert not progress_only(old, rolled_back)
+
+
 def test_a_progress_only_status_change_waits_for_the_interval_then_is_written(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(reconciling.time, "monotonic", lambda: clock[0])

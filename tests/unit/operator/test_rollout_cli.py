@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from adapter_worlds import CLINIC, SHOP, SHOP2_SHA, adapter, daemonsets, lm_spec, site, started
 from kiri_operator.cli import build_parser
 from kiri_operator.rollout_views import age, render_list, render_status
 from planning_worlds import NOW, FakeServer, manifest, observed, spec
@@ -83,3 +84,36 @@ def test_commands_parse(verb: str) -> None:
     args = build_parser().parse_args([verb, "demo", "-n", "shop"])
     assert (args.name, args.namespace) == ("demo", "shop")
     assert callable(args.handler)
+
+
+def test_status_tree_shows_each_sites_adapters_and_the_adapter_set_of_each_daemonset() -> None:
+    server = started([SHOP, CLINIC])
+    s2 = lm_spec([SHOP, adapter("clinic", SHOP2_SHA, ["site-a"])])
+    server.step(s2)
+    status = dict(server.world.status)
+    md = {"metadata": {"name": "md", "namespace": "ns"}, "spec": s2.dump(), "status": status}
+    text = render_status(md, list(daemonsets(server).values()), [], NOW + timedelta(seconds=10))
+    a, b = site(status, "site-a"), site(status, "site-b")
+    table = text.split("\nADAPTERS\n")[1].split("\n\n")[0].splitlines()
+    assert table[0].split() == ["SITE", "SERVING", "PREVIOUS", "UPDATE", "NODES", "VERDICT", "REASON"]
+    assert table[1].split() == [
+        "site-a",
+        a["revision"],
+        "-",
+        a["updateRevision"],
+        "1/3",
+        "Progressing",
+        "WaitingForReady",
+    ]
+    assert table[2].split() == [
+        "site-b",
+        b["revision"],
+        "-",
+        b["revision"],
+        "2/2",
+        "Completed",
+        "RolloutCompleted",
+    ]
+    assert f"q4 + adapters {a['updateRevision']}  1 node(s)" in text
+    assert f"q4 + adapters {a['revision']}  2 node(s)" in text
+    assert f"q4 + adapters {b['revision']}  2 node(s)" in text
