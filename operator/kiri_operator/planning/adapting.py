@@ -117,18 +117,6 @@ def site_policy(rollout: RolloutSpec) -> RolloutPolicy:
 
 
 @dataclass(frozen=True)
-class AdapterPod:
-    """A node's edge pod as a site's adapter wave sees it."""
-
-    adapters: str
-    """Its adapter revision (`BASE` for none)."""
-    ready: bool
-    """Ready, and on the revision and variant its node is assigned to (a pod being replaced is not)."""
-    failed: bool = False
-    reason: str = ""
-
-
-@dataclass(frozen=True)
 class AdapterInput:
     rollout: RolloutSpec
     sites: Mapping[str, AdapterSet]
@@ -138,7 +126,9 @@ class AdapterInput:
     site_label: str
     current: Mapping[str, str]
     """node -> the adapter revision its DaemonSet runs now (`BASE` for none)."""
-    pods: Mapping[str, AdapterPod]
+    pods: Mapping[str, W.NodePod]
+    """node -> its edge pod as the site's wave sees it: `revision` is the pod's adapter revision (`BASE` for
+    none), `ready` only on the revision and variant its node is assigned to (a pod being replaced is not)."""
     stored: Mapping[str, SiteAdapters]
     """status.edge.adapters as stored, per site."""
     now: datetime
@@ -276,11 +266,7 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
         update_revision=target,
         nodes=[EdgeNode(n.name, {}, n.ready, _ADAPTERS_VARIANT) for n in nodes],
         assignment={n.name: inp.current[n.name] for n in nodes if n.name in inp.current},
-        pods={
-            n.name: W.NodePod(p.adapters, p.ready, p.failed, p.reason)
-            for n in nodes
-            if (p := inp.pods.get(n.name)) is not None
-        },
+        pods={n.name: p for n in nodes if (p := inp.pods.get(n.name)) is not None},
         variant_sizes={_ADAPTERS_VARIANT: _new_bytes(desired, stable, out.sets)},
     )
     started = state.update_revision != target and target != stable

@@ -19,11 +19,11 @@ from kiri_operator.api.statuses import RolloutStatus, SiteAdapters, SiteDownload
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import NodeView, Observed
 from kiri_operator.planning import building as B
+from kiri_operator.planning import waves as W
 from kiri_operator.planning.adapting import (
     BASE,
     AdapterInput,
     AdapterPlan,
-    AdapterPod,
     desired_sets,
     plan_adapters,
     site_label,
@@ -438,7 +438,7 @@ def _plan_adapters(
     for node, pod in pods.items():
         slot = result.nodes.get(node)
         on_slot = slot is not None and pod.revision == slot.revision and pod.variant == slot.variant
-        adapter_pods[node] = AdapterPod(pod.adapters or BASE, pod.ready and on_slot, pod.failed, pod.reason)
+        adapter_pods[node] = W.NodePod(pod.adapters or BASE, pod.ready and on_slot, pod.failed, pod.reason)
     rollout = result.rollout
     recorded = {}
     for ds in observed.of_kind("DaemonSet"):

@@ -14,12 +14,12 @@ from kiri_operator.planning import building as B
 from kiri_operator.planning.adapting import (
     BASE,
     AdapterInput,
-    AdapterPod,
     desired_sets,
     plan_adapters,
     site_policy,
 )
 from kiri_operator.planning.stepping import Stage, policy_of
+from kiri_operator.planning.waves import NodePod
 from planning_worlds import NOW, SHA
 
 pytestmark = pytest.mark.timeout(30)
@@ -141,7 +141,7 @@ def test_a_site_wave_does_not_start_while_a_revision_rollout_is_in_flight() -> N
         nodes=[_node("a-1", "a"), _node("a-2", "a")],
         site_label="kiri.dev/site",
         current={"a-1": BASE, "a-2": BASE},
-        pods={n: AdapterPod(BASE, True) for n in ("a-1", "a-2")},
+        pods={n: NodePod(BASE, True) for n in ("a-1", "a-2")},
         stored={"a": stored},
         now=NOW,
         revision_settled=False,
