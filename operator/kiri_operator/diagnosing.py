@@ -215,15 +215,15 @@ class Diagnosis:
     def diagnose(self, key: Key, observed: Observed) -> Observed:
         """`observed` with the refusals of the children short of pods and the probe output of the silent
         pods not ready, those that have lingered."""
-        if refusals := self.pod_refusals(key, observed):
+        if refusals := self._pod_refusals(key, observed):
             observed = replace(observed, pod_refusals=refusals)
-        return self.with_probe_reasons(key, observed)
+        return self._with_probe_reasons(key, observed)
 
     def forget(self, key: Key) -> None:
         self._short_of_pods.forget(key)
         self._silently_unready.forget(key)
 
-    def pod_refusals(self, key: Key, observed: Observed) -> dict[tuple[str, str], str]:
+    def _pod_refusals(self, key: Key, observed: Observed) -> dict[tuple[str, str], str]:
         """Why the children short of pods for EVENT_GRACE_SECONDS are short, from their namespace's
         FailedCreate Events."""
         out: dict[tuple[str, str], str] = {}
@@ -237,10 +237,10 @@ class Diagnosis:
                 out[(child.kind, child.name)] = message
         return out
 
-    def with_probe_reasons(self, key: Key, observed: Observed) -> Observed:
+    def _with_probe_reasons(self, key: Key, observed: Observed) -> Observed:
         """The serving pods that have run not ready for EVENT_GRACE_SECONDS and say nothing on the pod object
-        get the reason their readiness probe printed into the kubelet's Events (`NamespaceEvents`: one LIST per namespace at most
-        every EVENT_LIST_SECONDS; between reads the last answer stands)."""
+        get the reason their readiness probe printed into the kubelet's Events (`NamespaceEvents`: one LIST per
+        namespace at most every EVENT_LIST_SECONDS; between reads the last answer stands)."""
         silent = [
             p
             for p in observed.pods
