@@ -69,14 +69,22 @@ class GenerativeModel:
     inputs = [TensorSpec("text_input", "BYTES", (1,))]
     outputs = [TensorSpec("text_output", "BYTES", (1,))]
 
-    def __init__(self, model_dir: Path, threads: int | None = None, *, continuous: bool = False) -> None:
+    def __init__(
+        self, model_dir: Path, threads: int | None = None, *, continuous: bool = False, device: str = "cpu"
+    ) -> None:
         """With `continuous`, decoding goes through `decoding.SlotDecoder` when the model allows it (`decoder`
         is then set) and onnxruntime-genai's own model is loaded only if something asks for it (edge-cloud
-        collaboration): the weights are not held twice. Otherwise onnxruntime-genai's model is loaded now."""
+        collaboration): the weights are not held twice. Otherwise onnxruntime-genai's model is loaded now.
+        `device` "cuda" decodes on onnxruntime-genai's CUDA provider (`check_device` says what it needs)."""
         import onnxruntime_genai as og
 
         self.dir = model_dir
+        check_device(model_dir, device, og.is_cuda_available())
         cfg = og.Config(str(model_dir))
+        if device == "cuda":
+            cfg.clear_providers()
+            cfg.append_provider("cuda")
+            continuous = False  # SlotDecoder drives onnxruntime's CPU provider (decoding.py)
         if threads:
             session = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
             cfg.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
@@ -86,6 +94,8 @@ class GenerativeModel:
         self._model_lock = threading.Lock()
         self.decoder: SlotDecoder | None = None
         self.decoder_unsupported: str | None = None
+        if device == "cuda":
+            self.decoder_unsupported = "decoding on cuda: onnxruntime-genai's own generators decode"
         if continuous:
             self.decoder_unsupported = unsupported(model_dir)
             if self.decoder_unsupported is None:
@@ -189,3 +199,30 @@ def _has_chat_template(model_dir: Path) -> bool:
 def first_line(e: BaseException) -> str:
     text = str(e).strip()
     return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _built_for(model_dir: Path) -> str:
+    """The execution provider the model builder built `model_dir` for ("cpu" when its config names none)."""
+    genai = json.loads((model_dir / GENAI_CONFIG).read_text(encoding="utf-8"))["model"]
+    options = genai.get("decoder", {}).get("session_options", {}).get("provider_options") or []
+    names = [name for entry in options for name in entry]
+    return "cuda" if "cuda" in names else "cpu"
+
+
+def check_device(model_dir: Path, device: str, cuda_available: bool) -> None:
+    """Refuse, with what to do instead, a model that cannot decode on `device`: cuda without onnxruntime-genai's
+    CUDA build or a GPU, and a pack built for CUDA (the fp16 `--gpu-pack`) on CPU: onnxruntime's CPU provider
+    has no fp16 kernels for most of the graph, so it runs one pass and fails at the second token
+    (compressing/lm/building.py)."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} is not cpu or cuda")
+    if device == "cuda" and not cuda_available:
+        raise ValueError(
+            "--device cuda: this onnxruntime-genai has no usable CUDA provider (a CPU build, or no GPU visible): "
+            "serve on a GPU node with the kiri-runtime-cuda image, or with --device cpu"
+        )
+    if device == "cpu" and _built_for(model_dir) == "cuda":
+        raise ValueError(
+            f"{model_dir.name} was built for CUDA (the fp16 GPU pack), which decodes on a GPU only: serve it with "
+            "--device cuda on a GPU node, or serve the fp32 pack on CPU"
+        )

@@ -79,6 +79,20 @@ class VariantSpec(_Model):
     gate: list[Gate] = Field(default_factory=list)
 
 
+class GpuPack(_Model):
+    """The full model built for GPU nodes (`kiri compress --gpu-pack fp16`): an uncompressed tar of an
+    onnxruntime-genai model directory built for CUDA, which `kiri serve --device cuda` loads."""
+
+    uri: str = Field(description="Relative to the manifest directory or an absolute URI.")
+    sha256: str
+    size_bytes: int
+    precision: Literal["fp16"] = "fp16"
+    execution_provider: Literal["cuda"] = "cuda"
+    max_abs_weight_error: float = Field(
+        description="Largest difference of a weight from the verified fp32 build's (fp16 rounding)."
+    )
+
+
 class ModelInfo(_Model):
     name: str | None = None
     version: str | None = None
@@ -101,6 +115,9 @@ class ModelInfo(_Model):
         "(its variants' are xz-compressed tars).",
     )
     architecture: str | None = Field(default=None, description="causal-lm: the HF architecture.")
+    gpu_pack: GpuPack | None = Field(
+        default=None, description="causal-lm: the full model for GPU nodes, when the Job was asked for it."
+    )
 
 
 class EvalData(_Model):

@@ -110,6 +110,9 @@ class ServeConfig:
     # lengths and sampling options share an onnxruntime-genai generator) or "none"; see generating.py.
     max_num_seqs: int = 16
     lm_batching: str = "continuous"
+    # Language models: where they decode, "cpu" or "cuda" (onnxruntime-genai's CUDA build, the kiri-runtime-cuda
+    # image, and a pack built for CUDA: the fp16 pack of `kiri compress --gpu-pack fp16`).
+    device: str = "cpu"
     # Language models: edge-cloud collaboration (collaborating.py); the cloud tier is `fallback_url`.
     collaboration: CollabConfig = field(default_factory=CollabConfig)
     # LoRA-ready language models: adapters loaded before readiness, the one a bare model name gets, and the
@@ -257,7 +260,11 @@ class Server:
         try:
             if local_dir is not None:
                 model: Any = await asyncio.to_thread(
-                    GenerativeModel, local_dir, cfg.threads, continuous=cfg.lm_batching == "continuous"
+                    GenerativeModel,
+                    local_dir,
+                    cfg.threads,
+                    continuous=cfg.lm_batching == "continuous",
+                    device=cfg.device,
                 )
             else:
                 artifact = await asyncio.to_thread(fetcher.open, cfg.model_uri, cfg.sha256)
@@ -341,6 +348,7 @@ class Server:
                 _unpacked(Path(load_path), sha, cache.root / "unpacked"),
                 self.config.threads,
                 continuous=self.config.lm_batching == "continuous",
+                device=self.config.device,
             )
         return OnnxModel(load_path, self.config.threads)
 

@@ -135,6 +135,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "decode steps (default; onnxruntime-genai CPU decoders with GroupQueryAttention, else cohort), arrivals "
         "with equal prompt lengths and sampling options batched into one onnxruntime-genai generator, or none",
     )
+    sub.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="language models: where they decode; cuda needs onnxruntime-genai's CUDA build (the kiri-runtime-cuda "
+        "image) on a GPU node and serves a pack built for CUDA (`kiri compress --gpu-pack fp16`)",
+    )
     collab = sub.add_argument_group(
         "edge-cloud collaboration (language models; the cloud tier is --fallback-url)"
     )
@@ -265,6 +272,7 @@ def run(args: argparse.Namespace) -> int:
         shutdown_grace_s=args.shutdown_grace,
         max_num_seqs=args.max_num_seqs,
         lm_batching=args.lm_batching,
+        device=args.device,
         adapters=tuple(args.adapter),
         default_adapter=args.default_adapter,
         admin_token_file=args.admin_token_file,

@@ -243,7 +243,7 @@ def generative_deployment(namespace: str, store: dict[str, Any]) -> dict[str, An
                 "source": {"uri": store["checkpoint"].as_uri(), "format": "hf", "sha256": store["sha"]},
                 "evalDataUri": store["eval"].as_uri(),
             },
-            "cloud": {"replicas": 1, "resources": {"cpu": "1", "memory": "2Gi", "gpu": 1}},
+            "cloud": {"replicas": 1, "resources": {"cpu": "1", "memory": "2Gi", "gpu": 0}},
             "edge": {
                 "variants": [{"name": "q4", "method": "int4"}],
                 "artifacts": {"uri": store["store"].as_uri()},

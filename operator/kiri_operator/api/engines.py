@@ -28,6 +28,14 @@ VLLM_NEEDS_HF = (
     "(a tensor model or a GGUF is served by kiri serve)"
 )
 VLLM_NEEDS_GPU = "cloud.runtime.engine vllm needs cloud.resources.gpu of at least 1 (the vllm-openai image runs on CUDA GPUs)"
+CloudDevice = Literal["cpu", "cuda"]
+CUDA_NEEDS_GPU = (
+    "cloud.runtime.device cuda needs cloud.resources.gpu of at least 1 (it decodes on the node's GPU)"
+)
+CUDA_NEEDS_KIRI_LM = (
+    "cloud.runtime.device cuda applies to a language model (model.source.format hf or gguf) served by engine kiri "
+    "(vLLM runs on the GPU by itself)"
+)
 MAX_EXTRA_ARGS = 32
 
 

@@ -26,10 +26,13 @@ from kiri_operator.api.access import (
 )
 from kiri_operator.api.bases import ApiModel, cel, cel_rules
 from kiri_operator.api.engines import (
+    CUDA_NEEDS_GPU,
+    CUDA_NEEDS_KIRI_LM,
     VLLM_NEEDS_GPU,
     VLLM_NEEDS_HF,
     VLLM_NO_KIRI_SETTINGS,
     VLLM_ONLY_WITH_ENGINE,
+    CloudDevice,
     CloudEngine,
     VllmSpec,
 )
@@ -38,6 +41,7 @@ from kiri_operator.api.scalars import DnsLabel, IntOrPercent, LabelKey, Quantity
 
 DEFAULT_RUNTIME_IMAGE = "ghcr.io/kiri-dev/kiri-runtime:0.1.0"
 DEFAULT_COMPRESSOR_IMAGE = "ghcr.io/kiri-dev/kiri-compressor:0.1.0"
+DEFAULT_RUNTIME_CUDA_IMAGE = "ghcr.io/kiri-dev/kiri-runtime-cuda:0.1.0"
 TIER_LABEL = "kiri.dev/tier"
 DEFAULT_CACHE_PATH = "/var/lib/kiri/cache"
 DEFAULT_ARTIFACTS_URI = "file:///var/lib/kiri/artifacts"
@@ -183,6 +187,9 @@ class RuntimeSpec(ApiModel):
     """Pull policy of both images."""
     compressor_image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_COMPRESSOR_IMAGE
     """Image of the `kiri compress` Job."""
+    cuda_image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_RUNTIME_CUDA_IMAGE
+    """Model server image of a language model's cloud pods on GPU nodes (engine `kiri`, `cloud.resources.gpu`
+    ≥ 1): `kiri serve` with onnxruntime-genai's CUDA build, serving the full model's fp16 GPU pack."""
     image_pull_secrets: Annotated[list[LocalObjectReference], Field(max_length=MAX_PULL_SECRETS)] = []
     """Secrets (type `kubernetes.io/dockerconfigjson`, same namespace) every pod Kiri makes pulls its
     images with: a private registry."""
@@ -294,6 +301,10 @@ class ServingRuntimeSpec(ApiModel):
     """`kiri` (`kiri serve`: ONNX Runtime / onnxruntime-genai, CPU or GPU) or `vllm` (opt-in, language models
     from an `hf` source on GPU clouds: vLLM's OpenAI server; the edge verifies and continues against it the
     same way). docs/operations.md "A vLLM cloud tier"."""
+    device: CloudDevice = "cpu"
+    """Where `kiri serve` decodes a language model: `cpu` (the full model's fp32 pack) or `cuda` (needs
+    `cloud.resources.gpu` ≥ 1: the compression Job also builds the full model's fp16 CUDA pack, served with
+    onnxruntime-genai's CUDA build from `runtime.cudaImage`). `kiri` and language models only."""
     threads: Annotated[int, Field(ge=1, le=256)] | None = None
     """ONNX Runtime intra-op threads; unset lets the runtime match the CPU limit. `kiri` only."""
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
@@ -1366,6 +1377,20 @@ class ModelDeploymentSpec(ApiModel):
                 field_path=".cloud.resources.gpu",
             ),
             cel(
+                "!has(self.cloud) || !has(self.cloud.runtime) || !has(self.cloud.runtime.device)"
+                " || self.cloud.runtime.device != 'cuda' || !has(self.cloud.resources)"
+                " || !has(self.cloud.resources.gpu) || self.cloud.resources.gpu >= 1",
+                CUDA_NEEDS_GPU,
+                field_path=".cloud.resources.gpu",
+            ),
+            cel(
+                "!has(self.cloud) || !has(self.cloud.runtime) || !has(self.cloud.runtime.device)"
+                " || self.cloud.runtime.device != 'cuda' || (self.cloud.runtime.engine != 'vllm'"
+                f" && {_IS_LM})",
+                CUDA_NEEDS_KIRI_LM,
+                field_path=".cloud.runtime.device",
+            ),
+            cel(
                 f"!has(self.edge) || !has(self.edge.adapters) || self.edge.adapters.size() == 0 || {_IS_LM}",
                 _ADAPTERS_NEED_LM,
                 field_path=".edge.adapters",
@@ -1409,6 +1434,11 @@ class ModelDeploymentSpec(ApiModel):
                 raise ValueError(VLLM_NEEDS_HF)
             if self.cloud.resources.gpu < 1:
                 raise ValueError(VLLM_NEEDS_GPU)
+        if self.cloud.runtime.device == "cuda":
+            if self.cloud.runtime.engine != "kiri" or self.model.source.format not in LM_FORMATS:
+                raise ValueError(CUDA_NEEDS_KIRI_LM)
+            if self.cloud.resources.gpu < 1:
+                raise ValueError(CUDA_NEEDS_GPU)
         collaboration = self.edge.collaboration
         if collaboration is not None:
             if self.model.source.format not in LM_FORMATS:

@@ -232,6 +232,13 @@ def cloud_service_url(owner: Owner, port: int) -> str:
     return f"http://{L.cloud_name(owner.name)}.{owner.namespace}.svc:{port}"
 
 
+def serves_gpu_pack(spec: ModelDeploymentSpec) -> bool:
+    """Whether a language model's cloud tier decodes on the GPU (`cloud.runtime.device: cuda`, which the API
+    allows for engine kiri and language models only): then the compression Job also builds the full model's
+    fp16 CUDA pack, and the cloud pods serve it with `--device cuda` from `runtime.cudaImage`."""
+    return spec.cloud.runtime.device == "cuda" and spec.model.source.format in LM_FORMATS
+
+
 @dataclass(frozen=True)
 class CloudPack:
     """The full model as the compression Job published it for the cloud tier of a language model: the
@@ -239,6 +246,8 @@ class CloudPack:
 
     uri: str
     sha256: str
+    device: str = "cpu"
+    """`cuda`: the fp16 GPU pack (the manifest's `model.gpuPack`), served on the GPU."""
 
 
 def cloud_deployment(
@@ -281,6 +290,10 @@ def cloud_deployment(
     ]
     if cloud.runtime.threads is not None:
         args += ["--threads", str(cloud.runtime.threads)]
+    image = spec.runtime.image
+    if pack is not None and pack.device == "cuda":
+        args += ["--device", "cuda"]
+        image = spec.runtime.cuda_image
     if cloud.runtime.batching.enabled:
         args += [
             "--batching",
@@ -298,7 +311,7 @@ def cloud_deployment(
     mounts += access.mounts
     container = {
         "name": "kiri-serve",
-        "image": spec.runtime.image,
+        "image": image,
         "imagePullPolicy": spec.runtime.image_pull_policy,
         "command": ["kiri"],
         "args": args,
@@ -503,6 +516,8 @@ def compression_job(
     ]
     if spec.model.eval_data_uri:
         compress_args += ["--eval-data", spec.model.eval_data_uri]
+    if serves_gpu_pack(spec):
+        compress_args += ["--gpu-pack", "fp16"]
     publish_args = [
         "publish-manifest",
         "--namespace",

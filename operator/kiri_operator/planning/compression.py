@@ -117,6 +117,12 @@ def cloud_pack(
             f"manifest {name} has no onnxruntime-genai pack of the full model (model.kind is not causal-lm)",
         )
     base = B.artifact_dir(spec, owner, comp.key).fetch_base
+    if B.serves_gpu_pack(spec):
+        gpu = manifest.model.gpu_pack
+        if gpu is None:
+            name = L.manifest_name(owner.name, comp.key)
+            return None, f"manifest {name} has no fp16 GPU pack of the full model (model.gpuPack)"
+        return B.CloudPack(uri=B.resolve_uri(base, gpu.uri), sha256=gpu.sha256, device="cuda"), ""
     return B.CloudPack(uri=B.resolve_uri(base, manifest.model.uri), sha256=manifest.model.onnx_sha256), ""
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from kiri_operator.api.specs import DEFAULT_CACHE_PATH, CascadeSpec, ModelDeploymentSpec, SpeculativeSpec
 from kiri_operator.labels import short_hash
+from kiri_operator.planning.building import serves_gpu_pack
 
 
 def _canonical(data: Any) -> str:
@@ -38,6 +39,8 @@ def compression_inputs(spec: ModelDeploymentSpec, artifacts_uri: str) -> dict[st
     # A Job's template cannot change, and a Job that failed for want of credentials is not retried under its
     # key: who the Job runs as is part of the key (only when set, so existing keys keep their hashes).
     inputs.update(_identity(spec.runtime.compressor_service_account_name, spec))
+    if serves_gpu_pack(spec):  # only when asked, so existing keys keep their hashes
+        inputs["gpuPack"] = "fp16"
     return inputs
 
 

@@ -76,6 +76,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         default=64,
         help="language models: new tokens when measuring decode speed",
     )
+    sub.add_argument(
+        "--gpu-pack",
+        choices=["fp16"],
+        help="language models: also build the full model for GPU nodes (fp16, onnxruntime-genai's CUDA graph), "
+        "checked against the verified fp32 build and published beside it (the manifest's model.gpuPack)",
+    )
     sub.add_argument("--strict", action="store_true", help="exit 3 when any variant is rejected")
     sub.set_defaults(handler=handle)
 
@@ -137,6 +143,7 @@ def handle(args: argparse.Namespace) -> int:
             latency_rounds=args.latency_rounds,
             task=args.task,
             decode_tokens=args.decode_tokens,
+            gpu_pack=args.gpu_pack,
         )
         manifest = running.run(req)
     except CompressionError as e:

@@ -56,6 +56,7 @@ class Request:
     latency_rounds: int = 60
     task: str = "auto"  # auto | classifier | other
     decode_tokens: int = 64  # causal LMs: new tokens of the decode-speed measurement
+    gpu_pack: str | None = None  # causal LMs: "fp16": the full model for GPU nodes too (lm/running.py)
 
 
 class Progress:
@@ -87,6 +88,10 @@ def run(req: Request, log: Callable[[str], None] | None = None) -> Manifest:
 
         return run_lm(req, req.format or "gguf", log)
     fmt = exporting.detect_format(req.source, req.format)
+    if req.gpu_pack:
+        raise CompressionError(
+            "--gpu-pack is for language models (hf or gguf sources), not ONNX or torch ones"
+        )
     if not req.variants:
         raise CompressionError("no variants requested: give --variant or --variants-json")
     specs.resolve(req.variants, req.gates, classifier=None)  # syntax and impossible gates, before any work

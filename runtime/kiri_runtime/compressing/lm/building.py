@@ -183,12 +183,18 @@ def build(
     cache: Path | None = None,
     *,
     imatrix: tuple[Any, Mapping[str, Any]] | None = None,
+    execution_provider: Literal["cpu", "cuda"] = "cpu",
 ) -> Path:
     """Build `out` (created; must not hold a model yet) from the HF checkpoint `hf_dir`; returns `out`.
+
+    `execution_provider` "cuda" (fp16 only: the cloud tier's GPU pack): the builder's CUDA graph, written on
+    this CPU machine; it loads only in onnxruntime-genai's CUDA build.
 
     `imatrix`: (the reference torch model, weighting.importance of it on the eval data), which
     `algorithm: imatrix` needs."""
     resolved = resolve(precision, options)
+    if execution_provider == "cuda" and precision != "fp16":
+        raise CompressionError(f"a CUDA build is fp16 here, not {precision}")
     if resolved.get("algorithm") == "imatrix":
         if imatrix is None:
             raise CompressionError(
@@ -221,7 +227,7 @@ def build(
         else:
             extra = _extra_options(precision, resolved, config)
             target = _target_options(precision, resolved, config)
-            _run_builder(hf_dir, out, precision, extra, target, cache_dir)
+            _run_builder(hf_dir, out, precision, extra, target, cache_dir, execution_provider)
     for name in ("model.onnx", "genai_config.json"):
         if not (out / name).is_file():
             raise CompressionError(f"model builder ({precision}) wrote no {name} in {out}")
@@ -336,9 +342,10 @@ def _run_builder(
     extra: list[str],
     target: Mapping[str, Any] | None,
     cache: Path,
+    execution_provider: str = "cpu",
 ) -> None:
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out)]
-    cmd += ["-p", precision, "-e", "cpu", "-c", str(cache)]
+    cmd += ["-p", precision, "-e", execution_provider, "-c", str(cache)]
     if extra:
         cmd += ["--extra_options", *extra]
     if target is not None:

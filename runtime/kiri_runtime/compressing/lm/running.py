@@ -31,6 +31,7 @@ from kiri_runtime.manifests import (
     Baseline,
     Decode,
     EvalData,
+    GpuPack,
     Latency,
     Manifest,
     ModelInfo,
@@ -54,9 +55,11 @@ class Request(Protocol):
     model_name: str | None
     model_version: str | None
     decode_tokens: int
+    gpu_pack: str | None
 
 
 MODEL_TAR = "model.tar"
+GPU_TAR = "model-fp16-cuda.tar"  # the full model for GPU nodes (--gpu-pack fp16), beside MODEL_TAR
 VARIANT_COMPRESSION = "xz"  # packing.py: what the edge downloads; the fp32 full model stays a plain tar
 MAX_EVAL_TOKENS = 1024
 # The full model must reproduce the reference: an fp32 build that does not is a wrong graph, not a variant.
@@ -137,6 +140,9 @@ def _run(
     log(f"fp32: {base.decode_tokens_per_s:.1f} tok/s, TTFT {base.ttft_ms:.2f} ms")
     full_tar = work / MODEL_TAR
     full_sha, full_size = packing.pack(full_dir, full_tar)
+    gpu: tuple[GpuPack, Path] | None = None
+    if req.gpu_pack:
+        gpu = _gpu_pack(src.hf_dir, full_dir, work, cache, log)
     shutil.rmtree(full_dir, ignore_errors=True)
 
     built: list[Variant] = []
@@ -150,6 +156,8 @@ def _run(
     for tar in tars.values():
         os.replace(tar, req.out / tar.name)
     os.replace(full_tar, req.out / MODEL_TAR)
+    if gpu is not None:
+        os.replace(gpu[1], req.out / gpu[0].uri)
     manifest = Manifest(
         model=ModelInfo(
             name=req.model_name,
@@ -163,6 +171,7 @@ def _run(
             kind="causal-lm",
             architecture=src.architecture,
             export_max_abs_error=None,
+            gpu_pack=gpu[0] if gpu is not None else None,
         ),
         baseline=Baseline(
             p50_latency_ms=round(1000.0 / base.decode_tokens_per_s, 4),
@@ -176,6 +185,55 @@ def _run(
     manifests.dump(manifest, req.out)
     log(f"wrote {req.out / manifests.MANIFEST_FILE}")
     return manifest
+
+
+def _gpu_pack(
+    hf_dir: Path, full_dir: Path, work: Path, cache: Path, log: Callable[[str], None]
+) -> tuple[GpuPack, Path]:
+    """The full model for GPU nodes: the builder's fp16 CUDA graph, packed as GPU_TAR. This machine has no GPU
+    to run it on, so it is checked where it can be: every weight of the verified fp32 build is in it, same
+    name and shape, equal to fp16 rounding (a wrong export shows up as a missing or different weight)."""
+    from kiri_runtime.compressing.lm import building, packing
+
+    log("building the full model for GPU nodes (model builder, fp16, CUDA)")
+    gpu_dir = building.build(hf_dir, work / "model-gpu", "fp16", {}, cache=cache, execution_provider="cuda")
+    error = half_weights_error(full_dir, gpu_dir)
+    log(f"fp16 CUDA build carries the fp32 weights: max abs error {error:.3g}")
+    tar = work / GPU_TAR
+    sha, size = packing.pack(gpu_dir, tar)
+    shutil.rmtree(gpu_dir, ignore_errors=True)
+    return GpuPack(uri=GPU_TAR, sha256=sha, size_bytes=size, max_abs_weight_error=error), tar
+
+
+def half_weights_error(full_dir: Path, half_dir: Path) -> float:
+    """The largest difference between a float32 weight of `full_dir` and the same weight of the fp16 build
+    `half_dir`; CompressionError when one is missing, reshaped, or further off than fp16 rounding."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    def weights(d: Path) -> dict[str, np.ndarray]:
+        graph = onnx.load(str(d / "model.onnx")).graph
+        return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+    full, half = weights(full_dir), weights(half_dir)
+    worst = 0.0
+    for name, w in full.items():
+        if w.dtype != np.float32:
+            continue
+        h = half.get(name)
+        if h is None or h.shape != w.shape:
+            got = "missing" if h is None else f"shaped {h.shape}, not {w.shape}"
+            raise CompressionError(f"the fp16 CUDA build's weight {name} is {got}: the export is wrong")
+        diff = np.abs(h.astype(np.float64) - w.astype(np.float64))
+        # fp16 keeps 11 significant bits (half an ulp: 2^-11 relative); below 2^-14 it is subnormal (6e-8 steps).
+        if np.any(diff > np.abs(w.astype(np.float64)) * 2.0**-11 + 6e-8):
+            raise CompressionError(
+                f"the fp16 CUDA build's weight {name} differs from the fp32 build's by {diff.max():.3g}, more "
+                "than fp16 rounding: the export is wrong"
+            )
+        worst = max(worst, float(diff.max()))
+    return worst
 
 
 FOUR_BIT_TYPES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
