@@ -36,9 +36,9 @@ def _stages() -> dict[str, list[str]]:
     return stages
 
 
-def test_four_final_targets_on_a_non_root_base() -> None:
+def test_five_final_targets_on_a_non_root_base() -> None:
     stages = _stages()
-    for target in ("operator", "runtime", "compressor", "compressor-quantize"):
+    for target in ("operator", "runtime", "runtime-cuda", "compressor", "compressor-quantize"):
         assert stages[target][0].split()[1] == "base", f"{target} must build on the non-root base stage"
         assert any(line.startswith("COPY --from=build-") for line in stages[target])
     assert "USER 65532:65532" in stages["base"]
@@ -63,6 +63,19 @@ def test_each_image_installs_an_existing_extra(stage: str, extra: str | None) ->
     else:
         assert spec == f".[{extra}]"
         assert extra in extras
+
+
+def test_the_cuda_runtime_swaps_in_the_cuda_builds_of_the_pinned_onnxruntime_genai() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (pinned,) = [d for d in extras["runtime"] if d.startswith("onnxruntime-genai==")]
+    (run,) = [line for line in _stages()["build-runtime-cuda"] if "pip install" in line]
+    steps = [step.strip() for step in run.split("&&")]
+    assert steps[1].endswith("pip install '.[runtime]'")
+    # The CPU builds go before the CUDA ones: both install the modules onnxruntime_genai and onnxruntime.
+    assert steps[2].endswith("pip uninstall -y onnxruntime-genai onnxruntime")
+    cuda = shlex.split(steps[3].split("pip install", 1)[1])
+    assert pinned.replace("onnxruntime-genai", "onnxruntime-genai-cuda") in cuda
+    assert any(c.startswith("onnxruntime-gpu[cuda,cudnn]") for c in cuda)
 
 
 def test_operator_image_command_parses_with_the_real_cli() -> None:
