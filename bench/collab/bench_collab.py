@@ -333,7 +333,7 @@ def cascade_plot(cascade: dict[str, Any], out_dir: Path, edge: str) -> None:
     import matplotlib.pyplot as plt
 
     curve = cascade["curve"]
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(10, 5))
     colors = {"off": "tab:red", "handoffs": "tab:orange", "full": "tab:blue"}
     for check in dict.fromkeys(c["check"] for c in curve):
         rows = [c for c in curve if c["check"] == check]
@@ -363,9 +363,9 @@ def cascade_plot(cascade: dict[str, Any], out_dir: Path, edge: str) -> None:
             cascade["edge_task_accuracy"] / cascade["cloud_task_accuracy"], color="tab:green", lw=0.8, ls="-.",
             label="edge-only: next-token task, accuracy / cloud's",
         )  # fmt: skip
-    ax.set_title(f"Cascade, {EDGES[edge]} + fp32 cloud (margin, 1 cloud token per hand-off)")
+    ax.set_title(f"Cascade: {EDGES[edge]} + fp32 cloud\n(margin, 1 cloud token per hand-off)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     fig.savefig(out_dir / ("collab-cascade.png" if edge == "int4" else "collab-cascade-smaller.png"), dpi=110)
     plt.close(fig)
