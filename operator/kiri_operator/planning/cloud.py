@@ -148,6 +148,17 @@ def source_fault(spec: ModelDeploymentSpec, observed: Observed) -> str | None:
     return None
 
 
+def _idle_gpu(spec: ModelDeploymentSpec) -> str:
+    """A note for a language model that decodes on CPU while its pods hold GPUs (the default
+    `cloud.resources.gpu` is 1): a GPU per replica that nothing uses."""
+    if serves_pack(spec) and spec.cloud.runtime.device == "cpu" and spec.cloud.resources.gpu > 0:
+        return (
+            f"; each pod holds {spec.cloud.resources.gpu} {GPU} that it does not use: the language model decodes "
+            "on CPU (cloud.runtime.device cpu); set device cuda, or cloud.resources.gpu 0"
+        )
+    return ""
+
+
 def cloud_condition(
     spec: ModelDeploymentSpec, deployment: ObjectView | None, pods: Sequence[PodView] = ()
 ) -> tuple[Condition, int]:
@@ -165,7 +176,10 @@ def cloud_condition(
     want = spec.cloud.replicas
     if fresh and available >= want and updated >= want and ready >= want:
         return Condition(
-            C.CLOUD_READY, "True", Reason.DEPLOYMENT_AVAILABLE, f"{ready}/{want} replicas ready"
+            C.CLOUD_READY,
+            "True",
+            Reason.DEPLOYMENT_AVAILABLE,
+            f"{ready}/{want} replicas ready{_idle_gpu(spec)}",
         ), ready
     for cond in status.get("conditions") or []:
         # The ReplicaSet's own condition, which the Deployment copies: admission refused its pods.

@@ -14,7 +14,7 @@ from kiri_operator.planning import building as B
 from kiri_operator.planning import plan
 from kiri_operator.planning.revisions import compression_key
 from kiri_operator.plans import Check, Plan
-from kiri_runtime.manifests import Baseline, Manifest, ModelInfo, Variant
+from kiri_runtime.manifests import Baseline, GpuPack, Manifest, ModelInfo, Variant
 from planning_worlds import SHA, manifest_configmap, observed
 
 STORE = "http://kiri-store.kiri-system.svc:8080"
@@ -218,3 +218,67 @@ def test_a_vllm_cloud_serves_the_source_and_waits_for_no_pack() -> None:
     (deployment,) = bodies(p, "Deployment")
     assert cloud_ready(p)["reason"] != "WaitingForCloudPack"
     assert deployment["spec"]["template"]["spec"]["initContainers"][0]["name"]
+
+
+# --- cloud.runtime.device -----------------------------------------------------------------------------------
+
+GPU_SHA = "a" * 64
+
+
+def with_gpu_pack(m: Manifest) -> Manifest:
+    gpu = GpuPack(uri="model-fp16-cuda.tar", sha256=GPU_SHA, size_bytes=4600, max_abs_weight_error=1e-4)
+    return m.model_copy(update={"model": m.model.model_copy(update={"gpu_pack": gpu})})
+
+
+def test_a_cuda_cloud_asks_the_job_for_the_gpu_pack_under_a_key_of_its_own() -> None:
+    cpu, cuda = lm_spec(), lm_spec(resources={"gpu": 1}, runtime={"device": "cuda"})
+    (cpu_job,), (cuda_job,) = bodies(plan(cpu, world(cpu)), "Job"), bodies(plan(cuda, world(cuda)), "Job")
+    (cpu_step,) = cpu_job["spec"]["template"]["spec"]["initContainers"]
+    (cuda_step,) = cuda_job["spec"]["template"]["spec"]["initContainers"]
+    assert "--gpu-pack" not in cpu_step["args"]
+    assert flag(cuda_step["args"], "--gpu-pack") == "fp16"
+    assert compression_key(cuda, STORE) != compression_key(cpu, STORE)
+    # GPUs are for serving: the Job compresses on CPU whatever the cloud asks.
+    assert "nvidia.com/gpu" not in cuda_step["resources"]["limits"]
+
+
+def test_a_cuda_cloud_serves_the_gpu_pack_with_the_cuda_image_and_waits_for_a_manifest_that_has_one() -> None:
+    s = lm_spec(resources={"gpu": 2}, runtime={"device": "cuda"})
+    p = plan(s, published(s, with_gpu_pack(lm_manifest())))
+    c = container(*bodies(p, "Deployment"))
+    assert c["image"] == "ghcr.io/kiri-dev/kiri-runtime-cuda:0.1.0" == s.runtime.cuda_image
+    assert flag(c["args"], "--device") == "cuda"
+    assert flag(c["args"], "--model-uri") == base(s) + "model-fp16-cuda.tar"
+    assert flag(c["args"], "--sha256") == GPU_SHA
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    # A manifest without one (made by an older compressor) is not served on the GPU.
+    p = plan(s, published(s, lm_manifest()))
+    assert bodies(p, "Deployment") == []
+    cond = cloud_ready(p)
+    assert (cond["status"], cond["reason"]) == ("False", "WaitingForCloudPack")
+    assert cond["message"].endswith("has no fp16 GPU pack of the full model (model.gpuPack)")
+
+
+def test_a_cpu_cloud_ignores_a_gpu_pack_and_its_ready_condition_names_the_gpus_it_holds_for_nothing() -> None:
+    s = lm_spec(resources={"gpu": 1})
+    p = plan(s, published(s, with_gpu_pack(lm_manifest())))
+    (deployment,) = bodies(p, "Deployment")
+    c = container(deployment)
+    assert "--device" not in c["args"] and c["image"] == s.runtime.image
+    assert flag(c["args"], "--model-uri") == base(s) + "model.tar"
+    deployment["metadata"]["generation"] = 1
+    deployment["status"] = {
+        "observedGeneration": 1, "readyReplicas": 2, "availableReplicas": 2, "updatedReplicas": 2,
+    }  # fmt: skip
+    p = plan(
+        s, world(s, manifest_configmap(s, lm_manifest()), ObjectView("Deployment", "md-cloud", deployment))
+    )
+    assert cloud_ready(p)["message"] == (
+        "2/2 replicas ready; each pod holds 1 nvidia.com/gpu that it does not use: the language model decodes on "
+        "CPU (cloud.runtime.device cpu); set device cuda, or cloud.resources.gpu 0"
+    )
+    s0 = lm_spec(resources={"gpu": 0})
+    p = plan(
+        s0, world(s0, manifest_configmap(s0, lm_manifest()), ObjectView("Deployment", "md-cloud", deployment))
+    )
+    assert cloud_ready(p)["message"] == "2/2 replicas ready"
