@@ -4,7 +4,8 @@
     POST /v1/unload_lora_adapter   {"lora_name"}
     POST /v1/default_lora_adapter  {"lora_name"}   (Kiri's: the adapter a bare model name gets; "base": none)
 
-`lora_path` is a URI the artifact fetcher takes (file://, http(s)://, s3://, or a local path): the file is
+`lora_path` is a URI the artifact fetcher takes (file://, http(s)://, s3://, or a local path; a local one must lie
+under an adapter directory, `ServeConfig.adapter_roots`): the file is
 fetched into the node cache, checked against `sha256`, loaded, and pinned there as `<model>:<adapter>` (so a
 rollback finds it on the node). `replace` swaps a loaded adapter without dropping the requests that use it
 (adapters.py). The answers are JSON; errors are OpenAI's error body with 400 (bad request, bad artifact), 401

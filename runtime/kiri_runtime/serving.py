@@ -120,6 +120,9 @@ class ServeConfig:
     adapters: tuple[AdapterSpec, ...] = ()
     default_adapter: str | None = None
     admin_token_file: Path | None = None
+    # Directories whose files an adapter's file:// URI (or bare path) may name; the directories of the
+    # --adapter files are always among them. A token holder cannot make the server read another local file.
+    adapter_roots: tuple[Path, ...] = ()
 
 
 class Server:
@@ -296,6 +299,7 @@ class Server:
         fetcher = self._adapter_fetcher
 
         def work() -> LoadedAdapter:
+            self._check_adapter_path(name, uri)
             try:
                 start = time.perf_counter()
                 with fetcher.open(uri, sha256 or None) as artifact:
@@ -330,6 +334,22 @@ class Server:
         self.metrics.lora_loads.labels(model, "swapped" if swap else "loaded").inc()
         self.metrics.lora_adapters.labels(model).set(len(adapters.listing()))
         return loaded
+
+    def _check_adapter_path(self, name: str, uri: str) -> None:
+        """A local adapter file must lie under an adapter root (`ServeConfig.adapter_roots` and the directories
+        of the startup adapters), links resolved: the admin routes take a path, not a key to the filesystem."""
+        path = _local_path(uri)
+        if path is None:
+            return
+        roots = [*self.config.adapter_roots]
+        roots += [p.parent for p in (_local_path(a.uri) for a in self.config.adapters) if p is not None]
+        real = path.resolve()
+        if not any(real.is_relative_to(root.resolve()) for root in roots):
+            allowed = (
+                ", ".join(str(r) for r in dict.fromkeys(roots))
+                or "none (start kiri serve with --adapter-root)"
+            )
+            raise BadAdapter(f"adapter {name}: {path} is outside the adapter directories ({allowed})")
 
     async def unload_adapter(self, model: str, name: str) -> LoadedAdapter:
         adapters = self._adapters(model)
@@ -367,6 +387,14 @@ class Server:
         await asyncio.to_thread(self.rest.intake.close)
         if self._adapter_fetcher is not None:
             self._adapter_fetcher.close()
+
+
+def _local_path(uri: str) -> Path | None:
+    """The file a bare path or file:// URI names; None for a remote URI."""
+    parts = urlsplit(uri)
+    if parts.scheme in ("", "file"):
+        return Path(unquote(parts.path))
+    return None
 
 
 def _local_dir(uri: str) -> Path | None:

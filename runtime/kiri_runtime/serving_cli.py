@@ -205,6 +205,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         help="bearer token of the admin routes (/v1/load_lora_adapter, ...); default $KIRI_ADMIN_TOKEN, "
         "without either they are off",
     )
+    lora.add_argument(
+        "--adapter-root",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory whose files /v1/load_lora_adapter may load by file:// URI or path (repeatable); the "
+        "directories of the --adapter files always are; any other local file is refused (400)",
+    )
     sub.add_argument("--shutdown-grace", type=float, default=30.0, help="seconds to drain on SIGTERM")
     test_aids = sub.add_argument_group("test aids (never set these in production)")
     test_aids.add_argument(
@@ -276,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         adapters=tuple(args.adapter),
         default_adapter=args.default_adapter,
         admin_token_file=args.admin_token_file,
+        adapter_roots=tuple(args.adapter_root),
         collaboration=CollabConfig(
             mode=args.collaboration,
             cloud_model=args.cloud_model,

@@ -58,6 +58,7 @@ def start(ready: Path, files: dict[str, Path], tmp_path: Path) -> Iterator[Calla
             shutdown_grace_s=5.0,
             adapters=(AdapterSpec("harbour", files["harbour"].as_uri(), sha(files["harbour"])),),
             admin_token_file=token,
+            adapter_roots=(files["orchard"].parent, tmp_path / "adapters"),
         )
         for key, value in over.items():
             setattr(config, key, value)
@@ -290,9 +291,14 @@ def test_bad_adapters_and_bad_admin_requests_are_4xx_and_lose_nothing(
     import onnxruntime as ort
 
     server = start()
-    garbage = tmp_path / "garbage.onnx_adapter"
+    (tmp_path / "adapters").mkdir()
+    garbage = tmp_path / "adapters" / "garbage.onnx_adapter"
     garbage.write_bytes(b"\x00not an adapter" * 10)
-    misfit = tmp_path / "misfit.onnx_adapter"
+    misfit = tmp_path / "adapters" / "misfit.onnx_adapter"
+    # A file outside the adapter directories, named directly and through a link inside one.
+    outside = tmp_path / "outside.onnx_adapter"
+    outside.write_bytes(files["orchard"].read_bytes())
+    (tmp_path / "adapters" / "link.onnx_adapter").symlink_to(outside)
     fmt = ort.AdapterFormat()
     fmt.set_adapter_version(1)
     fmt.set_model_version(1)
@@ -315,7 +321,22 @@ def test_bad_adapters_and_bad_admin_requests_are_4xx_and_lose_nothing(
             r"does not fit model assistant: model.layers.0.attn.qkv_proj: A is [64, 2]",
         ),
         ({"lora_name": "o", "lora_path": files["orchard"].as_uri(), "sha256": "0" * 64}, 400, "sha256 is"),
-        ({"lora_name": "o", "lora_path": (tmp_path / "missing").as_uri()}, 400, "adapter o:"),
+        ({"lora_name": "o", "lora_path": (tmp_path / "adapters" / "missing").as_uri()}, 400, "adapter o:"),
+        (
+            {"lora_name": "o", "lora_path": outside.as_uri()},
+            400,
+            f"{outside} is outside the adapter directories",
+        ),
+        (
+            {"lora_name": "o", "lora_path": str(tmp_path / "adapters" / "link.onnx_adapter")},
+            400,
+            "link.onnx_adapter is outside the adapter directories",
+        ),
+        (
+            {"lora_name": "o", "lora_path": "file:///etc/hostname"},
+            400,
+            "/etc/hostname is outside the adapter",
+        ),
         ({"lora_name": "Bad Name", "lora_path": files["orchard"].as_uri()}, 400, "adapter name 'Bad Name'"),
         ({"lora_name": "base", "lora_path": files["orchard"].as_uri()}, 400, "and not 'base'"),
         ({"lora_path": files["orchard"].as_uri()}, 400, "lora_name must be a non-empty string"),
@@ -348,8 +369,9 @@ def test_bad_adapters_and_bad_admin_requests_are_4xx_and_lose_nothing(
     assert unload_default.status_code == 409 and "is the default" in unload_default.json()["error"]["message"]
     # Nothing was lost: harbour still answers, nothing else got loaded, the server is ready.
     assert adapter_state(server) == (1, 1)
-    # Refused by the loader: garbage, misfit, digest, missing file, loaded already (the rest by the route).
-    assert metric(server, "kiri:lora_adapter_loads_total", result="refused") == 5
+    # Refused by the loader: garbage, misfit, digest, missing file, three outside the adapter directories,
+    # loaded already (the rest by the route).
+    assert metric(server, "kiri:lora_adapter_loads_total", result="refused") == 8
     assert metric(server, "kiri:lora_adapter_loads_total", result="loaded") == 1
     assert metric(server, "kiri:lora_adapters") == 1
     assert complete(server, "assistant:harbour").status_code == 200
