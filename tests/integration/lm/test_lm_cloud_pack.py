@@ -92,14 +92,23 @@ def published(
 
 
 @contextlib.contextmanager
-def serving(args: list[str], cache: Path) -> Iterator[str]:
+def started(args: list[str], cache: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`kiri serve` with the rendered args, only the address and cache directory replaced; (its URL, the process)."""
     port = free_port()
     local = {"--host": "127.0.0.1", "--port": str(port), "--cache-dir": str(cache)}
     argv = [local.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "kiri_operator.cli", *argv, "--threads", "1"], env=env)
-    url = f"http://127.0.0.1:{port}"
     try:
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def serving(args: list[str], cache: Path) -> Iterator[str]:
+    with started(args, cache) as (url, proc):
         deadline = time.monotonic() + 300
         while True:
             assert proc.poll() is None, f"kiri serve exited with {proc.returncode}"
@@ -109,9 +118,6 @@ def serving(args: list[str], cache: Path) -> Iterator[str]:
             assert time.monotonic() < deadline, "kiri serve did not become ready"
             time.sleep(0.5)
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def greedy_chat(url: str, max_tokens: int) -> dict[str, Any]:
@@ -223,13 +229,7 @@ def test_the_rendered_cuda_cloud_serves_the_gpu_pack_and_says_why_it_cannot_on_a
 
 def _not_ready_reason(args: list[str], cache: Path) -> str:
     """The readiness probe's reason once the load has failed (the server stays live meanwhile)."""
-    port = free_port()
-    local = {"--host": "127.0.0.1", "--port": str(port), "--cache-dir": str(cache)}
-    argv = [local.get(args[i - 1], a) if i else a for i, a in enumerate(args)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "kiri_operator.cli", *argv, "--threads", "1"], env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with started(args, cache) as (url, proc):
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None, f"kiri serve exited with {proc.returncode}"
@@ -242,6 +242,3 @@ def _not_ready_reason(args: list[str], cache: Path) -> str:
                     return reason
             assert time.monotonic() < deadline, "kiri serve never said why it is not ready"
             time.sleep(0.5)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
