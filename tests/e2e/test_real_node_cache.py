@@ -120,8 +120,23 @@ def cache_driver_on(cluster: Cluster, nodes: Sequence[str], workdir: Path) -> It
             raise AssertionError(cluster.kubectl("describe", "pods", "-n", system, check=False)) from None
         yield system
     finally:
+        # Pods that mount the driver's volumes (deleted by their tests without waiting) first: a kubelet
+        # unmounts a CSI volume through the driver, so one still terminating when the driver goes never
+        # finishes, nor does its namespace.
+        with contextlib.suppress(TimeoutError):
+            cluster.wait_for(lambda: not cache_volume_pods(cluster), timeout=90, interval=1)
         cluster.kubectl("delete", "namespace", system, "--wait=true", "--timeout=60s", check=False)
         cluster.kubectl("delete", "csidriver", "cache.kiri.dev", "--ignore-not-found", check=False)
+
+
+def cache_volume_pods(cluster: Cluster) -> list[str]:
+    """`namespace/name` of the pods, in any namespace, with a volume of the node-cache driver."""
+    pods = cluster.get_json("pods", "--all-namespaces")["items"]
+    return [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+        for p in pods
+        if any((v.get("csi") or {}).get("driver") == "cache.kiri.dev" for v in p["spec"].get("volumes") or [])
+    ]
 
 
 @pytest.fixture(scope="module")
