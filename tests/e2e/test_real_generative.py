@@ -195,12 +195,14 @@ def deployed(
 
         try:
             cluster.wait_for(healthy, timeout=300, interval=1, message=f"{NAME} Healthy")
-            d.edge = cluster.wait_for(
+            edge = cluster.wait_for(
                 lambda: ready_pod(cluster, ns, "edge"), timeout=60, message="edge pod Ready"
             )
-            d.cloud = cluster.wait_for(
+            cloud = cluster.wait_for(
                 lambda: ready_pod(cluster, ns, "cloud"), timeout=120, message="cloud pod Ready"
             )
+            assert edge is not None and cloud is not None  # wait_for returns a truthy value
+            d.edge, d.cloud = edge, cloud
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{d.explain()}") from None
         seconds["applied -> Healthy, both pods Ready"] = time.monotonic() - t0
