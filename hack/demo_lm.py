@@ -182,7 +182,7 @@ def tokens_by_tier_table(
     return table(["TIER", "TOKENS (usage.kiri)", "TOKENS (edge /metrics)", "SHARE"], rows), problems
 
 
-def _ask(client: Any, model: str, prompt: str, mode: str, max_tokens: int) -> tuple[dict[str, Any], float]:
+def ask(client: Any, model: str, prompt: str, mode: str, max_tokens: int) -> tuple[dict[str, Any], float]:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -210,7 +210,7 @@ def cmd_chat(args: argparse.Namespace, record: Callable[[str, Any], None], table
     results: dict[str, dict[str, Any]] = {}
     with httpx.Client(base_url=args.url, timeout=120) as client:
         for label, prompt in [*(("in domain", p) for p in EASY), ("hard", HARD)]:
-            answer, ms = _ask(client, args.model, prompt, "cascade", args.max_tokens)
+            answer, ms = ask(client, args.model, prompt, "cascade", args.max_tokens)
             kiri = answer["usage"]["kiri"]
             reports.append(kiri)
             results[prompt] = kiri
@@ -231,8 +231,8 @@ def cmd_chat(args: argparse.Namespace, record: Callable[[str, Any], None], table
         print(table(headers, rows))
 
         # The hard one again: cloud-only (the reference) and speculative (lossless: same text, fewer cloud passes).
-        ref, ref_ms = _ask(client, args.model, HARD, "cloud-only", args.max_tokens)
-        spec, spec_ms = _ask(client, args.model, HARD, "speculative", args.max_tokens)
+        ref, ref_ms = ask(client, args.model, HARD, "cloud-only", args.max_tokens)
+        spec, spec_ms = ask(client, args.model, HARD, "speculative", args.max_tokens)
         reports += [ref["usage"]["kiri"], spec["usage"]["kiri"]]
         sk = spec["usage"]["kiri"]
         same = spec["choices"][0]["message"]["content"] == ref["choices"][0]["message"]["content"]

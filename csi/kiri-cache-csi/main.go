@@ -24,6 +24,8 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"strconv"
+	"strings"
 	"syscall"
 
 	csi "github.com/container-storage-interface/spec/lib/go/csi"
@@ -115,12 +117,45 @@ func ensureDir(dir string, mode os.FileMode, uid, gid int) error {
 	return nil
 }
 
+// mounted says whether target is a mount point, from /proc/self/mountinfo. Comparing the device of target and
+// its parent is not enough: the bind mount of a cache directory onto a target on the same filesystem (the
+// cache root and the kubelet's root on one disk, the usual case) keeps the device, so a mount point looked
+// like a plain directory, unpublish skipped the unmount, its remove failed with EBUSY and the pod never
+// finished terminating.
 func mounted(target string) bool {
-	var here, parent unix.Stat_t
-	if unix.Lstat(target, &here) != nil || unix.Lstat(filepath.Dir(target), &parent) != nil {
+	info, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
 		return false
 	}
-	return here.Dev != parent.Dev
+	return isMountPoint(string(info), filepath.Clean(target))
+}
+
+// isMountPoint says whether path is the mount point (the fifth field, octal-escaped) of a line of mountinfo.
+func isMountPoint(mountinfo, path string) bool {
+	for _, line := range strings.Split(mountinfo, "\n") {
+		fields := strings.Fields(line)
+		if len(fields) > 4 && unescapeMountPath(fields[4]) == path {
+			return true
+		}
+	}
+	return false
+}
+
+// unescapeMountPath undoes the kernel's escaping of a mountinfo path: space, tab, newline and backslash as
+// \ooo octal.
+func unescapeMountPath(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }
 
 func (d *driver) NodePublishVolume(_ context.Context, req *csi.NodePublishVolumeRequest) (*csi.NodePublishVolumeResponse, error) {

@@ -95,3 +95,57 @@ func TestOnlyEphemeralInlineVolumesArePublished(t *testing.T) {
 		t.Fatalf("err = %v", err)
 	}
 }
+
+func TestABindMountOnTheSameFilesystemIsAMountPointAndUnpublishUnmountsAndRemovesIt(t *testing.T) {
+	d := newDriver(t)
+	// The cache root and the kubelet's target on one filesystem: the bind mount keeps the device number.
+	target := filepath.Join(t.TempDir(), "pods", "uid", "volumes", "cache", "mount")
+	if err := os.MkdirAll(target, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if mounted(target) {
+		t.Fatalf("%s is a plain directory, not a mount point", target)
+	}
+	req := &csi.NodePublishVolumeRequest{
+		VolumeId:         "v1",
+		TargetPath:       target,
+		VolumeCapability: &csi.VolumeCapability{AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}}},
+		VolumeContext:    map[string]string{ephemeral: "true", podNamespace: "team-a", modelKey: "chat"},
+	}
+	if _, err := d.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if !mounted(target) {
+		t.Fatalf("the bind mount at %s is not seen as a mount point", target)
+	}
+	// A retried publish is a no-op, not a second mount stacked on the first.
+	if _, err := d.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	unpublish := &csi.NodeUnpublishVolumeRequest{VolumeId: "v1", TargetPath: target}
+	if _, err := d.NodeUnpublishVolume(context.Background(), unpublish); err != nil {
+		t.Fatalf("unpublish: %v", err)
+	}
+	if _, err := os.Lstat(target); !os.IsNotExist(err) {
+		t.Fatalf("the target is still there after unpublish (%v)", err)
+	}
+	if _, err := os.Stat(filepath.Join(d.root, "team-a", "chat")); err != nil {
+		t.Fatalf("the cache directory must outlive the pod: %v", err)
+	}
+}
+
+func TestMountinfoPathsAreReadWithTheKernelsOctalEscapes(t *testing.T) {
+	info := "36 35 98:0 /cache/ns/m /var/lib/kubelet/pods/a/volumes/kubernetes.io~csi/cache/mount rw - ext4 /dev/vda rw\n" +
+		"37 35 98:0 /x /mnt/with\\040space rw - ext4 /dev/vda rw\n"
+	for path, want := range map[string]bool{
+		"/var/lib/kubelet/pods/a/volumes/kubernetes.io~csi/cache/mount": true,
+		"/mnt/with space":         true,
+		"/mnt/with\\040space":     false,
+		"/var/lib/kubelet/pods/a": false,
+		"/cache/ns/m":             false, // a mount's source (root) is not its mount point
+	} {
+		if got := isMountPoint(info, path); got != want {
+			t.Errorf("isMountPoint(%q) = %v, want %v", path, got, want)
+		}
+	}
+}

@@ -13,6 +13,7 @@ everything under the state dir). Marked `real_nodes` (see tests/e2e/test_real_no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import json
@@ -23,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -69,23 +70,24 @@ def cache_root(node: str) -> Path:
     return STATE_DIR / "nodes" / node / "kiri-cache"
 
 
-@pytest.fixture(scope="module")
-def cache_driver(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The chart's CSI driver on both real nodes, with the runtime and driver images in their containerd."""
-    _run("bash", str(REPO_ROOT / "hack" / "build-binaries.sh"), "real-nodes", timeout=1800)
-    _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", str(len(REAL_NODES)), timeout=600)
-    _run(sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", "cache-csi", timeout=1800)
+@contextlib.contextmanager
+def cache_driver_on(cluster: Cluster, nodes: Sequence[str], workdir: Path) -> Iterator[str]:
+    """The chart's CSI driver (helm template, one release per real node: each has its own kubelet root and
+    cache root) registered with the kubelets of `nodes`, in a namespace of its own labelled `privileged`;
+    yields that namespace, and removes the namespace and the CSIDriver afterwards. The runtime and
+    `cache-csi` images must be loaded (hack/images.py)."""
+    from .test_helm import CHART, _with_helm, helm
+
+    workdir.mkdir(parents=True, exist_ok=True)
     system = f"kiri-system-{uuid.uuid4().hex[:6]}"
     cluster.kubectl("create", "namespace", system)
     cluster.kubectl("label", "namespace", system, "pod-security.kubernetes.io/enforce=privileged")
-    from .test_helm import CHART, _with_helm, helm
-
-    env = _with_helm(cluster.env, tmp_path_factory.mktemp("helm-home"))
+    env = _with_helm(cluster.env, workdir / "helm-home")
     try:
-        for node in REAL_NODES:
+        for node in nodes:
             _shared(kubelet_root(node))
             _shared(cache_root(node))
-            values = tmp_path_factory.mktemp("values") / "values.yaml"
+            values = workdir / f"values-{node}.yaml"
             values.write_text(
                 yaml.safe_dump(
                     {
@@ -104,20 +106,47 @@ def cache_driver(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
             cluster.apply([d for d in yaml.safe_load_all(rendered) if d], namespace=system)
 
         def registered() -> bool:
-            for node in REAL_NODES:
+            for node in nodes:
                 csinode = cluster.get_json("csinode", node)
                 if "cache.kiri.dev" not in [d["name"] for d in csinode.get("spec", {}).get("drivers") or []]:
                     return False
             return True
 
         try:
-            cluster.wait_for(registered, timeout=120, interval=1, message="cache.kiri.dev in both CSINodes")
+            cluster.wait_for(
+                registered, timeout=120, interval=1, message=f"cache.kiri.dev in CSINodes {nodes}"
+            )
         except TimeoutError:
             raise AssertionError(cluster.kubectl("describe", "pods", "-n", system, check=False)) from None
         yield system
     finally:
+        # Pods that mount the driver's volumes (deleted by their tests without waiting) first: a kubelet
+        # unmounts a CSI volume through the driver, so one still terminating when the driver goes never
+        # finishes, nor does its namespace.
+        with contextlib.suppress(TimeoutError):
+            cluster.wait_for(lambda: not cache_volume_pods(cluster), timeout=90, interval=1)
         cluster.kubectl("delete", "namespace", system, "--wait=true", "--timeout=60s", check=False)
         cluster.kubectl("delete", "csidriver", "cache.kiri.dev", "--ignore-not-found", check=False)
+
+
+def cache_volume_pods(cluster: Cluster) -> list[str]:
+    """`namespace/name` of the pods, in any namespace, with a volume of the node-cache driver."""
+    pods = cluster.get_json("pods", "--all-namespaces")["items"]
+    return [
+        f"{p['metadata']['namespace']}/{p['metadata']['name']}"
+        for p in pods
+        if any((v.get("csi") or {}).get("driver") == "cache.kiri.dev" for v in p["spec"].get("volumes") or [])
+    ]
+
+
+@pytest.fixture(scope="module")
+def cache_driver(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The chart's CSI driver on both real nodes, with the runtime and driver images in their containerd."""
+    _run("bash", str(REPO_ROOT / "hack" / "build-binaries.sh"), "real-nodes", timeout=1800)
+    _run(str(CLUSTER_SCRIPT), "up", "--real-nodes", str(len(REAL_NODES)), timeout=600)
+    _run(sys.executable, str(REPO_ROOT / "hack" / "images.py"), "load", "runtime", "cache-csi", timeout=1800)
+    with cache_driver_on(cluster, REAL_NODES, tmp_path_factory.mktemp("csi")) as system:
+        yield system
 
 
 @pytest.fixture(scope="module")
