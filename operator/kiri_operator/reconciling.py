@@ -169,15 +169,20 @@ class Reconciler:
             and admitting.refusal(spec, self.settings) is None
         ):
             # Metric analysis is I/O, so it belongs to observe; the planner said (in status) whether it is due.
+            # The sites' adapter waves are judged by the same analysis, each on its own turn.
             if self.analyst is not None:
                 measurement, measuring = self.analyst.take(key, spec, observed.status, now)
+                by_site, sites_measuring = self.analyst.take_sites(key, spec, observed.status, now)
             else:
                 from kiri_operator import analyzing
 
-                measuring = False
+                measuring, sites_measuring = False, frozenset()
                 measurement = analyzing.measure_due(spec, observed.namespace, observed.status, now)
+                by_site = analyzing.measure_sites_due(spec, observed.namespace, observed.status, now)
             if measurement is not None or measuring:
                 observed = replace(observed, measurement=measurement, measuring=measuring)
+            if by_site or sites_measuring:
+                observed = replace(observed, site_measurements=by_site, sites_measuring=sites_measuring)
         p: Plan = (
             invalid_spec_status(observed, error or "")
             if spec is None

@@ -1009,8 +1009,11 @@ class AnalysisQuery(ApiModel):
     """Unique name, used in events and conditions."""
     query: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     """PromQL returning one scalar or a one-element vector. `$revision`, `$stableRevision` (the last revision that
-    reached every node, which the nodes not yet updated still run; empty on a first rollout), `$variant` and
-    `$namespace` are substituted before it runs. Exactly one of `query` and `preset`."""
+    reached every node, which the nodes not yet updated still run; empty on a first rollout), `$variant`,
+    `$namespace`, `$adapters` and `$stableAdapters` are substituted before it runs. The last two are regular
+    expressions on the pods' `adapters` label: `.*` in a revision's rollout; in a site's adapter wave (which
+    the same queries judge) its adapter revision and the site's stable one ("" for the base model), so
+    `adapters=~"$adapters"` selects the site's canary. Exactly one of `query` and `preset`."""
     preset: AnalysisPreset | None = None
     """A named query on the language-model metrics of the update revision's edge pods: `ttft-p95` (seconds
     to the first token, 95th percentile), `itl-p95` (seconds between tokens, 95th percentile), `error-ratio`

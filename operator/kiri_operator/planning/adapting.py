@@ -29,11 +29,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from kiri_operator import labels as L
 from kiri_operator.api.specs import HeldOutMetric, ModelDeploymentSpec, RolloutSpec, UpdatePolicy
 from kiri_operator.api.statuses import RolloutStatus, SiteAdapters, SiteDownload
 from kiri_operator.conditions import Reason
 from kiri_operator.labels import short_hash
-from kiri_operator.observations import NodeView
+from kiri_operator.observations import Measurement, NodeView
 from kiri_operator.planning import waves as W
 from kiri_operator.planning.stepping import EdgeNode, RolloutPolicy, Stage, policy_of
 from kiri_operator.planning.updating import DAY, Candidate, Download, UpdateDecision, decide
@@ -99,8 +100,8 @@ def desired_sets(spec: ModelDeploymentSpec) -> dict[str, AdapterSet]:
 def site_policy(rollout: RolloutSpec) -> RolloutPolicy:
     """A site's adapter wave: one canary node (with the first stage's bake), then every node of the site.
 
-    The rollout's other settings apply as they are; analysis does not (its queries select revisions, not
-    adapter revisions), nor `groupBy` (a site is one group)."""
+    The rollout's other settings apply as they are, analysis included (`analyzing.site_dues` runs its
+    queries on the pods of the wave's adapter revision); `groupBy` does not (a site is one group)."""
     base = policy_of(rollout)
     bake = float(rollout.stages[0].bake_seconds) if rollout.stages else 0.0
     return RolloutPolicy(
@@ -109,7 +110,7 @@ def site_policy(rollout: RolloutSpec) -> RolloutPolicy:
         max_unavailable=base.max_unavailable,
         offline_nodes=base.offline_nodes,
         progress_deadline_seconds=base.progress_deadline_seconds,
-        analysis=None,
+        analysis=base.analysis,
         max_concurrent_downloads=base.max_concurrent_downloads,
         max_bytes_per_wave=base.max_bytes_per_wave,
         paused=base.paused,
@@ -144,6 +145,22 @@ class AdapterInput:
     recorded: Mapping[str, AdapterSet] = field(default_factory=dict)
     """Adapter sets the spec no longer names, read back from their DaemonSets (a site's stable or previous
     set after a change): a new revision's DaemonSets are built with them, and a rollback finds them."""
+    measurements: Mapping[str, Measurement] = field(default_factory=dict)
+    """site -> the analysis measurement of its wave taken for this plan (`analyzing.site_dues`)."""
+    measuring: frozenset[str] = frozenset()
+    """Sites whose due measurement is being taken elsewhere."""
+    commands: Mapping[str, W.Commands] = field(default_factory=dict)
+    """site -> the promote/abort/rollback nonces of its adapter wave (`site_commands`)."""
+
+
+def site_commands(annotations: Mapping[str, str]) -> dict[str, W.Commands]:
+    """site -> its adapter wave's commands, from the `<verb>.adapters.kiri.dev/<site>` annotations."""
+    found: dict[str, dict[str, str]] = {}
+    for key, value in annotations.items():
+        for verb, prefix in L.SITE_COMMANDS.items():
+            if key.startswith(prefix) and len(key) > len(prefix) and value:
+                found.setdefault(key[len(prefix) :], {})[verb] = value
+    return {site: W.Commands(**verbs) for site, verbs in found.items()}
 
 
 @dataclass
@@ -210,14 +227,17 @@ def plan_adapters(inp: AdapterInput) -> AdapterPlan:
     return out
 
 
-def _initial_state(inp: AdapterInput, nodes: Sequence[NodeView], target: str) -> RolloutStatus:
+def _initial_state(inp: AdapterInput, site: str, nodes: Sequence[NodeView], target: str) -> RolloutStatus:
     """A site with no memory: a site where nothing runs yet starts on its target (nothing to protect); one
     that runs starts from what most of its nodes run, so the change goes through the waves."""
     running = [inp.current[n.name] for n in nodes if n.name in inp.current]
+    # Commands given before this memory existed were for another wave: none acts on this one.
+    cmd = inp.commands.get(site, W.Commands())
+    handled = {"handled_promote": cmd.promote, "handled_abort": cmd.abort, "handled_rollback": cmd.rollback}
     if inp.first_rollout or not running:
-        return RolloutStatus(stable_revision=target, update_revision=target)
+        return RolloutStatus(stable_revision=target, update_revision=target, **handled)
     stable = max(sorted(set(running)), key=running.count)
-    return RolloutStatus(stable_revision=stable, update_revision=stable)
+    return RolloutStatus(stable_revision=stable, update_revision=stable, **handled)
 
 
 def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[NodeView]) -> SiteAdapters:
@@ -238,7 +258,7 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
         )
     state = stored.rollout if stored is not None and stored.rollout is not None else None
     if state is None:
-        state = _initial_state(inp, nodes, BASE if worse else wanted)
+        state = _initial_state(inp, site, nodes, BASE if worse else wanted)
     stable = state.stable_revision or BASE
     in_flight = state.in_progress
     target = wanted
@@ -268,6 +288,9 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
         assignment={n.name: inp.current[n.name] for n in nodes if n.name in inp.current},
         pods={n.name: p for n in nodes if (p := inp.pods.get(n.name)) is not None},
         variant_sizes={_ADAPTERS_VARIANT: _new_bytes(desired, stable, out.sets)},
+        measurement=inp.measurements.get(site),
+        measuring=site in inp.measuring,
+        commands=inp.commands.get(site, W.Commands()),
     )
     started = state.update_revision != target and target != stable
     plan = W.plan_waves(site_policy(inp.rollout), observed, state, inp.now)

@@ -315,6 +315,12 @@ class RecordingAnalyst:
         self.asked.append(key)
         return None, False
 
+    def take_sites(
+        self, key: tuple[str, str], spec: Any, status: Any, now: Any
+    ) -> tuple[dict[str, Any], frozenset[str]]:
+        self.asked.append(key)
+        return {}, frozenset()
+
 
 @pytest.mark.parametrize(
     ("address", "asked"),
@@ -337,7 +343,7 @@ def test_a_prometheus_outside_the_allow_list_is_never_asked_and_the_spec_is_refu
     assert md is not None
     cache.put_md({**md, "spec": spec, "metadata": {**md["metadata"], "resourceVersion": "2"}})
     Reconciler(kube, cache, analyst=analyst).reconcile(("ns", "md"))  # type: ignore[arg-type]
-    assert analyst.asked == ([("ns", "md")] if asked else [])
+    assert analyst.asked == ([("ns", "md")] * 2 if asked else [])  # the revision's wave, then the sites'
     status = cache.md(("ns", "md"))["status"]  # type: ignore[index]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["reason"] == "PrometheusNotAllowed") is not asked

@@ -18,7 +18,7 @@ from kiri_operator.planning.adapting import (
     plan_adapters,
     site_policy,
 )
-from kiri_operator.planning.stepping import Stage, policy_of
+from kiri_operator.planning.stepping import AnalysisPolicy, Stage, policy_of
 from kiri_operator.planning.waves import NodePod
 from planning_worlds import NOW, SHA
 
@@ -82,7 +82,9 @@ def test_held_out_perplexity_and_loss_are_worse_higher_and_accuracy_lower(
     assert HeldOutMetric.model_validate({"metric": metric, "base": base, "adapter": adapter}).worse() is worse
 
 
-def test_a_site_wave_is_one_canary_node_with_the_first_stages_bake_then_the_whole_site() -> None:
+def test_a_site_wave_is_one_canary_node_with_the_first_stages_bake_then_the_whole_site_judged_by_the_analysis() -> (
+    None
+):
     rollout = RolloutSpec.model_validate(
         {
             "stages": [{"nodes": 2, "bakeSeconds": 30}, {"percent": 50, "pause": True}, {"percent": 100}],
@@ -98,7 +100,8 @@ def test_a_site_wave_is_one_canary_node_with_the_first_stages_bake_then_the_whol
     assert policy_of(rollout).analysis is not None and policy_of(rollout).group_by == "kiri.dev/site"
     policy = site_policy(rollout)
     assert policy.stages == (Stage(nodes=1, bake_seconds=30.0), Stage(percent=100))
-    assert (policy.group_by, policy.analysis) == (None, None)
+    assert policy.group_by is None
+    assert policy.analysis == AnalysisPolicy(interval_seconds=30.0, warmup_seconds=30.0)
     assert (policy.progress_deadline_seconds, policy.max_unavailable) == (120.0, 1)
 
 
