@@ -789,12 +789,26 @@ class HeldOutMetric(ApiModel):
     """The base model's value on the site's held-out text."""
     adapter: Annotated[float, Field(ge=0)]
     """The value with the adapter on the same text."""
+    current: Annotated[float, Field(ge=0)] | None = None
+    """The value, on the same text, of the adapter of this name that the site serves now (omit for a new
+    adapter): `rollout.updatePolicy.minImprovement` is measured against it, else against `base`."""
 
     def worse(self) -> bool:
         """The adapter does worse than the base (equal is not worse)."""
         if self.metric in LOWER_IS_BETTER:
             return self.adapter > self.base
         return self.adapter < self.base
+
+    def gain(self) -> float:
+        """The improvement over `current` (else `base`), as `minImprovement` counts it: accuracy's rise and
+        loss's drop as differences, perplexity's drop relative to the reference (a scale-free share, close
+        to the drop in loss it stands for)."""
+        reference = self.base if self.current is None else self.current
+        if self.metric == "accuracy":
+            return self.adapter - reference
+        if self.metric == "loss":
+            return reference - self.adapter
+        return 0.0 if reference == 0 else (reference - self.adapter) / reference
 
 
 class AdapterSpec(ApiModel):
@@ -1290,7 +1304,9 @@ class UpdatePolicy(ApiModel):
     max_bytes_per_day: Annotated[int, Field(ge=1)] | None = None
     """Artifact bytes one site may download in 24 hours, computed from the manifest's variant sizes."""
     min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """Held-out accuracy gain (loss decrease for regression) a learned revision needs over the current one."""
+    """Held-out accuracy gain (loss decrease for regression) a learned revision needs over the current one.
+    Also the gain a site's new adapter needs when its `heldOut` is given, over the site's current adapter
+    (`heldOut.current`) or else the base: accuracy's rise, loss's drop, or perplexity's relative drop."""
 
 
 # --- the whole spec ----------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from kiri_operator import labels as L
@@ -343,15 +343,30 @@ def _policy(
     state: RolloutStatus,
     sets: Mapping[str, AdapterSet],
 ) -> tuple[UpdateDecision, int]:
-    """`updatePolicy` on a site's new adapter wave, and the bytes its nodes would fetch."""
+    """`updatePolicy` on a site's new adapter wave, and the bytes its nodes would fetch. `minImprovement`
+    weighs the new adapters whose producer measured them (`heldOut`) by the smallest gain among them; a set
+    with none measured is the user's decision, as a spec change is."""
     cost = _new_bytes(desired, stable, sets) * len(nodes)
     last = max((t for t in (state.started_at, inp.revision_started_at) if t is not None), default=None)
     recent = [Download(d.site, d.bytes, d.time) for d in inp.downloads if inp.now - d.time < DAY]
+    held = {a.sha256.lower() for a in sets.get(stable, AdapterSet()).adapters}
+    measured = [a for a in desired.adapters if a.held_out is not None and a.sha256.lower() not in held]
+    least = min(measured, key=lambda a: a.held_out.gain() if a.held_out is not None else 0.0, default=None)
+    gain = least.held_out.gain() if least is not None and least.held_out is not None else None
     decision = decide(
         inp.update_policy,
-        Candidate(desired.revision, {site: cost}),
+        Candidate(desired.revision, {site: cost}, learned=gain is not None, improvement=gain),
         now=inp.now,
         last_rollout_at=last,
         downloads=recent,
     )
+    if least is not None and least.held_out is not None and decision.reason.startswith("minImprovement"):
+        m = least.held_out
+        against = (
+            f"the current adapter's {m.current:g}" if m.current is not None else f"the base's {m.base:g}"
+        )
+        decision = replace(
+            decision,
+            reason=f"{decision.reason} (adapter {least.name}: {m.metric} {m.adapter:g} against {against})",
+        )
     return decision, cost

@@ -178,3 +178,21 @@ def test_nodes_of_no_site_never_get_adapters() -> None:
     plan = plan_adapters(inp)
     assert plan.nodes == {"a-1": desired_sets(lm([ad("shop", ["a"])]))["a"].revision, "lone": BASE}
     assert [s.site for s in plan.sites] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("held_out", "gain"),
+    [
+        ({"metric": "accuracy", "base": 0.5, "adapter": 0.56}, 0.06),
+        ({"metric": "accuracy", "base": 0.5, "current": 0.55, "adapter": 0.56}, 0.01),
+        ({"metric": "loss", "base": 2.0, "adapter": 1.9}, 0.1),
+        ({"metric": "loss", "base": 2.0, "current": 1.8, "adapter": 1.9}, -0.1),
+        ({"metric": "perplexity", "base": 10.0, "adapter": 9.0}, 0.1),
+        ({"metric": "perplexity", "base": 10.0, "current": 8.0, "adapter": 7.6}, 0.05),
+        ({"metric": "perplexity", "base": 0.0, "adapter": 0.0}, 0.0),
+    ],
+)
+def test_the_held_out_gain_is_accuracys_rise_losss_drop_and_perplexitys_relative_drop_over_current_else_base(
+    held_out: dict[str, float], gain: float
+) -> None:
+    assert HeldOutMetric.model_validate(held_out).gain() == pytest.approx(gain, abs=1e-12)

@@ -242,3 +242,70 @@ def test_a_command_to_one_site_leaves_the_other_sites_wave_alone() -> None:
     assert site(p.status, "site-a")["verdict"] == "RolledBack"
     b = site(p.status, "site-b")
     assert (b["verdict"], b["reason"]) == ("Progressing", "Baking")
+
+
+# --- min gain ------------------------------------------------------------------------------------------
+
+MIN_GAIN = {"updatePolicy": {"minImprovement": 0.05}}
+
+
+def _clinic(**held_out: float) -> dict[str, Any]:
+    return adapter("clinic", SHOP2_SHA, ["site-a"], heldOut={"metric": "perplexity", **held_out})
+
+
+def test_an_adapter_that_improves_its_site_by_less_than_min_improvement_over_the_base_is_held_with_the_reason() -> (
+    None
+):
+    server = started([SHOP, CLINIC], **MIN_GAIN)
+    before = adapters_by_node(server)
+    s2 = lm_spec([SHOP, _clinic(base=10.0, adapter=9.9)], **MIN_GAIN)
+    p, _events = _roll(server, s2, 3)
+    a = site(p.status, "site-a")
+    assert (a["verdict"], a["reason"], a["revision"]) == ("Waiting", "UpdateDeferred", before["a-1"])
+    assert a["message"] == (
+        "site site-a: adapters deferred by updatePolicy: minImprovement: held-out gain +0.0100 is below 0.05 "
+        "(adapter clinic: perplexity 9.9 against the base's 10)"
+    )
+    assert adapters_by_node(server) == before
+    assert cond(p.status, C.ADAPTERS_ROLLED_OUT)["reason"] == "UpdateDeferred"
+    assert p.requeue_after is None or p.requeue_after > 3600  # a gain does not grow with time: no retry loop
+
+
+def test_min_improvement_is_measured_against_the_sites_current_adapter_when_its_value_is_given() -> None:
+    server = started([SHOP, CLINIC], **MIN_GAIN)
+    before = adapters_by_node(server)
+    # 20% better than the base, but only 2.5% better than the clinic adapter the site serves now.
+    s2 = lm_spec([SHOP, _clinic(base=10.0, current=8.0, adapter=7.8)], **MIN_GAIN)
+    p, _ = _roll(server, s2, 2)
+    a = site(p.status, "site-a")
+    assert (a["verdict"], a["reason"]) == ("Waiting", "UpdateDeferred")
+    assert a["message"].endswith(
+        "minImprovement: held-out gain +0.0250 is below 0.05 (adapter clinic: perplexity 7.8 against the "
+        "current adapter's 8)"
+    )
+    assert adapters_by_node(server) == before
+    # 10% better than the current one: it rolls out.
+    s3 = lm_spec([SHOP, _clinic(base=10.0, current=8.0, adapter=7.2)], **MIN_GAIN)
+    p, _ = _roll(server, s3, 1)
+    assert site(p.status, "site-a")["verdict"] == "Progressing"
+    assert adapters_by_node(server)["a-1"] != before["a-1"]
+
+
+def test_an_adapter_without_a_held_out_measurement_is_not_held_by_min_improvement() -> None:
+    server = started([SHOP, CLINIC], **MIN_GAIN)
+    before = adapters_by_node(server)
+    p, _ = _roll(server, lm_spec([SHOP, NEW_CLINIC], **MIN_GAIN), 1)
+    assert site(p.status, "site-a")["verdict"] == "Progressing"
+    assert adapters_by_node(server)["a-1"] != before["a-1"]
+
+
+def test_min_improvement_weighs_only_the_adapters_new_to_the_site() -> None:
+    # The shop adapter the sites already serve gained little when it came; it is not judged again when
+    # site a gets a new clinic adapter that gains enough.
+    shop = {**SHOP, "heldOut": {"metric": "accuracy", "base": 0.5, "adapter": 0.51}}
+    server = started([shop, CLINIC], **MIN_GAIN)
+    before = adapters_by_node(server)
+    p, _ = _roll(server, lm_spec([shop, _clinic(base=10.0, adapter=8.0)], **MIN_GAIN), 1)
+    assert site(p.status, "site-a")["verdict"] == "Progressing"
+    assert adapters_by_node(server)["a-1"] != before["a-1"]
+    assert site(p.status, "site-b")["verdict"] == "Completed"
