@@ -12,8 +12,10 @@ the other sites are never touched. Each site's memory is its own ``RolloutStatus
 (``status.edge.adapters[].rollout``).
 
 Before a site's wave starts, two checks, cheapest first:
-1. the held-out gate: an adapter whose producer measured it worse than the base on the site's held-out text
-   (``heldOut``) is refused (``AdapterWorseThanBase``), and the site keeps what it serves;
+1. the held-out gates: an adapter whose producer measured it worse than the base on the site's held-out text
+   (``heldOut``) is refused (``AdapterWorseThanBase``), and so is one that hurts another site's held-out text
+   (``heldOut.worstOtherSite``) by more than ``updatePolicy.maxOtherSiteRegression``
+   (``AdapterHurtsOtherSites``); the site keeps what it serves;
 2. ``spec.rollout.updatePolicy``: the interval since the site's last adapter rollout (or the revision's), and
    the bytes the site's nodes would fetch (new adapters only) within ``maxBytesPerDay``, counted together
    with the revision's downloads.
@@ -43,6 +45,8 @@ from kiri_operator.plans import Event
 BASE = "base"
 """The adapter revision of a site with no adapter (the runtime's `model:base`)."""
 DEFAULT_SITE_LABEL = "kiri.dev/site"
+REFUSALS = (Reason.ADAPTER_WORSE_THAN_BASE, Reason.ADAPTER_HURTS_OTHER_SITES)
+"""The held-out gates' reasons: the site's set is refused, not deferred."""
 # The wave planner sizes waves by a node's "variant": every node of a site fetches the same adapters.
 _ADAPTERS_VARIANT = "adapters"
 
@@ -83,6 +87,16 @@ class AdapterSet:
 
     def worse_than_base(self) -> list[Adapter]:
         return [a for a in self.adapters if a.held_out is not None and a.held_out.worse()]
+
+    def hurting_other_sites(self, bound: float | None) -> list[Adapter]:
+        """Adapters whose declared regression on another site's held-out text exceeds `bound`."""
+        if bound is None:
+            return []
+        return [
+            a
+            for a in self.adapters
+            if a.held_out is not None and (r := a.held_out.other_site_regression()) is not None and r > bound
+        ]
 
 
 def desired_sets(spec: ModelDeploymentSpec) -> dict[str, AdapterSet]:
@@ -212,7 +226,7 @@ def plan_adapters(inp: AdapterInput) -> AdapterPlan:
             keep.update(r for r in (st.rollout.update_revision,) if r and st.rollout.in_progress)
             if st.rollout.in_progress:
                 in_progress.append(site)
-        if st.reason == Reason.ADAPTER_WORSE_THAN_BASE:
+        if st.reason in REFUSALS:
             refused.append(st)
         elif st.verdict == "RolledBack":
             rolled_back.append(st)
@@ -244,18 +258,23 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
     desired = inp.sites.get(site, AdapterSet())
     wanted = desired.revision
     stored = inp.stored.get(site)
-    worse = desired.worse_than_base()
+    bound = inp.update_policy.max_other_site_regression if inp.update_policy is not None else None
+    worse_here, hurting = desired.worse_than_base(), desired.hurting_other_sites(bound)
+    worse = bool(worse_here or hurting)  # the held-out gates refuse the set: the site keeps what it serves
     gate_reason, gate_message = "", ""
-    if worse:
+    if worse_here:
         names = ", ".join(
             f"{a.name} ({a.held_out.metric} {a.held_out.adapter:g} vs base {a.held_out.base:g})"
-            for a in worse
+            for a in worse_here
             if a.held_out is not None
         )
         gate_reason = Reason.ADAPTER_WORSE_THAN_BASE
         gate_message = (
             f"site {site}: adapter {names} is worse than the base model on held-out text; not rolled out"
         )
+    elif hurting:
+        gate_reason = Reason.ADAPTER_HURTS_OTHER_SITES
+        gate_message = f"site {site}: " + "; ".join(_hurt(a, bound) for a in hurting) + "; not rolled out"
     state = stored.rollout if stored is not None and stored.rollout is not None else None
     if state is None:
         state = _initial_state(inp, site, nodes, BASE if worse else wanted)
@@ -302,9 +321,9 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
     verdict, reason, message = plan.verdict.kind, plan.verdict.reason, plan.verdict.message
     if gate_reason:
         told = stored is not None and stored.reason == gate_reason
-        if gate_reason == Reason.ADAPTER_WORSE_THAN_BASE and not told:
+        if gate_reason in REFUSALS and not told:
             out.events.append(Event("Warning", gate_reason, gate_message))
-        verdict = "Holding" if gate_reason == Reason.ADAPTER_WORSE_THAN_BASE else "Waiting"
+        verdict = "Holding" if gate_reason in REFUSALS else "Waiting"
         if not new_state.in_progress:
             reason, message = gate_reason, gate_message
     out.requeue_after = _sooner(out.requeue_after, plan.requeue_after)
@@ -323,6 +342,17 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
         reason=reason,
         message=message[:1000],
         rollout=new_state,
+    )
+
+
+def _hurt(a: Adapter, bound: float | None) -> str:
+    m = a.held_out
+    assert m is not None and m.worst_other_site is not None
+    other = m.worst_other_site
+    where = f"site {other.site}" if other.site else "another site"
+    return (
+        f"adapter {a.name} hurts {where} by {m.other_site_regression():.4g} ({m.metric} {other.adapter:g} vs "
+        f"base {other.base:g} on its held-out text), more than maxOtherSiteRegression {bound:g}"
     )
 
 

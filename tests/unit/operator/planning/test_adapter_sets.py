@@ -196,3 +196,38 @@ def test_the_held_out_gain_is_accuracys_rise_losss_drop_and_perplexitys_relative
     held_out: dict[str, float], gain: float
 ) -> None:
     assert HeldOutMetric.model_validate(held_out).gain() == pytest.approx(gain, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("held_out", "regression"),
+    [
+        (
+            {
+                "metric": "accuracy",
+                "base": 0.5,
+                "adapter": 0.6,
+                "worstOtherSite": {"base": 0.7, "adapter": 0.65},
+            },
+            0.05,
+        ),
+        (
+            {"metric": "loss", "base": 2.0, "adapter": 1.8, "worstOtherSite": {"base": 2.0, "adapter": 2.3}},
+            0.3,
+        ),
+        (
+            {
+                "metric": "perplexity",
+                "base": 10.0,
+                "adapter": 8.0,
+                "worstOtherSite": {"base": 10.0, "adapter": 9.0},
+            },
+            -0.1,
+        ),
+        ({"metric": "perplexity", "base": 10.0, "adapter": 8.0}, None),
+    ],
+)
+def test_the_regression_on_another_site_is_accuracys_drop_losss_rise_and_perplexitys_relative_rise(
+    held_out: dict[str, Any], regression: float | None
+) -> None:
+    got = HeldOutMetric.model_validate(held_out).other_site_regression()
+    assert got == (None if regression is None else pytest.approx(regression, abs=1e-12))

@@ -309,3 +309,49 @@ def test_min_improvement_weighs_only_the_adapters_new_to_the_site() -> None:
     assert site(p.status, "site-a")["verdict"] == "Progressing"
     assert adapters_by_node(server)["a-1"] != before["a-1"]
     assert site(p.status, "site-b")["verdict"] == "Completed"
+
+
+# --- the other sites -----------------------------------------------------------------------------------
+
+BOUND = {"updatePolicy": {"maxOtherSiteRegression": 0.05}}
+
+
+def _clinic_on_b(adapter_on_b: float) -> dict[str, Any]:
+    """Site a's new clinic adapter: 20% better on site a's text; on site b's text `adapter_on_b` against the
+    base's 10."""
+    worst = {"site": "site-b", "base": 10.0, "adapter": adapter_on_b}
+    return _clinic(base=10.0, adapter=8.0, worstOtherSite=worst)  # type: ignore[arg-type]
+
+
+def test_an_adapter_that_hurts_another_sites_held_out_text_beyond_the_bound_never_rolls_out() -> None:
+    server = started([SHOP, CLINIC], **BOUND)
+    before = adapters_by_node(server)
+    s2 = lm_spec([SHOP, _clinic_on_b(11.0)], **BOUND)
+    p, events = _roll(server, s2, 3)
+    a = site(p.status, "site-a")
+    assert (a["verdict"], a["reason"], a["revision"]) == ("Holding", "AdapterHurtsOtherSites", before["a-1"])
+    assert a["message"] == (
+        "site site-a: adapter clinic hurts site site-b by 0.1 (perplexity 11 vs base 10 on its held-out text), "
+        "more than maxOtherSiteRegression 0.05; not rolled out"
+    )
+    assert adapters_by_node(server) == before
+    warned = [e.message for e in events if e.reason == "AdapterHurtsOtherSites" and e.type == "Warning"]
+    assert warned == [a["message"]]  # said once
+    adapters_cond = cond(p.status, C.ADAPTERS_ROLLED_OUT)
+    assert (adapters_cond["status"], adapters_cond["reason"]) == ("False", "AdapterHurtsOtherSites")
+
+
+def test_an_adapter_within_the_bound_on_the_other_sites_rolls_out() -> None:
+    server = started([SHOP, CLINIC], **BOUND)
+    before = adapters_by_node(server)
+    p, _ = _roll(server, lm_spec([SHOP, _clinic_on_b(10.5)], **BOUND), 1)  # 5% worse: at the bound
+    assert site(p.status, "site-a")["verdict"] == "Progressing"
+    assert adapters_by_node(server)["a-1"] != before["a-1"]
+
+
+def test_without_a_stated_bound_the_other_sites_measurement_is_not_a_gate() -> None:
+    server = started([SHOP, CLINIC])
+    before = adapters_by_node(server)
+    p, _ = _roll(server, lm_spec([SHOP, _clinic_on_b(20.0)]), 1)
+    assert site(p.status, "site-a")["verdict"] == "Progressing"
+    assert adapters_by_node(server)["a-1"] != before["a-1"]
