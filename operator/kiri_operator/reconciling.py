@@ -52,11 +52,17 @@ def without_progress(status: Mapping[str, Any]) -> dict[str, Any]:
             {k: v for k, v in pv.items() if k not in ("nodes", "ready")} for pv in edge["perVariant"]
         ]
     if isinstance(edge, dict) and isinstance(edge.get("adapters"), list):
-        # A site's adapter wave: the same progress figures as the revision's, per site.
-        sites = [without_progress({"edge": s, "rollout": s.get("rollout")}) for s in edge["adapters"] if s]
-        edge["adapters"] = [{**s["edge"], "rollout": s["rollout"]} for s in sites]
+        # A site's adapter wave: the same progress figures as the revision's, per site. A site's own
+        # `adapters` (its adapter names) is kept out of the call: it is not a list of sites.
+        edge["adapters"] = [_site_without_progress(s) for s in edge["adapters"] if isinstance(s, Mapping)]
     out["conditions"] = [{k: v for k, v in c.items() if k != "message"} for c in out.get("conditions") or []]
     return out
+
+
+def _site_without_progress(site: Mapping[str, Any]) -> dict[str, Any]:
+    rest = {k: v for k, v in site.items() if k not in ("adapters", "rollout")}
+    stripped = without_progress({"edge": rest, "rollout": site.get("rollout")})
+    return {**stripped["edge"], "adapters": site.get("adapters"), "rollout": stripped["rollout"]}
 
 
 def progress_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
