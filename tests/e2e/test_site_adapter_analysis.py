@@ -1,5 +1,6 @@
 """The metric gate on a site's adapter wave, end to end: the operator on the real control plane asks a real
-Prometheus about the pods of the site's new adapter set, and rolls that site alone back when they fail.
+Prometheus about the pods of the site's new adapter set, and rolls that site alone back when they fail;
+`kiri rollback NAME --site SITE` takes a site back to its previous set.
 
 kwok pods run no containers, so the runtimes run here (test_rollout_analysis.py's lab: real `kiri serve`
 processes, one failing half its requests), and Prometheus labels them as the PodMonitor labels the pods
@@ -10,6 +11,7 @@ of the site's canary: `revision` (the settled revision), `adapters` (the wave's 
 from __future__ import annotations
 
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from .conftest import Cluster
-from .operator_harness import Operator, condition, crd, get_md, operator_fixture
+from .operator_harness import KIRI, Operator, condition, crd, get_md, operator_fixture
 from .test_rollout import store
 from .test_rollout_analysis import PROM_PORT, Lab
 from .test_site_adapters import NAME, adapter, adapters_by_node, body, publish, site_status
@@ -88,7 +90,7 @@ def _events(cluster: Cluster, namespace: str, reason: str) -> list[dict[str, Any
     return items
 
 
-def test_a_failing_analysis_rolls_one_sites_adapters_back_and_a_passing_one_completes_them(
+def test_a_failing_analysis_rolls_one_sites_adapters_back_a_passing_one_completes_them_and_kiri_rollback_site_undoes_it(
     cluster: Cluster, namespace: str, operator: Operator, lab: SiteLab, tmp_path: Path
 ) -> None:
     a_nodes, b_nodes = cluster.edge_nodes("site-a"), cluster.edge_nodes("site-b")
@@ -171,3 +173,38 @@ def test_a_failing_analysis_rolls_one_sites_adapters_back_and_a_passing_one_comp
     assert any(
         m.startswith("adapters of site site-a: step 1/2: analysis passed: errors: ") for m in passed
     ), passed
+
+    # `kiri rollback NAME --site site-a`: back to the set site a served before, the other sites untouched.
+    done = subprocess.run(
+        [*KIRI, "rollback", NAME, "-n", namespace, "--site", "site-a"],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        f"rollback: {namespace}/{NAME} site site-a (rollback.adapters.kiri.dev/site-a="
+    )
+    try:
+        a = cluster.wait_for(
+            lambda: (s := site_status(cluster, namespace, "site-a")).get("reason") == "ManualRollback" and s,
+            timeout=60,
+            message="site a rolled back by hand",
+        )
+    except TimeoutError as exc:
+        raise AssertionError(
+            f"{exc}: {site_status(cluster, namespace, 'site-a')}\n{operator.tail(40)}"
+        ) from None
+    assert (a["verdict"], a["revision"], a["message"]) == (
+        "RolledBack",
+        rev_a,
+        f"manual rollback from {new_a2} to {rev_a}",
+    )
+    cluster.wait_for(
+        lambda: {adapters_by_node(cluster, namespace)[n] for n in a_nodes} == {rev_a},
+        timeout=30,
+        message="site a's nodes back on its previous set",
+    )
+    assert {adapters_by_node(cluster, namespace)[n] for n in b_nodes} == {rev_b}
