@@ -16,9 +16,15 @@ Before a site's wave starts, two checks, cheapest first:
    (``heldOut``) is refused (``AdapterWorseThanBase``), and so is one that hurts another site's held-out text
    (``heldOut.worstOtherSite``) by more than ``updatePolicy.maxOtherSiteRegression``
    (``AdapterHurtsOtherSites``); the site keeps what it serves;
-2. ``spec.rollout.updatePolicy``: the interval since the site's last adapter rollout (or the revision's), and
-   the bytes the site's nodes would fetch (new adapters only) within ``maxBytesPerDay``, counted together
-   with the revision's downloads.
+2. ``spec.rollout.updatePolicy``: ``minImprovement`` on the smallest held-out gain among the adapters new
+   to the site (over ``heldOut.current``, else the base), the interval since the site's last adapter rollout
+   (or the revision's), and the bytes the site's nodes would fetch (new adapters only) within
+   ``maxBytesPerDay``, counted together with the revision's downloads.
+
+During a site's wave, the wave planner's own gates apply to it as to a revision's: ``spec.rollout.analysis``
+(the measurements ``analyzing.site_dues`` takes on the pods of the wave's adapter revision come in as
+``AdapterInput.measurements``; a failed one rolls the site back) and the site's promote/abort/rollback
+commands (``<verb>.adapters.kiri.dev/<site>`` annotations, ``site_commands``).
 
 A site's wave starts only while no revision rollout is in flight (the edge tier holds a new revision while
 an adapter wave is in flight), so a failure is never blamed on the wrong change.
