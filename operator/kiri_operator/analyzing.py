@@ -13,6 +13,12 @@ the update revision's variants joined by ``|``: use it with ``=~``. Edge pods ca
 ``kiri.dev/revision`` and ``kiri.dev/variant`` labels; a Kubernetes service-discovery scrape config
 relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progressive delivery").
 
+A site's adapter wave (``planning.adapting``) is judged by the same queries on its own turn
+(``site_dues``): ``$revision`` and ``$stableRevision`` are the settled revision, ``$adapters`` and
+``$stableAdapters`` the wave's and the site's stable adapter revisions (regular expressions on the pods'
+``adapters`` target label, from ``kiri.dev/adapters``; "" for the base model); a revision's own wave gets
+``.*`` for both, every pod of the revision.
+
 A measurement does not run on a reconcile worker: the operator's :class:`Analyst` takes it on a thread of
 its own, and the reconcile that found it due goes on (the wave holds, "analysis running"); when it ends the
 ModelDeployment is queued again and the next reconcile hands it to the planner. It is also bounded whatever
