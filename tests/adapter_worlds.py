@@ -9,8 +9,9 @@ from dataclasses import replace
 from typing import Any
 
 from kiri_operator import labels as L
+from kiri_operator.analyzing import Substitutions, site_dues
 from kiri_operator.api.specs import ModelDeploymentSpec
-from kiri_operator.observations import NodeView
+from kiri_operator.observations import Measurement, NodeView, Outcome
 from kiri_operator.planning.building import affinity_nodes
 from kiri_operator.plans import Plan
 from kiri_runtime import serving_cli
@@ -103,11 +104,24 @@ CLINIC = adapter("clinic", CLINIC_SHA, ["site-a"])
 
 
 class Server(FakeServer):
-    """Pods of the adapter revisions in `never_ready` never become Ready (a bad adapter)."""
+    """Pods of the adapter revisions in `never_ready` never become Ready (a bad adapter). With `analysis`
+    (site -> the outcome and message its adapter wave's measurements give), each step hands the planner a
+    measurement for every site whose wave's analysis is due, as reconcile does (`analyzing.site_dues`
+    decides from the stored status); `asked` records each due measurement (site, its substitutions)."""
 
     never_ready: set[str]
+    analysis: dict[str, tuple[Outcome, str]]
+    asked: list[tuple[str, Substitutions]]
 
     def step(self, s: Any, settings: Any = None, dt: float = 1.0) -> Plan:
+        world = self.world
+        dues = site_dues(s, world.namespace, world.status, world.now) if self.analysis else {}
+        taken = {}
+        for name, d in dues.items():
+            self.asked.append((name, d.substitutions))
+            outcome, message = self.analysis.get(name, ("Successful", "no queries"))
+            taken[name] = Measurement(at=world.now, outcome=outcome, message=message)
+        self.world = replace(world, site_measurements=taken)
         p = super().step(s, settings, dt)
         pods = tuple(
             replace(pod, ready=False) if pod.labels.get(L.ADAPTERS) in self.never_ready else pod
@@ -121,6 +135,8 @@ def started(adapters: list[dict[str, Any]], **rollout: Any) -> Server:
     s = lm_spec(adapters, **rollout)
     server = Server(world())
     server.never_ready = set()
+    server.analysis = {}
+    server.asked = []
     server.step(s)
     server.publish(s, lm_manifest())
     for _ in range(4):

@@ -13,6 +13,12 @@ the update revision's variants joined by ``|``: use it with ``=~``. Edge pods ca
 ``kiri.dev/revision`` and ``kiri.dev/variant`` labels; a Kubernetes service-discovery scrape config
 relabels them to ``revision`` and ``variant`` (see docs/architecture.md, "Progressive delivery").
 
+A site's adapter wave (``planning.adapting``) is judged by the same queries on its own turn
+(``site_dues``): ``$revision`` and ``$stableRevision`` are the settled revision, ``$adapters`` and
+``$stableAdapters`` the wave's and the site's stable adapter revisions (regular expressions on the pods'
+``adapters`` target label, from ``kiri.dev/adapters``; "" for the base model); a revision's own wave gets
+``.*`` for both, every pod of the revision.
+
 A measurement does not run on a reconcile worker: the operator's :class:`Analyst` takes it on a thread of
 its own, and the reconcile that found it due goes on (the wave holds, "analysis running"); when it ends the
 ModelDeployment is queued again and the next reconcile hands it to the planner. It is also bounded whatever
@@ -39,9 +45,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import httpx
 from pydantic import ValidationError
 
-from kiri_operator.api.statuses import RolloutStatus
+from kiri_operator.api.statuses import RolloutStatus, SiteAdapters
 from kiri_operator.observations import Measurement
 from kiri_operator.planning import verdicts
+from kiri_operator.planning.adapting import BASE, site_policy
 from kiri_operator.planning.stepping import policy_of
 from kiri_operator.planning.waves import analysis_due
 
@@ -87,12 +94,20 @@ class Substitutions:
     variants: Sequence[str] = ()
     stable_revision: str = ""
     """The last revision that reached every node (the one not-yet-updated nodes run); empty on a first rollout."""
+    adapters: str = ".*"
+    """A regular expression on the pods' adapter revision (the `adapters` target label): `.*` (every pod) in
+    a revision's rollout; in a site's adapter wave the wave's adapter revision, "" for the base model."""
+    stable_adapters: str = ".*"
+    """The same for the site's stable adapter revision (what its nodes not yet updated run)."""
 
     def apply(self, query: str) -> str:
         variant = "|".join(sorted(set(self.variants)))
-        # Longest names first would matter only if one were a prefix of another; none is.
+        # `$stableRevision` before `$revision`, which is its suffix; `$adapters` is no suffix of
+        # `$stableAdapters` (case).
         return (
             query.replace("$stableRevision", self.stable_revision)
+            .replace("$stableAdapters", self.stable_adapters)
+            .replace("$adapters", self.adapters)
             .replace("$revision", self.revision)
             .replace("$namespace", self.namespace)
             .replace("$variant", variant)
@@ -292,12 +307,68 @@ def due(spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], no
     return Due(analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, turn)
 
 
+def adapter_regex(adapter_revision: str) -> str:
+    """`$adapters` for one adapter revision: pods of the base model carry no `kiri.dev/adapters` label, and
+    Prometheus matches a missing label with ""."""
+    return "" if adapter_revision == BASE else adapter_revision
+
+
+def site_dues(
+    spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime
+) -> dict[str, Due]:
+    """site -> the measurement its adapter wave wants now (`status.edge.adapters[].rollout`), judged by the
+    same `spec.rollout.analysis` as a revision's wave, on the pods of the wave's adapter revision."""
+    analysis = spec.rollout.analysis
+    edge = status.get("edge")
+    sites = edge.get("adapters") if isinstance(edge, Mapping) else None
+    if analysis is None or not isinstance(sites, list):
+        return {}
+    rollout = status.get("rollout")
+    # Adapter waves run only while no revision rolls out: the nodes all run the stable revision.
+    revision = rollout.get("stableRevision") if isinstance(rollout, Mapping) else None
+    if not isinstance(revision, str) or not revision:
+        return {}
+    policy = site_policy(spec.rollout)
+    out: dict[str, Due] = {}
+    for raw in sites:
+        try:
+            entry = SiteAdapters.model_validate(raw)
+        except ValidationError:
+            continue  # the planner rebuilds an unreadable entry from the DaemonSets
+        state = entry.rollout
+        if state is None or not analysis_due(policy, state, now):
+            continue
+        if state.ready_at is None or state.update_revision is None:
+            continue
+        substitutions = Substitutions(
+            revision=revision,
+            namespace=namespace,
+            variants=[v.name for v in spec.edge.variants],
+            stable_revision=revision,
+            adapters=adapter_regex(state.update_revision),
+            stable_adapters=adapter_regex(state.stable_revision or BASE),
+        )
+        turn = (state.update_revision, state.ready_at, state.last_measured_at)
+        out[entry.site] = Due(
+            analysis.prometheus.address, analysis.queries, substitutions, state.ready_at, turn
+        )
+    return out
+
+
 def _take(d: Due, now: datetime) -> Measurement:
     measurement, _ = measure_sync(d.address, d.queries, d.substitutions, d.since, now)
-    log.info(
-        "analysis of revision %s: %s (%s)", d.substitutions.revision, measurement.outcome, measurement.message
-    )
+    what = f"revision {d.substitutions.revision}"
+    if d.substitutions.adapters != ".*":
+        what += f" with adapters {d.substitutions.adapters or BASE}"
+    log.info("analysis of %s: %s (%s)", what, measurement.outcome, measurement.message)
     return measurement
+
+
+def measure_sites_due(
+    spec: ModelDeploymentSpec, namespace: str, status: Mapping[str, Any], now: datetime
+) -> dict[str, Measurement]:
+    """site -> the measurement of its adapter wave that reconcile should hand to the planner now."""
+    return {site: _take(d, now) for site, d in site_dues(spec, namespace, status, now).items()}
 
 
 def measure_due(
@@ -327,30 +398,57 @@ class Analyst:
         self._take = take
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kiri-analyst")
         self._lock = threading.Lock()
-        self._running: dict[tuple[str, str], tuple[Due, Future[Measurement]]] = {}
+        # (ModelDeployment, subject) -> the measurement being taken; subject "" is the revision's wave,
+        # `site:<site>` a site's adapter wave.
+        self._running: dict[tuple[tuple[str, str], str], tuple[Due, Future[Measurement]]] = {}
 
     def take(
         self, key: tuple[str, str], spec: ModelDeploymentSpec, status: Mapping[str, Any], now: datetime
     ) -> tuple[Measurement | None, bool]:
         """(the measurement for the planner or None, whether one is being taken)."""
-        d = due(spec, key[0], status, now)
+        return self._turn(key, "", due(spec, key[0], status, now), now)
+
+    def take_sites(
+        self, key: tuple[str, str], spec: ModelDeploymentSpec, status: Mapping[str, Any], now: datetime
+    ) -> tuple[dict[str, Measurement], frozenset[str]]:
+        """The same for each site's adapter wave: (site -> measurement for the planner, sites measuring)."""
+        dues = site_dues(spec, key[0], status, now)
         with self._lock:
-            current = self._running.get(key)
+            gone = [s for k, s in self._running if k == key and s and s[len("site:") :] not in dues]
+            for subject in gone:
+                self._running.pop((key, subject), None)
+        found: dict[str, Measurement] = {}
+        measuring: set[str] = set()
+        for site, d in sorted(dues.items()):
+            measurement, busy = self._turn(key, f"site:{site}", d, now)
+            if measurement is not None:
+                found[site] = measurement
+            if busy:
+                measuring.add(site)
+        return found, frozenset(measuring)
+
+    def _turn(
+        self, key: tuple[str, str], subject: str, d: Due | None, now: datetime
+    ) -> tuple[Measurement | None, bool]:
+        """One wave's turn: `subject` is "" for the revision's wave, `site:<site>` for a site's adapters."""
+        slot = (key, subject)
+        with self._lock:
+            current = self._running.get(slot)
             if d is None:
-                self._running.pop(key, None)
+                self._running.pop(slot, None)
                 return None, False
             if current is not None and current[0].turn == d.turn and current[0].address == d.address:
                 future = current[1]
                 if not future.done():
                     return None, True
-                del self._running[key]
+                del self._running[slot]
                 try:
                     return future.result(), False
                 except Exception as exc:  # a bug in the measuring, not Prometheus: hold, say why
                     log.exception("analysis of %s/%s failed", *key)
                     return Measurement(at=now, outcome="Error", message=f"{type(exc).__name__}: {exc}"), False
             future = self._pool.submit(self._take, d, now)
-            self._running[key] = (d, future)
+            self._running[slot] = (d, future)
         future.add_done_callback(lambda _: self._on_done(key))
         return None, True
 

@@ -145,6 +145,9 @@ class Reason:
     # Per-site LoRA adapters (planning.adapting): AdaptersRolledOut, status.edge.adapters[].reason, Events
     ADAPTER_WORSE_THAN_BASE: Final = "AdapterWorseThanBase"
     """An adapter's declared held-out metric is worse than the base model's: the site keeps what it serves."""
+    ADAPTER_HURTS_OTHER_SITES: Final = "AdapterHurtsOtherSites"
+    """An adapter's declared regression on another site's held-out text exceeds
+    `updatePolicy.maxOtherSiteRegression`: the site keeps what it serves."""
     WAITING_FOR_REVISION_ROLLOUT: Final = "WaitingForRevisionRollout"
     """A site's new adapters wait for the revision rollout in flight to end."""
     # Lost or unreadable rollout memory, and reconciles that fail outright

@@ -45,6 +45,13 @@ SPEC_HASH: Final = "kiri.dev/spec-hash"
 PROMOTE: Final = "kiri.dev/promote"
 ABORT: Final = "kiri.dev/abort"
 ROLLBACK: Final = "kiri.dev/rollback"
+# The same commands for one site's adapter wave: `<verb>.adapters.kiri.dev/<site>` (a site label's value is a
+# valid annotation name), one key per site so commands to two sites never overwrite each other.
+SITE_COMMANDS: Final = {
+    "promote": "promote.adapters.kiri.dev/",
+    "abort": "abort.adapters.kiri.dev/",
+    "rollback": "rollback.adapters.kiri.dev/",
+}
 
 MANIFEST_KEY: Final = "manifest.json"
 

@@ -145,6 +145,11 @@ class Observed:
     server_now: datetime | None = None
     """The API server's time (`clocks.ServerClock`), for timestamps the control plane set itself; `now`
     (the operator's clock) is for the ones the operator wrote. None: taken to be `now`."""
+    site_measurements: Mapping[str, Measurement] = field(default_factory=dict)
+    """site -> the analysis measurement of its adapter wave taken for this reconcile
+    (analyzing.site_dues), when one was due."""
+    sites_measuring: frozenset[str] = frozenset()
+    """Sites whose adapter wave's due measurement is being taken off the reconcile worker."""
     not_owned: tuple[ObjectView, ...] = ()
     """Objects labelled for this ModelDeployment but not owned by it (`labels.owned_by`): left out of
     `children`, so the planner neither trusts (a manifest, a round record), updates nor deletes them."""

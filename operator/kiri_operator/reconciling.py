@@ -52,11 +52,17 @@ def without_progress(status: Mapping[str, Any]) -> dict[str, Any]:
             {k: v for k, v in pv.items() if k not in ("nodes", "ready")} for pv in edge["perVariant"]
         ]
     if isinstance(edge, dict) and isinstance(edge.get("adapters"), list):
-        # A site's adapter wave: the same progress figures as the revision's, per site.
-        sites = [without_progress({"edge": s, "rollout": s.get("rollout")}) for s in edge["adapters"] if s]
-        edge["adapters"] = [{**s["edge"], "rollout": s["rollout"]} for s in sites]
+        # A site's adapter wave: the same progress figures as the revision's, per site. A site's own
+        # `adapters` (its adapter names) is kept out of the call: it is not a list of sites.
+        edge["adapters"] = [_site_without_progress(s) for s in edge["adapters"] if isinstance(s, Mapping)]
     out["conditions"] = [{k: v for k, v in c.items() if k != "message"} for c in out.get("conditions") or []]
     return out
+
+
+def _site_without_progress(site: Mapping[str, Any]) -> dict[str, Any]:
+    rest = {k: v for k, v in site.items() if k not in ("adapters", "rollout")}
+    stripped = without_progress({"edge": rest, "rollout": site.get("rollout")})
+    return {**stripped["edge"], "adapters": site.get("adapters"), "rollout": stripped["rollout"]}
 
 
 def progress_only(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -169,15 +175,20 @@ class Reconciler:
             and admitting.refusal(spec, self.settings) is None
         ):
             # Metric analysis is I/O, so it belongs to observe; the planner said (in status) whether it is due.
+            # The sites' adapter waves are judged by the same analysis, each on its own turn.
             if self.analyst is not None:
                 measurement, measuring = self.analyst.take(key, spec, observed.status, now)
+                by_site, sites_measuring = self.analyst.take_sites(key, spec, observed.status, now)
             else:
                 from kiri_operator import analyzing
 
-                measuring = False
+                measuring, sites_measuring = False, frozenset()
                 measurement = analyzing.measure_due(spec, observed.namespace, observed.status, now)
+                by_site = analyzing.measure_sites_due(spec, observed.namespace, observed.status, now)
             if measurement is not None or measuring:
                 observed = replace(observed, measurement=measurement, measuring=measuring)
+            if by_site or sites_measuring:
+                observed = replace(observed, site_measurements=by_site, sites_measuring=sites_measuring)
         p: Plan = (
             invalid_spec_status(observed, error or "")
             if spec is None

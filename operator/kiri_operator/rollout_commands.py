@@ -6,7 +6,8 @@ cluster flags are kubectl's: `--kubeconfig`, `--context`, `-n/--namespace`, `-A/
 
 promote, abort and rollback write one annotation (`kiri.dev/promote`, `kiri.dev/abort`,
 `kiri.dev/rollback`) whose value is a fresh timestamp: the operator acts once per new value, and the spec,
-which GitOps owns, is never touched. `status` renders the rollout as a tree, in the spirit of
+which GitOps owns, is never touched. With `--site SITE` they act on that site's adapter wave instead, through
+`<verb>.adapters.kiri.dev/<site>` (one key per site and verb). `status` renders the rollout as a tree, in the spirit of
 `kubectl argo rollouts get rollout`. Rendering is pure (``render_*``) so it is tested without a cluster.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import functools
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -45,6 +47,48 @@ WAIT_EPILOG = """exit codes:
   1  it reached another end state: rolled back, failed or degraded (Stalled) while waiting for healthy;
      healthy, failed or degraded while waiting for rolledback; or it is not found or was deleted
   2  the timeout passed first, or the command line is wrong"""
+
+
+SITE_EPILOG = """--site SITE acts on one site's adapter wave (spec.edge.adapters), the revision left alone:
+  promote   skip the bake and analysis of the site's current step
+  abort     the site back to its stable adapter set now, held there until the spec changes
+  rollback  the site back to its previous adapter set (or, mid-wave, as abort)"""
+# A site label's value, as an annotation key's name part (`<verb>.adapters.kiri.dev/<site>`).
+_SITE_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
+IN_PROGRESS = ("Progressing", "Holding", "Inconclusive", "Paused")
+
+
+def command_annotation(md: dict[str, Any], verb: str, site: str | None) -> tuple[str, str | None]:
+    """(the annotation key that carries `verb`, or why it is refused). Pure: the handler writes the key."""
+    meta = md.get("metadata") or {}
+    what = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+    status = md.get("status") or {}
+    if site is None:
+        rollout = status.get("rollout") or {}
+        if verb in ("promote", "abort") and rollout.get("verdict") not in IN_PROGRESS:
+            phase = status.get("phase", "Pending")
+            return ANNOTATIONS[verb], f"no rollout in progress for {what} (phase {phase}); nothing to {verb}"
+        return ANNOTATIONS[verb], None
+    key = L.SITE_COMMANDS[verb] + site
+    if not _SITE_NAME.match(site):
+        return key, f"{site!r} is not a site label value (at most 63 letters, digits, '-', '_' or '.')"
+    sites = {
+        s.get("site"): s for s in (status.get("edge") or {}).get("adapters") or [] if isinstance(s, dict)
+    }
+    entry = sites.get(site)
+    if entry is None:
+        known = ", ".join(sorted(str(s) for s in sites)) or "none"
+        return key, f"{what} has no adapters for site {site} (sites with adapters: {known})"
+    wave = entry.get("rollout") or {}
+    flying = wave.get("verdict") in IN_PROGRESS
+    if verb in ("promote", "abort") and not flying:
+        return key, (
+            f"no adapter wave in progress on site {site} of {what} "
+            f"(verdict {entry.get('verdict') or 'none'}); nothing to {verb}"
+        )
+    if verb == "rollback" and not flying and not entry.get("previousRevision"):
+        return key, f"site {site} of {what} has no previous adapter set to roll back to"
+    return key, None
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -87,8 +131,19 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         ("abort", "roll the rollout in progress back to the stable revision now"),
         ("rollback", "go back to the previous stable revision (or abort the rollout in progress)"),
     ):
-        sub = subparsers.add_parser(verb, help=text, description=text)
+        sub = subparsers.add_parser(
+            verb,
+            help=text,
+            description=text,
+            epilog=SITE_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _common(sub)
+        sub.add_argument(
+            "--site",
+            default=None,
+            help="act on this site's adapter wave (status.edge.adapters) instead of the revision's rollout",
+        )
         sub.set_defaults(handler=_command, verb=verb)
 
 
@@ -265,21 +320,21 @@ def _command(args: argparse.Namespace) -> int:
         md = kube.get(KIND, namespace, args.name)
         if md is None:
             return _fail(f"ModelDeployment {namespace}/{args.name} not found")
-        status = md.get("status") or {}
-        rollout = status.get("rollout") or {}
-        in_progress = rollout.get("verdict") in ("Progressing", "Holding", "Inconclusive", "Paused")
-        if args.verb in ("promote", "abort") and not in_progress:
-            phase = status.get("phase", "Pending")
-            return _fail(
-                f"no rollout in progress for {namespace}/{args.name} (phase {phase}); nothing to {args.verb}"
-            )
+        md = {**md, "metadata": {**(md.get("metadata") or {}), "namespace": namespace, "name": args.name}}
+        key, refusal = command_annotation(md, args.verb, args.site)
+        if refusal is not None:
+            return _fail(refusal)
         # A fresh value every time: the operator acts once per value, so the same command twice acts twice.
         # Hence not `api.scalars.format_time`: its second precision would make two commands in one second
         # one value, and the second would do nothing.
         nonce = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        kube.annotate(KIND, namespace, args.name, {ANNOTATIONS[args.verb]: nonce})
+        kube.annotate(KIND, namespace, args.name, {key: nonce})
     except KubeError as exc:
         return _fail(str(exc))
+    status = md.get("status") or {}
+    if args.site is not None:
+        print(f"{args.verb}: {namespace}/{args.name} site {args.site} ({key}={nonce})")
+        return 0
     stage = (status.get("edge") or {}).get("stage") or "-"
-    print(f"{args.verb}: {namespace}/{args.name} (stage {stage}, {ANNOTATIONS[args.verb]}={nonce})")
+    print(f"{args.verb}: {namespace}/{args.name} (stage {stage}, {key}={nonce})")
     return 0

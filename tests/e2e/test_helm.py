@@ -936,7 +936,15 @@ def test_serving_relabelings_give_analysis_its_labels(
     kiri = {"app.kubernetes.io/managed-by": "kiri", "kiri.dev/modeldeployment": "probe"}
     cluster.apply(
         [
-            pod("edge-pod", {**kiri, "app.kubernetes.io/component": "edge", "kiri.dev/revision": "abc123"}),
+            pod(
+                "edge-pod",
+                {
+                    **kiri,
+                    "app.kubernetes.io/component": "edge",
+                    "kiri.dev/revision": "abc123",
+                    "kiri.dev/adapters": "ad4pt3r5",
+                },
+            ),
             pod("job-pod", {**kiri, "app.kubernetes.io/component": "compress"}),
             pod("other-pod", {"app": "unrelated"}),
         ]
@@ -1016,6 +1024,7 @@ def test_serving_relabelings_give_analysis_its_labels(
         labels = active[0]["labels"]
         assert labels["modeldeployment"] == "probe"
         assert labels["revision"] == "abc123"
+        assert labels["adapters"] == "ad4pt3r5"  # a site's adapter wave is judged on its adapter revision
         assert labels["component"] == "edge"
         assert labels["node"] == node
         assert labels["namespace"] == namespace

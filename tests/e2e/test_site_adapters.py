@@ -7,9 +7,10 @@ kwok pods run no containers, so what is under test is the operator against a rea
 DaemonSets, node affinity, status and Events. The compression Job's `kiri compress` is not run (a language
 model's build is minutes of CPU, and test_generative_rollout.py covers it): its output directory gets a
 causal-LM manifest (kiri_runtime.manifests, the models the Job writes), published by the Job's own
-`kiri publish-manifest` step. Rollback of a site's adapters is covered by the planner's unit tests
-(tests/unit/operator/planning/test_site_adapters.py): kwok's never-Ready stage selects a pod label that
-`spec.edge.podLabels` sets on every DaemonSet, so it cannot fail one adapter set alone.
+`kiri publish-manifest` step. Rollback of a site's adapters on never-Ready pods is covered by the planner's
+unit tests (tests/unit/operator/planning/test_site_adapters.py): kwok's never-Ready stage selects a pod label
+that `spec.edge.podLabels` sets on every DaemonSet, so it cannot fail one adapter set alone; the rollback on
+a failed analysis, and `kiri rollback --site`, run here in test_site_adapter_analysis.py.
 """
 
 from __future__ import annotations

@@ -140,6 +140,8 @@ relabelings:
     targetLabel: modeldeployment
   - sourceLabels: [__meta_kubernetes_pod_label_kiri_dev_revision]
     targetLabel: revision
+  - sourceLabels: [__meta_kubernetes_pod_label_kiri_dev_adapters]
+    targetLabel: adapters
   - sourceLabels: [__meta_kubernetes_pod_label_app_kubernetes_io_component]
     targetLabel: component
   - sourceLabels: [__meta_kubernetes_pod_node_name]

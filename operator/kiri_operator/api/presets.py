@@ -11,8 +11,13 @@ from __future__ import annotations
 from typing import Literal
 
 AnalysisPreset = Literal["ttft-p95", "itl-p95", "error-ratio", "handoff-ratio"]
-_SELECTOR = 'namespace="$namespace",revision="$revision",component="edge"'
-_STABLE_SELECTOR = 'namespace="$namespace",revision="$stableRevision",component="edge"'
+_SELECTOR = 'namespace="$namespace",revision="$revision",adapters=~"$adapters",component="edge"'
+_STABLE_SELECTOR = (
+    'namespace="$namespace",revision="$stableRevision",adapters=~"$stableAdapters",component="edge"'
+)
+# `adapters` (the pods' `kiri.dev/adapters`, the site's adapter revision): `.*` in a revision's rollout (every
+# pod of the revision, with or without adapters), the wave's adapter revision in a site's adapter wave (its
+# canary's pods), "" for the base model (a label Prometheus does not have matches "").
 # Each preset's PromQL with {sel} for the revision's series and {w} for the rate window (docs/operations.md
 # "Rollout analysis for language models"). Names as the runtime exports them (runtime/kiri_runtime/metrics.py).
 PRESET_QUERIES: dict[str, str] = {
@@ -37,7 +42,7 @@ def preset_window(interval: int) -> str:
 
 def preset_promql(preset: str, interval: int, relative_to_stable: bool) -> str:
     """The PromQL a preset stands for; `$namespace`, `$revision` and `$stableRevision` are substituted
-    when it runs. Relative: the canary's value over the stable revision's, 1 when the stable
+    (and `$adapters`, `$stableAdapters`) when it runs. Relative: the canary's value over the stable revision's, 1 when the stable
     revision has no data (the first rollout)."""
     w = preset_window(interval)
     canary = PRESET_QUERIES[preset].format(sel=_SELECTOR, w=w)

@@ -779,6 +779,22 @@ _ADAPTERS_NEED_LM = (
 )
 
 
+class OtherSiteMetric(ApiModel):
+    """The adapter on another site's held-out text: the site where it does worst against the base."""
+
+    site: (
+        Annotated[
+            str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+        ]
+        | None
+    ) = None
+    """That site (the site label's value), for messages."""
+    base: Annotated[float, Field(ge=0)]
+    """The base model's value on that site's held-out text."""
+    adapter: Annotated[float, Field(ge=0)]
+    """The value with the adapter on the same text."""
+
+
 class HeldOutMetric(ApiModel):
     """What the adapter's producer measured on the site's held-out text, for the base model and for the
     adapter. The rollout refuses an adapter that does worse than the base (`AdapterWorseThanBase`)."""
@@ -789,12 +805,42 @@ class HeldOutMetric(ApiModel):
     """The base model's value on the site's held-out text."""
     adapter: Annotated[float, Field(ge=0)]
     """The value with the adapter on the same text."""
+    current: Annotated[float, Field(ge=0)] | None = None
+    """The value, on the same text, of the adapter of this name that the site serves now (omit for a new
+    adapter): `rollout.updatePolicy.minImprovement` is measured against it, else against `base`."""
+
+    worst_other_site: OtherSiteMetric | None = None
+    """The same metric on the held-out text of the other site where the adapter does worst against the
+    base: `rollout.updatePolicy.maxOtherSiteRegression` bounds how much it may hurt it."""
 
     def worse(self) -> bool:
         """The adapter does worse than the base (equal is not worse)."""
         if self.metric in LOWER_IS_BETTER:
             return self.adapter > self.base
         return self.adapter < self.base
+
+    def gain(self) -> float:
+        """The improvement over `current` (else `base`), as `minImprovement` counts it: accuracy's rise and
+        loss's drop as differences, perplexity's drop relative to the reference (a scale-free share, close
+        to the drop in loss it stands for)."""
+        reference = self.base if self.current is None else self.current
+        if self.metric == "accuracy":
+            return self.adapter - reference
+        if self.metric == "loss":
+            return reference - self.adapter
+        return 0.0 if reference == 0 else (reference - self.adapter) / reference
+
+    def other_site_regression(self) -> float | None:
+        """How much worse than the base the adapter does on `worstOtherSite`'s text, as `gain` counts a gain
+        (accuracy's drop, loss's rise, perplexity's relative rise); None when not measured."""
+        other = self.worst_other_site
+        if other is None:
+            return None
+        if self.metric == "accuracy":
+            return other.base - other.adapter
+        if self.metric == "loss":
+            return other.adapter - other.base
+        return 0.0 if other.base == 0 else (other.adapter - other.base) / other.base
 
 
 class AdapterSpec(ApiModel):
@@ -1009,8 +1055,11 @@ class AnalysisQuery(ApiModel):
     """Unique name, used in events and conditions."""
     query: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     """PromQL returning one scalar or a one-element vector. `$revision`, `$stableRevision` (the last revision that
-    reached every node, which the nodes not yet updated still run; empty on a first rollout), `$variant` and
-    `$namespace` are substituted before it runs. Exactly one of `query` and `preset`."""
+    reached every node, which the nodes not yet updated still run; empty on a first rollout), `$variant`,
+    `$namespace`, `$adapters` and `$stableAdapters` are substituted before it runs. The last two are regular
+    expressions on the pods' `adapters` label: `.*` in a revision's rollout; in a site's adapter wave (which
+    the same queries judge) its adapter revision and the site's stable one ("" for the base model), so
+    `adapters=~"$adapters"` selects the site's canary. Exactly one of `query` and `preset`."""
     preset: AnalysisPreset | None = None
     """A named query on the language-model metrics of the update revision's edge pods: `ttft-p95` (seconds
     to the first token, 95th percentile), `itl-p95` (seconds between tokens, 95th percentile), `error-ratio`
@@ -1287,7 +1336,13 @@ class UpdatePolicy(ApiModel):
     max_bytes_per_day: Annotated[int, Field(ge=1)] | None = None
     """Artifact bytes one site may download in 24 hours, computed from the manifest's variant sizes."""
     min_improvement: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """Held-out accuracy gain (loss decrease for regression) a learned revision needs over the current one."""
+    """Held-out accuracy gain (loss decrease for regression) a learned revision needs over the current one.
+    Also the gain a site's new adapter needs when its `heldOut` is given, over the site's current adapter
+    (`heldOut.current`) or else the base: accuracy's rise, loss's drop, or perplexity's relative drop."""
+    max_other_site_regression: Annotated[float, Field(ge=0, le=1)] | None = None
+    """How much a site's adapter may hurt another site, on the held-out text of the other site where it does
+    worst (`heldOut.worstOtherSite`): accuracy's drop, loss's rise or perplexity's relative rise. An adapter
+    that hurts more never rolls out (`AdapterHurtsOtherSites`). Unset: not checked."""
 
 
 # --- the whole spec ----------------------------------------------------------------------------------

@@ -12,11 +12,19 @@ the other sites are never touched. Each site's memory is its own ``RolloutStatus
 (``status.edge.adapters[].rollout``).
 
 Before a site's wave starts, two checks, cheapest first:
-1. the held-out gate: an adapter whose producer measured it worse than the base on the site's held-out text
-   (``heldOut``) is refused (``AdapterWorseThanBase``), and the site keeps what it serves;
-2. ``spec.rollout.updatePolicy``: the interval since the site's last adapter rollout (or the revision's), and
-   the bytes the site's nodes would fetch (new adapters only) within ``maxBytesPerDay``, counted together
-   with the revision's downloads.
+1. the held-out gates: an adapter whose producer measured it worse than the base on the site's held-out text
+   (``heldOut``) is refused (``AdapterWorseThanBase``), and so is one that hurts another site's held-out text
+   (``heldOut.worstOtherSite``) by more than ``updatePolicy.maxOtherSiteRegression``
+   (``AdapterHurtsOtherSites``); the site keeps what it serves;
+2. ``spec.rollout.updatePolicy``: ``minImprovement`` on the smallest held-out gain among the adapters new
+   to the site (over ``heldOut.current``, else the base), the interval since the site's last adapter rollout
+   (or the revision's), and the bytes the site's nodes would fetch (new adapters only) within
+   ``maxBytesPerDay``, counted together with the revision's downloads.
+
+During a site's wave, the wave planner's own gates apply to it as to a revision's: ``spec.rollout.analysis``
+(the measurements ``analyzing.site_dues`` takes on the pods of the wave's adapter revision come in as
+``AdapterInput.measurements``; a failed one rolls the site back) and the site's promote/abort/rollback
+commands (``<verb>.adapters.kiri.dev/<site>`` annotations, ``site_commands``).
 
 A site's wave starts only while no revision rollout is in flight (the edge tier holds a new revision while
 an adapter wave is in flight), so a failure is never blamed on the wrong change.
@@ -26,14 +34,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from kiri_operator import labels as L
 from kiri_operator.api.specs import HeldOutMetric, ModelDeploymentSpec, RolloutSpec, UpdatePolicy
 from kiri_operator.api.statuses import RolloutStatus, SiteAdapters, SiteDownload
 from kiri_operator.conditions import Reason
 from kiri_operator.labels import short_hash
-from kiri_operator.observations import NodeView
+from kiri_operator.observations import Measurement, NodeView
 from kiri_operator.planning import waves as W
 from kiri_operator.planning.stepping import EdgeNode, RolloutPolicy, Stage, policy_of
 from kiri_operator.planning.updating import DAY, Candidate, Download, UpdateDecision, decide
@@ -42,6 +51,8 @@ from kiri_operator.plans import Event
 BASE = "base"
 """The adapter revision of a site with no adapter (the runtime's `model:base`)."""
 DEFAULT_SITE_LABEL = "kiri.dev/site"
+REFUSALS = (Reason.ADAPTER_WORSE_THAN_BASE, Reason.ADAPTER_HURTS_OTHER_SITES)
+"""The held-out gates' reasons: the site's set is refused, not deferred."""
 # The wave planner sizes waves by a node's "variant": every node of a site fetches the same adapters.
 _ADAPTERS_VARIANT = "adapters"
 
@@ -83,6 +94,16 @@ class AdapterSet:
     def worse_than_base(self) -> list[Adapter]:
         return [a for a in self.adapters if a.held_out is not None and a.held_out.worse()]
 
+    def hurting_other_sites(self, bound: float | None) -> list[Adapter]:
+        """Adapters whose declared regression on another site's held-out text exceeds `bound`."""
+        if bound is None:
+            return []
+        return [
+            a
+            for a in self.adapters
+            if a.held_out is not None and (r := a.held_out.other_site_regression()) is not None and r > bound
+        ]
+
 
 def desired_sets(spec: ModelDeploymentSpec) -> dict[str, AdapterSet]:
     """site -> the adapter set the spec asks of it (sites the spec names only)."""
@@ -99,8 +120,8 @@ def desired_sets(spec: ModelDeploymentSpec) -> dict[str, AdapterSet]:
 def site_policy(rollout: RolloutSpec) -> RolloutPolicy:
     """A site's adapter wave: one canary node (with the first stage's bake), then every node of the site.
 
-    The rollout's other settings apply as they are; analysis does not (its queries select revisions, not
-    adapter revisions), nor `groupBy` (a site is one group)."""
+    The rollout's other settings apply as they are, analysis included (`analyzing.site_dues` runs its
+    queries on the pods of the wave's adapter revision); `groupBy` does not (a site is one group)."""
     base = policy_of(rollout)
     bake = float(rollout.stages[0].bake_seconds) if rollout.stages else 0.0
     return RolloutPolicy(
@@ -109,7 +130,7 @@ def site_policy(rollout: RolloutSpec) -> RolloutPolicy:
         max_unavailable=base.max_unavailable,
         offline_nodes=base.offline_nodes,
         progress_deadline_seconds=base.progress_deadline_seconds,
-        analysis=None,
+        analysis=base.analysis,
         max_concurrent_downloads=base.max_concurrent_downloads,
         max_bytes_per_wave=base.max_bytes_per_wave,
         paused=base.paused,
@@ -144,6 +165,22 @@ class AdapterInput:
     recorded: Mapping[str, AdapterSet] = field(default_factory=dict)
     """Adapter sets the spec no longer names, read back from their DaemonSets (a site's stable or previous
     set after a change): a new revision's DaemonSets are built with them, and a rollback finds them."""
+    measurements: Mapping[str, Measurement] = field(default_factory=dict)
+    """site -> the analysis measurement of its wave taken for this plan (`analyzing.site_dues`)."""
+    measuring: frozenset[str] = frozenset()
+    """Sites whose due measurement is being taken elsewhere."""
+    commands: Mapping[str, W.Commands] = field(default_factory=dict)
+    """site -> the promote/abort/rollback nonces of its adapter wave (`site_commands`)."""
+
+
+def site_commands(annotations: Mapping[str, str]) -> dict[str, W.Commands]:
+    """site -> its adapter wave's commands, from the `<verb>.adapters.kiri.dev/<site>` annotations."""
+    found: dict[str, dict[str, str]] = {}
+    for key, value in annotations.items():
+        for verb, prefix in L.SITE_COMMANDS.items():
+            if key.startswith(prefix) and len(key) > len(prefix) and value:
+                found.setdefault(key[len(prefix) :], {})[verb] = value
+    return {site: W.Commands(**verbs) for site, verbs in found.items()}
 
 
 @dataclass
@@ -195,7 +232,7 @@ def plan_adapters(inp: AdapterInput) -> AdapterPlan:
             keep.update(r for r in (st.rollout.update_revision,) if r and st.rollout.in_progress)
             if st.rollout.in_progress:
                 in_progress.append(site)
-        if st.reason == Reason.ADAPTER_WORSE_THAN_BASE:
+        if st.reason in REFUSALS:
             refused.append(st)
         elif st.verdict == "RolledBack":
             rolled_back.append(st)
@@ -210,35 +247,43 @@ def plan_adapters(inp: AdapterInput) -> AdapterPlan:
     return out
 
 
-def _initial_state(inp: AdapterInput, nodes: Sequence[NodeView], target: str) -> RolloutStatus:
+def _initial_state(inp: AdapterInput, site: str, nodes: Sequence[NodeView], target: str) -> RolloutStatus:
     """A site with no memory: a site where nothing runs yet starts on its target (nothing to protect); one
     that runs starts from what most of its nodes run, so the change goes through the waves."""
     running = [inp.current[n.name] for n in nodes if n.name in inp.current]
+    # Commands given before this memory existed were for another wave: none acts on this one.
+    cmd = inp.commands.get(site, W.Commands())
+    handled = {"handled_promote": cmd.promote, "handled_abort": cmd.abort, "handled_rollback": cmd.rollback}
     if inp.first_rollout or not running:
-        return RolloutStatus(stable_revision=target, update_revision=target)
+        return RolloutStatus(stable_revision=target, update_revision=target, **handled)
     stable = max(sorted(set(running)), key=running.count)
-    return RolloutStatus(stable_revision=stable, update_revision=stable)
+    return RolloutStatus(stable_revision=stable, update_revision=stable, **handled)
 
 
 def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[NodeView]) -> SiteAdapters:
     desired = inp.sites.get(site, AdapterSet())
     wanted = desired.revision
     stored = inp.stored.get(site)
-    worse = desired.worse_than_base()
+    bound = inp.update_policy.max_other_site_regression if inp.update_policy is not None else None
+    worse_here, hurting = desired.worse_than_base(), desired.hurting_other_sites(bound)
+    worse = bool(worse_here or hurting)  # the held-out gates refuse the set: the site keeps what it serves
     gate_reason, gate_message = "", ""
-    if worse:
+    if worse_here:
         names = ", ".join(
             f"{a.name} ({a.held_out.metric} {a.held_out.adapter:g} vs base {a.held_out.base:g})"
-            for a in worse
+            for a in worse_here
             if a.held_out is not None
         )
         gate_reason = Reason.ADAPTER_WORSE_THAN_BASE
         gate_message = (
             f"site {site}: adapter {names} is worse than the base model on held-out text; not rolled out"
         )
+    elif hurting:
+        gate_reason = Reason.ADAPTER_HURTS_OTHER_SITES
+        gate_message = f"site {site}: " + "; ".join(_hurt(a, bound) for a in hurting) + "; not rolled out"
     state = stored.rollout if stored is not None and stored.rollout is not None else None
     if state is None:
-        state = _initial_state(inp, nodes, BASE if worse else wanted)
+        state = _initial_state(inp, site, nodes, BASE if worse else wanted)
     stable = state.stable_revision or BASE
     in_flight = state.in_progress
     target = wanted
@@ -268,6 +313,9 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
         assignment={n.name: inp.current[n.name] for n in nodes if n.name in inp.current},
         pods={n.name: p for n in nodes if (p := inp.pods.get(n.name)) is not None},
         variant_sizes={_ADAPTERS_VARIANT: _new_bytes(desired, stable, out.sets)},
+        measurement=inp.measurements.get(site),
+        measuring=site in inp.measuring,
+        commands=inp.commands.get(site, W.Commands()),
     )
     started = state.update_revision != target and target != stable
     plan = W.plan_waves(site_policy(inp.rollout), observed, state, inp.now)
@@ -279,9 +327,9 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
     verdict, reason, message = plan.verdict.kind, plan.verdict.reason, plan.verdict.message
     if gate_reason:
         told = stored is not None and stored.reason == gate_reason
-        if gate_reason == Reason.ADAPTER_WORSE_THAN_BASE and not told:
+        if gate_reason in REFUSALS and not told:
             out.events.append(Event("Warning", gate_reason, gate_message))
-        verdict = "Holding" if gate_reason == Reason.ADAPTER_WORSE_THAN_BASE else "Waiting"
+        verdict = "Holding" if gate_reason in REFUSALS else "Waiting"
         if not new_state.in_progress:
             reason, message = gate_reason, gate_message
     out.requeue_after = _sooner(out.requeue_after, plan.requeue_after)
@@ -303,6 +351,17 @@ def _plan_site(inp: AdapterInput, out: AdapterPlan, site: str, nodes: Sequence[N
     )
 
 
+def _hurt(a: Adapter, bound: float | None) -> str:
+    m = a.held_out
+    assert m is not None and m.worst_other_site is not None
+    other = m.worst_other_site
+    where = f"site {other.site}" if other.site else "another site"
+    return (
+        f"adapter {a.name} hurts {where} by {m.other_site_regression():.4g} ({m.metric} {other.adapter:g} vs "
+        f"base {other.base:g} on its held-out text), more than maxOtherSiteRegression {bound:g}"
+    )
+
+
 def _new_bytes(desired: AdapterSet, stable: str, sets: Mapping[str, AdapterSet]) -> int:
     """Bytes one node fetches to move from `stable` to `desired`: the adapters it does not hold yet (a
     node's cache keeps what it has by digest). A stable set known neither from the spec nor from a
@@ -320,15 +379,30 @@ def _policy(
     state: RolloutStatus,
     sets: Mapping[str, AdapterSet],
 ) -> tuple[UpdateDecision, int]:
-    """`updatePolicy` on a site's new adapter wave, and the bytes its nodes would fetch."""
+    """`updatePolicy` on a site's new adapter wave, and the bytes its nodes would fetch. `minImprovement`
+    weighs the new adapters whose producer measured them (`heldOut`) by the smallest gain among them; a set
+    with none measured is the user's decision, as a spec change is."""
     cost = _new_bytes(desired, stable, sets) * len(nodes)
     last = max((t for t in (state.started_at, inp.revision_started_at) if t is not None), default=None)
     recent = [Download(d.site, d.bytes, d.time) for d in inp.downloads if inp.now - d.time < DAY]
+    held = {a.sha256.lower() for a in sets.get(stable, AdapterSet()).adapters}
+    measured = [a for a in desired.adapters if a.held_out is not None and a.sha256.lower() not in held]
+    least = min(measured, key=lambda a: a.held_out.gain() if a.held_out is not None else 0.0, default=None)
+    gain = least.held_out.gain() if least is not None and least.held_out is not None else None
     decision = decide(
         inp.update_policy,
-        Candidate(desired.revision, {site: cost}),
+        Candidate(desired.revision, {site: cost}, learned=gain is not None, improvement=gain),
         now=inp.now,
         last_rollout_at=last,
         downloads=recent,
     )
+    if least is not None and least.held_out is not None and decision.reason.startswith("minImprovement"):
+        m = least.held_out
+        against = (
+            f"the current adapter's {m.current:g}" if m.current is not None else f"the base's {m.base:g}"
+        )
+        decision = replace(
+            decision,
+            reason=f"{decision.reason} (adapter {least.name}: {m.metric} {m.adapter:g} against {against})",
+        )
     return decision, cost

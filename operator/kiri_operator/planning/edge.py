@@ -26,6 +26,7 @@ from kiri_operator.planning.adapting import (
     AdapterPlan,
     desired_sets,
     plan_adapters,
+    site_commands,
     site_label,
 )
 from kiri_operator.planning.assigning import AssignInput, Assignment, NodePod, assign_nodes
@@ -464,6 +465,9 @@ def _plan_adapters(
             downloads=recent,
             revision_started_at=rollout.started_at if rollout is not None else None,
             recorded=recorded,
+            measurements=observed.site_measurements,
+            measuring=observed.sites_measuring,
+            commands=site_commands(observed.annotations),
         )
     )
 
@@ -473,7 +477,12 @@ def _adapters_condition(plan: AdapterPlan) -> Condition:
     bad = plan.refused or plan.rolled_back
     if bad:
         reason = bad[0].reason if plan.refused else C.ROLLED_BACK
-        return Condition(C.ADAPTERS_ROLLED_OUT, "False", reason, "; ".join(s.message for s in bad)[:1000])
+        # The gates' messages name their site; a wave's (a failed analysis, a deadline) do not.
+        said = [
+            s.message if s.message.startswith(f"site {s.site}:") else f"site {s.site}: {s.message}"
+            for s in bad
+        ]
+        return Condition(C.ADAPTERS_ROLLED_OUT, "False", reason, "; ".join(said)[:1000])
     if plan.in_progress:
         waiting = [s for s in plan.sites if s.site in plan.in_progress]
         msg = "; ".join(f"site {s.site}: {s.message}" for s in waiting)

@@ -3,7 +3,8 @@
 Pure: `(policy, candidate, history, now) -> UpdateDecision`, no clock, no I/O. Three checks, cheapest
 verdict first:
 
-1. `minImprovement` (learned revisions only): the held-out gain the round measured. A revision that does not
+1. `minImprovement` (learned candidates: a learned revision, or a site's new adapters with a held-out
+   measurement, `planning.adapting`): the held-out gain measured. A revision that does not
    improve enough never will, so it is deferred with no retry time; the next accepted round is a new candidate.
 2. `minIntervalSeconds`: time since the last rollout started; deferred until the interval has passed.
 3. `maxBytesPerDay`: for every site, the bytes its nodes downloaded in the last 24 hours plus what this

@@ -146,6 +146,9 @@ def analysis_lab() -> Iterator[Lab]:
                             "variant": "int8",
                             "namespace": "default",
                             "component": "edge",
+                            # The faulty runtime serves a site's adapter set (the PodMonitor's `adapters`
+                            # label); the others serve the base model and have no such label.
+                            **({"adapters": "a2"} if r.name == "faulty" else {}),
                         },
                     }
                     for r in revisions.values()

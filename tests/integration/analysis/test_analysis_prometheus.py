@@ -41,12 +41,12 @@ class Query:
     min_samples: int = 3
 
 
-def measure(lab, revision: str, query: Query = Query()) -> tuple[Measurement, list]:  # type: ignore[no-untyped-def]
+def measure(lab, revision: str, query: Query = Query(), adapters: str = ".*") -> tuple[Measurement, list]:  # type: ignore[no-untyped-def]
     # The wave "became Ready" when the load started; wait for three intervals of data after it.
     warmup = 3 * query.interval + 1
     since = datetime.fromtimestamp(lab.started, UTC)
     time.sleep(max(0.0, lab.started + warmup + 1 - time.time()))
-    subs = Substitutions(revision=revision, namespace="default", variants=["int8"])
+    subs = Substitutions(revision=revision, namespace="default", variants=["int8"], adapters=adapters)
     return asyncio.run(analyzing.measure(lab.prometheus, [query], subs, since, datetime.now(UTC)))
 
 
@@ -93,6 +93,27 @@ def test_the_error_ratio_preset_reads_zero_for_a_revision_without_any_5xx_and_ab
     m, found = measure(analysis_lab, "faulty", preset)  # type: ignore[arg-type]
     assert m.outcome == "Failed", m.message
     assert found[0].last_value is not None and 0.25 < found[0].last_value < 0.75
+
+
+def test_a_sites_adapter_wave_measures_the_pods_of_its_adapter_revision_and_a_revisions_wave_every_pod(
+    analysis_lab,
+) -> None:  # type: ignore[no-untyped-def]
+    preset = AnalysisQuery.model_validate(
+        {"name": "errors", "preset": "error-ratio", "successCondition": "result < 0.1", "interval": INTERVAL,
+         "minSamples": 3}
+    )  # fmt: skip
+    # The faulty runtime serves adapter revision a2: the site's wave to a2 sees its 5xx and fails.
+    m, found = measure(analysis_lab, "faulty", preset, adapters="a2")  # type: ignore[arg-type]
+    assert m.outcome == "Failed", m.message
+    assert found[0].last_value is not None and 0.25 < found[0].last_value < 0.75
+    # A wave to another set of the same revision has no pod yet: no data, a hold, never a rollback.
+    m, found = measure(analysis_lab, "faulty", preset, adapters="a3")  # type: ignore[arg-type]
+    assert (m.outcome, found[0].samples) == ("Inconclusive", 0)
+    # The base model's pods carry no adapters label, and "" selects them: healthy serves the base model.
+    m, found = measure(analysis_lab, "healthy", preset, adapters="")  # type: ignore[arg-type]
+    assert (m.outcome, found[0].last_value) == ("Successful", 0.0)
+    m, found = measure(analysis_lab, "faulty", preset, adapters="")  # type: ignore[arg-type]
+    assert (m.outcome, found[0].samples) == ("Inconclusive", 0)
 
 
 def test_a_query_prometheus_rejects_holds_with_its_error(analysis_lab) -> None:  # type: ignore[no-untyped-def]

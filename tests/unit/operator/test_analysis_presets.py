@@ -20,8 +20,8 @@ pytestmark = pytest.mark.timeout(10)
 
 PROM = "http://prometheus.test:9090"
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-SEL = 'namespace="$namespace",revision="$revision",component="edge"'
-STABLE = 'namespace="$namespace",revision="$stableRevision",component="edge"'
+SEL = 'namespace="$namespace",revision="$revision",adapters=~"$adapters",component="edge"'
+STABLE = 'namespace="$namespace",revision="$stableRevision",adapters=~"$stableAdapters",component="edge"'
 
 
 def _query(**fields: Any) -> AnalysisQuery:
@@ -141,9 +141,69 @@ def test_a_due_relative_preset_asks_prometheus_about_the_update_and_the_stable_r
     m = analyzing.measure_due(spec, "shop", {"rollout": state.dump()}, NOW)
     assert m is not None and m.outcome == "Failed"
     sent = route.calls.last.request.url.params["query"]
+    # A revision's wave: every pod of the revision, whatever adapters it serves.
+    sel = 'namespace="shop",revision="r2",adapters=~".*",component="edge"'
     canary = (
-        '(sum(rate(kiri:collab_handoffs_total{namespace="shop",revision="r2",component="edge",reason="uncertainty"}[60s]))'
-        ' or vector(0)) / sum(rate(kiri:collab_tokens_total{namespace="shop",revision="r2",component="edge"}[60s]))'
+        f'(sum(rate(kiri:collab_handoffs_total{{{sel},reason="uncertainty"}}[60s]))'
+        f" or vector(0)) / sum(rate(kiri:collab_tokens_total{{{sel}}}[60s]))"
     )
     stable = canary.replace('revision="r2"', 'revision="r1"')
+    assert sent == f"(({canary}) / clamp_min({stable}, 0.001)) or (({canary}) * 0 + 1)"
+
+
+@respx.mock
+def test_a_sites_adapter_wave_asks_prometheus_about_its_adapter_revision_and_the_sites_stable_one() -> None:
+    route = respx.get(f"{PROM}/api/v1/query_range").mock(
+        return_value=httpx.Response(
+            200,
+            json={
+                "status": "success",
+                "data": {"resultType": "matrix", "result": [{"metric": {}, "values": [[1, "0.9"]]}]},
+            },
+        )
+    )
+    spec = ModelDeploymentSpec.model_validate(
+        {
+            "model": {
+                "name": "smollm",
+                "version": "1",
+                "source": {"uri": "s3://models/smollm.tar", "format": "hf", "sha256": "a" * 64},
+                "evalDataUri": "s3://eval/chat.jsonl",
+            },
+            "edge": {"variants": [{"name": "q4", "method": "int4"}]},
+            "rollout": {
+                "stages": [{"nodes": 1}, {"percent": 100}],
+                "analysis": {
+                    "prometheus": {"address": PROM},
+                    "queries": [
+                        {
+                            "name": "ttft",
+                            "preset": "ttft-p95",
+                            "relativeToStable": True,
+                            "successCondition": "result <= 1.2",
+                            "interval": 10,
+                        }
+                    ],
+                },
+            },
+        }
+    )
+    ready = NOW - timedelta(seconds=30)
+    # Site a moves from the base model (no adapters) to adapter revision a2, on the settled revision r1.
+    wave = RolloutStatus(
+        stable_revision="base", update_revision="a2", step_started_at=ready, progress_at=ready, ready_at=ready
+    )
+    status = {
+        "rollout": {"stableRevision": "r1", "updateRevision": "r1"},
+        "edge": {"adapters": [{"site": "site-a", "revision": "base", "rollout": wave.dump()}]},
+    }
+    assert analyzing.measure_due(spec, "shop", status, NOW) is None
+    found = analyzing.measure_sites_due(spec, "shop", status, NOW)
+    assert list(found) == ["site-a"] and found["site-a"].outcome == "Successful"
+    sent = route.calls.last.request.url.params["query"]
+    canary = (
+        "histogram_quantile(0.95, sum by (le) (rate(kiri:time_to_first_token_seconds_bucket"
+        '{namespace="shop",revision="r1",adapters=~"a2",component="edge"}[60s])))'
+    )
+    stable = canary.replace('adapters=~"a2"', 'adapters=~""')  # the base model's pods carry no adapters
     assert sent == f"(({canary}) / clamp_min({stable}, 0.001)) or (({canary}) * 0 + 1)"

@@ -111,3 +111,45 @@ def test_nothing_is_asked_when_no_measurement_is_due() -> None:
         assert gate.asked == []
     finally:
         analyst.close()
+
+
+def _site_status() -> dict[str, Any]:
+    """The revision settled on rev1; site a's adapter wave (adapters a1 -> a2) Ready since READY."""
+    wave = {
+        "stableRevision": "a1",
+        "updateRevision": "a2",
+        "stage": 0,
+        "readyAt": READY.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    return {
+        "rollout": {"stableRevision": "rev1", "updateRevision": "rev1"},
+        "edge": {"adapters": [{"site": "site-a", "revision": "a1", "rollout": wave}]},
+    }
+
+
+def test_a_sites_adapter_wave_gets_its_own_measurement_beside_the_revisions_and_handed_over_once() -> None:
+    gate = Gate()
+    analyst = Analyst(gate.on_done, take=gate.take)
+    try:
+        assert analyst.take(KEY, SPEC, _site_status(), NOW) == (None, False)  # no revision wave in flight
+        assert analyst.take_sites(KEY, SPEC, _site_status(), NOW) == ({}, frozenset({"site-a"}))
+        assert analyst.take_sites(KEY, SPEC, _site_status(), NOW) == ({}, frozenset({"site-a"}))
+        gate.release.set()
+        assert gate.done.wait(5)
+        assert gate.queued == [KEY]
+        found, measuring = analyst.take_sites(KEY, SPEC, _site_status(), NOW + timedelta(seconds=1))
+        assert measuring == frozenset()
+        assert list(found) == ["site-a"] and (found["site-a"].at, found["site-a"].outcome) == (
+            NOW,
+            "Successful",
+        )
+        assert len(gate.asked) == 1
+        subs = gate.asked[0].substitutions
+        assert (subs.revision, subs.stable_revision, subs.adapters, subs.stable_adapters) == (
+            "rev1",
+            "rev1",
+            "a2",
+            "a1",
+        )
+    finally:
+        analyst.close()

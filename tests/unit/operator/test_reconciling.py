@@ -214,6 +214,26 @@ def test_a_site_adapter_waves_counts_and_messages_are_progress_and_its_step_and_
     assert not progress_only(old, rolled_back)
 
 
+def test_a_site_entry_as_the_planner_writes_it_with_its_adapter_names_compares_as_progress() -> None:
+    # The names of a site's adapters are a list too: comparing two statuses must not take them for sites
+    # (it raised AttributeError on every throttled status write of a site's wave).
+    site = {
+        "site": "a",
+        "adapters": ["clinic", "shop"],
+        "default": "shop",
+        "updatedNodes": 1,
+        "message": "0/3",
+    }
+    old = _status(adapters=[{**site, "rollout": {"stage": 0, "readyNodes": 0}}])
+    new = copy.deepcopy(old)
+    new["edge"]["adapters"][0].update(updatedNodes=2, message="1/3")
+    new["edge"]["adapters"][0]["rollout"]["readyNodes"] = 1
+    assert progress_only(old, new)
+    other_set = copy.deepcopy(new)
+    other_set["edge"]["adapters"][0]["adapters"] = ["shop"]
+    assert not progress_only(old, other_set)
+
+
 def test_a_progress_only_status_change_waits_for_the_interval_then_is_written(monkeypatch):
     clock = [1000.0]
     monkeypatch.setattr(reconciling.time, "monotonic", lambda: clock[0])
@@ -315,6 +335,12 @@ class RecordingAnalyst:
         self.asked.append(key)
         return None, False
 
+    def take_sites(
+        self, key: tuple[str, str], spec: Any, status: Any, now: Any
+    ) -> tuple[dict[str, Any], frozenset[str]]:
+        self.asked.append(key)
+        return {}, frozenset()
+
 
 @pytest.mark.parametrize(
     ("address", "asked"),
@@ -337,7 +363,7 @@ def test_a_prometheus_outside_the_allow_list_is_never_asked_and_the_spec_is_refu
     assert md is not None
     cache.put_md({**md, "spec": spec, "metadata": {**md["metadata"], "resourceVersion": "2"}})
     Reconciler(kube, cache, analyst=analyst).reconcile(("ns", "md"))  # type: ignore[arg-type]
-    assert analyst.asked == ([("ns", "md")] if asked else [])
+    assert analyst.asked == ([("ns", "md")] * 2 if asked else [])  # the revision's wave, then the sites'
     status = cache.md(("ns", "md"))["status"]  # type: ignore[index]
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["reason"] == "PrometheusNotAllowed") is not asked

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
 from adapter_worlds import CLINIC, SHOP, SHOP2_SHA, adapter, daemonsets, lm_spec, site, started
+from kiri_operator import rollout_commands
 from kiri_operator.cli import build_parser
+from kiri_operator.cli import main as cli_main
+from kiri_operator.rollout_commands import command_annotation
 from kiri_operator.rollout_views import age, render_list, render_status
 from planning_worlds import NOW, FakeServer, manifest, observed, spec
 
@@ -117,3 +121,92 @@ def test_status_tree_shows_each_sites_adapters_and_the_adapter_set_of_each_daemo
     assert f"q4 + adapters {a['updateRevision']}  1 node(s)" in text
     assert f"q4 + adapters {a['revision']}  2 node(s)" in text
     assert f"q4 + adapters {b['revision']}  2 node(s)" in text
+
+
+# --- commands on a site's adapter wave ----------------------------------------------------------------
+
+
+class AnnotatingKube:
+    """The ModelDeployment as the planner left it; records the annotations a command writes."""
+
+    def __init__(self, md: dict[str, Any]) -> None:
+        self.md = md
+        self.written: list[dict[str, str]] = []
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.md
+
+    def annotate(self, kind: str, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        self.written.append(annotations)
+
+
+def _site_a_mid_wave() -> tuple[Any, Any]:
+    """Site a's new clinic adapter baking on its canary (an hour's bake); site b steady."""
+    baking = {"stages": [{"nodes": 1, "bakeSeconds": 3600}, {"percent": 100}]}
+    server = started([SHOP, CLINIC], **baking)
+    s2 = lm_spec([SHOP, adapter("clinic", SHOP2_SHA, ["site-a"])], **baking)
+    for _ in range(3):
+        server.step(s2)
+    assert site(server.world.status, "site-a")["reason"] == "Baking"
+    return server, s2
+
+
+def _md(server: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "md", "namespace": "ns"}, "status": dict(server.world.status)}
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, kube: AnnotatingKube, *argv: str) -> int:
+    monkeypatch.setattr(rollout_commands, "_kube", lambda args: kube)
+    return cli_main([*argv, "md", "-n", "ns"])
+
+
+def test_abort_with_a_site_writes_that_sites_annotation_and_the_operator_returns_the_site_to_its_stable_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, s2 = _site_a_mid_wave()
+    stable = site(server.world.status, "site-a")["revision"]
+    kube = AnnotatingKube(_md(server))
+    assert _run(monkeypatch, kube, "abort", "--site", "site-a") == 0
+    assert [list(a) for a in kube.written] == [["abort.adapters.kiri.dev/site-a"]]
+    assert capsys.readouterr().out.startswith("abort: ns/md site site-a (abort.adapters.kiri.dev/site-a=")
+    server.world = replace(server.world, annotations={**server.world.annotations, **kube.written[0]})
+    p = server.step(s2)
+    a = site(p.status, "site-a")
+    assert (a["verdict"], a["reason"], a["revision"]) == ("RolledBack", "Aborted", stable)
+    assert p.status["currentRevision"] == p.status["updateRevision"]  # the revision's rollout untouched
+
+
+def test_promote_and_abort_of_a_site_without_a_wave_in_flight_are_refused_with_the_sites_verdict(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, _ = _site_a_mid_wave()
+    kube = AnnotatingKube(_md(server))
+    assert _run(monkeypatch, kube, "promote", "--site", "site-b") == 1
+    assert capsys.readouterr().err == (
+        "kiri: no adapter wave in progress on site site-b of ns/md (verdict Completed); nothing to promote\n"
+    )
+    assert _run(monkeypatch, kube, "rollback", "--site", "site-b") == 1
+    assert (
+        capsys.readouterr().err == "kiri: site site-b of ns/md has no previous adapter set to roll back to\n"
+    )
+    assert _run(monkeypatch, kube, "abort", "--site", "site-c") == 1
+    assert capsys.readouterr().err == (
+        "kiri: ns/md has no adapters for site site-c (sites with adapters: site-a, site-b)\n"
+    )
+    assert _run(monkeypatch, kube, "abort", "--site", "not a site") == 1
+    assert capsys.readouterr().err == (
+        "kiri: 'not a site' is not a site label value (at most 63 letters, digits, '-', '_' or '.')\n"
+    )
+    assert kube.written == []
+
+
+def test_without_a_site_the_commands_still_act_on_the_revisions_rollout() -> None:
+    server, _ = _site_a_mid_wave()
+    md = _md(server)
+    # The revision is settled while site a's adapters roll: nothing of the revision's to promote.
+    assert command_annotation(md, "promote", None) == (
+        "kiri.dev/promote",
+        "no rollout in progress for ns/md (phase Progressing); nothing to promote",
+    )
+    assert command_annotation(md, "rollback", None) == ("kiri.dev/rollback", None)
+    assert command_annotation(md, "promote", "site-a") == ("promote.adapters.kiri.dev/site-a", None)

@@ -18,7 +18,7 @@ from kiri_operator.planning.adapting import (
     plan_adapters,
     site_policy,
 )
-from kiri_operator.planning.stepping import Stage, policy_of
+from kiri_operator.planning.stepping import AnalysisPolicy, Stage, policy_of
 from kiri_operator.planning.waves import NodePod
 from planning_worlds import NOW, SHA
 
@@ -82,7 +82,9 @@ def test_held_out_perplexity_and_loss_are_worse_higher_and_accuracy_lower(
     assert HeldOutMetric.model_validate({"metric": metric, "base": base, "adapter": adapter}).worse() is worse
 
 
-def test_a_site_wave_is_one_canary_node_with_the_first_stages_bake_then_the_whole_site() -> None:
+def test_a_site_wave_is_one_canary_node_with_the_first_stages_bake_then_the_whole_site_judged_by_the_analysis() -> (
+    None
+):
     rollout = RolloutSpec.model_validate(
         {
             "stages": [{"nodes": 2, "bakeSeconds": 30}, {"percent": 50, "pause": True}, {"percent": 100}],
@@ -98,7 +100,8 @@ def test_a_site_wave_is_one_canary_node_with_the_first_stages_bake_then_the_whol
     assert policy_of(rollout).analysis is not None and policy_of(rollout).group_by == "kiri.dev/site"
     policy = site_policy(rollout)
     assert policy.stages == (Stage(nodes=1, bake_seconds=30.0), Stage(percent=100))
-    assert (policy.group_by, policy.analysis) == (None, None)
+    assert policy.group_by is None
+    assert policy.analysis == AnalysisPolicy(interval_seconds=30.0, warmup_seconds=30.0)
     assert (policy.progress_deadline_seconds, policy.max_unavailable) == (120.0, 1)
 
 
@@ -175,3 +178,56 @@ def test_nodes_of_no_site_never_get_adapters() -> None:
     plan = plan_adapters(inp)
     assert plan.nodes == {"a-1": desired_sets(lm([ad("shop", ["a"])]))["a"].revision, "lone": BASE}
     assert [s.site for s in plan.sites] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("held_out", "gain"),
+    [
+        ({"metric": "accuracy", "base": 0.5, "adapter": 0.56}, 0.06),
+        ({"metric": "accuracy", "base": 0.5, "current": 0.55, "adapter": 0.56}, 0.01),
+        ({"metric": "loss", "base": 2.0, "adapter": 1.9}, 0.1),
+        ({"metric": "loss", "base": 2.0, "current": 1.8, "adapter": 1.9}, -0.1),
+        ({"metric": "perplexity", "base": 10.0, "adapter": 9.0}, 0.1),
+        ({"metric": "perplexity", "base": 10.0, "current": 8.0, "adapter": 7.6}, 0.05),
+        ({"metric": "perplexity", "base": 0.0, "adapter": 0.0}, 0.0),
+    ],
+)
+def test_the_held_out_gain_is_accuracys_rise_losss_drop_and_perplexitys_relative_drop_over_current_else_base(
+    held_out: dict[str, float], gain: float
+) -> None:
+    assert HeldOutMetric.model_validate(held_out).gain() == pytest.approx(gain, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("held_out", "regression"),
+    [
+        (
+            {
+                "metric": "accuracy",
+                "base": 0.5,
+                "adapter": 0.6,
+                "worstOtherSite": {"base": 0.7, "adapter": 0.65},
+            },
+            0.05,
+        ),
+        (
+            {"metric": "loss", "base": 2.0, "adapter": 1.8, "worstOtherSite": {"base": 2.0, "adapter": 2.3}},
+            0.3,
+        ),
+        (
+            {
+                "metric": "perplexity",
+                "base": 10.0,
+                "adapter": 8.0,
+                "worstOtherSite": {"base": 10.0, "adapter": 9.0},
+            },
+            -0.1,
+        ),
+        ({"metric": "perplexity", "base": 10.0, "adapter": 8.0}, None),
+    ],
+)
+def test_the_regression_on_another_site_is_accuracys_drop_losss_rise_and_perplexitys_relative_rise(
+    held_out: dict[str, Any], regression: float | None
+) -> None:
+    got = HeldOutMetric.model_validate(held_out).other_site_regression()
+    assert got == (None if regression is None else pytest.approx(regression, abs=1e-12))
