@@ -46,7 +46,7 @@ REGISTRATION_CLOSED = (
     "SuperNode registration is closed on this SuperLink: it registers the public keys mounted from the "
     "operator's Secrets at start (kiri flower-superlink --supernode-public-keys)"
 )
-log = logging.getLogger(__name__)
+log = logging.getLogger("flwr")  # Flower's own logger: its handler prints to the SuperLink's log
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
