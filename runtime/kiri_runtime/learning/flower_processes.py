@@ -17,7 +17,8 @@ it serves (so no SuperNode ever meets a SuperLink that does not know it yet, and
 the Control API's node-management routes (register, unregister, add to or remove from a federation) answer 403
 to every caller: in Flower without account authentication the Control API is open on the Fleet API's port,
 and left open, anything that reaches the port could register a key of its own and join as a site. The sites
-are exactly the mounted keys; changing them is changing the pod.
+are exactly the mounted keys; changing them is changing the pod. Which node id each site's key got goes to
+the ServerApp (`node_keys.registered_sites`), which admits a node only as that site.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,11 @@ def register_at_start(keys: Mapping[str, bytes]) -> None:
         valid, account = config.authn_plugin.validate_tokens_in_metadata([])
         if not valid or account is None:
             raise SystemExit(f"{KEYS_FLAG}: the Control API's account plugin gives no account to register as")
-        register_supernodes(app.state.linkstate_factory.state(), account, keys)
+        ids = register_supernodes(app.state.linkstate_factory.state(), account, keys)
+        # The ServerApp runs in a process this one starts (SuperExec, then flwr-serverapp): it inherits this.
+        sites_file = Path(tempfile.mkdtemp(prefix="kiri-supernodes-")) / "sites.json"
+        node_keys.write_registered_sites(sites_file, {node: site for site, node in ids.items()})
+        os.environ[node_keys.SITES_ENV] = str(sites_file)
         app.add_middleware(NodeRegistrationClosed)
         return app
 

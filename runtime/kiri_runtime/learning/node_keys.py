@@ -6,14 +6,24 @@ it makes the TLS material (`certificates`): it creates the Secret and can never 
 only; `supernode.pub` (OpenSSH public key, what `flwr supernode register` takes) goes to the SuperLink, which
 registers it under the site's name before it accepts any connection (`flower_processes`). The private key is
 never logged and never leaves the Secret.
+
+The SuperLink also writes which node id each site's key was registered as (`write_registered_sites`, the file
+named by `$KIRI_SUPERNODE_SITES`, which its ServerApp processes inherit): a round admits a node only as the site
+its key was registered for (`registered_sites`), so a site's SuperNode cannot say it is another site (and spend
+that site's privacy budget, or take its place) by changing its `--node-config`.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 PRIVATE_KEY_FILE = "supernode.key"
 PUBLIC_KEY_FILE = "supernode.pub"
+SITES_ENV = "KIRI_SUPERNODE_SITES"
 
 
 class NodeKeyError(ValueError):
@@ -65,3 +75,23 @@ def registration_bytes(public_key: bytes) -> bytes:
     if not isinstance(key.curve, nist):
         raise NodeKeyError(f"curve {key.curve.name} is not a NIST curve Flower accepts")
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def write_registered_sites(path: Path, node_sites: Mapping[int, str]) -> None:
+    """node id -> site, for the ServerApp (JSON, the ids as strings)."""
+    path.write_text(
+        json.dumps({str(node): site for node, site in sorted(node_sites.items())}, sort_keys=True)
+    )
+
+
+def registered_sites() -> dict[int, str] | None:
+    """node id -> the site its key was registered as, or None when the SuperLink registers no keys (then a
+    node's site is what it says). A file that is named but cannot be read is an error, never "anyone"."""
+    name = os.environ.get(SITES_ENV, "")
+    if not name:
+        return None
+    try:
+        data = json.loads(Path(name).read_text())
+        return {int(node): str(site) for node, site in data.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise NodeKeyError(f"${SITES_ENV}={name}: the registered sites cannot be read: {exc}") from None

@@ -111,3 +111,68 @@ def test_the_control_apis_node_routes_answer_403_and_every_other_route_passes() 
     for path in ["/v1/control/list-nodes", "/v1/control/start-run", "/v1/fleet/activate-node"]:
         asyncio.run(guard({"type": "http", "path": path}, receive, send))
     assert seen == ["/v1/control/list-nodes", "/v1/control/start-run", "/v1/fleet/activate-node"]
+
+
+class _Grid:
+    """Answers the round's `get_properties` query with the site each node says it is."""
+
+    def __init__(self, claims: dict[int, str]) -> None:
+        self.claims = claims
+
+    def send_and_receive(self, messages: list[Any], timeout: float) -> list[Any]:
+        from flwr.app import Message
+        from flwr.common import Code, GetPropertiesRes, Status
+        from flwr.compat.common import recorddict_compat as compat
+
+        return [
+            Message(
+                compat.getpropertiesres_to_recorddict(
+                    GetPropertiesRes(Status(Code.OK, ""), {"site": self.claims[m.metadata.dst_node_id]})
+                ),
+                reply_to=m,
+            )
+            for m in messages
+        ]
+
+
+def _round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registered: dict[int, str] | None) -> Any:
+    from types import SimpleNamespace
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from kiri_runtime.learning import federating
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    if registered is None:
+        monkeypatch.delenv(node_keys.SITES_ENV, raising=False)
+    else:
+        node_keys.write_registered_sites(tmp_path / "sites.json", registered)
+        monkeypatch.setenv(node_keys.SITES_ENV, str(tmp_path / "sites.json"))
+    r = federating.Round.__new__(federating.Round)  # only what `admit` reads: no model to load
+    r.s = SimpleNamespace(sites=["site-a", "site-b"], deadline_seconds=1.0)
+    r.number, r.refused, r.admitted, r.skipped = 1, {}, {}, {}
+    r.registered = node_keys.registered_sites()
+    return r
+
+
+def test_a_round_admits_a_node_only_as_the_site_its_key_was_registered_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Node 11 holds site-a's key and says it is site-b; node 13 was registered for no site.
+    claims = {11: "site-b", 12: "site-b", 13: "site-a"}
+    r = _round(tmp_path, monkeypatch, {11: "site-a", 12: "site-b"})
+    r.admit(_Grid(claims), sorted(claims))
+    assert r.admitted == {12: "site-b"}
+    assert r.skipped == {"site-a": "no SuperNode of this site connected before the deadline (offline)"}
+    # Without registered keys (a SuperLink without SuperNode auth), a node is the site it says, first come.
+    r = _round(tmp_path, monkeypatch, None)
+    r.admit(_Grid(claims), sorted(claims))
+    assert r.admitted == {11: "site-b", 13: "site-a"}
+
+
+def test_a_registered_sites_file_that_cannot_be_read_is_an_error_not_an_open_door(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(node_keys.SITES_ENV, str(tmp_path / "absent.json"))
+    with pytest.raises(node_keys.NodeKeyError, match="the registered sites cannot be read"):
+        node_keys.registered_sites()
