@@ -100,6 +100,18 @@ def test_the_superlink_registers_exactly_the_sites_public_keys_and_each_sites_su
     assert sorted(registered) == list(SITES)
     assert joined == registered  # each SuperNode joined as the node registered under its own site's name
     assert _nodes(federation) == {registered[site]: "online" for site in SITES}
+    # The process that starts each round's ServerApp (Flower's SuperExec, the SuperLink's child) inherits
+    # which node is which site, so a round admits a node only as its registered site.
+    link = federation.procs[0].pid
+    children = [
+        int(c) for t in Path(f"/proc/{link}/task").iterdir() for c in (t / "children").read_text().split()
+    ]
+    environments = [
+        dict(v.split("=", 1) for v in Path(f"/proc/{c}/environ").read_text().split("\0") if "=" in v)
+        for c in children
+    ]
+    (sites_file,) = {e[node_keys.SITES_ENV] for e in environments if node_keys.SITES_ENV in e}
+    assert json.loads(Path(sites_file).read_text()) == {str(node): site for site, node in registered.items()}
 
 
 def test_a_supernode_whose_key_nobody_registered_cannot_join(
