@@ -143,6 +143,8 @@ def _round(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registered: dict[int
     from kiri_runtime.learning import federating
 
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)  # the ServerApp's side
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     if registered is None:
         monkeypatch.delenv(node_keys.SITES_ENV, raising=False)
     else:
