@@ -39,6 +39,7 @@ TASK_START_ENV = "KIRI_FLOWER_TASK_START_SECONDS"
 DEFAULT_TASK_START_SECONDS = 180
 KEYS_FLAG = "--supernode-public-keys"
 AUTH_FLAG = "--enable-supernode-auth"
+LEGACY_GRPC_CONTROL_ENV = "FLWR_INTERNAL_GRPC_CONTROL_API"
 NODE_ROUTES = frozenset(
     f"/v1/control/{name}"
     for name in ("register-node", "unregister-node", "add-node-to-federation", "remove-node-from-federation")
@@ -149,6 +150,11 @@ def _superlink(args: argparse.Namespace) -> int:
     if args.supernode_public_keys is not None:
         if AUTH_FLAG not in args.flower_args:
             raise SystemExit(f"{KEYS_FLAG} needs {AUTH_FLAG}")
+        if os.environ.get(LEGACY_GRPC_CONTROL_ENV) == "1":
+            # Flower's legacy gRPC Control API has its own RegisterNode, which the HTTP middleware cannot close.
+            raise SystemExit(
+                f"{KEYS_FLAG}: unset {LEGACY_GRPC_CONTROL_ENV} (it opens node registration again)"
+            )
         register_at_start(read_public_keys(Path(args.supernode_public_keys)))
     from flwr.superlink.cli import flower_superlink
 

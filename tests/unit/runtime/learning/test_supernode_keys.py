@@ -78,10 +78,16 @@ def test_a_key_directory_that_would_let_nobody_or_the_wrong_node_in_stops_the_su
         flower_processes.read_public_keys(tmp_path / "absent")
 
 
-def test_public_keys_without_supernode_auth_on_are_refused_before_flower_starts(tmp_path: Path) -> None:
+def test_public_keys_without_supernode_auth_on_are_refused_before_flower_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     keys = _write(tmp_path / "keys", {"site-a": node_keys.make().public_key})
     with pytest.raises(SystemExit, match="--supernode-public-keys needs --enable-supernode-auth"):
         cli.main(["flower-superlink", "--supernode-public-keys", str(keys), "--insecure"])
+    # Flower's legacy gRPC Control API would serve its own RegisterNode, out of the middleware's reach.
+    monkeypatch.setenv("FLWR_INTERNAL_GRPC_CONTROL_API", "1")
+    with pytest.raises(SystemExit, match="unset FLWR_INTERNAL_GRPC_CONTROL_API"):
+        cli.main(["flower-superlink", "--supernode-public-keys", str(keys), "--enable-supernode-auth"])
 
 
 def test_the_control_apis_node_routes_answer_403_and_every_other_route_passes() -> None:
