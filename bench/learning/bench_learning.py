@@ -1,10 +1,11 @@
 """The cost of SecAgg+ against plain FedAvg on Flower: bytes and time per round, same federation, same run.
 
 A real federation on 127.0.0.1 (tests/integration/learning/flower_harness.py): one `flower-superlink` and one
-`flower-supernode` per site over TLS, running Kiri's ServerApp and ClientApp. Rounds alternate secure and plain
-(the sites allow plain rounds for this), so both modes meet the same machine load; every figure comes from the
-round records the ServerApp writes (`traffic`: what crossed the SuperLink as the server saw it, and the time
-spent waiting on the sites), and the submit-to-record wall time of `flwr run`. The baseline is plain FedAvg.
+`flower-supernode` per site over TLS with SuperNode authentication (as deployed), running Kiri's ServerApp and
+ClientApp. Rounds alternate secure and plain (the sites allow plain rounds for this), so both modes meet the same
+machine load; every figure comes from the round records the ServerApp writes (`traffic`: what crossed the
+SuperLink as the server saw it, and the time spent waiting on the sites), and the submit-to-record wall time of
+`flwr run`. The baseline is plain FedAvg.
 
     .venv/bin/python bench/learning/bench_learning.py [--sites 3] [--rounds 3] [--hidden 16,256] [--json out.json]
 """

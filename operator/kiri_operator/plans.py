@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from kiri_operator.conditions import Condition
 
@@ -72,18 +72,26 @@ def sooner(a: float | None, b: float | None) -> float | None:
     return a if b is None else min(a, b)
 
 
+SECRET_TLS: Final = "tls"
+"""A private CA and the SuperLink's server certificate (`kiri_runtime.learning.certificates`)."""
+SECRET_SUPERNODE_KEY: Final = "supernode-key"
+"""One site's SuperNode authentication key pair (`kiri_runtime.learning.node_keys`)."""
+
+
 @dataclass(frozen=True)
 class SecretRequest:
-    """A TLS Secret the reconciler creates once and never reads back (`planning/federation.py`): the plan
-    names it, the key material is made at the moment of the create and exists nowhere else."""
+    """A Secret of key material the reconciler creates once and never reads back (`planning/federation.py`):
+    the plan names it, the key material is made at the moment of the create and exists nowhere else."""
 
     namespace: str
     name: str
     names: tuple[str, ...]
-    """DNS names (or IPs) the server certificate is for."""
+    """DNS names (or IPs) the server certificate is for (`SECRET_TLS`); empty for a key pair."""
     owner: str
     owner_uid: str
     labels: tuple[tuple[str, str], ...] = ()
+    kind: str = SECRET_TLS
+    """What to make: `SECRET_TLS` or `SECRET_SUPERNODE_KEY`."""
 
 
 @dataclass

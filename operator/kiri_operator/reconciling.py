@@ -22,7 +22,7 @@ from kiri_operator.diagnosing import Diagnosis
 from kiri_operator.kinds import MODEL_DEPLOYMENT, PVC, apply_rank
 from kiri_operator.kube import Kube, KubeError
 from kiri_operator.planning import Settings, admitting, invalid_spec_status, normalize_status, plan
-from kiri_operator.plans import Action, Check, Event, Plan, SecretRequest
+from kiri_operator.plans import SECRET_SUPERNODE_KEY, SECRET_TLS, Action, Check, Event, Plan, SecretRequest
 
 if TYPE_CHECKING:
     from kiri_operator.analyzing import Analyst
@@ -95,14 +95,20 @@ def _pvcs_needed(spec: ModelDeploymentSpec) -> list[str]:
 
 
 def secret_body(request: SecretRequest) -> dict[str, Any]:
-    """The TLS Secret's body: a fresh CA and server certificate, base64, made here and handed to the API."""
+    """The Secret's body: fresh key material (a CA and server certificate, or a SuperNode's key pair), base64,
+    made here and handed to the API."""
     import base64
 
-    from kiri_operator.planning.federation import tls_secret
-    from kiri_runtime.learning import certificates
+    from kiri_operator.planning.federation import secret_object
+    from kiri_runtime.learning import certificates, node_keys
 
-    files = certificates.make(list(request.names)).as_secret_data()
-    return tls_secret(request, {k: base64.b64encode(v).decode() for k, v in files.items()})
+    if request.kind == SECRET_SUPERNODE_KEY:
+        files = node_keys.make().as_secret_data()
+    elif request.kind == SECRET_TLS:
+        files = certificates.make(list(request.names)).as_secret_data()
+    else:
+        raise ValueError(f"unknown kind of Secret {request.kind!r}")
+    return secret_object(request, {k: base64.b64encode(v).decode() for k, v in files.items()})
 
 
 class Reconciler:
@@ -197,8 +203,9 @@ class Reconciler:
         return self._apply(key, md, observed.status, p)
 
     def _create_secrets(self, p: Plan, outcome: Outcome, events: list[Event]) -> None:
-        """Each requested TLS Secret once per operator life: a 409 means it exists (made earlier, or by the
-        previous leader). The operator may only create Secrets, never read them: the key stays in it."""
+        """Each requested Secret of key material (TLS, SuperNode keys) once per operator life: a 409 means it
+        exists (made earlier, or by the previous leader). The operator may only create Secrets, never read
+        them: the key stays in it."""
         for request in p.secrets:
             seen = (request.namespace, request.name, request.owner_uid)
             if seen in self._secrets_made:
@@ -206,7 +213,7 @@ class Reconciler:
             try:
                 body = secret_body(request)
             except Exception as exc:  # one child's failure must not stop the reconcile of the others
-                outcome.error = f"TLS Secret {request.name}: {type(exc).__name__}: {exc}"
+                outcome.error = f"Secret {request.name}: {type(exc).__name__}: {exc}"
                 events.append(Event("Warning", Reason.APPLY_FAILED, outcome.error[:1000]))
                 continue
             try:

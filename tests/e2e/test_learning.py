@@ -1,7 +1,7 @@
-"""Federated learning on the real control plane, on Flower: the operator makes the TLS Secret, the SuperLink
-(Deployment + Service) on a cloud node and a SuperNode per site pinned to that site's nodes, and the round Job;
-their own command lines run here as local processes (the simulated nodes run no containers) with the Secret's
-own certificates, the round record comes back through `kiri publish-round`, and the operator records it, asks
+"""Federated learning on the real control plane, on Flower: the operator makes the TLS Secret and a SuperNode key
+Secret per site, the SuperLink (Deployment + Service) on a cloud node and a SuperNode per site pinned to that
+site's nodes, and the round Job; their own command lines run here as local processes (the simulated nodes run
+no containers) with the files their pods' Secret volumes would hold (the items they name, nothing else), the round record comes back through `kiri publish-round`, and the operator records it, asks
 the update policy, and turns the allowed round into a new revision.
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kiri_operator.planning import federation as F
 from kiri_operator.planning.federation import SITE_DATA_MOUNT, TLS_MOUNT
 from learning_tiny_model import make_model, write_sites
 
@@ -116,8 +117,38 @@ class Kubelet:
             (self.tls / key).write_bytes(base64.b64decode(value))
         (self.tls / "tls.key").chmod(0o600)
 
-    def _local(self, args: list[str]) -> list[str]:
+    def _secret_data(self, name: str) -> dict[str, bytes]:
+        secret = self.cluster.get_json("secret", name, "-n", self.namespace)
+        return {k: base64.b64decode(v) for k, v in secret["data"].items()}
+
+    def mount_secrets(self, owner: str, pod: dict[str, Any]) -> dict[str, str]:
+        """The pod's Secret volumes (plain or projected) as local directories holding only the items they
+        name, as the kubelet would mount them: mount path -> local directory. The TLS Secret's key is kept
+        apart (`secret_files`)."""
+        out: dict[str, str] = {}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for mount in pod["containers"][0]["volumeMounts"]:
+            volume = volumes[mount["name"]]
+            if "secret" in volume:
+                sources = [{"secret": {**volume["secret"], "name": volume["secret"]["secretName"]}}]
+            else:
+                sources = [x for x in volume.get("projected", {}).get("sources", []) if "secret" in x]
+            if mount["mountPath"] == TLS_MOUNT or not sources:
+                continue
+            directory = self.tmp / "mounts" / owner / mount["name"]
+            directory.mkdir(parents=True, exist_ok=True)
+            for source in sources:
+                data = self._secret_data(source["secret"]["name"])
+                for item in source["secret"]["items"]:
+                    (directory / item["path"]).write_bytes(data[item["key"]])
+                    (directory / item["path"]).chmod(0o400)
+            out[mount["mountPath"]] = str(directory)
+        return out
+
+    def _local(self, args: list[str], mounts: dict[str, str] | None = None) -> list[str]:
         local = [a.replace(TLS_MOUNT, str(self.tls)) for a in args]
+        for path, directory in (mounts or {}).items():
+            local = [a.replace(path, directory) for a in local]
         return [*KIRI, *local[1:]] if local and local[0] == "kiri" else local
 
     def start(self, name: str, command: list[str]) -> None:
@@ -127,7 +158,8 @@ class Kubelet:
         )
 
     def superlink(self, deployment: dict[str, Any]) -> str:
-        cmd = self._local(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
+        pod = deployment["spec"]["template"]["spec"]
+        cmd = self._local(pod["containers"][0]["command"], self.mount_secrets("superlink", pod))
         cmd = _swap(_swap(cmd, "--port", str(self.port)), "--host", "127.0.0.1")
         self.start("superlink", cmd)
         end = time.monotonic() + 60
@@ -139,7 +171,10 @@ class Kubelet:
         raise AssertionError((self.tmp / "superlink.log").read_text()[-3000:])
 
     def supernode(self, deployment: dict[str, Any], address: str, data: Path) -> None:
-        cmd = self._local(deployment["spec"]["template"]["spec"]["containers"][0]["command"])
+        pod = deployment["spec"]["template"]["spec"]
+        cmd = self._local(
+            pod["containers"][0]["command"], self.mount_secrets(deployment["metadata"]["name"], pod)
+        )
         cmd = _swap(cmd, "--superlink", address)
         config = cmd[cmd.index("--node-config") + 1]
         site = config.split('"')[1]
@@ -239,6 +274,18 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
     secret = json.loads(secret)
     assert sorted(secret["data"]) == ["ca.crt", "tls.crt", "tls.key"]
     assert secret["metadata"]["ownerReferences"][0]["name"] == "lm"
+    key_secrets = {site: F.node_key_secret_name("lm", site) for site in SITES}
+    for site, name in key_secrets.items():
+        made = _wait(
+            lambda name=name: cluster.kubectl(
+                "get", "secret", name, "-n", namespace, "-o", "json", check=False
+            ),
+            90,
+            f"{site}'s SuperNode key Secret",
+        )
+        made = json.loads(made)
+        assert sorted(made["data"]) == ["supernode.key", "supernode.pub"]
+        assert made["metadata"]["ownerReferences"][0]["name"] == "lm"
     links = _wait(lambda: _deployments(cluster, namespace, "superlink"), 90, "the SuperLink")
     nodes_ = _wait(
         lambda: (d := _deployments(cluster, namespace, "supernode")) and len(d) == 3 and d, 90, "SuperNodes"
@@ -263,12 +310,26 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
         )
         if p["metadata"]["labels"]["kiri.dev/learning-role"] == "superlink":
             assert labels["kiri.dev/tier"] == "cloud"
+            assert "--enable-supernode-auth" in c["command"]
+            # The sites' public keys, never a private one.
+            keys = next(v for v in spec["volumes"] if v["name"] == "supernode-keys")["projected"]["sources"]
+            assert [(x["secret"]["name"], x["secret"]["items"]) for x in keys] == [
+                (key_secrets[site], [{"key": "supernode.pub", "path": f"{site}.pub"}]) for site in SITES
+            ]
         else:
             site = spec["nodeSelector"]["kiri.dev/site"]
             assert labels["kiri.dev/tier"] == "edge" and labels["kiri.dev/site"] == site
             assert [v["secret"]["items"] for v in spec["volumes"] if v["name"] == "tls"] == [
                 [{"key": "ca.crt", "path": "ca.crt"}]
             ]
+            # Its own site's private key, and no other Secret.
+            assert sorted(
+                (v["secret"]["secretName"], i["key"])
+                for v in spec["volumes"]
+                if "secret" in v
+                for i in v["secret"]["items"]
+            ) == [("lm-flower-tls", "ca.crt"), (key_secrets[site], "supernode.key")]
+            assert "--auth-supernode-private-key" in c["command"]
     job = _wait(lambda: _jobs(cluster, namespace, "kiri.dev/learning-role=round"), 90, "the round Job")[0]
     revision_before = get_md(cluster, namespace, "lm")["status"]["updateRevision"]
 

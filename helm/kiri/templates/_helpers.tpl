@@ -101,8 +101,9 @@ server-side-applies its children, which is `patch`, and deletes children of old 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
-# The learning rounds' TLS Secret (a CA and the SuperLink's certificate): create only. The operator never
-# gets, lists or watches a Secret, so it can read none, its own included.
+# The learning rounds' TLS Secret (a CA and the SuperLink's certificate) and SuperNode key Secrets (a key pair
+# per site): create only. The operator never gets, lists or watches a Secret, so it can read none, its own
+# included.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["create"]

@@ -4,13 +4,20 @@
   (`kube.create`; it holds no get/list/watch on Secrets, so it can never read one back) from
   `kiri_runtime.learning.certificates`; the plan only names it (`tls_request`), key material never enters a plan,
   a status or a log line.
+* `<md>-supernode-key-<site>` (Secret per site): that site's SuperNode authentication key pair
+  (`kiri_runtime.learning.node_keys`), created the same way (`node_key_request`): `supernode.key` for the
+  site's SuperNode only, `supernode.pub` for the SuperLink.
 * `<md>-superlink` (Deployment + Service): `flower-superlink` on a cloud node, TLS on its one port, running Kiri's
-  ServerApp for each round (subprocess isolation, no runtime dependency installation). It mounts the artifact
-  store (the base weights, the held-out set, the round records) and, for the privacy ledger ConfigMap only, a
-  projected API token.
+  ServerApp for each round (subprocess isolation, no runtime dependency installation), with SuperNode
+  authentication on: it mounts only the public keys of the spec's sites (one projected volume, one
+  `<site>.pub` item from each site's Secret), registers them at start and closes registration on its Control
+  API (`kiri_runtime.learning.flower_processes`), so a SuperNode without a registered key cannot join. It mounts
+  the artifact store (the base weights, the held-out set, the round records) and, for the privacy ledger
+  ConfigMap only, a projected API token.
 * `<md>-supernode-<site>` (Deployment per site): `flower-supernode` pinned to that site's edge nodes, trusting
-  only `ca.crt` (the one key of the Secret it mounts), its site data mounted read-only from the host, no API
-  token. The site's name and data path reach the ClientApp through `--node-config`.
+  only `ca.crt` (the one key of the TLS Secret it mounts), signing its requests with its own site's private key
+  (the one key of its site's Secret it mounts), its site data mounted read-only from the host, no API token.
+  The site's name and data path reach the ClientApp through `--node-config`.
 
 Every pod: non-root, read-only root filesystem, all capabilities dropped, RuntimeDefault seccomp.
 """
@@ -19,15 +26,21 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from kiri_operator import labels as L
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.planning import building as B
-from kiri_operator.plans import SecretRequest
+from kiri_operator.plans import SECRET_SUPERNODE_KEY, SecretRequest
+from kiri_runtime.learning.node_keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 
 FLEET_PORT = 9092
 TLS_MOUNT = "/var/run/kiri/flower-tls"
+NODE_KEY_MOUNT = "/var/run/kiri/supernode-key"
+"""In a SuperNode's pod: its own site's private key, `supernode.key`."""
+NODE_KEYS_MOUNT = "/var/run/kiri/supernode-keys"
+"""In the SuperLink's pod: `<site>.pub` for each of the spec's sites."""
 SITE_DATA_MOUNT = "/var/lib/kiri/site-data.npz"
 ROLE_SUPERLINK = "superlink"
 ROLE_SUPERNODE = "supernode"
@@ -48,9 +61,17 @@ def superlink_name(md: str) -> str:
     return L.child_name(md, ROLE_SUPERLINK)
 
 
-def supernode_name(md: str, site: str) -> str:
+def _site_suffix(site: str) -> str:
     slug = _SLUG.sub("-", site.lower()).strip("-")[:20] or "site"
-    return L.child_name(md, ROLE_SUPERNODE, f"{slug}-{L.short_hash(site, length=6)}")
+    return f"{slug}-{L.short_hash(site, length=6)}"
+
+
+def supernode_name(md: str, site: str) -> str:
+    return L.child_name(md, ROLE_SUPERNODE, _site_suffix(site))
+
+
+def node_key_secret_name(md: str, site: str) -> str:
+    return L.child_name(md, "supernode-key", _site_suffix(site))
 
 
 def superlink_address(owner: B.Owner) -> str:
@@ -72,7 +93,21 @@ def tls_request(owner: B.Owner) -> SecretRequest:
     return SecretRequest(owner.namespace, tls_secret_name(owner.name), names, owner.name, owner.uid, labels)
 
 
-def tls_secret(request: SecretRequest, data: dict[str, str]) -> dict[str, Any]:
+def node_key_request(owner: B.Owner, site: str) -> SecretRequest:
+    """The site's SuperNode key pair, made by the reconciler at the create (the plan holds only its name)."""
+    labels = {**_labels(owner, ROLE_SUPERNODE), L.SITE_NAME: L.short_hash(site, length=16)}
+    return SecretRequest(
+        owner.namespace,
+        node_key_secret_name(owner.name, site),
+        (),
+        owner.name,
+        owner.uid,
+        tuple(sorted(labels.items())),
+        kind=SECRET_SUPERNODE_KEY,
+    )
+
+
+def secret_object(request: SecretRequest, data: dict[str, str]) -> dict[str, Any]:
     """The Secret's body, `data` base64 already; built by the reconciler, which alone sees the key."""
     meta: dict[str, Any] = {
         "name": request.name,
@@ -136,10 +171,28 @@ def _deployment(name: str, labels: dict[str, str], pod: dict[str, Any]) -> dict[
     }
 
 
-def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -> list[dict[str, Any]]:
-    """The SuperLink's Deployment and Service. Its state stays in memory (no `--database`): a run lives for one
-    round, the round's outcome is the record in the store, and SQLite answered "database is locked" (HTTP 500)
-    to the SuperNodes' pushes on the loaded 2-core box."""
+def node_keys_volume(md: str, sites: Sequence[str]) -> dict[str, Any]:
+    """The SuperLink's view of the sites' key Secrets: `<site>.pub` from each, never `supernode.key`.
+    (A site is a node label value, so a safe file name: alphanumerics, `-`, `_`, `.`, not starting with `.`.)"""
+    sources = [
+        {
+            "secret": {
+                "name": node_key_secret_name(md, site),
+                "items": [{"key": PUBLIC_KEY_FILE, "path": f"{site}.pub"}],
+            }
+        }
+        for site in sorted(sites)
+    ]
+    return {"name": "supernode-keys", "projected": {"defaultMode": 0o440, "sources": sources}}
+
+
+def superlink(
+    spec: ModelDeploymentSpec, owner: B.Owner, service_account: str, sites: Sequence[str]
+) -> list[dict[str, Any]]:
+    """The SuperLink's Deployment and Service; `sites` are the sites whose SuperNodes it lets in. Its state
+    stays in memory (no `--database`): a run lives for one round, the round's outcome is the record in the
+    store, and SQLite answered "database is locked" (HTTP 500) to the SuperNodes' pushes on the loaded 2-core
+    box. The registered keys are remounted and registered again at every start."""
     store = B.artifact_dir(spec, owner, "learning")
     labels = _labels(owner, ROLE_SUPERLINK)
     tls = f"{TLS_MOUNT}/"
@@ -152,9 +205,12 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
         "--port", str(FLEET_PORT),
         "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
+        "--enable-supernode-auth",
+        "--supernode-public-keys", NODE_KEYS_MOUNT,
     ]  # fmt: skip
     mounts: list[dict[str, Any]] = [
         {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+        {"name": "supernode-keys", "mountPath": NODE_KEYS_MOUNT, "readOnly": True},
         {"name": "artifacts", "mountPath": store.mount_path},
         {"name": "tmp", "mountPath": "/tmp"},
         B.api_token_mount(),  # the ServerApp writes the privacy ledger ConfigMap before it aggregates
@@ -172,6 +228,7 @@ def superlink(spec: ModelDeploymentSpec, owner: B.Owner, service_account: str) -
             "containers": [link],
             "volumes": [
                 {"name": "tls", "secret": {"secretName": tls_secret_name(owner.name), "defaultMode": 0o440}},
+                node_keys_volume(owner.name, sites),
                 store.volume,
                 {"name": "tmp", "emptyDir": {}},
                 B.api_token_volume(),
@@ -197,7 +254,8 @@ def node_config(site: str, *, allow_plain: bool) -> str:
 
 
 def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str, Any]:
-    """One site's SuperNode: pinned to the site, its data read-only, only the CA certificate, no API token."""
+    """One site's SuperNode: pinned to the site, its data read-only, only the CA certificate and its own
+    site's private key, no API token."""
     learning = spec.learning
     assert learning is not None
     labels = {**_labels(owner, ROLE_SUPERNODE), L.SITE_NAME: L.short_hash(site, length=16)}
@@ -205,12 +263,14 @@ def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str,
         "kiri", "flower-supernode",
         "--superlink", superlink_address(owner),
         "--root-certificates", f"{TLS_MOUNT}/ca.crt",
+        "--auth-supernode-private-key", f"{NODE_KEY_MOUNT}/{PRIVATE_KEY_FILE}",
         "--node-config", node_config(site, allow_plain=not learning.secure_aggregation),
         "--isolation", "subprocess",
     ]  # fmt: skip
     mounts: list[dict[str, Any]] = [
         {"name": "site-data", "mountPath": SITE_DATA_MOUNT, "readOnly": True},
         {"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True},
+        {"name": "supernode-key", "mountPath": NODE_KEY_MOUNT, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
     pod = B.pod_identity(
@@ -229,6 +289,15 @@ def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str,
                     "secret": {
                         "secretName": tls_secret_name(owner.name),
                         "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                    },
+                },
+                # Only its own site's private key: a SuperNode can prove which site it is, and no other.
+                {
+                    "name": "supernode-key",
+                    "secret": {
+                        "secretName": node_key_secret_name(owner.name, site),
+                        "items": [{"key": PRIVATE_KEY_FILE, "path": PRIVATE_KEY_FILE}],
+                        "defaultMode": 0o440,
                     },
                 },
                 {"name": "tmp", "emptyDir": {}},

@@ -315,18 +315,27 @@ def round_objects(
         ),
         deadline,
     )
-    return [*federation_objects(spec, owner, chosen, base_weights, service_account), B.finish(job, owner)]
+    federation = federation_objects(spec, owner, chosen, base_weights, service_account, registered=site_names)
+    return [*federation, B.finish(job, owner)]
 
 
 def federation_objects(
-    spec: ModelDeploymentSpec, owner: B.Owner, sites: Sequence[str], base_weights: str, service_account: str
+    spec: ModelDeploymentSpec,
+    owner: B.Owner,
+    sites: Sequence[str],
+    base_weights: str,
+    service_account: str,
+    *,
+    registered: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The SuperLink (Deployment, Service) and one SuperNode per site: wanted while rounds remain."""
+    """The SuperLink (Deployment, Service) and one SuperNode per site in `sites`: wanted while rounds remain.
+    The SuperLink lets in the SuperNodes of `registered` (all the spec's sites; `sites` by default): a round
+    that picks fewer sites changes which SuperNodes run, not the SuperLink's pod (which would restart it)."""
     learning = spec.learning
     assert learning is not None
     _, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
     _, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
-    link = F.superlink(spec, owner, service_account)
+    link = F.superlink(spec, owner, service_account, sites if registered is None else registered)
     # The ServerApp runs in the SuperLink's pod: it reads the base weights and held-out set from there too.
     pod = link[0]["spec"]["template"]["spec"]
     pod["volumes"] += [v for v in [*w_vols, *e_vols] if v not in pod["volumes"]]
@@ -374,7 +383,8 @@ class LearningPlan:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     condition: Condition | None = None
-    tls: SecretRequest | None = None  # the SuperLink's TLS Secret, created once by the reconciler
+    secrets: list[SecretRequest] = field(default_factory=list)
+    """The SuperLink's TLS Secret and each site's SuperNode key Secret, created once by the reconciler."""
 
 
 def plan_learning(
@@ -424,7 +434,7 @@ def plan_learning(
         site_names = sites(spec, observed)
         base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
         # The federation stands while rounds remain: SuperNodes stay connected between rounds.
-        out.tls = F.tls_request(owner)
+        out.secrets = [F.tls_request(owner), *(F.node_key_request(owner, site) for site in site_names)]
         if site_names:
             out.children = federation_objects(spec, owner, site_names, base, service_account)
         last_closed = _parse_time(records[-1].closed_at) if records else None

@@ -105,7 +105,7 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         requeue = sooner(requeue, UNFINISHED_REQUEUE_SECONDS)
     return Plan(
         actions=actions,
-        secrets=[lp.tls] if lp is not None and lp.tls is not None else [],
+        secrets=list(lp.secrets) if lp is not None else [],
         status=normalize_status(status.status),
         events=whole.events,
         requeue_after=requeue,

@@ -6,7 +6,8 @@ round:
 1. counts what each site already spent (the round records and the ledger: the larger count wins) and refuses
    sites whose epsilon would pass `target-epsilon` after this round;
 2. waits (up to `deadline-seconds`) for the SuperNodes of the expected sites, and asks each node which site
-   it is (its `site` node config, a `get_properties` query): nodes of other sites or over budget take no part;
+   it is (its `site` node config, a `get_properties` query): nodes of other sites or over budget take no part,
+   nor, when SuperNodes authenticate, a node saying it is a site other than the one its key was registered for;
 3. with at least `min-clients` admitted sites, runs one Flower round (`DefaultWorkflow`, its fit step
    `SecAggPlusWorkflow` unless `secure-aggregation = false`) with `strategies.RoundStrategy`: sites clip,
    the ledger is written as soon as their results are in, the server adds the Gaussian noise;
@@ -34,7 +35,7 @@ from flwr.server import LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
 
-from kiri_runtime.learning import accounting, ledgers, rounds, strategies
+from kiri_runtime.learning import accounting, ledgers, node_keys, rounds, strategies
 from kiri_runtime.learning.adapter_rounds import AdapterSettings, AdapterSubject
 from kiri_runtime.learning.errors import LearningError
 from kiri_runtime.learning.loading import TorchGlobalModel, load_arrays, load_model, sha256_file
@@ -104,6 +105,7 @@ class Round:
             self.names = sorted(upload_shapes(s.model.part, self.shapes))
         self.opened_at = _now()
         self.admitted: dict[int, str] = {}
+        self.registered = node_keys.registered_sites()  # node id -> site, when SuperNodes authenticate
         self.skipped: dict[str, str] = dict(self.refused)
         self.participants: dict[str, dict[str, Any]] = {}
 
@@ -155,6 +157,14 @@ class Round:
             node = int(reply.metadata.src_node_id)
             if not site or (self.s.sites and site not in self.s.sites):
                 log.warning("node %d (site %r) is not expected in round %d", node, site, self.number)
+            elif self.registered is not None and self.registered.get(node) != site:
+                log.warning(
+                    "round %d: node %d says it is site %s, but its key is registered for %s; ignored",
+                    self.number,
+                    node,
+                    site,
+                    self.registered.get(node, "no site"),
+                )
             elif site in self.refused:
                 log.warning("round %d: site %s refused: %s", self.number, site, self.refused[site])
             elif site in self.admitted.values():

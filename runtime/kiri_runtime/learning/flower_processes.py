@@ -9,17 +9,51 @@ made it: every task of a SecAgg+ round failed with "Runtime task-token authentic
 closed with no result (tests/integration/learning). Small edge devices start Python as slowly. These commands
 set that window (`KIRI_FLOWER_TASK_START_SECONDS`, default 180 s) before handing the arguments, unchanged, to
 Flower's entry point; the heartbeats themselves are Flower's.
+
+SuperNode authentication (`kiri flower-superlink --supernode-public-keys DIR --enable-supernode-auth`): the
+SuperLink registers every `DIR/<site>.pub` (OpenSSH public keys, `node_keys`) under the site's name through
+Flower's own Control API handler for `flwr supernode register`, in process, after its state exists and before
+it serves (so no SuperNode ever meets a SuperLink that does not know it yet, and no human runs the CLI). Then
+the Control API's node-management routes (register, unregister, add to or remove from a federation) answer 403
+to every caller: in Flower without account authentication the Control API is open on the Fleet API's port,
+and left open, anything that reaches the port could register a key of its own and join as a site. The sites
+are exactly the mounted keys; changing them is changing the pod. Which node id each site's key got goes to
+the ServerApp (`node_keys.registered_sites`), which admits a node only as that site.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from pathlib import Path
 from typing import Any
+
+from kiri_runtime.learning import node_keys
 
 TASK_START_ENV = "KIRI_FLOWER_TASK_START_SECONDS"
 DEFAULT_TASK_START_SECONDS = 180
+KEYS_FLAG = "--supernode-public-keys"
+AUTH_FLAG = "--enable-supernode-auth"
+LEGACY_GRPC_CONTROL_ENV = "FLWR_INTERNAL_GRPC_CONTROL_API"
+NODE_ROUTES = frozenset(
+    f"/v1/control/{name}"
+    for name in ("register-node", "unregister-node", "add-node-to-federation", "remove-node-from-federation")
+)
+"""The Control API routes that change which SuperNodes may join: closed on the wire when Kiri registers."""
+REGISTRATION_CLOSED = (
+    "SuperNode registration is closed on this SuperLink: it registers the public keys mounted from the "
+    "operator's Secrets at start (kiri flower-superlink --supernode-public-keys)"
+)
+log = logging.getLogger("flwr")  # Flower's own logger: its handler prints to the SuperLink's log
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 def widen_task_start_window(seconds: float) -> None:
@@ -37,8 +71,91 @@ def _window() -> float:
         raise SystemExit(f"{TASK_START_ENV}={text!r}: expected seconds") from None
 
 
+def read_public_keys(directory: Path) -> dict[str, bytes]:
+    """`<site>.pub` files in `directory` -> the bytes Flower registers for each site. Refuses an empty
+    directory (a SuperLink that nobody may join is a mistake) and any key Flower would refuse."""
+    if not directory.is_dir():
+        raise SystemExit(f"{KEYS_FLAG} {directory}: not a directory")
+    keys: dict[str, bytes] = {}
+    for path in sorted(directory.glob("*.pub")):
+        try:
+            keys[path.stem] = node_keys.registration_bytes(path.read_bytes())
+        except node_keys.NodeKeyError as exc:
+            raise SystemExit(f"{KEYS_FLAG}: {path.name}: {exc}") from None
+    if not keys:
+        raise SystemExit(f"{KEYS_FLAG} {directory}: no <site>.pub file")
+    if len(set(keys.values())) != len(keys):
+        raise SystemExit(f"{KEYS_FLAG} {directory}: two sites have the same public key")
+    return keys
+
+
+def register_supernodes(state: Any, account: Any, keys: Mapping[str, bytes]) -> dict[str, int]:
+    """Register each site's public key (site -> node id) with the Control API's own `RegisterNode` handler,
+    the one `flwr supernode register` reaches: the same checks, the same record, under `account`."""
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.superlink.servicer.control import control_handlers
+
+    ids: dict[str, int] = {}
+    for site, public_key in keys.items():
+        reply = control_handlers.register_node(
+            RegisterNodeRequest(public_key=public_key, name=site), account, state
+        )
+        ids[site] = int(reply.node_id)
+        log.info("registered SuperNode of site %s as node %d", site, ids[site])
+    return ids
+
+
+class NodeRegistrationClosed:
+    """ASGI middleware: the Control API's node-management routes answer 403, to every caller."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).rstrip("/") in NODE_ROUTES:
+            body = json.dumps({"detail": REGISTRATION_CLOSED}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 403, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def register_at_start(keys: Mapping[str, bytes]) -> None:
+    """Make the SuperLink's app register `keys` once its state exists, and close node registration on it."""
+    from flwr.superlink import main
+
+    create_app = main.create_app
+
+    def create_registered_app(config: Any = None, lifespan_class: Any = None) -> Any:
+        app = create_app(config, lifespan_class)
+        if config is None or not config.enable_supernode_auth:
+            raise SystemExit(f"{KEYS_FLAG} needs {AUTH_FLAG}")
+        valid, account = config.authn_plugin.validate_tokens_in_metadata([])
+        if not valid or account is None:
+            raise SystemExit(f"{KEYS_FLAG}: the Control API's account plugin gives no account to register as")
+        ids = register_supernodes(app.state.linkstate_factory.state(), account, keys)
+        # The ServerApp runs in a process this one starts (SuperExec, then flwr-serverapp): it inherits this.
+        sites_file = Path(tempfile.mkdtemp(prefix="kiri-supernodes-")) / "sites.json"
+        node_keys.write_registered_sites(sites_file, {node: site for site, node in ids.items()})
+        os.environ[node_keys.SITES_ENV] = str(sites_file)
+        app.add_middleware(NodeRegistrationClosed)
+        return app
+
+    main.create_app = create_registered_app  # type: ignore[assignment]
+
+
 def _superlink(args: argparse.Namespace) -> int:
     widen_task_start_window(_window())
+    if args.supernode_public_keys is not None:
+        if AUTH_FLAG not in args.flower_args:
+            raise SystemExit(f"{KEYS_FLAG} needs {AUTH_FLAG}")
+        if os.environ.get(LEGACY_GRPC_CONTROL_ENV) == "1":
+            # Flower's legacy gRPC Control API has its own RegisterNode, which the HTTP middleware cannot close.
+            raise SystemExit(
+                f"{KEYS_FLAG}: unset {LEGACY_GRPC_CONTROL_ENV} (it opens node registration again)"
+            )
+        register_at_start(read_public_keys(Path(args.supernode_public_keys)))
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *args.flower_args]
@@ -64,5 +181,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
             name,
             help=f"{what}, with a task-start window for slow machines (${TASK_START_ENV}); Flower's own flags",
             add_help=False,
+            allow_abbrev=False,
         )
         p.set_defaults(handler=handler, passthrough=True, flower_args=[])
+        if name == "flower-superlink":
+            p.add_argument(
+                KEYS_FLAG,
+                metavar="DIR",
+                help="register DIR/<site>.pub (OpenSSH EC public keys) as the only SuperNodes, and close "
+                f"node registration on the Control API; needs {AUTH_FLAG}",
+            )

@@ -1,4 +1,6 @@
-"""A real Flower federation on 127.0.0.1: one SuperLink and a SuperNode per site, TLS from Kiri's own CA.
+"""A real Flower federation on 127.0.0.1: one SuperLink and a SuperNode per site, TLS from Kiri's own CA, and
+SuperNode authentication on as the operator deploys it: a key pair per site (`node_keys`), the SuperLink
+registering the sites' public keys (`--supernode-public-keys`), each SuperNode signing with its own key.
 
 Every process is the real Flower executable from the environment running the tests (`flower-superlink`,
 `flower-supernode`, and the `flwr-serverapp` / `flwr-clientapp` subprocesses they start), running Kiri's
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import learning_tiny_model
-from kiri_runtime.learning import certificates, launching, rounds
+from kiri_runtime.learning import certificates, launching, node_keys, rounds
 
 ROOT = Path(__file__).resolve().parents[3]
 FACTORY = f"{Path(learning_tiny_model.__file__).resolve()}:make_model"
@@ -51,6 +53,7 @@ class Federation:
     plain_sites: frozenset[str] | None = None  # the sites that accept plain rounds (None: all or none)
     superlink: str = ""
     ca: Path = field(default_factory=Path)
+    keys: dict[str, Path] = field(default_factory=dict)  # site -> its SuperNode's private key
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
@@ -68,6 +71,14 @@ class Federation:
             (self.root / name).write_bytes(data)
         (self.root / certificates.KEY_FILE).chmod(0o600)
         self.ca = self.root / certificates.CA_FILE
+        public_keys = self.root / "supernode-keys"
+        public_keys.mkdir()
+        for site in self.sites:
+            pair = node_keys.make()
+            (public_keys / f"{site}.pub").write_bytes(pair.public_key)
+            self.keys[site] = self.root / f"{site}.key"
+            self.keys[site].write_bytes(pair.private_key)
+            self.keys[site].chmod(0o600)
         port = free_port()
         self.superlink = f"127.0.0.1:{port}"
         self._start(
@@ -80,25 +91,37 @@ class Federation:
                 "--host", "127.0.0.1",
                 "--port", str(port),
                 "--disable-runtime-dependency-installation",
+                "--enable-supernode-auth",
+                "--supernode-public-keys", str(public_keys),
             ],
         )  # fmt: skip
         self.wait_listening(port)
-        for site, data in self.sites.items():
-            config = f'site="{site}" data="{data}" work-dir="{self.root / ("work-" + site)}"'
-            if self.allow_plain and (self.plain_sites is None or site in self.plain_sites):
-                config += " allow-plain-rounds=true"
-            self._start(
-                f"supernode-{site}",
-                [
-                    sys.executable, "-m", "kiri_operator.cli", "flower-supernode",
-                    "--superlink", self.superlink,
-                    "--root-certificates", str(self.ca),
-                    "--node-config", config,
-                    "--host", "127.0.0.1",
-                    "--port", str(free_port()),
-                ],
-            )  # fmt: skip
+        for site in self.sites:
+            self.start_supernode(f"supernode-{site}", site, self.keys[site])
         return self
+
+    def start_supernode(self, name: str, site: str, key: Path | None) -> subprocess.Popen[bytes]:
+        """A SuperNode calling itself `site`, signing with `key` (None: no key of its own)."""
+        data = self.sites.get(site, self.root / "no-data.npz")
+        config = f'site="{site}" data="{data}" work-dir="{self.root / ("work-" + name)}"'
+        if self.allow_plain and (self.plain_sites is None or site in self.plain_sites):
+            config += " allow-plain-rounds=true"
+        auth = [] if key is None else ["--auth-supernode-private-key", str(key)]
+        return self._start(
+            name,
+            [
+                sys.executable, "-m", "kiri_operator.cli", "flower-supernode",
+                "--superlink", self.superlink,
+                "--root-certificates", str(self.ca),
+                *auth,
+                "--node-config", config,
+                "--host", "127.0.0.1",
+                "--port", str(free_port()),
+            ],
+        )  # fmt: skip
+
+    def log_text(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
 
     def wait_listening(self, port: int, timeout: float = 60) -> None:
         end = time.monotonic() + timeout

@@ -560,6 +560,49 @@ def test_the_tls_secret_is_created_once_with_a_ca_and_a_certificate_for_the_supe
     assert ("event", "Created", "created Secret md-flower-tls") in kube.calls
 
 
+def test_a_sites_supernode_key_secret_is_created_once_with_a_p384_pair_flower_accepts_and_never_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("cryptography")
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from kiri_operator.planning import building as B
+    from kiri_operator.planning import federation as F
+    from kiri_operator.plans import Plan
+    from kiri_runtime.learning import node_keys
+
+    kube = SecretKube()
+    r = Reconciler(kube, _cache(), Settings())  # type: ignore[arg-type]
+    owner = B.Owner("md", "ns", "uid-1")
+    plan = Plan(secrets=[F.node_key_request(owner, "site-a"), F.node_key_request(owner, "site-b")])
+    with caplog.at_level("DEBUG"):
+        first = r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+        r._apply(("ns", "md"), {"metadata": {"name": "md"}}, {}, plan)
+    names = [F.node_key_secret_name("md", "site-a"), F.node_key_secret_name("md", "site-b")]
+    assert [c for c in kube.calls if c[0] == "create"] == [("create", "Secret", n) for n in names]
+    assert first.error is None
+    publics = []
+    for body in kube.created:
+        assert body["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+        assert body["metadata"]["labels"]["kiri.dev/learning-role"] == "supernode"
+        data = {k: base64.b64decode(v) for k, v in body["data"].items()}
+        assert set(data) == {"supernode.key", "supernode.pub"}
+        # What flower-supernode --auth-supernode-private-key loads, and the public key of that same key.
+        private = serialization.load_ssh_private_key(data["supernode.key"], None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        public = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        assert node_keys.registration_bytes(data["supernode.pub"]) == public
+        publics.append(public)
+        key_line = data["supernode.key"].decode().split("\n")[1]
+        assert key_line not in caplog.text and body["data"]["supernode.key"] not in caplog.text
+    assert publics[0] != publics[1]  # one pair per site
+
+
 def test_a_tls_secret_that_exists_already_is_left_alone_and_not_recreated() -> None:
     pytest.importorskip("cryptography")
     from kiri_operator.planning import building as B

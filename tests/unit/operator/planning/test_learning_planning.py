@@ -17,7 +17,7 @@ from kiri_operator.planning import building as B
 from kiri_operator.planning import federation as F
 from kiri_operator.planning.building import Owner
 from kiri_operator.planning.revisions import compression_key
-from kiri_operator.plans import Check
+from kiri_operator.plans import SECRET_SUPERNODE_KEY, SECRET_TLS, Check
 from kiri_runtime.learning import rounds
 
 SHA = "ab" * 32
@@ -182,8 +182,9 @@ def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site
     assert config["weights"] == "/models/v1.pt" and config["secure-aggregation"] is True
     assert config["ledger"] == f"configmap:ns/{learning.ledger_name('md')}"
     assert jpod["containers"][0]["args"][0] == "publish-round"
-    assert lp.tls is not None and lp.tls.name == "md-flower-tls"
-    assert lp.tls.names == (
+    tls = lp.secrets[0]
+    assert tls.name == "md-flower-tls" and tls.kind == SECRET_TLS
+    assert tls.names == (
         "md-superlink.ns.svc",
         "md-superlink.ns.svc.cluster.local",
         "md-superlink",
@@ -191,6 +192,116 @@ def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site
         "127.0.0.1",  # the ServerApp reaches the SuperLink's Runtime API in its own pod
     )
     assert lp.status is not None and lp.status["activeRound"] == 1 and lp.status["roundsCompleted"] == 0
+
+
+def _pod(lp: learning.LearningPlan, name: str) -> dict[str, Any]:
+    pod: dict[str, Any] = _kinds(lp.children)[("Deployment", name)]["spec"]["template"]["spec"]
+    return pod
+
+
+def _volume(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(v for v in pod["volumes"] if v["name"] == name)
+    return found
+
+
+def _secrets_mounted(pod: dict[str, Any]) -> dict[str, list[str]]:
+    """Secret name -> the keys of it the pod can read, over plain and projected volumes."""
+    out: dict[str, list[str]] = {}
+    for v in pod["volumes"]:
+        sources = (
+            [v] if "secret" in v else [s for s in v.get("projected", {}).get("sources", []) if "secret" in s]
+        )
+        for source in sources:
+            secret = source["secret"]
+            name = secret.get("secretName") or secret["name"]
+            assert "items" in secret or name == "md-flower-tls", f"{name}: every key of it mounted"
+            out.setdefault(name, []).extend(i["key"] for i in secret.get("items", [{"key": "*"}]))
+    return out
+
+
+def test_each_site_gets_its_own_key_secret_requested_by_name_with_no_key_material_in_the_plan() -> None:
+    lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
+    keys = [s for s in lp.secrets if s.kind == SECRET_SUPERNODE_KEY]
+    assert [(s.namespace, s.name, s.owner_uid) for s in keys] == [
+        ("ns", F.node_key_secret_name("md", "site-a"), "uid-1"),
+        ("ns", F.node_key_secret_name("md", "site-b"), "uid-1"),
+    ]
+    assert F.node_key_secret_name("md", "site-a") != F.node_key_secret_name("md", "site-b")
+    assert all(s.names == () for s in keys)
+    # The plan goes to the reconciler: no key material in it, only names (made at the create).
+    whole = plan(_spec(), _observed(), Settings())
+    assert [s.name for s in whole.secrets] == ["md-flower-tls", *(s.name for s in keys)]
+    assert "PRIVATE KEY" not in json.dumps([a.body for a in whole.actions if a.body is not None])
+
+
+def test_a_supernode_signs_with_its_own_sites_private_key_and_mounts_no_other_key() -> None:
+    lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
+    for site in ("site-a", "site-b"):
+        pod = _pod(lp, F.supernode_name("md", site))
+        cmd = pod["containers"][0]["command"]
+        assert (
+            cmd[cmd.index("--auth-supernode-private-key") + 1] == "/var/run/kiri/supernode-key/supernode.key"
+        )
+        assert _secrets_mounted(pod) == {
+            "md-flower-tls": ["ca.crt"],
+            F.node_key_secret_name("md", site): ["supernode.key"],
+        }
+        key = _volume(pod, "supernode-key")["secret"]
+        assert key["items"] == [{"key": "supernode.key", "path": "supernode.key"}]
+        assert key["defaultMode"] == 0o440  # readable by the pod's group (fsGroup), no one else
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "supernode-key")
+        assert mount == {"name": "supernode-key", "mountPath": F.NODE_KEY_MOUNT, "readOnly": True}
+
+
+def test_the_superlink_turns_supernode_auth_on_and_mounts_only_the_sites_public_keys() -> None:
+    lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={})
+    pod = _pod(lp, F.superlink_name("md"))
+    cmd = pod["containers"][0]["command"]
+    assert "--enable-supernode-auth" in cmd
+    assert cmd[cmd.index("--supernode-public-keys") + 1] == F.NODE_KEYS_MOUNT
+    assert _secrets_mounted(pod) == {
+        "md-flower-tls": ["*"],  # the SuperLink's own certificate and key
+        F.node_key_secret_name("md", "site-a"): ["supernode.pub"],
+        F.node_key_secret_name("md", "site-b"): ["supernode.pub"],
+    }
+    sources = _volume(pod, "supernode-keys")["projected"]["sources"]
+    assert [s["secret"]["items"] for s in sources] == [
+        [{"key": "supernode.pub", "path": "site-a.pub"}],
+        [{"key": "supernode.pub", "path": "site-b.pub"}],
+    ]
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "supernode-keys")
+    assert mount == {"name": "supernode-keys", "mountPath": F.NODE_KEYS_MOUNT, "readOnly": True}
+
+
+def test_a_site_that_leaves_the_spec_is_no_longer_registered_on_the_superlink() -> None:
+    observed = _observed()
+    observed = Observed(
+        "md", "ns", "uid-1", 1, NOW, status={}, nodes=tuple(n for n in NODES if not n.name.startswith("b-"))
+    )
+    lp = learning.plan_learning(_spec(), observed, OWNER, variant_sizes={})
+    pod = _pod(lp, F.superlink_name("md"))
+    assert [
+        s["secret"]["items"][0]["path"] for s in _volume(pod, "supernode-keys")["projected"]["sources"]
+    ] == ["site-a.pub"]
+    assert [s.name for s in lp.secrets if s.kind == SECRET_SUPERNODE_KEY] == [
+        F.node_key_secret_name("md", "site-a")
+    ]
+
+
+def test_a_round_over_fewer_sites_leaves_the_superlinks_pod_and_its_registered_sites_as_they_were() -> None:
+    between = learning.plan_learning(
+        _spec(clientsPerRound=1, minClients=1), _observed(_record(1, minutes_ago=1)), OWNER, variant_sizes={}
+    )
+    during = learning.plan_learning(
+        _spec(clientsPerRound=1, minClients=1), _observed(), OWNER, variant_sizes={}
+    )
+    name = F.superlink_name("md")
+    assert _pod(during, name) == _pod(between, name)  # no SuperLink restart when a round starts
+    assert [
+        s["secret"]["items"][0]["path"]
+        for s in _volume(_pod(during, name), "supernode-keys")["projected"]["sources"]
+    ] == ["site-a.pub", "site-b.pub"]
+    assert ("Deployment", F.supernode_name("md", "site-b")) not in _kinds(during.children)
 
 
 def test_between_rounds_the_federation_stays_up_and_no_round_job_is_wanted() -> None:
