@@ -101,9 +101,10 @@ class Federation:
         return self
 
     def start_supernode(self, name: str, site: str, key: Path | None) -> subprocess.Popen[bytes]:
-        """A SuperNode calling itself `site`, signing with `key` (None: no key of its own)."""
+        """A SuperNode calling itself `site`, signing with `key` (None: no key of its own); its work directory is
+        `work_dir(name)`."""
         data = self.sites.get(site, self.root / "no-data.npz")
-        config = f'site="{site}" data="{data}" work-dir="{self.root / ("work-" + name)}"'
+        config = f'site="{site}" data="{data}" work-dir="{self.work_dir(name)}"'
         if self.allow_plain and (self.plain_sites is None or site in self.plain_sites):
             config += " allow-plain-rounds=true"
         auth = [] if key is None else ["--auth-supernode-private-key", str(key)]
@@ -119,6 +120,11 @@ class Federation:
                 "--port", str(free_port()),
             ],
         )  # fmt: skip
+
+    def work_dir(self, name: str) -> Path:
+        """The work directory of the SuperNode `name` (a site's own: `supernode-<site>`), where it keeps what
+        never leaves the site."""
+        return self.root / f"work-{name}"
 
     def log_text(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")

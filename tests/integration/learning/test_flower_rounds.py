@@ -195,7 +195,7 @@ def test_a_per_site_round_keeps_each_sites_model_on_the_site_and_sends_the_serve
     arrays = received_arrays(transcript / f"{PER_SITE_ROUND:04d}")
     assert not any(a.size >= 771 for a in arrays)  # no model-sized array reached the server
     for site in SITES:
-        kept = fed.root / f"work-{site}" / "kept" / f"round-{PER_SITE_ROUND:04d}.safetensors"
+        kept = fed.work_dir(f"supernode-{site}") / "kept" / f"round-{PER_SITE_ROUND:04d}.safetensors"
         assert kept.exists(), f"{site} kept nothing"
         module = load_model(FACTORY, {"hidden": HIDDEN}, kept)
         x, y = load_arrays(fed.sites[site], "site data")
