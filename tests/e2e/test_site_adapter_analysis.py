@@ -115,19 +115,24 @@ def test_a_failing_analysis_rolls_one_sites_adapters_back_a_passing_one_complete
     first = adapters_by_node(cluster, namespace)
     rev_a, rev_b = first[a_nodes[0]], first[b_nodes[0]]
 
+    waved = {rev_a}
+
     def wave_of(sha: str) -> str:
-        """Site a's clinic adapter becomes `sha`: the new adapter revision, served by the faulty runtime."""
+        """Site a's clinic adapter becomes `sha`: the new adapter revision. Until the operator has read the new
+        spec, the site's status still names the last wave's update revision (a rolled-back one stays there):
+        only a revision no wave had before is the new one."""
         cluster.apply(
             _with_analysis(body(namespace, tmp_path, [shop, adapter("clinic", sha, ["site-a"])]), lab.address)
         )
         new: str = cluster.wait_for(
             lambda: (
-                (u := site_status(cluster, namespace, "site-a").get("updateRevision")) not in (None, rev_a)
+                (u := site_status(cluster, namespace, "site-a").get("updateRevision")) not in (None, *waved)
                 and u
             ),
             timeout=60,
             message="site a's wave",
         )
+        waved.add(new)
         return new
 
     # Site a's new clinic adapter: its canary's runtime answers half its requests with 500.
