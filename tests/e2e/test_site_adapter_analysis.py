@@ -115,6 +115,20 @@ def test_a_failing_analysis_rolls_one_sites_adapters_back_a_passing_one_complete
     first = adapters_by_node(cluster, namespace)
     rev_a, rev_b = first[a_nodes[0]], first[b_nodes[0]]
 
+    def site_a_until(key: str, value: str, timeout: float, what: str) -> dict[str, Any]:
+        """Site a's status once its `key` is `value`; on a timeout, the status and the operator's log say why."""
+        try:
+            got: dict[str, Any] = cluster.wait_for(
+                lambda: (s := site_status(cluster, namespace, "site-a")).get(key) == value and s,
+                timeout=timeout,
+                message=what,
+            )
+        except TimeoutError as exc:
+            raise AssertionError(
+                f"{exc}: {site_status(cluster, namespace, 'site-a')}\n{operator.tail(40)}"
+            ) from None
+        return got
+
     waved = {rev_a}
 
     def wave_of(sha: str) -> str:
@@ -138,16 +152,7 @@ def test_a_failing_analysis_rolls_one_sites_adapters_back_a_passing_one_complete
     # Site a's new clinic adapter: its canary's runtime answers half its requests with 500.
     new_a = wave_of("4" * 64)
     lab.serve_set("faulty", namespace, revision, new_a)
-    try:
-        a = cluster.wait_for(
-            lambda: (s := site_status(cluster, namespace, "site-a")).get("verdict") == "RolledBack" and s,
-            timeout=120,
-            message="site a rolled back",
-        )
-    except TimeoutError as exc:
-        raise AssertionError(
-            f"{exc}: {site_status(cluster, namespace, 'site-a')}\n{operator.tail(40)}"
-        ) from None
+    a = site_a_until("verdict", "RolledBack", 120, "site a rolled back")
     assert (a["reason"], a["revision"]) == ("AnalysisFailed", rev_a)
     assert a["message"].startswith("step 1/2: analysis failed: errors: ")
     placed = adapters_by_node(cluster, namespace)
@@ -162,16 +167,7 @@ def test_a_failing_analysis_rolls_one_sites_adapters_back_a_passing_one_complete
     # Another clinic adapter, whose canary's runtime is healthy: the gate passes, the site completes.
     new_a2 = wave_of("6" * 64)
     lab.serve_set("healthy", namespace, revision, new_a2)
-    try:
-        a = cluster.wait_for(
-            lambda: (s := site_status(cluster, namespace, "site-a")).get("verdict") == "Completed" and s,
-            timeout=120,
-            message="site a completed",
-        )
-    except TimeoutError as exc:
-        raise AssertionError(
-            f"{exc}: {site_status(cluster, namespace, 'site-a')}\n{operator.tail(40)}"
-        ) from None
+    a = site_a_until("verdict", "Completed", 120, "site a completed")
     assert (a["revision"], a["previousRevision"]) == (new_a2, rev_a)
     assert {adapters_by_node(cluster, namespace)[n] for n in a_nodes} == {new_a2}
     passed = [e["message"] for e in _events(cluster, namespace, "AnalysisPassed")]
@@ -192,16 +188,7 @@ def test_a_failing_analysis_rolls_one_sites_adapters_back_a_passing_one_complete
     assert done.stdout.startswith(
         f"rollback: {namespace}/{NAME} site site-a (rollback.adapters.kiri.dev/site-a="
     )
-    try:
-        a = cluster.wait_for(
-            lambda: (s := site_status(cluster, namespace, "site-a")).get("reason") == "ManualRollback" and s,
-            timeout=60,
-            message="site a rolled back by hand",
-        )
-    except TimeoutError as exc:
-        raise AssertionError(
-            f"{exc}: {site_status(cluster, namespace, 'site-a')}\n{operator.tail(40)}"
-        ) from None
+    a = site_a_until("reason", "ManualRollback", 60, "site a rolled back by hand")
     assert (a["verdict"], a["revision"], a["message"]) == (
         "RolledBack",
         rev_a,
