@@ -272,6 +272,22 @@ def compressor_account(namespace: str, name: str = "kiri-compressor") -> list[di
     ]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing test's report carries the tail of each operator it still runs: in CI that log is the only
+    witness of what the operator decided (it is a temporary file the next run never sees)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    from .operator_harness import RUNNING  # here: operator_harness imports this module
+
+    for op in RUNNING:
+        # Less the client's request lines, which would fill the tail on their own.
+        lines = [line for line in op.tail(2000).splitlines() if " INFO httpx: " not in line]
+        report.sections.append((f"operator log ({op.namespace}, last 150 lines)", "\n".join(lines[-150:])))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Every test under tests/e2e needs the control plane; mark them so `-m "not e2e"` deselects them.
     e2e_dir = Path(__file__).parent

@@ -31,10 +31,13 @@ try:
 except ImportError:  # the code before the planner redesign and host-path rules, which bench/scale runs
     HOST_STORE_ROOTS = False
 
-from .conftest import REPO_ROOT, Cluster
+from .conftest import REPO_ROOT, Cluster, KubectlError
 
 WRITE_VERBS = ("create", "update", "patch", "apply", "delete")
 KIRI = [sys.executable, "-m", "kiri_operator.cli"]
+# The operators this test started and has not stopped: a failing test's report carries their logs' tails
+# (conftest.pytest_runtest_makereport), so a CI failure explains itself without a rerun.
+RUNNING: list[Operator] = []
 
 
 def free_port() -> int:
@@ -72,6 +75,7 @@ class Operator:
             self.proc = subprocess.Popen(
                 cmd, env=self.cluster.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
             )
+        RUNNING.append(self)
         self.cluster.wait_for(
             self._up, timeout=60, interval=0.2, message=f"operator metrics on :{self.port}\n{self.tail()}"
         )
@@ -94,6 +98,8 @@ class Operator:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        if self in RUNNING:
+            RUNNING.remove(self)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -181,9 +187,25 @@ def wait_condition(
             return md
         return None
 
-    md = cluster.wait_for(check, timeout=timeout, message=f"{name}: {type_}={status} ({reason})")
+    try:
+        md = cluster.wait_for(check, timeout=timeout, message=f"{name}: {type_}={status} ({reason})")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}\n{explain(cluster, namespace, name)}") from None
     assert md is not None
     return md
+
+
+def explain(cluster: Cluster, namespace: str, name: str) -> str:
+    """What a wait that timed out saw last: the ModelDeployment's conditions, the namespace's pods and its
+    latest events (the operator's log goes with the failing test's report)."""
+    try:
+        conditions = (get_md(cluster, namespace, name).get("status") or {}).get("conditions") or []
+    except KubectlError as exc:
+        conditions = [{"error": str(exc)}]
+    lines = [f"{c.get('type')}={c.get('status')} {c.get('reason')}: {c.get('message')}" for c in conditions]
+    pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
+    events = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False)
+    return "\n".join(["conditions:", *lines, "pods:", pods, "events (latest):", *events.splitlines()[-25:]])
 
 
 def children(cluster: Cluster, namespace: str, name: str, kinds: str) -> list[dict[str, Any]]:
