@@ -96,3 +96,29 @@ def site_adapter(site: str, *, rank: int = RANK, steps: int = STEPS, seed: int =
         (tmp / "result.json").write_text(json.dumps(info, indent=1, default=str) + "\n")
 
     return _atomic_build(dest, make)
+
+
+def og_logits(model_dir: Path, ids: list[int], adapter: Path | None = None) -> Any:
+    """Teacher-forced logits [seq, vocab] from onnxruntime-genai, with the adapter file active if given."""
+    import numpy as np
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    adapters = None
+    if adapter is not None:
+        adapters = og.Adapters(model)
+        adapters.load(str(adapter), "a")
+        generator.set_active_adapter(adapters, "a")
+    generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    out = np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
+    del generator
+    return out
+
+
+def encode(model_dir: Path, text: str) -> list[int]:
+    import onnxruntime_genai as og
+
+    return [int(t) for t in og.Tokenizer(og.Model(str(model_dir))).encode(text)]

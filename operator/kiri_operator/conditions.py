@@ -84,6 +84,9 @@ class Reason:
     # LearningProgressing (only while a round's aggregation failed or is retried)
     AGGREGATION_FAILED: Final = "AggregationFailed"
     AGGREGATION_RETRYING: Final = "AggregationRetrying"
+    # A language model's rounds export each learned adapter for a LoRA-ready variant: none is built yet
+    WAITING_FOR_LORA_READY_VARIANT: Final = "WaitingForLoraReadyVariant"
+    NO_LORA_READY_VARIANT: Final = "NoLoraReadyVariant"
     # Cloud
     DEPLOYMENT_AVAILABLE: Final = "DeploymentAvailable"
     DEPLOYMENT_PROGRESSING: Final = "DeploymentProgressing"

@@ -153,6 +153,10 @@ class Decode(_Model):
     threads: int = 1
 
 
+LORA_LAYOUT_KEY = "loraLayout"
+"""`Variant.extra` key of a LoRA-ready language-model variant: its `lora.json` (kiri_runtime/lora_layouts.py)."""
+
+
 class Baseline(_Model):
     p50_latency_ms: float = Field(
         description="causal-lm: ms per decoded token of the fp32 model (1000 / tok/s)"

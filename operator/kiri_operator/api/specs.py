@@ -1221,6 +1221,10 @@ class TrainedPart(ApiModel):
     """For `layers`: parameter name prefixes (e.g. `head`). For `lora`: Linear module names (empty: all)."""
     rank: Annotated[int, Field(ge=1, le=256)] = 4
     """LoRA rank."""
+    steps: Annotated[int, Field(ge=1, le=100000)] = 50
+    """Language models: optimizer steps per site per round (minibatches of `batchSize` windows)."""
+    sequence_length: Annotated[int, Field(ge=8, le=32768)] = 128
+    """Language models: tokens per training window of the site's text."""
 
     @model_validator(mode="after")
     def _layers_named(self) -> TrainedPart:
@@ -1254,6 +1258,7 @@ class LearningSchedule(ApiModel):
     """Once `minClients` updates arrived, wait this long for the rest, then close: stragglers do not stall it."""
 
 
+_LEARNED_NAME_BASE = "learning.adapterName must not be 'base': `model:base` is the base model without adapter"
 _TRIMMED_NEEDS_CLEAR = (
     "learning.aggregation trimmed-mean needs each site's update in the clear: set learning.secureAggregation "
     "to false (SecAgg+ reveals only the sum)"
@@ -1287,8 +1292,21 @@ class LearningSpec(ApiModel):
     secure_aggregation: bool = True
     """SecAgg+ (Flower's `SecAggPlusWorkflow`): the server sees only the sum of the sites' updates. Off only
     for `aggregation: trimmed-mean`, which needs each update in the clear, and every site must allow it."""
-    trainable: TrainableModel
+    trainable: TrainableModel | None = None
+    """Tensor models: the PyTorch model sites fine-tune. Unset for a language model (`model.source.format:
+    hf`): its sites train a LoRA adapter (`trained.kind: lora`) on the checkpoint itself."""
     trained: TrainedPart = Field(default_factory=TrainedPart)
+    adapter_name: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=63,
+            pattern=ADAPTER_NAME_PATTERN,
+            json_schema_extra=cel_rules(cel(f"self != '{ADAPTER_BASE_NAME}'", _LEARNED_NAME_BASE)),
+        ),
+    ] = "learned"
+    """Language models: the name the learned adapter is served under (`<model.name>:<adapterName>`). Each
+    site's edge serves it as its default unless `edge.adapters` names another default for the site."""
     rounds: Annotated[int, Field(ge=1, le=10000)] = 10
     """Rounds to run in total; fewer when the privacy budget runs out."""
     clients_per_round: Annotated[int, Field(ge=1, le=100000)] | None = None
@@ -1321,6 +1339,8 @@ class LearningSpec(ApiModel):
 
     @model_validator(mode="after")
     def _clients(self) -> LearningSpec:
+        if self.adapter_name == ADAPTER_BASE_NAME:
+            raise ValueError(_LEARNED_NAME_BASE)
         if self.clients_per_round is not None and self.min_clients > self.clients_per_round:
             raise ValueError("learning.minClients must not exceed learning.clientsPerRound")
         if self.aggregation == "trimmed-mean" and self.secure_aggregation:
@@ -1367,6 +1387,22 @@ _COLLAB_NEEDS_LM = (
 _COLLAB_NEEDS_CLOUD = (
     "edge.collaboration.mode cloud-only, speculative and cascade need the cloud tier: cloud.replicas must be at "
     "least 1 and edge.fallback.enabled true (the edge reaches the cloud Service through it)"
+)
+_LEARNING_NEEDS_TRAINABLE = (
+    "learning.trainable is required for a tensor model; a language model (model.source.format hf) is itself "
+    "what sites train, as a LoRA adapter"
+)
+_LM_LEARNING_NO_TRAINABLE = (
+    "learning.trainable must be unset for a language model: its sites train a LoRA adapter on model.source "
+    "(a GGUF file cannot be trained: give the Hugging Face checkpoint, format hf)"
+)
+_LM_LEARNING_LORA = "learning.trained.kind must be lora for a language model: sites train and share adapters"
+_LM_LEARNING_LOCAL = (
+    "model.source.uri must be file:// or pvc:// for a language model that learns: the round's pods (the "
+    "SuperLink in the cloud, a SuperNode per site) read the checkpoint directory in place"
+)
+_LEARNED_NAME_TAKEN = (
+    "learning.adapterName names an adapter of edge.adapters: the learned adapter needs its own name"
 )
 _NEEDS_LM_EVAL = "model.evalDataUri is required for a language model with variants (JSON Lines of texts or chats to gate on)"
 
@@ -1451,6 +1487,35 @@ class ModelDeploymentSpec(ApiModel):
                 field_path=".edge.adapters",
             ),
             cel(
+                "!has(self.learning) || has(self.learning.trainable) || self.model.source.format == 'hf'",
+                _LEARNING_NEEDS_TRAINABLE,
+                field_path=".learning.trainable",
+            ),
+            cel(
+                f"!has(self.learning) || !has(self.learning.trainable) || !{_IS_LM}",
+                _LM_LEARNING_NO_TRAINABLE,
+                field_path=".learning.trainable",
+            ),
+            cel(
+                "!has(self.learning) || self.model.source.format != 'hf' || !has(self.learning.trained)"
+                " || !has(self.learning.trained.kind) || self.learning.trained.kind == 'lora'",
+                _LM_LEARNING_LORA,
+                field_path=".learning.trained.kind",
+            ),
+            cel(
+                "!has(self.learning) || self.model.source.format != 'hf'"
+                " || self.model.source.uri.startsWith('file://') || self.model.source.uri.startsWith('pvc://')",
+                _LM_LEARNING_LOCAL,
+                field_path=".model.source.uri",
+            ),
+            cel(
+                "!has(self.learning) || !has(self.edge) || !has(self.edge.adapters)"
+                " || !self.edge.adapters.exists(a, a.name == (has(self.learning.adapterName)"
+                " ? self.learning.adapterName : 'learned'))",
+                _LEARNED_NAME_TAKEN,
+                field_path=".learning.adapterName",
+            ),
+            cel(
                 f"!has(self.edge) || !has(self.edge.collaboration) || {_IS_LM}",
                 _COLLAB_NEEDS_LM,
                 field_path=".edge.collaboration",
@@ -1473,6 +1538,20 @@ class ModelDeploymentSpec(ApiModel):
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     learning: LearningSpec | None = None
     """Federated fine-tuning at the edge; see docs/learning.md."""
+
+    def _learning_fits_the_model(self, learning: LearningSpec) -> None:
+        lm = self.model.source.format in LM_FORMATS
+        if learning.trainable is None and self.model.source.format != "hf":
+            raise ValueError(_LEARNING_NEEDS_TRAINABLE)
+        if learning.trainable is not None and lm:
+            raise ValueError(_LM_LEARNING_NO_TRAINABLE)
+        if self.model.source.format == "hf":
+            if learning.trained.kind != "lora":
+                raise ValueError(_LM_LEARNING_LORA)
+            if not self.model.source.uri.startswith(("file://", "pvc://")):
+                raise ValueError(_LM_LEARNING_LOCAL)
+        if any(a.name == learning.adapter_name for a in self.edge.adapters):
+            raise ValueError(_LEARNED_NAME_TAKEN)
 
     @model_validator(mode="after")
     def _calibration_data(self) -> ModelDeploymentSpec:
@@ -1502,6 +1581,8 @@ class ModelDeploymentSpec(ApiModel):
                 self.cloud.replicas == 0 or not self.edge.fallback.enabled
             ):
                 raise ValueError(_COLLAB_NEEDS_CLOUD)
+        if self.learning is not None:
+            self._learning_fits_the_model(self.learning)
         variants = self.edge.variants
         if self.edge.adapters and self.model.source.format not in LM_FORMATS:
             raise ValueError(_ADAPTERS_NEED_LM)

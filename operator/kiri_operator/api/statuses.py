@@ -212,6 +212,35 @@ class LearnedModel(StatusModel):
     """When the update policy allowed them; `minIntervalSeconds` counts from here."""
 
 
+class LearnedAdapterHeldOut(StatusModel):
+    """Held-out perplexity on `learning.evalDataUri`, measured by the round's ServerApp."""
+
+    metric: Literal["perplexity"] = "perplexity"
+    """Always `perplexity` (lower is better)."""
+    base: Annotated[float, Field(ge=0)] | None = None
+    """The base model's (the first round's start: every B is zero)."""
+    current: Annotated[float, Field(ge=0)] | None = None
+    """The round's start: the previous round's adapter (absent for round 1)."""
+    adapter: Annotated[float, Field(ge=0)]
+    """The new adapter's."""
+
+
+class LearnedAdapter(StatusModel):
+    """A language model's newest learned adapter: served as `<model.name>:<learning.adapterName>` on every
+    learning site once its adapter wave passes (`status.edge.adapters`)."""
+
+    round: Annotated[int, Field(ge=1)]
+    """The learning round that produced it."""
+    uri: str
+    """Where the edge fetches its `.onnx_adapter`."""
+    sha256: str
+    """Its digest."""
+    size_bytes: Annotated[int, Field(ge=0)]
+    """Its size: what `rollout.updatePolicy.maxBytesPerDay` charges each node that fetches it."""
+    held_out: LearnedAdapterHeldOut
+    """How it scores against the base and the previous adapter: the gates of its waves."""
+
+
 class SiteDownload(StatusModel):
     """Bytes a site's nodes fetch for one rollout (or adopted learned revision), for `maxBytesPerDay`."""
 
@@ -258,6 +287,8 @@ class LearningStatus(StatusModel):
     """The round whose Jobs are running."""
     model: LearnedModel | None = None
     """The adopted learned weights: the edge's model source while set."""
+    adapter: LearnedAdapter | None = None
+    """A language model's newest learned adapter (its rounds train LoRA adapters, not weights)."""
     downloads: list[SiteDownload] = []
     """Adoptions in the last 24 hours, per site."""
     retry: LearningRetry | None = None

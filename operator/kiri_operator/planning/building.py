@@ -490,7 +490,7 @@ def compression_job(
     manifest_path = f"{store.out_dir}/{L.MANIFEST_KEY}"
     source_args = ["--source", source.uri, "--format", spec.model.source.format]
     fmt: str = spec.model.source.format  # "factory" only in learning.effective_spec's copy
-    if fmt == "factory" and spec.learning is not None:
+    if fmt == "factory" and spec.learning is not None and spec.learning.trainable is not None:
         # A learned revision (planning/learning.py): the trainable factory with the adopted round's weights.
         source_args = [
             "--source",

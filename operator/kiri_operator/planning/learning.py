@@ -24,6 +24,7 @@ records and status; split, each half would re-derive the round number and the re
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from pydantic import ValidationError
 
 from kiri_operator import labels as L
 from kiri_operator.api.scalars import format_time
-from kiri_operator.api.specs import ModelDeploymentSpec, ModelSource
+from kiri_operator.api.specs import AdapterSpec, HeldOutMetric, ModelDeploymentSpec, ModelSource
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
@@ -44,11 +45,18 @@ from kiri_operator.planning.settings import Settings
 from kiri_operator.planning.updating import Candidate, Download, decide
 from kiri_operator.plans import Event, SecretRequest
 from kiri_runtime.learning.rounds import RECORD_FILE, WEIGHTS_FILE, RoundRecord
+from kiri_runtime.manifests import LORA_LAYOUT_KEY, Manifest
 
 # The operator's ConfigMap ledger, which the ServerApp loads by name (the runtime never imports the operator).
 LEDGER_FACTORY = "kiri_operator.learning_commands:register_ledger"
 DEFAULT_DELTA = 1e-5
 ROUNDS_KEPT = 10
+# A language model's round: where its pods read the checkpoint (a pvc:// source is mounted there), and the
+# names the ServerApp writes an accepted adapter under (kiri_runtime/learning/adapter_rounds.py, which
+# imports numpy: the operator spells them here).
+BASE_MODEL_MOUNT = "/base-model"
+ADAPTER_DIR = "adapter"
+SERVED_FILE = "adapter.onnx_adapter"
 _SLUG = re.compile(r"[^a-z0-9-]+")
 
 
@@ -104,6 +112,23 @@ def ledger_epsilon(observed: Observed, md: str) -> float:
     return max((float(e) for s in spends for e in (s.get("epsilon") or {}).values()), default=0.0)
 
 
+def learns_adapter(spec: ModelDeploymentSpec) -> bool:
+    """A language model's learning: sites train a LoRA adapter on the checkpoint (the API allows hf only)."""
+    return spec.learning is not None and spec.learning.trainable is None
+
+
+def lora_layout(manifest: Manifest | None) -> dict[str, Any] | None:
+    """The LoRA layout (lora.json) of the first accepted LoRA-ready variant: what each learned adapter is
+    exported for. None while there is no manifest; {} when no accepted variant is LoRA-ready."""
+    if manifest is None:
+        return None
+    for variant in manifest.accepted():
+        layout = variant.extra.get(LORA_LAYOUT_KEY)
+        if isinstance(layout, dict):
+            return layout
+    return {}
+
+
 def record_name(md: str, n: int) -> str:
     return L.child_name(md, f"learn-r{n}", "record")
 
@@ -122,6 +147,16 @@ def weights_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) 
     name = PurePosixPath(record.model.path).name if record.model is not None else ""
     name = name if name in _WEIGHTS_NAMES else WEIGHTS_FILE
     return f"{B.store_uri(spec).rstrip('/')}/{store_rel(owner)}/rounds/{record.round:04d}/{name}"
+
+
+def adapter_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) -> str:
+    """Where an accepted adapter round's peft directory is in the store: the next round starts from it."""
+    return f"{B.store_uri(spec).rstrip('/')}/{store_rel(owner)}/rounds/{record.round:04d}/{ADAPTER_DIR}"
+
+
+def served_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) -> str:
+    """Where the edge fetches an accepted round's `.onnx_adapter` (through `edge.artifacts.fetchUri` if set)."""
+    return f"{B.artifact_dir(spec, owner, 'learning').fetch_base}rounds/{record.round:04d}/{SERVED_FILE}"
 
 
 def read_records(observed: Observed) -> list[RoundRecord]:
@@ -198,15 +233,36 @@ def _job(name: str, labels: dict[str, str], pod: dict[str, Any], deadline: int) 
 
 
 def run_config(
-    spec: ModelDeploymentSpec, owner: B.Owner, n: int, sites: Sequence[str], weights: str, eval_path: str
+    spec: ModelDeploymentSpec,
+    owner: B.Owner,
+    n: int,
+    sites: Sequence[str],
+    weights: str,
+    eval_path: str,
+    layout: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The round's Flower run config (kiri_runtime.learning.settings reads it; launching.DEFAULTS lists it)."""
+    """The round's Flower run config (kiri_runtime.learning.settings reads it; launching.DEFAULTS lists it).
+    A language model's adds the adapter's settings and the served variant's `layout` (its lora.json)."""
     learning = spec.learning
     assert learning is not None
     store = B.artifact_dir(spec, owner, "learning")
     part = learning.trained
+    adapter: dict[str, Any] = {}
+    if learns_adapter(spec):
+        targets = part.layers or list((layout or {}).get("targets") or [])
+        adapter = {
+            "part": "adapter",
+            "base-model": _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")[0],
+            "adapter-targets": ",".join(targets),
+            "adapter-steps": part.steps,
+            "adapter-seq-len": part.sequence_length,
+            "ffa": True,
+            # One A for every site and round (FFA-LoRA): drawn from the ModelDeployment's uid.
+            "a-seed": int(L.short_hash(owner.uid, length=7), 16),
+            "serve-layout": json.dumps(layout or {}, sort_keys=True, separators=(",", ":")),
+        }
     return {
-        "factory": learning.trainable.factory,
+        "factory": learning.trainable.factory if learning.trainable is not None else "",
         "weights": weights,
         "eval": eval_path,
         "out": store.out_dir,
@@ -232,6 +288,7 @@ def run_config(
         "ledger": f"configmap:{owner.namespace}/{ledger_name(owner.name)}",
         "ledger-factory": LEDGER_FACTORY,
         "ledger-owner": f"{owner.name}:{owner.uid}",
+        **adapter,
     }
 
 
@@ -243,6 +300,7 @@ def round_objects(
     base_weights: str,
     attempt: int = 1,
     service_account: str = "kiri-compressor",
+    layout: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """The federation (SuperLink, a SuperNode per site) and round N's Job, which submits the round to the
     SuperLink (`kiri learn-round`) and publishes its record (`kiri publish-round`)."""
@@ -260,7 +318,7 @@ def round_objects(
     chosen = (
         list(site_names)[: learning.clients_per_round] if learning.clients_per_round else list(site_names)
     )
-    config = run_config(spec, owner, n, chosen, weights_path, eval_path)
+    config = run_config(spec, owner, n, chosen, weights_path, eval_path, layout)
     round_args = [
         "learn-round",
         "--superlink", F.superlink_address(owner),
@@ -335,14 +393,32 @@ def federation_objects(
     assert learning is not None
     _, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
     _, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
+    # A language model's checkpoint: the ServerApp scores adapters with it, each site trains on it.
+    _, m_vols, m_mounts = (
+        _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")
+        if learns_adapter(spec)
+        else ("", [], [])
+    )
     link = F.superlink(spec, owner, service_account, sites if registered is None else registered)
     # The ServerApp runs in the SuperLink's pod: it reads the base weights and held-out set from there too.
-    pod = link[0]["spec"]["template"]["spec"]
-    pod["volumes"] += [v for v in [*w_vols, *e_vols] if v not in pod["volumes"]]
-    mounts = pod["containers"][0]["volumeMounts"]
-    mounts += [m for m in [*w_mounts, *e_mounts] if m not in mounts]
-    link[0] = B.finish(link[0], owner)  # the hash covers the mounts just added
-    return [*link, *(F.supernode(spec, owner, site) for site in sites)]
+    link[0] = _with_mounts(link[0], owner, [*w_vols, *e_vols, *m_vols], [*w_mounts, *e_mounts, *m_mounts])
+    nodes = [F.supernode(spec, owner, site) for site in sites]
+    if m_vols:
+        nodes = [_with_mounts(node, owner, m_vols, m_mounts) for node in nodes]
+    return [*link, *nodes]
+
+
+def _with_mounts(
+    deployment: dict[str, Any],
+    owner: B.Owner,
+    volumes: Sequence[dict[str, Any]],
+    mounts: Sequence[dict[str, Any]],
+) -> dict[str, Any]:
+    pod = deployment["spec"]["template"]["spec"]
+    pod["volumes"] += [v for v in volumes if v not in pod["volumes"]]
+    have = pod["containers"][0]["volumeMounts"]
+    have += [m for m in mounts if m not in have]
+    return B.finish(deployment, owner)  # the hash covers the mounts just added
 
 
 def _round_status(record: RoundRecord) -> dict[str, Any]:
@@ -395,15 +471,20 @@ def plan_learning(
     variant_sizes: Mapping[str, int],
     settings: Settings | None = None,
     service_account: str = "kiri-compressor",
+    layout: Mapping[str, Any] | None = None,
 ) -> LearningPlan:
     """Round Jobs to run, status.learning, and the update policy's verdict on the newest accepted round.
 
     `variant_sizes` are the accepted variants' sizes in the current manifest; a site is charged its edge nodes
     times the largest of them (an upper bound: which variant a node gets is decided later, by placement).
+    A language model's `layout` is `lora_layout(manifest)`: its rounds wait for a LoRA-ready variant, and its
+    newest accepted adapter is `status.learning.adapter`, which `effective_spec` hands to the adapter waves
+    (planning/adapting.py: the update policy and the held-out gates apply there, per site).
     """
     learning = spec.learning
     if learning is None:
         return LearningPlan()
+    lm = learns_adapter(spec)
     largest = max(variant_sizes.values(), default=0)
     bytes_per_site = {site: largest * count for site, count in site_nodes(spec, observed).items()}
     out = LearningPlan()
@@ -430,9 +511,23 @@ def plan_learning(
     host_fault = (settings or Settings()).host_path_refusal("learning.siteDataPath", learning.site_data_path)
     if host_fault is not None and n <= learning.rounds:
         out.condition = Condition(LEARNING_PROGRESSING, "False", Reason.HOST_PATH_NOT_ALLOWED, host_fault)
+    elif n <= learning.rounds and not refused and lm and not layout:
+        out.condition = Condition(
+            LEARNING_PROGRESSING,
+            "False",
+            Reason.WAITING_FOR_LORA_READY_VARIANT if layout is None else Reason.NO_LORA_READY_VARIANT,
+            "waiting for the compression manifest: each learned adapter is exported for a LoRA-ready variant"
+            if layout is None
+            else "no accepted variant is LoRA-ready: build one with edge.variants[].options.loraTargets "
+            "(the learned adapter is exported for it)",
+        )
     elif n <= learning.rounds and not refused:
         site_names = sites(spec, observed)
-        base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
+        if lm:
+            base = adapter_uri(spec, owner, accepted[-1]) if accepted else ""
+        else:
+            assert learning.trainable is not None  # the API requires it unless the model is a language model
+            base = weights_uri(spec, owner, accepted[-1]) if accepted else learning.trainable.weights_uri
         # The federation stands while rounds remain: SuperNodes stay connected between rounds.
         out.secrets = [F.tls_request(owner), *(F.node_key_request(owner, site) for site in site_names)]
         if site_names:
@@ -472,7 +567,7 @@ def plan_learning(
         elif due <= now:
             if site_names:
                 out.children = round_objects(
-                    spec, owner, n, site_names, base, attempt, service_account=service_account
+                    spec, owner, n, site_names, base, attempt, service_account=service_account, layout=layout
                 )
                 if old.get("activeRound") != n:
                     out.events.append(
@@ -501,6 +596,12 @@ def plan_learning(
         if (t := _parse_time(d.get("time"))) is not None and now - t < timedelta(days=1)
     ]
     candidate = accepted[-1] if accepted else None
+    if lm:
+        # The adapter waves decide per site (minImprovement, interval, bytes per day, held-out gates).
+        if candidate is not None and candidate.served is not None:
+            status["adapter"] = _adapter_status(spec, owner, candidate, records)
+        out.status = status
+        return out
     if candidate is not None and candidate.round > int(adopted.get("round") or 0):
         current = next((r for r in accepted if r.round == adopted.get("round")), None)
         baseline = _metric(current, True) if current else _metric(records[0], False)
@@ -565,10 +666,64 @@ def plan_learning(
     return out
 
 
+def _perplexity(loss: float) -> float:
+    return round(math.exp(min(loss, 50.0)), 6)
+
+
+def _adapter_status(
+    spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord, records: Sequence[RoundRecord]
+) -> dict[str, Any]:
+    """The newest accepted round's adapter, as the edge fetches it, with its held-out perplexity: the base's
+    (round 1 starts from B = 0, the base model's own output), the round's start (the previous adapter) and
+    the new adapter, all on `learning.evalDataUri`."""
+    assert record.served is not None and record.eval_after is not None
+    first = records[0].eval_before
+    held_out: dict[str, Any] = {"metric": "perplexity", "adapter": _perplexity(record.eval_after.loss)}
+    if first is not None:
+        held_out["base"] = _perplexity(first.loss)
+    if record.round > 1 and record.eval_before is not None:
+        held_out["current"] = _perplexity(record.eval_before.loss)
+    return {
+        "round": record.round,
+        "uri": served_uri(spec, owner, record),
+        "sha256": record.served.sha256,
+        "sizeBytes": record.served.bytes,
+        "heldOut": held_out,
+    }
+
+
+def learned_adapter(
+    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
+) -> AdapterSpec | None:
+    """The learned adapter as `edge.adapters` would declare it, for every learning site: the default of each
+    site unless `edge.adapters` names a default for one of them (then a request picks it by name)."""
+    found = (learning_status or {}).get("adapter") or {}
+    if spec.learning is None or not found.get("uri") or not site_names:
+        return None
+    held = found.get("heldOut") or {}
+    declared_default = any(a.default and set(a.sites) & set(site_names) for a in spec.edge.adapters)
+    return AdapterSpec.model_construct(
+        name=spec.learning.adapter_name,
+        uri=str(found["uri"]),
+        sha256=str(found["sha256"]),
+        size_bytes=int(found.get("sizeBytes") or 1),
+        sites=list(site_names),
+        default=not declared_default,
+        held_out=HeldOutMetric.model_validate(held) if "base" in held else None,
+    )
+
+
 def effective_spec(
-    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None
+    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str] = ()
 ) -> ModelDeploymentSpec:
-    """The spec the edge is built from: `spec.model` with the adopted learned weights as its source."""
+    """The spec the edge is built from. A tensor model: `spec.model` with the adopted learned weights as its
+    source. A language model: the same model and revision, `edge.adapters` plus the learned adapter."""
+    if learns_adapter(spec):
+        adapter = learned_adapter(spec, learning_status, site_names)
+        if adapter is None:
+            return spec
+        edge = spec.edge.model_copy(update={"adapters": [*spec.edge.adapters, adapter]})
+        return spec.model_copy(update={"edge": edge})
     model = (learning_status or {}).get("model") or {}
     if spec.learning is None or not model.get("uri") or not model.get("sha256"):
         return spec

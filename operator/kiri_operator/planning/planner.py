@@ -36,7 +36,9 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
         return invalid_spec_status(observed, refused[1], refused[0])
     owner = B.Owner(observed.name, observed.namespace, observed.uid)
     # With an adopted learned model, the edge (compression, revision, waves) is built from it; the cloud is not.
-    espec = learning.effective_spec(spec, observed.status.get("learning"))
+    # A language model's learned adapter joins edge.adapters: its waves are the adapter waves.
+    learning_sites = learning.sites(spec, observed) if spec.learning is not None else []
+    espec = learning.effective_spec(spec, observed.status.get("learning"), learning_sites)
     ckey = compression_key(espec, B.store_uri(spec))
     revision = revision_key(espec, B.store_uri(spec), dict(settings.pod_labels) or None)
 
@@ -56,7 +58,13 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
             owner, settings.compressor_service_account, settings.create_compressor_rbac
         )
         lp = learning.plan_learning(
-            spec, observed, owner, variant_sizes=sizes, service_account=account, settings=settings
+            spec,
+            observed,
+            owner,
+            variant_sizes=sizes,
+            service_account=account,
+            settings=settings,
+            layout=learning.lora_layout(comp.manifest) if learning.learns_adapter(spec) else None,
         )
     extra = [lp.condition] if lp is not None and lp.condition is not None else []
     status = plan_status(spec, observed, revision, cloud, comp, edge, extra)

@@ -8,6 +8,10 @@ The global state is a peft adapter directory (`adapters.py`). Round 1 starts fro
   averages the sites' dense updates B·A exactly (Sun et al., ICLR 2024).
 * FedAvg (`ffa = false`): every factor, A and B (the average of products is then not the product of averages).
 
+With `serve-layout` (the served model's `lora.json`, as JSON: the operator reads it from the compression
+manifest), an accepted round also writes `rounds/<NNNN>/adapter.onnx_adapter`, the adapter as the edge's
+onnxruntime-genai loads it; an adapter that does not fit the served model is a skipped round, with the reason.
+
 Sites get the whole current adapter with the round (its bytes, checked against its sha256), train it on their
 JSON Lines text with `adapters.train_adapter(init=..., freeze_a=ffa)`, and answer with the averaged factors only.
 The upload is bounded by `adapters.MAX_FRACTION` of the base model's weight bytes.
@@ -31,6 +35,7 @@ from kiri_runtime.learning.settings import KEY_BASE, KEY_BASE_SHA
 KEY_ADAPTER_CONFIG = "kiri.adapter-config"
 KEY_A_SEED = "kiri.a-seed"
 ADAPTER_DIR = "adapter"
+SERVED_FILE = "adapter.onnx_adapter"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class AdapterSettings:
     seq_len: int
     ffa: bool
     a_seed: int
+    serve_layout: str = ""  # the served model's lora.json (JSON); empty: no .onnx_adapter is written
 
     @classmethod
     def from_run_config(cls, config: dict[str, Any]) -> AdapterSettings:
@@ -56,6 +62,7 @@ class AdapterSettings:
             seq_len=int(config.get("adapter-seq-len", 64)),
             ffa=bool(config.get("ffa", True)),
             a_seed=int(config.get("a-seed", 0)),
+            serve_layout=str(config.get("serve-layout", "")),
         )
         if not out.base_model:
             raise LearningError(
@@ -102,8 +109,9 @@ class AdapterSubject:
 
     def publish(
         self, aggregate: list[np.ndarray], round_dir: Path
-    ) -> tuple[rounds.Evaluation, rounds.Evaluation, rounds.Artifact] | str:
-        """The new global adapter in `round_dir/adapter`, its held-out loss before and after; or why not."""
+    ) -> tuple[rounds.Evaluation, rounds.Evaluation, rounds.Artifact, rounds.Artifact | None] | str:
+        """The new global adapter in `round_dir/adapter`, its held-out loss before and after, and with a
+        `serve-layout` the `.onnx_adapter` the edge loads; or why not."""
         if any(not np.isfinite(a).all() for a in aggregate):
             return "the aggregated adapter has non-finite values: lower learning-rate"
         weights = dict(self.arrays)
@@ -112,6 +120,12 @@ class AdapterSubject:
         )
         target = round_dir / ADAPTER_DIR
         adapters.write_adapter(target, weights, like=self.dir)
+        served = None
+        if self.a.serve_layout:
+            try:
+                served = self.export(target, round_dir / SERVED_FILE)
+            except LearningError as e:
+                return f"the adapter does not fit the served model: {e}"
         before = self.evaluate()
         after = self.evaluate(target)
         path = target / adapters.ADAPTER_WEIGHTS
@@ -119,7 +133,19 @@ class AdapterSubject:
             before,
             after,
             rounds.Artifact(path=str(target), sha256=_sha256(path), bytes=path.stat().st_size),
+            served,
         )
+
+    def export(self, adapter_dir: Path, out_file: Path) -> rounds.Artifact:
+        from kiri_runtime.learning.onnx_adapters import export_onnx_adapter
+        from kiri_runtime.lora_layouts import LayoutError, LoraLayout
+
+        try:
+            layout = LoraLayout.from_json(json.loads(self.a.serve_layout))
+        except (LayoutError, ValueError) as e:
+            raise LearningError(f"run config 'serve-layout': {e}") from None
+        size = export_onnx_adapter(adapter_dir, layout, out_file)
+        return rounds.Artifact(path=str(out_file), sha256=_sha256(out_file), bytes=size)
 
 
 def train_on_site(

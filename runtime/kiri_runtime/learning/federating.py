@@ -280,6 +280,7 @@ class Round:
         before: rounds.Evaluation | None = None,
         after: rounds.Evaluation | None = None,
         artifact: rounds.Artifact | None = None,
+        served: rounds.Artifact | None = None,
         traffic: Mapping[str, Any] | None = None,
     ) -> rounds.RoundRecord:
         s = self.s
@@ -314,6 +315,7 @@ class Round:
                 per_site=per_site,
             ),
             model=artifact,
+            served=served,
             traffic=dict(traffic or {}),
             opened_at=self.opened_at,
             closed_at=_now(),
@@ -349,8 +351,10 @@ class Round:
             published = self.adapter.publish(aggregate, rounds.round_dir(self.out, self.number))
             if isinstance(published, str):
                 return self.record("skipped", published, traffic=traffic)
-            before, after, artifact = published
-            return self.record("accepted", "", before=before, after=after, artifact=artifact, traffic=traffic)
+            before, after, artifact, served = published
+            return self.record(
+                "accepted", "", before=before, after=after, artifact=artifact, served=served, traffic=traffic
+            )
         update = {
             n: (a - b).astype(np.float32)
             for n, a, b in zip(self.names, aggregate, self.initial(), strict=True)

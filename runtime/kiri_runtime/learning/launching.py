@@ -88,6 +88,7 @@ DEFAULTS: dict[str, Any] = {
     "adapter-seq-len": 64,
     "ffa": True,
     "a-seed": 0,
+    "serve-layout": "",  # the served model's lora.json as JSON: accepted rounds also write the .onnx_adapter
 }
 
 

@@ -79,6 +79,9 @@ class RoundRecord(_Model):
     eval_after: Evaluation | None = None
     privacy: Privacy
     model: Artifact | None = None
+    # An adapter round whose run config named the served model's LoRA layout: the new global adapter as the
+    # edge loads it (`adapter.onnx_adapter`, onnxruntime-genai's format), beside the peft directory `model`.
+    served: Artifact | None = None
     # What the round moved through the SuperLink, server side (metering.Traffic): bytes, messages, seconds.
     traffic: dict[str, float] = Field(default_factory=dict)
     opened_at: str

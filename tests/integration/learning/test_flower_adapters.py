@@ -13,6 +13,8 @@ import pytest
 from flower_harness import Federation
 
 from kiri_runtime.learning import adapters
+from kiri_runtime.lora_layouts import LoraLayout
+from lm_adapters import encode, lora_genai, og_logits
 from lm_fixture import tiny_llama
 from lm_sites import VOCABULARIES, write_site
 
@@ -92,3 +94,59 @@ def test_an_ffa_lora_round_averages_only_b_through_secagg_and_the_global_adapter
                     assert not np.issubdtype(f[key].dtype, np.floating), (
                         f"{path.name}:{key} is a clear float tensor"
                     )
+
+
+def test_with_the_served_models_layout_an_accepted_round_also_writes_the_adapter_the_edge_loads(
+    federation: tuple[Federation, Path],
+) -> None:
+    """What the operator's round Job asks for (planning/learning.py `serve-layout`, from the compression manifest):
+    the global adapter as onnxruntime-genai loads it on the LoRA-ready build, the same function as peft's."""
+    import hashlib
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    fed, held_out = federation
+    ready = lora_genai()
+    layout = LoraLayout.load(ready)
+    assert layout is not None
+    config = adapter_round(
+        fed.root, held_out, 1, out=str(fed.root / "served"), **{"serve-layout": json.dumps(layout.to_json())}
+    )
+    record = fed.run_round(config)
+    assert record.status == "accepted", record.reason
+    assert record.model is not None and record.served is not None
+    served = Path(record.served.path)
+    assert served == fed.root / "served" / "rounds" / "0001" / "adapter.onnx_adapter"
+    assert (record.served.sha256, record.served.bytes) == (
+        hashlib.sha256(served.read_bytes()).hexdigest(),
+        served.stat().st_size,
+    )
+    ids = encode(ready, "The skipper mends the nets by the slipway. The deckhand")
+    on_edge = og_logits(ready, ids, served)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama()), dtype=torch.float32)
+    with torch.no_grad():
+        plain = base(input_ids=torch.tensor([ids])).logits[0].numpy()
+        reference = PeftModel.from_pretrained(base, record.model.path).eval()(input_ids=torch.tensor([ids]))
+    reference_logits = reference.logits[0].numpy()
+    assert np.abs(reference_logits - plain).max() > 1e-2  # the round's adapter changes the model's answer
+    assert np.abs(on_edge - reference_logits).max() < 2e-3
+
+
+def test_an_adapter_that_does_not_fit_the_served_model_is_a_skipped_round_with_the_reason(
+    federation: tuple[Federation, Path],
+) -> None:
+    fed, held_out = federation
+    # A served model adapted on o_proj only: the round's q_proj and v_proj factors have nowhere to go.
+    layout = LoraLayout.load(lora_genai(targets=("o_proj",)))
+    assert layout is not None
+    config = adapter_round(
+        fed.root, held_out, 1, out=str(fed.root / "misfit"), **{"serve-layout": json.dumps(layout.to_json())}
+    )
+    record = fed.run_round(config)
+    assert record.status == "skipped"
+    assert record.reason.startswith(
+        "the adapter does not fit the served model: the served model takes no adapter"
+    )
+    assert record.served is None and record.model is None

@@ -20,37 +20,12 @@ from kiri_runtime.learning.adapters import (
 from kiri_runtime.learning.errors import LearningError
 from kiri_runtime.learning.onnx_adapters import export_onnx_adapter, onnx_adapter_params
 from kiri_runtime.lora_layouts import LoraLayout
-from lm_adapters import RANK, TARGETS, lora_genai, site_adapter, site_data
+from lm_adapters import RANK, TARGETS, encode, lora_genai, og_logits, site_adapter, site_data
 from lm_sites import write_site
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
 PROMPT = "The skipper mends the nets by the slipway. The deckhand"
-
-
-def og_logits(model_dir: Path, ids: list[int], adapter: Path | None = None) -> np.ndarray:
-    """Teacher-forced logits [seq, vocab] from onnxruntime-genai, with the adapter file active if given."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(model_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1)
-    generator = og.Generator(model, params)
-    adapters = None
-    if adapter is not None:
-        adapters = og.Adapters(model)
-        adapters.load(str(adapter), "a")
-        generator.set_active_adapter(adapters, "a")
-    generator.append_tokens(np.asarray(ids, dtype=np.int32))
-    out = np.asarray(generator.get_output("logits"), dtype=np.float32)[0]
-    del generator
-    return out
-
-
-def encode(model_dir: Path, text: str) -> list[int]:
-    import onnxruntime_genai as og
-
-    return [int(t) for t in og.Tokenizer(og.Model(str(model_dir))).encode(text)]
 
 
 def test_a_lora_ready_build_without_an_adapter_computes_what_the_plain_build_computes() -> None:

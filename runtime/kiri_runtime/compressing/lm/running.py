@@ -27,7 +27,9 @@ from kiri_runtime import manifests
 from kiri_runtime.compressing import exporting, specs
 from kiri_runtime.compressing.errors import CompressionError
 from kiri_runtime.compressing.lm import evaldata, scoring, tuning
+from kiri_runtime.lora_layouts import LoraLayout
 from kiri_runtime.manifests import (
+    LORA_LAYOUT_KEY,
     Baseline,
     Decode,
     EvalData,
@@ -382,6 +384,11 @@ def _variant(
     os.replace(built_tar, tar)
     sha, size = artifact["sha256"], tar.stat().st_size
     extra["artifact"] = {"compression": VARIANT_COMPRESSION, "unpackedBytes": artifact["unpackedBytes"]}
+    layout = LoraLayout.load(result.path)
+    if layout is not None:
+        # Where this variant takes adapters: the operator hands it to learning rounds, which export each
+        # learned adapter for it (learning/adapter_rounds.py) without reading the artifact.
+        extra[LORA_LAYOUT_KEY] = layout.to_json()
     shutil.rmtree(result.path, ignore_errors=True)
     ms = 1000.0 / speed.decode_tokens_per_s
     return (

@@ -1,0 +1,210 @@
+"""A language model's learning in the planner: rounds that train a LoRA adapter on the checkpoint itself, wait for a
+LoRA-ready variant to export it for, and hand the accepted adapter to the per-site adapter waves."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from kiri_operator.api.specs import ModelDeploymentSpec
+from kiri_operator.conditions import Reason
+from kiri_operator.learning_commands import configmap
+from kiri_operator.observations import NodeView, ObjectView, Observed
+from kiri_operator.planning import federation as F
+from kiri_operator.planning import learning
+from kiri_operator.planning.building import Owner
+from kiri_runtime.learning import rounds
+from kiri_runtime.manifests import LORA_LAYOUT_KEY, Manifest, Variant
+
+SHA = "ab" * 32
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+OWNER = Owner("chat", "ns", "uid-1")
+LAYOUT = {
+    "format": 1,
+    "targets": ["q_proj", "v_proj"],
+    "projections": [{"layer": 0, "path": "model.layers.0.attn.qkv_proj", "in": 64, "out": 192, "parts": []}],
+}
+NODES = (
+    NodeView("cloud-0", {"kiri.dev/tier": "cloud"}),
+    NodeView("a-0", {"kiri.dev/tier": "edge", "kiri.dev/site": "site-a"}),
+    NodeView("b-0", {"kiri.dev/tier": "edge", "kiri.dev/site": "site-b"}),
+)
+
+
+def _spec(adapters: list[dict[str, Any]] | None = None, **learning_extra: Any) -> ModelDeploymentSpec:
+    return ModelDeploymentSpec.model_validate(
+        {
+            "model": {
+                "name": "chat",
+                "version": "1",
+                "source": {"uri": "pvc://models/tiny-llama", "format": "hf", "sha256": SHA},
+                "evalDataUri": "file:///data/eval.jsonl",
+            },
+            "edge": {
+                "variants": [{"name": "q4", "method": "int4", "options": {"loraTargets": "q_proj,v_proj"}}],
+                "artifacts": {"uri": "file:///store", "fetchUri": "http://kiri-store.kiri-system.svc:8080"},
+                "adapters": adapters or [],
+            },
+            "learning": {
+                "evalDataUri": "file:///data/held-out.jsonl",
+                "siteDataPath": "/var/lib/kiri/site-data/chats.jsonl",
+                "rounds": 3,
+                "trained": {"rank": 8, "steps": 20, "sequenceLength": 64},
+                "schedule": {"intervalSeconds": 3600},
+                **learning_extra,
+            },
+        }
+    )
+
+
+def _record(n: int, before: float, after: float) -> rounds.RoundRecord:
+    closed = (NOW - timedelta(minutes=120)).isoformat()
+    out = f"/store/ns/chat/learning/rounds/{n:04d}"
+    return rounds.RoundRecord(
+        round=n,
+        status="accepted",
+        base_sha256=SHA,
+        part={"kind": "adapter"},
+        participants=[rounds.Participant(site="site-a", samples=1, upload_bytes=900)],
+        eval_before=rounds.Evaluation(loss=before, samples=400),
+        eval_after=rounds.Evaluation(loss=after, samples=400),
+        privacy=rounds.Privacy(noise_multiplier=1.0, clip_norm=1.0, delta=1e-5, epsilon=1.5 * n),
+        model=rounds.Artifact(path=f"{out}/adapter", sha256="cd" * 32, bytes=4096),
+        served=rounds.Artifact(path=f"{out}/adapter.onnx_adapter", sha256="ef" * 32, bytes=5000),
+        opened_at=closed,
+        closed_at=closed,
+    )
+
+
+def _observed(*records: rounds.RoundRecord, status: dict[str, Any] | None = None) -> Observed:
+    children = {}
+    for r in records:
+        name = learning.record_name("chat", r.round)
+        cm = configmap("ns", name, learning.record_json(r), r.round, "chat", "uid-1")
+        children[("ConfigMap", name)] = ObjectView("ConfigMap", name, cm)
+    return Observed("chat", "ns", "uid-1", 1, NOW, status=status or {}, nodes=NODES, children=children)
+
+
+def _objects(lp: learning.LearningPlan) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in lp.children}
+
+
+def _run_config(lp: learning.LearningPlan, n: int) -> dict[str, Any]:
+    job = _objects(lp)[("Job", learning.round_job_name("chat", n))]
+    args = job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    config: dict[str, Any] = json.loads(args[args.index("--run-config-json") + 1])
+    return config
+
+
+def _manifest(*variants: Variant) -> Manifest:
+    # Only the variants matter here; the model and baseline are the compressor's, not under test.
+    return Manifest.model_construct(variants=list(variants))
+
+
+def test_the_layout_comes_from_the_first_accepted_lora_ready_variant_of_the_manifest() -> None:
+    plain = Variant(name="q8", method="int8", accepted=True, reason="ok")
+    ready = Variant(name="q4", method="int4", accepted=True, reason="ok", extra={LORA_LAYOUT_KEY: LAYOUT})
+    refused = Variant(name="q3", method="int4", accepted=False, reason="gate", extra={LORA_LAYOUT_KEY: {}})
+    assert learning.lora_layout(None) is None
+    assert learning.lora_layout(_manifest(plain)) == {}
+    assert learning.lora_layout(_manifest(refused, plain, ready)) == LAYOUT
+
+
+def test_rounds_wait_for_a_lora_ready_variant_and_say_which_wait_it_is() -> None:
+    waiting = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}, layout=None)
+    assert waiting.children == []
+    assert waiting.condition is not None
+    assert (waiting.condition.status, waiting.condition.reason) == (
+        "False",
+        Reason.WAITING_FOR_LORA_READY_VARIANT,
+    )
+    none = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}, layout={})
+    assert none.children == [] and none.condition is not None
+    assert none.condition.reason == Reason.NO_LORA_READY_VARIANT
+    assert "edge.variants[].options.loraTargets" in none.condition.message
+
+
+def test_a_round_trains_the_adapter_on_the_checkpoint_mounted_read_only_in_the_superlink_and_every_supernode() -> (
+    None
+):
+    lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}, layout=LAYOUT)
+    assert lp.condition is None
+    config = _run_config(lp, 1)
+    assert config["part"] == "adapter" and config["factory"] == ""
+    assert config["base-model"] == f"{learning.BASE_MODEL_MOUNT}/tiny-llama"
+    assert (config["adapter-targets"], config["lora-rank"]) == ("q_proj,v_proj", 8)
+    assert (config["adapter-steps"], config["adapter-seq-len"], config["ffa"]) == (20, 64, True)
+    assert config["weights"] == ""  # round 1 starts from the drawn A and a zero B: the base model's output
+    assert json.loads(config["serve-layout"]) == LAYOUT
+    assert config["a-seed"] == int(learning.L.short_hash("uid-1", length=7), 16)
+    objs = _objects(lp)
+    pods = [objs[("Deployment", F.superlink_name("chat"))]] + [
+        objs[("Deployment", F.supernode_name("chat", s))] for s in ("site-a", "site-b")
+    ]
+    for deployment in pods:
+        pod = deployment["spec"]["template"]["spec"]
+        volume = next(v for v in pod["volumes"] if v["name"] == "base-model")
+        assert volume["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "base-model")
+        assert (mount["mountPath"], mount["readOnly"]) == (learning.BASE_MODEL_MOUNT, True)
+
+
+def test_the_next_round_starts_from_the_last_accepted_adapter_in_the_store() -> None:
+    spec = _spec(schedule={"intervalSeconds": 60})
+    lp = learning.plan_learning(spec, _observed(_record(1, 3.0, 2.5)), OWNER, variant_sizes={}, layout=LAYOUT)
+    assert _run_config(lp, 2)["weights"] == "/store/ns/chat/learning/rounds/0001/adapter"
+
+
+def test_the_accepted_adapter_goes_to_status_with_its_held_out_perplexities_and_no_update_verdict() -> None:
+    records = (_record(1, 3.0, 2.5), _record(2, 2.5, 2.25))
+    lp = learning.plan_learning(_spec(), _observed(*records), OWNER, variant_sizes={"q4": 10}, layout=LAYOUT)
+    assert lp.status is not None
+    assert lp.status["adapter"] == {
+        "round": 2,
+        "uri": "http://kiri-store.kiri-system.svc:8080/ns/chat/learning/rounds/0002/adapter.onnx_adapter",
+        "sha256": "ef" * 32,
+        "sizeBytes": 5000,
+        "heldOut": {
+            "metric": "perplexity",
+            "base": round(math.exp(3.0), 6),
+            "current": round(math.exp(2.5), 6),
+            "adapter": round(math.exp(2.25), 6),
+        },
+    }
+    # The per-site adapter waves apply the update policy; the learned-weights verdict is a tensor model's.
+    assert "update" not in lp.status and "model" not in lp.status
+
+
+def test_the_edge_serves_the_learned_adapter_on_every_learning_site_as_their_default() -> None:
+    records = (_record(1, 3.0, 2.5),)
+    status = learning.plan_learning(
+        _spec(), _observed(*records), OWNER, variant_sizes={}, layout=LAYOUT
+    ).status
+    espec = learning.effective_spec(_spec(), status, ["site-a", "site-b"])
+    (adapter,) = espec.edge.adapters
+    assert (adapter.name, adapter.sites, adapter.default) == ("learned", ["site-a", "site-b"], True)
+    assert (adapter.sha256, adapter.size_bytes) == ("ef" * 32, 5000)
+    assert adapter.held_out is not None and adapter.held_out.worse() is False
+    assert espec.model == _spec().model  # same checkpoint, same compression and revision
+    assert learning.effective_spec(_spec(), {}, ["site-a"]) == _spec()
+
+
+def test_a_declared_default_adapter_keeps_the_bare_model_name_and_the_learned_one_is_picked_by_name() -> None:
+    declared = [
+        {
+            "name": "legal",
+            "uri": "s3://a/legal.onnx_adapter",
+            "sha256": SHA,
+            "sizeBytes": 9,
+            "sites": ["site-a"],
+            "default": True,
+        }
+    ]
+    spec = _spec(declared, adapterName="tuned")
+    status = learning.plan_learning(
+        spec, _observed(_record(1, 3.0, 2.5)), OWNER, variant_sizes={}, layout=LAYOUT
+    )
+    espec = learning.effective_spec(spec, status.status, ["site-a", "site-b"])
+    assert [(a.name, a.default) for a in espec.edge.adapters] == [("legal", True), ("tuned", False)]
