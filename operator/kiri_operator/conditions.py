@@ -81,7 +81,9 @@ class Reason:
     LEARNING_ROUND: Final = "LearningRound"
     LEARNED_MODEL_ADOPTED: Final = "LearnedModelAdopted"
     LEARNED_MODEL_DEFERRED: Final = "LearnedModelDeferred"
-    # LearningProgressing (only while a round's aggregation failed or is retried)
+    # LearningProgressing: True with LearningRound while rounds remain, LearningComplete once none does; False
+    # while a round's aggregation failed (AggregationFailed) or cannot start (see below)
+    LEARNING_COMPLETE: Final = "LearningComplete"
     AGGREGATION_FAILED: Final = "AggregationFailed"
     AGGREGATION_RETRYING: Final = "AggregationRetrying"
     # A language model's rounds export each learned adapter for a LoRA-ready variant: none is built yet

@@ -601,6 +601,7 @@ def plan_learning(
         if candidate is not None and candidate.served is not None:
             status["adapter"] = _adapter_status(spec, owner, candidate, records)
         out.status = status
+        out.condition = out.condition or _progressing(status, records, learning.rounds)
         return out
     if candidate is not None and candidate.round > int(adopted.get("round") or 0):
         current = next((r for r in accepted if r.round == adopted.get("round")), None)
@@ -663,7 +664,35 @@ def plan_learning(
             {"site": d.site, "bytes": d.bytes, "time": format_time(d.time)} for d in downloads
         ]
     out.status = status
+    out.condition = out.condition or _progressing(status, records, learning.rounds)
     return out
+
+
+def _progressing(status: Mapping[str, Any], records: Sequence[RoundRecord], total: int) -> Condition:
+    """LearningProgressing when nothing is wrong: set every time, so a failure's False does not outlive it."""
+    if records and records[-1].status == "refused":
+        last = records[-1]
+        return Condition(
+            LEARNING_PROGRESSING,
+            "True",
+            Reason.LEARNING_COMPLETE,
+            f"stopped at round {last.round}: {last.reason}",
+        )
+    if len(records) >= total:
+        return Condition(LEARNING_PROGRESSING, "True", Reason.LEARNING_COMPLETE, f"all {total} rounds closed")
+    if status.get("activeRound"):
+        return Condition(
+            LEARNING_PROGRESSING, "True", Reason.LEARNING_ROUND, f"round {status['activeRound']} running"
+        )
+    if status.get("nextRoundAt"):
+        message = f"round {len(records) + 1} of {total} starts at {status['nextRoundAt']}"
+        return Condition(LEARNING_PROGRESSING, "True", Reason.LEARNING_ROUND, message)
+    return Condition(
+        LEARNING_PROGRESSING,
+        "True",
+        Reason.LEARNING_ROUND,
+        "no site to train on: no edge node has the site label",
+    )
 
 
 def _perplexity(loss: float) -> float:

@@ -33,18 +33,20 @@ NODES = (
 )
 
 
-def _spec(adapters: list[dict[str, Any]] | None = None, **learning_extra: Any) -> ModelDeploymentSpec:
+def _spec(
+    adapters: list[dict[str, Any]] | None = None, source: str = "pvc://models/tiny-llama", **learning_extra: Any
+) -> ModelDeploymentSpec:
     return ModelDeploymentSpec.model_validate(
         {
             "model": {
                 "name": "chat",
                 "version": "1",
-                "source": {"uri": "pvc://models/tiny-llama", "format": "hf", "sha256": SHA},
+                "source": {"uri": source, "format": "hf", "sha256": SHA},
                 "evalDataUri": "file:///data/eval.jsonl",
             },
             "edge": {
                 "variants": [{"name": "q4", "method": "int4", "options": {"loraTargets": "q_proj,v_proj"}}],
-                "artifacts": {"uri": "file:///store", "fetchUri": "http://kiri-store.kiri-system.svc:8080"},
+                "artifacts": {"uri": "file:///var/lib/kiri/artifacts", "fetchUri": "http://kiri-store.kiri-system.svc:8080"},
                 "adapters": adapters or [],
             },
             "learning": {
@@ -130,7 +132,7 @@ def test_a_round_trains_the_adapter_on_the_checkpoint_mounted_read_only_in_the_s
     None
 ):
     lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}, layout=LAYOUT)
-    assert lp.condition is None
+    assert lp.condition is not None and (lp.condition.status, lp.condition.message) == ("True", "round 1 running")
     config = _run_config(lp, 1)
     assert config["part"] == "adapter" and config["factory"] == ""
     assert config["base-model"] == f"{learning.BASE_MODEL_MOUNT}/tiny-llama"
@@ -154,7 +156,7 @@ def test_a_round_trains_the_adapter_on_the_checkpoint_mounted_read_only_in_the_s
 def test_the_next_round_starts_from_the_last_accepted_adapter_in_the_store() -> None:
     spec = _spec(schedule={"intervalSeconds": 60})
     lp = learning.plan_learning(spec, _observed(_record(1, 3.0, 2.5)), OWNER, variant_sizes={}, layout=LAYOUT)
-    assert _run_config(lp, 2)["weights"] == "/store/ns/chat/learning/rounds/0001/adapter"
+    assert _run_config(lp, 2)["weights"] == "/var/lib/kiri/artifacts/ns/chat/learning/rounds/0001/adapter"
 
 
 def test_the_accepted_adapter_goes_to_status_with_its_held_out_perplexities_and_no_update_verdict() -> None:
@@ -208,3 +210,66 @@ def test_a_declared_default_adapter_keeps_the_bare_model_name_and_the_learned_on
     )
     espec = learning.effective_spec(spec, status.status, ["site-a", "site-b"])
     assert [(a.name, a.default) for a in espec.edge.adapters] == [("legal", True), ("tuned", False)]
+
+
+def test_the_whole_planner_rolls_an_accepted_rounds_adapter_onto_each_learning_sites_nodes() -> None:
+    """The planner end to end, on a simulated API server: the manifest's LoRA-ready variant starts round 1; the
+    round's record makes every site's edge pods load the learned adapter as their default, through each site's
+    own adapter wave (one canary node, then the rest)."""
+    from dataclasses import replace
+
+    from adapter_worlds import (
+        SITE_NODES,
+        Server,
+        adapters_by_node,
+        daemonsets,
+        lm_manifest,
+        serve_args,
+        site,
+        world,
+    )
+    from planning_worlds import NOW as WORLD_NOW
+
+    # A checkpoint in the image (file://): the simulated API server has no claims.
+    spec = _spec(source="file:///models/tiny-llama", adapterName="tuned")
+    spec = spec.model_copy(
+        update={
+            "rollout": spec.rollout.model_copy(
+                update={"stages": [spec.rollout.stages[0].model_copy(update={"nodes": 1, "percent": None})]}
+            )
+        }
+    )
+    server = Server(world())
+    server.never_ready, server.analysis, server.asked = set(), {}, []
+    server.step(spec)
+    manifest = lm_manifest()
+    manifest.variants[0].extra[LORA_LAYOUT_KEY] = LAYOUT
+    server.publish(spec, manifest)
+    for _ in range(4):
+        server.step(spec)
+    jobs = {name for (kind, name) in server.world.children if kind == "Job"}
+    assert learning.round_job_name("md", 1) in jobs, (server.world.status.get("conditions"), server.world.status.get("learning"))
+    assert "adapter" not in server.world.status.get("learning", {})
+
+    record = _record(1, 3.0, 2.5).model_copy(update={"closed_at": WORLD_NOW.isoformat()})
+    name = learning.record_name("md", 1)
+    cm = configmap("ns", name, learning.record_json(record), 1, "md", "uid-1")
+    server.world = replace(
+        server.world,
+        children={**server.world.children, ("ConfigMap", name): ObjectView("ConfigMap", name, cm)},
+    )
+    for _ in range(30):
+        server.step(spec, dt=10.0)
+    status = server.world.status
+    assert status["learning"]["adapter"]["round"] == 1
+    # The wait's False is gone with the wait: round 2 is due an interval after round 1 closed.
+    progressing = next(c for c in status["conditions"] if c["type"] == "LearningProgressing")
+    assert (progressing["status"], progressing["reason"]) == ("True", "LearningRound")
+    assert progressing["message"].startswith("round 2 of 3 starts at ")
+    for site_name, nodes in SITE_NODES.items():
+        entry = site(status, site_name)
+        assert entry["adapters"] == ["tuned"] and entry["default"] == "tuned", entry
+        revision = entry["revision"]
+        assert {n: adapters_by_node(server)[n] for n in nodes} == dict.fromkeys(nodes, revision)
+    args = {serve_args(body).default_adapter for body in daemonsets(server).values()}
+    assert args == {"tuned"}
