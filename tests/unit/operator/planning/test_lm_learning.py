@@ -34,7 +34,9 @@ NODES = (
 
 
 def _spec(
-    adapters: list[dict[str, Any]] | None = None, source: str = "pvc://models/tiny-llama", **learning_extra: Any
+    adapters: list[dict[str, Any]] | None = None,
+    source: str = "pvc://models/tiny-llama",
+    **learning_extra: Any,
 ) -> ModelDeploymentSpec:
     return ModelDeploymentSpec.model_validate(
         {
@@ -46,7 +48,10 @@ def _spec(
             },
             "edge": {
                 "variants": [{"name": "q4", "method": "int4", "options": {"loraTargets": "q_proj,v_proj"}}],
-                "artifacts": {"uri": "file:///var/lib/kiri/artifacts", "fetchUri": "http://kiri-store.kiri-system.svc:8080"},
+                "artifacts": {
+                    "uri": "file:///var/lib/kiri/artifacts",
+                    "fetchUri": "http://kiri-store.kiri-system.svc:8080",
+                },
                 "adapters": adapters or [],
             },
             "learning": {
@@ -132,7 +137,10 @@ def test_a_round_trains_the_adapter_on_the_checkpoint_mounted_read_only_in_the_s
     None
 ):
     lp = learning.plan_learning(_spec(), _observed(), OWNER, variant_sizes={}, layout=LAYOUT)
-    assert lp.condition is not None and (lp.condition.status, lp.condition.message) == ("True", "round 1 running")
+    assert lp.condition is not None and (lp.condition.status, lp.condition.message) == (
+        "True",
+        "round 1 running",
+    )
     config = _run_config(lp, 1)
     assert config["part"] == "adapter" and config["factory"] == ""
     assert config["base-model"] == f"{learning.BASE_MODEL_MOUNT}/tiny-llama"
@@ -248,7 +256,10 @@ def test_the_whole_planner_rolls_an_accepted_rounds_adapter_onto_each_learning_s
     for _ in range(4):
         server.step(spec)
     jobs = {name for (kind, name) in server.world.children if kind == "Job"}
-    assert learning.round_job_name("md", 1) in jobs, (server.world.status.get("conditions"), server.world.status.get("learning"))
+    assert learning.round_job_name("md", 1) in jobs, (
+        server.world.status.get("conditions"),
+        server.world.status.get("learning"),
+    )
     assert "adapter" not in server.world.status.get("learning", {})
 
     record = _record(1, 3.0, 2.5).model_copy(update={"closed_at": WORLD_NOW.isoformat()})
