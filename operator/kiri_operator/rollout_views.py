@@ -360,8 +360,16 @@ def _update_state(entry: SiteAdapters, phase: Phase) -> str:
     if wave is not None and wave.in_progress and wave.update_revision == entry.update_revision:
         return "updating"
     if wave is not None and entry.update_revision in wave.rolled_back_revisions:
-        return "rolled back, not rolled out again"
-    return {"Degraded": "refused", "Pending": "waiting"}.get(phase, "not rolled out")
+        return "rolled back"
+    if phase == "Degraded":
+        return "refused"
+    from kiri_operator.conditions import Reason
+
+    waiting = {
+        Reason.UPDATE_DEFERRED: "deferred by updatePolicy",
+        Reason.WAITING_FOR_REVISION_ROLLOUT: "waiting for the revision rollout",
+    }
+    return waiting.get(entry.reason, "not rolled out")
 
 
 def _nodes_by_adapters(
@@ -423,7 +431,6 @@ def render_site(
             f"(started {age(wave.step_started_at, now)} ago)"
         )
     lines.append(f"  Nodes:       {entry.updated_nodes} of {entry.nodes} on {_short(entry.update_revision)}")
-
     if nodes:
         by_revision: dict[str, list[tuple[str, bool]]] = {}
         for node, (revision, ready) in sorted(nodes.items()):
@@ -459,7 +466,7 @@ def render_sites(
     from kiri_operator.api.statuses import SiteAdapters
 
     lines = ["SITES (adapter waves: one canary node, then the rest of the site)"]
-    entries = (md.get("status") or {}).get("edge", {}).get("adapters") or []
+    entries = ((md.get("status") or {}).get("edge") or {}).get("adapters") or []
     by_node = _nodes_by_adapters(daemonsets, pods) if node_sites is not None else {}
     for raw in entries:
         if site is not None and raw.get("site") != site:
