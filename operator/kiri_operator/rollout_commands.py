@@ -31,9 +31,11 @@ from kiri_operator.rollout_views import (
     WAIT_TIMEOUT,
     as_list,
     dump,
+    find_site,
     parse_duration,
     render_list,
     render_status,
+    site_label_of,
     wait_verdict,
 )
 
@@ -72,13 +74,9 @@ def command_annotation(md: dict[str, Any], verb: str, site: str | None) -> tuple
     key = L.SITE_COMMANDS[verb] + site
     if not _SITE_NAME.match(site):
         return key, f"{site!r} is not a site label value (at most 63 letters, digits, '-', '_' or '.')"
-    sites = {
-        s.get("site"): s for s in (status.get("edge") or {}).get("adapters") or [] if isinstance(s, dict)
-    }
-    entry = sites.get(site)
+    entry, why = find_site(md, site)
     if entry is None:
-        known = ", ".join(sorted(str(s) for s in sites)) or "none"
-        return key, f"{what} has no adapters for site {site} (sites with adapters: {known})"
+        return key, why
     wave = entry.get("rollout") or {}
     flying = wave.get("verdict") in IN_PROGRESS
     if verb in ("promote", "abort") and not flying:
@@ -105,6 +103,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--watch",
         action="store_true",
         help="redraw at each change of the object (a watch) until Ctrl-C",
+    )
+    status.add_argument(
+        "--site",
+        default=None,
+        help="show only this site's adapter wave (status.edge.adapters); with -o, print that site's entry",
     )
     _output(status)
     status.set_defaults(handler=_status)
@@ -257,15 +260,21 @@ def _status(args: argparse.Namespace) -> int:
         for md in _follow(kube, namespace, args.name, None):
             if md is None:
                 return _fail(f"ModelDeployment {namespace}/{args.name} not found")
+            shown: dict[str, Any] = md
+            if args.site is not None:
+                entry, why = find_site(md, args.site)
+                if entry is None:
+                    return _fail(why)
+                shown = entry
             if args.output:
-                print(dump(md, args.output), flush=True)
+                print(dump(shown, args.output), flush=True)
                 if not args.watch:
                     return 0
                 continue
             selector = L.md_selector(args.name)
             daemonsets = kube.list("DaemonSet", namespace, selector)
             pods = kube.list("Pod", namespace, selector)
-            text = render_status(md, daemonsets, pods, datetime.now(UTC))
+            text = render_status(md, daemonsets, pods, datetime.now(UTC), _node_sites(kube, md), args.site)
             if not args.watch:
                 print(text)
                 return 0
@@ -275,6 +284,24 @@ def _status(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _node_sites(kube: Kube, md: dict[str, Any]) -> dict[str, str] | None:
+    """node -> its site, for the sites section to list each site's nodes; None without adapters, or where
+    the user may not list Nodes (the section then shows the status's counts alone)."""
+    from kiri_operator.kube import KubeError
+
+    if not ((md.get("status") or {}).get("edge") or {}).get("adapters"):
+        return None
+    label = site_label_of(md)
+    try:
+        nodes = kube.list("Node", None, label)
+    except KubeError:
+        return None
+    return {
+        str(meta.get("name")): str((meta.get("labels") or {}).get(label, ""))
+        for meta in (n.get("metadata") or {} for n in nodes)
+    }
 
 
 def _wait(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from adapter_worlds import CLINIC, SHOP, SHOP2_SHA, adapter, daemonsets, lm_spec, site, started
+from adapter_worlds import CLINIC, SHOP, SHOP2_SHA, SITE_NODES, adapter, daemonsets, lm_spec, site, started
 from kiri_operator import rollout_commands
 from kiri_operator.cli import build_parser
 from kiri_operator.cli import main as cli_main
@@ -90,33 +90,37 @@ def test_commands_parse(verb: str) -> None:
     assert callable(args.handler)
 
 
-def test_status_tree_shows_each_sites_adapters_and_the_adapter_set_of_each_daemonset() -> None:
+def test_status_tree_shows_each_sites_adapter_wave_and_the_adapter_set_of_each_daemonset() -> None:
     server = started([SHOP, CLINIC])
     s2 = lm_spec([SHOP, adapter("clinic", SHOP2_SHA, ["site-a"])])
     server.step(s2)
     status = dict(server.world.status)
     md = {"metadata": {"name": "md", "namespace": "ns"}, "spec": s2.dump(), "status": status}
-    text = render_status(md, list(daemonsets(server).values()), [], NOW + timedelta(seconds=10))
+    node_sites = {n: s for s, names in SITE_NODES.items() for n in names}
+    text = render_status(md, list(daemonsets(server).values()), [], NOW + timedelta(seconds=10), node_sites)
     a, b = site(status, "site-a"), site(status, "site-b")
-    table = text.split("\nADAPTERS\n")[1].split("\n\n")[0].splitlines()
-    assert table[0].split() == ["SITE", "SERVING", "PREVIOUS", "UPDATE", "NODES", "VERDICT", "REASON"]
-    assert table[1].split() == [
-        "site-a",
-        a["revision"],
-        "-",
-        a["updateRevision"],
-        "1/3",
-        "Progressing",
-        "WaitingForReady",
+    sites = text.split("\nSITES (adapter waves: one canary node, then the rest of the site)\n")[1]
+    block_a, block_b = sites.split("\n\nHISTORY\n")[0].split("\n\n")
+    # The planner's own status: site a's new set on its canary, site b untouched.
+    assert block_a.splitlines() == [
+        "Site:          site-a",
+        "  Status:      ◌ Progressing",
+        f"  Message:     WaitingForReady: {a['message']}",
+        "  Adapters:    clinic, shop (default shop)",
+        f"  Revisions:   stable {a['revision']}, update {a['updateRevision']} (updating), previous -",
+        "  Step:        1/2: canary node (started 5s ago)",
+        f"  Nodes:       1 of 3 on {a['updateRevision']}",
+        f"    ⟳ {a['updateRevision']} (update): a-1 (not Ready)",
+        f"    ⟳ {a['revision']} (stable): a-2 (not Ready), a-3 (not Ready)",
     ]
-    assert table[2].split() == [
-        "site-b",
-        b["revision"],
-        "-",
-        b["revision"],
-        "2/2",
-        "Completed",
-        "RolloutCompleted",
+    assert block_b.splitlines() == [
+        "Site:          site-b",
+        "  Status:      ✔ Healthy",
+        f"  Message:     RolloutCompleted: {b['message']}",
+        "  Adapters:    shop (default shop)",
+        f"  Revisions:   stable {b['revision']}, previous -",
+        f"  Nodes:       2 of 2 on {b['revision']}",
+        f"    ⟳ {b['revision']} (stable): b-1 (not Ready), b-2 (not Ready)",
     ]
     assert f"q4 + adapters {a['updateRevision']}  1 node(s)" in text
     assert f"q4 + adapters {a['revision']}  2 node(s)" in text
