@@ -7,14 +7,8 @@ the update policy, and turns the allowed round into a new revision.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,15 +17,13 @@ import numpy as np
 import pytest
 
 from kiri_operator.planning import federation as F
-from kiri_operator.planning.federation import SITE_DATA_MOUNT, TLS_MOUNT
 from learning_tiny_model import make_model, write_sites
 
 from .conftest import REPO_ROOT, Cluster
+from .flower_kubelet import Kubelet, deployments, jobs, wait
 from .operator_harness import (
-    KIRI,
     Operator,
     crd,
-    free_port,
     get_md,
     model_deployment,
     operator_fixture,
@@ -42,178 +34,11 @@ __all__ = ["crd"]
 
 FACTORY = f"{REPO_ROOT / 'tests' / 'learning_tiny_model.py'}:make_model"
 SITES = ("site-a", "site-b", "site-c")
-# The simulated nodes have no cluster DNS: the Flower processes started here resolve Services to 127.0.0.1.
-SVC_RESOLVER = """
-import socket
-_real = socket.getaddrinfo
-def _local(host, *args, **kwargs):
-    if isinstance(host, str) and host.endswith(".svc"):
-        host = "127.0.0.1"
-    return _real(host, *args, **kwargs)
-socket.getaddrinfo = _local
-"""
 
 
 @pytest.fixture
 def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
     yield from operator_fixture(cluster, namespace)
-
-
-def _jobs(cluster: Cluster, namespace: str, selector: str) -> list[dict[str, Any]]:
-    return list(cluster.get_json("jobs", "-n", namespace, "-l", selector).get("items") or [])
-
-
-def _wait(predicate: Any, timeout: float, what: str) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _swap(args: list[str], flag: str, value: str) -> list[str]:
-    out = list(args)
-    out[out.index(flag) + 1] = value
-    return out
-
-
-def _deployments(cluster: Cluster, namespace: str, role: str) -> list[dict[str, Any]]:
-    selector = f"kiri.dev/learning-role={role}"
-    return list(cluster.get_json("deployments", "-n", namespace, "-l", selector).get("items") or [])
-
-
-class Kubelet:
-    """Plays the kubelet for the learning children: their command lines, here, with the Secret's own files."""
-
-    def __init__(self, cluster: Cluster, namespace: str, tmp: Path) -> None:
-        self.cluster, self.namespace, self.tmp = cluster, namespace, tmp
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.port = free_port()
-        (tmp / "resolver").mkdir(exist_ok=True)
-        (tmp / "resolver" / "sitecustomize.py").write_text(SVC_RESOLVER)
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = {
-            **cluster.env,
-            "PYTHONPATH": os.pathsep.join(
-                [
-                    str(tmp / "resolver"),
-                    str(REPO_ROOT / "operator"),
-                    str(REPO_ROOT / "runtime"),
-                    str(REPO_ROOT / "tests"),
-                ]
-            ),
-            "PATH": f"{bin_dir}{os.pathsep}{cluster.env.get('PATH', '')}",
-            "FLWR_HOME": str(tmp / "flwr-home"),
-            "OMP_NUM_THREADS": "1",
-        }
-        self.tls = tmp / "tls"
-
-    def secret_files(self, name: str) -> None:
-        secret = self.cluster.get_json("secret", name, "-n", self.namespace)
-        self.tls.mkdir(exist_ok=True)
-        for key, value in secret["data"].items():
-            (self.tls / key).write_bytes(base64.b64decode(value))
-        (self.tls / "tls.key").chmod(0o600)
-
-    def _secret_data(self, name: str) -> dict[str, bytes]:
-        secret = self.cluster.get_json("secret", name, "-n", self.namespace)
-        return {k: base64.b64decode(v) for k, v in secret["data"].items()}
-
-    def mount_secrets(self, owner: str, pod: dict[str, Any]) -> dict[str, str]:
-        """The pod's Secret volumes (plain or projected) as local directories holding only the items they
-        name, as the kubelet would mount them: mount path -> local directory. The TLS Secret's key is kept
-        apart (`secret_files`)."""
-        out: dict[str, str] = {}
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        for mount in pod["containers"][0]["volumeMounts"]:
-            volume = volumes[mount["name"]]
-            if "secret" in volume:
-                sources = [{"secret": {**volume["secret"], "name": volume["secret"]["secretName"]}}]
-            else:
-                sources = [x for x in volume.get("projected", {}).get("sources", []) if "secret" in x]
-            if mount["mountPath"] == TLS_MOUNT or not sources:
-                continue
-            directory = self.tmp / "mounts" / owner / mount["name"]
-            directory.mkdir(parents=True, exist_ok=True)
-            for source in sources:
-                data = self._secret_data(source["secret"]["name"])
-                for item in source["secret"]["items"]:
-                    (directory / item["path"]).write_bytes(data[item["key"]])
-                    (directory / item["path"]).chmod(0o400)
-            out[mount["mountPath"]] = str(directory)
-        return out
-
-    def _local(self, args: list[str], mounts: dict[str, str] | None = None) -> list[str]:
-        local = [a.replace(TLS_MOUNT, str(self.tls)) for a in args]
-        for path, directory in (mounts or {}).items():
-            local = [a.replace(path, directory) for a in local]
-        return [*KIRI, *local[1:]] if local and local[0] == "kiri" else local
-
-    def start(self, name: str, command: list[str]) -> None:
-        log = (self.tmp / f"{name}.log").open("wb")
-        self.procs.append(
-            subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
-        )
-
-    def superlink(self, deployment: dict[str, Any]) -> str:
-        pod = deployment["spec"]["template"]["spec"]
-        cmd = self._local(pod["containers"][0]["command"], self.mount_secrets("superlink", pod))
-        cmd = _swap(_swap(cmd, "--port", str(self.port)), "--host", "127.0.0.1")
-        self.start("superlink", cmd)
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return f"{deployment['metadata']['name']}.{self.namespace}.svc:{self.port}"
-            time.sleep(0.2)
-        raise AssertionError((self.tmp / "superlink.log").read_text()[-3000:])
-
-    def supernode(self, deployment: dict[str, Any], address: str, data: Path) -> None:
-        pod = deployment["spec"]["template"]["spec"]
-        cmd = self._local(
-            pod["containers"][0]["command"], self.mount_secrets(deployment["metadata"]["name"], pod)
-        )
-        cmd = _swap(cmd, "--superlink", address)
-        config = cmd[cmd.index("--node-config") + 1]
-        site = config.split('"')[1]
-        config = config.replace(SITE_DATA_MOUNT, str(data)).replace(
-            "/tmp/kiri-learning", str(self.tmp / f"work-{site}")
-        )
-        cmd = [*_swap(cmd, "--node-config", config), "--host", "127.0.0.1", "--port", str(free_port())]
-        self.start(f"supernode-{site}", cmd)
-
-    def run_job(self, job: dict[str, Any], address: str) -> None:
-        pod = job["spec"]["template"]["spec"]
-        args = self._local(_swap(pod["initContainers"][0]["args"], "--superlink", address))
-        args = _swap(args, "--work-dir", str(self.tmp / f"round-{job['metadata']['name']}"))
-        done = subprocess.run(
-            [*KIRI, *args], capture_output=True, text=True, env=self.env, timeout=400, check=False
-        )
-        logs = "\n".join(
-            (self.tmp / f).read_text()[-2500:] for f in os.listdir(self.tmp) if f.endswith(".log")
-        )
-        assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\n{logs}"
-        publish = subprocess.run(
-            [*KIRI, *pod["containers"][0]["args"]],
-            capture_output=True,
-            text=True,
-            env=self.env,
-            timeout=60,
-            check=False,
-        )
-        assert publish.returncode == 0, publish.stderr
-
-    def stop(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_tls_and_rounds_become_revisions(
@@ -266,7 +91,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
     cluster.apply(body, namespace)
 
     # The children: the TLS Secret, the SuperLink on a cloud node, one SuperNode per site on that site's nodes.
-    secret = _wait(
+    secret = wait(
         lambda: cluster.kubectl("get", "secret", "lm-flower-tls", "-n", namespace, "-o", "json", check=False),
         90,
         "the TLS Secret",
@@ -276,7 +101,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
     assert secret["metadata"]["ownerReferences"][0]["name"] == "lm"
     key_secrets = {site: F.node_key_secret_name("lm", site) for site in SITES}
     for site, name in key_secrets.items():
-        made = _wait(
+        made = wait(
             lambda name=name: cluster.kubectl(
                 "get", "secret", name, "-n", namespace, "-o", "json", check=False
             ),
@@ -286,9 +111,9 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
         made = json.loads(made)
         assert sorted(made["data"]) == ["supernode.key", "supernode.pub"]
         assert made["metadata"]["ownerReferences"][0]["name"] == "lm"
-    links = _wait(lambda: _deployments(cluster, namespace, "superlink"), 90, "the SuperLink")
-    nodes_ = _wait(
-        lambda: (d := _deployments(cluster, namespace, "supernode")) and len(d) == 3 and d, 90, "SuperNodes"
+    links = wait(lambda: deployments(cluster, namespace, "superlink"), 90, "the SuperLink")
+    nodes_ = wait(
+        lambda: (d := deployments(cluster, namespace, "supernode")) and len(d) == 3 and d, 90, "SuperNodes"
     )
     assert cluster.get_json("service", "lm-superlink", "-n", namespace)["spec"]["ports"][0]["port"] == 9092
     nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in cluster.get_json("nodes")["items"]}
@@ -300,7 +125,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
         bound = [p for p in pods["items"] if p["spec"].get("nodeName")]
         return bound if len(bound) == 4 else None
 
-    for p in _wait(scheduled, 120, "the federation's pods bound to nodes"):
+    for p in wait(scheduled, 120, "the federation's pods bound to nodes"):
         labels = nodes[p["spec"]["nodeName"]]
         spec = p["spec"]
         assert spec["automountServiceAccountToken"] is False
@@ -330,7 +155,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
                 for i in v["secret"]["items"]
             ) == [("lm-flower-tls", "ca.crt"), (key_secrets[site], "supernode.key")]
             assert "--auth-supernode-private-key" in c["command"]
-    job = _wait(lambda: _jobs(cluster, namespace, "kiri.dev/learning-role=round"), 90, "the round Job")[0]
+    job = wait(lambda: jobs(cluster, namespace, "kiri.dev/learning-role=round"), 90, "the round Job")[0]
     revision_before = get_md(cluster, namespace, "lm")["status"]["updateRevision"]
 
     # Play the kubelet: the children's own command lines, with the operator's certificates.
@@ -349,7 +174,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
         learning = get_md(cluster, namespace, "lm").get("status", {}).get("learning") or {}
         return learning if learning.get("roundsCompleted", 0) >= 1 and learning.get("update") else None
 
-    learning = _wait(recorded, 60, "round 1 in status")
+    learning = wait(recorded, 60, "round 1 in status")
     (r1,) = learning["rounds"]
     assert r1["outcome"] == "Accepted" and sorted(r1["participants"]) == list(SITES), r1
     assert r1["epsilon"] > 0 and r1["modelSha256"]
@@ -357,10 +182,10 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
     spends = json.loads(ledger["data"]["ledger.json"])["spends"]
     assert [(s["round"], s["sites"]) for s in spends] == [(1, list(SITES))]
     assert learning["update"]["allowed"] is True and learning["model"]["round"] == 1
-    _wait(
+    wait(
         lambda: get_md(cluster, namespace, "lm")["status"].get("updateRevision") != revision_before,
         60,
         "the learned model's revision",
     )
     # The last round is done: the federation is no longer wanted.
-    _wait(lambda: not _deployments(cluster, namespace, "superlink"), 60, "the SuperLink removed")
+    wait(lambda: not deployments(cluster, namespace, "superlink"), 60, "the SuperLink removed")

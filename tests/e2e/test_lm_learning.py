@@ -1,0 +1,252 @@
+"""A language model learns a LoRA adapter at its sites, end to end on the real control plane (issue 23).
+
+The source is the tests' tiny LLaMA checkpoint (`hf`); each kwok site writes text from a vocabulary of its own
+(tests/lm_sites.py). The operator's compression Job runs here (the real LM compressor: an int4 variant built
+LoRA-ready, whose `lora.json` the manifest carries); then the operator makes the federation (SuperLink, a SuperNode
+per site) and round 1's Job, whose command lines run here as local processes (flower_kubelet.py: Flower over the
+operator's TLS, SuperNode keys, SecAgg+, DP). The round's ServerApp writes the adapter the edge loads; the operator
+puts it in `status.learning.adapter` and rolls it onto every site as the sites' default adapter, site by site.
+Finally one site's edge `kiri serve` runs here with its DaemonSet's own args: the bare model name now answers with
+the learned adapter, which scores the sites' text better than the base does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kiri_runtime.compressing.lm.sources import directory_sha256
+from kiri_runtime.manifests import LORA_LAYOUT_KEY
+
+from .conftest import Cluster
+from .flower_kubelet import Kubelet, deployments, jobs, wait
+from .operator_harness import (
+    KIRI,
+    Operator,
+    children,
+    crd,
+    free_port,
+    get_md,
+    manifest_of,
+    operator_fixture,
+    run_compression_job,
+)
+
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.usefixtures("crd")]
+__all__ = ["crd"]
+
+NAME, MODEL = "chat", "assistant"
+# kwok's sites, each with a vocabulary of lm_sites.py.
+SITES = {"site-a": "harbour", "site-b": "orchard", "site-c": "observatory"}
+
+
+@pytest.fixture
+def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
+    yield from operator_fixture(cluster, namespace)
+
+
+def _texts(tmp: Path) -> dict[str, Any]:
+    from lm_fixture import tiny_llama
+    from lm_sites import write_site
+
+    checkpoint = shutil.copytree(tiny_llama(), tmp / "checkpoint")
+    train = {site: write_site(tmp / "train", vocabulary, 120, seed=1) for site, vocabulary in SITES.items()}
+    held_out = tmp / "held-out.jsonl"
+    held_out.write_text("".join(write_site(tmp / "held", v, 20, seed=2).read_text() for v in SITES.values()))
+    return {"checkpoint": checkpoint, "train": train, "held_out": held_out}
+
+
+def _deployment(namespace: str, tmp: Path, texts: dict[str, Any]) -> dict[str, Any]:
+    checkpoint = texts["checkpoint"]
+    return {
+        "apiVersion": "kiri.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": NAME, "namespace": namespace},
+        "spec": {
+            "model": {
+                "name": MODEL,
+                "version": "1",
+                "source": {
+                    "uri": checkpoint.as_uri(),
+                    "format": "hf",
+                    "sha256": directory_sha256(checkpoint),
+                },
+                "evalDataUri": texts["held_out"].as_uri(),
+            },
+            "cloud": {"replicas": 0},
+            "edge": {
+                "variants": [{"name": "q4", "method": "int4", "options": {"loraTargets": "q_proj,v_proj"}}],
+                "artifacts": {"uri": (tmp / "store").as_uri()},
+            },
+            "rollout": {
+                "stages": [{"nodes": 1, "bakeSeconds": 1}, {"percent": 100}],
+                "maxUnavailable": "100%",
+            },
+            "learning": {
+                "evalDataUri": texts["held_out"].as_uri(),
+                "siteDataPath": "/var/lib/kiri/site-data/train.jsonl",
+                "rounds": 1,
+                "minClients": 2,
+                "learningRate": 0.01,
+                "batchSize": 8,
+                "trained": {"rank": 4, "steps": 40, "sequenceLength": 32},
+                # Three sites are far too few for strong DP: a small noise, a budget that allows it.
+                "dp": {"clipNorm": 1.0, "noiseMultiplier": 0.05, "targetEpsilon": 1000},
+                "schedule": {"intervalSeconds": 3600, "deadlineSeconds": 300, "graceSeconds": 30},
+            },
+        },
+    }
+
+
+def _site_status(cluster: Cluster, namespace: str) -> dict[str, dict[str, Any]]:
+    status = get_md(cluster, namespace, NAME).get("status") or {}
+    return {s["site"]: s for s in (status.get("edge") or {}).get("adapters") or []}
+
+
+def _flag(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def _mean_nll(port: int, model: str, texts: list[str]) -> float:
+    """Mean per-token negative log-likelihood the server gives `texts` (`echo` + `logprobs` on the prompt)."""
+    total, count = 0.0, 0
+    with httpx.Client(timeout=60) as client:
+        for text in texts:
+            body = {
+                "model": model,
+                "prompt": text,
+                "max_tokens": 1,
+                "echo": True,
+                "logprobs": 1,
+                "temperature": 0,
+            }
+            reply = client.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+            assert reply.status_code == 200, reply.text
+            logprobs = [
+                lp for lp in reply.json()["choices"][0]["logprobs"]["token_logprobs"] if lp is not None
+            ]
+            total -= sum(logprobs[:-1])  # the last is the generated token's
+            count += len(logprobs) - 1
+    return total / count
+
+
+def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves_it_as_its_default(
+    cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
+) -> None:
+    texts = _texts(tmp_path)
+    cluster.apply(_deployment(namespace, tmp_path, texts))
+
+    # The real LM compressor: the int4 variant built LoRA-ready, its layout in the manifest.
+    (job,) = cluster.wait_for(
+        lambda: children(cluster, namespace, NAME, "jobs"), 60, message="compression Job"
+    )
+    done = run_compression_job(cluster, namespace, job["metadata"]["name"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest_cm = job["metadata"]["labels"]["kiri.dev/compression"]
+    manifest = manifest_of(cluster, namespace, f"{NAME}-manifest-{manifest_cm}")
+    (q4,) = manifest["variants"]
+    assert q4["accepted"], q4["reason"]
+    assert q4["extra"][LORA_LAYOUT_KEY]["targets"] == ["q_proj", "v_proj"]
+
+    # The federation and round 1's Job, once the manifest says what to export the adapter for.
+    links = wait(lambda: deployments(cluster, namespace, "superlink"), 120, "the SuperLink")
+    nodes = wait(
+        lambda: (d := deployments(cluster, namespace, "supernode")) and len(d) == 3 and d, 90, "SuperNodes"
+    )
+    round_job = wait(lambda: jobs(cluster, namespace, "kiri.dev/learning-role=round"), 90, "the round Job")[0]
+    args = round_job["spec"]["template"]["spec"]["initContainers"][0]["args"]
+    config = json.loads(_flag(args, "--run-config-json"))
+    assert (config["part"], config["base-model"], config["adapter-targets"]) == (
+        "adapter",
+        str(texts["checkpoint"]),
+        "q_proj,v_proj",
+    )
+    assert json.loads(config["serve-layout"]) == q4["extra"][LORA_LAYOUT_KEY]
+
+    kubelet = Kubelet(cluster, namespace, tmp_path)
+    try:
+        kubelet.secret_files(f"{NAME}-flower-tls")
+        address = kubelet.superlink(links[0])
+        for d in nodes:
+            site = d["spec"]["template"]["spec"]["nodeSelector"]["kiri.dev/site"]
+            kubelet.supernode(d, address, texts["train"][site])
+        kubelet.run_job(round_job, address)
+    finally:
+        kubelet.stop()
+
+    def learned() -> dict[str, Any] | None:
+        status = get_md(cluster, namespace, NAME).get("status") or {}
+        return (status.get("learning") or {}).get("adapter")
+
+    adapter = wait(learned, 90, "status.learning.adapter")
+    (r1,) = get_md(cluster, namespace, NAME)["status"]["learning"]["rounds"]
+    assert r1["outcome"] == "Accepted" and sorted(r1["participants"]) == sorted(SITES), r1
+    served = tmp_path / "store" / namespace / NAME / "learning" / "rounds" / "0001" / "adapter.onnx_adapter"
+    assert adapter["uri"] == served.as_uri()
+    assert (adapter["sha256"], adapter["sizeBytes"]) == (
+        hashlib.sha256(served.read_bytes()).hexdigest(),
+        served.stat().st_size,
+    )
+    held = adapter["heldOut"]
+    assert held["metric"] == "perplexity" and held["adapter"] < held["base"], held  # it helps the sites' text
+
+    # Every site's adapter wave: the learned adapter as the site's default, on all of the site's nodes.
+    def rolled() -> dict[str, dict[str, Any]] | None:
+        sites = _site_status(cluster, namespace)
+        done = [
+            s
+            for s in sites.values()
+            if s.get("default") == "learned"
+            and s.get("revision") == s.get("updateRevision")
+            and s.get("nodes")
+        ]
+        return sites if len(done) == len(SITES) else None
+
+    sites = wait(rolled, 240, "every site serving the learned adapter")
+    assert {site: s["adapters"] for site, s in sites.items()} == {site: ["learned"] for site in SITES}
+    daemonsets = [
+        d for d in children(cluster, namespace, NAME, "daemonsets")
+        if d["metadata"]["labels"].get("kiri.dev/adapters") == sites["site-a"]["revision"]
+    ]  # fmt: skip
+    assert daemonsets, "no DaemonSet of site-a's adapter revision"
+    (container,) = daemonsets[0]["spec"]["template"]["spec"]["containers"]
+    rendered: list[str] = list(container["args"])
+    assert _flag(rendered, "--default-adapter") == "learned"
+    assert json.loads(_flag(rendered, "--adapter")) == {
+        "name": "learned",
+        "uri": served.as_uri(),
+        "sha256": adapter["sha256"],
+    }
+
+    # Site a's edge, served here with the DaemonSet's own args: the bare name gets the learned adapter.
+    port = free_port()
+    local = {"--host": "127.0.0.1", "--port": str(port), "--cache-dir": str(tmp_path / "edge-cache")}
+    edge_args = [local.get(rendered[i - 1], a) if i else a for i, a in enumerate(rendered)]
+    log = (tmp_path / "edge.log").open("wb")
+    proc = subprocess.Popen([*KIRI, *edge_args, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        Cluster.wait_for(ready, 120, 0.3, f"edge kiri serve\n{(tmp_path / 'edge.log').read_text()[-2000:]}")
+        lines = [json.loads(line)["text"] for line in texts["held_out"].read_text().splitlines()[:30]]
+        bare, base = _mean_nll(port, MODEL, lines), _mean_nll(port, f"{MODEL}:base", lines)
+        named = _mean_nll(port, f"{MODEL}:learned", lines)
+        assert math.isclose(bare, named, rel_tol=1e-6)  # the site's default is the learned adapter
+        assert bare < base, (bare, base)
+    finally:
+        proc.terminate()
+        proc.wait(15)
