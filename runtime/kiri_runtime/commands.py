@@ -36,6 +36,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     store.add_argument("--root", required=True, help="directory holding the artifacts (a volume)")
     store.add_argument("--host", default="0.0.0.0")
     store.add_argument("--port", type=int, default=8080)
+    store.add_argument(
+        "--read-only",
+        action="store_true",
+        help="serve GET and HEAD only (a PUT is 405): a site's SuperNode serves its kept adapters this way",
+    )
     store.add_argument("--log-level", default="INFO")
     store.set_defaults(handler=_store)
 
@@ -52,5 +57,5 @@ def _store(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    storing.serve(Path(args.root), args.host, args.port)
+    storing.serve(Path(args.root), args.host, args.port, read_only=args.read_only)
     return 0

@@ -52,10 +52,11 @@ class DigestMismatch(ValueError):
 class ArtifactStore:
     """Files under `root`, written once (transport-free: the HTTP adapter is `make_app`)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, read_only: bool = False) -> None:
         self.root = root.resolve()
         self.partial = self.root / _PARTIAL_DIR
-        self.partial.mkdir(parents=True, exist_ok=True)
+        if not read_only:  # a read-only store's volume is mounted read-only: it writes nothing
+            self.partial.mkdir(parents=True, exist_ok=True)
         self._lock = asyncio.Lock()
 
     def path(self, rel: str) -> Path:
@@ -122,7 +123,9 @@ class StoreMetrics:
         )
 
 
-def make_app(store: ArtifactStore, metrics: StoreMetrics | None = None) -> web.Application:
+def make_app(
+    store: ArtifactStore, metrics: StoreMetrics | None = None, *, read_only: bool = False
+) -> web.Application:
     metrics = metrics or StoreMetrics()
 
     def error(status: int, message: str) -> web.Response:
@@ -174,11 +177,13 @@ def make_app(store: ArtifactStore, metrics: StoreMetrics | None = None) -> web.A
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_route)
     app.router.add_get("/{path:.+}", get)  # HEAD too (aiohttp adds it to GET routes)
-    app.router.add_put("/{path:.+}", put)
+    if not read_only:  # read-only: aiohttp answers a PUT 405 Method Not Allowed
+        app.router.add_put("/{path:.+}", put)
     return app
 
 
-def serve(root: Path, host: str, port: int) -> None:
-    store = ArtifactStore(root)
-    log.info("artifact store on %s:%d, files under %s", host, port, store.root)
-    web.run_app(make_app(store), host=host, port=port, print=None, access_log=None)
+def serve(root: Path, host: str, port: int, *, read_only: bool = False) -> None:
+    store = ArtifactStore(root, read_only=read_only)
+    mode = "read-only " if read_only else ""
+    log.info("%sartifact store on %s:%d, files under %s", mode, host, port, store.root)
+    web.run_app(make_app(store, read_only=read_only), host=host, port=port, print=None, access_log=None)

@@ -213,7 +213,8 @@ class LearnedModel(StatusModel):
 
 
 class LearnedAdapterHeldOut(StatusModel):
-    """Held-out perplexity on `learning.evalDataUri`, measured by the round's ServerApp."""
+    """Held-out perplexity: `federated`, on `learning.evalDataUri`, measured by the round's ServerApp;
+    `perSite`, on the site's own held-out text (one document in ten of its file), measured by the site."""
 
     metric: Literal["perplexity"] = "perplexity"
     """Always `perplexity` (lower is better)."""
@@ -229,6 +230,8 @@ class LearnedAdapter(StatusModel):
     """A language model's newest learned adapter: served as `<model.name>:<learning.adapterName>` on every
     learning site once its adapter wave passes (`status.edge.adapters`)."""
 
+    site: str | None = None
+    """perSite: the site that trained and keeps it (its SuperNode serves it to the site's edge pods)."""
     round: Annotated[int, Field(ge=1)]
     """The learning round that produced it."""
     uri: str
@@ -289,6 +292,8 @@ class LearningStatus(StatusModel):
     """The adopted learned weights: the edge's model source while set."""
     adapter: LearnedAdapter | None = None
     """A language model's newest learned adapter (its rounds train LoRA adapters, not weights)."""
+    site_adapters: list[LearnedAdapter] = []
+    """A perSite language model: each site's newest adapter, kept on the site."""
     downloads: list[SiteDownload] = []
     """Adoptions in the last 24 hours, per site."""
     retry: LearningRetry | None = None

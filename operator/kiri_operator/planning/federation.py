@@ -247,13 +247,17 @@ def superlink(
     return [B.finish(_deployment(superlink_name(owner.name), labels, pod), owner), B.finish(service, owner)]
 
 
-def node_config(site: str, *, allow_plain: bool) -> str:
+def node_config(site: str, *, allow_plain: bool, keep_dir: str | None = None) -> str:
     config = {"site": site, "data": SITE_DATA_MOUNT, "work-dir": "/tmp/kiri-learning"}
+    if keep_dir is not None:
+        config["keep-dir"] = keep_dir
     text = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
     return text + (" allow-plain-rounds=true" if allow_plain else "")
 
 
-def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str, Any]:
+def supernode(
+    spec: ModelDeploymentSpec, owner: B.Owner, site: str, *, keep_dir: str | None = None
+) -> dict[str, Any]:
     """One site's SuperNode: pinned to the site, its data read-only, only the CA certificate and its own
     site's private key, no API token."""
     learning = spec.learning
@@ -264,7 +268,7 @@ def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str,
         "--superlink", superlink_address(owner),
         "--root-certificates", f"{TLS_MOUNT}/ca.crt",
         "--auth-supernode-private-key", f"{NODE_KEY_MOUNT}/{PRIVATE_KEY_FILE}",
-        "--node-config", node_config(site, allow_plain=not learning.secure_aggregation),
+        "--node-config", node_config(site, allow_plain=not learning.secure_aggregation, keep_dir=keep_dir),
         "--isolation", "subprocess",
     ]  # fmt: skip
     mounts: list[dict[str, Any]] = [
@@ -305,3 +309,59 @@ def supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> dict[str,
         },
     )
     return B.finish(_deployment(supernode_name(owner.name, site), labels, pod), owner)
+
+
+# --- perSite adapters of a language model: kept on the site, served to the site's own edge pods ---------------
+SITE_STORE_PORT = 8080
+KEPT_DIR = f"{B.CACHE_MOUNT}/site-adapters"
+"""In a keeping SuperNode's pod: where the ClientApp keeps the site's adapters (`round-<NNNN>/`, and the
+`round-<NNNN>.onnx_adapter` the edge loads), in this model's node cache directory (the chart's CSI driver)."""
+KEPT_FILE = re.compile(r"^round-[0-9]{4}\.onnx_adapter$")
+_STORE_RESOURCES = {"cpu": "100m", "memory": "128Mi"}
+
+
+def site_store_url(owner: B.Owner, site: str, file: str) -> str:
+    """Where a site's edge pods fetch an adapter its SuperNode kept (`file` matches KEPT_FILE)."""
+    return f"http://{supernode_name(owner.name, site)}.{owner.namespace}.svc:{SITE_STORE_PORT}/{file}"
+
+
+def keeping_supernode(spec: ModelDeploymentSpec, owner: B.Owner, site: str) -> list[dict[str, Any]]:
+    """A perSite language model's SuperNode (Deployment + Service): the ClientApp keeps the site's adapters in
+    the node cache, and a second container (`kiri store --read-only`, the volume mounted read-only) serves them
+    to the site's edge pods through the Service. The adapters never go to the SuperLink or the artifact store."""
+    node = supernode(spec, owner, site, keep_dir=KEPT_DIR)
+    pod = node["spec"]["template"]["spec"]
+    pod["volumes"].append(B.node_cache_volume(owner))
+    pod["containers"][0]["volumeMounts"].append({"name": "cache", "mountPath": B.CACHE_MOUNT})
+    store = container(
+        spec,
+        "adapters",
+        [
+            "kiri",
+            "store",
+            "--root",
+            KEPT_DIR,
+            "--read-only",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(SITE_STORE_PORT),
+        ],
+        [{"name": "cache", "mountPath": B.CACHE_MOUNT, "readOnly": True}],
+        flower_env=False,
+    )
+    store["resources"] = {"requests": dict(_STORE_RESOURCES), "limits": dict(_STORE_RESOURCES)}
+    store["ports"] = [{"name": "adapters", "containerPort": SITE_STORE_PORT}]
+    store["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": SITE_STORE_PORT}, "periodSeconds": 10}
+    pod["containers"].append(store)
+    labels = dict(node["spec"]["template"]["metadata"]["labels"])
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": B._metadata(supernode_name(owner.name, site), labels),
+        "spec": {
+            "selector": labels,
+            "ports": [{"name": "adapters", "port": SITE_STORE_PORT, "targetPort": SITE_STORE_PORT}],
+        },
+    }
+    return [B.finish(node, owner), B.finish(service, owner)]

@@ -393,7 +393,7 @@ def federation_objects(
     assert learning is not None
     _, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
     _, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
-    # A language model's checkpoint: the ServerApp scores adapters with it, each site trains on it.
+    # A language model's checkpoint: the ServerApp scores adapters with it (each site's SuperNode mounts it too).
     _, m_vols, m_mounts = (
         _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")
         if learns_adapter(spec)
@@ -402,10 +402,33 @@ def federation_objects(
     link = F.superlink(spec, owner, service_account, sites if registered is None else registered)
     # The ServerApp runs in the SuperLink's pod: it reads the base weights and held-out set from there too.
     link[0] = _with_mounts(link[0], owner, [*w_vols, *e_vols, *m_vols], [*w_mounts, *e_mounts, *m_mounts])
-    nodes = [F.supernode(spec, owner, site) for site in sites]
-    if m_vols:
-        nodes = [_with_mounts(node, owner, m_vols, m_mounts) for node in nodes]
-    return [*link, *nodes]
+    return [*link, *site_objects(spec, owner, sites)]
+
+
+def keeps_site_adapters(spec: ModelDeploymentSpec) -> bool:
+    """A perSite language model: each site keeps its adapter, and its SuperNode serves it to the site."""
+    return learns_adapter(spec) and spec.learning is not None and spec.learning.policy == "perSite"
+
+
+def site_objects(spec: ModelDeploymentSpec, owner: B.Owner, sites: Sequence[str]) -> list[dict[str, Any]]:
+    """Each site's SuperNode (with its kept-adapter store and Service for a perSite language model), with a
+    language model's checkpoint mounted."""
+    _, m_vols, m_mounts = (
+        _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")
+        if learns_adapter(spec)
+        else ("", [], [])
+    )
+    out: list[dict[str, Any]] = []
+    for site in sites:
+        objs = (
+            F.keeping_supernode(spec, owner, site)
+            if keeps_site_adapters(spec)
+            else [F.supernode(spec, owner, site)]
+        )
+        if m_vols:
+            objs[0] = _with_mounts(objs[0], owner, m_vols, m_mounts)
+        out += objs
+    return out
 
 
 def _with_mounts(
@@ -588,6 +611,12 @@ def plan_learning(
         if retry:
             status["retry"] = retry
 
+    if keeps_site_adapters(spec) and not out.children:
+        # The rounds are over (or between rounds, waiting): each site's SuperNode still serves what it kept.
+        site_names = sites(spec, observed)
+        out.children = site_objects(spec, owner, site_names)
+        out.secrets = [F.tls_request(owner), *(F.node_key_request(owner, site) for site in site_names)]
+
     # -- update policy on the newest accepted round -----------------------------------------------------
     adopted = dict(old.get("model") or {})
     downloads = [
@@ -598,7 +627,11 @@ def plan_learning(
     candidate = accepted[-1] if accepted else None
     if lm:
         # The adapter waves decide per site (minImprovement, interval, bytes per day, held-out gates).
-        if candidate is not None and candidate.served is not None:
+        if keeps_site_adapters(spec):
+            kept = _kept_status(owner, records)
+            if kept:
+                status["siteAdapters"] = kept
+        elif candidate is not None and candidate.served is not None:
             status["adapter"] = _adapter_status(spec, owner, candidate, records)
         out.status = status
         out.condition = out.condition or _progressing(status, records, learning.rounds)
@@ -721,6 +754,32 @@ def _adapter_status(
     }
 
 
+def _kept_status(owner: B.Owner, records: Sequence[RoundRecord]) -> list[dict[str, Any]]:
+    """perSite: each site's newest kept adapter (from the newest accepted round it reported one in), as its
+    SuperNode serves it, with the perplexities it measured on its own held-out text."""
+    newest: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if record.status != "accepted":
+            continue
+        for p in record.participants:
+            kept = p.adapter
+            if kept is None or not F.KEPT_FILE.match(kept.file):
+                continue  # a file name that is not the ClientApp's own is not fetched
+            newest[p.site] = {
+                "site": p.site,
+                "round": record.round,
+                "uri": F.site_store_url(owner, p.site, kept.file),
+                "sha256": kept.sha256,
+                "sizeBytes": kept.bytes,
+                "heldOut": {
+                    "metric": "perplexity",
+                    "base": round(kept.held_out_base_perplexity, 6),
+                    "adapter": round(kept.held_out_adapter_perplexity, 6),
+                },
+            }
+    return [newest[site] for site in sorted(newest)]
+
+
 def learned_adapter(
     spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
 ) -> AdapterSpec | None:
@@ -742,16 +801,46 @@ def learned_adapter(
     )
 
 
+def site_adapters(
+    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
+) -> list[AdapterSpec]:
+    """perSite: each site's own kept adapter, for that site alone, under the one `adapterName` (a request
+    names the same adapter at every site; each site answers with its own)."""
+    assert spec.learning is not None
+    out = []
+    for found in (learning_status or {}).get("siteAdapters") or []:
+        site = str(found.get("site") or "")
+        if site not in site_names or not found.get("uri"):
+            continue  # a site that left the fleet
+        declared_default = any(a.default and site in a.sites for a in spec.edge.adapters)
+        out.append(
+            AdapterSpec.model_construct(
+                name=spec.learning.adapter_name,
+                uri=str(found["uri"]),
+                sha256=str(found["sha256"]),
+                size_bytes=int(found.get("sizeBytes") or 1),
+                sites=[site],
+                default=not declared_default,
+                held_out=HeldOutMetric.model_validate(found["heldOut"]) if found.get("heldOut") else None,
+            )
+        )
+    return out
+
+
 def effective_spec(
     spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str] = ()
 ) -> ModelDeploymentSpec:
     """The spec the edge is built from. A tensor model: `spec.model` with the adopted learned weights as its
     source. A language model: the same model and revision, `edge.adapters` plus the learned adapter."""
     if learns_adapter(spec):
-        adapter = learned_adapter(spec, learning_status, site_names)
-        if adapter is None:
+        if keeps_site_adapters(spec):
+            extra = site_adapters(spec, learning_status, site_names)
+        else:
+            adapter = learned_adapter(spec, learning_status, site_names)
+            extra = [] if adapter is None else [adapter]
+        if not extra:
             return spec
-        edge = spec.edge.model_copy(update={"adapters": [*spec.edge.adapters, adapter]})
+        edge = spec.edge.model_copy(update={"adapters": [*spec.edge.adapters, *extra]})
         return spec.model_copy(update={"edge": edge})
     model = (learning_status or {}).get("model") or {}
     if spec.learning is None or not model.get("uri") or not model.get("sha256"):

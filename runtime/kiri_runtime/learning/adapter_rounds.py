@@ -12,6 +12,11 @@ With `serve-layout` (the served model's `lora.json`, as JSON: the operator reads
 manifest), an accepted round also writes `rounds/<NNNN>/adapter.onnx_adapter`, the adapter as the edge's
 onnxruntime-genai loads it; an adapter that does not fit the served model is a skipped round, with the reason.
 
+`perSite` (`keep_on_site`): the site trains on nine in ten of its documents, keeps its adapter in its keep
+directory (`round-<NNNN>/`, and with `serve-layout` `round-<NNNN>.onnx_adapter`, which the SuperNode pod's
+read-only store serves to the site's own edge pods), scores the tenth against the base, and answers with the
+adapter's digest and those perplexities only; the next round starts from the site's last kept adapter.
+
 Sites get the whole current adapter with the round (its bytes, checked against its sha256), train it on their
 JSON Lines text with `adapters.train_adapter(init=..., freeze_a=ffa)`, and answer with the averaged factors only.
 The upload is bounded by `adapters.MAX_FRACTION` of the base model's weight bytes.
@@ -137,15 +142,73 @@ class AdapterSubject:
         )
 
     def export(self, adapter_dir: Path, out_file: Path) -> rounds.Artifact:
-        from kiri_runtime.learning.onnx_adapters import export_onnx_adapter
-        from kiri_runtime.lora_layouts import LayoutError, LoraLayout
+        return export_served(self.a.serve_layout, adapter_dir, out_file)
 
-        try:
-            layout = LoraLayout.from_json(json.loads(self.a.serve_layout))
-        except (LayoutError, ValueError) as e:
-            raise LearningError(f"run config 'serve-layout': {e}") from None
-        size = export_onnx_adapter(adapter_dir, layout, out_file)
-        return rounds.Artifact(path=str(out_file), sha256=_sha256(out_file), bytes=size)
+
+def export_served(serve_layout: str, adapter_dir: Path, out_file: Path) -> rounds.Artifact:
+    """The peft adapter as the edge's onnxruntime-genai loads it, for the served model's layout (lora.json)."""
+    from kiri_runtime.learning.onnx_adapters import export_onnx_adapter
+    from kiri_runtime.lora_layouts import LayoutError, LoraLayout
+
+    try:
+        layout = LoraLayout.from_json(json.loads(serve_layout))
+    except (LayoutError, ValueError) as e:
+        raise LearningError(f"run config 'serve-layout': {e}") from None
+    size = export_onnx_adapter(adapter_dir, layout, out_file)
+    return rounds.Artifact(path=str(out_file), sha256=_sha256(out_file), bytes=size)
+
+
+HELD_OUT_EVERY = 10  # perSite: one document in ten is the site's own held-out text
+
+
+def split_site_text(data: Path, work_dir: Path) -> tuple[Path, Path]:
+    """(train, held-out) JSON Lines from the site's file: every tenth non-empty line held out (at least one)."""
+    lines = [line for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(lines) < 2:
+        raise LearningError(f"site data {data} needs at least two documents (one is held out)")
+    if len(lines) < HELD_OUT_EVERY:
+        train, held = lines[:-1], lines[-1:]
+    else:
+        train = [line for i, line in enumerate(lines) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
+        held = [line for i, line in enumerate(lines) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    train_path, held_path = work_dir / "site-train.jsonl", work_dir / "site-held-out.jsonl"
+    train_path.write_text("".join(f"{line}\n" for line in train), encoding="utf-8")
+    held_path.write_text("".join(f"{line}\n" for line in held), encoding="utf-8")
+    return train_path, held_path
+
+
+def last_kept(keep_dir: Path) -> Path | None:
+    """The site's newest kept adapter directory (`round-<NNNN>`), if any."""
+    kept = sorted(p for p in keep_dir.glob("round-[0-9][0-9][0-9][0-9]") if p.is_dir())
+    return kept[-1] if kept else None
+
+
+def keep_on_site(
+    a: AdapterSettings, trained: Path, keep_dir: Path, number: int, held_out: Path, base_model: str
+) -> dict[str, Any]:
+    """`perSite`: keep the trained adapter on the site, write the form the edge loads, and measure it on the
+    site's held-out text. Returns the metrics that leave the site (digests and perplexities, no weights)."""
+    keep = keep_dir / f"round-{number:04d}"
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    if keep.exists():
+        import shutil
+
+        shutil.rmtree(keep)  # a retried round replaces what its failed attempt kept
+    trained.replace(keep)
+    base = adapters.perplexity(Path(base_model), held_out, seq_len=a.seq_len)
+    mine = adapters.perplexity(Path(base_model), held_out, keep, seq_len=a.seq_len)
+    metrics: dict[str, Any] = {"heldout-base-ppl": base.perplexity, "heldout-adapter-ppl": mine.perplexity}
+    if a.serve_layout:
+        served = export_served(a.serve_layout, keep, keep_dir / f"round-{number:04d}.onnx_adapter")
+        metrics.update(
+            {
+                "adapter-file": Path(served.path).name,
+                "adapter-sha256": served.sha256,
+                "adapter-bytes": served.bytes,
+            }
+        )
+    return metrics
 
 
 def train_on_site(
@@ -159,8 +222,10 @@ def train_on_site(
     seed: int,
     learning_rate: float,
     batch_size: int,
+    kept: Path | None = None,
 ) -> tuple[list[np.ndarray], dict[str, Any], Path]:
-    """The site's side: the round's adapter (checked), trained on the site's text; the averaged factors back."""
+    """The site's side: the round's adapter (checked), trained on the site's text; the averaged factors back.
+    A perSite round sends no factors: the site starts from its own `kept` adapter, else the round's."""
     data_bytes, sha = config.get(KEY_BASE), str(config.get(KEY_BASE_SHA, ""))
     if not isinstance(data_bytes, bytes) or hashlib.sha256(data_bytes).hexdigest() != sha:
         raise LearningError("the round's adapter does not match its sha256; refusing to train")
@@ -170,9 +235,14 @@ def train_on_site(
     (start / adapters.ADAPTER_CONFIG).write_text(str(config.get(KEY_ADAPTER_CONFIG, "{}")))
     init = adapters.read_weights(start)
     names = adapters.b_names(init) if a.ffa else sorted(init)
-    if len(names) != len(parameters):
-        raise LearningError(f"the round sent {len(parameters)} tensors, this adapter averages {len(names)}")
-    init.update({n: np.asarray(p, dtype=np.float32) for n, p in zip(names, parameters, strict=True)})
+    if parameters:
+        if len(names) != len(parameters):
+            raise LearningError(
+                f"the round sent {len(parameters)} tensors, this adapter averages {len(names)}"
+            )
+        init.update({n: np.asarray(p, dtype=np.float32) for n, p in zip(names, parameters, strict=True)})
+    elif kept is not None:
+        init = adapters.read_weights(kept)
     rank = int(json.loads((start / adapters.ADAPTER_CONFIG).read_text()).get("r", a.rank))
     out = Path(tempfile.mkdtemp(prefix="trained-", dir=work_dir))
     result = adapters.train_adapter(

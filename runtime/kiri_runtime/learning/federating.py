@@ -290,7 +290,10 @@ class Round:
         }
         participants = [
             rounds.Participant(
-                site=site, samples=int(m.get("samples", 0)), upload_bytes=int(m.get("bytes", 0))
+                site=site,
+                samples=int(m.get("samples", 0)),
+                upload_bytes=int(m.get("bytes", 0)),
+                adapter=_kept_adapter(m),
             )
             for site, m in sorted(self.participants.items())
         ]
@@ -372,6 +375,22 @@ class Round:
         model.save(path)
         artifact = rounds.Artifact(path=str(path), sha256=sha256_file(path), bytes=path.stat().st_size)
         return self.record("accepted", "", before=before, after=after, artifact=artifact, traffic=traffic)
+
+
+def _kept_adapter(metrics: Mapping[str, Any]) -> rounds.KeptAdapter | None:
+    """A perSite adapter round's facts about the adapter the site kept (no weights), from its metrics."""
+    if "adapter-sha256" not in metrics:
+        return None
+    try:
+        return rounds.KeptAdapter(
+            file=str(metrics["adapter-file"]),
+            sha256=str(metrics["adapter-sha256"]),
+            bytes=int(metrics["adapter-bytes"]),
+            held_out_base_perplexity=float(metrics["heldout-base-ppl"]),
+            held_out_adapter_perplexity=float(metrics["heldout-adapter-ppl"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None  # a site that reports half of it has kept nothing the edge can fetch
 
 
 def run(grid: Grid, context: Context) -> rounds.RoundRecord:

@@ -29,10 +29,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
 
+class KeptAdapter(_Model):
+    """A perSite round's adapter, as its site reported it: it stays on the site (its SuperNode's keep directory,
+    served to the site's own edge pods); only these facts leave."""
+
+    file: str  # its name in the site's keep directory (`round-<NNNN>.onnx_adapter`)
+    sha256: str
+    bytes: int
+    held_out_base_perplexity: float  # on the site's own held-out text (one document in ten)
+    held_out_adapter_perplexity: float
+
+
 class Participant(_Model):
     site: str
     samples: int
     upload_bytes: int
+    adapter: KeptAdapter | None = None
 
 
 class SkippedSite(_Model):

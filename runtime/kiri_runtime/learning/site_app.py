@@ -92,20 +92,32 @@ class SiteClient(NumPyClient):
         return path
 
     def _fit_adapter(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        from kiri_runtime.learning.adapter_rounds import AdapterSettings, train_on_site
+        from kiri_runtime.learning.adapter_rounds import (
+            AdapterSettings,
+            keep_on_site,
+            last_kept,
+            split_site_text,
+            train_on_site,
+        )
 
         a = AdapterSettings.from_run_config(dict(self.run_config))
         number = int(str(config[KEY_ROUND]))
+        per_site = config.get(KEY_POLICY) == "perSite"
+        data, held_out = self.data, None
+        if per_site:  # the site's own held-out text: its adapter is measured where it is used
+            data, held_out = split_site_text(self.data, self.work_dir / f"round-{number:04d}")
+        base_model = str(self.base_model or a.base_model)
         out, metrics, trained = train_on_site(
             a,
             dict(config),
             list(parameters),
-            self.data,
+            data,
             self.work_dir,
-            str(self.base_model or a.base_model),
+            base_model,
             seed=number,
             learning_rate=self.training.learning_rate,
             batch_size=self.training.batch_size,
+            kept=last_kept(self.keep_dir) if per_site else None,
         )
         log.info(
             "round %d: site %s trained its adapter (loss %.4f -> %.4f)",
@@ -114,11 +126,10 @@ class SiteClient(NumPyClient):
             metrics["loss-before"],
             metrics["loss-after"],
         )
-        if config.get(KEY_POLICY) == "perSite":
-            keep = self.keep_dir / f"round-{number:04d}"
-            keep.parent.mkdir(parents=True, exist_ok=True)
-            trained.replace(keep)
-            return [], int(metrics["samples"]), {"site": self.site, **metrics}
+        if per_site:
+            assert held_out is not None
+            kept = keep_on_site(a, trained, self.keep_dir, number, held_out, base_model)
+            return [], int(metrics["samples"]), {"site": self.site, **metrics, **kept}
         return out, 1, {"site": self.site, **metrics}
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:

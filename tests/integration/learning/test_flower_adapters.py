@@ -150,3 +150,43 @@ def test_an_adapter_that_does_not_fit_the_served_model_is_a_skipped_round_with_t
         "the adapter does not fit the served model: the served model takes no adapter"
     )
     assert record.served is None and record.model is None
+
+
+def test_a_per_site_round_keeps_each_sites_adapter_on_the_site_and_only_its_digest_and_perplexities_leave(
+    federation: tuple[Federation, Path],
+) -> None:
+    import hashlib
+
+    fed, held_out = federation
+    layout = LoraLayout.load(lora_genai())
+    assert layout is not None
+    config = adapter_round(
+        fed.root,
+        held_out,
+        1,
+        out=str(fed.root / "per-site"),
+        policy="perSite",
+        transcript=str(fed.root / "per-site-transcript"),
+        **{"serve-layout": json.dumps(layout.to_json())},
+    )
+    record = fed.run_round(config)
+    assert record.status == "accepted", record.reason
+    assert record.model is None and record.served is None  # no global adapter: nothing was averaged
+    assert [p.site for p in record.participants] == SITES
+    for p in record.participants:
+        assert p.adapter is not None and p.adapter.file == "round-0001.onnx_adapter"
+        kept = fed.work_dir(f"supernode-{p.site}") / "kept"
+        served = kept / p.adapter.file
+        assert (p.adapter.sha256, p.adapter.bytes) == (
+            hashlib.sha256(served.read_bytes()).hexdigest(),
+            served.stat().st_size,
+        )
+        assert (kept / "round-0001" / adapters.ADAPTER_WEIGHTS).is_file()
+        # Its own held-out text (one document in ten of its file) is better served by its own adapter.
+        assert p.adapter.held_out_adapter_perplexity < p.adapter.held_out_base_perplexity, p.adapter
+    # Nothing of any adapter reached the server: no tensor at all came back in the round's replies.
+    replies = sorted((fed.root / "per-site-transcript" / "0001").glob("*-train.npz"))
+    assert len(replies) == len(SITES)
+    for path in replies:
+        with np.load(path) as f:
+            assert all(f[key].size == 0 for key in f.files), path.name

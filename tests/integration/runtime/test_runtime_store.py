@@ -199,3 +199,37 @@ def test_a_variant_uri_outside_the_output_directory_is_refused_before_anything_i
 ) -> None:
     with pytest.raises(PublishError, match="leaves"):
         files_to_publish(_manifest("../secret"), tmp_path, tmp_path / "manifest.json")
+
+
+def test_a_read_only_store_serves_files_refuses_every_put_with_405_and_writes_nothing(tmp_path: Path) -> None:
+    """How a site's SuperNode serves the adapters it kept to the site's edge pods (its volume is mounted
+    read-only there): GET and HEAD, never a write."""
+    root = tmp_path / "kept"
+    root.mkdir()
+    (root / "round-0001.onnx_adapter").write_bytes(b"adapter bytes")
+    root.chmod(0o555)  # as a read-only mount: a write would fail, so the store must not try
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'runtime'}"}
+    cmd = [sys.executable, "-m", "kiri_operator.cli", "store", f"--root={root}", "--host=127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, f"--port={port}", "--read-only"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        got = httpx.get(f"{url}/round-0001.onnx_adapter", timeout=5)
+        assert (got.status_code, got.content) == (200, b"adapter bytes")
+        put = httpx.put(f"{url}/round-0002.onnx_adapter", content=b"x", timeout=5)
+        assert put.status_code == 405
+        assert httpx.put(f"{url}/round-0001.onnx_adapter", content=b"y", timeout=5).status_code == 405
+        assert sorted(p.name for p in root.iterdir()) == ["round-0001.onnx_adapter"]
+        assert proc.poll() is None
+    finally:
+        root.chmod(0o755)
+        proc.terminate()
+        proc.wait(10)

@@ -284,3 +284,125 @@ def test_the_whole_planner_rolls_an_accepted_rounds_adapter_onto_each_learning_s
         assert {n: adapters_by_node(server)[n] for n in nodes} == dict.fromkeys(nodes, revision)
     args = {serve_args(body).default_adapter for body in daemonsets(server).values()}
     assert args == {"tuned"}
+
+
+def _kept_record(n: int, files: dict[str, str]) -> rounds.RoundRecord:
+    """A perSite round: every site kept its adapter and reported its digest and perplexities only."""
+    closed = (NOW - timedelta(minutes=120)).isoformat()
+    return rounds.RoundRecord(
+        round=n,
+        status="accepted",
+        base_sha256=SHA,
+        participants=[
+            rounds.Participant(
+                site=site,
+                samples=10,
+                upload_bytes=0,
+                adapter=rounds.KeptAdapter(
+                    file=file,
+                    sha256=f"{i + 1}" * 64,
+                    bytes=5000 + i,
+                    held_out_base_perplexity=20.0,
+                    held_out_adapter_perplexity=8.0 + i,
+                ),
+            )
+            for i, (site, file) in enumerate(sorted(files.items()))
+        ],
+        privacy=rounds.Privacy(noise_multiplier=1.0, clip_norm=1.0, delta=1e-5, epsilon=0.0),
+        opened_at=closed,
+        closed_at=closed,
+    )
+
+
+def test_a_per_site_supernode_keeps_its_adapters_in_the_node_cache_and_serves_them_read_only_to_its_site() -> (
+    None
+):
+    lp = learning.plan_learning(_spec(policy="perSite"), _observed(), OWNER, variant_sizes={}, layout=LAYOUT)
+    objs = _objects(lp)
+    for site in ("site-a", "site-b"):
+        name = F.supernode_name("chat", site)
+        pod = objs[("Deployment", name)]["spec"]["template"]["spec"]
+        supernode, store = pod["containers"]
+        config = supernode["command"][supernode["command"].index("--node-config") + 1]
+        assert f'keep-dir="{F.KEPT_DIR}"' in config
+        cache = next(v for v in pod["volumes"] if v["name"] == "cache")
+        assert cache["csi"] == {"driver": "cache.kiri.dev", "volumeAttributes": {"model": "chat"}}
+        assert {m["name"]: m.get("readOnly", False) for m in supernode["volumeMounts"]}["cache"] is False
+        assert store["command"] == [
+            "kiri", "store", "--root", F.KEPT_DIR, "--read-only", "--host", "0.0.0.0", "--port", "8080",
+        ]  # fmt: skip
+        assert [(m["name"], m["readOnly"]) for m in store["volumeMounts"]] == [("cache", True)]
+        assert store["securityContext"]["readOnlyRootFilesystem"] is True
+        service = objs[("Service", name)]
+        labels = objs[("Deployment", name)]["spec"]["template"]["metadata"]["labels"]
+        assert service["spec"]["selector"] == labels  # this site's SuperNode pod, and no other
+        assert service["spec"]["ports"] == [{"name": "adapters", "port": 8080, "targetPort": 8080}]
+    assert _run_config(lp, 1)["policy"] == "perSite"
+
+
+def test_each_sites_kept_adapter_goes_to_status_and_only_to_that_sites_edge() -> None:
+    spec = _spec(policy="perSite")
+    files = {"site-a": "round-0001.onnx_adapter", "site-b": "round-0001.onnx_adapter"}
+    first = _kept_record(1, files)
+    # Round 2: site b's report names a file that is not the ClientApp's own; site b keeps round 1's.
+    second = _kept_record(2, {"site-a": "round-0002.onnx_adapter", "site-b": "../../secrets"})
+    lp = learning.plan_learning(spec, _observed(first, second), OWNER, variant_sizes={}, layout=LAYOUT)
+    assert lp.status is not None and "adapter" not in lp.status
+    kept = {k["site"]: k for k in lp.status["siteAdapters"]}
+    assert kept["site-a"] == {
+        "site": "site-a",
+        "round": 2,
+        "uri": f"http://{F.supernode_name('chat', 'site-a')}.ns.svc:8080/round-0002.onnx_adapter",
+        "sha256": "1" * 64,
+        "sizeBytes": 5000,
+        "heldOut": {"metric": "perplexity", "base": 20.0, "adapter": 8.0},
+    }
+    assert (kept["site-b"]["round"], kept["site-b"]["sha256"]) == (1, "2" * 64)
+    espec = learning.effective_spec(spec, lp.status, ["site-a", "site-b"])
+    by_site = {a.sites[0]: a for a in espec.edge.adapters}
+    assert sorted(by_site) == ["site-a", "site-b"] and all(len(a.sites) == 1 for a in espec.edge.adapters)
+    assert {a.name for a in espec.edge.adapters} == {"learned"} and all(
+        a.default for a in espec.edge.adapters
+    )
+    assert by_site["site-b"].uri.endswith("/round-0001.onnx_adapter")
+
+
+def test_after_the_last_per_site_round_each_site_still_serves_what_it_kept_and_the_superlink_goes() -> None:
+    spec = _spec(policy="perSite", rounds=1)
+    record = _kept_record(1, {"site-a": "round-0001.onnx_adapter", "site-b": "round-0001.onnx_adapter"})
+    lp = learning.plan_learning(spec, _observed(record), OWNER, variant_sizes={}, layout=LAYOUT)
+    kinds = sorted(_objects(lp))
+    assert kinds == sorted(
+        [("Deployment", F.supernode_name("chat", s)) for s in ("site-a", "site-b")]
+        + [("Service", F.supernode_name("chat", s)) for s in ("site-a", "site-b")]
+    )
+    assert lp.condition is not None and lp.condition.reason == Reason.LEARNING_COMPLETE
+
+
+def test_per_site_adapters_roll_out_each_on_its_own_site_through_the_whole_planner() -> None:
+    from dataclasses import replace
+
+    from adapter_worlds import SITE_NODES, Server, adapters_by_node, lm_manifest, site, world
+
+    spec = _spec(source="file:///models/tiny-llama", policy="perSite")
+    server = Server(world())
+    server.never_ready, server.analysis, server.asked = set(), {}, []
+    server.step(spec)
+    manifest = lm_manifest()
+    manifest.variants[0].extra[LORA_LAYOUT_KEY] = LAYOUT
+    server.publish(spec, manifest)
+    for _ in range(4):
+        server.step(spec)
+    record = _kept_record(1, {"site-a": "round-0001.onnx_adapter", "site-b": "round-0001.onnx_adapter"})
+    name = learning.record_name("md", 1)
+    cm = configmap("ns", name, learning.record_json(record), 1, "md", "uid-1")
+    children = {**server.world.children, ("ConfigMap", name): ObjectView("ConfigMap", name, cm)}
+    server.world = replace(server.world, children=children)
+    for _ in range(30):
+        server.step(spec, dt=10.0)
+    status = server.world.status
+    revisions = {s: site(status, s)["revision"] for s in SITE_NODES}
+    assert revisions["site-a"] != revisions["site-b"]  # same name, each site's own adapter
+    for site_name, nodes in SITE_NODES.items():
+        assert site(status, site_name)["default"] == "learned"
+        assert {adapters_by_node(server)[n] for n in nodes} == {revisions[site_name]}
