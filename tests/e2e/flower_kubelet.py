@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kiri_operator.planning.federation import SITE_DATA_MOUNT, TLS_MOUNT
+from kiri_operator.planning.federation import KEPT_DIR, SITE_DATA_MOUNT, TLS_MOUNT
 
 from .conftest import REPO_ROOT, Cluster
 from .operator_harness import KIRI, free_port
@@ -152,8 +152,30 @@ class Kubelet:
         config = config.replace(SITE_DATA_MOUNT, str(data)).replace(
             "/tmp/kiri-learning", str(self.tmp / f"work-{site}")
         )
+        # A keeping SuperNode's node cache: a directory of the site's own here.
+        config = config.replace(KEPT_DIR, str(self.kept_dir(site)))
         cmd = [*swap(cmd, "--node-config", config), "--host", "127.0.0.1", "--port", str(free_port())]
         self.start(f"supernode-{site}", cmd)
+
+    def kept_dir(self, site: str) -> Path:
+        return self.tmp / f"kept-{site}"
+
+    def site_store(self, deployment: dict[str, Any]) -> int:
+        """A keeping SuperNode's second container (`kiri store --read-only` of what the site kept), here, on a
+        free port; returns the port."""
+        pod = deployment["spec"]["template"]["spec"]
+        (store,) = [c for c in pod["containers"] if c["name"] == "adapters"]
+        site = pod["nodeSelector"]["kiri.dev/site"]
+        port = free_port()
+        cmd = swap(swap(self._local(store["command"]), "--port", str(port)), "--host", "127.0.0.1")
+        self.start(f"store-{site}", swap(cmd, "--root", str(self.kept_dir(site))))
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    return port
+            time.sleep(0.2)
+        raise AssertionError((self.tmp / f"store-{site}.log").read_text()[-2000:])
 
     def run_job(self, job: dict[str, Any], address: str) -> None:
         pod = job["spec"]["template"]["spec"]

@@ -65,7 +65,9 @@ def _texts(tmp: Path) -> dict[str, Any]:
     return {"checkpoint": checkpoint, "train": train, "held_out": held_out}
 
 
-def _deployment(namespace: str, tmp: Path, texts: dict[str, Any]) -> dict[str, Any]:
+def _deployment(
+    namespace: str, tmp: Path, texts: dict[str, Any], policy: str = "federated"
+) -> dict[str, Any]:
     checkpoint = texts["checkpoint"]
     return {
         "apiVersion": "kiri.dev/v1alpha1",
@@ -93,6 +95,7 @@ def _deployment(namespace: str, tmp: Path, texts: dict[str, Any]) -> dict[str, A
             },
             "learning": {
                 "evalDataUri": texts["held_out"].as_uri(),
+                "policy": policy,
                 "siteDataPath": "/var/lib/kiri/site-data/train.jsonl",
                 "rounds": 1,
                 "minClients": 2,
@@ -139,11 +142,11 @@ def _mean_nll(port: int, model: str, texts: list[str]) -> float:
     return total / count
 
 
-def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves_it_as_its_default(
-    cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
-) -> None:
+def _learn(cluster: Cluster, namespace: str, tmp_path: Path, policy: str) -> dict[str, Any]:
+    """Apply the ModelDeployment, run its compression Job and its one learning round here; returns the texts,
+    the manifest's variant and the SuperNode Deployments."""
     texts = _texts(tmp_path)
-    cluster.apply(_deployment(namespace, tmp_path, texts))
+    cluster.apply(_deployment(namespace, tmp_path, texts, policy))
 
     # The real LM compressor: the int4 variant built LoRA-ready, its layout in the manifest.
     (job,) = cluster.wait_for(
@@ -182,6 +185,14 @@ def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves
         kubelet.run_job(round_job, address)
     finally:
         kubelet.stop()
+
+    return {**texts, "variant": q4, "supernodes": nodes}
+
+
+def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves_it_as_its_default(
+    cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
+) -> None:
+    texts = _learn(cluster, namespace, tmp_path, "federated")
 
     def learned() -> dict[str, Any] | None:
         status = get_md(cluster, namespace, NAME).get("status") or {}
@@ -250,3 +261,113 @@ def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_per_site_each_site_keeps_its_own_adapter_its_supernode_serves_it_and_its_edge_answers_with_it(
+    cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
+) -> None:
+    texts = _learn(cluster, namespace, tmp_path, "perSite")
+
+    def kept() -> list[dict[str, Any]] | None:
+        learning = (get_md(cluster, namespace, NAME).get("status") or {}).get("learning") or {}
+        found = learning.get("siteAdapters") or []
+        return found if len(found) == len(SITES) else None
+
+    by_site = {k["site"]: k for k in wait(kept, 90, "status.learning.siteAdapters")}
+    learning = get_md(cluster, namespace, NAME)["status"]["learning"]
+    assert "adapter" not in learning  # nothing was averaged: there is no global adapter
+    supernodes = {
+        d["spec"]["template"]["spec"]["nodeSelector"]["kiri.dev/site"]: d for d in texts["supernodes"]
+    }
+    for site, entry in by_site.items():
+        name = supernodes[site]["metadata"]["name"]
+        assert entry["uri"] == f"http://{name}.{namespace}.svc:8080/round-0001.onnx_adapter"
+        local = tmp_path / f"kept-{site}" / "round-0001.onnx_adapter"  # where the site kept it, here
+        assert entry["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest()
+        held = entry["heldOut"]
+        assert held["adapter"] < held["base"], (site, held)  # on the site's own held-out text
+    # Nothing of the adapters went to the store the cloud writes.
+    assert not list((tmp_path / "store").rglob("*.onnx_adapter"))
+    assert len({k["sha256"] for k in by_site.values()}) == len(SITES)
+
+    # After its only round, each site's SuperNode (and its store and Service) stays; the SuperLink goes.
+    wait(lambda: not deployments(cluster, namespace, "superlink"), 90, "the SuperLink removed")
+    assert len(deployments(cluster, namespace, "supernode")) == len(SITES)
+    for d in supernodes.values():
+        assert (
+            cluster.get_json("service", d["metadata"]["name"], "-n", namespace)["spec"]["ports"][0]["port"]
+            == 8080
+        )
+
+    def rolled() -> dict[str, dict[str, Any]] | None:
+        sites = _site_status(cluster, namespace)
+        done = [
+            s
+            for s in sites.values()
+            if s.get("default") == "learned"
+            and s.get("revision") == s.get("updateRevision")
+            and s.get("nodes")
+        ]
+        return sites if len(done) == len(SITES) else None
+
+    sites = wait(rolled, 240, "every site serving its own adapter")
+    assert len({s["revision"] for s in sites.values()}) == len(SITES)  # one name, three different adapters
+    (daemonset,) = [
+        d for d in children(cluster, namespace, NAME, "daemonsets")
+        if d["metadata"]["labels"].get("kiri.dev/adapters") == sites["site-a"]["revision"]
+    ]  # fmt: skip
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    rendered: list[str] = list(container["args"])
+    assert json.loads(_flag(rendered, "--adapter")) == {
+        "name": "learned",
+        "uri": by_site["site-a"]["uri"],
+        "sha256": by_site["site-a"]["sha256"],
+    }
+
+    # Site a's store and edge, here: the edge fetches site a's adapter from site a's SuperNode (the Service's
+    # name resolves only in the cluster, so the URI points at the store's local port), checks its sha256, and the
+    # bare model name answers with it: site a's text scores better than under the base model.
+    kubelet = Kubelet(cluster, namespace, tmp_path)
+    proc = None
+    try:
+        store_port = kubelet.site_store(supernodes["site-a"])
+        fetched = httpx.get(f"http://127.0.0.1:{store_port}/round-0001.onnx_adapter", timeout=10)
+        assert hashlib.sha256(fetched.content).hexdigest() == by_site["site-a"]["sha256"]
+        assert (
+            httpx.put(f"http://127.0.0.1:{store_port}/x.onnx_adapter", content=b"x", timeout=10).status_code
+            == 405
+        )
+        local_uri = by_site["site-a"]["uri"].replace(
+            f"{supernodes['site-a']['metadata']['name']}.{namespace}.svc:8080", f"127.0.0.1:{store_port}"
+        )
+        adapter_arg = json.dumps({"name": "learned", "uri": local_uri, "sha256": by_site["site-a"]["sha256"]})
+        port = free_port()
+        local = {
+            "--host": "127.0.0.1",
+            "--port": str(port),
+            "--cache-dir": str(tmp_path / "edge-cache"),
+            "--adapter": adapter_arg,
+        }
+        edge_args = [local.get(rendered[i - 1], a) if i else a for i, a in enumerate(rendered)]
+        log = (tmp_path / "edge.log").open("wb")
+        proc = subprocess.Popen([*KIRI, *edge_args, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        Cluster.wait_for(ready, 120, 0.3, f"edge kiri serve\n{(tmp_path / 'edge.log').read_text()[-2000:]}")
+        from lm_sites import write_site
+
+        own = [
+            json.loads(line)["text"]
+            for line in write_site(tmp_path / "eval-a", SITES["site-a"], 20, seed=5).read_text().splitlines()
+        ]
+        assert _mean_nll(port, MODEL, own) < _mean_nll(port, f"{MODEL}:base", own)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(15)
+        kubelet.stop()
