@@ -258,6 +258,8 @@ def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves
         named = _mean_nll(port, f"{MODEL}:learned", lines)
         assert math.isclose(bare, named, rel_tol=1e-6)  # the site's default is the learned adapter
         assert bare < base, (bare, base)
+        print(f"federated: held-out ppl base {held['base']} adapter {held['adapter']}; served edge nll "
+              f"base {base:.4f} learned {bare:.4f}")  # fmt: skip
     finally:
         proc.terminate()
         proc.wait(15)
@@ -365,7 +367,12 @@ def test_per_site_each_site_keeps_its_own_adapter_its_supernode_serves_it_and_it
             json.loads(line)["text"]
             for line in write_site(tmp_path / "eval-a", SITES["site-a"], 20, seed=5).read_text().splitlines()
         ]
-        assert _mean_nll(port, MODEL, own) < _mean_nll(port, f"{MODEL}:base", own)
+        mine, base = _mean_nll(port, MODEL, own), _mean_nll(port, f"{MODEL}:base", own)
+        assert mine < base, (mine, base)
+        held = {site: (k["heldOut"]["base"], k["heldOut"]["adapter"]) for site, k in by_site.items()}
+        print(
+            f"perSite: held-out ppl (base, adapter) {held}; site a's edge nll base {base:.4f} own {mine:.4f}"
+        )
     finally:
         if proc is not None:
             proc.terminate()
