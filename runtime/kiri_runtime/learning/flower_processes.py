@@ -19,11 +19,19 @@ to every caller: in Flower without account authentication the Control API is ope
 and left open, anything that reaches the port could register a key of its own and join as a site. The sites
 are exactly the mounted keys; changing them is changing the pod. Which node id each site's key got goes to
 the ServerApp (`node_keys.registered_sites`), which admits a node only as that site.
+
+The Runtime API stays in the pod (`--isolation subprocess`): Flower 1.42 serves the Fleet, Control and Runtime
+(ServerAppIo) APIs on one HTTP socket (`--host`, `--port`), and has no flag to bind the Runtime API apart. The
+ServerApp runs in this pod, and its SuperExec and `flwr-serverapp` reach the Runtime API on 127.0.0.1; Flower
+checks no credential there without `--superexec-auth-secret-file`, which the SuperExec it starts itself is
+never given. So `/v1/runtime/*` answers 403 to every peer that is not loopback: a SuperNode or the round Job,
+which reach the port, cannot claim the ServerApp's task or pull its messages.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
@@ -45,6 +53,10 @@ NODE_ROUTES = frozenset(
     for name in ("register-node", "unregister-node", "add-node-to-federation", "remove-node-from-federation")
 )
 """The Control API routes that change which SuperNodes may join: closed on the wire when Kiri registers."""
+ISOLATION_FLAG = "--isolation"
+RUNTIME_PREFIX = ("v1", "runtime")
+"""The Runtime (ServerAppIo) API's routes: `/v1/runtime/...`, loopback peers only under subprocess isolation."""
+RUNTIME_API_LOCAL = "the SuperLink's Runtime API answers only inside its own pod (kiri flower-superlink, --isolation subprocess)"
 REGISTRATION_CLOSED = (
     "SuperNode registration is closed on this SuperLink: it registers the public keys mounted from the "
     "operator's Secrets at start (kiri flower-superlink --supernode-public-keys)"
@@ -121,6 +133,62 @@ class NodeRegistrationClosed:
         await self.app(scope, receive, send)
 
 
+def _loopback(client: Any) -> bool:
+    try:
+        address = ipaddress.ip_address(str(client[0]))
+    except (TypeError, IndexError, ValueError):
+        return False  # no peer address (or a name, as test clients give): not provably this pod
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+class RuntimeApiLocal:
+    """ASGI middleware: the Runtime API's routes answer 403 to every peer that is not loopback. The path is
+    compared by its segments, so `//v1//runtime/` or a trailing `/` cannot slip past."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            parts = tuple(p for p in str(scope.get("path", "")).split("/") if p)
+            if parts[: len(RUNTIME_PREFIX)] == RUNTIME_PREFIX and not _loopback(scope.get("client")):
+                body = json.dumps({"detail": RUNTIME_API_LOCAL}).encode()
+                headers = [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ]
+                await send({"type": "http.response.start", "status": 403, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def keep_runtime_api_local() -> None:
+    """Make the SuperLink's app answer the Runtime API to loopback peers only (`RuntimeApiLocal`)."""
+    from flwr.superlink import main
+
+    create_app = main.create_app
+
+    def create_local_app(config: Any = None, lifespan_class: Any = None) -> Any:
+        app = create_app(config, lifespan_class)
+        app.add_middleware(RuntimeApiLocal)
+        return app
+
+    main.create_app = create_local_app  # type: ignore[assignment]
+
+
+def _subprocess_isolation(flower_args: list[str]) -> bool:
+    """Flower's own default is `subprocess`; `--isolation process` runs the ServerApp outside this pod."""
+    value = "subprocess"
+    for i, arg in enumerate(flower_args):
+        if arg == ISOLATION_FLAG and i + 1 < len(flower_args):
+            value = flower_args[i + 1]
+        elif arg.startswith(ISOLATION_FLAG + "="):
+            value = arg.split("=", 1)[1]
+    return value == "subprocess"
+
+
 def register_at_start(keys: Mapping[str, bytes]) -> None:
     """Make the SuperLink's app register `keys` once its state exists, and close node registration on it."""
     from flwr.superlink import main
@@ -156,6 +224,8 @@ def _superlink(args: argparse.Namespace) -> int:
                 f"{KEYS_FLAG}: unset {LEGACY_GRPC_CONTROL_ENV} (it opens node registration again)"
             )
         register_at_start(read_public_keys(Path(args.supernode_public_keys)))
+    if _subprocess_isolation(args.flower_args):
+        keep_runtime_api_local()
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *args.flower_args]
