@@ -14,6 +14,14 @@
   API (`kiri_runtime.learning.flower_processes`), so a SuperNode without a registered key cannot join. It mounts
   the artifact store (the base weights, the held-out set, the round records) and, for the privacy ledger
   ConfigMap only, a projected API token.
+* `<md>-superlink` (NetworkPolicy): the SuperLink's pod admits, on its one port, only this ModelDeployment's
+  SuperNodes (the Fleet API) and its round Jobs (the Control API, `kiri learn-round`). Flower 1.42 serves the
+  Fleet, Control and Runtime APIs on that one HTTP port (`CONTROL_PORT` is `FLEET_PORT`), so the policy cannot
+  tell a SuperNode's Control API call from its Fleet API call: the node-management Control routes answer 403
+  (`flower_processes.NodeRegistrationClosed`), and the Runtime API answers only loopback peers
+  (`flower_processes.RuntimeApiLocal`).
+* `<md>-supernodes` (NetworkPolicy): no ingress to any of its SuperNodes' pods (they only dial out; their own
+  Runtime API is on 127.0.0.1).
 * `<md>-supernode-<site>` (Deployment per site): `flower-supernode` pinned to that site's edge nodes, trusting
   only `ca.crt` (the one key of the TLS Secret it mounts), signing its requests with its own site's private key
   (the one key of its site's Secret it mounts), its site data mounted read-only from the host, no API token.
@@ -36,6 +44,8 @@ from kiri_operator.plans import SECRET_SUPERNODE_KEY, SecretRequest
 from kiri_runtime.learning.node_keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 
 FLEET_PORT = 9092
+CONTROL_PORT = FLEET_PORT
+"""Flower 1.42 serves the Control API (run submission, `flwr run`) on the Fleet API's HTTP port (`--port`)."""
 TLS_MOUNT = "/var/run/kiri/flower-tls"
 NODE_KEY_MOUNT = "/var/run/kiri/supernode-key"
 """In a SuperNode's pod: its own site's private key, `supernode.key`."""
@@ -44,6 +54,8 @@ NODE_KEYS_MOUNT = "/var/run/kiri/supernode-keys"
 SITE_DATA_MOUNT = "/var/lib/kiri/site-data.npz"
 ROLE_SUPERLINK = "superlink"
 ROLE_SUPERNODE = "supernode"
+ROLE_ROUND = "round"
+"""The round Job's pods (`learning.round_objects`): `kiri learn-round` submits the round on the Control API."""
 _SLUG = re.compile(r"[^a-z0-9-]+")
 # Flower keeps its config home and the apps' bundles under these: the root filesystem is read-only.
 _ENV = [
@@ -51,6 +63,10 @@ _ENV = [
     {"name": "FLWR_HOME", "value": "/tmp/flwr"},
     {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
 ]
+
+
+def supernodes_policy_name(md: str) -> str:
+    return L.child_name(md, "supernodes")
 
 
 def tls_secret_name(md: str) -> str:
@@ -120,6 +136,55 @@ def secret_object(request: SecretRequest, data: dict[str, str]) -> dict[str, Any
 
 def _labels(owner: B.Owner, role: str) -> dict[str, str]:
     return {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROLE: role}
+
+
+def role_selector(md: str, role: str) -> dict[str, str]:
+    """This ModelDeployment's learning pods of one role (`ROLE_SUPERLINK`, `ROLE_SUPERNODE`, `ROLE_ROUND`):
+    the labels every such pod carries and another ModelDeployment's never do (`kiri.dev/modeldeployment`)."""
+    return {**L.selector_labels(md), L.COMPONENT: L.COMPONENT_LEARNING, L.LEARNING_ROLE: role}
+
+
+def _network_policy(name: str, labels: dict[str, str], spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": B._metadata(name, labels),
+        "spec": spec,
+    }
+
+
+def superlink_network_policy(owner: B.Owner) -> dict[str, Any]:
+    """Who reaches the SuperLink's pod: this ModelDeployment's SuperNodes on the Fleet API's port, its round
+    Jobs on the Control API's (the same port in Flower 1.42), no one else (the policy selects the pod, so
+    whatever no rule admits is refused). Peers are pods of this namespace: no `namespaceSelector`."""
+    md = owner.name
+    spec = {
+        "podSelector": {"matchLabels": role_selector(md, ROLE_SUPERLINK)},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {
+                "from": [{"podSelector": {"matchLabels": role_selector(md, ROLE_SUPERNODE)}}],
+                "ports": [{"protocol": "TCP", "port": FLEET_PORT}],
+            },
+            {
+                "from": [{"podSelector": {"matchLabels": role_selector(md, ROLE_ROUND)}}],
+                "ports": [{"protocol": "TCP", "port": CONTROL_PORT}],
+            },
+        ],
+    }
+    policy = _network_policy(superlink_name(md), _labels(owner, ROLE_SUPERLINK), spec)
+    return B.finish(policy, owner)
+
+
+def supernodes_network_policy(owner: B.Owner) -> dict[str, Any]:
+    """No ingress to this ModelDeployment's SuperNodes: they dial the SuperLink and listen on nothing else."""
+    spec = {
+        "podSelector": {"matchLabels": role_selector(owner.name, ROLE_SUPERNODE)},
+        "policyTypes": ["Ingress"],
+        "ingress": [],
+    }
+    policy = _network_policy(supernodes_policy_name(owner.name), _labels(owner, ROLE_SUPERNODE), spec)
+    return B.finish(policy, owner)
 
 
 def container(

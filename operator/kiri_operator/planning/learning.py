@@ -311,7 +311,7 @@ def round_objects(
     sched = learning.schedule
     deadline = sched.deadline_seconds + 600
     labels = {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROUND: str(n)}
-    labels[L.LEARNING_ROLE] = "round"
+    labels[L.LEARNING_ROLE] = F.ROLE_ROUND
     # Paths in the SuperLink's pod, where the ServerApp runs (federation_objects mounts them there).
     weights_path, _, _ = _local(base_weights, "/weights", "weights")
     eval_path, _, _ = _local(learning.eval_data_uri, "/eval", "eval")
@@ -386,7 +386,8 @@ def federation_objects(
     *,
     registered: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The SuperLink (Deployment, Service) and one SuperNode per site in `sites`: wanted while rounds remain.
+    """The SuperLink (Deployment, Service, NetworkPolicy), one SuperNode per site in `sites` and the
+    SuperNodes' NetworkPolicy: wanted while rounds remain.
     The SuperLink lets in the SuperNodes of `registered` (all the spec's sites; `sites` by default): a round
     that picks fewer sites changes which SuperNodes run, not the SuperLink's pod (which would restart it)."""
     learning = spec.learning
@@ -405,7 +406,9 @@ def federation_objects(
     nodes = [F.supernode(spec, owner, site) for site in sites]
     if m_vols:
         nodes = [_with_mounts(node, owner, m_vols, m_mounts) for node in nodes]
-    return [*link, *nodes]
+    # Who may reach the SuperLink (its SuperNodes, its round Jobs) and that no one reaches a SuperNode.
+    policies = [F.superlink_network_policy(owner), F.supernodes_network_policy(owner)]
+    return [*link, *nodes, *policies]
 
 
 def _with_mounts(

@@ -307,7 +307,7 @@ def test_a_round_over_fewer_sites_leaves_the_superlinks_pod_and_its_registered_s
 def test_between_rounds_the_federation_stays_up_and_no_round_job_is_wanted() -> None:
     lp = learning.plan_learning(_spec(), _observed(_record(1, minutes_ago=1)), OWNER, variant_sizes={})
     kinds = sorted(k for k, _ in _kinds(lp.children))
-    assert kinds == ["Deployment", "Deployment", "Deployment", "Service"]
+    assert kinds == ["Deployment", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "Service"]
 
 
 def test_trimmed_mean_with_secure_aggregation_is_refused_and_says_what_to_set() -> None:
