@@ -7,19 +7,19 @@
 * `<md>-supernode-key-<site>` (Secret per site): that site's SuperNode authentication key pair
   (`kiri_runtime.learning.node_keys`), created the same way (`node_key_request`): `supernode.key` for the
   site's SuperNode only, `supernode.pub` for the SuperLink.
-* `<md>-superlink` (Deployment + Service): `flower-superlink` on a cloud node, TLS on its one port, running Kiri's
-  ServerApp for each round (subprocess isolation, no runtime dependency installation), with SuperNode
-  authentication on: it mounts only the public keys of the spec's sites (one projected volume, one
-  `<site>.pub` item from each site's Secret), registers them at start and closes registration on its Control
-  API (`kiri_runtime.learning.flower_processes`), so a SuperNode without a registered key cannot join. It mounts
+* `<md>-superlink` (Deployment + Service): `flower-superlink` on a cloud node, TLS on its two ports (the Fleet
+  API's, the Control API's), running Kiri's ServerApp for each round (subprocess isolation, no runtime
+  dependency installation), with SuperNode authentication on: it mounts only the public keys of the spec's
+  sites (one projected volume, one `<site>.pub` item from each site's Secret), registers them at start and
+  closes registration on its Control API (`kiri_runtime.learning.flower_processes`), so a SuperNode without a
+  registered key cannot join. It mounts
   the artifact store (the base weights, the held-out set, the round records) and, for the privacy ledger
   ConfigMap only, a projected API token.
-* `<md>-superlink` (NetworkPolicy): the SuperLink's pod admits, on its one port, only this ModelDeployment's
-  SuperNodes (the Fleet API) and its round Jobs (the Control API, `kiri learn-round`). Flower 1.42 serves the
-  Fleet, Control and Runtime APIs on that one HTTP port (`CONTROL_PORT` is `FLEET_PORT`), so the policy cannot
-  tell a SuperNode's Control API call from its Fleet API call: the node-management Control routes answer 403
-  (`flower_processes.NodeRegistrationClosed`), and the Runtime API answers only loopback peers
-  (`flower_processes.RuntimeApiLocal`).
+* `<md>-superlink` (NetworkPolicy): the SuperLink's pod admits this ModelDeployment's SuperNodes on the Fleet
+  API's port and its round Jobs on the Control API's (`kiri learn-round`), and no one else. The two APIs are
+  apart because `kiri flower-superlink --control-port` serves the Control API on a port of its own and on no
+  other (Flower 1.42 alone serves the Fleet, Control and Runtime APIs on one port); the Runtime API, on the
+  Fleet port, answers only loopback peers (`flower_processes.RuntimeApiLocal`): the ServerApp is in this pod.
 * `<md>-supernodes` (NetworkPolicy): no ingress to any of its SuperNodes' pods (they only dial out; their own
   Runtime API is on 127.0.0.1).
 * `<md>-supernode-<site>` (Deployment per site): `flower-supernode` pinned to that site's edge nodes, trusting
@@ -44,8 +44,9 @@ from kiri_operator.plans import SECRET_SUPERNODE_KEY, SecretRequest
 from kiri_runtime.learning.node_keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 
 FLEET_PORT = 9092
-CONTROL_PORT = FLEET_PORT
-"""Flower 1.42 serves the Control API (run submission, `flwr run`) on the Fleet API's HTTP port (`--port`)."""
+CONTROL_PORT = 9093
+"""The Control API (run submission, `flwr run`): on a port of its own (`kiri flower-superlink --control-port`;
+Flower 1.42 alone would serve it on the Fleet API's), so that a NetworkPolicy can tell who reaches which."""
 TLS_MOUNT = "/var/run/kiri/flower-tls"
 NODE_KEY_MOUNT = "/var/run/kiri/supernode-key"
 """In a SuperNode's pod: its own site's private key, `supernode.key`."""
@@ -91,7 +92,13 @@ def node_key_secret_name(md: str, site: str) -> str:
 
 
 def superlink_address(owner: B.Owner) -> str:
+    """The Fleet API, which the SuperNodes dial."""
     return f"{superlink_name(owner.name)}.{owner.namespace}.svc:{FLEET_PORT}"
+
+
+def control_address(owner: B.Owner) -> str:
+    """The Control API, which the round Job submits the round to."""
+    return f"{superlink_name(owner.name)}.{owner.namespace}.svc:{CONTROL_PORT}"
 
 
 def tls_request(owner: B.Owner) -> SecretRequest:
@@ -155,8 +162,8 @@ def _network_policy(name: str, labels: dict[str, str], spec: dict[str, Any]) -> 
 
 def superlink_network_policy(owner: B.Owner) -> dict[str, Any]:
     """Who reaches the SuperLink's pod: this ModelDeployment's SuperNodes on the Fleet API's port, its round
-    Jobs on the Control API's (the same port in Flower 1.42), no one else (the policy selects the pod, so
-    whatever no rule admits is refused). Peers are pods of this namespace: no `namespaceSelector`."""
+    Jobs on the Control API's, no one else (the policy selects the pod, so whatever no rule admits is
+    refused). Peers are pods of this namespace: no `namespaceSelector`."""
     md = owner.name
     spec = {
         "podSelector": {"matchLabels": role_selector(md, ROLE_SUPERLINK)},
@@ -268,6 +275,7 @@ def superlink(
         "--ssl-keyfile", tls + "tls.key",
         "--host", "0.0.0.0",
         "--port", str(FLEET_PORT),
+        "--control-port", str(CONTROL_PORT),
         "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
         "--enable-supernode-auth",
@@ -281,7 +289,10 @@ def superlink(
         B.api_token_mount(),  # the ServerApp writes the privacy ledger ConfigMap before it aggregates
     ]
     link = container(spec, "superlink", command, mounts)
-    link["ports"] = [{"name": "fleet", "containerPort": FLEET_PORT}]
+    link["ports"] = [
+        {"name": "fleet", "containerPort": FLEET_PORT},
+        {"name": "control", "containerPort": CONTROL_PORT},
+    ]
     link["readinessProbe"] = {"tcpSocket": {"port": FLEET_PORT}, "periodSeconds": 5}
     pod = B.pod_identity(
         spec,
@@ -306,7 +317,10 @@ def superlink(
         "metadata": B._metadata(superlink_name(owner.name), labels),
         "spec": {
             "selector": {**L.selector_labels(owner.name), L.LEARNING_ROLE: ROLE_SUPERLINK},
-            "ports": [{"name": "fleet", "port": FLEET_PORT, "targetPort": FLEET_PORT}],
+            "ports": [
+                {"name": "fleet", "port": FLEET_PORT, "targetPort": FLEET_PORT},
+                {"name": "control", "port": CONTROL_PORT, "targetPort": CONTROL_PORT},
+            ],
         },
     }
     return [B.finish(_deployment(superlink_name(owner.name), labels, pod), owner), B.finish(service, owner)]

@@ -321,7 +321,7 @@ def round_objects(
     config = run_config(spec, owner, n, chosen, weights_path, eval_path, layout)
     round_args = [
         "learn-round",
-        "--superlink", F.superlink_address(owner),
+        "--superlink", F.control_address(owner),
         "--root-certificates", f"{F.TLS_MOUNT}/ca.crt",
         "--run-config-json", json.dumps(config, sort_keys=True),
         "--work-dir", "/tmp/kiri-round",

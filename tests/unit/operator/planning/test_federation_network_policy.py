@@ -150,13 +150,13 @@ def test_the_superlink_policy_admits_supernodes_on_the_fleet_port_and_round_jobs
                         }
                     }
                 ],
-                "ports": [{"protocol": "TCP", "port": 9092}],
+                "ports": [{"protocol": "TCP", "port": 9093}],
             },
         ],
     }
 
 
-def test_the_superlink_policy_selects_the_superlinks_pod_and_the_port_it_and_its_service_serve() -> None:
+def test_the_superlink_policy_selects_the_superlinks_pod_and_the_ports_it_and_its_service_serve() -> None:
     objs = _plan()
     policy = _one(objs, "NetworkPolicy", F.superlink_name("md"))
     link = _one(objs, "Deployment", F.superlink_name("md"))
@@ -165,11 +165,18 @@ def test_the_superlink_policy_selects_the_superlinks_pod_and_the_port_it_and_its
         assert not _matches(policy["spec"]["podSelector"], _pod_labels(node))
     container = link["spec"]["template"]["spec"]["containers"][0]
     cmd = container["command"]
-    port = int(cmd[cmd.index("--port") + 1])
-    assert {p["containerPort"] for p in container["ports"]} == {port}
+    fleet, control = int(cmd[cmd.index("--port") + 1]), int(cmd[cmd.index("--control-port") + 1])
+    assert (fleet, control) == (F.FLEET_PORT, F.CONTROL_PORT) and fleet != control
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("fleet", fleet),
+        ("control", control),
+    ]
     service = _one(objs, "Service", F.superlink_name("md"))
-    assert {p["targetPort"] for p in service["spec"]["ports"]} == {port}
-    assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {port}
+    assert [(p["name"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("fleet", fleet),
+        ("control", control),
+    ]
+    assert [[p["port"] for p in rule["ports"]] for rule in policy["spec"]["ingress"]] == [[fleet], [control]]
 
 
 def test_a_round_jobs_pods_reach_the_control_port_and_its_supernodes_pods_the_fleet_port() -> None:

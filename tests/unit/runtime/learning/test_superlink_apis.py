@@ -1,5 +1,7 @@
-"""`kiri flower-superlink --isolation subprocess`: the Runtime (ServerAppIo) API, which Flower 1.42 serves on the
-same socket as the Fleet and Control APIs, answers only peers inside the SuperLink's own pod (loopback)."""
+"""Which of the SuperLink's APIs answers whom, on which port. Flower 1.42 serves the Fleet, Control and Runtime
+(ServerAppIo) APIs on one socket; `kiri flower-superlink` keeps the Runtime API to peers inside its own pod
+(loopback) under `--isolation subprocess`, and with `--control-port` serves the Control API on that port alone.
+The real process on two sockets: tests/integration/learning/test_supernode_auth.py."""
 
 from __future__ import annotations
 
@@ -21,9 +23,14 @@ PROTOBUF = {"content-type": "application/protobuf"}
 
 @pytest.fixture
 def create_app(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """flwr.superlink.main, whose `create_app` (and the entry point's `uvicorn`) the tests patch: undone after."""
+    import importlib
+
     from flwr.superlink import main
 
-    monkeypatch.setattr(main, "create_app", main.create_app)  # undone after the test: the patch is global
+    entry = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    monkeypatch.setattr(main, "create_app", main.create_app)
+    monkeypatch.setattr(entry, "uvicorn", entry.uvicorn)
     return main
 
 
@@ -108,3 +115,60 @@ def test_kiri_flower_superlink_closes_the_runtime_api_to_other_pods_only_under_s
     monkeypatch.setattr(flower_cli, "flower_superlink", flower_superlink)
     cli.main(["flower-superlink", "--insecure", "--isolation", isolation])
     assert answered == [status]
+
+
+def test_the_control_api_answers_on_its_own_port_only_and_that_port_answers_nothing_else(
+    create_app: Any,
+) -> None:
+    flower_processes.serve_control_apart(19093)
+    app = create_app.create_app()
+    # TestClient gives the app the base URL's port as the local port of the connection (`scope["server"]`).
+    fleet_port = TestClient(app, base_url="http://md-superlink.ns.svc:19092", client=POD_PEER)
+    control_port = TestClient(app, base_url="http://md-superlink.ns.svc:19093", client=POD_PEER)
+    refused = fleet_port.post("/v1/control/list-runs", content=b"", headers=PROTOBUF)
+    assert refused.status_code == 403
+    assert refused.json() == {"detail": flower_processes.control_elsewhere(19093)}
+    assert control_port.post("/v1/control/list-runs", content=b"", headers=PROTOBUF).status_code == 200
+    for path in ["/v1/fleet/get-run", "/v1/runtime/acquire-task", "/health", "/docs"]:
+        other = control_port.post(path, content=b"", headers=PROTOBUF)
+        assert other.status_code == 403 and other.json() == {"detail": flower_processes.control_only(19093)}
+    fleet = fleet_port.post("/v1/fleet/get-run", content=b"", headers=PROTOBUF)
+    assert fleet.status_code == 401 and fleet.json() == {"detail": "Invalid SuperNode authentication"}
+
+
+def test_without_control_port_flowers_one_port_serves_the_control_api_as_before(create_app: Any) -> None:
+    app = create_app.create_app()
+    one_port = TestClient(app, base_url="http://127.0.0.1:9092", client=POD_PEER)
+    assert one_port.post("/v1/control/list-runs", content=b"", headers=PROTOBUF).status_code == 200
+
+
+def test_kiri_flower_superlink_control_port_serves_the_app_on_both_sockets_with_the_same_settings(
+    create_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+    from flwr.superlink import cli as flower_cli
+
+    from kiri_operator import cli
+
+    bound: list[tuple[str, int]] = []
+    served: list[tuple[Any, list[tuple[str, int]]]] = []
+
+    def bind_socket(config: uvicorn.Config) -> Any:
+        bound.append((config.host, config.port))
+        return (config.host, config.port)
+
+    def run(server: uvicorn.Server, sockets: list[Any]) -> None:
+        served.append((server.config.ssl_certfile, sockets))
+
+    def flower_superlink() -> None:  # what Flower's entry point does once it has parsed its flags
+        import importlib
+
+        entry = importlib.import_module("flwr.superlink.cli.flower_superlink")
+        entry.uvicorn.run(app=create_app.create_app(), host="0.0.0.0", port=9092, ssl_certfile="tls.crt")
+
+    monkeypatch.setattr(uvicorn.Config, "bind_socket", bind_socket)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.setattr(flower_cli, "flower_superlink", flower_superlink)
+    cli.main(["flower-superlink", "--control-port", "9093", "--port", "9092"])
+    assert bound == [("0.0.0.0", 9092), ("0.0.0.0", 9093)]
+    assert served == [("tls.crt", [("0.0.0.0", 9092), ("0.0.0.0", 9093)])]
