@@ -253,15 +253,20 @@ def keep_runtime_api_local() -> None:
     main.create_app = create_local_app  # type: ignore[assignment]
 
 
+def _flag_values(flower_args: list[str], flag: str) -> list[str]:
+    """Every value `flag` is given in Flower's arguments (`--flag value` or `--flag=value`), in order."""
+    values = []
+    for i, arg in enumerate(flower_args):
+        if arg == flag and i + 1 < len(flower_args):
+            values.append(flower_args[i + 1])
+        elif arg.startswith(flag + "="):
+            values.append(arg.split("=", 1)[1])
+    return values
+
+
 def _subprocess_isolation(flower_args: list[str]) -> bool:
     """Flower's own default is `subprocess`; `--isolation process` runs the ServerApp outside this pod."""
-    value = "subprocess"
-    for i, arg in enumerate(flower_args):
-        if arg == ISOLATION_FLAG and i + 1 < len(flower_args):
-            value = flower_args[i + 1]
-        elif arg.startswith(ISOLATION_FLAG + "="):
-            value = arg.split("=", 1)[1]
-    return value == "subprocess"
+    return ["subprocess", *_flag_values(flower_args, ISOLATION_FLAG)][-1] == "subprocess"
 
 
 def register_at_start(keys: Mapping[str, bytes]) -> None:
@@ -302,6 +307,8 @@ def _superlink(args: argparse.Namespace) -> int:
     if _subprocess_isolation(args.flower_args):
         keep_runtime_api_local()
     if args.control_port is not None:
+        if str(args.control_port) in _flag_values(args.flower_args, "--port"):
+            raise SystemExit(f"{CONTROL_PORT_FLAG} {args.control_port}: must differ from --port")
         serve_control_apart(args.control_port)
     from flwr.superlink.cli import flower_superlink
 

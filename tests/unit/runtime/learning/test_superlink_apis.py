@@ -172,3 +172,11 @@ def test_kiri_flower_superlink_control_port_serves_the_app_on_both_sockets_with_
     cli.main(["flower-superlink", "--control-port", "9093", "--port", "9092"])
     assert bound == [("0.0.0.0", 9092), ("0.0.0.0", 9093)]
     assert served == [("tls.crt", [("0.0.0.0", 9092), ("0.0.0.0", 9093)])]
+
+
+def test_a_control_port_equal_to_the_fleet_port_is_refused_before_flower_starts(create_app: Any) -> None:
+    from kiri_operator import cli
+
+    for args in (["--port", "9092"], ["--port=9092"]):
+        with pytest.raises(SystemExit, match="--control-port 9092: must differ from --port"):
+            cli.main(["flower-superlink", "--control-port", "9092", *args, "--insecure"])
