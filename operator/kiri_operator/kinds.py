@@ -63,7 +63,8 @@ def _child(kind: str, group: str, plural: str, apply_order: int, immutable: bool
 
 
 # Children in the order the warm-up lists them; `apply_order` puts dependencies first: the Job's account
-# before the Job, the Service before the pods that fall back to it.
+# before the Job, the Service before the pods that fall back to it, the learning pods' NetworkPolicies before
+# the pods they guard.
 CHILDREN: Final = (
     _child("Deployment", "apps", "deployments", 4),
     _child("Service", "", "services", 3),
@@ -73,6 +74,7 @@ CHILDREN: Final = (
     _child("ServiceAccount", "", "serviceaccounts", 0),
     _child("Role", "rbac.authorization.k8s.io", "roles", 1),
     _child("RoleBinding", "rbac.authorization.k8s.io", "rolebindings", 2),
+    _child("NetworkPolicy", "networking.k8s.io", "networkpolicies", 3),
 )
 MODEL_DEPLOYMENT: Final = Kind(MD_KIND, MD_GROUP, MD_VERSION, MD_PLURAL)
 POD: Final = Kind("Pod", "", "v1", "pods")

@@ -61,7 +61,9 @@ class Kubelet:
     def __init__(self, cluster: Cluster, namespace: str, tmp: Path) -> None:
         self.cluster, self.namespace, self.tmp = cluster, namespace, tmp
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.port = free_port()
+        self.port, self.control_port = free_port(), free_port()
+        self.control = ""
+        """The SuperLink's Control API address (its `--control-port`), which the round Job submits to."""
         (tmp / "resolver").mkdir(exist_ok=True)
         (tmp / "resolver" / "sitecustomize.py").write_text(SVC_RESOLVER)
         bin_dir = str(Path(sys.executable).parent)
@@ -132,7 +134,9 @@ class Kubelet:
         pod = deployment["spec"]["template"]["spec"]
         cmd = self._local(pod["containers"][0]["command"], self.mount_secrets("superlink", pod))
         cmd = swap(swap(cmd, "--port", str(self.port)), "--host", "127.0.0.1")
+        cmd = swap(cmd, "--control-port", str(self.control_port))
         self.start("superlink", cmd)
+        self.control = f"{deployment['metadata']['name']}.{self.namespace}.svc:{self.control_port}"
         end = time.monotonic() + 60
         while time.monotonic() < end:
             with socket.socket() as s:

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kiri_operator import kinds
+
 from .conftest import REPO_ROOT, Cluster
 
 pytestmark = pytest.mark.timeout(300)
@@ -217,6 +219,15 @@ def test_rbac_is_least_privilege(helm_env: dict[str, str], values: tuple[str, ..
     ]  # fmt: skip
     for group, resource in (("apps", "daemonsets"), ("apps", "deployments"), ("batch", "jobs")):
         assert {"create", "patch", "delete"} <= verbs(group, resource)
+    # Every child kind the operator watches, lists, applies and deletes (the kind registry, not a copy of it):
+    # one the chart forgot would fail the operator's watch at start.
+    for child in kinds.children(accounts=False):
+        assert {"get", "list", "watch", "create", "patch", "delete"} <= verbs(child.group, child.plural), (
+            child
+        )
+    assert verbs("networking.k8s.io", "networkpolicies") == {
+        "get", "list", "watch", "create", "patch", "update", "delete",
+    }  # fmt: skip
 
     cluster_roles = by_kind(docs, "ClusterRole")
     roles = [r for r in roles_of(docs) if r["metadata"]["name"] == "kiri"]

@@ -115,7 +115,16 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
     nodes_ = wait(
         lambda: (d := deployments(cluster, namespace, "supernode")) and len(d) == 3 and d, 90, "SuperNodes"
     )
-    assert cluster.get_json("service", "lm-superlink", "-n", namespace)["spec"]["ports"][0]["port"] == 9092
+    service = cluster.get_json("service", "lm-superlink", "-n", namespace)
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("fleet", 9092), ("control", 9093)]
+    # The API server took the NetworkPolicies (it validates them): the SuperLink's and the SuperNodes'.
+    policies = cluster.get_json("networkpolicies", "-n", namespace, "-l", "kiri.dev/modeldeployment=lm")[
+        "items"
+    ]
+    assert sorted(p["metadata"]["name"] for p in policies) == ["lm-superlink", "lm-supernodes"]
+    assert {p["metadata"]["ownerReferences"][0]["name"] for p in policies} == {"lm"}
+    (link_policy,) = [p for p in policies if p["metadata"]["name"] == "lm-superlink"]
+    assert [[q["port"] for q in r["ports"]] for r in link_policy["spec"]["ingress"]] == [[9092], [9093]]
     nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in cluster.get_json("nodes")["items"]}
 
     def scheduled() -> list[dict[str, Any]] | None:
@@ -166,7 +175,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
         for d in nodes_:
             site = d["spec"]["template"]["spec"]["nodeSelector"]["kiri.dev/site"]
             kubelet.supernode(d, address, site_files[site])
-        kubelet.run_job(job, address)
+        kubelet.run_job(job, kubelet.control)
     finally:
         kubelet.stop()
 

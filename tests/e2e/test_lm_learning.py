@@ -182,7 +182,7 @@ def _learn(cluster: Cluster, namespace: str, tmp_path: Path, policy: str) -> dic
         for d in nodes:
             site = d["spec"]["template"]["spec"]["nodeSelector"]["kiri.dev/site"]
             kubelet.supernode(d, address, texts["train"][site])
-        kubelet.run_job(round_job, address)
+        kubelet.run_job(round_job, kubelet.control)
     finally:
         kubelet.stop()
 

@@ -101,6 +101,11 @@ server-side-applies its children, which is `patch`, and deletes children of old 
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["get", "list", "watch"]
+# The learning rounds' NetworkPolicies: only a ModelDeployment's SuperNodes and round Jobs reach its SuperLink,
+# no one reaches a SuperNode.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
 # The learning rounds' TLS Secret (a CA and the SuperLink's certificate) and SuperNode key Secrets (a key pair
 # per site): create only. The operator never gets, lists or watches a Secret, so it can read none, its own
 # included.

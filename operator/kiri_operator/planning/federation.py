@@ -7,13 +7,21 @@
 * `<md>-supernode-key-<site>` (Secret per site): that site's SuperNode authentication key pair
   (`kiri_runtime.learning.node_keys`), created the same way (`node_key_request`): `supernode.key` for the
   site's SuperNode only, `supernode.pub` for the SuperLink.
-* `<md>-superlink` (Deployment + Service): `flower-superlink` on a cloud node, TLS on its one port, running Kiri's
-  ServerApp for each round (subprocess isolation, no runtime dependency installation), with SuperNode
-  authentication on: it mounts only the public keys of the spec's sites (one projected volume, one
-  `<site>.pub` item from each site's Secret), registers them at start and closes registration on its Control
-  API (`kiri_runtime.learning.flower_processes`), so a SuperNode without a registered key cannot join. It mounts
+* `<md>-superlink` (Deployment + Service): `flower-superlink` on a cloud node, TLS on its two ports (the Fleet
+  API's, the Control API's), running Kiri's ServerApp for each round (subprocess isolation, no runtime
+  dependency installation), with SuperNode authentication on: it mounts only the public keys of the spec's
+  sites (one projected volume, one `<site>.pub` item from each site's Secret), registers them at start and
+  closes registration on its Control API (`kiri_runtime.learning.flower_processes`), so a SuperNode without a
+  registered key cannot join. It mounts
   the artifact store (the base weights, the held-out set, the round records) and, for the privacy ledger
   ConfigMap only, a projected API token.
+* `<md>-superlink` (NetworkPolicy): the SuperLink's pod admits this ModelDeployment's SuperNodes on the Fleet
+  API's port and its round Jobs on the Control API's (`kiri learn-round`), and no one else. The two APIs are
+  apart because `kiri flower-superlink --control-port` serves the Control API on a port of its own and on no
+  other (Flower 1.42 alone serves the Fleet, Control and Runtime APIs on one port); the Runtime API, on the
+  Fleet port, answers only loopback peers (`flower_processes.RuntimeApiLocal`): the ServerApp is in this pod.
+* `<md>-supernodes` (NetworkPolicy): no ingress to any of its SuperNodes' pods (they only dial out; their own
+  Runtime API is on 127.0.0.1).
 * `<md>-supernode-<site>` (Deployment per site): `flower-supernode` pinned to that site's edge nodes, trusting
   only `ca.crt` (the one key of the TLS Secret it mounts), signing its requests with its own site's private key
   (the one key of its site's Secret it mounts), its site data mounted read-only from the host, no API token.
@@ -36,6 +44,9 @@ from kiri_operator.plans import SECRET_SUPERNODE_KEY, SecretRequest
 from kiri_runtime.learning.node_keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
 
 FLEET_PORT = 9092
+CONTROL_PORT = 9093
+"""The Control API (run submission, `flwr run`): on a port of its own (`kiri flower-superlink --control-port`;
+Flower 1.42 alone would serve it on the Fleet API's), so that a NetworkPolicy can tell who reaches which."""
 TLS_MOUNT = "/var/run/kiri/flower-tls"
 NODE_KEY_MOUNT = "/var/run/kiri/supernode-key"
 """In a SuperNode's pod: its own site's private key, `supernode.key`."""
@@ -44,6 +55,8 @@ NODE_KEYS_MOUNT = "/var/run/kiri/supernode-keys"
 SITE_DATA_MOUNT = "/var/lib/kiri/site-data.npz"
 ROLE_SUPERLINK = "superlink"
 ROLE_SUPERNODE = "supernode"
+ROLE_ROUND = "round"
+"""The round Job's pods (`learning.round_objects`): `kiri learn-round` submits the round on the Control API."""
 _SLUG = re.compile(r"[^a-z0-9-]+")
 # Flower keeps its config home and the apps' bundles under these: the root filesystem is read-only.
 _ENV = [
@@ -51,6 +64,10 @@ _ENV = [
     {"name": "FLWR_HOME", "value": "/tmp/flwr"},
     {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
 ]
+
+
+def supernodes_policy_name(md: str) -> str:
+    return L.child_name(md, "supernodes")
 
 
 def tls_secret_name(md: str) -> str:
@@ -75,7 +92,13 @@ def node_key_secret_name(md: str, site: str) -> str:
 
 
 def superlink_address(owner: B.Owner) -> str:
+    """The Fleet API, which the SuperNodes dial."""
     return f"{superlink_name(owner.name)}.{owner.namespace}.svc:{FLEET_PORT}"
+
+
+def control_address(owner: B.Owner) -> str:
+    """The Control API, which the round Job submits the round to."""
+    return f"{superlink_name(owner.name)}.{owner.namespace}.svc:{CONTROL_PORT}"
 
 
 def tls_request(owner: B.Owner) -> SecretRequest:
@@ -120,6 +143,66 @@ def secret_object(request: SecretRequest, data: dict[str, str]) -> dict[str, Any
 
 def _labels(owner: B.Owner, role: str) -> dict[str, str]:
     return {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROLE: role}
+
+
+def role_selector(md: str, role: str) -> dict[str, str]:
+    """This ModelDeployment's learning pods of one role (`ROLE_SUPERLINK`, `ROLE_SUPERNODE`, `ROLE_ROUND`):
+    the labels every such pod carries and another ModelDeployment's never do (`kiri.dev/modeldeployment`)."""
+    return {**L.selector_labels(md), L.COMPONENT: L.COMPONENT_LEARNING, L.LEARNING_ROLE: role}
+
+
+def _network_policy(name: str, labels: dict[str, str], spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": B._metadata(name, labels),
+        "spec": spec,
+    }
+
+
+def superlink_network_policy(owner: B.Owner) -> dict[str, Any]:
+    """Who reaches the SuperLink's pod: this ModelDeployment's SuperNodes on the Fleet API's port, its round
+    Jobs on the Control API's, no one else (the policy selects the pod, so whatever no rule admits is
+    refused). Peers are pods of this namespace: no `namespaceSelector`."""
+    md = owner.name
+    spec = {
+        "podSelector": {"matchLabels": role_selector(md, ROLE_SUPERLINK)},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {
+                "from": [{"podSelector": {"matchLabels": role_selector(md, ROLE_SUPERNODE)}}],
+                "ports": [{"protocol": "TCP", "port": FLEET_PORT}],
+            },
+            {
+                "from": [{"podSelector": {"matchLabels": role_selector(md, ROLE_ROUND)}}],
+                "ports": [{"protocol": "TCP", "port": CONTROL_PORT}],
+            },
+        ],
+    }
+    policy = _network_policy(superlink_name(md), _labels(owner, ROLE_SUPERLINK), spec)
+    return B.finish(policy, owner)
+
+
+def supernodes_network_policy(owner: B.Owner, *, serves_adapters: bool = False) -> dict[str, Any]:
+    """No ingress to this ModelDeployment's SuperNodes: they dial the SuperLink and listen on nothing else;
+    except, for a perSite language model (`serves_adapters`), the kept-adapter store's port, from this
+    ModelDeployment's edge pods only."""
+    ingress: list[dict[str, Any]] = []
+    if serves_adapters:
+        edge = {**L.selector_labels(owner.name), L.COMPONENT: L.COMPONENT_EDGE}
+        ingress.append(
+            {
+                "from": [{"podSelector": {"matchLabels": edge}}],
+                "ports": [{"protocol": "TCP", "port": SITE_STORE_PORT}],
+            }
+        )
+    spec = {
+        "podSelector": {"matchLabels": role_selector(owner.name, ROLE_SUPERNODE)},
+        "policyTypes": ["Ingress"],
+        "ingress": ingress,
+    }
+    policy = _network_policy(supernodes_policy_name(owner.name), _labels(owner, ROLE_SUPERNODE), spec)
+    return B.finish(policy, owner)
 
 
 def container(
@@ -203,6 +286,7 @@ def superlink(
         "--ssl-keyfile", tls + "tls.key",
         "--host", "0.0.0.0",
         "--port", str(FLEET_PORT),
+        "--control-port", str(CONTROL_PORT),
         "--isolation", "subprocess",
         "--disable-runtime-dependency-installation",
         "--enable-supernode-auth",
@@ -216,7 +300,10 @@ def superlink(
         B.api_token_mount(),  # the ServerApp writes the privacy ledger ConfigMap before it aggregates
     ]
     link = container(spec, "superlink", command, mounts)
-    link["ports"] = [{"name": "fleet", "containerPort": FLEET_PORT}]
+    link["ports"] = [
+        {"name": "fleet", "containerPort": FLEET_PORT},
+        {"name": "control", "containerPort": CONTROL_PORT},
+    ]
     link["readinessProbe"] = {"tcpSocket": {"port": FLEET_PORT}, "periodSeconds": 5}
     pod = B.pod_identity(
         spec,
@@ -241,7 +328,10 @@ def superlink(
         "metadata": B._metadata(superlink_name(owner.name), labels),
         "spec": {
             "selector": {**L.selector_labels(owner.name), L.LEARNING_ROLE: ROLE_SUPERLINK},
-            "ports": [{"name": "fleet", "port": FLEET_PORT, "targetPort": FLEET_PORT}],
+            "ports": [
+                {"name": "fleet", "port": FLEET_PORT, "targetPort": FLEET_PORT},
+                {"name": "control", "port": CONTROL_PORT, "targetPort": CONTROL_PORT},
+            ],
         },
     }
     return [B.finish(_deployment(superlink_name(owner.name), labels, pod), owner), B.finish(service, owner)]

@@ -311,7 +311,7 @@ def round_objects(
     sched = learning.schedule
     deadline = sched.deadline_seconds + 600
     labels = {**L.common_labels(owner.name, L.COMPONENT_LEARNING), L.LEARNING_ROUND: str(n)}
-    labels[L.LEARNING_ROLE] = "round"
+    labels[L.LEARNING_ROLE] = F.ROLE_ROUND
     # Paths in the SuperLink's pod, where the ServerApp runs (federation_objects mounts them there).
     weights_path, _, _ = _local(base_weights, "/weights", "weights")
     eval_path, _, _ = _local(learning.eval_data_uri, "/eval", "eval")
@@ -321,7 +321,7 @@ def round_objects(
     config = run_config(spec, owner, n, chosen, weights_path, eval_path, layout)
     round_args = [
         "learn-round",
-        "--superlink", F.superlink_address(owner),
+        "--superlink", F.control_address(owner),
         "--root-certificates", f"{F.TLS_MOUNT}/ca.crt",
         "--run-config-json", json.dumps(config, sort_keys=True),
         "--work-dir", "/tmp/kiri-round",
@@ -386,7 +386,8 @@ def federation_objects(
     *,
     registered: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """The SuperLink (Deployment, Service) and one SuperNode per site in `sites`: wanted while rounds remain.
+    """The SuperLink (Deployment, Service, NetworkPolicy), one SuperNode per site in `sites` and the
+    SuperNodes' NetworkPolicy: wanted while rounds remain.
     The SuperLink lets in the SuperNodes of `registered` (all the spec's sites; `sites` by default): a round
     that picks fewer sites changes which SuperNodes run, not the SuperLink's pod (which would restart it)."""
     learning = spec.learning
@@ -402,7 +403,8 @@ def federation_objects(
     link = F.superlink(spec, owner, service_account, sites if registered is None else registered)
     # The ServerApp runs in the SuperLink's pod: it reads the base weights and held-out set from there too.
     link[0] = _with_mounts(link[0], owner, [*w_vols, *e_vols, *m_vols], [*w_mounts, *e_mounts, *m_mounts])
-    return [*link, *site_objects(spec, owner, sites)]
+    # Who may reach the SuperLink (its SuperNodes, its round Jobs); site_objects: who may reach a SuperNode.
+    return [*link, F.superlink_network_policy(owner), *site_objects(spec, owner, sites)]
 
 
 def keeps_site_adapters(spec: ModelDeploymentSpec) -> bool:
@@ -428,7 +430,7 @@ def site_objects(spec: ModelDeploymentSpec, owner: B.Owner, sites: Sequence[str]
         if m_vols:
             objs[0] = _with_mounts(objs[0], owner, m_vols, m_mounts)
         out += objs
-    return out
+    return [*out, F.supernodes_network_policy(owner, serves_adapters=keeps_site_adapters(spec))]
 
 
 def _with_mounts(

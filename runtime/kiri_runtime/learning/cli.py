@@ -23,7 +23,11 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         description="Submits Kiri's Flower App to the SuperLink with this round's settings and waits for the "
         "round record (rounds/<NNNN>/round.json under --out).",
     )
-    r.add_argument("--superlink", required=True, help="the SuperLink's address, host:port")
+    r.add_argument(
+        "--superlink",
+        required=True,
+        help="the SuperLink's Control API address, host:port (its --control-port)",
+    )
     r.add_argument("--root-certificates", help="CA certificate (PEM) of the SuperLink's TLS certificate")
     r.add_argument(
         "--insecure", action="store_true", help="no TLS (tests only: the round's traffic is then readable)"

@@ -79,8 +79,10 @@ class Federation:
             self.keys[site] = self.root / f"{site}.key"
             self.keys[site].write_bytes(pair.private_key)
             self.keys[site].chmod(0o600)
-        port = free_port()
+        port, control = free_port(), free_port()
         self.superlink = f"127.0.0.1:{port}"
+        self.control = f"127.0.0.1:{control}"
+        """The Control API, on a port of its own as the operator starts it (`--control-port`)."""
         self._start(
             "superlink",
             [
@@ -90,12 +92,14 @@ class Federation:
                 "--ssl-keyfile", str(self.root / certificates.KEY_FILE),
                 "--host", "127.0.0.1",
                 "--port", str(port),
+                "--control-port", str(control),
                 "--disable-runtime-dependency-installation",
                 "--enable-supernode-auth",
                 "--supernode-public-keys", str(public_keys),
             ],
         )  # fmt: skip
         self.wait_listening(port)
+        self.wait_listening(control)
         for site in self.sites:
             self.start_supernode(f"supernode-{site}", site, self.keys[site])
         return self
@@ -151,7 +155,7 @@ class Federation:
         try:
             launching.submit(
                 work,
-                self.superlink,
+                self.control,
                 config,
                 root_certificates=self.ca,
                 timeout=timeout,

@@ -36,8 +36,11 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         fed.stop()
 
 
-def _cli(fed: Federation, *args: str) -> subprocess.CompletedProcess[str]:
-    home = launching.write_home(fed.root / "flwr-home", fed.superlink, fed.ca)
+def _cli(fed: Federation, *args: str, address: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`flwr ARGS` against the Control API (or `address`)."""
+    home = launching.write_home(
+        fed.root / f"flwr-home-{address or 'control'}", address or fed.control, fed.ca
+    )
     return subprocess.run(
         [launching.flwr_command(), *args],
         env={**env(), "FLWR_HOME": str(home)},
@@ -157,4 +160,17 @@ def test_registering_a_key_of_ones_own_through_the_control_api_is_refused(
     for site in SITES:  # nor can a registered site be removed
         gone = _cli(federation, "supernode", "unregister", str(joined[site]), launching.CONNECTION)
         assert gone.returncode != 0
+    assert _nodes(federation) == {joined[site]: "online" for site in SITES}
+
+
+def test_the_control_api_answers_on_its_own_port_and_not_on_the_fleet_port_the_supernodes_reach(
+    federation: Federation, joined: dict[str, int]
+) -> None:
+    # On the Fleet API's port (where the SuperNodes connect, and which the NetworkPolicy opens to them),
+    # no Control API: not listing nodes, nor submitting or stopping a run.
+    refused = _cli(federation, "supernode", "ls", launching.CONNECTION, address=federation.superlink)
+    assert refused.returncode != 0
+    port = federation.control.rsplit(":", 1)[1]
+    assert f"served on its port {port} only" in " ".join((refused.stdout + refused.stderr).split())
+    # On its own port it answers, over the same TLS certificate.
     assert _nodes(federation) == {joined[site]: "online" for site in SITES}

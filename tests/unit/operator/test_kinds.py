@@ -15,6 +15,7 @@ def test_children_apply_dependencies_first() -> None:
         "Role",
         "RoleBinding",
         "Service",
+        "NetworkPolicy",
         "Deployment",
         "Job",
         "DaemonSet",

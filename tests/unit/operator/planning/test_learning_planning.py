@@ -150,6 +150,11 @@ def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site
         f"{F.TLS_MOUNT}/tls.key",
     }
     assert "--disable-runtime-dependency-installation" in cmd
+    assert [cmd[cmd.index(f) + 1] for f in ("--host", "--port", "--control-port")] == [
+        "0.0.0.0",
+        "9092",
+        "9093",
+    ]
     tls = next(v for v in pod["volumes"] if v["name"] == "tls")
     assert tls["secret"]["secretName"] == "md-flower-tls"
     # The ServerApp runs in this pod and writes the privacy ledger ConfigMap: the one API token is here.
@@ -176,7 +181,8 @@ def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site
     jpod = job["spec"]["template"]["spec"]
     _assert_locked_down(jpod)
     args = jpod["initContainers"][0]["args"]
-    assert args[0] == "learn-round" and args[args.index("--superlink") + 1] == "md-superlink.ns.svc:9092"
+    # The Control API's port: the SuperNodes' (9092) serves no Control API (`kiri flower-superlink --control-port`).
+    assert args[0] == "learn-round" and args[args.index("--superlink") + 1] == "md-superlink.ns.svc:9093"
     config = json.loads(args[args.index("--run-config-json") + 1])
     assert config["sites"] == "site-a,site-b" and config["round"] == 1
     assert config["weights"] == "/models/v1.pt" and config["secure-aggregation"] is True
@@ -307,7 +313,7 @@ def test_a_round_over_fewer_sites_leaves_the_superlinks_pod_and_its_registered_s
 def test_between_rounds_the_federation_stays_up_and_no_round_job_is_wanted() -> None:
     lp = learning.plan_learning(_spec(), _observed(_record(1, minutes_ago=1)), OWNER, variant_sizes={})
     kinds = sorted(k for k, _ in _kinds(lp.children))
-    assert kinds == ["Deployment", "Deployment", "Deployment", "Service"]
+    assert kinds == ["Deployment", "Deployment", "Deployment", "NetworkPolicy", "NetworkPolicy", "Service"]
 
 
 def test_trimmed_mean_with_secure_aggregation_is_refused_and_says_what_to_set() -> None:

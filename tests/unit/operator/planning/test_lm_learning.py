@@ -375,6 +375,7 @@ def test_after_the_last_per_site_round_each_site_still_serves_what_it_kept_and_t
     assert kinds == sorted(
         [("Deployment", F.supernode_name("chat", s)) for s in ("site-a", "site-b")]
         + [("Service", F.supernode_name("chat", s)) for s in ("site-a", "site-b")]
+        + [("NetworkPolicy", F.supernodes_policy_name("chat"))]
     )
     assert lp.condition is not None and lp.condition.reason == Reason.LEARNING_COMPLETE
 
@@ -382,7 +383,7 @@ def test_after_the_last_per_site_round_each_site_still_serves_what_it_kept_and_t
 def test_per_site_adapters_roll_out_each_on_its_own_site_through_the_whole_planner() -> None:
     from dataclasses import replace
 
-    from adapter_worlds import SITE_NODES, Server, adapters_by_node, lm_manifest, site, world
+    from adapter_worlds import SITE_NODES, Server, adapters_by_node, daemonsets, lm_manifest, site, world
 
     spec = _spec(source="file:///models/tiny-llama", policy="perSite")
     server = Server(world())
@@ -401,6 +402,14 @@ def test_per_site_adapters_roll_out_each_on_its_own_site_through_the_whole_plann
     for _ in range(30):
         server.step(spec, dt=10.0)
     status = server.world.status
+    # The SuperNodes admit the kept-adapter store's port from this model's edge pods, the ones rolled out here.
+    policy = server.world.children[("NetworkPolicy", F.supernodes_policy_name("md"))].body
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": F.SITE_STORE_PORT}]
+    (peer,) = rule["from"]
+    for body in daemonsets(server).values():
+        pod_labels = body["spec"]["template"]["metadata"]["labels"]
+        assert peer["podSelector"]["matchLabels"].items() <= pod_labels.items()
     revisions = {s: site(status, s)["revision"] for s in SITE_NODES}
     assert revisions["site-a"] != revisions["site-b"]  # same name, each site's own adapter
     for site_name, nodes in SITE_NODES.items():
