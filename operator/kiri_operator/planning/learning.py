@@ -24,7 +24,6 @@ records and status; split, each half would re-derive the round number and the re
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,16 +35,22 @@ from pydantic import ValidationError
 
 from kiri_operator import labels as L
 from kiri_operator.api.scalars import format_time
-from kiri_operator.api.specs import AdapterSpec, HeldOutMetric, ModelDeploymentSpec, ModelSource
+from kiri_operator.api.specs import ModelDeploymentSpec, ModelSource
 from kiri_operator.conditions import Condition, Reason
 from kiri_operator.observations import Observed
 from kiri_operator.planning import building as B
 from kiri_operator.planning import federation as F
+from kiri_operator.planning.learned_adapters import (
+    adapter_status,
+    keeps_site_adapters,
+    kept_status,
+    learns_adapter,
+    with_learned_adapters,
+)
 from kiri_operator.planning.settings import Settings
 from kiri_operator.planning.updating import Candidate, Download, decide
 from kiri_operator.plans import Event, SecretRequest
 from kiri_runtime.learning.rounds import RECORD_FILE, WEIGHTS_FILE, RoundRecord
-from kiri_runtime.manifests import LORA_LAYOUT_KEY, Manifest
 
 # The operator's ConfigMap ledger, which the ServerApp loads by name (the runtime never imports the operator).
 LEDGER_FACTORY = "kiri_operator.learning_commands:register_ledger"
@@ -56,7 +61,6 @@ ROUNDS_KEPT = 10
 # imports numpy: the operator spells them here).
 BASE_MODEL_MOUNT = "/base-model"
 ADAPTER_DIR = "adapter"
-SERVED_FILE = "adapter.onnx_adapter"
 _SLUG = re.compile(r"[^a-z0-9-]+")
 
 
@@ -112,23 +116,6 @@ def ledger_epsilon(observed: Observed, md: str) -> float:
     return max((float(e) for s in spends for e in (s.get("epsilon") or {}).values()), default=0.0)
 
 
-def learns_adapter(spec: ModelDeploymentSpec) -> bool:
-    """A language model's learning: sites train a LoRA adapter on the checkpoint (the API allows hf only)."""
-    return spec.learning is not None and spec.learning.trainable is None
-
-
-def lora_layout(manifest: Manifest | None) -> dict[str, Any] | None:
-    """The LoRA layout (lora.json) of the first accepted LoRA-ready variant: what each learned adapter is
-    exported for. None while there is no manifest; {} when no accepted variant is LoRA-ready."""
-    if manifest is None:
-        return None
-    for variant in manifest.accepted():
-        layout = variant.extra.get(LORA_LAYOUT_KEY)
-        if isinstance(layout, dict):
-            return layout
-    return {}
-
-
 def record_name(md: str, n: int) -> str:
     return L.child_name(md, f"learn-r{n}", "record")
 
@@ -152,11 +139,6 @@ def weights_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) 
 def adapter_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) -> str:
     """Where an accepted adapter round's peft directory is in the store: the next round starts from it."""
     return f"{B.store_uri(spec).rstrip('/')}/{store_rel(owner)}/rounds/{record.round:04d}/{ADAPTER_DIR}"
-
-
-def served_uri(spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord) -> str:
-    """Where the edge fetches an accepted round's `.onnx_adapter` (through `edge.artifacts.fetchUri` if set)."""
-    return f"{B.artifact_dir(spec, owner, 'learning').fetch_base}rounds/{record.round:04d}/{SERVED_FILE}"
 
 
 def read_records(observed: Observed) -> list[RoundRecord]:
@@ -407,11 +389,6 @@ def federation_objects(
     return [*link, F.superlink_network_policy(owner), *site_objects(spec, owner, sites)]
 
 
-def keeps_site_adapters(spec: ModelDeploymentSpec) -> bool:
-    """A perSite language model: each site keeps its adapter, and its SuperNode serves it to the site."""
-    return learns_adapter(spec) and spec.learning is not None and spec.learning.policy == "perSite"
-
-
 def site_objects(spec: ModelDeploymentSpec, owner: B.Owner, sites: Sequence[str]) -> list[dict[str, Any]]:
     """Each site's SuperNode (with its kept-adapter store and Service for a perSite language model), with a
     language model's checkpoint mounted."""
@@ -630,11 +607,11 @@ def plan_learning(
     if lm:
         # The adapter waves decide per site (minImprovement, interval, bytes per day, held-out gates).
         if keeps_site_adapters(spec):
-            kept = _kept_status(owner, records)
+            kept = kept_status(owner, records)
             if kept:
                 status["siteAdapters"] = kept
         elif candidate is not None and candidate.served is not None:
-            status["adapter"] = _adapter_status(spec, owner, candidate, records)
+            status["adapter"] = adapter_status(spec, owner, candidate, records)
         out.status = status
         out.condition = out.condition or _progressing(status, records, learning.rounds)
         return out
@@ -730,120 +707,13 @@ def _progressing(status: Mapping[str, Any], records: Sequence[RoundRecord], tota
     )
 
 
-def _perplexity(loss: float) -> float:
-    return round(math.exp(min(loss, 50.0)), 6)
-
-
-def _adapter_status(
-    spec: ModelDeploymentSpec, owner: B.Owner, record: RoundRecord, records: Sequence[RoundRecord]
-) -> dict[str, Any]:
-    """The newest accepted round's adapter, as the edge fetches it, with its held-out perplexity: the base's
-    (round 1 starts from B = 0, the base model's own output), the round's start (the previous adapter) and
-    the new adapter, all on `learning.evalDataUri`."""
-    assert record.served is not None and record.eval_after is not None
-    first = records[0].eval_before
-    held_out: dict[str, Any] = {"metric": "perplexity", "adapter": _perplexity(record.eval_after.loss)}
-    if first is not None:
-        held_out["base"] = _perplexity(first.loss)
-    if record.round > 1 and record.eval_before is not None:
-        held_out["current"] = _perplexity(record.eval_before.loss)
-    return {
-        "round": record.round,
-        "uri": served_uri(spec, owner, record),
-        "sha256": record.served.sha256,
-        "sizeBytes": record.served.bytes,
-        "heldOut": held_out,
-    }
-
-
-def _kept_status(owner: B.Owner, records: Sequence[RoundRecord]) -> list[dict[str, Any]]:
-    """perSite: each site's newest kept adapter (from the newest accepted round it reported one in), as its
-    SuperNode serves it, with the perplexities it measured on its own held-out text."""
-    newest: dict[str, dict[str, Any]] = {}
-    for record in records:
-        if record.status != "accepted":
-            continue
-        for p in record.participants:
-            kept = p.adapter
-            if kept is None or not F.KEPT_FILE.match(kept.file):
-                continue  # a file name that is not the ClientApp's own is not fetched
-            newest[p.site] = {
-                "site": p.site,
-                "round": record.round,
-                "uri": F.site_store_url(owner, p.site, kept.file),
-                "sha256": kept.sha256,
-                "sizeBytes": kept.bytes,
-                "heldOut": {
-                    "metric": "perplexity",
-                    "base": round(kept.held_out_base_perplexity, 6),
-                    "adapter": round(kept.held_out_adapter_perplexity, 6),
-                },
-            }
-    return [newest[site] for site in sorted(newest)]
-
-
-def learned_adapter(
-    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
-) -> AdapterSpec | None:
-    """The learned adapter as `edge.adapters` would declare it, for every learning site: the default of each
-    site unless `edge.adapters` names a default for one of them (then a request picks it by name)."""
-    found = (learning_status or {}).get("adapter") or {}
-    if spec.learning is None or not found.get("uri") or not site_names:
-        return None
-    held = found.get("heldOut") or {}
-    declared_default = any(a.default and set(a.sites) & set(site_names) for a in spec.edge.adapters)
-    return AdapterSpec.model_construct(
-        name=spec.learning.adapter_name,
-        uri=str(found["uri"]),
-        sha256=str(found["sha256"]),
-        size_bytes=int(found.get("sizeBytes") or 1),
-        sites=list(site_names),
-        default=not declared_default,
-        held_out=HeldOutMetric.model_validate(held) if "base" in held else None,
-    )
-
-
-def site_adapters(
-    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
-) -> list[AdapterSpec]:
-    """perSite: each site's own kept adapter, for that site alone, under the one `adapterName` (a request
-    names the same adapter at every site; each site answers with its own)."""
-    assert spec.learning is not None
-    out = []
-    for found in (learning_status or {}).get("siteAdapters") or []:
-        site = str(found.get("site") or "")
-        if site not in site_names or not found.get("uri"):
-            continue  # a site that left the fleet
-        declared_default = any(a.default and site in a.sites for a in spec.edge.adapters)
-        out.append(
-            AdapterSpec.model_construct(
-                name=spec.learning.adapter_name,
-                uri=str(found["uri"]),
-                sha256=str(found["sha256"]),
-                size_bytes=int(found.get("sizeBytes") or 1),
-                sites=[site],
-                default=not declared_default,
-                held_out=HeldOutMetric.model_validate(found["heldOut"]) if found.get("heldOut") else None,
-            )
-        )
-    return out
-
-
 def effective_spec(
     spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str] = ()
 ) -> ModelDeploymentSpec:
     """The spec the edge is built from. A tensor model: `spec.model` with the adopted learned weights as its
     source. A language model: the same model and revision, `edge.adapters` plus the learned adapter."""
     if learns_adapter(spec):
-        if keeps_site_adapters(spec):
-            extra = site_adapters(spec, learning_status, site_names)
-        else:
-            adapter = learned_adapter(spec, learning_status, site_names)
-            extra = [] if adapter is None else [adapter]
-        if not extra:
-            return spec
-        edge = spec.edge.model_copy(update={"adapters": [*spec.edge.adapters, *extra]})
-        return spec.model_copy(update={"edge": edge})
+        return with_learned_adapters(spec, learning_status, site_names)
     model = (learning_status or {}).get("model") or {}
     if spec.learning is None or not model.get("uri") or not model.get("sha256"):
         return spec

@@ -12,7 +12,7 @@ from kiri_operator import labels as L
 from kiri_operator.api.specs import ModelDeploymentSpec
 from kiri_operator.conditions import Reason
 from kiri_operator.observations import Observed
-from kiri_operator.planning import admitting, learning
+from kiri_operator.planning import admitting, learned_adapters, learning
 from kiri_operator.planning import building as B
 from kiri_operator.planning.checking import check
 from kiri_operator.planning.cloud import cloud_faults, plan_cloud, serves_pack
@@ -64,7 +64,9 @@ def plan(spec: ModelDeploymentSpec, observed: Observed, settings: Settings | Non
             variant_sizes=sizes,
             service_account=account,
             settings=settings,
-            layout=learning.lora_layout(comp.manifest) if learning.learns_adapter(spec) else None,
+            layout=learned_adapters.lora_layout(comp.manifest)
+            if learned_adapters.learns_adapter(spec)
+            else None,
         )
     extra = [lp.condition] if lp is not None and lp.condition is not None else []
     status = plan_status(spec, observed, revision, cloud, comp, edge, extra)

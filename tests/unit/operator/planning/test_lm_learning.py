@@ -13,7 +13,7 @@ from kiri_operator.conditions import Reason
 from kiri_operator.learning_commands import configmap
 from kiri_operator.observations import NodeView, ObjectView, Observed
 from kiri_operator.planning import federation as F
-from kiri_operator.planning import learning
+from kiri_operator.planning import learned_adapters, learning
 from kiri_operator.planning.building import Owner
 from kiri_runtime.learning import rounds
 from kiri_runtime.manifests import LORA_LAYOUT_KEY, Manifest, Variant
@@ -114,9 +114,9 @@ def test_the_layout_comes_from_the_first_accepted_lora_ready_variant_of_the_mani
     plain = Variant(name="q8", method="int8", accepted=True, reason="ok")
     ready = Variant(name="q4", method="int4", accepted=True, reason="ok", extra={LORA_LAYOUT_KEY: LAYOUT})
     refused = Variant(name="q3", method="int4", accepted=False, reason="gate", extra={LORA_LAYOUT_KEY: {}})
-    assert learning.lora_layout(None) is None
-    assert learning.lora_layout(_manifest(plain)) == {}
-    assert learning.lora_layout(_manifest(refused, plain, ready)) == LAYOUT
+    assert learned_adapters.lora_layout(None) is None
+    assert learned_adapters.lora_layout(_manifest(plain)) == {}
+    assert learned_adapters.lora_layout(_manifest(refused, plain, ready)) == LAYOUT
 
 
 def test_rounds_wait_for_a_lora_ready_variant_and_say_which_wait_it_is() -> None:
