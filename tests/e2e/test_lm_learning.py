@@ -142,6 +142,58 @@ def _mean_nll(port: int, model: str, texts: list[str]) -> float:
     return total / count
 
 
+def _rolled_out(cluster: Cluster, namespace: str, what: str) -> dict[str, dict[str, Any]]:
+    """Every site's adapter wave done, with `learned` its default: site -> status.edge.adapters[] entry."""
+
+    def rolled() -> dict[str, dict[str, Any]] | None:
+        sites = _site_status(cluster, namespace)
+        done = [
+            s
+            for s in sites.values()
+            if s.get("default") == "learned"
+            and s.get("revision") == s.get("updateRevision")
+            and s.get("nodes")
+        ]
+        return sites if len(done) == len(SITES) else None
+
+    found: dict[str, dict[str, Any]] = wait(rolled, 240, what)
+    return found
+
+
+def _edge_args(cluster: Cluster, namespace: str, adapter_revision: str) -> list[str]:
+    """The `kiri serve` args of the (first) edge DaemonSet of one site's adapter revision."""
+    daemonsets = [
+        d for d in children(cluster, namespace, NAME, "daemonsets")
+        if d["metadata"]["labels"].get("kiri.dev/adapters") == adapter_revision
+    ]  # fmt: skip
+    assert daemonsets, f"no DaemonSet of adapter revision {adapter_revision}"
+    (container,) = daemonsets[0]["spec"]["template"]["spec"]["containers"]
+    return list(container["args"])
+
+
+def _serve_edge(rendered: list[str], tmp_path: Path, **local: str) -> tuple[subprocess.Popen[bytes], int]:
+    """An edge `kiri serve` here with a DaemonSet's args (host, port and cache local; `local` overrides other
+    flags' values); returns the process, once Ready, and its port."""
+    port = free_port()
+    local = {"--host": "127.0.0.1", "--port": str(port), "--cache-dir": str(tmp_path / "edge-cache"), **local}
+    args = [local.get(rendered[i - 1], a) if i else a for i, a in enumerate(rendered)]
+    log = (tmp_path / "edge.log").open("wb")
+    proc = subprocess.Popen([*KIRI, *args, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        Cluster.wait_for(ready, 120, 0.3, f"edge kiri serve\n{(tmp_path / 'edge.log').read_text()[-2000:]}")
+    except TimeoutError:
+        proc.terminate()
+        raise
+    return proc, port
+
+
 def _learn(cluster: Cluster, namespace: str, tmp_path: Path, policy: str) -> dict[str, Any]:
     """Apply the ModelDeployment, run its compression Job and its one learning round here; returns the texts,
     the manifest's variant and the SuperNode Deployments."""
@@ -211,26 +263,9 @@ def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves
     assert held["metric"] == "perplexity" and held["adapter"] < held["base"], held  # it helps the sites' text
 
     # Every site's adapter wave: the learned adapter as the site's default, on all of the site's nodes.
-    def rolled() -> dict[str, dict[str, Any]] | None:
-        sites = _site_status(cluster, namespace)
-        done = [
-            s
-            for s in sites.values()
-            if s.get("default") == "learned"
-            and s.get("revision") == s.get("updateRevision")
-            and s.get("nodes")
-        ]
-        return sites if len(done) == len(SITES) else None
-
-    sites = wait(rolled, 240, "every site serving the learned adapter")
+    sites = _rolled_out(cluster, namespace, "every site serving the learned adapter")
     assert {site: s["adapters"] for site, s in sites.items()} == {site: ["learned"] for site in SITES}
-    daemonsets = [
-        d for d in children(cluster, namespace, NAME, "daemonsets")
-        if d["metadata"]["labels"].get("kiri.dev/adapters") == sites["site-a"]["revision"]
-    ]  # fmt: skip
-    assert daemonsets, "no DaemonSet of site-a's adapter revision"
-    (container,) = daemonsets[0]["spec"]["template"]["spec"]["containers"]
-    rendered: list[str] = list(container["args"])
+    rendered = _edge_args(cluster, namespace, sites["site-a"]["revision"])
     assert _flag(rendered, "--default-adapter") == "learned"
     assert json.loads(_flag(rendered, "--adapter")) == {
         "name": "learned",
@@ -239,20 +274,8 @@ def test_a_language_model_learns_an_adapter_through_flower_and_every_site_serves
     }
 
     # Site a's edge, served here with the DaemonSet's own args: the bare name gets the learned adapter.
-    port = free_port()
-    local = {"--host": "127.0.0.1", "--port": str(port), "--cache-dir": str(tmp_path / "edge-cache")}
-    edge_args = [local.get(rendered[i - 1], a) if i else a for i, a in enumerate(rendered)]
-    log = (tmp_path / "edge.log").open("wb")
-    proc = subprocess.Popen([*KIRI, *edge_args, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
+    proc, port = _serve_edge(rendered, tmp_path)
     try:
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        Cluster.wait_for(ready, 120, 0.3, f"edge kiri serve\n{(tmp_path / 'edge.log').read_text()[-2000:]}")
         lines = [json.loads(line)["text"] for line in texts["held_out"].read_text().splitlines()[:30]]
         bare, base = _mean_nll(port, MODEL, lines), _mean_nll(port, f"{MODEL}:base", lines)
         named = _mean_nll(port, f"{MODEL}:learned", lines)
@@ -301,25 +324,9 @@ def test_per_site_each_site_keeps_its_own_adapter_its_supernode_serves_it_and_it
             == 8080
         )
 
-    def rolled() -> dict[str, dict[str, Any]] | None:
-        sites = _site_status(cluster, namespace)
-        done = [
-            s
-            for s in sites.values()
-            if s.get("default") == "learned"
-            and s.get("revision") == s.get("updateRevision")
-            and s.get("nodes")
-        ]
-        return sites if len(done) == len(SITES) else None
-
-    sites = wait(rolled, 240, "every site serving its own adapter")
+    sites = _rolled_out(cluster, namespace, "every site serving its own adapter")
     assert len({s["revision"] for s in sites.values()}) == len(SITES)  # one name, three different adapters
-    (daemonset,) = [
-        d for d in children(cluster, namespace, NAME, "daemonsets")
-        if d["metadata"]["labels"].get("kiri.dev/adapters") == sites["site-a"]["revision"]
-    ]  # fmt: skip
-    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
-    rendered: list[str] = list(container["args"])
+    rendered = _edge_args(cluster, namespace, sites["site-a"]["revision"])
     assert json.loads(_flag(rendered, "--adapter")) == {
         "name": "learned",
         "uri": by_site["site-a"]["uri"],
@@ -343,24 +350,7 @@ def test_per_site_each_site_keeps_its_own_adapter_its_supernode_serves_it_and_it
             f"{supernodes['site-a']['metadata']['name']}.{namespace}.svc:8080", f"127.0.0.1:{store_port}"
         )
         adapter_arg = json.dumps({"name": "learned", "uri": local_uri, "sha256": by_site["site-a"]["sha256"]})
-        port = free_port()
-        local = {
-            "--host": "127.0.0.1",
-            "--port": str(port),
-            "--cache-dir": str(tmp_path / "edge-cache"),
-            "--adapter": adapter_arg,
-        }
-        edge_args = [local.get(rendered[i - 1], a) if i else a for i, a in enumerate(rendered)]
-        log = (tmp_path / "edge.log").open("wb")
-        proc = subprocess.Popen([*KIRI, *edge_args, "--threads", "1"], stdout=log, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        Cluster.wait_for(ready, 120, 0.3, f"edge kiri serve\n{(tmp_path / 'edge.log').read_text()[-2000:]}")
+        proc, port = _serve_edge(rendered, tmp_path, **{"--adapter": adapter_arg})
         from lm_sites import write_site
 
         own = [

@@ -31,37 +31,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _start_store(root: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`kiri store` on `root` as its own process, once it answers /healthz: the process and its URL."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'runtime'}"}
+    cmd = [sys.executable, "-m", "kiri_operator.cli", "store", f"--root={root}", "--host=127.0.0.1"]
+    proc = subprocess.Popen(
+        [*cmd, f"--port={port}", *extra], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"kiri store did not start: {proc.communicate()[1].decode()[-2000:]}")
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """One store process for the module (each test writes paths of its own)."""
     root = tmp_path_factory.mktemp("store")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'runtime'}"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "kiri_operator.cli",
-            "store",
-            f"--root={root}",
-            "--host=127.0.0.1",
-            f"--port={port}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start_store(root)
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            proc.kill()
-            raise AssertionError(f"kiri store did not start: {proc.communicate()[1].decode()[-2000:]}")
         yield url, root
     finally:
         proc.terminate()
@@ -208,20 +202,8 @@ def test_a_read_only_store_serves_files_refuses_every_put_with_405_and_writes_no
     root.mkdir()
     (root / "round-0001.onnx_adapter").write_bytes(b"adapter bytes")
     root.chmod(0o555)  # as a read-only mount: a write would fail, so the store must not try
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'operator'}:{REPO / 'runtime'}"}
-    cmd = [sys.executable, "-m", "kiri_operator.cli", "store", f"--root={root}", "--host=127.0.0.1"]
-    proc = subprocess.Popen(
-        [*cmd, f"--port={port}", "--read-only"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = _start_store(root, "--read-only")
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
         got = httpx.get(f"{url}/round-0001.onnx_adapter", timeout=5)
         assert (got.status_code, got.content) == (200, b"adapter bytes")
         put = httpx.put(f"{url}/round-0002.onnx_adapter", content=b"x", timeout=5)

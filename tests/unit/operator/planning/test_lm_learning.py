@@ -220,21 +220,42 @@ def test_a_declared_default_adapter_keeps_the_bare_model_name_and_the_learned_on
     assert [(a.name, a.default) for a in espec.edge.adapters] == [("legal", True), ("tuned", False)]
 
 
+def _compressed_world(spec: ModelDeploymentSpec) -> Any:
+    """adapter_worlds' simulated API server, its compression manifest published with a LoRA-ready variant."""
+    from adapter_worlds import Server, lm_manifest, world
+
+    server = Server(world())
+    server.never_ready, server.analysis, server.asked = set(), {}, []
+    server.step(spec)
+    manifest = lm_manifest()
+    manifest.variants[0].extra[LORA_LAYOUT_KEY] = LAYOUT
+    server.publish(spec, manifest)
+    for _ in range(4):
+        server.step(spec)
+    return server
+
+
+def _recorded(server: Any, record: rounds.RoundRecord) -> None:
+    """The round Job published `record` (its ConfigMap is in the simulated API server)."""
+    from dataclasses import replace
+
+    name = learning.record_name("md", record.round)
+    cm = configmap("ns", name, learning.record_json(record), record.round, "md", "uid-1")
+    children = {**server.world.children, ("ConfigMap", name): ObjectView("ConfigMap", name, cm)}
+    server.world = replace(server.world, children=children)
+
+
 def test_the_whole_planner_rolls_an_accepted_rounds_adapter_onto_each_learning_sites_nodes() -> None:
     """The planner end to end, on a simulated API server: the manifest's LoRA-ready variant starts round 1; the
     round's record makes every site's edge pods load the learned adapter as their default, through each site's
     own adapter wave (one canary node, then the rest)."""
-    from dataclasses import replace
 
     from adapter_worlds import (
         SITE_NODES,
-        Server,
         adapters_by_node,
         daemonsets,
-        lm_manifest,
         serve_args,
         site,
-        world,
     )
     from planning_worlds import NOW as WORLD_NOW
 
@@ -247,14 +268,7 @@ def test_the_whole_planner_rolls_an_accepted_rounds_adapter_onto_each_learning_s
             )
         }
     )
-    server = Server(world())
-    server.never_ready, server.analysis, server.asked = set(), {}, []
-    server.step(spec)
-    manifest = lm_manifest()
-    manifest.variants[0].extra[LORA_LAYOUT_KEY] = LAYOUT
-    server.publish(spec, manifest)
-    for _ in range(4):
-        server.step(spec)
+    server = _compressed_world(spec)
     jobs = {name for (kind, name) in server.world.children if kind == "Job"}
     assert learning.round_job_name("md", 1) in jobs, (
         server.world.status.get("conditions"),
@@ -263,12 +277,7 @@ def test_the_whole_planner_rolls_an_accepted_rounds_adapter_onto_each_learning_s
     assert "adapter" not in server.world.status.get("learning", {})
 
     record = _record(1, 3.0, 2.5).model_copy(update={"closed_at": WORLD_NOW.isoformat()})
-    name = learning.record_name("md", 1)
-    cm = configmap("ns", name, learning.record_json(record), 1, "md", "uid-1")
-    server.world = replace(
-        server.world,
-        children={**server.world.children, ("ConfigMap", name): ObjectView("ConfigMap", name, cm)},
-    )
+    _recorded(server, record)
     for _ in range(30):
         server.step(spec, dt=10.0)
     status = server.world.status
@@ -381,24 +390,13 @@ def test_after_the_last_per_site_round_each_site_still_serves_what_it_kept_and_t
 
 
 def test_per_site_adapters_roll_out_each_on_its_own_site_through_the_whole_planner() -> None:
-    from dataclasses import replace
 
-    from adapter_worlds import SITE_NODES, Server, adapters_by_node, daemonsets, lm_manifest, site, world
+    from adapter_worlds import SITE_NODES, adapters_by_node, daemonsets, site
 
     spec = _spec(source="file:///models/tiny-llama", policy="perSite")
-    server = Server(world())
-    server.never_ready, server.analysis, server.asked = set(), {}, []
-    server.step(spec)
-    manifest = lm_manifest()
-    manifest.variants[0].extra[LORA_LAYOUT_KEY] = LAYOUT
-    server.publish(spec, manifest)
-    for _ in range(4):
-        server.step(spec)
+    server = _compressed_world(spec)
     record = _kept_record(1, {"site-a": "round-0001.onnx_adapter", "site-b": "round-0001.onnx_adapter"})
-    name = learning.record_name("md", 1)
-    cm = configmap("ns", name, learning.record_json(record), 1, "md", "uid-1")
-    children = {**server.world.children, ("ConfigMap", name): ObjectView("ConfigMap", name, cm)}
-    server.world = replace(server.world, children=children)
+    _recorded(server, record)
     for _ in range(30):
         server.step(spec, dt=10.0)
     status = server.world.status
