@@ -183,6 +183,8 @@ def test_first_round_runs_a_superlink_in_the_cloud_one_pinned_supernode_per_site
     args = jpod["initContainers"][0]["args"]
     # The Control API's port: the SuperNodes' (9092) serves no Control API (`kiri flower-superlink --control-port`).
     assert args[0] == "learn-round" and args[args.index("--superlink") + 1] == "md-superlink.ns.svc:9093"
+    # A refused or skipped round's record is published too (the command's exit 3 would fail the Job first).
+    assert "--any-record-succeeds" in args
     config = json.loads(args[args.index("--run-config-json") + 1])
     assert config["sites"] == "site-a,site-b" and config["round"] == 1
     assert config["weights"] == "/models/v1.pt" and config["secure-aggregation"] is True

@@ -135,6 +135,36 @@ def test_kiri_learn_round_refuses_a_round_without_tls_or_a_readable_config(
     assert "must set 'round' (>= 1) and 'out'" in capsys.readouterr().err
 
 
+def test_kiri_learn_round_exits_3_on_a_refused_record_unless_any_record_succeeds_as_the_round_job_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kiri_operator.cli import main
+    from kiri_runtime.learning import rounds
+
+    out = tmp_path / "out"
+
+    def submit(*_: object, **__: object) -> None:  # the Flower run: its ServerApp writes a refused record
+        record = rounds.RoundRecord(
+            round=3,
+            status="refused",
+            reason="0 sites admitted",
+            base_sha256="0" * 64,
+            privacy=rounds.Privacy(noise_multiplier=1.0, clip_norm=1.0, delta=1e-5, epsilon=7.08),
+            opened_at="2026-12-06T20:00:00+00:00",
+            closed_at="2026-12-06T20:01:00+00:00",
+        )
+        rounds.dump(record, rounds.round_dir(out, 3))
+
+    monkeypatch.setattr(launching, "submit", submit)
+    args = ["learn-round", "--superlink", "x:1", "--insecure", "--work-dir", str(tmp_path / "w")]
+    args += ["--run-config-json", f'{{"round": 3, "out": "{out}"}}']
+    assert main(args) == 3
+    assert main([*args, "--any-record-succeeds"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        '{"round": 3, "status": "refused", "reason": "0 sites admitted"}'
+    )
+
+
 def test_a_superlink_in_a_long_namespace_still_gets_its_certificate() -> None:
     name = "md-superlink." + "n" * 63 + ".svc.cluster.local"  # 94 characters, over a CN's 64
     cert = x509.load_pem_x509_certificate(certificates.make([name]).tls_crt)
