@@ -54,10 +54,25 @@ from kiri_runtime.learning.settings import (
 log = logging.getLogger("kiri.learning.server")
 
 NODE_POLL_SECONDS = 0.5
+SITE_WEIGHT = 1.0  # the weight every site's result carries (FitRes.num_examples)
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def secure_workflow(s: RoundSettings) -> SecAggPlusWorkflow:
+    """SecAgg+ for the fit step. Each site scales its values by weight / `max_weight` before it quantises them
+    in [-clipping-range, clipping-range]; every site sends weight 1 (`site_app`, `strategies.UniformFedAvg`),
+    so `max_weight` 1 makes that range the range of the values themselves. Flower's default of 1000 would let a
+    site send values up to 1000 times the range, and round them to steps 1000 times coarser."""
+    return SecAggPlusWorkflow(
+        num_shares=1.0,  # every admitted site holds a share of every other's keys (SecAgg+ at n)
+        reconstruction_threshold=0.67,
+        max_weight=SITE_WEIGHT,
+        clipping_range=s.clipping_range,
+        timeout=s.deadline_seconds,
+    )
 
 
 def open_ledger(s: RoundSettings) -> ledgers.Ledger:
@@ -217,22 +232,14 @@ class Round:
             noise_multiplier=s.noise_multiplier,
             clip_norm=s.clip_norm,
             trimmed=s.trim_fraction if s.aggregation == "trimmed-mean" else None,
+            secure_range=s.clipping_range if s.secure_aggregation else None,
             sites=len(self.admitted),
             initial=ndarrays_to_parameters(initial),
             admitted=self.admitted,
             fit_config=self.fit_config,
             spend=self.spend,
         )
-        fit_workflow = (
-            SecAggPlusWorkflow(
-                num_shares=1.0,  # every admitted site holds a share of every other's keys (SecAgg+ at n)
-                reconstruction_threshold=0.67,
-                clipping_range=s.clipping_range,
-                timeout=s.deadline_seconds,
-            )
-            if s.secure_aggregation
-            else None
-        )
+        fit_workflow = secure_workflow(s) if s.secure_aggregation else None
         legacy = LegacyContext(
             context,
             config=ServerConfig(num_rounds=1, round_timeout=s.deadline_seconds),
@@ -367,7 +374,10 @@ class Round:
         model = self.model.updated(dense, self.s.server_lr)
         if model is None:
             reason = (
-                "the aggregated model has non-finite weights: lower learning-rate or server-learning-rate"
+                f"the aggregated model has non-finite weights: sites {', '.join(outcome.non_finite)} sent "
+                "non-finite values"
+                if outcome.non_finite
+                else "the aggregated model has non-finite weights: lower learning-rate or server-learning-rate"
             )
             return self.record("skipped", reason, before=before, traffic=traffic)
         after = model.evaluate()

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.common import (
     EvaluateIns,
     EvaluateRes,
@@ -31,6 +32,7 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    parameters_to_ndarrays,
 )
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
@@ -66,6 +68,7 @@ class RoundOutcome:
     failures: int = 0
     aggregate: Parameters | None = None
     error: str = ""
+    non_finite: list[str] = field(default_factory=list)  # plain rounds: the sites that sent NaN or Inf
 
 
 class RoundStrategy(Strategy):
@@ -76,8 +79,10 @@ class RoundStrategy(Strategy):
         admitted: Mapping[int, str],
         fit_config: Callable[[int], dict[str, Scalar]],
         spend: Spend,
+        secure_range: float | None = None,
     ) -> None:
         self.inner = inner
+        self.secure_range = secure_range  # SecAgg+'s clipping range, when the results are its average
         self.initial = initial
         self.admitted = dict(admitted)  # node id -> site
         self.fit_config = fit_config
@@ -117,6 +122,23 @@ class RoundStrategy(Strategy):
             except Exception as e:  # not aggregated on an unrecorded spend: the next round would overspend
                 self.outcome.error = f"the privacy ledger could not be written: {e}"
                 return None, {}
+        if self.secure_range is None:  # each result is one site's: say whose is not finite
+            self.outcome.non_finite = sorted(
+                self.admitted[int(p.node_id)]
+                for p, res in results
+                if int(p.node_id) in self.admitted
+                and not all(bool(np.isfinite(a).all()) for a in parameters_to_ndarrays(res.parameters))
+            )
+        if self.secure_range is not None and results:
+            outside = _outside(parameters_to_ndarrays(results[0][1].parameters), self.secure_range)
+            if outside is not None:
+                self.outcome.error = (
+                    f"the secure aggregate has values outside the clipping range ±{self.secure_range:g} "
+                    f"(up to {outside:.6g}): a site sent values SecAgg+ cannot bound (non-finite or "
+                    "tampered); nothing aggregated"
+                )
+                log.warning("round %d: %s", server_round, self.outcome.error)
+                return None, {}
         # Flower's wrapper adds N(0, (z·C/n)²) for n = num_sampled_clients: set to the results that arrived,
         # each site's mechanism keeps multiplier z whoever dropped out.
         self.inner.num_sampled_clients = len(results)
@@ -146,6 +168,19 @@ class RoundStrategy(Strategy):
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         return None
+
+
+def _outside(arrays: Sequence[np.ndarray], clipping_range: float) -> float | None:
+    """The largest |value| of a SecAgg+ average when it lies outside [-range, range], else None.
+
+    Every honest site quantises its values in the range, so their average is in it too (up to rounding). A
+    value outside comes from a site whose quantised integers were not: NaN turns into -2^31, and a modified
+    client can send any integer modulo 2^32. Inside the range, no site pulls a value by more than 2·range/n.
+    """
+    tolerance = clipping_range * 1e-6
+    largest = max((float(np.max(np.abs(a))) for a in arrays if a.size), default=0.0)
+    finite = all(bool(np.isfinite(a).all()) for a in arrays)
+    return largest if not finite or largest > clipping_range + tolerance else None
 
 
 class _Fixed(ClientManager):
@@ -185,8 +220,10 @@ def build(
     admitted: Mapping[int, str],
     fit_config: Callable[[int], dict[str, Scalar]],
     spend: Spend,
+    secure_range: float | None = None,
 ) -> RoundStrategy:
-    """The round's strategy; `trimmed` is the trim fraction for a trimmed mean (no secure aggregation)."""
+    """The round's strategy; `trimmed` is the trim fraction for a trimmed mean (no secure aggregation);
+    `secure_range` SecAgg+'s clipping range, when the results are its average (refused outside it)."""
     base: FedAvg
     if trimmed is not None:
         base = FedTrimmedAvg(
@@ -208,4 +245,4 @@ def build(
     dp = DifferentialPrivacyClientSideFixedClipping(
         base, noise_multiplier=noise_multiplier, clipping_norm=clip_norm, num_sampled_clients=sites
     )
-    return RoundStrategy(dp, initial, admitted, fit_config, spend)
+    return RoundStrategy(dp, initial, admitted, fit_config, spend, secure_range)

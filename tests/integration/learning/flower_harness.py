@@ -51,17 +51,22 @@ class Federation:
     sites: dict[str, Path]  # site -> its data
     allow_plain: bool = False
     plain_sites: frozenset[str] | None = None  # the sites that accept plain rounds (None: all or none)
+    # site -> variables its SuperNode's process gets on top of env() (the ClientApp subprocesses inherit them)
+    site_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     superlink: str = ""
     ca: Path = field(default_factory=Path)
     keys: dict[str, Path] = field(default_factory=dict)  # site -> its SuperNode's private key
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)
 
-    def _start(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _start(
+        self, name: str, args: list[str], extra_env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = self.root / f"{name}.log"
         self.logs.append(log)
+        variables = {**env(), **(extra_env or {})}
         with log.open("wb") as f:
-            proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env(), cwd=self.root)
+            proc = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=variables, cwd=self.root)
         self.procs.append(proc)
         return proc
 
@@ -123,6 +128,7 @@ class Federation:
                 "--host", "127.0.0.1",
                 "--port", str(free_port()),
             ],
+            self.site_env.get(site),
         )  # fmt: skip
 
     def work_dir(self, name: str) -> Path:

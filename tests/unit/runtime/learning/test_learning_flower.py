@@ -170,3 +170,60 @@ def test_a_superlink_in_a_long_namespace_still_gets_its_certificate() -> None:
     cert = x509.load_pem_x509_certificate(certificates.make([name]).tls_crt)
     sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sans.get_values_for_type(x509.DNSName) == [name]
+
+
+def test_secagg_plus_bounds_each_sites_values_to_the_clipping_range_itself() -> None:
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    from kiri_runtime.learning import federating
+
+    workflow = federating.secure_workflow(RoundSettings.from_run_config({**BASE, "clipping-range": 8.0}))
+    # What secaggplus_mod does with a site's values: scale by weight / max_weight, quantise, send.
+    q_ratio = round(federating.SITE_WEIGHT / workflow.max_weight * workflow.quantization_range)
+    scale = q_ratio / workflow.quantization_range
+    values = np.asarray([1e6, -1e6, 0.5], dtype=np.float32)
+    sent = quantize([values * scale], workflow.clipping_range, workflow.quantization_range)
+    received = dequantize(sent, workflow.clipping_range, workflow.quantization_range)[0] / scale
+    # Flower's default max_weight 1000 would have let 1e6 through as 8000, and 0.5 to steps of 0.004.
+    np.testing.assert_allclose(received, [8.0, -8.0, 0.5], atol=2 * 8.0 / 2**22)
+
+
+def secure_strategy(calls: list[list[str]]) -> strategies.RoundStrategy:
+    return strategies.build(
+        noise_multiplier=0.0,
+        clip_norm=1.0,
+        trimmed=None,
+        sites=2,
+        initial=ndarrays_to_parameters([np.zeros(2, np.float32)]),
+        admitted={1: "s1", 2: "s2"},
+        fit_config=lambda _: {},
+        spend=calls.append,
+        secure_range=8.0,
+    )
+
+
+def test_a_secure_aggregate_outside_the_clipping_range_is_refused_with_the_reason() -> None:
+    calls: list[list[str]] = []
+    s = secure_strategy(calls)
+    # With SecAgg+ every result holds the unmasked average; a NaN site turns it into about 2^31 quanta.
+    params, _ = s.aggregate_fit(1, [result(1, [2048.5, 0.1], 1), result(2, [2048.5, 0.1], 1)], [])
+    assert params is None and s.outcome.aggregate is None
+    assert s.outcome.error == (
+        "the secure aggregate has values outside the clipping range ±8 (up to 2048.5): a site sent values "
+        "SecAgg+ cannot bound (non-finite or tampered); nothing aggregated"
+    )
+    assert calls == [["s1", "s2"]]  # the sites' updates went into the aggregate: their spend stays recorded
+
+
+def test_a_secure_aggregate_inside_the_clipping_range_is_aggregated() -> None:
+    s = secure_strategy([])
+    params, _ = s.aggregate_fit(1, [result(1, [-8.0, 7.5], 1), result(2, [-8.0, 7.5], 1)], [])
+    assert params is not None and s.outcome.error == ""
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[0], [-8.0, 7.5])
+
+
+def test_a_plain_round_names_the_sites_that_sent_non_finite_values() -> None:
+    s = strategy(lambda _: None)
+    params, _ = s.aggregate_fit(1, [result(1, [1.0, 0.0], 1), result(2, [np.nan, np.inf], 1)], [])
+    assert s.outcome.non_finite == ["s2"]
+    assert params is not None and not np.isfinite(parameters_to_ndarrays(params)[0]).all()
