@@ -75,7 +75,8 @@ class Operator:
             self.proc = subprocess.Popen(
                 cmd, env=self.cluster.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT
             )
-        RUNNING.append(self)
+        if self not in RUNNING:  # a restarted operator is one entry
+            RUNNING.append(self)
         self.cluster.wait_for(
             self._up, timeout=60, interval=0.2, message=f"operator metrics on :{self.port}\n{self.tail()}"
         )

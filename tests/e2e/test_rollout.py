@@ -420,9 +420,7 @@ def test_offline_nodes_skip_wait_and_fail(
         assert r.placement()[offline] == rev2
         assert not ready_pod(cluster, namespace, offline, rev2)
         cluster.set_node_ready(offline, True)
-        cluster.wait_for(
-            lambda: ready_pod(cluster, namespace, offline, rev2), timeout=60, message="caught up"
-        )
+        cluster.wait_back(offline, lambda: ready_pod(cluster, namespace, offline, rev2), message="caught up")
 
         # Wait: the wave holds while a node of it is offline, and goes on when it is back.
         cluster.set_node_ready(offline, False)
