@@ -106,51 +106,44 @@ def kept_status(owner: B.Owner, records: Sequence[RoundRecord]) -> list[dict[str
     return [newest[site] for site in sorted(newest)]
 
 
-def learned_adapter(
-    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
-) -> AdapterSpec | None:
-    """The learned adapter as `edge.adapters` would declare it, for every learning site: the default of each
-    site unless `edge.adapters` names a default for one of them (then a request picks it by name)."""
-    found = (learning_status or {}).get("adapter") or {}
-    if spec.learning is None or not found.get("uri") or not site_names:
-        return None
+def _as_declared(spec: ModelDeploymentSpec, found: Mapping[str, Any], sites: Sequence[str]) -> AdapterSpec:
+    """A learned adapter's status entry as `edge.adapters` would declare it for `sites`: their default unless
+    `edge.adapters` names a default for one of them (then a request picks it by name)."""
+    assert spec.learning is not None
     held = found.get("heldOut") or {}
-    declared_default = any(a.default and set(a.sites) & set(site_names) for a in spec.edge.adapters)
+    declared_default = any(a.default and set(a.sites) & set(sites) for a in spec.edge.adapters)
     return AdapterSpec.model_construct(
         name=spec.learning.adapter_name,
         uri=str(found["uri"]),
         sha256=str(found["sha256"]),
         size_bytes=int(found.get("sizeBytes") or 1),
-        sites=list(site_names),
+        sites=list(sites),
         default=not declared_default,
         held_out=HeldOutMetric.model_validate(held) if "base" in held else None,
     )
+
+
+def learned_adapter(
+    spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
+) -> AdapterSpec | None:
+    """federated: the learned adapter for every learning site."""
+    found = (learning_status or {}).get("adapter") or {}
+    if spec.learning is None or not found.get("uri") or not site_names:
+        return None
+    return _as_declared(spec, found, site_names)
 
 
 def site_adapters(
     spec: ModelDeploymentSpec, learning_status: Mapping[str, Any] | None, site_names: Sequence[str]
 ) -> list[AdapterSpec]:
     """perSite: each site's own kept adapter, for that site alone, under the one `adapterName` (a request
-    names the same adapter at every site; each site answers with its own)."""
-    assert spec.learning is not None
-    out = []
-    for found in (learning_status or {}).get("siteAdapters") or []:
-        site = str(found.get("site") or "")
-        if site not in site_names or not found.get("uri"):
-            continue  # a site that left the fleet
-        declared_default = any(a.default and site in a.sites for a in spec.edge.adapters)
-        out.append(
-            AdapterSpec.model_construct(
-                name=spec.learning.adapter_name,
-                uri=str(found["uri"]),
-                sha256=str(found["sha256"]),
-                size_bytes=int(found.get("sizeBytes") or 1),
-                sites=[site],
-                default=not declared_default,
-                held_out=HeldOutMetric.model_validate(found["heldOut"]) if found.get("heldOut") else None,
-            )
-        )
-    return out
+    names the same adapter at every site; each site answers with its own). A site that left the fleet is
+    left out."""
+    return [
+        _as_declared(spec, found, [str(found["site"])])
+        for found in (learning_status or {}).get("siteAdapters") or []
+        if found.get("site") in site_names and found.get("uri")
+    ]
 
 
 def with_learned_adapters(

@@ -191,6 +191,16 @@ def _local(uri: str, mount: str, name: str) -> tuple[str, list[dict[str, Any]], 
     return f"{mount}{path}", [volume], [{"name": name, "mountPath": mount, "readOnly": True}]
 
 
+def _checkpoint(spec: ModelDeploymentSpec) -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+    """A language model's checkpoint in the round's pods (its path, and the volume a pvc:// source needs);
+    nothing for a tensor model."""
+    return (
+        _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")
+        if learns_adapter(spec)
+        else ("", [], [])
+    )
+
+
 def _container(
     spec: ModelDeploymentSpec, name: str, args: list[str], mounts: list[dict[str, Any]]
 ) -> dict[str, Any]:
@@ -234,7 +244,7 @@ def run_config(
         targets = part.layers or list((layout or {}).get("targets") or [])
         adapter = {
             "part": "adapter",
-            "base-model": _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")[0],
+            "base-model": _checkpoint(spec)[0],
             "adapter-targets": ",".join(targets),
             "adapter-steps": part.steps,
             "adapter-seq-len": part.sequence_length,
@@ -379,11 +389,7 @@ def federation_objects(
     _, w_vols, w_mounts = _local(base_weights, "/weights", "weights")
     _, e_vols, e_mounts = _local(learning.eval_data_uri, "/eval", "eval")
     # A language model's checkpoint: the ServerApp scores adapters with it (each site's SuperNode mounts it too).
-    _, m_vols, m_mounts = (
-        _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")
-        if learns_adapter(spec)
-        else ("", [], [])
-    )
+    _, m_vols, m_mounts = _checkpoint(spec)
     link = F.superlink(spec, owner, service_account, sites if registered is None else registered)
     # The ServerApp runs in the SuperLink's pod: it reads the base weights and held-out set from there too.
     link[0] = _with_mounts(link[0], owner, [*w_vols, *e_vols, *m_vols], [*w_mounts, *e_mounts, *m_mounts])
@@ -394,11 +400,7 @@ def federation_objects(
 def site_objects(spec: ModelDeploymentSpec, owner: B.Owner, sites: Sequence[str]) -> list[dict[str, Any]]:
     """Each site's SuperNode (with its kept-adapter store and Service for a perSite language model), with a
     language model's checkpoint mounted."""
-    _, m_vols, m_mounts = (
-        _local(spec.model.source.uri, BASE_MODEL_MOUNT, "base-model")
-        if learns_adapter(spec)
-        else ("", [], [])
-    )
+    _, m_vols, m_mounts = _checkpoint(spec)
     out: list[dict[str, Any]] = []
     for site in sites:
         objs = (
