@@ -222,35 +222,32 @@ class _TwoSocketUvicorn:
         uvicorn.Server(config).run(sockets=sockets)
 
 
-def serve_control_apart(control_port: int) -> None:
-    """Serve the SuperLink's Control API on `control_port` only (`ControlApiApart`, `_TwoSocketUvicorn`)."""
+def _on_app(configure: Callable[[Any, Any], None]) -> None:
+    """Have Flower's SuperLink entry point call `configure(app, config)` on the app it creates (middleware,
+    registration), before it serves: `main.create_app` is the one place Flower builds it."""
     from flwr.superlink import main
 
-    # The module, not the function of the same name that `flwr.superlink.cli` exports.
-    entry = importlib.import_module("flwr.superlink.cli.flower_superlink")
     create_app = main.create_app
 
-    def create_apart_app(config: Any = None, lifespan_class: Any = None) -> Any:
+    def create_configured_app(config: Any = None, lifespan_class: Any = None) -> Any:
         app = create_app(config, lifespan_class)
-        app.add_middleware(ControlApiApart, control_port=control_port)
+        configure(app, config)
         return app
 
-    main.create_app = create_apart_app  # type: ignore[assignment]
+    main.create_app = create_configured_app  # type: ignore[assignment]
+
+
+def serve_control_apart(control_port: int) -> None:
+    """Serve the SuperLink's Control API on `control_port` only (`ControlApiApart`, `_TwoSocketUvicorn`)."""
+    # The module, not the function of the same name that `flwr.superlink.cli` exports.
+    entry = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    _on_app(lambda app, _config: app.add_middleware(ControlApiApart, control_port=control_port))
     entry.uvicorn = _TwoSocketUvicorn(control_port)  # type: ignore[attr-defined]
 
 
 def keep_runtime_api_local() -> None:
     """Make the SuperLink's app answer the Runtime API to loopback peers only (`RuntimeApiLocal`)."""
-    from flwr.superlink import main
-
-    create_app = main.create_app
-
-    def create_local_app(config: Any = None, lifespan_class: Any = None) -> Any:
-        app = create_app(config, lifespan_class)
-        app.add_middleware(RuntimeApiLocal)
-        return app
-
-    main.create_app = create_local_app  # type: ignore[assignment]
+    _on_app(lambda app, _config: app.add_middleware(RuntimeApiLocal))
 
 
 def _flag_values(flower_args: list[str], flag: str) -> list[str]:
@@ -271,12 +268,8 @@ def _subprocess_isolation(flower_args: list[str]) -> bool:
 
 def register_at_start(keys: Mapping[str, bytes]) -> None:
     """Make the SuperLink's app register `keys` once its state exists, and close node registration on it."""
-    from flwr.superlink import main
 
-    create_app = main.create_app
-
-    def create_registered_app(config: Any = None, lifespan_class: Any = None) -> Any:
-        app = create_app(config, lifespan_class)
+    def register(app: Any, config: Any) -> None:
         if config is None or not config.enable_supernode_auth:
             raise SystemExit(f"{KEYS_FLAG} needs {AUTH_FLAG}")
         valid, account = config.authn_plugin.validate_tokens_in_metadata([])
@@ -288,9 +281,8 @@ def register_at_start(keys: Mapping[str, bytes]) -> None:
         node_keys.write_registered_sites(sites_file, {node: site for site, node in ids.items()})
         os.environ[node_keys.SITES_ENV] = str(sites_file)
         app.add_middleware(NodeRegistrationClosed)
-        return app
 
-    main.create_app = create_registered_app  # type: ignore[assignment]
+    _on_app(register)
 
 
 def _superlink(args: argparse.Namespace) -> int:
