@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,13 +139,8 @@ class Kubelet:
         cmd = swap(cmd, "--control-port", str(self.control_port))
         self.start("superlink", cmd)
         self.control = f"{deployment['metadata']['name']}.{self.namespace}.svc:{self.control_port}"
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return f"{deployment['metadata']['name']}.{self.namespace}.svc:{self.port}"
-            time.sleep(0.2)
-        raise AssertionError((self.tmp / "superlink.log").read_text()[-3000:])
+        self.listening(self.port, "superlink", 60)
+        return f"{deployment['metadata']['name']}.{self.namespace}.svc:{self.port}"
 
     def supernode(self, deployment: dict[str, Any], address: str, data: Path) -> None:
         pod = deployment["spec"]["template"]["spec"]
@@ -173,13 +170,18 @@ class Kubelet:
         port = free_port()
         cmd = swap(swap(self._local(store["command"]), "--port", str(port)), "--host", "127.0.0.1")
         self.start(f"store-{site}", swap(cmd, "--root", str(self.kept_dir(site))))
-        end = time.monotonic() + 30
+        self.listening(port, f"store-{site}", 30)
+        return port
+
+    def listening(self, port: int, name: str, timeout: float) -> None:
+        """Wait for the process `name` (started by `start`) to accept connections on `port`; fail with its log."""
+        end = time.monotonic() + timeout
         while time.monotonic() < end:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
-                    return port
+                    return
             time.sleep(0.2)
-        raise AssertionError((self.tmp / f"store-{site}.log").read_text()[-2000:])
+        raise AssertionError((self.tmp / f"{name}.log").read_text()[-3000:])
 
     def run_job(self, job: dict[str, Any], address: str) -> None:
         pod = job["spec"]["template"]["spec"]
@@ -211,3 +213,47 @@ class Kubelet:
                 p.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+@dataclass(frozen=True)
+class TinyLearning:
+    """The learning e2e tests' files: the sites' `.npz` data, the held-out set, the first round's weights, the
+    same model as ONNX (what the cloud serves) and its inputs without labels (the compressor's eval data)."""
+
+    site_files: dict[str, Path]
+    held_out: Path
+    weights: Path
+    onnx: Path
+    onnx_sha256: str
+    inputs: Path
+
+
+def tiny_learning(tmp: Path, sites: Sequence[str]) -> TinyLearning:
+    import hashlib
+
+    import numpy as np
+    import safetensors.torch
+    import torch
+
+    from learning_tiny_model import make_model, write_sites
+
+    paths, held_out = write_sites(tmp, len(sites), seed=3)
+    torch.manual_seed(0)
+    start: Any = make_model()
+    weights = tmp / "v1.safetensors"
+    safetensors.torch.save_file(start.state_dict(), weights)
+    onnx_path = tmp / "model.onnx"
+    torch.onnx.export(
+        start.eval(), (torch.randn(1, 8),), str(onnx_path), input_names=["x"], output_names=["y"],
+        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    inputs = tmp / "inputs.npz"
+    np.savez(inputs, x=np.load(held_out)["x"][:64])
+    return TinyLearning(
+        dict(zip(sites, paths, strict=True)),
+        held_out,
+        weights,
+        onnx_path,
+        hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        inputs,
+    )

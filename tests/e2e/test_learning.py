@@ -13,14 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from kiri_operator.planning import federation as F
-from learning_tiny_model import make_model, write_sites
 
 from .conftest import REPO_ROOT, Cluster
-from .flower_kubelet import Kubelet, deployments, jobs, wait
+from .flower_kubelet import Kubelet, deployments, jobs, tiny_learning, wait
 from .operator_harness import (
     Operator,
     crd,
@@ -44,24 +42,15 @@ def operator(cluster: Cluster, namespace: str) -> Iterator[Operator]:
 def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_tls_and_rounds_become_revisions(
     cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
 ) -> None:
-    import safetensors.torch
-    import torch
-
-    paths, held_out = write_sites(tmp_path, len(SITES), seed=3)
-    site_files = dict(zip(SITES, paths, strict=True))
-    torch.manual_seed(0)
-    start: Any = make_model()
-    weights = tmp_path / "v1.safetensors"
-    safetensors.torch.save_file(start.state_dict(), weights)
-    # The cloud serves the same model as ONNX; its inputs (no labels) are the compressor's eval data.
-    onnx_path = tmp_path / "model.onnx"
-    torch.onnx.export(
-        start.eval(), (torch.randn(1, 8),), str(onnx_path), input_names=["x"], output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
-    )  # fmt: skip
-    onnx_sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
-    inputs = tmp_path / "inputs.npz"
-    np.savez(inputs, x=np.load(held_out)["x"][:64])
+    files = tiny_learning(tmp_path, SITES)
+    site_files, held_out, weights, onnx_path, inputs = (
+        files.site_files,
+        files.held_out,
+        files.weights,
+        files.onnx,
+        files.inputs,
+    )
+    onnx_sha = files.onnx_sha256
     body = model_deployment(
         "lm",
         namespace,

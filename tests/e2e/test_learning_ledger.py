@@ -16,15 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from kiri_operator.planning import learning as PL
 from kiri_runtime.learning.accounting import epsilon
-from learning_tiny_model import make_model, write_sites
 
 from .conftest import REPO_ROOT, Cluster
-from .flower_kubelet import Kubelet, deployments, jobs, wait
+from .flower_kubelet import Kubelet, deployments, jobs, tiny_learning, wait
 from .operator_harness import Operator, crd, get_md, model_deployment
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("crd")]
@@ -85,28 +83,20 @@ def _until_rounds(cluster: Cluster, namespace: str, n: int, watch: Callable[[], 
 def test_a_killed_operators_successor_reads_the_privacy_ledger_and_round_records_from_the_api_and_never_spends_twice(
     cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
-    import safetensors.torch
-    import torch
-
-    paths, held_out = write_sites(tmp_path, len(SITES), seed=3)
-    site_files = dict(zip(SITES, paths, strict=True))
-    torch.manual_seed(0)
-    start: Any = make_model()
-    weights = tmp_path / "v1.safetensors"
-    safetensors.torch.save_file(start.state_dict(), weights)
-    onnx_path = tmp_path / "model.onnx"
-    torch.onnx.export(
-        start.eval(), (torch.randn(1, 8),), str(onnx_path), input_names=["x"], output_names=["y"],
-        dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, dynamo=False,
-    )  # fmt: skip
-    inputs = tmp_path / "inputs.npz"
-    np.savez(inputs, x=np.load(held_out)["x"][:64])
+    files = tiny_learning(tmp_path, SITES)
+    site_files, held_out, weights, onnx_path, inputs = (
+        files.site_files,
+        files.held_out,
+        files.weights,
+        files.onnx,
+        files.inputs,
+    )
     store = tmp_path / "store"
     body = model_deployment(
         MD,
         namespace,
         onnx_path,
-        hashlib.sha256(onnx_path.read_bytes()).hexdigest(),
+        files.onnx_sha256,
         store,
         [{"name": "int8", "method": "int8-dynamic"}],
         learning={
