@@ -303,9 +303,39 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     for op in RUNNING:
         if op.namespace != getattr(item, "funcargs", {}).get("namespace"):
             continue  # another test's operator (killed, never stopped by a fixture)
-        # Less the client's request lines, which would fill the tail on their own.
-        lines = [line for line in op.tail(2000).splitlines() if " INFO httpx: " not in line]
-        report.sections.append((f"operator log ({op.namespace}, last 150 lines)", "\n".join(lines[-150:])))
+        # The request lines stay: they are the only witness of when the operator reconciled (its status
+        # PATCHes) and of what it listed; a test's own operator makes a few hundred of them at most.
+        lines = op.tail(5000).splitlines()
+        report.sections.append((f"operator log ({op.namespace}, last 400 lines)", "\n".join(lines[-400:])))
+
+
+RERUNS = int(os.environ.get("KIRI_E2E_RERUNS", "1"))
+"""How many times a failing e2e test runs again (pytest-rerunfailures) before it fails the run.
+
+The e2e tests share one control plane and one kwok with the teardown of the tests before them; on a loaded
+CI machine a test has failed there once in about 2,000 without a cause found in the code (hack/README.md,
+"e2e reruns"). A test that fails twice fails the run. A rerun is never silent: the session's
+summary names each one with its first failure (`pytest_terminal_summary`). `KIRI_E2E_RERUNS=0` turns
+reruns off, to chase a flake."""
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Each failed run of an e2e test that ran again, with the tail of that failure: in CI this output is
+    the only witness, and a flake that passed on its rerun must still be seen to be chased."""
+    reruns = terminalreporter.stats.get("rerun", [])
+    if not reruns:
+        return
+    terminalreporter.section(f"e2e reruns: {len(reruns)} test(s) failed once", sep="=")
+    for report in reruns:
+        terminalreporter.write_line(f"RERUN {report.nodeid}")
+        text = str(report.longrepr or "")
+        for line in text.splitlines()[-60:]:
+            terminalreporter.write_line(f"    {line}")
+        for title, content in report.sections:
+            if title.startswith("operator log"):
+                terminalreporter.write_line(f"    -- {title}, last 40 lines --")
+                for line in content.splitlines()[-40:]:
+                    terminalreporter.write_line(f"    {line}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -314,6 +344,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if e2e_dir in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
+            if RERUNS and item.get_closest_marker("flaky") is None:
+                item.add_marker(pytest.mark.flaky(reruns=RERUNS))
         # Real-node tests run by default (`make test`); only an explicit KIRI_REAL_NODES=0 leaves them out.
         if item.get_closest_marker("real_nodes") and os.environ.get("KIRI_REAL_NODES") == "0":
             item.add_marker(pytest.mark.skip(reason="real-node test left out by KIRI_REAL_NODES=0"))

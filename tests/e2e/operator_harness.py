@@ -8,6 +8,7 @@ container command lines run here, as local processes, against the real cluster.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -205,8 +206,37 @@ def explain(cluster: Cluster, namespace: str, name: str) -> str:
         conditions = [{"error": str(exc)}]
     lines = [f"{c.get('type')}={c.get('status')} {c.get('reason')}: {c.get('message')}" for c in conditions]
     pods = cluster.kubectl("get", "pods", "-n", namespace, "-o", "wide", check=False)
+    # When each pod was scheduled and turned Ready: a pod that turned Ready late is a slow kwok, not Kiri.
+    ready_at = cluster.kubectl(
+        "get",
+        "pods",
+        "-n",
+        namespace,
+        "-o",
+        "custom-columns=NAME:.metadata.name,CREATED:.metadata.creationTimestamp,"
+        'SCHEDULED:.status.conditions[?(@.type=="PodScheduled")].lastTransitionTime,'
+        'READY:.status.conditions[?(@.type=="Ready")].lastTransitionTime',
+        check=False,
+    )
+    # The API server's own view of the workloads: against the conditions above it tells a controller that
+    # lags (the server says 0 ready too) from an operator that missed an event (the server says ready).
+    workloads = cluster.kubectl(
+        "get", "deployments,replicasets,daemonsets,jobs", "-n", namespace, "-o", "wide", check=False
+    )
     events = cluster.kubectl("get", "events", "-n", namespace, "--sort-by=.lastTimestamp", check=False)
-    return "\n".join(["conditions:", *lines, "pods:", pods, "events (latest):", *events.splitlines()[-25:]])
+    return "\n".join(
+        [
+            f"conditions (at {datetime.datetime.now(datetime.UTC):%Y-%m-%dT%H:%M:%SZ}):",
+            *lines,
+            "pods:",
+            pods,
+            ready_at,
+            "workloads:",
+            workloads,
+            "events (latest):",
+            *events.splitlines()[-25:],
+        ]
+    )
 
 
 def children(cluster: Cluster, namespace: str, name: str, kinds: str) -> list[dict[str, Any]]:
