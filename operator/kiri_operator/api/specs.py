@@ -1251,7 +1251,8 @@ class LearningSchedule(ApiModel):
     """When rounds run and how long one may take."""
 
     interval_seconds: Annotated[int, Field(ge=60, le=31536000)] = 86400
-    """Seconds from the start of one round to the start of the next."""
+    """Seconds from the close of one round to the start of the next (the first round starts at once): a round
+    that runs long never makes the next one start before it has closed."""
     deadline_seconds: Annotated[int, Field(ge=10, le=86400)] = 1800
     """A round closes at the latest this long after it opens."""
     grace_seconds: Annotated[int, Field(ge=0, le=86400)] = 120
