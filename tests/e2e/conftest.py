@@ -325,16 +325,19 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     reruns = terminalreporter.stats.get("rerun", [])
     if not reruns:
         return
-    terminalreporter.section(f"e2e reruns: {len(reruns)} test(s) failed once", sep="=")
+    terminalreporter.section(f"e2e reruns: {len(reruns)} failed run(s) ran again", sep="=")
     for report in reruns:
         terminalreporter.write_line(f"RERUN {report.nodeid}")
-        text = str(report.longrepr or "")
-        for line in text.splitlines()[-60:]:
+        # The end of the failure: the assertion or the timed-out wait's `explain` (conditions, pods, workloads,
+        # events).
+        for line in str(report.longrepr or "").splitlines()[-90:]:
             terminalreporter.write_line(f"    {line}")
         for title, content in report.sections:
             if title.startswith("operator log"):
-                terminalreporter.write_line(f"    -- {title}, last 40 lines --")
-                for line in content.splitlines()[-40:]:
+                # Its writes and its own lines; its GETs and LISTs would fill the tail.
+                kept = [line for line in content.splitlines() if '"GET ' not in line]
+                terminalreporter.write_line(f"    -- {title}: its last 60 lines other than GETs --")
+                for line in kept[-60:]:
                     terminalreporter.write_line(f"    {line}")
 
 
