@@ -11,7 +11,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.kiri-installed
 PYTEST_ARGS ?=
 
-.PHONY: help setup venv binaries debs test-servers lint typecheck test test-unit test-integration test-e2e demo \
+.PHONY: help setup venv lock binaries debs test-servers lint typecheck test test-unit test-integration test-e2e demo \
         crds crds-check cluster-up cluster-down clean real-nodes-check setup-real-nodes test-real-nodes
 
 help:
@@ -23,11 +23,16 @@ setup: venv binaries debs test-servers
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[all,dev]'
+	$(PIP) install --quiet -c constraints.txt -e '.[all,dev]'
 	@touch $(STAMP)
+
+## lock: constraints.txt again from what .venv holds (after a deliberate upgrade there, tested).
+lock: venv
+	@{ sed -n '1,3p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^kiri=='; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
 
 binaries:
 	@command -v go >/dev/null || { echo "make binaries: Go is required (https://go.dev/dl/)"; exit 1; }

@@ -143,6 +143,7 @@ def image_key(name: str) -> str:
         h.update(run("go", "version").encode())
     else:
         digest(h, HACK_DIR / "docker" / "Dockerfile", "Dockerfile")
+        digest(h, REPO_ROOT / "constraints.txt", "constraints.txt")  # the wheelhouse's versions
         for f in source_files():
             digest(h, f, str(f.relative_to(REPO_ROOT)))
     return h.hexdigest()[:16]
@@ -212,8 +213,12 @@ def build_cache_csi(work: Path, out: Path) -> None:
 
 
 def wheelhouse(work: Path) -> Path:
-    """kiri[runtime,quantize] and its dependencies as wheels, fetched by the host's pip (cached by pyproject.toml)."""
-    deps_key = hashlib.sha256((REPO_ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    """kiri[runtime,quantize] and its dependencies as wheels, fetched by the host's pip at the versions of
+    constraints.txt (cached by pyproject.toml and constraints.txt)."""
+    constraints = REPO_ROOT / "constraints.txt"
+    deps_key = hashlib.sha256(
+        (REPO_ROOT / "pyproject.toml").read_bytes() + constraints.read_bytes()
+    ).hexdigest()[:16]
     deps = IMAGES_DIR / f"wheels-py311-{deps_key}"
     src = work / "src"
     src.mkdir()
@@ -231,7 +236,7 @@ def wheelhouse(work: Path) -> Path:
         # Binary wheels for the image's Python (3.11, glibc x86_64), whatever runs this script.
         run(*pip, "download", "--quiet", "--dest", tmp, "--only-binary=:all:", "--python-version", "3.11",
             "--implementation", "cp", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64",
-            "--platform", "manylinux_2_17_x86_64", f"{src}[runtime,quantize]")  # fmt: skip
+            "--platform", "manylinux_2_17_x86_64", "-c", constraints, f"{src}[runtime,quantize]")  # fmt: skip
         for w in tmp.glob("kiri-*"):
             w.unlink()  # Kiri itself is built below, from the sources of this checkout
         tmp.replace(deps)
