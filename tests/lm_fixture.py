@@ -33,6 +33,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -565,3 +566,48 @@ if __name__ == "__main__":  # python tests/lm_fixture.py [cache]: build and time
     t0 = time.monotonic()
     d = tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
     print(d, f"{time.monotonic() - t0:.1f}s", (d / "fixture.json").read_text())
+
+
+@dataclass(frozen=True)
+class GreedyChat:
+    """A chat question and the model's greedy answer to it, by a plain onnxruntime-genai loop."""
+
+    messages: list[dict[str, str]]
+    prompt_ids: list[int]
+    answer_ids: list[int]
+    """The answer's tokens, the closing <|im_end|> included."""
+    text: str
+    """The answer's text, without <|im_end|>."""
+
+
+def greedy_chat(genai_dir: Path, max_tokens: int = 30, min_tokens: int = 6) -> GreedyChat:
+    """The first chat question of the training turns (`What does def dedent do?` first) whose greedy answer
+    ends with <|im_end|> within `max_tokens` and has at least `min_tokens` before it.
+
+    The tests that need an answer that stops take it from here instead of assuming which question the weights
+    answer that way: the model is trained on the machine that runs the tests, and training on another CPU
+    (its kernels round differently) gives other weights, so other answers."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(genai_dir))
+    tok = og.Tokenizer(model)
+    end = SPECIAL_TOKENS.index(EOS)
+    questions = ["What does def dedent do?", *(q for q, _ in _chat_pairs(_stdlib_texts()))]
+    for question in dict.fromkeys(questions):
+        messages = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+        ids = [int(t) for t in tok.encode(prompt)]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        answer: list[int] = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            answer.append(int(generator.get_next_tokens()[0]))
+        if answer and answer[-1] == end and len(answer) > min_tokens:
+            text = tok.decode(np.asarray(answer[:-1], dtype=np.int32))
+            return GreedyChat(messages, ids, answer, text)
+    raise AssertionError(
+        f"no training question of {genai_dir} has a greedy answer that ends within {max_tokens}"
+    )

@@ -63,7 +63,10 @@ def _demo_lm() -> ModuleType:
 
 
 DEMO = _demo_lm()
-SURE = DEMO.EASY[1]  # measured: the edge alone, 11 of 11 tokens (DEMO.EASY[0] hands off after 3 here)
+# Openings of functions of the training text, the demo's first: the int4 edge is sure of every token of some of
+# them. Which ones depends on the weights, and those on the machine that trained them (another CPU's kernels
+# round differently): one machine's model answered DEMO.EASY[1] alone, another's handed it off after 4 tokens.
+IN_DOMAIN = (*DEMO.EASY, "def dedent(text):", "def heappop(heap):", "def capwords(s, sep=None):")
 
 
 def chat_deployment(namespace: str, source: Path, sha: str, eval_data: Path, store: Path) -> dict[str, Any]:
@@ -282,7 +285,7 @@ def test_the_edge_pod_answers_sure_chats_itself_and_hands_the_hard_one_to_the_cl
     cloud_before = samples(d.cloud_url, "kiri_requests")
     edge_before = DEMO.collab_tokens(httpx.get(f"{d.edge_url}/metrics", timeout=10).text, MODEL)
     reports = {}
-    for prompt in (*DEMO.EASY, DEMO.HARD):
+    for prompt in (*IN_DOMAIN, DEMO.HARD):
         reply = chat(d.edge_url, prompt)  # the deployment's mode: cascade
         assert reply.status_code == 200, reply.text
         body = reply.json()
@@ -292,10 +295,16 @@ def test_the_edge_pod_answers_sure_chats_itself_and_hands_the_hard_one_to_the_cl
         print(f"\n[cascade] {prompt!r}: {kiri} -> {body['choices'][0]['message']['content']!r}")
         assert kiri["edge_tokens"] + kiri["cloud_tokens"] == body["usage"]["completion_tokens"], body["usage"]
     assert all(r["edge_tokens"] > 0 for r in reports.values()), reports  # the edge starts every answer
-    # An opening of a function of its training text: the int4 edge stays sure of every token, and the cloud's
+    # Some opening of a function of its training text: the int4 edge stays sure of every token, and the cloud's
     # final check (check: full) keeps them all.
-    sure = reports[SURE]
-    assert sure["cloud_tokens"] == 0 and sure["handoffs"] == 0 and sure["corrected_tokens"] == 0, sure
+    sure = [
+        p
+        for p in IN_DOMAIN
+        if reports[p]["cloud_tokens"] == 0
+        and reports[p]["handoffs"] == 0
+        and reports[p]["corrected_tokens"] == 0
+    ]
+    assert sure, {p: reports[p] for p in IN_DOMAIN}
     hard = reports[DEMO.HARD]
     assert hard["edge_tokens"] > 0 and hard["cloud_tokens"] > 0, hard
     assert hard["handoffs"] >= 1 and hard["handoff_reason"] == "uncertainty", hard

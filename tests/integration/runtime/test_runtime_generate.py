@@ -18,12 +18,12 @@ import pytest
 from runtime_helpers import ThreadedServer, metric_samples, sample, sha256_of
 
 from kiri_runtime.serving import ServeConfig
+from lm_fixture import GreedyChat, greedy_chat
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
+# Any question, where the test reads no more than a few tokens of the answer.
 QUESTION = [{"role": "user", "content": "What does def dedent do?"}]
-# What the tiny model answers greedily to QUESTION (checked against a raw loop below, not assumed).
-GREEDY_ANSWER = "What does def _glob0_function do?"
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,13 @@ def genai_dir() -> Path:
     from lm_fixture import tiny_genai
 
     return tiny_genai()
+
+
+@pytest.fixture(scope="module")
+def chat(genai_dir: Path) -> GreedyChat:
+    """A question whose greedy answer ends with <|im_end|>, and that answer, by a raw loop: the weights are
+    trained on the machine that runs the tests, so which question that is depends on it."""
+    return greedy_chat(genai_dir)
 
 
 def _start(genai_dir: Path | str, tmp: Path, wait: bool = True, **over: Any) -> ThreadedServer:
@@ -115,32 +122,35 @@ def test_greedy_generate_equals_a_raw_onnxruntime_genai_greedy_loop_token_for_to
 
 
 def test_a_greedy_chat_answer_through_the_openai_client_is_the_raw_loops_text(
-    server: ThreadedServer, genai_dir: Path
+    server: ThreadedServer, genai_dir: Path, chat: GreedyChat
 ) -> None:
     import onnxruntime_genai as og
 
     tok = og.Tokenizer(og.Model(str(genai_dir)))
+    # The server renders the chat template itself: its prompt must be the one the raw loop was given.
     ids = [
-        int(t) for t in tok.encode(tok.apply_chat_template(json.dumps(QUESTION), add_generation_prompt=True))
+        int(t)
+        for t in tok.encode(tok.apply_chat_template(json.dumps(chat.messages), add_generation_prompt=True))
     ]
+    assert ids == chat.prompt_ids
     reference = raw_greedy(genai_dir, ids, 30)
-    assert reference[-1] == 2  # the tiny model ends its answer with <|im_end|>
+    assert reference == chat.answer_ids and reference[-1] == 2  # ends with <|im_end|>
     answer = client(server).chat.completions.create(
-        model="tiny", messages=QUESTION, temperature=0, max_tokens=30
+        model="tiny", messages=chat.messages, temperature=0, max_tokens=30
     )
     assert answer.choices[0].message.content == tok.decode(np.asarray(reference[:-1], dtype=np.int32))
-    assert answer.choices[0].message.content == GREEDY_ANSWER
+    assert answer.choices[0].message.content == chat.text
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage is not None
     assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(ids), len(reference))
 
 
 def test_the_openai_client_streams_chat_chunks_that_join_to_the_answer_then_a_usage_chunk(
-    server: ThreadedServer,
+    server: ThreadedServer, chat: GreedyChat
 ) -> None:
     stream = client(server).chat.completions.create(
         model="tiny",
-        messages=QUESTION,
+        messages=chat.messages,
         temperature=0,
         max_tokens=30,
         stream=True,
@@ -149,11 +159,12 @@ def test_the_openai_client_streams_chat_chunks_that_join_to_the_answer_then_a_us
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == GREEDY_ANSWER
+    assert text == chat.text
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == 14 and chunks[-1].usage.prompt_tokens == 16
+    assert chunks[-1].usage.completion_tokens == len(chat.answer_ids)
+    assert chunks[-1].usage.prompt_tokens == len(chat.prompt_ids)
 
 
 def test_the_openai_client_streams_a_text_completion_with_logprobs(server: ThreadedServer) -> None:
@@ -202,16 +213,22 @@ def test_a_seed_reproduces_a_sampled_completion_even_under_concurrent_load(serve
     assert {sample(s) for s in (8, 9, 10)} != {first}
 
 
-def test_a_stop_string_ends_the_answer_before_it(server: ThreadedServer) -> None:
+def test_a_stop_string_ends_the_answer_before_it(server: ThreadedServer, chat: GreedyChat) -> None:
+    # Two stop strings cut from the answer itself (3 characters, at a third and at two thirds of it): the
+    # answer ends right before the first place each occurs, mid-token or not.
+    text = chat.text
+    first, second = text[len(text) // 3 :][:3], text[2 * len(text) // 3 :][:3]
+    assert first and second
     answer = client(server).chat.completions.create(
-        model="tiny", messages=QUESTION, temperature=0, max_tokens=30, stop=[" def"]
+        model="tiny", messages=chat.messages, temperature=0, max_tokens=30, stop=[first]
     )
-    assert answer.choices[0].message.content == "What does"
+    assert answer.choices[0].message.content == text[: text.index(first)]
     assert answer.choices[0].finish_reason == "stop"
     streamed = client(server).chat.completions.create(
-        model="tiny", messages=QUESTION, temperature=0, max_tokens=30, stop=["_func"], stream=True
+        model="tiny", messages=chat.messages, temperature=0, max_tokens=30, stop=[second], stream=True
     )
-    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "What does def _glob0"
+    joined = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert joined == text[: text.index(second)]
 
 
 def test_a_stop_token_id_ends_the_answer_without_its_text(server: ThreadedServer) -> None:
@@ -451,7 +468,9 @@ def test_a_long_request_counts_its_tokens_and_inter_token_latencies_while_it_is_
         sock.close()
 
 
-def test_a_packed_model_is_served_only_once_its_digest_is_verified(genai_dir: Path, tmp_path: Path) -> None:
+def test_a_packed_model_is_served_only_once_its_digest_is_verified(
+    genai_dir: Path, tmp_path: Path, chat: GreedyChat
+) -> None:
     from kiri_runtime.compressing.lm.packing import pack
 
     tar = tmp_path / "tiny.tar"
@@ -470,9 +489,9 @@ def test_a_packed_model_is_served_only_once_its_digest_is_verified(genai_dir: Pa
         meta = httpx.get(f"{right.url}/v2/models/tiny").json()
         assert meta["platform"] == "onnxruntime_genai" and meta["parameters"]["kiri_sha256"] == sha
         answer = client(right).chat.completions.create(
-            model="tiny", messages=QUESTION, temperature=0, max_tokens=30
+            model="tiny", messages=chat.messages, temperature=0, max_tokens=30
         )
-        assert answer.choices[0].message.content == GREEDY_ANSWER
+        assert answer.choices[0].message.content == chat.text
     finally:
         right.stop()
 
@@ -552,7 +571,7 @@ def test_requests_of_different_prompt_lengths_share_decode_steps_and_join_a_runn
 
 
 def test_an_xz_packed_model_cut_mid_download_resumes_verifies_pins_unpacks_and_answers_as_the_directory(
-    genai_dir: Path, tmp_path: Path
+    genai_dir: Path, tmp_path: Path, chat: GreedyChat
 ) -> None:
     """What `kiri compress` ships for a language-model variant (packing.pack(compression="xz")): the runtime's
     fetcher, cache, pins and loader take it as they take a plain tar, with no flag."""
@@ -603,9 +622,9 @@ def test_an_xz_packed_model_cut_mid_download_resumes_verifies_pins_unpacks_and_a
             assert (unpacked / name).read_bytes() == (genai_dir / name).read_bytes()
         assert [p["sha256"] for p in ArtifactCache(cache_dir).pins("tiny")] == [sha]
         answer = client(server).chat.completions.create(
-            model="tiny", messages=QUESTION, temperature=0, max_tokens=30
+            model="tiny", messages=chat.messages, temperature=0, max_tokens=30
         )
-        assert answer.choices[0].message.content == GREEDY_ANSWER
+        assert answer.choices[0].message.content == chat.text
     finally:
         server.stop()
         http.shutdown()
