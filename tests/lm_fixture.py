@@ -568,6 +568,24 @@ if __name__ == "__main__":  # python tests/lm_fixture.py [cache]: build and time
     print(d, f"{time.monotonic() - t0:.1f}s", (d / "fixture.json").read_text())
 
 
+def raw_greedy(model: Any, prompt_ids: list[int], n: int) -> list[int]:
+    """A plain onnxruntime-genai greedy loop of at most `n` tokens after `prompt_ids`, the reference a server must
+    match token for token; `model` is an `og.Model` or its directory."""
+    import onnxruntime_genai as og
+
+    if not isinstance(model, og.Model):
+        model = og.Model(str(model))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+    out: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
 @dataclass(frozen=True)
 class GreedyChat:
     """A chat question and the model's greedy answer to it, by a plain onnxruntime-genai loop."""
@@ -597,14 +615,7 @@ def greedy_chat(genai_dir: Path, max_tokens: int = 30, min_tokens: int = 6) -> G
         messages = [{"role": "user", "content": question}]
         prompt = tok.apply_chat_template(json.dumps(messages), add_generation_prompt=True)
         ids = [int(t) for t in tok.encode(prompt)]
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + max_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        answer: list[int] = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            answer.append(int(generator.get_next_tokens()[0]))
+        answer = raw_greedy(model, ids, max_tokens)
         if answer and answer[-1] == end and len(answer) > min_tokens:
             text = tok.decode(np.asarray(answer[:-1], dtype=np.int32))
             return GreedyChat(messages, ids, answer, text)

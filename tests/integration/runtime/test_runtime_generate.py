@@ -18,7 +18,7 @@ import pytest
 from runtime_helpers import ThreadedServer, metric_samples, sample, sha256_of
 
 from kiri_runtime.serving import ServeConfig
-from lm_fixture import GreedyChat, greedy_chat
+from lm_fixture import GreedyChat, greedy_chat, raw_greedy
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -75,22 +75,6 @@ def start(genai_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ThreadedSer
 
 def client(server: ThreadedServer) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
-
-
-def raw_greedy(genai_dir: Path, prompt_ids: list[int], n: int) -> list[int]:
-    """A plain onnxruntime-genai greedy loop, the reference the server must match token for token."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(genai_dir))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt_ids) + n, do_sample=False)
-    g = og.Generator(model, params)
-    g.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
-    out: list[int] = []
-    while not g.is_done():
-        g.generate_next_token()
-        out.append(int(g.get_next_tokens()[0]))
-    return out
 
 
 def metric(server: ThreadedServer, name: str, **labels: str) -> float:
