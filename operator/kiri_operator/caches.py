@@ -5,8 +5,9 @@ the handlers put them here, `kube` puts the objects it writes here too (so the n
 act on its own stale view), and `observe()` cuts one consistent `Observed` for the planner.
 resourceVersions are opaque strings (only equality means anything), so the cache orders what it learns by
 arrival instead: every event and write gets a local sequence number. A write of ours stays until the
-watch delivers its own resourceVersion (the watch is ordered, so anything before that is older), and a
-LIST merged into the cache (the resync, the relist after a watch restart) loses to whatever arrived after
+watch delivers its own resourceVersion (the watch is ordered, so anything before that is older), unless
+the watch delivered it while the write was under way (`writing`): then the watch is ahead of the answer.
+A LIST merged into the cache (the resync, the relist after a watch restart) loses to whatever arrived after
 it began, and synthesises the deletions the watch missed.
 
 Why one module: every kind shares the one lock and the arrival bookkeeping (sequence numbers, tombstones,
@@ -15,11 +16,12 @@ writes awaiting their event); split by kind, each part would reach into the othe
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -48,6 +50,8 @@ Ref = tuple[str, str, str]  # (kind, namespace or "", name)
 # write's own event in order, so this only matters when that event is lost (a 410 and a relist between):
 # then the cache takes the next event or LIST after this long.
 OWN_WRITE_SECONDS = 30.0
+# The last versions the watch showed of each object, kept for a write that changed nothing: its answer is a
+# version the watch may have shown before the write began (`writing` covers the versions shown during it).
 HEARD_VERSIONS = 4
 
 
@@ -171,6 +175,24 @@ class Cache:
     _gone: dict[Ref, int] = field(default_factory=dict)
     _written: dict[Ref, tuple[str | None, float]] = field(default_factory=dict)
     _heard: dict[Ref, tuple[str, ...]] = field(default_factory=dict)  # the last versions the watch showed
+    # Every version the watch showed of an object while a write of ours to it was under way (`writing`).
+    _during: dict[Ref, list[str]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def writing(self, kind: str, namespace: str, name: str) -> Iterator[None]:
+        """Around a write of ours and the `put_*(own=True)` of its answer: every version the watch shows of
+        the object meanwhile is kept, so an answer that comes after its own event is known as such however
+        many newer events came too. (A Deployment's creation brings five events on kwok in a second: the
+        last few versions alone let a late answer pass for news, replace the newest version and hold the
+        rest back, and the Deployment stayed 0/1 ready in the cache after its pod was Ready.)"""
+        ref = (kind, namespace, name)
+        with self._lock:
+            self._during.setdefault(ref, [])
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._during.pop(ref, None)
 
     def mark(self) -> int:
         """Call before a LIST: what arrives after this wins over what the LIST says."""
@@ -195,7 +217,7 @@ class Cache:
         """An event against our writes the watch has not shown; `own`: the body answers our write (NEW)."""
         rv = _rv(body)
         if own:
-            if rv is not None and rv in self._heard.get(ref, ()):
+            if rv is not None and (rv in self._heard.get(ref, ()) or rv in self._during.get(ref, ())):
                 # The watch showed this version before the answer came; what it showed since (another
                 # client's change, a controller's status) is newer than the answer: keep it.
                 return Arrival.NEW if cached is None or _rv(cached) == rv else Arrival.OLDER
@@ -204,6 +226,8 @@ class Cache:
                 self._written[ref] = (rv, time.monotonic())
             return Arrival.NEW
         self._heard[ref] = (*self._heard.get(ref, ())[-(HEARD_VERSIONS - 1) :], str(rv))
+        if ref in self._during:
+            self._during[ref].append(str(rv))
         pending = self._written.get(ref)
         if pending is None:
             return Arrival.NEW

@@ -253,7 +253,8 @@ class Reconciler:
                     )
                 else:
                     assert action.body is not None
-                    self.cache.put_child(action.kind, self.kube.apply(action.body), own=True)
+                    with self.cache.writing(action.kind, key[0], action.name):
+                        self.cache.put_child(action.kind, self.kube.apply(action.body), own=True)
                 metrics.RECONCILE_WRITES.labels(action.kind, action.check.value).inc()
                 outcome.writes += 1
             except KubeError as exc:
@@ -282,7 +283,8 @@ class Reconciler:
             outcome.status_deferred = True
         else:
             try:
-                self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status), own=True)
+                with self.cache.writing(MODEL_DEPLOYMENT.kind, *key):
+                    self.cache.put_md(self.kube.apply_status(key[0], key[1], p.status), own=True)
                 self._status_written_at[key] = time.monotonic()
                 metrics.RECONCILE_WRITES.labels(MODEL_DEPLOYMENT.kind, "Status").inc()
                 outcome.writes += 1
@@ -310,7 +312,8 @@ class Reconciler:
             conditions = C.reconcile_failed(stored, message, self.clock.now())
             if [c.to_dict() for c in conditions] != status.get("conditions"):
                 status["conditions"] = [c.to_dict() for c in conditions]
-                self.cache.put_md(self.kube.apply_status(key[0], key[1], status), own=True)
+                with self.cache.writing(MODEL_DEPLOYMENT.kind, *key):
+                    self.cache.put_md(self.kube.apply_status(key[0], key[1], status), own=True)
             self._emit(key, md, [Event("Warning", Reason.RECONCILE_FAILED, message)])
         except Exception as report_exc:  # never let the report hide the failure it reports
             log.warning("reporting the failed reconcile of %s/%s: %s", *key, report_exc)
