@@ -313,7 +313,8 @@ def test_a_generative_model_deployment_rolls_out_in_waves_on_the_lm_presets_and_
     )
     (deployment,) = deployments
     cloud_args = lab.serve_cloud(deployment)
-    built = Path(r.store["built"])
+    built = r.built
+    assert built is not None and namespace in str(built), built
     assert _flag(cloud_args, "--model-uri") == (built / "model.tar").as_uri()
     assert _flag(cloud_args, "--sha256") == manifests.load(built).model.onnx_sha256
     args1 = lab.serve_revision(_daemonset_of(r, rev1))
@@ -365,6 +366,8 @@ def test_a_generative_model_deployment_rolls_out_in_waves_on_the_lm_presets_and_
     ratios = {rev: _handoff_ratio(lab, rev) for rev in (rev1, rev2, rev3)}
     print(f"\n[figure] hand-offs per token by revision (threshold): {ratios} {THRESHOLDS}", file=sys.stderr)
     print(f"[figure] rolled back: {rolled['message']}", file=sys.stderr)
+    for message in passed:
+        print(f"[figure] revision 2 wave: {message}", file=sys.stderr)
     assert all(v is not None for v in ratios.values()), ratios
     assert ratios[rev2] < ratios[rev1] < ratios[rev3], ratios  # type: ignore[operator]
     assert ratios[rev3] > 2 * ratios[rev2], ratios  # type: ignore[operator]

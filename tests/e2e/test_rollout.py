@@ -119,6 +119,9 @@ class Rollout:
             NAME, namespace, store["model"], store["sha"], store["store"], VARIANTS, rollout=rollout
         )
         self.body["spec"]["cloud"] = {"replicas": 0}
+        # This namespace's compressor output directory, once `deploy_first` has filled it. Not the module
+        # store's "built", which is the first namespace's (another test's, or this test's failed first run).
+        self.built: Path | None = None
 
     # -- changes ----------------------------------------------------------------------------------------
     def apply(self) -> None:
@@ -225,6 +228,7 @@ class Rollout:
                 check=False,
             )
             assert result.returncode == 0, result.stderr
+        self.built = out_dir
         status = self.wait(lambda s: s.get("phase") == "Healthy", timeout=120, what="revision 1 everywhere")
         revision = str(status["currentRevision"])
         assert set(self.placement().values()) == {revision}
