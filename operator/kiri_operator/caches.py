@@ -177,6 +177,9 @@ class Cache:
     _heard: dict[Ref, tuple[str, ...]] = field(default_factory=dict)  # the last versions the watch showed
     # Every version the watch showed of an object while a write of ours to it was under way (`writing`).
     _during: dict[Ref, list[str]] = field(default_factory=dict)
+    # The last version the watch or a LIST showed that a pending write of ours held back (Arrival.OLDER):
+    # what `settle` takes once that write's own event is overdue.
+    _held: dict[Ref, dict[str, Any]] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def writing(self, kind: str, namespace: str, name: str) -> Iterator[None]:
@@ -203,13 +206,40 @@ class Cache:
         self._seq += 1
         self._seen[ref] = self._seq
         self._gone.pop(ref, None)
+        self._held.pop(ref, None)
 
     def _departed(self, ref: Ref) -> None:
         self._seq += 1
         self._seen.pop(ref, None)
         self._written.pop(ref, None)
         self._heard.pop(ref, None)
+        self._held.pop(ref, None)
         self._gone[ref] = self._seq
+
+    def settle(self) -> int:
+        """Give up waiting for the events of our writes that are overdue (`OWN_WRITE_SECONDS`): each takes
+        the last version held back meanwhile, as the next event would. Without this, an object whose write
+        event was lost (a watch restart between) and that then changed no more kept the answer forever.
+        Returns how many versions it took."""
+        taken = 0
+        with self._lock:
+            now = time.monotonic()
+            for ref, (_, written_at) in list(self._written.items()):
+                if now - written_at <= OWN_WRITE_SECONDS:
+                    continue
+                del self._written[ref]
+                body = self._held.pop(ref, None)
+                if body is None:
+                    continue
+                if ref[0] == "ModelDeployment":
+                    self.mds[(ref[1], ref[2])] = body
+                elif (key := owner_key(body)) is not None:
+                    self.children.setdefault(key, {})[(ref[0], ref[2])] = body
+                else:
+                    continue
+                self._arrived(ref)
+                taken += 1
+        return taken
 
     def _arrival(
         self, ref: Ref, body: Mapping[str, Any], own: bool, cached: Mapping[str, Any] | None = None
@@ -237,6 +267,7 @@ class Cache:
         if time.monotonic() - pending[1] > OWN_WRITE_SECONDS:
             del self._written[ref]
             return Arrival.NEW
+        self._held[ref] = _slim(body)
         return Arrival.OLDER
 
     # -- ModelDeployments ---------------------------------------------------------------------------

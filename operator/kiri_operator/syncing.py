@@ -165,5 +165,9 @@ async def resync(runtime: Runtime) -> None:
                 if stale:
                     log.info("resync: pod cache was stale for %d ModelDeployment(s)", len(stale))
         await loop.run_in_executor(None, release_memory)
+        if taken := runtime.cache.settle():
+            log.info(
+                "resync: %d object(s) whose write event never came took their last watched version", taken
+            )
         for key in runtime.cache.md_keys():
             runtime.enqueue(key, watched=False)

@@ -195,6 +195,41 @@ def test_an_answer_that_comes_before_its_event_still_waits_for_it_and_its_event_
     assert cache.child(("ns", "md"), "Deployment", "md-cloud")["status"] == {"readyReplicas": 1}  # type: ignore[index]
 
 
+def test_a_write_whose_event_never_comes_gives_way_at_the_resync_to_the_last_version_it_held_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = Cache()
+    cache.put_md({"metadata": {"name": "md", "namespace": "ns", "uid": "u", "resourceVersion": "m1"}})
+    with cache.writing("Deployment", "ns", "md-cloud"):
+        cache.put_child("Deployment", _ready("r1", 0), own=True)
+    # A watch restart lost r1's event; r2 (the pod Ready) is held back behind the write, and nothing follows.
+    assert cache.child_event("Deployment", _ready("r2", 1)) == ("ns", "md")
+    with cache.writing("ModelDeployment", "ns", "md"):
+        cache.put_md({"metadata": {"name": "md", "namespace": "ns", "resourceVersion": "m2"}}, own=True)
+    assert cache.md_event(
+        {"metadata": {"name": "md", "namespace": "ns", "resourceVersion": "m3"}, "spec": {"x": 1}}
+    )
+    assert cache.settle() == 0  # not overdue yet
+    assert cache.child(("ns", "md"), "Deployment", "md-cloud")["status"] == {"readyReplicas": 0}  # type: ignore[index]
+    monkeypatch.setattr("kiri_operator.caches.OWN_WRITE_SECONDS", -1.0)
+    assert cache.settle() == 2
+    assert cache.child(("ns", "md"), "Deployment", "md-cloud")["status"] == {"readyReplicas": 1}  # type: ignore[index]
+    assert cache.md(("ns", "md"))["spec"] == {"x": 1}  # type: ignore[index]
+    assert cache.settle() == 0
+
+
+def test_a_held_back_event_is_forgotten_once_the_write_s_own_event_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cache = Cache()
+    cache.put_child("Deployment", _ready("r2", 0), own=True)
+    cache.child_event("Deployment", _ready("r1", 1))  # older than our write: held back
+    assert cache.child_event("Deployment", _ready("r2", 0)) is None  # our write's event
+    monkeypatch.setattr("kiri_operator.caches.OWN_WRITE_SECONDS", -1.0)
+    assert cache.settle() == 0
+    assert cache.child(("ns", "md"), "Deployment", "md-cloud")["status"] == {"readyReplicas": 0}  # type: ignore[index]
+
+
 def test_node_heartbeats_are_not_changes_but_readiness_is():
     cache = Cache()
     node = {
