@@ -5,6 +5,7 @@ volumes would hold (the items they name, nothing else), and Services resolved to
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import socket
 import subprocess
@@ -227,10 +228,13 @@ class TinyLearning:
     onnx_sha256: str
     inputs: Path
 
+    def trainable(self, factory: str) -> dict[str, str]:
+        """`spec.learning.trainable`: the model factory and the first round's weights, with their sha256."""
+        digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()
+        return {"factory": factory, "weightsUri": f"file://{self.weights}", "weightsSha256": digest}
+
 
 def tiny_learning(tmp: Path, sites: Sequence[str]) -> TinyLearning:
-    import hashlib
-
     import numpy as np
     import safetensors.torch
     import torch

@@ -7,7 +7,6 @@ the update policy, and turns the allowed round into a new revision.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,29 +42,18 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
     cluster: Cluster, namespace: str, operator: Operator, tmp_path: Path
 ) -> None:
     files = tiny_learning(tmp_path, SITES)
-    site_files, held_out, weights, onnx_path, inputs = (
-        files.site_files,
-        files.held_out,
-        files.weights,
-        files.onnx,
-        files.inputs,
-    )
     onnx_sha = files.onnx_sha256
     body = model_deployment(
         "lm",
         namespace,
-        onnx_path,
+        files.onnx,
         onnx_sha,
         tmp_path / "store",
         [{"name": "int8", "method": "int8-dynamic"}],
         rollout={"updatePolicy": {"minImprovement": 0.0}},
         learning={
-            "trainable": {
-                "factory": FACTORY,
-                "weightsUri": f"file://{weights}",
-                "weightsSha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            },
-            "evalDataUri": f"file://{held_out}",
+            "trainable": files.trainable(FACTORY),
+            "evalDataUri": f"file://{files.held_out}",
             "trained": {"kind": "layers", "layers": ["2"]},
             "rounds": 1,
             "minClients": 2,
@@ -76,7 +64,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
             "schedule": {"intervalSeconds": 60, "deadlineSeconds": 240, "graceSeconds": 30},
         },
     )
-    body["spec"]["model"]["evalDataUri"] = f"file://{inputs}"
+    body["spec"]["model"]["evalDataUri"] = f"file://{files.inputs}"
     cluster.apply(body, namespace)
 
     # The children: the TLS Secret, the SuperLink on a cloud node, one SuperNode per site on that site's nodes.
@@ -163,7 +151,7 @@ def test_the_federation_runs_as_children_on_the_right_nodes_over_the_operators_t
         address = kubelet.superlink(links[0])
         for d in nodes_:
             site = d["spec"]["template"]["spec"]["nodeSelector"]["kiri.dev/site"]
-            kubelet.supernode(d, address, site_files[site])
+            kubelet.supernode(d, address, files.site_files[site])
         kubelet.run_job(job, kubelet.control)
     finally:
         kubelet.stop()

@@ -10,7 +10,6 @@ spends the API ledger holds (the store's own round history is gone), refuses it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -84,28 +83,17 @@ def test_a_killed_operators_successor_reads_the_privacy_ledger_and_round_records
     cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
     files = tiny_learning(tmp_path, SITES)
-    site_files, held_out, weights, onnx_path, inputs = (
-        files.site_files,
-        files.held_out,
-        files.weights,
-        files.onnx,
-        files.inputs,
-    )
     store = tmp_path / "store"
     body = model_deployment(
         MD,
         namespace,
-        onnx_path,
+        files.onnx,
         files.onnx_sha256,
         store,
         [{"name": "int8", "method": "int8-dynamic"}],
         learning={
-            "trainable": {
-                "factory": FACTORY,
-                "weightsUri": f"file://{weights}",
-                "weightsSha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            },
-            "evalDataUri": f"file://{held_out}",
+            "trainable": files.trainable(FACTORY),
+            "evalDataUri": f"file://{files.held_out}",
             "trained": {"kind": "layers", "layers": ["2"]},
             "rounds": ROUNDS,
             "minClients": 2,
@@ -120,7 +108,7 @@ def test_a_killed_operators_successor_reads_the_privacy_ledger_and_round_records
             "schedule": {"intervalSeconds": 60, "deadlineSeconds": 120, "graceSeconds": 10},
         },
     )
-    body["spec"]["model"]["evalDataUri"] = f"file://{inputs}"
+    body["spec"]["model"]["evalDataUri"] = f"file://{files.inputs}"
     round_jobs = RoundJobs(cluster, namespace)
     kubelet = Kubelet(cluster, namespace, tmp_path)
     first = Operator(cluster, namespace).start()
@@ -143,7 +131,7 @@ def test_a_killed_operators_successor_reads_the_privacy_ledger_and_round_records
         address = kubelet.superlink(links[0])
         for d in nodes:
             site = d["spec"]["template"]["spec"]["nodeSelector"]["kiri.dev/site"]
-            kubelet.supernode(d, address, site_files[site])
+            kubelet.supernode(d, address, files.site_files[site])
         kubelet.run_job(job1, kubelet.control)
         ledger1 = _ledger(cluster, namespace)
         assert ledger1 is not None
