@@ -560,14 +560,6 @@ def tiny_gguf(hf_dir: Path, out: Path, qtype: str = "F32", *, types: Mapping[str
     return path
 
 
-if __name__ == "__main__":  # python tests/lm_fixture.py [cache]: build and time it
-    import sys
-
-    t0 = time.monotonic()
-    d = tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
-    print(d, f"{time.monotonic() - t0:.1f}s", (d / "fixture.json").read_text())
-
-
 def raw_greedy(model: Any, prompt_ids: list[int], n: int) -> list[int]:
     """A plain onnxruntime-genai greedy loop of at most `n` tokens after `prompt_ids`, the reference a server must
     match token for token; `model` is an `og.Model` or its directory."""
@@ -622,3 +614,11 @@ def greedy_chat(genai_dir: Path, max_tokens: int = 30, min_tokens: int = 6) -> G
     raise AssertionError(
         f"no training question of {genai_dir} has a greedy answer that ends within {max_tokens}"
     )
+
+
+if __name__ == "__main__":  # python tests/lm_fixture.py [cache]: build and time it
+    import sys
+
+    t0 = time.monotonic()
+    d = tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else None)
+    print(d, f"{time.monotonic() - t0:.1f}s", (d / "fixture.json").read_text())

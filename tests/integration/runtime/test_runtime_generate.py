@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import openai
 import pytest
 from runtime_helpers import ThreadedServer, metric_samples, sample, sha256_of
@@ -106,27 +105,21 @@ def test_greedy_generate_equals_a_raw_onnxruntime_genai_greedy_loop_token_for_to
 
 
 def test_a_greedy_chat_answer_through_the_openai_client_is_the_raw_loops_text(
-    server: ThreadedServer, genai_dir: Path, chat: GreedyChat
+    server: ThreadedServer, chat: GreedyChat
 ) -> None:
-    import onnxruntime_genai as og
-
-    tok = og.Tokenizer(og.Model(str(genai_dir)))
-    # The server renders the chat template itself: its prompt must be the one the raw loop was given.
-    ids = [
-        int(t)
-        for t in tok.encode(tok.apply_chat_template(json.dumps(chat.messages), add_generation_prompt=True))
-    ]
-    assert ids == chat.prompt_ids
-    reference = raw_greedy(genai_dir, ids, 30)
-    assert reference == chat.answer_ids and reference[-1] == 2  # ends with <|im_end|>
+    # `chat` is the raw loop's answer to the chat template rendered by onnxruntime-genai's tokenizer
+    # (lm_fixture.greedy_chat); the server renders the template itself and must reach the same tokens.
+    assert chat.answer_ids[-1] == 2  # ends with <|im_end|>
     answer = client(server).chat.completions.create(
         model="tiny", messages=chat.messages, temperature=0, max_tokens=30
     )
-    assert answer.choices[0].message.content == tok.decode(np.asarray(reference[:-1], dtype=np.int32))
     assert answer.choices[0].message.content == chat.text
     assert answer.choices[0].finish_reason == "stop"
     assert answer.usage is not None
-    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (len(ids), len(reference))
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (
+        len(chat.prompt_ids),
+        len(chat.answer_ids),
+    )
 
 
 def test_the_openai_client_streams_chat_chunks_that_join_to_the_answer_then_a_usage_chunk(
